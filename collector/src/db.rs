@@ -1,0 +1,283 @@
+//! The storage connection: one handle over SQLite or PostgreSQL, chosen by
+//! URL, and the migrations that bring either to qosloop's schema.
+
+use qosloop_schema::sql::{self, Dialect, MIGRATIONS_TABLE};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Connection;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What went wrong talking to the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database URL {0:?}: use sqlite://FILE or postgres://…")]
+    Url(String),
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: u32,
+        name: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// A pool of connections to qosloop's database.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Db {
+    /// Connects to `sqlite://FILE` (created when missing, WAL mode) or
+    /// `postgres://…`.
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
+        let err = |source| DbError::Connect {
+            url: redact(url),
+            source,
+        };
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
+                .map_err(err)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await
+                .map_err(err)?;
+            Ok(Db::Sqlite(pool))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url).map_err(err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(err)?;
+            Ok(Db::Postgres(pool))
+        } else {
+            Err(DbError::Url(redact(url)))
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Db::Sqlite(_) => Dialect::Sqlite,
+            Db::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Applies the migrations not applied yet, each in its own transaction;
+    /// returns how many it applied. Running it again applies none.
+    pub async fn migrate(&self) -> Result<usize, DbError> {
+        let mut applied = 0;
+        match self {
+            Db::Sqlite(pool) => {
+                sqlx::raw_sql(MIGRATIONS_TABLE).execute(pool).await?;
+                for m in sql::migrations(Dialect::Sqlite) {
+                    let mut conn = pool.acquire().await?;
+                    let mut tx = conn.begin().await?;
+                    let done: Option<(i64,)> =
+                        sqlx::query_as("SELECT version FROM schema_migrations WHERE version = ?")
+                            .bind(i64::from(m.version))
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if done.is_some() {
+                        continue;
+                    }
+                    sqlx::raw_sql(m.sql)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|source| DbError::Migration {
+                            version: m.version,
+                            name: m.name,
+                            source,
+                        })?;
+                    sqlx::query("INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES (?, ?, ?)")
+                        .bind(i64::from(m.version))
+                        .bind(m.name)
+                        .bind(now_ns())
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    applied += 1;
+                }
+            }
+            Db::Postgres(pool) => {
+                let mut conn = pool.acquire().await?;
+                // One migrator at a time across every process on this database.
+                sqlx::query("SELECT pg_advisory_lock(7347301)")
+                    .execute(&mut *conn)
+                    .await?;
+                let result = async {
+                    sqlx::raw_sql(MIGRATIONS_TABLE).execute(&mut *conn).await?;
+                    for m in sql::migrations(Dialect::Postgres) {
+                        let mut tx = conn.begin().await?;
+                        let done: Option<(i32,)> =
+                            sqlx::query_as("SELECT version FROM schema_migrations WHERE version = $1")
+                                .bind(m.version as i32)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        if done.is_some() {
+                            continue;
+                        }
+                        sqlx::raw_sql(m.sql)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(|source| DbError::Migration {
+                                version: m.version,
+                                name: m.name,
+                                source,
+                            })?;
+                        sqlx::query("INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES ($1, $2, $3)")
+                            .bind(m.version as i32)
+                            .bind(m.name)
+                            .bind(now_ns())
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await?;
+                        applied += 1;
+                    }
+                    Ok::<_, DbError>(())
+                }
+                .await;
+                sqlx::query("SELECT pg_advisory_unlock(7347301)")
+                    .execute(&mut *conn)
+                    .await?;
+                result?;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The versions recorded as applied, oldest first.
+    pub async fn applied_versions(&self) -> Result<Vec<u32>, DbError> {
+        let q = "SELECT version FROM schema_migrations ORDER BY version";
+        let rows: Vec<(i64,)> = match self {
+            Db::Sqlite(pool) => sqlx::query_as(q).fetch_all(pool).await?,
+            Db::Postgres(pool) => sqlx::query_as::<_, (i32,)>(q)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|(v,)| (i64::from(v),))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(|(v,)| v as u32).collect())
+    }
+
+    /// The names of the tables in the schema qosloop uses.
+    pub async fn tables(&self) -> Result<Vec<String>, DbError> {
+        let rows: Vec<(String,)> = match self {
+            Db::Sqlite(pool) => {
+                sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                    .fetch_all(pool)
+                    .await?
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT c.relname::TEXT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') \
+                     AND NOT c.relispartition ORDER BY 1",
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        Ok(rows.into_iter().map(|(n,)| n).collect())
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(p) => p.close().await,
+            Db::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch, as stored in `*_ns` columns.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://q:secret@127.0.0.1:5432/db"),
+            "postgres://q:***@127.0.0.1:5432/db"
+        );
+        assert_eq!(redact("postgres://q@host/db"), "postgres://q@host/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[tokio::test]
+    async fn sqlite_migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        let first = db.migrate().await.unwrap();
+        assert_eq!(first, sql::migrations(Dialect::Sqlite).len());
+        let tables = db.tables().await.unwrap();
+        let second = db.migrate().await.unwrap();
+        assert_eq!(second, 0, "a second run applies nothing");
+        assert_eq!(db.tables().await.unwrap(), tables, "and changes nothing");
+        for t in [
+            "flows",
+            "exporters",
+            "sessions",
+            "templates",
+            "rates",
+            "decisions",
+            "enforcers",
+            "policy_audit",
+        ] {
+            assert!(tables.iter().any(|x| x == t), "missing table {t}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_url_scheme_is_a_clear_error() {
+        let e = Db::connect("mysql://x").await.unwrap_err();
+        assert!(
+            e.to_string().contains("sqlite://FILE or postgres://"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! # qosloop-enforcer
+//!
+//! The enforcer of the qosloop loop: it applies decisions in the Linux kernel (HTB, nftables).
+//!
+//! Not built yet: see its issue.

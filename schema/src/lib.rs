@@ -1,0 +1,38 @@
+//! # qosloop-schema
+//!
+//! The contracts between qosloop's components, and nothing else: what a flow
+//! record is and how it reads as JSON, which information elements exist
+//! (IANA IPFIX ids where IANA has one), what a template is, the three-tier
+//! policy model and the decisions and reports that flow from it, the SQL
+//! migrations of both storage dialects, and the LDAP schema of the policy
+//! repository (`schema/ldap/`).
+//!
+//! The crate is pure: it opens no socket and reads no file. Wire codecs
+//! (export protocol, COPS decisions) live here as `tokio_util` codecs so that
+//! both ends of a connection share one implementation.
+
+pub mod ie;
+pub mod sql;
+pub mod telemetry;
+
+mod flow;
+mod policy;
+mod template;
+mod units;
+
+pub use flow::{flow_hash, FlowKey, FlowRecord};
+pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
+pub use policy::{
+    BusinessRule, Decision, DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport,
+    FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass,
+    TrafficProfile,
+};
+pub use template::{Template, TemplateKey};
+pub use units::{Dscp, IpPrefix, Kbps, ParseError, PortRange};
+
+/// The LDAP schema of the policy repository, as an LDIF for
+/// `cn=schema,cn=config` (slapd 2.5+).
+pub const LDAP_SCHEMA_LDIF: &str = include_str!("../ldap/qosloop.ldif");
+
+/// The sample policy: the reference experiment of DESIGN.md §1.
+pub const SAMPLE_POLICY_LDIF: &str = include_str!("../ldap/sample-policy.ldif");

@@ -1,0 +1,94 @@
+//! SQL migrations for the two storage dialects.
+//!
+//! The SQL lives in `schema/sql/{sqlite,postgres}/NNNN_name.sql` and is
+//! embedded here; whoever owns a database connection applies the migrations
+//! in order, each once, recording them in `schema_migrations`.
+
+/// A database dialect qosloop stores into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// One migration: applied once, in `version` order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    sql: include_str!("../sql/sqlite/0001_initial.sql"),
+}];
+
+const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    sql: include_str!("../sql/postgres/0001_initial.sql"),
+}];
+
+/// The migrations of `dialect`, oldest first.
+pub fn migrations(dialect: Dialect) -> &'static [Migration] {
+    match dialect {
+        Dialect::Sqlite => SQLITE,
+        Dialect::Postgres => POSTGRES,
+    }
+}
+
+/// The DDL that creates the bookkeeping table of applied migrations.
+pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
+    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ns BIGINT NOT NULL)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_increase_and_both_dialects_agree() {
+        for d in [Dialect::Sqlite, Dialect::Postgres] {
+            let m = migrations(d);
+            assert!(!m.is_empty());
+            assert!(m.windows(2).all(|w| w[0].version < w[1].version));
+        }
+        let names = |d| {
+            migrations(d)
+                .iter()
+                .map(|m| (m.version, m.name))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(Dialect::Sqlite), names(Dialect::Postgres));
+    }
+
+    #[test]
+    fn both_dialects_have_the_contract_columns() {
+        for d in [Dialect::Sqlite, Dialect::Postgres] {
+            let sql = migrations(d)[0].sql;
+            for col in [
+                "src_addr",
+                "dst_addr",
+                "src_port",
+                "dst_port",
+                "proto",
+                "packets",
+                "bytes",
+                "start_ns",
+                "end_ns",
+                "vlan",
+                "dscp",
+                "tcp_flags",
+                "class",
+                "\"user\"",
+                "process",
+                "exporter_id",
+                "session_id",
+                "seq",
+            ] {
+                assert!(sql.contains(col), "{d:?} flows lacks {col}");
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Benchmarks against peers, each measured side by side with the peer in the
+//! same run and reported as ratios (`qosloop-testbed bench …`).
+
+pub mod enforce;
+pub mod export;
+pub mod meter;

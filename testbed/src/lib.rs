@@ -1,0 +1,10 @@
+//! # qosloop-testbed
+//!
+//! Where qosloop is run for real: the test harness that starts PostgreSQL,
+//! slapd and network namespaces for every crate's tests ([`harness`]), and —
+//! as the loop grows — topologies, traffic, the paper's experiments and the
+//! benchmarks against peers. `qosloop-testbed` is its command line.
+
+pub mod bench;
+pub mod harness;
+pub mod selfcheck;
