@@ -94,15 +94,9 @@ pub enum CopsError {
     #[error("unknown COPS object C-Num {c_num} C-Type {c_type}")]
     UnknownObject { c_num: u8, c_type: u8 },
     #[error("{op} lacks its mandatory {object} object")]
-    Missing {
-        op: OpCode,
-        object: &'static str,
-    },
+    Missing { op: OpCode, object: &'static str },
     #[error("{op} carries an unexpected {object} object")]
-    Unexpected {
-        op: OpCode,
-        object: &'static str,
-    },
+    Unexpected { op: OpCode, object: &'static str },
     #[error("qosloop payload in {what} is not valid JSON: {source}")]
     Payload {
         what: &'static str,
