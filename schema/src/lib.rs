@@ -11,7 +11,6 @@
 //! (export protocol, COPS decisions) live here as `tokio_util` codecs so that
 //! both ends of a connection share one implementation.
 
-pub mod crane;
 pub mod cops;
 pub mod ie;
 pub mod sql;
