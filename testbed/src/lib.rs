@@ -8,3 +8,5 @@
 pub mod bench;
 pub mod harness;
 pub mod selfcheck;
+pub mod topology;
+pub mod traffic;

@@ -83,6 +83,11 @@ pub(crate) fn run(cmd: &mut std::process::Command, what: &str) -> Result<String,
     }
 }
 
+/// Runs a command that must succeed; its output is not needed.
+pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> Result<(), HarnessError> {
+    run(cmd, what).map(|_| ())
+}
+
 /// The last lines of a log file, for error messages.
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

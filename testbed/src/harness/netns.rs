@@ -51,6 +51,13 @@ impl Netns {
         run(&mut cmd, &format!("ip -n {} {}", self.name, args.join(" ")))
     }
 
+    /// Sets a sysctl inside this namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), HarnessError> {
+        let mut cmd = self.command("sysctl");
+        cmd.args(["-q", "-w", &format!("{key}={value}")]);
+        run(&mut cmd, &format!("sysctl {key}={value} in {}", self.name)).map(|_| ())
+    }
+
     /// A command that runs `program` inside this namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
@@ -82,6 +89,29 @@ impl Netns {
                     })
                 })
         })
+    }
+}
+
+impl Netns {
+    /// Spawns a thread that enters this namespace and runs `f` there.
+    pub fn spawn_in<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<R, HarnessError>>, HarnessError> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).map_err(HarnessError::io(format!("opening {path}")))?;
+        std::thread::Builder::new()
+            .name(format!("ns-{}", self.name))
+            .spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    HarnessError::Failed {
+                        what: format!("entering namespace {path}"),
+                        detail: e.to_string(),
+                    }
+                })?;
+                Ok(f())
+            })
+            .map_err(HarnessError::io("spawning a thread"))
     }
 }
 
