@@ -12,6 +12,7 @@
 //! both ends of a connection share one implementation.
 
 pub mod cops;
+pub mod crane;
 pub mod ie;
 pub mod sql;
 pub mod telemetry;
