@@ -1,5 +1,47 @@
 //! # qosloop-enforcer
 //!
-//! The enforcer of the qosloop loop: it applies decisions in the Linux kernel (HTB, nftables).
+//! The policy enforcement point of the qosloop loop: it turns decisions
+//! (`qosloop_schema::Decision`) into kernel objects on one interface and
+//! keeps them there.
 //!
-//! Not built yet: see its issue.
+//! It owns exactly two things per managed interface and never touches
+//! anything else: an HTB root qdisc with its own handle (`e5:` unless
+//! configured) and the nftables table `inet qosloop_<interface>`. Per
+//! decision it renders an in-profile and an out-of-profile HTB class and one
+//! nftables chain that meters the profile (`limit rate over … burst …`),
+//! marks in-profile packets, accepts / re-marks / drops out-of-profile ones,
+//! and steers both into their classes with `meta priority set` (see
+//! [`render`](crate::render) for the exact layout).
+//!
+//! Changes are diffed against what is in the kernel and applied as little as
+//! possible: a shape-rate change is one `RTM_NEWTCLASS` message and never
+//! touches nftables; nftables changes are one atomic transaction per change.
+//! A change that the kernel refuses is undone, so a decision is applied whole
+//! or not at all. HTB is programmed over rtnetlink with hand-encoded
+//! messages ([`tc`](crate::tc)); nftables through `nft -f -` (one process per
+//! transaction).
+//!
+//! Everything that touches the kernel sits behind [`KernelBackend`]: the real
+//! [`LinuxBackend`], a [`DryRunBackend`] that prints the operations, and the
+//! in-memory [`FakeKernel`] of the unit tests.
+
+mod backend;
+pub mod cli;
+mod config;
+mod enforcer;
+mod error;
+mod nft;
+mod pep;
+pub mod probe;
+pub mod render;
+pub mod status;
+mod sys;
+pub mod tc;
+
+pub use backend::{DryRunBackend, FakeKernel, FakeTable, KernelBackend, LinuxBackend};
+pub use config::{Config, ConfigError};
+pub use enforcer::{
+    cleanup, ApplySummary, Enforcer, EnforcerConfig, StartReport, DEFAULT_QDISC_MAJOR,
+};
+pub use error::EnforceError;
+pub use nft::{ChainState, TableState};

@@ -1,0 +1,377 @@
+//! Everything that touches the kernel, behind one small trait: the real
+//! backend (rtnetlink + nftables), a dry run that prints what it would do,
+//! and an in-memory fake for unit tests.
+
+use crate::nft::{self, TableState, BASE_CHAIN};
+use crate::render::parse_meta_comment;
+use crate::tc::{ClassInfo, HtbClass, KernelError, QdiscInfo, Rtnl, TcHandle, TcOp};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+/// The kernel as the enforcer sees it.
+pub trait KernelBackend {
+    /// Short name for logs and the probe (`htb+nft`, `dry-run`, `fake`).
+    fn name(&self) -> &'static str;
+    /// The interface's index, `None` when it does not exist.
+    fn ifindex(&mut self, interface: &str) -> Option<u32>;
+    fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, KernelError>;
+    fn classes(&mut self, ifindex: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError>;
+    /// Executes `ops` in order, one result each; no rollback here.
+    fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>>;
+    /// The table, `None` when it does not exist.
+    fn read_table(&mut self, table: &str, interface: &str) -> Result<Option<TableState>, String>;
+    /// Applies `script` as one atomic nftables transaction.
+    fn nft(&mut self, script: &str) -> Result<(), String>;
+}
+
+/// HTB over rtnetlink, nftables through `nft -f -` (one transaction per call).
+#[derive(Debug)]
+pub struct LinuxBackend {
+    rtnl: Rtnl,
+    nft_binary: String,
+}
+
+impl LinuxBackend {
+    /// Opens the netlink socket in the calling thread's network namespace.
+    pub fn open() -> Result<LinuxBackend, KernelError> {
+        Ok(LinuxBackend {
+            rtnl: Rtnl::open()?,
+            nft_binary: "nft".into(),
+        })
+    }
+
+    pub fn rtnl(&mut self) -> &mut Rtnl {
+        &mut self.rtnl
+    }
+}
+
+fn nft_missing(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        "capability nftables missing: the nft binary is not installed (Debian package nftables)"
+            .to_owned()
+    } else {
+        format!("running nft: {e}")
+    }
+}
+
+impl KernelBackend for LinuxBackend {
+    fn name(&self) -> &'static str {
+        "htb+nft"
+    }
+    fn ifindex(&mut self, interface: &str) -> Option<u32> {
+        crate::sys::if_index(interface)
+    }
+    fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, KernelError> {
+        self.rtnl.qdiscs(ifindex)
+    }
+    fn classes(&mut self, ifindex: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError> {
+        self.rtnl.classes(ifindex, major)
+    }
+    fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>> {
+        self.rtnl.execute(ops)
+    }
+    fn read_table(&mut self, table: &str, interface: &str) -> Result<Option<TableState>, String> {
+        let out = Command::new(&self.nft_binary)
+            .args(["-j", "-a", "list", "table", "inet", table])
+            .output()
+            .map_err(|e| nft_missing(&e))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("No such file or directory") {
+                return Ok(None);
+            }
+            return Err(format!("nft list table inet {table}: {}", err.trim()));
+        }
+        nft::parse_table(&String::from_utf8_lossy(&out.stdout), table, interface).map(Some)
+    }
+    fn nft(&mut self, script: &str) -> Result<(), String> {
+        let mut child = Command::new(&self.nft_binary)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| nft_missing(&e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|e| format!("writing to nft: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("waiting for nft: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nftables refused the transaction: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
+
+/// Prints every operation instead of making it; the kernel looks empty.
+#[derive(Debug, Default)]
+pub struct DryRunBackend {
+    /// What would have been done, in order.
+    pub log: Vec<String>,
+    /// Echo each operation to standard output as well.
+    pub print: bool,
+}
+
+impl DryRunBackend {
+    fn say(&mut self, line: String) {
+        if self.print {
+            println!("{line}");
+        }
+        self.log.push(line);
+    }
+}
+
+impl KernelBackend for DryRunBackend {
+    fn name(&self) -> &'static str {
+        "dry-run"
+    }
+    fn ifindex(&mut self, interface: &str) -> Option<u32> {
+        Some(crate::sys::if_index(interface).unwrap_or(0))
+    }
+    fn qdiscs(&mut self, _: u32) -> Result<Vec<QdiscInfo>, KernelError> {
+        Ok(Vec::new())
+    }
+    fn classes(&mut self, _: u32, _: u16) -> Result<Vec<ClassInfo>, KernelError> {
+        Ok(Vec::new())
+    }
+    fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>> {
+        ops.iter()
+            .map(|op| {
+                self.say(format!("netlink: {op}"));
+                Ok(())
+            })
+            .collect()
+    }
+    fn read_table(&mut self, _: &str, _: &str) -> Result<Option<TableState>, String> {
+        Ok(None)
+    }
+    fn nft(&mut self, script: &str) -> Result<(), String> {
+        self.say(format!("nftables transaction:\n{}", script.trim_end()));
+        Ok(())
+    }
+}
+
+/// An in-memory kernel: HTB state and an interpreter for the nft statements
+/// the enforcer writes, with failure injection.
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    pub interfaces: BTreeMap<String, u32>,
+    pub root_qdisc: Option<QdiscInfo>,
+    pub classes: BTreeMap<u32, HtbClass>,
+    pub table: Option<FakeTable>,
+    pub tc_messages: usize,
+    pub nft_transactions: usize,
+    /// The next nft transaction fails with this text.
+    pub fail_next_nft: Option<String>,
+    /// Creating or changing this class fails (EINVAL).
+    pub fail_class: Option<TcHandle>,
+}
+
+/// The fake's nftables table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeTable {
+    pub base: Vec<(u64, String)>,
+    pub chains: BTreeMap<String, Vec<String>>,
+    pub next_handle: u64,
+}
+
+impl FakeKernel {
+    pub fn with_interface(name: &str, index: u32) -> FakeKernel {
+        let mut k = FakeKernel::default();
+        k.interfaces.insert(name.to_owned(), index);
+        k
+    }
+
+    fn einval(text: &str) -> KernelError {
+        KernelError {
+            errno: libc::EINVAL,
+            message: Some(text.to_owned()),
+        }
+    }
+
+    fn apply_op(&mut self, op: &TcOp) -> Result<(), KernelError> {
+        match op {
+            TcOp::CreateQdisc {
+                ifindex, handle, ..
+            } => {
+                if self.root_qdisc.is_some() {
+                    return Err(KernelError {
+                        errno: libc::EEXIST,
+                        message: None,
+                    });
+                }
+                self.root_qdisc = Some(QdiscInfo {
+                    ifindex: *ifindex,
+                    handle: *handle,
+                    parent: u32::MAX,
+                    kind: "htb".into(),
+                });
+            }
+            TcOp::DeleteQdisc { .. } => {
+                self.root_qdisc = None;
+                self.classes.clear();
+            }
+            TcOp::CreateClass { class, .. } | TcOp::ChangeClass { class, .. } => {
+                if self.fail_class == Some(class.classid) {
+                    return Err(Self::einval("injected failure"));
+                }
+                let exists = self.classes.contains_key(&class.classid.0);
+                if matches!(op, TcOp::CreateClass { .. }) == exists {
+                    return Err(Self::einval("create of existing / change of missing class"));
+                }
+                self.classes.insert(class.classid.0, *class);
+            }
+            TcOp::DeleteClass { classid, .. } => {
+                self.classes
+                    .remove(&classid.0)
+                    .ok_or_else(|| Self::einval("no such class"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn comment_of(rule: &str) -> &str {
+    rule.rsplit_once("comment \"")
+        .map(|(_, c)| c.trim_end_matches('"'))
+        .unwrap_or("")
+}
+
+impl FakeTable {
+    fn run(&mut self, line: &str) -> Result<(), String> {
+        let words: Vec<&str> = line.splitn(6, ' ').collect();
+        let rest = |n: usize| words.get(n).copied().unwrap_or("");
+        match (rest(0), rest(1)) {
+            ("add", "chain") => {
+                let name = rest(4);
+                if name != BASE_CHAIN {
+                    self.chains.insert(name.to_owned(), Vec::new());
+                }
+            }
+            ("add", "rule") => {
+                let (chain, body) = (rest(4), rest(5));
+                self.next_handle += 1;
+                if chain == BASE_CHAIN {
+                    self.base.push((self.next_handle, body.to_owned()));
+                } else {
+                    self.chains
+                        .get_mut(chain)
+                        .ok_or(format!("no chain {chain}"))?
+                        .push(body.to_owned());
+                }
+            }
+            ("flush", "chain") => self
+                .chains
+                .get_mut(rest(4))
+                .ok_or(format!("no chain {}", rest(4)))?
+                .clear(),
+            ("delete", "chain") => {
+                let c = self.chains.remove(rest(4)).ok_or("no such chain")?;
+                if !c.is_empty() {
+                    return Err("chain not empty".into());
+                }
+            }
+            ("delete", "rule") => {
+                let handle: u64 = rest(5)
+                    .trim_start_matches("handle ")
+                    .parse()
+                    .map_err(|_| "bad handle")?;
+                let before = self.base.len();
+                self.base.retain(|(h, _)| *h != handle);
+                if self.base.len() == before {
+                    return Err(format!("no rule with handle {handle}"));
+                }
+            }
+            _ => return Err(format!("fake nft cannot run {line:?}")),
+        }
+        Ok(())
+    }
+}
+
+impl KernelBackend for FakeKernel {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn ifindex(&mut self, interface: &str) -> Option<u32> {
+        self.interfaces.get(interface).copied()
+    }
+    fn qdiscs(&mut self, _: u32) -> Result<Vec<QdiscInfo>, KernelError> {
+        Ok(self.root_qdisc.iter().cloned().collect())
+    }
+    fn classes(&mut self, _: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError> {
+        Ok(self
+            .classes
+            .values()
+            .filter(|c| c.classid.major() == major)
+            .map(|c| ClassInfo {
+                classid: c.classid.to_string(),
+                handle: c.classid.0,
+                parent: c.parent.0,
+                rate_kbps: c.rate.0,
+                ceil_kbps: c.ceil.0,
+                prio: c.prio,
+                ..ClassInfo::default()
+            })
+            .collect())
+    }
+    fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>> {
+        self.tc_messages += ops.len();
+        ops.iter().map(|op| self.apply_op(op)).collect()
+    }
+    fn read_table(&mut self, _: &str, interface: &str) -> Result<Option<TableState>, String> {
+        let Some(t) = &self.table else {
+            return Ok(None);
+        };
+        let mut st = TableState::default();
+        for (i, (handle, rule)) in t.base.iter().enumerate() {
+            let c = comment_of(rule);
+            if i == 0 && c == "guard" && rule.contains(&format!("oifname != \"{interface}\"")) {
+                st.base_ok = true;
+            } else if let Some(id) = c.strip_prefix("id=").and_then(|s| s.parse().ok()) {
+                st.jumps.entry(id).or_default().push(*handle);
+            } else {
+                st.stray_rules.push(*handle);
+            }
+        }
+        for (name, rules) in &t.chains {
+            let Some(id) = name.strip_prefix('d').and_then(|s| s.parse::<u64>().ok()) else {
+                st.stray_chains.push(name.clone());
+                continue;
+            };
+            let c = st.chains.entry(id).or_default();
+            c.meta = rules
+                .iter()
+                .find_map(|r| parse_meta_comment(comment_of(r)))
+                .filter(|m| m.id == id);
+        }
+        Ok(Some(st))
+    }
+    fn nft(&mut self, script: &str) -> Result<(), String> {
+        self.nft_transactions += 1;
+        if let Some(e) = self.fail_next_nft.take() {
+            return Err(e);
+        }
+        // All or nothing: work on a copy, keep it only if every line ran.
+        let mut table = self.table.clone();
+        for line in script.lines().filter(|l| !l.trim().is_empty()) {
+            if line.starts_with("add table ") {
+                table.get_or_insert_with(FakeTable::default);
+            } else if line.starts_with("delete table ") {
+                table.take().ok_or("no such table")?;
+            } else {
+                table.as_mut().ok_or("no such table")?.run(line)?;
+            }
+        }
+        self.table = table;
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! The command line: flags and TOML merged into one validated [`Config`],
+//! then one of run (the daemon), `apply`, `status`, `probe`, `--cleanup`.
+//!
+//! Exit codes: 0 success, 1 failure at run time, 64 bad configuration or
+//! bad input file (the line names the file and the field).
+
+use crate::backend::{DryRunBackend, KernelBackend, LinuxBackend};
+use crate::config::{Config, ConfigError};
+use crate::enforcer::{Enforcer, EnforcerConfig};
+use crate::render::Layout;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use qosloop_schema::Decision;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit code for unusable configuration (sysexits EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// qosloop-enforcer: applies qosloop decisions in the Linux kernel (HTB over
+/// rtnetlink, nftables), owning only its own qdisc handle and table.
+#[derive(Debug, Parser)]
+#[command(version, name = "qosloop-enforcer")]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Configuration file (TOML; every flag has a key of the same name).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// PDPs in order of preference, HOST:PORT[,HOST:PORT…].
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub pdp: Vec<String>,
+    /// Interface whose egress is enforced.
+    #[arg(long, global = true)]
+    pub interface: Option<String>,
+    /// Roles announced to the PDP, ROLE[,ROLE…].
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub roles: Vec<String>,
+    /// Capacity of the interface (e.g. 10mbit): the HTB root rate. Default 1gbit.
+    #[arg(long, global = true)]
+    pub capacity: Option<String>,
+    /// Major of the enforcer's qdisc handle, hex (default e5).
+    #[arg(long, global = true)]
+    pub qdisc_handle: Option<String>,
+    /// JSON list of decisions to apply at start (no PDP needed).
+    #[arg(long, global = true)]
+    pub decisions: Option<PathBuf>,
+    /// Remove everything the enforcer created on the interface and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Print the netlink and nftables operations instead of making them.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// Seconds between keepalives to the PDP.
+    #[arg(long, global = true)]
+    pub keepalive_s: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report which kernel backends work here (probed in a throwaway namespace).
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the decisions, kernel objects and counters on the interface.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the interface hold exactly the decisions of `--decisions FILE`
+    /// (a JSON list of decisions), then exit.
+    Apply,
+}
+
+/// Merges flags over the file.
+fn merged(args: &Args) -> Result<Config, ConfigError> {
+    let mut c = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if !args.pdp.is_empty() {
+        c.pdp = args.pdp.clone();
+    }
+    if args.interface.is_some() {
+        c.interface = args.interface.clone();
+    }
+    if !args.roles.is_empty() {
+        c.roles = args.roles.clone();
+    }
+    if args.capacity.is_some() {
+        c.capacity = args.capacity.clone();
+    }
+    if args.qdisc_handle.is_some() {
+        c.qdisc_handle = args.qdisc_handle.clone();
+    }
+    if args.decisions.is_some() {
+        c.decisions = args.decisions.clone();
+    }
+    if args.log_format.is_some() {
+        c.log_format = args.log_format.clone();
+    }
+    if args.keepalive_s.is_some() {
+        c.keepalive_s = args.keepalive_s;
+    }
+    c.dry_run |= args.dry_run;
+    Ok(c)
+}
+
+/// Reads a JSON list of decisions; errors name the file, line and column.
+pub fn read_decisions(path: &Path) -> Result<Vec<Decision>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: format!("line {} column {}: {e}", e.line(), e.column()),
+    })
+}
+
+/// Parses the process's arguments, runs, and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match merged(&args) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let format = match config.log_format.as_deref().unwrap_or("text").parse() {
+        Ok(f) => f,
+        Err(_) => {
+            return config_error(&ConfigError::Invalid {
+                field: "log_format",
+                message: "use text or json".into(),
+            })
+        }
+    };
+    qosloop_schema::telemetry::init(format);
+    match run(args, config) {
+        Ok(code) => code,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("qosloop-enforcer: bad configuration: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("qosloop-enforcer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("qosloop-enforcer: bad configuration: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
+    if let Some(Command::Probe { json }) = &args.command {
+        let report = crate::probe::probe();
+        if *json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            for c in &report.capabilities {
+                println!(
+                    "{:12} {:4} {}",
+                    c.name,
+                    if c.works { "ok" } else { "MISSING" },
+                    c.detail
+                );
+            }
+            println!(
+                "usable backends: {}",
+                if report.usable_backends.is_empty() {
+                    "none (dry-run only)".to_owned()
+                } else {
+                    report.usable_backends.join(", ")
+                }
+            );
+        }
+        return Ok(if report.usable_backends.is_empty() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    let ecfg = config.enforcer()?;
+    let pdps = config.pdps()?;
+    let file_decisions = match (&args.command, &config.decisions) {
+        (Some(Command::Apply) | None, Some(file)) => Some(read_decisions(file)?),
+        (Some(Command::Apply), None) => {
+            return Err(ConfigError::Invalid {
+                field: "decisions",
+                message: "apply needs --decisions FILE".into(),
+            }
+            .into())
+        }
+        _ => None,
+    };
+    if config.dry_run {
+        let backend = DryRunBackend {
+            print: true,
+            ..DryRunBackend::default()
+        };
+        return run_with(backend, args, ecfg, pdps, file_decisions, &config);
+    }
+    let backend = LinuxBackend::open().context("opening the rtnetlink socket")?;
+    run_with(backend, args, ecfg, pdps, file_decisions, &config)
+}
+
+fn run_with<B: KernelBackend>(
+    mut backend: B,
+    args: Args,
+    ecfg: EnforcerConfig,
+    pdps: Vec<String>,
+    file_decisions: Option<Vec<Decision>>,
+    config: &Config,
+) -> anyhow::Result<ExitCode> {
+    let layout = Layout {
+        interface: ecfg.interface.clone(),
+        qdisc_major: ecfg.qdisc_major,
+        capacity: ecfg.capacity,
+    };
+    if let Some(Command::Status { json }) = &args.command {
+        let status = crate::status::read(&mut backend, &layout).map_err(anyhow::Error::msg)?;
+        if *json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        } else {
+            print!("{}", status.to_text());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.cleanup {
+        let ifindex = backend
+            .ifindex(&layout.interface)
+            .ok_or_else(|| anyhow::anyhow!("unknown interface {:?}", layout.interface))?;
+        crate::enforcer::cleanup(&mut backend, &layout, ifindex)?;
+        println!(
+            "removed qosloop's table and qdisc from {}",
+            layout.interface
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (mut enforcer, report) = Enforcer::start(backend, ecfg)?;
+    if let Some(decisions) = file_decisions {
+        let n = decisions.len();
+        let summary = enforcer.sync(decisions)?;
+        tracing::info!(
+            decisions = n,
+            installed = summary.installed,
+            changed = summary.changed,
+            unchanged = summary.unchanged,
+            removed = summary.removed,
+            elapsed_us = summary.elapsed.as_micros() as u64,
+            "applied decisions file"
+        );
+        if matches!(args.command, Some(Command::Apply)) {
+            println!(
+                "{}",
+                serde_json::json!({"start": report, "apply": summary, "elapsed_us": summary.elapsed.as_micros() as u64})
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    crate::pep::run(enforcer, pdps, config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent_and_merge_over_the_file() {
+        Args::command().debug_assert();
+        let args = Args::parse_from([
+            "qosloop-enforcer",
+            "--pdp",
+            "a:1,b:2",
+            "--interface",
+            "veth1",
+            "--roles",
+            "edge,core",
+            "--capacity",
+            "10mbit",
+            "apply",
+            "--decisions",
+            "d.json",
+        ]);
+        let c = merged(&args).unwrap();
+        assert_eq!(c.pdp, vec!["a:1".to_owned(), "b:2".to_owned()]);
+        assert_eq!(c.roles.len(), 2);
+        assert_eq!(c.enforcer().unwrap().capacity, qosloop_schema::Kbps(10_000));
+        assert!(matches!(args.command, Some(Command::Apply)));
+    }
+
+    #[test]
+    fn decisions_file_errors_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.json");
+        std::fs::write(&p, "[\n{\"id\": 1}\n]").unwrap();
+        let e = read_decisions(&p).unwrap_err().to_string();
+        assert!(e.contains("d.json") && e.contains("line 2"), "{e}");
+    }
+}

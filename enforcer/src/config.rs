@@ -1,0 +1,187 @@
+//! The enforcer's configuration: a TOML file whose keys match the flags,
+//! flags overriding the file, validated before any socket opens.
+
+use crate::enforcer::{EnforcerConfig, DEFAULT_QDISC_MAJOR};
+use qosloop_schema::Kbps;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Configuration that cannot be used; the binary exits 64 on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The TOML file; every key is also a flag of the same name (`-` for `_`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// PDPs in order of preference, `HOST:PORT`.
+    #[serde(default)]
+    pub pdp: Vec<String>,
+    pub interface: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Capacity of the interface (`10mbit`, `1gbit`, or kbit/s as a number).
+    pub capacity: Option<String>,
+    /// Major of the enforcer's qdisc handle, hex (`e5`).
+    pub qdisc_handle: Option<String>,
+    /// A JSON list of decisions applied at start (no PDP needed).
+    pub decisions: Option<PathBuf>,
+    /// Print the operations instead of making them.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// Seconds between COPS keepalives.
+    pub keepalive_s: Option<u64>,
+}
+
+impl Config {
+    /// Reads and parses a TOML file; errors name the file and the line.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| {
+                text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|&&c| c == b'\n')
+                    .count()
+                    + 1
+            });
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: match line {
+                    Some(l) => format!("line {l}: {}", e.message()),
+                    None => e.message().to_owned(),
+                },
+            }
+        })
+    }
+
+    /// The validated settings of the kernel side.
+    pub fn enforcer(&self) -> Result<EnforcerConfig, ConfigError> {
+        let interface =
+            self.interface
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or(ConfigError::Invalid {
+                    field: "interface",
+                    message: "required (the interface to enforce on)".into(),
+                })?;
+        let capacity = match &self.capacity {
+            None => Kbps(1_000_000),
+            Some(s) => s.parse::<Kbps>().map_err(|e| ConfigError::Invalid {
+                field: "capacity",
+                message: e.to_string(),
+            })?,
+        };
+        if capacity.0 == 0 {
+            return Err(ConfigError::Invalid {
+                field: "capacity",
+                message: "must be above 0".into(),
+            });
+        }
+        let qdisc_major = match &self.qdisc_handle {
+            None => DEFAULT_QDISC_MAJOR,
+            Some(s) => u16::from_str_radix(s.trim_end_matches(':'), 16)
+                .ok()
+                .filter(|m| *m != 0 && *m != 0xffff)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "qdisc_handle",
+                    message: format!("{s:?} is not a hex qdisc major in 1..ffff"),
+                })?,
+        };
+        for r in &self.roles {
+            if r.is_empty() || r.contains(',') {
+                return Err(ConfigError::Invalid {
+                    field: "roles",
+                    message: format!("{r:?} is not a role name"),
+                });
+            }
+        }
+        Ok(EnforcerConfig {
+            interface,
+            roles: self.roles.clone(),
+            capacity,
+            qdisc_major,
+        })
+    }
+
+    /// PDP addresses, checked to be `HOST:PORT`.
+    pub fn pdps(&self) -> Result<Vec<String>, ConfigError> {
+        for p in &self.pdp {
+            let ok = p
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    field: "pdp",
+                    message: format!("{p:?} is not HOST:PORT"),
+                });
+            }
+        }
+        Ok(self.pdp.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_toml_parses_and_validates() {
+        let text = include_str!("../example.toml");
+        let c = Config::parse(text, Path::new("example.toml")).unwrap();
+        let e = c.enforcer().unwrap();
+        assert_eq!(e.interface, "eth1");
+        assert_eq!(e.capacity, Kbps(10_000));
+        assert_eq!(e.qdisc_major, 0xe5);
+        assert_eq!(c.pdps().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_config_names_field_and_line() {
+        let err = Config::parse("interface = \"x\"\nbogus = 1\n", Path::new("f.toml")).unwrap_err();
+        assert!(err.to_string().contains("f.toml: line 2"), "{err}");
+        let c = Config {
+            interface: Some("eth0".into()),
+            capacity: Some("fast".into()),
+            ..Config::default()
+        };
+        assert!(c
+            .enforcer()
+            .unwrap_err()
+            .to_string()
+            .starts_with("capacity:"));
+        let c = Config {
+            pdp: vec!["nohost".into()],
+            ..Config::default()
+        };
+        assert!(c.pdps().unwrap_err().to_string().starts_with("pdp:"));
+        assert!(Config::default()
+            .enforcer()
+            .unwrap_err()
+            .to_string()
+            .starts_with("interface:"));
+    }
+}

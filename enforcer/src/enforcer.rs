@@ -1,0 +1,1200 @@
+//! Desired state, kernel state, and the difference between them.
+//!
+//! The [`Enforcer`] keeps what it believes is in the kernel (`applied`),
+//! learnt at start by reading its own qdisc and table back (adopting what a
+//! previous run left and cleaning what it cannot account for) and kept up to
+//! date by every change since. A change is validated in full, rendered,
+//! diffed against `applied`, and executed in three steps: HTB creates and
+//! changes (undone if anything later fails), one nftables transaction, then
+//! HTB deletes. A decision is therefore either applied whole or not at all.
+
+use crate::backend::KernelBackend;
+use crate::error::EnforceError;
+use crate::nft::{self, ChainState, TableState};
+use crate::render::{self, Layout, Rendered, MAX_SLOTS};
+use crate::tc::{ClassInfo, HtbClass, TcHandle, TcOp};
+use qosloop_schema::{Decision, FlowSpec, Kbps};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// What the enforcer manages: one interface, in the roles it announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnforcerConfig {
+    pub interface: String,
+    /// Decisions for other roles are refused; empty accepts any role.
+    pub roles: Vec<String>,
+    /// Rate of the HTB root: the interface's usable capacity.
+    pub capacity: Kbps,
+    /// Major of the enforcer's root qdisc handle (`e5:` by default).
+    pub qdisc_major: u16,
+}
+
+/// The qdisc handle major the enforcer uses unless told otherwise.
+pub const DEFAULT_QDISC_MAJOR: u16 = 0xe5;
+
+/// One decision as it stands in the kernel.
+#[derive(Clone, Debug)]
+struct Applied {
+    slot: u32,
+    version: u64,
+    fingerprint: u64,
+    /// Base-chain match; `None` for an entry adopted from a previous run.
+    flow_match: Option<String>,
+    in_class: Option<HtbClass>,
+    out_class: Option<HtbClass>,
+    /// `None` for an entry adopted from a previous run and not yet confirmed.
+    decision: Option<Decision>,
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplySummary {
+    pub installed: usize,
+    pub changed: usize,
+    pub unchanged: usize,
+    pub removed: usize,
+    pub tc_messages: usize,
+    pub nft_transactions: usize,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+/// What reconcile found at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StartReport {
+    pub adopted: usize,
+    pub cleaned_chains: usize,
+    pub cleaned_rules: usize,
+    pub cleaned_classes: usize,
+    pub table_reset: bool,
+}
+
+/// Flow specs of applied decisions, indexed for overlap checks: specs with a
+/// host destination only need comparing with the same host and wide specs.
+#[derive(Debug, Default)]
+struct FlowIndex {
+    flows: HashMap<u64, FlowSpec>,
+    by_host: HashMap<IpAddr, BTreeSet<u64>>,
+    wide: BTreeSet<u64>,
+}
+
+impl FlowIndex {
+    fn host(spec: &FlowSpec) -> Option<IpAddr> {
+        spec.dst.filter(|p| p.is_host()).map(|p| p.addr())
+    }
+    fn insert(&mut self, id: u64, spec: FlowSpec) {
+        self.remove(id);
+        match Self::host(&spec) {
+            Some(h) => {
+                self.by_host.entry(h).or_default().insert(id);
+            }
+            None => {
+                self.wide.insert(id);
+            }
+        }
+        self.flows.insert(id, spec);
+    }
+    fn remove(&mut self, id: u64) {
+        if let Some(old) = self.flows.remove(&id) {
+            match Self::host(&old) {
+                Some(h) => {
+                    if let Some(set) = self.by_host.get_mut(&h) {
+                        set.remove(&id);
+                    }
+                }
+                None => {
+                    self.wide.remove(&id);
+                }
+            }
+        }
+    }
+    /// An applied decision other than those in `skip` whose flow overlaps `spec`.
+    fn overlapping(&self, spec: &FlowSpec, skip: &dyn Fn(u64) -> bool) -> Option<(u64, &FlowSpec)> {
+        let hit = |id: &u64| {
+            let other = self.flows.get(id)?;
+            (!skip(*id) && other.overlaps(spec)).then_some((*id, other))
+        };
+        match Self::host(spec) {
+            Some(h) => self
+                .by_host
+                .get(&h)
+                .into_iter()
+                .flatten()
+                .chain(self.wide.iter())
+                .find_map(hit),
+            None => self.flows.keys().find_map(hit),
+        }
+    }
+}
+
+/// The policy enforcement point's kernel side on one interface.
+#[derive(Debug)]
+pub struct Enforcer<B: KernelBackend> {
+    backend: B,
+    layout: Layout,
+    roles: Vec<String>,
+    ifindex: u32,
+    applied: BTreeMap<u64, Applied>,
+    free_slots: BTreeSet<u32>,
+    next_slot: u32,
+    /// Qdisc, root and default class are in place.
+    base_tc: bool,
+    /// Table and base chain are in place.
+    base_nft: bool,
+    /// Base-chain jump handles by decision id, when known to be current.
+    jump_handles: Option<BTreeMap<u64, Vec<u64>>>,
+    flows: FlowIndex,
+    /// Sum of guaranteed class rates of applied decisions.
+    guaranteed: u64,
+}
+
+fn tc_err(op: &TcOp, source: crate::tc::KernelError) -> EnforceError {
+    EnforceError::Tc {
+        op: op.to_string(),
+        source,
+    }
+}
+
+fn class_of(info: &ClassInfo) -> HtbClass {
+    HtbClass {
+        classid: TcHandle(info.handle),
+        parent: TcHandle(info.parent),
+        rate: Kbps(info.rate_kbps),
+        ceil: Kbps(info.ceil_kbps),
+        prio: info.prio,
+    }
+}
+
+fn same_class(a: &HtbClass, b: &HtbClass) -> bool {
+    a.classid == b.classid && a.rate == b.rate && a.ceil == b.ceil && a.prio == b.prio
+}
+
+impl<B: KernelBackend> Enforcer<B> {
+    /// Finds the interface, reads what a previous run left in the kernel,
+    /// adopts what is consistent and removes what is not (only objects in
+    /// the enforcer's own table and qdisc).
+    pub fn start(
+        mut backend: B,
+        config: EnforcerConfig,
+    ) -> Result<(Self, StartReport), EnforceError> {
+        let iface = &config.interface;
+        if iface.is_empty()
+            || !iface
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic())
+            || !iface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return Err(EnforceError::UnusableInterfaceName(iface.clone()));
+        }
+        let ifindex = backend
+            .ifindex(iface)
+            .ok_or_else(|| EnforceError::UnknownInterface(iface.clone()))?;
+        let layout = Layout {
+            interface: iface.clone(),
+            qdisc_major: config.qdisc_major,
+            capacity: config.capacity,
+        };
+        if config.capacity.0 == 0 {
+            return Err(EnforceError::Invalid {
+                id: 0,
+                reason: "interface capacity must be above 0".into(),
+            });
+        }
+        let mut e = Enforcer {
+            backend,
+            layout,
+            roles: config.roles,
+            ifindex,
+            applied: BTreeMap::new(),
+            free_slots: BTreeSet::new(),
+            next_slot: 0,
+            base_tc: false,
+            base_nft: false,
+            jump_handles: None,
+            flows: FlowIndex::default(),
+            guaranteed: 0,
+        };
+        let report = e.reconcile_at_start()?;
+        Ok((e, report))
+    }
+
+    pub fn backend(&mut self) -> &mut B {
+        &mut self.backend
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// Decisions applied by this run (adopted, unconfirmed ones excluded).
+    pub fn decisions(&self) -> impl Iterator<Item = &Decision> {
+        self.applied.values().filter_map(|a| a.decision.as_ref())
+    }
+
+    /// `(id, version)` of every decision in the kernel, adopted ones included.
+    pub fn installed(&self) -> Vec<(u64, u64)> {
+        self.applied
+            .iter()
+            .map(|(id, a)| (*id, a.version))
+            .collect()
+    }
+
+    /// Ids of decisions in the kernel, including adopted ones.
+    pub fn applied_ids(&self) -> Vec<u64> {
+        self.applied.keys().copied().collect()
+    }
+
+    fn our_root(&mut self) -> Result<Option<bool>, EnforceError> {
+        let qdiscs = self
+            .backend
+            .qdiscs(self.ifindex)
+            .map_err(|source| EnforceError::Tc {
+                op: "RTM_GETQDISC dump".into(),
+                source,
+            })?;
+        match qdiscs.into_iter().find(|q| q.is_root()) {
+            None => Ok(None),
+            Some(q) if q.handle.0 == 0 => Ok(None),
+            Some(q) if q.handle.major() == self.layout.qdisc_major && q.kind == "htb" => {
+                Ok(Some(true))
+            }
+            Some(q) => Err(EnforceError::ForeignQdisc {
+                interface: self.layout.interface.clone(),
+                kind: q.kind,
+                handle: q.handle.to_string(),
+            }),
+        }
+    }
+
+    fn reconcile_at_start(&mut self) -> Result<StartReport, EnforceError> {
+        let mut report = StartReport::default();
+        let table = self.layout.table();
+        let iface = self.layout.interface.clone();
+        let ours = self.our_root()?.is_some();
+        let classes = if ours {
+            self.backend
+                .classes(self.ifindex, self.layout.qdisc_major)
+                .map_err(|source| EnforceError::Tc {
+                    op: "RTM_GETTCLASS dump".into(),
+                    source,
+                })?
+        } else {
+            Vec::new()
+        };
+        let state = self
+            .backend
+            .read_table(&table, &iface)
+            .map_err(EnforceError::Nft)?;
+        let mut script = String::new();
+        let mut adopted: BTreeMap<u64, Applied> = BTreeMap::new();
+        match state {
+            None => {}
+            Some(st) if !st.base_ok => {
+                nft::delete_table(&mut script, &table);
+                report.table_reset = true;
+            }
+            Some(TableState {
+                chains,
+                jumps,
+                stray_chains,
+                stray_rules,
+                ..
+            }) => {
+                self.base_nft = true;
+                let mut handles = BTreeMap::new();
+                let mut slots_seen = BTreeSet::new();
+                for h in &stray_rules {
+                    nft::delete_rule(&mut script, &table, *h);
+                    report.cleaned_rules += 1;
+                }
+                for (id, list) in &jumps {
+                    let good = chains.get(id).and_then(|c| c.meta.as_ref());
+                    let keep = usize::from(good.is_some());
+                    for h in list.iter().skip(keep) {
+                        nft::delete_rule(&mut script, &table, *h);
+                        report.cleaned_rules += 1;
+                    }
+                    if keep == 1 {
+                        handles.insert(*id, vec![list[0]]);
+                    }
+                }
+                for (id, ChainState { meta, .. }) in chains {
+                    let usable = meta.filter(|m| {
+                        jumps.contains_key(&id) && m.slot < MAX_SLOTS && slots_seen.insert(m.slot)
+                    });
+                    match usable {
+                        Some(m) => {
+                            adopted.insert(
+                                id,
+                                Applied {
+                                    slot: m.slot,
+                                    version: m.version,
+                                    fingerprint: m.fingerprint,
+                                    flow_match: None,
+                                    in_class: None,
+                                    out_class: None,
+                                    decision: None,
+                                },
+                            );
+                        }
+                        None => {
+                            if let Some(list) = handles.remove(&id) {
+                                for h in list {
+                                    nft::delete_rule(&mut script, &table, h);
+                                    report.cleaned_rules += 1;
+                                }
+                            }
+                            nft::delete_chain(&mut script, &table, &render::chain_name(id));
+                            report.cleaned_chains += 1;
+                        }
+                    }
+                }
+                for name in stray_chains {
+                    nft::delete_chain(&mut script, &table, &name);
+                    report.cleaned_chains += 1;
+                }
+                self.jump_handles = Some(handles);
+            }
+        }
+        if !script.is_empty() {
+            self.backend.nft(&script).map_err(EnforceError::Nft)?;
+            if report.table_reset {
+                self.base_nft = false;
+            }
+        }
+        // HTB: fix the root and default classes, keep classes of adopted
+        // decisions, delete every other class under our qdisc.
+        let by_slot: HashMap<u32, u64> = adopted.iter().map(|(id, a)| (a.slot, *id)).collect();
+        let mut deletes = Vec::new();
+        let mut fixes = Vec::new();
+        if ours {
+            let (mut root, mut default) = (false, false);
+            for info in &classes {
+                let class = class_of(info);
+                let minor = class.classid.minor();
+                if minor == render::ROOT_MINOR {
+                    root = true;
+                    let want = self.layout.root_class();
+                    if !same_class(&class, &want) {
+                        fixes.push(TcOp::ChangeClass {
+                            ifindex: self.ifindex,
+                            class: want,
+                        });
+                    }
+                } else if minor == render::DEFAULT_MINOR {
+                    default = true;
+                    let want = self.layout.default_class();
+                    if !same_class(&class, &want) {
+                        fixes.push(TcOp::ChangeClass {
+                            ifindex: self.ifindex,
+                            class: want,
+                        });
+                    }
+                } else if let Some(a) = Layout::slot_of_minor(minor)
+                    .and_then(|s| by_slot.get(&s))
+                    .and_then(|id| adopted.get_mut(id))
+                {
+                    let (in_minor, _) = Layout::slot_minors(a.slot);
+                    if minor == in_minor {
+                        a.in_class = Some(class);
+                    } else {
+                        a.out_class = Some(class);
+                    }
+                } else {
+                    deletes.push(TcOp::DeleteClass {
+                        ifindex: self.ifindex,
+                        classid: class.classid,
+                    });
+                }
+            }
+            if !root {
+                fixes.insert(
+                    0,
+                    TcOp::CreateClass {
+                        ifindex: self.ifindex,
+                        class: self.layout.root_class(),
+                    },
+                );
+            }
+            if !default {
+                fixes.push(TcOp::CreateClass {
+                    ifindex: self.ifindex,
+                    class: self.layout.default_class(),
+                });
+            }
+            self.base_tc = true;
+        }
+        report.cleaned_classes = deletes.len();
+        let ops = [fixes, deletes].concat();
+        for (op, r) in ops.iter().zip(self.backend.tc(&ops)) {
+            r.map_err(|e| tc_err(op, e))?;
+        }
+        report.adopted = adopted.len();
+        for a in adopted.values() {
+            self.guaranteed +=
+                a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0);
+        }
+        self.next_slot = adopted.values().map(|a| a.slot + 1).max().unwrap_or(0);
+        let used: BTreeSet<u32> = adopted.values().map(|a| a.slot).collect();
+        self.free_slots = (0..self.next_slot).filter(|s| !used.contains(s)).collect();
+        self.applied = adopted;
+        tracing::info!(
+            interface = %self.layout.interface,
+            adopted = report.adopted,
+            cleaned_chains = report.cleaned_chains,
+            cleaned_rules = report.cleaned_rules,
+            cleaned_classes = report.cleaned_classes,
+            table_reset = report.table_reset,
+            "reconciled kernel state at start"
+        );
+        Ok(report)
+    }
+
+    /// Installs or replaces one decision.
+    pub fn install(&mut self, d: Decision) -> Result<ApplySummary, EnforceError> {
+        self.apply(vec![d], Vec::new())
+    }
+
+    /// Removes one decision; removing an unknown id is a no-op.
+    pub fn remove(&mut self, id: u64) -> Result<ApplySummary, EnforceError> {
+        self.apply(Vec::new(), vec![id])
+    }
+
+    /// Makes the kernel hold exactly `desired` (a full resynchronisation).
+    pub fn sync(&mut self, desired: Vec<Decision>) -> Result<ApplySummary, EnforceError> {
+        let keep: BTreeSet<u64> = desired.iter().map(|d| d.id).collect();
+        let removes = self
+            .applied
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        self.apply(desired, removes)
+    }
+
+    fn validate(&self, d: &Decision) -> Result<(), EnforceError> {
+        let invalid = |reason: String| EnforceError::Invalid { id: d.id, reason };
+        if !self.roles.is_empty() && !self.roles.contains(&d.role) {
+            return Err(invalid(format!(
+                "role {:?} is not one of this enforcer's roles ({})",
+                d.role,
+                self.roles.join(",")
+            )));
+        }
+        let cap = self.layout.capacity;
+        if d.profile.rate.0 == 0 {
+            return Err(invalid("profile rate is 0".into()));
+        }
+        if d.profile.rate > cap {
+            return Err(invalid(format!(
+                "profile rate {} is above the capacity {cap} of {}",
+                d.profile.rate, self.layout.interface
+            )));
+        }
+        if let Some(s) = d.out_of_profile.shape() {
+            if s.0 == 0 {
+                return Err(invalid("out-of-profile shape rate is 0".into()));
+            }
+            if s > cap {
+                return Err(invalid(format!(
+                    "shape rate {s} is above the capacity {cap} of {}",
+                    self.layout.interface
+                )));
+            }
+        }
+        if d.profile.burst_bytes > u64::from(u32::MAX) {
+            return Err(invalid(format!(
+                "burst {} bytes is too large",
+                d.profile.burst_bytes
+            )));
+        }
+        render::flow_match(&d.flow).map_err(|e| invalid(e.to_string()))?;
+        Ok(())
+    }
+
+    fn take_slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free_slots.pop_first() {
+            return Some(s);
+        }
+        (self.next_slot < MAX_SLOTS).then(|| {
+            self.next_slot += 1;
+            self.next_slot - 1
+        })
+    }
+
+    fn refresh_handles(&mut self) -> Result<(), EnforceError> {
+        let st = self
+            .backend
+            .read_table(&self.layout.table(), &self.layout.interface)
+            .map_err(EnforceError::Nft)?;
+        self.jump_handles = Some(st.map(|s| s.jumps).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Installs/replaces `upserts` and removes `removes` as one change: all
+    /// of it reaches the kernel or none of it does.
+    pub fn apply(
+        &mut self,
+        upserts: Vec<Decision>,
+        removes: Vec<u64>,
+    ) -> Result<ApplySummary, EnforceError> {
+        let started = Instant::now();
+        let mut summary = ApplySummary::default();
+        // 1. Validate everything before touching anything.
+        let removing: BTreeSet<u64> = removes
+            .iter()
+            .copied()
+            .filter(|id| self.applied.contains_key(id))
+            .collect();
+        let upsert_ids: BTreeSet<u64> = upserts.iter().map(|d| d.id).collect();
+        if upsert_ids.len() != upserts.len() {
+            let mut seen = BTreeSet::new();
+            let dup = upserts
+                .iter()
+                .find(|d| !seen.insert(d.id))
+                .map_or(0, |d| d.id);
+            return Err(EnforceError::Invalid {
+                id: dup,
+                reason: "given twice in one change".into(),
+            });
+        }
+        let mut batch = FlowIndex::default();
+        for d in &upserts {
+            self.validate(d)?;
+            let skip = |id: u64| id == d.id || removing.contains(&id) || upsert_ids.contains(&id);
+            let clash = self
+                .flows
+                .overlapping(&d.flow, &skip)
+                .or_else(|| batch.overlapping(&d.flow, &|id| id == d.id));
+            if let Some((other, other_flow)) = clash {
+                return Err(EnforceError::Conflict {
+                    id: d.id,
+                    flow: d.flow.to_string(),
+                    other,
+                    other_flow: other_flow.to_string(),
+                });
+            }
+            batch.insert(d.id, d.flow.clone());
+        }
+        // 2. Slots and rendering (slots taken here are returned on failure).
+        let mut taken = Vec::new();
+        let mut rendered = Vec::with_capacity(upserts.len());
+        let mut guaranteed = self.guaranteed;
+        let result = (|| {
+            for id in &removing {
+                let a = &self.applied[id];
+                guaranteed -=
+                    a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0);
+            }
+            for d in &upserts {
+                let slot = match self.applied.get(&d.id) {
+                    Some(a) => a.slot,
+                    None => {
+                        let s = self.take_slot().ok_or_else(|| EnforceError::Invalid {
+                            id: d.id,
+                            reason: format!(
+                                "no free slot: at most {MAX_SLOTS} decisions per interface"
+                            ),
+                        })?;
+                        taken.push(s);
+                        s
+                    }
+                };
+                let r =
+                    render::render(&self.layout, d, slot).map_err(|e| EnforceError::Invalid {
+                        id: d.id,
+                        reason: e.to_string(),
+                    })?;
+                if let Some(a) = self.applied.get(&d.id) {
+                    guaranteed -=
+                        a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0);
+                }
+                guaranteed += r.in_class.rate.0 + r.out_class.rate.0;
+                let default = self.layout.default_rate();
+                if guaranteed + default.0 > self.layout.capacity.0 {
+                    return Err(EnforceError::Oversubscribed {
+                        id: d.id,
+                        total: Kbps(guaranteed + default.0),
+                        capacity: self.layout.capacity,
+                        default,
+                    });
+                }
+                rendered.push(r);
+            }
+            self.execute(&rendered, &removing, &mut summary)
+        })();
+        if let Err(e) = result {
+            self.free_slots.extend(taken);
+            tracing::warn!(error = %e, "change refused; kernel state left as it was");
+            return Err(e);
+        }
+        // 3. Commit the new state.
+        self.guaranteed = guaranteed;
+        for id in &removing {
+            if let Some(a) = self.applied.remove(id) {
+                self.free_slots.insert(a.slot);
+            }
+            self.flows.remove(*id);
+            if let Some(h) = self.jump_handles.as_mut() {
+                h.remove(id);
+            }
+        }
+        for (d, r) in upserts.into_iter().zip(rendered) {
+            self.flows.insert(d.id, d.flow.clone());
+            self.applied.insert(
+                d.id,
+                Applied {
+                    slot: r.slot,
+                    version: r.version,
+                    fingerprint: r.fingerprint,
+                    flow_match: Some(r.flow_match),
+                    in_class: Some(r.in_class),
+                    out_class: Some(r.out_class),
+                    decision: Some(d),
+                },
+            );
+        }
+        summary.removed = removing.len();
+        summary.elapsed = started.elapsed();
+        Ok(summary)
+    }
+
+    fn execute(
+        &mut self,
+        rendered: &[Rendered],
+        removing: &BTreeSet<u64>,
+        summary: &mut ApplySummary,
+    ) -> Result<(), EnforceError> {
+        let ifindex = self.ifindex;
+        let table = self.layout.table();
+        let mut pre = Vec::new();
+        let mut undo = Vec::new();
+        if !self.base_tc && !rendered.is_empty() {
+            pre.push(TcOp::CreateQdisc {
+                ifindex,
+                handle: self.layout.handle(0),
+                default_minor: render::DEFAULT_MINOR,
+            });
+            undo.push(Some(TcOp::DeleteQdisc {
+                ifindex,
+                handle: self.layout.handle(0),
+            }));
+            for class in [self.layout.root_class(), self.layout.default_class()] {
+                pre.push(TcOp::CreateClass { ifindex, class });
+                undo.push(None); // goes with the qdisc
+            }
+        }
+        let mut script = String::new();
+        if !self.base_nft && !rendered.is_empty() {
+            nft::create_table(&mut script, &table, &self.layout.interface);
+        }
+        let needs_handles = !removing.is_empty()
+            || rendered.iter().any(|r| {
+                self.applied.get(&r.id).is_some_and(|a| {
+                    a.fingerprint != r.fingerprint
+                        && a.flow_match.as_deref() != Some(r.flow_match.as_str())
+                })
+            });
+        if needs_handles && self.jump_handles.is_none() {
+            self.refresh_handles()?;
+        }
+        let handles = self.jump_handles.clone().unwrap_or_default();
+        let mut adds_jump = false;
+        for r in rendered {
+            let old = self.applied.get(&r.id);
+            for (want, have) in [
+                (r.in_class, old.and_then(|a| a.in_class)),
+                (r.out_class, old.and_then(|a| a.out_class)),
+            ] {
+                match have {
+                    None => {
+                        pre.push(TcOp::CreateClass {
+                            ifindex,
+                            class: want,
+                        });
+                        undo.push(Some(TcOp::DeleteClass {
+                            ifindex,
+                            classid: want.classid,
+                        }));
+                    }
+                    Some(h) if !same_class(&h, &want) => {
+                        pre.push(TcOp::ChangeClass {
+                            ifindex,
+                            class: want,
+                        });
+                        undo.push(Some(TcOp::ChangeClass { ifindex, class: h }));
+                    }
+                    Some(_) => {}
+                }
+            }
+            match old {
+                None => {
+                    nft::add_decision(&mut script, &table, r.id, &r.flow_match, &r.rules);
+                    adds_jump = true;
+                    summary.installed += 1;
+                }
+                Some(a) if a.fingerprint != r.fingerprint => {
+                    nft::rewrite_chain(&mut script, &table, r.id, &r.rules);
+                    if a.flow_match.as_deref() != Some(r.flow_match.as_str()) {
+                        for h in handles.get(&r.id).into_iter().flatten() {
+                            nft::delete_rule(&mut script, &table, *h);
+                        }
+                        nft::add_jump(&mut script, &table, r.id, &r.flow_match);
+                        adds_jump = true;
+                    }
+                    summary.changed += 1;
+                }
+                Some(a)
+                    if a.in_class.map(|c| c.rate) != Some(r.in_class.rate)
+                        || a.out_class.map(|c| (c.rate, c.ceil))
+                            != Some((r.out_class.rate, r.out_class.ceil)) =>
+                {
+                    summary.changed += 1
+                }
+                Some(_) => summary.unchanged += 1,
+            }
+        }
+        let mut post = Vec::new();
+        for id in removing {
+            for h in handles.get(id).into_iter().flatten() {
+                nft::delete_rule(&mut script, &table, *h);
+            }
+            nft::delete_chain(&mut script, &table, &render::chain_name(*id));
+            let a = &self.applied[id];
+            for c in [a.in_class, a.out_class].into_iter().flatten() {
+                post.push(TcOp::DeleteClass {
+                    ifindex,
+                    classid: c.classid,
+                });
+            }
+        }
+        // HTB creates and changes; on a refusal, undo what went through.
+        let results = self.backend.tc(&pre);
+        summary.tc_messages += pre.len();
+        if let Some(pos) = results.iter().position(Result::is_err) {
+            let failed = results.into_iter().nth(pos).and_then(Result::err);
+            self.undo(&pre, &undo, pos);
+            let source = failed.unwrap_or(crate::tc::KernelError {
+                errno: libc::EIO,
+                message: None,
+            });
+            return Err(tc_err(&pre[pos], source));
+        }
+        if !rendered.is_empty() {
+            self.base_tc = true;
+        }
+        if !script.is_empty() {
+            summary.nft_transactions += 1;
+            if let Err(e) = self.backend.nft(&script) {
+                self.undo(&pre, &undo, pre.len());
+                if pre
+                    .first()
+                    .is_some_and(|op| matches!(op, TcOp::CreateQdisc { .. }))
+                {
+                    self.base_tc = false;
+                }
+                return Err(EnforceError::Nft(e));
+            }
+            if !rendered.is_empty() {
+                self.base_nft = true;
+            }
+            if adds_jump {
+                self.jump_handles = None;
+            }
+        }
+        // Deletes last: nothing is steered into these classes any more.
+        for (op, r) in post.iter().zip(self.backend.tc(&post)) {
+            if let Err(e) = r {
+                tracing::warn!(op = %op, error = %e, "could not delete a class; reconcile at next start removes it");
+            }
+        }
+        summary.tc_messages += post.len();
+        Ok(())
+    }
+
+    /// Undoes `pre[..done]` in reverse (best effort, logged).
+    fn undo(&mut self, pre: &[TcOp], undo: &[Option<TcOp>], done: usize) {
+        let ops: Vec<TcOp> = (0..done).rev().filter_map(|i| undo[i].clone()).collect();
+        let qdisc_undone = ops.iter().any(|op| matches!(op, TcOp::DeleteQdisc { .. }));
+        // Deleting the qdisc deletes its classes: skip the class deletes then.
+        let ops: Vec<TcOp> = if qdisc_undone {
+            ops.into_iter()
+                .filter(|op| matches!(op, TcOp::DeleteQdisc { .. }))
+                .collect()
+        } else {
+            ops
+        };
+        for (op, r) in ops.iter().zip(self.backend.tc(&ops)) {
+            if let Err(e) = r {
+                tracing::error!(op = %op, error = %e, "rollback step failed");
+            }
+        }
+        let _ = pre;
+    }
+
+    /// Removes the enforcer's table and qdisc from the interface.
+    pub fn cleanup(&mut self) -> Result<(), EnforceError> {
+        cleanup(&mut self.backend, &self.layout, self.ifindex)?;
+        self.applied.clear();
+        self.flows = FlowIndex::default();
+        self.free_slots.clear();
+        self.next_slot = 0;
+        self.guaranteed = 0;
+        self.base_tc = false;
+        self.base_nft = false;
+        self.jump_handles = None;
+        Ok(())
+    }
+}
+
+/// Removes the table and qdisc the enforcer owns on `layout`'s interface, if
+/// present; touches nothing else.
+pub fn cleanup<B: KernelBackend>(
+    backend: &mut B,
+    layout: &Layout,
+    ifindex: u32,
+) -> Result<(), EnforceError> {
+    let table = layout.table();
+    if backend
+        .read_table(&table, &layout.interface)
+        .map_err(EnforceError::Nft)?
+        .is_some()
+    {
+        let mut script = String::new();
+        nft::delete_table(&mut script, &table);
+        backend.nft(&script).map_err(EnforceError::Nft)?;
+    }
+    let qdiscs = backend.qdiscs(ifindex).map_err(|source| EnforceError::Tc {
+        op: "RTM_GETQDISC dump".into(),
+        source,
+    })?;
+    let ours = qdiscs
+        .iter()
+        .any(|q| q.is_root() && q.kind == "htb" && q.handle.major() == layout.qdisc_major);
+    if ours {
+        let op = TcOp::DeleteQdisc {
+            ifindex,
+            handle: layout.handle(0),
+        };
+        for r in backend.tc(std::slice::from_ref(&op)) {
+            r.map_err(|e| tc_err(&op, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::FakeKernel;
+    use qosloop_schema::{DecisionReason, Dscp, OutOfProfileAction, TrafficProfile};
+
+    fn cfg() -> EnforcerConfig {
+        EnforcerConfig {
+            interface: "eth1".into(),
+            roles: vec!["edge".into()],
+            capacity: Kbps(10_000),
+            qdisc_major: DEFAULT_QDISC_MAJOR,
+        }
+    }
+
+    fn decision(id: u64, port: u16, action: OutOfProfileAction) -> Decision {
+        Decision {
+            id,
+            version: 1,
+            role: "edge".into(),
+            policy_dn: "cn=gold".into(),
+            flow: FlowSpec {
+                src: Some("10.1.0.1".parse().unwrap()),
+                dst: Some("10.2.0.2".parse().unwrap()),
+                proto: Some(17),
+                src_ports: None,
+                dst_ports: Some(qosloop_schema::PortRange::single(port)),
+            },
+            profile: TrafficProfile {
+                rate: Kbps(1000),
+                burst_bytes: 15_000,
+            },
+            in_profile_dscp: Some(Dscp::CS6),
+            out_of_profile: action,
+            reason: DecisionReason {
+                rate_kbps: 0.0,
+                avg_rate_kbps: 0.0,
+                link: "l".into(),
+                link_load_kbps: 0.0,
+                band: "low".into(),
+            },
+            issued_ns: 0,
+        }
+    }
+
+    fn accept(kbps: u64) -> OutOfProfileAction {
+        OutOfProfileAction::Accept {
+            shape: Some(Kbps(kbps)),
+        }
+    }
+
+    fn start(k: FakeKernel) -> Enforcer<FakeKernel> {
+        Enforcer::start(k, cfg()).unwrap().0
+    }
+
+    #[test]
+    fn install_builds_qdisc_classes_and_table() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        let s = e.install(decision(1, 5001, accept(875))).unwrap();
+        assert_eq!((s.installed, s.tc_messages, s.nft_transactions), (1, 5, 1));
+        let k = e.backend();
+        assert!(k.root_qdisc.is_some());
+        assert_eq!(k.classes.len(), 4);
+        let t = k.table.as_ref().unwrap();
+        assert_eq!(t.base.len(), 2);
+        assert_eq!(t.chains["d1"].len(), 2);
+    }
+
+    #[test]
+    fn shape_change_is_one_class_message_and_no_nft() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        let nft_before = e.backend().nft_transactions;
+        let mut d = decision(1, 5001, accept(500));
+        d.version = 2;
+        let s = e.install(d).unwrap();
+        assert_eq!((s.changed, s.tc_messages, s.nft_transactions), (1, 1, 0));
+        assert_eq!(e.backend().nft_transactions, nft_before);
+        let out = e.backend().classes[&TcHandle::new(0xe5, 0x101).0];
+        assert_eq!(out.rate, Kbps(500));
+    }
+
+    #[test]
+    fn action_change_rewrites_only_its_chain() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        let s = e
+            .install(decision(
+                1,
+                5001,
+                OutOfProfileAction::Remark {
+                    dscp: Dscp::BEST_EFFORT,
+                    shape: Some(Kbps(125)),
+                },
+            ))
+            .unwrap();
+        assert_eq!((s.changed, s.tc_messages, s.nft_transactions), (1, 1, 1));
+        assert!(e.backend().table.as_ref().unwrap().chains["d1"][0].contains("dscp set 0"));
+        let same = e
+            .install(decision(
+                1,
+                5001,
+                OutOfProfileAction::Remark {
+                    dscp: Dscp::BEST_EFFORT,
+                    shape: Some(Kbps(125)),
+                },
+            ))
+            .unwrap();
+        assert_eq!(
+            (same.unchanged, same.tc_messages, same.nft_transactions),
+            (1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn bad_decisions_are_refused_and_leave_state_intact() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        let snapshot = (e.backend().classes.clone(), e.backend().table.clone());
+        let mut zero = decision(2, 5002, accept(875));
+        zero.profile.rate = Kbps(0);
+        assert!(e
+            .install(zero)
+            .unwrap_err()
+            .to_string()
+            .contains("profile rate is 0"));
+        let too_fast = decision(2, 5002, accept(20_000));
+        assert!(e
+            .install(too_fast)
+            .unwrap_err()
+            .to_string()
+            .contains("above the capacity"));
+        let mut role = decision(2, 5002, accept(875));
+        role.role = "core".into();
+        assert!(e.install(role).unwrap_err().to_string().contains("role"));
+        let clash = decision(2, 5001, accept(875));
+        assert!(matches!(
+            e.install(clash),
+            Err(EnforceError::Conflict { other: 1, .. })
+        ));
+        let mut mixed = decision(2, 5002, accept(875));
+        mixed.flow.dst = Some("2001:db8::1".parse().unwrap());
+        assert!(e
+            .install(mixed)
+            .unwrap_err()
+            .to_string()
+            .contains("address families"));
+        let many: Vec<Decision> = (10..20)
+            .map(|i| decision(i, 6000 + i as u16, accept(875)))
+            .collect();
+        assert!(matches!(
+            e.apply(many, vec![]),
+            Err(EnforceError::Oversubscribed { .. })
+        ));
+        assert_eq!(
+            (e.backend().classes.clone(), e.backend().table.clone()),
+            snapshot
+        );
+        assert!(e.install(decision(2, 5002, accept(875))).is_ok());
+    }
+
+    #[test]
+    fn kernel_refusals_roll_back() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        let snapshot = (e.backend().classes.clone(), e.backend().table.clone());
+        // nftables refuses: the classes created for decision 2 go again.
+        e.backend().fail_next_nft = Some("nftables refused the transaction: boom".into());
+        let err = e.install(decision(2, 5002, accept(875))).unwrap_err();
+        assert!(err.to_string().contains("boom"));
+        assert_eq!(
+            (e.backend().classes.clone(), e.backend().table.clone()),
+            snapshot
+        );
+        // HTB refuses the second class: the first one is deleted again.
+        e.backend().fail_class = Some(TcHandle::new(0xe5, 0x103));
+        let err = e.install(decision(2, 5002, accept(875))).unwrap_err();
+        assert!(err.to_string().contains("e5:103"), "{err}");
+        assert_eq!(
+            (e.backend().classes.clone(), e.backend().table.clone()),
+            snapshot
+        );
+        // A refused rate change is undone too.
+        e.backend().fail_next_nft = Some("no".into());
+        assert!(e
+            .install(decision(1, 5001, OutOfProfileAction::Drop))
+            .is_err());
+        assert_eq!(
+            (e.backend().classes.clone(), e.backend().table.clone()),
+            snapshot
+        );
+        // First install failing removes the qdisc it created.
+        let mut fresh = start(FakeKernel::with_interface("eth1", 3));
+        fresh.backend().fail_next_nft = Some("no".into());
+        assert!(fresh.install(decision(1, 5001, accept(875))).is_err());
+        assert!(fresh.backend().root_qdisc.is_none() && fresh.backend().classes.is_empty());
+        assert!(fresh.install(decision(1, 5001, accept(875))).is_ok());
+    }
+
+    #[test]
+    fn remove_and_restart_reconcile_without_duplicates_or_orphans() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        for i in 1..=3 {
+            e.install(decision(i, 5000 + i as u16, accept(875)))
+                .unwrap();
+        }
+        e.remove(2).unwrap();
+        assert_eq!(e.backend().classes.len(), 2 + 4);
+        assert!(!e
+            .backend()
+            .table
+            .as_ref()
+            .unwrap()
+            .chains
+            .contains_key("d2"));
+        // "Crash": a new enforcer over the same kernel adopts 1 and 3.
+        let mut kernel = std::mem::take(e.backend());
+        // Leave an orphan class and a duplicate jump behind, as a crash might.
+        kernel.classes.insert(
+            TcHandle::new(0xe5, 0x1ff).0,
+            HtbClass {
+                classid: TcHandle::new(0xe5, 0x1ff),
+                parent: TcHandle::new(0xe5, 1),
+                rate: Kbps(8),
+                ceil: Kbps(8),
+                prio: 2,
+            },
+        );
+        let dup = kernel.table.as_ref().unwrap().base[1].1.clone();
+        let t = kernel.table.as_mut().unwrap();
+        t.next_handle += 1;
+        let h = t.next_handle;
+        t.base.push((h, dup));
+        let (mut e, report) = Enforcer::start(kernel, cfg()).unwrap();
+        assert_eq!(report.adopted, 2);
+        assert_eq!((report.cleaned_classes, report.cleaned_rules), (1, 1));
+        // The PDP resynchronises with 1 (unchanged) and 4 (new): 3 goes.
+        let s = e
+            .sync(vec![
+                decision(1, 5001, accept(875)),
+                decision(4, 5004, accept(875)),
+            ])
+            .unwrap();
+        assert_eq!((s.unchanged, s.installed, s.removed), (1, 1, 1));
+        let k = e.backend();
+        assert_eq!(k.classes.len(), 2 + 4);
+        let t = k.table.as_ref().unwrap();
+        assert_eq!(t.base.len(), 3);
+        assert_eq!(
+            t.chains.keys().cloned().collect::<Vec<_>>(),
+            vec!["d1".to_owned(), "d4".to_owned()]
+        );
+        e.cleanup().unwrap();
+        assert!(e.backend().table.is_none() && e.backend().root_qdisc.is_none());
+    }
+
+    #[test]
+    fn flow_change_replaces_the_jump() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        e.install(decision(1, 5009, accept(875))).unwrap();
+        let t = e.backend().table.as_ref().unwrap();
+        assert_eq!(t.base.len(), 2);
+        assert!(t.base[1].1.contains("dport 5009"));
+    }
+
+    #[test]
+    fn unknown_interface_and_foreign_qdisc_are_errors() {
+        let err = Enforcer::start(FakeKernel::default(), cfg()).unwrap_err();
+        assert_eq!(err, EnforceError::UnknownInterface("eth1".into()));
+        let mut k = FakeKernel::with_interface("eth1", 3);
+        k.root_qdisc = Some(crate::tc::QdiscInfo {
+            ifindex: 3,
+            handle: TcHandle::new(1, 0),
+            parent: u32::MAX,
+            kind: "tbf".into(),
+        });
+        assert!(matches!(
+            Enforcer::start(k, cfg()),
+            Err(EnforceError::ForeignQdisc { .. })
+        ));
+        let mut bad = cfg();
+        bad.interface = "eth 1;".into();
+        assert!(matches!(
+            Enforcer::start(FakeKernel::default(), bad),
+            Err(EnforceError::UnusableInterfaceName(_))
+        ));
+    }
+
+    #[test]
+    fn overlap_index_finds_wide_and_host_specs() {
+        let mut idx = FlowIndex::default();
+        let host = FlowSpec {
+            dst: Some("10.0.0.1".parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        let wide = FlowSpec {
+            dst: Some("10.0.0.0/24".parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        idx.insert(1, host.clone());
+        assert_eq!(idx.overlapping(&wide, &|_| false).map(|x| x.0), Some(1));
+        idx.remove(1);
+        idx.insert(2, wide);
+        assert_eq!(idx.overlapping(&host, &|_| false).map(|x| x.0), Some(2));
+        assert!(idx.overlapping(&host, &|id| id == 2).is_none());
+    }
+}

@@ -1,0 +1,210 @@
+//! The capability probe: tries each kernel feature the backends need in a
+//! throwaway network namespace (a thread that unshares its network
+//! namespace; the namespace and its veth pair vanish with the thread), so the
+//! host is never touched.
+
+use crate::backend::LinuxBackend;
+use crate::enforcer::{Enforcer, EnforcerConfig};
+use crate::render::Layout;
+use crate::tc::{HtbClass, TcHandle, TcOp};
+use qosloop_schema::{
+    Decision, DecisionReason, Dscp, FlowSpec, Kbps, OutOfProfileAction, TrafficProfile,
+};
+use serde::Serialize;
+use std::process::Command;
+
+/// One capability and whether it works here.
+#[derive(Clone, Debug, Serialize)]
+pub struct Capability {
+    pub name: &'static str,
+    pub works: bool,
+    pub detail: String,
+}
+
+/// The probe's findings.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeReport {
+    pub capabilities: Vec<Capability>,
+    /// Backends usable here, best first.
+    pub usable_backends: Vec<&'static str>,
+}
+
+impl ProbeReport {
+    pub fn works(&self, name: &str) -> bool {
+        self.capabilities.iter().any(|c| c.name == name && c.works)
+    }
+}
+
+fn cap(name: &'static str, r: Result<String, String>) -> Capability {
+    match r {
+        Ok(detail) => Capability {
+            name,
+            works: true,
+            detail,
+        },
+        Err(detail) => Capability {
+            name,
+            works: false,
+            detail,
+        },
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip: {e} (Debian package iproute2)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs the probe (needs CAP_NET_ADMIN and CAP_SYS_ADMIN for the namespace).
+pub fn probe() -> ProbeReport {
+    let caps = std::thread::scope(|s| {
+        s.spawn(probe_in_fresh_namespace)
+            .join()
+            .unwrap_or_else(|_| vec![cap("netns", Err("probe thread panicked".into()))])
+    });
+    let mut usable = Vec::new();
+    let works = |n: &str| caps.iter().any(|c| c.name == n && c.works);
+    if works("htb-netlink") && works("nftables") {
+        usable.push("htb+nft");
+    }
+    ProbeReport {
+        capabilities: caps,
+        usable_backends: usable,
+    }
+}
+
+fn probe_in_fresh_namespace() -> Vec<Capability> {
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+        return vec![cap(
+            "netns",
+            Err(format!(
+                "cannot create a throwaway network namespace: {e} (run as root)"
+            )),
+        )];
+    }
+    let mut caps = vec![cap("netns", Ok("throwaway namespace created".into()))];
+    let veth = ip(&[
+        "link", "add", "qlp0", "type", "veth", "peer", "name", "qlp1",
+    ])
+    .and_then(|_| ip(&["link", "set", "qlp0", "up"]))
+    .and_then(|_| ip(&["link", "set", "qlp1", "up"]));
+    caps.push(cap(
+        "veth",
+        veth.clone().map(|_| "veth pair qlp0/qlp1".into()),
+    ));
+    let ifindex = crate::sys::if_index("qlp0");
+    caps.push(cap(
+        "htb-netlink",
+        ifindex
+            .ok_or_else(|| "no test interface".to_owned())
+            .and_then(probe_htb),
+    ));
+    caps.push(cap("nftables", probe_nft()));
+    caps.push(cap(
+        "ifb",
+        ip(&["link", "add", "qlpifb", "type", "ifb"])
+            .map(|_| "ifb device created (ingress shaping possible)".into()),
+    ));
+    caps
+}
+
+fn probe_htb(ifindex: u32) -> Result<String, String> {
+    let mut be = LinuxBackend::open().map_err(|e| format!("netlink socket: {e}"))?;
+    let h = |m| TcHandle::new(0xe5, m);
+    let class = |rate| HtbClass {
+        classid: h(1),
+        parent: TcHandle(0),
+        rate: Kbps(rate),
+        ceil: Kbps(rate),
+        prio: 0,
+    };
+    let ops = [
+        TcOp::CreateQdisc {
+            ifindex,
+            handle: h(0),
+            default_minor: 1,
+        },
+        TcOp::CreateClass {
+            ifindex,
+            class: class(10_000),
+        },
+        TcOp::ChangeClass {
+            ifindex,
+            class: class(5_000),
+        },
+    ];
+    for (op, r) in ops.iter().zip(be.rtnl().execute(&ops)) {
+        r.map_err(|e| format!("{op}: {e}"))?;
+    }
+    let classes = be
+        .rtnl()
+        .classes(ifindex, 0xe5)
+        .map_err(|e| format!("class dump: {e}"))?;
+    if !classes.iter().any(|c| c.rate_kbps == 5_000) {
+        return Err("class change did not show in the dump".into());
+    }
+    be.rtnl()
+        .execute_one(&TcOp::DeleteQdisc {
+            ifindex,
+            handle: h(0),
+        })
+        .map_err(|e| format!("delete qdisc: {e}"))?;
+    Ok("HTB qdisc and classes over rtnetlink (hand-encoded TCA_HTB_*)".into())
+}
+
+fn probe_nft() -> Result<String, String> {
+    // The whole path: a decision rendered and installed on the test veth.
+    let decision = Decision {
+        id: 1,
+        version: 1,
+        role: "probe".into(),
+        policy_dn: "probe".into(),
+        flow: FlowSpec {
+            dst: Some("192.0.2.1".parse().map_err(|_| "address")?),
+            proto: Some(17),
+            dst_ports: Some(qosloop_schema::PortRange::single(9)),
+            ..FlowSpec::default()
+        },
+        profile: TrafficProfile {
+            rate: Kbps(1000),
+            burst_bytes: 15_000,
+        },
+        in_profile_dscp: Some(Dscp::CS6),
+        out_of_profile: OutOfProfileAction::Remark {
+            dscp: Dscp::BEST_EFFORT,
+            shape: Some(Kbps(125)),
+        },
+        reason: DecisionReason {
+            rate_kbps: 0.0,
+            avg_rate_kbps: 0.0,
+            link: String::new(),
+            link_load_kbps: 0.0,
+            band: String::new(),
+        },
+        issued_ns: 0,
+    };
+    let be = LinuxBackend::open().map_err(|e| format!("netlink socket: {e}"))?;
+    let config = EnforcerConfig {
+        interface: "qlp0".into(),
+        roles: Vec::new(),
+        capacity: Kbps(10_000),
+        qdisc_major: 0xe5,
+    };
+    let (mut e, _) = Enforcer::start(be, config).map_err(|e| e.to_string())?;
+    e.install(decision).map_err(|e| e.to_string())?;
+    let layout: Layout = e.layout().clone();
+    let ifindex = e.ifindex();
+    crate::enforcer::cleanup(e.backend(), &layout, ifindex).map_err(|e| e.to_string())?;
+    Ok("nftables table with limit, dscp set, meta priority set, counters (nft -f)".into())
+}

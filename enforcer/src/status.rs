@@ -1,0 +1,154 @@
+//! `qosloop-enforcer status`: what is in the kernel, read from the kernel —
+//! the decisions rendered on an interface with their nftables counters
+//! (in profile, out of profile: accepted, re-marked or dropped) and HTB
+//! class statistics.
+
+use crate::backend::KernelBackend;
+use crate::render::{Layout, DEFAULT_MINOR, ROOT_MINOR};
+use crate::tc::{ClassInfo, TcHandle};
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// One decision as found in the kernel.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionStatus {
+    pub id: u64,
+    pub version: u64,
+    /// accept, remark or drop (what happens out of profile).
+    pub kind: String,
+    pub slot: u32,
+    pub in_profile_packets: u64,
+    pub in_profile_bytes: u64,
+    /// Packets over the profile: accepted, re-marked or dropped per `kind`.
+    pub out_of_profile_packets: u64,
+    pub out_of_profile_bytes: u64,
+    pub in_class: Option<ClassInfo>,
+    pub out_class: Option<ClassInfo>,
+}
+
+/// The enforcer's objects on one interface.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub interface: String,
+    pub table: String,
+    pub table_present: bool,
+    pub qdisc: Option<String>,
+    pub root_class: Option<ClassInfo>,
+    pub default_class: Option<ClassInfo>,
+    pub decisions: Vec<DecisionStatus>,
+    /// Objects that reconcile would clean (no decision accounts for them).
+    pub orphan_classes: Vec<String>,
+    /// Set by the daemon: e.g. `fail-static since …` when no PDP answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<serde_json::Value>,
+}
+
+/// Reads the enforcer's objects on `layout`'s interface.
+pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status, String> {
+    let ifindex = backend
+        .ifindex(&layout.interface)
+        .ok_or_else(|| format!("unknown interface {:?}", layout.interface))?;
+    let qdisc = backend
+        .qdiscs(ifindex)
+        .map_err(|e| format!("reading qdiscs: {e}"))?
+        .into_iter()
+        .find(|q| q.is_root() && q.handle.major() == layout.qdisc_major && q.kind == "htb");
+    let mut classes = if qdisc.is_some() {
+        backend
+            .classes(ifindex, layout.qdisc_major)
+            .map_err(|e| format!("reading classes: {e}"))?
+    } else {
+        Vec::new()
+    };
+    let table = layout.table();
+    let state = backend.read_table(&table, &layout.interface)?;
+    let mut take = |minor: u16| {
+        let h = TcHandle::new(layout.qdisc_major, minor).0;
+        classes
+            .iter()
+            .position(|c| c.handle == h)
+            .map(|i| classes.swap_remove(i))
+    };
+    let root_class = take(ROOT_MINOR);
+    let default_class = take(DEFAULT_MINOR);
+    let mut decisions = Vec::new();
+    for (id, c) in state.iter().flat_map(|s| s.chains.iter()) {
+        let Some(meta) = &c.meta else { continue };
+        let (in_minor, out_minor) = Layout::slot_minors(meta.slot);
+        decisions.push(DecisionStatus {
+            id: *id,
+            version: meta.version,
+            kind: meta.kind.clone(),
+            slot: meta.slot,
+            in_profile_packets: c.in_packets,
+            in_profile_bytes: c.in_bytes,
+            out_of_profile_packets: c.out_packets,
+            out_of_profile_bytes: c.out_bytes,
+            in_class: take(in_minor),
+            out_class: take(out_minor),
+        });
+    }
+    classes.sort_by_key(|c| c.handle);
+    Ok(Status {
+        interface: layout.interface.clone(),
+        table: format!("inet {table}"),
+        table_present: state.is_some(),
+        qdisc: qdisc.map(|q| format!("{} htb", q.handle)),
+        root_class,
+        default_class,
+        decisions,
+        orphan_classes: classes.into_iter().map(|c| c.classid).collect(),
+        daemon: None,
+    })
+}
+
+impl Status {
+    /// A human-readable rendering.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "interface {}: qdisc {}, table {} {}",
+            self.interface,
+            self.qdisc.as_deref().unwrap_or("(none)"),
+            self.table,
+            if self.table_present {
+                "present"
+            } else {
+                "absent"
+            }
+        );
+        if let Some(d) = &self.daemon {
+            let _ = writeln!(s, "daemon: {d}");
+        }
+        let class = |c: &Option<ClassInfo>| {
+            c.as_ref().map_or("-".to_owned(), |c| {
+                format!(
+                    "{} rate {}kbit ceil {}kbit sent {}B/{}p dropped {}",
+                    c.classid, c.rate_kbps, c.ceil_kbps, c.bytes, c.packets, c.drops
+                )
+            })
+        };
+        let _ = writeln!(s, "  root    {}", class(&self.root_class));
+        let _ = writeln!(s, "  default {}", class(&self.default_class));
+        for d in &self.decisions {
+            let _ = writeln!(
+                s,
+                "  decision {} v{} {}: in profile {}p/{}B, out of profile {}p/{}B",
+                d.id,
+                d.version,
+                d.kind,
+                d.in_profile_packets,
+                d.in_profile_bytes,
+                d.out_of_profile_packets,
+                d.out_of_profile_bytes
+            );
+            let _ = writeln!(s, "    in  {}", class(&d.in_class));
+            let _ = writeln!(s, "    out {}", class(&d.out_class));
+        }
+        if !self.orphan_classes.is_empty() {
+            let _ = writeln!(s, "  orphan classes: {}", self.orphan_classes.join(" "));
+        }
+        s
+    }
+}
