@@ -1,22 +1,227 @@
-// TEAM: read /work/TEAM.md now (rules, target dirs, commit policy, DEADLINE 10:35 UTC). Delete this line when you edit this file.
-use clap::Parser;
-use std::process::ExitCode;
+//! `qosloop-meter`: parse flags, load and validate the configuration, run,
+//! print the summary, map failures to exit codes (64: bad configuration,
+//! 1: bad input or a failed run).
 
-/// qosloop-meter: measures traffic (pcap files or a live interface) into flow records.
+use clap::Parser;
+use qosloop_meter::{run_file, Config, LiveCapture, Progress};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// qosloop-meter: measures traffic (pcap/pcapng files or a live interface)
+/// into flow records. Every flag is also a key of the --config file.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file (TOML).
+    /// Configuration file (TOML; see meter/example.toml).
     #[arg(long)]
-    config: Option<std::path::PathBuf>,
+    config: Option<PathBuf>,
+    /// Read packets from this pcap or pcapng file.
+    #[arg(long)]
+    pcap: Option<PathBuf>,
+    /// Capture live on this interface (AF_PACKET; needs CAP_NET_RAW).
+    #[arg(long)]
+    interface: Option<String>,
+    /// Write flow records as JSON Lines (DESIGN.md §3).
+    #[arg(long)]
+    records_out: Option<PathBuf>,
+    /// Flow-key XML (seeds/004 Fig. 4).
+    #[arg(long)]
+    flow_keys: Vec<PathBuf>,
+    /// Field/mask rule file (TOML); may repeat.
+    #[arg(long)]
+    field_rules: Vec<PathBuf>,
+    /// Byte-pattern rule file (TOML, regexes compiled into one DFA).
+    #[arg(long)]
+    patterns: Option<PathBuf>,
+    /// Bytes of each frame kept (header-only capture); 0 = whole frame.
+    #[arg(long)]
+    caplen: Option<usize>,
+    /// End a flow after this long without packets.
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// End a flow this long after its first packet.
+    #[arg(long)]
+    active_timeout_ms: Option<u64>,
+    /// Interim delta records of long flows every N ms (0 = off; default 1000).
+    #[arg(long)]
+    interim_ms: Option<u64>,
+    /// Flow cache bound (default 1000000).
+    #[arg(long)]
+    max_flows: Option<usize>,
+    /// off (default), count:N, time:SPACING_MS/INTERVAL_MS or hash:N.
+    #[arg(long)]
+    sampling: Option<String>,
+    /// Live capture threads sharing the interface (PACKET_FANOUT).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Classic BPF socket filter in `tcpdump -ddd` form, inline (commas for
+    /// line breaks) or a file.
+    #[arg(long)]
+    bpf: Option<String>,
+    /// Live capture: stop after this many seconds (0 = at Ctrl-C).
+    #[arg(long)]
+    duration_s: Option<u64>,
     /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    log_format: qosloop_schema::telemetry::LogFormat,
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Progress bar: auto (only on a terminal), always, never.
+    #[arg(long)]
+    progress: Option<String>,
+}
+
+impl Args {
+    fn into_config(self) -> (Option<PathBuf>, Config) {
+        let flags = Config {
+            pcap: self.pcap,
+            interface: self.interface,
+            records_out: self.records_out,
+            flow_keys: self.flow_keys,
+            field_rules: self.field_rules,
+            patterns: self.patterns,
+            caplen: self.caplen,
+            idle_timeout_ms: self.idle_timeout_ms,
+            active_timeout_ms: self.active_timeout_ms,
+            interim_ms: self.interim_ms,
+            max_flows: self.max_flows,
+            sampling: self.sampling,
+            threads: self.threads,
+            bpf: self.bpf,
+            duration_s: self.duration_s,
+            log_format: self.log_format,
+            progress: self.progress,
+        };
+        (self.config, flags)
+    }
+}
+
+fn fail(code: u8, err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("qosloop-meter: {err:#}");
+    ExitCode::from(code)
+}
+
+fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let term = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let timer = async {
+                match duration {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+                _ = timer => {}
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    qosloop_schema::telemetry::init(args.log_format);
-    eprintln!("qosloop-meter: not built yet");
-    ExitCode::FAILURE
+    let (config_path, flags) = Args::parse().into_config();
+    let config = match config_path {
+        Some(p) => match Config::load(&p) {
+            Ok(c) => c.merge(flags),
+            Err(e) => return fail(EXIT_CONFIG, e),
+        },
+        None => flags,
+    };
+    let log_format = match config.log_format.as_deref().unwrap_or("text").parse() {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    qosloop_schema::telemetry::init(log_format);
+    let validated = match config.validate() {
+        Ok(v) => v,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    let mut sink = match config.open_sinks() {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    tracing::info!(output = %sink.describe(), "meter starting");
+    let classifier = Arc::new(validated.classifier);
+    if let Some(path) = &config.pcap {
+        let progress = match config.progress.as_deref() {
+            Some("always") => Progress::Always,
+            Some("never") => Progress::Never,
+            _ if std::io::stderr().is_terminal() => Progress::Always,
+            _ => Progress::Never,
+        };
+        match run_file(
+            path,
+            validated.pipeline,
+            classifier,
+            sink.as_mut(),
+            progress,
+        ) {
+            Ok(summary) => {
+                eprintln!("qosloop-meter: {summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, e),
+        }
+    } else if let Some(interface) = &config.interface {
+        let capture = match LiveCapture::open(
+            interface,
+            validated.threads,
+            validated.bpf.as_deref(),
+            validated.pipeline.caplen,
+        ) {
+            Ok(c) => c,
+            Err(e) => return fail(1, e),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let duration = config
+            .duration_s
+            .filter(|&s| s > 0)
+            .map(Duration::from_secs);
+        stop_on_signal(stop.clone(), duration);
+        let started = std::time::Instant::now();
+        let result = capture.run(validated.pipeline, classifier, sink.as_mut(), stop);
+        match result.map_err(anyhow::Error::from).and_then(|stats| {
+            let line = sink.finish()?;
+            Ok((stats, line))
+        }) {
+            Ok((stats, line)) => {
+                let summary = qosloop_meter::Summary {
+                    stats,
+                    elapsed: started.elapsed(),
+                    sink: line,
+                };
+                eprintln!("qosloop-meter: {summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, e),
+        }
+    } else {
+        fail(
+            EXIT_CONFIG,
+            "nothing to read: give --pcap FILE or --interface IF",
+        )
+    }
 }

@@ -1,0 +1,339 @@
+//! Live capture: one TPACKET_V3 ring per thread, all in one PACKET_FANOUT
+//! group (hashing by flow, so each flow stays on one thread and its
+//! pipeline), an optional classic BPF filter, kernel drops read with
+//! PACKET_STATISTICS and reported. Records from every thread reach the one
+//! sink through a channel.
+
+pub use crate::afpacket::BpfInsn;
+use crate::afpacket::{if_index, PacketRing, RingConfig};
+use crate::classify::Classifier;
+use crate::pcap::{linktype, PacketRef};
+use crate::pipeline::{Pipeline, PipelineConfig, Stats};
+use crate::sink::{RecordSink, SinkError};
+use qosloop_schema::FlowRecord;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What can stop live capture.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("interface {interface}: {source}")]
+    Open {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("capture: {0}")]
+    Capture(#[source] std::io::Error),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// Parses a classic BPF program in `tcpdump -ddd` form: the instruction
+/// count, then one `code jt jf k` line per instruction (decimal). Commas
+/// may stand for line breaks, so a program fits on a command line.
+pub fn parse_bpf(text: &str) -> Result<Vec<BpfInsn>, String> {
+    let mut lines = text
+        .split(['\n', ','])
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let count: usize = lines
+        .next()
+        .and_then(|l| l.parse().ok())
+        .ok_or("BPF program: first line must be the instruction count (tcpdump -ddd form)")?;
+    if count == 0 || count > 4096 {
+        return Err(format!(
+            "BPF program: {count} instructions is not within 1-4096"
+        ));
+    }
+    let mut prog = Vec::with_capacity(count);
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let parsed = if f.len() == 4 {
+            match (
+                f[0].parse(),
+                f[1].parse(),
+                f[2].parse(),
+                f[3].parse::<u64>(),
+            ) {
+                (Ok(code), Ok(jt), Ok(jf), Ok(k)) => Some(BpfInsn {
+                    code,
+                    jt,
+                    jf,
+                    k: k as u32,
+                }),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        prog.push(parsed.ok_or_else(|| {
+            format!(
+                "BPF program: instruction {}: {line:?} is not \"code jt jf k\"",
+                i + 1
+            )
+        })?);
+    }
+    if prog.len() != count {
+        return Err(format!(
+            "BPF program: {} instructions given, first line says {count}",
+            prog.len()
+        ));
+    }
+    Ok(prog)
+}
+
+/// BPF_RET | BPF_K.
+const BPF_RET_K: u16 = 0x06;
+
+/// The socket filter to install: the user's program with its accepting
+/// returns clamped to `caplen` (so the kernel copies only headers), or a
+/// one-instruction "accept caplen bytes" program.
+pub fn effective_filter(user: Option<&[BpfInsn]>, caplen: usize) -> Option<Vec<BpfInsn>> {
+    let cap = u32::try_from(caplen).unwrap_or(u32::MAX);
+    match (user, caplen) {
+        (None, 0) => None,
+        (None, _) => Some(vec![BpfInsn {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: cap,
+        }]),
+        (Some(p), c) => Some(
+            p.iter()
+                .map(|i| {
+                    let mut i = *i;
+                    if c > 0 && i.code == BPF_RET_K && i.k > cap {
+                        i.k = cap;
+                    }
+                    i
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Rings opened on an interface, ready to run (they may be opened inside a
+/// network namespace and run from anywhere).
+#[derive(Debug)]
+pub struct LiveCapture {
+    interface: String,
+    rings: Vec<PacketRing>,
+}
+
+impl LiveCapture {
+    /// Opens `threads` rings on `interface` in one fanout group.
+    pub fn open(
+        interface: &str,
+        threads: usize,
+        filter: Option<&[BpfInsn]>,
+        caplen: usize,
+    ) -> Result<LiveCapture, LiveError> {
+        let open_err = |source| LiveError::Open {
+            interface: interface.to_owned(),
+            source,
+        };
+        let ifindex = if_index(interface).map_err(open_err)?;
+        let filter = effective_filter(filter, caplen);
+        // Distinct per process so that two meters do not share a group.
+        let group = (std::process::id() & 0xffff) as u16;
+        let fanout = (threads > 1).then_some(group);
+        let mut rings = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            rings.push(
+                PacketRing::open(ifindex, RingConfig::default(), filter.as_deref(), fanout)
+                    .map_err(open_err)?,
+            );
+        }
+        Ok(LiveCapture {
+            interface: interface.to_owned(),
+            rings,
+        })
+    }
+
+    /// Captures until `stop` is set, then exports every flow and finishes
+    /// the sink. Kernel drops are read every second and summed.
+    pub fn run(
+        self,
+        config: PipelineConfig,
+        classifier: Arc<Classifier>,
+        sink: &mut dyn RecordSink,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Stats, LiveError> {
+        let (tx, rx) = mpsc::sync_channel::<FlowRecord>(65_536);
+        let mut workers = Vec::new();
+        for ring in self.rings {
+            let tx = tx.clone();
+            let stop = stop.clone();
+            let classifier = classifier.clone();
+            let interface = self.interface.clone();
+            workers.push(std::thread::spawn(move || {
+                worker(ring, &interface, config, classifier, tx, &stop)
+            }));
+        }
+        drop(tx);
+        let mut last_flush = Instant::now();
+        let mut sink_err = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => {
+                    if sink_err.is_none() {
+                        if let Err(e) = sink.push(&r) {
+                            sink_err = Some(e);
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if last_flush.elapsed() >= Duration::from_secs(1) {
+                if let Err(e) = sink.flush() {
+                    sink_err.get_or_insert(e);
+                    stop.store(true, Ordering::Relaxed);
+                }
+                last_flush = Instant::now();
+            }
+        }
+        let mut total = Stats::default();
+        let mut first_err = None;
+        for w in workers {
+            match w.join() {
+                Ok(Ok(s)) => total.merge(&s),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(LiveError::Capture(std::io::Error::other(
+                        "a capture thread panicked",
+                    )));
+                }
+            }
+        }
+        if let Some(e) = sink_err {
+            return Err(e.into());
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok(total)
+    }
+}
+
+/// Forwards a pipeline's records to the collecting thread.
+struct ForwardSink(mpsc::SyncSender<FlowRecord>);
+
+impl RecordSink for ForwardSink {
+    fn push(&mut self, record: &FlowRecord) -> Result<(), SinkError> {
+        self.0
+            .send(record.clone())
+            .map_err(|_| SinkError::Failed("record collector has stopped".into()))
+    }
+    fn describe(&self) -> String {
+        "capture-thread".into()
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn worker(
+    mut ring: PacketRing,
+    interface: &str,
+    config: PipelineConfig,
+    classifier: Arc<Classifier>,
+    tx: mpsc::SyncSender<FlowRecord>,
+    stop: &AtomicBool,
+) -> Result<Stats, LiveError> {
+    let mut pipeline = Pipeline::new(config, classifier);
+    let mut sink = ForwardSink(tx);
+    let mut drops = 0u64;
+    let mut last_stats = Instant::now();
+    let mut tagged = Vec::with_capacity(2048);
+    let mut sink_err: Option<SinkError> = None;
+    while !stop.load(Ordering::Relaxed) {
+        ring.next_block(100, |p| {
+            let data = match p.vlan {
+                // The kernel strips the outer tag: put it back so the
+                // decoder and the byte patterns see the frame as sent.
+                Some((tpid, tci)) if p.data.len() >= 12 => {
+                    tagged.clear();
+                    tagged.extend_from_slice(&p.data[..12]);
+                    tagged.extend_from_slice(&tpid.to_be_bytes());
+                    tagged.extend_from_slice(&tci.to_be_bytes());
+                    tagged.extend_from_slice(&p.data[12..]);
+                    &tagged[..]
+                }
+                _ => p.data,
+            };
+            let extra = if p.vlan.is_some() { 4 } else { 0 };
+            let pkt = PacketRef {
+                ts_ns: p.ts_ns,
+                data,
+                orig_len: p.wire_len + extra,
+                linktype: linktype::ETHERNET,
+                interface: 0,
+            };
+            if let Err(e) = pipeline.packet(&pkt, interface, &mut sink) {
+                sink_err.get_or_insert(e);
+            }
+        })
+        .map_err(LiveError::Capture)?;
+        if let Some(e) = sink_err.take() {
+            return Err(e.into());
+        }
+        pipeline.tick(now_ns(), &mut sink)?;
+        if last_stats.elapsed() >= Duration::from_secs(1) {
+            let (_, d) = ring.statistics().map_err(LiveError::Capture)?;
+            drops += d;
+            last_stats = Instant::now();
+        }
+    }
+    // Drain what the kernel still holds, then read the final drop count.
+    while ring.next_block(0, |_| {}).map_err(LiveError::Capture)? > 0 {}
+    let (_, d) = ring.statistics().map_err(LiveError::Capture)?;
+    drops += d;
+    let mut stats = pipeline.finish(&mut sink)?;
+    stats.capture_drops = drops;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpf_text_parses() {
+        let p = parse_bpf("2\n6 0 0 65535\n6 0 0 0\n").unwrap();
+        assert_eq!(
+            p[0],
+            BpfInsn {
+                code: 6,
+                jt: 0,
+                jf: 0,
+                k: 65535
+            }
+        );
+        assert_eq!(parse_bpf("2,6 0 0 65535,6 0 0 0").unwrap(), p);
+        assert!(parse_bpf("3\n6 0 0 1\n")
+            .unwrap_err()
+            .contains("first line says 3"));
+        assert!(parse_bpf("1\nx y z\n")
+            .unwrap_err()
+            .contains("instruction 1"));
+        assert!(parse_bpf("").is_err());
+    }
+
+    #[test]
+    fn caplen_clamps_accepting_returns() {
+        let p = parse_bpf("2\n6 0 0 262144\n6 0 0 0\n").unwrap();
+        let f = effective_filter(Some(&p), 96).unwrap();
+        assert_eq!((f[0].k, f[1].k), (96, 0));
+        assert_eq!(effective_filter(None, 64).unwrap()[0].k, 64);
+        assert!(effective_filter(None, 0).is_none());
+    }
+}
