@@ -16,6 +16,7 @@ packages=(
   softflowd       # peer meter
   nfdump          # peer collector (nfcapd)
   pmacct          # peer meter and collector (pmacctd, nfacctd)
+  librsvg2-bin    # rsvg-convert: the testbed's plots as PNG
 )
 
 missing=()

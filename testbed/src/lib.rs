@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod harness;
+pub mod plot;
 pub mod selfcheck;
 pub mod topology;
 pub mod traffic;
