@@ -1,12 +1,20 @@
 //! # qosloop-collector
 //!
 //! The collector node: it accepts records from exporters (qosloop's
-//! CRANE-style protocol; IPFIX and NetFlow from standard exporters), stores
-//! them in SQL — SQLite embedded or PostgreSQL — and acknowledges only what
-//! is committed. It owns the database connection and the migrations that
-//! bring a database to qosloop's schema; the schema itself lives in
-//! `qosloop-schema`.
+//! CRANE-style protocol, `docs/protocol.md`), stores them in SQL — SQLite
+//! embedded or PostgreSQL — and acknowledges only what is committed,
+//! de-duplicating re-sent messages by (exporter, stream, seq). It owns the
+//! database connection and the migrations that bring a database to
+//! qosloop's schema; the schema and the wire codec live in `qosloop-schema`.
+//! IPFIX/NetFlow ingest is not built yet.
 
+mod config;
 mod db;
+mod server;
+mod session;
+mod store;
 
+pub use config::{Config, ConfigError};
 pub use db::{now_ns, redact, Db, DbError};
+pub use server::{bind, open_sink, serve, ServerError};
+pub use store::{Outcome, Sink};

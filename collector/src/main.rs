@@ -1,26 +1,99 @@
 use clap::Parser;
+use qosloop_collector::Config;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// qosloop collector: stores flow records from exporters in SQL.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Database URL: sqlite://FILE or postgres://USER@HOST:PORT/DB.
+    /// TOML configuration file (collector/example.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Export listen address HOST:PORT [default 127.0.0.1:4740].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Database URL: sqlite://FILE, postgres://USER@HOST:PORT/DB, or discard:.
     #[arg(long, env = "QOSLOOP_DB")]
-    db: String,
+    db: Option<String>,
     /// Apply the schema migrations, print the tables and exit.
     #[arg(long)]
     migrate_only: bool,
     /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    log_format: qosloop_schema::telemetry::LogFormat,
+    #[arg(long)]
+    log_format: Option<String>,
+    /// DATA messages one session may have waiting for storage.
+    #[arg(long)]
+    window: Option<usize>,
+    /// DATA messages waiting for the storage writer, all sessions.
+    #[arg(long)]
+    queue_messages: Option<usize>,
+    /// Records committed in one transaction at most.
+    #[arg(long)]
+    group_records: Option<usize>,
+    /// Largest message accepted, bytes.
+    #[arg(long)]
+    max_message: Option<usize>,
+    /// Keepalive interval announced to exporters, seconds.
+    #[arg(long)]
+    keepalive_s: Option<u16>,
+    /// Information element to disable in template negotiation (repeatable).
+    #[arg(long = "disable-key")]
+    disable_keys: Vec<String>,
+}
+
+/// Exit code for a configuration that cannot be used (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
+    let mut c = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = &args.listen {
+        c.listen = v.clone();
+    }
+    if let Some(v) = &args.db {
+        c.db = v.clone();
+    }
+    if let Some(v) = &args.log_format {
+        c.log_format = v.clone();
+    }
+    if let Some(v) = args.window {
+        c.window = v;
+    }
+    if let Some(v) = args.queue_messages {
+        c.queue_messages = v;
+    }
+    if let Some(v) = args.group_records {
+        c.group_records = v;
+    }
+    if let Some(v) = args.max_message {
+        c.max_message = v;
+    }
+    if let Some(v) = args.keepalive_s {
+        c.keepalive_s = v;
+    }
+    if !args.disable_keys.is_empty() {
+        c.disable_keys = args.disable_keys.clone();
+    }
+    c.validate()?;
+    Ok(c)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    qosloop_schema::telemetry::init(args.log_format);
-    match run(args).await {
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qosloop-collector: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let format = config.log_format.parse().unwrap_or_default();
+    qosloop_schema::telemetry::init(format);
+    match run(args.migrate_only, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qosloop-collector: {e:#}");
@@ -29,15 +102,22 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let db = qosloop_collector::Db::connect(&args.db).await?;
-    let applied = db.migrate().await?;
-    tracing::info!(applied, db = %qosloop_collector::redact(&args.db), "schema up to date");
-    if args.migrate_only {
+async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
+    if migrate_only {
+        let db = qosloop_collector::Db::connect(&config.db).await?;
+        let applied = db.migrate().await?;
+        tracing::info!(applied, db = %qosloop_collector::redact(&config.db), "schema up to date");
         for t in db.tables().await? {
             println!("{t}");
         }
         return Ok(());
     }
-    anyhow::bail!("the export server is not built yet (issue: reliable export); use --migrate-only")
+    let listener = qosloop_collector::bind(&config).await?;
+    let sink = qosloop_collector::open_sink(&config.db).await?;
+    tracing::info!(db = %qosloop_collector::redact(&config.db), "storage ready");
+    tokio::select! {
+        r = qosloop_collector::serve(listener, sink, &config) => r?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+    }
+    Ok(())
 }

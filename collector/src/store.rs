@@ -1,0 +1,585 @@
+//! Storage of DATA messages: one writer task per collector groups the
+//! messages of every session into one transaction, commits, and only then
+//! answers each message's sender. De-duplication by
+//! `data_messages(exporter_id, session_id, seq)` happens in that transaction.
+//! SQLite gets multi-row INSERTs; PostgreSQL gets `COPY … FROM STDIN
+//! (FORMAT binary)`. Errors that a restart of the database explains are
+//! retried with the same batch until it commits; nothing is acknowledged
+//! before.
+
+use crate::db::{now_ns, Db};
+use bytes::{BufMut, BytesMut};
+use qosloop_schema::{flow_hash, FlowRecord};
+use sqlx::{Connection, QueryBuilder, Sqlite};
+use std::net::IpAddr;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// One DATA message to store.
+#[derive(Debug)]
+pub struct Batch {
+    pub exporter_id: i64,
+    pub session_id: i64,
+    pub seq: u32,
+    pub records: Vec<FlowRecord>,
+}
+
+/// What became of a stored message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    /// Its key was already committed: nothing stored again.
+    Duplicate,
+}
+
+/// A batch and where to report its fate.
+#[derive(Debug)]
+pub struct WriteReq {
+    pub batch: Batch,
+    pub done: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// Where messages go: a database, or nowhere (benchmarks of the protocol).
+#[derive(Clone, Debug)]
+pub enum Sink {
+    Db(Db),
+    Discard,
+}
+
+/// Starts the writer task; send [`WriteReq`]s to the returned channel.
+/// `queue` bounds the messages waiting (backpressure onto the sessions),
+/// `group_records` the records committed in one transaction.
+pub fn spawn_writer(
+    sink: Sink,
+    queue: usize,
+    group_records: usize,
+) -> (mpsc::Sender<WriteReq>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    let task = tokio::spawn(writer(sink, rx, group_records.max(1)));
+    (tx, task)
+}
+
+async fn writer(sink: Sink, mut rx: mpsc::Receiver<WriteReq>, group_records: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        let mut records = group[0].batch.records.len();
+        while records < group_records {
+            match rx.try_recv() {
+                Ok(req) => {
+                    records += req.batch.records.len();
+                    group.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = commit_with_retry(&sink, &group).await;
+        match result {
+            Ok(outcomes) => {
+                for (req, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = req.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, messages = group.len(), "storing failed; sessions get an error");
+                for req in group {
+                    let _ = req.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_with_retry(sink: &Sink, group: &[WriteReq]) -> Result<Vec<Outcome>, String> {
+    let db = match sink {
+        Sink::Discard => return Ok(vec![Outcome::Stored; group.len()]),
+        Sink::Db(db) => db,
+    };
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = match db {
+            Db::Sqlite(pool) => commit_sqlite(pool, group).await,
+            Db::Postgres(pool) => commit_postgres(pool, group).await,
+        };
+        match result {
+            Ok(o) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "storage is back; batch committed");
+                }
+                return Ok(o);
+            }
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "storage unavailable; retrying the batch");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(format!("storing records: {e}")),
+        }
+    }
+}
+
+/// Errors a database restart, a lost connection or lock contention explain.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // PostgreSQL: connection exceptions, operator intervention
+            // (shutdown, starting up), resources, serialisation. SQLite:
+            // BUSY (5) and LOCKED (6) with their extended codes.
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code == "40001"
+                || code == "40P01"
+                || code
+                    .parse::<i32>()
+                    .is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
+        }
+        _ => false,
+    }
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn hash_of(r: &FlowRecord) -> i64 {
+    i64::from(flow_hash(
+        r.src_addr, r.dst_addr, r.src_port, r.dst_port, r.proto,
+    ))
+}
+
+const SQLITE_ROWS_PER_INSERT: usize = 1000;
+
+async fn commit_sqlite(
+    pool: &sqlx::SqlitePool,
+    group: &[WriteReq],
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let now = now_ns();
+    let mut outcomes = Vec::with_capacity(group.len());
+    for req in group {
+        let b = &req.batch;
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO data_messages (exporter_id, session_id, seq, records, committed_ns) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(b.exporter_id)
+        .bind(b.session_id)
+        .bind(i64::from(b.seq))
+        .bind(b.records.len() as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            outcomes.push(Outcome::Duplicate);
+            continue;
+        }
+        for chunk in b.records.chunks(SQLITE_ROWS_PER_INSERT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
+                 packets, bytes, start_ns, end_ns, vlan, dscp, tcp_flags, class, \"user\", process, sampling_interval, flow_hash) ",
+            );
+            q.push_values(chunk, |mut row, r| {
+                row.push_bind(b.exporter_id)
+                    .push_bind(b.session_id)
+                    .push_bind(i64::from(b.seq))
+                    .push_bind(r.src_addr.to_string())
+                    .push_bind(r.dst_addr.to_string())
+                    .push_bind(i64::from(r.src_port))
+                    .push_bind(i64::from(r.dst_port))
+                    .push_bind(i64::from(r.proto))
+                    .push_bind(i64_of(r.packets))
+                    .push_bind(i64_of(r.bytes))
+                    .push_bind(i64_of(r.start_ns))
+                    .push_bind(i64_of(r.end_ns))
+                    .push_bind(r.vlan.map(i64::from))
+                    .push_bind(r.dscp.map(i64::from))
+                    .push_bind(r.tcp_flags.map(i64::from))
+                    .push_bind(r.class.clone())
+                    .push_bind(r.user.clone())
+                    .push_bind(r.process.clone())
+                    .push_bind(r.sampling_interval.map(i64::from))
+                    .push_bind(hash_of(r));
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "UPDATE sessions SET last_seq = MAX(COALESCE(last_seq, 0), ?), records = records + ? \
+             WHERE exporter_id = ? AND session_id = ?",
+        )
+        .bind(i64::from(b.seq))
+        .bind(b.records.len() as i64)
+        .bind(b.exporter_id)
+        .bind(b.session_id)
+        .execute(&mut *tx)
+        .await?;
+        outcomes.push(Outcome::Stored);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+async fn commit_postgres(
+    pool: &sqlx::PgPool,
+    group: &[WriteReq],
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let now = now_ns();
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut copy = BytesMut::with_capacity(64 * 1024);
+    copy.put_slice(b"PGCOPY\n\xff\r\n\0");
+    copy.put_i32(0);
+    copy.put_i32(0);
+    let mut rows = 0usize;
+    for req in group {
+        let b = &req.batch;
+        let inserted = sqlx::query(
+            "INSERT INTO data_messages (exporter_id, session_id, seq, records, committed_ns) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(b.exporter_id)
+        .bind(b.session_id)
+        .bind(i64::from(b.seq))
+        .bind(b.records.len() as i32)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            outcomes.push(Outcome::Duplicate);
+            continue;
+        }
+        for r in &b.records {
+            copy_row(&mut copy, b, r);
+        }
+        rows += b.records.len();
+        sqlx::query(
+            "UPDATE sessions SET last_seq = GREATEST(COALESCE(last_seq, 0), $1), records = records + $2 \
+             WHERE exporter_id = $3 AND session_id = $4",
+        )
+        .bind(i64::from(b.seq))
+        .bind(b.records.len() as i64)
+        .bind(b.exporter_id)
+        .bind(b.session_id)
+        .execute(&mut *tx)
+        .await?;
+        outcomes.push(Outcome::Stored);
+    }
+    if rows > 0 {
+        copy.put_i16(-1);
+        let mut sink = tx
+            .copy_in_raw(
+                "COPY flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
+                 packets, bytes, start_ns, end_ns, vlan, dscp, tcp_flags, class, \"user\", process, \
+                 sampling_interval, flow_hash) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        sink.send(copy.freeze()).await?;
+        sink.finish().await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// One tuple of PostgreSQL's binary COPY format.
+fn copy_row(out: &mut BytesMut, b: &Batch, r: &FlowRecord) {
+    out.put_i16(20);
+    put_i64(out, b.exporter_id);
+    put_i64(out, b.session_id);
+    put_i64(out, i64::from(b.seq));
+    put_inet(out, r.src_addr);
+    put_inet(out, r.dst_addr);
+    put_i32(out, i32::from(r.src_port));
+    put_i32(out, i32::from(r.dst_port));
+    put_i16(out, i16::from(r.proto));
+    put_i64(out, i64_of(r.packets));
+    put_i64(out, i64_of(r.bytes));
+    put_i64(out, i64_of(r.start_ns));
+    put_i64(out, i64_of(r.end_ns));
+    put_opt_i32(out, r.vlan.map(i32::from));
+    match r.dscp {
+        Some(d) => put_i16(out, i16::from(d)),
+        None => out.put_i32(-1),
+    }
+    put_opt_i32(out, r.tcp_flags.map(i32::from));
+    put_opt_text(out, r.class.as_deref());
+    put_opt_text(out, r.user.as_deref());
+    put_opt_text(out, r.process.as_deref());
+    put_opt_i32(
+        out,
+        r.sampling_interval
+            .map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
+    );
+    put_i64(out, hash_of(r));
+}
+
+fn put_i64(out: &mut BytesMut, v: i64) {
+    out.put_i32(8);
+    out.put_i64(v);
+}
+fn put_i32(out: &mut BytesMut, v: i32) {
+    out.put_i32(4);
+    out.put_i32(v);
+}
+fn put_i16(out: &mut BytesMut, v: i16) {
+    out.put_i32(2);
+    out.put_i16(v);
+}
+fn put_opt_i32(out: &mut BytesMut, v: Option<i32>) {
+    match v {
+        Some(v) => put_i32(out, v),
+        None => out.put_i32(-1),
+    }
+}
+fn put_opt_text(out: &mut BytesMut, v: Option<&str>) {
+    match v {
+        Some(s) => {
+            out.put_i32(s.len() as i32);
+            out.put_slice(s.as_bytes());
+        }
+        None => out.put_i32(-1),
+    }
+}
+
+/// `inet` in binary: family (PGSQL_AF_INET = 2, PGSQL_AF_INET6 = 3), prefix
+/// bits, is_cidr = 0, address length, address bytes.
+fn put_inet(out: &mut BytesMut, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            out.put_i32(8);
+            out.put_slice(&[2, 32, 0, 4]);
+            out.put_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            out.put_i32(20);
+            out.put_slice(&[3, 128, 0, 16]);
+            out.put_slice(&a.octets());
+        }
+    }
+}
+
+impl Db {
+    /// Records an exporter (by its unique name) and returns its id.
+    pub async fn register_exporter(
+        &self,
+        name: &str,
+        address: &str,
+        boot_ns: u64,
+    ) -> Result<i64, sqlx::Error> {
+        let now = now_ns();
+        let boot = i64_of(boot_ns);
+        let (id,): (i64,) = match self {
+            Db::Sqlite(pool) => {
+                sqlx::query_as(
+                    "INSERT INTO exporters (name, address, boot_ns, first_seen_ns, last_seen_ns) VALUES (?, ?, ?, ?, ?) \
+                     ON CONFLICT (name) DO UPDATE SET address = excluded.address, boot_ns = excluded.boot_ns, \
+                     last_seen_ns = excluded.last_seen_ns RETURNING id",
+                )
+                .bind(name)
+                .bind(address)
+                .bind(boot)
+                .bind(now)
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_as(
+                    "INSERT INTO exporters (name, address, boot_ns, first_seen_ns, last_seen_ns) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (name) DO UPDATE SET address = excluded.address, boot_ns = excluded.boot_ns, \
+                     last_seen_ns = excluded.last_seen_ns RETURNING id",
+                )
+                .bind(name)
+                .bind(address)
+                .bind(boot)
+                .bind(now)
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+            }
+        };
+        Ok(id)
+    }
+
+    /// Records a session (a stream; kept across reconnects).
+    pub async fn open_session(
+        &self,
+        exporter_id: i64,
+        session_id: i64,
+        byte_order: &str,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_ns();
+        match self {
+            Db::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO sessions (exporter_id, session_id, started_ns, byte_order) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (exporter_id, session_id) DO UPDATE SET byte_order = excluded.byte_order, stopped_ns = NULL",
+                )
+                .bind(exporter_id)
+                .bind(session_id)
+                .bind(now)
+                .bind(byte_order)
+                .execute(pool)
+                .await?;
+            }
+            Db::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO sessions (exporter_id, session_id, started_ns, byte_order) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (exporter_id, session_id) DO UPDATE SET byte_order = excluded.byte_order, stopped_ns = NULL",
+                )
+                .bind(exporter_id)
+                .bind(session_id)
+                .bind(now)
+                .bind(byte_order)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a session stopped.
+    pub async fn stop_session(&self, exporter_id: i64, session_id: i64) -> Result<(), sqlx::Error> {
+        let now = now_ns();
+        match self {
+            Db::Sqlite(pool) => {
+                sqlx::query(
+                    "UPDATE sessions SET stopped_ns = ? WHERE exporter_id = ? AND session_id = ?",
+                )
+                .bind(now)
+                .bind(exporter_id)
+                .bind(session_id)
+                .execute(pool)
+                .await?;
+            }
+            Db::Postgres(pool) => {
+                sqlx::query("UPDATE sessions SET stopped_ns = $1 WHERE exporter_id = $2 AND session_id = $3")
+                    .bind(now)
+                    .bind(exporter_id)
+                    .bind(session_id)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a negotiated template (its JSON form).
+    pub async fn store_template(
+        &self,
+        exporter_id: i64,
+        session_id: i64,
+        template_id: u16,
+        config_id: u16,
+        definition: &str,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_ns();
+        match self {
+            Db::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
+                     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (exporter_id, session_id, template_id) \
+                     DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition",
+                )
+                .bind(exporter_id)
+                .bind(session_id)
+                .bind(i64::from(template_id))
+                .bind(i64::from(config_id))
+                .bind(definition)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+            Db::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
+                     VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (exporter_id, session_id, template_id) \
+                     DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition",
+                )
+                .bind(exporter_id)
+                .bind(session_id)
+                .bind(i32::from(template_id))
+                .bind(i32::from(config_id))
+                .bind(definition)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inet_binary_layout() {
+        let mut b = BytesMut::new();
+        put_inet(&mut b, "192.0.2.1".parse().unwrap());
+        assert_eq!(&b[..], &[0, 0, 0, 8, 2, 32, 0, 4, 192, 0, 2, 1]);
+        let mut b6 = BytesMut::new();
+        put_inet(&mut b6, "2001:db8::1".parse().unwrap());
+        assert_eq!(&b6[..8], &[0, 0, 0, 20, 3, 128, 0, 16]);
+        assert_eq!(b6.len(), 24);
+    }
+
+    #[tokio::test]
+    async fn sqlite_stores_once_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("s.db").display()))
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        let ex = db.register_exporter("m1", "127.0.0.1:1", 1).await.unwrap();
+        db.open_session(ex, 9, "little").await.unwrap();
+        let (tx, _task) = spawn_writer(Sink::Db(db.clone()), 8, 1000);
+        let rec = FlowRecord {
+            src_addr: "10.0.0.1".parse().unwrap(),
+            dst_addr: "10.0.0.2".parse().unwrap(),
+            bytes: 100,
+            packets: 1,
+            class: Some("web".into()),
+            ..FlowRecord::default()
+        };
+        let mut outcomes = Vec::new();
+        for _ in 0..2 {
+            let (done, wait) = oneshot::channel();
+            tx.send(WriteReq {
+                batch: Batch {
+                    exporter_id: ex,
+                    session_id: 9,
+                    seq: 1,
+                    records: vec![rec.clone(); 3],
+                },
+                done,
+            })
+            .await
+            .unwrap();
+            outcomes.push(wait.await.unwrap().unwrap());
+        }
+        assert_eq!(outcomes, [Outcome::Stored, Outcome::Duplicate]);
+        let Db::Sqlite(pool) = &db else { panic!() };
+        let (n, sum): (i64, i64) = sqlx::query_as("SELECT count(*), sum(bytes) FROM flows")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!((n, sum), (3, 300));
+        let (last,): (i64,) = sqlx::query_as("SELECT last_seq FROM sessions")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(last, 1);
+    }
+}
