@@ -7,7 +7,9 @@
 
 pub mod bench;
 pub mod harness;
+pub mod paper;
 pub mod plot;
+pub mod procs;
 pub mod selfcheck;
 pub mod topology;
 pub mod traffic;

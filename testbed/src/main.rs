@@ -1,5 +1,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// qosloop-testbed: runs qosloop for real — storage self-check, and (as the
 /// loop grows) topologies in network namespaces, the paper's experiments and
@@ -27,6 +29,8 @@ enum Cmd {
     },
     /// Remove namespaces left behind by killed testbed runs.
     Clean,
+    /// The reference experiment of seeds/004 §IV, every component real.
+    Paper(qosloop_testbed::paper::PaperArgs),
     /// Benchmarks against peers, measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
@@ -70,6 +74,48 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Meter(a)) => qosloop_testbed::bench::meter::run(a).await,
         Cmd::Bench(Bench::Export(a)) => qosloop_testbed::bench::export::run(a).await,
         Cmd::Bench(Bench::Enforce(a)) => qosloop_testbed::bench::enforce::run(a).await,
+        Cmd::Paper(a) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("qosloop-testbed: interrupted, cleaning up");
+                    flag.store(true, Ordering::Relaxed);
+                }
+            });
+            let out = a.out.clone();
+            let summary =
+                tokio::task::spawn_blocking(move || qosloop_testbed::paper::run(&a, stop))
+                    .await??;
+            for p in &summary.phases {
+                println!(
+                    "{:<6} {:>3}-{:<3}s load {:>6} kbit/s  out {:>5.0} kbit/s (target {:.0})  {}",
+                    p.phase,
+                    p.start_s,
+                    p.end_s,
+                    p.mean_link_load_kbps
+                        .map(|l| format!("{l:.0}"))
+                        .unwrap_or_else(|| "-".into()),
+                    p.mean_out_kbps,
+                    p.target_out_kbps,
+                    if p.output_ok && p.load_in_band {
+                        "ok"
+                    } else {
+                        "OFF"
+                    }
+                );
+            }
+            println!("reaction (s): {:?}", summary.reaction_s);
+            println!(
+                "reconfig: median {:?} us, p99 {:?} us",
+                summary.reconfig_us.median, summary.reconfig_us.p99
+            );
+            println!(
+                "wrote {}/summary.json, report.md, fig9-link-load.svg/.png, fig10-output.svg/.png",
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Clean => {
             let gone = qosloop_testbed::harness::clean_leftovers()?;
             println!(

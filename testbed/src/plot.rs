@@ -49,7 +49,9 @@ const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A "nice" step for about `n` ticks over `range`.
@@ -116,7 +118,7 @@ impl Chart {
             );
             let _ = writeln!(
                 s,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle" fill="#444">{}</text>"#,
+                r##"<text x="{:.1}" y="{}" text-anchor="middle" fill="#444">{}</text>"##,
                 (x0 + x1) / 2.0,
                 TOP + 14.0,
                 esc(&span.label)

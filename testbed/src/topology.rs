@@ -177,7 +177,10 @@ impl Topology {
         for h in &raw.host {
             if h.name.is_empty()
                 || h.name.len() > 20
-                || !h.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                || !h
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
             {
                 return Err(invalid(format!(
                     "host name {:?}: use 1-20 letters, digits or '-'",
@@ -206,14 +209,20 @@ impl Topology {
             let end = |e: &EndSpec| -> Result<End, TopologyError> {
                 known(&e.host, &format!("link {:?}", l.name))?;
                 let (a, len) = e.addr.split_once('/').ok_or_else(|| {
-                    invalid(format!("link {:?}: address {:?} needs a prefix length (ADDR/LEN)", l.name, e.addr))
+                    invalid(format!(
+                        "link {:?}: address {:?} needs a prefix length (ADDR/LEN)",
+                        l.name, e.addr
+                    ))
                 })?;
-                let addr: IpAddr = a
-                    .parse()
-                    .map_err(|_| invalid(format!("link {:?}: {:?} is not an address", l.name, a)))?;
-                let len: u8 = len
-                    .parse()
-                    .map_err(|_| invalid(format!("link {:?}: bad prefix length in {:?}", l.name, e.addr)))?;
+                let addr: IpAddr = a.parse().map_err(|_| {
+                    invalid(format!("link {:?}: {:?} is not an address", l.name, a))
+                })?;
+                let len: u8 = len.parse().map_err(|_| {
+                    invalid(format!(
+                        "link {:?}: bad prefix length in {:?}",
+                        l.name, e.addr
+                    ))
+                })?;
                 let prefix = IpPrefix::new(addr, len)
                     .map_err(|err| invalid(format!("link {:?}: {err}", l.name)))?;
                 Ok(End {
@@ -224,7 +233,10 @@ impl Topology {
             };
             let (a, b) = (end(&l.a)?, end(&l.b)?);
             if a.host == b.host {
-                return Err(invalid(format!("link {:?} joins host {:?} to itself", l.name, a.host)));
+                return Err(invalid(format!(
+                    "link {:?} joins host {:?} to itself",
+                    l.name, a.host
+                )));
             }
             if a.prefix != b.prefix {
                 return Err(invalid(format!(
@@ -241,7 +253,11 @@ impl Topology {
                 }
             }
             for (p, other) in &subnets {
-                let (short, long) = if p.prefix_len() <= a.prefix.prefix_len() { (p, &a.prefix) } else { (&a.prefix, p) };
+                let (short, long) = if p.prefix_len() <= a.prefix.prefix_len() {
+                    (p, &a.prefix)
+                } else {
+                    (&a.prefix, p)
+                };
                 if short.contains(long.addr()) {
                     return Err(invalid(format!(
                         "subnet {} of link {:?} overlaps {} of link {:?}",
@@ -270,14 +286,15 @@ impl Topology {
         let mut routes = Vec::new();
         for r in &raw.route {
             known(&r.host, "route")?;
-            let to: IpPrefix = r
-                .to
-                .parse()
-                .map_err(|e| invalid(format!("route on {:?}: {e}", r.host)))?;
-            let via: IpAddr = r
-                .via
-                .parse()
-                .map_err(|_| invalid(format!("route on {:?}: via {:?} is not an address", r.host, r.via)))?;
+            let to: IpPrefix =
+                r.to.parse()
+                    .map_err(|e| invalid(format!("route on {:?}: {e}", r.host)))?;
+            let via: IpAddr = r.via.parse().map_err(|_| {
+                invalid(format!(
+                    "route on {:?}: via {:?} is not an address",
+                    r.host, r.via
+                ))
+            })?;
             let reachable = links.iter().any(|l| {
                 [(&l.a, &l.b), (&l.b, &l.a)]
                     .iter()
@@ -348,7 +365,10 @@ impl Topology {
                 &l.b.cidr(),
             )?;
             if let Some(rate) = l.rate {
-                for (side, host, ifname) in [(Side::A, &l.a.host, &pair.a_if), (Side::B, &l.b.host, &pair.b_if)] {
+                for (side, host, ifname) in [
+                    (Side::A, &l.a.host, &pair.a_if),
+                    (Side::B, &l.b.host, &pair.b_if),
+                ] {
                     if l.shaped_by_enforcer == Some(side) {
                         continue;
                     }
@@ -362,7 +382,8 @@ impl Topology {
             });
         }
         for r in &self.routes {
-            tb.ns(&r.host)?.ip(&["route", "add", &r.to.to_string(), "via", &r.via.to_string()])?;
+            tb.ns(&r.host)?
+                .ip(&["route", "add", &r.to.to_string(), "via", &r.via.to_string()])?;
         }
         Ok(tb)
     }
@@ -373,12 +394,21 @@ fn shape(ns: &Netns, ifname: &str, rate: Kbps) -> Result<(), HarnessError> {
     // Bucket: 10 ms of traffic, at least a few MTUs; queue: 100 ms.
     let burst = (rate.bytes_per_sec() / 100).max(4 * 1514);
     let mut cmd = Command::new("tc");
-    cmd.args(["-n", ns.name(), "qdisc", "replace", "dev", ifname, "root", "tbf"])
-        .arg("rate")
-        .arg(format!("{}kbit", rate.0))
-        .arg("burst")
-        .arg(burst.to_string())
-        .args(["latency", "100ms"]);
+    cmd.args([
+        "-n",
+        ns.name(),
+        "qdisc",
+        "replace",
+        "dev",
+        ifname,
+        "root",
+        "tbf",
+    ])
+    .arg("rate")
+    .arg(format!("{}kbit", rate.0))
+    .arg("burst")
+    .arg(burst.to_string())
+    .args(["latency", "100ms"]);
     crate::harness::run_checked(&mut cmd, &format!("shaping {ifname} to {rate}"))
 }
 
@@ -405,11 +435,9 @@ impl Testbed {
 
     /// The interface name of `link`'s end `side`.
     pub fn interface(&self, link: &str, side: Side) -> Result<&str, TopologyError> {
-        let l = self
-            .links
-            .iter()
-            .find(|l| l.name == link)
-            .ok_or_else(|| TopologyError::Precondition(format!("no link {link:?} in this testbed")))?;
+        let l = self.links.iter().find(|l| l.name == link).ok_or_else(|| {
+            TopologyError::Precondition(format!("no link {link:?} in this testbed"))
+        })?;
         Ok(match side {
             Side::A => &l.a_if,
             Side::B => &l.b_if,
@@ -453,7 +481,10 @@ mod tests {
         let dup = format!("{base}[[link]]\nname=\"l1\"\na={{host=\"a\",addr=\"10.0.0.1/24\"}}\nb={{host=\"b\",addr=\"10.0.0.1/24\"}}\n");
         assert!(err(&dup).contains("used twice"));
         assert!(err("[[host]]\nname = \"a\"\nfoward = true\n").contains("foward"));
-        assert!(err(&format!("{base}[[route]]\nhost=\"a\"\nto=\"10.9.0.0/16\"\nvia=\"10.0.0.2\"\n")).contains("gateway"));
+        assert!(err(&format!(
+            "{base}[[route]]\nhost=\"a\"\nto=\"10.9.0.0/16\"\nvia=\"10.0.0.2\"\n"
+        ))
+        .contains("gateway"));
         assert!(err(&format!("{base}[[host]]\nname = \"a\"\n")).contains("declared twice"));
         let rate = format!("{base}[[link]]\nname=\"l\"\na={{host=\"a\",addr=\"10.0.0.1/24\"}}\nb={{host=\"b\",addr=\"10.0.0.2/24\"}}\nrate=\"10 furlongs\"\n");
         assert!(err(&rate).contains("unknown unit"));

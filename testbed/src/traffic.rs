@@ -285,8 +285,19 @@ pub struct SinkReport {
 }
 
 /// Receives on `ports` (all addresses of the namespace) until `stop` is set
-/// or `limit` has passed.
+/// or `limit` has passed; per-second bins count from the sink's start.
 pub fn sink(ports: &[u16], stop: &AtomicBool, limit: Duration) -> Result<SinkReport, TrafficError> {
+    sink_from(ports, stop, limit, Instant::now())
+}
+
+/// [`sink`] with per-second bins counted from `epoch` (e.g. the moment the
+/// generators start), so that bins line up with a schedule.
+pub fn sink_from(
+    ports: &[u16],
+    stop: &AtomicBool,
+    limit: Duration,
+    epoch: Instant,
+) -> Result<SinkReport, TrafficError> {
     let swallow: Vec<UdpSocket> = ports
         .iter()
         .map(|p| {
@@ -344,7 +355,7 @@ pub fn sink(ports: &[u16], stop: &AtomicBool, limit: Duration) -> Result<SinkRep
                 })
             }
         };
-        let second = start.elapsed().as_secs();
+        let second = epoch.elapsed().as_secs();
         account(&buf[..n], ports, second, &mut report);
     }
     Ok(report)
@@ -399,7 +410,9 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 pub fn v4(addr: SocketAddr) -> Result<SocketAddrV4, TrafficError> {
     match addr {
         SocketAddr::V4(a) => Ok(a),
-        SocketAddr::V6(a) => Err(TrafficError::Invalid(format!("{a}: the generator speaks IPv4"))),
+        SocketAddr::V6(a) => Err(TrafficError::Invalid(format!(
+            "{a}: the generator speaks IPv4"
+        ))),
     }
 }
 
@@ -430,12 +443,20 @@ mod tests {
 
     #[test]
     fn random_bands_stay_inside_and_repeat_with_the_seed() {
-        let visits = [PAPER_BANDS[0], PAPER_BANDS[1], PAPER_BANDS[2], PAPER_BANDS[0]];
+        let visits = [
+            PAPER_BANDS[0],
+            PAPER_BANDS[1],
+            PAPER_BANDS[2],
+            PAPER_BANDS[0],
+        ];
         let a = Schedule::random_in_bands(&visits, Duration::from_secs(20), 7);
         let b = Schedule::random_in_bands(&visits, Duration::from_secs(20), 7);
         assert_eq!(a, b);
         for (s, band) in a.steps.iter().zip(visits) {
-            assert!(s.pps >= band.low_pps && s.pps <= band.high_pps, "{s:?} outside {band:?}");
+            assert!(
+                s.pps >= band.low_pps && s.pps <= band.high_pps,
+                "{s:?} outside {band:?}"
+            );
         }
         // 256-byte packets: every band's bits/s lie within the paper's thresholds.
         let kbps = |pps: f64| pps * 256.0 * 8.0 / 1000.0;
@@ -458,7 +479,10 @@ mod tests {
         account(&pkt, &[4055], 3, &mut r);
         account(&pkt[..20], &[4055], 3, &mut r);
         let f = &r.flows[&7];
-        assert_eq!((f.packets, f.bytes, f.sent_by_last, f.lost()), (1, 256, 10, 9));
+        assert_eq!(
+            (f.packets, f.bytes, f.sent_by_last, f.lost()),
+            (1, 256, 10, 9)
+        );
         assert_eq!(f.seconds[&3].bytes_by_dscp[&48], 256);
         account(&pkt, &[9999], 3, &mut r);
         assert_eq!(r.flows[&7].packets, 1, "other ports are not counted");

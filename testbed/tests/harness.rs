@@ -11,14 +11,35 @@ use std::time::Duration;
 #[tokio::test]
 async fn migrations_apply_on_postgres_and_a_second_run_changes_nothing() {
     need!(Postgres::available());
-    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap().unwrap();
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
     let db = Db::connect(&pg.url()).await.unwrap();
-    assert_eq!(db.migrate().await.unwrap(), migrations(Dialect::Postgres).len());
+    assert_eq!(
+        db.migrate().await.unwrap(),
+        migrations(Dialect::Postgres).len()
+    );
     let tables = db.tables().await.unwrap();
     assert_eq!(db.migrate().await.unwrap(), 0);
     assert_eq!(db.tables().await.unwrap(), tables);
-    for t in ["flows", "exporters", "sessions", "templates", "data_messages", "rates", "decisions", "enforcers", "enforcement_reports", "policy_audit", "cluster_members"] {
-        assert!(tables.iter().any(|x| x == t), "missing table {t} in {tables:?}");
+    for t in [
+        "flows",
+        "exporters",
+        "sessions",
+        "templates",
+        "data_messages",
+        "rates",
+        "decisions",
+        "enforcers",
+        "enforcement_reports",
+        "policy_audit",
+        "cluster_members",
+    ] {
+        assert!(
+            tables.iter().any(|x| x == t),
+            "missing table {t} in {tables:?}"
+        );
     }
     let versions = db.applied_versions().await.unwrap();
     assert_eq!(versions.len(), migrations(Dialect::Postgres).len());
@@ -28,10 +49,15 @@ async fn migrations_apply_on_postgres_and_a_second_run_changes_nothing() {
 #[tokio::test]
 async fn postgres_flows_are_partitioned_by_day_and_retention_drops_partitions() {
     need!(Postgres::available());
-    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap().unwrap();
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
     let db = Db::connect(&pg.url()).await.unwrap();
     db.migrate().await.unwrap();
-    let Db::Postgres(pool) = &db else { unreachable!() };
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
     let day: i64 = 86_400_000_000_000;
     let t0 = 20_000 * day + 5;
     // A row lands in the default partition, then moves into the day's own.
@@ -50,8 +76,14 @@ async fn postgres_flows_are_partitioned_by_day_and_retention_drops_partitions() 
         .await
         .unwrap();
     assert_eq!(made.0, 2);
-    let in_default: (i64,) = sqlx::query_as("SELECT count(*) FROM flows_default").fetch_one(pool).await.unwrap();
-    let in_day: (i64,) = sqlx::query_as("SELECT count(*) FROM flows_d20000").fetch_one(pool).await.unwrap();
+    let in_default: (i64,) = sqlx::query_as("SELECT count(*) FROM flows_default")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let in_day: (i64,) = sqlx::query_as("SELECT count(*) FROM flows_d20000")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!((in_default.0, in_day.0), (0, 1));
     let again: (i32,) = sqlx::query_as("SELECT qosloop_ensure_flow_partitions($1, $2)")
         .bind(t0)
@@ -66,7 +98,10 @@ async fn postgres_flows_are_partitioned_by_day_and_retention_drops_partitions() 
         .await
         .unwrap();
     assert_eq!(dropped.0, 1, "only the day that ended is dropped");
-    let left: (i64,) = sqlx::query_as("SELECT count(*) FROM flows").fetch_one(pool).await.unwrap();
+    let left: (i64,) = sqlx::query_as("SELECT count(*) FROM flows")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(left.0, 0);
     db.close().await;
 }
@@ -74,7 +109,10 @@ async fn postgres_flows_are_partitioned_by_day_and_retention_drops_partitions() 
 #[tokio::test]
 async fn postgres_survives_a_restart_on_the_same_url() {
     need!(Postgres::available());
-    let mut pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap().unwrap();
+    let mut pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
     let url = pg.url();
     let db = Db::connect(&url).await.unwrap();
     db.migrate().await.unwrap();
@@ -86,7 +124,11 @@ async fn postgres_survives_a_restart_on_the_same_url() {
     .await
     .unwrap();
     let db = Db::connect(&pg2.url()).await.unwrap();
-    assert_eq!(db.migrate().await.unwrap(), 0, "the schema outlived the restart");
+    assert_eq!(
+        db.migrate().await.unwrap(),
+        0,
+        "the schema outlived the restart"
+    );
     db.close().await;
 }
 
@@ -120,8 +162,18 @@ fn a_namespace_pair_passes_a_packet_and_is_deleted() {
         assert_eq!(&buf[..n], b"qosloop");
         assert_eq!(from.ip().to_string(), "10.199.0.1");
     }
-    let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
-    assert!(!list.contains(&names.0) && !list.contains(&names.1), "namespaces left behind: {list}");
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !list.contains(&names.0) && !list.contains(&names.1),
+        "namespaces left behind: {list}"
+    );
 }
 
 #[test]

@@ -17,7 +17,12 @@ fn prerequisites() -> Result<(), String> {
 
 /// Sends one flow tx → rx through the router at `pps` for `secs`; returns
 /// (received kbit/s over the steady seconds, lost packets).
-fn run_flow(tb: &qosloop_testbed::topology::Testbed, pps: f64, len: usize, secs: u64) -> (f64, u64, u64) {
+fn run_flow(
+    tb: &qosloop_testbed::topology::Testbed,
+    pps: f64,
+    len: usize,
+    secs: u64,
+) -> (f64, u64, u64) {
     let stop = stop_flag();
     let sink_stop = stop.clone();
     let rx = tb
@@ -69,15 +74,28 @@ fn the_paper_topology_forwards_shapes_and_is_removed() {
         let (kbps, lost, sent) = run_flow(&tb, 2_000_000.0 / 8.0 / 256.0, 256, 3);
         assert!(sent > 2500, "sent {sent}");
         assert_eq!(lost, 0, "no loss well below the link rate");
-        assert!((kbps - 2000.0).abs() < 100.0, "received {kbps:.0} kbit/s of 2000");
+        assert!(
+            (kbps - 2000.0).abs() < 100.0,
+            "received {kbps:.0} kbit/s of 2000"
+        );
 
         // 15 Mbit/s of 1024-byte packets is cut to the emulated 10 Mbit/s.
         // (A local sender is partly held back by the full qdisc, partly
         // refused with ENOBUFS: what counts is what arrives.)
         let (kbps, _, _) = run_flow(&tb, 15_000_000.0 / 8.0 / 1024.0, 1024, 3);
-        assert!(kbps > 9_000.0 && kbps < 10_300.0, "received {kbps:.0} kbit/s through a 10 Mbit/s link");
+        assert!(
+            kbps > 9_000.0 && kbps < 10_300.0,
+            "received {kbps:.0} kbit/s through a 10 Mbit/s link"
+        );
     }
-    let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     for n in &names {
         assert!(!list.contains(n.as_str()), "{n} left behind");
     }

@@ -89,6 +89,10 @@ pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> Result<(), Ha
 }
 
 /// The last lines of a log file, for error messages.
+pub fn tail_of(path: &Path, lines: usize) -> String {
+    tail(path, lines)
+}
+
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
