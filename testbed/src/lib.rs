@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod harness;
+pub mod loss;
 pub mod paper;
 pub mod plot;
 pub mod procs;

@@ -31,6 +31,8 @@ enum Cmd {
     Clean,
     /// The reference experiment of seeds/004 §IV, every component real.
     Paper(qosloop_testbed::paper::PaperArgs),
+    /// Loss against offered throughput through the enforced router (Fig. 11).
+    Loss(qosloop_testbed::loss::LossArgs),
     /// Benchmarks against peers, measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
@@ -75,14 +77,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Export(a)) => qosloop_testbed::bench::export::run(a).await,
         Cmd::Bench(Bench::Enforce(a)) => qosloop_testbed::bench::enforce::run(a).await,
         Cmd::Paper(a) => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("qosloop-testbed: interrupted, cleaning up");
-                    flag.store(true, Ordering::Relaxed);
-                }
-            });
+            let stop = interrupt_flag();
             let out = a.out.clone();
             let summary =
                 tokio::task::spawn_blocking(move || qosloop_testbed::paper::run(&a, stop))
@@ -116,6 +111,19 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Loss(a) => {
+            let stop = interrupt_flag();
+            let s =
+                tokio::task::spawn_blocking(move || qosloop_testbed::loss::run(&a, stop)).await??;
+            for st in &s.steps {
+                println!(
+                    "{:>5.1} Mbit/s offered  {:>6.2} sent  {:>6.2} received  loss {:.2}%",
+                    st.offered_mbps, st.sent_mbps, st.received_mbps, st.loss_pct
+                );
+            }
+            println!("loss-free up to {:.0}% of the link", s.loss_free_up_to_pct);
+            Ok(())
+        }
         Cmd::Clean => {
             let gone = qosloop_testbed::harness::clean_leftovers()?;
             println!(
@@ -130,6 +138,19 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A flag set by Ctrl-C, so that experiments stop and clean up.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("qosloop-testbed: interrupted, cleaning up");
+            flag.store(true, Ordering::Relaxed);
+        }
+    });
+    stop
 }
 
 fn report(c: qosloop_testbed::selfcheck::SelfCheck) -> anyhow::Result<()> {
