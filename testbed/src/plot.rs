@@ -48,6 +48,12 @@ const RIGHT: f64 = 30.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 
+/// A tick label with as many decimals as the step needs.
+fn tick_label(v: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 { 0 } else { (-step.log10()).ceil() as usize };
+    format!("{v:.decimals$}")
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -133,7 +139,7 @@ impl Chart {
                 W - RIGHT,
                 LEFT - 6.0,
                 py + 4.0,
-                y
+                tick_label(y, y_step)
             );
             y += y_step;
         }
@@ -147,7 +153,7 @@ impl Chart {
                 TOP + ph,
                 TOP + ph + 5.0,
                 TOP + ph + 18.0,
-                x
+                tick_label(x, x_step)
             );
             x += x_step;
         }
@@ -269,5 +275,7 @@ mod tests {
         assert!(svg.contains("<polyline") && svg.contains("Min_th") && svg.contains(">low<"));
         assert_eq!(tick_step(7700.0, 6.0), 2000.0);
         assert_eq!(tick_step(60.0, 10.0), 10.0);
+        assert_eq!(tick_label(0.6000000001, 0.2), "0.6");
+        assert_eq!(tick_label(3000.0, 1000.0), "3000");
     }
 }
