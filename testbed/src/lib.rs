@@ -11,6 +11,7 @@ pub mod loss;
 pub mod paper;
 pub mod plot;
 pub mod procs;
+pub mod reconfig;
 pub mod selfcheck;
 pub mod topology;
 pub mod traffic;

@@ -33,6 +33,8 @@ enum Cmd {
     Paper(qosloop_testbed::paper::PaperArgs),
     /// Loss against offered throughput through the enforced router (Fig. 11).
     Loss(qosloop_testbed::loss::LossArgs),
+    /// Reconfiguration time per decision change, as a distribution.
+    Reconfig(qosloop_testbed::reconfig::ReconfigArgs),
     /// Benchmarks against peers, measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
@@ -122,6 +124,22 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             println!("loss-free up to {:.0}% of the link", s.loss_free_up_to_pct);
+            Ok(())
+        }
+        Cmd::Reconfig(a) => {
+            let s =
+                tokio::task::spawn_blocking(move || qosloop_testbed::reconfig::run(&a)).await??;
+            let f = |p: &qosloop_testbed::paper::Percentiles| {
+                format!(
+                    "median {:.1} us, p99 {:.1} us over {}",
+                    p.median.unwrap_or(f64::NAN),
+                    p.p99.unwrap_or(f64::NAN),
+                    p.count
+                )
+            };
+            println!("shape-rate change: {}", f(&s.rate_change_us));
+            println!("action change:     {}", f(&s.action_change_us));
+            println!("paper (XORP+Click): ~45 us");
             Ok(())
         }
         Cmd::Clean => {
