@@ -23,6 +23,7 @@
 //! server's.
 
 mod afpacket;
+pub mod bench;
 mod cache;
 pub mod classify;
 mod config;
