@@ -29,6 +29,7 @@ const PASSWORD: &str = "qosloop-test";
 const BINARIES: &[(&str, &str)] = &[
     ("slapd", "slapd"),
     ("slapadd", "slapd"),
+    ("slapmodify", "slapd"),
     ("ldapmodify", "ldap-utils"),
     ("ldapdelete", "ldap-utils"),
     ("ldapsearch", "ldap-utils"),
@@ -357,6 +358,27 @@ impl Slapd {
     /// as the root DN.
     pub fn modify_ldif(&self, ldif: &str) -> Result<(), HarnessError> {
         self.ldapmodify(&[], ldif, "ldapmodify (applying changes)")
+    }
+
+    /// Applies LDIF change records to the database of a stopped slapd
+    /// (`slapmodify`), as an operator would while the server is down.
+    pub fn modify_offline(&mut self, ldif: &str) -> Result<(), HarnessError> {
+        if !self.exited() {
+            return Err(HarnessError::Failed {
+                what: "slapmodify".into(),
+                detail: "slapd is running: stop it first".into(),
+            });
+        }
+        let path = self.dir.path().join("offline-change.ldif");
+        std::fs::write(&path, ldif).map_err(HarnessError::io("writing offline-change.ldif"))?;
+        let mut cmd = Command::new(binary("slapmodify")?);
+        cmd.arg("-F")
+            .arg(self.dir.path().join("slapd.d"))
+            .arg("-b")
+            .arg(&self.base_dn)
+            .arg("-l")
+            .arg(&path);
+        super::run(&mut cmd, "slapmodify (changing the stopped database)").map(|_| ())
     }
 
     /// Deletes one entry as the root DN.
