@@ -1,7 +1,32 @@
-// TEAM: read /work/TEAM.md now (rules, target dirs, commit policy, DEADLINE 10:35 UTC). Delete this line when you edit this file.
 //! # qosloop-policy-server
 //!
-//! The policy-server of the qosloop loop: it computes rates, reads policies and pushes decisions to enforcers.
+//! The brain of the loop (`seeds/004` §IV, DESIGN.md §5–6). It owns:
 //!
-//! Not built yet: see its issue.
-pub mod repo;
+//! - the bandwidth manager ([`bandwidth`], [`store`]): every interval it
+//!   reads the flow records stored since the last poll, computes per policed
+//!   flow and per link the rate and its EWMA, and stores them (`rates`);
+//! - the decision engine ([`engine`]): `seeds/004` Fig. 8 with hysteresis,
+//!   every change stored with its reason (`decisions`);
+//! - the PDP ([`pdp`]): COPS (RFC 2748, codec in `qosloop_schema::cops`) on
+//!   3288/tcp; enforcers open, synchronise, get their roles' decisions and
+//!   report (`enforcers`, `enforcement_reports`);
+//! - the daemon that ties them together ([`server`]) and its configuration
+//!   ([`config`]).
+//!
+//! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
+//! module `repo`), the kernel, or the flow records' ingest.
+
+pub mod bandwidth;
+pub mod config;
+pub mod engine;
+pub mod pdp;
+pub mod server;
+pub mod store;
+pub mod testing;
+
+pub use bandwidth::{BandwidthManager, Rates, SubjectRate};
+pub use config::{Config, ConfigError};
+pub use engine::{DecisionTable, Engine};
+pub use pdp::{Pdp, PdpConfig, PdpEvent};
+pub use server::{Server, ServerHandle};
+pub use store::{FlowCursor, Store, StoreError};

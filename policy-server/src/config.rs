@@ -1,0 +1,273 @@
+//! The daemon's configuration: flags and TOML keys with the same names
+//! (flag `--pdp-listen`, key `pdp_listen`); a flag overrides the file.
+//! Everything is validated before any socket opens (`Config::validate`).
+
+use crate::pdp::PdpConfig;
+use qosloop_schema::telemetry::LogFormat;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
+/// Every setting, as flags and as TOML keys; all optional until merged.
+#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Database URL: sqlite://FILE or postgres://…
+    #[arg(long)]
+    pub db: Option<String>,
+    /// Policy repository as an LDIF file (the embedded default).
+    #[arg(long, value_name = "FILE.ldif")]
+    pub policies: Option<PathBuf>,
+    /// Policy repository in LDAP: ldap://HOST:PORT, ldaps://…, ldapi://…
+    #[arg(long, value_name = "URL")]
+    pub ldap: Option<String>,
+    /// Base DN of the policy entries in LDAP.
+    #[arg(long, value_name = "DN")]
+    pub ldap_base: Option<String>,
+    /// Bind DN for LDAP simple bind (anonymous when absent).
+    #[arg(long, value_name = "DN")]
+    pub ldap_bind_dn: Option<String>,
+    /// File holding the LDAP bind password.
+    #[arg(long, value_name = "FILE")]
+    pub ldap_password_file: Option<PathBuf>,
+    /// Where the PDP listens for enforcers (COPS), default 0.0.0.0:3288.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub pdp_listen: Option<String>,
+    /// Where the web API and page listen (none when absent).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http: Option<String>,
+    /// Bandwidth manager poll interval in milliseconds (100..=60000, default 1000).
+    #[arg(long, value_name = "MS")]
+    pub interval_ms: Option<u64>,
+    /// EWMA weight of the newest interval, in (0, 1] (default 0.5).
+    #[arg(long, value_name = "W")]
+    pub ewma_weight: Option<f64>,
+    /// Hysteresis around each load threshold, as a fraction in [0, 0.5) (default 0.05).
+    #[arg(long, value_name = "H")]
+    pub hysteresis: Option<f64>,
+    /// Keepalive timer announced to enforcers, seconds (0..=65535, default 30).
+    #[arg(long, value_name = "S")]
+    pub ka_timer_secs: Option<u16>,
+    /// How long a new connection may take to send OPN, ms (default 5000).
+    #[arg(long, value_name = "MS")]
+    pub open_timeout_ms: Option<u64>,
+    /// How long a gap in flow ids is waited for before it is skipped, ms (default 5000).
+    #[arg(long, value_name = "MS")]
+    pub gap_timeout_ms: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl Settings {
+    /// Reads a TOML file with these keys.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Settings::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())
+    }
+
+    /// `self` where set, else `base`.
+    pub fn over(self, base: Settings) -> Settings {
+        Settings {
+            db: self.db.or(base.db),
+            policies: self.policies.or(base.policies),
+            ldap: self.ldap.or(base.ldap),
+            ldap_base: self.ldap_base.or(base.ldap_base),
+            ldap_bind_dn: self.ldap_bind_dn.or(base.ldap_bind_dn),
+            ldap_password_file: self.ldap_password_file.or(base.ldap_password_file),
+            pdp_listen: self.pdp_listen.or(base.pdp_listen),
+            http: self.http.or(base.http),
+            interval_ms: self.interval_ms.or(base.interval_ms),
+            ewma_weight: self.ewma_weight.or(base.ewma_weight),
+            hysteresis: self.hysteresis.or(base.hysteresis),
+            ka_timer_secs: self.ka_timer_secs.or(base.ka_timer_secs),
+            open_timeout_ms: self.open_timeout_ms.or(base.open_timeout_ms),
+            gap_timeout_ms: self.gap_timeout_ms.or(base.gap_timeout_ms),
+            log_format: self.log_format.or(base.log_format),
+        }
+    }
+}
+
+/// Where policies come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    File(PathBuf),
+    Ldap {
+        url: String,
+        base: String,
+        bind_dn: Option<String>,
+        password_file: Option<PathBuf>,
+    },
+}
+
+/// The validated configuration of the daemon.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub db: String,
+    pub policies: PolicySource,
+    pub pdp_listen: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub interval: Duration,
+    pub ewma_weight: f64,
+    pub hysteresis: f64,
+    pub gap_timeout: Duration,
+    pub pdp: PdpConfig,
+    pub log_format: LogFormat,
+}
+
+fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| invalid(key, format!("{s:?} is not HOST:PORT ({e})")))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("{s:?} resolves to no address")))
+}
+
+impl Config {
+    /// Checks every setting; `need_db` is false for `--check`.
+    pub fn validate(s: Settings, need_db: bool) -> Result<Config, ConfigError> {
+        let db = match s.db {
+            Some(db) if db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://") => db,
+            Some(db) => return Err(invalid("db", format!("{db:?}: use sqlite://FILE or postgres://…"))),
+            None if need_db => return Err(invalid("db", "missing (sqlite://FILE or postgres://…)")),
+            None => String::new(),
+        };
+        let policies = match (s.policies, s.ldap) {
+            (Some(_), Some(_)) => return Err(invalid("policies", "give either policies (LDIF) or ldap, not both")),
+            (Some(p), None) => PolicySource::File(p),
+            (None, Some(url)) => {
+                if !["ldap://", "ldaps://", "ldapi://"].iter().any(|p| url.starts_with(p)) {
+                    return Err(invalid("ldap", format!("{url:?}: expected ldap://, ldaps:// or ldapi://")));
+                }
+                let base = s
+                    .ldap_base
+                    .ok_or_else(|| invalid("ldap_base", "missing: the base DN of the policy entries"))?;
+                PolicySource::Ldap {
+                    url,
+                    base,
+                    bind_dn: s.ldap_bind_dn,
+                    password_file: s.ldap_password_file,
+                }
+            }
+            (None, None) => return Err(invalid("policies", "missing: give policies (LDIF file) or ldap")),
+        };
+        let pdp_listen = addr("pdp_listen", s.pdp_listen.as_deref().unwrap_or("0.0.0.0:3288"))?;
+        let http = s.http.as_deref().map(|h| addr("http", h)).transpose()?;
+        let interval_ms = s.interval_ms.unwrap_or(1000);
+        if !(100..=60_000).contains(&interval_ms) {
+            return Err(invalid("interval_ms", format!("{interval_ms}: must be 100..=60000")));
+        }
+        let ewma_weight = s.ewma_weight.unwrap_or(0.5);
+        if !(ewma_weight > 0.0 && ewma_weight <= 1.0) {
+            return Err(invalid("ewma_weight", format!("{ewma_weight}: must be in (0, 1]")));
+        }
+        let hysteresis = s.hysteresis.unwrap_or(0.05);
+        if !(0.0..0.5).contains(&hysteresis) {
+            return Err(invalid("hysteresis", format!("{hysteresis}: must be in [0, 0.5)")));
+        }
+        let open_timeout_ms = s.open_timeout_ms.unwrap_or(5000);
+        if open_timeout_ms == 0 {
+            return Err(invalid("open_timeout_ms", "must be above 0"));
+        }
+        let log_format = match s.log_format.as_deref() {
+            None => LogFormat::Text,
+            Some(f) => f.parse().map_err(|e: String| invalid("log_format", e))?,
+        };
+        Ok(Config {
+            db,
+            policies,
+            pdp_listen,
+            http,
+            interval: Duration::from_millis(interval_ms),
+            ewma_weight,
+            hysteresis,
+            gap_timeout: Duration::from_millis(s.gap_timeout_ms.unwrap_or(5000)),
+            pdp: PdpConfig {
+                ka_timer_secs: s.ka_timer_secs.unwrap_or(30),
+                open_timeout: Duration::from_millis(open_timeout_ms),
+                ..PdpConfig::default()
+            },
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("example.toml");
+        let s = Settings::from_file(&path).unwrap();
+        let c = Config::validate(s, true).unwrap();
+        assert_eq!(c.interval, Duration::from_secs(1));
+        assert_eq!(c.pdp_listen.port(), 3288);
+        assert!(matches!(c.policies, PolicySource::File(_)));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = Settings::from_toml("db = \"sqlite://a.db\"\ninterval_ms = 500\npolicies = \"p.ldif\"").unwrap();
+        let flags = Settings {
+            interval_ms: Some(100),
+            ..Settings::default()
+        };
+        let c = Config::validate(flags.over(file), true).unwrap();
+        assert_eq!(c.interval, Duration::from_millis(100));
+        assert_eq!(c.db, "sqlite://a.db");
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let base = || Settings::from_toml("db = \"sqlite://a.db\"\npolicies = \"p.ldif\"").unwrap();
+        let cases: Vec<(Settings, &str)> = vec![
+            (Settings { interval_ms: Some(50), ..base() }, "interval_ms"),
+            (Settings { ewma_weight: Some(0.0), ..base() }, "ewma_weight"),
+            (Settings { hysteresis: Some(0.7), ..base() }, "hysteresis"),
+            (Settings { pdp_listen: Some("nowhere".into()), ..base() }, "pdp_listen"),
+            (Settings { db: Some("mysql://x".into()), ..base() }, "db"),
+            (Settings { ldap: Some("ldap://x".into()), ..base() }, "policies"),
+            (Settings { log_format: Some("xml".into()), ..base() }, "log_format"),
+        ];
+        for (s, key) in cases {
+            let e = Config::validate(s, true).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
+        let e = Settings::from_toml("intervall_ms = 5").unwrap_err();
+        assert!(e.contains("intervall_ms"), "{e}");
+    }
+}

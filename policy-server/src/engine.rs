@@ -1,0 +1,414 @@
+//! The decision engine: `seeds/004` Fig. 8 with hysteresis.
+//!
+//! For each enabled business rule, each of its flow specs and each of its
+//! roles there is one decision (id = a stable hash of rule DN, spec index
+//! and role). Its content is the rule's service class rendered for the
+//! link-load band the rule's link is in:
+//!
+//! | avg link load (kbit/s) | in profile (≤ profile rate) | out of profile |
+//! |---|---|---|
+//! | band `low` `[0, Min_th)` | marked `in_profile_dscp` | accept, shaped at the band's rate |
+//! | band `medium` `[Min_th, Max_th)` | marked `in_profile_dscp` | re-mark to the band's DSCP, shaped |
+//! | band `high` `[Max_th, ∞)` | marked `in_profile_dscp` | drop |
+//!
+//! The enforcer meters the profile in the kernel (token bucket); the
+//! engine chooses which out-of-profile treatment the meter applies. The
+//! band is chosen from the link's EWMA load (`avgRate`), and the flow's
+//! own rate and avgRate are recorded with the decision as its reason.
+//!
+//! Hysteresis: a rule stays in its current band while the load is within
+//! the band widened by `hysteresis` (a fraction) of each boundary:
+//! `[from·(1−h), to·(1+h))`. Only when the load leaves the widened band is
+//! the band re-chosen, plainly. With h = 0.05 and Min_th = 3000, a rule in
+//! `low` moves to `medium` at 3150 and back to `low` below 2850, so a load
+//! hovering around 3000 does not flap.
+//!
+//! A decision's `version` increases only when what the enforcer must do
+//! changes (flow, profile, marking, out-of-profile action, role); a change
+//! of the measured inputs alone is not pushed.
+
+use crate::bandwidth::Rates;
+use qosloop_schema::{Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Every current decision, by role and id: what the PDP pushes.
+#[derive(Clone, Debug, Default)]
+pub struct DecisionTable {
+    /// Increases with every published change.
+    pub epoch: u64,
+    pub by_role: HashMap<String, BTreeMap<u64, Arc<Decision>>>,
+}
+
+impl DecisionTable {
+    pub fn len(&self) -> usize {
+        self.by_role.values().map(BTreeMap::len).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The decisions for any of `roles`.
+    pub fn for_roles<'a>(&'a self, roles: &'a [String]) -> impl Iterator<Item = &'a Arc<Decision>> {
+        roles
+            .iter()
+            .filter_map(|r| self.by_role.get(r))
+            .flat_map(|m| m.values())
+    }
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Decision>> {
+        self.by_role.values().flat_map(|m| m.values())
+    }
+}
+
+/// What one evaluation changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// New or changed decisions.
+    pub installed: Vec<Arc<Decision>>,
+    /// Decisions that no longer exist (their last state).
+    pub removed: Vec<Arc<Decision>>,
+    /// Rules skipped, with why (dangling class or link, no flow spec, no band).
+    pub skipped: Vec<(String, &'static str)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.installed.is_empty() && self.removed.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Current {
+    band: usize,
+    decision: Arc<Decision>,
+}
+
+/// The engine's state between evaluations.
+#[derive(Debug)]
+pub struct Engine {
+    hysteresis: f64,
+    current: HashMap<u64, Current>,
+    epoch: u64,
+}
+
+/// The stable id of the decision for spec `spec_index` of rule `dn` on
+/// `role`: FNV-1a, kept below 2^53 so that JavaScript reads it exactly.
+pub fn decision_id(dn: &str, spec_index: usize, role: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in dn
+        .bytes()
+        .chain([0])
+        .chain((spec_index as u64).to_be_bytes())
+        .chain(role.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h & ((1 << 53) - 1)
+}
+
+/// The band for `load`, keeping `current` while the load is inside it
+/// widened by `h` (see the module doc).
+pub fn select_band(class: &ServiceClass, load_kbps: f64, current: Option<usize>, h: f64) -> Option<usize> {
+    let bands = &class.out_of_profile;
+    if let Some(b) = current.and_then(|i| bands.get(i)) {
+        let lo = b.from.0 as f64 * (1.0 - h);
+        let inside = load_kbps >= lo && b.to.is_none_or(|to| load_kbps < to.0 as f64 * (1.0 + h));
+        if inside {
+            return current;
+        }
+    }
+    let load = qosloop_schema::Kbps(load_kbps.max(0.0) as u64);
+    bands.iter().position(|b| b.contains(load))
+}
+
+/// The part of a decision the enforcer acts on.
+fn same_action(a: &Decision, b: &Decision) -> bool {
+    a.role == b.role
+        && a.policy_dn == b.policy_dn
+        && a.flow == b.flow
+        && a.profile == b.profile
+        && a.in_profile_dscp == b.in_profile_dscp
+        && a.out_of_profile == b.out_of_profile
+}
+
+impl Engine {
+    /// `hysteresis` is the fraction `h` of the module doc (0 disables it).
+    pub fn new(hysteresis: f64) -> Engine {
+        Engine {
+            hysteresis: hysteresis.clamp(0.0, 0.5),
+            current: HashMap::new(),
+            epoch: 0,
+        }
+    }
+
+    /// Restores decisions taken before a restart, so that unchanged ones
+    /// keep their version and are not pushed again.
+    pub fn restore(&mut self, policy: &PolicySet, decisions: impl IntoIterator<Item = Decision>) {
+        for d in decisions {
+            let band = policy
+                .rules
+                .iter()
+                .find(|r| r.dn == d.policy_dn)
+                .and_then(|r| policy.classes.iter().find(|c| c.name == r.service_class))
+                .and_then(|c| c.out_of_profile.iter().position(|b| b.name == d.reason.band));
+            if let Some(band) = band {
+                self.current.insert(
+                    d.id,
+                    Current {
+                        band,
+                        decision: Arc::new(d),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Decides for every policed flow from this interval's rates.
+    pub fn evaluate(&mut self, policy: &PolicySet, rates: &Rates, now_ns: u64) -> Changes {
+        let mut changes = Changes::default();
+        let classes: HashMap<&str, &ServiceClass> =
+            policy.classes.iter().map(|c| (c.name.as_str(), c)).collect();
+        let flow_rates: HashMap<&str, (f64, f64)> = rates
+            .flows
+            .iter()
+            .map(|f| (f.key.as_str(), (f.rate_kbps, f.avg_rate_kbps)))
+            .collect();
+        let link_loads: HashMap<&str, f64> = rates
+            .links
+            .iter()
+            .map(|l| (l.key.as_str(), l.avg_rate_kbps))
+            .collect();
+        let mut alive: HashMap<u64, ()> = HashMap::with_capacity(self.current.len());
+        for rule in policy.rules.iter().filter(|r| r.enabled) {
+            let Some(class) = classes.get(rule.service_class.as_str()) else {
+                changes.skipped.push((rule.dn.clone(), "service class not found"));
+                continue;
+            };
+            if !policy.links.iter().any(|l| l.name == rule.link) {
+                changes.skipped.push((rule.dn.clone(), "link not found"));
+                continue;
+            }
+            if rule.flows.is_empty() {
+                changes.skipped.push((rule.dn.clone(), "no flow spec to enforce"));
+                continue;
+            }
+            let (rate, avg) = flow_rates.get(rule.dn.as_str()).copied().unwrap_or((0.0, 0.0));
+            let load = link_loads.get(rule.link.as_str()).copied().unwrap_or(0.0);
+            for (i, spec) in rule.flows.iter().enumerate() {
+                for role in &rule.roles {
+                    let id = decision_id(&rule.dn, i, role);
+                    let prev = self.current.get(&id);
+                    let Some(band) =
+                        select_band(class, load, prev.map(|c| c.band), self.hysteresis)
+                    else {
+                        changes.skipped.push((rule.dn.clone(), "no band covers the link load"));
+                        continue;
+                    };
+                    alive.insert(id, ());
+                    let mut d = decision_for(class, band, rule.dn.clone(), spec.clone(), role);
+                    d.id = id;
+                    d.issued_ns = now_ns;
+                    d.reason = DecisionReason {
+                        rate_kbps: rate,
+                        avg_rate_kbps: avg,
+                        link: rule.link.clone(),
+                        link_load_kbps: load,
+                        band: class.out_of_profile[band].name.clone(),
+                    };
+                    match prev {
+                        Some(p) if same_action(&p.decision, &d) => continue,
+                        Some(p) => d.version = p.decision.version + 1,
+                        None => d.version = 1,
+                    }
+                    let d = Arc::new(d);
+                    changes.installed.push(d.clone());
+                    self.current.insert(id, Current { band, decision: d });
+                }
+            }
+        }
+        let gone: Vec<u64> = self
+            .current
+            .keys()
+            .filter(|id| !alive.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(c) = self.current.remove(&id) {
+                changes.removed.push(c.decision);
+            }
+        }
+        if !changes.is_empty() {
+            self.epoch += 1;
+        }
+        changes
+    }
+
+    /// The current decisions, for the PDP.
+    pub fn table(&self) -> DecisionTable {
+        let mut t = DecisionTable {
+            epoch: self.epoch,
+            by_role: HashMap::new(),
+        };
+        for c in self.current.values() {
+            t.by_role
+                .entry(c.decision.role.clone())
+                .or_default()
+                .insert(c.decision.id, c.decision.clone());
+        }
+        t
+    }
+}
+
+fn decision_for(class: &ServiceClass, band: usize, policy_dn: String, flow: FlowSpec, role: &str) -> Decision {
+    Decision {
+        id: 0,
+        version: 0,
+        role: role.to_owned(),
+        policy_dn,
+        flow,
+        profile: class.profile,
+        in_profile_dscp: class.in_profile_dscp,
+        out_of_profile: class.out_of_profile[band].action,
+        reason: DecisionReason {
+            rate_kbps: 0.0,
+            avg_rate_kbps: 0.0,
+            link: String::new(),
+            link_load_kbps: 0.0,
+            band: String::new(),
+        },
+        issued_ns: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bandwidth::SubjectRate;
+    use crate::testing::{gold_class, paper_policy};
+    use qosloop_schema::DecisionKind;
+
+    fn rates(policy: &PolicySet, flow_avg: f64, load: f64) -> Rates {
+        Rates {
+            at_ns: 0,
+            interval_ns: 1_000_000_000,
+            flows: policy
+                .rules
+                .iter()
+                .map(|r| SubjectRate {
+                    key: r.dn.clone(),
+                    name: r.name.clone(),
+                    rate_kbps: flow_avg,
+                    avg_rate_kbps: flow_avg,
+                    records: 1,
+                })
+                .collect(),
+            links: policy
+                .links
+                .iter()
+                .map(|l| SubjectRate {
+                    key: l.name.clone(),
+                    name: l.name.clone(),
+                    rate_kbps: load,
+                    avg_rate_kbps: load,
+                    records: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn load_bands_give_the_papers_decisions() {
+        let p = paper_policy();
+        let mut e = Engine::new(0.0);
+        let mut kinds = Vec::new();
+        for load in [1000.0, 4500.0, 7000.0, 2000.0] {
+            let c = e.evaluate(&p, &rates(&p, 1500.0, load), 1);
+            assert_eq!(c.installed.len(), 1, "one change at {load}");
+            kinds.push(c.installed[0].kind());
+        }
+        use DecisionKind::*;
+        assert_eq!(kinds, [Accept, Remark, Drop, Accept]);
+        let d = &e.table().by_role["edge"];
+        let d = d.values().next().unwrap();
+        assert_eq!(d.version, 4);
+        assert_eq!(d.reason.band, "low");
+        assert_eq!(d.reason.avg_rate_kbps, 1500.0);
+    }
+
+    #[test]
+    fn unchanged_actions_are_not_pushed_again() {
+        let p = paper_policy();
+        let mut e = Engine::new(0.05);
+        assert_eq!(e.evaluate(&p, &rates(&p, 1500.0, 1000.0), 1).installed.len(), 1);
+        let c = e.evaluate(&p, &rates(&p, 900.0, 1200.0), 2);
+        assert!(c.is_empty(), "only the inputs changed: {c:?}");
+        assert_eq!(e.table().epoch, 1);
+    }
+
+    #[test]
+    fn hysteresis_stops_flapping_at_a_threshold() {
+        let class = gold_class();
+        let h = 0.05;
+        // Hovering around Min_th = 3000 from below: stays low.
+        let mut band = select_band(&class, 2900.0, None, h);
+        for load in [3010.0, 2990.0, 3100.0, 2860.0, 3149.0] {
+            band = select_band(&class, load, band, h);
+            assert_eq!(band, Some(0), "at {load}");
+        }
+        band = select_band(&class, 3150.0, band, h);
+        assert_eq!(band, Some(1));
+        for load in [2990.0, 2860.0, 3050.0] {
+            band = select_band(&class, load, band, h);
+            assert_eq!(band, Some(1), "at {load}");
+        }
+        assert_eq!(select_band(&class, 2849.0, band, h), Some(0));
+        // Without hysteresis the same walk flaps.
+        assert_eq!(select_band(&class, 3010.0, Some(0), 0.0), Some(1));
+        assert_eq!(select_band(&class, 2990.0, Some(1), 0.0), Some(0));
+    }
+
+    #[test]
+    fn removed_rules_and_roles_are_removed() {
+        let mut p = paper_policy();
+        p.rules[0].roles.push("core".into());
+        let mut e = Engine::new(0.05);
+        assert_eq!(e.evaluate(&p, &rates(&p, 0.0, 0.0), 1).installed.len(), 2);
+        p.rules[0].roles.pop();
+        let c = e.evaluate(&p, &rates(&p, 0.0, 0.0), 2);
+        assert_eq!(c.removed.len(), 1);
+        assert_eq!(c.removed[0].role, "core");
+        p.rules[0].enabled = false;
+        let c = e.evaluate(&p, &rates(&p, 0.0, 0.0), 3);
+        assert_eq!((c.installed.len(), c.removed.len()), (0, 1));
+        assert!(e.table().is_empty());
+    }
+
+    #[test]
+    fn dangling_references_are_skipped_with_a_reason() {
+        let mut p = paper_policy();
+        p.rules[0].service_class = "platinum".into();
+        let c = Engine::new(0.0).evaluate(&p, &rates(&p, 0.0, 0.0), 1);
+        assert!(c.installed.is_empty());
+        assert_eq!(c.skipped[0].1, "service class not found");
+    }
+
+    #[test]
+    fn restored_decisions_keep_their_version() {
+        let p = paper_policy();
+        let mut first = Engine::new(0.05);
+        first.evaluate(&p, &rates(&p, 1500.0, 7000.0), 1);
+        let saved: Vec<Decision> = first.table().all().map(|d| (**d).clone()).collect();
+        let mut second = Engine::new(0.05);
+        second.restore(&p, saved);
+        assert!(second.evaluate(&p, &rates(&p, 1500.0, 6900.0), 2).is_empty());
+    }
+
+    #[test]
+    fn decision_ids_are_stable_and_distinct() {
+        let a = decision_id("cn=a", 0, "edge");
+        assert_eq!(a, decision_id("cn=a", 0, "edge"));
+        assert_ne!(a, decision_id("cn=a", 1, "edge"));
+        assert_ne!(a, decision_id("cn=a", 0, "core"));
+        assert!(a < 1 << 53);
+    }
+}

@@ -1,0 +1,282 @@
+//! The running server: the bandwidth-manager/decision loop, the PDP and
+//! the writer of what the PDP hears, over one database.
+//!
+//! Each tick (every `interval`): read the new records → close the interval
+//! (rates, EWMA) → evaluate → publish the changed decision table to the
+//! PDP (which pushes DECs at once) → store decisions and rates. Storing
+//! comes after publishing so that SQL writes do not delay the push. A new
+//! policy from the repository is evaluated at once with the last rates.
+
+use crate::bandwidth::{BandwidthManager, Rates};
+use crate::config::Config;
+use crate::engine::{DecisionTable, Engine};
+use crate::pdp::{Pdp, PdpEvent, PdpStats};
+use crate::store::{FlowCursor, Store};
+use qosloop_collector::{now_ns, Db};
+use qosloop_schema::PolicySet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// What stops the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Db(#[from] qosloop_collector::DbError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen for enforcers on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The loop's tunables (a subset of [`Config`]).
+#[derive(Clone, Debug)]
+pub struct LoopConfig {
+    pub interval: Duration,
+    pub ewma_weight: f64,
+    pub hysteresis: f64,
+    pub gap_timeout: Duration,
+}
+
+impl From<&Config> for LoopConfig {
+    fn from(c: &Config) -> Self {
+        LoopConfig {
+            interval: c.interval,
+            ewma_weight: c.ewma_weight,
+            hysteresis: c.hysteresis,
+            gap_timeout: c.gap_timeout,
+        }
+    }
+}
+
+/// A server about to start.
+#[derive(Debug)]
+pub struct Server;
+
+/// A running server; dropping it does not stop it, [`ServerHandle::stop`] does.
+#[derive(Debug)]
+pub struct ServerHandle {
+    pub pdp_addr: SocketAddr,
+    pub decisions: watch::Receiver<Arc<DecisionTable>>,
+    pub rates: watch::Receiver<Arc<Rates>>,
+    pub pdp_stats: Arc<PdpStats>,
+    pub store: Store,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl ServerHandle {
+    /// Stops every task: enforcers get CC (shutting down).
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when any task ends (which they do only on shutdown).
+    pub async fn wait(&mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+impl Server {
+    /// Connects to the database (migrating it), binds the PDP and starts
+    /// the loop.
+    pub async fn start(
+        db_url: &str,
+        pdp_listen: SocketAddr,
+        pdp_config: crate::pdp::PdpConfig,
+        loop_config: LoopConfig,
+        policies: watch::Receiver<Arc<PolicySet>>,
+    ) -> Result<ServerHandle, ServerError> {
+        let db = Db::connect(db_url).await?;
+        db.migrate().await?;
+        let store = Store::new(db);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let policy = policies.borrow().clone();
+
+        let mut engine = Engine::new(loop_config.hysteresis);
+        engine.restore(&policy, store.latest_decisions().await?);
+        let mut bm = BandwidthManager::new(&policy, loop_config.ewma_weight);
+        let recent = now_ns() - 10 * loop_config.interval.as_nanos() as i64;
+        for (subject, name, avg) in store.latest_averages(recent).await? {
+            let key = if subject == "flow" {
+                policy.rules.iter().find(|r| r.name == name).map(|r| r.dn.clone())
+            } else {
+                Some(name)
+            };
+            if let Some(key) = key {
+                bm.seed_average(subject == "flow", &key, avg);
+            }
+        }
+        let (decisions_tx, decisions_rx) = watch::channel(Arc::new(engine.table()));
+        let (rates_tx, rates_rx) = watch::channel(Arc::new(Rates::default()));
+        let (events_tx, events_rx) = mpsc::channel(10_000);
+
+        let pdp = Pdp::bind(pdp_listen, pdp_config, decisions_rx.clone(), events_tx)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: pdp_listen,
+                source,
+            })?;
+        let pdp_addr = pdp.local_addr().map_err(|source| ServerError::Listen {
+            addr: pdp_listen,
+            source,
+        })?;
+        let pdp_stats = pdp.stats();
+        let cursor = FlowCursor::at_end(&store, loop_config.gap_timeout).await?;
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(pdp.run(shutdown_rx.clone()));
+        tasks.spawn(record_events(store.clone(), events_rx));
+        let ctx = LoopState {
+            store: store.clone(),
+            config: loop_config,
+            cursor,
+            bm,
+            engine,
+            policies,
+            decisions: decisions_tx,
+            rates: rates_tx,
+        };
+        tasks.spawn(ctx.run(shutdown_rx));
+        tracing::info!(pdp = %pdp_addr, "policy server running");
+        Ok(ServerHandle {
+            pdp_addr,
+            decisions: decisions_rx,
+            rates: rates_rx,
+            pdp_stats,
+            store,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+struct LoopState {
+    store: Store,
+    config: LoopConfig,
+    cursor: FlowCursor,
+    bm: BandwidthManager,
+    engine: Engine,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    decisions: watch::Sender<Arc<DecisionTable>>,
+    rates: watch::Sender<Arc<Rates>>,
+}
+
+impl LoopState {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.config.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        let mut policy = self.policies.borrow_and_update().clone();
+        let mut last_rates = Arc::new(Rates::default());
+        // Decide once at start: enforcers get the policy before any traffic.
+        self.decide(&policy, &last_rates).await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                changed = self.policies.changed() => {
+                    if changed.is_err() {
+                        tracing::warn!("policy repository stopped; keeping the last policy");
+                        self.policies = watch::channel(policy.clone()).1;
+                        continue;
+                    }
+                    policy = self.policies.borrow_and_update().clone();
+                    self.bm.set_policy(&policy);
+                    tracing::info!(rules = policy.rules.len(), "new policy");
+                    self.decide(&policy, &last_rates).await;
+                    continue;
+                }
+                _ = crate::pdp::stopped(&mut shutdown) => return,
+            }
+            let read = self
+                .cursor
+                .read_new(&self.store, |r| self.bm.add(r))
+                .await;
+            match read {
+                Ok(stats) if stats.malformed > 0 || stats.gaps_skipped > 0 => tracing::warn!(
+                    malformed = stats.malformed,
+                    gaps_skipped = stats.gaps_skipped,
+                    "flow records skipped"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading flow records failed; retrying next interval");
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            let elapsed = now.duration_since(last);
+            last = now;
+            let rates = Arc::new(self.bm.close_interval(now_ns(), elapsed.as_nanos() as i64));
+            self.decide(&policy, &rates).await;
+            self.rates.send_replace(rates.clone());
+            if let Err(e) = self.store.insert_rates(&rates).await {
+                tracing::warn!(error = %e, "storing rates failed");
+            }
+            last_rates = rates;
+        }
+    }
+
+    async fn decide(&mut self, policy: &PolicySet, rates: &Rates) {
+        let changes = self.engine.evaluate(policy, rates, now_ns() as u64);
+        for (dn, why) in &changes.skipped {
+            tracing::warn!(rule = %dn, reason = why, "rule not enforced");
+        }
+        if changes.is_empty() {
+            return;
+        }
+        self.decisions.send_replace(Arc::new(self.engine.table()));
+        for d in &changes.installed {
+            tracing::info!(
+                decision = d.id,
+                version = d.version,
+                role = %d.role,
+                kind = %d.kind(),
+                band = %d.reason.band,
+                link_load_kbps = d.reason.link_load_kbps,
+                avg_rate_kbps = d.reason.avg_rate_kbps,
+                "decision"
+            );
+        }
+        if let Err(e) = self.store.insert_decisions(&changes).await {
+            tracing::warn!(error = %e, "storing decisions failed");
+        }
+    }
+}
+
+async fn record_events(store: Store, mut events: mpsc::Receiver<PdpEvent>) {
+    while let Some(e) = events.recv().await {
+        let r = match &e {
+            PdpEvent::Connected {
+                name,
+                roles,
+                address,
+            } => {
+                store
+                    .upsert_enforcer(name, roles, &address.to_string(), "connected")
+                    .await
+            }
+            PdpEvent::Disconnected {
+                name,
+                roles,
+                address,
+                ..
+            } => {
+                store
+                    .upsert_enforcer(name, roles, &address.to_string(), "disconnected")
+                    .await
+            }
+            PdpEvent::Report { name, report } => store.insert_report(name, report).await,
+        };
+        if let Err(err) = r {
+            tracing::warn!(error = %err, "storing an enforcer event failed");
+        }
+    }
+}
