@@ -20,6 +20,7 @@ pub mod bandwidth;
 pub mod config;
 pub mod engine;
 pub mod pdp;
+pub mod repo;
 pub mod server;
 pub mod store;
 pub mod testing;
