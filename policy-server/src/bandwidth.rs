@@ -95,7 +95,9 @@ impl RuleIndex {
                 r.flows
                     .iter()
                     .map(|f| match (f.src, f.dst) {
-                        (Some(s), Some(d)) if s.is_host() && d.is_host() => Some((s.addr(), d.addr())),
+                        (Some(s), Some(d)) if s.is_host() && d.is_host() => {
+                            Some((s.addr(), d.addr()))
+                        }
                         _ => None,
                     })
                     .collect()
@@ -127,8 +129,7 @@ pub fn rule_selects(rule: &BusinessRule, r: &FlowRecord) -> bool {
     }
     let spec_ok = rule.flows.is_empty() || rule.flows.iter().any(|f| f.matches(r));
     let user_ok = rule.users.is_empty()
-        || r
-            .user
+        || r.user
             .as_deref()
             .is_some_and(|u| rule.users.iter().any(|x| x == u));
     rule.enabled && spec_ok && user_ok
@@ -164,7 +165,11 @@ impl BandwidthManager {
             .flows
             .iter()
             .map(|a| ((true, a.key.clone()), a.avg_kbps))
-            .chain(self.links.iter().map(|a| ((false, a.key.clone()), a.avg_kbps)))
+            .chain(
+                self.links
+                    .iter()
+                    .map(|a| ((false, a.key.clone()), a.avg_kbps)),
+            )
             .collect();
         let keep = |is_flow: bool, mut a: Accumulator| {
             a.avg_kbps = old_avg.get(&(is_flow, a.key.clone())).copied().flatten();
@@ -187,7 +192,11 @@ impl BandwidthManager {
     /// Seeds the average of a subject, e.g. from the last stored rates
     /// after a restart.
     pub fn seed_average(&mut self, is_flow: bool, key: &str, avg_kbps: f64) {
-        let list = if is_flow { &mut self.flows } else { &mut self.links };
+        let list = if is_flow {
+            &mut self.flows
+        } else {
+            &mut self.links
+        };
         if let Some(a) = list.iter_mut().find(|a| a.key == key) {
             a.avg_kbps = Some(avg_kbps);
         }
@@ -282,7 +291,10 @@ mod tests {
         bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 125_000));
         let r = bm.close_interval(second, second);
         let f = &r.flows[0];
-        assert_eq!((f.rate_kbps, f.avg_rate_kbps, f.records), (1000.0, 1000.0, 1));
+        assert_eq!(
+            (f.rate_kbps, f.avg_rate_kbps, f.records),
+            (1000.0, 1000.0, 1)
+        );
         bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 375_000));
         let r = bm.close_interval(2 * second, second);
         assert_eq!(r.flows[0].rate_kbps, 3000.0);

@@ -160,21 +160,45 @@ impl Config {
     /// Checks every setting; `need_db` is false for `--check`.
     pub fn validate(s: Settings, need_db: bool) -> Result<Config, ConfigError> {
         let db = match s.db {
-            Some(db) if db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://") => db,
-            Some(db) => return Err(invalid("db", format!("{db:?}: use sqlite://FILE or postgres://…"))),
-            None if need_db => return Err(invalid("db", "missing (sqlite://FILE or postgres://…)")),
+            Some(db)
+                if db.starts_with("sqlite:")
+                    || db.starts_with("postgres://")
+                    || db.starts_with("postgresql://") =>
+            {
+                db
+            }
+            Some(db) => {
+                return Err(invalid(
+                    "db",
+                    format!("{db:?}: use sqlite://FILE or postgres://…"),
+                ))
+            }
+            None if need_db => {
+                return Err(invalid("db", "missing (sqlite://FILE or postgres://…)"))
+            }
             None => String::new(),
         };
         let policies = match (s.policies, s.ldap) {
-            (Some(_), Some(_)) => return Err(invalid("policies", "give either policies (LDIF) or ldap, not both")),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "policies",
+                    "give either policies (LDIF) or ldap, not both",
+                ))
+            }
             (Some(p), None) => PolicySource::File(p),
             (None, Some(url)) => {
-                if !["ldap://", "ldaps://", "ldapi://"].iter().any(|p| url.starts_with(p)) {
-                    return Err(invalid("ldap", format!("{url:?}: expected ldap://, ldaps:// or ldapi://")));
+                if !["ldap://", "ldaps://", "ldapi://"]
+                    .iter()
+                    .any(|p| url.starts_with(p))
+                {
+                    return Err(invalid(
+                        "ldap",
+                        format!("{url:?}: expected ldap://, ldaps:// or ldapi://"),
+                    ));
                 }
-                let base = s
-                    .ldap_base
-                    .ok_or_else(|| invalid("ldap_base", "missing: the base DN of the policy entries"))?;
+                let base = s.ldap_base.ok_or_else(|| {
+                    invalid("ldap_base", "missing: the base DN of the policy entries")
+                })?;
                 PolicySource::Ldap {
                     url,
                     base,
@@ -182,21 +206,38 @@ impl Config {
                     password_file: s.ldap_password_file,
                 }
             }
-            (None, None) => return Err(invalid("policies", "missing: give policies (LDIF file) or ldap")),
+            (None, None) => {
+                return Err(invalid(
+                    "policies",
+                    "missing: give policies (LDIF file) or ldap",
+                ))
+            }
         };
-        let pdp_listen = addr("pdp_listen", s.pdp_listen.as_deref().unwrap_or("0.0.0.0:3288"))?;
+        let pdp_listen = addr(
+            "pdp_listen",
+            s.pdp_listen.as_deref().unwrap_or("0.0.0.0:3288"),
+        )?;
         let http = s.http.as_deref().map(|h| addr("http", h)).transpose()?;
         let interval_ms = s.interval_ms.unwrap_or(1000);
         if !(100..=60_000).contains(&interval_ms) {
-            return Err(invalid("interval_ms", format!("{interval_ms}: must be 100..=60000")));
+            return Err(invalid(
+                "interval_ms",
+                format!("{interval_ms}: must be 100..=60000"),
+            ));
         }
         let ewma_weight = s.ewma_weight.unwrap_or(0.5);
         if !(ewma_weight > 0.0 && ewma_weight <= 1.0) {
-            return Err(invalid("ewma_weight", format!("{ewma_weight}: must be in (0, 1]")));
+            return Err(invalid(
+                "ewma_weight",
+                format!("{ewma_weight}: must be in (0, 1]"),
+            ));
         }
         let hysteresis = s.hysteresis.unwrap_or(0.05);
         if !(0.0..0.5).contains(&hysteresis) {
-            return Err(invalid("hysteresis", format!("{hysteresis}: must be in [0, 0.5)")));
+            return Err(invalid(
+                "hysteresis",
+                format!("{hysteresis}: must be in [0, 0.5)"),
+            ));
         }
         let open_timeout_ms = s.open_timeout_ms.unwrap_or(5000);
         if open_timeout_ms == 0 {
@@ -241,7 +282,9 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let file = Settings::from_toml("db = \"sqlite://a.db\"\ninterval_ms = 500\npolicies = \"p.ldif\"").unwrap();
+        let file =
+            Settings::from_toml("db = \"sqlite://a.db\"\ninterval_ms = 500\npolicies = \"p.ldif\"")
+                .unwrap();
         let flags = Settings {
             interval_ms: Some(100),
             ..Settings::default()
@@ -255,13 +298,55 @@ mod tests {
     fn bad_settings_name_their_key() {
         let base = || Settings::from_toml("db = \"sqlite://a.db\"\npolicies = \"p.ldif\"").unwrap();
         let cases: Vec<(Settings, &str)> = vec![
-            (Settings { interval_ms: Some(50), ..base() }, "interval_ms"),
-            (Settings { ewma_weight: Some(0.0), ..base() }, "ewma_weight"),
-            (Settings { hysteresis: Some(0.7), ..base() }, "hysteresis"),
-            (Settings { pdp_listen: Some("nowhere".into()), ..base() }, "pdp_listen"),
-            (Settings { db: Some("mysql://x".into()), ..base() }, "db"),
-            (Settings { ldap: Some("ldap://x".into()), ..base() }, "policies"),
-            (Settings { log_format: Some("xml".into()), ..base() }, "log_format"),
+            (
+                Settings {
+                    interval_ms: Some(50),
+                    ..base()
+                },
+                "interval_ms",
+            ),
+            (
+                Settings {
+                    ewma_weight: Some(0.0),
+                    ..base()
+                },
+                "ewma_weight",
+            ),
+            (
+                Settings {
+                    hysteresis: Some(0.7),
+                    ..base()
+                },
+                "hysteresis",
+            ),
+            (
+                Settings {
+                    pdp_listen: Some("nowhere".into()),
+                    ..base()
+                },
+                "pdp_listen",
+            ),
+            (
+                Settings {
+                    db: Some("mysql://x".into()),
+                    ..base()
+                },
+                "db",
+            ),
+            (
+                Settings {
+                    ldap: Some("ldap://x".into()),
+                    ..base()
+                },
+                "policies",
+            ),
+            (
+                Settings {
+                    log_format: Some("xml".into()),
+                    ..base()
+                },
+                "log_format",
+            ),
         ];
         for (s, key) in cases {
             let e = Config::validate(s, true).unwrap_err().to_string();

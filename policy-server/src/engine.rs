@@ -108,7 +108,12 @@ pub fn decision_id(dn: &str, spec_index: usize, role: &str) -> u64 {
 
 /// The band for `load`, keeping `current` while the load is inside it
 /// widened by `h` (see the module doc).
-pub fn select_band(class: &ServiceClass, load_kbps: f64, current: Option<usize>, h: f64) -> Option<usize> {
+pub fn select_band(
+    class: &ServiceClass,
+    load_kbps: f64,
+    current: Option<usize>,
+    h: f64,
+) -> Option<usize> {
     let bands = &class.out_of_profile;
     if let Some(b) = current.and_then(|i| bands.get(i)) {
         let lo = b.from.0 as f64 * (1.0 - h);
@@ -150,7 +155,11 @@ impl Engine {
                 .iter()
                 .find(|r| r.dn == d.policy_dn)
                 .and_then(|r| policy.classes.iter().find(|c| c.name == r.service_class))
-                .and_then(|c| c.out_of_profile.iter().position(|b| b.name == d.reason.band));
+                .and_then(|c| {
+                    c.out_of_profile
+                        .iter()
+                        .position(|b| b.name == d.reason.band)
+                });
             if let Some(band) = band {
                 self.current.insert(
                     d.id,
@@ -166,8 +175,11 @@ impl Engine {
     /// Decides for every policed flow from this interval's rates.
     pub fn evaluate(&mut self, policy: &PolicySet, rates: &Rates, now_ns: u64) -> Changes {
         let mut changes = Changes::default();
-        let classes: HashMap<&str, &ServiceClass> =
-            policy.classes.iter().map(|c| (c.name.as_str(), c)).collect();
+        let classes: HashMap<&str, &ServiceClass> = policy
+            .classes
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
         let flow_rates: HashMap<&str, (f64, f64)> = rates
             .flows
             .iter()
@@ -181,7 +193,9 @@ impl Engine {
         let mut alive: HashMap<u64, ()> = HashMap::with_capacity(self.current.len());
         for rule in policy.rules.iter().filter(|r| r.enabled) {
             let Some(class) = classes.get(rule.service_class.as_str()) else {
-                changes.skipped.push((rule.dn.clone(), "service class not found"));
+                changes
+                    .skipped
+                    .push((rule.dn.clone(), "service class not found"));
                 continue;
             };
             if !policy.links.iter().any(|l| l.name == rule.link) {
@@ -189,10 +203,15 @@ impl Engine {
                 continue;
             }
             if rule.flows.is_empty() {
-                changes.skipped.push((rule.dn.clone(), "no flow spec to enforce"));
+                changes
+                    .skipped
+                    .push((rule.dn.clone(), "no flow spec to enforce"));
                 continue;
             }
-            let (rate, avg) = flow_rates.get(rule.dn.as_str()).copied().unwrap_or((0.0, 0.0));
+            let (rate, avg) = flow_rates
+                .get(rule.dn.as_str())
+                .copied()
+                .unwrap_or((0.0, 0.0));
             let load = link_loads.get(rule.link.as_str()).copied().unwrap_or(0.0);
             for (i, spec) in rule.flows.iter().enumerate() {
                 for role in &rule.roles {
@@ -201,7 +220,9 @@ impl Engine {
                     let Some(band) =
                         select_band(class, load, prev.map(|c| c.band), self.hysteresis)
                     else {
-                        changes.skipped.push((rule.dn.clone(), "no band covers the link load"));
+                        changes
+                            .skipped
+                            .push((rule.dn.clone(), "no band covers the link load"));
                         continue;
                     };
                     alive.insert(id, ());
@@ -259,7 +280,13 @@ impl Engine {
     }
 }
 
-fn decision_for(class: &ServiceClass, band: usize, policy_dn: String, flow: FlowSpec, role: &str) -> Decision {
+fn decision_for(
+    class: &ServiceClass,
+    band: usize,
+    policy_dn: String,
+    flow: FlowSpec,
+    role: &str,
+) -> Decision {
     Decision {
         id: 0,
         version: 0,
@@ -339,7 +366,12 @@ mod tests {
     fn unchanged_actions_are_not_pushed_again() {
         let p = paper_policy();
         let mut e = Engine::new(0.05);
-        assert_eq!(e.evaluate(&p, &rates(&p, 1500.0, 1000.0), 1).installed.len(), 1);
+        assert_eq!(
+            e.evaluate(&p, &rates(&p, 1500.0, 1000.0), 1)
+                .installed
+                .len(),
+            1
+        );
         let c = e.evaluate(&p, &rates(&p, 900.0, 1200.0), 2);
         assert!(c.is_empty(), "only the inputs changed: {c:?}");
         assert_eq!(e.table().epoch, 1);
@@ -400,7 +432,9 @@ mod tests {
         let saved: Vec<Decision> = first.table().all().map(|d| (**d).clone()).collect();
         let mut second = Engine::new(0.05);
         second.restore(&p, saved);
-        assert!(second.evaluate(&p, &rates(&p, 1500.0, 6900.0), 2).is_empty());
+        assert!(second
+            .evaluate(&p, &rates(&p, 1500.0, 6900.0), 2)
+            .is_empty());
     }
 
     #[test]

@@ -1,21 +1,194 @@
-use clap::Parser;
-use std::process::ExitCode;
+//! qosloop-policy-server: parse, configure, run; map errors to exit codes
+//! (64 = bad configuration, 1 = invalid policy or runtime failure).
 
-/// qosloop-policy-server: computes rates, reads policies and pushes decisions to enforcers.
+use anyhow::Context;
+use clap::Parser;
+use qosloop_policy_server::config::{Config, PolicySource, Settings};
+use qosloop_policy_server::repo::{self, LdapBind, LdapSource, PolicyWatch};
+use qosloop_policy_server::server::{LoopConfig, Server};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// qosloop-policy-server: computes rates from stored flows, decides by
+/// policy and pushes decisions to enforcers (COPS).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file (TOML).
+    /// Configuration file (TOML); every flag below is also a key.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the policy, print the rules understood and exit.
     #[arg(long)]
-    config: Option<std::path::PathBuf>,
-    /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    log_format: qosloop_schema::telemetry::LogFormat,
+    check: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
+const EXIT_CONFIG: u8 = 64;
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    qosloop_schema::telemetry::init(args.log_format);
-    eprintln!("qosloop-policy-server: not built yet");
-    ExitCode::FAILURE
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let file = match args.config.as_deref().map(Settings::from_file).transpose() {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("qosloop-policy-server: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match Config::validate(args.settings.over(file), !args.check) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qosloop-policy-server: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    qosloop_schema::telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("qosloop-policy-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = if args.check {
+        runtime.block_on(check(&config))
+    } else {
+        runtime.block_on(run(config))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qosloop-policy-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ldap_source(
+    url: &str,
+    base: &str,
+    bind_dn: &Option<String>,
+    password_file: &Option<PathBuf>,
+) -> anyhow::Result<LdapSource> {
+    let bind = match (bind_dn, password_file) {
+        (Some(dn), Some(file)) => {
+            let password = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the LDAP password file {}", file.display()))?;
+            LdapBind::Simple {
+                dn: dn.clone(),
+                password: password.trim_end_matches(['\n', '\r']).to_owned(),
+            }
+        }
+        (Some(dn), None) => LdapBind::Simple {
+            dn: dn.clone(),
+            password: String::new(),
+        },
+        (None, _) if url.starts_with("ldapi://") => LdapBind::SaslExternal,
+        (None, _) => LdapBind::Anonymous,
+    };
+    Ok(LdapSource::new(url, base, bind))
+}
+
+async fn check(config: &Config) -> anyhow::Result<()> {
+    let policy = match &config.policies {
+        PolicySource::File(path) => repo::load_ldif_file(path)?,
+        PolicySource::Ldap {
+            url,
+            base,
+            bind_dn,
+            password_file,
+        } => repo::load_ldap(&ldap_source(url, base, bind_dn, password_file)?).await?,
+    };
+    print!("{}", repo::describe(&policy));
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let watch: PolicyWatch = match &config.policies {
+        PolicySource::File(path) => repo::watch_ldif_file(path, repo::DEFAULT_POLL)?,
+        PolicySource::Ldap {
+            url,
+            base,
+            bind_dn,
+            password_file,
+        } => {
+            repo::watch_ldap(
+                ldap_source(url, base, bind_dn, password_file)?,
+                Duration::from_secs(10),
+            )
+            .await?
+        }
+    };
+    let mut watch = watch;
+    let policy = watch.policy.clone();
+    // Take the audit channel; `watch` itself must live on (dropping it stops watching).
+    let mut audit = std::mem::replace(&mut watch.audit, tokio::sync::mpsc::channel(1).1);
+    let mut server = Server::start(
+        &config.db,
+        config.pdp_listen,
+        config.pdp.clone(),
+        LoopConfig::from(&config),
+        policy.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "starting with database {}",
+            qosloop_collector::redact(&config.db)
+        )
+    })?;
+    let store = server.store.clone();
+    let audit_task = async move {
+        while let Some(e) = audit.recv().await {
+            if let Err(err) = store
+                .insert_audit(
+                    e.at_ns,
+                    &e.source,
+                    &e.dn,
+                    e.change.as_str(),
+                    e.detail.as_deref(),
+                )
+                .await
+            {
+                tracing::warn!(error = %err, "storing a policy audit event failed");
+            }
+        }
+    };
+    if let Some(addr) = config.http {
+        tracing::warn!(http = %addr, "the web API is not built yet; ignoring http");
+    }
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = server.wait() => tracing::warn!("a server task ended"),
+        _ = audit_task => {},
+    }
+    server.stop().await;
+    drop(watch);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
 }

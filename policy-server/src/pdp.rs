@@ -249,11 +249,19 @@ impl Connection {
                     format!("no OPN within {:?}", self.config.open_timeout),
                 ))
             }
-            Ok(None) => return Err(Close { cc: None, why: "closed before OPN".into() }),
+            Ok(None) => {
+                return Err(Close {
+                    cc: None,
+                    why: "closed before OPN".into(),
+                })
+            }
             Ok(Some(Err(e))) => return Err(Close::from_cops(e)),
             Ok(Some(Ok(m))) => m,
         };
-        let Body::Opn { pep_id, client_si, .. } = &msg.body else {
+        let Body::Opn {
+            pep_id, client_si, ..
+        } = &msg.body
+        else {
             return Err(Close::with(
                 ErrorCode::BadMessageFormat,
                 format!("expected OPN first, got {}", msg.op_code()),
@@ -408,7 +416,11 @@ impl Connection {
 
 /// The decisions that turn what the PEP has (`sent`: id → version) into
 /// what its roles should have; updates `sent` to the result.
-pub fn diff(table: &DecisionTable, roles: &[String], sent: &mut HashMap<u64, u64>) -> Vec<DecisionEntry> {
+pub fn diff(
+    table: &DecisionTable,
+    roles: &[String],
+    sent: &mut HashMap<u64, u64>,
+) -> Vec<DecisionEntry> {
     let mut out = Vec::new();
     let mut wanted: HashMap<u64, ()> = HashMap::new();
     for d in table.for_roles(roles) {

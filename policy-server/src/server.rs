@@ -106,7 +106,11 @@ impl Server {
         let recent = now_ns() - 10 * loop_config.interval.as_nanos() as i64;
         for (subject, name, avg) in store.latest_averages(recent).await? {
             let key = if subject == "flow" {
-                policy.rules.iter().find(|r| r.name == name).map(|r| r.dn.clone())
+                policy
+                    .rules
+                    .iter()
+                    .find(|r| r.name == name)
+                    .map(|r| r.dn.clone())
             } else {
                 Some(name)
             };
@@ -195,10 +199,7 @@ impl LoopState {
                 }
                 _ = crate::pdp::stopped(&mut shutdown) => return,
             }
-            let read = self
-                .cursor
-                .read_new(&self.store, |r| self.bm.add(r))
-                .await;
+            let read = self.cursor.read_new(&self.store, |r| self.bm.add(r)).await;
             match read {
                 Ok(stats) if stats.malformed > 0 || stats.gaps_skipped > 0 => tracing::warn!(
                     malformed = stats.malformed,

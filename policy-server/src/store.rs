@@ -135,8 +135,9 @@ impl FlowCursor {
     /// A cursor that starts after the records stored so far.
     pub async fn at_end(store: &Store, gap_timeout: Duration) -> Result<FlowCursor, StoreError> {
         let q = "SELECT COALESCE(MAX(id), 0) FROM flows";
-        let (max,): (i64,) = on_pool!(&store.db, pool, D => sqlx::query_as(q).fetch_one(pool).await)
-            .map_err(sql("reading the last flow id"))?;
+        let (max,): (i64,) =
+            on_pool!(&store.db, pool, D => sqlx::query_as(q).fetch_one(pool).await)
+                .map_err(sql("reading the last flow id"))?;
         Ok(FlowCursor::from_id(max + 1, gap_timeout))
     }
 
@@ -340,8 +341,9 @@ impl Store {
             "SELECT d.kind, {body} FROM decisions d JOIN \
              (SELECT decision_id, MAX(id) AS id FROM decisions GROUP BY decision_id) last ON last.id = d.id"
         );
-        let rows: Vec<(String, String)> = on_pool!(&self.db, pool, D => sqlx::query_as(&q).fetch_all(pool).await)
-            .map_err(sql("reading the last decisions"))?;
+        let rows: Vec<(String, String)> =
+            on_pool!(&self.db, pool, D => sqlx::query_as(&q).fetch_all(pool).await)
+                .map_err(sql("reading the last decisions"))?;
         Ok(rows
             .into_iter()
             .filter(|(kind, _)| kind != "remove")
@@ -350,7 +352,10 @@ impl Store {
     }
 
     /// The last stored average of each subject newer than `since_ns`.
-    pub async fn latest_averages(&self, since_ns: i64) -> Result<Vec<(String, String, f64)>, StoreError> {
+    pub async fn latest_averages(
+        &self,
+        since_ns: i64,
+    ) -> Result<Vec<(String, String, f64)>, StoreError> {
         let q = "SELECT r.subject, r.name, r.avg_rate_kbps FROM rates r JOIN \
                  (SELECT subject, name, MAX(id) AS id FROM rates WHERE at_ns >= $1 GROUP BY subject, name) last \
                  ON last.id = r.id";
@@ -387,7 +392,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert_report(&self, enforcer: &str, r: &EnforcementReport) -> Result<(), StoreError> {
+    pub async fn insert_report(
+        &self,
+        enforcer: &str,
+        r: &EnforcementReport,
+    ) -> Result<(), StoreError> {
         let (outcome, reason) = match &r.outcome {
             ReportOutcome::Installed => ("installed", None),
             ReportOutcome::Removed => ("removed", None),
@@ -440,14 +449,16 @@ impl Store {
                 .map_err(sql("reading enforcers"))?;
         Ok(rows
             .into_iter()
-            .map(|(name, roles, address, state, connected_ns, last_seen_ns)| EnforcerRow {
-                name,
-                roles,
-                address,
-                state,
-                connected_ns,
-                last_seen_ns,
-            })
+            .map(
+                |(name, roles, address, state, connected_ns, last_seen_ns)| EnforcerRow {
+                    name,
+                    roles,
+                    address,
+                    state,
+                    connected_ns,
+                    last_seen_ns,
+                },
+            )
             .collect())
     }
 
@@ -467,35 +478,46 @@ impl Store {
                 .map_err(sql("reading rates"))?;
         Ok(rows
             .into_iter()
-            .map(|(at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records)| RateRow {
-                at_ns,
-                interval_ns,
-                subject,
-                name,
-                rate_kbps,
-                avg_rate_kbps,
-                records,
-            })
+            .map(
+                |(at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records)| RateRow {
+                    at_ns,
+                    interval_ns,
+                    subject,
+                    name,
+                    rate_kbps,
+                    avg_rate_kbps,
+                    records,
+                },
+            )
             .collect())
     }
 
     /// The last `limit` decision changes, newest first:
     /// (issued_ns, kind, band, body JSON).
-    pub async fn recent_decisions(&self, limit: i64) -> Result<Vec<(i64, String, String, String)>, StoreError> {
+    pub async fn recent_decisions(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String, String)>, StoreError> {
         let body = match self.db {
             Db::Sqlite(_) => "body",
             Db::Postgres(_) => "body::text",
         };
-        let q = format!("SELECT issued_ns, kind, band, {body} FROM decisions ORDER BY id DESC LIMIT $1");
+        let q = format!(
+            "SELECT issued_ns, kind, band, {body} FROM decisions ORDER BY id DESC LIMIT $1"
+        );
         on_pool!(&self.db, pool, D => sqlx::query_as(&q).bind(limit).fetch_all(pool).await)
             .map_err(sql("reading decisions"))
     }
 
     /// The last `limit` flow records, newest first.
     pub async fn recent_flows(&self, limit: i64) -> Result<Vec<FlowRecord>, StoreError> {
-        let q = format!("SELECT {} FROM flows ORDER BY id DESC LIMIT $1", flow_columns(&self.db));
-        let rows: Vec<FlowRow> = on_pool!(&self.db, pool, D => sqlx::query_as(&q).bind(limit).fetch_all(pool).await)
-            .map_err(sql("reading flows"))?;
+        let q = format!(
+            "SELECT {} FROM flows ORDER BY id DESC LIMIT $1",
+            flow_columns(&self.db)
+        );
+        let rows: Vec<FlowRow> =
+            on_pool!(&self.db, pool, D => sqlx::query_as(&q).bind(limit).fetch_all(pool).await)
+                .map_err(sql("reading flows"))?;
         Ok(rows.iter().filter_map(record_of).collect())
     }
 }

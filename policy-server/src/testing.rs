@@ -104,8 +104,18 @@ pub fn many_flows_policy(n: usize, roles: usize) -> PolicySet {
     let mut p = paper_policy();
     p.rules = (0..n)
         .map(|i| {
-            let src = format!("10.{}.{}.{}", 64 + (i >> 16) % 64, (i >> 8) & 0xff, i & 0xff);
-            policed_rule(&format!("flow{i}"), &src, 4055, &format!("edge{}", i % roles.max(1)))
+            let src = format!(
+                "10.{}.{}.{}",
+                64 + (i >> 16) % 64,
+                (i >> 8) & 0xff,
+                i & 0xff
+            );
+            policed_rule(
+                &format!("flow{i}"),
+                &src,
+                4055,
+                &format!("edge{}", i % roles.max(1)),
+            )
         })
         .collect();
     p

@@ -1,0 +1,93 @@
+//! The binary's contract: --check, exit 64 on bad configuration, --help.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qosloop-policy-server"))
+}
+
+fn sample() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/ldap/sample-policy.ldif")
+}
+
+#[test]
+fn check_prints_the_sample_policy_and_exits_0() {
+    let out = bin()
+        .arg("--policies")
+        .arg(sample())
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("policed-flow"), "{text}");
+}
+
+#[test]
+fn check_names_the_dn_and_attribute_of_an_invalid_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = std::fs::read_to_string(sample())
+        .unwrap()
+        .replace("qosloopProfileRate: 1000", "qosloopProfileRate: fast");
+    let path = dir.path().join("bad.ldif");
+    std::fs::write(&path, bad).unwrap();
+    let out = bin()
+        .arg("--policies")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cn=gold,ou=classes,dc=qosloop,dc=example"),
+        "{err}"
+    );
+    assert!(err.contains("qosloopProfileRate"), "{err}");
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_key() {
+    let out = bin()
+        .args(["--db", "sqlite://x.db", "--interval-ms", "5"])
+        .arg("--policies")
+        .arg(sample())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interval_ms"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "pdp_lisen = \"x\"\n").unwrap();
+    let out = bin().arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pdp_lisen"));
+
+    let out = bin().arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(bin().arg("--help").output().unwrap().status.success());
+}
+
+#[test]
+fn the_example_config_runs_check() {
+    // example.toml names the sample policy relative to the repository root.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = bin()
+        .current_dir(&root)
+        .args(["--config", "policy-server/example.toml", "--check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

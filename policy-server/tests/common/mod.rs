@@ -1,0 +1,210 @@
+//! A fake enforcer (PEP) speaking COPS over real TCP, and helpers to run a
+//! server and write synthetic flow records.
+
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::large_enum_variant
+)]
+
+use futures_util::{SinkExt, StreamExt};
+use qosloop_collector::Db;
+use qosloop_policy_server::server::{LoopConfig, Server, ServerHandle};
+use qosloop_policy_server::PdpConfig;
+use qosloop_schema::cops::payload::QosloopDecision;
+use qosloop_schema::cops::{
+    Body, CopsCodec, DecOutcome, Handle, InstalledDecision, Message, PepHello, PepState,
+};
+use qosloop_schema::{Decision, EnforcementReport, PolicySet, ReportOutcome};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::codec::Framed;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct FakePep {
+    pub wire: Framed<TcpStream, CopsCodec>,
+    pub handle: Handle,
+}
+
+/// What a DEC said, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Got {
+    Install(Decision),
+    Remove(u64),
+    Nothing,
+}
+
+pub fn decode_dec(m: &Message) -> Vec<Got> {
+    let Body::Dec {
+        outcome: DecOutcome::Decisions(entries),
+        ..
+    } = &m.body
+    else {
+        panic!("expected a DEC with decisions, got {m:?}");
+    };
+    entries
+        .iter()
+        .map(|e| match e.qosloop().unwrap() {
+            QosloopDecision::Install(d) => Got::Install(*d),
+            QosloopDecision::Remove(r) => Got::Remove(r.id),
+            QosloopDecision::Nothing => Got::Nothing,
+        })
+        .collect()
+}
+
+impl FakePep {
+    /// Connects, opens, synchronises with `installed` and returns the
+    /// decisions of the solicited DEC(s).
+    pub async fn connect(
+        addr: SocketAddr,
+        name: &str,
+        roles: &[&str],
+        installed: &[(u64, u64)],
+    ) -> (FakePep, Vec<Got>) {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut wire = Framed::new(stream, CopsCodec::default());
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        let hello = PepHello {
+            roles: roles.clone(),
+            interface: None,
+            software: "fake-pep".into(),
+        };
+        wire.send(Message::opn(name, &hello)).await.unwrap();
+        let mut pep = FakePep {
+            wire,
+            handle: Handle::from_u32(7),
+        };
+        let cat = pep.next().await;
+        assert!(matches!(cat.body, Body::Cat { .. }), "{cat:?}");
+        let ssq = pep.next().await;
+        assert!(matches!(ssq.body, Body::Ssq { .. }), "{ssq:?}");
+        let state = PepState {
+            roles,
+            installed: installed
+                .iter()
+                .map(|&(id, version)| InstalledDecision { id, version })
+                .collect(),
+        };
+        pep.wire
+            .send(Message::req(pep.handle.clone(), &state))
+            .await
+            .unwrap();
+        pep.wire.send(Message::ssc()).await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            let dec = pep.next().await;
+            assert!(dec.solicited, "the answer to REQ is solicited: {dec:?}");
+            got.extend(decode_dec(&dec));
+            // Solicited DECs come back to back; stop when no more is queued.
+            if !pep.solicited_follows().await {
+                break;
+            }
+        }
+        (pep, got)
+    }
+
+    async fn solicited_follows(&mut self) -> bool {
+        match tokio::time::timeout(Duration::from_millis(100), self.wire.next()).await {
+            Ok(Some(Ok(m))) if m.solicited && matches!(m.body, Body::Dec { .. }) => {
+                panic!("unexpected split solicited DEC in this test: {m:?}")
+            }
+            Ok(Some(Ok(m))) => panic!("unexpected message after the solicited DEC: {m:?}"),
+            _ => false,
+        }
+    }
+
+    pub async fn next(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.wire.next())
+            .await
+            .expect("a message within the wait")
+            .expect("connection open")
+            .expect("a well-formed message")
+    }
+
+    /// The next DEC, answering KAs on the way.
+    pub async fn next_dec(&mut self) -> Vec<Got> {
+        loop {
+            let m = self.next().await;
+            if matches!(m.body, Body::Dec { .. }) {
+                return decode_dec(&m);
+            }
+        }
+    }
+
+    pub async fn report(&mut self, d: &Decision) {
+        let r = EnforcementReport {
+            decision_id: d.id,
+            version: d.version,
+            outcome: ReportOutcome::Installed,
+            reconfig_ns: 6_000,
+            at_ns: 1,
+        };
+        self.wire
+            .send(Message::rpt(self.handle.clone(), &r))
+            .await
+            .unwrap();
+    }
+}
+
+pub fn loop_config(interval_ms: u64) -> LoopConfig {
+    LoopConfig {
+        interval: Duration::from_millis(interval_ms),
+        ewma_weight: 0.5,
+        hysteresis: 0.05,
+        gap_timeout: Duration::from_secs(2),
+    }
+}
+
+pub async fn start(
+    db_url: &str,
+    listen: SocketAddr,
+    policy: PolicySet,
+    interval_ms: u64,
+) -> (ServerHandle, watch::Sender<Arc<PolicySet>>) {
+    let (tx, rx) = watch::channel(Arc::new(policy));
+    let pdp = PdpConfig {
+        ka_timer_secs: 30,
+        open_timeout: Duration::from_millis(300),
+        ..PdpConfig::default()
+    };
+    let h = Server::start(db_url, listen, pdp, loop_config(interval_ms), rx)
+        .await
+        .unwrap();
+    (h, tx)
+}
+
+/// Inserts one flow record as a collector would.
+pub async fn insert_flow(db: &Db, src: &str, dst: &str, dport: u16, bytes: u64, seq: i64) {
+    let now = qosloop_collector::now_ns();
+    let q = match db {
+        Db::Sqlite(_) => "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, $2, $3, 6055, $4, 17, $5, $6, $7, $8)",
+        Db::Postgres(_) => "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, $2::inet, $3::inet, 6055, $4, 17, $5, $6, $7, $8)",
+    };
+    let packets = (bytes / 256).max(1) as i64;
+    macro_rules! run {
+        ($pool:expr) => {
+            sqlx::query(q)
+                .bind(seq)
+                .bind(src)
+                .bind(dst)
+                .bind(i32::from(dport))
+                .bind(packets)
+                .bind(bytes as i64)
+                .bind(now - 100_000_000)
+                .bind(now)
+                .execute($pool)
+                .await
+                .map(|_| ())
+        };
+    }
+    match db {
+        Db::Sqlite(p) => run!(p),
+        Db::Postgres(p) => run!(p),
+    }
+    .unwrap();
+}
