@@ -87,3 +87,168 @@ async fn records_arrive_once_in_sqlite() {
     server.abort();
     let _ = Sink::Discard;
 }
+
+mod bad_input {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use qosloop_schema::crane::{
+        ByteOrder, CraneCodec, Data, ErrorCode, Frame, Message, Start, TemplateSet, WireTemplate,
+        DATA_FLAG_START,
+    };
+    use qosloop_schema::Template;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    use tokio_util::codec::Framed;
+
+    async fn error_code(framed: &mut Framed<TcpStream, CraneCodec>) -> ErrorCode {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), framed.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Frame {
+                    message: Message::Error(e),
+                    ..
+                })) => {
+                    assert!(framed.next().await.is_none(), "closed after the error");
+                    return e.code;
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("expected an ERROR, got {other:?}"),
+            }
+        }
+    }
+
+    async fn negotiated(
+        addr: std::net::SocketAddr,
+        stream_id: u64,
+    ) -> Framed<TcpStream, CraneCodec> {
+        let mut f = Framed::new(
+            TcpStream::connect(addr).await.unwrap(),
+            CraneCodec::default(),
+        );
+        let send = |message| Frame {
+            session: 1,
+            message,
+        };
+        f.send(send(Message::Start(Start {
+            max_version: 1,
+            capabilities: 0,
+            boot_ns: 1,
+            stream_id,
+            exporter: "bad-input".into(),
+        })))
+        .await
+        .unwrap();
+        f.next().await.unwrap().unwrap();
+        f.send(send(Message::TemplateData(TemplateSet {
+            config_id: 1,
+            byte_order: ByteOrder::Big,
+            templates: vec![WireTemplate::from_template(&Template::flow_v4(256)).unwrap()],
+        })))
+        .await
+        .unwrap();
+        f.next().await.unwrap().unwrap();
+        f.send(send(Message::FinalTemplateData { config_id: 1 }))
+            .await
+            .unwrap();
+        f.next().await.unwrap().unwrap();
+        f
+    }
+
+    fn data(template_id: u16, seq: u32, flags: u8, count: u32, records: Vec<u8>) -> Frame {
+        Frame {
+            session: 1,
+            message: Message::Data(Data {
+                template_id,
+                config_id: 1,
+                flags,
+                seq,
+                count,
+                records: records.into(),
+            }),
+        }
+    }
+
+    /// Malformed, truncated, unknown-template, gapped and wrong-version
+    /// input each end their own session with an ERROR; a good exporter
+    /// running at the same time loses nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_sessions_get_errors_and_others_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let config = Config {
+            listen: "127.0.0.1:0".into(),
+            db: url.clone(),
+            ..Config::default()
+        };
+        let listener = qosloop_collector::bind(&config).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = qosloop_collector::open_sink(&url).await.unwrap();
+        let server =
+            tokio::spawn(async move { qosloop_collector::serve(listener, sink, &config).await });
+
+        let good = tokio::spawn(async move {
+            let mut ex = Exporter::start(ExporterConfig::new(vec![addr.to_string()])).unwrap();
+            let mut sum = 0;
+            for i in 0..30_000 {
+                let r = record(i);
+                sum += r.bytes;
+                ex.send(&r).await.unwrap();
+            }
+            (ex.finish().await.unwrap(), sum)
+        });
+
+        // Wrong version.
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(&[9, 1, 1, 0, 0, 0, 0, 8]).await.unwrap();
+        let mut f = Framed::new(raw, CraneCodec::default());
+        assert_eq!(error_code(&mut f).await, ErrorCode::Version);
+
+        // Oversized length.
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(&[1, 1, 1, 0, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let mut f = Framed::new(raw, CraneCodec::default());
+        assert_eq!(error_code(&mut f).await, ErrorCode::Oversized);
+
+        // DATA before any START.
+        let mut f = Framed::new(
+            TcpStream::connect(addr).await.unwrap(),
+            CraneCodec::default(),
+        );
+        f.send(data(256, 1, DATA_FLAG_START, 0, vec![]))
+            .await
+            .unwrap();
+        assert_eq!(error_code(&mut f).await, ErrorCode::State);
+
+        // Unknown template.
+        let mut f = negotiated(addr, 1001).await;
+        f.send(data(999, 1, DATA_FLAG_START, 0, vec![]))
+            .await
+            .unwrap();
+        assert_eq!(error_code(&mut f).await, ErrorCode::UnknownTemplate);
+
+        // Records truncated (count says 2, bytes hold less than one).
+        let mut f = negotiated(addr, 1002).await;
+        f.send(data(256, 1, DATA_FLAG_START, 2, vec![1, 2, 3]))
+            .await
+            .unwrap();
+        assert_eq!(error_code(&mut f).await, ErrorCode::Malformed);
+
+        // A sequence gap without the S flag.
+        let mut f = negotiated(addr, 1003).await;
+        f.send(data(256, 1, DATA_FLAG_START, 0, vec![]))
+            .await
+            .unwrap();
+        f.send(data(256, 5, 0, 0, vec![])).await.unwrap();
+        assert_eq!(error_code(&mut f).await, ErrorCode::Sequence);
+
+        let (report, sum) = good.await.unwrap();
+        assert!(report.complete(), "{report:?}");
+        let db = Db::connect(&url).await.unwrap();
+        assert_eq!(totals(&db).await, (30_000, sum as i64));
+        server.abort();
+    }
+}
