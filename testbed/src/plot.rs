@@ -50,7 +50,11 @@ const BOTTOM: f64 = 60.0;
 
 /// A tick label with as many decimals as the step needs.
 fn tick_label(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 { 0 } else { (-step.log10()).ceil() as usize };
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        (-step.log10()).ceil() as usize
+    };
     format!("{v:.decimals$}")
 }
 

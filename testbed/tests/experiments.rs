@@ -25,11 +25,20 @@ fn the_enforced_router_is_loss_free_to_95_percent_of_the_link() {
     };
     let s = qosloop_testbed::loss::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
     for step in &s.steps {
-        assert_eq!(step.lost_packets, 0, "loss at {} Mbit/s: {step:?}", step.offered_mbps);
+        assert_eq!(
+            step.lost_packets, 0,
+            "loss at {} Mbit/s: {step:?}",
+            step.offered_mbps
+        );
         assert!(step.received_mbps > step.offered_mbps * 0.97, "{step:?}");
     }
     assert!(s.loss_free_up_to_pct >= 95.0);
-    for f in ["loss.json", "fig11-loss.svg", "fig11-loss.png", "report-loss.md"] {
+    for f in [
+        "loss.json",
+        "fig11-loss.svg",
+        "fig11-loss.png",
+        "report-loss.md",
+    ] {
         assert!(out.path().join(f).is_file(), "{f} missing");
     }
 }
