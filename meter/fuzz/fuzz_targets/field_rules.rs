@@ -1,0 +1,11 @@
+//! FieldRules rule files: any text parses or yields one located error.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use qosloop_meter::FieldRules;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = FieldRules::parse("fuzz", text);
+    }
+});
