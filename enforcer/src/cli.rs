@@ -110,6 +110,20 @@ fn merged(args: &Args) -> Result<Config, ConfigError> {
     Ok(c)
 }
 
+/// What a running daemon wrote about itself (mode: standalone, connected,
+/// fail-static), if one runs for this interface in this namespace.
+fn daemon_state(interface: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(crate::pep::state_file(interface)).ok()?;
+    let mut v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let alive = v["pid"]
+        .as_u64()
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    if !alive {
+        v["mode"] = serde_json::Value::from("not running (state file left by a stopped daemon)");
+    }
+    Some(v)
+}
+
 /// Reads a JSON list of decisions; errors name the file, line and column.
 pub fn read_decisions(path: &Path) -> Result<Vec<Decision>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -224,7 +238,8 @@ fn run_with<B: KernelBackend>(
         capacity: ecfg.capacity,
     };
     if let Some(Command::Status { json }) = &args.command {
-        let status = crate::status::read(&mut backend, &layout).map_err(anyhow::Error::msg)?;
+        let mut status = crate::status::read(&mut backend, &layout).map_err(anyhow::Error::msg)?;
+        status.daemon = daemon_state(&layout.interface);
         if *json {
             println!("{}", serde_json::to_string_pretty(&status)?);
         } else {

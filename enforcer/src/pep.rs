@@ -1,33 +1,169 @@
-//! The PEP side of the decision protocol, and the daemon's main loop.
+//! The PEP side of the decision protocol (COPS, RFC 2748, codec in
+//! `qosloop_schema::cops`), and the daemon's main loop.
 //!
-//! Without a PDP the daemon holds what it applied (reconciled at start,
-//! optionally from a decisions file) until SIGTERM/SIGINT, and leaves it in
-//! the kernel when it stops (fail-static): `--cleanup` removes it.
+//! The daemon connects to its PDPs in the configured order and stays with
+//! the first that accepts it; when that connection ends it starts again
+//! from the top of the list (fail-back to the preferred PDP). A session:
+//! OPN (roles, interface) → CAT (keepalive timer) → SSQ → REQ with the
+//! decisions installed (id, version) + SSC → DECs, each decision applied and
+//! answered with one RPT (success, or failure with the kernel's or the
+//! validator's reason) → KA every quarter of the timer.
+//!
+//! While no PDP answers, the daemon keeps the decisions it has (fail-static),
+//! logs it and writes it to its state file, which `status` shows. Without
+//! any PDP configured it simply holds what it applied until SIGTERM/SIGINT,
+//! and leaves it in the kernel when it stops: `--cleanup` removes it.
 
 use crate::backend::KernelBackend;
 use crate::config::Config;
 use crate::enforcer::Enforcer;
+use futures_util::{SinkExt, StreamExt};
+use qosloop_schema::cops::payload::QosloopDecision;
+use qosloop_schema::cops::{
+    Body, CopsCodec, DecOutcome, ErrorCode, Handle, InstalledDecision, Message, PepHello, PepState,
+};
+use qosloop_schema::{EnforcementReport, ReportOutcome};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Where the daemon writes its mode for `status`: one file per network
+/// namespace and interface.
+pub fn state_file(interface: &str) -> PathBuf {
+    let ns = std::fs::read_link("/proc/thread-self/ns/net")
+        .map(|p| {
+            p.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    PathBuf::from(format!("/run/qosloop-enforcer/{ns}-{interface}.json"))
+}
+
+struct Daemon<B: KernelBackend> {
+    enforcer: Enforcer<B>,
+    roles: Vec<String>,
+    pep_id: String,
+    state_path: PathBuf,
+}
+
+impl<B: KernelBackend> Daemon<B> {
+    fn publish(&self, mode: &str, pdp: Option<&str>, detail: &str) {
+        let v = serde_json::json!({
+            "pid": std::process::id(),
+            "mode": mode,
+            "pdp": pdp,
+            "detail": detail,
+            "decisions": self.enforcer.applied_ids().len(),
+            "since_ns": now_ns(),
+        });
+        if let Some(dir) = self.state_path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(&self.state_path, v.to_string()) {
+            tracing::debug!(error = %e, path = %self.state_path.display(), "cannot write the state file");
+        }
+    }
+
+    fn installed(&self) -> Vec<InstalledDecision> {
+        self.enforcer
+            .installed()
+            .into_iter()
+            .map(|(id, version)| InstalledDecision { id, version })
+            .collect()
+    }
+
+    /// Applies one DEC entry and builds its report.
+    fn apply(&mut self, entry: QosloopDecision) -> Option<EnforcementReport> {
+        let (id, version, result) = match entry {
+            QosloopDecision::Nothing => return None,
+            QosloopDecision::Install(d) => {
+                let (id, version) = (d.id, d.version);
+                (
+                    id,
+                    version,
+                    self.enforcer
+                        .install(*d)
+                        .map(|s| (s, ReportOutcome::Installed)),
+                )
+            }
+            QosloopDecision::Remove(r) => (
+                r.id,
+                r.version,
+                self.enforcer
+                    .remove(r.id)
+                    .map(|s| (s, ReportOutcome::Removed)),
+            ),
+        };
+        let (outcome, reconfig_ns) = match result {
+            Ok((s, outcome)) => (outcome, s.elapsed.as_nanos() as u64),
+            Err(e) => (
+                ReportOutcome::Failed {
+                    reason: e.to_string(),
+                },
+                0,
+            ),
+        };
+        tracing::info!(decision = id, version, outcome = ?outcome, reconfig_us = reconfig_ns / 1000, "decision applied");
+        Some(EnforcementReport {
+            decision_id: id,
+            version,
+            outcome,
+            reconfig_ns,
+            at_ns: now_ns(),
+        })
+    }
+}
 
 /// Runs the daemon until a termination signal.
 pub fn run<B: KernelBackend>(
     enforcer: Enforcer<B>,
     pdps: Vec<String>,
-    _config: &Config,
+    config: &Config,
 ) -> anyhow::Result<()> {
+    let interface = enforcer.layout().interface.clone();
+    let mut daemon = Daemon {
+        enforcer,
+        roles: config.roles.clone(),
+        pep_id: format!("qosloop-enforcer/{interface}/{}", std::process::id()),
+        state_path: state_file(&interface),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        if !pdps.is_empty() {
-            anyhow::bail!("the PDP connection is not built yet; run with --decisions FILE");
+    let result = rt.block_on(async {
+        if pdps.is_empty() {
+            daemon.publish(
+                "standalone",
+                None,
+                "no PDP configured; holding applied decisions",
+            );
+            tracing::info!(
+                interface = %interface,
+                decisions = daemon.enforcer.applied_ids().len(),
+                "holding decisions (no PDP configured); stop with SIGTERM, remove with --cleanup"
+            );
+            return wait_for_stop().await;
         }
-        tracing::info!(
-            interface = %enforcer.layout().interface,
-            decisions = enforcer.applied_ids().len(),
-            "holding decisions (no PDP configured); stop with SIGTERM, remove with --cleanup"
-        );
-        wait_for_stop().await
-    })
+        tokio::select! {
+            r = pdp_loop(&mut daemon, &pdps, config.keepalive_s) => r,
+            r = wait_for_stop() => r,
+        }
+    });
+    let _ = std::fs::remove_file(&daemon.state_path);
+    result
 }
 
 async fn wait_for_stop() -> anyhow::Result<()> {
@@ -38,4 +174,148 @@ async fn wait_for_stop() -> anyhow::Result<()> {
     }
     tracing::info!("stopping; decisions stay in the kernel (fail-static)");
     Ok(())
+}
+
+async fn pdp_loop<B: KernelBackend>(
+    daemon: &mut Daemon<B>,
+    pdps: &[String],
+    keepalive_s: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        for pdp in pdps {
+            let stream = match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                TcpStream::connect(pdp.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%pdp, error = %e, "PDP unreachable; trying the next");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(%pdp, "PDP did not answer within {CONNECT_TIMEOUT:?}; trying the next");
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            backoff = Duration::from_millis(200);
+            let why = session(daemon, pdp, stream, keepalive_s).await;
+            let n = daemon.enforcer.applied_ids().len();
+            tracing::warn!(%pdp, reason = %why, decisions = n, "PDP session ended; fail-static: keeping {n} decisions");
+            daemon.publish("fail-static", Some(pdp), &why);
+        }
+        let n = daemon.enforcer.applied_ids().len();
+        daemon.publish("fail-static", None, "no PDP reachable");
+        tracing::warn!(decisions = n, retry_in = ?backoff, "no PDP reachable; fail-static");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// One connection to one PDP; returns why it ended.
+async fn session<B: KernelBackend>(
+    daemon: &mut Daemon<B>,
+    pdp: &str,
+    stream: TcpStream,
+    keepalive_s: Option<u64>,
+) -> String {
+    let mut wire = Framed::new(stream, CopsCodec::default());
+    let hello = PepHello {
+        roles: daemon.roles.clone(),
+        interface: Some(daemon.enforcer.layout().interface.clone()),
+        software: format!("qosloop-enforcer {}", env!("CARGO_PKG_VERSION")),
+    };
+    if let Err(e) = wire.send(Message::opn(&daemon.pep_id, &hello)).await {
+        return format!("sending OPN: {e}");
+    }
+    let handle = Handle::from_u32(1);
+    // Until CAT names the PDP's timer: our own, or 30 s.
+    let mut ka = Duration::from_secs(keepalive_s.unwrap_or(30).max(1));
+    let mut tick = tokio::time::interval(ka / 4);
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        let deadline = last_heard + ka * 2;
+        tokio::select! {
+            msg = wire.next() => {
+                let msg = match msg {
+                    None => return "PDP closed the connection".into(),
+                    Some(Err(e)) => {
+                        let _ = wire.send(Message::cc(e.cops_error_code())).await;
+                        return format!("bad message from PDP: {e}");
+                    }
+                    Some(Ok(m)) => m,
+                };
+                last_heard = tokio::time::Instant::now();
+                match msg.body {
+                    Body::Cat { ka_timer_secs, .. } => {
+                        if ka_timer_secs > 0 && keepalive_s.is_none() {
+                            ka = Duration::from_secs(u64::from(ka_timer_secs));
+                            tick = tokio::time::interval((ka / 4).max(Duration::from_millis(250)));
+                        }
+                        tracing::info!(%pdp, ka_s = ka.as_secs(), "accepted by PDP");
+                        daemon.publish("connected", Some(pdp), "synchronising");
+                    }
+                    Body::Ssq { .. } => {
+                        let state = PepState { roles: daemon.roles.clone(), installed: daemon.installed() };
+                        let sent = async {
+                            wire.feed(Message::req(handle.clone(), &state)).await?;
+                            wire.feed(Message::ssc()).await?;
+                            SinkExt::<Message>::flush(&mut wire).await
+                        };
+                        if let Err(e) = sent.await {
+                            return format!("sending REQ/SSC: {e}");
+                        }
+                    }
+                    Body::Dec { handle: h, outcome } => {
+                        let entries = match outcome {
+                            DecOutcome::Decisions(entries) => entries,
+                            DecOutcome::Error(err) => {
+                                tracing::warn!(%pdp, error = %err, "PDP answered with an error");
+                                continue;
+                            }
+                        };
+                        for entry in entries {
+                            let report = match entry.qosloop() {
+                                Ok(d) => daemon.apply(d),
+                                Err(e) => Some(EnforcementReport {
+                                    decision_id: 0,
+                                    version: 0,
+                                    outcome: ReportOutcome::Failed { reason: format!("undecodable decision: {e}") },
+                                    reconfig_ns: 0,
+                                    at_ns: now_ns(),
+                                }),
+                            };
+                            if let Some(r) = report {
+                                if let Err(e) = wire.feed(Message::rpt(h.clone(), &r)).await {
+                                    return format!("sending RPT: {e}");
+                                }
+                            }
+                        }
+                        if let Err(e) = SinkExt::<Message>::flush(&mut wire).await {
+                            return format!("sending RPT: {e}");
+                        }
+                        daemon.publish("connected", Some(pdp), "in sync");
+                    }
+                    Body::Ka => {}
+                    Body::Cc { error, .. } => return format!("PDP closed the session: {error}"),
+                    other => {
+                        let _ = wire.send(Message::cc(ErrorCode::BadMessageFormat)).await;
+                        return format!("a PDP must not send {}", other.op_code());
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(e) = wire.send(Message::ka()).await {
+                    return format!("sending KA: {e}");
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = wire.send(Message::cc(ErrorCode::CommunicationFailure)).await;
+                return format!("nothing from the PDP for {:?}", ka * 2);
+            }
+        }
+    }
 }
