@@ -297,6 +297,12 @@ impl FlowCache {
         }
     }
 
+    /// True when [`FlowCache::advance`] to `now_ns` would sweep.
+    #[inline]
+    pub fn sweep_due(&self, now_ns: u64) -> bool {
+        now_ns >= self.next_sweep_ns
+    }
+
     /// Advances time to `now_ns`; every sweep period this expires idle and
     /// active flows and emits interim updates into `out`.
     #[inline]
