@@ -1,6 +1,8 @@
 //! The command line: exit codes, one-line errors, classification through
 //! every rule kind (the Fig. 4 file as printed included), sampling.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
 mod support;
 
 use qosloop_meter::pcap::linktype;

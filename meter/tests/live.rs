@@ -3,6 +3,8 @@
 //! threads, a classic BPF filter; bounded UDP traffic sent inside the
 //! namespaces only.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
 mod support;
 
 use qosloop_schema::FlowRecord;

@@ -2,6 +2,8 @@
 //! a capture this test generates: TCP/UDP/ICMP, IPv4/IPv6, VLAN and QinQ,
 //! IPv4 options, fragments, truncated and non-IP frames, pcap and pcapng.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
+
 mod support;
 
 use qosloop_meter::pcap::linktype;

@@ -54,6 +54,9 @@ struct RawRule {
     dst_port: Option<Spanned<NumOrText>>,
 }
 
+/// A MAC address (already masked) and its mask.
+type MacMask = ([u8; 6], [u8; 6]);
+
 /// One compiled rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldRule {
@@ -63,8 +66,8 @@ pub struct FieldRule {
     interface: Option<String>,
     vlan_tci: Option<(u16, u16)>,
     ether_type: Option<u16>,
-    eth_src: Option<([u8; 6], [u8; 6])>,
-    eth_dst: Option<([u8; 6], [u8; 6])>,
+    eth_src: Option<MacMask>,
+    eth_dst: Option<MacMask>,
     ip_proto: Option<u8>,
     ip_src: Option<(u8, u128, u128)>,
     ip_dst: Option<(u8, u128, u128)>,
@@ -124,7 +127,7 @@ fn mac_mask(
     v: &Option<Spanned<String>>,
     mask: &Option<Spanned<String>>,
     what: &str,
-) -> Result<Option<([u8; 6], [u8; 6])>, RuleError> {
+) -> Result<Option<MacMask>, RuleError> {
     let Some(v) = v else { return Ok(None) };
     let at = |s: &Spanned<String>, m: String| {
         RuleError::at(file, src, s.span().start, format!("{what}: {m}"))
@@ -258,7 +261,7 @@ fn ip_matches(m: &(u8, u128, u128), version: u8, addr: u128) -> bool {
 }
 
 #[inline]
-fn mac_matches(m: &([u8; 6], [u8; 6]), mac: &[u8; 6]) -> bool {
+fn mac_matches(m: &MacMask, mac: &[u8; 6]) -> bool {
     (0..6).all(|i| mac[i] & m.1[i] == m.0[i])
 }
 
