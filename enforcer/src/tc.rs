@@ -775,6 +775,36 @@ mod tests {
         assert!(decode_error(0, &[1]).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_replies_decode_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            for m in messages(&bytes).flatten() {
+                let _ = decode_error(m.1, m.3);
+                let _ = attrs(m.3).count();
+            }
+        }
+
+        #[test]
+        fn encoded_ops_parse_back(rate in 1u64..100_000_000, minor in 1u16..0xFFFF, seq in proptest::num::u32::ANY) {
+            let class = HtbClass {
+                classid: TcHandle::new(0xe5, minor),
+                parent: TcHandle::new(0xe5, 1),
+                rate: Kbps(rate),
+                ceil: Kbps(rate),
+                prio: 3,
+            };
+            let mut b = Vec::new();
+            encode(&mut b, &TcOp::ChangeClass { ifindex: 9, class }, seq);
+            let (ty, _, s, payload) = messages(&b).next().unwrap().unwrap();
+            proptest::prop_assert_eq!((ty, s), (RTM_NEWTCLASS, seq));
+            let opts = attrs(&payload[20..]).find(|(t, _)| *t == TCA_OPTIONS).unwrap().1;
+            let parms = attrs(opts).find(|(t, _)| *t == TCA_HTB_PARMS).unwrap().1;
+            let r64 = attrs(opts).find(|(t, _)| *t == TCA_HTB_RATE64).map(|(_, d)| u64_at(d, 0).unwrap());
+            let rate_bytes = r64.unwrap_or(u64::from(u32_at(parms, 8).unwrap()));
+            proptest::prop_assert_eq!(rate_bytes, rate * 125);
+        }
+    }
+
     #[test]
     fn garbage_replies_do_not_panic() {
         for n in 0..64u8 {

@@ -309,8 +309,16 @@ fn tc_line(op: &str, interface: &str) -> String {
             "0:0" => "root".to_owned(),
             p => format!("parent {p}"),
         };
+        // The quantum the enforcer sets (rate / r2q, clamped), so that both
+        // sides build identical classes and tc prints no warnings.
+        let rate_bytes = field("rate")
+            .trim_end_matches("kbit")
+            .parse::<u64>()
+            .unwrap_or(0)
+            * 125;
+        let quantum = (rate_bytes / 10).clamp(1600, 200_000);
         format!(
-            "class add dev {interface} {parent} classid {} htb rate {} ceil {} prio {}\n",
+            "class add dev {interface} {parent} classid {} htb rate {} ceil {} prio {} quantum {quantum}\n",
             field("classid"),
             field("rate"),
             field("ceil"),
