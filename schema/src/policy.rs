@@ -40,8 +40,16 @@ impl FlowSpec {
         fn pfx(a: Option<IpPrefix>, b: Option<IpPrefix>) -> bool {
             match (a, b) {
                 (Some(a), Some(b)) => {
-                    let shorter = if a.prefix_len() <= b.prefix_len() { a } else { b };
-                    let longer = if a.prefix_len() <= b.prefix_len() { b } else { a };
+                    let shorter = if a.prefix_len() <= b.prefix_len() {
+                        a
+                    } else {
+                        b
+                    };
+                    let longer = if a.prefix_len() <= b.prefix_len() {
+                        b
+                    } else {
+                        a
+                    };
                     shorter.contains(longer.addr())
                 }
                 _ => true,
