@@ -431,6 +431,35 @@ impl<B: KernelBackend> Enforcer<B> {
             }
             self.base_tc = true;
         }
+        // A decision whose classes are gone (qdisc deleted behind our back)
+        // cannot be repaired without its rates: drop it, so that the PDP's
+        // resynchronisation (which no longer sees it installed) sends it again.
+        let broken: Vec<u64> = adopted
+            .iter()
+            .filter(|(_, a)| a.in_class.is_none() || a.out_class.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !broken.is_empty() {
+            let mut script = String::new();
+            let handles = self.jump_handles.get_or_insert_with(BTreeMap::new);
+            for id in &broken {
+                for h in handles.remove(id).into_iter().flatten() {
+                    nft::delete_rule(&mut script, &table, h);
+                    report.cleaned_rules += 1;
+                }
+                nft::delete_chain(&mut script, &table, &render::chain_name(*id));
+                report.cleaned_chains += 1;
+                if let Some(a) = adopted.remove(id) {
+                    for c in [a.in_class, a.out_class].into_iter().flatten() {
+                        deletes.push(TcOp::DeleteClass {
+                            ifindex: self.ifindex,
+                            classid: c.classid,
+                        });
+                    }
+                }
+            }
+            self.backend.nft(&script).map_err(EnforceError::Nft)?;
+        }
         report.cleaned_classes = deletes.len();
         let ops = [fixes, deletes].concat();
         for (op, r) in ops.iter().zip(self.backend.tc(&ops)) {
@@ -1144,6 +1173,21 @@ mod tests {
         );
         e.cleanup().unwrap();
         assert!(e.backend().table.is_none() && e.backend().root_qdisc.is_none());
+    }
+
+    #[test]
+    fn decisions_whose_classes_vanished_are_dropped_at_start() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        e.install(decision(2, 5002, accept(875))).unwrap();
+        let mut kernel = std::mem::take(e.backend());
+        kernel.classes.remove(&TcHandle::new(0xe5, 0x101).0);
+        let (mut e, report) = Enforcer::start(kernel, cfg()).unwrap();
+        assert_eq!((report.adopted, report.cleaned_chains), (1, 1));
+        assert_eq!(e.installed(), vec![(2, 1)]);
+        let k = e.backend();
+        assert_eq!(k.classes.len(), 2 + 2);
+        assert!(!k.table.as_ref().unwrap().chains.contains_key("d1"));
     }
 
     #[test]
