@@ -23,6 +23,8 @@ pub struct Config {
     pub queue_messages: usize,
     /// Records committed in one transaction at most.
     pub group_records: usize,
+    /// Transactions in flight at once (PostgreSQL; SQLite has one writer).
+    pub writers: usize,
     /// Largest message accepted, bytes.
     pub max_message: usize,
     /// Keepalive interval announced to exporters, seconds.
@@ -41,6 +43,7 @@ impl Default for Config {
             window: 64,
             queue_messages: 256,
             group_records: 50_000,
+            writers: 2,
             max_message: qosloop_schema::crane::DEFAULT_MAX_MESSAGE,
             keepalive_s: 5,
             disable_keys: Vec::new(),
@@ -122,6 +125,7 @@ impl Config {
             ("window", self.window),
             ("queue_messages", self.queue_messages),
             ("group_records", self.group_records),
+            ("writers", self.writers),
         ] {
             if v == 0 {
                 return bad(field, "must be at least 1".into());

@@ -31,6 +31,9 @@ struct Args {
     /// Records committed in one transaction at most.
     #[arg(long)]
     group_records: Option<usize>,
+    /// Transactions in flight at once (PostgreSQL).
+    #[arg(long)]
+    writers: Option<usize>,
     /// Largest message accepted, bytes.
     #[arg(long)]
     max_message: Option<usize>,
@@ -67,6 +70,9 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
     }
     if let Some(v) = args.group_records {
         c.group_records = v;
+    }
+    if let Some(v) = args.writers {
+        c.writers = v;
     }
     if let Some(v) = args.max_message {
         c.max_message = v;

@@ -45,7 +45,12 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
 /// Serves exporters on `listener`, storing into `sink`.
 pub async fn serve(listener: TcpListener, sink: Sink, config: &Config) -> std::io::Result<()> {
     let (writer, _writer_task) =
-        spawn_writer(sink.clone(), config.queue_messages, config.group_records);
+        spawn_writer(
+            sink.clone(),
+            config.queue_messages,
+            config.group_records,
+            config.writers,
+        );
     let disabled_keys = config
         .disable_keys
         .iter()

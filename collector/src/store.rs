@@ -12,8 +12,9 @@ use bytes::{BufMut, BytesMut};
 use qosloop_schema::{flow_hash, FlowRecord};
 use sqlx::{Connection, QueryBuilder, Sqlite};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 /// One DATA message to store.
 #[derive(Debug)]
@@ -46,32 +47,53 @@ pub enum Sink {
     Discard,
 }
 
-/// Starts the writer task; send [`WriteReq`]s to the returned channel.
+/// Starts the writer tasks; send [`WriteReq`]s to the returned channel.
 /// `queue` bounds the messages waiting (backpressure onto the sessions),
-/// `group_records` the records committed in one transaction.
+/// `group_records` the records committed in one transaction, `writers` the
+/// transactions in flight at once (PostgreSQL only; SQLite has one writer).
+/// Each session acknowledges in its own order whatever writer commits first.
 pub fn spawn_writer(
     sink: Sink,
     queue: usize,
     group_records: usize,
-) -> (mpsc::Sender<WriteReq>, tokio::task::JoinHandle<()>) {
+    writers: usize,
+) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
-    let task = tokio::spawn(writer(sink, rx, group_records.max(1)));
-    (tx, task)
+    let rx = Arc::new(Mutex::new(rx));
+    let writers = match sink {
+        Sink::Db(Db::Postgres(_)) => writers.max(1),
+        _ => 1,
+    };
+    let tasks = (0..writers)
+        .map(|_| tokio::spawn(writer(sink.clone(), rx.clone(), group_records.max(1))))
+        .collect();
+    (tx, tasks)
 }
 
-async fn writer(sink: Sink, mut rx: mpsc::Receiver<WriteReq>, group_records: usize) {
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        let mut records = group[0].batch.records.len();
-        while records < group_records {
-            match rx.try_recv() {
-                Ok(req) => {
-                    records += req.batch.records.len();
-                    group.push(req);
-                }
-                Err(_) => break,
+/// Takes the next group of requests: waits for one, then adds what is
+/// already queued up to `group_records` records.
+async fn next_group(
+    rx: &Mutex<mpsc::Receiver<WriteReq>>,
+    group_records: usize,
+) -> Option<Vec<WriteReq>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut records = first.batch.records.len();
+    let mut group = vec![first];
+    while records < group_records {
+        match rx.try_recv() {
+            Ok(req) => {
+                records += req.batch.records.len();
+                group.push(req);
             }
+            Err(_) => break,
         }
+    }
+    Some(group)
+}
+
+async fn writer(sink: Sink, rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>, group_records: usize) {
+    while let Some(group) = next_group(&rx, group_records).await {
         let result = commit_with_retry(&sink, &group).await;
         match result {
             Ok(outcomes) => {
@@ -544,7 +566,7 @@ mod tests {
         db.migrate().await.unwrap();
         let ex = db.register_exporter("m1", "127.0.0.1:1", 1).await.unwrap();
         db.open_session(ex, 9, "little").await.unwrap();
-        let (tx, _task) = spawn_writer(Sink::Db(db.clone()), 8, 1000);
+        let (tx, _task) = spawn_writer(Sink::Db(db.clone()), 8, 1000, 1);
         let rec = FlowRecord {
             src_addr: "10.0.0.1".parse().unwrap(),
             dst_addr: "10.0.0.2".parse().unwrap(),

@@ -320,12 +320,19 @@ async fn export_postgres_restart_under_load_loses_nothing() {
     drop(collector);
 }
 
+/// Segment files under `dir` and its stream directories.
 fn spool_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "spool"))
-                .count()
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                spool_files(&e.path())
+            } else {
+                usize::from(e.path().extension().is_some_and(|x| x == "spool"))
+            }
         })
-        .unwrap_or(0)
+        .sum()
 }

@@ -268,6 +268,14 @@ impl Engine {
                 }
             }
         }
+        // Whatever no collector took stays on disk (or in the memory spool),
+        // counted as spooled or dropped.
+        while let Some(m) = self.retry.pop_front() {
+            self.spool_or_drop(m);
+        }
+        while let Some(m) = self.queue.pop_front() {
+            self.spool_or_drop(m);
+        }
         let report = self.report();
         if let Some(reply) = self.finish.take() {
             let _ = reply.send(report);

@@ -162,6 +162,7 @@ struct Pending {
 /// The handle the meter feeds. Dropping it without [`Exporter::finish`]
 /// lets the engine run on until `finish_timeout` and loses the report.
 pub struct Exporter {
+    spool_dir: Option<PathBuf>,
     tx: mpsc::Sender<engine::Cmd>,
     v4: Pending,
     v6: Pending,
@@ -186,11 +187,6 @@ impl Exporter {
         let order = ByteOrder::native();
         let t4 = WireTemplate::from_template(&Template::flow_v4(256))?;
         let t6 = WireTemplate::from_template(&Template::flow_v6(257))?;
-        let spool = spool::Spool::new(
-            cfg.spool_dir.clone(),
-            cfg.spool_max_bytes,
-            order == ByteOrder::Big,
-        )?;
         let boot_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -198,6 +194,17 @@ impl Exporter {
         // Unique per run: boot time mixed with the process id. Kept positive
         // so it reads the same as a signed SQL BIGINT.
         let stream_id = (boot_ns ^ (u64::from(std::process::id()) << 48)) & (i64::MAX as u64);
+        let spool_dir = cfg.spool_dir.as_ref().map(|parent| {
+            for (dir, segments) in spool::leftovers(parent) {
+                tracing::warn!(dir = %dir.display(), segments, "spool of an earlier run left on disk; not re-sent");
+            }
+            parent.join(format!("stream-{stream_id}"))
+        });
+        let spool = spool::Spool::new(
+            spool_dir.clone(),
+            cfg.spool_max_bytes,
+            order == ByteOrder::Big,
+        )?;
         let stats = Arc::new(Stats {
             collector: AtomicUsize::new(usize::MAX),
             ..Stats::default()
@@ -222,12 +229,18 @@ impl Exporter {
         );
         tokio::spawn(engine.run());
         Ok(Exporter {
+            spool_dir,
             tx,
             v4,
             v6,
             batch_records,
             stats,
         })
+    }
+
+    /// Where this run spools (`None`: in memory).
+    pub fn spool_dir(&self) -> Option<&std::path::Path> {
+        self.spool_dir.as_deref()
     }
 
     /// Live counters.

@@ -67,8 +67,8 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// A spool in `dir` (created; stale segments of an earlier run are
-    /// removed) or, without one, in memory.
+    /// A spool in `dir` (created; one directory per stream, so segments
+    /// of an earlier run are never mixed in) or, without one, in memory.
     pub fn new(
         dir: Option<PathBuf>,
         max_bytes: u64,
@@ -76,13 +76,6 @@ impl Spool {
     ) -> Result<Spool, SpoolError> {
         if let Some(d) = &dir {
             fs::create_dir_all(d).map_err(io_err(d))?;
-            for e in fs::read_dir(d).map_err(io_err(d))?.flatten() {
-                if e.path().extension().is_some_and(|x| x == "spool") {
-                    let p = e.path();
-                    tracing::warn!(segment = %p.display(), "removing a spool segment left by an earlier run");
-                    fs::remove_file(&p).map_err(io_err(&p))?;
-                }
-            }
         }
         Ok(Spool {
             dir,
@@ -289,6 +282,36 @@ impl Spool {
         self.bytes = 0;
         Ok(())
     }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // An empty spool leaves no directory behind; a non-empty one stays
+        // for the operator.
+        if let (Some(d), 0) = (&self.dir, self.count) {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+/// Spool directories of earlier runs under `parent` that still hold
+/// segments: `(directory, segment files)`.
+pub fn leftovers(parent: &Path) -> Vec<(PathBuf, usize)> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let n = fs::read_dir(e.path())
+                .ok()?
+                .flatten()
+                .filter(|f| f.path().extension().is_some_and(|x| x == "spool"))
+                .count();
+            (n > 0).then(|| (e.path(), n))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -38,6 +38,12 @@ pub struct Config {
     pub interface: Option<String>,
     /// Write records as JSON Lines here.
     pub records_out: Option<PathBuf>,
+    /// Export records to collectors: `crane://HOST:PORT[,HOST:PORT…]`,
+    /// best first.
+    pub export: Option<String>,
+    /// Spool directory of the export while no collector answers (default:
+    /// `qosloop-meter-spool` in the system's temporary directory).
+    pub export_spool: Option<PathBuf>,
     /// Flow-key XML files (`seeds/004` Fig. 4).
     pub flow_keys: Vec<PathBuf>,
     /// Field/mask rule files (TOML).
@@ -102,6 +108,8 @@ impl Config {
             pcap,
             interface,
             records_out,
+            export,
+            export_spool,
             patterns,
             caplen,
             idle_timeout_ms,
@@ -126,6 +134,10 @@ impl Config {
 
     /// Checks values and compiles the rule files.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
+        if let Some(target) = &self.export {
+            qosloop_exporter::ExporterConfig::from_url(target)
+                .map_err(|e| ConfigError::Invalid(format!("export: {e}")))?;
+        }
         match (&self.pcap, &self.interface) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -237,9 +249,18 @@ impl Config {
         if let Some(path) = &self.records_out {
             sinks.push(Box::new(JsonlSink::create(path)?));
         }
+        if let Some(target) = &self.export {
+            let spool = self
+                .export_spool
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("qosloop-meter-spool"));
+            sinks.push(Box::new(crate::export_sink::ExportSink::start(
+                target, spool,
+            )?));
+        }
         if sinks.is_empty() {
             return Err(ConfigError::Invalid(
-                "no output: give --records-out FILE.jsonl".into(),
+                "no output: give --records-out FILE.jsonl or --export crane://HOST:PORT".into(),
             ));
         }
         if sinks.len() == 1 {

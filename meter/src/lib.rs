@@ -28,6 +28,7 @@ mod cache;
 pub mod classify;
 mod config;
 pub mod decode;
+pub mod export_sink;
 mod live;
 pub mod pcap;
 mod pipeline;

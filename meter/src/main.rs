@@ -31,6 +31,14 @@ struct Args {
     /// Write flow records as JSON Lines (DESIGN.md §3).
     #[arg(long)]
     records_out: Option<PathBuf>,
+    /// Export records to collectors, best first:
+    /// crane://HOST:PORT[,HOST:PORT…]. Exit 0 only when every record is
+    /// acknowledged or spooled (the summary says which).
+    #[arg(long)]
+    export: Option<String>,
+    /// Spool directory of the export while no collector answers.
+    #[arg(long)]
+    export_spool: Option<PathBuf>,
     /// Flow-key XML (seeds/004 Fig. 4).
     #[arg(long)]
     flow_keys: Vec<PathBuf>,
@@ -82,6 +90,8 @@ impl Args {
             pcap: self.pcap,
             interface: self.interface,
             records_out: self.records_out,
+            export: self.export,
+            export_spool: self.export_spool,
             flow_keys: self.flow_keys,
             field_rules: self.field_rules,
             patterns: self.patterns,
