@@ -115,12 +115,28 @@ pub fn patterns(n: usize, anchored: bool) -> Result<PatternRules, RuleError> {
     PatternRules::parse("bench-patterns.toml", &src)
 }
 
+/// CPU time this thread has run, from `/proc/thread-self/schedstat`
+/// (nanoseconds on a CPU). On a shared machine the wall time includes the
+/// time other processes had the core; this does not.
+pub fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
 /// Result of one measured run.
 #[derive(Debug, Clone, Copy)]
 pub struct Measured {
     pub packets: u64,
     pub bytes: u64,
     pub elapsed: Duration,
+    /// CPU time of the measuring thread.
+    pub cpu: Duration,
     pub flows: u64,
     pub records: u64,
 }
@@ -131,6 +147,14 @@ impl Measured {
     }
     pub fn bytes_per_second(&self) -> f64 {
         self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    /// Packets per second of CPU time.
+    pub fn packets_per_cpu_second(&self) -> f64 {
+        self.packets as f64 / self.cpu.as_secs_f64().max(1e-9)
+    }
+    /// Bytes per second of CPU time.
+    pub fn bytes_per_cpu_second(&self) -> f64 {
+        self.bytes as f64 / self.cpu.as_secs_f64().max(1e-9)
     }
 }
 
@@ -151,6 +175,7 @@ pub fn measure_pipeline(
     );
     let mut sink = CountSink::default();
     let started = Instant::now();
+    let cpu0 = thread_cpu();
     for (ts, d) in frames.ts_ns.iter().zip(&frames.data) {
         let pkt = crate::pcap::PacketRef {
             ts_ns: *ts,
@@ -162,11 +187,13 @@ pub fn measure_pipeline(
         let _ = pipeline.packet(&pkt, "", &mut sink);
     }
     let elapsed = started.elapsed();
+    let cpu = thread_cpu().saturating_sub(cpu0);
     let stats = pipeline.finish(&mut sink).unwrap_or_default();
     Measured {
         packets: frames.len() as u64,
         bytes: frames.bytes(),
         elapsed,
+        cpu,
         flows: stats.cache.flows_created,
         records: sink.0,
     }
@@ -189,6 +216,7 @@ pub fn measure_pcap_replay(
     );
     let mut sink = CountSink::default();
     let started = Instant::now();
+    let cpu0 = thread_cpu();
     let (mut packets, mut bytes) = (0u64, 0u64);
     if let Ok(mut r) = CaptureReader::new(pcap, "memory") {
         while let Ok(Some(p)) = r.next_packet() {
@@ -198,11 +226,13 @@ pub fn measure_pcap_replay(
         }
     }
     let elapsed = started.elapsed();
+    let cpu = thread_cpu().saturating_sub(cpu0);
     let stats = pipeline.finish(&mut sink).unwrap_or_default();
     Measured {
         packets,
         bytes,
         elapsed,
+        cpu,
         flows: stats.cache.flows_created,
         records: sink.0,
     }
@@ -213,6 +243,7 @@ pub fn measure_patterns(frames: &Frames, rules: &PatternRules, from_ip: bool) ->
     let mut set = regex_automata::PatternSet::new(rules.len());
     let mut matched = 0u64;
     let started = Instant::now();
+    let cpu0 = thread_cpu();
     let mut bytes = 0u64;
     for d in &frames.data {
         let hay = if from_ip { &d[14..] } else { &d[..] };
@@ -225,6 +256,7 @@ pub fn measure_patterns(frames: &Frames, rules: &PatternRules, from_ip: bool) ->
             packets: frames.len() as u64,
             bytes,
             elapsed: started.elapsed(),
+            cpu: thread_cpu().saturating_sub(cpu0),
             flows: 0,
             records: 0,
         },
