@@ -6,7 +6,8 @@
 //! class's profile rate N times through a second LDAP connection and times
 //! each change from sending the modify request to the watch receiver
 //! holding a policy with the new rate. Also times the modify round trip
-//! alone (slapd's own write), for comparison.
+//! alone (slapd's own write), for comparison. Both with the default
+//! settle window (10 ms) and with none.
 //!
 //! Run: `cargo run --release -p qosloop-policy-server --example ldap_change_latency [N]`
 
@@ -60,8 +61,6 @@ async fn main() -> anyhow::Result<ExitCode> {
             password: slapd.password().to_owned(),
         },
     );
-    let mut watch = watch_ldap(source, Duration::from_secs(20)).await?;
-
     let (conn, mut ldap) = LdapConnAsync::new(&slapd.url()).await?;
     tokio::spawn(async move {
         let _ = conn.drive().await;
@@ -69,45 +68,57 @@ async fn main() -> anyhow::Result<ExitCode> {
     ldap.simple_bind(slapd.bind_dn(), slapd.password())
         .await?
         .success()?;
-
-    let mut to_policy = Vec::with_capacity(n);
-    let mut modify_rtt = Vec::with_capacity(n);
-    for i in 0..n {
-        let rate = 2000 + i as u64;
-        let value = rate.to_string();
-        let change = vec![Mod::Replace(
-            "qosloopProfileRate",
-            HashSet::from([value.as_str()]),
-        )];
-        let start = Instant::now();
-        let modify = async {
-            let r = ldap.modify(GOLD, change).await;
-            (r, start.elapsed())
-        };
-        let policy = async {
-            let seen = tokio::time::timeout(
-                Duration::from_secs(10),
-                watch.policy.wait_for(|p| {
-                    p.classes
-                        .iter()
-                        .any(|c| c.name == "gold" && c.profile.rate == Kbps(rate))
-                }),
-            )
-            .await;
-            (seen.is_ok(), start.elapsed())
-        };
-        let ((result, rtt), (seen, latency)) = tokio::join!(modify, policy);
-        result?.success()?;
-        anyhow::ensure!(seen, "change {i} never reached the watch receiver");
-        modify_rtt.push(rtt);
-        to_policy.push(latency);
-    }
     println!(
-        "slapd {} (syncprov), {n} changes of qosloopProfileRate",
+        "slapd {} (syncprov), {n} changes of qosloopProfileRate each",
         slapd.url()
     );
-    summary("LDAP modify sent -> new policy in watch rx", to_policy);
-    summary("LDAP modify round trip (slapd write)", modify_rtt);
+
+    let mut rate = 2000;
+    for settle in [source.settle, Duration::ZERO] {
+        let mut s = source.clone();
+        s.settle = settle;
+        let mut watch = watch_ldap(s, Duration::from_secs(20)).await?;
+        let mut to_policy = Vec::with_capacity(n);
+        let mut modify_rtt = Vec::with_capacity(n);
+        for i in 0..n {
+            rate += 1;
+            let value = rate.to_string();
+            let change = vec![Mod::Replace(
+                "qosloopProfileRate",
+                HashSet::from([value.as_str()]),
+            )];
+            let start = Instant::now();
+            let modify = async {
+                let r = ldap.modify(GOLD, change).await;
+                (r, start.elapsed())
+            };
+            let policy = async {
+                let seen = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    watch.policy.wait_for(|p| {
+                        p.classes
+                            .iter()
+                            .any(|c| c.name == "gold" && c.profile.rate == Kbps(rate))
+                    }),
+                )
+                .await;
+                (seen.is_ok(), start.elapsed())
+            };
+            let ((result, rtt), (seen, latency)) = tokio::join!(modify, policy);
+            result?.success()?;
+            anyhow::ensure!(seen, "change {i} never reached the watch receiver");
+            modify_rtt.push(rtt);
+            to_policy.push(latency);
+        }
+        summary(
+            &format!("modify sent -> new policy (settle {settle:?})"),
+            to_policy,
+        );
+        summary(
+            &format!("modify round trip, slapd write (settle {settle:?})"),
+            modify_rtt,
+        );
+    }
     let _ = ldap.unbind().await;
     Ok(ExitCode::SUCCESS)
 }

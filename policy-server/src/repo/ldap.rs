@@ -7,8 +7,10 @@
 //! (refresh stage), then a Sync Info message with refreshDone, then each
 //! change as it happens (persist stage): an entry with a Sync State control
 //! saying add, modify or delete, keyed by its entryUUID. The policy is
-//! rebuilt after the refresh and after every change, so a change reaches
-//! the watch channel as soon as slapd sends it — no polling.
+//! rebuilt after the refresh and after each change, once the server has
+//! been quiet for [`LdapSource::settle`] (10 ms by default, so that the
+//! entries of one edit land together): a change reaches the watch channel
+//! as soon as slapd sends it — no polling.
 //!
 //! When the connection fails or the server ends the search, the last good
 //! policy stays in force and the session is retried with exponential
@@ -28,7 +30,7 @@ use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope};
 use qosloop_schema::PolicySet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 const SYNC_STATE_OID: &str = "1.3.6.1.4.1.4203.1.9.1.2";
@@ -56,6 +58,11 @@ pub struct LdapSource {
     /// Search filter of the policy subtree.
     pub filter: String,
     pub connect_timeout: Duration,
+    /// After a change, how long the server must be quiet before the policy
+    /// is rebuilt (at most ten times this after the first change), so that
+    /// one edit of several entries is one policy change. Zero: rebuild on
+    /// every change.
+    pub settle: Duration,
     /// First and longest wait between reconnection attempts.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -69,6 +76,7 @@ impl LdapSource {
             bind,
             filter: "(objectClass=*)".into(),
             connect_timeout: Duration::from_secs(5),
+            settle: Duration::from_millis(10),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
         }
@@ -217,8 +225,29 @@ async fn session(
     // entryUUID → entry, as the server currently holds it.
     let mut entries: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     let mut refreshing = true;
+    // Persist-stage changes not yet applied, and since when.
+    let mut pending: Option<Instant> = None;
     loop {
-        let item = match stream.next().await {
+        let next = match pending {
+            // Changes wait until the server has been quiet for `settle` (at
+            // most ten times that), so that the entries of one edit (a rule
+            // and its associations) become one policy change.
+            Some(first) => {
+                let quiet = (first + source.settle * 10)
+                    .saturating_duration_since(Instant::now())
+                    .min(source.settle);
+                match tokio::time::timeout(quiet, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        publisher.replace_all(entries.values().cloned());
+                        pending = None;
+                        continue;
+                    }
+                }
+            }
+            None => stream.next().await,
+        };
+        let item = match next {
             Ok(Some(item)) => item,
             Ok(None) => break,
             Err(e) => {
@@ -226,7 +255,7 @@ async fn session(
                 return Err(source.err(format!("sync search: {e}")));
             }
         };
-        if item.is_intermediate() {
+        let changed = if item.is_intermediate() {
             match sync_info(&item.0) {
                 Some(SyncInfo::RefreshDone) if refreshing => {
                     refreshing = false;
@@ -235,40 +264,48 @@ async fn session(
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(());
                     }
+                    false
                 }
                 Some(SyncInfo::Deleted(uuids)) => {
                     let before = entries.len();
                     entries.retain(|uuid, _| !uuids.contains(uuid));
-                    if !refreshing && entries.len() != before {
-                        publisher.replace_all(entries.values().cloned());
-                    }
+                    entries.len() != before
                 }
-                _ => {}
+                _ => false,
             }
-            continue;
-        }
-        if item.is_ref() {
-            continue;
-        }
-        let Some(change) = sync_state(&item.1) else {
-            tracing::debug!("search entry without a Sync State control ignored");
-            continue;
+        } else if item.is_ref() {
+            false
+        } else {
+            match sync_state(&item.1) {
+                None => {
+                    tracing::debug!("search entry without a Sync State control ignored");
+                    false
+                }
+                Some(change) if change.state == State::Delete => {
+                    entries.remove(&change.uuid).is_some()
+                }
+                Some(change) => match search_entry(&item.0) {
+                    Some(entry) => {
+                        entries.insert(change.uuid, entry);
+                        true
+                    }
+                    None => {
+                        tracing::warn!("malformed search entry from the server ignored");
+                        false
+                    }
+                },
+            }
         };
-        match change.state {
-            State::Delete => {
-                entries.remove(&change.uuid);
-            }
-            State::Present | State::Add | State::Modify => {
-                let Some(entry) = search_entry(&item.0) else {
-                    tracing::warn!("malformed search entry from the server ignored");
-                    continue;
-                };
-                entries.insert(change.uuid, entry);
+        if changed && !refreshing {
+            if source.settle.is_zero() {
+                publisher.replace_all(entries.values().cloned());
+            } else {
+                pending.get_or_insert_with(Instant::now);
             }
         }
-        if !refreshing {
-            publisher.replace_all(entries.values().cloned());
-        }
+    }
+    if pending.is_some() {
+        publisher.replace_all(entries.values().cloned());
     }
     let result = stream.finish().await;
     if refreshing {
