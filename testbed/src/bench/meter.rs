@@ -36,6 +36,35 @@ fn mpps(packets: u64, d: Duration) -> f64 {
     packets as f64 / d.as_secs_f64().max(1e-9) / 1e6
 }
 
+/// CPU time (user + system) of this process's waited-for children, from
+/// `/proc/self/stat` (cutime, cstime; clock ticks of 10 ms).
+fn children_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// A peer's wall time and CPU time.
+struct PeerTime {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// Runs a peer to completion (bounded), returning its wall and CPU time.
+fn timed_peer(cmd: Command, limit: Duration) -> anyhow::Result<PeerTime> {
+    let cpu0 = children_cpu();
+    let wall = timed(cmd, limit)?;
+    Ok(PeerTime {
+        wall,
+        cpu: children_cpu().saturating_sub(cpu0),
+    })
+}
+
 /// Runs a peer to completion (bounded), returning its wall time.
 fn timed(mut cmd: Command, limit: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -65,7 +94,7 @@ fn timed(mut cmd: Command, limit: Duration) -> anyhow::Result<Duration> {
     }
 }
 
-fn softflowd(pcap: &Path, dir: &Path) -> anyhow::Result<Duration> {
+fn softflowd(pcap: &Path, dir: &Path) -> anyhow::Result<PeerTime> {
     let bin =
         crate::harness::require_binary("softflowd", "softflowd").map_err(anyhow::Error::msg)?;
     // A collector socket so that its NetFlow datagrams land somewhere.
@@ -92,7 +121,7 @@ fn softflowd(pcap: &Path, dir: &Path) -> anyhow::Result<Duration> {
         .args(["-v", "10", "-n", &format!("127.0.0.1:{port}"), "-p"])
         .arg(dir.join("softflowd.pid"))
         .arg("-d");
-    let r = timed(cmd, Duration::from_secs(300));
+    let r = timed_peer(cmd, Duration::from_secs(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let datagrams = drain.join().unwrap_or(0);
     println!("  softflowd sent {datagrams} NetFlow v10 datagrams");
@@ -101,7 +130,7 @@ fn softflowd(pcap: &Path, dir: &Path) -> anyhow::Result<Duration> {
 
 /// pmacctd with the print plugin; its cache is sized for the benchmark's
 /// flows (the default 16411 buckets would make it walk long chains).
-fn pmacctd(pcap: &Path, dir: &Path) -> anyhow::Result<Duration> {
+fn pmacctd(pcap: &Path, dir: &Path) -> anyhow::Result<PeerTime> {
     let bin = crate::harness::require_binary("pmacctd", "pmacct").map_err(anyhow::Error::msg)?;
     let conf = dir.join("pmacctd.conf");
     let out = dir.join("pmacct.csv");
@@ -118,7 +147,7 @@ fn pmacctd(pcap: &Path, dir: &Path) -> anyhow::Result<Duration> {
     )?;
     let mut cmd = Command::new(bin);
     cmd.arg("-f").arg(&conf);
-    let r = timed(cmd, Duration::from_secs(300))?;
+    let r = timed_peer(cmd, Duration::from_secs(300))?;
     let lines = std::fs::read_to_string(&out)
         .map(|s| s.lines().count())
         .unwrap_or(0);
@@ -190,6 +219,7 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
 
     let ours = {
         let started = Instant::now();
+        let cpu0 = qosloop_meter::bench::thread_cpu();
         let mut sink = CountSink::default();
         let summary = run_file(
             &file,
@@ -203,13 +233,15 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
             Progress::Never,
         )?;
         let wall = started.elapsed();
+        let cpu = qosloop_meter::bench::thread_cpu().saturating_sub(cpu0);
         println!(
-            "qosloop-meter over the file: {:.3} s wall ({:.2} Mpkt/s, {} records)",
+            "qosloop-meter over the file: {:.3} s wall, {:.3} s CPU ({:.2} Mpkt/s wall, {} records)",
             wall.as_secs_f64(),
+            cpu.as_secs_f64(),
             mpps(summary.stats.packets, wall),
             summary.stats.records
         );
-        wall
+        PeerTime { wall, cpu }
     };
     if !args.no_peers {
         for (name, result) in [
@@ -217,11 +249,13 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
             ("pmacctd pcap_savefile", pmacctd(&file, dir.path())),
         ] {
             match result {
-                Ok(wall) => println!(
-                    "{name}: {:.3} s wall ({:.2} Mpkt/s); qosloop-meter is {:.1}x faster",
-                    wall.as_secs_f64(),
-                    mpps(args.packets as u64, wall),
-                    wall.as_secs_f64() / ours.as_secs_f64().max(1e-9)
+                Ok(t) => println!(
+                    "{name}: {:.3} s wall, {:.3} s CPU ({:.2} Mpkt/s wall); qosloop-meter is {:.1}x faster by wall time, {:.1}x by CPU time",
+                    t.wall.as_secs_f64(),
+                    t.cpu.as_secs_f64(),
+                    mpps(args.packets as u64, t.wall),
+                    t.wall.as_secs_f64() / ours.wall.as_secs_f64().max(1e-9),
+                    t.cpu.as_secs_f64() / ours.cpu.as_secs_f64().max(1e-9)
                 ),
                 Err(e) => println!("{name}: not measured: {e:#}"),
             }
