@@ -71,6 +71,8 @@ pub struct Second {
     pub t_s: u64,
     pub phase: String,
     pub offered_kbps: f64,
+    /// What the link load should measure: the background traffic offered.
+    pub background_kbps: f64,
     pub link_load_kbps: Option<f64>,
     pub policed_out_kbps: f64,
     pub policed_in_kbps: f64,
@@ -504,6 +506,7 @@ fn summarise(
             t_s: t,
             phase: phase.to_owned(),
             offered_kbps: step.pps * PACKET_LEN as f64 * 8.0 / 1000.0 + POLICED_KBPS,
+            background_kbps: step.pps * PACKET_LEN as f64 * 8.0 / 1000.0,
             link_load_kbps: load,
             policed_out_kbps: total_kbps - in_kbps,
             policed_in_kbps: in_kbps,
