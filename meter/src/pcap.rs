@@ -64,6 +64,8 @@ enum Format {
 #[derive(Debug, Clone)]
 struct Interface {
     linktype: u32,
+    /// `if_name` option, if the file names the interface.
+    name: String,
     /// Timestamp units per second.
     units_per_sec: u64,
     snaplen: u32,
@@ -82,6 +84,18 @@ pub struct CaptureReader<R> {
     packet_no: u64,
     bytes_read: u64,
     last_ts_ns: u64,
+    /// Where the packet last read lies in `buf`, and its metadata.
+    last: Option<Last>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Last {
+    ts_ns: u64,
+    start: usize,
+    len: usize,
+    orig_len: u32,
+    linktype: u32,
+    interface: u32,
 }
 
 fn u16_at(b: &[u8], at: usize, swapped: bool) -> u16 {
@@ -148,6 +162,7 @@ impl<R: Read> CaptureReader<R> {
             packet_no: 0,
             bytes_read: 4,
             last_ts_ns: 0,
+            last: None,
         };
         let (swapped, nanos) = match magic {
             0xa1b2_c3d4 => (false, false),
@@ -190,6 +205,25 @@ impl<R: Read> CaptureReader<R> {
     /// Number of packets returned so far.
     pub fn packets_read(&self) -> u64 {
         self.packet_no
+    }
+
+    /// The packet the last [`CaptureReader::next_packet`] returned, again
+    /// (so that it can be used beside other reader methods).
+    pub fn current(&self) -> Option<PacketRef<'_>> {
+        self.last.map(|l| PacketRef {
+            ts_ns: l.ts_ns,
+            data: &self.buf[l.start..l.start + l.len],
+            orig_len: l.orig_len,
+            linktype: l.linktype,
+            interface: l.interface,
+        })
+    }
+
+    /// The name a pcapng file gives interface `id` (`if_name`), or "".
+    pub fn interface_name(&self, id: u32) -> &str {
+        self.interfaces
+            .get(id as usize)
+            .map_or("", |i| i.name.as_str())
     }
 
     /// The link type of the file's first interface (pcap: the only one).
@@ -235,6 +269,7 @@ impl<R: Read> CaptureReader<R> {
 
     /// The next packet, `None` at a clean end of file.
     pub fn next_packet(&mut self) -> Result<Option<PacketRef<'_>>, CaptureError> {
+        self.last = None;
         match self.format {
             Format::Pcap { swapped, nanos } => self.next_pcap(swapped, nanos),
             Format::Pcapng { .. } => self.next_pcapng(),
@@ -277,13 +312,15 @@ impl<R: Read> CaptureReader<R> {
         self.packet_no += 1;
         let ts_ns = sec * 1_000_000_000 + if nanos { frac } else { frac * 1000 };
         self.last_ts_ns = ts_ns;
-        Ok(Some(PacketRef {
+        self.last = Some(Last {
             ts_ns,
-            data: &self.buf,
+            start: 0,
+            len: incl,
             orig_len: orig.max(incl as u32),
             linktype: self.linktype,
             interface: 0,
-        }))
+        });
+        Ok(self.current())
     }
 
     /// The section header block after its 4-byte type.
@@ -394,6 +431,7 @@ impl<R: Read> CaptureReader<R> {
         let linktype = u32::from(u16_at(b, 0, swapped));
         let snaplen = u32_at(b, 4, swapped);
         let mut units_per_sec = 1_000_000u64;
+        let mut name = String::new();
         let mut at = 8;
         while at + 4 <= body_len {
             let code = u16_at(b, at, swapped);
@@ -404,6 +442,11 @@ impl<R: Read> CaptureReader<R> {
             }
             if code == 0 {
                 break;
+            }
+            if code == 2 {
+                name = String::from_utf8_lossy(&b[value_at..value_at + len])
+                    .trim_end_matches('\0')
+                    .to_owned();
             }
             if code == 9 && len >= 1 {
                 let v = b[value_at];
@@ -424,6 +467,7 @@ impl<R: Read> CaptureReader<R> {
         }
         self.interfaces.push(Interface {
             linktype,
+            name,
             units_per_sec,
             snaplen,
         });
@@ -466,13 +510,15 @@ impl<R: Read> CaptureReader<R> {
             .min(u128::from(u64::MAX)) as u64;
         self.packet_no += 1;
         self.last_ts_ns = ts_ns;
-        Ok(Some(PacketRef {
+        self.last = Some(Last {
             ts_ns,
-            data: &self.buf[20..20 + caplen],
+            start: 20,
+            len: caplen,
             orig_len: orig.max(caplen as u32),
             linktype: iface.linktype,
             interface: id,
-        }))
+        });
+        Ok(self.current())
     }
 
     fn read_spb(
@@ -490,14 +536,16 @@ impl<R: Read> CaptureReader<R> {
             caplen = caplen.min(iface.snaplen as usize);
         }
         self.packet_no += 1;
-        Ok(Some(PacketRef {
+        self.last = Some(Last {
             // A simple packet block has no timestamp: keep time where it was.
             ts_ns: self.last_ts_ns,
-            data: &self.buf[4..4 + caplen],
+            start: 4,
+            len: caplen,
             orig_len: orig.max(caplen as u32),
             linktype: iface.linktype,
             interface: 0,
-        }))
+        });
+        Ok(self.current())
     }
 }
 
@@ -546,7 +594,17 @@ pub struct PcapngWriter<W: Write> {
 }
 
 impl<W: Write> PcapngWriter<W> {
-    pub fn new(mut out: W, linktype: u32, snaplen: u32) -> io::Result<Self> {
+    pub fn new(out: W, linktype: u32, snaplen: u32) -> io::Result<Self> {
+        Self::with_interface_name(out, linktype, snaplen, "")
+    }
+
+    /// Like [`PcapngWriter::new`], naming the interface (`if_name`).
+    pub fn with_interface_name(
+        mut out: W,
+        linktype: u32,
+        snaplen: u32,
+        name: &str,
+    ) -> io::Result<Self> {
         let mut shb = Vec::new();
         shb.extend_from_slice(&0x0a0d_0d0au32.to_le_bytes());
         shb.extend_from_slice(&28u32.to_le_bytes());
@@ -556,18 +614,27 @@ impl<W: Write> PcapngWriter<W> {
         shb.extend_from_slice(&u64::MAX.to_le_bytes());
         shb.extend_from_slice(&28u32.to_le_bytes());
         out.write_all(&shb)?;
+        let mut opts = Vec::new();
+        if !name.is_empty() {
+            opts.extend_from_slice(&2u16.to_le_bytes());
+            opts.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            opts.extend_from_slice(name.as_bytes());
+            opts.resize(opts.len().div_ceil(4) * 4, 0);
+        }
+        // if_tsresol = 9 (nanoseconds), then opt_endofopt.
+        opts.extend_from_slice(&9u16.to_le_bytes());
+        opts.extend_from_slice(&1u16.to_le_bytes());
+        opts.extend_from_slice(&[9, 0, 0, 0]);
+        opts.extend_from_slice(&[0, 0, 0, 0]);
+        let total = (20 + opts.len()) as u32;
         let mut idb = Vec::new();
         idb.extend_from_slice(&1u32.to_le_bytes());
-        idb.extend_from_slice(&32u32.to_le_bytes());
+        idb.extend_from_slice(&total.to_le_bytes());
         idb.extend_from_slice(&(linktype as u16).to_le_bytes());
         idb.extend_from_slice(&0u16.to_le_bytes());
         idb.extend_from_slice(&snaplen.to_le_bytes());
-        // if_tsresol = 9 (nanoseconds), then opt_endofopt.
-        idb.extend_from_slice(&9u16.to_le_bytes());
-        idb.extend_from_slice(&1u16.to_le_bytes());
-        idb.extend_from_slice(&[9, 0, 0, 0]);
-        idb.extend_from_slice(&[0, 0, 0, 0]);
-        idb.extend_from_slice(&32u32.to_le_bytes());
+        idb.extend_from_slice(&opts);
+        idb.extend_from_slice(&total.to_le_bytes());
         out.write_all(&idb)?;
         Ok(PcapngWriter { out })
     }
@@ -630,6 +697,22 @@ mod tests {
             got,
             vec![(1_700_000_000_123_456_789, vec![1, 2, 3, 4, 5], 5)]
         );
+    }
+
+    #[test]
+    fn pcapng_interface_names_are_read() {
+        let mut w =
+            PcapngWriter::with_interface_name(Vec::new(), linktype::ETHERNET, 65535, "eth7")
+                .unwrap();
+        w.write_packet(5, &[1, 2, 3], 3).unwrap();
+        let bytes = w.into_inner();
+        let mut r = CaptureReader::new(&bytes[..], "mem").unwrap();
+        assert!(r.next_packet().unwrap().is_some());
+        let p = r.current().unwrap();
+        assert_eq!((p.ts_ns, p.data), (5, &[1u8, 2, 3][..]));
+        assert_eq!(r.interface_name(p.interface), "eth7");
+        assert!(r.next_packet().unwrap().is_none());
+        assert!(r.current().is_none());
     }
 
     #[test]

@@ -100,8 +100,11 @@ pub fn run_file(
     let started = Instant::now();
     let mut next_draw = started;
     let mut n = 0u64;
-    while let Some(pkt) = reader.next_packet()? {
-        pipeline.packet(&pkt, "", sink)?;
+    while reader.next_packet()?.is_some() {
+        let Some(pkt) = reader.current() else { break };
+        // pcapng files may name the interface (if_name), for field rules.
+        let interface = reader.interface_name(pkt.interface);
+        pipeline.packet(&pkt, interface, sink)?;
         n += 1;
         if progress == Progress::Always && n % 4096 == 0 && Instant::now() >= next_draw {
             draw_progress(reader.bytes_read(), total, n, started);

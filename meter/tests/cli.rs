@@ -290,3 +290,41 @@ fn json_logs_and_config_file() {
     assert_eq!(v["level"], "WARN");
     assert_eq!(records(&out).len(), 4);
 }
+
+#[test]
+fn interface_field_matches_pcapng_interface_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("named.pcapng");
+    let mut w = qosloop_meter::PcapngWriter::with_interface_name(
+        std::fs::File::create(&path).unwrap(),
+        linktype::ETHERNET,
+        65535,
+        "eth7",
+    )
+    .unwrap();
+    let frame = ethernet(
+        &[],
+        0x0800,
+        &ipv4(ip("10.0.0.1"), ip("10.0.0.2"), 17, 1, 0, &[], &udp(1, 2, 3)),
+    );
+    w.write_packet(1_700_000_000_000_000_000, &frame, frame.len() as u32)
+        .unwrap();
+    drop(w);
+    let rules = dir.path().join("if.toml");
+    std::fs::write(
+        &rules,
+        "[[filter]]\nid = 0\nclass = \"on-eth7\"\ninterface = \"eth7\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("r.jsonl");
+    let o = meter(&[
+        "--pcap",
+        path.to_str().unwrap(),
+        "--field-rules",
+        rules.to_str().unwrap(),
+        "--records-out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(records(&out)[0].class.as_deref(), Some("on-eth7"));
+}
