@@ -1,6 +1,8 @@
 //! The experiments end to end, with the component binaries of this
 //! workspace (`cargo test --workspace` builds them all).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use qosloop_testbed::harness::{require_binary, require_root};
 use qosloop_testbed::need;
 use qosloop_testbed::procs::component_dir;

@@ -1,6 +1,8 @@
 //! The test harness against the real thing: PostgreSQL started from
 //! Debian's binaries, the kernel's network namespaces.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use qosloop_collector::Db;
 use qosloop_schema::sql::{migrations, Dialect};
 use qosloop_testbed::harness::{require_binary, require_root, Netns, Postgres, VethPair};

@@ -1,6 +1,8 @@
 //! Topologies built for real: namespaces, veth links, TBF link emulation,
 //! routes — and real traffic through them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use qosloop_testbed::harness::{require_binary, require_root};
 use qosloop_testbed::need;
 use qosloop_testbed::topology::Topology;
