@@ -141,7 +141,96 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(e) => println!("  peer softflowd -> nfcapd not measured: {e:#}"),
     }
+    match peer_nfacctd_sqlite(tmp.path()).await {
+        Ok((rows, rate)) => {
+            println!(
+                "  peer softflowd -> nfacctd -> SQLite (pmacct sqlite3 plugin, {rows} rows): {:>10.0} rows/s",
+                rate
+            );
+            println!(
+                "  ratio vs nfacctd->SQLite: qosloop SQLite {:.1}x",
+                sqlite / rate
+            );
+        }
+        Err(e) => println!("  peer nfacctd -> SQLite not measured: {e:#}"),
+    }
     Ok(())
+}
+
+/// softflowd replays the same pcap as NetFlow v9 to pmacct's nfacctd, whose
+/// sqlite3 plugin writes one row per flow; returns (rows, rows/s from the
+/// start of softflowd to the last new row). nfacctd commits every second
+/// (`sql_refresh_time: 1`), so the figure is good to about a second.
+async fn peer_nfacctd_sqlite(dir: &Path) -> anyhow::Result<(i64, f64)> {
+    let nfacctd = find_binary("nfacctd", &[])
+        .ok_or_else(|| anyhow::anyhow!("nfacctd not found (Debian package pmacct)"))?;
+    let softflowd = find_binary("softflowd", &[])
+        .ok_or_else(|| anyhow::anyhow!("softflowd not found (Debian package softflowd)"))?;
+    let schema =
+        std::fs::read_to_string("/usr/share/doc/pmacct/sql/pmacct-create-table_v1.sqlite3")?;
+    let db_path = dir.join("pmacct.db");
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db_path)
+        .create_if_missing(true)
+        // nfacctd holds the write lock for a whole purge of its cache.
+        .busy_timeout(Duration::from_secs(120));
+    let pool = sqlx::SqlitePool::connect_with(opts).await?;
+    sqlx::raw_sql(&schema).execute(&pool).await?;
+    let port = free_port()?;
+    let conf = dir.join("nfacctd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemonize: false\nnfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\nplugins: sqlite3\n\
+             sql_db: {}\nsql_table: acct\nsql_table_version: 1\nsql_refresh_time: 1\n\
+             aggregate: src_host, dst_host, src_port, dst_port, proto\n\
+             plugin_pipe_size: 104857600\nplugin_buffer_size: 1024000\nnfacctd_pipe_size: 8388608\n",
+            db_path.display()
+        ),
+    )?;
+    let mut acctd = tokio::process::Command::new(&nfacctd)
+        .arg("-f")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let start = Instant::now();
+    let status = tokio::process::Command::new(&softflowd)
+        .arg("-r")
+        .arg(dir.join("peer.pcap"))
+        .args([
+            "-v",
+            "9",
+            "-A",
+            "milli",
+            "-n",
+            &format!("127.0.0.1:{port}"),
+            "-p",
+        ])
+        .arg(dir.join("softflowd-acct.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "softflowd failed: {status}");
+    let (mut rows, mut last_change) = (0i64, start.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline && start.elapsed() < last_change + Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM acct")
+            .fetch_one(&pool)
+            .await?;
+        if n != rows {
+            rows = n;
+            last_change = start.elapsed();
+        }
+    }
+    let _ = acctd.kill().await;
+    pool.close().await;
+    anyhow::ensure!(rows > 0, "nfacctd stored no rows");
+    Ok((rows, rows as f64 / last_change.as_secs_f64()))
 }
 
 /// Writes a pcap of `flows` one-packet UDP flows (Ethernet, IPv4).
