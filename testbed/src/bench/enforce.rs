@@ -44,6 +44,7 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Latency {
     pub n: usize,
+    pub min_us: f64,
     pub median_us: f64,
     pub p99_us: f64,
 }
@@ -56,6 +57,7 @@ fn latency(mut d: Vec<Duration>) -> Latency {
     };
     Latency {
         n: d.len(),
+        min_us: at(0.0),
         median_us: at(0.5),
         p99_us: at(0.99),
     }
@@ -341,7 +343,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "qosloop-testbed bench enforce (same run, namespace {})",
         a.name()
     );
-    println!("{:<44} {:>12} {:>12}", "", "median µs", "p99 µs");
+    println!(
+        "{:<44} {:>10} {:>12} {:>12}",
+        "", "min µs", "median µs", "p99 µs"
+    );
     for (name, l) in [
         (
             "rate change: enforcer (diff + 1 netlink msg)",
