@@ -245,11 +245,21 @@ async fn send(
     session: u8,
     message: Message,
 ) -> Result<(), Refusal> {
-    writer
-        .send(Frame { session, message })
-        .await
-        .map_err(|e| refuse(ErrorCode::Internal, format!("writing to the exporter: {e}")))
+    // An exporter that stops reading must not hold its session (and the
+    // records it waits on) forever.
+    match tokio::time::timeout(WRITE_TIMEOUT, writer.send(Frame { session, message })).await {
+        Ok(r) => {
+            r.map_err(|e| refuse(ErrorCode::Internal, format!("writing to the exporter: {e}")))
+        }
+        Err(_) => Err(refuse(
+            ErrorCode::Internal,
+            format!("exporter stopped reading for {} s", WRITE_TIMEOUT.as_secs()),
+        )),
+    }
 }
+
+/// How long a write to an exporter may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn accept_templates(
     ctx: &SessionCtx,
