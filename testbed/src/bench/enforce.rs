@@ -370,8 +370,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
     ] {
         println!(
-            "{name:<44} {:>12.1} {:>12.1}   (n={})",
-            l.median_us, l.p99_us, l.n
+            "{name:<44} {:>10.1} {:>12.1} {:>12.1}   (n={})",
+            l.min_us, l.median_us, l.p99_us, l.n
         );
     }
     println!(
