@@ -287,8 +287,8 @@ pub fn cache_memory(flows: usize) -> u64 {
     let mut out = Vec::new();
     for i in 0..flows {
         let key = crate::cache::CacheKey {
-            src: 0x0a00_0000 + i as u128,
-            dst: 0xac14_0303,
+            src: (0x0a00_0000 + i as u128).into(),
+            dst: 0xac14_0303u128.into(),
             src_port: 1024,
             dst_port: 4055,
             proto: 17,

@@ -36,7 +36,7 @@ mod run;
 mod sampling;
 mod sink;
 
-pub use cache::{CacheConfig, CacheKey, CacheStats, Export, ExportReason, FlowCache};
+pub use cache::{Addr, CacheConfig, CacheKey, CacheStats, Export, ExportReason, FlowCache};
 pub use classify::{Classifier, FieldRules, FlowKeyDefs, MatchMode, PatternRules, RuleError};
 pub use config::{Config, ConfigError, Validated};
 pub use live::{effective_filter, parse_bpf, BpfInsn, LiveCapture, LiveError};

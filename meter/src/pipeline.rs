@@ -275,8 +275,8 @@ impl Pipeline {
             self.sweep_fragments(ts_ns);
         }
         let key = CacheKey {
-            src: d.src,
-            dst: d.dst,
+            src: d.src.into(),
+            dst: d.dst.into(),
             src_port,
             dst_port,
             proto: d.proto,
@@ -357,8 +357,8 @@ impl Pipeline {
         let k = &e.key;
         let c = &e.counters;
         FlowRecord {
-            src_addr: ip(k.ip_version, k.src),
-            dst_addr: ip(k.ip_version, k.dst),
+            src_addr: ip(k.ip_version, k.src.into()),
+            dst_addr: ip(k.ip_version, k.dst.into()),
             src_port: k.src_port,
             dst_port: k.dst_port,
             proto: k.proto,
