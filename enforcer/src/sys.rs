@@ -88,9 +88,9 @@ impl NetlinkSocket {
         Ok(())
     }
 
-    /// Receives one datagram into `buf` (resized to what arrived).
-    pub fn recv(&self, buf: &mut Vec<u8>) -> io::Result<()> {
-        buf.resize(1 << 16, 0);
+    /// Receives one datagram into `buf`; returns its length (a longer
+    /// datagram is truncated: netlink replies here are far below 64 KiB).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
             let n =
@@ -102,8 +102,7 @@ impl NetlinkSocket {
                 }
                 return Err(err);
             }
-            buf.truncate(n as usize);
-            return Ok(());
+            return Ok(n as usize);
         }
     }
 }

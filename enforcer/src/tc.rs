@@ -471,7 +471,7 @@ impl Rtnl {
             sock: NetlinkSocket::open(libc::NETLINK_ROUTE).map_err(KernelError::io)?,
             seq: 1,
             tx: Vec::with_capacity(1 << 16),
-            rx: Vec::with_capacity(1 << 16),
+            rx: vec![0; 1 << 16],
         })
     }
 
@@ -523,14 +523,17 @@ impl Rtnl {
             }
             let mut pending = chunk.len();
             while pending > 0 {
-                if let Err(e) = self.sock.recv(&mut self.rx) {
-                    let e = KernelError::io(e);
-                    for r in chunk_results.iter_mut().filter(|r| r.is_none()) {
-                        *r = Some(Err(e.clone()));
+                let n = match self.sock.recv(&mut self.rx) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let e = KernelError::io(e);
+                        for r in chunk_results.iter_mut().filter(|r| r.is_none()) {
+                            *r = Some(Err(e.clone()));
+                        }
+                        break;
                     }
-                    break;
-                }
-                for msg in messages(&self.rx) {
+                };
+                for msg in messages(&self.rx[..n]) {
                     let Ok((ty, flags, seq, payload)) = msg else {
                         continue;
                     };
@@ -577,8 +580,8 @@ impl Rtnl {
         );
         self.sock.send(&self.tx).map_err(KernelError::io)?;
         loop {
-            self.sock.recv(&mut self.rx).map_err(KernelError::io)?;
-            for msg in messages(&self.rx) {
+            let n = self.sock.recv(&mut self.rx).map_err(KernelError::io)?;
+            for msg in messages(&self.rx[..n]) {
                 let (mty, flags, mseq, payload) = msg?;
                 if mseq != seq {
                     continue;
