@@ -3,7 +3,7 @@
 
 use qosloop_schema::ie;
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Everything `qosloop-collector` can be told. Every flag has a key here.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -32,6 +32,12 @@ pub struct Config {
     /// Information elements (IPFIX names) the collector disables in template
     /// negotiation.
     pub disable_keys: Vec<String>,
+    /// TLS: the collector's certificate chain (PEM). With `tls_key` and
+    /// `tls_client_ca`, exporters must connect over TLS with a certificate
+    /// signed by that CA.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -47,6 +53,9 @@ impl Default for Config {
             max_message: qosloop_schema::crane::DEFAULT_MAX_MESSAGE,
             keepalive_s: 5,
             disable_keys: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -136,6 +145,19 @@ impl Config {
                 "max_message",
                 format!("{} is below 1024 bytes", self.max_message),
             );
+        }
+        let tls = [&self.tls_cert, &self.tls_key, &self.tls_client_ca];
+        let given = tls.iter().filter(|f| f.is_some()).count();
+        if given != 0 && given != 3 {
+            return bad(
+                "tls_cert",
+                "TLS needs all of tls_cert, tls_key and tls_client_ca".into(),
+            );
+        }
+        for f in tls.into_iter().flatten() {
+            if !f.is_file() {
+                return bad("tls_cert", format!("{}: no such file", f.display()));
+            }
         }
         for k in &self.disable_keys {
             if ie::by_name(k).is_none() {

@@ -16,5 +16,5 @@ mod store;
 
 pub use config::{Config, ConfigError};
 pub use db::{now_ns, redact, Db, DbError};
-pub use server::{bind, open_sink, serve, ServerError};
+pub use server::{bind, open_sink, serve, tls_acceptor, ServerError};
 pub use store::{Outcome, Sink};

@@ -40,6 +40,15 @@ struct Args {
     /// Keepalive interval announced to exporters, seconds.
     #[arg(long)]
     keepalive_s: Option<u16>,
+    /// TLS certificate chain of this collector (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that exporters' client certificates must chain to.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// Information element to disable in template negotiation (repeatable).
     #[arg(long = "disable-key")]
     disable_keys: Vec<String>,
@@ -80,6 +89,15 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
     if let Some(v) = args.keepalive_s {
         c.keepalive_s = v;
     }
+    if args.tls_cert.is_some() {
+        c.tls_cert = args.tls_cert.clone();
+    }
+    if args.tls_key.is_some() {
+        c.tls_key = args.tls_key.clone();
+    }
+    if args.tls_client_ca.is_some() {
+        c.tls_client_ca = args.tls_client_ca.clone();
+    }
     if !args.disable_keys.is_empty() {
         c.disable_keys = args.disable_keys.clone();
     }
@@ -97,6 +115,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = qosloop_collector::tls_acceptor(&config) {
+        eprintln!("qosloop-collector: bad configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let format = config.log_format.parse().unwrap_or_default();
     qosloop_schema::telemetry::init(format);
     match run(args.migrate_only, config).await {

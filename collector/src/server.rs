@@ -20,6 +20,18 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Db(#[from] crate::DbError),
+    #[error(transparent)]
+    Tls(#[from] qosloop_exporter::TlsError),
+}
+
+/// The TLS acceptor the configuration asks for (all three files, or none).
+pub fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, ServerError> {
+    match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(tokio_rustls::TlsAcceptor::from(
+            qosloop_exporter::tls::server_config(cert, key, ca)?,
+        ))),
+        _ => Ok(None),
+    }
 }
 
 /// Opens the storage named by `config.db` (`discard:` stores nothing).
@@ -42,15 +54,16 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
         })
 }
 
-/// Serves exporters on `listener`, storing into `sink`.
-pub async fn serve(listener: TcpListener, sink: Sink, config: &Config) -> std::io::Result<()> {
-    let (writer, _writer_task) =
-        spawn_writer(
-            sink.clone(),
-            config.queue_messages,
-            config.group_records,
-            config.writers,
-        );
+/// Serves exporters on `listener`, storing into `sink`; over TLS with
+/// mutual authentication when the configuration names the files.
+pub async fn serve(listener: TcpListener, sink: Sink, config: &Config) -> Result<(), ServerError> {
+    let tls = tls_acceptor(config)?;
+    let (writer, _writer_task) = spawn_writer(
+        sink.clone(),
+        config.queue_messages,
+        config.group_records,
+        config.writers,
+    );
     let disabled_keys = config
         .disable_keys
         .iter()
@@ -64,7 +77,7 @@ pub async fn serve(listener: TcpListener, sink: Sink, config: &Config) -> std::i
         keepalive_s: config.keepalive_s,
         disabled_keys,
     });
-    tracing::info!(listen = %listener.local_addr()?, "accepting exporters");
+    tracing::info!(listen = ?listener.local_addr().ok(), tls = tls.is_some(), "accepting exporters");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -76,6 +89,26 @@ pub async fn serve(listener: TcpListener, sink: Sink, config: &Config) -> std::i
             }
         };
         tracing::debug!(%peer, "exporter connected");
-        tokio::spawn(session::serve(stream, peer, ctx.clone()));
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        match &tls {
+            None => {
+                tokio::spawn(session::serve(Box::new(stream), peer, ctx));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(tls)) => session::serve(Box::new(tls), peer, ctx).await,
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
 }

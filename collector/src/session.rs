@@ -5,6 +5,7 @@
 use crate::store::{Batch, Outcome, Sink, WriteReq};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
+use qosloop_exporter::Io;
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, CraneError, DataAck, ErrorCode, ErrorMsg, Frame, Message, StartAck,
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::io::WriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -80,9 +81,8 @@ struct Stream {
 }
 
 /// Serves one connection until STOP, an error or the peer's end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionCtx>) {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) {
+    let (rd, wr) = tokio::io::split(stream);
     let codec = CraneCodec::with_max_message(ctx.max_message);
     let mut reader = FramedRead::new(rd, codec);
     let mut writer = FramedWrite::new(wr, codec);
@@ -241,7 +241,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionCtx>) {
 }
 
 async fn send(
-    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, CraneCodec>,
+    writer: &mut FramedWrite<WriteHalf<Box<dyn Io>>, CraneCodec>,
     session: u8,
     message: Message,
 ) -> Result<(), Refusal> {

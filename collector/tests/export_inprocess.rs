@@ -252,3 +252,143 @@ mod bad_input {
         server.abort();
     }
 }
+
+mod tls {
+    use super::*;
+    use qosloop_exporter::TlsFiles;
+    use qosloop_testbed::harness::require_binary;
+    use qosloop_testbed::need;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA, a collector certificate for 127.0.0.1 and an exporter client
+    /// certificate, made with the openssl command.
+    fn make_pki(dir: &Path) {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=qosloop test CA",
+        ]);
+        openssl(dir, &ca);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for who in ["server", "client"] {
+            let (key, csr, pem, ext) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+                format!("{who}.ext"),
+            );
+            let mut req = vec!["req"];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr, "-subj"]);
+            let subj = format!("/CN=qosloop {who}");
+            req.push(&subj);
+            openssl(dir, &req);
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "1",
+                    "-extfile",
+                    &ext,
+                ],
+            );
+        }
+    }
+
+    /// Mutual TLS: an exporter with a certificate from the CA gets every
+    /// record stored; one speaking plain TCP gets nothing acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mutual_tls_export() {
+        need!(require_binary("openssl", "openssl"));
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path());
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let config = Config {
+            listen: "127.0.0.1:0".into(),
+            db: url.clone(),
+            tls_cert: Some(dir.path().join("server.pem")),
+            tls_key: Some(dir.path().join("server.key")),
+            tls_client_ca: Some(dir.path().join("ca.pem")),
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        let listener = qosloop_collector::bind(&config).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = qosloop_collector::open_sink(&url).await.unwrap();
+        let server =
+            tokio::spawn(async move { qosloop_collector::serve(listener, sink, &config).await });
+
+        let mut cfg = ExporterConfig::new(vec![addr.to_string()]);
+        cfg.tls = Some(TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("client.pem"),
+            key: dir.path().join("client.key"),
+        });
+        let mut ex = Exporter::start(cfg).unwrap();
+        let mut sum = 0;
+        for i in 0..10_000 {
+            let r = record(i);
+            sum += r.bytes;
+            ex.send(&r).await.unwrap();
+        }
+        let report = ex.finish().await.unwrap();
+        assert!(report.complete(), "{report:?}");
+
+        let mut plain = ExporterConfig::new(vec![addr.to_string()]);
+        plain.finish_timeout = Duration::from_secs(2);
+        let mut ex = Exporter::start(plain).unwrap();
+        for i in 0..100 {
+            ex.send(&record(i)).await.unwrap();
+        }
+        let report = ex.finish().await.unwrap();
+        assert_eq!(report.acked_records, 0, "plain TCP is refused: {report:?}");
+
+        let db = Db::connect(&url).await.unwrap();
+        assert_eq!(totals(&db).await, (10_000, sum as i64));
+        server.abort();
+    }
+}

@@ -51,6 +51,13 @@ pub enum Cmd {
 
 pub const CONFIG_ID: u16 = 1;
 
+/// Who this exporter run is: its boot time and its stream id.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    pub boot_ns: u64,
+    pub stream_id: u64,
+}
+
 enum Ended {
     Failed(String),
     FailBack(usize),
@@ -71,6 +78,7 @@ pub struct Engine {
     boot_ns: u64,
     stream_id: u64,
     current: Option<usize>,
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -83,7 +91,7 @@ impl std::fmt::Debug for Engine {
 }
 
 struct Conn {
-    framed: Framed<TcpStream, CraneCodec>,
+    framed: Framed<Box<dyn crate::Io>, CraneCodec>,
     /// Negotiated layouts when the collector disabled keys (else None: send
     /// the stored bytes as they are).
     transcode: Vec<(u16, RecordLayout, RecordLayout)>,
@@ -96,9 +104,10 @@ impl Engine {
         rx: mpsc::Receiver<Cmd>,
         templates: Vec<WireTemplate>,
         spool: Spool,
-        boot_ns: u64,
-        stream_id: u64,
+        identity: Identity,
+        tls: Option<tokio_rustls::TlsConnector>,
     ) -> Engine {
+        let Identity { boot_ns, stream_id } = identity;
         Engine {
             cfg,
             stats,
@@ -113,6 +122,7 @@ impl Engine {
             boot_ns,
             stream_id,
             current: None,
+            tls,
         }
     }
 
@@ -296,7 +306,31 @@ impl Engine {
                 detail: e.to_string(),
             })?;
         let _ = stream.set_nodelay(true);
-        let mut framed = Framed::new(stream, CraneCodec::default());
+        let io: Box<dyn crate::Io> = match &self.tls {
+            None => Box::new(stream),
+            Some(connector) => {
+                let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| ExportError::Collector {
+                    addr: addr.clone(),
+                    detail: format!("TLS server name: {e}"),
+                })?;
+                let tls =
+                    tokio::time::timeout(Duration::from_secs(2), connector.connect(name, stream))
+                        .await
+                        .map_err(|_| ExportError::Collector {
+                            addr: addr.clone(),
+                            detail: "TLS handshake timed out".into(),
+                        })?
+                        .map_err(|e| ExportError::Collector {
+                            addr: addr.clone(),
+                            detail: format!("TLS: {e}"),
+                        })?;
+                Box::new(tls)
+            }
+        };
+        let mut framed = Framed::new(io, CraneCodec::default());
         let handshake = async {
             let f = |message| Frame {
                 session: 1,

@@ -9,12 +9,19 @@
 //!
 //! Records are encoded by the caller's task into batches (one template per
 //! batch, the machine's byte order); one engine task numbers, sends, spools
-//! and re-sends them. Not built: TLS.
+//! and re-sends them. TLS with mutual authentication is optional
+//! ([`ExporterConfig::tls`]); plain TCP is the default.
 
 mod engine;
 mod spool;
+pub mod tls;
 
 pub use spool::SpoolError;
+pub use tls::{TlsError, TlsFiles};
+
+/// A byte stream the protocol runs over: TCP, or TLS over TCP.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 use bytes::BytesMut;
 use qosloop_schema::crane::records::RecordLayout;
@@ -36,6 +43,8 @@ pub enum ExportError {
     Collector { addr: String, detail: String },
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("encoding a record: {0}")]
     Encode(#[from] CraneError),
     #[error("the exporter has stopped")]
@@ -67,6 +76,8 @@ pub struct ExporterConfig {
     pub retry_interval: Duration,
     /// How long [`Exporter::finish`] waits for acknowledgements.
     pub finish_timeout: Duration,
+    /// TLS with mutual authentication; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ExporterConfig {
@@ -84,6 +95,7 @@ impl ExporterConfig {
             probe_interval: Duration::from_millis(500),
             retry_interval: Duration::from_millis(200),
             finish_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -184,6 +196,10 @@ impl Exporter {
         if cfg.collectors.is_empty() {
             return Err(ExportError::Target(String::new()));
         }
+        let tls = match &cfg.tls {
+            Some(files) => Some(tokio_rustls::TlsConnector::from(tls::client_config(files)?)),
+            None => None,
+        };
         let order = ByteOrder::native();
         let t4 = WireTemplate::from_template(&Template::flow_v4(256))?;
         let t6 = WireTemplate::from_template(&Template::flow_v6(257))?;
@@ -224,8 +240,8 @@ impl Exporter {
             rx,
             vec![t4, t6],
             spool,
-            boot_ns,
-            stream_id,
+            engine::Identity { boot_ns, stream_id },
+            tls,
         );
         tokio::spawn(engine.run());
         Ok(Exporter {
