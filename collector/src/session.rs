@@ -61,7 +61,8 @@ impl From<CraneError> for Refusal {
     }
 }
 
-type Pending = Pin<Box<dyn Future<Output = (u32, Result<Outcome, String>)> + Send>>;
+/// A message waiting for storage: its seq, record count and fate.
+type Pending = Pin<Box<dyn Future<Output = (u32, u64, Result<Outcome, String>)> + Send>>;
 
 enum State {
     AwaitStart,
@@ -107,12 +108,12 @@ pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) 
             }
             tokio::select! {
                 biased;
-                Some((seq, outcome)) = pending.next(), if !pending.is_empty() => {
+                Some((seq, count, outcome)) = pending.next(), if !pending.is_empty() => {
                     match outcome {
                         Ok(o) => {
                             if let Some(s) = st.as_mut() {
                                 s.last_acked = seq;
-                                if o == Outcome::Stored { s.committed += 1; }
+                                if o == Outcome::Stored { s.committed += count; }
                                 let config_id = s.config_id;
                                 send(&mut writer, session_no, Message::DataAck(DataAck { seq, config_id })).await?;
                             }
@@ -194,9 +195,9 @@ pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) 
                             let (done, wait) = oneshot::channel();
                             let req = WriteReq { batch: Batch { exporter_id: s.exporter_id, session_id: s.session_id, seq: d.seq, records }, done };
                             ctx.writer.send(req).await.map_err(|_| refuse(ErrorCode::Shutdown, "collector is stopping"))?;
-                            let seq = d.seq;
+                            let (seq, count) = (d.seq, u64::from(d.count));
                             pending.push_back(Box::pin(async move {
-                                (seq, wait.await.unwrap_or_else(|_| Err("writer stopped".to_owned())))
+                                (seq, count, wait.await.unwrap_or_else(|_| Err("writer stopped".to_owned())))
                             }));
                         }
                         (_, Message::StatusReq) => {

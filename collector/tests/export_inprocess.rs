@@ -170,6 +170,65 @@ mod bad_input {
         }
     }
 
+    /// STATUS_REQ after an acknowledged DATA reports its seq and records;
+    /// a re-sent message (same seq, new connection) is acknowledged and not
+    /// stored again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_and_resend_dedup() {
+        use qosloop_schema::crane::records::RecordLayout;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let config = Config {
+            listen: "127.0.0.1:0".into(),
+            db: url.clone(),
+            ..Config::default()
+        };
+        let listener = qosloop_collector::bind(&config).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = qosloop_collector::open_sink(&url).await.unwrap();
+        let server =
+            tokio::spawn(async move { qosloop_collector::serve(listener, sink, &config).await });
+        let layout = RecordLayout::new(
+            &WireTemplate::from_template(&Template::flow_v4(256)).unwrap(),
+            ByteOrder::Big,
+        );
+        let mut bytes = bytes::BytesMut::new();
+        layout.encode(&record(1), &mut bytes).unwrap();
+        layout.encode(&record(2), &mut bytes).unwrap();
+        for attempt in 0..2 {
+            let mut f = negotiated(addr, 2001).await;
+            let flags = DATA_FLAG_START
+                | if attempt == 1 {
+                    qosloop_schema::crane::DATA_FLAG_DUPLICATE
+                } else {
+                    0
+                };
+            f.send(data(256, 7, flags, 2, bytes.to_vec()))
+                .await
+                .unwrap();
+            match f.next().await.unwrap().unwrap().message {
+                Message::DataAck(a) => assert_eq!(a.seq, 7),
+                other => panic!("expected DATA_ACK, got {other:?}"),
+            }
+            f.send(Frame {
+                session: 1,
+                message: Message::StatusReq,
+            })
+            .await
+            .unwrap();
+            match f.next().await.unwrap().unwrap().message {
+                Message::StatusRsp(s) => {
+                    assert_eq!(s.last_acked_seq, 7);
+                    assert_eq!(s.committed_records, if attempt == 0 { 2 } else { 0 });
+                }
+                other => panic!("expected STATUS_RSP, got {other:?}"),
+            }
+        }
+        let db = Db::connect(&url).await.unwrap();
+        assert_eq!(totals(&db).await.0, 2, "stored once");
+        server.abort();
+    }
+
     /// Malformed, truncated, unknown-template, gapped and wrong-version
     /// input each end their own session with an ERROR; a good exporter
     /// running at the same time loses nothing.
