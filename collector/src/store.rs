@@ -263,6 +263,7 @@ async fn commit_postgres(
     copy.put_i32(0);
     copy.put_i32(0);
     let mut rows = 0usize;
+    let mut sessions = Vec::new();
     for req in group {
         let b = &req.batch;
         let inserted = sqlx::query(
@@ -285,16 +286,7 @@ async fn commit_postgres(
             copy_row(&mut copy, b, r);
         }
         rows += b.records.len();
-        sqlx::query(
-            "UPDATE sessions SET last_seq = GREATEST(COALESCE(last_seq, 0), $1), records = records + $2 \
-             WHERE exporter_id = $3 AND session_id = $4",
-        )
-        .bind(i64::from(b.seq))
-        .bind(b.records.len() as i64)
-        .bind(b.exporter_id)
-        .bind(b.session_id)
-        .execute(&mut *tx)
-        .await?;
+        note_session(&mut sessions, b);
         outcomes.push(Outcome::Stored);
     }
     if rows > 0 {
@@ -309,8 +301,39 @@ async fn commit_postgres(
         sink.send(copy.freeze()).await?;
         sink.finish().await?;
     }
+    // Last, so that the row lock on `sessions` is held only until the
+    // commit right after: concurrent writers overlap their COPYs.
+    for (exporter_id, session_id, last_seq, records) in sessions {
+        sqlx::query(
+            "UPDATE sessions SET last_seq = GREATEST(COALESCE(last_seq, 0), $1), records = records + $2 \
+             WHERE exporter_id = $3 AND session_id = $4",
+        )
+        .bind(last_seq)
+        .bind(records)
+        .bind(exporter_id)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Adds a stored message to the per-session totals of a transaction:
+/// `(exporter_id, session_id, highest seq, records)`.
+fn note_session(sessions: &mut Vec<(i64, i64, i64, i64)>, b: &Batch) {
+    let seq = i64::from(b.seq);
+    let n = b.records.len() as i64;
+    match sessions
+        .iter_mut()
+        .find(|s| s.0 == b.exporter_id && s.1 == b.session_id)
+    {
+        Some(s) => {
+            s.2 = s.2.max(seq);
+            s.3 += n;
+        }
+        None => sessions.push((b.exporter_id, b.session_id, seq, n)),
+    }
 }
 
 /// One tuple of PostgreSQL's binary COPY format.
