@@ -656,9 +656,8 @@ fn rule(
 ) -> Result<BusinessRule, Vec<PolicyError>> {
     let r = Reader(e);
     let mut errs = Errors::default();
-    let name = r
-        .single("pcimRuleName")
-        .ok()
+    let name = errs
+        .take(r.single("pcimRuleName"))
         .flatten()
         .map(str::to_owned)
         .or_else(|| dn::rdn_value(&e.dn))
