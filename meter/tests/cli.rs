@@ -328,3 +328,23 @@ fn interface_field_matches_pcapng_interface_names() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(records(&out)[0].class.as_deref(), Some("on-eth7"));
 }
+
+#[test]
+fn progress_bar_only_when_asked_or_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = classified_pcap(dir.path());
+    let out = dir.path().join("r.jsonl");
+    let base = [
+        "--pcap",
+        pcap.to_str().unwrap(),
+        "--records-out",
+        out.to_str().unwrap(),
+    ];
+    let o = meter(&[&base[..], &["--progress", "always"]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("100.0%"));
+    // Standard error is a pipe here: `auto` draws nothing.
+    let o = meter(&base);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains('%'));
+    let o = meter(&[&base[..], &["--progress", "sometimes"]].concat());
+    assert_eq!(o.status.code(), Some(64));
+}
