@@ -21,7 +21,7 @@
 //!   outside its profile, told apart by DSCP: in-profile packets arrive
 //!   marked CS6.
 
-use crate::harness::{is_root, Postgres};
+use crate::harness::{is_root, Postgres, Slapd};
 use crate::plot::{Chart, HLine, Series, Span};
 use crate::procs::{component_dir, wait_for_port, Proc};
 use crate::topology::{Side, Topology};
@@ -45,6 +45,10 @@ pub struct PaperArgs {
     /// Store in a PostgreSQL the testbed starts instead of SQLite.
     #[arg(long)]
     pub postgres: bool,
+    /// Read the policy from a slapd the testbed starts (over ldapi, SASL
+    /// EXTERNAL) instead of the LDIF file.
+    #[arg(long)]
+    pub ldap: bool,
     /// Seconds per phase (default 20; 12 with --quick).
     #[arg(long)]
     pub phase_s: Option<u64>,
@@ -102,6 +106,7 @@ pub struct Summary {
     pub phases: Vec<PhaseCheck>,
     pub decisions_changed_in_3s: bool,
     pub storage: String,
+    pub policy_source: String,
     pub sent: Vec<crate::traffic::GenReport>,
 }
 
@@ -166,6 +171,9 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     if args.postgres {
         Postgres::available().map_err(anyhow::Error::msg)?;
     }
+    if args.ldap {
+        Slapd::available().map_err(anyhow::Error::msg)?;
+    }
     std::fs::create_dir_all(args.out.join("logs"))?;
     let out = std::fs::canonicalize(&args.out)?;
 
@@ -225,7 +233,25 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     let _ = std::fs::remove_file(out.join("qosloop.db"));
     let policy = qosloop_schema::SAMPLE_POLICY_LDIF.replace("r-eth1", &egress);
     let policy_path = out.join("policy.ldif");
-    std::fs::write(&policy_path, policy)?;
+    std::fs::write(&policy_path, &policy)?;
+    let _slapd;
+    let policy_args: Vec<String> = if args.ldap {
+        let base = "dc=qosloop,dc=example";
+        let slapd = Slapd::start(base)?;
+        slapd.add_ldif(&policy)?;
+        // The management namespace reaches slapd over its Unix socket.
+        let a = vec![
+            "--ldap".into(),
+            slapd.ldapi_url(),
+            "--ldap-base".into(),
+            base.into(),
+        ];
+        _slapd = Some(slapd);
+        a
+    } else {
+        _slapd = None;
+        vec!["--policies".into(), policy_path.display().to_string()]
+    };
 
     let log = |name: &str| out.join("logs").join(format!("{name}.log"));
     let s = |v: &str| v.to_owned();
@@ -249,16 +275,16 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     let mut policy_server = Proc::spawn(
         mgmt,
         &bin.join("qosloop-policy-server"),
-        &[
-            s("--db"),
-            db_url.clone(),
-            s("--policies"),
-            policy_path.display().to_string(),
-            s("--pdp-listen"),
-            format!("{MGMT_ADDR}:3288"),
-            s("--http"),
-            format!("{MGMT_ADDR}:8080"),
-        ],
+        &[s("--db"), db_url.clone()]
+            .into_iter()
+            .chain(policy_args)
+            .chain([
+                s("--pdp-listen"),
+                format!("{MGMT_ADDR}:3288"),
+                s("--http"),
+                format!("{MGMT_ADDR}:8080"),
+            ])
+            .collect::<Vec<_>>(),
         log("policy-server"),
     )?;
     wait_for_port(
@@ -571,6 +597,7 @@ fn summarise(
         reconfig_us,
         phases,
         decisions_changed_in_3s,
+        policy_source: String::new(),
         storage: if db_url.starts_with("postgres") {
             "postgresql".into()
         } else {
@@ -709,8 +736,9 @@ fn report(s: &Summary, ev: &Events) -> String {
     let mut r = String::new();
     r.push_str("# The reference experiment (seeds/004 §IV), reproduced\n\n");
     r.push_str(&format!(
-        "Storage: {}. Phases: {}. Decisions installed: {}.\n\n",
+        "Storage: {}. Policy: {}. Phases: {}. Decisions installed: {}.\n\n",
         s.storage,
+        s.policy_source,
         s.phases
             .iter()
             .map(|p| p.phase.as_str())
