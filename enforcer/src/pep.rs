@@ -85,6 +85,62 @@ impl<B: KernelBackend> Daemon<B> {
             .collect()
     }
 
+    /// Applies the entries of one DEC: all as one change when there are
+    /// several (an initial synchronisation of thousands of decisions then
+    /// costs one nftables transaction), each on its own when that change is
+    /// refused, so that every decision gets its own RPT with its own reason.
+    fn apply_all(&mut self, entries: Vec<QosloopDecision>) -> Vec<EnforcementReport> {
+        let mut upserts = Vec::new();
+        let mut removes = Vec::new();
+        for e in &entries {
+            match e {
+                QosloopDecision::Install(d) => upserts.push((**d).clone()),
+                QosloopDecision::Remove(r) => removes.push(*r),
+                QosloopDecision::Nothing => {}
+            }
+        }
+        let mixed = removes.iter().any(|r| upserts.iter().any(|d| d.id == r.id));
+        if upserts.len() + removes.len() > 1 && !mixed {
+            let ids: Vec<(u64, u64, ReportOutcome)> = upserts
+                .iter()
+                .map(|d| (d.id, d.version, ReportOutcome::Installed))
+                .chain(
+                    removes
+                        .iter()
+                        .map(|r| (r.id, r.version, ReportOutcome::Removed)),
+                )
+                .collect();
+            let remove_ids = removes.iter().map(|r| r.id).collect();
+            match self.enforcer.apply(upserts, remove_ids) {
+                Ok(s) => {
+                    let reconfig_ns = s.elapsed.as_nanos() as u64;
+                    tracing::info!(
+                        decisions = ids.len(),
+                        installed = s.installed,
+                        changed = s.changed,
+                        removed = s.removed,
+                        reconfig_us = reconfig_ns / 1000,
+                        "DEC applied as one change"
+                    );
+                    return ids
+                        .into_iter()
+                        .map(|(decision_id, version, outcome)| EnforcementReport {
+                            decision_id,
+                            version,
+                            outcome,
+                            reconfig_ns,
+                            at_ns: now_ns(),
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "DEC refused as one change; applying its decisions one by one")
+                }
+            }
+        }
+        entries.into_iter().filter_map(|e| self.apply(e)).collect()
+    }
+
     /// Applies one DEC entry and builds its report.
     fn apply(&mut self, entry: QosloopDecision) -> Option<EnforcementReport> {
         let (id, version, result) = match entry {
@@ -277,21 +333,24 @@ async fn session<B: KernelBackend>(
                                 continue;
                             }
                         };
+                        let mut decoded = Vec::new();
+                        let mut reports = Vec::new();
                         for entry in entries {
-                            let report = match entry.qosloop() {
-                                Ok(d) => daemon.apply(d),
-                                Err(e) => Some(EnforcementReport {
+                            match entry.qosloop() {
+                                Ok(d) => decoded.push(d),
+                                Err(e) => reports.push(EnforcementReport {
                                     decision_id: 0,
                                     version: 0,
                                     outcome: ReportOutcome::Failed { reason: format!("undecodable decision: {e}") },
                                     reconfig_ns: 0,
                                     at_ns: now_ns(),
                                 }),
-                            };
-                            if let Some(r) = report {
-                                if let Err(e) = wire.feed(Message::rpt(h.clone(), &r)).await {
-                                    return format!("sending RPT: {e}");
-                                }
+                            }
+                        }
+                        reports.extend(daemon.apply_all(decoded));
+                        for r in reports {
+                            if let Err(e) = wire.feed(Message::rpt(h.clone(), &r)).await {
+                                return format!("sending RPT: {e}");
                             }
                         }
                         if let Err(e) = SinkExt::<Message>::flush(&mut wire).await {

@@ -184,16 +184,32 @@ fn pep_installs_reports_fails_static_and_resyncs() {
                 let (mut wire, _, state) = accept_session(&listener).await;
                 assert_eq!(state.installed.len(), 1);
                 assert_eq!((state.installed[0].id, state.installed[0].version), (1, 2));
+                // One DEC with several entries is applied as one change.
+                let three = decision(3, 1, 500, OutOfProfileAction::Drop);
+                let four = decision(4, 1, 500, OutOfProfileAction::Accept { shape: None });
                 let mut m = Message::dec(
                     h.clone(),
-                    vec![DecisionEntry::remove(DecisionRef { id: 1, version: 2 })],
+                    vec![
+                        DecisionEntry::remove(DecisionRef { id: 1, version: 2 }),
+                        DecisionEntry::install(&three),
+                        DecisionEntry::install(&four),
+                    ],
                 );
                 m.solicited = true;
                 wire.send(m).await.unwrap();
-                let r = reports(&mut wire, 1).await;
+                let mut r = reports(&mut wire, 3).await;
+                r.sort_by_key(|r| r.decision_id);
                 assert_eq!(
                     (r[0].decision_id, &r[0].outcome),
                     (1, &ReportOutcome::Removed)
+                );
+                assert_eq!(
+                    (r[1].decision_id, &r[1].outcome),
+                    (3, &ReportOutcome::Installed)
+                );
+                assert_eq!(
+                    (r[2].decision_id, &r[2].outcome),
+                    (4, &ReportOutcome::Installed)
                 );
                 step_tx.send("removed").unwrap();
                 go_rx.recv().unwrap();
@@ -244,7 +260,11 @@ fn pep_installs_reports_fails_static_and_resyncs() {
     assert_eq!(status["daemon"]["mode"], "fail-static", "{status}");
     go_tx.send(()).unwrap();
     wait("removed");
-    assert!(!nft(&router).contains("jump d1"));
+    let rules = nft(&router);
+    assert!(
+        !rules.contains("jump d1") && rules.contains("jump d3") && rules.contains("jump d4"),
+        "{rules}"
+    );
     go_tx.send(()).unwrap();
     pdp.join().unwrap().unwrap();
     nix::sys::signal::kill(
