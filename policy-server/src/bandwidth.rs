@@ -1,25 +1,40 @@
 //! The bandwidth manager's arithmetic: which policed flow and which links a
 //! record counts for, the rate over one interval and its EWMA.
 //!
-//! Per interval `k` of length `Δt_k` (the wall time between two polls) and
-//! per subject (a policed flow = one business rule; a link):
+//! Per interval `k` — the poll at `t_k` closes the window
+//! `W_k = [t_{k-1} − lag, t_k − lag)` of length `Δt_k` — and per subject (a
+//! policed flow = one business rule; a link):
 //!
 //! ```text
-//! rate_k    = 8 · Σ bytes of the records that became visible in interval k / Δt_k   [kbit/s]
+//! rate_k    = 8 · (bytes of the records' traffic that happened within W_k) / Δt_k   [kbit/s]
 //! avgRate_k = w · rate_k + (1 − w) · avgRate_{k−1},   avgRate_0 = rate_0,   0 < w ≤ 1
 //! ```
 //!
-//! Records count when they become visible in SQL (see `store::FlowCursor`
-//! for how "new" is defined exactly once), so a rate is measured on the
-//! timescale of the exporter's cadence (its active timeout) or the poll
-//! interval, whichever is longer; the EWMA smooths the jitter of the two
-//! clocks beating against each other. A record counts for at most one
-//! policed flow — the matching rule with the highest priority — and for
-//! every link whose traffic it matches.
+//! A record's bytes are spread evenly over the capture time it covers,
+//! `[start_ns, end_ns]` (an interim record: the packets since the flow's
+//! previous record), and counted in the windows that time falls in
+//! ([`crate::window`]). The `lag` leaves the meter time to export what it
+//! saw: it must exceed the meter's interim interval plus the export and
+//! commit delay (default 1.2 s, for the meter's default 1 s interim
+//! updates). Traffic whose record arrives after its window closed is counted
+//! as late and reported, never moved into a later window. Each record is
+//! read once (see `store::FlowCursor` for how "new" is defined exactly
+//! once). A record counts for at most one policed flow — the matching rule
+//! with the highest priority — and for every link whose traffic it matches.
+//! Record times are the meters' clocks and windows the server's: they are
+//! assumed synchronised (NTP), as on one machine.
 
+use crate::window::TimeBuckets;
 use qosloop_schema::{BusinessRule, FlowRecord, PolicySet};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::time::Duration;
+
+/// Default `lag` (see the module doc).
+pub const DEFAULT_LAG: Duration = Duration::from_millis(1200);
+
+/// Width of the time buckets records are spread into.
+const BUCKET_NS: i64 = 20_000_000;
 
 /// Rate and average of one subject after an interval.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -58,7 +73,7 @@ impl Rates {
 struct Accumulator {
     key: String,
     name: String,
-    bytes: u64,
+    window: TimeBuckets,
     records: u64,
     avg_kbps: Option<f64>,
 }
@@ -68,7 +83,7 @@ impl Accumulator {
         Accumulator {
             key,
             name,
-            bytes: 0,
+            window: TimeBuckets::new(BUCKET_NS),
             records: 0,
             avg_kbps: None,
         }
@@ -139,6 +154,7 @@ pub fn rule_selects(rule: &BusinessRule, r: &FlowRecord) -> bool {
 #[derive(Debug)]
 pub struct BandwidthManager {
     weight: f64,
+    lag_ns: i64,
     policy: PolicySet,
     index: RuleIndex,
     flows: Vec<Accumulator>,
@@ -150,6 +166,7 @@ impl BandwidthManager {
     pub fn new(policy: &PolicySet, weight: f64) -> BandwidthManager {
         let mut bm = BandwidthManager {
             weight: weight.clamp(f64::MIN_POSITIVE, 1.0),
+            lag_ns: DEFAULT_LAG.as_nanos() as i64,
             policy: PolicySet::default(),
             index: RuleIndex::default(),
             flows: Vec::new(),
@@ -159,7 +176,13 @@ impl BandwidthManager {
         bm
     }
 
-    /// Adopts a new policy; subjects that keep their key keep their average.
+    /// Sets the `lag` between a poll and the end of the window it closes.
+    pub fn set_lag(&mut self, lag: Duration) {
+        self.lag_ns = i64::try_from(lag.as_nanos()).unwrap_or(i64::MAX);
+    }
+
+    /// Adopts a new policy; subjects that keep their key keep their average
+    /// and the traffic already placed in time.
     pub fn set_policy(&mut self, policy: &PolicySet) {
         let old_avg: HashMap<(bool, String), Option<f64>> = self
             .flows
@@ -171,8 +194,17 @@ impl BandwidthManager {
                     .map(|a| ((false, a.key.clone()), a.avg_kbps)),
             )
             .collect();
-        let keep = |is_flow: bool, mut a: Accumulator| {
+        let mut old_windows: HashMap<(bool, String), TimeBuckets> = self
+            .flows
+            .drain(..)
+            .map(|a| ((true, a.key), a.window))
+            .chain(self.links.drain(..).map(|a| ((false, a.key), a.window)))
+            .collect();
+        let mut keep = |is_flow: bool, mut a: Accumulator| {
             a.avg_kbps = old_avg.get(&(is_flow, a.key.clone())).copied().flatten();
+            if let Some(w) = old_windows.remove(&(is_flow, a.key.clone())) {
+                a.window = w;
+            }
             a
         };
         self.flows = policy
@@ -220,26 +252,33 @@ impl BandwidthManager {
                 best = Some(i);
             }
         }
+        let start = i64::try_from(r.start_ns).unwrap_or(i64::MAX);
+        let end = i64::try_from(r.end_ns).unwrap_or(i64::MAX);
         if let Some(i) = best {
             let a = &mut self.flows[i];
-            a.bytes = a.bytes.saturating_add(r.bytes);
+            a.window.add(start, end, r.bytes);
             a.records += 1;
         }
         for (link, a) in self.policy.links.iter().zip(self.links.iter_mut()) {
             if link.traffic.is_empty() || link.traffic.iter().any(|f| f.matches(r)) {
-                a.bytes = a.bytes.saturating_add(r.bytes);
+                a.window.add(start, end, r.bytes);
                 a.records += 1;
             }
         }
     }
 
-    /// Closes the interval that lasted `interval_ns` and ended at `at_ns`:
-    /// computes every rate and average and starts the next interval.
+    /// Closes the interval that lasted `interval_ns` and ended at `at_ns`
+    /// (its window ends `lag` earlier): computes every rate and average and
+    /// starts the next interval.
     pub fn close_interval(&mut self, at_ns: i64, interval_ns: i64) -> Rates {
         let w = self.weight;
-        let secs = (interval_ns.max(1)) as f64 / 1e9;
+        let interval_ns = interval_ns.max(1);
+        let secs = interval_ns as f64 / 1e9;
+        let to = at_ns.saturating_sub(self.lag_ns);
+        let from = to.saturating_sub(interval_ns);
         let close = |a: &mut Accumulator| {
-            let rate = a.bytes as f64 * 8.0 / 1000.0 / secs;
+            let bytes = a.window.take(from, to);
+            let rate = bytes * 8.0 / 1000.0 / secs;
             let avg = match a.avg_kbps {
                 Some(prev) => w * rate + (1.0 - w) * prev,
                 None => rate,
@@ -252,7 +291,6 @@ impl BandwidthManager {
                 records: a.records,
             };
             a.avg_kbps = Some(avg);
-            a.bytes = 0;
             a.records = 0;
             out
         };
@@ -270,8 +308,22 @@ mod tests {
     use super::*;
     use crate::testing::paper_policy;
 
+    /// A record of traffic at t = 0.5 s.
     fn record(src: &str, dst: &str, dport: u16, bytes: u64) -> FlowRecord {
+        record_at(src, dst, dport, bytes, 500_000_000, 500_000_000)
+    }
+
+    fn record_at(
+        src: &str,
+        dst: &str,
+        dport: u16,
+        bytes: u64,
+        start_ns: u64,
+        end_ns: u64,
+    ) -> FlowRecord {
         FlowRecord {
+            start_ns,
+            end_ns,
             src_addr: src.parse().unwrap(),
             dst_addr: dst.parse().unwrap(),
             src_port: 6055,
@@ -286,16 +338,26 @@ mod tests {
     fn ewma_follows_the_documented_formula() {
         let p = paper_policy();
         let mut bm = BandwidthManager::new(&p, 0.5);
-        let second = 1_000_000_000;
+        bm.set_lag(Duration::ZERO);
+        let second: i64 = 1_000_000_000;
+        let s = second as u64;
         // 125 000 bytes in 1 s = 1000 kbit/s.
-        bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 125_000));
+        bm.add(&record_at(
+            "10.71.1.2",
+            "10.71.2.2",
+            4055,
+            125_000, 0, s));
         let r = bm.close_interval(second, second);
         let f = &r.flows[0];
         assert_eq!(
             (f.rate_kbps, f.avg_rate_kbps, f.records),
             (1000.0, 1000.0, 1)
         );
-        bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 375_000));
+        bm.add(&record_at(
+            "10.71.1.2",
+            "10.71.2.2",
+            4055,
+            375_000, s, 2 * s));
         let r = bm.close_interval(2 * second, second);
         assert_eq!(r.flows[0].rate_kbps, 3000.0);
         assert_eq!(r.flows[0].avg_rate_kbps, 0.5 * 3000.0 + 0.5 * 1000.0);
@@ -308,6 +370,7 @@ mod tests {
     fn records_count_for_their_rule_and_their_links() {
         let p = paper_policy();
         let mut bm = BandwidthManager::new(&p, 1.0);
+        bm.set_lag(Duration::ZERO);
         // The policed flow: its rule, not the link (the sample link counts
         // only the generator's traffic).
         bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 1000));
@@ -325,6 +388,7 @@ mod tests {
     fn averages_survive_a_policy_reload() {
         let p = paper_policy();
         let mut bm = BandwidthManager::new(&p, 0.5);
+        bm.set_lag(Duration::ZERO);
         bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 125_000));
         bm.close_interval(1_000_000_000, 1_000_000_000);
         bm.set_policy(&p);
@@ -345,9 +409,41 @@ mod tests {
         }];
         p.rules.push(wide);
         let mut bm = BandwidthManager::new(&p, 1.0);
+        bm.set_lag(Duration::ZERO);
         bm.add(&record("10.71.1.2", "10.71.2.2", 4055, 1000));
         let r = bm.close_interval(1_000_000_000, 1_000_000_000);
         assert_eq!(r.flow("cn=wide").unwrap().records, 1);
         assert_eq!(r.flows[0].records, 0);
+    }
+
+    #[test]
+    fn the_lag_waits_for_late_exports_and_interim_records_give_exact_rates() {
+        // 2000 kbit/s as interim records every 250 ms, each visible only
+        // when it ends; polls every second at an unrelated phase.
+        let p = paper_policy();
+        let mut bm = BandwidthManager::new(&p, 1.0);
+        bm.set_lag(Duration::from_millis(400));
+        let ms = 1_000_000u64;
+        let mut next_record_end = 250 * ms + 13 * ms;
+        let mut rates = Vec::new();
+        for poll in 1..=8u64 {
+            let at = poll * 1000 * ms + 77 * ms;
+            while next_record_end <= at {
+                let bytes = 2_000_000 / 8 / 4; // 250 ms at 2000 kbit/s
+                bm.add(&record_at(
+                    "10.71.1.2",
+                    "10.71.2.2",
+                    4055,
+                    bytes,
+                    next_record_end - 250 * ms,
+                    next_record_end,
+                ));
+                next_record_end += 250 * ms;
+            }
+            rates.push(bm.close_interval(at as i64, 1_000_000_000).flows[0].rate_kbps);
+        }
+        for r in &rates[1..] {
+            assert!((r - 2000.0).abs() < 1.0, "{rates:?}");
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod repo;
 pub mod server;
 pub mod store;
 pub mod testing;
+pub mod window;
 
 pub use bandwidth::{BandwidthManager, Rates, SubjectRate};
 pub use config::{Config, ConfigError};
