@@ -65,9 +65,13 @@ pub struct Settings {
     /// EWMA weight of the newest interval, in (0, 1] (default 0.5).
     #[arg(long, value_name = "W")]
     pub ewma_weight: Option<f64>,
-    /// Hysteresis around each load threshold, as a fraction in [0, 0.5) (default 0.05).
+    /// Hysteresis around each load threshold, as a fraction in [0, 0.5) (default 0.01).
     #[arg(long, value_name = "H")]
     pub hysteresis: Option<f64>,
+    /// How long after a poll the window it closes ends, ms: more than the
+    /// meters' interim interval plus export delay (default 1200).
+    #[arg(long, value_name = "MS")]
+    pub rate_lag_ms: Option<u64>,
     /// Keepalive timer announced to enforcers, seconds (0..=65535, default 30).
     #[arg(long, value_name = "S")]
     pub ka_timer_secs: Option<u16>,
@@ -113,6 +117,7 @@ impl Settings {
             interval_ms: self.interval_ms.or(base.interval_ms),
             ewma_weight: self.ewma_weight.or(base.ewma_weight),
             hysteresis: self.hysteresis.or(base.hysteresis),
+            rate_lag_ms: self.rate_lag_ms.or(base.rate_lag_ms),
             ka_timer_secs: self.ka_timer_secs.or(base.ka_timer_secs),
             open_timeout_ms: self.open_timeout_ms.or(base.open_timeout_ms),
             gap_timeout_ms: self.gap_timeout_ms.or(base.gap_timeout_ms),
@@ -143,6 +148,7 @@ pub struct Config {
     pub interval: Duration,
     pub ewma_weight: f64,
     pub hysteresis: f64,
+    pub rate_lag: Duration,
     pub gap_timeout: Duration,
     pub pdp: PdpConfig,
     pub log_format: LogFormat,
@@ -232,12 +238,16 @@ impl Config {
                 format!("{ewma_weight}: must be in (0, 1]"),
             ));
         }
-        let hysteresis = s.hysteresis.unwrap_or(0.05);
+        let hysteresis = s.hysteresis.unwrap_or(0.01);
         if !(0.0..0.5).contains(&hysteresis) {
             return Err(invalid(
                 "hysteresis",
                 format!("{hysteresis}: must be in [0, 0.5)"),
             ));
+        }
+        let rate_lag_ms = s.rate_lag_ms.unwrap_or(1200);
+        if rate_lag_ms > 60_000 {
+            return Err(invalid("rate_lag_ms", format!("{rate_lag_ms}: must be at most 60000")));
         }
         let open_timeout_ms = s.open_timeout_ms.unwrap_or(5000);
         if open_timeout_ms == 0 {
@@ -255,6 +265,7 @@ impl Config {
             interval: Duration::from_millis(interval_ms),
             ewma_weight,
             hysteresis,
+            rate_lag: Duration::from_millis(rate_lag_ms),
             gap_timeout: Duration::from_millis(s.gap_timeout_ms.unwrap_or(5000)),
             pdp: PdpConfig {
                 ka_timer_secs: s.ka_timer_secs.unwrap_or(30),

@@ -41,6 +41,8 @@ pub struct LoopConfig {
     pub interval: Duration,
     pub ewma_weight: f64,
     pub hysteresis: f64,
+    /// See `bandwidth`'s module doc.
+    pub rate_lag: Duration,
     pub gap_timeout: Duration,
 }
 
@@ -50,6 +52,7 @@ impl From<&Config> for LoopConfig {
             interval: c.interval,
             ewma_weight: c.ewma_weight,
             hysteresis: c.hysteresis,
+            rate_lag: c.rate_lag,
             gap_timeout: c.gap_timeout,
         }
     }
@@ -103,6 +106,7 @@ impl Server {
         let mut engine = Engine::new(loop_config.hysteresis);
         engine.restore(&policy, store.latest_decisions().await?);
         let mut bm = BandwidthManager::new(&policy, loop_config.ewma_weight);
+        bm.set_lag(loop_config.rate_lag);
         let recent = now_ns() - 10 * loop_config.interval.as_nanos() as i64;
         for (subject, name, avg) in store.latest_averages(recent).await? {
             let key = if subject == "flow" {
