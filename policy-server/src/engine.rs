@@ -29,7 +29,7 @@
 
 use crate::bandwidth::Rates;
 use qosloop_schema::{Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 /// Every current decision, by role and id: what the PDP pushes.
@@ -190,7 +190,7 @@ impl Engine {
             .iter()
             .map(|l| (l.key.as_str(), l.avg_rate_kbps))
             .collect();
-        let mut alive: HashMap<u64, ()> = HashMap::with_capacity(self.current.len());
+        let mut alive: HashSet<u64> = HashSet::with_capacity(self.current.len());
         for rule in policy.rules.iter().filter(|r| r.enabled) {
             let Some(class) = classes.get(rule.service_class.as_str()) else {
                 changes
@@ -225,7 +225,22 @@ impl Engine {
                             .push((rule.dn.clone(), "no band covers the link load"));
                         continue;
                     };
-                    alive.insert(id, ());
+                    alive.insert(id);
+                    // Fast path: the same band and the same rendering as
+                    // before — nothing to build, nothing to push.
+                    if let Some(p) = prev {
+                        let d = &p.decision;
+                        if p.band == band
+                            && d.out_of_profile == class.out_of_profile[band].action
+                            && d.profile == class.profile
+                            && d.in_profile_dscp == class.in_profile_dscp
+                            && d.flow == *spec
+                            && d.policy_dn == rule.dn
+                            && d.role == *role
+                        {
+                            continue;
+                        }
+                    }
                     let mut d = decision_for(class, band, rule.dn.clone(), spec.clone(), role);
                     d.id = id;
                     d.issued_ns = now_ns;
@@ -250,7 +265,7 @@ impl Engine {
         let gone: Vec<u64> = self
             .current
             .keys()
-            .filter(|id| !alive.contains_key(id))
+            .filter(|id| !alive.contains(id))
             .copied()
             .collect();
         for id in gone {

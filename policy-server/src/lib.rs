@@ -10,8 +10,8 @@
 //! - the PDP ([`pdp`]): COPS (RFC 2748, codec in `qosloop_schema::cops`) on
 //!   3288/tcp; enforcers open, synchronise, get their roles' decisions and
 //!   report (`enforcers`, `enforcement_reports`);
-//! - the daemon that ties them together ([`server`]) and its configuration
-//!   ([`config`]).
+//! - the daemon that ties them together ([`server`]), its configuration
+//!   ([`config`]) and its web API and live page ([`web`]).
 //!
 //! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
 //! module `repo`), the kernel, or the flow records' ingest.
@@ -24,6 +24,7 @@ pub mod repo;
 pub mod server;
 pub mod store;
 pub mod testing;
+pub mod web;
 pub mod window;
 
 pub use bandwidth::{BandwidthManager, Rates, SubjectRate};

@@ -165,8 +165,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    if let Some(addr) = config.http {
-        tracing::warn!(http = %addr, "the web API is not built yet; ignoring http");
+    let web = match config.http {
+        Some(addr) => Some(
+            qosloop_policy_server::web::serve(
+                addr,
+                server.store.clone(),
+                server.decisions.clone(),
+                policy.clone(),
+                server.stopping(),
+            )
+            .await
+            .with_context(|| format!("listening for HTTP on {addr}"))?,
+        ),
+        None => None,
+    };
+    if let Some(w) = &web {
+        tracing::info!(http = %w.local_addr, "web API and live page");
     }
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),

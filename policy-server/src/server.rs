@@ -81,6 +81,11 @@ impl ServerHandle {
         while self.tasks.join_next().await.is_some() {}
     }
 
+    /// A receiver that turns true when the server stops (for the web server).
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
     /// Resolves when any task ends (which they do only on shutdown).
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
