@@ -43,6 +43,17 @@ pub fn component_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// What the experiments need, as one line naming the missing piece: root,
+/// the kernel tools, rsvg-convert for the plots, the component binaries.
+pub fn experiment_prerequisites() -> Result<(), String> {
+    use crate::harness::{require_binary, require_root};
+    require_root("creates network namespaces")?;
+    require_binary("tc", "iproute2")?;
+    require_binary("nft", "nftables")?;
+    require_binary("rsvg-convert", "librsvg2-bin")?;
+    component_dir().map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// A running component.
 #[derive(Debug)]
 pub struct Proc {

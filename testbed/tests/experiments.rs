@@ -3,23 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_testbed::harness::{require_binary, require_root};
 use qosloop_testbed::need;
-use qosloop_testbed::procs::component_dir;
+use qosloop_testbed::procs::experiment_prerequisites;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-fn prerequisites() -> Result<(), String> {
-    require_root("creates network namespaces")?;
-    require_binary("tc", "iproute2")?;
-    require_binary("nft", "nftables")?;
-    require_binary("rsvg-convert", "librsvg2-bin")?;
-    component_dir().map(|_| ()).map_err(|e| e.to_string())
-}
-
 #[test]
 fn the_enforced_router_is_loss_free_to_95_percent_of_the_link() {
-    need!(prerequisites());
+    need!(experiment_prerequisites());
     let out = tempfile::tempdir().unwrap();
     let args = qosloop_testbed::loss::LossArgs {
         out: out.path().to_path_buf(),

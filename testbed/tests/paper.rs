@@ -1,0 +1,71 @@
+//! The reference experiment end to end, with the component binaries of this
+//! workspace (`cargo test --workspace` builds them all).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use qosloop_testbed::need;
+use qosloop_testbed::procs::experiment_prerequisites;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// `qosloop-testbed paper --quick`: the whole loop, every component real,
+/// reaches the paper's bands.
+#[test]
+fn the_paper_experiment_reaches_its_bands() {
+    need!(experiment_prerequisites());
+    let out = tempfile::tempdir().unwrap();
+    let args = qosloop_testbed::paper::PaperArgs {
+        out: out.path().to_path_buf(),
+        quick: true,
+        postgres: false,
+        ldap: false,
+        phase_s: None,
+        seed: 4,
+    };
+    let s = qosloop_testbed::paper::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    for p in &s.phases {
+        assert!(
+            p.load_in_band,
+            "{} phase: link load {:?} outside its band\n{report}",
+            p.phase, p.mean_link_load_kbps
+        );
+        assert!(
+            p.output_ok,
+            "{} phase: {:.0} kbit/s out of profile, target {:.0}\n{report}",
+            p.phase, p.mean_out_kbps, p.target_out_kbps
+        );
+    }
+    for (i, r) in s.reaction_s.iter().enumerate() {
+        assert!(
+            r.is_some_and(|r| r <= 3.0),
+            "change {}: decision after {r:?} s\n{report}",
+            i + 1
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
+            .unwrap();
+    for key in [
+        "t_s",
+        "phase",
+        "offered_kbps",
+        "link_load_kbps",
+        "policed_out_kbps",
+        "decision",
+    ] {
+        assert!(
+            json["series"][0].get(key).is_some(),
+            "summary.json series lacks {key}"
+        );
+    }
+    assert!(json["reconfig_us"]["median"].is_number());
+    for f in [
+        "fig9-link-load.svg",
+        "fig9-link-load.png",
+        "fig10-output.svg",
+        "fig10-output.png",
+    ] {
+        assert!(out.path().join(f).is_file(), "{f} missing");
+    }
+}
