@@ -3,6 +3,8 @@
 //! UDP traffic from a bounded paced generator in tx, a raw-socket sink in rx
 //! counting bytes per DSCP. Every namespace goes with its guard.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use qosloop_enforcer::{EnforceError, Enforcer, EnforcerConfig, LinuxBackend};
 use qosloop_schema::{
     Decision, DecisionReason, Dscp, FlowSpec, Kbps, OutOfProfileAction, PortRange, TrafficProfile,

@@ -4,6 +4,8 @@
 //! in the kernel with one RPT each (failure with the reason), fail-static
 //! when the PDP goes away, resynchronisation on reconnect.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use futures_util::{SinkExt, StreamExt};
 use qosloop_schema::cops::{
     Body, CopsCodec, DecisionEntry, DecisionRef, Handle, Message, PepHello, PepState,

@@ -342,11 +342,7 @@ mod tests {
         let second: i64 = 1_000_000_000;
         let s = second as u64;
         // 125 000 bytes in 1 s = 1000 kbit/s.
-        bm.add(&record_at(
-            "10.71.1.2",
-            "10.71.2.2",
-            4055,
-            125_000, 0, s));
+        bm.add(&record_at("10.71.1.2", "10.71.2.2", 4055, 125_000, 0, s));
         let r = bm.close_interval(second, second);
         let f = &r.flows[0];
         assert_eq!(
@@ -357,7 +353,10 @@ mod tests {
             "10.71.1.2",
             "10.71.2.2",
             4055,
-            375_000, s, 2 * s));
+            375_000,
+            s,
+            2 * s,
+        ));
         let r = bm.close_interval(2 * second, second);
         assert_eq!(r.flows[0].rate_kbps, 3000.0);
         assert_eq!(r.flows[0].avg_rate_kbps, 0.5 * 3000.0 + 0.5 * 1000.0);

@@ -247,7 +247,10 @@ impl Config {
         }
         let rate_lag_ms = s.rate_lag_ms.unwrap_or(1200);
         if rate_lag_ms > 60_000 {
-            return Err(invalid("rate_lag_ms", format!("{rate_lag_ms}: must be at most 60000")));
+            return Err(invalid(
+                "rate_lag_ms",
+                format!("{rate_lag_ms}: must be at most 60000"),
+            ));
         }
         let open_timeout_ms = s.open_timeout_ms.unwrap_or(5000);
         if open_timeout_ms == 0 {

@@ -1,6 +1,8 @@
 //! Property tests of the LDIF parser and the policy builder: they never
 //! panic, whatever the input, and written entries read back as they were.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use proptest::prelude::*;
 use qosloop_policy_server::repo::{build, parse_ldif, write_ldif, Entry};
 use qosloop_schema::{PolicySet, SAMPLE_POLICY_LDIF};

@@ -3,6 +3,8 @@
 //! written, the schema's types are enforced, syncprov answers a
 //! refreshAndPersist search, and data survives a restart.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use qosloop_schema::{LDAP_SCHEMA_LDIF, SAMPLE_POLICY_LDIF};
 use qosloop_testbed::harness::{require_binary, Slapd};
 use qosloop_testbed::need;

@@ -1,5 +1,6 @@
 //! Test support: frame builders and a prerequisite check with the testbed
 //! harness's semantics (fail under CI=true, skip elsewhere).
+
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::IpAddr;
