@@ -29,6 +29,14 @@ enum Cmd {
     },
     /// Remove namespaces left behind by killed testbed runs.
     Clean,
+    /// Validate a topology file; with --hold, build it and keep it up until Ctrl-C.
+    Topology {
+        /// The topology (TOML).
+        file: std::path::PathBuf,
+        /// Build it and wait for Ctrl-C, then remove it.
+        #[arg(long)]
+        hold: bool,
+    },
     /// The reference experiment of seeds/004 §IV, every component real.
     Paper(qosloop_testbed::paper::PaperArgs),
     /// Loss against offered throughput through the enforced router (Fig. 11).
@@ -140,6 +148,26 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("shape-rate change: {}", f(&s.rate_change_us));
             println!("action change:     {}", f(&s.action_change_us));
             println!("paper (XORP+Click): ~45 us");
+            Ok(())
+        }
+        Cmd::Topology { file, hold } => {
+            let topo = qosloop_testbed::topology::Topology::load(&file)?;
+            println!(
+                "{}: {} host(s), {} link(s), {} route(s): valid",
+                file.display(),
+                topo.hosts.len(),
+                topo.links.len(),
+                topo.routes.len()
+            );
+            if hold {
+                let tb = tokio::task::spawn_blocking(move || topo.build()).await??;
+                for (host, ns) in tb.namespaces() {
+                    println!("{host}: ip netns exec {ns} …");
+                }
+                println!("up; Ctrl-C removes it");
+                tokio::signal::ctrl_c().await?;
+                drop(tb);
+            }
             Ok(())
         }
         Cmd::Clean => {

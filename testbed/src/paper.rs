@@ -49,12 +49,48 @@ pub struct PaperArgs {
     /// EXTERNAL) instead of the LDIF file.
     #[arg(long)]
     pub ldap: bool,
+    /// Topology file (default: the embedded reference topology). It needs
+    /// hosts tx, router, rx, mgmt and links tx-r (tx→router), r-rx
+    /// (router→rx), mgmt (router→mgmt) with the reference addresses.
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
     /// Seconds per phase (default 20; 12 with --quick).
     #[arg(long)]
     pub phase_s: Option<u64>,
     /// Seed of the random rates within bands.
     #[arg(long, default_value_t = 4)]
     pub seed: u64,
+}
+
+/// The topology to run on, checked for what the experiment needs.
+pub fn load_topology(file: Option<&Path>) -> anyhow::Result<Topology> {
+    let (topo, name) = match file {
+        Some(f) => (Topology::load(f)?, f.display().to_string()),
+        None => (Topology::paper(), "topologies/paper.toml".to_owned()),
+    };
+    topo.require(
+        &name,
+        &["tx", "router", "rx", "mgmt"],
+        &[
+            ("tx-r", "tx", "router"),
+            ("r-rx", "router", "rx"),
+            ("mgmt", "router", "mgmt"),
+        ],
+    )?;
+    let at = |link: &str, b: bool| {
+        topo.link(link)
+            .map(|l| if b { l.b.addr } else { l.a.addr }.to_string())
+    };
+    for (link, b, want) in [
+        ("tx-r", false, "10.71.1.2"),
+        ("r-rx", true, "10.71.2.2"),
+        ("mgmt", true, MGMT_ADDR),
+    ] {
+        if at(link, b).as_deref() != Some(want) {
+            anyhow::bail!("{name}: link {link:?} must give {want} to its {} end (the sample policy's addresses)", if b { "b" } else { "a" });
+        }
+    }
+    Ok(topo)
 }
 
 /// Address plan of the paper topology (`topologies/paper.toml`).
@@ -166,7 +202,7 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         "the testbed creates network namespaces: run it as root"
     );
     let bin = component_dir()?;
-    let topo = Topology::paper();
+    let topo = load_topology(args.topology.as_deref())?;
     topo.preflight()?;
     if args.postgres {
         Postgres::available().map_err(anyhow::Error::msg)?;

@@ -319,6 +319,42 @@ impl Topology {
         })
     }
 
+    /// Checks that the hosts and links an experiment relies on exist, with
+    /// a link's ends on the hosts it expects.
+    pub fn require(
+        &self,
+        file: &str,
+        hosts: &[&str],
+        links: &[(&str, &str, &str)],
+    ) -> Result<(), TopologyError> {
+        let invalid = |message: String| TopologyError::Invalid {
+            file: file.to_owned(),
+            message,
+        };
+        for h in hosts {
+            if !self.hosts.iter().any(|x| x.name == *h) {
+                return Err(invalid(format!("the experiment needs a host {h:?}")));
+            }
+        }
+        for (name, a, b) in links {
+            match self.link(name) {
+                Some(l) if l.a.host == *a && l.b.host == *b => {}
+                Some(l) => {
+                    return Err(invalid(format!(
+                        "link {name:?} must join {a:?} (a) to {b:?} (b), not {:?} to {:?}",
+                        l.a.host, l.b.host
+                    )))
+                }
+                None => {
+                    return Err(invalid(format!(
+                        "the experiment needs a link {name:?} from {a:?} to {b:?}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn link(&self, name: &str) -> Option<&Link> {
         self.links.iter().find(|l| l.name == name)
     }
@@ -470,6 +506,20 @@ mod tests {
         assert_eq!(t.hosts.len(), 4);
         assert_eq!(t.link("tx-r").unwrap().rate, Some(Kbps(10_000)));
         assert_eq!(t.link("r-rx").unwrap().shaped_by_enforcer, Some(Side::A));
+    }
+
+    #[test]
+    fn experiments_name_what_their_topology_lacks() {
+        let t = Topology::paper();
+        t.require("p", &["tx", "router"], &[("tx-r", "tx", "router")])
+            .unwrap();
+        let e = t.require("p", &["gw"], &[]).unwrap_err().to_string();
+        assert!(e.contains("needs a host \"gw\""), "{e}");
+        let e = t
+            .require("p", &[], &[("tx-r", "router", "tx")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must join"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn the_paper_experiment_reaches_its_bands() {
         quick: true,
         postgres: false,
         ldap: false,
+        topology: None,
         phase_s: None,
         seed: 4,
     };
