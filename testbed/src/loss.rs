@@ -28,6 +28,10 @@ pub struct LossArgs {
     /// Fewer, shorter steps.
     #[arg(long)]
     pub quick: bool,
+    /// Send with iperf3 (UDP, 1024-byte payloads, loss from its server's
+    /// report) instead of qosloop's own generator.
+    #[arg(long)]
+    pub iperf3: bool,
 }
 
 /// One step of offered load.
@@ -123,11 +127,10 @@ pub fn run(args: &LossArgs, stop: Arc<AtomicBool>) -> anyhow::Result<LossSummary
         String::from_utf8_lossy(&out.stderr).trim()
     );
 
-    let rates: Vec<f64> = if args.quick {
-        vec![2.0, 5.0, 7.8, 9.0, 9.5]
-    } else {
-        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.8, 8.5, 9.0, 9.5, 9.8]
-    };
+    if args.iperf3 {
+        return finish(args, iperf3_steps(&tb, &rates_for(args), args, &stop)?);
+    }
+    let rates = rates_for(args);
     let step = Duration::from_secs(if args.quick { 2 } else { 4 });
     let sink_stop = stop_flag();
     let ss = sink_stop.clone();
@@ -178,6 +181,102 @@ pub fn run(args: &LossArgs, stop: Arc<AtomicBool>) -> anyhow::Result<LossSummary
             }
         })
         .collect();
+    finish(args, steps)
+}
+
+fn rates_for(args: &LossArgs) -> Vec<f64> {
+    if args.quick {
+        vec![2.0, 5.0, 7.8, 9.0, 9.5]
+    } else {
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.8, 8.5, 9.0, 9.5, 9.8]
+    }
+}
+
+/// One iperf3 run per step: a one-off server in rx, the client in tx.
+fn iperf3_steps(
+    tb: &crate::topology::Testbed,
+    rates: &[f64],
+    args: &LossArgs,
+    stop: &AtomicBool,
+) -> anyhow::Result<Vec<LossStep>> {
+    crate::harness::require_binary("iperf3", "iperf3").map_err(anyhow::Error::msg)?;
+    let secs = if args.quick { 2 } else { 4 };
+    let mut steps = Vec::new();
+    for (i, mbps) in rates.iter().enumerate() {
+        anyhow::ensure!(!stop.load(Ordering::Relaxed), "interrupted");
+        eprintln!(
+            "loss (iperf3): step {}/{}: {mbps} Mbit/s",
+            i + 1,
+            rates.len()
+        );
+        let mut server = crate::procs::Proc::spawn(
+            tb.ns("rx")?,
+            std::path::Path::new("iperf3"),
+            &["-s".into(), "-p".into(), "5201".into()],
+            args.out.join(format!("iperf3-server-{i}.log")),
+        )?;
+        // A probe connection would count as a test to iperf3: retry the
+        // client instead while the server starts.
+        let mut out = None;
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(150));
+            let o = tb
+                .ns("tx")?
+                .command("iperf3")
+                .args([
+                    "-c",
+                    "10.71.2.2",
+                    "-p",
+                    "5201",
+                    "-u",
+                    "-l",
+                    "1024",
+                    "--json",
+                ])
+                .arg("-b")
+                .arg(format!("{}K", (mbps * 1000.0) as u64))
+                .arg("-t")
+                .arg(secs.to_string())
+                .output()?;
+            let refused = String::from_utf8_lossy(&o.stdout).contains("Connection refused");
+            out = Some(o);
+            if !refused {
+                break;
+            }
+        }
+        server.stop(Duration::from_secs(2));
+        let out = out.ok_or_else(|| anyhow::anyhow!("iperf3 client did not run"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "iperf3 client failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let sum = &v["end"]["sum"];
+        let num = |k: &str| sum[k].as_f64().unwrap_or(0.0);
+        let sent_packets = num("packets") as u64;
+        let lost = num("lost_packets") as u64;
+        let seconds = num("seconds").max(1e-9);
+        steps.push(LossStep {
+            offered_mbps: *mbps,
+            sent_mbps: num("bits_per_second") / 1e6,
+            received_mbps: (sent_packets.saturating_sub(lost)) as f64 * 1024.0 * 8.0
+                / 1e6
+                / seconds,
+            sent_packets,
+            lost_packets: lost,
+            loss_pct: num("lost_percent"),
+        });
+    }
+    Ok(steps)
+}
+
+fn finish(args: &LossArgs, steps: Vec<LossStep>) -> anyhow::Result<LossSummary> {
     let loss_free_up_to_pct = steps
         .iter()
         .take_while(|s| s.lost_packets == 0)
@@ -198,7 +297,11 @@ pub fn run(args: &LossArgs, stop: Arc<AtomicBool>) -> anyhow::Result<LossSummary
         x_label: "offered throughput (Mbit/s)".into(),
         y_label: "loss (%)".into(),
         series: vec![Series {
-            name: "qosloop (HTB + nftables)".into(),
+            name: if args.iperf3 {
+                "qosloop (HTB + nftables), iperf3 source".into()
+            } else {
+                "qosloop (HTB + nftables)".into()
+            },
             color: "#1f77b4",
             points: summary
                 .steps
