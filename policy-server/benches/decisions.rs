@@ -7,8 +7,8 @@
 //! 3. Reaction: from the commit of flow records that push a link over a
 //!    threshold in SQL (SQLite) to the DEC arriving at an enforcer over TCP,
 //!    for poll intervals of 100 ms and 1 s (goal: < 50 ms + the interval).
-//!    EWMA weight 1 and rate lag 0 here, so that the figure is the
-//!    pipeline's, not the smoothing's (with weight w a step needs more
+//!    EWMA weight 1 and rate lag 50 ms (included in the figure) here, so
+//!    that the figure is the pipeline's, not the smoothing's (with weight w a step needs more
 //!    intervals to cross) nor the lag's (`rate_lag_ms`, default 1.2 s, which
 //!    waits for the meters' interim exports).
 //!
@@ -147,7 +147,8 @@ async fn insert_burst(db: &Db, kbps_over_interval: u64, interval: Duration, seq:
     .bind(*seq)
     .bind((bytes / 256) as i64)
     .bind(bytes as i64)
-    .bind(now - interval.as_nanos() as i64)
+    // A 1 ms span: all of it in the window the next poll closes.
+    .bind(now - 1_000_000)
     .bind(now)
     .execute(pool)
     .await
@@ -215,14 +216,14 @@ async fn reaction(interval_ms: u64, rounds: usize) {
     for _ in 0..rounds {
         // Land at a random phase of the poll interval.
         tokio::time::sleep(Duration::from_millis(fastrand_ms(interval_ms))).await;
-        // Spread over the last interval, about half lands in the window the
-        // next poll closes: enough to cross Max_th + hysteresis.
-        insert_burst(&db, 30_000, interval, &mut seq).await;
+        insert_burst(&db, 9000, interval, &mut seq).await;
         let committed = Instant::now();
-        assert_eq!(next_kind(&mut wire).await, DecisionKind::Drop);
+        // The first change away from accept: drop, or remark when a
+        // 20 ms time bucket straddles two windows and splits the burst.
+        assert_ne!(next_kind(&mut wire).await, DecisionKind::Accept);
         samples.push(committed.elapsed());
-        // No records next interval: back to accept.
-        assert_eq!(next_kind(&mut wire).await, DecisionKind::Accept);
+        // No records next intervals: back to accept.
+        while next_kind(&mut wire).await != DecisionKind::Accept {}
     }
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -261,6 +262,6 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(reaction(100, rounds));
     if !quick {
-        rt.block_on(reaction(1000, rounds.min(10)));
+        rt.block_on(reaction(1000, rounds.min(6)));
     }
 }
