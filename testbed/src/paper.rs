@@ -319,6 +319,14 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 format!("{MGMT_ADDR}:3288"),
                 s("--http"),
                 format!("{MGMT_ADDR}:8080"),
+                // The meter sends interim records every 250 ms: 1 s
+                // covers their export and commit.
+                s("--rate-lag-ms"),
+                s("1000"),
+                s("--ewma-weight"),
+                s("0.9"),
+                s("--hysteresis"),
+                s("0.01"),
             ])
             .collect::<Vec<_>>(),
         log("policy-server"),
@@ -816,7 +824,7 @@ fn report(s: &Summary, ev: &Events) -> String {
         s.reconfig_us.count
     ));
     r.push_str(
-        "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 500 ms after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold.\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
+        "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 1 s after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold.\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
     );
     r
 }

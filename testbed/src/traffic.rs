@@ -88,6 +88,18 @@ impl Schedule {
         self.steps.iter().map(|s| s.duration).sum()
     }
 
+    /// The rate at `t` from the start.
+    fn pps_at(&self, t: Duration) -> f64 {
+        let mut start = Duration::ZERO;
+        for s in &self.steps {
+            if t < start + s.duration {
+                return s.pps;
+            }
+            start += s.duration;
+        }
+        0.0
+    }
+
     /// Packets that should have been sent by `t` from the start.
     fn due(&self, t: Duration) -> u64 {
         let mut left = t;
@@ -141,8 +153,15 @@ pub struct GenReport {
     pub packets: u64,
     pub bytes: u64,
     pub send_errors: u64,
+    /// Packets not sent because the sender fell more than
+    /// [`MAX_BACKLOG`] behind its schedule (a full link held it back): a
+    /// source with a rate does not catch up later in a burst.
+    pub skipped: u64,
     pub elapsed_s: f64,
 }
+
+/// How far behind its schedule a generator may fall before it skips.
+pub const MAX_BACKLOG: Duration = Duration::from_millis(200);
 
 /// Why traffic could not be generated or received.
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +223,13 @@ pub fn generate(flow: &FlowGen, stop: &AtomicBool) -> Result<GenReport, TrafficE
         if elapsed >= total {
             break;
         }
-        let due = flow.schedule.due(elapsed);
+        let mut due = flow.schedule.due(elapsed).saturating_sub(report.skipped);
+        let max_behind =
+            (flow.schedule.pps_at(elapsed) * MAX_BACKLOG.as_secs_f64()).max(1.0) as u64;
+        if due > seq + max_behind {
+            report.skipped += due - seq - max_behind;
+            due = seq + max_behind;
+        }
         if seq >= due {
             // Sleep until about the next packet is due, in slices short
             // enough to follow rate changes and the stop flag.
@@ -439,6 +464,9 @@ mod tests {
         assert_eq!(s.due(Duration::from_millis(2500)), 700);
         assert_eq!(s.due(Duration::from_secs(10)), 1200);
         assert_eq!(s.total(), Duration::from_secs(3));
+        assert_eq!(s.pps_at(Duration::from_millis(1999)), 100.0);
+        assert_eq!(s.pps_at(Duration::from_secs(2)), 1000.0);
+        assert_eq!(s.pps_at(Duration::from_secs(3)), 0.0);
     }
 
     #[test]
