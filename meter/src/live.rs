@@ -15,6 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// How often live capture hands its records on (to the exporter): the
+/// bandwidth manager waits for them, so this bounds how fresh rates are.
+const LIVE_FLUSH: Duration = Duration::from_millis(100);
+
 /// What can stop live capture.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
@@ -176,7 +180,7 @@ impl LiveCapture {
         let mut last_flush = Instant::now();
         let mut sink_err = None;
         loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
+            match rx.recv_timeout(LIVE_FLUSH / 2) {
                 Ok(r) => {
                     if sink_err.is_none() {
                         if let Err(e) = sink.push(&r) {
@@ -188,7 +192,7 @@ impl LiveCapture {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            if last_flush.elapsed() >= Duration::from_secs(1) {
+            if last_flush.elapsed() >= LIVE_FLUSH {
                 if let Err(e) = sink.flush() {
                     sink_err.get_or_insert(e);
                     stop.store(true, Ordering::Relaxed);

@@ -319,10 +319,11 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 format!("{MGMT_ADDR}:3288"),
                 s("--http"),
                 format!("{MGMT_ADDR}:8080"),
-                // The meter sends interim records every 250 ms: 1 s
+                // The meter sends interim records every 250 ms and hands them
+                // on every 100 ms: 700 ms
                 // covers their export and commit.
                 s("--rate-lag-ms"),
-                s("1000"),
+                s("700"),
                 s("--ewma-weight"),
                 s("0.9"),
                 s("--hysteresis"),
@@ -695,12 +696,21 @@ fn write_outputs(out: &Path, summary: &Summary, ev: &Events) -> anyhow::Result<(
         y_label: "kbit/s".into(),
         series: vec![
             Series {
-                name: "offered (background + policed)".into(),
-                color: "#999999",
+                name: "offered, all".into(),
+                color: "#cccccc",
                 points: summary
                     .series
                     .iter()
                     .map(|s| (t(s), s.offered_kbps))
+                    .collect(),
+            },
+            Series {
+                name: "offered, background (what the link load counts)".into(),
+                color: "#666666",
+                points: summary
+                    .series
+                    .iter()
+                    .map(|s| (t(s), s.background_kbps))
                     .collect(),
             },
             Series {
@@ -824,7 +834,7 @@ fn report(s: &Summary, ev: &Events) -> String {
         s.reconfig_us.count
     ));
     r.push_str(
-        "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 1 s after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold.\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
+        "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 700 ms after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold.\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
     );
     r
 }
