@@ -482,7 +482,7 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         .enable_all()
         .build()?;
     let events = rt.block_on(read_events(&db_url))?;
-    let summary = summarise(
+    let mut summary = summarise(
         &background,
         &bounds,
         epoch_ns,
@@ -491,6 +491,11 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         sent,
         &db_url,
     );
+    summary.policy_source = if args.ldap {
+        "ldap (slapd, syncrepl)".into()
+    } else {
+        "ldif file".into()
+    };
     write_outputs(&out, &summary, &events)?;
     Ok(summary)
 }
@@ -828,7 +833,7 @@ fn report(s: &Summary, ev: &Events) -> String {
         ));
     }
     r.push_str(&format!(
-        "\n## Reconfiguration of the router per decision change\n\nqosloop: median {} µs, p99 {} µs over {} changes. The paper's XORP+Click router: ~45 µs.\n",
+        "\n## Reconfiguration of the router per decision change\n\nqosloop: median {} µs, p99 {} µs over {} changes of the out-of-profile action (HTB classes over netlink plus one nftables transaction, today through an `nft -f` process). A change of a shaping rate alone is one netlink message: see `qosloop-testbed reconfig` and `bench enforce` (µs). The paper's XORP+Click router: ~45 µs.\n",
         fmt_opt(s.reconfig_us.median, 1),
         fmt_opt(s.reconfig_us.p99, 1),
         s.reconfig_us.count
