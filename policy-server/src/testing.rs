@@ -3,8 +3,7 @@
 //! entries `schema/ldap/sample-policy.ldif` holds.
 
 use qosloop_schema::{
-    BusinessRule, DeviceRole, Direction, Dscp, FlowSpec, Kbps, Link, LoadBand, OutOfProfileAction,
-    PolicySet, ServiceClass, TrafficProfile,
+    BusinessRule, DeviceRole, Direction, FlowSpec, Kbps, Link, PolicySet, ServiceClass,
 };
 
 const BASE: &str = "dc=qosloop,dc=example";
@@ -13,40 +12,7 @@ const BASE: &str = "dc=qosloop,dc=example";
 /// profile accept shaped 875 below 3000, remark BE shaped 125 below 6000,
 /// drop above.
 pub fn gold_class() -> ServiceClass {
-    ServiceClass {
-        dn: format!("cn=gold,ou=classes,{BASE}"),
-        name: "gold".into(),
-        profile: TrafficProfile {
-            rate: Kbps(1000),
-            burst_bytes: 15_000,
-        },
-        in_profile_dscp: Some(Dscp::CS6),
-        out_of_profile: vec![
-            LoadBand {
-                name: "low".into(),
-                from: Kbps(0),
-                to: Some(Kbps(3000)),
-                action: OutOfProfileAction::Accept {
-                    shape: Some(Kbps(875)),
-                },
-            },
-            LoadBand {
-                name: "medium".into(),
-                from: Kbps(3000),
-                to: Some(Kbps(6000)),
-                action: OutOfProfileAction::Remark {
-                    dscp: Dscp::BEST_EFFORT,
-                    shape: Some(Kbps(125)),
-                },
-            },
-            LoadBand {
-                name: "high".into(),
-                from: Kbps(6000),
-                to: None,
-                action: OutOfProfileAction::Drop,
-            },
-        ],
-    }
+    ServiceClass::paper(&format!("cn=gold,ou=classes,{BASE}"))
 }
 
 /// A policed 5-tuple `10.71.1.2 → 10.71.2.2:dst_port/udp` for `role`.

@@ -184,6 +184,48 @@ pub struct ServiceClass {
 }
 
 impl ServiceClass {
+    /// The service class of the reference experiment (DESIGN.md §1, the
+    /// sample policy's `gold`): 1000 kbit/s profile, CS6 in profile; out of
+    /// profile accept shaped 875 kbit/s below 3000, re-mark BE shaped 125
+    /// below 6000, drop above.
+    pub fn paper(dn: &str) -> ServiceClass {
+        let band = |name: &str, from: u64, to: Option<u64>, action| LoadBand {
+            name: name.into(),
+            from: Kbps(from),
+            to: to.map(Kbps),
+            action,
+        };
+        ServiceClass {
+            dn: dn.into(),
+            name: "gold".into(),
+            profile: TrafficProfile {
+                rate: Kbps(1000),
+                burst_bytes: 15_000,
+            },
+            in_profile_dscp: Some(Dscp::CS6),
+            out_of_profile: vec![
+                band(
+                    "low",
+                    0,
+                    Some(3000),
+                    OutOfProfileAction::Accept {
+                        shape: Some(Kbps(875)),
+                    },
+                ),
+                band(
+                    "medium",
+                    3000,
+                    Some(6000),
+                    OutOfProfileAction::Remark {
+                        dscp: Dscp::BEST_EFFORT,
+                        shape: Some(Kbps(125)),
+                    },
+                ),
+                band("high", 6000, None, OutOfProfileAction::Drop),
+            ],
+        }
+    }
+
     /// The band a link load falls in.
     pub fn band_for(&self, load: Kbps) -> Option<&LoadBand> {
         self.out_of_profile.iter().find(|b| b.contains(load))
@@ -306,46 +348,9 @@ pub struct EnforcementReport {
 mod tests {
     use super::*;
 
-    fn paper_class() -> ServiceClass {
-        ServiceClass {
-            dn: "cn=gold".into(),
-            name: "gold".into(),
-            profile: TrafficProfile {
-                rate: Kbps(1000),
-                burst_bytes: 15_000,
-            },
-            in_profile_dscp: Some(Dscp::CS6),
-            out_of_profile: vec![
-                LoadBand {
-                    name: "low".into(),
-                    from: Kbps(0),
-                    to: Some(Kbps(3000)),
-                    action: OutOfProfileAction::Accept {
-                        shape: Some(Kbps(875)),
-                    },
-                },
-                LoadBand {
-                    name: "medium".into(),
-                    from: Kbps(3000),
-                    to: Some(Kbps(6000)),
-                    action: OutOfProfileAction::Remark {
-                        dscp: Dscp::BEST_EFFORT,
-                        shape: Some(Kbps(125)),
-                    },
-                },
-                LoadBand {
-                    name: "high".into(),
-                    from: Kbps(6000),
-                    to: None,
-                    action: OutOfProfileAction::Drop,
-                },
-            ],
-        }
-    }
-
     #[test]
     fn bands_select_the_papers_actions() {
-        let c = paper_class();
+        let c = ServiceClass::paper("cn=gold");
         let kind = |l| c.band_for(Kbps(l)).map(|b| b.action.kind());
         assert_eq!(kind(0), Some(DecisionKind::Accept));
         assert_eq!(kind(2999), Some(DecisionKind::Accept));
