@@ -2,12 +2,12 @@
 //! backend (rtnetlink + nftables), a dry run that prints what it would do,
 //! and an in-memory fake for unit tests.
 
+use crate::nfnl::Nftnl;
 use crate::nft::{self, TableState, BASE_CHAIN};
 use crate::render::parse_meta_comment;
 use crate::tc::{ClassInfo, HtbClass, KernelError, QdiscInfo, Rtnl, TcHandle, TcOp};
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The kernel as the enforcer sees it.
 pub trait KernelBackend {
@@ -25,10 +25,12 @@ pub trait KernelBackend {
     fn nft(&mut self, script: &str) -> Result<(), String>;
 }
 
-/// HTB over rtnetlink, nftables through `nft -f -` (one transaction per call).
+/// HTB over rtnetlink, nftables over nf_tables netlink (one batch per call);
+/// the table is read back through `nft -j` (at start and for `status`).
 #[derive(Debug)]
 pub struct LinuxBackend {
     rtnl: Rtnl,
+    nftnl: Nftnl,
     nft_binary: String,
 }
 
@@ -37,6 +39,7 @@ impl LinuxBackend {
     pub fn open() -> Result<LinuxBackend, KernelError> {
         Ok(LinuxBackend {
             rtnl: Rtnl::open()?,
+            nftnl: Nftnl::open()?,
             nft_binary: "nft".into(),
         })
     }
@@ -86,29 +89,7 @@ impl KernelBackend for LinuxBackend {
         nft::parse_table(&String::from_utf8_lossy(&out.stdout), table, interface).map(Some)
     }
     fn nft(&mut self, script: &str) -> Result<(), String> {
-        let mut child = Command::new(&self.nft_binary)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| nft_missing(&e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| format!("writing to nft: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("waiting for nft: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "nftables refused the transaction: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        self.nftnl.apply(script)
     }
 }
 

@@ -30,6 +30,7 @@ pub mod cli;
 mod config;
 mod enforcer;
 mod error;
+pub mod nfnl;
 mod nft;
 mod pep;
 pub mod probe;

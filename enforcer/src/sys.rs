@@ -57,7 +57,12 @@ impl NetlinkSocket {
         Ok(sock)
     }
 
-    fn set_int(&self, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    pub fn set_int(
+        &self,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: libc::c_int,
+    ) -> io::Result<()> {
         // SAFETY: `value` lives across the call and its size is passed.
         let rc = unsafe {
             libc::setsockopt(

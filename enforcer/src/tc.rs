@@ -17,14 +17,14 @@ const RTM_NEWTCLASS: u16 = 40;
 const RTM_DELTCLASS: u16 = 41;
 const RTM_GETTCLASS: u16 = 42;
 
-const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
+pub(crate) const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
@@ -37,7 +37,7 @@ const TCA_HTB_PARMS: u16 = 1;
 const TCA_HTB_INIT: u16 = 2;
 const TCA_HTB_RATE64: u16 = 6;
 const TCA_HTB_CEIL64: u16 = 7;
-const NLA_F_NESTED: u16 = 0x8000;
+pub(crate) const NLA_F_NESTED: u16 = 0x8000;
 
 const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TC_LINKLAYER_ETHERNET: u8 = 1;
@@ -195,32 +195,32 @@ pub struct ClassInfo {
 
 // ---- encoding -------------------------------------------------------------
 
-fn align4(n: usize) -> usize {
+pub(crate) fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn put_u16(b: &mut Vec<u8>, v: u16) {
+pub(crate) fn put_u16(b: &mut Vec<u8>, v: u16) {
     b.extend_from_slice(&v.to_ne_bytes());
 }
-fn put_u32(b: &mut Vec<u8>, v: u32) {
+pub(crate) fn put_u32(b: &mut Vec<u8>, v: u32) {
     b.extend_from_slice(&v.to_ne_bytes());
 }
 
-fn put_attr(b: &mut Vec<u8>, ty: u16, data: &[u8]) {
+pub(crate) fn put_attr(b: &mut Vec<u8>, ty: u16, data: &[u8]) {
     put_u16(b, (4 + data.len()) as u16);
     put_u16(b, ty);
     b.extend_from_slice(data);
     b.resize(align4(b.len()), 0);
 }
 
-fn begin_nest(b: &mut Vec<u8>, ty: u16) -> usize {
+pub(crate) fn begin_nest(b: &mut Vec<u8>, ty: u16) -> usize {
     let at = b.len();
     put_u16(b, 0);
     put_u16(b, ty | NLA_F_NESTED);
     at
 }
 
-fn end_nest(b: &mut [u8], at: usize) {
+pub(crate) fn end_nest(b: &mut [u8], at: usize) {
     let len = (b.len() - at) as u16;
     b[at..at + 2].copy_from_slice(&len.to_ne_bytes());
 }
@@ -372,18 +372,18 @@ pub fn encode(b: &mut Vec<u8>, op: &TcOp, seq: u32) {
 
 // ---- decoding -------------------------------------------------------------
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// Iterates `(type, payload)` over netlink attributes; stops at a bad length.
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         let len = usize::from(u16_at(b, 0)?);
         let ty = u16_at(b, 2)? & 0x3FFF;
@@ -397,7 +397,9 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 }
 
 /// One message of a datagram: (type, flags, seq, payload after the header).
-fn messages(mut b: &[u8]) -> impl Iterator<Item = Result<(u16, u16, u32, &[u8]), KernelError>> {
+pub(crate) fn messages(
+    mut b: &[u8],
+) -> impl Iterator<Item = Result<(u16, u16, u32, &[u8]), KernelError>> {
     std::iter::from_fn(move || {
         if b.is_empty() {
             return None;
@@ -424,7 +426,7 @@ fn messages(mut b: &[u8]) -> impl Iterator<Item = Result<(u16, u16, u32, &[u8]),
 }
 
 /// The result carried by an `NLMSG_ERROR` payload (errno 0 is an ack).
-fn decode_error(flags: u16, payload: &[u8]) -> Result<(), KernelError> {
+pub(crate) fn decode_error(flags: u16, payload: &[u8]) -> Result<(), KernelError> {
     let code = u32_at(payload, 0).ok_or_else(|| KernelError::malformed("error code"))? as i32;
     if code == 0 {
         return Ok(());

@@ -564,3 +564,119 @@ fn cli_bad_input_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch0"));
 }
+
+/// The nf_tables batches the enforcer compiles itself, listed by `nft`,
+/// read exactly like the same statements applied by `nft -f`: every form the
+/// enforcer writes (base chain with guard, IPv4/IPv6 flows with prefixes on
+/// and off byte boundaries, port ranges, the three actions, DSCP marking of
+/// both families, priority steering, comments), then flush/delete forms.
+#[test]
+fn native_batches_list_exactly_like_nft_f() {
+    let Some(()) = prerequisites() else { return };
+    let ns = Netns::create("enl").unwrap();
+    ns.ip(&[
+        "link", "add", "name", "nla", "type", "veth", "peer", "name", "nlb",
+    ])
+    .unwrap();
+    let script = |t: &str| {
+        format!(
+            "add table inet {t}
+add chain inet {t} postrouting {{ type filter hook postrouting priority filter; policy accept; }}
+add rule inet {t} postrouting oifname != \"nla\" accept comment \"guard\"
+add chain inet {t} d42
+add rule inet {t} d42 limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e5:107 accept comment \"out\"
+add rule inet {t} d42 counter ip dscp set 48 meta priority set e5:106 accept comment \"in id=42 v=1 slot=3 kind=remark fp=00000000000000ff\"
+add rule inet {t} postrouting ip saddr 10.1.0.1 ip daddr 10.2.0.0/16 udp dport 5001 jump d42 comment \"id=42\"
+add chain inet {t} d43
+add rule inet {t} d43 limit rate over 109375 bytes/second counter drop comment \"out\"
+add rule inet {t} d43 counter ip6 dscp set 46 meta priority set e5:108 accept comment \"in\"
+add rule inet {t} postrouting ip6 saddr 2001:db8::1 ip6 daddr 2001:db8:8000::/33 tcp sport 1024-2048 tcp dport 80 jump d43 comment \"id=43\"
+add rule inet {t} postrouting ip saddr 10.0.0.0/20 sctp dport 80 jump d43
+add rule inet {t} postrouting meta nfproto ipv4 meta l4proto 17 jump d43
+add chain inet {t} d44
+add rule inet {t} d44 limit rate over 109375 bytes/second counter meta priority set e5:10b accept comment \"out\"
+add rule inet {t} d44 counter meta priority set e5:10a accept
+add rule inet {t} postrouting meta nfproto ipv6 jump d44
+"
+        )
+    };
+    let list = |t: &str| {
+        let out = ns
+            .command("nft")
+            .args(["list", "table", "inet", t])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).replace(t, "T")
+    };
+    let nft_f = |s: &str| {
+        let mut child = ns
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    let native = |s: String| {
+        ns.run_in(move || qosloop_enforcer::nfnl::Nftnl::open().unwrap().apply(&s))
+            .unwrap()
+    };
+    native(script("qosloop_native")).unwrap();
+    nft_f(&script("qosloop_nft"));
+    let listed = list("qosloop_native");
+    assert_eq!(listed, list("qosloop_nft"));
+    assert!(
+        listed.contains("ip6 daddr 2001:db8:8000::/33 tcp sport 1024-2048"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("ip dscp set cs6 meta priority set e5:106 accept"),
+        "{listed}"
+    );
+
+    // Changing forms: flush and refill a chain, delete a rule by handle.
+    let change = |t: &str| {
+        format!(
+            "flush chain inet {t} d42
+add rule inet {t} d42 limit rate over 125000 bytes/second burst 15000 bytes counter drop comment \"out\"
+add rule inet {t} d42 counter ip dscp set 48 meta priority set e5:106 accept comment \"in id=42 v=2\"
+"
+        )
+    };
+    native(change("qosloop_native")).unwrap();
+    nft_f(&change("qosloop_nft"));
+    assert_eq!(list("qosloop_native"), list("qosloop_nft"));
+
+    // A refused batch changes nothing and names the statement.
+    let before = list("qosloop_native");
+    let err = native(
+        "add chain inet qosloop_native d45
+add rule inet qosloop_native d45 counter accept
+add rule inet qosloop_native postrouting ip daddr 10.9.0.1 jump d99
+"
+        .to_owned(),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("jump d99") && err.contains("No such file"),
+        "{err}"
+    );
+    assert_eq!(list("qosloop_native"), before);
+
+    for t in ["qosloop_native", "qosloop_nft"] {
+        native(format!("delete table inet {t}")).unwrap();
+    }
+    let out = ns
+        .command("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+}
