@@ -16,6 +16,7 @@ pub trait KernelBackend {
     /// The interface's index, `None` when it does not exist.
     fn ifindex(&mut self, interface: &str) -> Option<u32>;
     fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, KernelError>;
+    /// Classes of qdisc `major` on the interface; `major` 0: of every qdisc.
     fn classes(&mut self, ifindex: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError>;
     /// Executes `ops` in order, one result each; no rollback here.
     fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>>;
@@ -147,6 +148,10 @@ impl KernelBackend for DryRunBackend {
 pub struct FakeKernel {
     pub interfaces: BTreeMap<String, u32>,
     pub root_qdisc: Option<QdiscInfo>,
+    /// Leaf qdiscs of classes, by the class they hang from.
+    pub child_qdiscs: BTreeMap<u32, QdiscInfo>,
+    /// The steering filter's `(first_major, groups, first_minor)`.
+    pub steer: Option<(u16, u16, u16)>,
     pub classes: BTreeMap<u32, HtbClass>,
     pub table: Option<FakeTable>,
     pub tc_messages: usize,
@@ -182,6 +187,33 @@ impl FakeKernel {
     fn apply_op(&mut self, op: &TcOp) -> Result<(), KernelError> {
         match op {
             TcOp::CreateQdisc {
+                ifindex,
+                handle,
+                parent,
+                ..
+            } if parent.0 != 0 => {
+                if !self.classes.contains_key(&parent.0) {
+                    return Err(Self::einval("no such parent class"));
+                }
+                if self.child_qdiscs.contains_key(&parent.0)
+                    || self.child_qdiscs.values().any(|q| q.handle == *handle)
+                {
+                    return Err(KernelError {
+                        errno: libc::EEXIST,
+                        message: None,
+                    });
+                }
+                self.child_qdiscs.insert(
+                    parent.0,
+                    QdiscInfo {
+                        ifindex: *ifindex,
+                        handle: *handle,
+                        parent: parent.0,
+                        kind: "htb".into(),
+                    },
+                );
+            }
+            TcOp::CreateQdisc {
                 ifindex, handle, ..
             } => {
                 if self.root_qdisc.is_some() {
@@ -199,7 +231,20 @@ impl FakeKernel {
             }
             TcOp::DeleteQdisc { .. } => {
                 self.root_qdisc = None;
+                self.child_qdiscs.clear();
                 self.classes.clear();
+                self.steer = None;
+            }
+            TcOp::Steer {
+                first_major,
+                groups,
+                first_minor,
+                ..
+            } => {
+                if self.root_qdisc.is_none() {
+                    return Err(Self::einval("no qdisc"));
+                }
+                self.steer = Some((*first_major, *groups, *first_minor));
             }
             TcOp::CreateClass { class, .. } | TcOp::ChangeClass { class, .. } => {
                 if self.fail_class == Some(class.classid) {
@@ -212,9 +257,20 @@ impl FakeKernel {
                 self.classes.insert(class.classid.0, *class);
             }
             TcOp::DeleteClass { classid, .. } => {
+                if self.classes.values().any(|c| c.parent == *classid) {
+                    return Err(KernelError {
+                        errno: libc::EBUSY,
+                        message: Some("class has children".into()),
+                    });
+                }
                 self.classes
                     .remove(&classid.0)
                     .ok_or_else(|| Self::einval("no such class"))?;
+                // A class's leaf qdisc goes with it, and that qdisc's classes.
+                if let Some(q) = self.child_qdiscs.remove(&classid.0) {
+                    let major = q.handle.major();
+                    self.classes.retain(|_, c| c.classid.major() != major);
+                }
             }
         }
         Ok(())
@@ -286,13 +342,18 @@ impl KernelBackend for FakeKernel {
         self.interfaces.get(interface).copied()
     }
     fn qdiscs(&mut self, _: u32) -> Result<Vec<QdiscInfo>, KernelError> {
-        Ok(self.root_qdisc.iter().cloned().collect())
+        Ok(self
+            .root_qdisc
+            .iter()
+            .chain(self.child_qdiscs.values())
+            .cloned()
+            .collect())
     }
     fn classes(&mut self, _: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError> {
         Ok(self
             .classes
             .values()
-            .filter(|c| c.classid.major() == major)
+            .filter(|c| major == 0 || c.classid.major() == major)
             .map(|c| ClassInfo {
                 classid: c.classid.to_string(),
                 handle: c.classid.0,

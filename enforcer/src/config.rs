@@ -105,10 +105,12 @@ impl Config {
             None => DEFAULT_QDISC_MAJOR,
             Some(s) => u16::from_str_radix(s.trim_end_matches(':'), 16)
                 .ok()
-                .filter(|m| *m != 0 && *m != 0xffff)
+                .filter(|m| (1..=0xfe).contains(m))
                 .ok_or_else(|| ConfigError::Invalid {
                     field: "qdisc_handle",
-                    message: format!("{s:?} is not a hex qdisc major in 1..ffff"),
+                    message: format!(
+                        "{s:?} is not a hex qdisc major in 1..fe (group qdiscs take MAJ00..MAJfe)"
+                    ),
                 })?,
         };
         for r in &self.roles {

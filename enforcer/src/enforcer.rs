@@ -12,7 +12,7 @@ use crate::backend::KernelBackend;
 use crate::error::EnforceError;
 use crate::nft::{self, ChainState, TableState};
 use crate::render::{self, Layout, Rendered, MAX_SLOTS};
-use crate::tc::{ClassInfo, HtbClass, TcHandle, TcOp};
+use crate::tc::{ClassInfo, HtbClass, QdiscInfo, TcHandle, TcOp};
 use qosloop_schema::{Decision, FlowSpec, Kbps};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -148,6 +148,8 @@ pub struct Enforcer<B: KernelBackend> {
     flows: FlowIndex,
     /// Sum of guaranteed class rates of applied decisions.
     guaranteed: u64,
+    /// Group classes in the kernel (rate = their decisions' guaranteed sum).
+    groups: BTreeMap<u32, HtbClass>,
 }
 
 fn tc_err(op: &TcOp, source: crate::tc::KernelError) -> EnforceError {
@@ -165,6 +167,11 @@ fn class_of(info: &ClassInfo) -> HtbClass {
         ceil: Kbps(info.ceil_kbps),
         prio: info.prio,
     }
+}
+
+/// What an applied decision's classes guarantee together (kbit/s).
+fn class_rates(a: &Applied) -> u64 {
+    a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0)
 }
 
 fn same_class(a: &HtbClass, b: &HtbClass) -> bool {
@@ -218,6 +225,7 @@ impl<B: KernelBackend> Enforcer<B> {
             jump_handles: None,
             flows: FlowIndex::default(),
             guaranteed: 0,
+            groups: BTreeMap::new(),
         };
         let report = e.reconcile_at_start()?;
         Ok((e, report))
@@ -251,15 +259,28 @@ impl<B: KernelBackend> Enforcer<B> {
         self.applied.keys().copied().collect()
     }
 
-    fn our_root(&mut self) -> Result<Option<bool>, EnforceError> {
-        let qdiscs = self
-            .backend
+    fn qdiscs(&mut self) -> Result<Vec<QdiscInfo>, EnforceError> {
+        self.backend
             .qdiscs(self.ifindex)
             .map_err(|source| EnforceError::Tc {
                 op: "RTM_GETQDISC dump".into(),
                 source,
-            })?;
-        match qdiscs.into_iter().find(|q| q.is_root()) {
+            })
+    }
+
+    /// The steering filter on the root qdisc (created or replaced).
+    fn steer_op(&self) -> TcOp {
+        TcOp::Steer {
+            ifindex: self.ifindex,
+            qdisc: self.layout.handle(0),
+            first_major: self.layout.group_major(0),
+            groups: 0xff, // every low byte; unused ones have no class
+            first_minor: render::FIRST_GROUP_MINOR,
+        }
+    }
+
+    fn our_root(&mut self, qdiscs: &[QdiscInfo]) -> Result<Option<bool>, EnforceError> {
+        match qdiscs.iter().find(|q| q.is_root()).cloned() {
             None => Ok(None),
             Some(q) if q.handle.0 == 0 => Ok(None),
             Some(q) if q.handle.major() == self.layout.qdisc_major && q.kind == "htb" => {
@@ -277,10 +298,11 @@ impl<B: KernelBackend> Enforcer<B> {
         let mut report = StartReport::default();
         let table = self.layout.table();
         let iface = self.layout.interface.clone();
-        let ours = self.our_root()?.is_some();
+        let qdiscs = self.qdiscs()?;
+        let ours = self.our_root(&qdiscs)?.is_some();
         let classes = if ours {
             self.backend
-                .classes(self.ifindex, self.layout.qdisc_major)
+                .classes(self.ifindex, 0)
                 .map_err(|source| EnforceError::Tc {
                     op: "RTM_GETTCLASS dump".into(),
                     source,
@@ -369,40 +391,78 @@ impl<B: KernelBackend> Enforcer<B> {
                 self.base_nft = false;
             }
         }
-        // HTB: fix the root and default classes, keep classes of adopted
-        // decisions, delete every other class under our qdisc.
+        // HTB: fix the root and default classes and the steering filter,
+        // keep the groups and classes of adopted decisions, delete every
+        // other class under our qdisc.
         let by_slot: HashMap<u32, u64> = adopted.iter().map(|(id, a)| (a.slot, *id)).collect();
         let mut deletes = Vec::new();
+        let mut group_deletes = Vec::new();
         let mut fixes = Vec::new();
+        let mut found_groups: BTreeMap<u32, HtbClass> = BTreeMap::new();
         if ours {
+            // A group is usable when its class holds our HTB qdisc with its root class.
+            let mut intact: BTreeSet<u32> = qdiscs
+                .iter()
+                .filter(|q| q.kind == "htb" && !q.is_root())
+                .filter_map(|q| {
+                    let g = self.layout.group_of_major(q.handle.major())?;
+                    (q.parent == self.layout.group_class(g, Kbps(0)).classid.0).then_some(g)
+                })
+                .collect();
+            let group_roots: BTreeSet<u32> = classes
+                .iter()
+                .filter(|c| TcHandle(c.handle).minor() == render::ROOT_MINOR)
+                .filter_map(|c| self.layout.group_of_major(TcHandle(c.handle).major()))
+                .collect();
+            intact.retain(|g| group_roots.contains(g));
             let (mut root, mut default) = (false, false);
             for info in &classes {
                 let class = class_of(info);
-                let minor = class.classid.minor();
-                if minor == render::ROOT_MINOR {
-                    root = true;
-                    let want = self.layout.root_class();
-                    if !same_class(&class, &want) {
-                        fixes.push(TcOp::ChangeClass {
+                let (major, minor) = (class.classid.major(), class.classid.minor());
+                if major == self.layout.qdisc_major {
+                    if minor == render::ROOT_MINOR || minor == render::DEFAULT_MINOR {
+                        let want = if minor == render::ROOT_MINOR {
+                            root = true;
+                            self.layout.root_class()
+                        } else {
+                            default = true;
+                            self.layout.default_class()
+                        };
+                        if !same_class(&class, &want) {
+                            fixes.push(TcOp::ChangeClass {
+                                ifindex: self.ifindex,
+                                class: want,
+                            });
+                        }
+                    } else if let Some(g) = self.layout.group_of_minor(minor) {
+                        if intact.contains(&g) {
+                            found_groups.insert(g, class);
+                        } else {
+                            group_deletes.push(TcOp::DeleteClass {
+                                ifindex: self.ifindex,
+                                classid: class.classid,
+                            });
+                        }
+                    } else {
+                        deletes.push(TcOp::DeleteClass {
                             ifindex: self.ifindex,
-                            class: want,
+                            classid: class.classid,
                         });
                     }
-                } else if minor == render::DEFAULT_MINOR {
-                    default = true;
-                    let want = self.layout.default_class();
-                    if !same_class(&class, &want) {
-                        fixes.push(TcOp::ChangeClass {
-                            ifindex: self.ifindex,
-                            class: want,
-                        });
-                    }
-                } else if let Some(a) = Layout::slot_of_minor(minor)
+                    continue;
+                }
+                let Some(g) = self.layout.group_of_major(major) else {
+                    continue; // not ours (it goes if the class it hangs from does)
+                };
+                if !intact.contains(&g) || minor == render::ROOT_MINOR {
+                    continue;
+                }
+                if let Some(a) = Layout::slot_of_class(g, minor)
                     .and_then(|s| by_slot.get(&s))
                     .and_then(|id| adopted.get_mut(id))
                 {
-                    let (in_minor, _) = Layout::slot_minors(a.slot);
-                    if minor == in_minor {
+                    let (in_id, _) = self.layout.slot_classids(a.slot);
+                    if class.classid == in_id {
                         a.in_class = Some(class);
                     } else {
                         a.out_class = Some(class);
@@ -429,6 +489,7 @@ impl<B: KernelBackend> Enforcer<B> {
                     class: self.layout.default_class(),
                 });
             }
+            fixes.push(self.steer_op());
             self.base_tc = true;
         }
         // A decision whose classes are gone (qdisc deleted behind our back)
@@ -460,16 +521,36 @@ impl<B: KernelBackend> Enforcer<B> {
             }
             self.backend.nft(&script).map_err(EnforceError::Nft)?;
         }
-        report.cleaned_classes = deletes.len();
-        let ops = [fixes, deletes].concat();
+        // Group rates follow what stays; groups left empty go.
+        let mut sums: BTreeMap<u32, u64> = BTreeMap::new();
+        for a in adopted.values() {
+            *sums.entry(Layout::group_of(a.slot)).or_default() += class_rates(a);
+        }
+        for (g, class) in &found_groups {
+            match sums.get(g) {
+                Some(&sum) => {
+                    let want = self.layout.group_class(*g, Kbps(sum));
+                    if !same_class(class, &want) {
+                        fixes.push(TcOp::ChangeClass {
+                            ifindex: self.ifindex,
+                            class: want,
+                        });
+                    }
+                    self.groups.insert(*g, want);
+                }
+                None => group_deletes.push(TcOp::DeleteClass {
+                    ifindex: self.ifindex,
+                    classid: class.classid,
+                }),
+            }
+        }
+        report.cleaned_classes = deletes.len() + group_deletes.len();
+        let ops = [fixes, deletes, group_deletes].concat();
         for (op, r) in ops.iter().zip(self.backend.tc(&ops)) {
             r.map_err(|e| tc_err(op, e))?;
         }
         report.adopted = adopted.len();
-        for a in adopted.values() {
-            self.guaranteed +=
-                a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0);
-        }
+        self.guaranteed += adopted.values().map(class_rates).sum::<u64>();
         self.next_slot = adopted.values().map(|a| a.slot + 1).max().unwrap_or(0);
         let used: BTreeSet<u32> = adopted.values().map(|a| a.slot).collect();
         self.free_slots = (0..self.next_slot).filter(|s| !used.contains(s)).collect();
@@ -619,8 +700,7 @@ impl<B: KernelBackend> Enforcer<B> {
         let result = (|| {
             for id in &removing {
                 let a = &self.applied[id];
-                guaranteed -=
-                    a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0);
+                guaranteed -= class_rates(a);
             }
             for d in &upserts {
                 let slot = match self.applied.get(&d.id) {
@@ -642,8 +722,7 @@ impl<B: KernelBackend> Enforcer<B> {
                         reason: e.to_string(),
                     })?;
                 if let Some(a) = self.applied.get(&d.id) {
-                    guaranteed -=
-                        a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0);
+                    guaranteed -= class_rates(a);
                 }
                 guaranteed += r.in_class.rate.0 + r.out_class.rate.0;
                 let default = self.layout.default_rate();
@@ -709,6 +788,7 @@ impl<B: KernelBackend> Enforcer<B> {
             pre.push(TcOp::CreateQdisc {
                 ifindex,
                 handle: self.layout.handle(0),
+                parent: TcHandle(0),
                 default_minor: render::DEFAULT_MINOR,
             });
             undo.push(Some(TcOp::DeleteQdisc {
@@ -718,6 +798,78 @@ impl<B: KernelBackend> Enforcer<B> {
             for class in [self.layout.root_class(), self.layout.default_class()] {
                 pre.push(TcOp::CreateClass { ifindex, class });
                 undo.push(None); // goes with the qdisc
+            }
+            pre.push(self.steer_op());
+            undo.push(None);
+        }
+        // Groups: the guaranteed sum of every group this change touches.
+        let mut sums: BTreeMap<u32, u64> = BTreeMap::new();
+        let slots = rendered
+            .iter()
+            .map(|r| r.slot)
+            .chain(removing.iter().map(|id| self.applied[id].slot));
+        for slot in slots {
+            let g = Layout::group_of(slot);
+            sums.entry(g)
+                .or_insert_with(|| self.groups.get(&g).map_or(0, |c| c.rate.0));
+        }
+        for id in removing {
+            let a = &self.applied[id];
+            if let Some(sum) = sums.get_mut(&Layout::group_of(a.slot)) {
+                *sum -= class_rates(a);
+            }
+        }
+        for r in rendered {
+            if let Some(sum) = sums.get_mut(&Layout::group_of(r.slot)) {
+                if let Some(a) = self.applied.get(&r.id) {
+                    *sum -= class_rates(a);
+                }
+                *sum += r.in_class.rate.0 + r.out_class.rate.0;
+            }
+        }
+        let mut group_deletes = Vec::new();
+        for (&g, &sum) in &sums {
+            let want = self.layout.group_class(g, Kbps(sum));
+            match self.groups.get(&g) {
+                Some(have) if sum == 0 => group_deletes.push(TcOp::DeleteClass {
+                    ifindex,
+                    classid: have.classid,
+                }),
+                Some(have) if !same_class(have, &want) => {
+                    pre.push(TcOp::ChangeClass {
+                        ifindex,
+                        class: want,
+                    });
+                    undo.push(Some(TcOp::ChangeClass {
+                        ifindex,
+                        class: *have,
+                    }));
+                }
+                Some(_) => {}
+                None if sum == 0 => {}
+                None => {
+                    pre.push(TcOp::CreateClass {
+                        ifindex,
+                        class: want,
+                    });
+                    // Deleting the class takes its qdisc and classes with it.
+                    undo.push(Some(TcOp::DeleteClass {
+                        ifindex,
+                        classid: want.classid,
+                    }));
+                    pre.push(TcOp::CreateQdisc {
+                        ifindex,
+                        handle: TcHandle::new(self.layout.group_major(g), 0),
+                        parent: want.classid,
+                        default_minor: 0,
+                    });
+                    undo.push(None);
+                    pre.push(TcOp::CreateClass {
+                        ifindex,
+                        class: self.layout.group_root(g),
+                    });
+                    undo.push(None);
+                }
             }
         }
         let mut script = String::new();
@@ -797,6 +949,9 @@ impl<B: KernelBackend> Enforcer<B> {
             }
             nft::delete_chain(&mut script, &table, &render::chain_name(*id));
             let a = &self.applied[id];
+            if sums.get(&Layout::group_of(a.slot)) == Some(&0) {
+                continue; // the group's class goes, and its classes with it
+            }
             for c in [a.in_class, a.out_class].into_iter().flatten() {
                 post.push(TcOp::DeleteClass {
                     ifindex,
@@ -804,6 +959,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 });
             }
         }
+        post.extend(group_deletes);
         // HTB creates and changes; on a refusal, undo what went through.
         let results = self.backend.tc(&pre);
         summary.tc_messages += pre.len();
@@ -836,6 +992,13 @@ impl<B: KernelBackend> Enforcer<B> {
             }
             if adds_jump {
                 self.jump_handles = None;
+            }
+        }
+        for (g, sum) in sums {
+            if sum == 0 {
+                self.groups.remove(&g);
+            } else {
+                self.groups.insert(g, self.layout.group_class(g, Kbps(sum)));
             }
         }
         // Deletes last: nothing is steered into these classes any more.
@@ -876,6 +1039,7 @@ impl<B: KernelBackend> Enforcer<B> {
         self.free_slots.clear();
         self.next_slot = 0;
         self.guaranteed = 0;
+        self.groups.clear();
         self.base_tc = false;
         self.base_nft = false;
         self.jump_handles = None;
@@ -978,10 +1142,18 @@ mod tests {
     fn install_builds_qdisc_classes_and_table() {
         let mut e = start(FakeKernel::with_interface("eth1", 3));
         let s = e.install(decision(1, 5001, accept(875))).unwrap();
-        assert_eq!((s.installed, s.tc_messages, s.nft_transactions), (1, 5, 1));
+        // qdisc, root, default, steering filter, group class + qdisc + root, in, out.
+        assert_eq!((s.installed, s.tc_messages, s.nft_transactions), (1, 9, 1));
         let k = e.backend();
         assert!(k.root_qdisc.is_some());
-        assert_eq!(k.classes.len(), 4);
+        assert_eq!(k.steer, Some((0xe500, 255, 0x100)));
+        assert_eq!(k.classes.len(), 6);
+        let group = k.classes[&TcHandle::new(0xe5, 0x100).0];
+        assert_eq!(group.rate, Kbps(1000 + 8));
+        assert_eq!(
+            k.child_qdiscs[&group.classid.0].handle,
+            TcHandle::new(0xe500, 0)
+        );
         let t = k.table.as_ref().unwrap();
         assert_eq!(t.base.len(), 2);
         assert_eq!(t.chains["d1"].len(), 2);
@@ -997,8 +1169,8 @@ mod tests {
         let s = e.install(d).unwrap();
         assert_eq!((s.changed, s.tc_messages, s.nft_transactions), (1, 1, 0));
         assert_eq!(e.backend().nft_transactions, nft_before);
-        let out = e.backend().classes[&TcHandle::new(0xe5, 0x101).0];
-        assert_eq!(out.rate, Kbps(500));
+        let out = e.backend().classes[&TcHandle::new(0xe500, 0x101).0];
+        assert_eq!((out.rate, out.ceil), (Kbps(8), Kbps(500)));
     }
 
     #[test]
@@ -1094,9 +1266,9 @@ mod tests {
             snapshot
         );
         // HTB refuses the second class: the first one is deleted again.
-        e.backend().fail_class = Some(TcHandle::new(0xe5, 0x103));
+        e.backend().fail_class = Some(TcHandle::new(0xe500, 0x103));
         let err = e.install(decision(2, 5002, accept(875))).unwrap_err();
-        assert!(err.to_string().contains("e5:103"), "{err}");
+        assert!(err.to_string().contains("e500:103"), "{err}");
         assert_eq!(
             (e.backend().classes.clone(), e.backend().table.clone()),
             snapshot
@@ -1126,7 +1298,7 @@ mod tests {
                 .unwrap();
         }
         e.remove(2).unwrap();
-        assert_eq!(e.backend().classes.len(), 2 + 4);
+        assert_eq!(e.backend().classes.len(), 4 + 4);
         assert!(!e
             .backend()
             .table
@@ -1138,10 +1310,10 @@ mod tests {
         let mut kernel = std::mem::take(e.backend());
         // Leave an orphan class and a duplicate jump behind, as a crash might.
         kernel.classes.insert(
-            TcHandle::new(0xe5, 0x1ff).0,
+            TcHandle::new(0xe500, 0x1ff).0,
             HtbClass {
-                classid: TcHandle::new(0xe5, 0x1ff),
-                parent: TcHandle::new(0xe5, 1),
+                classid: TcHandle::new(0xe500, 0x1ff),
+                parent: TcHandle::new(0xe500, 1),
                 rate: Kbps(8),
                 ceil: Kbps(8),
                 prio: 2,
@@ -1164,7 +1336,7 @@ mod tests {
             .unwrap();
         assert_eq!((s.unchanged, s.installed, s.removed), (1, 1, 1));
         let k = e.backend();
-        assert_eq!(k.classes.len(), 2 + 4);
+        assert_eq!(k.classes.len(), 4 + 4);
         let t = k.table.as_ref().unwrap();
         assert_eq!(t.base.len(), 3);
         assert_eq!(
@@ -1181,13 +1353,55 @@ mod tests {
         e.install(decision(1, 5001, accept(875))).unwrap();
         e.install(decision(2, 5002, accept(875))).unwrap();
         let mut kernel = std::mem::take(e.backend());
-        kernel.classes.remove(&TcHandle::new(0xe5, 0x101).0);
+        kernel.classes.remove(&TcHandle::new(0xe500, 0x101).0);
         let (mut e, report) = Enforcer::start(kernel, cfg()).unwrap();
         assert_eq!((report.adopted, report.cleaned_chains), (1, 1));
         assert_eq!(e.installed(), vec![(2, 1)]);
         let k = e.backend();
-        assert_eq!(k.classes.len(), 2 + 2);
+        assert_eq!(k.classes.len(), 4 + 2);
         assert!(!k.table.as_ref().unwrap().chains.contains_key("d1"));
+        // The group's rate follows what stayed.
+        assert_eq!(k.classes[&TcHandle::new(0xe5, 0x100).0].rate, Kbps(1008));
+    }
+
+    #[test]
+    fn groups_hold_128_decisions_are_created_on_demand_and_go_when_empty() {
+        let big = EnforcerConfig {
+            capacity: Kbps(10_000_000),
+            ..cfg()
+        };
+        let (mut e, _) =
+            Enforcer::start(FakeKernel::with_interface("eth1", 3), big.clone()).unwrap();
+        let all: Vec<Decision> = (1..=300)
+            .map(|i| decision(i, 1000 + i as u16, accept(875)))
+            .collect();
+        let s = e.apply(all, vec![]).unwrap();
+        assert_eq!(s.installed, 300);
+        let k = e.backend();
+        assert_eq!(k.child_qdiscs.len(), 3);
+        let group_rate = |k: &FakeKernel, g: u16| {
+            let minor = 0x100 + [0, 2, 3][usize::from(g)];
+            k.classes.get(&TcHandle::new(0xe5, minor).0).map(|c| c.rate)
+        };
+        assert_eq!(group_rate(k, 0), Some(Kbps(128 * 1008)));
+        assert_eq!(group_rate(k, 2), Some(Kbps(44 * 1008)));
+        // Slot 129 (decision 130) lives in group 1 (e502:, as e501: is
+        // skipped) as e502:102/103.
+        assert!(k.classes.contains_key(&TcHandle::new(0xe502, 0x103).0));
+        // Emptying group 1 deletes its class (and qdisc) only.
+        let s = e.apply(vec![], (129..=256).collect()).unwrap();
+        assert_eq!((s.removed, s.tc_messages), (128, 1));
+        let k = e.backend();
+        assert_eq!(group_rate(k, 1), None);
+        assert_eq!(k.child_qdiscs.len(), 2);
+        assert_eq!(k.classes.len(), 4 + 2 * 172 + 2);
+        // A restart adopts all 172, keeps both groups, cleans nothing.
+        let kernel = std::mem::take(e.backend());
+        let (mut e, report) = Enforcer::start(kernel, big).unwrap();
+        assert_eq!((report.adopted, report.cleaned_classes), (172, 0));
+        // A new decision reuses a free slot of group 1, which comes back.
+        e.install(decision(900, 9000, accept(875))).unwrap();
+        assert_eq!(group_rate(e.backend(), 1), Some(Kbps(1008)));
     }
 
     #[test]

@@ -133,6 +133,7 @@ fn probe_htb(ifindex: u32) -> Result<String, String> {
         TcOp::CreateQdisc {
             ifindex,
             handle: h(0),
+            parent: TcHandle(0),
             default_minor: 1,
         },
         TcOp::CreateClass {
@@ -147,6 +148,15 @@ fn probe_htb(ifindex: u32) -> Result<String, String> {
     for (op, r) in ops.iter().zip(be.rtnl().execute(&ops)) {
         r.map_err(|e| format!("{op}: {e}"))?;
     }
+    // Group steering: an eBPF cls_bpf filter on the root qdisc.
+    let steer = TcOp::Steer {
+        ifindex,
+        qdisc: h(0),
+        first_major: 0xe500,
+        groups: 255,
+        first_minor: 0x100,
+    };
+    let steering = be.rtnl().execute_one(&steer);
     let classes = be
         .rtnl()
         .classes(ifindex, 0xe5)
@@ -160,7 +170,10 @@ fn probe_htb(ifindex: u32) -> Result<String, String> {
             handle: h(0),
         })
         .map_err(|e| format!("delete qdisc: {e}"))?;
-    Ok("HTB qdisc and classes over rtnetlink (hand-encoded TCA_HTB_*)".into())
+    steering.map_err(|e| {
+        format!("capability ebpf-steering missing (cls_bpf with an eBPF program, needs CONFIG_BPF_SYSCALL and CAP_BPF): {e}")
+    })?;
+    Ok("HTB qdisc and classes over rtnetlink (hand-encoded TCA_HTB_*), eBPF cls_bpf group steering".into())
 }
 
 fn probe_nft() -> Result<String, String> {
@@ -206,5 +219,5 @@ fn probe_nft() -> Result<String, String> {
     let layout: Layout = e.layout().clone();
     let ifindex = e.ifindex();
     crate::enforcer::cleanup(e.backend(), &layout, ifindex).map_err(|e| e.to_string())?;
-    Ok("nftables table with limit, dscp set, meta priority set, counters (nft -f)".into())
+    Ok("nftables table with limit, dscp set, meta priority set, counters (nf_tables netlink batches)".into())
 }

@@ -1,14 +1,27 @@
 //! What a decision becomes in the kernel: two HTB classes and one nftables
 //! chain, rendered as plain data so that a plan can be diffed and printed.
 //!
-//! Per decision `ID` in slot `S` on the enforcer's qdisc `MAJ:`:
-//! - class `MAJ:(0x100+2S)` for in-profile traffic (rate = profile rate,
-//!   ceil = capacity) and class `MAJ:(0x101+2S)` for out-of-profile traffic
-//!   (rate = ceil = the shape rate; a trickle when nothing is steered there);
+//! The HTB tree on the enforcer's qdisc `MAJ:` (a byte, `e5` by default):
+//! - `MAJ:1` root class (the capacity), `MAJ:2` default class;
+//! - decisions live in *groups* of [`SLOTS_PER_GROUP`]: group `G` is the
+//!   class `MAJ:(0x100+G)` (rate = the sum of its decisions' guaranteed
+//!   rates, may borrow up to the capacity) holding a child HTB qdisc
+//!   `MAJG:` (`MAJ` and `G` as one 16-bit major, `e500:` … `e5fe:`) with
+//!   its own root class `MAJG:1`. The kernel walks every class of a qdisc
+//!   when it creates one, so a flat tree costs O(n²) to build; groups keep
+//!   each qdisc at ≤ 257 classes and 10,000 decisions install in linear time;
+//! - decision in slot `S` (group `G = S / 128`, `k = S % 128`): class
+//!   `MAJG:(0x100+2k)` for in-profile traffic (rate = profile rate, ceil =
+//!   capacity, prio 1) and `MAJG:(0x101+2k)` for out-of-profile traffic
+//!   (ceil = the shape rate, guaranteed only a trickle: under congestion it
+//!   yields to in-profile traffic; a trickle class for drop);
+//! - `meta priority set MAJG:MIN` steers a packet; a cls_bpf filter on the
+//!   root qdisc maps priority major `MAJG` to the group class `MAJ:(0x100+G)`,
+//!   whose child qdisc then finds `MAJG:MIN` itself;
 //! - chain `dID` in the enforcer's table: a `limit rate over PROFILE burst B`
-//!   rule catches out-of-profile packets (accept / re-mark / drop, steered with
-//!   `meta priority set` into the out class), and the next rule marks the
-//!   rest in-profile and steers it into the in class;
+//!   rule catches out-of-profile packets (accept / re-mark / drop, steered into
+//!   the out class), and the next rule marks the rest in-profile and steers
+//!   it into the in class;
 //! - a rule in the base chain matching the flow and jumping to `dID`.
 
 use crate::tc::{HtbClass, TcHandle};
@@ -16,20 +29,40 @@ use qosloop_schema::{Decision, Dscp, FlowSpec, IpPrefix, Kbps, OutOfProfileActio
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-/// The rate of a class nothing is steered into (HTB needs a rate > 0).
+/// The rate of a class nothing is steered into (HTB needs a rate > 0), and
+/// the guarantee of an out-of-profile class.
 pub const TRICKLE: Kbps = Kbps(8);
-/// Minor of the root class; every other class hangs below it.
+/// Minor of the root class (of the root qdisc and of each group qdisc).
 pub const ROOT_MINOR: u16 = 1;
 /// Minor of the class unmatched traffic goes to.
 pub const DEFAULT_MINOR: u16 = 2;
-const FIRST_SLOT_MINOR: u16 = 0x100;
-/// How many decisions fit on one interface (two class minors each).
-pub const MAX_SLOTS: u32 = (0xFFFF - FIRST_SLOT_MINOR as u32) / 2;
+/// Minor of group 0's class on the root qdisc; also the first decision
+/// class minor inside a group qdisc.
+pub const FIRST_GROUP_MINOR: u16 = 0x100;
+/// Decisions per group (two class minors each inside the group's qdisc).
+pub const SLOTS_PER_GROUP: u32 = 128;
+/// Groups per interface: the usable low bytes of group qdisc majors (see
+/// [`Layout::group_major`]); every qdisc major 1..fe has at least this many.
+pub const MAX_GROUPS: u32 = 224;
+
+/// The kernel keeps a device's qdiscs in a 16-bucket hash keyed by handle
+/// (`hash_32(handle, 4)`, `dev->qdisc_hash`). The pfifo leaf of every HTB
+/// class has handle 0, so with thousands of classes the bucket of 0 is long,
+/// and every lookup of a group qdisc hashed into it (each class message for
+/// that group) walks all of them: measured, 10,000 decisions took 1.7 s
+/// instead of a fraction. Group qdisc majors avoid that bucket.
+fn shares_the_leaf_bucket(major: u16) -> bool {
+    let bucket = |v: u32| v.wrapping_mul(0x61C8_8647) >> 28;
+    bucket(u32::from(major) << 16) == bucket(0)
+}
+/// How many decisions fit on one interface.
+pub const MAX_SLOTS: u32 = SLOTS_PER_GROUP * MAX_GROUPS;
 
 /// Where the enforcer renders: its interface, qdisc and table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub interface: String,
+    /// One byte (1..=fe): group qdisc majors are this byte followed by the group.
     pub qdisc_major: u16,
     pub capacity: Kbps,
 }
@@ -64,13 +97,71 @@ impl Layout {
     pub fn default_rate(&self) -> Kbps {
         Kbps((self.capacity.0 / 10).max(TRICKLE.0))
     }
-    pub fn slot_minors(slot: u32) -> (u16, u16) {
-        let m = FIRST_SLOT_MINOR as u32 + 2 * slot;
-        (m as u16, (m + 1) as u16)
+    pub fn group_of(slot: u32) -> u32 {
+        slot / SLOTS_PER_GROUP
     }
-    /// The slot a class minor belongs to, if it is a decision class.
-    pub fn slot_of_minor(minor: u16) -> Option<u32> {
-        (minor >= FIRST_SLOT_MINOR).then(|| u32::from(minor - FIRST_SLOT_MINOR) / 2)
+    /// The low bytes group qdisc majors use, in group order.
+    fn group_bytes(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..0xffu16)
+            .filter(|b| !shares_the_leaf_bucket((self.qdisc_major << 8) | b))
+            .take(MAX_GROUPS as usize)
+    }
+    /// The low byte of group `g`'s qdisc major (`ff` when `g` is out of range).
+    pub fn group_byte(&self, g: u32) -> u16 {
+        self.group_bytes().nth(g as usize).unwrap_or(0xff)
+    }
+    /// The major of group `g`'s qdisc: the enforcer's major, then a byte.
+    pub fn group_major(&self, g: u32) -> u16 {
+        (self.qdisc_major << 8) | self.group_byte(g)
+    }
+    /// The group whose qdisc has major `major`, if it is one of ours.
+    pub fn group_of_major(&self, major: u16) -> Option<u32> {
+        if major >> 8 != self.qdisc_major {
+            return None;
+        }
+        self.group_bytes()
+            .position(|b| b == major & 0xff)
+            .map(|g| g as u32)
+    }
+    /// Group `g`'s class on the root qdisc, guaranteeing `rate`: minor
+    /// `0x100 + its byte` (what the steering program computes).
+    pub fn group_class(&self, g: u32, rate: Kbps) -> HtbClass {
+        HtbClass {
+            classid: self.handle(FIRST_GROUP_MINOR + self.group_byte(g)),
+            parent: self.handle(ROOT_MINOR),
+            rate,
+            ceil: self.capacity,
+            prio: 1,
+        }
+    }
+    /// The group a root-qdisc class minor stands for.
+    pub fn group_of_minor(&self, minor: u16) -> Option<u32> {
+        let b = minor.checked_sub(FIRST_GROUP_MINOR)?;
+        self.group_bytes().position(|x| x == b).map(|g| g as u32)
+    }
+    /// The root class of group `g`'s qdisc (never limits: the group class does).
+    pub fn group_root(&self, g: u32) -> HtbClass {
+        HtbClass {
+            classid: TcHandle::new(self.group_major(g), ROOT_MINOR),
+            parent: TcHandle::new(self.group_major(g), 0),
+            rate: self.capacity,
+            ceil: self.capacity,
+            prio: 0,
+        }
+    }
+    /// In- and out-of-profile class ids of `slot`.
+    pub fn slot_classids(&self, slot: u32) -> (TcHandle, TcHandle) {
+        let major = self.group_major(Self::group_of(slot));
+        let m = u32::from(FIRST_GROUP_MINOR) + 2 * (slot % SLOTS_PER_GROUP);
+        (
+            TcHandle::new(major, m as u16),
+            TcHandle::new(major, (m + 1) as u16),
+        )
+    }
+    /// The slot a class inside group `g`'s qdisc belongs to, if a decision class.
+    pub fn slot_of_class(g: u32, minor: u16) -> Option<u32> {
+        let k = u32::from(minor.checked_sub(FIRST_GROUP_MINOR)?) / 2;
+        (k < SLOTS_PER_GROUP).then_some(g * SLOTS_PER_GROUP + k)
     }
 }
 
@@ -225,24 +316,26 @@ fn dscp_set(v6: bool, d: Dscp) -> String {
 pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, SpecError> {
     let flow = flow_match(&d.flow)?;
     let v6 = flow.starts_with("ip6 ");
-    let (in_minor, out_minor) = Layout::slot_minors(slot);
-    let parent = layout.handle(ROOT_MINOR);
+    let (in_id, out_id) = layout.slot_classids(slot);
+    let parent = layout.group_root(Layout::group_of(slot)).classid;
     let in_class = HtbClass {
-        classid: layout.handle(in_minor),
+        classid: in_id,
         parent,
         rate: d.profile.rate,
         ceil: layout.capacity,
         prio: 1,
     };
-    let (out_rate, out_ceil) = match d.out_of_profile.shape() {
-        Some(s) => (s, s),
-        None if d.out_of_profile == OutOfProfileAction::Drop => (TRICKLE, TRICKLE),
-        None => (TRICKLE, layout.capacity),
+    // Out of profile: a trickle guaranteed, the shape rate as ceiling (so a
+    // shape change is one class message and moves no group rate).
+    let out_ceil = match d.out_of_profile.shape() {
+        Some(s) => s.max(TRICKLE),
+        None if d.out_of_profile == OutOfProfileAction::Drop => TRICKLE,
+        None => layout.capacity,
     };
     let out_class = HtbClass {
-        classid: layout.handle(out_minor),
+        classid: out_id,
         parent,
-        rate: out_rate,
+        rate: TRICKLE.min(out_ceil),
         ceil: out_ceil,
         prio: 2,
     };
@@ -356,10 +449,11 @@ mod tests {
         );
         assert_eq!(
             r.rules[0],
-            "limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e5:107 accept comment \"out\""
+            "limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e500:107 accept comment \"out\""
         );
-        assert!(r.rules[1].starts_with("counter ip dscp set 48 meta priority set e5:106 accept comment \"in id=42 v=1 slot=3 kind=remark fp="));
-        assert_eq!((r.out_class.rate, r.out_class.ceil), (Kbps(125), Kbps(125)));
+        assert!(r.rules[1].starts_with("counter ip dscp set 48 meta priority set e500:106 accept comment \"in id=42 v=1 slot=3 kind=remark fp="));
+        assert_eq!((r.out_class.rate, r.out_class.ceil), (TRICKLE, Kbps(125)));
+        assert_eq!(r.out_class.parent, TcHandle::new(0xe500, 1));
         assert_eq!(r.in_class.rate, Kbps(1000));
         let meta = parse_meta_comment(r.rules[1].split('"').nth(1).unwrap()).unwrap();
         assert_eq!((meta.id, meta.slot, meta.kind.as_str()), (42, 3, "remark"));
@@ -426,11 +520,43 @@ mod tests {
     }
 
     #[test]
-    fn slots_map_to_minors_and_back() {
-        assert_eq!(Layout::slot_minors(0), (0x100, 0x101));
-        assert_eq!(Layout::slot_of_minor(0x107), Some(3));
-        assert_eq!(Layout::slot_of_minor(2), None);
-        let (_, last) = Layout::slot_minors(MAX_SLOTS - 1);
-        assert!(last > 0x101);
+    fn slots_map_to_groups_and_back() {
+        let l = layout();
+        assert_eq!(
+            l.slot_classids(0),
+            (TcHandle::new(0xe500, 0x100), TcHandle::new(0xe500, 0x101))
+        );
+        assert_eq!(Layout::slot_of_class(1, 0x105), Some(130));
+        assert_eq!(Layout::slot_of_class(0, 1), None);
+        assert_eq!(Layout::slot_of_class(0, 0x100 + 256), None);
+        // e501: shares the kernel's hash bucket with the leaf qdiscs: skipped.
+        assert!(shares_the_leaf_bucket(0xe501));
+        assert_eq!(l.slot_classids(130).0, TcHandle::new(0xe502, 0x104));
+        assert_eq!(l.group_of_major(0xe502), Some(1));
+        assert_eq!(l.group_of_major(0xe501), None);
+        assert_eq!(l.group_of_major(0xe5ff), None);
+        assert_eq!(l.group_of_major(0xe602), None);
+        assert_eq!(
+            l.group_class(1, Kbps(5)).classid,
+            TcHandle::new(0xe5, 0x102)
+        );
+        assert_eq!(l.group_of_minor(0x102), Some(1));
+        assert_eq!(l.group_of_minor(0x101), None);
+        assert_eq!(l.group_of_minor(2), None);
+        let (_, last) = l.slot_classids(MAX_SLOTS - 1);
+        assert_eq!(last.minor(), 0x1ff);
+        assert_ne!(last.major() & 0xff, 0xff);
+        // Every usable qdisc major has MAX_GROUPS groups, all distinct.
+        for major in 1..=0xfe {
+            let l = Layout {
+                qdisc_major: major,
+                ..layout()
+            };
+            let bytes: Vec<u16> = l.group_bytes().collect();
+            assert_eq!(bytes.len(), MAX_GROUPS as usize, "major {major:x}");
+            assert!(bytes
+                .iter()
+                .all(|b| *b < 0xff && !shares_the_leaf_bucket((major << 8) | b)));
+        }
     }
 }

@@ -35,6 +35,8 @@ pub struct Status {
     pub qdisc: Option<String>,
     pub root_class: Option<ClassInfo>,
     pub default_class: Option<ClassInfo>,
+    /// Group classes on the root qdisc (each holds up to 128 decisions).
+    pub groups: Vec<ClassInfo>,
     pub decisions: Vec<DecisionStatus>,
     /// Objects that reconcile would clean (no decision accounts for them).
     pub orphan_classes: Vec<String>,
@@ -55,26 +57,25 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
         .find(|q| q.is_root() && q.handle.major() == layout.qdisc_major && q.kind == "htb");
     let mut classes = if qdisc.is_some() {
         backend
-            .classes(ifindex, layout.qdisc_major)
+            .classes(ifindex, 0)
             .map_err(|e| format!("reading classes: {e}"))?
     } else {
         Vec::new()
     };
     let table = layout.table();
     let state = backend.read_table(&table, &layout.interface)?;
-    let mut take = |minor: u16| {
-        let h = TcHandle::new(layout.qdisc_major, minor).0;
+    let mut take = |h: TcHandle| {
         classes
             .iter()
-            .position(|c| c.handle == h)
+            .position(|c| c.handle == h.0)
             .map(|i| classes.swap_remove(i))
     };
-    let root_class = take(ROOT_MINOR);
-    let default_class = take(DEFAULT_MINOR);
+    let root_class = take(layout.handle(ROOT_MINOR));
+    let default_class = take(layout.handle(DEFAULT_MINOR));
     let mut decisions = Vec::new();
     for (id, c) in state.iter().flat_map(|s| s.chains.iter()) {
         let Some(meta) = &c.meta else { continue };
-        let (in_minor, out_minor) = Layout::slot_minors(meta.slot);
+        let (in_id, out_id) = layout.slot_classids(meta.slot);
         decisions.push(DecisionStatus {
             id: *id,
             version: meta.version,
@@ -84,10 +85,23 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
             in_profile_bytes: c.in_bytes,
             out_of_profile_packets: c.out_packets,
             out_of_profile_bytes: c.out_bytes,
-            in_class: take(in_minor),
-            out_class: take(out_minor),
+            in_class: take(in_id),
+            out_class: take(out_id),
         });
     }
+    // Group classes and the root classes of group qdiscs are structure.
+    let (mut groups, mut classes): (Vec<ClassInfo>, Vec<ClassInfo>) =
+        classes.into_iter().partition(|c| {
+            let h = TcHandle(c.handle);
+            (h.major() == layout.qdisc_major && layout.group_of_minor(h.minor()).is_some())
+                || (layout.group_of_major(h.major()).is_some() && h.minor() == ROOT_MINOR)
+        });
+    groups.retain(|c| TcHandle(c.handle).major() == layout.qdisc_major);
+    groups.sort_by_key(|c| c.handle);
+    classes.retain(|c| {
+        let major = TcHandle(c.handle).major();
+        major == layout.qdisc_major || layout.group_of_major(major).is_some()
+    });
     classes.sort_by_key(|c| c.handle);
     Ok(Status {
         interface: layout.interface.clone(),
@@ -96,6 +110,7 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
         qdisc: qdisc.map(|q| format!("{} htb", q.handle)),
         root_class,
         default_class,
+        groups,
         decisions,
         orphan_classes: classes.into_iter().map(|c| c.classid).collect(),
         daemon: None,
@@ -131,6 +146,9 @@ impl Status {
         };
         let _ = writeln!(s, "  root    {}", class(&self.root_class));
         let _ = writeln!(s, "  default {}", class(&self.default_class));
+        for g in &self.groups {
+            let _ = writeln!(s, "  group   {}", class(&Some(g.clone())));
+        }
         for d in &self.decisions {
             let _ = writeln!(
                 s,

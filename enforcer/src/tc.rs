@@ -16,6 +16,13 @@ const RTM_GETQDISC: u16 = 38;
 const RTM_NEWTCLASS: u16 = 40;
 const RTM_DELTCLASS: u16 = 41;
 const RTM_GETTCLASS: u16 = 42;
+const RTM_NEWTFILTER: u16 = 44;
+const TCA_BPF_FD: u16 = 6;
+const TCA_BPF_NAME: u16 = 7;
+/// Handle of the steering filter (prio 1, protocol all).
+const STEER_FILTER_HANDLE: u32 = 1;
+/// `tcm_info` of the steering filter: prio 1, protocol `htons(ETH_P_ALL)`.
+const STEER_FILTER_INFO: u32 = (1 << 16) | (0x0003u16.to_be() as u32);
 
 pub(crate) const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -81,11 +88,23 @@ pub struct HtbClass {
 /// One change to the kernel's traffic control state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TcOp {
-    /// An HTB root qdisc whose unclassified traffic goes to `default_minor`.
+    /// An HTB qdisc whose unclassified traffic goes to `default_minor`: the
+    /// root qdisc when `parent` is 0, else the leaf qdisc of class `parent`.
     CreateQdisc {
         ifindex: u32,
         handle: TcHandle,
+        parent: TcHandle,
         default_minor: u16,
+    },
+    /// The steering filter on root qdisc `qdisc` (created or replaced): an
+    /// eBPF cls_bpf program that sends a packet whose priority major is
+    /// `first_major + g` (`g < groups`) to class `qdisc.major:(first_minor + g)`.
+    Steer {
+        ifindex: u32,
+        qdisc: TcHandle,
+        first_major: u16,
+        groups: u16,
+        first_minor: u16,
     },
     DeleteQdisc {
         ifindex: u32,
@@ -118,10 +137,30 @@ impl fmt::Display for TcOp {
             TcOp::CreateQdisc {
                 ifindex,
                 handle,
+                parent,
                 default_minor,
+            } => {
+                let at = if parent.0 == 0 {
+                    "root".to_owned()
+                } else {
+                    format!("parent {parent}")
+                };
+                write!(
+                    f,
+                    "RTM_NEWQDISC create ifindex {ifindex} {at} handle {handle} htb default {default_minor:x}"
+                )
+            }
+            TcOp::Steer {
+                ifindex,
+                qdisc,
+                first_major,
+                groups,
+                first_minor,
             } => write!(
                 f,
-                "RTM_NEWQDISC create ifindex {ifindex} root handle {handle} htb default {default_minor:x}"
+                "RTM_NEWTFILTER create/replace ifindex {ifindex} parent {qdisc} prio 1 protocol all bpf (eBPF: priority major {first_major:x}+g, g < {groups} -> classid {:x}:{:x}+g)",
+                qdisc.major(),
+                first_minor
             ),
             TcOp::DeleteQdisc { ifindex, handle } => {
                 write!(f, "RTM_DELQDISC ifindex {ifindex} root handle {handle}")
@@ -305,11 +344,40 @@ fn htb_class_options(b: &mut Vec<u8>, c: &HtbClass) {
 
 /// Appends the message for `op` with sequence number `seq`.
 pub fn encode(b: &mut Vec<u8>, op: &TcOp, seq: u32) {
+    encode_with(b, op, seq, None);
+}
+
+/// Like [`encode`]; `prog_fd` is the loaded steering program of a `Steer` op.
+pub fn encode_with(b: &mut Vec<u8>, op: &TcOp, seq: u32, prog_fd: Option<i32>) {
     let req = NLM_F_REQUEST | NLM_F_ACK;
     match op {
+        TcOp::Steer { ifindex, qdisc, .. } => {
+            let at = b.len();
+            push_tc_msg(
+                b,
+                RTM_NEWTFILTER,
+                req | NLM_F_CREATE | NLM_F_REPLACE,
+                seq,
+                *ifindex,
+                STEER_FILTER_HANDLE,
+                qdisc.0 & 0xFFFF_0000,
+                |b| {
+                    put_attr(b, TCA_KIND, b"bpf\0");
+                    let nest = begin_nest(b, TCA_OPTIONS);
+                    if let Some(fd) = prog_fd {
+                        put_attr(b, TCA_BPF_FD, &(fd as u32).to_ne_bytes());
+                    }
+                    put_attr(b, TCA_BPF_NAME, b"qosloop_steer\0");
+                    end_nest(b, nest);
+                },
+            );
+            // tcm_info (after the 16-byte header and four tcmsg words).
+            b[at + 32..at + 36].copy_from_slice(&STEER_FILTER_INFO.to_ne_bytes());
+        }
         TcOp::CreateQdisc {
             ifindex,
             handle,
+            parent,
             default_minor,
         } => push_tc_msg(
             b,
@@ -318,7 +386,7 @@ pub fn encode(b: &mut Vec<u8>, op: &TcOp, seq: u32) {
             seq,
             *ifindex,
             handle.0 & 0xFFFF_0000,
-            TC_H_ROOT,
+            if parent.0 == 0 { TC_H_ROOT } else { parent.0 },
             |b| {
                 put_attr(b, TCA_KIND, b"htb\0");
                 let nest = begin_nest(b, TCA_OPTIONS);
@@ -368,6 +436,51 @@ pub fn encode(b: &mut Vec<u8>, op: &TcOp, seq: u32) {
             push_tc_msg(b, RTM_DELTCLASS, req, seq, *ifindex, classid.0, 0, |_| {})
         }
     }
+}
+
+/// One eBPF instruction: opcode, dst/src registers, offset, immediate.
+fn insn(b: &mut Vec<u8>, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
+    b.push(code);
+    b.push((src << 4) | (dst & 0x0f));
+    b.extend_from_slice(&off.to_ne_bytes());
+    b.extend_from_slice(&imm.to_ne_bytes());
+}
+
+/// The steering program of a [`TcOp::Steer`], for cls_bpf in classid mode
+/// (the return value is the class; 0 means no match):
+///
+/// ```text
+/// r0 = skb->priority >> 16          ; the priority's major
+/// r0 -= first_major
+/// if r0 >= groups goto none         ; unsigned: below first_major too
+/// r0 += root_major << 16 | first_minor
+/// exit
+/// none: r0 = 0; exit
+/// ```
+pub fn steering_program(
+    root_major: u16,
+    first_major: u16,
+    groups: u16,
+    first_minor: u16,
+) -> Vec<u8> {
+    const SKB_PRIORITY: i16 = 32; // offsetof(struct __sk_buff, priority)
+    let mut b = Vec::with_capacity(64);
+    insn(&mut b, 0x61, 0, 1, SKB_PRIORITY, 0); // ldxw r0, [r1+32]
+    insn(&mut b, 0x77, 0, 0, 0, 16); // rsh64 r0, 16
+    insn(&mut b, 0x17, 0, 0, 0, i32::from(first_major)); // sub64 r0, k
+    insn(&mut b, 0x35, 0, 0, 2, i32::from(groups)); // jge r0, k, +2
+    insn(
+        &mut b,
+        0x07,
+        0,
+        0,
+        0,
+        ((u32::from(root_major) << 16) | u32::from(first_minor)) as i32,
+    ); // add64 r0, k
+    insn(&mut b, 0x95, 0, 0, 0, 0); // exit
+    insn(&mut b, 0xb7, 0, 0, 0, 0); // mov64 r0, 0
+    insn(&mut b, 0x95, 0, 0, 0, 0); // exit
+    b
 }
 
 // ---- decoding -------------------------------------------------------------
@@ -499,9 +612,32 @@ impl Rtnl {
             let mut chunk_results: Vec<Option<Result<(), KernelError>>> = vec![None; chunk.len()];
             self.tx.clear();
             let mut sent = Ok(());
+            // Steering programs stay loaded until their filter holds them.
+            let mut progs = Vec::new();
             for op in chunk {
                 let seq = self.next_seq();
-                encode(&mut self.tx, op, seq);
+                let mut fd = None;
+                if let TcOp::Steer {
+                    qdisc,
+                    first_major,
+                    groups,
+                    first_minor,
+                    ..
+                } = op
+                {
+                    let insns =
+                        steering_program(qdisc.major(), *first_major, *groups, *first_minor);
+                    match crate::sys::bpf_load_sched_cls(&insns) {
+                        Ok(p) => {
+                            fd = Some(std::os::fd::AsRawFd::as_raw_fd(&p));
+                            progs.push(p);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "steering program refused; the filter message will fail")
+                        }
+                    }
+                }
+                encode_with(&mut self.tx, op, seq, fd);
                 // One datagram of at most ~32 KiB; the kernel handles each message in turn.
                 if self.tx.len() > 32 << 10 {
                     sent = self.sock.send(&self.tx);
@@ -625,7 +761,8 @@ impl Rtnl {
         Ok(out)
     }
 
-    /// The classes of qdisc `major` on interface `ifindex`, with counters.
+    /// The classes of qdisc `major` (0: of every qdisc) on interface
+    /// `ifindex`, with counters.
     pub fn classes(&mut self, ifindex: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError> {
         let mut out = Vec::new();
         let qdisc = u32::from(major) << 16;
@@ -635,7 +772,7 @@ impl Rtnl {
             else {
                 return;
             };
-            if idx != ifindex || handle & 0xFFFF_0000 != qdisc {
+            if idx != ifindex || (qdisc != 0 && handle & 0xFFFF_0000 != qdisc) {
                 return;
             }
             let mut c = ClassInfo {

@@ -177,10 +177,12 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
     }
     let rate_change_enforcer = latency(samples);
     let layout = e.layout().clone();
+    // Decision 1 sits in slot 0: out class e500:101 under its group root e500:1.
+    let (_, out_id) = layout.slot_classids(0);
     let out_class = |kbps| HtbClass {
-        classid: layout.handle(0x101),
-        parent: layout.handle(1),
-        rate: Kbps(kbps),
+        classid: out_id,
+        parent: layout.group_root(0).classid,
+        rate: qosloop_enforcer::render::TRICKLE,
         ceil: Kbps(kbps),
         prio: 2,
     };
@@ -203,8 +205,8 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
         run_tool(
             "tc",
             &[
-                "class", "change", "dev", interface, "parent", "e5:1", "classid", "e5:101", "htb",
-                "rate", rate, "ceil", rate, "prio", "2",
+                "class", "change", "dev", interface, "parent", "e500:1", "classid", "e500:101",
+                "htb", "rate", "8kbit", "ceil", rate, "prio", "2",
             ],
             None,
         )?;
@@ -232,8 +234,8 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
         let mark = if i % 2 == 0 { "ip dscp set cs0 " } else { "" };
         let script = format!(
             "flush chain inet {table} d1\n\
-             add rule inet {table} d1 limit rate over 125000 bytes/second burst 15000 bytes counter {mark}meta priority set e5:101 accept\n\
-             add rule inet {table} d1 counter ip dscp set cs6 meta priority set e5:100 accept\n"
+             add rule inet {table} d1 limit rate over 125000 bytes/second burst 15000 bytes counter {mark}meta priority set e500:101 accept\n\
+             add rule inet {table} d1 counter ip dscp set cs6 meta priority set e500:100 accept\n"
         );
         let t = Instant::now();
         run_tool("nft", &["-f", "-"], Some(&script))?;
@@ -301,8 +303,12 @@ fn tc_line(op: &str, interface: &str) -> String {
             .unwrap_or("")
     };
     if op.starts_with("RTM_NEWQDISC") {
+        let at = match field("parent") {
+            "" => "root".to_owned(),
+            p => format!("parent {p}"),
+        };
         format!(
-            "qdisc add dev {interface} root handle {} htb default {}\n",
+            "qdisc add dev {interface} {at} handle {} htb default {}\n",
             field("handle"),
             field("default")
         )
