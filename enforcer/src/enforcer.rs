@@ -42,7 +42,8 @@ struct Applied {
     fingerprint: u64,
     /// Base-chain match; `None` for an entry adopted from a previous run.
     flow_match: Option<String>,
-    in_class: Option<HtbClass>,
+    /// Profile rate: its share of the group's in-profile class.
+    profile: Kbps,
     out_class: Option<HtbClass>,
     /// `None` for an entry adopted from a previous run and not yet confirmed.
     decision: Option<Decision>,
@@ -148,8 +149,27 @@ pub struct Enforcer<B: KernelBackend> {
     flows: FlowIndex,
     /// Sum of guaranteed class rates of applied decisions.
     guaranteed: u64,
-    /// Group classes in the kernel (rate = their decisions' guaranteed sum).
-    groups: BTreeMap<u32, HtbClass>,
+    /// Groups in the kernel, with the sums their two classes carry.
+    groups: BTreeMap<u32, GroupSums>,
+}
+
+/// What a group's classes guarantee: `total` (its class on the root qdisc)
+/// and `profiles` (its shared in-profile class), kbit/s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct GroupSums {
+    total: u64,
+    profiles: u64,
+}
+
+impl GroupSums {
+    fn add(&mut self, a: &Applied) {
+        self.total += class_rates(a);
+        self.profiles += a.profile.0;
+    }
+    fn sub(&mut self, a: &Applied) {
+        self.total -= class_rates(a);
+        self.profiles -= a.profile.0;
+    }
 }
 
 fn tc_err(op: &TcOp, source: crate::tc::KernelError) -> EnforceError {
@@ -171,7 +191,7 @@ fn class_of(info: &ClassInfo) -> HtbClass {
 
 /// What an applied decision's classes guarantee together (kbit/s).
 fn class_rates(a: &Applied) -> u64 {
-    a.in_class.map_or(0, |c| c.rate.0) + a.out_class.map_or(0, |c| c.rate.0)
+    a.profile.0 + a.out_class.map_or(0, |c| c.rate.0)
 }
 
 fn same_class(a: &HtbClass, b: &HtbClass) -> bool {
@@ -360,7 +380,7 @@ impl<B: KernelBackend> Enforcer<B> {
                                     version: m.version,
                                     fingerprint: m.fingerprint,
                                     flow_match: None,
-                                    in_class: None,
+                                    profile: m.profile,
                                     out_class: None,
                                     decision: None,
                                 },
@@ -398,9 +418,11 @@ impl<B: KernelBackend> Enforcer<B> {
         let mut deletes = Vec::new();
         let mut group_deletes = Vec::new();
         let mut fixes = Vec::new();
-        let mut found_groups: BTreeMap<u32, HtbClass> = BTreeMap::new();
+        let mut found_groups: BTreeMap<u32, (HtbClass, HtbClass)> = BTreeMap::new();
+        let mut in_classes: BTreeMap<u32, HtbClass> = BTreeMap::new();
         if ours {
-            // A group is usable when its class holds our HTB qdisc with its root class.
+            // A group is usable when its class holds our HTB qdisc with its
+            // root and in-profile classes.
             let mut intact: BTreeSet<u32> = qdiscs
                 .iter()
                 .filter(|q| q.kind == "htb" && !q.is_root())
@@ -414,7 +436,15 @@ impl<B: KernelBackend> Enforcer<B> {
                 .filter(|c| TcHandle(c.handle).minor() == render::ROOT_MINOR)
                 .filter_map(|c| self.layout.group_of_major(TcHandle(c.handle).major()))
                 .collect();
-            intact.retain(|g| group_roots.contains(g));
+            for c in &classes {
+                let h = TcHandle(c.handle);
+                if let Some(g) = self.layout.group_of_major(h.major()) {
+                    if h.minor() == render::IN_MINOR {
+                        in_classes.insert(g, class_of(c));
+                    }
+                }
+            }
+            intact.retain(|g| group_roots.contains(g) && in_classes.contains_key(g));
             let (mut root, mut default) = (false, false);
             for info in &classes {
                 let class = class_of(info);
@@ -435,8 +465,8 @@ impl<B: KernelBackend> Enforcer<B> {
                             });
                         }
                     } else if let Some(g) = self.layout.group_of_minor(minor) {
-                        if intact.contains(&g) {
-                            found_groups.insert(g, class);
+                        if let (true, Some(inner)) = (intact.contains(&g), in_classes.get(&g)) {
+                            found_groups.insert(g, (class, *inner));
                         } else {
                             group_deletes.push(TcOp::DeleteClass {
                                 ifindex: self.ifindex,
@@ -454,19 +484,15 @@ impl<B: KernelBackend> Enforcer<B> {
                 let Some(g) = self.layout.group_of_major(major) else {
                     continue; // not ours (it goes if the class it hangs from does)
                 };
-                if !intact.contains(&g) || minor == render::ROOT_MINOR {
+                if !intact.contains(&g) || minor == render::ROOT_MINOR || minor == render::IN_MINOR
+                {
                     continue;
                 }
                 if let Some(a) = Layout::slot_of_class(g, minor)
                     .and_then(|s| by_slot.get(&s))
                     .and_then(|id| adopted.get_mut(id))
                 {
-                    let (in_id, _) = self.layout.slot_classids(a.slot);
-                    if class.classid == in_id {
-                        a.in_class = Some(class);
-                    } else {
-                        a.out_class = Some(class);
-                    }
+                    a.out_class = Some(class);
                 } else {
                     deletes.push(TcOp::DeleteClass {
                         ifindex: self.ifindex,
@@ -497,7 +523,7 @@ impl<B: KernelBackend> Enforcer<B> {
         // resynchronisation (which no longer sees it installed) sends it again.
         let broken: Vec<u64> = adopted
             .iter()
-            .filter(|(_, a)| a.in_class.is_none() || a.out_class.is_none())
+            .filter(|(_, a)| a.out_class.is_none())
             .map(|(id, _)| *id)
             .collect();
         if !broken.is_empty() {
@@ -510,33 +536,29 @@ impl<B: KernelBackend> Enforcer<B> {
                 }
                 nft::delete_chain(&mut script, &table, &render::chain_name(*id));
                 report.cleaned_chains += 1;
-                if let Some(a) = adopted.remove(id) {
-                    for c in [a.in_class, a.out_class].into_iter().flatten() {
-                        deletes.push(TcOp::DeleteClass {
-                            ifindex: self.ifindex,
-                            classid: c.classid,
-                        });
-                    }
-                }
+                adopted.remove(id);
             }
             self.backend.nft(&script).map_err(EnforceError::Nft)?;
         }
         // Group rates follow what stays; groups left empty go.
-        let mut sums: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut sums: BTreeMap<u32, GroupSums> = BTreeMap::new();
         for a in adopted.values() {
-            *sums.entry(Layout::group_of(a.slot)).or_default() += class_rates(a);
+            sums.entry(Layout::group_of(a.slot)).or_default().add(a);
         }
-        for (g, class) in &found_groups {
+        for (g, (class, inner)) in &found_groups {
             match sums.get(g) {
                 Some(&sum) => {
-                    let want = self.layout.group_class(*g, Kbps(sum));
-                    if !same_class(class, &want) {
-                        fixes.push(TcOp::ChangeClass {
-                            ifindex: self.ifindex,
-                            class: want,
-                        });
+                    let want = self.layout.group_class(*g, Kbps(sum.total));
+                    let want_in = self.layout.group_in_class(*g, Kbps(sum.profiles));
+                    for (have, want) in [(class, want), (inner, want_in)] {
+                        if !same_class(have, &want) {
+                            fixes.push(TcOp::ChangeClass {
+                                ifindex: self.ifindex,
+                                class: want,
+                            });
+                        }
                     }
-                    self.groups.insert(*g, want);
+                    self.groups.insert(*g, sum);
                 }
                 None => group_deletes.push(TcOp::DeleteClass {
                     ifindex: self.ifindex,
@@ -724,7 +746,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 if let Some(a) = self.applied.get(&d.id) {
                     guaranteed -= class_rates(a);
                 }
-                guaranteed += r.in_class.rate.0 + r.out_class.rate.0;
+                guaranteed += r.profile.0 + r.out_class.rate.0;
                 let default = self.layout.default_rate();
                 if guaranteed + default.0 > self.layout.capacity.0 {
                     return Err(EnforceError::Oversubscribed {
@@ -763,7 +785,7 @@ impl<B: KernelBackend> Enforcer<B> {
                     version: r.version,
                     fingerprint: r.fingerprint,
                     flow_match: Some(r.flow_match),
-                    in_class: Some(r.in_class),
+                    profile: r.profile,
                     out_class: Some(r.out_class),
                     decision: Some(d),
                 },
@@ -802,8 +824,8 @@ impl<B: KernelBackend> Enforcer<B> {
             pre.push(self.steer_op());
             undo.push(None);
         }
-        // Groups: the guaranteed sum of every group this change touches.
-        let mut sums: BTreeMap<u32, u64> = BTreeMap::new();
+        // Groups: the sums of every group this change touches.
+        let mut sums: BTreeMap<u32, GroupSums> = BTreeMap::new();
         let slots = rendered
             .iter()
             .map(|r| r.slot)
@@ -811,64 +833,72 @@ impl<B: KernelBackend> Enforcer<B> {
         for slot in slots {
             let g = Layout::group_of(slot);
             sums.entry(g)
-                .or_insert_with(|| self.groups.get(&g).map_or(0, |c| c.rate.0));
+                .or_insert_with(|| self.groups.get(&g).copied().unwrap_or_default());
         }
         for id in removing {
             let a = &self.applied[id];
             if let Some(sum) = sums.get_mut(&Layout::group_of(a.slot)) {
-                *sum -= class_rates(a);
+                sum.sub(a);
             }
         }
         for r in rendered {
             if let Some(sum) = sums.get_mut(&Layout::group_of(r.slot)) {
                 if let Some(a) = self.applied.get(&r.id) {
-                    *sum -= class_rates(a);
+                    sum.sub(a);
                 }
-                *sum += r.in_class.rate.0 + r.out_class.rate.0;
+                sum.total += r.profile.0 + r.out_class.rate.0;
+                sum.profiles += r.profile.0;
             }
         }
         let mut group_deletes = Vec::new();
         for (&g, &sum) in &sums {
-            let want = self.layout.group_class(g, Kbps(sum));
+            let outer = self.layout.group_class(g, Kbps(sum.total));
+            let inner = self.layout.group_in_class(g, Kbps(sum.profiles));
             match self.groups.get(&g) {
-                Some(have) if sum == 0 => group_deletes.push(TcOp::DeleteClass {
+                Some(_) if sum.total == 0 => group_deletes.push(TcOp::DeleteClass {
                     ifindex,
-                    classid: have.classid,
+                    classid: outer.classid,
                 }),
-                Some(have) if !same_class(have, &want) => {
-                    pre.push(TcOp::ChangeClass {
-                        ifindex,
-                        class: want,
-                    });
-                    undo.push(Some(TcOp::ChangeClass {
-                        ifindex,
-                        class: *have,
-                    }));
+                Some(have) => {
+                    let was = (
+                        self.layout.group_class(g, Kbps(have.total)),
+                        self.layout.group_in_class(g, Kbps(have.profiles)),
+                    );
+                    for (want, had) in [(outer, was.0), (inner, was.1)] {
+                        if !same_class(&had, &want) {
+                            pre.push(TcOp::ChangeClass {
+                                ifindex,
+                                class: want,
+                            });
+                            undo.push(Some(TcOp::ChangeClass {
+                                ifindex,
+                                class: had,
+                            }));
+                        }
+                    }
                 }
-                Some(_) => {}
-                None if sum == 0 => {}
+                None if sum.total == 0 => {}
                 None => {
                     pre.push(TcOp::CreateClass {
                         ifindex,
-                        class: want,
+                        class: outer,
                     });
                     // Deleting the class takes its qdisc and classes with it.
                     undo.push(Some(TcOp::DeleteClass {
                         ifindex,
-                        classid: want.classid,
+                        classid: outer.classid,
                     }));
                     pre.push(TcOp::CreateQdisc {
                         ifindex,
                         handle: TcHandle::new(self.layout.group_major(g), 0),
-                        parent: want.classid,
+                        parent: outer.classid,
                         default_minor: 0,
                     });
                     undo.push(None);
-                    pre.push(TcOp::CreateClass {
-                        ifindex,
-                        class: self.layout.group_root(g),
-                    });
-                    undo.push(None);
+                    for class in [self.layout.group_root(g), inner] {
+                        pre.push(TcOp::CreateClass { ifindex, class });
+                        undo.push(None);
+                    }
                 }
             }
         }
@@ -890,11 +920,9 @@ impl<B: KernelBackend> Enforcer<B> {
         let mut adds_jump = false;
         for r in rendered {
             let old = self.applied.get(&r.id);
-            for (want, have) in [
-                (r.in_class, old.and_then(|a| a.in_class)),
-                (r.out_class, old.and_then(|a| a.out_class)),
-            ] {
-                match have {
+            {
+                let want = r.out_class;
+                match old.and_then(|a| a.out_class) {
                     None => {
                         pre.push(TcOp::CreateClass {
                             ifindex,
@@ -933,7 +961,7 @@ impl<B: KernelBackend> Enforcer<B> {
                     summary.changed += 1;
                 }
                 Some(a)
-                    if a.in_class.map(|c| c.rate) != Some(r.in_class.rate)
+                    if a.profile != r.profile
                         || a.out_class.map(|c| (c.rate, c.ceil))
                             != Some((r.out_class.rate, r.out_class.ceil)) =>
                 {
@@ -949,10 +977,13 @@ impl<B: KernelBackend> Enforcer<B> {
             }
             nft::delete_chain(&mut script, &table, &render::chain_name(*id));
             let a = &self.applied[id];
-            if sums.get(&Layout::group_of(a.slot)) == Some(&0) {
+            if sums
+                .get(&Layout::group_of(a.slot))
+                .is_some_and(|s| s.total == 0)
+            {
                 continue; // the group's class goes, and its classes with it
             }
-            for c in [a.in_class, a.out_class].into_iter().flatten() {
+            if let Some(c) = a.out_class {
                 post.push(TcOp::DeleteClass {
                     ifindex,
                     classid: c.classid,
@@ -995,10 +1026,10 @@ impl<B: KernelBackend> Enforcer<B> {
             }
         }
         for (g, sum) in sums {
-            if sum == 0 {
+            if sum.total == 0 {
                 self.groups.remove(&g);
             } else {
-                self.groups.insert(g, self.layout.group_class(g, Kbps(sum)));
+                self.groups.insert(g, sum);
             }
         }
         // Deletes last: nothing is steered into these classes any more.
@@ -1169,7 +1200,7 @@ mod tests {
         let s = e.install(d).unwrap();
         assert_eq!((s.changed, s.tc_messages, s.nft_transactions), (1, 1, 0));
         assert_eq!(e.backend().nft_transactions, nft_before);
-        let out = e.backend().classes[&TcHandle::new(0xe500, 0x101).0];
+        let out = e.backend().classes[&TcHandle::new(0xe500, 0x100).0];
         assert_eq!((out.rate, out.ceil), (Kbps(8), Kbps(500)));
     }
 
@@ -1266,9 +1297,9 @@ mod tests {
             snapshot
         );
         // HTB refuses the second class: the first one is deleted again.
-        e.backend().fail_class = Some(TcHandle::new(0xe500, 0x103));
+        e.backend().fail_class = Some(TcHandle::new(0xe500, 0x101));
         let err = e.install(decision(2, 5002, accept(875))).unwrap_err();
-        assert!(err.to_string().contains("e500:103"), "{err}");
+        assert!(err.to_string().contains("e500:101"), "{err}");
         assert_eq!(
             (e.backend().classes.clone(), e.backend().table.clone()),
             snapshot
@@ -1298,7 +1329,8 @@ mod tests {
                 .unwrap();
         }
         e.remove(2).unwrap();
-        assert_eq!(e.backend().classes.len(), 4 + 4);
+        // root, default, group class, its qdisc's root and in-profile class, 2 out classes.
+        assert_eq!(e.backend().classes.len(), 5 + 2);
         assert!(!e
             .backend()
             .table
@@ -1336,7 +1368,7 @@ mod tests {
             .unwrap();
         assert_eq!((s.unchanged, s.installed, s.removed), (1, 1, 1));
         let k = e.backend();
-        assert_eq!(k.classes.len(), 4 + 4);
+        assert_eq!(k.classes.len(), 5 + 2);
         let t = k.table.as_ref().unwrap();
         assert_eq!(t.base.len(), 3);
         assert_eq!(
@@ -1353,55 +1385,67 @@ mod tests {
         e.install(decision(1, 5001, accept(875))).unwrap();
         e.install(decision(2, 5002, accept(875))).unwrap();
         let mut kernel = std::mem::take(e.backend());
-        kernel.classes.remove(&TcHandle::new(0xe500, 0x101).0);
+        kernel.classes.remove(&TcHandle::new(0xe500, 0x100).0);
         let (mut e, report) = Enforcer::start(kernel, cfg()).unwrap();
         assert_eq!((report.adopted, report.cleaned_chains), (1, 1));
         assert_eq!(e.installed(), vec![(2, 1)]);
         let k = e.backend();
-        assert_eq!(k.classes.len(), 4 + 2);
+        assert_eq!(k.classes.len(), 5 + 1);
         assert!(!k.table.as_ref().unwrap().chains.contains_key("d1"));
-        // The group's rate follows what stayed.
+        // The group's rates follow what stayed.
         assert_eq!(k.classes[&TcHandle::new(0xe5, 0x100).0].rate, Kbps(1008));
+        assert_eq!(k.classes[&TcHandle::new(0xe500, 2).0].rate, Kbps(1000));
     }
 
     #[test]
-    fn groups_hold_128_decisions_are_created_on_demand_and_go_when_empty() {
+    fn groups_hold_256_decisions_are_created_on_demand_and_go_when_empty() {
         let big = EnforcerConfig {
             capacity: Kbps(10_000_000),
             ..cfg()
         };
         let (mut e, _) =
             Enforcer::start(FakeKernel::with_interface("eth1", 3), big.clone()).unwrap();
-        let all: Vec<Decision> = (1..=300)
+        let all: Vec<Decision> = (1..=600)
             .map(|i| decision(i, 1000 + i as u16, accept(875)))
             .collect();
         let s = e.apply(all, vec![]).unwrap();
-        assert_eq!(s.installed, 300);
+        assert_eq!(s.installed, 600);
         let k = e.backend();
         assert_eq!(k.child_qdiscs.len(), 3);
-        let group_rate = |k: &FakeKernel, g: u16| {
-            let minor = 0x100 + [0, 2, 3][usize::from(g)];
-            k.classes.get(&TcHandle::new(0xe5, minor).0).map(|c| c.rate)
+        // Group bytes: 0, 2, 3 (e501: shares the kernel's leaf-qdisc hash bucket).
+        let rates = |k: &FakeKernel, g: usize| {
+            let byte = [0u16, 2, 3][g];
+            let outer = k.classes.get(&TcHandle::new(0xe5, 0x100 + byte).0)?;
+            let inner = k.classes.get(&TcHandle::new(0xe500 | byte, 2).0)?;
+            Some((outer.rate, inner.rate))
         };
-        assert_eq!(group_rate(k, 0), Some(Kbps(128 * 1008)));
-        assert_eq!(group_rate(k, 2), Some(Kbps(44 * 1008)));
-        // Slot 129 (decision 130) lives in group 1 (e502:, as e501: is
-        // skipped) as e502:102/103.
+        assert_eq!(rates(k, 0), Some((Kbps(256 * 1008), Kbps(256 * 1000))));
+        assert_eq!(rates(k, 2), Some((Kbps(88 * 1008), Kbps(88 * 1000))));
+        // Slot 259 (decision 260) is the fourth of group 1: e502:103.
         assert!(k.classes.contains_key(&TcHandle::new(0xe502, 0x103).0));
-        // Emptying group 1 deletes its class (and qdisc) only.
-        let s = e.apply(vec![], (129..=256).collect()).unwrap();
-        assert_eq!((s.removed, s.tc_messages), (128, 1));
+        // Emptying group 1 deletes its class (and qdisc) only: one message.
+        let s = e.apply(vec![], (257..=512).collect()).unwrap();
+        assert_eq!((s.removed, s.tc_messages), (256, 1));
         let k = e.backend();
-        assert_eq!(group_rate(k, 1), None);
+        assert_eq!(rates(k, 1), None);
         assert_eq!(k.child_qdiscs.len(), 2);
-        assert_eq!(k.classes.len(), 4 + 2 * 172 + 2);
-        // A restart adopts all 172, keeps both groups, cleans nothing.
+        assert_eq!(k.classes.len(), 2 + 2 * 3 + 344);
+        // A profile change moves both sums of its group, and nothing else.
+        let mut d = decision(1, 1001, accept(875));
+        d.profile.rate = Kbps(2000);
+        let s = e.install(d).unwrap();
+        assert_eq!((s.changed, s.tc_messages, s.nft_transactions), (1, 2, 1));
+        assert_eq!(
+            rates(e.backend(), 0),
+            Some((Kbps(256 * 1008 + 1000), Kbps(256 * 1000 + 1000)))
+        );
+        // A restart adopts all 344, keeps both groups, cleans nothing.
         let kernel = std::mem::take(e.backend());
         let (mut e, report) = Enforcer::start(kernel, big).unwrap();
-        assert_eq!((report.adopted, report.cleaned_classes), (172, 0));
-        // A new decision reuses a free slot of group 1, which comes back.
+        assert_eq!((report.adopted, report.cleaned_classes), (344, 0));
+        // A new decision takes the first free slot, in group 1, which comes back.
         e.install(decision(900, 9000, accept(875))).unwrap();
-        assert_eq!(group_rate(e.backend(), 1), Some(Kbps(1008)));
+        assert_eq!(rates(e.backend(), 1), Some((Kbps(1008), Kbps(1000))));
     }
 
     #[test]

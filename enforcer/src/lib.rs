@@ -18,8 +18,8 @@
 //! touches nftables; nftables changes are one atomic transaction per change.
 //! A change that the kernel refuses is undone, so a decision is applied whole
 //! or not at all. HTB is programmed over rtnetlink with hand-encoded
-//! messages ([`tc`](crate::tc)); nftables through `nft -f -` (one process per
-//! transaction).
+//! messages ([`tc`](crate::tc)); nftables over nf_tables netlink, one batch
+//! per change ([`nfnl`](crate::nfnl)).
 //!
 //! Everything that touches the kernel sits behind [`KernelBackend`]: the real
 //! [`LinuxBackend`], a [`DryRunBackend`] that prints the operations, and the

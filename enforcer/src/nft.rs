@@ -1,5 +1,6 @@
-//! The enforcer's nftables table: scripts applied as one atomic transaction
-//! (`nft -f -`), and the table read back (`nft -j -a list table`).
+//! The enforcer's nftables table: scripts of nft statements (applied as one
+//! nf_tables netlink batch by `nfnl`, printed by the dry run), and the table
+//! read back (`nft -j -a list table`).
 
 use crate::render::{chain_name, parse_meta_comment, ChainMeta};
 use serde::Serialize;
@@ -176,7 +177,7 @@ mod tests {
  {"rule": {"family": "inet", "table": "qosloop_qa", "chain": "postrouting", "handle": 8, "comment": "id=42", "expr": [{"jump": {"target": "d42"}}]}},
  {"rule": {"family": "inet", "table": "qosloop_qa", "chain": "postrouting", "handle": 10, "expr": [{"accept": null}]}},
  {"rule": {"family": "inet", "table": "qosloop_qa", "chain": "d42", "handle": 4, "comment": "out", "expr": [{"counter": {"packets": 5, "bytes": 500}}]}},
- {"rule": {"family": "inet", "table": "qosloop_qa", "chain": "d42", "handle": 5, "comment": "in id=42 v=3 slot=0 kind=drop fp=00000000000000ff", "expr": [{"counter": {"packets": 7, "bytes": 700}}]}}]}"#;
+ {"rule": {"family": "inet", "table": "qosloop_qa", "chain": "d42", "handle": 5, "comment": "in id=42 v=3 slot=0 kind=drop fp=00000000000000ff p=1000", "expr": [{"counter": {"packets": 7, "bytes": 700}}]}}]}"#;
 
     #[test]
     fn reads_back_its_table() {

@@ -4,20 +4,25 @@
 //! The HTB tree on the enforcer's qdisc `MAJ:` (a byte, `e5` by default):
 //! - `MAJ:1` root class (the capacity), `MAJ:2` default class;
 //! - decisions live in *groups* of [`SLOTS_PER_GROUP`]: group `G` is the
-//!   class `MAJ:(0x100+G)` (rate = the sum of its decisions' guaranteed
-//!   rates, may borrow up to the capacity) holding a child HTB qdisc
-//!   `MAJG:` (`MAJ` and `G` as one 16-bit major, `e500:` … `e5fe:`) with
-//!   its own root class `MAJG:1`. The kernel walks every class of a qdisc
-//!   when it creates one, so a flat tree costs O(n²) to build; groups keep
-//!   each qdisc at ≤ 257 classes and 10,000 decisions install in linear time;
-//! - decision in slot `S` (group `G = S / 128`, `k = S % 128`): class
-//!   `MAJG:(0x100+2k)` for in-profile traffic (rate = profile rate, ceil =
-//!   capacity, prio 1) and `MAJG:(0x101+2k)` for out-of-profile traffic
-//!   (ceil = the shape rate, guaranteed only a trickle: under congestion it
-//!   yields to in-profile traffic; a trickle class for drop);
-//! - `meta priority set MAJG:MIN` steers a packet; a cls_bpf filter on the
-//!   root qdisc maps priority major `MAJG` to the group class `MAJ:(0x100+G)`,
-//!   whose child qdisc then finds `MAJG:MIN` itself;
+//!   class `MAJ:(0x100+B)` (`B` the group's byte, see [`Layout::group_byte`];
+//!   rate = the sum of its decisions' guaranteed rates, may borrow up to the
+//!   capacity) holding a child HTB qdisc `MAJB:` (`MAJ` and `B` as one
+//!   16-bit major, e.g. `e500:`) with its root class `MAJB:1` and one
+//!   in-profile class `MAJB:2` shared by the group's decisions (rate = the
+//!   sum of their profile rates, ceil = capacity, prio 1: nftables already
+//!   holds each flow's in-profile traffic to its profile rate). The kernel
+//!   walks every class of a qdisc when it creates one, so a flat tree costs
+//!   O(n²) to build; groups keep each qdisc at ≤ 258 classes;
+//! - decision in slot `S` (group `S / 256`, `k = S % 256`): one class
+//!   `MAJB:(0x100+k)` for its out-of-profile traffic (ceil = the shape rate,
+//!   guaranteed only a trickle: under congestion it yields to in-profile
+//!   traffic; a trickle class for drop). Every HTB class also costs a walk
+//!   of a list of all traffic-control blocks of the host when created on a
+//!   device without `ndo_setup_tc` (veth, virtio: the indirect offload path,
+//!   `flow_indr_dev_setup_offload`), so one class per decision, not two;
+//! - `meta priority set MAJB:MIN` steers a packet; a cls_bpf filter on the
+//!   root qdisc maps priority major `MAJB` to the group class `MAJ:(0x100+B)`,
+//!   whose child qdisc then finds `MAJB:MIN` itself;
 //! - chain `dID` in the enforcer's table: a `limit rate over PROFILE burst B`
 //!   rule catches out-of-profile packets (accept / re-mark / drop, steered into
 //!   the out class), and the next rule marks the rest in-profile and steers
@@ -34,13 +39,16 @@ use std::net::IpAddr;
 pub const TRICKLE: Kbps = Kbps(8);
 /// Minor of the root class (of the root qdisc and of each group qdisc).
 pub const ROOT_MINOR: u16 = 1;
-/// Minor of the class unmatched traffic goes to.
+/// Minor of the class unmatched traffic goes to (root qdisc), and of the
+/// shared in-profile class (group qdiscs).
 pub const DEFAULT_MINOR: u16 = 2;
+/// Minor of a group's shared in-profile class.
+pub const IN_MINOR: u16 = 2;
 /// Minor of group 0's class on the root qdisc; also the first decision
 /// class minor inside a group qdisc.
 pub const FIRST_GROUP_MINOR: u16 = 0x100;
-/// Decisions per group (two class minors each inside the group's qdisc).
-pub const SLOTS_PER_GROUP: u32 = 128;
+/// Decisions per group (one class minor each inside the group's qdisc).
+pub const SLOTS_PER_GROUP: u32 = 256;
 /// Groups per interface: the usable low bytes of group qdisc majors (see
 /// [`Layout::group_major`]); every qdisc major 1..fe has at least this many.
 pub const MAX_GROUPS: u32 = 224;
@@ -149,18 +157,28 @@ impl Layout {
             prio: 0,
         }
     }
-    /// In- and out-of-profile class ids of `slot`.
-    pub fn slot_classids(&self, slot: u32) -> (TcHandle, TcHandle) {
+    /// Group `g`'s in-profile class, shared by its decisions: `rate` is
+    /// the sum of their profile rates.
+    pub fn group_in_class(&self, g: u32, rate: Kbps) -> HtbClass {
+        HtbClass {
+            classid: TcHandle::new(self.group_major(g), IN_MINOR),
+            parent: TcHandle::new(self.group_major(g), ROOT_MINOR),
+            rate,
+            ceil: self.capacity,
+            prio: 1,
+        }
+    }
+    /// The out-of-profile class id of `slot`.
+    pub fn slot_classid(&self, slot: u32) -> TcHandle {
         let major = self.group_major(Self::group_of(slot));
-        let m = u32::from(FIRST_GROUP_MINOR) + 2 * (slot % SLOTS_PER_GROUP);
-        (
-            TcHandle::new(major, m as u16),
-            TcHandle::new(major, (m + 1) as u16),
+        TcHandle::new(
+            major,
+            (u32::from(FIRST_GROUP_MINOR) + slot % SLOTS_PER_GROUP) as u16,
         )
     }
     /// The slot a class inside group `g`'s qdisc belongs to, if a decision class.
     pub fn slot_of_class(g: u32, minor: u16) -> Option<u32> {
-        let k = u32::from(minor.checked_sub(FIRST_GROUP_MINOR)?) / 2;
+        let k = u32::from(minor.checked_sub(FIRST_GROUP_MINOR)?);
         (k < SLOTS_PER_GROUP).then_some(g * SLOTS_PER_GROUP + k)
     }
 }
@@ -171,7 +189,8 @@ pub struct Rendered {
     pub id: u64,
     pub version: u64,
     pub slot: u32,
-    pub in_class: HtbClass,
+    /// The profile rate (what the decision adds to its group's in-profile class).
+    pub profile: Kbps,
     pub out_class: HtbClass,
     /// The base-chain match selecting the flow (before `jump`).
     pub flow_match: String,
@@ -192,8 +211,18 @@ pub fn chain_name(id: u64) -> String {
 }
 
 /// Comment on the in-profile rule: what reconcile reads back after a restart.
-pub fn meta_comment(id: u64, version: u64, slot: u32, kind: &str, fp: u64) -> String {
-    format!("in id={id} v={version} slot={slot} kind={kind} fp={fp:016x}")
+pub fn meta_comment(
+    id: u64,
+    version: u64,
+    slot: u32,
+    kind: &str,
+    fp: u64,
+    profile: Kbps,
+) -> String {
+    format!(
+        "in id={id} v={version} slot={slot} kind={kind} fp={fp:016x} p={}",
+        profile.0
+    )
 }
 
 /// What `meta_comment` wrote, read back.
@@ -204,6 +233,8 @@ pub struct ChainMeta {
     pub slot: u32,
     pub kind: String,
     pub fingerprint: u64,
+    /// The profile rate, kbit/s.
+    pub profile: Kbps,
 }
 
 pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
@@ -212,6 +243,7 @@ pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
         return None;
     }
     let (mut id, mut version, mut slot, mut kind, mut fp) = (None, None, None, None, None);
+    let mut profile = None;
     for w in words {
         let (k, v) = w.split_once('=')?;
         match k {
@@ -220,6 +252,7 @@ pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
             "slot" => slot = v.parse().ok(),
             "kind" => kind = Some(v.to_owned()),
             "fp" => fp = u64::from_str_radix(v, 16).ok(),
+            "p" => profile = v.parse().ok().map(Kbps),
             _ => {}
         }
     }
@@ -229,6 +262,7 @@ pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
         slot: slot?,
         kind: kind?,
         fingerprint: fp?,
+        profile: profile?,
     })
 }
 
@@ -316,15 +350,9 @@ fn dscp_set(v6: bool, d: Dscp) -> String {
 pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, SpecError> {
     let flow = flow_match(&d.flow)?;
     let v6 = flow.starts_with("ip6 ");
-    let (in_id, out_id) = layout.slot_classids(slot);
-    let parent = layout.group_root(Layout::group_of(slot)).classid;
-    let in_class = HtbClass {
-        classid: in_id,
-        parent,
-        rate: d.profile.rate,
-        ceil: layout.capacity,
-        prio: 1,
-    };
+    let group = Layout::group_of(slot);
+    let parent = layout.group_root(group).classid;
+    let in_classid = layout.group_in_class(group, d.profile.rate).classid;
     // Out of profile: a trickle guaranteed, the shape rate as ceiling (so a
     // shape change is one class message and moves no group rate).
     let out_ceil = match d.out_of_profile.shape() {
@@ -333,7 +361,7 @@ pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, Spec
         None => layout.capacity,
     };
     let out_class = HtbClass {
-        classid: out_id,
+        classid: layout.slot_classid(slot),
         parent,
         rate: TRICKLE.min(out_ceil),
         ceil: out_ceil,
@@ -368,21 +396,18 @@ pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, Spec
         .in_profile_dscp
         .map(|dscp| format!("{} ", dscp_set(v6, dscp)))
         .unwrap_or_default();
-    let in_body = format!(
-        "counter {mark}meta priority set {} accept",
-        in_class.classid
-    );
+    let in_body = format!("counter {mark}meta priority set {in_classid} accept");
     let kind = d.kind().to_string();
     let fingerprint = fnv1a(&[&flow, &out_rule, &in_body]);
     let in_rule = format!(
         "{in_body} comment \"{}\"",
-        meta_comment(d.id, d.version, slot, &kind, fingerprint)
+        meta_comment(d.id, d.version, slot, &kind, fingerprint, d.profile.rate)
     );
     Ok(Rendered {
         id: d.id,
         version: d.version,
         slot,
-        in_class,
+        profile: d.profile.rate,
         out_class,
         flow_match: flow,
         rules: vec![out_rule, in_rule],
@@ -449,12 +474,12 @@ mod tests {
         );
         assert_eq!(
             r.rules[0],
-            "limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e500:107 accept comment \"out\""
+            "limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e500:103 accept comment \"out\""
         );
-        assert!(r.rules[1].starts_with("counter ip dscp set 48 meta priority set e500:106 accept comment \"in id=42 v=1 slot=3 kind=remark fp="));
+        assert!(r.rules[1].starts_with("counter ip dscp set 48 meta priority set e500:2 accept comment \"in id=42 v=1 slot=3 kind=remark fp="));
         assert_eq!((r.out_class.rate, r.out_class.ceil), (TRICKLE, Kbps(125)));
         assert_eq!(r.out_class.parent, TcHandle::new(0xe500, 1));
-        assert_eq!(r.in_class.rate, Kbps(1000));
+        assert_eq!(r.profile, Kbps(1000));
         let meta = parse_meta_comment(r.rules[1].split('"').nth(1).unwrap()).unwrap();
         assert_eq!((meta.id, meta.slot, meta.kind.as_str()), (42, 3, "remark"));
         assert_eq!(meta.fingerprint, r.fingerprint);
@@ -522,16 +547,17 @@ mod tests {
     #[test]
     fn slots_map_to_groups_and_back() {
         let l = layout();
-        assert_eq!(
-            l.slot_classids(0),
-            (TcHandle::new(0xe500, 0x100), TcHandle::new(0xe500, 0x101))
-        );
-        assert_eq!(Layout::slot_of_class(1, 0x105), Some(130));
+        assert_eq!(l.slot_classid(0), TcHandle::new(0xe500, 0x100));
+        assert_eq!(Layout::slot_of_class(1, 0x105), Some(261));
         assert_eq!(Layout::slot_of_class(0, 1), None);
         assert_eq!(Layout::slot_of_class(0, 0x100 + 256), None);
+        assert_eq!(
+            l.group_in_class(0, Kbps(5)).classid,
+            TcHandle::new(0xe500, IN_MINOR)
+        );
         // e501: shares the kernel's hash bucket with the leaf qdiscs: skipped.
         assert!(shares_the_leaf_bucket(0xe501));
-        assert_eq!(l.slot_classids(130).0, TcHandle::new(0xe502, 0x104));
+        assert_eq!(l.slot_classid(260), TcHandle::new(0xe502, 0x104));
         assert_eq!(l.group_of_major(0xe502), Some(1));
         assert_eq!(l.group_of_major(0xe501), None);
         assert_eq!(l.group_of_major(0xe5ff), None);
@@ -543,7 +569,7 @@ mod tests {
         assert_eq!(l.group_of_minor(0x102), Some(1));
         assert_eq!(l.group_of_minor(0x101), None);
         assert_eq!(l.group_of_minor(2), None);
-        let (_, last) = l.slot_classids(MAX_SLOTS - 1);
+        let last = l.slot_classid(MAX_SLOTS - 1);
         assert_eq!(last.minor(), 0x1ff);
         assert_ne!(last.major() & 0xff, 0xff);
         // Every usable qdisc major has MAX_GROUPS groups, all distinct.

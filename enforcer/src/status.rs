@@ -4,7 +4,7 @@
 //! class statistics.
 
 use crate::backend::KernelBackend;
-use crate::render::{Layout, DEFAULT_MINOR, ROOT_MINOR};
+use crate::render::{Layout, DEFAULT_MINOR, IN_MINOR, ROOT_MINOR};
 use crate::tc::{ClassInfo, TcHandle};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -17,11 +17,14 @@ pub struct DecisionStatus {
     /// accept, remark or drop (what happens out of profile).
     pub kind: String,
     pub slot: u32,
+    /// The profile rate, kbit/s.
+    pub profile_kbps: u64,
     pub in_profile_packets: u64,
     pub in_profile_bytes: u64,
     /// Packets over the profile: accepted, re-marked or dropped per `kind`.
     pub out_of_profile_packets: u64,
     pub out_of_profile_bytes: u64,
+    /// The in-profile class (shared by the decisions of its group).
     pub in_class: Option<ClassInfo>,
     pub out_class: Option<ClassInfo>,
 }
@@ -35,7 +38,7 @@ pub struct Status {
     pub qdisc: Option<String>,
     pub root_class: Option<ClassInfo>,
     pub default_class: Option<ClassInfo>,
-    /// Group classes on the root qdisc (each holds up to 128 decisions).
+    /// Group classes on the root qdisc (each holds up to 256 decisions).
     pub groups: Vec<ClassInfo>,
     pub decisions: Vec<DecisionStatus>,
     /// Objects that reconcile would clean (no decision accounts for them).
@@ -64,29 +67,35 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
     };
     let table = layout.table();
     let state = backend.read_table(&table, &layout.interface)?;
-    let mut take = |h: TcHandle| {
+    fn take(classes: &mut Vec<ClassInfo>, h: TcHandle) -> Option<ClassInfo> {
         classes
             .iter()
             .position(|c| c.handle == h.0)
             .map(|i| classes.swap_remove(i))
-    };
-    let root_class = take(layout.handle(ROOT_MINOR));
-    let default_class = take(layout.handle(DEFAULT_MINOR));
+    }
+    let root_class = take(&mut classes, layout.handle(ROOT_MINOR));
+    let default_class = take(&mut classes, layout.handle(DEFAULT_MINOR));
     let mut decisions = Vec::new();
     for (id, c) in state.iter().flat_map(|s| s.chains.iter()) {
         let Some(meta) = &c.meta else { continue };
-        let (in_id, out_id) = layout.slot_classids(meta.slot);
+        let out_id = layout.slot_classid(meta.slot);
+        // In-profile traffic goes to the group's shared class.
+        let in_id = layout
+            .group_in_class(Layout::group_of(meta.slot), meta.profile)
+            .classid;
+        let in_class = classes.iter().find(|c| c.handle == in_id.0).cloned();
         decisions.push(DecisionStatus {
             id: *id,
             version: meta.version,
             kind: meta.kind.clone(),
             slot: meta.slot,
+            profile_kbps: meta.profile.0,
             in_profile_packets: c.in_packets,
             in_profile_bytes: c.in_bytes,
             out_of_profile_packets: c.out_packets,
             out_of_profile_bytes: c.out_bytes,
-            in_class: take(in_id),
-            out_class: take(out_id),
+            in_class,
+            out_class: take(&mut classes, out_id),
         });
     }
     // Group classes and the root classes of group qdiscs are structure.
@@ -94,7 +103,8 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
         classes.into_iter().partition(|c| {
             let h = TcHandle(c.handle);
             (h.major() == layout.qdisc_major && layout.group_of_minor(h.minor()).is_some())
-                || (layout.group_of_major(h.major()).is_some() && h.minor() == ROOT_MINOR)
+                || (layout.group_of_major(h.major()).is_some()
+                    && (h.minor() == ROOT_MINOR || h.minor() == IN_MINOR))
         });
     groups.retain(|c| TcHandle(c.handle).major() == layout.qdisc_major);
     groups.sort_by_key(|c| c.handle);

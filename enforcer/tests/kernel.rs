@@ -362,7 +362,7 @@ fn refused_decisions_leave_the_kernel_as_it_was() {
     t.router
         .command("tc")
         .args([
-            "class", "add", "dev", &t.out_if, "parent", "e500:1", "classid", "e500:103", "htb",
+            "class", "add", "dev", &t.out_if, "parent", "e500:1", "classid", "e500:101", "htb",
             "rate", "1mbit",
         ])
         .status()
@@ -382,7 +382,7 @@ fn refused_decisions_leave_the_kernel_as_it_was() {
         .unwrap_err();
     assert!(matches!(err, EnforceError::Tc { .. }), "{err}");
     assert!(
-        err.to_string().contains("e500:103") && err.to_string().contains("exists"),
+        err.to_string().contains("e500:101") && err.to_string().contains("exists"),
         "{err}"
     );
     assert_eq!(kernel_objects(&t), before);
@@ -409,7 +409,7 @@ fn refused_decisions_leave_the_kernel_as_it_was() {
     // And it keeps working once the intruder is gone.
     t.router
         .command("tc")
-        .args(["class", "del", "dev", &t.out_if, "classid", "e500:103"])
+        .args(["class", "del", "dev", &t.out_if, "classid", "e500:101"])
         .status()
         .unwrap();
     let mut ok = decision(4, OutOfProfileAction::Drop);
@@ -520,8 +520,9 @@ fn kill_9_then_restart_reconciles_and_cleanup_restores_the_namespace() {
     let (_, classes, rules) = kernel_objects(&t);
     assert_eq!(rules.matches("jump d").count(), 2, "{rules}");
     assert_eq!(rules.matches("chain d").count(), 2, "{rules}");
-    // root, default, group e5:100 and its qdisc's root e500:1, two per decision.
-    assert_eq!(classes.lines().count(), 4 + 4, "{classes}");
+    // root, default, group e5:100 and its qdisc's root e500:1 and in-profile
+    // class e500:2, one out-of-profile class per decision.
+    assert_eq!(classes.lines().count(), 5 + 2, "{classes}");
     assert!(rules.contains("counter packets 0 bytes 0 drop"), "{rules}");
     let status = enforcer_cmd(&t, &["status", "--json"]).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();

@@ -833,7 +833,7 @@ fn report(s: &Summary, ev: &Events) -> String {
         ));
     }
     r.push_str(&format!(
-        "\n## Reconfiguration of the router per decision change\n\nqosloop: median {} µs, p99 {} µs over {} changes of the out-of-profile action (HTB classes over netlink plus one nftables transaction, today through an `nft -f` process). A change of a shaping rate alone is one netlink message: see `qosloop-testbed reconfig` and `bench enforce` (µs). The paper's XORP+Click router: ~45 µs.\n",
+        "\n## Reconfiguration of the router per decision change\n\nqosloop: median {} µs, p99 {} µs over {} changes of the out-of-profile action (HTB class messages over rtnetlink plus one nf_tables netlink batch). A change of a shaping rate alone is one netlink message: see `qosloop-testbed reconfig` and `bench enforce` (µs). The paper's XORP+Click router: ~45 µs.\n",
         fmt_opt(s.reconfig_us.median, 1),
         fmt_opt(s.reconfig_us.p99, 1),
         s.reconfig_us.count

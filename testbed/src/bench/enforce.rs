@@ -6,7 +6,7 @@
 //!    (validate, diff, one `RTM_NEWTCLASS`), the bare netlink message, and a
 //!    forked `tc class change` doing the same change.
 //! 2. An action change (accept → remark): one class message plus one
-//!    nftables transaction, against a forked `nft -f` of the same statements.
+//!    nf_tables netlink batch, against a forked `nft -f` of the same statements.
 //! 3. Installing N per-flow decisions from empty, against the LibreQoS way
 //!    (`tc -batch` of the same classes + one `nft -f` of the same rules).
 
@@ -177,8 +177,8 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
     }
     let rate_change_enforcer = latency(samples);
     let layout = e.layout().clone();
-    // Decision 1 sits in slot 0: out class e500:101 under its group root e500:1.
-    let (_, out_id) = layout.slot_classids(0);
+    // Decision 1 sits in slot 0: out class e500:100 under its group root e500:1.
+    let out_id = layout.slot_classid(0);
     let out_class = |kbps| HtbClass {
         classid: out_id,
         parent: layout.group_root(0).classid,
@@ -205,7 +205,7 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
         run_tool(
             "tc",
             &[
-                "class", "change", "dev", interface, "parent", "e500:1", "classid", "e500:101",
+                "class", "change", "dev", interface, "parent", "e500:1", "classid", "e500:100",
                 "htb", "rate", "8kbit", "ceil", rate, "prio", "2",
             ],
             None,
@@ -234,8 +234,8 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
         let mark = if i % 2 == 0 { "ip dscp set cs0 " } else { "" };
         let script = format!(
             "flush chain inet {table} d1\n\
-             add rule inet {table} d1 limit rate over 125000 bytes/second burst 15000 bytes counter {mark}meta priority set e500:101 accept\n\
-             add rule inet {table} d1 counter ip dscp set cs6 meta priority set e500:100 accept\n"
+             add rule inet {table} d1 limit rate over 125000 bytes/second burst 15000 bytes counter {mark}meta priority set e500:100 accept\n\
+             add rule inet {table} d1 counter ip dscp set cs6 meta priority set e500:2 accept\n"
         );
         let t = Instant::now();
         run_tool("nft", &["-f", "-"], Some(&script))?;
@@ -367,7 +367,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             r.rate_change_tc_process,
         ),
         (
-            "action change: enforcer (1 msg + nft -f)",
+            "action change: enforcer (1 msg + nf_tables batch)",
             r.action_change_enforcer,
         ),
         (
