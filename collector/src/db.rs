@@ -78,7 +78,15 @@ impl Db {
                 .map_err(err)?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let opts = PgConnectOptions::from_str(url).map_err(err)?;
+            // A collector that hangs (stopped, its host gone without a
+            // reset) must not hold its locks for ever: another collector's
+            // insert of the same (exporter, session, seq) would wait on them.
+            // The server ends such a transaction after 1 s idle, or a
+            // statement (a COPY whose client went quiet) after 10 s.
+            let opts = PgConnectOptions::from_str(url).map_err(err)?.options([
+                ("idle_in_transaction_session_timeout", "1s"),
+                ("statement_timeout", "10s"),
+            ]);
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))

@@ -93,6 +93,12 @@ pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) 
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut stopping = false;
     let idle = Duration::from_secs(u64::from(ctx.keepalive_s.max(1)) * 3);
+    // While batches wait for their commit, a keepalive every 250 ms tells the
+    // exporter this collector is alive (it fails over after 1 s of silence),
+    // however slow the database.
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(250));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeats = false;
 
     let result: Result<(), Refusal> = async {
         loop {
@@ -120,6 +126,9 @@ pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) 
                         }
                         Err(e) => return Err(refuse(ErrorCode::Storage, e)),
                     }
+                }
+                _ = heartbeat.tick(), if heartbeats && !pending.is_empty() => {
+                    send(&mut writer, session_no, Message::Keepalive).await?;
                 }
                 frame = reader.next(), if pending.len() < ctx.window && !stopping => {
                     let frame = match frame {
@@ -151,6 +160,7 @@ pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) 
                             st = Some(Stream { exporter_id, session_id, byte_order: ByteOrder::Big, config_id: 0,
                                 layouts: HashMap::new(), last_seq: None, last_acked: 0, committed: 0 });
                             state = State::Templates;
+                            heartbeats = s.capabilities & CAP_KEEPALIVE != 0;
                             send(&mut writer, session_no, Message::StartAck(StartAck {
                                 version: VERSION,
                                 capabilities: s.capabilities & (CAP_LITTLE_ENDIAN | CAP_KEEPALIVE),

@@ -62,6 +62,16 @@ impl Collector {
         }
     }
 
+    /// Sends `sig` (STOP, CONT) to the collector process.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -225,6 +235,107 @@ async fn export_failover_and_failback_exactly_once() {
     assert!(report.failovers >= 2, "{report:?}");
     let (count, bytes, dups) = totals(&url).await;
     assert_eq!((count, bytes, dups), (n as i64, sum as i64, 0));
+}
+
+/// A collector that goes silent without closing its socket (SIGSTOP: a hung
+/// process, or a host gone without a reset) is failed over once nothing has
+/// come from it for `dead_after` (700 ms); when it comes back the exporter
+/// returns to it; totals exact. Prints how long the failover took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_silent_collector_is_failed_over_and_back_exactly_once() {
+    need!(Postgres::available());
+    let pg = Postgres::start().unwrap();
+    let url = pg.url();
+    let primary = Collector::start(free_port().unwrap(), &url);
+    let _secondary = Collector::start(free_port().unwrap(), &url);
+    let mut cfg = config(vec![primary.addr(), _secondary.addr()]);
+    cfg.batch_records = 500;
+    let mut ex = Exporter::start(cfg).unwrap();
+    let n = 200_000u64;
+    let mut sum = send_range(&mut ex, 0..n / 2, |_, _| {}).await;
+    ex.flush().await.unwrap();
+    wait_until(Duration::from_secs(20), || {
+        ex.stats().acked_records.load(Ordering::Relaxed) > n / 4
+    })
+    .await;
+    assert_eq!(ex.stats().collector.load(Ordering::Relaxed), 0);
+    primary.signal("STOP");
+    let stopped = Instant::now();
+    // Records keep coming (bounded: at most 1000 per 10 ms step, 2000 steps).
+    let mut i = n / 2;
+    for _ in 0..2000 {
+        if ex.stats().collector.load(Ordering::Relaxed) == 1 || i + 1000 > 3 * n / 4 {
+            break;
+        }
+        sum += send_range(&mut ex, i..i + 1000, |_, _| {}).await;
+        i += 1000;
+        ex.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_until(Duration::from_secs(10), || {
+        ex.stats().collector.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let failover = stopped.elapsed();
+    assert_eq!(
+        ex.stats().collector.load(Ordering::Relaxed),
+        1,
+        "failed over to the secondary"
+    );
+    println!("silent collector: failed over {failover:?} after SIGSTOP");
+    primary.signal("CONT");
+    wait_until(Duration::from_secs(15), || {
+        ex.stats().collector.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert_eq!(
+        ex.stats().collector.load(Ordering::Relaxed),
+        0,
+        "failed back to the primary"
+    );
+    sum += send_range(&mut ex, i..n, |_, _| {}).await;
+    let report = ex.finish().await.unwrap();
+    check(&report, n);
+    let (count, bytes, dups) = totals(&url).await;
+    assert_eq!((count, bytes, dups), (n as i64, sum as i64, 0));
+}
+
+/// The meter stops while no collector answers: its spool stays on disk. The
+/// next run re-sends it, under the earlier run's stream id, along with its
+/// own records; exact totals, nothing left on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_spool_of_an_earlier_run_is_resent_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("flows.db").display());
+    let port = free_port().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let mut cfg = config(vec![format!("127.0.0.1:{port}")]);
+    cfg.batch_records = 1000;
+    cfg.spool_dir = Some(spool_dir.clone());
+    cfg.finish_timeout = Duration::from_secs(1);
+    let first = 50_000u64;
+    let mut ex = Exporter::start(cfg.clone()).unwrap();
+    let mut sum = send_range(&mut ex, 0..first, |_, _| {}).await;
+    let report = ex.finish().await.unwrap();
+    assert_eq!(report.acked_records, 0, "{report:?}");
+    assert_eq!(report.dropped_records, 0, "{report:?}");
+    assert!(report.spool_messages > 0, "{report:?}");
+    assert_eq!(qosloop_exporter::spool_leftovers(&spool_dir).len(), 1);
+    let _collector = Collector::start(port, &url);
+    cfg.finish_timeout = Duration::from_secs(60);
+    let second = 10_000u64;
+    let mut ex = Exporter::start(cfg).unwrap();
+    sum += send_range(&mut ex, first..first + second, |_, _| {}).await;
+    let report = ex.finish().await.unwrap();
+    check(&report, second);
+    assert_eq!(report.earlier_runs_acked_records, first, "{report:?}");
+    assert_eq!(report.earlier_runs_spool_messages, 0, "{report:?}");
+    assert!(qosloop_exporter::spool_leftovers(&spool_dir).is_empty());
+    let (count, bytes, dups) = totals(&url).await;
+    assert_eq!(
+        (count, bytes, dups),
+        ((first + second) as i64, sum as i64, 0)
+    );
 }
 
 /// No collector at all for 10 s: records spool to disk, then drain in order

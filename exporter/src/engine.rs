@@ -58,6 +58,9 @@ pub struct Identity {
     pub stream_id: u64,
 }
 
+/// How long a collector that failed is tried last and left out of fail-back probes.
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
+
 enum Ended {
     Failed(String),
     FailBack(usize),
@@ -79,6 +82,10 @@ pub struct Engine {
     stream_id: u64,
     current: Option<usize>,
     tls: Option<tokio_rustls::TlsConnector>,
+    /// Collectors that failed lately are tried last and not probed for
+    /// fail-back until then: a hung collector's kernel still accepts TCP
+    /// connections, only the handshake would show it is gone.
+    suspect_until: Vec<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -108,6 +115,7 @@ impl Engine {
         tls: Option<tokio_rustls::TlsConnector>,
     ) -> Engine {
         let Identity { boot_ns, stream_id } = identity;
+        let cfg_len = cfg.collectors.len();
         Engine {
             cfg,
             stats,
@@ -122,7 +130,22 @@ impl Engine {
             boot_ns,
             stream_id,
             current: None,
+            suspect_until: vec![None; cfg_len],
             tls,
+        }
+    }
+
+    fn suspect(&self, idx: usize) -> bool {
+        self.suspect_until
+            .get(idx)
+            .copied()
+            .flatten()
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    fn mark_suspect(&mut self, idx: usize) {
+        if let Some(s) = self.suspect_until.get_mut(idx) {
+            *s = Some(Instant::now() + SUSPECT_FOR);
         }
     }
 
@@ -202,12 +225,17 @@ impl Engine {
             records: self.stats.records.load(Ordering::Relaxed),
             acked_records: self.stats.acked_records.load(Ordering::Relaxed),
             dropped_records: self.stats.dropped_records.load(Ordering::Relaxed),
-            unacked_records: self.stats.records.load(Ordering::Relaxed)
-                - self.stats.acked_records.load(Ordering::Relaxed)
-                - self.stats.dropped_records.load(Ordering::Relaxed),
+            unacked_records: self
+                .stats
+                .records
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.stats.acked_records.load(Ordering::Relaxed))
+                .saturating_sub(self.stats.dropped_records.load(Ordering::Relaxed)),
             spool_messages: self.spool.len() as u64,
             unsent_in_memory_records: unsent,
             failovers: self.stats.failovers.load(Ordering::Relaxed),
+            earlier_runs_acked_records: 0,
+            earlier_runs_spool_messages: 0,
         }
     }
 
@@ -222,13 +250,19 @@ impl Engine {
             // Best first; when connected to a lower one, only better ones
             // are tried by the probe inside `serve`.
             let mut connected = None;
-            for idx in 0..self.cfg.collectors.len() {
+            let n = self.cfg.collectors.len();
+            let order: Vec<usize> = (0..n)
+                .filter(|i| !self.suspect(*i))
+                .chain((0..n).filter(|i| self.suspect(*i)))
+                .collect();
+            for idx in order {
                 match self.connect(idx).await {
                     Ok(conn) => {
                         connected = Some((idx, conn));
                         break;
                     }
                     Err(e) => {
+                        self.mark_suspect(idx);
                         tracing::debug!(collector = %self.cfg.collectors[idx], error = %e, "collector not answering")
                     }
                 }
@@ -248,6 +282,7 @@ impl Engine {
                             tracing::info!(from = %self.cfg.collectors[idx], to = %self.cfg.collectors[better], "failing back to a better collector");
                         }
                         Ended::Failed(why) => {
+                            self.mark_suspect(idx);
                             tracing::warn!(collector = %self.cfg.collectors[idx], error = %why, "collector lost; failing over");
                         }
                     }
@@ -581,7 +616,7 @@ impl Engine {
                     None => *channel_open = false,
                 },
                 _ = probe.tick(), if idx > 0 && fail_back.is_none() => {
-                    for better in 0..idx {
+                    for better in (0..idx).filter(|b| !self.suspect(*b)) {
                         let addr = &self.cfg.collectors[better];
                         if let Ok(Ok(_probe)) = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
                             fail_back = Some((better, Instant::now()));

@@ -14,6 +14,7 @@
 
 mod engine;
 mod spool;
+pub use spool::leftovers as spool_leftovers;
 pub mod tls;
 
 pub use spool::SpoolError;
@@ -91,7 +92,7 @@ impl ExporterConfig {
             spool_dir: None,
             spool_max_bytes: 1 << 30,
             connect_timeout: Duration::from_millis(300),
-            dead_after: Duration::from_secs(3),
+            dead_after: Duration::from_millis(700),
             probe_interval: Duration::from_millis(500),
             retry_interval: Duration::from_millis(200),
             finish_timeout: Duration::from_secs(10),
@@ -155,6 +156,10 @@ pub struct Report {
     pub unsent_in_memory_records: u64,
     /// Changes of collector.
     pub failovers: u64,
+    /// Records of spools earlier runs left, acknowledged in this run.
+    pub earlier_runs_acked_records: u64,
+    /// Messages of those spools still on disk.
+    pub earlier_runs_spool_messages: u64,
 }
 
 impl Report {
@@ -175,6 +180,8 @@ struct Pending {
 /// lets the engine run on until `finish_timeout` and loses the report.
 pub struct Exporter {
     spool_dir: Option<PathBuf>,
+    /// Engines draining spools of earlier runs.
+    replays: Vec<tokio::task::JoinHandle<Report>>,
     tx: mpsc::Sender<engine::Cmd>,
     v4: Pending,
     v6: Pending,
@@ -210,12 +217,27 @@ impl Exporter {
         // Unique per run: boot time mixed with the process id. Kept positive
         // so it reads the same as a signed SQL BIGINT.
         let stream_id = (boot_ns ^ (u64::from(std::process::id()) << 48)) & (i64::MAX as u64);
-        let spool_dir = cfg.spool_dir.as_ref().map(|parent| {
+        // Spools earlier runs left behind are drained first, each in its own
+        // session under its own stream id (so the collector's de-duplication
+        // by (exporter, session, seq) holds across the restart).
+        let mut replays = Vec::new();
+        if let Some(parent) = &cfg.spool_dir {
             for (dir, segments) in spool::leftovers(parent) {
-                tracing::warn!(dir = %dir.display(), segments, "spool of an earlier run left on disk; not re-sent");
+                match replay(&cfg, &dir, &tls, boot_ns, order) {
+                    Ok(handle) => {
+                        tracing::info!(dir = %dir.display(), segments, "re-sending the spool of an earlier run");
+                        replays.push(handle);
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), segments, error = %e, "spool of an earlier run left on disk; not re-sent")
+                    }
+                }
             }
-            parent.join(format!("stream-{stream_id}"))
-        });
+        }
+        let spool_dir = cfg
+            .spool_dir
+            .as_ref()
+            .map(|parent| parent.join(format!("stream-{stream_id}")));
         let spool = spool::Spool::new(
             spool_dir.clone(),
             cfg.spool_max_bytes,
@@ -246,6 +268,7 @@ impl Exporter {
         tokio::spawn(engine.run());
         Ok(Exporter {
             spool_dir,
+            replays,
             tx,
             v4,
             v6,
@@ -309,8 +332,83 @@ impl Exporter {
             .send(engine::Cmd::Finish(reply))
             .await
             .map_err(|_| ExportError::Stopped)?;
-        wait.await.map_err(|_| ExportError::Stopped)
+        let mut report = wait.await.map_err(|_| ExportError::Stopped)?;
+        for r in std::mem::take(&mut self.replays) {
+            if let Ok(earlier) = r.await {
+                report.earlier_runs_acked_records += earlier.acked_records;
+                report.earlier_runs_spool_messages += earlier.spool_messages;
+            }
+        }
+        Ok(report)
     }
+}
+
+/// Starts an engine that drains the spool an earlier run left in `dir`
+/// (named `stream-ID`) under that run's stream id, then stops.
+fn replay(
+    cfg: &ExporterConfig,
+    dir: &std::path::Path,
+    tls: &Option<tokio_rustls::TlsConnector>,
+    boot_ns: u64,
+    order: ByteOrder,
+) -> Result<tokio::task::JoinHandle<Report>, String> {
+    let stream_id: u64 = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("stream-"))
+        .and_then(|n| n.parse().ok())
+        .ok_or("not a stream-ID directory")?;
+    let (spool, big, records) =
+        spool::Spool::reopen(dir, cfg.spool_max_bytes).map_err(|e| e.to_string())?;
+    if big != (order == ByteOrder::Big) {
+        return Err("records of the other byte order".into());
+    }
+    // Its records count as handed over, so the report says what became of them.
+    let stats = Arc::new(Stats {
+        collector: AtomicUsize::new(usize::MAX),
+        records: AtomicU64::new(records),
+        ..Stats::default()
+    });
+    let (tx, rx) = mpsc::channel(1);
+    let (reply, wait) = oneshot::channel();
+    tx.try_send(engine::Cmd::Finish(reply))
+        .map_err(|e| e.to_string())?;
+    drop(tx);
+    let templates = vec![
+        WireTemplate::from_template(&Template::flow_v4(256)).map_err(|e| e.to_string())?,
+        WireTemplate::from_template(&Template::flow_v6(257)).map_err(|e| e.to_string())?,
+    ];
+    let engine = engine::Engine::new(
+        cfg.clone(),
+        stats,
+        rx,
+        templates,
+        spool,
+        engine::Identity { boot_ns, stream_id },
+        tls.clone(),
+    );
+    tokio::spawn(engine.run());
+    Ok(tokio::spawn(async move {
+        let lost = Report {
+            records,
+            acked_records: 0,
+            dropped_records: 0,
+            unacked_records: records,
+            spool_messages: 0,
+            unsent_in_memory_records: 0,
+            failovers: 0,
+            earlier_runs_acked_records: 0,
+            earlier_runs_spool_messages: 0,
+        };
+        let r = wait.await.unwrap_or(lost);
+        tracing::info!(
+            stream_id,
+            acked_records = r.acked_records,
+            left_messages = r.spool_messages,
+            "spool of an earlier run drained"
+        );
+        r
+    }))
 }
 
 fn take(p: &mut Pending) -> engine::Batch {
