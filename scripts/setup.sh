@@ -17,6 +17,8 @@ packages=(
   nfdump          # peer collector (nfcapd)
   pmacct          # peer meter and collector (pmacctd, nfacctd)
   librsvg2-bin    # rsvg-convert: the testbed's plots as PNG
+  g++             # libFuzzer (built by libfuzzer-sys) for scripts/fuzz.sh
+  openssl         # throwaway certificates of the TLS tests
 )
 
 missing=()

@@ -54,6 +54,15 @@ pub struct Args {
     /// Seconds between keepalives to the PDP.
     #[arg(long, global = true)]
     pub keepalive_s: Option<u64>,
+    /// COPS over TLS: CA (PEM) the PDPs' certificates must chain to.
+    #[arg(long, global = true)]
+    pub pdp_tls_ca: Option<PathBuf>,
+    /// Certificate (PEM) shown to PDPs that require one (with --pdp-tls-key).
+    #[arg(long, global = true)]
+    pub pdp_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --pdp-tls-cert.
+    #[arg(long, global = true)]
+    pub pdp_tls_key: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, global = true)]
     pub log_format: Option<String>,
@@ -105,6 +114,15 @@ fn merged(args: &Args) -> Result<Config, ConfigError> {
     }
     if args.keepalive_s.is_some() {
         c.keepalive_s = args.keepalive_s;
+    }
+    for (flag, field) in [
+        (&args.pdp_tls_ca, &mut c.pdp_tls_ca),
+        (&args.pdp_tls_cert, &mut c.pdp_tls_cert),
+        (&args.pdp_tls_key, &mut c.pdp_tls_key),
+    ] {
+        if flag.is_some() {
+            *field = flag.clone();
+        }
     }
     c.dry_run |= args.dry_run;
     Ok(c)

@@ -47,6 +47,11 @@ pub struct Config {
     pub log_format: Option<String>,
     /// Seconds between COPS keepalives.
     pub keepalive_s: Option<u64>,
+    /// COPS over TLS: the CA the PDPs' certificates chain to (PEM).
+    pub pdp_tls_ca: Option<PathBuf>,
+    /// This enforcer's certificate and key (PEM), for PDPs that ask for one.
+    pub pdp_tls_cert: Option<PathBuf>,
+    pub pdp_tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -127,6 +132,30 @@ impl Config {
             capacity,
             qdisc_major,
         })
+    }
+
+    /// The TLS client configuration for COPS, when `pdp_tls_ca` is set.
+    pub fn pdp_tls(
+        &self,
+    ) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            field: "pdp_tls_ca",
+            message,
+        };
+        let identity = match (&self.pdp_tls_cert, &self.pdp_tls_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => return Err(invalid("pdp_tls_cert and pdp_tls_key go together".into())),
+        };
+        match &self.pdp_tls_ca {
+            None if identity.is_some() => {
+                Err(invalid("a client certificate needs pdp_tls_ca too".into()))
+            }
+            None => Ok(None),
+            Some(ca) => qosloop_schema::tls::client_config_with(ca, identity)
+                .map(Some)
+                .map_err(|e| invalid(e.to_string())),
+        }
     }
 
     /// PDP addresses, checked to be `HOST:PORT`.

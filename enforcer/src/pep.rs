@@ -22,6 +22,7 @@ use qosloop_schema::cops::payload::QosloopDecision;
 use qosloop_schema::cops::{
     Body, CopsCodec, DecOutcome, ErrorCode, Handle, InstalledDecision, Message, PepHello, PepState,
 };
+use qosloop_schema::tls::Io;
 use qosloop_schema::{EnforcementReport, ReportOutcome};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -199,6 +200,7 @@ pub fn run<B: KernelBackend>(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let tls = config.pdp_tls()?.map(tokio_rustls::TlsConnector::from);
     let result = rt.block_on(async {
         if pdps.is_empty() {
             daemon.publish(
@@ -214,7 +216,7 @@ pub fn run<B: KernelBackend>(
             return wait_for_stop().await;
         }
         tokio::select! {
-            r = pdp_loop(&mut daemon, &pdps, config.keepalive_s) => r,
+            r = pdp_loop(&mut daemon, &pdps, config.keepalive_s, tls.as_ref()) => r,
             r = wait_for_stop() => r,
         }
     });
@@ -236,6 +238,7 @@ async fn pdp_loop<B: KernelBackend>(
     daemon: &mut Daemon<B>,
     pdps: &[String],
     keepalive_s: Option<u64>,
+    tls: Option<&tokio_rustls::TlsConnector>,
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -257,6 +260,16 @@ async fn pdp_loop<B: KernelBackend>(
                 }
             };
             let _ = stream.set_nodelay(true);
+            let stream: Box<dyn Io> = match tls {
+                None => Box::new(stream),
+                Some(connector) => match tls_connect(connector, pdp, stream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%pdp, error = %e, "TLS with the PDP failed; trying the next");
+                        continue;
+                    }
+                },
+            };
             backoff = Duration::from_millis(200);
             let why = session(daemon, pdp, stream, keepalive_s).await;
             let n = daemon.enforcer.applied_ids().len();
@@ -271,11 +284,25 @@ async fn pdp_loop<B: KernelBackend>(
     }
 }
 
+/// The TLS handshake with `pdp`, checking its certificate names its host.
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    pdp: &str,
+    stream: TcpStream,
+) -> Result<Box<dyn Io>, String> {
+    let name = qosloop_schema::tls::server_name(pdp)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream)).await {
+        Ok(Ok(s)) => Ok(Box::new(s)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("handshake took more than {CONNECT_TIMEOUT:?}")),
+    }
+}
+
 /// One connection to one PDP; returns why it ended.
 async fn session<B: KernelBackend>(
     daemon: &mut Daemon<B>,
     pdp: &str,
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     keepalive_s: Option<u64>,
 ) -> String {
     let mut wire = Framed::new(stream, CopsCodec::default());

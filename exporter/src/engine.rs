@@ -344,12 +344,11 @@ impl Engine {
         let io: Box<dyn crate::Io> = match &self.tls {
             None => Box::new(stream),
             Some(connector) => {
-                let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
-                    .map_err(|e| ExportError::Collector {
-                    addr: addr.clone(),
-                    detail: format!("TLS server name: {e}"),
+                let name = qosloop_schema::tls::server_name(&addr).map_err(|detail| {
+                    ExportError::Collector {
+                        addr: addr.clone(),
+                        detail,
+                    }
                 })?;
                 let tls =
                     tokio::time::timeout(Duration::from_secs(2), connector.connect(name, stream))

@@ -14,15 +14,14 @@
 
 mod engine;
 mod spool;
+pub use qosloop_schema::tls;
 pub use spool::leftovers as spool_leftovers;
-pub mod tls;
 
 pub use spool::SpoolError;
 pub use tls::{TlsError, TlsFiles};
 
 /// A byte stream the protocol runs over: TCP, or TLS over TCP.
-pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+pub use qosloop_schema::tls::Io;
 
 use bytes::BytesMut;
 use qosloop_schema::crane::records::RecordLayout;

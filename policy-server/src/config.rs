@@ -56,6 +56,16 @@ pub struct Settings {
     /// Where the PDP listens for enforcers (COPS), default 0.0.0.0:3288.
     #[arg(long, value_name = "HOST:PORT")]
     pub pdp_listen: Option<String>,
+    /// COPS over TLS: the PDP's certificate (PEM), with --pdp-tls-key.
+    #[arg(long, value_name = "FILE")]
+    pub pdp_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --pdp-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub pdp_tls_key: Option<PathBuf>,
+    /// CA (PEM) every enforcer's certificate must chain to (mutual TLS);
+    /// without it enforcers connect with server authentication only.
+    #[arg(long, value_name = "FILE")]
+    pub pdp_tls_client_ca: Option<PathBuf>,
     /// Where the web API and page listen (none when absent).
     #[arg(long, value_name = "HOST:PORT")]
     pub http: Option<String>,
@@ -113,6 +123,9 @@ impl Settings {
             ldap_bind_dn: self.ldap_bind_dn.or(base.ldap_bind_dn),
             ldap_password_file: self.ldap_password_file.or(base.ldap_password_file),
             pdp_listen: self.pdp_listen.or(base.pdp_listen),
+            pdp_tls_cert: self.pdp_tls_cert.or(base.pdp_tls_cert),
+            pdp_tls_key: self.pdp_tls_key.or(base.pdp_tls_key),
+            pdp_tls_client_ca: self.pdp_tls_client_ca.or(base.pdp_tls_client_ca),
             http: self.http.or(base.http),
             interval_ms: self.interval_ms.or(base.interval_ms),
             ewma_weight: self.ewma_weight.or(base.ewma_weight),
@@ -223,6 +236,25 @@ impl Config {
             "pdp_listen",
             s.pdp_listen.as_deref().unwrap_or("0.0.0.0:3288"),
         )?;
+        let tls = match (&s.pdp_tls_cert, &s.pdp_tls_key) {
+            (Some(cert), Some(key)) => Some(
+                qosloop_schema::tls::server_config_with(cert, key, s.pdp_tls_client_ca.as_deref())
+                    .map_err(|e| invalid("pdp_tls_cert", e.to_string()))?,
+            ),
+            (None, None) if s.pdp_tls_client_ca.is_some() => {
+                return Err(invalid(
+                    "pdp_tls_client_ca",
+                    "needs pdp_tls_cert and pdp_tls_key",
+                ))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "pdp_tls_cert",
+                    "pdp_tls_cert and pdp_tls_key go together",
+                ))
+            }
+        };
         let http = s.http.as_deref().map(|h| addr("http", h)).transpose()?;
         let interval_ms = s.interval_ms.unwrap_or(1000);
         if !(100..=60_000).contains(&interval_ms) {
@@ -273,6 +305,7 @@ impl Config {
             pdp: PdpConfig {
                 ka_timer_secs: s.ka_timer_secs.unwrap_or(30),
                 open_timeout: Duration::from_millis(open_timeout_ms),
+                tls,
                 ..PdpConfig::default()
             },
             log_format,

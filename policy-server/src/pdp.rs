@@ -29,6 +29,7 @@ use qosloop_schema::cops::{
     Body, CopsCodec, CopsError, DecisionEntry, DecisionRef, ErrorCode, Handle, InstalledDecision,
     Message, PepHello, PepState, CLIENT_TYPE_QOSLOOP,
 };
+use qosloop_schema::tls::Io;
 use qosloop_schema::EnforcementReport;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +51,9 @@ pub struct PdpConfig {
     pub max_message: usize,
     /// Decisions per DEC message.
     pub dec_batch: usize,
+    /// COPS over TLS (every connection starts with the handshake); `None`:
+    /// plain TCP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for PdpConfig {
@@ -59,6 +63,7 @@ impl Default for PdpConfig {
             open_timeout: Duration::from_secs(5),
             max_message: qosloop_schema::cops::DEFAULT_MAX_MESSAGE,
             dec_batch: 256,
+            tls: None,
         }
     }
 }
@@ -131,6 +136,7 @@ impl Pdp {
     /// connection is closed with CC (shutting down).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
+        let acceptor = self.config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -144,7 +150,7 @@ impl Pdp {
                             stats: self.stats.clone(),
                             shutdown: shutdown.clone(),
                         };
-                        tasks.spawn(conn.serve(stream));
+                        tasks.spawn(conn.start(stream, acceptor.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting a PEP connection failed");
@@ -197,7 +203,7 @@ impl Close {
     }
 }
 
-type Wire = Framed<TcpStream, CopsCodec>;
+type Wire = Framed<Box<dyn Io>, CopsCodec>;
 
 impl Connection {
     fn emit(&self, e: PdpEvent) {
@@ -206,7 +212,32 @@ impl Connection {
         }
     }
 
-    async fn serve(mut self, stream: TcpStream) {
+    /// The TLS handshake, when configured (within the OPN timeout), then
+    /// the COPS conversation.
+    async fn start(self, stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let stream: Box<dyn Io> = match tls {
+            None => Box::new(stream),
+            Some(acceptor) => {
+                match tokio::time::timeout(self.config.open_timeout, acceptor.accept(stream)).await
+                {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %self.peer, error = %e, "PEP refused: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %self.peer, "PEP refused: no TLS handshake within the OPN timeout");
+                        return;
+                    }
+                }
+            }
+        };
+        self.serve(stream).await;
+    }
+
+    async fn serve(mut self, stream: Box<dyn Io>) {
         let mut wire = Framed::new(stream, CopsCodec::new(self.config.max_message));
         let (name, hello) = match self.open(&mut wire).await {
             Ok(v) => v,

@@ -16,6 +16,7 @@ pub mod crane;
 pub mod ie;
 pub mod sql;
 pub mod telemetry;
+pub mod tls;
 
 mod flow;
 mod policy;

@@ -211,6 +211,8 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         Slapd::available().map_err(anyhow::Error::msg)?;
     }
     std::fs::create_dir_all(args.out.join("logs"))?;
+    // A spool an earlier run left here belongs to that run's database.
+    let _ = std::fs::remove_dir_all(args.out.join("spool"));
     let out = std::fs::canonicalize(&args.out)?;
 
     let phase_s = args.phase_s.unwrap_or(if args.quick { 12 } else { 20 });
@@ -361,6 +363,10 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
             ingress.clone(),
             s("--export"),
             format!("crane://{MGMT_ADDR}:4740"),
+            // This run's own spool: an earlier run's leftovers would be
+            // re-sent into this run's database.
+            s("--export-spool"),
+            out.join("spool").display().to_string(),
             s("--interim-ms"),
             s("250"),
         ],

@@ -7,11 +7,13 @@
 //! with a line that says why.
 
 mod netns;
+mod pki;
 mod postgres;
 mod prereq;
 mod slapd;
 
 pub use netns::{clean_leftovers, Netns, VethPair, NETNS_PREFIX};
+pub use pki::test_pki;
 pub use postgres::Postgres;
 pub use prereq::{find_binary, is_ci, is_root, prerequisite, require_binary, require_root};
 pub use slapd::Slapd;

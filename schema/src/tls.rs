@@ -1,6 +1,7 @@
-//! TLS with mutual authentication (rustls, ring provider): PEM files in,
-//! rustls configurations out. The client side lives here; the collector
-//! builds its server side with [`server_config`].
+//! TLS (rustls, ring provider) for qosloop's two TCP protocols — export
+//! (exporter → collector, mutual authentication) and COPS (enforcer → policy
+//! server, server authentication, client certificates optional): PEM files
+//! in, rustls configurations out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,6 +71,56 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
         .with_root_certificates(roots(&files.ca)?)
         .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)?;
     Ok(Arc::new(cfg))
+}
+
+/// A byte stream that may or may not be wrapped in TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A client trusting the servers whose certificates chain to `ca`, showing
+/// its own certificate when `identity` (certificate, key) is given.
+pub fn client_config_with(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca)?);
+    let cfg = match identity {
+        Some((cert, key_path)) => builder.with_client_auth_cert(certs(cert)?, key(key_path)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// A server with its certificate and key; with `client_ca`, every client
+/// must show a certificate chaining to it (mutual authentication).
+pub fn server_config_with(
+    cert: &Path,
+    key_path: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    match client_ca {
+        Some(ca) => server_config(cert, key_path, ca),
+        None => Ok(Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs(cert)?, key(key_path)?)?,
+        )),
+    }
+}
+
+/// The name a client checks the server's certificate against: the host of
+/// `HOST:PORT` (an IP address or a DNS name).
+pub fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))
 }
 
 /// A collector's server configuration: its certificate and key, and the CA
