@@ -44,6 +44,11 @@ pub struct Config {
     /// Spool directory of the export while no collector answers (default:
     /// `qosloop-meter-spool` in the system's temporary directory).
     pub export_spool: Option<PathBuf>,
+    /// Export over TLS with mutual authentication: the CA the collectors'
+    /// certificates chain to, and this meter's certificate and key (PEM).
+    pub export_tls_ca: Option<PathBuf>,
+    pub export_tls_cert: Option<PathBuf>,
+    pub export_tls_key: Option<PathBuf>,
     /// Flow-key XML files (`seeds/004` Fig. 4).
     pub flow_keys: Vec<PathBuf>,
     /// Field/mask rule files (TOML).
@@ -110,6 +115,9 @@ impl Config {
             records_out,
             export,
             export_spool,
+            export_tls_ca,
+            export_tls_cert,
+            export_tls_key,
             patterns,
             caplen,
             idle_timeout_ms,
@@ -254,8 +262,25 @@ impl Config {
                 .export_spool
                 .clone()
                 .unwrap_or_else(|| std::env::temp_dir().join("qosloop-meter-spool"));
+            let tls = match (
+                &self.export_tls_ca,
+                &self.export_tls_cert,
+                &self.export_tls_key,
+            ) {
+                (Some(ca), Some(cert), Some(key)) => Some(qosloop_exporter::TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                (None, None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "export TLS needs all three of --export-tls-ca, --export-tls-cert and --export-tls-key".into(),
+                    ))
+                }
+            };
             sinks.push(Box::new(crate::export_sink::ExportSink::start(
-                target, spool,
+                target, spool, tls,
             )?));
         }
         if sinks.is_empty() {
@@ -319,5 +344,20 @@ mod tests {
             ..c
         };
         assert!(both.validate().is_err());
+    }
+
+    #[test]
+    fn export_tls_needs_all_three_files() {
+        let half = Config::parse(
+            "c.toml",
+            "export = \"crane://127.0.0.1:9\"\nexport_tls_ca = \"ca.pem\"\n",
+        )
+        .unwrap();
+        let e = half
+            .open_sinks()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("--export-tls-cert"), "{e}");
     }
 }

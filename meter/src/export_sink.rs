@@ -32,10 +32,15 @@ fn failed(e: impl std::fmt::Display) -> SinkError {
 
 impl ExportSink {
     /// Starts exporting to `target` (`crane://…`), spooling under
-    /// `spool_dir` while no collector answers.
-    pub fn start(target: &str, spool_dir: std::path::PathBuf) -> Result<ExportSink, SinkError> {
+    /// `spool_dir` while no collector answers, over TLS when `tls` is given.
+    pub fn start(
+        target: &str,
+        spool_dir: std::path::PathBuf,
+        tls: Option<qosloop_exporter::TlsFiles>,
+    ) -> Result<ExportSink, SinkError> {
         let mut cfg = ExporterConfig::from_url(target).map_err(failed)?;
         cfg.spool_dir = Some(spool_dir);
+        cfg.tls = tls;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("qosloop-export")

@@ -39,6 +39,15 @@ struct Args {
     /// Spool directory of the export while no collector answers.
     #[arg(long)]
     export_spool: Option<PathBuf>,
+    /// Export over TLS (mutual): CA (PEM) of the collectors' certificates.
+    #[arg(long)]
+    export_tls_ca: Option<PathBuf>,
+    /// This meter's certificate (PEM) for export over TLS.
+    #[arg(long)]
+    export_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --export-tls-cert.
+    #[arg(long)]
+    export_tls_key: Option<PathBuf>,
     /// Flow-key XML (seeds/004 Fig. 4).
     #[arg(long)]
     flow_keys: Vec<PathBuf>,
@@ -92,6 +101,9 @@ impl Args {
             records_out: self.records_out,
             export: self.export,
             export_spool: self.export_spool,
+            export_tls_ca: self.export_tls_ca,
+            export_tls_cert: self.export_tls_cert,
+            export_tls_key: self.export_tls_key,
             flow_keys: self.flow_keys,
             field_rules: self.field_rules,
             patterns: self.patterns,
