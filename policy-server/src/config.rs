@@ -53,6 +53,13 @@ pub struct Settings {
     /// File holding the LDAP bind password.
     #[arg(long, value_name = "FILE")]
     pub ldap_password_file: Option<PathBuf>,
+    /// CA (PEM) of the directory's certificate, for ldaps:// and StartTLS
+    /// (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub ldap_tls_ca: Option<PathBuf>,
+    /// Upgrade an ldap:// connection with StartTLS before binding.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ldap_starttls: Option<bool>,
     /// Where the PDP listens for enforcers (COPS), default 0.0.0.0:3288.
     #[arg(long, value_name = "HOST:PORT")]
     pub pdp_listen: Option<String>,
@@ -122,6 +129,8 @@ impl Settings {
             ldap_base: self.ldap_base.or(base.ldap_base),
             ldap_bind_dn: self.ldap_bind_dn.or(base.ldap_bind_dn),
             ldap_password_file: self.ldap_password_file.or(base.ldap_password_file),
+            ldap_tls_ca: self.ldap_tls_ca.or(base.ldap_tls_ca),
+            ldap_starttls: self.ldap_starttls.or(base.ldap_starttls),
             pdp_listen: self.pdp_listen.or(base.pdp_listen),
             pdp_tls_cert: self.pdp_tls_cert.or(base.pdp_tls_cert),
             pdp_tls_key: self.pdp_tls_key.or(base.pdp_tls_key),
@@ -148,6 +157,11 @@ pub enum PolicySource {
         base: String,
         bind_dn: Option<String>,
         password_file: Option<PathBuf>,
+        /// CA (PEM) the directory's certificate chains to (ldaps://, StartTLS);
+        /// without it, the system's roots.
+        tls_ca: Option<PathBuf>,
+        /// StartTLS on an `ldap://` URL.
+        starttls: bool,
     },
 }
 
@@ -218,11 +232,17 @@ impl Config {
                 let base = s.ldap_base.ok_or_else(|| {
                     invalid("ldap_base", "missing: the base DN of the policy entries")
                 })?;
+                let starttls = s.ldap_starttls.unwrap_or(false);
+                if starttls && !url.starts_with("ldap://") {
+                    return Err(invalid("ldap_starttls", "only for an ldap:// URL"));
+                }
                 PolicySource::Ldap {
                     url,
                     base,
                     bind_dn: s.ldap_bind_dn,
                     password_file: s.ldap_password_file,
+                    tls_ca: s.ldap_tls_ca,
+                    starttls,
                 }
             }
             (None, None) => {

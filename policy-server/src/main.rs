@@ -75,12 +75,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn ldap_source(
-    url: &str,
-    base: &str,
-    bind_dn: &Option<String>,
-    password_file: &Option<PathBuf>,
-) -> anyhow::Result<LdapSource> {
+fn ldap_source(source: &PolicySource) -> anyhow::Result<LdapSource> {
+    let PolicySource::Ldap {
+        url,
+        base,
+        bind_dn,
+        password_file,
+        tls_ca,
+        starttls,
+    } = source
+    else {
+        anyhow::bail!("not an LDAP policy source");
+    };
     let bind = match (bind_dn, password_file) {
         (Some(dn), Some(file)) => {
             let password = std::fs::read_to_string(file)
@@ -97,18 +103,16 @@ fn ldap_source(
         (None, _) if url.starts_with("ldapi://") => LdapBind::SaslExternal,
         (None, _) => LdapBind::Anonymous,
     };
-    Ok(LdapSource::new(url, base, bind))
+    let mut s = LdapSource::new(url.as_str(), base.as_str(), bind);
+    s.tls_ca = tls_ca.clone();
+    s.starttls = *starttls;
+    Ok(s)
 }
 
 async fn check(config: &Config) -> anyhow::Result<()> {
     let policy = match &config.policies {
         PolicySource::File(path) => repo::load_ldif_file(path)?,
-        PolicySource::Ldap {
-            url,
-            base,
-            bind_dn,
-            password_file,
-        } => repo::load_ldap(&ldap_source(url, base, bind_dn, password_file)?).await?,
+        ldap @ PolicySource::Ldap { .. } => repo::load_ldap(&ldap_source(ldap)?).await?,
     };
     print!("{}", repo::describe(&policy));
     Ok(())
@@ -117,17 +121,8 @@ async fn check(config: &Config) -> anyhow::Result<()> {
 async fn run(config: Config) -> anyhow::Result<()> {
     let watch: PolicyWatch = match &config.policies {
         PolicySource::File(path) => repo::watch_ldif_file(path, repo::DEFAULT_POLL)?,
-        PolicySource::Ldap {
-            url,
-            base,
-            bind_dn,
-            password_file,
-        } => {
-            repo::watch_ldap(
-                ldap_source(url, base, bind_dn, password_file)?,
-                Duration::from_secs(10),
-            )
-            .await?
+        ldap @ PolicySource::Ldap { .. } => {
+            repo::watch_ldap(ldap_source(ldap)?, Duration::from_secs(10)).await?
         }
     };
     let mut watch = watch;

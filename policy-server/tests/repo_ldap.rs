@@ -334,3 +334,30 @@ async fn an_unreachable_directory_is_a_clear_error() {
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
     assert!(text.contains("no complete policy"), "{text}");
 }
+
+/// The directory over TLS (rustls): `ldaps://` and StartTLS on `ldap://`,
+/// trusting the directory's own CA, load the policy; without that CA (the
+/// system's roots do not know it) the connection fails, naming the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_loads_over_ldaps_and_starttls_with_the_directorys_ca() {
+    need!(Slapd::available());
+    need!(qosloop_testbed::harness::require_binary(
+        "openssl", "openssl"
+    ));
+    let slapd = Slapd::start_tls(BASE).unwrap();
+    slapd.add_ldif(SAMPLE_POLICY_LDIF).unwrap();
+    let ca = slapd.tls_dir().join("ca.pem");
+    let ldaps_url = slapd.ldaps_url().unwrap();
+    let mut ldaps = source(&slapd);
+    ldaps.url = ldaps_url.clone();
+    ldaps.tls_ca = Some(ca.clone());
+    assert_eq!(load_ldap(&ldaps).await.unwrap(), sample_policy());
+    let mut starttls = source(&slapd);
+    starttls.starttls = true;
+    starttls.tls_ca = Some(ca);
+    assert_eq!(load_ldap(&starttls).await.unwrap(), sample_policy());
+    let mut unknown_ca = source(&slapd);
+    unknown_ca.url = ldaps_url.clone();
+    let err = load_ldap(&unknown_ca).await.unwrap_err().to_string();
+    assert!(err.contains(&ldaps_url), "{err}");
+}

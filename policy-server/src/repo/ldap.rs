@@ -66,6 +66,11 @@ pub struct LdapSource {
     /// First and longest wait between reconnection attempts.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// CA (PEM) the directory's certificate must chain to, for `ldaps://`
+    /// and StartTLS; `None`: the system's roots.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Upgrade an `ldap://` connection with StartTLS before binding.
+    pub starttls: bool,
 }
 
 impl LdapSource {
@@ -79,6 +84,8 @@ impl LdapSource {
             settle: Duration::from_millis(10),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            tls_ca: None,
+            starttls: false,
         }
     }
 
@@ -91,7 +98,14 @@ impl LdapSource {
 }
 
 async fn connect(source: &LdapSource) -> Result<Ldap, RepoError> {
-    let settings = LdapConnSettings::new().set_conn_timeout(source.connect_timeout);
+    let mut settings = LdapConnSettings::new()
+        .set_conn_timeout(source.connect_timeout)
+        .set_starttls(source.starttls);
+    if let Some(ca) = &source.tls_ca {
+        let cfg = qosloop_schema::tls::client_config_with(ca, None)
+            .map_err(|e| source.err(format!("TLS: {e}")))?;
+        settings = settings.set_config(cfg);
+    }
     let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &source.url)
         .await
         .map_err(|e| source.err(format!("connecting: {e}")))?;

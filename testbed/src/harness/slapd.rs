@@ -42,6 +42,8 @@ pub struct Slapd {
     base_dn: String,
     bind_dn: String,
     port: u16,
+    /// `ldaps://` port when started with TLS (StartTLS then works on `port`).
+    tls_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -75,6 +77,17 @@ impl Slapd {
     /// Builds a fresh configuration for `base_dn` and starts slapd. The
     /// database is empty: not even the base entry exists.
     pub fn start(base_dn: &str) -> Result<Slapd, HarnessError> {
+        Self::start_inner(base_dn, false)
+    }
+
+    /// Like [`Slapd::start`], with TLS: a throwaway PKI ([`super::test_pki`])
+    /// in [`Slapd::tls_dir`], `ldaps://` on [`Slapd::ldaps_url`] and StartTLS
+    /// on [`Slapd::url`]; clients check the server against `tls_dir()/ca.pem`.
+    pub fn start_tls(base_dn: &str) -> Result<Slapd, HarnessError> {
+        Self::start_inner(base_dn, true)
+    }
+
+    fn start_inner(base_dn: &str, tls: bool) -> Result<Slapd, HarnessError> {
         Self::available().map_err(HarnessError::Missing)?;
         let dir = tempfile::Builder::new()
             .prefix("qosloop-slapd-")
@@ -85,8 +98,15 @@ impl Slapd {
             base_dn: base_dn.to_owned(),
             bind_dn: format!("cn=admin,{base_dn}"),
             port: 0,
+            tls_port: None,
             child: None,
         };
+        if tls {
+            let pki = slapd.tls_dir();
+            std::fs::create_dir(&pki).map_err(HarnessError::io("creating the PKI directory"))?;
+            super::test_pki(&pki)?;
+            slapd.tls_port = Some(free_port()?);
+        }
         let config_dir = slapd.dir.path().join("slapd.d");
         let db_dir = slapd.dir.path().join("db");
         for d in [&config_dir, &db_dir] {
@@ -124,6 +144,7 @@ impl Slapd {
              cn: config\n\
              olcPidFile: {pid}\n\
              olcAuthzRegexp: {{0}}\"{peer_re}\" \"{bind}\"\n\
+             {tls}\
              \n\
              dn: cn=module{{0}},cn=config\n\
              objectClass: olcModuleList\n\
@@ -138,6 +159,17 @@ impl Slapd {
             pid = dir.join("slapd.pid").display(),
             peer_re = peer.replace('+', "\\+"),
             bind = self.bind_dn,
+            tls = if self.tls_port.is_some() {
+                let pki = self.tls_dir();
+                format!(
+                    "olcTLSCACertificateFile: {}\nolcTLSCertificateFile: {}\nolcTLSCertificateKeyFile: {}\n",
+                    pki.join("ca.pem").display(),
+                    pki.join("server.pem").display(),
+                    pki.join("server.key").display()
+                )
+            } else {
+                String::new()
+            },
         );
         for name in STOCK_SCHEMAS {
             let path = Path::new(STOCK_SCHEMA_DIR).join(format!("{name}.ldif"));
@@ -207,7 +239,10 @@ impl Slapd {
         let err_file = log_file
             .try_clone()
             .map_err(HarnessError::io("opening the slapd log"))?;
-        let urls = format!("{} {}", self.url(), self.ldapi_url());
+        let mut urls = format!("{} {}", self.url(), self.ldapi_url());
+        if let Some(ldaps) = self.ldaps_url() {
+            urls = format!("{urls} {ldaps}");
+        }
         let mut cmd = Command::new(binary("slapd")?);
         cmd.args(["-d", "none", "-F"])
             .arg(self.dir.path().join("slapd.d"))
@@ -309,6 +344,17 @@ impl Slapd {
     /// `ldap://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         format!("ldap://127.0.0.1:{}/", self.port)
+    }
+
+    /// `ldaps://127.0.0.1:PORT/` when started with [`Slapd::start_tls`].
+    pub fn ldaps_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("ldaps://127.0.0.1:{p}/"))
+    }
+
+    /// The throwaway PKI of [`Slapd::start_tls`]: `ca.pem`, `server.pem`
+    /// (for 127.0.0.1), `client.pem` and their keys.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
     }
 
     /// `ldapi://` URL of the Unix socket (path percent-encoded).
