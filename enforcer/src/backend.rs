@@ -4,7 +4,7 @@
 
 use crate::nfnl::Nftnl;
 use crate::nft::{self, TableState, BASE_CHAIN};
-use crate::render::parse_meta_comment;
+use crate::render::{parse_meta_comment, Layout};
 use crate::tc::{ClassInfo, HtbClass, KernelError, QdiscInfo, Rtnl, TcHandle, TcOp};
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -20,8 +20,12 @@ pub trait KernelBackend {
     fn classes(&mut self, ifindex: u32, major: u16) -> Result<Vec<ClassInfo>, KernelError>;
     /// Executes `ops` in order, one result each; no rollback here.
     fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>>;
-    /// The table, `None` when it does not exist.
-    fn read_table(&mut self, table: &str, interface: &str) -> Result<Option<TableState>, String>;
+    /// The table of `layout`, `None` when it does not exist.
+    fn read_table(&mut self, layout: &Layout) -> Result<Option<TableState>, String>;
+    /// The index of IFB device `name`, created (and up) when missing.
+    fn ensure_ifb(&mut self, name: &str) -> Result<u32, String>;
+    /// Deletes interface `name` if it exists (its qdiscs go with it).
+    fn delete_link(&mut self, name: &str) -> Result<(), String>;
     /// Applies `script` as one atomic nftables transaction.
     fn nft(&mut self, script: &str) -> Result<(), String>;
 }
@@ -75,9 +79,12 @@ impl KernelBackend for LinuxBackend {
     fn tc(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>> {
         self.rtnl.execute(ops)
     }
-    fn read_table(&mut self, table: &str, interface: &str) -> Result<Option<TableState>, String> {
+    fn read_table(&mut self, layout: &Layout) -> Result<Option<TableState>, String> {
+        let table = layout.nft_table();
+        let mut args = vec!["-j", "-a", "list", "table"];
+        args.extend(table.split(' '));
         let out = Command::new(&self.nft_binary)
-            .args(["-j", "-a", "list", "table", "inet", table])
+            .args(&args)
             .output()
             .map_err(|e| nft_missing(&e))?;
         if !out.status.success() {
@@ -85,9 +92,27 @@ impl KernelBackend for LinuxBackend {
             if err.contains("No such file or directory") {
                 return Ok(None);
             }
-            return Err(format!("nft list table inet {table}: {}", err.trim()));
+            return Err(format!("nft list table {table}: {}", err.trim()));
         }
-        nft::parse_table(&String::from_utf8_lossy(&out.stdout), table, interface).map(Some)
+        nft::parse_table(&String::from_utf8_lossy(&out.stdout), layout).map(Some)
+    }
+    fn ensure_ifb(&mut self, name: &str) -> Result<u32, String> {
+        if let Some(i) = crate::sys::if_index(name) {
+            return Ok(i);
+        }
+        self.rtnl
+            .create_ifb(name)
+            .map_err(|e| format!("capability ifb missing: creating IFB device {name}: {e}"))?;
+        crate::sys::if_index(name).ok_or_else(|| format!("IFB device {name} vanished"))
+    }
+    fn delete_link(&mut self, name: &str) -> Result<(), String> {
+        match crate::sys::if_index(name) {
+            None => Ok(()),
+            Some(i) => self
+                .rtnl
+                .delete_link(i)
+                .map_err(|e| format!("deleting {name}: {e}")),
+        }
     }
     fn nft(&mut self, script: &str) -> Result<(), String> {
         self.nftnl.apply(script)
@@ -133,8 +158,18 @@ impl KernelBackend for DryRunBackend {
             })
             .collect()
     }
-    fn read_table(&mut self, _: &str, _: &str) -> Result<Option<TableState>, String> {
+    fn read_table(&mut self, _: &Layout) -> Result<Option<TableState>, String> {
         Ok(None)
+    }
+    fn ensure_ifb(&mut self, name: &str) -> Result<u32, String> {
+        self.say(format!(
+            "netlink: RTM_NEWLINK create {name} type ifb up (if missing)"
+        ));
+        Ok(crate::sys::if_index(name).unwrap_or(0))
+    }
+    fn delete_link(&mut self, name: &str) -> Result<(), String> {
+        self.say(format!("netlink: RTM_DELLINK {name}"));
+        Ok(())
     }
     fn nft(&mut self, script: &str) -> Result<(), String> {
         self.say(format!("nftables transaction:\n{}", script.trim_end()));
@@ -369,14 +404,22 @@ impl KernelBackend for FakeKernel {
         self.tc_messages += ops.len();
         ops.iter().map(|op| self.apply_op(op)).collect()
     }
-    fn read_table(&mut self, _: &str, interface: &str) -> Result<Option<TableState>, String> {
+    fn ensure_ifb(&mut self, name: &str) -> Result<u32, String> {
+        let next = self.interfaces.values().max().copied().unwrap_or(0) + 1;
+        Ok(*self.interfaces.entry(name.to_owned()).or_insert(next))
+    }
+    fn delete_link(&mut self, name: &str) -> Result<(), String> {
+        self.interfaces.remove(name);
+        Ok(())
+    }
+    fn read_table(&mut self, layout: &Layout) -> Result<Option<TableState>, String> {
         let Some(t) = &self.table else {
             return Ok(None);
         };
         let mut st = TableState::default();
         for (i, (handle, rule)) in t.base.iter().enumerate() {
             let c = comment_of(rule);
-            if i == 0 && c == "guard" && rule.contains(&format!("oifname != \"{interface}\"")) {
+            if i == 0 && c == "guard" && rule == &layout.guard_rule() {
                 st.base_ok = true;
             } else if let Some(id) = c.strip_prefix("id=").and_then(|s| s.parse().ok()) {
                 st.jumps.entry(id).or_default().push(*handle);

@@ -42,6 +42,10 @@ pub struct Args {
     /// Major of the enforcer's qdisc handle, hex (default e5).
     #[arg(long, global = true)]
     pub qdisc_handle: Option<String>,
+    /// egress (default) or ingress: traffic arriving on the interface,
+    /// shaped on an IFB device the enforcer creates.
+    #[arg(long, global = true)]
+    pub direction: Option<String>,
     /// JSON list of decisions to apply at start (no PDP needed).
     #[arg(long, global = true)]
     pub decisions: Option<PathBuf>,
@@ -105,6 +109,9 @@ fn merged(args: &Args) -> Result<Config, ConfigError> {
     }
     if args.qdisc_handle.is_some() {
         c.qdisc_handle = args.qdisc_handle.clone();
+    }
+    if args.direction.is_some() {
+        c.direction = args.direction.clone();
     }
     if args.decisions.is_some() {
         c.decisions = args.decisions.clone();
@@ -252,6 +259,7 @@ fn run_with<B: KernelBackend>(
 ) -> anyhow::Result<ExitCode> {
     let layout = Layout {
         interface: ecfg.interface.clone(),
+        direction: ecfg.direction,
         qdisc_major: ecfg.qdisc_major,
         capacity: ecfg.capacity,
     };

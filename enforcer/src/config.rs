@@ -38,6 +38,8 @@ pub struct Config {
     pub capacity: Option<String>,
     /// Major of the enforcer's qdisc handle, hex (`e5`).
     pub qdisc_handle: Option<String>,
+    /// `egress` (default) or `ingress` (shaped on an IFB device).
+    pub direction: Option<String>,
     /// A JSON list of decisions applied at start (no PDP needed).
     pub decisions: Option<PathBuf>,
     /// Print the operations instead of making them.
@@ -126,7 +128,18 @@ impl Config {
                 });
             }
         }
+        let direction = match self.direction.as_deref() {
+            None | Some("egress") => qosloop_schema::Direction::Egress,
+            Some("ingress") => qosloop_schema::Direction::Ingress,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    field: "direction",
+                    message: format!("{other:?}: egress or ingress"),
+                })
+            }
+        };
         Ok(EnforcerConfig {
+            direction,
             interface,
             roles: self.roles.clone(),
             capacity,

@@ -29,6 +29,8 @@ pub struct EnforcerConfig {
     pub capacity: Kbps,
     /// Major of the enforcer's root qdisc handle (`e5:` by default).
     pub qdisc_major: u16,
+    /// Egress (default) or ingress (through an IFB device) of the interface.
+    pub direction: qosloop_schema::Direction,
 }
 
 /// The qdisc handle major the enforcer uses unless told otherwise.
@@ -218,14 +220,21 @@ impl<B: KernelBackend> Enforcer<B> {
         {
             return Err(EnforceError::UnusableInterfaceName(iface.clone()));
         }
-        let ifindex = backend
+        let mut ifindex = backend
             .ifindex(iface)
             .ok_or_else(|| EnforceError::UnknownInterface(iface.clone()))?;
         let layout = Layout {
             interface: iface.clone(),
+            direction: config.direction,
             qdisc_major: config.qdisc_major,
             capacity: config.capacity,
         };
+        if layout.ingress() {
+            // The HTB tree lives on the enforcer's IFB device.
+            ifindex = backend
+                .ensure_ifb(&layout.ifb())
+                .map_err(EnforceError::Nft)?;
+        }
         if config.capacity.0 == 0 {
             return Err(EnforceError::Invalid {
                 id: 0,
@@ -316,8 +325,7 @@ impl<B: KernelBackend> Enforcer<B> {
 
     fn reconcile_at_start(&mut self) -> Result<StartReport, EnforceError> {
         let mut report = StartReport::default();
-        let table = self.layout.table();
-        let iface = self.layout.interface.clone();
+        let table = self.layout.nft_table();
         let qdiscs = self.qdiscs()?;
         let ours = self.our_root(&qdiscs)?.is_some();
         let classes = if ours {
@@ -332,7 +340,7 @@ impl<B: KernelBackend> Enforcer<B> {
         };
         let state = self
             .backend
-            .read_table(&table, &iface)
+            .read_table(&self.layout)
             .map_err(EnforceError::Nft)?;
         let mut script = String::new();
         let mut adopted: BTreeMap<u64, Applied> = BTreeMap::new();
@@ -647,7 +655,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 d.profile.burst_bytes
             )));
         }
-        render::flow_match(&d.flow).map_err(|e| invalid(e.to_string()))?;
+        render::flow_match(&d.flow, self.layout.ingress()).map_err(|e| invalid(e.to_string()))?;
         Ok(())
     }
 
@@ -664,7 +672,7 @@ impl<B: KernelBackend> Enforcer<B> {
     fn refresh_handles(&mut self) -> Result<(), EnforceError> {
         let st = self
             .backend
-            .read_table(&self.layout.table(), &self.layout.interface)
+            .read_table(&self.layout)
             .map_err(EnforceError::Nft)?;
         self.jump_handles = Some(st.map(|s| s.jumps).unwrap_or_default());
         Ok(())
@@ -803,7 +811,7 @@ impl<B: KernelBackend> Enforcer<B> {
         summary: &mut ApplySummary,
     ) -> Result<(), EnforceError> {
         let ifindex = self.ifindex;
-        let table = self.layout.table();
+        let table = self.layout.nft_table();
         let mut pre = Vec::new();
         let mut undo = Vec::new();
         if !self.base_tc && !rendered.is_empty() {
@@ -904,7 +912,7 @@ impl<B: KernelBackend> Enforcer<B> {
         }
         let mut script = String::new();
         if !self.base_nft && !rendered.is_empty() {
-            nft::create_table(&mut script, &table, &self.layout.interface);
+            nft::create_table(&mut script, &self.layout);
         }
         let needs_handles = !removing.is_empty()
             || rendered.iter().any(|r| {
@@ -1085,15 +1093,20 @@ pub fn cleanup<B: KernelBackend>(
     layout: &Layout,
     ifindex: u32,
 ) -> Result<(), EnforceError> {
-    let table = layout.table();
     if backend
-        .read_table(&table, &layout.interface)
+        .read_table(layout)
         .map_err(EnforceError::Nft)?
         .is_some()
     {
         let mut script = String::new();
-        nft::delete_table(&mut script, &table);
+        nft::delete_table(&mut script, &layout.nft_table());
         backend.nft(&script).map_err(EnforceError::Nft)?;
+    }
+    if layout.ingress() {
+        // The IFB device takes its qdiscs with it.
+        return backend
+            .delete_link(&layout.ifb())
+            .map_err(EnforceError::Nft);
     }
     let qdiscs = backend.qdiscs(ifindex).map_err(|source| EnforceError::Tc {
         op: "RTM_GETQDISC dump".into(),
@@ -1122,6 +1135,7 @@ mod tests {
 
     fn cfg() -> EnforcerConfig {
         EnforcerConfig {
+            direction: qosloop_schema::Direction::Egress,
             interface: "eth1".into(),
             roles: vec!["edge".into()],
             capacity: Kbps(10_000),

@@ -21,6 +21,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFPROTO_INET: u8 = 1;
+const NFPROTO_NETDEV: u8 = 5;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 const NLM_F_APPEND: u16 = 0x800;
@@ -84,6 +85,7 @@ const NFT_REG_1: u32 = 1;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const NFT_JUMP: u32 = (-3i32) as u32;
+const NFT_META_PROTOCOL: u32 = 1;
 const NFT_META_PRIORITY: u32 = 2;
 const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
@@ -99,6 +101,9 @@ const NFT_PAYLOAD_CSUM_INET: u32 = 1;
 const NFT_LIMIT_PKT_BYTES: u32 = 1;
 const NFT_LIMIT_F_INV: u32 = 1;
 const NF_INET_POST_ROUTING: u32 = 4;
+const NF_NETDEV_INGRESS: u32 = 0;
+const NFTA_HOOK_DEV: u16 = 3;
+const NFTA_FWD_SREG_DEV: u16 = 1;
 const IFNAMSIZ: usize = 16;
 /// `NFTNL_UDATA_RULE_COMMENT`: the TLV type `nft` stores a rule comment under.
 const UDATA_RULE_COMMENT: u8 = 0;
@@ -137,13 +142,20 @@ fn push_msg(
     b[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
 
-fn nft_msg(b: &mut Vec<u8>, msg: u16, flags: u16, seq: u32, attrs: impl FnOnce(&mut Vec<u8>)) {
+fn nft_msg(
+    b: &mut Vec<u8>,
+    family: u8,
+    msg: u16,
+    flags: u16,
+    seq: u32,
+    attrs: impl FnOnce(&mut Vec<u8>),
+) {
     push_msg(
         b,
         (NFNL_SUBSYS_NFTABLES << 8) | msg,
         NLM_F_REQUEST | flags,
         seq,
-        NFPROTO_INET,
+        family,
         0,
         attrs,
     );
@@ -251,6 +263,10 @@ impl Exprs<'_> {
     fn counter(&mut self) {
         self.expr("counter", |_| {});
     }
+    fn fwd(&mut self, ifindex: u32) {
+        self.immediate_value(&ifindex.to_ne_bytes());
+        self.expr("fwd", |b| put_be32(b, NFTA_FWD_SREG_DEV, NFT_REG_1));
+    }
 }
 
 // ---- the statement language ---------------------------------------------------
@@ -286,16 +302,24 @@ fn num<T: std::str::FromStr>(w: Option<&&str>, what: &str) -> Result<T, String> 
 
 /// Compiles the body of `add rule …` (after the chain name) into `b`:
 /// the expressions, then the comment as rule user data.
-fn compile_rule(b: &mut Vec<u8>, w: &[&str]) -> Result<(), String> {
+fn compile_rule(b: &mut Vec<u8>, w: &[&str], netdev: bool) -> Result<(), String> {
     let exprs_at = begin_nest(b, NFTA_RULE_EXPRESSIONS);
     let mut e = Exprs { b };
     let mut family: Option<u8> = None;
     let mut l4: Option<u8> = None;
     let mut comment = None;
+    // The network-protocol dependency nft puts before an ip/ip6 field: the
+    // netfilter family in an inet table, the ethertype in a netdev one.
     let need_family = |e: &mut Exprs, fam: u8, family: &mut Option<u8>| {
         if *family != Some(fam) {
-            e.meta_load(NFT_META_NFPROTO);
-            e.cmp(NFT_CMP_EQ, &[fam]);
+            if netdev {
+                e.meta_load(NFT_META_PROTOCOL);
+                let ethertype: u16 = if fam == NFPROTO_IPV4 { 0x0800 } else { 0x86dd };
+                e.cmp(NFT_CMP_EQ, &ethertype.to_be_bytes());
+            } else {
+                e.meta_load(NFT_META_NFPROTO);
+                e.cmp(NFT_CMP_EQ, &[fam]);
+            }
             *family = Some(fam);
         }
     };
@@ -303,11 +327,13 @@ fn compile_rule(b: &mut Vec<u8>, w: &[&str]) -> Result<(), String> {
     while i < w.len() {
         let at = |k: usize| w.get(i + k).copied().unwrap_or("");
         match (at(0), at(1)) {
-            ("meta", "nfproto") => {
-                let fam = match at(2) {
-                    "ipv4" => NFPROTO_IPV4,
-                    "ipv6" => NFPROTO_IPV6,
-                    other => return Err(format!("meta nfproto {other}: not ipv4/ipv6")),
+            ("meta", key @ ("nfproto" | "protocol")) => {
+                let fam = match (key, at(2), netdev) {
+                    ("nfproto", "ipv4", false) | ("protocol", "ip", true) => NFPROTO_IPV4,
+                    ("nfproto", "ipv6", false) | ("protocol", "ip6", true) => NFPROTO_IPV6,
+                    (_, other, _) => {
+                        return Err(format!("meta {key} {other}: not for this table family"))
+                    }
                 };
                 family = None;
                 need_family(&mut e, fam, &mut family);
@@ -318,6 +344,18 @@ fn compile_rule(b: &mut Vec<u8>, w: &[&str]) -> Result<(), String> {
                 e.meta_load(NFT_META_L4PROTO);
                 e.cmp(NFT_CMP_EQ, &[p]);
                 l4 = Some(p);
+                i += 3;
+            }
+            ("meta", "priority") if at(2) == "!=" && at(3) == "0" => {
+                e.meta_load(NFT_META_PRIORITY);
+                e.cmp(NFT_CMP_NEQ, &[0; 4]);
+                i += 4;
+            }
+            ("fwd", "to") if netdev => {
+                let dev = unquote(at(2))?;
+                let ifindex = crate::sys::if_index(dev)
+                    .ok_or_else(|| format!("fwd to {dev}: no such device"))?;
+                e.fwd(ifindex);
                 i += 3;
             }
             ("meta", "priority") if at(2) == "set" => {
@@ -517,47 +555,53 @@ fn parse_prefix(w: &str) -> Result<(IpAddr, u8), String> {
 fn compile_statement(b: &mut Vec<u8>, line: &str, seq: u32) -> Result<(), String> {
     let w = words(line)?;
     let word = |k: usize| w.get(k).copied().unwrap_or("");
-    if word(2) != "inet" {
-        return Err("only tables of family inet are spoken".into());
-    }
+    let family = match word(2) {
+        "inet" => NFPROTO_INET,
+        "netdev" => NFPROTO_NETDEV,
+        _ => return Err("only tables of family inet or netdev are spoken".into()),
+    };
+    let netdev = family == NFPROTO_NETDEV;
     let table = word(3);
     if table.is_empty() {
         return Err("table name missing".into());
     }
     match (word(0), word(1)) {
-        ("add", "table") => nft_msg(b, NFT_MSG_NEWTABLE, NLM_F_CREATE, seq, |b| {
+        ("add", "table") => nft_msg(b, family, NFT_MSG_NEWTABLE, NLM_F_CREATE, seq, |b| {
             put_str(b, NFTA_TABLE_NAME, table)
         }),
-        ("delete", "table") => nft_msg(b, NFT_MSG_DELTABLE, 0, seq, |b| {
+        ("delete", "table") => nft_msg(b, family, NFT_MSG_DELTABLE, 0, seq, |b| {
             put_str(b, NFTA_TABLE_NAME, table)
         }),
         ("add", "chain") => {
             let chain = word(4);
             let hook = if word(5) == "{" {
-                Some(base_chain_spec(&w[6..])?)
+                Some(base_chain_spec(&w[6..], netdev)?)
             } else if w.len() > 5 {
                 return Err(format!("unexpected `{}` after the chain name", word(5)));
             } else {
                 None
             };
-            nft_msg(b, NFT_MSG_NEWCHAIN, NLM_F_CREATE, seq, |b| {
+            nft_msg(b, family, NFT_MSG_NEWCHAIN, NLM_F_CREATE, seq, |b| {
                 put_str(b, NFTA_CHAIN_TABLE, table);
                 put_str(b, NFTA_CHAIN_NAME, chain);
-                if let Some((hooknum, prio, policy)) = hook {
+                if let Some((hooknum, prio, policy, dev)) = &hook {
                     let n = begin_nest(b, NFTA_CHAIN_HOOK);
-                    put_be32(b, NFTA_HOOK_HOOKNUM, hooknum);
-                    put_be32(b, NFTA_HOOK_PRIORITY, prio as u32);
+                    put_be32(b, NFTA_HOOK_HOOKNUM, *hooknum);
+                    put_be32(b, NFTA_HOOK_PRIORITY, *prio as u32);
+                    if let Some(dev) = dev {
+                        put_str(b, NFTA_HOOK_DEV, dev);
+                    }
                     end_nest(b, n);
-                    put_be32(b, NFTA_CHAIN_POLICY, policy);
+                    put_be32(b, NFTA_CHAIN_POLICY, *policy);
                     put_str(b, NFTA_CHAIN_TYPE, "filter");
                 }
             });
         }
-        ("delete", "chain") => nft_msg(b, NFT_MSG_DELCHAIN, 0, seq, |b| {
+        ("delete", "chain") => nft_msg(b, family, NFT_MSG_DELCHAIN, 0, seq, |b| {
             put_str(b, NFTA_CHAIN_TABLE, table);
             put_str(b, NFTA_CHAIN_NAME, word(4));
         }),
-        ("flush", "chain") => nft_msg(b, NFT_MSG_DELRULE, 0, seq, |b| {
+        ("flush", "chain") => nft_msg(b, family, NFT_MSG_DELRULE, 0, seq, |b| {
             put_str(b, NFTA_RULE_TABLE, table);
             put_str(b, NFTA_RULE_CHAIN, word(4));
         }),
@@ -566,7 +610,7 @@ fn compile_statement(b: &mut Vec<u8>, line: &str, seq: u32) -> Result<(), String
                 return Err("delete rule: expected `handle N`".into());
             }
             let handle: u64 = num(w.get(6), "handle")?;
-            nft_msg(b, NFT_MSG_DELRULE, 0, seq, |b| {
+            nft_msg(b, family, NFT_MSG_DELRULE, 0, seq, |b| {
                 put_str(b, NFTA_RULE_TABLE, table);
                 put_str(b, NFTA_RULE_CHAIN, word(4));
                 put_attr(b, NFTA_RULE_HANDLE, &handle.to_be_bytes());
@@ -575,11 +619,18 @@ fn compile_statement(b: &mut Vec<u8>, line: &str, seq: u32) -> Result<(), String
         ("add", "rule") => {
             let chain = word(4);
             let mut err = None;
-            nft_msg(b, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, seq, |b| {
-                put_str(b, NFTA_RULE_TABLE, table);
-                put_str(b, NFTA_RULE_CHAIN, chain);
-                err = compile_rule(b, w.get(5..).unwrap_or(&[])).err();
-            });
+            nft_msg(
+                b,
+                family,
+                NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                seq,
+                |b| {
+                    put_str(b, NFTA_RULE_TABLE, table);
+                    put_str(b, NFTA_RULE_CHAIN, chain);
+                    err = compile_rule(b, w.get(5..).unwrap_or(&[]), netdev).err();
+                },
+            );
             if let Some(e) = err {
                 return Err(e);
             }
@@ -589,8 +640,9 @@ fn compile_statement(b: &mut Vec<u8>, line: &str, seq: u32) -> Result<(), String
     Ok(())
 }
 
-/// `type filter hook postrouting priority filter; policy accept; }`
-fn base_chain_spec(w: &[&str]) -> Result<(u32, i32, u32), String> {
+/// `type filter hook postrouting priority filter; policy accept; }` (inet)
+/// or `type filter hook ingress device "IF" priority filter; …` (netdev).
+fn base_chain_spec(w: &[&str], netdev: bool) -> Result<(u32, i32, u32, Option<String>), String> {
     let toks: Vec<&str> = w
         .iter()
         .map(|t| t.trim_end_matches(';'))
@@ -604,9 +656,15 @@ fn base_chain_spec(w: &[&str]) -> Result<(u32, i32, u32), String> {
     if get("type") != Some("filter") {
         return Err("base chain: only `type filter` is spoken".into());
     }
-    let hook = match get("hook") {
-        Some("postrouting") => NF_INET_POST_ROUTING,
-        other => return Err(format!("base chain: hook {other:?} is not spoken")),
+    let hook = match (get("hook"), netdev) {
+        (Some("postrouting"), false) => NF_INET_POST_ROUTING,
+        (Some("ingress"), true) => NF_NETDEV_INGRESS,
+        (other, _) => return Err(format!("base chain: hook {other:?} is not spoken here")),
+    };
+    let dev = match (get("device"), netdev) {
+        (Some(d), true) => Some(unquote(d)?.to_owned()),
+        (None, false) => None,
+        _ => return Err("base chain: a device goes with a netdev ingress hook".into()),
     };
     let prio = match get("priority") {
         Some("filter") => 0,
@@ -618,7 +676,7 @@ fn base_chain_spec(w: &[&str]) -> Result<(u32, i32, u32), String> {
         Some("drop") => NF_DROP,
         Some(p) => return Err(format!("base chain: policy {p}")),
     };
-    Ok((hook, prio, policy))
+    Ok((hook, prio, policy, dev))
 }
 
 /// Compiles `script` (one statement a line) into one batch datagram in `b`.

@@ -2,7 +2,7 @@
 //! nf_tables netlink batch by `nfnl`, printed by the dry run), and the table
 //! read back (`nft -j -a list table`).
 
-use crate::render::{chain_name, parse_meta_comment, ChainMeta};
+use crate::render::{chain_name, parse_meta_comment, ChainMeta, Layout};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -37,24 +37,24 @@ pub struct TableState {
     pub stray_rules: Vec<u64>,
 }
 
-/// Statements creating the table and its base chain.
-pub fn create_table(out: &mut String, table: &str, interface: &str) {
-    let _ = writeln!(out, "add table inet {table}");
+/// Statements creating the table and its base chain with its guard rule.
+/// `table` is `FAMILY NAME` ([`Layout::nft_table`]) here and below.
+pub fn create_table(out: &mut String, layout: &Layout) {
+    let table = layout.nft_table();
+    let _ = writeln!(out, "add table {table}");
     let _ = writeln!(
         out,
-        "add chain inet {table} {BASE_CHAIN} {{ type filter hook postrouting priority filter; policy accept; }}"
+        "add chain {table} {BASE_CHAIN} {}",
+        layout.base_chain_spec()
     );
-    let _ = writeln!(
-        out,
-        "add rule inet {table} {BASE_CHAIN} oifname != \"{interface}\" accept comment \"guard\""
-    );
+    let _ = writeln!(out, "add rule {table} {BASE_CHAIN} {}", layout.guard_rule());
 }
 
 pub fn add_decision(out: &mut String, table: &str, id: u64, flow_match: &str, rules: &[String]) {
     let chain = chain_name(id);
-    let _ = writeln!(out, "add chain inet {table} {chain}");
+    let _ = writeln!(out, "add chain {table} {chain}");
     for r in rules {
-        let _ = writeln!(out, "add rule inet {table} {chain} {r}");
+        let _ = writeln!(out, "add rule {table} {chain} {r}");
     }
     add_jump(out, table, id, flow_match);
 }
@@ -63,33 +63,40 @@ pub fn add_jump(out: &mut String, table: &str, id: u64, flow_match: &str) {
     let chain = chain_name(id);
     let _ = writeln!(
         out,
-        "add rule inet {table} {BASE_CHAIN} {flow_match} jump {chain} comment \"id={id}\""
+        "add rule {table} {BASE_CHAIN} {flow_match} jump {chain} comment \"id={id}\""
     );
 }
 
 pub fn rewrite_chain(out: &mut String, table: &str, id: u64, rules: &[String]) {
     let chain = chain_name(id);
-    let _ = writeln!(out, "flush chain inet {table} {chain}");
+    let _ = writeln!(out, "flush chain {table} {chain}");
     for r in rules {
-        let _ = writeln!(out, "add rule inet {table} {chain} {r}");
+        let _ = writeln!(out, "add rule {table} {chain} {r}");
     }
 }
 
 pub fn delete_rule(out: &mut String, table: &str, handle: u64) {
-    let _ = writeln!(out, "delete rule inet {table} {BASE_CHAIN} handle {handle}");
+    let _ = writeln!(out, "delete rule {table} {BASE_CHAIN} handle {handle}");
 }
 
 pub fn delete_chain(out: &mut String, table: &str, chain: &str) {
-    let _ = writeln!(out, "flush chain inet {table} {chain}");
-    let _ = writeln!(out, "delete chain inet {table} {chain}");
+    let _ = writeln!(out, "flush chain {table} {chain}");
+    let _ = writeln!(out, "delete chain {table} {chain}");
 }
 
 pub fn delete_table(out: &mut String, table: &str) {
-    let _ = writeln!(out, "delete table inet {table}");
+    let _ = writeln!(out, "delete table {table}");
 }
 
-/// Reads the output of `nft -j -a list table inet TABLE`.
-pub fn parse_table(json: &str, table: &str, interface: &str) -> Result<TableState, String> {
+/// Reads the output of `nft -j -a list table FAMILY NAME` for `layout`.
+pub fn parse_table(json: &str, layout: &Layout) -> Result<TableState, String> {
+    let table = layout.table();
+    let table = table.as_str();
+    let hook = if layout.ingress() {
+        "ingress"
+    } else {
+        "postrouting"
+    };
     let v: Value = serde_json::from_str(json).map_err(|e| format!("nft JSON: {e}"))?;
     let items = v
         .get("nftables")
@@ -105,7 +112,7 @@ pub fn parse_table(json: &str, table: &str, interface: &str) -> Result<TableStat
             }
             let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
             if name == BASE_CHAIN {
-                base_seen = c.get("hook").and_then(Value::as_str) == Some("postrouting");
+                base_seen = c.get("hook").and_then(Value::as_str) == Some(hook);
             } else if let Some(id) = name.strip_prefix('d').and_then(|s| s.parse::<u64>().ok()) {
                 st.chains.entry(id).or_default();
             } else {
@@ -120,7 +127,7 @@ pub fn parse_table(json: &str, table: &str, interface: &str) -> Result<TableStat
             let comment = r.get("comment").and_then(Value::as_str).unwrap_or_default();
             let (packets, bytes) = counter_of(r);
             if chain == BASE_CHAIN {
-                let is_guard = first_base_rule && comment == "guard" && guards(r, interface);
+                let is_guard = first_base_rule && comment == "guard" && guards(r, layout);
                 first_base_rule = false;
                 if is_guard {
                     st.base_ok = base_seen;
@@ -145,9 +152,13 @@ pub fn parse_table(json: &str, table: &str, interface: &str) -> Result<TableStat
     Ok(st)
 }
 
-fn guards(rule: &Value, interface: &str) -> bool {
+fn guards(rule: &Value, layout: &Layout) -> bool {
     let text = rule.get("expr").map(Value::to_string).unwrap_or_default();
-    text.contains("\"oifname\"") && text.contains(&format!("\"{interface}\""))
+    if layout.ingress() {
+        text.contains("\"priority\"") && text.contains("\"!=\"")
+    } else {
+        text.contains("\"oifname\"") && text.contains(&format!("\"{}\"", layout.interface))
+    }
 }
 
 fn counter_of(rule: &Value) -> (u64, u64) {
@@ -181,7 +192,13 @@ mod tests {
 
     #[test]
     fn reads_back_its_table() {
-        let st = parse_table(LISTING, "qosloop_qa", "qa").unwrap();
+        let layout = |interface: &str| Layout {
+            interface: interface.into(),
+            direction: qosloop_schema::Direction::Egress,
+            qdisc_major: 0xe5,
+            capacity: qosloop_schema::Kbps(1000),
+        };
+        let st = parse_table(LISTING, &layout("qa")).unwrap();
         assert!(st.base_ok);
         assert_eq!(st.jumps[&42], vec![6, 8]);
         assert_eq!(st.stray_chains, vec!["junk".to_owned()]);
@@ -190,8 +207,9 @@ mod tests {
         assert_eq!((c.in_packets, c.out_bytes), (7, 500));
         let m = c.meta.as_ref().unwrap();
         assert_eq!((m.version, m.slot, m.fingerprint), (3, 0, 0xff));
-        assert!(!parse_table(LISTING, "qosloop_qa", "other").unwrap().base_ok);
-        assert!(parse_table("{", "t", "i").is_err());
-        assert!(parse_table("{}", "t", "i").is_err());
+        // Another interface's layout: another table name, nothing of it here.
+        assert!(!parse_table(LISTING, &layout("other")).unwrap().base_ok);
+        assert!(parse_table("{", &layout("qa")).is_err());
+        assert!(parse_table("{}", &layout("qa")).is_err());
     }
 }

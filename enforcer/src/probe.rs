@@ -114,7 +114,7 @@ fn probe_in_fresh_namespace() -> Vec<Capability> {
     caps.push(cap(
         "ifb",
         ip(&["link", "add", "qlpifb", "type", "ifb"])
-            .map(|_| "ifb device created (ingress shaping possible)".into()),
+            .map(|_| "ifb device created (used by --direction ingress)".into()),
     ));
     caps
 }
@@ -209,6 +209,7 @@ fn probe_nft() -> Result<String, String> {
     };
     let be = LinuxBackend::open().map_err(|e| format!("netlink socket: {e}"))?;
     let config = EnforcerConfig {
+        direction: qosloop_schema::Direction::Egress,
         interface: "qlp0".into(),
         roles: Vec::new(),
         capacity: Kbps(10_000),

@@ -30,7 +30,7 @@
 //! - a rule in the base chain matching the flow and jumping to `dID`.
 
 use crate::tc::{HtbClass, TcHandle};
-use qosloop_schema::{Decision, Dscp, FlowSpec, IpPrefix, Kbps, OutOfProfileAction};
+use qosloop_schema::{Decision, Direction, Dscp, FlowSpec, IpPrefix, Kbps, OutOfProfileAction};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -67,18 +67,82 @@ fn shares_the_leaf_bucket(major: u16) -> bool {
 pub const MAX_SLOTS: u32 = SLOTS_PER_GROUP * MAX_GROUPS;
 
 /// Where the enforcer renders: its interface, qdisc and table.
+///
+/// Egress (the default): the HTB tree on the interface, the table `inet`
+/// with its base chain on the postrouting hook. Ingress: packets arriving on
+/// the interface pass a `netdev` table's base chain on the interface's
+/// ingress hook, which meters, marks and steers them as on egress and then
+/// forwards them (`fwd to`) to an IFB device owned by the enforcer
+/// ([`Layout::ifb`]), whose egress carries the HTB tree; the IFB hands them
+/// back to the interface's receive path, where the base chain's first rule
+/// lets packets with a priority already set pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub interface: String,
+    pub direction: Direction,
     /// One byte (1..=fe): group qdisc majors are this byte followed by the group.
     pub qdisc_major: u16,
     pub capacity: Kbps,
 }
 
 impl Layout {
-    /// The nftables table (family `inet`) the enforcer owns on this interface.
+    /// The name of the nftables table the enforcer owns on this interface.
     pub fn table(&self) -> String {
         format!("qosloop_{}", self.interface)
+    }
+    pub fn ingress(&self) -> bool {
+        self.direction == Direction::Ingress
+    }
+    /// The table as nft statements name it: `inet NAME` or `netdev NAME`.
+    pub fn nft_table(&self) -> String {
+        let family = if self.ingress() { "netdev" } else { "inet" };
+        format!("{family} {}", self.table())
+    }
+    /// The IFB device that carries the HTB tree of ingress enforcement:
+    /// `ql` and the interface name, or a hash of it when that is too long.
+    pub fn ifb(&self) -> String {
+        if self.interface.len() <= 13 {
+            format!("ql{}", self.interface)
+        } else {
+            format!("ql{:08x}", fnv1a(&[&self.interface]) as u32)
+        }
+    }
+    /// Where the HTB tree lives: the interface, or its IFB for ingress.
+    pub fn shaping_interface(&self) -> String {
+        if self.ingress() {
+            self.ifb()
+        } else {
+            self.interface.clone()
+        }
+    }
+    /// The hook part of the base chain's `add chain` statement.
+    pub fn base_chain_spec(&self) -> String {
+        if self.ingress() {
+            format!(
+                "{{ type filter hook ingress device \"{}\" priority filter; policy accept; }}",
+                self.interface
+            )
+        } else {
+            "{ type filter hook postrouting priority filter; policy accept; }".to_owned()
+        }
+    }
+    /// The base chain's first rule: on egress, packets leaving through
+    /// another interface return at once; on ingress, packets the IFB hands
+    /// back (their priority is set) are not handled twice.
+    pub fn guard_rule(&self) -> String {
+        if self.ingress() {
+            "meta priority != 0 accept comment \"guard\"".to_owned()
+        } else {
+            format!("oifname != \"{}\" accept comment \"guard\"", self.interface)
+        }
+    }
+    /// How a steered packet leaves its decision chain.
+    pub fn verdict(&self) -> String {
+        if self.ingress() {
+            format!("fwd to \"{}\"", self.ifb())
+        } else {
+            "accept".to_owned()
+        }
     }
     pub fn handle(&self, minor: u16) -> TcHandle {
         TcHandle::new(self.qdisc_major, minor)
@@ -290,8 +354,8 @@ fn is_v6(p: &IpPrefix) -> bool {
     matches!(p.addr(), IpAddr::V6(_))
 }
 
-/// The nft match for a flow spec (inet family).
-pub fn flow_match(spec: &FlowSpec) -> Result<String, SpecError> {
+/// The nft match for a flow spec: for an `inet` table, or a `netdev` one.
+pub fn flow_match(spec: &FlowSpec, netdev: bool) -> Result<String, SpecError> {
     let v6 = match (spec.src, spec.dst) {
         (Some(s), Some(d)) if is_v6(&s) != is_v6(&d) => {
             return Err(SpecError::MixedFamilies { src: s, dst: d })
@@ -302,7 +366,11 @@ pub fn flow_match(spec: &FlowSpec) -> Result<String, SpecError> {
     let ip = if v6 { "ip6" } else { "ip" };
     let mut m = String::new();
     if spec.src.is_none() && spec.dst.is_none() {
-        m.push_str("meta nfproto ipv4 ");
+        m.push_str(if netdev {
+            "meta protocol ip "
+        } else {
+            "meta nfproto ipv4 "
+        });
     }
     let pfx = |p: IpPrefix| {
         if p.is_host() {
@@ -348,7 +416,7 @@ fn dscp_set(v6: bool, d: Dscp) -> String {
 
 /// Renders `d` into `slot` of `layout`. The decision must have been validated.
 pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, SpecError> {
-    let flow = flow_match(&d.flow)?;
+    let flow = flow_match(&d.flow, layout.ingress())?;
     let v6 = flow.starts_with("ip6 ");
     let group = Layout::group_of(slot);
     let parent = layout.group_root(group).classid;
@@ -380,13 +448,14 @@ pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, Spec
             d.profile.rate.bytes_per_sec()
         )
     };
+    let verdict = layout.verdict();
     let out_rule = match d.out_of_profile {
         OutOfProfileAction::Accept { .. } => format!(
-            "{limit} counter meta priority set {} accept comment \"out\"",
+            "{limit} counter meta priority set {} {verdict} comment \"out\"",
             out_class.classid
         ),
         OutOfProfileAction::Remark { dscp, .. } => format!(
-            "{limit} counter {} meta priority set {} accept comment \"out\"",
+            "{limit} counter {} meta priority set {} {verdict} comment \"out\"",
             dscp_set(v6, dscp),
             out_class.classid
         ),
@@ -396,7 +465,7 @@ pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, Spec
         .in_profile_dscp
         .map(|dscp| format!("{} ", dscp_set(v6, dscp)))
         .unwrap_or_default();
-    let in_body = format!("counter {mark}meta priority set {in_classid} accept");
+    let in_body = format!("counter {mark}meta priority set {in_classid} {verdict}");
     let kind = d.kind().to_string();
     let fingerprint = fnv1a(&[&flow, &out_rule, &in_body]);
     let in_rule = format!(
@@ -453,6 +522,7 @@ mod tests {
     fn layout() -> Layout {
         Layout {
             interface: "eth1".into(),
+            direction: Direction::Egress,
             qdisc_major: 0xe5,
             capacity: Kbps(10_000),
         }
@@ -519,18 +589,22 @@ mod tests {
     #[test]
     fn flow_matches() {
         let mut s = FlowSpec::default();
-        assert_eq!(flow_match(&s).unwrap(), "meta nfproto ipv4");
+        assert_eq!(flow_match(&s, false).unwrap(), "meta nfproto ipv4");
+        assert_eq!(flow_match(&s, true).unwrap(), "meta protocol ip");
         s.proto = Some(17);
-        assert_eq!(flow_match(&s).unwrap(), "meta nfproto ipv4 meta l4proto 17");
+        assert_eq!(
+            flow_match(&s, false).unwrap(),
+            "meta nfproto ipv4 meta l4proto 17"
+        );
         s.dst = Some("2001:db8::/32".parse().unwrap());
         s.src_ports = Some("1024-2048".parse().unwrap());
         assert_eq!(
-            flow_match(&s).unwrap(),
+            flow_match(&s, false).unwrap(),
             "ip6 daddr 2001:db8::/32 udp sport 1024-2048"
         );
         s.src = Some("10.0.0.1".parse().unwrap());
         assert!(matches!(
-            flow_match(&s),
+            flow_match(&s, false),
             Err(SpecError::MixedFamilies { .. })
         ));
         let p = FlowSpec {
@@ -539,7 +613,7 @@ mod tests {
             ..FlowSpec::default()
         };
         assert!(matches!(
-            flow_match(&p),
+            flow_match(&p, false),
             Err(SpecError::PortsWithoutPortProtocol(Some(1)))
         ));
     }

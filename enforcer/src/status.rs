@@ -50,9 +50,12 @@ pub struct Status {
 
 /// Reads the enforcer's objects on `layout`'s interface.
 pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status, String> {
-    let ifindex = backend
-        .ifindex(&layout.interface)
-        .ok_or_else(|| format!("unknown interface {:?}", layout.interface))?;
+    if backend.ifindex(&layout.interface).is_none() {
+        return Err(format!("unknown interface {:?}", layout.interface));
+    }
+    // The HTB tree: on the interface, or on its IFB device for ingress (no
+    // IFB: nothing installed yet, every object reads as absent).
+    let ifindex = backend.ifindex(&layout.shaping_interface()).unwrap_or(0);
     let qdisc = backend
         .qdiscs(ifindex)
         .map_err(|e| format!("reading qdiscs: {e}"))?
@@ -65,8 +68,8 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
     } else {
         Vec::new()
     };
-    let table = layout.table();
-    let state = backend.read_table(&table, &layout.interface)?;
+    let table = layout.nft_table();
+    let state = backend.read_table(layout)?;
     fn take(classes: &mut Vec<ClassInfo>, h: TcHandle) -> Option<ClassInfo> {
         classes
             .iter()
@@ -115,7 +118,7 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
     classes.sort_by_key(|c| c.handle);
     Ok(Status {
         interface: layout.interface.clone(),
-        table: format!("inet {table}"),
+        table: table.clone(),
         table_present: state.is_some(),
         qdisc: qdisc.map(|q| format!("{} htb", q.handle)),
         root_class,

@@ -10,6 +10,12 @@ use crate::sys::NetlinkSocket;
 use qosloop_schema::Kbps;
 use std::fmt;
 
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFF_UP: u32 = 1;
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
 const RTM_GETQDISC: u16 = 38;
@@ -262,6 +268,33 @@ pub(crate) fn begin_nest(b: &mut Vec<u8>, ty: u16) -> usize {
 pub(crate) fn end_nest(b: &mut [u8], at: usize) {
     let len = (b.len() - at) as u16;
     b[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// Appends one link message: header, `struct ifinfomsg` (set up when
+/// creating), then `attrs`.
+fn push_link_msg(
+    b: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    ifindex: u32,
+    attrs: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = b.len();
+    put_u32(b, 0);
+    put_u16(b, ty);
+    put_u16(b, flags);
+    put_u32(b, seq);
+    put_u32(b, 0);
+    b.extend_from_slice(&[0u8, 0]); // family, pad
+    put_u16(b, 0); // type
+    b.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    let up = if ty == RTM_NEWLINK { IFF_UP } else { 0 };
+    put_u32(b, up); // flags
+    put_u32(b, up); // change
+    attrs(b);
+    let len = (b.len() - start) as u32;
+    b[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
 
 /// Appends one netlink message: header, `struct tcmsg`, then `attrs`.
@@ -728,6 +761,57 @@ impl Rtnl {
                     NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => return decode_error(flags, payload),
                     _ => each(payload),
+                }
+            }
+        }
+    }
+
+    /// Creates an IFB device `name`, up (`RTM_NEWLINK`, kind `ifb`).
+    pub fn create_ifb(&mut self, name: &str) -> Result<(), KernelError> {
+        let seq = self.next_seq();
+        self.tx.clear();
+        push_link_msg(
+            &mut self.tx,
+            RTM_NEWLINK,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            seq,
+            0,
+            |b| {
+                let mut n = Vec::with_capacity(name.len() + 1);
+                n.extend_from_slice(name.as_bytes());
+                n.push(0);
+                put_attr(b, IFLA_IFNAME, &n);
+                let info = begin_nest(b, IFLA_LINKINFO);
+                put_attr(b, IFLA_INFO_KIND, b"ifb\0");
+                end_nest(b, info);
+            },
+        );
+        self.ack(seq)
+    }
+
+    /// Deletes interface `ifindex` (`RTM_DELLINK`): its qdiscs go with it.
+    pub fn delete_link(&mut self, ifindex: u32) -> Result<(), KernelError> {
+        let seq = self.next_seq();
+        self.tx.clear();
+        push_link_msg(
+            &mut self.tx,
+            RTM_DELLINK,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            ifindex,
+            |_| {},
+        );
+        self.ack(seq)
+    }
+
+    fn ack(&mut self, seq: u32) -> Result<(), KernelError> {
+        self.sock.send(&self.tx).map_err(KernelError::io)?;
+        loop {
+            let n = self.sock.recv(&mut self.rx).map_err(KernelError::io)?;
+            for msg in messages(&self.rx[..n]) {
+                let (ty, flags, mseq, payload) = msg?;
+                if ty == NLMSG_ERROR && mseq == seq {
+                    return decode_error(flags, payload);
                 }
             }
         }

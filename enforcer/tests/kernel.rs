@@ -26,6 +26,8 @@ struct Topo {
     rx: Netns,
     /// The router's interface towards rx: where the enforcer works.
     out_if: String,
+    /// rx's interface (ingress enforcement at the receiving host).
+    in_if: String,
 }
 
 fn topo() -> Topo {
@@ -44,6 +46,7 @@ fn topo() -> Topo {
         router,
         rx,
         out_if: out.a_if,
+        in_if: out.b_if,
     }
 }
 
@@ -87,6 +90,7 @@ fn decision(id: u64, action: OutOfProfileAction) -> Decision {
 
 fn config(t: &Topo) -> EnforcerConfig {
     EnforcerConfig {
+        direction: qosloop_schema::Direction::Egress,
         interface: t.out_if.clone(),
         roles: vec!["edge".into()],
         capacity: Kbps(10_000),
@@ -602,10 +606,10 @@ add rule inet {t} postrouting meta nfproto ipv6 jump d44
 "
         )
     };
-    let list = |t: &str| {
+    let list_fam = |family: &str, t: &str| {
         let out = ns
             .command("nft")
-            .args(["list", "table", "inet", t])
+            .args(["list", "table", family, t])
             .output()
             .unwrap();
         assert!(
@@ -615,6 +619,7 @@ add rule inet {t} postrouting meta nfproto ipv6 jump d44
         );
         String::from_utf8_lossy(&out.stdout).replace(t, "T")
     };
+    let list = |t: &str| list_fam("inet", t);
     let nft_f = |s: &str| {
         let mut child = ns
             .command("nft")
@@ -675,10 +680,104 @@ add rule inet qosloop_native postrouting ip daddr 10.9.0.1 jump d99
     for t in ["qosloop_native", "qosloop_nft"] {
         native(format!("delete table inet {t}")).unwrap();
     }
+
+    // The ingress forms: a netdev table on the ingress hook of nla, the
+    // guard against packets an IFB hands back, `meta protocol` dependencies
+    // and `fwd to` the IFB device.
+    ns.ip(&["link", "add", "name", "nlq", "type", "ifb"])
+        .unwrap();
+    let ingress = |t: &str| {
+        format!(
+            "add table netdev {t}
+add chain netdev {t} postrouting {{ type filter hook ingress device \"nla\" priority filter; policy accept; }}
+add rule netdev {t} postrouting meta priority != 0 accept comment \"guard\"
+add chain netdev {t} d7
+add rule netdev {t} d7 limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e500:100 fwd to \"nlq\" comment \"out\"
+add rule netdev {t} d7 counter ip6 dscp set 48 meta priority set e500:2 fwd to \"nlq\" comment \"in\"
+add rule netdev {t} postrouting ip saddr 10.1.0.1 udp dport 5001 jump d7 comment \"id=7\"
+add rule netdev {t} postrouting ip6 daddr 2001:db8::/33 jump d7
+add rule netdev {t} postrouting meta protocol ip meta l4proto 17 jump d7
+"
+        )
+    };
+    native(ingress("qosloop_native")).unwrap();
+    nft_f(&ingress("qosloop_nft"));
+    let (a, b) = (
+        list_fam("netdev", "qosloop_native"),
+        list_fam("netdev", "qosloop_nft"),
+    );
+    assert_eq!(a, b);
+    assert!(a.contains("fwd to \"nlq\""), "{a}");
+    for t in ["qosloop_native", "qosloop_nft"] {
+        native(format!("delete table netdev {t}")).unwrap();
+    }
     let out = ns
         .command("nft")
         .args(["list", "ruleset"])
         .output()
         .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+}
+
+/// Ingress: the enforcer on the receiving host's interface, direction
+/// ingress. Packets are metered, marked and steered in a `netdev` table on
+/// the interface's ingress hook, forwarded to the enforcer's IFB device and
+/// shaped there, then handed back to the host. Accept shaped to 875 kbit/s:
+/// what the host's socket receives matches egress enforcement (in profile
+/// 1000 kbit/s CS6, out of profile 875 kbit/s AF11); `cleanup` removes the
+/// table and the IFB device.
+#[test]
+fn ingress_through_an_ifb_meters_marks_and_shapes_like_egress() {
+    let Some(()) = prerequisites() else { return };
+    let t = topo();
+    let cfg = EnforcerConfig {
+        direction: qosloop_schema::Direction::Ingress,
+        interface: t.in_if.clone(),
+        ..config(&t)
+    };
+    let mut e =
+        t.rx.run_in(move || Enforcer::start(LinuxBackend::open().unwrap(), cfg).map(|(e, _)| e))
+            .unwrap()
+            .unwrap();
+    let ifb = e.layout().ifb();
+    t.rx.run_in(|| {
+        e.install(decision(
+            1,
+            OutOfProfileAction::Accept {
+                shape: Some(Kbps(875)),
+            },
+        ))
+    })
+    .unwrap()
+    .unwrap();
+    let (sent, got, ()) = traffic(&t, 2000, 6, || std::thread::sleep(Duration::from_secs(6)));
+    assert!(sent.packets > 0);
+    let (total, by_dscp) = steady_kbps(&got);
+    eprintln!("ingress accept: steady state {total:.0} kbit/s, by DSCP {by_dscp:.0?}");
+    let cs6 = by_dscp.get(&48).copied().unwrap_or(0.0);
+    let kept = by_dscp.get(&AF11).copied().unwrap_or(0.0);
+    assert!(
+        within(cs6, 1000.0, 0.10),
+        "in-profile CS6 {cs6:.0} kbit/s, by DSCP {by_dscp:?}"
+    );
+    assert!(
+        within(kept, 875.0, 0.10),
+        "out-of-profile (AF11 kept) {kept:.0} kbit/s, by DSCP {by_dscp:?}"
+    );
+    let classes =
+        t.rx.command("tc")
+            .args(["-s", "class", "show", "dev", &ifb])
+            .output()
+            .unwrap();
+    let classes = String::from_utf8_lossy(&classes.stdout).into_owned();
+    assert!(classes.contains("e500:100"), "{classes}");
+    t.rx.run_in(|| e.cleanup()).unwrap().unwrap();
+    let links = t.rx.ip(&["link", "show"]).unwrap();
+    assert!(!links.contains(&ifb), "{links}");
+    let out =
+        t.rx.command("nft")
+            .args(["list", "ruleset"])
+            .output()
+            .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
 }

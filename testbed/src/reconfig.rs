@@ -55,6 +55,7 @@ pub fn run(args: &ReconfigArgs) -> anyhow::Result<ReconfigSummary> {
             let (mut e, _) = Enforcer::start(
                 backend,
                 EnforcerConfig {
+                    direction: qosloop_schema::Direction::Egress,
                     interface: iface,
                     roles: vec!["edge".into()],
                     capacity: Kbps(10_000),

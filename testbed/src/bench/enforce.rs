@@ -152,6 +152,7 @@ fn run_tool(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result
 /// Everything, on a thread inside the benchmark's namespace.
 fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
     let config = |capacity: u64| EnforcerConfig {
+        direction: qosloop_schema::Direction::Egress,
         interface: interface.to_owned(),
         roles: Vec::new(),
         capacity: Kbps(capacity),
