@@ -309,6 +309,7 @@ async fn session<B: KernelBackend>(
     let hello = PepHello {
         roles: daemon.roles.clone(),
         interface: Some(daemon.enforcer.layout().interface.clone()),
+        direction: Some(daemon.enforcer.layout().direction),
         software: format!("qosloop-enforcer {}", env!("CARGO_PKG_VERSION")),
     };
     if let Err(e) = wire.send(Message::opn(&daemon.pep_id, &hello)).await {

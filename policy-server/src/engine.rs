@@ -38,6 +38,18 @@ pub struct DecisionTable {
     /// Increases with every published change.
     pub epoch: u64,
     pub by_role: HashMap<String, BTreeMap<u64, Arc<Decision>>>,
+    /// Direction of each role's device entry (tier 3): the PDP refuses an
+    /// enforcer that enforces the other direction.
+    pub devices: HashMap<String, qosloop_schema::Direction>,
+}
+
+/// Each device role's direction, from the policy.
+pub fn device_directions(policy: &PolicySet) -> HashMap<String, qosloop_schema::Direction> {
+    policy
+        .devices
+        .iter()
+        .map(|d| (d.role.clone(), d.direction))
+        .collect()
 }
 
 impl DecisionTable {
@@ -284,6 +296,7 @@ impl Engine {
         let mut t = DecisionTable {
             epoch: self.epoch,
             by_role: HashMap::new(),
+            devices: HashMap::new(),
         };
         for c in self.current.values() {
             t.by_role

@@ -30,6 +30,7 @@ use qosloop_schema::cops::{
     Message, PepHello, PepState, CLIENT_TYPE_QOSLOOP,
 };
 use qosloop_schema::tls::Io;
+use qosloop_schema::Direction;
 use qosloop_schema::EnforcementReport;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -314,6 +315,29 @@ impl Connection {
             ));
         };
         let hello = PepHello::from_client_si(si).map_err(Close::from_cops)?;
+        // A policy that puts a role's device on ingress needs an enforcer
+        // enforcing ingress (and vice versa): refuse rather than shape the
+        // wrong traffic.
+        let theirs = hello.direction.unwrap_or(Direction::Egress);
+        let clash = {
+            let table = self.decisions.borrow();
+            hello.roles.iter().find_map(|r| {
+                table
+                    .devices
+                    .get(r)
+                    .filter(|want| **want != theirs)
+                    .map(|want| (r.clone(), *want))
+            })
+        };
+        if let Some((role, want)) = clash {
+            return Err(Close::with(
+                ErrorCode::UnableToProcess,
+                format!(
+                    "PEP {pep_id:?} enforces {theirs:?} but the policy's device entry for role {role} asks for {want:?} (start the enforcer with --direction {})",
+                    format!("{want:?}").to_lowercase()
+                ),
+            ));
+        }
         wire.send(Message::cat(self.config.ka_timer_secs))
             .await
             .map_err(Close::from_cops)?;

@@ -127,7 +127,9 @@ impl Server {
                 bm.seed_average(subject == "flow", &key, avg);
             }
         }
-        let (decisions_tx, decisions_rx) = watch::channel(Arc::new(engine.table()));
+        let mut table = engine.table();
+        table.devices = crate::engine::device_directions(&policy);
+        let (decisions_tx, decisions_rx) = watch::channel(Arc::new(table));
         let (rates_tx, rates_rx) = watch::channel(Arc::new(Rates::default()));
         let (events_tx, events_rx) = mpsc::channel(10_000);
 
@@ -239,10 +241,13 @@ impl LoopState {
         for (dn, why) in &changes.skipped {
             tracing::warn!(rule = %dn, reason = why, "rule not enforced");
         }
-        if changes.is_empty() {
+        let devices = crate::engine::device_directions(policy);
+        if changes.is_empty() && self.decisions.borrow().devices == devices {
             return;
         }
-        self.decisions.send_replace(Arc::new(self.engine.table()));
+        let mut table = self.engine.table();
+        table.devices = devices;
+        self.decisions.send_replace(Arc::new(table));
         for d in &changes.installed {
             tracing::info!(
                 decision = d.id,

@@ -185,6 +185,20 @@ async fn bad_peers_are_refused_and_others_unaffected() {
     .unwrap();
     expect_cc(wire.into_inner(), ErrorCode::MandatoryClientSiMissing).await;
 
+    // An enforcer of the other direction than its role's device entry
+    // (the paper's edge router enforces egress).
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut wire = Framed::new(stream, CopsCodec::default());
+    let ingress = PepHello {
+        roles: vec!["edge".into()],
+        direction: Some(qosloop_schema::Direction::Ingress),
+        ..PepHello::default()
+    };
+    wire.send(Message::opn("wrong-way", &ingress))
+        .await
+        .unwrap();
+    expect_cc(wire.into_inner(), ErrorCode::UnableToProcess).await;
+
     // A peer that never sends OPN (the test's open timeout is 300 ms).
     let stream = TcpStream::connect(addr).await.unwrap();
     expect_cc(stream, ErrorCode::CommunicationFailure).await;

@@ -72,6 +72,7 @@ impl FakePep {
         let hello = PepHello {
             roles: roles.clone(),
             interface: None,
+            direction: None,
             software: "fake-pep".into(),
         };
         wire.send(Message::opn(name, &hello)).await.unwrap();

@@ -20,6 +20,11 @@ pub struct PepHello {
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// Which traffic of the interface the PEP enforces (absent: egress);
+    /// the PDP refuses a PEP whose direction contradicts its roles' device
+    /// entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<crate::Direction>,
     /// Name and version of the PEP software.
     #[serde(default)]
     pub software: String,

@@ -142,6 +142,7 @@ fn qosloop_payloads_round_trip() {
     let hello = PepHello {
         roles: vec!["edge".into(), "core".into()],
         interface: Some("veth0".into()),
+        direction: None,
         software: "qosloop-enforcer 0.1.0".into(),
     };
     let back = decode_all(&encode(&Message::opn("pep-a", &hello)))
