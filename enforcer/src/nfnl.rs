@@ -11,7 +11,7 @@
 
 use crate::sys::NetlinkSocket;
 use crate::tc::{
-    attrs, begin_nest, decode_error, end_nest, messages, put_attr, put_u16, put_u32, KernelError,
+    attrs, begin_nest, decode_error, end_nest, messages, push_nlmsg, put_attr, KernelError,
     NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
 };
 use std::net::IpAddr;
@@ -129,17 +129,11 @@ fn push_msg(
     res_id: u16,
     attrs: impl FnOnce(&mut Vec<u8>),
 ) {
-    let start = b.len();
-    put_u32(b, 0);
-    put_u16(b, ty);
-    put_u16(b, flags);
-    put_u32(b, seq);
-    put_u32(b, 0);
-    b.extend_from_slice(&[family, 0]);
-    b.extend_from_slice(&res_id.to_be_bytes());
-    attrs(b);
-    let len = (b.len() - start) as u32;
-    b[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    push_nlmsg(b, ty, flags, seq, |b| {
+        b.extend_from_slice(&[family, 0]); // family, version
+        b.extend_from_slice(&res_id.to_be_bytes());
+        attrs(b);
+    });
 }
 
 fn nft_msg(

@@ -270,6 +270,26 @@ pub(crate) fn end_nest(b: &mut [u8], at: usize) {
     b[at..at + 2].copy_from_slice(&len.to_ne_bytes());
 }
 
+/// Appends one netlink message: the 16-byte header, then whatever `body`
+/// writes (family header and attributes); the length is patched in after.
+pub(crate) fn push_nlmsg(
+    b: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = b.len();
+    put_u32(b, 0); // length, patched below
+    put_u16(b, ty);
+    put_u16(b, flags);
+    put_u32(b, seq);
+    put_u32(b, 0); // port id: the kernel
+    body(b);
+    let len = (b.len() - start) as u32;
+    b[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
 /// Appends one link message: header, `struct ifinfomsg` (set up when
 /// creating), then `attrs`.
 fn push_link_msg(
@@ -280,21 +300,15 @@ fn push_link_msg(
     ifindex: u32,
     attrs: impl FnOnce(&mut Vec<u8>),
 ) {
-    let start = b.len();
-    put_u32(b, 0);
-    put_u16(b, ty);
-    put_u16(b, flags);
-    put_u32(b, seq);
-    put_u32(b, 0);
-    b.extend_from_slice(&[0u8, 0]); // family, pad
-    put_u16(b, 0); // type
-    b.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    let up = if ty == RTM_NEWLINK { IFF_UP } else { 0 };
-    put_u32(b, up); // flags
-    put_u32(b, up); // change
-    attrs(b);
-    let len = (b.len() - start) as u32;
-    b[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    push_nlmsg(b, ty, flags, seq, |b| {
+        b.extend_from_slice(&[0u8, 0]); // family, pad
+        put_u16(b, 0); // type
+        b.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+        let up = if ty == RTM_NEWLINK { IFF_UP } else { 0 };
+        put_u32(b, up); // flags
+        put_u32(b, up); // change
+        attrs(b);
+    });
 }
 
 /// Appends one netlink message: header, `struct tcmsg`, then `attrs`.
@@ -310,20 +324,14 @@ fn push_tc_msg(
     parent: u32,
     attrs: impl FnOnce(&mut Vec<u8>),
 ) {
-    let start = b.len();
-    put_u32(b, 0); // length, patched below
-    put_u16(b, ty);
-    put_u16(b, flags);
-    put_u32(b, seq);
-    put_u32(b, 0); // port id: the kernel
-    b.extend_from_slice(&[0u8, 0, 0, 0]); // family, pad1, pad2
-    b.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    put_u32(b, handle);
-    put_u32(b, parent);
-    put_u32(b, 0); // info
-    attrs(b);
-    let len = (b.len() - start) as u32;
-    b[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    push_nlmsg(b, ty, flags, seq, |b| {
+        b.extend_from_slice(&[0u8, 0, 0, 0]); // family, pad1, pad2
+        b.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+        put_u32(b, handle);
+        put_u32(b, parent);
+        put_u32(b, 0); // info
+        attrs(b);
+    });
 }
 
 fn bytes_per_sec(rate: Kbps) -> u64 {
