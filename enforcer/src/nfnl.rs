@@ -772,6 +772,7 @@ impl Nftnl {
             .send(&self.tx)
             .map_err(|e| format!("sending the nf_tables batch ({} bytes): {e}", self.tx.len()))?;
         let mut first_error: Option<(usize, KernelError)> = None;
+        let mut batch_error: Option<KernelError> = None;
         loop {
             let n = self
                 .sock
@@ -787,7 +788,12 @@ impl Nftnl {
                 }
                 let k = seq.wrapping_sub(first).wrapping_sub(1) as usize;
                 if let Err(e) = decode_error(flags, payload) {
-                    if k < lines.len() && first_error.as_ref().is_none_or(|(j, _)| k < *j) {
+                    if k >= lines.len() {
+                        // The batch itself was refused (its BEGIN or END):
+                        // no statement was processed, no ack will follow.
+                        batch_error = Some(e);
+                        done = true;
+                    } else if first_error.as_ref().is_none_or(|(j, _)| k < *j) {
                         first_error = Some((k, e));
                     }
                 }
@@ -798,6 +804,9 @@ impl Nftnl {
             if done {
                 break;
             }
+        }
+        if let Some(e) = batch_error {
+            return Err(format!("nftables refused the batch: {e}"));
         }
         match first_error {
             None => Ok(()),

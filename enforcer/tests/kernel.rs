@@ -682,6 +682,18 @@ add rule inet qosloop_native postrouting ip daddr 10.9.0.1 jump d99
         "{err}"
     );
     assert_eq!(list("qosloop_native"), before);
+    // Also when the refused statement is in the middle: the kernel goes on
+    // through the batch, answers the last statement, and commits nothing.
+    let err = native(
+        "add chain inet qosloop_native d46
+add rule inet qosloop_native postrouting ip daddr 10.9.0.2 jump d98
+add rule inet qosloop_native d46 counter accept
+"
+        .to_owned(),
+    )
+    .unwrap_err();
+    assert!(err.contains("jump d98"), "{err}");
+    assert_eq!(list("qosloop_native"), before);
 
     for t in ["qosloop_native", "qosloop_nft"] {
         native(format!("delete table inet {t}")).unwrap();
