@@ -11,6 +11,10 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 /// Default limit on one message, header included.
 pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// How far beyond the bytes present the read buffer is grown for a message
+/// still arriving: a header alone must not make the reader reserve the
+/// length it announces.
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Encoder/decoder of [`Frame`]s with a limit on message size.
 #[derive(Clone, Copy, Debug)]
@@ -65,7 +69,9 @@ impl Decoder for CraneCodec {
         }
         let len = len as usize;
         if src.len() < len {
-            src.reserve(len - src.len());
+            // Grow as bytes arrive: a peer announcing 16 MiB and sending
+            // nothing more costs this connection at most READ_CHUNK.
+            src.reserve((len - src.len()).min(READ_CHUNK));
             return Ok(None);
         }
         let mut msg = src.split_to(len);

@@ -11,7 +11,7 @@ mod codec;
 mod message;
 pub mod records;
 
-pub use codec::{CraneCodec, DEFAULT_MAX_MESSAGE, HEADER_LEN, VERSION};
+pub use codec::{CraneCodec, DEFAULT_MAX_MESSAGE, HEADER_LEN, READ_CHUNK, VERSION};
 pub use message::{
     ByteOrder, Data, DataAck, ErrorCode, ErrorMsg, Frame, Message, MessageType, Start, StartAck,
     Status, TemplateSet, WireKey, WireTemplate, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, CAP_TLS,
@@ -43,6 +43,14 @@ pub enum CraneError {
     UnknownElement(crate::IeId),
     #[error("record field {field} cannot hold this value")]
     Value { field: &'static str },
+    #[error("template {template} has no enabled fixed-size key: its records could be empty")]
+    NoFixedKey { template: u16 },
+    #[error("record count {count} does not fit in {bytes} byte(s) of records of at least {min_len} byte(s)")]
+    Count {
+        count: u32,
+        bytes: usize,
+        min_len: usize,
+    },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

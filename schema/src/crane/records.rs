@@ -71,6 +71,9 @@ fn field_of(id: IeId) -> Field {
 pub struct RecordLayout {
     fields: Vec<(Field, DataType)>,
     order: ByteOrder,
+    /// The fewest bytes one record can take (a variable-length value takes
+    /// at least its 2-byte length).
+    min_len: usize,
 }
 
 impl RecordLayout {
@@ -88,8 +91,67 @@ impl RecordLayout {
                     (Field::Other, k.data_type)
                 }
             })
-            .collect();
-        RecordLayout { fields, order }
+            .collect::<Vec<_>>();
+        let min_len = fields
+            .iter()
+            .map(|(_, ty)| ty.fixed_len().unwrap_or(2))
+            .sum();
+        RecordLayout {
+            fields,
+            order,
+            min_len,
+        }
+    }
+
+    /// The layout of a template a peer announced: refused unless it has an
+    /// enabled fixed-size key, so that every record takes bytes of the
+    /// message and no count can make the decoder produce records from
+    /// nothing.
+    pub fn checked(template: &WireTemplate, order: ByteOrder) -> Result<RecordLayout, CraneError> {
+        if !template
+            .enabled()
+            .any(|k| k.data_type.fixed_len().is_some())
+        {
+            return Err(CraneError::NoFixedKey {
+                template: template.id,
+            });
+        }
+        Ok(RecordLayout::new(template, order))
+    }
+
+    /// The fewest bytes one record takes.
+    pub fn min_record_len(&self) -> usize {
+        self.min_len
+    }
+
+    /// Checks that `count` records can fit in `bytes` bytes: the bound on
+    /// every count, applied before anything is allocated. A layout without
+    /// fields holds no records.
+    pub fn check_count(&self, bytes: usize, count: u32) -> Result<(), CraneError> {
+        let fits = match self.min_len {
+            0 => count == 0 && bytes == 0,
+            n => (count as usize)
+                .checked_mul(n)
+                .is_some_and(|need| need <= bytes),
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(CraneError::Count {
+                count,
+                bytes,
+                min_len: self.min_len,
+            })
+        }
+    }
+
+    /// An upper bound of the memory `count` decoded records from `bytes`
+    /// bytes take: the records themselves plus their strings (which can
+    /// hold no more than the bytes they came from).
+    pub fn decoded_size(count: u32, bytes: usize) -> usize {
+        (count as usize)
+            .saturating_mul(std::mem::size_of::<FlowRecord>())
+            .saturating_add(bytes)
     }
 
     /// Whether this layout carries IPv6 addresses (else IPv4).
@@ -136,13 +198,15 @@ impl RecordLayout {
     }
 
     /// Decodes exactly `count` records from `bytes`, calling `each` per
-    /// record; left-over bytes are an error.
+    /// record; left-over bytes are an error, and so is a count that cannot
+    /// fit in the bytes (checked first).
     pub fn decode_each(
         &self,
         bytes: &[u8],
         count: u32,
         mut each: impl FnMut(FlowRecord),
     ) -> Result<(), CraneError> {
+        self.check_count(bytes.len(), count)?;
         let mut r = Reader::new(bytes, "DATA records");
         for _ in 0..count {
             each(self.decode_one(&mut r)?);
@@ -152,10 +216,10 @@ impl RecordLayout {
 
     /// Decodes `count` records.
     pub fn decode(&self, bytes: &[u8], count: u32) -> Result<Vec<FlowRecord>, CraneError> {
-        // A record is at least one byte when the layout has a field: bound
-        // the allocation by what the message holds.
-        let cap = (count as usize).min(bytes.len());
-        let mut out = Vec::with_capacity(cap);
+        // The count is bounded by the bytes present before the vector is
+        // allocated: `count` records of at least `min_len` bytes each.
+        self.check_count(bytes.len(), count)?;
+        let mut out = Vec::with_capacity(count as usize);
         self.decode_each(bytes, count, |rec| out.push(rec))?;
         Ok(out)
     }

@@ -242,6 +242,100 @@ fn records_with_too_few_bytes_are_an_error() {
     assert!(layout.decode(&buf, u32::MAX).is_err());
 }
 
+/// Issue 11, item 1: a template without keys (or with every key disabled)
+/// made the decoder build one empty record per count without consuming a
+/// byte: a DATA of count 0xFFFFFFFF and no body grew until the allocation
+/// failed and the collector aborted.
+#[test]
+fn keyless_template_with_huge_count_builds_no_records() {
+    let keyless = WireTemplate {
+        id: 300,
+        keys: vec![],
+    };
+    let mut all_disabled = small_template();
+    for k in &mut all_disabled.keys {
+        k.disabled = true;
+    }
+    for t in [&keyless, &all_disabled] {
+        let layout = RecordLayout::new(t, ByteOrder::Big);
+        // A million records from nothing: the old decoder returned them.
+        assert!(
+            matches!(layout.decode(&[], 1_000_000), Err(CraneError::Count { .. })),
+            "template {} decoded records from no bytes",
+            t.id
+        );
+        assert!(layout.decode(&[], u32::MAX).is_err());
+        let mut n = 0u64;
+        assert!(layout.decode_each(&[], u32::MAX, |_| n += 1).is_err());
+        assert_eq!(n, 0, "no record before the count is checked");
+        // A peer's template like this is refused when it is announced.
+        let e = RecordLayout::checked(t, ByteOrder::Big).unwrap_err();
+        assert!(
+            matches!(e, CraneError::NoFixedKey { template } if template == t.id),
+            "{e}"
+        );
+    }
+    // Only variable-length keys enabled: still no fixed-size key.
+    let mut strings_only = small_template();
+    strings_only.keys[0].disabled = true;
+    strings_only.keys[1].disabled = true;
+    assert!(RecordLayout::checked(&strings_only, ByteOrder::Big).is_err());
+    assert!(RecordLayout::checked(&small_template(), ByteOrder::Big).is_ok());
+}
+
+/// Every count is bounded by the bytes present divided by the smallest
+/// record, before anything is allocated.
+#[test]
+fn record_count_is_bounded_by_the_bytes_present() {
+    let one_byte = WireTemplate {
+        id: 301,
+        keys: vec![WireKey {
+            ie: ie::PROTOCOL_IDENTIFIER.id,
+            data_type: DataType::Unsigned8,
+            disabled: false,
+        }],
+    };
+    let layout = RecordLayout::checked(&one_byte, ByteOrder::Big).unwrap();
+    assert_eq!(layout.min_record_len(), 1);
+    assert_eq!(layout.decode(&[6, 17, 1], 3).unwrap().len(), 3);
+    assert!(matches!(
+        layout.decode(&[6, 17, 1], 4),
+        Err(CraneError::Count {
+            count: 4,
+            bytes: 3,
+            min_len: 1
+        })
+    ));
+    let small = RecordLayout::new(&small_template(), ByteOrder::Big);
+    assert_eq!(small.min_record_len(), 4 + 8 + 2);
+    assert!(small.check_count(14 * 10, 10).is_ok());
+    assert!(small.check_count(14 * 10 - 1, 10).is_err());
+    assert!(small.check_count(usize::MAX, u32::MAX).is_ok());
+    assert!(RecordLayout::decoded_size(u32::MAX, usize::MAX) == usize::MAX);
+}
+
+/// Issue 11, item 3: an 8-byte header announcing 16 MiB made the decoder
+/// reserve 16 MiB for a connection that had sent 8 bytes.
+#[test]
+fn header_alone_does_not_reserve_its_length() {
+    let mut codec = CraneCodec::default();
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&[1, 0x20, 0, 0]);
+    buf.extend_from_slice(&(DEFAULT_MAX_MESSAGE as u32).to_be_bytes());
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    assert!(
+        buf.capacity() <= HEADER_LEN + READ_CHUNK,
+        "reserved {} bytes for a header",
+        buf.capacity()
+    );
+    // The buffer grows as the body arrives, and the message still decodes.
+    let good = golden("data");
+    let mut buf = BytesMut::from(&good[..HEADER_LEN]);
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    buf.extend_from_slice(&good[HEADER_LEN..]);
+    assert!(codec.decode(&mut buf).unwrap().is_some());
+}
+
 #[test]
 fn encoding_refuses_oversized_messages() {
     let mut codec = CraneCodec::with_max_message(64);
