@@ -7,12 +7,15 @@
 //! migrations of both storage dialects, and the LDAP schema of the policy
 //! repository (`schema/ldap/`).
 //!
-//! The crate is pure: it opens no socket and reads no file. Wire codecs
+//! The crate is pure — it opens no socket and reads no file — but for
+//! `guard`, the limits every listener of qosloop shares (connections per
+//! peer, accept back-off, log throttling, bind policy). Wire codecs
 //! (export protocol, COPS decisions) live here as `tokio_util` codecs so that
 //! both ends of a connection share one implementation.
 
 pub mod cops;
 pub mod crane;
+pub mod guard;
 pub mod ie;
 pub mod sql;
 pub mod telemetry;
