@@ -15,6 +15,7 @@ use qosloop_schema::crane::{
     ByteOrder, CraneCodec, Data, Frame, Message, Start, TemplateSet, WireTemplate, CAP_KEEPALIVE,
     CAP_LITTLE_ENDIAN, DATA_FLAG_DUPLICATE, DATA_FLAG_START, VERSION,
 };
+use qosloop_schema::ie::{self, IeId};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -63,8 +64,62 @@ const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 enum Ended {
     Failed(String),
+    /// The oldest DATA in flight waited longer than `ack_timeout`.
+    AckTimeout(String),
     FailBack(usize),
     Finished,
+    /// `finish_timeout` passed with messages still unacknowledged.
+    GaveUp,
+}
+
+/// Why a collector could not be used.
+enum ConnectError {
+    /// Not reachable, or the handshake failed: tried again later.
+    Failed(ExportError),
+    /// It refused the templates (an ERROR answer to TMPL_DATA, or a
+    /// negotiation that keeps no flow key or no counter): trying again
+    /// cannot help, so it is not tried again in this run.
+    Refused(String),
+}
+
+/// The elements of which a negotiated template must keep at least one
+/// (each group), or its records say nothing: the flow keys, the counters.
+const MUST_KEEP_ONE_OF: [(&str, &[IeId]); 2] = [
+    (
+        "flow key (addresses, ports, protocol)",
+        &[
+            ie::SOURCE_IPV4_ADDRESS.id,
+            ie::DESTINATION_IPV4_ADDRESS.id,
+            ie::SOURCE_IPV6_ADDRESS.id,
+            ie::DESTINATION_IPV6_ADDRESS.id,
+            ie::SOURCE_TRANSPORT_PORT.id,
+            ie::DESTINATION_TRANSPORT_PORT.id,
+            ie::PROTOCOL_IDENTIFIER.id,
+        ],
+    ),
+    (
+        "counter (packets, bytes)",
+        &[ie::PACKET_DELTA_COUNT.id, ie::OCTET_DELTA_COUNT.id],
+    ),
+];
+
+/// What a negotiated template lacks, if it keeps no element of a group
+/// of [`MUST_KEEP_ONE_OF`] that the offered template had.
+fn unusable(ours: &WireTemplate, theirs: &WireTemplate) -> Option<String> {
+    for (what, group) in MUST_KEEP_ONE_OF {
+        let offered = ours.keys.iter().any(|k| group.contains(&k.ie));
+        let kept = theirs
+            .keys
+            .iter()
+            .any(|k| !k.disabled && group.contains(&k.ie));
+        if offered && !kept {
+            return Some(format!(
+                "the collector disabled every {what} of template {}: its records would be stored empty",
+                ours.id
+            ));
+        }
+    }
+    None
 }
 
 pub struct Engine {
@@ -86,6 +141,11 @@ pub struct Engine {
     /// fail-back until then: a hung collector's kernel still accepts TCP
     /// connections, only the handshake would show it is gone.
     suspect_until: Vec<Option<Instant>>,
+    /// Collectors that left DATA unacknowledged past `ack_timeout` are not
+    /// tried again until then.
+    unacking_until: Vec<Option<Instant>>,
+    /// Collectors that refused the templates, with why: not tried again.
+    refused: Vec<Option<String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -131,6 +191,8 @@ impl Engine {
             stream_id,
             current: None,
             suspect_until: vec![None; cfg_len],
+            unacking_until: vec![None; cfg_len],
+            refused: vec![None; cfg_len],
             tls,
         }
     }
@@ -141,6 +203,33 @@ impl Engine {
             .copied()
             .flatten()
             .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Whether `idx` may be connected to now.
+    fn usable(&self, idx: usize) -> bool {
+        let unacking = self
+            .unacking_until
+            .get(idx)
+            .copied()
+            .flatten()
+            .is_some_and(|t| Instant::now() < t);
+        !unacking && self.refused.get(idx).is_some_and(Option::is_none)
+    }
+
+    /// Why every collector refused the templates, when all did.
+    fn all_refused(&self) -> Option<String> {
+        if self.refused.iter().all(Option::is_some) {
+            let why: Vec<String> = self
+                .cfg
+                .collectors
+                .iter()
+                .zip(&self.refused)
+                .map(|(c, r)| format!("{c}: {}", r.as_deref().unwrap_or("")))
+                .collect();
+            Some(why.join("; "))
+        } else {
+            None
+        }
     }
 
     fn mark_suspect(&mut self, idx: usize) {
@@ -236,6 +325,8 @@ impl Engine {
             failovers: self.stats.failovers.load(Ordering::Relaxed),
             earlier_runs_acked_records: 0,
             earlier_runs_spool_messages: 0,
+            ack_timeouts: self.stats.ack_timeouts.load(Ordering::Relaxed),
+            refused: self.stats.refused(),
         }
     }
 
@@ -254,6 +345,7 @@ impl Engine {
             let order: Vec<usize> = (0..n)
                 .filter(|i| !self.suspect(*i))
                 .chain((0..n).filter(|i| self.suspect(*i)))
+                .filter(|i| self.usable(*i))
                 .collect();
             for idx in order {
                 match self.connect(idx).await {
@@ -261,9 +353,18 @@ impl Engine {
                         connected = Some((idx, conn));
                         break;
                     }
-                    Err(e) => {
+                    Err(ConnectError::Failed(e)) => {
                         self.mark_suspect(idx);
                         tracing::debug!(collector = %self.cfg.collectors[idx], error = %e, "collector not answering")
+                    }
+                    Err(ConnectError::Refused(why)) => {
+                        tracing::error!(collector = %self.cfg.collectors[idx], error = %why, "collector refused the templates; not tried again");
+                        self.refused[idx] = Some(why);
+                        if let Some(all) = self.all_refused() {
+                            if let Ok(mut r) = self.stats.refused.lock() {
+                                *r = Some(all);
+                            }
+                        }
                     }
                 }
             }
@@ -278,6 +379,18 @@ impl Engine {
                     let ended = self.serve(idx, conn, &mut channel_open).await;
                     match ended {
                         Ended::Finished => break,
+                        Ended::GaveUp => {
+                            tracing::warn!(collector = %self.cfg.collectors[idx], "finish timeout: unacknowledged messages left in the spool");
+                            break;
+                        }
+                        Ended::AckTimeout(why) => {
+                            self.stats.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                            self.mark_suspect(idx);
+                            if let Some(u) = self.unacking_until.get_mut(idx) {
+                                *u = Some(Instant::now() + self.cfg.ack_timeout);
+                            }
+                            tracing::warn!(collector = %self.cfg.collectors[idx], error = %why, "collector does not acknowledge; failing over");
+                        }
                         Ended::FailBack(better) => {
                             tracing::info!(from = %self.cfg.collectors[idx], to = %self.cfg.collectors[better], "failing back to a better collector");
                         }
@@ -296,7 +409,10 @@ impl Engine {
                     while let Some(m) = self.queue.pop_front() {
                         self.spool_or_drop(m);
                     }
-                    if self.finish_deadline.is_some_and(|d| Instant::now() >= d) {
+                    // Finishing with every collector refusing: waiting cannot help.
+                    if self.finish_deadline.is_some_and(|d| Instant::now() >= d)
+                        || (self.finish.is_some() && self.all_refused().is_some())
+                    {
                         break;
                     }
                     let wait = tokio::time::sleep(self.cfg.retry_interval);
@@ -327,40 +443,29 @@ impl Engine {
         }
     }
 
-    async fn connect(&mut self, idx: usize) -> Result<Conn, ExportError> {
+    async fn connect(&mut self, idx: usize) -> Result<Conn, ConnectError> {
         let addr = self.cfg.collectors[idx].clone();
+        let failed = |detail: String| {
+            ConnectError::Failed(ExportError::Collector {
+                addr: addr.clone(),
+                detail,
+            })
+        };
         let limit = self.cfg.connect_timeout;
         let stream = tokio::time::timeout(limit, TcpStream::connect(&addr))
             .await
-            .map_err(|_| ExportError::Collector {
-                addr: addr.clone(),
-                detail: "connect timed out".into(),
-            })?
-            .map_err(|e| ExportError::Collector {
-                addr: addr.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|_| failed("connect timed out".into()))?
+            .map_err(|e| failed(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let io: Box<dyn crate::Io> = match &self.tls {
             None => Box::new(stream),
             Some(connector) => {
-                let name = qosloop_schema::tls::server_name(&addr).map_err(|detail| {
-                    ExportError::Collector {
-                        addr: addr.clone(),
-                        detail,
-                    }
-                })?;
+                let name = qosloop_schema::tls::server_name(&addr).map_err(failed)?;
                 let tls =
                     tokio::time::timeout(Duration::from_secs(2), connector.connect(name, stream))
                         .await
-                        .map_err(|_| ExportError::Collector {
-                            addr: addr.clone(),
-                            detail: "TLS handshake timed out".into(),
-                        })?
-                        .map_err(|e| ExportError::Collector {
-                            addr: addr.clone(),
-                            detail: format!("TLS: {e}"),
-                        })?;
+                        .map_err(|_| failed("TLS handshake timed out".into()))?
+                        .map_err(|e| failed(format!("TLS: {e}")))?;
                 Box::new(tls)
             }
         };
@@ -379,17 +484,22 @@ impl Engine {
                     exporter: self.cfg.name.clone(),
                 })))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| failed(e.to_string()))?;
             match framed.next().await {
                 Some(Ok(Frame {
                     message: Message::StartAck(a),
                     ..
                 })) => {
                     if a.version != VERSION {
-                        return Err(format!("collector chose version {}", a.version));
+                        return Err(failed(format!("collector chose version {}", a.version)));
                     }
                 }
-                other => return Err(format!("expected START_ACK, got {}", describe(other))),
+                other => {
+                    return Err(failed(format!(
+                        "expected START_ACK, got {}",
+                        describe(other)
+                    )))
+                }
             }
             framed
                 .send(f(Message::TemplateData(TemplateSet {
@@ -398,39 +508,55 @@ impl Engine {
                     templates: self.templates.clone(),
                 })))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| failed(e.to_string()))?;
             let acked = match framed.next().await {
                 Some(Ok(Frame {
                     message: Message::TemplateDataAck(set),
                     ..
                 })) => set,
-                other => return Err(format!("expected TMPL_DATA_ACK, got {}", describe(other))),
+                // The collector refuses the templates themselves: the same
+                // templates would be refused again.
+                Some(Ok(Frame {
+                    message: Message::Error(e),
+                    ..
+                })) => {
+                    return Err(ConnectError::Refused(format!(
+                        "ERROR {:?} in answer to the templates: {}",
+                        e.code, e.text
+                    )))
+                }
+                other => {
+                    return Err(failed(format!(
+                        "expected TMPL_DATA_ACK, got {}",
+                        describe(other)
+                    )))
+                }
             };
             framed
                 .send(f(Message::FinalTemplateData {
                     config_id: CONFIG_ID,
                 }))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| failed(e.to_string()))?;
             match framed.next().await {
                 Some(Ok(Frame {
                     message: Message::FinalTemplateDataAck { .. },
                     ..
                 })) => {}
                 other => {
-                    return Err(format!(
+                    return Err(failed(format!(
                         "expected FINAL_TMPL_DATA_ACK, got {}",
                         describe(other)
-                    ))
+                    )))
                 }
             }
             let mut transcode = Vec::new();
             for ours in &self.templates {
                 let Some(theirs) = acked.templates.iter().find(|t| t.id == ours.id) else {
-                    return Err(format!(
+                    return Err(failed(format!(
                         "collector did not acknowledge template {}",
                         ours.id
-                    ));
+                    )));
                 };
                 if theirs.keys.len() != ours.keys.len()
                     || theirs
@@ -439,7 +565,10 @@ impl Engine {
                         .zip(&ours.keys)
                         .any(|(a, b)| a.ie != b.ie)
                 {
-                    return Err(format!("collector changed template {}", ours.id));
+                    return Err(failed(format!("collector changed template {}", ours.id)));
+                }
+                if let Some(why) = unusable(ours, theirs) {
+                    return Err(ConnectError::Refused(why));
                 }
                 if theirs.keys.iter().any(|k| k.disabled) {
                     transcode.push((
@@ -453,14 +582,7 @@ impl Engine {
         };
         let transcode = tokio::time::timeout(Duration::from_secs(2), handshake)
             .await
-            .map_err(|_| ExportError::Collector {
-                addr: addr.clone(),
-                detail: "handshake timed out".into(),
-            })?
-            .map_err(|detail| ExportError::Collector {
-                addr: addr.clone(),
-                detail,
-            })?;
+            .map_err(|_| failed("handshake timed out".into()))??;
         Ok(Conn { framed, transcode })
     }
 
@@ -486,7 +608,8 @@ impl Engine {
     }
 
     async fn serve(&mut self, idx: usize, mut conn: Conn, channel_open: &mut bool) -> Ended {
-        let mut inflight: VecDeque<Msg> = VecDeque::new();
+        // Sent and not yet acknowledged, with when each was sent.
+        let mut inflight: VecDeque<(Msg, Instant)> = VecDeque::new();
         let mut last_sent: Option<u32> = None;
         let mut last_heard = Instant::now();
         let mut last_said = Instant::now();
@@ -533,13 +656,13 @@ impl Engine {
                 };
                 if let Err(e) = conn.framed.feed(frame).await {
                     m.duplicate = true;
-                    inflight.push_back(m);
+                    inflight.push_back((m, Instant::now()));
                     write_failed = Some(format!("writing: {e}"));
                     break;
                 }
                 last_sent = Some(m.seq);
                 m.duplicate = true;
-                inflight.push_back(m);
+                inflight.push_back((m, Instant::now()));
                 wrote = true;
             }
             if let Some(e) = write_failed {
@@ -590,10 +713,10 @@ impl Engine {
                     last_heard = Instant::now();
                     match frame {
                         Some(Ok(Frame { message: Message::DataAck(a), .. })) => {
-                            if let Some(pos) = inflight.iter().position(|m| m.seq == a.seq) {
+                            if let Some(pos) = inflight.iter().position(|(m, _)| m.seq == a.seq) {
                                 // Acknowledgements come in order; anything
                                 // before an acknowledged message is settled too.
-                                for m in inflight.drain(..=pos) {
+                                for (m, _) in inflight.drain(..=pos) {
                                     self.stats.acked_records.fetch_add(u64::from(m.count), Ordering::Relaxed);
                                 }
                             } else {
@@ -627,6 +750,19 @@ impl Engine {
                     if !inflight.is_empty() && last_heard.elapsed() > self.cfg.dead_after {
                         break Ended::Failed(format!("no answer for {:?}", self.cfg.dead_after));
                     }
+                    // Keepalives keep `last_heard` fresh; only an
+                    // acknowledgement moves the oldest message on.
+                    if let Some((m, sent)) = inflight.front() {
+                        if sent.elapsed() > self.cfg.ack_timeout {
+                            break Ended::AckTimeout(format!(
+                                "DATA seq {} unacknowledged for {:?}",
+                                m.seq, self.cfg.ack_timeout
+                            ));
+                        }
+                    }
+                    if !inflight.is_empty() && self.finish_deadline.is_some_and(|d| Instant::now() >= d) {
+                        break Ended::GaveUp;
+                    }
                     if last_said.elapsed() > Duration::from_secs(1) {
                         if conn.framed.send(Frame { session: 1, message: Message::Keepalive }).await.is_err() {
                             break Ended::Failed("writing keepalive".into());
@@ -641,7 +777,7 @@ impl Engine {
         };
         // Unacknowledged messages go first next time, marked as possible
         // duplicates.
-        while let Some(m) = inflight.pop_back() {
+        while let Some((m, _)) = inflight.pop_back() {
             self.retry.push_front(m);
         }
         ended

@@ -34,6 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
+/// Default of [`ExporterConfig::ack_timeout`].
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the exporter can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -70,6 +73,10 @@ pub struct ExporterConfig {
     /// A collector that has not answered for this long while messages wait
     /// for acknowledgement is given up.
     pub dead_after: Duration,
+    /// A collector that leaves a DATA message unacknowledged this long is
+    /// failed over, even if it answers keepalives, and is not tried again
+    /// for as long (with no other collector, records spool).
+    pub ack_timeout: Duration,
     /// How often better collectors are probed while on a worse one.
     pub probe_interval: Duration,
     /// How often collectors are tried while none answers.
@@ -92,6 +99,7 @@ impl ExporterConfig {
             spool_max_bytes: 1 << 30,
             connect_timeout: Duration::from_millis(300),
             dead_after: Duration::from_millis(700),
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
             probe_interval: Duration::from_millis(500),
             retry_interval: Duration::from_millis(200),
             finish_timeout: Duration::from_secs(10),
@@ -136,6 +144,20 @@ pub struct Stats {
     pub failovers: AtomicU64,
     /// Index of the collector in use; `usize::MAX` when none.
     pub collector: AtomicUsize,
+    /// Failovers because DATA stayed unacknowledged past `ack_timeout`.
+    pub ack_timeouts: AtomicU64,
+    /// Set when every collector refused this exporter's templates (an
+    /// ERROR answer to TMPL_DATA, or a negotiation that keeps no flow key
+    /// or no counter): nothing sent could be stored, so the meter stops
+    /// with a configuration error instead of exporting all-zero rows.
+    pub refused: std::sync::Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// Why every collector refused this exporter, when they all did.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
 }
 
 /// What became of the records at [`Exporter::finish`].
@@ -159,6 +181,10 @@ pub struct Report {
     pub earlier_runs_acked_records: u64,
     /// Messages of those spools still on disk.
     pub earlier_runs_spool_messages: u64,
+    /// Failovers because DATA stayed unacknowledged past `ack_timeout`.
+    pub ack_timeouts: u64,
+    /// Set when every collector refused the templates (see [`Stats::refused`]).
+    pub refused: Option<String>,
 }
 
 impl Report {
@@ -398,6 +424,8 @@ fn replay(
             failovers: 0,
             earlier_runs_acked_records: 0,
             earlier_runs_spool_messages: 0,
+            ack_timeouts: 0,
+            refused: None,
         };
         let r = wait.await.unwrap_or(lost);
         tracing::info!(

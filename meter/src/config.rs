@@ -9,6 +9,7 @@ use crate::sampling::Sampling;
 use crate::sink::{JsonlSink, MultiSink, RecordSink, SinkError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A configuration that cannot be used (exit code 64).
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,9 @@ pub struct Config {
     pub export_tls_ca: Option<PathBuf>,
     pub export_tls_cert: Option<PathBuf>,
     pub export_tls_key: Option<PathBuf>,
+    /// A collector that leaves DATA unacknowledged this long (keepalives
+    /// or not) is failed over (default 10000).
+    pub export_ack_timeout_ms: Option<u64>,
     /// Flow-key XML files (`seeds/004` Fig. 4).
     pub flow_keys: Vec<PathBuf>,
     /// Field/mask rule files (TOML).
@@ -118,6 +122,7 @@ impl Config {
             export_tls_ca,
             export_tls_cert,
             export_tls_key,
+            export_ack_timeout_ms,
             patterns,
             caplen,
             idle_timeout_ms,
@@ -145,6 +150,11 @@ impl Config {
         if let Some(target) = &self.export {
             qosloop_exporter::ExporterConfig::from_url(target)
                 .map_err(|e| ConfigError::Invalid(format!("export: {e}")))?;
+        }
+        if self.export_ack_timeout_ms == Some(0) {
+            return Err(ConfigError::Invalid(
+                "export_ack_timeout_ms must be above 0".into(),
+            ));
         }
         match (&self.pcap, &self.interface) {
             (Some(_), Some(_)) => {
@@ -279,8 +289,14 @@ impl Config {
                     ))
                 }
             };
+            let ack_timeout = self
+                .export_ack_timeout_ms
+                .map_or(qosloop_exporter::DEFAULT_ACK_TIMEOUT, Duration::from_millis);
             sinks.push(Box::new(crate::export_sink::ExportSink::start(
-                target, spool, tls,
+                target,
+                spool,
+                tls,
+                ack_timeout,
             )?));
         }
         if sinks.is_empty() {

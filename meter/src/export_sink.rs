@@ -30,6 +30,12 @@ fn failed(e: impl std::fmt::Display) -> SinkError {
     SinkError::Failed(format!("export: {e}"))
 }
 
+fn refused(why: &str) -> SinkError {
+    SinkError::Refused(format!(
+        "export refused, nothing is stored: {why} (check the collector's disable_keys)"
+    ))
+}
+
 impl ExportSink {
     /// Starts exporting to `target` (`crane://…`), spooling under
     /// `spool_dir` while no collector answers, over TLS when `tls` is given.
@@ -37,10 +43,12 @@ impl ExportSink {
         target: &str,
         spool_dir: std::path::PathBuf,
         tls: Option<qosloop_exporter::TlsFiles>,
+        ack_timeout: std::time::Duration,
     ) -> Result<ExportSink, SinkError> {
         let mut cfg = ExporterConfig::from_url(target).map_err(failed)?;
         cfg.spool_dir = Some(spool_dir);
         cfg.tls = tls;
+        cfg.ack_timeout = ack_timeout;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("qosloop-export")
@@ -62,6 +70,11 @@ impl ExportSink {
         let Some(ex) = self.exporter.as_mut() else {
             return Err(failed("already finished"));
         };
+        // Every collector refused the templates: what would be sent could
+        // not be stored (or only as empty rows). Stop now, not at the end.
+        if let Some(why) = ex.stats().refused() {
+            return Err(refused(&why));
+        }
         let pending = std::mem::take(&mut self.pending);
         self.runtime
             .block_on(async {
@@ -106,6 +119,9 @@ impl RecordSink for ExportSink {
             .map(|d| d.display().to_string())
             .unwrap_or_default();
         let report = self.runtime.block_on(ex.finish()).map_err(failed)?;
+        if let Some(why) = &report.refused {
+            return Err(refused(why));
+        }
         if report.dropped_records > 0 {
             return Err(failed(format!(
                 "{} of {} records dropped (spool full); {} acknowledged",

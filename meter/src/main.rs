@@ -3,7 +3,7 @@
 //! 1: bad input or a failed run).
 
 use clap::Parser;
-use qosloop_meter::{run_file, Config, LiveCapture, Progress};
+use qosloop_meter::{run_file, Config, LiveCapture, Progress, SinkError};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +48,10 @@ struct Args {
     /// Key (PEM) of --export-tls-cert.
     #[arg(long)]
     export_tls_key: Option<PathBuf>,
+    /// Fail a collector over when it leaves DATA unacknowledged this long,
+    /// keepalives or not (default 10000).
+    #[arg(long)]
+    export_ack_timeout_ms: Option<u64>,
     /// Flow-key XML (seeds/004 Fig. 4).
     #[arg(long)]
     flow_keys: Vec<PathBuf>,
@@ -104,6 +108,7 @@ impl Args {
             export_tls_ca: self.export_tls_ca,
             export_tls_cert: self.export_tls_cert,
             export_tls_key: self.export_tls_key,
+            export_ack_timeout_ms: self.export_ack_timeout_ms,
             flow_keys: self.flow_keys,
             field_rules: self.field_rules,
             patterns: self.patterns,
@@ -120,6 +125,23 @@ impl Args {
             progress: self.progress,
         };
         (self.config, flags)
+    }
+}
+
+/// 64 when an output refuses to work as configured (every collector
+/// refuses the templates), else 1.
+fn run_exit_code(e: &anyhow::Error) -> u8 {
+    let refused = e.chain().any(|c| {
+        matches!(c.downcast_ref::<SinkError>(), Some(SinkError::Refused(_)))
+            || matches!(
+                c.downcast_ref::<qosloop_meter::RunError>(),
+                Some(qosloop_meter::RunError::Sink(SinkError::Refused(_)))
+            )
+    });
+    if refused {
+        EXIT_CONFIG
+    } else {
+        1
     }
 }
 
@@ -205,7 +227,10 @@ fn main() -> ExitCode {
                 eprintln!("qosloop-meter: {summary}");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(1, e),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                fail(run_exit_code(&e), e)
+            }
         }
     } else if let Some(interface) = &config.interface {
         let capture = match LiveCapture::open(
@@ -238,7 +263,7 @@ fn main() -> ExitCode {
                 eprintln!("qosloop-meter: {summary}");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(1, e),
+            Err(e) => fail(run_exit_code(&e), e),
         }
     } else {
         fail(

@@ -21,6 +21,10 @@ pub enum SinkError {
     },
     #[error("{0}")]
     Failed(String),
+    /// The output cannot work as configured (e.g. every collector refuses
+    /// the templates): exit code 64, like a bad configuration.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A consumer of flow records.
