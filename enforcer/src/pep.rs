@@ -184,6 +184,20 @@ impl<B: KernelBackend> Daemon<B> {
     }
 }
 
+/// The PEPID a client certificate (PEM) gives: the name in it
+/// ([`qosloop_schema::cops::certificate_identity`]).
+fn certificate_pep_id(path: &std::path::Path) -> anyhow::Result<String> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+    let cert = CertificateDer::from_pem_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    qosloop_schema::cops::certificate_identity(cert.as_ref()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: the certificate names no subject (common name or DNS name) to use as PEPID",
+            path.display()
+        )
+    })
+}
+
 /// Runs the daemon until a termination signal.
 pub fn run<B: KernelBackend>(
     enforcer: Enforcer<B>,
@@ -191,10 +205,16 @@ pub fn run<B: KernelBackend>(
     config: &Config,
 ) -> anyhow::Result<()> {
     let interface = enforcer.layout().interface.clone();
+    // Under mutual TLS the PDP knows an enforcer by its certificate and
+    // refuses any other PEPID.
+    let pep_id = match &config.pdp_tls_cert {
+        Some(cert) => certificate_pep_id(cert)?,
+        None => format!("qosloop-enforcer/{interface}/{}", std::process::id()),
+    };
     let mut daemon = Daemon {
         enforcer,
         roles: config.roles.clone(),
-        pep_id: format!("qosloop-enforcer/{interface}/{}", std::process::id()),
+        pep_id,
         state_path: state_file(&interface),
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -3,6 +3,8 @@
 //! Everything is validated before any socket opens (`Config::validate`).
 
 use crate::pdp::PdpConfig;
+use crate::web::WebConfig;
+use qosloop_schema::guard::{check_bind, ConnLimits};
 use qosloop_schema::telemetry::LogFormat;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -23,6 +25,9 @@ pub enum ConfigError {
     #[error("{key}: {why}")]
     Invalid { key: &'static str, why: String },
 }
+
+/// Where the PDP listens unless told: loopback (RFC 2748's port).
+pub const DEFAULT_PDP_LISTEN: &str = "127.0.0.1:3288";
 
 fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -60,9 +65,26 @@ pub struct Settings {
     /// Upgrade an ldap:// connection with StartTLS before binding.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ldap_starttls: Option<bool>,
-    /// Where the PDP listens for enforcers (COPS), default 0.0.0.0:3288.
+    /// Where the PDP listens for enforcers (COPS), default 127.0.0.1:3288.
+    /// An address beyond loopback needs mutual TLS (--pdp-tls-client-ca) or
+    /// --allow-insecure-remote.
     #[arg(long, value_name = "HOST:PORT")]
     pub pdp_listen: Option<String>,
+    /// Allow the PDP without mutual TLS, and the web API (which has no
+    /// TLS), on addresses beyond loopback: anyone who reaches them can
+    /// steer enforcement or read the state. Logged at WARN.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_insecure_remote: Option<bool>,
+    /// PDP connections open at once from one address (default 32).
+    #[arg(long, value_name = "N")]
+    pub pdp_max_connections_per_peer: Option<usize>,
+    /// PDP connections open at once in total (default 256).
+    #[arg(long, value_name = "N")]
+    pub pdp_max_connections: Option<usize>,
+    /// A write to an enforcer that makes no progress this long closes its
+    /// session, ms (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub pdp_write_timeout_ms: Option<u64>,
     /// COPS over TLS: the PDP's certificate (PEM), with --pdp-tls-key.
     #[arg(long, value_name = "FILE")]
     pub pdp_tls_cert: Option<PathBuf>,
@@ -73,9 +95,23 @@ pub struct Settings {
     /// without it enforcers connect with server authentication only.
     #[arg(long, value_name = "FILE")]
     pub pdp_tls_client_ca: Option<PathBuf>,
-    /// Where the web API and page listen (none when absent).
+    /// Where the web API and page listen (none when absent); beyond
+    /// loopback only with --allow-insecure-remote.
     #[arg(long, value_name = "HOST:PORT")]
     pub http: Option<String>,
+    /// HTTP connections open at once from one address (default 32).
+    #[arg(long, value_name = "N")]
+    pub http_max_connections_per_peer: Option<usize>,
+    /// HTTP connections open at once in total (default 256).
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
+    /// Time a client has to send a request's headers, ms (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// An HTTP connection on which nothing moves this long is closed, ms
+    /// (default 60000).
+    #[arg(long, value_name = "MS")]
+    pub http_idle_timeout_ms: Option<u64>,
     /// Bandwidth manager poll interval in milliseconds (100..=60000, default 1000).
     #[arg(long, value_name = "MS")]
     pub interval_ms: Option<u64>,
@@ -132,10 +168,22 @@ impl Settings {
             ldap_tls_ca: self.ldap_tls_ca.or(base.ldap_tls_ca),
             ldap_starttls: self.ldap_starttls.or(base.ldap_starttls),
             pdp_listen: self.pdp_listen.or(base.pdp_listen),
+            allow_insecure_remote: self.allow_insecure_remote.or(base.allow_insecure_remote),
+            pdp_max_connections_per_peer: self
+                .pdp_max_connections_per_peer
+                .or(base.pdp_max_connections_per_peer),
+            pdp_max_connections: self.pdp_max_connections.or(base.pdp_max_connections),
+            pdp_write_timeout_ms: self.pdp_write_timeout_ms.or(base.pdp_write_timeout_ms),
             pdp_tls_cert: self.pdp_tls_cert.or(base.pdp_tls_cert),
             pdp_tls_key: self.pdp_tls_key.or(base.pdp_tls_key),
             pdp_tls_client_ca: self.pdp_tls_client_ca.or(base.pdp_tls_client_ca),
             http: self.http.or(base.http),
+            http_max_connections_per_peer: self
+                .http_max_connections_per_peer
+                .or(base.http_max_connections_per_peer),
+            http_max_connections: self.http_max_connections.or(base.http_max_connections),
+            http_header_timeout_ms: self.http_header_timeout_ms.or(base.http_header_timeout_ms),
+            http_idle_timeout_ms: self.http_idle_timeout_ms.or(base.http_idle_timeout_ms),
             interval_ms: self.interval_ms.or(base.interval_ms),
             ewma_weight: self.ewma_weight.or(base.ewma_weight),
             hysteresis: self.hysteresis.or(base.hysteresis),
@@ -172,6 +220,11 @@ pub struct Config {
     pub policies: PolicySource,
     pub pdp_listen: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// Listeners beyond loopback without mutual TLS were allowed.
+    pub allow_insecure_remote: bool,
+    /// Every enforcer must show a certificate (pdp_tls_client_ca).
+    pub pdp_mutual_tls: bool,
+    pub web: WebConfig,
     pub interval: Duration,
     pub ewma_weight: f64,
     pub hysteresis: f64,
@@ -190,6 +243,21 @@ fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 impl Config {
+    /// Logs a WARN line for each listener open beyond loopback without
+    /// mutual TLS (allowed by `allow_insecure_remote`); called once logging
+    /// is set up, since [`Config::validate`] runs before.
+    pub fn warn_insecure_listeners(&self) {
+        let _ = check_bind(
+            self.pdp_listen,
+            "PDP",
+            self.pdp_mutual_tls,
+            self.allow_insecure_remote,
+        );
+        if let Some(h) = self.http {
+            let _ = check_bind(h, "HTTP", false, self.allow_insecure_remote);
+        }
+    }
+
     /// Checks every setting; `need_db` is false for `--check`.
     pub fn validate(s: Settings, need_db: bool) -> Result<Config, ConfigError> {
         let db = match s.db {
@@ -254,7 +322,7 @@ impl Config {
         };
         let pdp_listen = addr(
             "pdp_listen",
-            s.pdp_listen.as_deref().unwrap_or("0.0.0.0:3288"),
+            s.pdp_listen.as_deref().unwrap_or(DEFAULT_PDP_LISTEN),
         )?;
         let tls = match (&s.pdp_tls_cert, &s.pdp_tls_key) {
             (Some(cert), Some(key)) => Some(
@@ -276,6 +344,57 @@ impl Config {
             }
         };
         let http = s.http.as_deref().map(|h| addr("http", h)).transpose()?;
+        let allow_insecure_remote = s.allow_insecure_remote.unwrap_or(false);
+        // Who can reach a port can steer the loop: decided before any
+        // socket opens.
+        let mutual_tls = tls.is_some() && s.pdp_tls_client_ca.is_some();
+        check_bind(pdp_listen, "PDP", mutual_tls, allow_insecure_remote)
+            .map_err(|e| invalid("pdp_listen", e))?;
+        if let Some(h) = http {
+            check_bind(h, "HTTP", false, allow_insecure_remote).map_err(|e| invalid("http", e))?;
+        }
+        let limits = |key_peer: &'static str,
+                      peer: Option<usize>,
+                      key_total: &'static str,
+                      total: Option<usize>| {
+            let d = ConnLimits::default();
+            let l = ConnLimits {
+                per_peer: peer.unwrap_or(d.per_peer),
+                total: total.unwrap_or(d.total),
+            };
+            if l.per_peer == 0 {
+                return Err(invalid(key_peer, "must be above 0"));
+            }
+            if l.total == 0 {
+                return Err(invalid(key_total, "must be above 0"));
+            }
+            Ok(l)
+        };
+        let pdp_limits = limits(
+            "pdp_max_connections_per_peer",
+            s.pdp_max_connections_per_peer,
+            "pdp_max_connections",
+            s.pdp_max_connections,
+        )?;
+        let http_limits = limits(
+            "http_max_connections_per_peer",
+            s.http_max_connections_per_peer,
+            "http_max_connections",
+            s.http_max_connections,
+        )?;
+        let millis = |key: &'static str, v: Option<u64>, default: u64| {
+            let ms = v.unwrap_or(default);
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(invalid(key, format!("{ms}: must be 1..=3600000")));
+            }
+            Ok(Duration::from_millis(ms))
+        };
+        let write_timeout = millis("pdp_write_timeout_ms", s.pdp_write_timeout_ms, 10_000)?;
+        let web = WebConfig {
+            limits: http_limits,
+            header_timeout: millis("http_header_timeout_ms", s.http_header_timeout_ms, 10_000)?,
+            idle_timeout: millis("http_idle_timeout_ms", s.http_idle_timeout_ms, 60_000)?,
+        };
         let interval_ms = s.interval_ms.unwrap_or(1000);
         if !(100..=60_000).contains(&interval_ms) {
             return Err(invalid(
@@ -317,6 +436,9 @@ impl Config {
             policies,
             pdp_listen,
             http,
+            allow_insecure_remote,
+            pdp_mutual_tls: mutual_tls,
+            web,
             interval: Duration::from_millis(interval_ms),
             ewma_weight,
             hysteresis,
@@ -325,6 +447,8 @@ impl Config {
             pdp: PdpConfig {
                 ka_timer_secs: s.ka_timer_secs.unwrap_or(30),
                 open_timeout: Duration::from_millis(open_timeout_ms),
+                write_timeout,
+                limits: pdp_limits,
                 tls,
                 ..PdpConfig::default()
             },

@@ -54,6 +54,9 @@ fn main() -> ExitCode {
         }
     };
     qosloop_schema::telemetry::init(config.log_format);
+    config.warn_insecure_listeners();
+    let nofile = qosloop_schema::guard::raise_nofile_limit();
+    tracing::debug!(nofile, "open descriptor limit");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -129,7 +132,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let policy = watch.policy.clone();
     // Take the audit channel; `watch` itself must live on (dropping it stops watching).
     let mut audit = std::mem::replace(&mut watch.audit, tokio::sync::mpsc::channel(1).1);
-    let mut server = Server::start(
+    let server = Server::start(
         &config.db,
         config.pdp_listen,
         config.pdp.clone(),
@@ -161,30 +164,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let web = match config.http {
-        Some(addr) => Some(
-            qosloop_policy_server::web::serve(
-                addr,
-                server.store.clone(),
-                server.decisions.clone(),
-                policy.clone(),
-                server.stopping(),
-            )
-            .await
-            .with_context(|| format!("listening for HTTP on {addr}"))?,
-        ),
+        Some(addr) => {
+            let web =
+                qosloop_policy_server::web::serve(addr, &server, policy.clone(), config.web).await;
+            match web {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    server.stop().await;
+                    return Err(e).with_context(|| format!("listening for HTTP on {addr}"));
+                }
+            }
+        }
         None => None,
     };
     if let Some(w) = &web {
         tracing::info!(http = %w.local_addr, "web API and live page");
     }
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-        _ = server.wait() => tracing::warn!("a server task ended"),
-        _ = audit_task => {},
-    }
-    server.stop().await;
+    let also = async {
+        audit_task.await;
+        "the policy repository's watcher ended".to_owned()
+    };
+    // Every task runs until shutdown: one that ends before is a failure,
+    // and the daemon exits non-zero after stopping the rest.
+    let result = server.run_until(web, also, shutdown_signal()).await;
     drop(watch);
-    Ok(())
+    result.map_err(anyhow::Error::msg)
 }
 
 async fn shutdown_signal() {

@@ -10,9 +10,10 @@
 use crate::bandwidth::{BandwidthManager, Rates};
 use crate::config::Config;
 use crate::engine::{DecisionTable, Engine};
-use crate::pdp::{Pdp, PdpEvent, PdpStats};
+use crate::pdp::{Pdp, PdpCounters, PdpEvent, PdpStats};
 use crate::store::{FlowCursor, Store};
 use qosloop_collector::{now_ns, Db};
+use qosloop_schema::guard::ConnLimiter;
 use qosloop_schema::PolicySet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,9 +70,11 @@ pub struct ServerHandle {
     pub decisions: watch::Receiver<Arc<DecisionTable>>,
     pub rates: watch::Receiver<Arc<Rates>>,
     pub pdp_stats: Arc<PdpStats>,
+    pub pdp_limiter: ConnLimiter,
     pub store: Store,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    task_names: Vec<(tokio::task::Id, &'static str)>,
 }
 
 impl ServerHandle {
@@ -86,9 +89,65 @@ impl ServerHandle {
         self.shutdown.subscribe()
     }
 
-    /// Resolves when any task ends (which they do only on shutdown).
-    pub async fn wait(&mut self) {
-        self.tasks.join_next().await;
+    /// The PDP's counters now.
+    pub fn pdp_counters(&self) -> PdpCounters {
+        self.pdp_stats.snapshot(&self.pdp_limiter.stats())
+    }
+
+    /// Resolves when any task ends, which they do only on shutdown: before
+    /// that it is a failure (a task panicked or its input is gone), and
+    /// the daemon must exit non-zero. Returns which task ended.
+    pub async fn wait(&mut self) -> String {
+        match self.tasks.join_next_with_id().await {
+            None => "no task was running".into(),
+            Some(Ok((id, ()))) => format!("{} ended", self.task_name(id)),
+            Some(Err(e)) => format!("{} failed: {e}", self.task_name(e.id())),
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then stops every task. A task that
+    /// ends before — the server's, `web`'s, or `also` (which resolves to
+    /// the reason it ended) — is a failure: everything is stopped and the
+    /// reason returned, for the daemon to exit non-zero.
+    pub async fn run_until(
+        mut self,
+        web: Option<crate::web::WebHandle>,
+        also: impl std::future::Future<Output = String>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
+        let web_task = async {
+            match web {
+                Some(w) => match w.task.await {
+                    Ok(()) => "the web server ended".to_owned(),
+                    Err(e) => format!("the web server failed: {e}"),
+                },
+                None => std::future::pending().await,
+            }
+        };
+        let failure = tokio::select! {
+            _ = shutdown => None,
+            ended = self.wait() => Some(ended),
+            ended = web_task => Some(ended),
+            ended = also => Some(ended),
+        };
+        match &failure {
+            None => tracing::info!("shutting down"),
+            Some(why) => {
+                tracing::error!(reason = %why, "a server task ended before shutdown; stopping")
+            }
+        }
+        self.stop().await;
+        match failure {
+            None => Ok(()),
+            Some(why) => Err(format!("{why} before shutdown")),
+        }
+    }
+
+    fn task_name(&self, id: tokio::task::Id) -> &'static str {
+        self.task_names
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or("a server task", |(_, n)| n)
     }
 }
 
@@ -131,24 +190,37 @@ impl Server {
         table.devices = crate::engine::device_directions(&policy);
         let (decisions_tx, decisions_rx) = watch::channel(Arc::new(table));
         let (rates_tx, rates_rx) = watch::channel(Arc::new(Rates::default()));
-        let (events_tx, events_rx) = mpsc::channel(10_000);
+        let (events_tx, events_rx) = mpsc::channel(crate::pdp::EVENT_QUEUE);
 
-        let pdp = Pdp::bind(pdp_listen, pdp_config, decisions_rx.clone(), events_tx)
-            .await
-            .map_err(|source| ServerError::Listen {
-                addr: pdp_listen,
-                source,
-            })?;
+        let pdp = Pdp::bind(
+            pdp_listen,
+            pdp_config,
+            decisions_rx.clone(),
+            events_tx,
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: pdp_listen,
+            source,
+        })?;
         let pdp_addr = pdp.local_addr().map_err(|source| ServerError::Listen {
             addr: pdp_listen,
             source,
         })?;
         let pdp_stats = pdp.stats();
+        let pdp_limiter = pdp.limiter();
         let cursor = FlowCursor::at_end(&store, loop_config.gap_timeout).await?;
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(pdp.run(shutdown_rx.clone()));
-        tasks.spawn(record_events(store.clone(), events_rx));
+        let mut task_names = Vec::new();
+        task_names.push((tasks.spawn(pdp.run()).id(), "the PDP"));
+        task_names.push((
+            tasks
+                .spawn(record_events(store.clone(), events_rx, pdp_stats.clone()))
+                .id(),
+            "the enforcer event writer",
+        ));
         let ctx = LoopState {
             store: store.clone(),
             config: loop_config,
@@ -159,16 +231,18 @@ impl Server {
             decisions: decisions_tx,
             rates: rates_tx,
         };
-        tasks.spawn(ctx.run(shutdown_rx));
+        task_names.push((tasks.spawn(ctx.run(shutdown_rx)).id(), "the decision loop"));
         tracing::info!(pdp = %pdp_addr, "policy server running");
         Ok(ServerHandle {
             pdp_addr,
             decisions: decisions_rx,
             rates: rates_rx,
             pdp_stats,
+            pdp_limiter,
             store,
             shutdown,
             tasks,
+            task_names,
         })
     }
 }
@@ -266,7 +340,17 @@ impl LoopState {
     }
 }
 
-async fn record_events(store: Store, mut events: mpsc::Receiver<PdpEvent>) {
+/// Disconnected enforcers kept in `enforcers` (the newest); older ones
+/// are forgotten, as are those not seen for [`ENFORCER_EXPIRY`].
+pub const MAX_DISCONNECTED_ENFORCERS: i64 = 128;
+/// How long a disconnected enforcer stays in `enforcers`.
+pub const ENFORCER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+/// Writes what the PDP hears, in order. A failed write is counted and
+/// logged (rate-limited); the next event is written regardless.
+async fn record_events(store: Store, mut events: mpsc::Receiver<PdpEvent>, stats: Arc<PdpStats>) {
+    use std::sync::atomic::Ordering;
+    let failed_log = qosloop_schema::guard::LogThrottle::new(Duration::from_secs(1));
     while let Some(e) = events.recv().await {
         let r = match &e {
             PdpEvent::Connected {
@@ -284,14 +368,28 @@ async fn record_events(store: Store, mut events: mpsc::Receiver<PdpEvent>) {
                 address,
                 ..
             } => {
-                store
+                let r = store
                     .upsert_enforcer(name, roles, &address.to_string(), "disconnected")
+                    .await;
+                let oldest = now_ns() - ENFORCER_EXPIRY.as_nanos() as i64;
+                match store
+                    .prune_enforcers(MAX_DISCONNECTED_ENFORCERS, oldest)
                     .await
+                {
+                    Ok(n) => {
+                        stats.enforcers_pruned.fetch_add(n, Ordering::Relaxed);
+                        r
+                    }
+                    Err(e) => r.and(Err(e)),
+                }
             }
             PdpEvent::Report { name, report } => store.insert_report(name, report).await,
         };
         if let Err(err) = r {
-            tracing::warn!(error = %err, "storing an enforcer event failed");
+            let n = stats.events_store_failed.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(suppressed) = failed_log.check() {
+                tracing::warn!(error = %err, failed_total = n, suppressed, "storing an enforcer event failed");
+            }
         }
     }
 }

@@ -392,6 +392,23 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets disconnected enforcers last seen before `oldest_ns`, and
+    /// all but the `keep` most recently seen disconnected ones (a PEPID
+    /// changes with every enforcer restart: the table must not grow with
+    /// them). Returns how many rows went.
+    pub async fn prune_enforcers(&self, keep: i64, oldest_ns: i64) -> Result<u64, StoreError> {
+        let q = "DELETE FROM enforcers WHERE state <> 'connected' AND (last_seen_ns < $1 OR name NOT IN \
+                 (SELECT name FROM enforcers WHERE state <> 'connected' ORDER BY last_seen_ns DESC, name LIMIT $2))";
+        let done = on_pool!(&self.db, pool, D => sqlx::query(q)
+            .bind(oldest_ns)
+            .bind(keep)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))
+        .map_err(sql("forgetting old enforcers"))?;
+        Ok(done)
+    }
+
     pub async fn insert_report(
         &self,
         enforcer: &str,

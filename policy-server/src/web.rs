@@ -6,27 +6,74 @@
 //! | `GET /api/rates` | the last 500 rows of `rates` (newest first) |
 //! | `GET /api/policies` | the policy in force (`PolicySet`) |
 //! | `GET /api/decisions` | `{"current": [Decision…], "recent": [{issued_ns, kind, band, decision}…]}` |
-//! | `GET /api/enforcers` | every enforcer seen, with its state |
+//! | `GET /api/enforcers` | every enforcer seen (connected, and the last disconnected ones), with its state |
+//! | `GET /api/status` | counters: `{"pdp": {…}, "http": {…}, "accept_failures": n}` |
 //! | `GET /` | a page polling the above every second |
+//!
+//! Served by hyper's HTTP/1 server directly (not `axum::serve`, which has
+//! no timeouts): connections per peer address and in total are limited,
+//! a client has `header_timeout` to send each request's headers, and a
+//! connection on which nothing moves for `idle_timeout` is closed.
 
 use crate::engine::DecisionTable;
-use crate::pdp::stopped;
+use crate::pdp::{stopped, PdpStats};
+use crate::server::ServerHandle;
 use crate::store::Store;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use qosloop_schema::guard::{accept_next, ConnLimiter, ConnLimits, IdleStream, LogThrottle};
 use qosloop_schema::{Decision, PolicySet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
+
+/// How the web server treats its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WebConfig {
+    /// Connections per peer address and in total.
+    pub limits: ConnLimits,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// A connection on which no read or write progresses this long is
+    /// closed (idle keep-alive connections included).
+    pub idle_timeout: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            limits: ConnLimits::default(),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters of the web server's connections.
+#[derive(Debug, Default)]
+struct HttpStats {
+    /// Connections closed for a header or idle timeout.
+    timeouts: AtomicU64,
+    /// Connections ended by another error (malformed request, reset).
+    errors: AtomicU64,
+}
 
 #[derive(Clone)]
 struct App {
     store: Store,
     decisions: watch::Receiver<Arc<DecisionTable>>,
     policy: watch::Receiver<Arc<PolicySet>>,
+    pdp_stats: Arc<PdpStats>,
+    pdp_limiter: ConnLimiter,
+    http_limiter: ConnLimiter,
+    http_stats: Arc<HttpStats>,
 }
 
 /// A running web server.
@@ -91,22 +138,44 @@ async fn enforcers(State(app): State<App>) -> Response {
     }
 }
 
+async fn status(State(app): State<App>) -> Response {
+    let http = app.http_limiter.stats();
+    Json(serde_json::json!({
+        "pdp": app.pdp_stats.snapshot(&app.pdp_limiter.stats()),
+        "http": {
+            "connections_open": http.open,
+            "refused_limit_per_peer": http.refused_per_peer,
+            "refused_limit_total": http.refused_total,
+            "timeouts": app.http_stats.timeouts.load(Ordering::Relaxed),
+            "errors": app.http_stats.errors.load(Ordering::Relaxed),
+        },
+        "accept_failures": qosloop_schema::guard::accept_failures(),
+    }))
+    .into_response()
+}
+
 async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
-/// Binds `addr` and serves until `shutdown` turns true.
+/// Binds `addr` and serves `server`'s state and `policy` until the server
+/// stops.
 pub async fn serve(
     addr: SocketAddr,
-    store: Store,
-    decisions: watch::Receiver<Arc<DecisionTable>>,
+    server: &ServerHandle,
     policy: watch::Receiver<Arc<PolicySet>>,
-    mut shutdown: watch::Receiver<bool>,
+    config: WebConfig,
 ) -> std::io::Result<WebHandle> {
+    let http_limiter = ConnLimiter::new("HTTP", config.limits);
+    let http_stats = Arc::new(HttpStats::default());
     let app = App {
-        store,
-        decisions,
+        store: server.store.clone(),
+        decisions: server.decisions.clone(),
         policy,
+        pdp_stats: server.pdp_stats.clone(),
+        pdp_limiter: server.pdp_limiter.clone(),
+        http_limiter: http_limiter.clone(),
+        http_stats: http_stats.clone(),
     };
     let router = Router::new()
         .route("/", get(page))
@@ -115,18 +184,67 @@ pub async fn serve(
         .route("/api/policies", get(policies))
         .route("/api/decisions", get(get_decisions))
         .route("/api/enforcers", get(enforcers))
+        .route("/api/status", get(status))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
+    let mut shutdown = server.stopping();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(error = %e, "web server stopped");
+        let error_log = Arc::new(LogThrottle::new(Duration::from_secs(1)));
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                (stream, peer) = accept_next(&listener, "HTTP") => {
+                    // Over a limit: closed at once (counted and logged by the limiter).
+                    let Ok(permit) = http_limiter.try_acquire(peer.ip()) else { continue };
+                    let io = TokioIo::new(IdleStream::new(stream, config.idle_timeout));
+                    let service = TowerToHyperService::new(router.clone());
+                    let mut stop = shutdown.clone();
+                    let (stats, log) = (http_stats.clone(), error_log.clone());
+                    conns.spawn(async move {
+                        let mut builder = hyper::server::conn::http1::Builder::new();
+                        builder
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(config.header_timeout);
+                        let conn = builder.serve_connection(io, service);
+                        tokio::pin!(conn);
+                        let served = tokio::select! {
+                            r = conn.as_mut() => r,
+                            _ = stopped(&mut stop) => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        drop(permit);
+                        if let Err(e) = served {
+                            let timed_out = e.is_timeout() || is_io_timeout(&e);
+                            let counter = if timed_out { &stats.timeouts } else { &stats.errors };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            if let Some(suppressed) = log.check() {
+                                tracing::debug!(%peer, error = %e, suppressed, "HTTP connection ended");
+                            }
+                        }
+                    });
+                }
+                _ = stopped(&mut shutdown) => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
         }
+        while conns.join_next().await.is_some() {}
     });
     Ok(WebHandle { local_addr, task })
+}
+
+/// Whether `e` comes from an [`IdleStream`] timing out.
+fn is_io_timeout(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
 }
 
 const PAGE: &str = r#"<!doctype html>

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use qosloop_policy_server::testing::paper_policy;
+use qosloop_policy_server::web::WebConfig;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,10 +36,9 @@ async fn every_endpoint_answers_with_what_the_server_knows() {
         start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
     let web = qosloop_policy_server::web::serve(
         "127.0.0.1:0".parse().unwrap(),
-        server.store.clone(),
-        server.decisions.clone(),
+        &server,
         policy_tx.subscribe(),
-        server.stopping(),
+        WebConfig::default(),
     )
     .await
     .unwrap();

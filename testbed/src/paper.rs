@@ -321,6 +321,9 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 format!("{MGMT_ADDR}:3288"),
                 s("--http"),
                 format!("{MGMT_ADDR}:8080"),
+                // The management address lives in the testbed's own
+                // namespace, beyond loopback and without TLS.
+                s("--allow-insecure-remote"),
                 // The meter sends interim records every 250 ms and hands them
                 // on every 100 ms: 700 ms
                 // covers their export and commit.

@@ -138,7 +138,8 @@ fn cops_over_tls_admits_only_enforcers_with_the_right_certificates() {
     let mut seen = String::new();
     while Instant::now() < deadline {
         seen = enforcers(http_port);
-        if seen.contains("qtlsgood") {
+        // Under mutual TLS an enforcer is the name in its certificate.
+        if seen.contains("qosloop client") {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -157,7 +158,7 @@ fn cops_over_tls_admits_only_enforcers_with_the_right_certificates() {
         .join("\n")
     };
     assert!(
-        seen.contains("qtlsgood"),
+        seen.contains("qosloop client"),
         "the enforcer with the CA and a client certificate did not reach the PDP: {seen}\n{}",
         logs()
     );

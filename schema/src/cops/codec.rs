@@ -40,7 +40,18 @@ impl CopsCodec {
     pub fn max_message(&self) -> usize {
         self.max_message
     }
+
+    /// Changes the limit (a PDP accepts only small messages before OPN).
+    pub fn set_max_message(&mut self, max_message: usize) {
+        self.max_message = max_message.max(HEADER_LEN);
+    }
 }
+
+/// How far ahead of the bytes present the read buffer grows for a message
+/// announced in a header: a header alone must not make the receiver
+/// reserve the whole announced length (a peer could announce the maximum
+/// on many connections and send nothing more).
+const RESERVE_AHEAD: usize = 16 * 1024;
 
 mod cnum {
     pub const HANDLE: u8 = 1;
@@ -125,7 +136,7 @@ impl Decoder for CopsCodec {
             });
         }
         if src.len() < len {
-            src.reserve(len - src.len());
+            src.reserve((len - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         let frame = src.split_to(len);

@@ -426,3 +426,33 @@ proptest! {
         let _ = decode_all(&bytes);
     }
 }
+
+#[test]
+fn a_header_announcing_the_maximum_does_not_reserve_it() {
+    // Issue 11 item 3/4 on the PDP port: an 8-byte header announcing 1 MiB
+    // made the PDP reserve 1 MiB per connection before any body byte came.
+    let mut codec = CopsCodec::default();
+    let mut buf = BytesMut::new();
+    let len = (DEFAULT_MAX_MESSAGE as u32).to_be_bytes();
+    buf.extend_from_slice(&[0x10, 0x03, 0x80, 0x71, len[0], len[1], len[2], len[3]]);
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    assert!(
+        buf.capacity() <= 64 * 1024,
+        "reserved {} bytes for a header alone",
+        buf.capacity()
+    );
+}
+
+#[test]
+fn the_limit_can_be_changed_between_messages() {
+    let mut codec = CopsCodec::new(64);
+    let big = encode(&Message::opn(&"p".repeat(100), &PepHello::default()));
+    let mut buf = BytesMut::from(&big[..]);
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(CopsError::TooLong { .. })
+    ));
+    codec.set_max_message(DEFAULT_MAX_MESSAGE);
+    let mut buf = BytesMut::from(&big[..]);
+    assert!(codec.decode(&mut buf).unwrap().is_some());
+}
