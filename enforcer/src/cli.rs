@@ -227,6 +227,11 @@ fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     }
     let ecfg = config.enforcer()?;
     let pdps = config.pdps()?;
+    // The daemon's PDP TLS files are checked before the kernel is touched
+    // (`Enforcer::start` reconciles it), not when the first PDP is dialled.
+    if args.command.is_none() && !args.cleanup {
+        config.check_pdp_tls()?;
+    }
     let file_decisions = match (&args.command, &config.decisions) {
         (Some(Command::Apply) | None, Some(file)) => Some(read_decisions(file)?),
         (Some(Command::Apply), None) => {

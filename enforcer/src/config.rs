@@ -172,6 +172,13 @@ impl Config {
     }
 
     /// PDP addresses, checked to be `HOST:PORT`.
+    /// Checks the PDP TLS files the daemon will use (readable, parseable,
+    /// a key that matches), so that a mistake there exits 64 before any
+    /// kernel object is touched rather than when the first PDP is dialled.
+    pub fn check_pdp_tls(&self) -> Result<(), ConfigError> {
+        self.pdp_tls().map(|_| ())
+    }
+
     pub fn pdps(&self) -> Result<Vec<String>, ConfigError> {
         for p in &self.pdp {
             let ok = p
