@@ -234,6 +234,35 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// A bind DN needs a non-empty password (an empty one is an
+/// unauthenticated bind, RFC 4513 §5.1.2, not the operator's intent); a
+/// password needs a bind DN.
+fn check_ldap_bind(bind_dn: Option<&str>, password_file: Option<&Path>) -> Result<(), ConfigError> {
+    match (bind_dn, password_file) {
+        (Some(dn), None) => Err(invalid(
+            "ldap_password_file",
+            format!("missing: ldap_bind_dn {dn:?} needs a password (an empty password would be an unauthenticated bind)"),
+        )),
+        (None, Some(_)) => Err(invalid(
+            "ldap_bind_dn",
+            "missing: ldap_password_file is given without the DN to bind as",
+        )),
+        (Some(dn), Some(file)) => {
+            let password = std::fs::read_to_string(file).map_err(|e| {
+                invalid("ldap_password_file", format!("{}: {e}", file.display()))
+            })?;
+            if password.trim_end_matches(['\n', '\r']).is_empty() {
+                return Err(invalid(
+                    "ldap_password_file",
+                    format!("{} is empty: ldap_bind_dn {dn:?} would bind unauthenticated", file.display()),
+                ));
+            }
+            Ok(())
+        }
+        (None, None) => Ok(()),
+    }
+}
+
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     use std::net::ToSocketAddrs;
     s.to_socket_addrs()
@@ -304,6 +333,7 @@ impl Config {
                 if starttls && !url.starts_with("ldap://") {
                     return Err(invalid("ldap_starttls", "only for an ldap:// URL"));
                 }
+                check_ldap_bind(s.ldap_bind_dn.as_deref(), s.ldap_password_file.as_deref())?;
                 PolicySource::Ldap {
                     url,
                     base,

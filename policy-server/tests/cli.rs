@@ -91,3 +91,64 @@ fn the_example_config_runs_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--ldap-bind-dn` without a password used to bind with an empty password
+/// (an unauthenticated bind that slapd accepts as anonymous): issue 11
+/// item 10. Each case exits 64 naming the key, before any connection (the
+/// URL points at a port where nothing listens).
+#[test]
+fn ldap_bind_dn_without_a_password_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ldap = [
+        "--ldap",
+        "ldap://127.0.0.1:9",
+        "--ldap-base",
+        "dc=qosloop,dc=example",
+    ];
+    let run = |extra: &[&str]| {
+        let out = bin()
+            .args(ldap)
+            .args(extra)
+            .arg("--check")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--ldap-bind-dn", "cn=admin,dc=qosloop,dc=example"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("ldap_password_file"), "{err}");
+    assert!(
+        !err.contains("127.0.0.1:9"),
+        "no connection was tried: {err}"
+    );
+
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let (code, err) = run(&[
+        "--ldap-bind-dn",
+        "cn=admin,dc=qosloop,dc=example",
+        "--ldap-password-file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("is empty"), "{err}");
+
+    let missing = dir.path().join("missing");
+    let (code, err) = run(&[
+        "--ldap-bind-dn",
+        "cn=admin,dc=qosloop,dc=example",
+        "--ldap-password-file",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("missing"), "{err}");
+
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let (code, err) = run(&["--ldap-password-file", secret.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("ldap_bind_dn"), "{err}");
+}
