@@ -1,8 +1,10 @@
 //! The collector's configuration: TOML file, then flags; validated before
 //! any socket opens.
 
+use qosloop_schema::guard::{check_bind, ConnLimits};
 use qosloop_schema::ie;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Everything `qosloop-collector` can be told. Every flag has a key here.
@@ -38,7 +40,36 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// Listen beyond loopback without mutual TLS (anyone who reaches the
+    /// port can then feed records into the loop); logged at WARN.
+    pub allow_insecure_remote: bool,
+    /// Connections open at once from one peer address; more are closed at
+    /// once and counted.
+    pub max_connections_per_peer: usize,
+    /// Connections open at once in total.
+    pub max_connections: usize,
+    /// START must arrive within this many ms of the connection (KEEPALIVE
+    /// does not extend it).
+    pub handshake_timeout_ms: u64,
+    /// FINAL_TMPL_DATA must arrive within this many ms of START.
+    pub templates_timeout_ms: u64,
+    /// Templates one session may negotiate.
+    pub max_templates: usize,
+    /// Keys one template may have.
+    pub max_template_keys: usize,
+    /// TMPL_DATA messages one session may send.
+    pub max_template_messages: usize,
+    /// Decoded records (bytes of memory) one session may have waiting for
+    /// storage; a session over it waits for its own acknowledgements, a
+    /// DATA message that could never fit is refused.
+    pub decoded_bytes_per_session: usize,
+    /// Decoded records (bytes of memory) waiting for storage, all sessions
+    /// together; sessions wait for room.
+    pub decoded_bytes_total: usize,
 }
+
+/// Longest exporter name accepted, bytes.
+pub const MAX_EXPORTER_NAME: usize = 255;
 
 impl Default for Config {
     fn default() -> Self {
@@ -56,6 +87,16 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            allow_insecure_remote: false,
+            max_connections_per_peer: ConnLimits::default().per_peer,
+            max_connections: ConnLimits::default().total,
+            handshake_timeout_ms: 5_000,
+            templates_timeout_ms: 10_000,
+            max_templates: 64,
+            max_template_keys: 64,
+            max_template_messages: 16,
+            decoded_bytes_per_session: 64 << 20,
+            decoded_bytes_total: 512 << 20,
         }
     }
 }
@@ -99,10 +140,23 @@ impl Config {
         toml::from_str(text)
     }
 
+    /// Whether exporters must show a certificate (all three TLS files).
+    pub fn mutual_tls(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some() && self.tls_client_ca.is_some()
+    }
+
+    /// The connection limits of the export port.
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            per_peer: self.max_connections_per_peer,
+            total: self.max_connections,
+        }
+    }
+
     /// Checks what can be checked without opening anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+        let Ok(listen) = self.listen.parse::<SocketAddr>() else {
             return bad(
                 "listen",
                 format!(
@@ -110,6 +164,14 @@ impl Config {
                     self.listen
                 ),
             );
+        };
+        if let Err(problem) = check_bind(
+            listen,
+            "export",
+            self.mutual_tls(),
+            self.allow_insecure_remote,
+        ) {
+            return bad("listen", problem);
         }
         let db_ok = self.db.starts_with("sqlite:")
             || self.db.starts_with("postgres://")
@@ -135,10 +197,45 @@ impl Config {
             ("queue_messages", self.queue_messages),
             ("group_records", self.group_records),
             ("writers", self.writers),
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            ("max_connections", self.max_connections),
+            ("max_templates", self.max_templates),
+            ("max_template_keys", self.max_template_keys),
+            ("max_template_messages", self.max_template_messages),
         ] {
             if v == 0 {
                 return bad(field, "must be at least 1".into());
             }
+        }
+        for (field, v) in [
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("templates_timeout_ms", self.templates_timeout_ms),
+        ] {
+            if !(100..=600_000).contains(&v) {
+                return bad(field, format!("{v} ms is outside 100..=600000"));
+            }
+        }
+        if self.decoded_bytes_per_session < 1 << 20 {
+            return bad(
+                "decoded_bytes_per_session",
+                format!("{} is below 1 MiB", self.decoded_bytes_per_session),
+            );
+        }
+        if self.decoded_bytes_total < self.decoded_bytes_per_session {
+            return bad(
+                "decoded_bytes_total",
+                format!(
+                    "{} is below decoded_bytes_per_session ({})",
+                    self.decoded_bytes_total, self.decoded_bytes_per_session
+                ),
+            );
+        }
+        // Counted in KiB by a semaphore of u32 permits.
+        if self.decoded_bytes_total > (u32::MAX as usize) << 10 {
+            return bad(
+                "decoded_bytes_total",
+                format!("{} is above 4 TiB", self.decoded_bytes_total),
+            );
         }
         if self.max_message < 1024 {
             return bad(
@@ -202,5 +299,34 @@ mod tests {
             Config::from_toml("lisen = \"x\"").is_err(),
             "unknown keys are refused"
         );
+        c.disable_keys.clear();
+        c.decoded_bytes_total = c.decoded_bytes_per_session - 1;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("decoded_bytes_total:"));
+    }
+
+    /// Issue 11, item 5: anyone who could reach the port fed records into
+    /// the loop. Beyond loopback the collector needs mutual TLS or the
+    /// explicit opt-in, decided before any socket opens.
+    #[test]
+    fn remote_listen_without_mutual_tls_needs_the_opt_in() {
+        let mut c = Config {
+            db: "sqlite://x.db".into(),
+            listen: "0.0.0.0:4740".into(),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("listen:") && e.contains("--allow-insecure-remote"),
+            "{e}"
+        );
+        c.allow_insecure_remote = true;
+        c.validate().unwrap();
+        c.allow_insecure_remote = false;
+        c.listen = "127.0.0.1:4740".into();
+        c.validate().unwrap();
     }
 }

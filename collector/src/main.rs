@@ -52,6 +52,39 @@ struct Args {
     /// Information element to disable in template negotiation (repeatable).
     #[arg(long = "disable-key")]
     disable_keys: Vec<String>,
+    /// Listen beyond loopback without mutual TLS: anyone who reaches the
+    /// port can feed records into the loop. Logged at WARN.
+    #[arg(long)]
+    allow_insecure_remote: bool,
+    /// Connections open at once from one address [default 32].
+    #[arg(long)]
+    max_connections_per_peer: Option<usize>,
+    /// Connections open at once in total [default 256].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// START must arrive within this many ms of connecting [default 5000].
+    #[arg(long)]
+    handshake_timeout_ms: Option<u64>,
+    /// FINAL_TMPL_DATA must arrive within this many ms of START [default 10000].
+    #[arg(long)]
+    templates_timeout_ms: Option<u64>,
+    /// Templates one session may negotiate [default 64].
+    #[arg(long)]
+    max_templates: Option<usize>,
+    /// Keys one template may have [default 64].
+    #[arg(long)]
+    max_template_keys: Option<usize>,
+    /// TMPL_DATA messages one session may send [default 16].
+    #[arg(long)]
+    max_template_messages: Option<usize>,
+    /// Decoded records one session may have waiting for storage, bytes
+    /// [default 67108864 = 64 MiB].
+    #[arg(long)]
+    decoded_bytes_per_session: Option<usize>,
+    /// Decoded records waiting for storage over all sessions, bytes
+    /// [default 536870912 = 512 MiB].
+    #[arg(long)]
+    decoded_bytes_total: Option<usize>,
 }
 
 /// Exit code for a configuration that cannot be used (EX_USAGE).
@@ -100,6 +133,34 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
     }
     if !args.disable_keys.is_empty() {
         c.disable_keys = args.disable_keys.clone();
+    }
+    if args.allow_insecure_remote {
+        c.allow_insecure_remote = true;
+    }
+    for (flag, key) in [
+        (
+            args.max_connections_per_peer,
+            &mut c.max_connections_per_peer,
+        ),
+        (args.max_connections, &mut c.max_connections),
+        (args.max_templates, &mut c.max_templates),
+        (args.max_template_keys, &mut c.max_template_keys),
+        (args.max_template_messages, &mut c.max_template_messages),
+        (
+            args.decoded_bytes_per_session,
+            &mut c.decoded_bytes_per_session,
+        ),
+        (args.decoded_bytes_total, &mut c.decoded_bytes_total),
+    ] {
+        if let Some(v) = flag {
+            *key = v;
+        }
+    }
+    if let Some(v) = args.handshake_timeout_ms {
+        c.handshake_timeout_ms = v;
+    }
+    if let Some(v) = args.templates_timeout_ms {
+        c.templates_timeout_ms = v;
     }
     c.validate()?;
     Ok(c)

@@ -1,12 +1,18 @@
-//! The export server: accepts exporters, runs a session per connection and
-//! one storage writer for all of them.
+//! The export server: accepts exporters (within per-address and total
+//! connection limits), runs a session per connection and one storage writer
+//! for all of them.
 
 use crate::config::Config;
-use crate::session::{self, SessionCtx};
+use crate::session::{self, Counters, SessionCtx, SessionLimits};
 use crate::store::{spawn_writer, Sink};
 use crate::Db;
+use qosloop_exporter::Io;
+use qosloop_schema::guard::{self, ConnLimiter, ConnStats, LogThrottle};
 use qosloop_schema::ie;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Why the server could not start.
@@ -18,6 +24,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("listen: {0}")]
+    Bind(String),
     #[error(transparent)]
     Db(#[from] crate::DbError),
     #[error(transparent)]
@@ -44,9 +52,21 @@ pub async fn open_sink(url: &str) -> Result<Sink, crate::DbError> {
     Ok(Sink::Db(db))
 }
 
-/// Binds `config.listen` and serves until the task is dropped or aborted.
+/// Binds `config.listen` — loopback, or beyond it only with mutual TLS or
+/// `allow_insecure_remote` (logged at WARN).
 pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(&config.listen)
+    let addr: SocketAddr = config
+        .listen
+        .parse()
+        .map_err(|_| ServerError::Bind(format!("{:?} is not HOST:PORT", config.listen)))?;
+    guard::check_bind(
+        addr,
+        "export",
+        config.mutual_tls(),
+        config.allow_insecure_remote,
+    )
+    .map_err(ServerError::Bind)?;
+    TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Listen {
             addr: config.listen.clone(),
@@ -57,58 +77,189 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
 /// Serves exporters on `listener`, storing into `sink`; over TLS with
 /// mutual authentication when the configuration names the files.
 pub async fn serve(listener: TcpListener, sink: Sink, config: &Config) -> Result<(), ServerError> {
-    let tls = tls_acceptor(config)?;
-    let (writer, _writer_task) = spawn_writer(
-        sink.clone(),
-        config.queue_messages,
-        config.group_records,
-        config.writers,
-    );
-    let disabled_keys = config
-        .disable_keys
-        .iter()
-        .filter_map(|n| ie::by_name(n).map(|e| e.id))
-        .collect();
-    let ctx = Arc::new(SessionCtx {
-        sink,
-        writer,
-        window: config.window,
-        max_message: config.max_message,
-        keepalive_s: config.keepalive_s,
-        disabled_keys,
-    });
-    tracing::info!(listen = ?listener.local_addr().ok(), tls = tls.is_some(), "accepting exporters");
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors and the like: wait, do not spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        tracing::debug!(%peer, "exporter connected");
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        match &tls {
-            None => {
-                tokio::spawn(session::serve(Box::new(stream), peer, ctx));
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let handshake = tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        acceptor.accept(stream),
-                    );
-                    match handshake.await {
-                        Ok(Ok(tls)) => session::serve(Box::new(tls), peer, ctx).await,
-                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+    Collector::new(sink, config)?.serve(listener).await
+}
+
+/// A running collector: the storage writer, the shared session state and
+/// the counters. [`Collector::serve`] accepts on a listener;
+/// [`Collector::serve_stream`] runs one session over any byte stream (tests
+/// and the fuzz target use it over in-memory pipes).
+#[derive(Clone)]
+pub struct Collector {
+    ctx: Arc<SessionCtx>,
+    limiter: ConnLimiter,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collector")
+            .field("limits", &self.ctx.limits)
+            .field("tls", &self.tls.is_some())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// What a collector refused and holds, for logs and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CollectorStats {
+    /// Sessions ended or connections refused, by reason (`handshake_timeout`,
+    /// `exporter_name_in_use`, `over_memory_budget`, …).
+    pub refused: BTreeMap<&'static str, u64>,
+    pub connections: ConnStats,
+    /// Decoded bytes waiting for storage now.
+    pub decoded_in_flight: u64,
+}
+
+impl Collector {
+    /// Starts the storage writer; needs a Tokio runtime.
+    pub fn new(sink: Sink, config: &Config) -> Result<Collector, ServerError> {
+        let tls = tls_acceptor(config)?;
+        let (writer, _writer_tasks) = spawn_writer(
+            sink.clone(),
+            config.queue_messages,
+            config.group_records,
+            config.writers,
+        );
+        let disabled_keys = config
+            .disable_keys
+            .iter()
+            .filter_map(|n| ie::by_name(n).map(|e| e.id))
+            .collect();
+        let counters = Arc::new(Counters::default());
+        let ctx = Arc::new(SessionCtx::new(
+            sink,
+            writer,
+            SessionLimits::from_config(config),
+            disabled_keys,
+            counters.clone(),
+        ));
+        Ok(Collector {
+            ctx,
+            limiter: ConnLimiter::new("export", config.conn_limits()),
+            tls,
+            counters,
+        })
+    }
+
+    pub fn stats(&self) -> CollectorStats {
+        CollectorStats {
+            refused: self.counters.snapshot(),
+            connections: self.limiter.stats(),
+            decoded_in_flight: self.counters.decoded_in_flight(),
+        }
+    }
+
+    /// Runs one session over `stream` from `peer`; `identity` is the name
+    /// of the peer's certificate when it showed one.
+    pub async fn serve_stream(
+        &self,
+        stream: Box<dyn Io>,
+        peer: SocketAddr,
+        identity: Option<String>,
+    ) {
+        session::serve(stream, peer, identity, self.ctx.clone()).await
+    }
+
+    /// Accepts exporters on `listener` until the task is dropped.
+    pub async fn serve(&self, listener: TcpListener) -> Result<(), ServerError> {
+        let nofile = guard::raise_nofile_limit();
+        tracing::info!(listen = ?listener.local_addr().ok(), tls = self.tls.is_some(), nofile,
+            max_connections = self.limiter.limits().total,
+            max_connections_per_peer = self.limiter.limits().per_peer, "accepting exporters");
+        let mut report = tokio::time::interval(Duration::from_secs(60));
+        report.tick().await;
+        let mut reported = CollectorStats::default();
+        let tls_log = Arc::new(LogThrottle::new(Duration::from_secs(1)));
+        loop {
+            let (stream, peer) = tokio::select! {
+                x = guard::accept_next(&listener, "export") => x,
+                _ = report.tick() => {
+                    let now = self.stats();
+                    if now.refused != reported.refused || now.connections != reported.connections {
+                        tracing::info!(refused = ?now.refused, open = now.connections.open,
+                            refused_per_peer = now.connections.refused_per_peer,
+                            refused_total = now.connections.refused_total,
+                            decoded_in_flight = now.decoded_in_flight, "export counters");
+                        reported = now;
                     }
-                });
+                    continue;
+                }
+            };
+            // Over a limit: closed at once (the limiter counts and logs it).
+            let Ok(permit) = self.limiter.try_acquire(peer.ip()) else {
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let ctx = self.ctx.clone();
+            match &self.tls {
+                None => {
+                    tokio::spawn(async move {
+                        session::serve(Box::new(stream), peer, None, ctx).await;
+                        drop(permit);
+                    });
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let counters = self.counters.clone();
+                    let log = tls_log.clone();
+                    tokio::spawn(async move {
+                        let handshake =
+                            tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream));
+                        let refused = match handshake.await {
+                            Ok(Ok(tls)) => {
+                                let name = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| certificate_name(c));
+                                match name {
+                                    Some(name) => {
+                                        session::serve(Box::new(tls), peer, Some(name), ctx).await;
+                                        None
+                                    }
+                                    None => Some(("certificate_without_name", "client certificate has neither a subject CN nor a DNS name".to_owned())),
+                                }
+                            }
+                            Ok(Err(e)) => Some(("tls_handshake_failed", e.to_string())),
+                            Err(_) => Some((
+                                "tls_handshake_timeout",
+                                "TLS handshake timed out".to_owned(),
+                            )),
+                        };
+                        if let Some((reason, error)) = refused {
+                            counters.count(reason);
+                            if let Some(suppressed) = log.check() {
+                                tracing::warn!(%peer, reason, %error, suppressed, "TLS connection refused");
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
             }
         }
     }
+}
+
+/// The exporter name a client certificate vouches for: its subject CN, or
+/// else its first DNS subjectAltName.
+pub fn certificate_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_owned());
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+        _ => None,
+    })
 }

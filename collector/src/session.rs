@@ -1,69 +1,217 @@
 //! One exporter connection: START, templates, DATA handed to the writer,
-//! DATA_ACK once committed. Anything malformed or out of order ends this
-//! session with an ERROR; the process and every other session go on.
+//! DATA_ACK once committed. Anything malformed, out of order or beyond a
+//! bound ends this session with an ERROR (counted by reason); the process
+//! and every other session go on.
+//!
+//! What one peer can make this process hold is bounded here:
+//! - time: START within `handshake_timeout`, FINAL_TMPL_DATA within
+//!   `templates_timeout` of START (KEEPALIVE extends neither), then silence
+//!   for three keepalive intervals ends the session; a write that blocks for
+//!   10 s ends it too;
+//! - templates: `max_templates` per session of at most `max_template_keys`
+//!   keys, in at most `max_template_messages` TMPL_DATA messages; a template
+//!   without an enabled fixed-size key (after the collector's own disabled
+//!   keys) is refused, so every record takes bytes of its message;
+//! - memory: a DATA message is decoded only once its decoded size (bounded
+//!   by the bytes present: every count is checked against them first) is
+//!   reserved from the session's budget and then from the collector's. A
+//!   session over its own budget stops reading until its acknowledgements
+//!   free room; one over the collector's waits for other sessions' commits;
+//!   a message that could never fit is refused (`Oversized`). The
+//!   reservation travels with the records to the writer and is given back
+//!   when they are committed and dropped;
+//! - identity: the exporter name is at most 255 printable bytes, must be the
+//!   certificate's name over mutual TLS, and cannot be taken over while a
+//!   session from another connection holds it.
 
+use crate::config::{Config, MAX_EXPORTER_NAME};
 use crate::store::{Batch, Outcome, Sink, WriteReq};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use qosloop_exporter::Io;
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
-    ByteOrder, CraneCodec, CraneError, DataAck, ErrorCode, ErrorMsg, Frame, Message, StartAck,
-    Status, TemplateSet, WireTemplate, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, DATA_FLAG_START, VERSION,
+    ByteOrder, CraneCodec, CraneError, Data, DataAck, ErrorCode, ErrorMsg, Frame, Message, Start,
+    StartAck, Status, TemplateSet, WireTemplate, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, DATA_FLAG_START,
+    VERSION,
 };
+use qosloop_schema::guard::LogThrottle;
 use qosloop_schema::IeId;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::WriteHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// The bounds a session works within (from [`Config`]).
+#[derive(Clone, Debug)]
+pub struct SessionLimits {
+    /// Messages a session may have waiting for storage before it stops
+    /// reading.
+    pub window: usize,
+    pub max_message: usize,
+    pub keepalive_s: u16,
+    pub handshake_timeout: Duration,
+    pub templates_timeout: Duration,
+    pub max_templates: usize,
+    pub max_template_keys: usize,
+    pub max_template_messages: usize,
+    pub decoded_bytes_per_session: usize,
+    pub decoded_bytes_total: usize,
+}
+
+impl SessionLimits {
+    pub fn from_config(c: &Config) -> SessionLimits {
+        SessionLimits {
+            window: c.window,
+            max_message: c.max_message,
+            keepalive_s: c.keepalive_s,
+            handshake_timeout: Duration::from_millis(c.handshake_timeout_ms),
+            templates_timeout: Duration::from_millis(c.templates_timeout_ms),
+            max_templates: c.max_templates,
+            max_template_keys: c.max_template_keys,
+            max_template_messages: c.max_template_messages,
+            decoded_bytes_per_session: c.decoded_bytes_per_session,
+            decoded_bytes_total: c.decoded_bytes_total,
+        }
+    }
+}
+
+/// Sessions ended or connections refused, by reason; logged and exported
+/// together.
+#[derive(Debug, Default)]
+pub struct Counters {
+    by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    /// Decoded bytes reserved now, all sessions.
+    decoded_in_flight: AtomicU64,
+}
+
+impl Counters {
+    pub fn count(&self, reason: &'static str) {
+        let mut m = self.by_reason.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(reason).or_insert(0) += 1;
+    }
+
+    /// How often each reason occurred since the start.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.by_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Decoded bytes waiting for storage now, all sessions.
+    pub fn decoded_in_flight(&self) -> u64 {
+        self.decoded_in_flight.load(Ordering::Relaxed)
+    }
+}
 
 /// What every session shares.
 #[derive(Debug)]
 pub struct SessionCtx {
     pub sink: Sink,
     pub writer: mpsc::Sender<WriteReq>,
-    /// Messages a session may have waiting for storage before it stops
-    /// reading.
-    pub window: usize,
-    pub max_message: usize,
-    pub keepalive_s: u16,
+    pub limits: SessionLimits,
     /// Keys the collector does not want (disabled in TMPL_DATA_ACK).
     pub disabled_keys: Vec<IeId>,
+    /// The collector's decoded-memory budget, in KiB permits.
+    pub memory: Arc<Semaphore>,
+    /// Exporter names with a live session, and the connection holding each.
+    pub live: Arc<Mutex<HashMap<String, (u64, SocketAddr)>>>,
+    pub counters: Arc<Counters>,
+    /// For the log lines a peer can repeat at will.
+    pub log_refusals: LogThrottle,
+    pub log_sessions: LogThrottle,
+    next_conn: AtomicU64,
+}
+
+impl SessionCtx {
+    pub fn new(
+        sink: Sink,
+        writer: mpsc::Sender<WriteReq>,
+        limits: SessionLimits,
+        disabled_keys: Vec<IeId>,
+        counters: Arc<Counters>,
+    ) -> SessionCtx {
+        let kib = kib(limits.decoded_bytes_total) as usize;
+        SessionCtx {
+            sink,
+            writer,
+            memory: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
+            limits,
+            disabled_keys,
+            live: Arc::default(),
+            counters,
+            log_refusals: LogThrottle::new(Duration::from_secs(1)),
+            log_sessions: LogThrottle::new(Duration::from_secs(1)),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
+/// `bytes` in KiB permits, rounded up.
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 /// Why a session ended with an ERROR.
 #[derive(Debug)]
 struct Refusal {
     code: ErrorCode,
+    /// The counter it is counted under.
+    reason: &'static str,
     text: String,
 }
 
-fn refuse(code: ErrorCode, text: impl Into<String>) -> Refusal {
+fn refuse(code: ErrorCode, reason: &'static str, text: impl Into<String>) -> Refusal {
     Refusal {
         code,
+        reason,
         text: text.into(),
     }
 }
 
 impl From<CraneError> for Refusal {
     fn from(e: CraneError) -> Self {
-        let code = match &e {
-            CraneError::Version(_) => ErrorCode::Version,
-            CraneError::Oversized { .. } => ErrorCode::Oversized,
-            _ => ErrorCode::Malformed,
+        let (code, reason) = match &e {
+            CraneError::Version(_) => (ErrorCode::Version, "version"),
+            CraneError::Oversized { .. } => (ErrorCode::Oversized, "oversized_message"),
+            _ => (ErrorCode::Malformed, "malformed"),
         };
-        refuse(code, e.to_string())
+        refuse(code, reason, e.to_string())
     }
 }
 
-/// A message waiting for storage: its seq, record count and fate.
-type Pending = Pin<Box<dyn Future<Output = (u32, u64, Result<Outcome, String>)> + Send>>;
+/// A peer's string made safe for a log line or an ERROR text: control
+/// characters escaped, at most `max` characters.
+pub(crate) fn printable(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().take(max).flat_map(char::escape_debug).collect();
+    if s.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
 
+/// A message waiting for storage: its seq, record count, decoded bytes and
+/// fate.
+type Pending = Pin<Box<dyn Future<Output = (u32, u64, usize, Result<Outcome, String>)> + Send>>;
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// A DATA message read and checked, waiting for its memory.
+struct Held {
+    data: Data,
+    decoded_bytes: usize,
+    acquire: Option<Acquire>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitStart,
     Templates,
@@ -76,165 +224,65 @@ struct Stream {
     byte_order: ByteOrder,
     config_id: u16,
     layouts: HashMap<u16, RecordLayout>,
+    template_messages: usize,
     last_seq: Option<u32>,
     last_acked: u32,
     committed: u64,
 }
 
-/// Serves one connection until STOP, an error or the peer's end.
-pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) {
-    let (rd, wr) = tokio::io::split(stream);
-    let codec = CraneCodec::with_max_message(ctx.max_message);
-    let mut reader = FramedRead::new(rd, codec);
-    let mut writer = FramedWrite::new(wr, codec);
-    let mut state = State::AwaitStart;
-    let mut st: Option<Stream> = None;
-    let mut session_no = 0u8;
-    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let mut stopping = false;
-    let idle = Duration::from_secs(u64::from(ctx.keepalive_s.max(1)) * 3);
-    // While batches wait for their commit, a keepalive every 250 ms tells the
-    // exporter this collector is alive (it fails over after 1 s of silence),
-    // however slow the database.
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(250));
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heartbeats = false;
+/// The name of a live session; dropping it frees the name.
+struct NameLease {
+    live: Arc<Mutex<HashMap<String, (u64, SocketAddr)>>>,
+    name: String,
+    conn: u64,
+}
 
-    let result: Result<(), Refusal> = async {
-        loop {
-            if stopping && pending.is_empty() {
-                if let Some(s) = &st {
-                    if let Sink::Db(db) = &ctx.sink {
-                        let _ = db.stop_session(s.exporter_id, s.session_id).await;
-                    }
-                }
-                send(&mut writer, session_no, Message::StopAck).await?;
-                tracing::info!(%peer, "session stopped by the exporter");
-                return Ok(());
-            }
-            tokio::select! {
-                biased;
-                Some((seq, count, outcome)) = pending.next(), if !pending.is_empty() => {
-                    match outcome {
-                        Ok(o) => {
-                            if let Some(s) = st.as_mut() {
-                                s.last_acked = seq;
-                                if o == Outcome::Stored { s.committed += count; }
-                                let config_id = s.config_id;
-                                send(&mut writer, session_no, Message::DataAck(DataAck { seq, config_id })).await?;
-                            }
-                        }
-                        Err(e) => return Err(refuse(ErrorCode::Storage, e)),
-                    }
-                }
-                _ = heartbeat.tick(), if heartbeats && !pending.is_empty() => {
-                    send(&mut writer, session_no, Message::Keepalive).await?;
-                }
-                frame = reader.next(), if pending.len() < ctx.window && !stopping => {
-                    let frame = match frame {
-                        None => {
-                            tracing::info!(%peer, "exporter closed the connection");
-                            return Ok(());
-                        }
-                        Some(Err(CraneError::Io(e))) => {
-                            tracing::info!(%peer, error = %e, "connection lost");
-                            return Ok(());
-                        }
-                        Some(Err(e)) => return Err(e.into()),
-                        Some(Ok(f)) => f,
-                    };
-                    session_no = frame.session;
-                    match (&state, frame.message) {
-                        (_, Message::Keepalive) => send(&mut writer, session_no, Message::Keepalive).await?,
-                        (State::AwaitStart, Message::Start(s)) => {
-                            if s.max_version < VERSION {
-                                return Err(refuse(ErrorCode::Version, format!("exporter speaks up to version {}, this collector {}", s.max_version, VERSION)));
-                            }
-                            let session_id = s.stream_id as i64;
-                            let exporter_id = match &ctx.sink {
-                                Sink::Db(db) => db.register_exporter(&s.exporter, &peer.to_string(), s.boot_ns).await
-                                    .map_err(|e| refuse(ErrorCode::Storage, format!("recording exporter: {e}")))?,
-                                Sink::Discard => 0,
-                            };
-                            tracing::info!(%peer, exporter = %s.exporter, exporter_id, stream = s.stream_id, "session started");
-                            st = Some(Stream { exporter_id, session_id, byte_order: ByteOrder::Big, config_id: 0,
-                                layouts: HashMap::new(), last_seq: None, last_acked: 0, committed: 0 });
-                            state = State::Templates;
-                            heartbeats = s.capabilities & CAP_KEEPALIVE != 0;
-                            send(&mut writer, session_no, Message::StartAck(StartAck {
-                                version: VERSION,
-                                capabilities: s.capabilities & (CAP_LITTLE_ENDIAN | CAP_KEEPALIVE),
-                                boot_ns: s.boot_ns,
-                                keepalive_s: ctx.keepalive_s,
-                            })).await?;
-                        }
-                        (State::Templates, Message::TemplateData(set)) => {
-                            let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "templates before START")) };
-                            let ack = accept_templates(&ctx, s, set).await?;
-                            send(&mut writer, session_no, Message::TemplateDataAck(ack)).await?;
-                        }
-                        (State::Templates, Message::FinalTemplateData { config_id }) => {
-                            let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "templates before START")) };
-                            if config_id != s.config_id || s.layouts.is_empty() {
-                                return Err(refuse(ErrorCode::ConfigMismatch, format!("FINAL_TMPL_DATA for config {config_id}, negotiated {}", s.config_id)));
-                            }
-                            if let Sink::Db(db) = &ctx.sink {
-                                db.open_session(s.exporter_id, s.session_id, s.byte_order.as_str()).await
-                                    .map_err(|e| refuse(ErrorCode::Storage, format!("recording session: {e}")))?;
-                            }
-                            state = State::Data;
-                            send(&mut writer, session_no, Message::FinalTemplateDataAck { config_id }).await?;
-                        }
-                        (State::Data, Message::Data(d)) => {
-                            let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "DATA before START")) };
-                            if d.config_id != s.config_id {
-                                return Err(refuse(ErrorCode::ConfigMismatch, format!("DATA seq {} names config {}, negotiated {}", d.seq, d.config_id, s.config_id)));
-                            }
-                            let Some(layout) = s.layouts.get(&d.template_id) else {
-                                return Err(refuse(ErrorCode::UnknownTemplate, format!("DATA seq {} names template {}, not negotiated", d.seq, d.template_id)));
-                            };
-                            if let Some(last) = s.last_seq {
-                                let ok = if d.flags & DATA_FLAG_START != 0 { d.seq > last } else { Some(d.seq) == last.checked_add(1) };
-                                if !ok {
-                                    return Err(refuse(ErrorCode::Sequence, format!("DATA seq {} after {} (flags {:#04x})", d.seq, last, d.flags)));
-                                }
-                            }
-                            let records = layout.decode(&d.records, d.count)
-                                .map_err(|e| refuse(ErrorCode::Malformed, format!("DATA seq {}: {e}", d.seq)))?;
-                            s.last_seq = Some(d.seq);
-                            let (done, wait) = oneshot::channel();
-                            let req = WriteReq { batch: Batch { exporter_id: s.exporter_id, session_id: s.session_id, seq: d.seq, records }, done };
-                            ctx.writer.send(req).await.map_err(|_| refuse(ErrorCode::Shutdown, "collector is stopping"))?;
-                            let (seq, count) = (d.seq, u64::from(d.count));
-                            pending.push_back(Box::pin(async move {
-                                (seq, count, wait.await.unwrap_or_else(|_| Err("writer stopped".to_owned())))
-                            }));
-                        }
-                        (_, Message::StatusReq) => {
-                            let (last_acked_seq, committed_records) = st.as_ref().map(|s| (s.last_acked, s.committed)).unwrap_or((0, 0));
-                            send(&mut writer, session_no, Message::StatusRsp(Status { last_acked_seq, pending: pending.len() as u32, committed_records })).await?;
-                        }
-                        (_, Message::Stop) => stopping = true,
-                        (_, Message::Error(e)) => {
-                            tracing::warn!(%peer, code = ?e.code, text = %e.text, "exporter reported an error; closing");
-                            return Ok(());
-                        }
-                        (_, other) => {
-                            return Err(refuse(ErrorCode::State, format!("{:?} not allowed here", other.kind())));
-                        }
-                    }
-                }
-                _ = tokio::time::sleep(idle), if pending.is_empty() => {
-                    tracing::info!(%peer, idle_s = idle.as_secs(), "exporter silent; closing");
-                    return Ok(());
-                }
-            }
+impl Drop for NameLease {
+    fn drop(&mut self) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(&self.name).is_some_and(|(c, _)| *c == self.conn) {
+            live.remove(&self.name);
         }
     }
-    .await;
+}
 
+type Writer = FramedWrite<WriteHalf<Box<dyn Io>>, CraneCodec>;
+
+/// Serves one connection until STOP, an error, a deadline or the peer's
+/// end. `identity` is the name in the peer's certificate (mutual TLS).
+pub async fn serve(
+    stream: Box<dyn Io>,
+    peer: SocketAddr,
+    identity: Option<String>,
+    ctx: Arc<SessionCtx>,
+) {
+    let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (rd, wr) = tokio::io::split(stream);
+    let codec = CraneCodec::with_max_message(ctx.limits.max_message);
+    let mut reader = FramedRead::new(rd, codec);
+    let mut writer: Writer = FramedWrite::new(wr, codec);
+    let mut session_no = 0u8;
+    let mut decoded_in_flight = 0usize;
+    let result = run(
+        &ctx,
+        peer,
+        conn,
+        identity,
+        &mut reader,
+        &mut writer,
+        &mut session_no,
+        &mut decoded_in_flight,
+    )
+    .await;
+    ctx.counters
+        .decoded_in_flight
+        .fetch_sub(decoded_in_flight as u64, Ordering::Relaxed);
     if let Err(r) = result {
-        tracing::warn!(%peer, code = ?r.code, error = %r.text, "session closed with an error");
+        ctx.counters.count(r.reason);
+        if let Some(suppressed) = ctx.log_refusals.check() {
+            tracing::warn!(%peer, code = ?r.code, reason = r.reason, error = %r.text, suppressed,
+                "session closed with an error");
+        }
         let msg = Message::Error(ErrorMsg {
             time_ns: crate::now_ns().max(0) as u64,
             code: r.code,
@@ -251,19 +299,348 @@ pub async fn serve(stream: Box<dyn Io>, peer: SocketAddr, ctx: Arc<SessionCtx>) 
     }
 }
 
-async fn send(
-    writer: &mut FramedWrite<WriteHalf<Box<dyn Io>>, CraneCodec>,
-    session: u8,
-    message: Message,
+/// The session's loop; `Err` ends it with an ERROR.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    ctx: &SessionCtx,
+    peer: SocketAddr,
+    conn: u64,
+    identity: Option<String>,
+    reader: &mut FramedRead<tokio::io::ReadHalf<Box<dyn Io>>, CraneCodec>,
+    writer: &mut Writer,
+    session_no: &mut u8,
+    decoded_in_flight: &mut usize,
 ) -> Result<(), Refusal> {
+    let limits = &ctx.limits;
+    let mut state = State::AwaitStart;
+    let mut st: Option<Stream> = None;
+    let mut _lease: Option<NameLease> = None;
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut held: Option<Held> = None;
+    let mut stopping = false;
+    let idle = Duration::from_secs(u64::from(limits.keepalive_s.max(1)) * 3);
+    let mut deadline = Instant::now() + limits.handshake_timeout;
+    // While batches wait for their commit, a keepalive every 250 ms tells the
+    // exporter this collector is alive (it fails over after 1 s of silence),
+    // however slow the database.
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(250));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeats = false;
+
+    loop {
+        if stopping && pending.is_empty() && held.is_none() {
+            if let Some(s) = &st {
+                if let Sink::Db(db) = &ctx.sink {
+                    let _ = db.stop_session(s.exporter_id, s.session_id).await;
+                }
+            }
+            send(writer, *session_no, Message::StopAck).await?;
+            if ctx.log_sessions.check().is_some() {
+                tracing::info!(%peer, "session stopped by the exporter");
+            }
+            return Ok(());
+        }
+        // A held message asks the collector's budget once the session's own
+        // has room for it.
+        if let Some(h) = held.as_mut() {
+            if h.acquire.is_none()
+                && *decoded_in_flight + h.decoded_bytes <= limits.decoded_bytes_per_session
+            {
+                h.acquire = Some(Box::pin(
+                    ctx.memory.clone().acquire_many_owned(kib(h.decoded_bytes)),
+                ));
+            }
+        }
+        let handshaking = state != State::Data;
+        let waiting = !pending.is_empty() || held.is_some();
+        tokio::select! {
+            biased;
+            Some((seq, count, bytes, outcome)) = pending.next(), if !pending.is_empty() => {
+                *decoded_in_flight -= bytes;
+                ctx.counters.decoded_in_flight.fetch_sub(bytes as u64, Ordering::Relaxed);
+                match outcome {
+                    Ok(o) => {
+                        if let Some(s) = st.as_mut() {
+                            s.last_acked = seq;
+                            if o == Outcome::Stored { s.committed += count; }
+                            let config_id = s.config_id;
+                            send(writer, *session_no, Message::DataAck(DataAck { seq, config_id })).await?;
+                        }
+                    }
+                    Err(e) => return Err(refuse(ErrorCode::Storage, "storage", e)),
+                }
+            }
+            permit = acquire_held(&mut held), if held.as_ref().is_some_and(|h| h.acquire.is_some()) => {
+                let permit = permit.map_err(|_| refuse(ErrorCode::Shutdown, "shutdown", "collector is stopping"))?;
+                let (Some(h), Some(s)) = (held.take(), st.as_mut()) else { continue };
+                let Some(layout) = s.layouts.get(&h.data.template_id) else { continue };
+                let d = h.data;
+                let records = layout.decode(&d.records, d.count)
+                    .map_err(|e| refuse(ErrorCode::Malformed, "malformed", format!("DATA seq {}: {e}", d.seq)))?;
+                *decoded_in_flight += h.decoded_bytes;
+                ctx.counters.decoded_in_flight.fetch_add(h.decoded_bytes as u64, Ordering::Relaxed);
+                let (done, wait) = oneshot::channel();
+                let req = WriteReq {
+                    batch: Batch { exporter_id: s.exporter_id, session_id: s.session_id, seq: d.seq, records },
+                    done,
+                    memory: Some(permit),
+                };
+                let (seq, count, bytes) = (d.seq, u64::from(d.count), h.decoded_bytes);
+                // Counted before the send: the pending future gives it back.
+                pending.push_back(Box::pin(async move {
+                    (seq, count, bytes, wait.await.unwrap_or_else(|_| Err("writer stopped".to_owned())))
+                }));
+                ctx.writer.send(req).await.map_err(|_| refuse(ErrorCode::Shutdown, "shutdown", "collector is stopping"))?;
+            }
+            _ = heartbeat.tick(), if heartbeats && waiting => {
+                send(writer, *session_no, Message::Keepalive).await?;
+            }
+            _ = tokio::time::sleep_until(deadline), if handshaking => {
+                return Err(match state {
+                    State::AwaitStart => refuse(ErrorCode::Limit, "handshake_timeout",
+                        format!("no START within {} ms of connecting", limits.handshake_timeout.as_millis())),
+                    _ => refuse(ErrorCode::Limit, "templates_timeout",
+                        format!("no FINAL_TMPL_DATA within {} ms of START", limits.templates_timeout.as_millis())),
+                });
+            }
+            frame = reader.next(), if pending.len() < limits.window && held.is_none() && !stopping => {
+                let frame = match frame {
+                    None => {
+                        if ctx.log_sessions.check().is_some() {
+                            tracing::info!(%peer, "exporter closed the connection");
+                        }
+                        return Ok(());
+                    }
+                    Some(Err(CraneError::Io(e))) => {
+                        if ctx.log_sessions.check().is_some() {
+                            tracing::info!(%peer, error = %e, "connection lost");
+                        }
+                        return Ok(());
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(f)) => f,
+                };
+                *session_no = frame.session;
+                match (state, frame.message) {
+                    (_, Message::Keepalive) => send(writer, *session_no, Message::Keepalive).await?,
+                    (State::AwaitStart, Message::Start(s)) => {
+                        if s.max_version < VERSION {
+                            return Err(refuse(ErrorCode::Version, "version", format!("exporter speaks up to version {}, this collector {}", s.max_version, VERSION)));
+                        }
+                        _lease = Some(claim_name(ctx, &s, identity.as_deref(), peer, conn)?);
+                        let session_id = s.stream_id as i64;
+                        let exporter_id = match &ctx.sink {
+                            Sink::Db(db) => db.register_exporter(&s.exporter, &peer.to_string(), s.boot_ns).await
+                                .map_err(|e| refuse(ErrorCode::Storage, "storage", format!("recording exporter: {e}")))?,
+                            Sink::Discard => 0,
+                        };
+                        if ctx.log_sessions.check().is_some() {
+                            tracing::info!(%peer, exporter = %s.exporter, exporter_id, stream = s.stream_id, "session started");
+                        }
+                        st = Some(Stream { exporter_id, session_id, byte_order: ByteOrder::Big, config_id: 0,
+                            layouts: HashMap::new(), template_messages: 0, last_seq: None, last_acked: 0, committed: 0 });
+                        state = State::Templates;
+                        deadline = Instant::now() + limits.templates_timeout;
+                        heartbeats = s.capabilities & CAP_KEEPALIVE != 0;
+                        send(writer, *session_no, Message::StartAck(StartAck {
+                            version: VERSION,
+                            capabilities: s.capabilities & (CAP_LITTLE_ENDIAN | CAP_KEEPALIVE),
+                            boot_ns: s.boot_ns,
+                            keepalive_s: limits.keepalive_s,
+                        })).await?;
+                    }
+                    (State::Templates, Message::TemplateData(set)) => {
+                        let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "state", "templates before START")) };
+                        let ack = accept_templates(ctx, s, set).await?;
+                        send(writer, *session_no, Message::TemplateDataAck(ack)).await?;
+                    }
+                    (State::Templates, Message::FinalTemplateData { config_id }) => {
+                        let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "state", "templates before START")) };
+                        if config_id != s.config_id || s.layouts.is_empty() {
+                            return Err(refuse(ErrorCode::ConfigMismatch, "config_mismatch", format!("FINAL_TMPL_DATA for config {config_id}, negotiated {}", s.config_id)));
+                        }
+                        if let Sink::Db(db) = &ctx.sink {
+                            db.open_session(s.exporter_id, s.session_id, s.byte_order.as_str()).await
+                                .map_err(|e| refuse(ErrorCode::Storage, "storage", format!("recording session: {e}")))?;
+                        }
+                        state = State::Data;
+                        send(writer, *session_no, Message::FinalTemplateDataAck { config_id }).await?;
+                    }
+                    (State::Data, Message::Data(d)) => {
+                        let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "state", "DATA before START")) };
+                        held = Some(check_data(limits, s, d)?);
+                    }
+                    (_, Message::StatusReq) => {
+                        let (last_acked_seq, committed_records) = st.as_ref().map(|s| (s.last_acked, s.committed)).unwrap_or((0, 0));
+                        send(writer, *session_no, Message::StatusRsp(Status { last_acked_seq, pending: pending.len() as u32, committed_records })).await?;
+                    }
+                    (_, Message::Stop) => stopping = true,
+                    (_, Message::Error(e)) => {
+                        ctx.counters.count("exporter_error");
+                        if let Some(suppressed) = ctx.log_refusals.check() {
+                            tracing::warn!(%peer, code = ?e.code, text = %printable(&e.text, 200), suppressed,
+                                "exporter reported an error; closing");
+                        }
+                        return Ok(());
+                    }
+                    (_, other) => {
+                        return Err(refuse(ErrorCode::State, "state", format!("{:?} not allowed here", other.kind())));
+                    }
+                }
+            }
+            _ = tokio::time::sleep(idle), if !waiting => {
+                ctx.counters.count("idle_timeout");
+                if ctx.log_sessions.check().is_some() {
+                    tracing::info!(%peer, idle_s = idle.as_secs(), "exporter silent; closing");
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Waits for the held message's memory (never resolves without one).
+async fn acquire_held(held: &mut Option<Held>) -> Result<OwnedSemaphorePermit, AcquireError> {
+    match held.as_mut().and_then(|h| h.acquire.as_mut()) {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Checks the exporter's name and takes it for this connection.
+fn claim_name(
+    ctx: &SessionCtx,
+    s: &Start,
+    identity: Option<&str>,
+    peer: SocketAddr,
+    conn: u64,
+) -> Result<NameLease, Refusal> {
+    let name = &s.exporter;
+    if name.is_empty() || name.len() > MAX_EXPORTER_NAME || name.chars().any(|c| c.is_control()) {
+        return Err(refuse(
+            ErrorCode::Identity,
+            "bad_exporter_name",
+            format!(
+                "exporter name \"{}\" ({} bytes): use 1 to {MAX_EXPORTER_NAME} bytes without control characters",
+                printable(name, 64),
+                name.len()
+            ),
+        ));
+    }
+    if let Some(cert) = identity {
+        if cert != name {
+            return Err(refuse(
+                ErrorCode::Identity,
+                "certificate_name_mismatch",
+                format!(
+                    "START names exporter \"{}\", the client certificate \"{}\"",
+                    printable(name, 64),
+                    printable(cert, 64)
+                ),
+            ));
+        }
+    }
+    let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, holder)) = live.get(name.as_str()) {
+        return Err(refuse(
+            ErrorCode::Identity,
+            "exporter_name_in_use",
+            format!(
+                "exporter \"{}\" has a live session from another connection ({holder})",
+                printable(name, 64)
+            ),
+        ));
+    }
+    live.insert(name.clone(), (conn, peer));
+    Ok(NameLease {
+        live: ctx.live.clone(),
+        name: name.clone(),
+        conn,
+    })
+}
+
+/// Checks a DATA message against the negotiated state and the memory
+/// bounds; the message is then held until its memory is reserved.
+fn check_data(limits: &SessionLimits, s: &mut Stream, d: Data) -> Result<Held, Refusal> {
+    if d.config_id != s.config_id {
+        return Err(refuse(
+            ErrorCode::ConfigMismatch,
+            "config_mismatch",
+            format!(
+                "DATA seq {} names config {}, negotiated {}",
+                d.seq, d.config_id, s.config_id
+            ),
+        ));
+    }
+    let Some(layout) = s.layouts.get(&d.template_id) else {
+        return Err(refuse(
+            ErrorCode::UnknownTemplate,
+            "unknown_template",
+            format!(
+                "DATA seq {} names template {}, not negotiated",
+                d.seq, d.template_id
+            ),
+        ));
+    };
+    if let Some(last) = s.last_seq {
+        let ok = if d.flags & DATA_FLAG_START != 0 {
+            d.seq > last
+        } else {
+            Some(d.seq) == last.checked_add(1)
+        };
+        if !ok {
+            return Err(refuse(
+                ErrorCode::Sequence,
+                "sequence",
+                format!("DATA seq {} after {} (flags {:#04x})", d.seq, last, d.flags),
+            ));
+        }
+    }
+    layout.check_count(d.records.len(), d.count).map_err(|e| {
+        refuse(
+            ErrorCode::Malformed,
+            "record_count",
+            format!("DATA seq {}: {e}", d.seq),
+        )
+    })?;
+    let decoded_bytes = RecordLayout::decoded_size(d.count, d.records.len());
+    let budget = limits
+        .decoded_bytes_per_session
+        .min(limits.decoded_bytes_total);
+    if decoded_bytes > budget {
+        return Err(refuse(
+            ErrorCode::Oversized,
+            "over_memory_budget",
+            format!(
+                "DATA seq {}: {} records in {} bytes would take {decoded_bytes} bytes decoded, above the session's budget of {budget}",
+                d.seq,
+                d.count,
+                d.records.len()
+            ),
+        ));
+    }
+    s.last_seq = Some(d.seq);
+    Ok(Held {
+        data: d,
+        decoded_bytes,
+        acquire: None,
+    })
+}
+
+async fn send(writer: &mut Writer, session: u8, message: Message) -> Result<(), Refusal> {
     // An exporter that stops reading must not hold its session (and the
     // records it waits on) forever.
     match tokio::time::timeout(WRITE_TIMEOUT, writer.send(Frame { session, message })).await {
-        Ok(r) => {
-            r.map_err(|e| refuse(ErrorCode::Internal, format!("writing to the exporter: {e}")))
-        }
+        Ok(r) => r.map_err(|e| {
+            refuse(
+                ErrorCode::Internal,
+                "write_failed",
+                format!("writing to the exporter: {e}"),
+            )
+        }),
         Err(_) => Err(refuse(
             ErrorCode::Internal,
+            "write_timeout",
             format!("exporter stopped reading for {} s", WRITE_TIMEOUT.as_secs()),
         )),
     }
@@ -277,24 +654,97 @@ async fn accept_templates(
     s: &mut Stream,
     mut set: TemplateSet,
 ) -> Result<TemplateSet, Refusal> {
+    let limits = &ctx.limits;
+    s.template_messages += 1;
+    if s.template_messages > limits.max_template_messages {
+        return Err(refuse(
+            ErrorCode::Limit,
+            "too_many_template_messages",
+            format!(
+                "more than {} TMPL_DATA messages in one session",
+                limits.max_template_messages
+            ),
+        ));
+    }
     if !s.layouts.is_empty() && set.config_id != s.config_id {
         return Err(refuse(
             ErrorCode::ConfigMismatch,
+            "config_mismatch",
             format!(
                 "TMPL_DATA for config {} after config {}",
                 set.config_id, s.config_id
             ),
         ));
     }
-    s.config_id = set.config_id;
-    s.byte_order = set.byte_order;
+    if set.templates.len() > limits.max_templates {
+        return Err(refuse(
+            ErrorCode::Limit,
+            "too_many_templates",
+            format!(
+                "TMPL_DATA with {} templates, more than {}",
+                set.templates.len(),
+                limits.max_templates
+            ),
+        ));
+    }
+    // Everything is checked before anything is recorded.
+    let mut layouts = Vec::with_capacity(set.templates.len().min(limits.max_templates));
+    let mut ids: Vec<u16> = s.layouts.keys().copied().collect();
     for t in &mut set.templates {
-        for k in &mut t.keys {
-            if ctx.disabled_keys.contains(&k.ie) {
-                k.disabled = true;
+        if t.keys.len() > limits.max_template_keys {
+            return Err(refuse(
+                ErrorCode::Limit,
+                "too_many_template_keys",
+                format!(
+                    "template {} has {} keys, more than {}",
+                    t.id,
+                    t.keys.len(),
+                    limits.max_template_keys
+                ),
+            ));
+        }
+        if !ids.contains(&t.id) {
+            ids.push(t.id);
+            if ids.len() > limits.max_templates {
+                return Err(refuse(
+                    ErrorCode::Limit,
+                    "too_many_templates",
+                    format!(
+                        "more than {} templates in one session",
+                        limits.max_templates
+                    ),
+                ));
             }
         }
-        s.layouts.insert(t.id, RecordLayout::new(t, set.byte_order));
+        let mut disabled_here = Vec::new();
+        for k in &mut t.keys {
+            if !k.disabled && ctx.disabled_keys.contains(&k.ie) {
+                k.disabled = true;
+                disabled_here.push(k.ie);
+            }
+        }
+        let layout = RecordLayout::checked(t, set.byte_order).map_err(|e| {
+            let by_us = if disabled_here.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " once this collector disables {}",
+                    disabled_here
+                        .iter()
+                        .map(|ie| qosloop_schema::ie::by_id(*ie)
+                            .map_or_else(|| format!("{ie:?}"), |e| e.name.to_owned()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            refuse(ErrorCode::Malformed, "no_fixed_key", format!("{e}{by_us}"))
+        })?;
+        layouts.push((t.id, layout));
+    }
+    s.config_id = set.config_id;
+    s.byte_order = set.byte_order;
+    for (t, (id, layout)) in set.templates.iter().zip(layouts) {
+        s.layouts.insert(id, layout);
         if let Sink::Db(db) = &ctx.sink {
             let definition =
                 serde_json::to_string(&WireTemplate::to_template(t)).unwrap_or_default();
@@ -309,10 +759,23 @@ async fn accept_templates(
             .map_err(|e| {
                 refuse(
                     ErrorCode::Storage,
+                    "storage",
                     format!("recording template {}: {e}", t.id),
                 )
             })?;
         }
     }
     Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn peer_strings_are_escaped_and_cut() {
+        assert_eq!(printable("m1", 64), "m1");
+        assert_eq!(printable("a\nb\u{1b}[31m", 64), "a\\nb\\u{1b}[31m");
+        assert_eq!(printable(&"x".repeat(100), 3), "xxx…");
+    }
 }

@@ -14,7 +14,7 @@ use sqlx::{Connection, QueryBuilder, Sqlite};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
 
 /// One DATA message to store.
 #[derive(Debug)]
@@ -38,6 +38,9 @@ pub enum Outcome {
 pub struct WriteReq {
     pub batch: Batch,
     pub done: oneshot::Sender<Result<Outcome, String>>,
+    /// The share of the collector's decoded-memory budget the batch holds;
+    /// given back when the writer drops the request, with the records.
+    pub memory: Option<OwnedSemaphorePermit>,
 }
 
 /// Where messages go: a database, or nowhere (benchmarks of the protocol).
@@ -98,13 +101,28 @@ async fn writer(sink: Sink, rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>, group_reco
         match result {
             Ok(outcomes) => {
                 for (req, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = req.done.send(Ok(outcome));
+                    let WriteReq {
+                        batch,
+                        done,
+                        memory,
+                    } = req;
+                    let _ = done.send(Ok(outcome));
+                    // The records are gone: their share of the budget is free.
+                    drop(batch);
+                    drop(memory);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, messages = group.len(), "storing failed; sessions get an error");
                 for req in group {
-                    let _ = req.done.send(Err(e.clone()));
+                    let WriteReq {
+                        batch,
+                        done,
+                        memory,
+                    } = req;
+                    let _ = done.send(Err(e.clone()));
+                    drop(batch);
+                    drop(memory);
                 }
             }
         }
@@ -414,7 +432,10 @@ fn put_inet(out: &mut BytesMut, addr: IpAddr) {
 }
 
 impl Db {
-    /// Records an exporter (by its unique name) and returns its id.
+    /// Records an exporter (by its unique name) and returns its id. The
+    /// row's address and boot time are overwritten: the caller holds the
+    /// name (the collector refuses a START naming an exporter that has a
+    /// live session from another connection before it gets here).
     pub async fn register_exporter(
         &self,
         name: &str,
@@ -609,6 +630,7 @@ mod tests {
                     records: vec![rec.clone(); 3],
                 },
                 done,
+                memory: None,
             })
             .await
             .unwrap();

@@ -324,7 +324,9 @@ mod tls {
     }
 
     /// Mutual TLS: an exporter with a certificate from the CA gets every
-    /// record stored; one speaking plain TCP gets nothing acknowledged.
+    /// record stored under the certificate's name; one naming another
+    /// exporter than its certificate (issue 11, item 5) or speaking plain
+    /// TCP gets nothing acknowledged.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mutual_tls_export() {
         need!(require_binary("openssl", "openssl"));
@@ -343,15 +345,40 @@ mod tls {
         let listener = qosloop_collector::bind(&config).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let sink = qosloop_collector::open_sink(&url).await.unwrap();
-        let server =
-            tokio::spawn(async move { qosloop_collector::serve(listener, sink, &config).await });
+        let collector = qosloop_collector::Collector::new(sink, &config).unwrap();
+        let c = collector.clone();
+        let server = tokio::spawn(async move { c.serve(listener).await });
 
-        let mut cfg = ExporterConfig::new(vec![addr.to_string()]);
-        cfg.tls = Some(TlsFiles {
+        let files = TlsFiles {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("client.pem"),
             key: dir.path().join("client.key"),
-        });
+        };
+        // The certificate says "qosloop client"; a START naming another
+        // exporter is refused.
+        let mut impostor = ExporterConfig::new(vec![addr.to_string()]);
+        impostor.tls = Some(files.clone());
+        impostor.name = "m1".into();
+        impostor.finish_timeout = Duration::from_secs(2);
+        let mut ex = Exporter::start(impostor).unwrap();
+        for i in 0..100 {
+            ex.send(&record(i)).await.unwrap();
+        }
+        let report = ex.finish().await.unwrap();
+        assert_eq!(report.acked_records, 0, "{report:?}");
+        assert!(
+            collector
+                .stats()
+                .refused
+                .get("certificate_name_mismatch")
+                .is_some_and(|&n| n >= 1),
+            "{:?}",
+            collector.stats()
+        );
+
+        let mut cfg = ExporterConfig::new(vec![addr.to_string()]);
+        cfg.tls = Some(files);
+        cfg.name = "qosloop client".into();
         let mut ex = Exporter::start(cfg).unwrap();
         let mut sum = 0;
         for i in 0..10_000 {
@@ -373,6 +400,12 @@ mod tls {
 
         let db = Db::connect(&url).await.unwrap();
         assert_eq!(totals(&db).await, (10_000, sum as i64));
+        let Db::Sqlite(pool) = &db else { panic!() };
+        let names: Vec<(String,)> = sqlx::query_as("SELECT name FROM exporters")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        assert_eq!(names, [("qosloop client".to_owned(),)]);
         server.abort();
     }
 }

@@ -299,6 +299,9 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         &[
             s("--listen"),
             format!("{MGMT_ADDR}:4740"),
+            // The management namespace's own address, reachable only by the
+            // testbed's namespaces: plain TCP on purpose.
+            s("--allow-insecure-remote"),
             s("--db"),
             db_url.clone(),
         ],

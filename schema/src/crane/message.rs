@@ -210,6 +210,12 @@ pub enum ErrorCode {
     Storage,
     Internal,
     Shutdown,
+    /// The exporter's name is not acceptable: malformed, not the name in
+    /// its certificate, or in use by a live session from another connection.
+    Identity,
+    /// A bound of the collector was reached: templates, keys, template
+    /// messages, handshake or template deadlines.
+    Limit,
     Other(u16),
 }
 
@@ -226,6 +232,8 @@ impl ErrorCode {
             ErrorCode::Storage => 8,
             ErrorCode::Internal => 9,
             ErrorCode::Shutdown => 10,
+            ErrorCode::Identity => 11,
+            ErrorCode::Limit => 12,
             ErrorCode::Other(c) => c,
         }
     }
@@ -241,6 +249,8 @@ impl ErrorCode {
             8 => ErrorCode::Storage,
             9 => ErrorCode::Internal,
             10 => ErrorCode::Shutdown,
+            11 => ErrorCode::Identity,
+            12 => ErrorCode::Limit,
             other => ErrorCode::Other(other),
         }
     }
