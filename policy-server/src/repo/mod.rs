@@ -17,6 +17,7 @@
 //! good version, so one bad entry never takes the rest of the policy down.
 //! [`describe`] prints what was understood (`--check`).
 
+mod attributes;
 mod base64;
 mod describe;
 mod dn;

@@ -94,7 +94,10 @@ pub fn build_strict(entries: &[Entry]) -> Result<PolicySet, PolicyErrors> {
 /// version from `previous` when it had one there.
 pub fn build(entries: &[Entry], previous: &PolicySet) -> Build {
     let dir = Directory::new(entries);
-    let mut errors = Vec::new();
+    // Every entry's own problems are errors, also those of entries that
+    // belong to no object (a container); objects with such an entry among
+    // theirs are rejected below.
+    let mut errors: Vec<PolicyError> = dir.all_problems().cloned().collect();
 
     // Tier 2 and 3 first: rules refer to classes and links.
     let mut classes: BTreeMap<String, ServiceClass> = BTreeMap::new();
@@ -138,7 +141,11 @@ pub fn build(entries: &[Entry], previous: &PolicySet) -> Build {
     let mut devices: BTreeMap<String, DeviceRole> = BTreeMap::new();
     for e in dir.with_class("qosloopDeviceRole") {
         let key = dn::normalize(&e.dn);
-        match device(e) {
+        let checked = match dir.problems(e).first() {
+            Some(problem) => Err(problem.clone()),
+            None => device(e),
+        };
+        match checked {
             Ok(d) => {
                 devices.insert(key, d);
             }
@@ -205,11 +212,14 @@ pub fn build(entries: &[Entry], previous: &PolicySet) -> Build {
     }
 }
 
-/// The entries indexed by normalized DN and by parent.
+/// The entries indexed by normalized DN and by parent, with the problems
+/// found in each entry on its own (attributes its object classes do not
+/// allow, a DN given twice).
 struct Directory<'a> {
     by_dn: HashMap<String, &'a Entry>,
     children: HashMap<String, Vec<&'a Entry>>,
     sorted: Vec<&'a Entry>,
+    problems: HashMap<String, Vec<PolicyError>>,
 }
 
 impl<'a> Directory<'a> {
@@ -218,26 +228,75 @@ impl<'a> Directory<'a> {
         sorted.sort_by_cached_key(|e| dn::normalize(&e.dn));
         let mut by_dn = HashMap::new();
         let mut children: HashMap<String, Vec<&Entry>> = HashMap::new();
+        let mut problems: HashMap<String, Vec<PolicyError>> = HashMap::new();
+        let mut copies: HashMap<String, Vec<&Entry>> = HashMap::new();
         for e in &sorted {
-            by_dn.insert(dn::normalize(&e.dn), *e);
-            children.entry(dn::parent(&e.dn)).or_default().push(*e);
+            let key = dn::normalize(&e.dn);
+            copies.entry(key.clone()).or_default().push(*e);
+            let errors = super::attributes::check(e);
+            if !errors.is_empty() {
+                problems.entry(key.clone()).or_default().extend(errors);
+            }
+            if by_dn.insert(key, *e).is_none() {
+                children.entry(dn::parent(&e.dn)).or_default().push(*e);
+            }
+        }
+        for (key, same) in copies.into_iter().filter(|(_, v)| v.len() > 1) {
+            let lines: Vec<String> = same
+                .iter()
+                .filter(|e| e.line > 0)
+                .map(|e| e.line.to_string())
+                .collect();
+            let at = if lines.is_empty() {
+                String::new()
+            } else {
+                format!(" (lines {})", lines.join(", "))
+            };
+            problems.entry(key).or_default().push(PolicyError::new(
+                &same[0].dn,
+                None,
+                format!(
+                    "duplicate DN: the entry is given {} times{at}; which one holds is ambiguous",
+                    same.len()
+                ),
+            ));
         }
         Directory {
             by_dn,
             children,
             sorted,
+            problems,
         }
     }
 
+    /// The problems of `e` on its own (empty when none).
+    fn problems(&self, e: &Entry) -> &[PolicyError] {
+        self.problems
+            .get(&dn::normalize(&e.dn))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Every entry's own problems.
+    fn all_problems(&self) -> impl Iterator<Item = &PolicyError> {
+        self.problems.values().flatten()
+    }
+
+    /// Entries of `class`, each DN once (a duplicate DN's first copy, which
+    /// is rejected for being duplicate).
     fn with_class(&self, class: &'a str) -> impl Iterator<Item = &'a Entry> + '_ {
-        self.sorted
-            .iter()
-            .copied()
-            .filter(move |e| e.has_class(class))
+        self.unique().filter(move |e| e.has_class(class))
+    }
+
+    fn unique(&self) -> impl Iterator<Item = &'a Entry> + '_ {
+        self.sorted.iter().copied().filter(|e| {
+            self.by_dn
+                .get(&dn::normalize(&e.dn))
+                .is_some_and(|first| std::ptr::eq(*first, *e))
+        })
     }
 
     fn rules(&self) -> impl Iterator<Item = &'a Entry> + '_ {
-        self.sorted.iter().copied().filter(|e| {
+        self.unique().filter(|e| {
             e.has_class("pcimRuleInstance")
                 || e.has_class("pcimRuleAuxClass")
                 || e.has_class("pcimRule")
@@ -344,7 +403,7 @@ impl Errors {
 
 fn service_class(e: &Entry, dir: &Directory<'_>) -> Result<ServiceClass, Vec<PolicyError>> {
     let r = Reader(e);
-    let mut errs = Errors::default();
+    let mut errs = Errors(dir.problems(e).to_vec());
     let name = errs.take(r.required("qosloopClassName").map(str::to_owned));
     let rate = errs.take(r.required_kbps("qosloopProfileRate").and_then(|k| {
         if k.0 == 0 {
@@ -364,6 +423,7 @@ fn service_class(e: &Entry, dir: &Directory<'_>) -> Result<ServiceClass, Vec<Pol
     let mut bands: Vec<(&Entry, LoadBand)> = Vec::new();
     for child in dir.children_of(e) {
         if child.has_class("qosloopLoadBand") {
+            errs.0.extend_from_slice(dir.problems(child));
             if let Some(b) = errs.take(band(child)) {
                 bands.push((child, b));
             }
@@ -533,7 +593,7 @@ fn flow_condition(e: &Entry) -> Result<(FlowSpec, Vec<String>), PolicyError> {
 
 fn link(e: &Entry, dir: &Directory<'_>) -> Result<Link, Vec<PolicyError>> {
     let r = Reader(e);
-    let mut errs = Errors::default();
+    let mut errs = Errors(dir.problems(e).to_vec());
     let name = errs.take(r.required("qosloopLinkName").map(str::to_owned));
     let capacity = errs.take(r.required_kbps("qosloopLinkCapacity").and_then(|k| {
         if k.0 == 0 {
@@ -545,6 +605,7 @@ fn link(e: &Entry, dir: &Directory<'_>) -> Result<Link, Vec<PolicyError>> {
     let mut traffic = Vec::new();
     for child in dir.children_of(e) {
         if child.has_class("qosloopFlowCondition") {
+            errs.0.extend_from_slice(dir.problems(child));
             if let Some((spec, users)) = errs.take(flow_condition(child)) {
                 if !users.is_empty() {
                     errs.0.push(PolicyError::new(
@@ -655,7 +716,7 @@ fn rule(
     links: &HashMap<&str, &str>,
 ) -> Result<BusinessRule, Vec<PolicyError>> {
     let r = Reader(e);
-    let mut errs = Errors::default();
+    let mut errs = Errors(dir.problems(e).to_vec());
     let name = errs
         .take(r.single("pcimRuleName"))
         .flatten()
@@ -719,6 +780,7 @@ fn rule(
     let mut groups: BTreeMap<u64, Vec<FlowSpec>> = BTreeMap::new();
     let mut users = BTreeSet::new();
     for assoc in &conditions {
+        errs.0.extend_from_slice(dir.problems(assoc));
         let a = Reader(assoc);
         let Some(group) = errs.take(a.required_integer("pcimConditionGroupNumber")) else {
             continue;
@@ -766,6 +828,9 @@ fn rule(
                 continue;
             }
         };
+        if !std::ptr::eq(condition, *assoc) {
+            errs.0.extend_from_slice(dir.problems(condition));
+        }
         if let Some((spec, u)) = errs.take(flow_condition(condition)) {
             groups.entry(group).or_default().push(spec);
             users.extend(u);
@@ -799,6 +864,7 @@ fn rule(
     );
     let mut service: Vec<String> = Vec::new();
     for assoc in &actions {
+        errs.0.extend_from_slice(dir.problems(assoc));
         let a = Reader(assoc);
         errs.take(a.required_integer("pcimActionOrder"));
         let class_dn = match errs.take(a.single("pcimActionDN")) {
@@ -1339,6 +1405,63 @@ mod tests {
         let mut g = BTreeMap::new();
         g.insert(1, vec![b, c]);
         assert!(combine(g, false).is_err());
+    }
+
+    /// Issue 11 item 7: `qosloopShapRate` (misspelled) was ignored and the
+    /// band became unshaped accept.
+    #[test]
+    fn a_misspelled_optional_attribute_is_an_error_naming_dn_and_attribute() {
+        let mut e = sample();
+        let shaped = "cn=low,cn=gold";
+        replace(&mut e, shaped, "qosloopShapeRate", None);
+        replace(&mut e, shaped, "qosloopShapRate", Some("875"));
+        let errs = build_strict(&e).unwrap_err().0;
+        let err = errs
+            .iter()
+            .find(|x| x.dn.starts_with(shaped))
+            .unwrap_or_else(|| panic!("{errs:?}"));
+        assert_eq!(err.attribute.as_deref(), Some("qosloopShapRate"));
+        assert!(err.message.contains("unknown attribute"), "{err}");
+        // Running: the class keeps its last good version (shaped), the
+        // misspelling is reported.
+        let prev = build_strict(&sample()).unwrap();
+        let b = build(&e, &prev);
+        assert_eq!(b.policy.classes, prev.classes);
+        assert!(b
+            .errors
+            .iter()
+            .any(|x| x.attribute.as_deref() == Some("qosloopShapRate")));
+    }
+
+    #[test]
+    fn an_attribute_of_another_class_is_an_error() {
+        let mut e = sample();
+        replace(&mut e, "cn=policed-flow", "qosloopShapeRate", Some("100"));
+        let err = only_error(&e);
+        assert!(err.dn.starts_with("cn=policed-flow"), "{err}");
+        assert_eq!(err.attribute.as_deref(), Some("qosloopShapeRate"));
+        assert!(err.message.contains("not allowed"), "{err}");
+    }
+
+    /// Issue 11 item 7: a DN given twice was accepted (the last copy won).
+    #[test]
+    fn a_duplicate_dn_is_an_error_naming_the_dn() {
+        let text = format!(
+            "{SAMPLE_POLICY_LDIF}\ndn: cn=edge-ingress,ou=links,dc=qosloop,dc=example\n\
+             objectClass: pcimPolicyInstance\nobjectClass: qosloopLink\n\
+             cn: edge-ingress\nqosloopLinkName: edge-ingress\nqosloopLinkCapacity: 99\n"
+        );
+        let e = ldif::parse(&text).unwrap();
+        let errs = build_strict(&e).unwrap_err().0;
+        let dup = errs
+            .iter()
+            .find(|x| x.message.contains("duplicate DN"))
+            .unwrap_or_else(|| panic!("{errs:?}"));
+        assert_eq!(dup.dn, "cn=edge-ingress,ou=links,dc=qosloop,dc=example");
+        assert!(dup.message.contains("2 times"), "{dup}");
+        // Running: the link keeps its last good version.
+        let prev = build_strict(&sample()).unwrap();
+        assert_eq!(build(&e, &prev).policy.links, prev.links);
     }
 
     #[test]
