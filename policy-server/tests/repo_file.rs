@@ -167,3 +167,170 @@ fn docs_show_the_sample_as_described() {
     let printed = describe(&parse_policy_ldif(SAMPLE_POLICY_LDIF).unwrap());
     assert_eq!(block, printed.trim());
 }
+
+/// Collects audit events until `until` holds for one (or PATIENCE ends).
+async fn events_until(w: &mut PolicyWatch, until: impl Fn(&AuditEvent) -> bool) -> Vec<AuditEvent> {
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, async {
+        while let Some(e) = w.audit.recv().await {
+            let done = until(&e);
+            seen.push(e);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    seen
+}
+
+/// The sample without its rule entries, the rules container marked as
+/// allowing a wholesale drop.
+fn sample_without_rules(marked: bool) -> String {
+    let mut out = String::new();
+    for block in SAMPLE_POLICY_LDIF.split("\n\n") {
+        if block.contains("dn: cn=") && block.contains(",ou=rules,") {
+            continue;
+        }
+        if marked && block.contains("dn: ou=rules,") {
+            out.push_str(&block.replace(
+                "ou: rules",
+                "objectClass: pcimGroupAuxClass\nou: rules\npcimKeywords: qosloop-allow-drop",
+            ));
+        } else {
+            out.push_str(block);
+        }
+        out.push_str("\n\n");
+    }
+    out
+}
+
+/// Issue 11 item 7: a policy file truncated to 0 bytes was put in force
+/// with 0 rules (every decision removed), logged at INFO.
+#[tokio::test]
+async fn an_emptied_policy_file_is_refused_and_the_last_good_policy_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.ldif");
+    write(&path, SAMPLE_POLICY_LDIF);
+    let mut w = watch_ldif_file(&path, POLL).unwrap();
+    let good = w.current();
+    assert_eq!(good.rules.len(), 1);
+    assert!(w.status.borrow().refused.is_none());
+
+    std::fs::write(&path, "").unwrap();
+    let e = next_reject(&mut w).await;
+    let detail = e.detail.unwrap();
+    assert!(detail.contains("leave 0 of the 1 rules"), "{detail}");
+    assert!(detail.contains("qosloop-allow-drop"), "{detail}");
+    assert_eq!(w.current(), good, "the last good policy stays");
+    let status = w.status.borrow().clone();
+    let refused = status.refused.expect("the status shows the refusal");
+    assert_eq!(refused.rules_offered, 0);
+    assert_eq!(status.rules_in_force, 1);
+
+    // The same without the rule entries: also refused.
+    write(&path, &sample_without_rules(false));
+    let e = next_reject(&mut w).await;
+    assert!(e.detail.unwrap().contains("leave 0 of the 1 rules"));
+    assert_eq!(w.current(), good);
+
+    // Marked as deliberate: applied, the refusal cleared.
+    write(&path, &sample_without_rules(true));
+    wait_for(&mut w, "no rules", |p| p.rules.is_empty()).await;
+    let status = w.status.borrow().clone();
+    assert!(status.refused.is_none(), "{status:?}");
+    assert_eq!(status.rules_in_force, 0);
+}
+
+/// Issue 11 item 7: a file caught while being written (75% of it) was
+/// read and put in force. Written in 12 chunks 25 ms apart, it changes at
+/// every look (300 ms apart), so only the complete file may be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_being_written_is_read_only_once_complete() {
+    let slow_poll = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.ldif");
+    write(&path, SAMPLE_POLICY_LDIF);
+    let mut w = watch_ldif_file(&path, slow_poll).unwrap();
+    let mut policy = w.policy.clone();
+    let target =
+        SAMPLE_POLICY_LDIF.replace("qosloopLinkCapacity: 10000", "qosloopLinkCapacity: 20000");
+    let expected = parse_policy_ldif(&target).unwrap();
+    let bytes = target.as_bytes().to_vec();
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in bytes.chunks(bytes.len().div_ceil(12)) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    });
+    // Every version published until the final one must be the final one.
+    let published = tokio::time::timeout(PATIENCE, async {
+        let mut versions = Vec::new();
+        while policy.changed().await.is_ok() {
+            let p = policy.borrow_and_update().clone();
+            let done = *p == expected;
+            versions.push(p);
+            if done {
+                break;
+            }
+        }
+        versions
+    })
+    .await
+    .unwrap();
+    writer.await.unwrap();
+    assert_eq!(published.len(), 1, "partial versions were published");
+    // Nothing was rejected on the way (a partial read would be).
+    while let Ok(e) = w.audit.try_recv() {
+        assert_ne!(e.change, AuditChange::Reject, "{e:?}");
+    }
+}
+
+/// Issue 11 item 7: on reload, a misspelled attribute (`qosloopShapRate`)
+/// silently made a shaped band unshaped; a duplicate DN was accepted.
+/// Both are rejected naming the DN (and the attribute); the objects keep
+/// their last good version.
+#[tokio::test]
+async fn a_reload_with_a_misspelled_attribute_or_a_duplicate_dn_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.ldif");
+    write(&path, SAMPLE_POLICY_LDIF);
+    let mut w = watch_ldif_file(&path, POLL).unwrap();
+    let good = w.current();
+
+    write(
+        &path,
+        &SAMPLE_POLICY_LDIF.replace("qosloopShapeRate: 875", "qosloopShapRate: 875"),
+    );
+    let e = next_reject(&mut w).await;
+    assert_eq!(e.dn, "cn=low,cn=gold,ou=classes,dc=qosloop,dc=example");
+    assert!(
+        e.detail.as_deref().unwrap().starts_with("qosloopShapRate:"),
+        "{e:?}"
+    );
+    assert_eq!(w.current().classes, good.classes, "the band stays shaped");
+
+    write(&path, SAMPLE_POLICY_LDIF);
+    // The class comes back unchanged; give the watcher the valid file first.
+    let _ = events_until(&mut w, |_| true).await;
+    let duplicate = format!(
+        "{SAMPLE_POLICY_LDIF}\ndn: cn=edge-ingress,ou=links,dc=qosloop,dc=example\n\
+         objectClass: pcimPolicyInstance\nobjectClass: qosloopLink\ncn: edge-ingress\n\
+         qosloopLinkName: edge-ingress\nqosloopLinkCapacity: 99\n"
+    );
+    write(&path, &duplicate);
+    let events = events_until(&mut w, |e| {
+        e.change == AuditChange::Reject
+            && e.detail.as_deref().unwrap_or("").contains("duplicate DN")
+    })
+    .await;
+    let e = events.last().unwrap();
+    assert_eq!(
+        e.dn, "cn=edge-ingress,ou=links,dc=qosloop,dc=example",
+        "{events:?}"
+    );
+    assert_eq!(w.current().links, good.links);
+}

@@ -1,8 +1,10 @@
 //! The LDIF file source: the embedded default repository, so that qosloop
 //! runs without an LDAP server. The file is watched by checking its
-//! metadata (modification time, size, inode) every poll interval; a new
-//! version that does not parse is rejected whole, one with invalid entries
-//! is applied leniently (invalid objects keep their last good version).
+//! metadata (modification time, size, inode) every poll interval and read
+//! once it has stopped changing; a new version that does not parse is
+//! rejected whole, one that would drop rules wholesale is refused, one
+//! with invalid entries is applied leniently (invalid objects keep their
+//! last good version).
 
 use super::ldif::{self, Entry};
 use super::model::build_strict;
@@ -60,8 +62,15 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
 }
 
 /// Loads `path` (strictly: a file with an invalid entry is an error) and
-/// watches it, checking every `poll`. Must be called within a Tokio
-/// runtime.
+/// watches it, checking every `poll`.
+///
+/// A changed file is read only once it is stable: the same size,
+/// modification time and inode at two looks `poll` apart, and again after
+/// reading — an editor or `cp` still writing is waited for, not read
+/// half-way. A version that does not parse is rejected whole; one that
+/// would drop rules wholesale is refused ([`super::publish`]); one with
+/// invalid entries is applied leniently (invalid objects keep their last
+/// good version). Must be called within a Tokio runtime.
 pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<PolicyWatch, RepoError> {
     let path = path.into();
     let mut seen = fingerprint(&path);
@@ -71,9 +80,12 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
         Publisher::new(path.display().to_string(), PolicySet::default());
     publisher.replace_all(entries);
     policy.borrow_and_update();
+    let status = publisher.status();
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A changed fingerprint waiting to be seen again unchanged.
+        let mut settling: Option<Option<Fingerprint>> = None;
         loop {
             ticker.tick().await;
             if publisher.closed() {
@@ -81,10 +93,17 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
             }
             let now = fingerprint(&path);
             if now == seen {
+                settling = None;
                 continue;
             }
-            seen = now;
+            if settling != Some(now) {
+                // Changed since the last look: look again next tick.
+                settling = Some(now);
+                continue;
+            }
+            settling = None;
             if now.is_none() {
+                seen = now;
                 publisher.emit(
                     &path.display().to_string(),
                     AuditChange::Reject,
@@ -92,7 +111,13 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
                 );
                 continue;
             }
-            match read_entries(&path) {
+            let read = read_entries(&path);
+            if fingerprint(&path) != now {
+                // Written to while being read: wait for it to settle.
+                continue;
+            }
+            seen = now;
+            match read {
                 Ok(entries) => publisher.replace_all(entries),
                 Err(RepoError::Ldif { source, .. }) => {
                     let dn = source
@@ -122,6 +147,7 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
     Ok(PolicyWatch {
         policy,
         audit,
+        status,
         task,
     })
 }

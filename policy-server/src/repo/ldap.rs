@@ -153,10 +153,12 @@ pub async fn watch_ldap(
     let (ready_tx, ready_rx) = oneshot::channel();
     let url = source.url.clone();
     let last_error = Arc::new(Mutex::new(None));
+    let status = publisher.status();
     let task = tokio::spawn(run(source, publisher, ready_tx, last_error.clone()));
     let mut watch = PolicyWatch {
         policy: policy.clone(),
         audit,
+        status,
         task,
     };
     match tokio::time::timeout(initial_timeout, ready_rx).await {

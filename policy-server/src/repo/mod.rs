@@ -33,7 +33,9 @@ pub use file::{load_ldif_file, parse_policy_ldif, watch_ldif_file, DEFAULT_POLL}
 pub use ldap::{load_ldap, watch_ldap, LdapBind, LdapSource};
 pub use ldif::{parse as parse_ldif, write as write_ldif, Entry, LdifError};
 pub use model::{build, build_strict, intersect, Build, PolicyError, PolicyErrors};
-pub use publish::{AuditChange, AuditEvent, PolicyWatch};
+pub use publish::{
+    AuditChange, AuditEvent, PolicyStatus, PolicyWatch, Refusal, ALLOW_DROP_KEYWORD,
+};
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,20 @@
 //! What both sources (LDIF file, LDAP) share: the current entries, the
-//! policy built from them, the watch channel it is published on, and the
-//! audit trail of what changed.
+//! policy built from them, the watch channel it is published on, the
+//! audit trail of what changed, and the status the web API shows.
+//!
+//! A new version that would drop rules wholesale — leave none of the rules
+//! in force, or fewer than half of them — is refused as a whole: the last
+//! good policy stays, the refusal is logged at WARN, audited and shown in
+//! [`PolicyStatus`]. A policy file emptied by a careless copy, or read
+//! while a slow editor was still writing it, must not remove every
+//! decision. A deliberate drop is marked in the policy itself: any entry
+//! with `pcimKeywords: qosloop-allow-drop` ([`ALLOW_DROP_KEYWORD`]; RFC
+//! 3703's keyword attribute, allowed on every pcim entry, e.g. the rules
+//! container with `objectClass: pcimGroupAuxClass`).
 
 use super::dn;
 use super::ldif::Entry;
-use super::model::{build, PolicyError};
+use super::model::{build, Build, PolicyError};
 use qosloop_schema::PolicySet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,6 +24,60 @@ use tokio::task::JoinHandle;
 
 /// Room in the audit channel; events beyond it are counted and dropped.
 const AUDIT_CAPACITY: usize = 4096;
+
+/// The `pcimKeywords` value that lets a new version drop rules wholesale.
+pub const ALLOW_DROP_KEYWORD: &str = "qosloop-allow-drop";
+
+/// What the repository says about itself (`GET /api/policy-status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyStatus {
+    /// The file path or LDAP URL.
+    pub source: String,
+    /// Rules of the policy in force.
+    pub rules_in_force: usize,
+    /// When the policy in force was published (ns since the Unix epoch).
+    pub applied_ns: u64,
+    /// Problems in the entries last accepted (each rejected object keeps
+    /// its last good version; the audit trail names them).
+    pub entry_errors: usize,
+    /// Set while the newest version seen was refused as a whole.
+    pub refused: Option<Refusal>,
+}
+
+/// A version refused as a whole; the last good policy stays in force.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Refusal {
+    pub at_ns: u64,
+    pub reason: String,
+    /// Rules the refused version would have put in force.
+    pub rules_offered: usize,
+}
+
+/// Why `next` may not replace `current`, if it drops rules wholesale and
+/// the entries do not carry [`ALLOW_DROP_KEYWORD`].
+fn wholesale_drop(current: &PolicySet, next: &PolicySet, entries: &[Entry]) -> Option<String> {
+    let (old, new) = (current.rules.len(), next.rules.len());
+    if old == 0 || (new > 0 && new * 2 >= old) {
+        return None;
+    }
+    let allowed = entries.iter().find(|e| {
+        e.get("pcimKeywords")
+            .iter()
+            .any(|k| k.trim().eq_ignore_ascii_case(ALLOW_DROP_KEYWORD))
+    });
+    if let Some(e) = allowed {
+        tracing::warn!(
+            dn = %e.dn, rules_before = old, rules_after = new,
+            "rules dropped wholesale, as the policy allows (pcimKeywords: {ALLOW_DROP_KEYWORD})"
+        );
+        return None;
+    }
+    Some(format!(
+        "the new version would leave {new} of the {old} rules in force; refused, keeping the last good policy \
+         (an emptied or half-written file?). To drop them on purpose, add pcimKeywords: {ALLOW_DROP_KEYWORD} \
+         to an entry of the policy"
+    ))
+}
 
 /// The kind of change an audit event records (the `change` column of the
 /// `policy_audit` table).
@@ -62,6 +126,9 @@ pub struct AuditEvent {
 pub struct PolicyWatch {
     pub policy: watch::Receiver<Arc<PolicySet>>,
     pub audit: mpsc::Receiver<AuditEvent>,
+    /// What the repository says about itself: rules in force, the last
+    /// refused version (`GET /api/policy-status`).
+    pub status: watch::Receiver<PolicyStatus>,
     pub(crate) task: JoinHandle<()>,
 }
 
@@ -98,6 +165,7 @@ pub(crate) struct Publisher {
     /// Errors already reported, so that one bad entry is reported once.
     reported: BTreeSet<PolicyError>,
     audit_dropped: u64,
+    status: watch::Sender<PolicyStatus>,
 }
 
 impl Publisher {
@@ -110,6 +178,11 @@ impl Publisher {
         watch::Receiver<Arc<PolicySet>>,
         mpsc::Receiver<AuditEvent>,
     ) {
+        let (status, _) = watch::channel(PolicyStatus {
+            source: source.clone(),
+            rules_in_force: initial.rules.len(),
+            ..PolicyStatus::default()
+        });
         let (policy, policy_rx) = watch::channel(Arc::new(initial));
         let (audit, audit_rx) = mpsc::channel(AUDIT_CAPACITY);
         (
@@ -120,10 +193,16 @@ impl Publisher {
                 entries: BTreeMap::new(),
                 reported: BTreeSet::new(),
                 audit_dropped: 0,
+                status,
             },
             policy_rx,
             audit_rx,
         )
+    }
+
+    /// A receiver of the repository's status.
+    pub(crate) fn status(&self) -> watch::Receiver<PolicyStatus> {
+        self.status.subscribe()
     }
 
     pub(crate) fn source(&self) -> &str {
@@ -159,12 +238,23 @@ impl Publisher {
         }
     }
 
-    /// Replaces the whole entry set: audits what differs, rebuilds and
-    /// publishes when the policy changed.
+    /// Replaces the whole entry set: builds the policy from it and, unless
+    /// it drops rules wholesale, audits what differs and publishes it when
+    /// it changed. A DN given twice is an error of that object (built from
+    /// the entries as given, not de-duplicated).
     pub(crate) fn replace_all(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        // As given (names as spelled, LDIF lines): errors quote them.
+        let given: Vec<Entry> = entries.into_iter().collect();
+        let current = self.current();
+        let built = build(&given, &current);
+        if let Some(reason) = wholesale_drop(&current, &built.policy, &given) {
+            self.refuse(reason, built.policy.rules.len());
+            return;
+        }
         let mut next: BTreeMap<String, Entry> = BTreeMap::new();
-        for e in entries {
-            next.insert(dn::normalize(&e.dn), e.canonical());
+        for e in given {
+            next.entry(dn::normalize(&e.dn))
+                .or_insert_with(|| e.canonical());
         }
         let mut changes = Vec::new();
         for (key, e) in &next {
@@ -185,13 +275,23 @@ impl Publisher {
         for (dn, change) in changes {
             self.emit(&dn, change, None);
         }
-        self.rebuild();
+        self.publish(built, &current);
     }
 
-    fn rebuild(&mut self) {
-        let entries: Vec<Entry> = self.entries.values().cloned().collect();
-        let current = self.current();
-        let built = build(&entries, &current);
+    /// Keeps the policy in force and says why the new version was refused.
+    fn refuse(&mut self, reason: String, rules_offered: usize) {
+        let source = self.source.clone();
+        self.emit(&source, AuditChange::Reject, Some(reason.clone()));
+        self.status.send_modify(|s| {
+            s.refused = Some(Refusal {
+                at_ns: now_ns(),
+                reason,
+                rules_offered,
+            });
+        });
+    }
+
+    fn publish(&mut self, built: Build, current: &PolicySet) {
         let errors: BTreeSet<PolicyError> = built.errors.into_iter().collect();
         for e in errors
             .difference(&self.reported)
@@ -204,11 +304,14 @@ impl Publisher {
             };
             self.emit(&e.dn, AuditChange::Reject, Some(detail));
         }
+        let entry_errors = errors.len();
         self.reported = errors;
-        if *current != built.policy {
+        let changed = *current != built.policy;
+        let rules = built.policy.rules.len();
+        if changed {
             tracing::info!(
                 source = %self.source,
-                rules = built.policy.rules.len(),
+                rules,
                 classes = built.policy.classes.len(),
                 links = built.policy.links.len(),
                 devices = built.policy.devices.len(),
@@ -216,10 +319,54 @@ impl Publisher {
             );
             self.policy.send_replace(Arc::new(built.policy));
         }
+        self.status.send_modify(|s| {
+            s.refused = None;
+            s.entry_errors = entry_errors;
+            s.rules_in_force = rules;
+            if changed || s.applied_ns == 0 {
+                s.applied_ns = now_ns();
+            }
+        });
     }
 
     /// Whether anyone still listens for policies.
     pub(crate) fn closed(&self) -> bool {
         self.policy.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(n: usize) -> PolicySet {
+        let sample =
+            crate::repo::parse_policy_ldif(qosloop_schema::SAMPLE_POLICY_LDIF).unwrap_or_default();
+        let mut p = sample.clone();
+        p.rules = (0..n)
+            .flat_map(|i| {
+                sample.rules.iter().map(move |r| {
+                    let mut r = r.clone();
+                    r.dn = format!("cn=r{i}");
+                    r
+                })
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn dropping_all_or_more_than_half_of_the_rules_is_refused_unless_marked() {
+        let none: &[Entry] = &[];
+        assert!(wholesale_drop(&rules(1), &rules(0), none).is_some());
+        assert!(wholesale_drop(&rules(3), &rules(1), none).is_some());
+        assert!(wholesale_drop(&rules(2), &rules(1), none).is_none(), "half");
+        assert!(wholesale_drop(&rules(4), &rules(2), none).is_none());
+        assert!(wholesale_drop(&rules(0), &rules(0), none).is_none());
+        assert!(wholesale_drop(&rules(1), &rules(5), none).is_none());
+        let marked = [Entry::new("ou=rules,dc=x")
+            .with("objectClass", "pcimGroupAuxClass")
+            .with("pcimKeywords", "Qosloop-Allow-Drop")];
+        assert!(wholesale_drop(&rules(3), &rules(0), &marked).is_none());
     }
 }
