@@ -137,11 +137,12 @@ async fn expect_cc(stream: TcpStream, code: ErrorCode) {
         Body::Cc { error, .. } => assert_eq!(error.code, code as u16, "{error}"),
         other => panic!("expected CC, got {other:?}"),
     }
+    // Closed (reset, when the PDP left part of a refused message unread).
     assert!(
-        tokio::time::timeout(WAIT, wire.next())
-            .await
-            .unwrap()
-            .is_none(),
+        matches!(
+            tokio::time::timeout(WAIT, wire.next()).await.unwrap(),
+            None | Some(Err(_))
+        ),
         "the connection is closed after CC"
     );
 }
@@ -233,4 +234,538 @@ async fn bad_peers_are_refused_and_others_unaffected() {
             >= 6
     );
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// Hostile and careless PEPs (issue 11, items 4, 5 and 6).
+
+use qosloop_policy_server::server::{Server, ServerHandle};
+use qosloop_policy_server::PdpConfig;
+use qosloop_schema::cops::PepState;
+use qosloop_schema::{EnforcementReport, ReportOutcome};
+use std::sync::atomic::Ordering;
+use tokio::net::TcpSocket;
+
+/// A server whose PDP is configured by `pdp`.
+async fn start_with(
+    url: &str,
+    policy: qosloop_schema::PolicySet,
+    pdp: PdpConfig,
+) -> (
+    ServerHandle,
+    tokio::sync::watch::Sender<std::sync::Arc<qosloop_schema::PolicySet>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(policy));
+    let h = Server::start(
+        url,
+        "127.0.0.1:0".parse().unwrap(),
+        pdp,
+        loop_config(100),
+        rx,
+    )
+    .await
+    .unwrap();
+    (h, tx)
+}
+
+fn db_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("q.db").display())
+}
+
+/// Polls `check` every 25 ms for at most 30 s.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    for _ in 0..1200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never: {what}");
+}
+
+async fn state_of(server: &ServerHandle, name: &str) -> Option<String> {
+    server
+        .store
+        .enforcers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(|e| e.state)
+}
+
+fn hello(roles: &[&str]) -> PepHello {
+    PepHello {
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        ..PepHello::default()
+    }
+}
+
+/// Connects from `source` and sends OPN.
+async fn open_from(
+    source: &str,
+    addr: SocketAddr,
+    pep_id: &str,
+    roles: &[&str],
+) -> Framed<TcpStream, CopsCodec> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut wire = Framed::new(stream, CopsCodec::default());
+    wire.send(Message::opn(pep_id, &hello(roles)))
+        .await
+        .unwrap();
+    wire
+}
+
+#[tokio::test]
+async fn an_impostor_with_a_live_pepid_is_refused_and_leaves_the_real_session_alone() {
+    // Issue 11 item 5: a second OPN with a connected enforcer's PEPID took
+    // its name, got its decisions, and on closing marked it disconnected.
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _tx) = start(
+        &db_url(&dir),
+        "127.0.0.1:0".parse().unwrap(),
+        paper_policy(),
+        100,
+    )
+    .await;
+    let addr = server.pdp_addr;
+    let (mut real, got) = FakePep::connect(addr, "pep-edge", &["edge"], &[]).await;
+    let decision = installs(&got)[0].clone();
+    eventually("the real enforcer is stored", || async {
+        state_of(&server, "pep-edge").await.as_deref() == Some("connected")
+    })
+    .await;
+
+    let impostor = open_from("127.0.0.2", addr, "pep-edge", &["edge"]).await;
+    expect_cc(impostor.into_inner(), ErrorCode::UnableToProcess).await;
+    // Events are written in order: once a later enforcer is stored, the
+    // impostor's would have been too.
+    let (_later, _) = FakePep::connect(addr, "pep-later", &["edge"], &[]).await;
+    eventually("the later enforcer is stored", || async {
+        state_of(&server, "pep-later").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        state_of(&server, "pep-edge").await.as_deref(),
+        Some("connected")
+    );
+    assert_eq!(
+        server
+            .pdp_stats
+            .refused_pep_id_in_use
+            .load(Ordering::Relaxed),
+        1
+    );
+
+    // The real session is untouched: KA echoed, reports stored as its own.
+    real.wire.send(Message::ka()).await.unwrap();
+    assert!(matches!(real.next().await.body, Body::Ka));
+    real.report(&decision).await;
+    let store = server.store.clone();
+    eventually("the real report is stored", || {
+        let store = store.clone();
+        async move { store.reports("pep-edge").await.unwrap().len() == 1 }
+    })
+    .await;
+
+    // Once the real enforcer has gone, its name is free again.
+    drop(real);
+    eventually("the real enforcer is disconnected", || async {
+        state_of(&server, "pep-edge").await.as_deref() == Some("disconnected")
+    })
+    .await;
+    let (_again, got) = FakePep::connect(addr, "pep-edge", &["edge"], &[]).await;
+    assert_eq!(installs(&got).len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pep_that_stops_reading_is_closed_by_the_write_timeout() {
+    // Issue 11 item 4: a PEP that stops reading was never closed; its
+    // session (and descriptor) stayed forever.
+    let dir = tempfile::tempdir().unwrap();
+    let mut policy = paper_policy();
+    policy.rules.extend((0..400).map(|i| {
+        policed_rule(
+            &format!("r{i}"),
+            &format!("10.72.{}.{}", i / 250, i % 250 + 1),
+            4000,
+            "edge",
+        )
+    }));
+    let pdp = PdpConfig {
+        write_timeout: Duration::from_millis(300),
+        ..PdpConfig::default()
+    };
+    let (server, _tx) = start_with(&db_url(&dir), policy, pdp).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.pdp_addr).await.unwrap();
+    let mut wire = Framed::new(stream, CopsCodec::default());
+    wire.send(Message::opn("sleepy", &hello(&["edge"])))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, wire.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    eventually("the PEP is stored", || async {
+        state_of(&server, "sleepy").await.as_deref() == Some("connected")
+    })
+    .await;
+    // Each REQ asks for every decision again (~250 KB); the PEP reads none.
+    let state = PepState {
+        roles: vec!["edge".into()],
+        installed: vec![],
+    };
+    for _ in 0..64 {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(1),
+            wire.send(Message::req(
+                qosloop_schema::cops::Handle::from_u32(1),
+                &state,
+            )),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+    }
+    eventually("the PDP lets the PEP go", || async {
+        state_of(&server, "sleepy").await.as_deref() == Some("disconnected")
+    })
+    .await;
+    assert!(server.pdp_stats.write_timeouts.load(Ordering::Relaxed) >= 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_flood_loses_no_real_reports_and_no_state_events() {
+    // Issue 11 item 5: an RPT flood from other PEPs lost 15 of 20 real
+    // reports and the Disconnected event, silently.
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _tx) = start(
+        &db_url(&dir),
+        "127.0.0.1:0".parse().unwrap(),
+        paper_policy(),
+        100,
+    )
+    .await;
+    let addr = server.pdp_addr;
+    let (mut real, got) = FakePep::connect(addr, "real", &["edge"], &[]).await;
+    let decision = installs(&got)[0].clone();
+
+    let flood_report = Message::rpt(
+        qosloop_schema::cops::Handle::from_u32(9),
+        &EnforcementReport {
+            decision_id: 77,
+            version: 1,
+            outcome: ReportOutcome::Installed,
+            reconfig_ns: 1,
+            at_ns: 1,
+        },
+    );
+    let mut flooders = Vec::new();
+    for i in 0..8 {
+        let m = flood_report.clone();
+        flooders.push(tokio::spawn(async move {
+            let mut wire = open_from("127.0.0.2", addr, &format!("flood-{i}"), &["edge"]).await;
+            for _ in 0..2 {
+                let _ = tokio::time::timeout(WAIT, wire.next()).await;
+            }
+            for _ in 0..3000 {
+                match tokio::time::timeout(Duration::from_secs(5), wire.feed(m.clone())).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), SinkExt::<Message>::flush(&mut wire))
+                    .await;
+            wire
+        }));
+    }
+    for _ in 0..20 {
+        real.report(&decision).await;
+    }
+    drop(real);
+    let mut held = Vec::new();
+    for f in flooders {
+        held.push(f.await.unwrap());
+    }
+    let store = server.store.clone();
+    eventually("all 20 real reports are stored", || {
+        let store = store.clone();
+        async move { store.reports("real").await.unwrap().len() == 20 }
+    })
+    .await;
+    eventually("the real enforcer is disconnected", || async {
+        state_of(&server, "real").await.as_deref() == Some("disconnected")
+    })
+    .await;
+    drop(held);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_or_unprintable_pepids_and_roles_are_refused() {
+    // Issue 11 item 6: 60 KB PEPIDs were accepted, stored, served by
+    // /api/enforcers and logged.
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _tx) = start(
+        &db_url(&dir),
+        "127.0.0.1:0".parse().unwrap(),
+        paper_policy(),
+        100,
+    )
+    .await;
+    let addr = server.pdp_addr;
+    let too_many: Vec<String> = (0..65).map(|i| format!("r{i}")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let long_role = "r".repeat(65);
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        ("p".repeat(60_000), vec!["edge"]),
+        ("p".repeat(256), vec!["edge"]),
+        ("tab\there".into(), vec!["edge"]),
+        ("many-roles".into(), too_many),
+        ("long-role".into(), vec![long_role.as_str()]),
+        ("comma-role".into(), vec!["edge,core"]),
+    ];
+    for (pep_id, roles) in &cases {
+        let wire = open_from("127.0.0.1", addr, pep_id, roles).await;
+        expect_cc(wire.into_inner(), ErrorCode::BadMessageFormat).await;
+    }
+    assert_eq!(
+        server
+            .pdp_stats
+            .refused_bad_identity
+            .load(Ordering::Relaxed),
+        cases.len() as u64 - 1,
+        "the 60 KB OPN is refused as too long before it is read"
+    );
+    // 255 printable bytes are a valid name.
+    let name = "p".repeat(255);
+    let (_pep, got) = FakePep::connect(addr, &name, &["edge"], &[]).await;
+    assert_eq!(installs(&got).len(), 1);
+    eventually("the long but valid name is stored", || async {
+        state_of(&server, &name).await.is_some()
+    })
+    .await;
+    let rows = server.store.enforcers().await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failure_reasons_are_cut_and_disconnected_enforcers_are_capped() {
+    // Issue 11 item 6: report text and enforcer rows grew with what peers
+    // sent (every enforcer restart is a new PEPID).
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _tx) = start(
+        &db_url(&dir),
+        "127.0.0.1:0".parse().unwrap(),
+        paper_policy(),
+        100,
+    )
+    .await;
+    let addr = server.pdp_addr;
+    let (mut pep, got) = FakePep::connect(addr, "failing", &["edge"], &[]).await;
+    let d = installs(&got)[0].clone();
+    let report = EnforcementReport {
+        decision_id: d.id,
+        version: d.version,
+        outcome: ReportOutcome::Failed {
+            reason: "é".repeat(20_000),
+        },
+        reconfig_ns: 0,
+        at_ns: 1,
+    };
+    pep.wire
+        .send(Message::rpt(pep.handle.clone(), &report))
+        .await
+        .unwrap();
+    let store = server.store.clone();
+    eventually("the failure is stored", || {
+        let store = store.clone();
+        async move { store.reports("failing").await.unwrap().len() == 1 }
+    })
+    .await;
+    let qosloop_collector::Db::Sqlite(pool) = server.store.db() else {
+        unreachable!()
+    };
+    let (reason,): (String,) =
+        sqlx::query_as("SELECT reason FROM enforcement_reports WHERE enforcer = 'failing'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(
+        reason.len() <= qosloop_policy_server::pdp::MAX_REPORT_REASON + 3,
+        "{} bytes stored",
+        reason.len()
+    );
+    assert!(reason.starts_with("éé") && reason.ends_with('…'));
+    assert_eq!(
+        server.pdp_stats.reports_truncated.load(Ordering::Relaxed),
+        1
+    );
+    drop(pep);
+
+    // 140 enforcers come and go (as restarts do: a new PEPID each time).
+    let cap = qosloop_policy_server::server::MAX_DISCONNECTED_ENFORCERS as usize;
+    for i in 0..cap + 12 {
+        let mut wire = open_from("127.0.0.1", addr, &format!("restart-{i}"), &["edge"]).await;
+        let cat = tokio::time::timeout(WAIT, wire.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(cat.body, Body::Cat { .. }), "{cat:?}");
+    }
+    eventually("old enforcers are forgotten", || async {
+        server.pdp_stats.enforcers_pruned.load(Ordering::Relaxed) >= 13
+    })
+    .await;
+    let rows = server.store.enforcers().await.unwrap();
+    assert_eq!(rows.len(), cap, "kept {} rows", rows.len());
+    assert!(!rows
+        .iter()
+        .any(|r| r.name == "failing" || r.name == "restart-0"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_over_its_connection_limit_is_closed_and_others_get_in() {
+    // Issue 11 item 4: no connection limit on the PDP port.
+    let dir = tempfile::tempdir().unwrap();
+    let pdp = PdpConfig {
+        open_timeout: Duration::from_secs(60),
+        limits: qosloop_schema::guard::ConnLimits {
+            per_peer: 4,
+            total: 8,
+        },
+        ..PdpConfig::default()
+    };
+    let (server, _tx) = start_with(&db_url(&dir), paper_policy(), pdp).await;
+    let addr = server.pdp_addr;
+    let connect_from = |source: &'static str| async move {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    let closed_at_once = |mut s: TcpStream| async move {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(WAIT, s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from("127.0.0.2").await);
+    }
+    assert!(closed_at_once(connect_from("127.0.0.2").await).await);
+    let (_pep, got) = FakePep::connect(addr, "pep-edge", &["edge"], &[]).await;
+    assert_eq!(installs(&got).len(), 1);
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.3").await);
+    }
+    eventually("eight connections are open", || async {
+        server.pdp_limiter.stats().open == 8
+    })
+    .await;
+    assert!(closed_at_once(connect_from("127.0.0.4").await).await);
+    let c = server.pdp_counters();
+    assert_eq!(
+        (c.refused_limit_per_peer, c.refused_limit_total),
+        (1, 1),
+        "{c:?}"
+    );
+    drop(held);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn under_mutual_tls_a_pepid_other_than_the_certificates_is_refused() {
+    // Issue 11 item 5: with TLS, an enforcer is the name in its
+    // certificate; any PEP could claim any name before.
+    use qosloop_schema::tls;
+    qosloop_testbed::need!(qosloop_testbed::harness::require_binary(
+        "openssl", "openssl"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    qosloop_testbed::harness::test_pki(dir.path()).unwrap();
+    let p = |f: &str| dir.path().join(f);
+    let pdp = PdpConfig {
+        tls: Some(
+            tls::server_config_with(&p("server.pem"), &p("server.key"), Some(&p("ca.pem")))
+                .unwrap(),
+        ),
+        ..PdpConfig::default()
+    };
+    let (server, _tx) = start_with(&db_url(&dir), paper_policy(), pdp).await;
+    let addr = server.pdp_addr;
+    let connector = tokio_rustls::TlsConnector::from(
+        tls::client_config_with(&p("ca.pem"), Some((&p("client.pem"), &p("client.key")))).unwrap(),
+    );
+    let open = |pep_id: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = tls::server_name(&addr.to_string()).unwrap();
+            let stream = connector.connect(name, tcp).await.unwrap();
+            let mut wire = Framed::new(stream, CopsCodec::default());
+            wire.send(Message::opn(pep_id, &hello(&["edge"])))
+                .await
+                .unwrap();
+            let first = tokio::time::timeout(WAIT, wire.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            (wire, first)
+        }
+    };
+    let (_, first) = open("qosloop-enforcer/eth1/42").await;
+    match first.body {
+        Body::Cc { error, .. } => assert_eq!(
+            error.code,
+            ErrorCode::AuthenticationFailure as u16,
+            "{error}"
+        ),
+        other => panic!("expected CC, got {other:?}"),
+    }
+    let (_good, first) = open("qosloop client").await;
+    assert!(matches!(first.body, Body::Cat { .. }), "{first:?}");
+    assert_eq!(
+        server
+            .pdp_stats
+            .refused_certificate_mismatch
+            .load(Ordering::Relaxed),
+        1
+    );
+    // The enforcer derives the same name from its certificate file.
+    let pem = std::fs::read_to_string(p("client.pem")).unwrap();
+    let der = pem_body(&pem);
+    assert_eq!(
+        qosloop_schema::cops::certificate_identity(&der).as_deref(),
+        Some("qosloop client")
+    );
+    server.stop().await;
+}
+
+/// The DER of the first PEM block.
+fn pem_body(pem: &str) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .as_ref()
+        .to_vec()
 }

@@ -90,3 +90,181 @@ async fn every_endpoint_answers_with_what_the_server_knows() {
     server.stop().await;
     web.task.await.unwrap();
 }
+
+// ---------------------------------------------------------------------
+// Clients that hold connections (issue 11, item 4) and tasks that end
+// (item 10).
+
+use qosloop_policy_server::web::WebHandle;
+
+async fn web_with(
+    config: WebConfig,
+) -> (
+    qosloop_policy_server::ServerHandle,
+    WebHandle,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("q.db").display());
+    let (server, policy_tx) =
+        start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    let web = qosloop_policy_server::web::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        &server,
+        policy_tx.subscribe(),
+        config,
+    )
+    .await
+    .unwrap();
+    (server, web, dir)
+}
+
+/// Whether the server closes `s` (EOF or reset) before `WAIT`, reading
+/// and discarding whatever it says first.
+async fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read_all).await.is_ok()
+}
+
+async fn status(addr: SocketAddr) -> serde_json::Value {
+    let (_, body) = http_get(addr, "/api/status").await;
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_let_go() {
+    // axum::serve has no header-read timeout: a client sending half a
+    // request (or one byte now and then) held its connection forever.
+    let (server, web, _dir) = web_with(WebConfig {
+        header_timeout: std::time::Duration::from_millis(300),
+        ..WebConfig::default()
+    })
+    .await;
+    let mut half = TcpStream::connect(web.local_addr).await.unwrap();
+    half.write_all(b"GET /api/rates HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut half).await, "a half request is held");
+
+    // A byte every 100 ms: progress, but no complete header.
+    let mut slow = TcpStream::connect(web.local_addr).await.unwrap();
+    let mut closed = false;
+    for b in b"GET /api/rates HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed || closed_by_server(&mut slow).await,
+        "a slow header is held"
+    );
+    let s = status(web.local_addr).await;
+    assert!(s["http"]["timeouts"].as_u64().unwrap() >= 2, "{s}");
+    server.stop().await;
+    web.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    // Keep-alive connections that said nothing more were held forever.
+    let (server, web, _dir) = web_with(WebConfig {
+        idle_timeout: std::time::Duration::from_millis(300),
+        ..WebConfig::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(web.local_addr).await.unwrap();
+    s.write_all(b"GET /api/policies HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(closed_by_server(&mut s).await, "an idle connection is held");
+    server.stop().await;
+    web.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn http_connections_are_limited_per_peer_and_others_get_in() {
+    // No connection limit: one address could take every descriptor.
+    let (server, web, _dir) = web_with(WebConfig {
+        limits: qosloop_schema::guard::ConnLimits {
+            per_peer: 2,
+            total: 16,
+        },
+        ..WebConfig::default()
+    })
+    .await;
+    let from = |source: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(web.local_addr).await.unwrap()
+    };
+    let _held = [from("127.0.0.2").await, from("127.0.0.2").await];
+    let mut third = from("127.0.0.2").await;
+    assert!(closed_by_server(&mut third).await);
+    let (status_line, _) = http_get(web.local_addr, "/api/policies").await;
+    assert!(status_line.contains("200"), "{status_line}");
+    let s = status(web.local_addr).await;
+    assert_eq!(s["http"]["refused_limit_per_peer"], 1, "{s}");
+    assert!(s["pdp"]["refused"].is_u64(), "{s}");
+    server.stop().await;
+    web.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_that_ends_before_shutdown_is_a_failure() {
+    // The daemon logged "a server task ended" and exited 0 when its PDP or
+    // web task ended.
+    for (task, expect) in [
+        (tokio::spawn(async {}), "the web server ended"),
+        (
+            tokio::spawn(async { panic!("boom") }),
+            "the web server failed",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+        let web = WebHandle {
+            local_addr: "127.0.0.1:9".parse().unwrap(),
+            task,
+        };
+        let ended = server
+            .run_until(Some(web), std::future::pending(), std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(ended.contains(expect), "{ended}");
+    }
+    // Another task (the policy watcher in the daemon) ending is one too;
+    // a requested shutdown is not.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("q.db").display());
+    let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    let ended = server
+        .run_until(
+            None,
+            async { "the watcher ended".to_owned() },
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+    assert!(ended.contains("the watcher ended"), "{ended}");
+    let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    assert_eq!(
+        server
+            .run_until(None, std::future::pending(), async {})
+            .await,
+        Ok(())
+    );
+}
