@@ -165,8 +165,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let web = match config.http {
         Some(addr) => {
-            let web =
-                qosloop_policy_server::web::serve(addr, &server, policy.clone(), config.web).await;
+            let web = qosloop_policy_server::web::serve_with_policy_status(
+                addr,
+                &server,
+                policy.clone(),
+                Some(watch.status.clone()),
+                config.web,
+            )
+            .await;
             match web {
                 Ok(w) => Some(w),
                 Err(e) => {

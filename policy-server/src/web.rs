@@ -7,7 +7,7 @@
 //! | `GET /api/policies` | the policy in force (`PolicySet`) |
 //! | `GET /api/decisions` | `{"current": [Decision…], "recent": [{issued_ns, kind, band, decision}…]}` |
 //! | `GET /api/enforcers` | every enforcer seen (connected, and the last disconnected ones), with its state |
-//! | `GET /api/status` | counters: `{"pdp": {…}, "http": {…}, "accept_failures": n}` |
+//! | `GET /api/status` | counters: `{"pdp": {…}, "http": {…}, "accept_failures": n, "policy": {…}}`; `policy` is the repository's [`crate::repo::PolicyStatus`] (rules in force, the last refused version) |
 //! | `GET /` | a page polling the above every second |
 //!
 //! Served by hyper's HTTP/1 server directly (not `axum::serve`, which has
@@ -74,6 +74,7 @@ struct App {
     pdp_limiter: ConnLimiter,
     http_limiter: ConnLimiter,
     http_stats: Arc<HttpStats>,
+    policy_status: Option<watch::Receiver<crate::repo::PolicyStatus>>,
 }
 
 /// A running web server.
@@ -150,6 +151,7 @@ async fn status(State(app): State<App>) -> Response {
             "errors": app.http_stats.errors.load(Ordering::Relaxed),
         },
         "accept_failures": qosloop_schema::guard::accept_failures(),
+        "policy": app.policy_status.as_ref().map(|s| s.borrow().clone()),
     }))
     .into_response()
 }
@@ -166,6 +168,17 @@ pub async fn serve(
     policy: watch::Receiver<Arc<PolicySet>>,
     config: WebConfig,
 ) -> std::io::Result<WebHandle> {
+    serve_with_policy_status(addr, server, policy, None, config).await
+}
+
+/// [`serve`], with the policy repository's status in `GET /api/status`.
+pub async fn serve_with_policy_status(
+    addr: SocketAddr,
+    server: &ServerHandle,
+    policy: watch::Receiver<Arc<PolicySet>>,
+    policy_status: Option<watch::Receiver<crate::repo::PolicyStatus>>,
+    config: WebConfig,
+) -> std::io::Result<WebHandle> {
     let http_limiter = ConnLimiter::new("HTTP", config.limits);
     let http_stats = Arc::new(HttpStats::default());
     let app = App {
@@ -176,6 +189,7 @@ pub async fn serve(
         pdp_limiter: server.pdp_limiter.clone(),
         http_limiter: http_limiter.clone(),
         http_stats: http_stats.clone(),
+        policy_status,
     };
     let router = Router::new()
         .route("/", get(page))

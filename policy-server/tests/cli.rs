@@ -152,3 +152,94 @@ fn ldap_bind_dn_without_a_password_is_a_configuration_error() {
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("ldap_bind_dn"), "{err}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over plain HTTP/1.1; the body, or `None` (bounded: 5 s).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+/// Issue 11 item 7: a policy file emptied under a running server was put
+/// in force (0 rules, every decision removed). The server keeps the last
+/// good policy and `GET /api/status` shows the refusal.
+#[test]
+fn an_emptied_policy_file_is_refused_and_the_api_says_so() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.ldif");
+    std::fs::copy(sample(), &policy).unwrap();
+    let (pdp, http) = (free_port(), free_port());
+    let log = dir.path().join("log");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(
+        bin()
+            .arg("--db")
+            .arg(format!("sqlite://{}", dir.path().join("q.db").display()))
+            .arg("--policies")
+            .arg(&policy)
+            .args(["--pdp-listen", &format!("127.0.0.1:{pdp}")])
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut status = |until: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(exit)) = child.0.try_wait() {
+                panic!(
+                    "the server exited ({exit}): {}",
+                    std::fs::read_to_string(dir.path().join("err")).unwrap_or_default()
+                );
+            }
+            let got = http_get(http, "/api/status")
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
+            if let Some(v) = got.filter(|v| until(v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "the status never showed it");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let v = status(&|v| v["policy"]["rules_in_force"] == 1);
+    assert!(v["policy"]["refused"].is_null(), "{v}");
+
+    std::fs::write(&policy, "").unwrap();
+    let v = status(&|v| !v["policy"]["refused"].is_null());
+    let reason = v["policy"]["refused"]["reason"].as_str().unwrap();
+    assert!(reason.contains("leave 0 of the 1 rules"), "{reason}");
+    assert_eq!(v["policy"]["rules_in_force"], 1);
+    let policies = http_get(http, "/api/policies").unwrap();
+    assert!(policies.contains("policed-flow"), "{policies}");
+    let err = std::fs::read_to_string(dir.path().join("err")).unwrap();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("leave 0 of the 1 rules")),
+        "{err}"
+    );
+}
