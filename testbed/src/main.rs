@@ -119,6 +119,18 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 "wrote {}/summary.json, report.md, fig9-link-load.svg/.png, fig10-output.svg/.png",
                 out.display()
             );
+            // A run whose phases miss their bands did not reproduce the
+            // paper: say which and by how much, and exit non-zero.
+            let misses = summary.misses();
+            for m in &misses {
+                eprintln!("qosloop-testbed paper: MISSED {m}");
+            }
+            anyhow::ensure!(
+                misses.is_empty(),
+                "{} miss(es) in {} phase(s): the run did not stay in the paper's bands",
+                misses.len(),
+                summary.phases.len()
+            );
             Ok(())
         }
         Cmd::Loss(a) => {

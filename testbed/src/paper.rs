@@ -146,6 +146,72 @@ pub struct Summary {
     pub sent: Vec<crate::traffic::GenReport>,
 }
 
+impl Summary {
+    /// One line per phase that missed its band: the output off its target
+    /// (beyond ±15%, or more than 5% of the out-of-profile part delivered
+    /// while dropping), or the link load outside the phase's band (±3%) —
+    /// each saying by how much. Empty when every phase held.
+    pub fn misses(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.phases {
+            let at = format!("phase {} ({}-{} s)", p.phase, p.start_s, p.end_s);
+            if !p.output_ok {
+                if p.target_out_kbps > 0.0 {
+                    let off = p.mean_out_kbps - p.target_out_kbps;
+                    out.push(format!(
+                        "{at}: out-of-profile output {:.0} kbit/s, target {:.0} ±15% ({}): off by {:+.0} kbit/s ({:+.0}%)",
+                        p.mean_out_kbps,
+                        p.target_out_kbps,
+                        p.expected_decision,
+                        off,
+                        100.0 * off / p.target_out_kbps
+                    ));
+                } else {
+                    let limit = 0.05 * (POLICED_KBPS - 1000.0);
+                    out.push(format!(
+                        "{at}: {:.0} kbit/s of out-of-profile traffic delivered while it should be dropped (at most {limit:.0}): over by {:.0} kbit/s",
+                        p.mean_out_kbps,
+                        p.mean_out_kbps - limit
+                    ));
+                }
+            }
+            if !p.load_in_band {
+                let (lo, hi) = band_limits(&p.phase);
+                let (lo_ok, hi_ok) = (lo * 0.97, hi * 1.03);
+                let worst = self
+                    .series
+                    .iter()
+                    .filter(|s| s.t_s >= p.start_s + SETTLE_S && s.t_s < p.end_s)
+                    .filter_map(|s| s.link_load_kbps)
+                    .map(|l| {
+                        if l < lo_ok {
+                            l - lo_ok
+                        } else if l >= hi_ok {
+                            l - hi_ok
+                        } else {
+                            0.0
+                        }
+                    })
+                    .max_by(|a, b| a.abs().total_cmp(&b.abs()));
+                let band = if hi.is_finite() {
+                    format!("[{lo:.0}, {hi:.0})")
+                } else {
+                    format!("[{lo:.0}, ∞)")
+                };
+                out.push(match worst {
+                    Some(by) => format!(
+                        "{at}: link load (mean {}) left the band {band} kbit/s ±3%: worst by {by:+.0} kbit/s",
+                        p.mean_link_load_kbps
+                            .map_or("-".to_owned(), |m| format!("{m:.0} kbit/s")),
+                    ),
+                    None => format!("{at}: no link load measured in the phase's steady part"),
+                });
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Percentiles {
     pub median: Option<f64>,
@@ -900,5 +966,71 @@ mod tests {
             r(1, "accept", 45),  // remark → accept
         ];
         assert_eq!(action_changes(&reports), vec![40, 50, 45]);
+    }
+
+    fn phase(name: &str, out: f64, ok: bool, in_band: bool) -> PhaseCheck {
+        let (kind, target) = expected(name);
+        PhaseCheck {
+            phase: name.into(),
+            start_s: 0,
+            end_s: 20,
+            expected_decision: kind.into(),
+            target_out_kbps: target,
+            mean_out_kbps: out,
+            mean_link_load_kbps: Some(2000.0),
+            load_in_band: in_band,
+            output_ok: ok,
+        }
+    }
+
+    fn second(t_s: u64, load: f64) -> Second {
+        Second {
+            t_s,
+            phase: "low".into(),
+            offered_kbps: 0.0,
+            background_kbps: 0.0,
+            link_load_kbps: Some(load),
+            policed_out_kbps: 0.0,
+            policed_in_kbps: 0.0,
+            decision: None,
+        }
+    }
+
+    /// Issue 11 item 10: `qosloop-testbed paper` exited 0 when a phase
+    /// missed its band; `misses` is what main turns into a failure.
+    #[test]
+    fn a_phase_that_misses_its_band_is_named_with_by_how_much() {
+        let summary = |phases: Vec<PhaseCheck>, series: Vec<Second>| Summary {
+            series,
+            reaction_s: Vec::new(),
+            reconfig_us: Percentiles::default(),
+            phases,
+            decisions_changed_in_3s: true,
+            storage: "sqlite".into(),
+            policy_source: "ldif".into(),
+            sent: Vec::new(),
+        };
+        let ok = summary(vec![phase("low", 870.0, true, true)], Vec::new());
+        assert!(ok.misses().is_empty());
+
+        let off = summary(vec![phase("low", 600.0, false, true)], Vec::new());
+        let m = off.misses();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].contains("phase low (0-20 s)"), "{}", m[0]);
+        assert!(m[0].contains("off by -275 kbit/s (-31%)"), "{}", m[0]);
+
+        let leak = summary(vec![phase("high", 300.0, false, true)], Vec::new());
+        assert!(
+            leak.misses()[0].contains("over by 250 kbit/s"),
+            "{:?}",
+            leak.misses()
+        );
+
+        let series = vec![second(5, 2000.0), second(6, 3400.0), second(7, 2500.0)];
+        let load = summary(vec![phase("low", 870.0, true, false)], series);
+        let m = load.misses();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].contains("[0, 3000)"), "{}", m[0]);
+        assert!(m[0].contains("worst by +310 kbit/s"), "{}", m[0]);
     }
 }
