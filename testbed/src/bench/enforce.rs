@@ -8,7 +8,8 @@
 //! 2. An action change (accept → remark): one class message plus one
 //!    nf_tables netlink batch, against a forked `nft -f` of the same statements.
 //! 3. Installing N per-flow decisions from empty, against the LibreQoS way
-//!    (`tc -batch` of the same classes + one `nft -f` of the same rules).
+//!    (`tc -batch` of the same classes and steering filter + one `nft -f` of
+//!    the same rules).
 
 use crate::harness::{Netns, VethPair};
 use anyhow::Context as _;
@@ -275,6 +276,10 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
             tc_batch.push_str(&tc_line(op, interface));
         }
     }
+    anyhow::ensure!(
+        tc_batch.contains(" bpf bytecode ") && !tc_batch.contains("# unparsed"),
+        "the tc -batch peer lacks the steering filter the enforcer installs"
+    );
     let t = Instant::now();
     run_tool("tc", &["-batch", "-"], Some(&tc_batch))?;
     run_tool("nft", &["-f", "-"], Some(&nft_script))?;
@@ -333,8 +338,54 @@ fn tc_line(op: &str, interface: &str) -> String {
             field("ceil"),
             field("prio")
         )
+    } else if op.starts_with("RTM_NEWTFILTER") {
+        steer_line(op, interface)
     } else {
         String::new()
+    }
+}
+
+/// The `tc` filter doing the enforcer's steering, so that both sides do the
+/// same work. The enforcer's eBPF program (cls_bpf on the root) sends a
+/// packet whose priority's major is `first_major + g` (g < groups) to class
+/// `root:first_minor + g`. The peer installs a cls_bpf filter on the root
+/// too, with the same seven instructions in classic BPF (what `tc … bpf
+/// bytecode` loads) — keyed on the skb mark, since classic BPF has no
+/// ancillary load of the priority; the benchmark sends no traffic, and
+/// tc's `flow` classifier, which could read the priority, is not in every
+/// kernel (not in this one).
+fn steer_line(op: &str, interface: &str) -> String {
+    let after = |k: &str| {
+        op.split_once(k)
+            .map(|(_, rest)| rest.trim_start())
+            .unwrap_or("")
+    };
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    let root = after(" parent ").split(':').next().and_then(hex);
+    let first_major = after("priority major ").split('+').next().and_then(hex);
+    let groups = after("g < ")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|g| g.parse::<u32>().ok());
+    let first_minor = after("-> classid ")
+        .split(':')
+        .nth(1)
+        .and_then(|m| m.split('+').next())
+        .and_then(hex);
+    match (root, first_major, groups, first_minor) {
+        (Some(root), Some(first_major), Some(groups), Some(first_minor)) => {
+            // ld mark; rsh 16; sub first_major; jge groups → none;
+            // add root<<16|first_minor; ret a; none: ret 0.
+            const SKF_AD_MARK: u32 = 0xffff_f000 + 20;
+            let class = (root << 16) | first_minor;
+            format!(
+                "filter add dev {interface} parent {root:x}: prio 1 protocol all bpf bytecode \
+                 \"7,32 0 0 {SKF_AD_MARK},116 0 0 16,20 0 0 {first_major},53 2 0 {groups},\
+                 4 0 0 {class},22 0 0 0,6 0 0 0\"\n"
+            )
+        }
+        // The line's format changed: the caller refuses to measure less work.
+        _ => format!("# unparsed steering filter: {op}\n"),
     }
 }
 
