@@ -7,7 +7,7 @@ use qosloop_meter::bench::{
 use qosloop_meter::{CacheConfig, Classifier};
 use std::sync::Arc;
 
-fn main() {
+fn main() -> Result<(), String> {
     let packets = std::env::var("METER_BENCH_PACKETS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -17,7 +17,16 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let frames = synthetic_frames(packets, flows, 64);
-    let classifier = Arc::new(Classifier::new(field_rules().ok(), None, None));
+    // The figure says "10 field rules": without them it would measure
+    // something else, so a rule file that does not load ends the bench.
+    let rules = field_rules().map_err(|e| format!("the 10 field rules did not load: {e}"))?;
+    if rules.rules().len() != 10 {
+        return Err(format!(
+            "expected 10 field rules, got {}",
+            rules.rules().len()
+        ));
+    }
+    let classifier = Arc::new(Classifier::new(Some(rules), None, None));
     let cache = CacheConfig {
         interim_ns: 0,
         ..CacheConfig::default()
@@ -28,7 +37,9 @@ fn main() {
         m.packets_per_second() / 1e6
     );
     for anchored in [true, false] {
-        if let Ok(rules) = patterns(100, anchored) {
+        {
+            let rules = patterns(100, anchored)
+                .map_err(|e| format!("the 100 patterns did not load: {e}"))?;
             let big = synthetic_frames(packets / 10, 100_000, 1500);
             let (m, _) = measure_patterns(&big, &rules, anchored);
             println!(
@@ -52,4 +63,5 @@ fn main() {
             );
         }
     }
+    Ok(())
 }

@@ -302,3 +302,15 @@ pub fn cache_memory(flows: usize) -> u64 {
     drop(cache);
     after.saturating_sub(before)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bench prints "10 field rules": they must load, all ten.
+    #[test]
+    fn the_bench_rules_load() {
+        let rules = field_rules().map_err(|e| e.to_string());
+        assert_eq!(rules.map(|r| r.rules().len()), Ok(10));
+    }
+}
