@@ -264,6 +264,33 @@ impl Config {
                 );
             }
         }
+        // Records without any flow key or without any counter are stored
+        // as empty rows, acknowledged: silent loss (issue 11 item 8).
+        let disabled = |e: &ie::InformationElement| self.disable_keys.iter().any(|k| k == e.name);
+        let keys = [
+            ie::SOURCE_IPV4_ADDRESS,
+            ie::DESTINATION_IPV4_ADDRESS,
+            ie::SOURCE_IPV6_ADDRESS,
+            ie::DESTINATION_IPV6_ADDRESS,
+            ie::SOURCE_TRANSPORT_PORT,
+            ie::DESTINATION_TRANSPORT_PORT,
+            ie::PROTOCOL_IDENTIFIER,
+        ];
+        if keys.iter().all(disabled) {
+            return bad(
+                "disable_keys",
+                "disables every flow key (addresses, ports, protocol): records would be stored without them".into(),
+            );
+        }
+        if [ie::PACKET_DELTA_COUNT, ie::OCTET_DELTA_COUNT]
+            .iter()
+            .all(disabled)
+        {
+            return bad(
+                "disable_keys",
+                "disables both counters (packetDeltaCount, octetDeltaCount): records would be stored as zeros".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -271,6 +298,42 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 11 item 8: disabling every key was accepted; the meter then
+    /// reported "all acknowledged" while the database held all-zero rows.
+    #[test]
+    fn disabling_every_flow_key_or_both_counters_is_refused() {
+        let with = |keys: &[&str]| Config {
+            db: "sqlite://x.db".into(),
+            disable_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            ..Config::default()
+        };
+        let every_key = [
+            "sourceIPv4Address",
+            "destinationIPv4Address",
+            "sourceIPv6Address",
+            "destinationIPv6Address",
+            "sourceTransportPort",
+            "destinationTransportPort",
+            "protocolIdentifier",
+        ];
+        let e = with(&every_key).validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("disable_keys:") && e.contains("every flow key"),
+            "{e}"
+        );
+        let e = with(&["packetDeltaCount", "octetDeltaCount"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("disable_keys:") && e.contains("both counters"),
+            "{e}"
+        );
+        // Some keys, one counter: fine.
+        with(&every_key[..6]).validate().unwrap();
+        with(&["octetDeltaCount", "userName"]).validate().unwrap();
+    }
 
     #[test]
     fn example_parses_and_validates() {
