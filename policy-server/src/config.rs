@@ -502,6 +502,46 @@ mod tests {
     }
 
     #[test]
+    fn listeners_are_loopback_unless_allowed_or_mutually_authenticated() {
+        // Issue 11 item 5: the PDP bound 0.0.0.0:3288 by default.
+        let base = || Settings::from_toml("db = \"sqlite://a.db\"\npolicies = \"p.ldif\"").unwrap();
+        let c = Config::validate(base(), true).unwrap();
+        assert_eq!(c.pdp_listen, "127.0.0.1:3288".parse().unwrap());
+        assert!(!c.allow_insecure_remote);
+        for (s, key) in [
+            (
+                Settings {
+                    pdp_listen: Some("0.0.0.0:3288".into()),
+                    ..base()
+                },
+                "pdp_listen",
+            ),
+            (
+                Settings {
+                    http: Some("0.0.0.0:8080".into()),
+                    ..base()
+                },
+                "http",
+            ),
+        ] {
+            let e = Config::validate(s.clone(), true).unwrap_err().to_string();
+            assert!(
+                e.starts_with(key) && e.contains("--allow-insecure-remote"),
+                "{e}"
+            );
+            let allowed = Settings {
+                allow_insecure_remote: Some(true),
+                ..s
+            };
+            assert!(
+                Config::validate(allowed, true)
+                    .unwrap()
+                    .allow_insecure_remote
+            );
+        }
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let file =
             Settings::from_toml("db = \"sqlite://a.db\"\ninterval_ms = 500\npolicies = \"p.ldif\"")
@@ -570,6 +610,24 @@ mod tests {
             ),
         ];
         for (s, key) in cases {
+            let e = Config::validate(s, true).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
+        for (toml, key) in [
+            ("pdp_max_connections = 0", "pdp_max_connections"),
+            (
+                "pdp_max_connections_per_peer = 0",
+                "pdp_max_connections_per_peer",
+            ),
+            ("http_max_connections = 0", "http_max_connections"),
+            ("pdp_write_timeout_ms = 0", "pdp_write_timeout_ms"),
+            ("http_header_timeout_ms = 0", "http_header_timeout_ms"),
+            ("http_idle_timeout_ms = 0", "http_idle_timeout_ms"),
+        ] {
+            let s = Settings::from_toml(&format!(
+                "{toml}\ndb = \"sqlite://a.db\"\npolicies = \"p.ldif\""
+            ))
+            .unwrap();
             let e = Config::validate(s, true).unwrap_err().to_string();
             assert!(e.starts_with(key), "{key}: {e}");
         }
