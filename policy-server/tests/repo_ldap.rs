@@ -361,3 +361,65 @@ async fn the_policy_loads_over_ldaps_and_starttls_with_the_directorys_ca() {
     let err = load_ldap(&unknown_ca).await.unwrap_err().to_string();
     assert!(err.contains(&ldaps_url), "{err}");
 }
+
+/// Issue 11 item 7, from LDAP: deleting the only rule (its entries, one by
+/// one) would have left 0 rules and removed every decision. The version is
+/// refused, the last good policy stays and the status says why; marked with
+/// `pcimKeywords: qosloop-allow-drop` on the rules container, it applies.
+/// Also: an attribute slapd accepts (via `extensibleObject`) that qosloop's
+/// classes do not allow is rejected naming the DN and attribute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_every_rule_in_slapd_is_refused_unless_marked() {
+    need!(Slapd::available());
+    let slapd = start_slapd();
+    let mut w = watch_ldap(source(&slapd), PATIENCE).await.unwrap();
+    let good = w.current();
+    assert_eq!(good.rules.len(), 1);
+
+    // An attribute of another qosloop class on the band entry.
+    let low = "cn=low,cn=gold,ou=classes,dc=qosloop,dc=example";
+    slapd
+        .modify_ldif(&format!(
+            "dn: {low}\nchangetype: modify\nadd: objectClass\nobjectClass: extensibleObject\n-\nadd: qosloopLinkCapacity\nqosloopLinkCapacity: 5\n"
+        ))
+        .unwrap();
+    let e = wait_audit(&mut w, "reject of the misplaced attribute", |e| {
+        e.change == AuditChange::Reject && e.dn == low
+    })
+    .await;
+    assert!(
+        e.detail
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("qosloopLinkCapacity:"),
+        "{e:?}"
+    );
+    assert_eq!(w.current().classes, good.classes);
+
+    for dn in [
+        "cn=service,cn=policed-flow,ou=rules,dc=qosloop,dc=example",
+        "cn=five-tuple,cn=policed-flow,ou=rules,dc=qosloop,dc=example",
+        "cn=policed-flow,ou=rules,dc=qosloop,dc=example",
+    ] {
+        slapd.delete(dn).unwrap();
+    }
+    let e = wait_audit(&mut w, "refusal of the emptied policy", |e| {
+        e.change == AuditChange::Reject
+            && e.detail
+                .as_deref()
+                .unwrap_or("")
+                .contains("leave 0 of the 1 rules")
+    })
+    .await;
+    assert_eq!(e.dn, slapd.url());
+    assert_eq!(w.current().rules, good.rules, "the last good rules stay");
+    assert!(w.status.borrow().refused.is_some());
+
+    slapd
+        .modify_ldif(
+            "dn: ou=rules,dc=qosloop,dc=example\nchangetype: modify\nadd: objectClass\nobjectClass: pcimGroupAuxClass\n-\nadd: pcimKeywords\npcimKeywords: qosloop-allow-drop\n",
+        )
+        .unwrap();
+    wait_for(&mut w, "no rules, as marked", |p| p.rules.is_empty()).await;
+    assert!(w.status.borrow().refused.is_none());
+}

@@ -280,15 +280,16 @@ impl Publisher {
 
     /// Keeps the policy in force and says why the new version was refused.
     fn refuse(&mut self, reason: String, rules_offered: usize) {
-        let source = self.source.clone();
-        self.emit(&source, AuditChange::Reject, Some(reason.clone()));
+        // The status first: whoever reads the audit event sees it already.
         self.status.send_modify(|s| {
             s.refused = Some(Refusal {
                 at_ns: now_ns(),
-                reason,
+                reason: reason.clone(),
                 rules_offered,
             });
         });
+        let source = self.source.clone();
+        self.emit(&source, AuditChange::Reject, Some(reason));
     }
 
     fn publish(&mut self, built: Build, current: &PolicySet) {
@@ -308,6 +309,15 @@ impl Publisher {
         self.reported = errors;
         let changed = *current != built.policy;
         let rules = built.policy.rules.len();
+        // The status first: whoever sees the new policy sees it already.
+        self.status.send_modify(|s| {
+            s.refused = None;
+            s.entry_errors = entry_errors;
+            s.rules_in_force = rules;
+            if changed || s.applied_ns == 0 {
+                s.applied_ns = now_ns();
+            }
+        });
         if changed {
             tracing::info!(
                 source = %self.source,
@@ -319,14 +329,6 @@ impl Publisher {
             );
             self.policy.send_replace(Arc::new(built.policy));
         }
-        self.status.send_modify(|s| {
-            s.refused = None;
-            s.entry_errors = entry_errors;
-            s.rules_in_force = rules;
-            if changed || s.applied_ns == 0 {
-                s.applied_ns = now_ns();
-            }
-        });
     }
 
     /// Whether anyone still listens for policies.
