@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
-    ByteOrder, CraneCodec, Data, Frame, Message, Start, TemplateSet, WireTemplate, CAP_KEEPALIVE,
-    CAP_LITTLE_ENDIAN, DATA_FLAG_DUPLICATE, DATA_FLAG_START, VERSION,
+    ByteOrder, CraneCodec, Data, ErrorCode, Frame, Message, Start, TemplateSet, WireTemplate,
+    CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, DATA_FLAG_DUPLICATE, DATA_FLAG_START, VERSION,
 };
 use qosloop_schema::ie::{self, IeId};
 use std::collections::VecDeque;
@@ -102,6 +102,20 @@ const MUST_KEEP_ONE_OF: [(&str, &[IeId]); 2] = [
         &[ie::PACKET_DELTA_COUNT.id, ie::OCTET_DELTA_COUNT.id],
     ),
 ];
+
+/// Whether an ERROR is about the collector's own state, so that the same
+/// request may succeed later.
+fn transient(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Storage
+            | ErrorCode::Internal
+            | ErrorCode::Shutdown
+            | ErrorCode::Identity
+            | ErrorCode::State
+            | ErrorCode::Sequence
+    )
+}
 
 /// What a negotiated template lacks, if it keeps no element of a group
 /// of [`MUST_KEEP_ONE_OF`] that the offered template had.
@@ -515,15 +529,18 @@ impl Engine {
                     ..
                 })) => set,
                 // The collector refuses the templates themselves: the same
-                // templates would be refused again.
+                // templates would be refused again. Errors of its own state
+                // (storage down, stopping, a name still in use) pass.
                 Some(Ok(Frame {
                     message: Message::Error(e),
                     ..
                 })) => {
-                    return Err(ConnectError::Refused(format!(
-                        "ERROR {:?} in answer to the templates: {}",
-                        e.code, e.text
-                    )))
+                    let why = format!("ERROR {:?} in answer to the templates: {}", e.code, e.text);
+                    return Err(if transient(e.code) {
+                        failed(why)
+                    } else {
+                        ConnectError::Refused(why)
+                    });
                 }
                 other => {
                     return Err(failed(format!(

@@ -27,8 +27,8 @@ enum Templates {
     Accept,
     /// Disables the keys of these elements.
     Disable(&'static [ie::IeId]),
-    /// Answers with an ERROR.
-    Refuse,
+    /// Answers with an ERROR of this code.
+    Refuse(ErrorCode),
 }
 
 /// A fake collector: acknowledges START, TMPL_DATA (per `templates`) and
@@ -108,9 +108,9 @@ async fn session(stream: tokio::net::TcpStream, templates: Templates, data: Arc<
                             }
                             Message::TemplateDataAck(set)
                         }
-                        Templates::Refuse => Message::Error(ErrorMsg {
+                        Templates::Refuse(code) => Message::Error(ErrorMsg {
                             time_ns: 0,
-                            code: ErrorCode::ConfigMismatch,
+                            code,
                             text: "template 256 keeps no enabled fixed-size key".into(),
                         }),
                     }),
@@ -256,11 +256,26 @@ async fn disabling_one_counter_still_exports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_in_answer_to_the_templates_is_a_refusal() {
-    let collector = fake(Templates::Refuse).await;
+    let collector = fake(Templates::Refuse(ErrorCode::ConfigMismatch)).await;
     let dir = tempfile::tempdir().unwrap();
     let (report, _) = export_to(&collector.addr, dir.path()).await;
     let why = report.refused.expect("refused");
     assert!(why.contains("keeps no enabled fixed-size key"), "{why}");
     assert_eq!(report.unacked_records, RECORDS);
     assert_eq!(collector.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_error_in_answer_to_the_templates_is_retried_not_a_refusal() {
+    // The collector's database is down: its state, not our templates.
+    let collector = fake(Templates::Refuse(ErrorCode::Storage)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = export_to(&collector.addr, dir.path()).await;
+    assert!(report.refused.is_none(), "{report:?}");
+    assert_eq!(report.unacked_records, RECORDS);
+    assert!(report.spool_messages > 0, "{report:?}");
+    assert!(
+        collector.connections.load(Ordering::SeqCst) > 1,
+        "tried again"
+    );
 }
