@@ -766,6 +766,7 @@ async fn collector_bounds_templates_per_exporter() {
         c.daemon.assert_alive("after 65,535 templates");
     }
     let rows = c.sql_i64("SELECT count(*) FROM templates").await;
+    eprintln!("{rows} template rows");
     assert!(
         rows <= 1024,
         "{rows} template rows from two peers' TMPL_DATA"
