@@ -723,6 +723,21 @@ impl Engine {
                     break Ended::FailBack(better);
                 }
             }
+            // Checked on every turn, not on the tick: a collector that
+            // floods keepalives would starve the tick (the select is biased
+            // to reading). Keepalives keep `last_heard` fresh; only an
+            // acknowledgement moves the oldest message on.
+            if let Some((m, sent)) = inflight.front() {
+                if sent.elapsed() > self.cfg.ack_timeout {
+                    break Ended::AckTimeout(format!(
+                        "DATA seq {} unacknowledged for {:?}",
+                        m.seq, self.cfg.ack_timeout
+                    ));
+                }
+                if self.finish_deadline.is_some_and(|d| Instant::now() >= d) {
+                    break Ended::GaveUp;
+                }
+            }
             let room = self.queue.len() < self.cfg.window * 2;
             tokio::select! {
                 biased;
@@ -766,19 +781,6 @@ impl Engine {
                 _ = tick.tick() => {
                     if !inflight.is_empty() && last_heard.elapsed() > self.cfg.dead_after {
                         break Ended::Failed(format!("no answer for {:?}", self.cfg.dead_after));
-                    }
-                    // Keepalives keep `last_heard` fresh; only an
-                    // acknowledgement moves the oldest message on.
-                    if let Some((m, sent)) = inflight.front() {
-                        if sent.elapsed() > self.cfg.ack_timeout {
-                            break Ended::AckTimeout(format!(
-                                "DATA seq {} unacknowledged for {:?}",
-                                m.seq, self.cfg.ack_timeout
-                            ));
-                        }
-                    }
-                    if !inflight.is_empty() && self.finish_deadline.is_some_and(|d| Instant::now() >= d) {
-                        break Ended::GaveUp;
                     }
                     if last_said.elapsed() > Duration::from_secs(1) {
                         if conn.framed.send(Frame { session: 1, message: Message::Keepalive }).await.is_err() {
