@@ -243,3 +243,43 @@ fn an_emptied_policy_file_is_refused_and_the_api_says_so() {
         "{err}"
     );
 }
+
+/// Issue 11 item 7: `--check` accepted a misspelled optional attribute
+/// (the band became unshaped) and a DN given twice.
+#[test]
+fn check_refuses_a_misspelled_attribute_and_a_duplicate_dn() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = std::fs::read_to_string(sample()).unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("p.ldif");
+        std::fs::write(&path, text).unwrap();
+        let out = bin()
+            .arg("--policies")
+            .arg(&path)
+            .arg("--check")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(&sample.replace("qosloopShapeRate: 875", "qosloopShapRate: 875"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "cn=low,cn=gold,ou=classes,dc=qosloop,dc=example: qosloopShapRate: unknown attribute"
+        ),
+        "{err}"
+    );
+    let duplicate = format!(
+        "{sample}\ndn: cn=edge-ingress,ou=links,dc=qosloop,dc=example\nobjectClass: pcimPolicyInstance\n\
+         objectClass: qosloopLink\ncn: edge-ingress\nqosloopLinkName: edge-ingress\nqosloopLinkCapacity: 99\n"
+    );
+    let (code, err) = check(&duplicate);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cn=edge-ingress,ou=links,dc=qosloop,dc=example: duplicate DN"),
+        "{err}"
+    );
+}
