@@ -770,7 +770,7 @@ impl Engine {
                     None => *channel_open = false,
                 },
                 _ = probe.tick(), if idx > 0 && fail_back.is_none() => {
-                    for better in (0..idx).filter(|b| !self.suspect(*b)) {
+                    for better in (0..idx).filter(|b| !self.suspect(*b) && self.usable(*b)) {
                         let addr = &self.cfg.collectors[better];
                         if let Ok(Ok(_probe)) = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
                             fail_back = Some((better, Instant::now()));

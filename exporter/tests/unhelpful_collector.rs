@@ -11,7 +11,7 @@
 use futures_util::{SinkExt, StreamExt};
 use qosloop_exporter::{Exporter, ExporterConfig, Report};
 use qosloop_schema::crane::{
-    CraneCodec, ErrorCode, ErrorMsg, Frame, Message, StartAck, TemplateSet, VERSION,
+    CraneCodec, DataAck, ErrorCode, ErrorMsg, Frame, Message, StartAck, TemplateSet, VERSION,
 };
 use qosloop_schema::{ie, FlowRecord};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +29,8 @@ enum Templates {
     Disable(&'static [ie::IeId]),
     /// Answers with an ERROR of this code.
     Refuse(ErrorCode),
+    /// Acknowledges them, and acknowledges DATA too: a good collector.
+    Helpful,
 }
 
 /// A fake collector: acknowledges START, TMPL_DATA (per `templates`) and
@@ -98,7 +100,7 @@ async fn session(stream: tokio::net::TcpStream, templates: Templates, data: Arc<
                         keepalive_s: 1,
                     })),
                     Message::TemplateData(set) => Some(match templates {
-                        Templates::Accept => Message::TemplateDataAck(set),
+                        Templates::Accept | Templates::Helpful => Message::TemplateDataAck(set),
                         Templates::Disable(ids) => {
                             let mut set: TemplateSet = set;
                             for t in &mut set.templates {
@@ -118,9 +120,12 @@ async fn session(stream: tokio::net::TcpStream, templates: Templates, data: Arc<
                         negotiated = true;
                         Some(Message::FinalTemplateDataAck { config_id })
                     }
-                    Message::Data(_) => {
+                    Message::Data(d) => {
                         data.fetch_add(1, Ordering::SeqCst);
-                        None
+                        matches!(templates, Templates::Helpful).then_some(Message::DataAck(DataAck {
+                            seq: d.seq,
+                            config_id: d.config_id,
+                        }))
                     }
                     Message::Stop => Some(Message::StopAck),
                     _ => None,
@@ -162,7 +167,17 @@ const RECORDS: u64 = 25;
 /// timeout only bounds the test (a finish that never returns is the bug);
 /// nothing is asserted about how long it took.
 async fn export_to(addr: &str, spool: &std::path::Path) -> (Report, Arc<qosloop_exporter::Stats>) {
-    let mut cfg = ExporterConfig::new(vec![addr.to_owned()]);
+    export_to_all(&[addr], spool, Duration::ZERO).await
+}
+
+/// The same to several collectors, waiting `linger` between the last
+/// record and finish (so that fail-back probes run).
+async fn export_to_all(
+    addrs: &[&str],
+    spool: &std::path::Path,
+    linger: Duration,
+) -> (Report, Arc<qosloop_exporter::Stats>) {
+    let mut cfg = ExporterConfig::new(addrs.iter().map(|a| (*a).to_owned()).collect());
     cfg.name = "unhelpful-collector-test".into();
     cfg.batch_records = 10;
     cfg.ack_timeout = Duration::from_millis(600);
@@ -173,6 +188,8 @@ async fn export_to(addr: &str, spool: &std::path::Path) -> (Report, Arc<qosloop_
     for i in 0..RECORDS {
         ex.send(&record(i)).await.unwrap();
     }
+    ex.flush().await.unwrap();
+    tokio::time::sleep(linger).await;
     let report = tokio::time::timeout(Duration::from_secs(60), ex.finish())
         .await
         .expect("the exporter never finished")
@@ -278,4 +295,27 @@ async fn a_storage_error_in_answer_to_the_templates_is_retried_not_a_refusal() {
         collector.connections.load(Ordering::SeqCst) > 1,
         "tried again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_first_collector_is_passed_over_and_never_probed_for_fail_back() {
+    let refusing = fake(Templates::Refuse(ErrorCode::ConfigMismatch)).await;
+    let good = fake(Templates::Helpful).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 2 s on the second collector: four fail-back probe rounds.
+    let (report, _) = export_to_all(
+        &[&refusing.addr, &good.addr],
+        dir.path(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(report.complete(), "{report:?}");
+    assert!(
+        report.refused.is_none(),
+        "one collector still works: {report:?}"
+    );
+    // Fail-back probes (a TCP connect every 500 ms) would reach the refusing
+    // collector again and bounce the session off the good one.
+    assert_eq!(refusing.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(good.connections.load(Ordering::SeqCst), 1);
 }
