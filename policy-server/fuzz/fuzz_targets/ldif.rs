@@ -2,6 +2,8 @@
 //! whatever parses writes back and re-parses to the same entries.
 #![no_main]
 
+mod cap_alloc;
+
 use libfuzzer_sys::fuzz_target;
 use qosloop_policy_server::repo::{build, parse_ldif, write_ldif};
 
@@ -12,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(entries) = parse_ldif(text) else {
         return;
     };
-    let _ = build(&entries, &Default::default());
+    // Fresh, then as a reload over its own result (the lenient path that
+    // keeps last good versions; duplicate DNs and unknown attributes).
+    let first = build(&entries, &Default::default());
+    let _ = build(&entries, &first.policy);
     let again = match parse_ldif(&write_ldif(&entries)) {
         Ok(e) => e,
         Err(e) => panic!("written LDIF does not parse: {e}"),
