@@ -569,13 +569,22 @@ async fn failure_reasons_are_cut_and_disconnected_enforcers_are_capped() {
     // Issue 11 item 6: report text and enforcer rows grew with what peers
     // sent (every enforcer restart is a new PEPID).
     let dir = tempfile::tempdir().unwrap();
-    let (server, _tx) = start(
-        &db_url(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        paper_policy(),
-        100,
-    )
-    .await;
+    reasons_cut_and_enforcers_capped(&db_url(&dir)).await;
+}
+
+#[tokio::test]
+async fn failure_reasons_are_cut_and_disconnected_enforcers_are_capped_on_postgres() {
+    use qosloop_testbed::harness::Postgres;
+    qosloop_testbed::need!(Postgres::available());
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
+    reasons_cut_and_enforcers_capped(&pg.url()).await;
+}
+
+async fn reasons_cut_and_enforcers_capped(url: &str) {
+    let (server, _tx) = start(url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
     let addr = server.pdp_addr;
     let (mut pep, got) = FakePep::connect(addr, "failing", &["edge"], &[]).await;
     let d = installs(&got)[0].clone();
@@ -598,14 +607,12 @@ async fn failure_reasons_are_cut_and_disconnected_enforcers_are_capped() {
         async move { store.reports("failing").await.unwrap().len() == 1 }
     })
     .await;
-    let qosloop_collector::Db::Sqlite(pool) = server.store.db() else {
-        unreachable!()
-    };
-    let (reason,): (String,) =
-        sqlx::query_as("SELECT reason FROM enforcement_reports WHERE enforcer = 'failing'")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+    let q = "SELECT reason FROM enforcement_reports WHERE enforcer = 'failing'";
+    let (reason,): (String,) = match server.store.db() {
+        qosloop_collector::Db::Sqlite(pool) => sqlx::query_as(q).fetch_one(pool).await,
+        qosloop_collector::Db::Postgres(pool) => sqlx::query_as(q).fetch_one(pool).await,
+    }
+    .unwrap();
     assert!(
         reason.len() <= qosloop_policy_server::pdp::MAX_REPORT_REASON + 3,
         "{} bytes stored",
