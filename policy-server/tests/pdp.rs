@@ -473,26 +473,39 @@ async fn a_report_flood_loses_no_real_reports_and_no_state_events() {
             at_ns: 1,
         },
     );
+    // Eight PEPs send 1,500 reports each, then 1,500 more while the real
+    // enforcer reports and leaves.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(9));
     let mut flooders = Vec::new();
     for i in 0..8 {
         let m = flood_report.clone();
+        let barrier = barrier.clone();
         flooders.push(tokio::spawn(async move {
             let mut wire = open_from("127.0.0.2", addr, &format!("flood-{i}"), &["edge"]).await;
             for _ in 0..2 {
                 let _ = tokio::time::timeout(WAIT, wire.next()).await;
             }
-            for _ in 0..3000 {
-                match tokio::time::timeout(Duration::from_secs(5), wire.feed(m.clone())).await {
-                    Ok(Ok(())) => {}
-                    _ => break,
+            for half in 0..2 {
+                for _ in 0..1500 {
+                    match tokio::time::timeout(Duration::from_secs(5), wire.feed(m.clone())).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    SinkExt::<Message>::flush(&mut wire),
+                )
+                .await;
+                if half == 0 {
+                    barrier.wait().await;
                 }
             }
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), SinkExt::<Message>::flush(&mut wire))
-                    .await;
             wire
         }));
     }
+    barrier.wait().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..20 {
         real.report(&decision).await;
     }
