@@ -2,6 +2,8 @@
 //! it accepts must encode back to bytes that decode to the same messages.
 #![no_main]
 
+mod cap_alloc;
+
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use qosloop_schema::cops::{CopsCodec, Decoder, Encoder};
