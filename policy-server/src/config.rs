@@ -334,6 +334,13 @@ impl Config {
                     return Err(invalid("ldap_starttls", "only for an ldap:// URL"));
                 }
                 check_ldap_bind(s.ldap_bind_dn.as_deref(), s.ldap_password_file.as_deref())?;
+                // The CA is read now, so a missing or unreadable file is a
+                // configuration error before anything starts, not a failed
+                // connection later.
+                if let Some(ca) = &s.ldap_tls_ca {
+                    qosloop_schema::tls::client_config_with(ca, None)
+                        .map_err(|e| invalid("ldap_tls_ca", e.to_string()))?;
+                }
                 PolicySource::Ldap {
                     url,
                     base,

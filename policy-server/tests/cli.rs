@@ -153,6 +153,34 @@ fn ldap_bind_dn_without_a_password_is_a_configuration_error() {
     assert!(err.contains("ldap_bind_dn"), "{err}");
 }
 
+/// An unreadable `--ldap-tls-ca` used to fail only when the LDAP connection
+/// was made (after the initial wait, exit 1): issue 11 item 10. It is a
+/// configuration error (exit 64) naming the key, before any connection.
+#[test]
+fn an_unreadable_ldap_tls_ca_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ca.pem");
+    let out = bin()
+        .args([
+            "--ldap",
+            "ldaps://127.0.0.1:9",
+            "--ldap-base",
+            "dc=qosloop,dc=example",
+            "--ldap-tls-ca",
+        ])
+        .arg(&missing)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("ldap_tls_ca"), "{err}");
+    assert!(
+        !err.contains("127.0.0.1:9"),
+        "no connection was tried: {err}"
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
