@@ -356,7 +356,7 @@ async fn run(
         tokio::select! {
             biased;
             Some((seq, count, bytes, outcome)) = pending.next(), if !pending.is_empty() => {
-                *decoded_in_flight -= bytes;
+                *decoded_in_flight = decoded_in_flight.saturating_sub(bytes);
                 ctx.counters.decoded_in_flight.fetch_sub(bytes as u64, Ordering::Relaxed);
                 match outcome {
                     Ok(o) => {
