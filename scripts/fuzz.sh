@@ -62,11 +62,20 @@ for t in "${targets[@]}"; do
   corpus="target/fuzz/corpus/$t"
   artifacts="target/fuzz/artifacts/$t/"
   mkdir -p "$corpus" "$artifacts"
+  # Committed seeds (a valid session, say) are read besides the corpus;
+  # what libFuzzer finds goes to the corpus only.
+  seeds=()
+  [ -d "$dir/seeds/$t" ] && seeds=("$dir/seeds/$t")
   echo "fuzz: $t for ${secs} s"
+  # libFuzzer's own status decides. (Read from PIPESTATUS with errexit off:
+  # a `|| true` after the pipe would run on libFuzzer's failure under
+  # pipefail and reset PIPESTATUS to 0, hiding every crash.)
+  set +e
   "$CARGO_TARGET_DIR/$host/release/$t" -max_total_time="$secs" -rss_limit_mb=2048 \
     -malloc_limit_mb=512 -max_len=65536 -artifact_prefix="$artifacts" -print_final_stats=1 \
-    "$corpus" 2>&1 |
-    grep -E "^(stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|INFO: seed|#[0-9]+ +DONE)" || true
-  # grep ends the pipe; libFuzzer's own status decides.
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz: $t found a crash, input in $artifacts" >&2; exit 1; }
+    "$corpus" "${seeds[@]}" 2>&1 |
+    grep -E "^(stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|INFO: seed|#[0-9]+ +DONE)"
+  status=("${PIPESTATUS[@]}")
+  set -e
+  [ "${status[0]}" -eq 0 ] || { echo "fuzz: $t found a crash (exit ${status[0]}), input in $artifacts" >&2; exit 1; }
 done
