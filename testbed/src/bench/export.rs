@@ -1,6 +1,9 @@
 //! `qosloop-testbed bench export`: records/s from the exporter to the
 //! collector over loopback — (a) through the protocol into a collector that
-//! discards, (b) committed to PostgreSQL (binary COPY), (c) committed to
+//! discards, (b) committed to PostgreSQL (binary COPY) with `fsync=off` and
+//! (b') again with PostgreSQL's durable defaults (`fsync=on`,
+//! `synchronous_commit=on`: each commit waits for its WAL flush), (c)
+//! committed to
 //! SQLite (multi-row INSERT, WAL) — and, in the same run, the peer
 //! softflowd → nfcapd on a generated pcap with as many flows. Exporter and
 //! collector run in this process (the collector's library, as its binary
@@ -118,6 +121,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     rate
                 );
                 postgres = Some(rate);
+                tokio::task::spawn_blocking(move || drop(pg)).await?;
+                // The same with PostgreSQL's durable defaults: every commit
+                // waits for its WAL flush (fsync=on, synchronous_commit=on).
+                let pg = tokio::task::spawn_blocking(Postgres::start_durable).await??;
+                let sink = qosloop_collector::open_sink(&pg.url()).await?;
+                let durable = run_one(sink, n, args.batch).await?;
+                println!(
+                    "  (b') committed to PostgreSQL durably (binary COPY, fsync=on, synchronous_commit=on): {:>10.0} records/s",
+                    durable
+                );
                 tokio::task::spawn_blocking(move || drop(pg)).await?;
             }
             Err(why) => println!("  (b) PostgreSQL skipped: {why}"),
