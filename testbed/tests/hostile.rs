@@ -1245,3 +1245,128 @@ async fn pdp_bounds_pep_identifiers_and_their_log() {
     ps.wait_enforcer("qhostile2", "connected", "after the long-PEPID attack")
         .await;
 }
+
+// ---------------------------------------------------------------------------
+// Who can reach a port
+
+/// Runs `bin args…` to its end (at most 20 s): (exit code, output).
+fn run_to_end(bin: &Path, args: &[String]) -> (Option<i32>, String) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            return (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (None, "still running after 20 s".into())
+}
+
+/// Issue 11, item 5: the PDP listened on 0.0.0.0 by default, and any
+/// listener could be opened beyond loopback without TLS. Now that is a
+/// configuration error (exit 64, naming the address and the flag) unless
+/// the listener has mutual TLS or the operator says
+/// `--allow-insecure-remote`, which is logged at WARN.
+#[test]
+fn listeners_beyond_loopback_need_mutual_tls_or_the_explicit_opt_in() {
+    let Some(bin) = qosloop_testbed::harness::prerequisite(bin_dir()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("flows.db").display());
+    let any = |p: u16| format!("0.0.0.0:{p}");
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/ldap/sample-policy.ldif");
+    let collector = |extra: &[&str]| {
+        let mut a = vec![
+            "--listen".to_owned(),
+            any(free_port().unwrap()),
+            "--db".to_owned(),
+            db.clone(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let policy_server = |pdp: String, http: String, extra: &[&str]| {
+        let mut a = vec![
+            "--db".to_owned(),
+            db.clone(),
+            "--policies".to_owned(),
+            policies.display().to_string(),
+            "--pdp-listen".to_owned(),
+            pdp,
+            "--http".to_owned(),
+            http,
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let loopback = |p: u16| format!("127.0.0.1:{p}");
+    for (name, args) in [
+        ("qosloop-collector", collector(&[])),
+        (
+            "qosloop-policy-server",
+            policy_server(
+                any(free_port().unwrap()),
+                loopback(free_port().unwrap()),
+                &[],
+            ),
+        ),
+        (
+            "qosloop-policy-server",
+            policy_server(
+                loopback(free_port().unwrap()),
+                any(free_port().unwrap()),
+                &[],
+            ),
+        ),
+    ] {
+        let (code, out) = run_to_end(&bin.join(name), &args);
+        assert_eq!(code, Some(64), "{name} {args:?} started:\n{out}");
+        assert!(
+            out.contains("0.0.0.0") && out.contains("--allow-insecure-remote"),
+            "{name}'s refusal names neither the address nor the flag:\n{out}"
+        );
+    }
+    // With the opt-in they start, and say so at WARN.
+    let opt_in = ["--allow-insecure-remote"];
+    let c = collector(&opt_in);
+    let addr: SocketAddr = c[1].replace("0.0.0.0", "127.0.0.1").parse().unwrap();
+    let mut d = Daemon::start(&bin, "qosloop-collector", &c, dir.path().join("c.log"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_listening(&mut d, addr));
+    d.assert_logged(
+        &["WARN", "beyond loopback without mutual TLS"],
+        "the opt-in",
+    );
+    drop(d);
+    let (pdp, http) = (free_port().unwrap(), free_port().unwrap());
+    let args = policy_server(any(pdp), any(http), &opt_in);
+    let mut d = Daemon::start(
+        &bin,
+        "qosloop-policy-server",
+        &args,
+        dir.path().join("ps.log"),
+    );
+    rt.block_on(wait_listening(&mut d, loopback(http).parse().unwrap()));
+    rt.block_on(wait_listening(&mut d, loopback(pdp).parse().unwrap()));
+    d.assert_logged(
+        &["WARN", "beyond loopback without mutual TLS"],
+        "the opt-in",
+    );
+}
