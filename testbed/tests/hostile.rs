@@ -60,6 +60,22 @@ fn bin_dir() -> Result<PathBuf, String> {
     qosloop_testbed::procs::component_dir().map_err(|e| e.to_string())
 }
 
+/// How many idle attack sockets this process can hold on each of `ports`
+/// ports at once, up to `want`: the attacks hold over 2,000 sockets, so the
+/// soft descriptor limit is raised to the hard one first (best effort);
+/// under a lower limit the attack is scaled down, saying so (the
+/// per-address limits are still exceeded many times over).
+fn attack_sockets(want: usize, ports: usize) -> usize {
+    let nofile = qosloop_schema::guard::raise_nofile_limit() as usize;
+    let can = nofile.saturating_sub(256) / ports.max(1);
+    if can < want {
+        eprintln!(
+            "this process may hold {nofile} descriptors: {can} idle sockets per port, not {want}"
+        );
+    }
+    want.min(can)
+}
+
 fn prerequisites() -> Result<PathBuf, String> {
     require_binary("prlimit", "util-linux")?;
     bin_dir()
@@ -645,7 +661,7 @@ async fn collector_limits_idle_connections_and_closes_keepalive_before_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Collector::start(&bin, dir.path(), &[]).await;
     // From four addresses: the per-address limit refuses most.
-    let mut idle = open_many(1100, 2, 4, c.addr).await;
+    let mut idle = open_many(attack_sockets(1100, 1), 2, 4, c.addr).await;
     eprintln!("{} idle connections open", idle.len());
     // Four that keep the collector busy with KEEPALIVE and never START.
     let mut keepers = Vec::new();
@@ -1020,8 +1036,9 @@ async fn policy_server_limits_idle_sockets_and_closes_a_pep_that_stops_reading()
     let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut ps = PolicyServer::start(&bin, dir.path()).await;
-    let idle_http = open_many(1100, 2, 4, ps.http).await;
-    let idle_pdp = open_many(1100, 6, 4, ps.pdp).await;
+    let n = attack_sockets(1100, 2);
+    let idle_http = open_many(n, 2, 4, ps.http).await;
+    let idle_pdp = open_many(n, 6, 4, ps.pdp).await;
     eprintln!(
         "{} idle HTTP and {} idle PDP connections open",
         idle_http.len(),
