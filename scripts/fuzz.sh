@@ -17,11 +17,13 @@
 # (its watchdog thread reads the RSS every second) and -malloc_limit_mb=512,
 # but without a sanitizer libFuzzer cannot hook malloc, so the malloc limit
 # alone would do nothing: the schema, collector and policy-server fuzz
-# crates therefore install a capping #[global_allocator]
-# (schema/fuzz/fuzz_targets/cap_alloc.rs and its copies in collector/fuzz
-# and policy-server/fuzz, which cap one allocation at 256 MiB) that aborts — a crash with the input saved — when
-# one allocation passes 512 MiB or the live total passes 2 GiB. meter/fuzz
-# has no such allocator yet: only the RSS limit holds its targets.
+# crates therefore install a capping #[global_allocator] that aborts — a
+# crash with the input saved — when one allocation passes its limit (512 MiB
+# in schema/fuzz/fuzz_targets/cap_alloc.rs, 256 MiB in the copies under
+# collector/fuzz and policy-server/fuzz) or the live total passes 2 GiB.
+# meter/fuzz has no such allocator yet: only the RSS limit holds its targets.
+#
+# Committed seeds in CRATE/seeds/TARGET/ are read besides the corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
