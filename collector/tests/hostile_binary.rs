@@ -336,3 +336,21 @@ async fn idle_connections_from_one_address_leave_room_for_an_exporter() {
         "descriptors ran out: {log}"
     );
 }
+
+/// Item 5: anyone who could reach the port fed records into the loop. A
+/// listen address beyond loopback without mutual TLS is a configuration
+/// error (exit 64) naming the opt-in flag, before any socket opens.
+#[test]
+fn remote_listen_without_mutual_tls_exits_64_naming_the_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qosloop-collector"))
+        .args(["--listen", "0.0.0.0:4740", "--db", "discard:"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("0.0.0.0:4740") && stderr.contains("--allow-insecure-remote"),
+        "{stderr}"
+    );
+}
