@@ -66,6 +66,10 @@ pub struct Config {
     /// Decoded records (bytes of memory) waiting for storage, all sessions
     /// together; sessions wait for room.
     pub decoded_bytes_total: usize,
+    /// Bytes of messages larger than 64 KiB being received at once, all
+    /// connections together: such a message is read only once its length
+    /// is reserved here (at least `max_message`).
+    pub large_message_bytes_total: usize,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -97,6 +101,7 @@ impl Default for Config {
             max_template_messages: 16,
             decoded_bytes_per_session: 64 << 20,
             decoded_bytes_total: 512 << 20,
+            large_message_bytes_total: 256 << 20,
         }
     }
 }
@@ -230,12 +235,23 @@ impl Config {
                 ),
             );
         }
-        // Counted in KiB by a semaphore of u32 permits.
-        if self.decoded_bytes_total > (u32::MAX as usize) << 10 {
+        if self.large_message_bytes_total < self.max_message {
             return bad(
-                "decoded_bytes_total",
-                format!("{} is above 4 TiB", self.decoded_bytes_total),
+                "large_message_bytes_total",
+                format!(
+                    "{} is below max_message ({})",
+                    self.large_message_bytes_total, self.max_message
+                ),
             );
+        }
+        // Counted in KiB by semaphores of u32 permits.
+        for (field, v) in [
+            ("decoded_bytes_total", self.decoded_bytes_total),
+            ("large_message_bytes_total", self.large_message_bytes_total),
+        ] {
+            if v > (u32::MAX as usize) << 10 {
+                return bad(field, format!("{v} is above 4 TiB"));
+            }
         }
         if self.max_message < 1024 {
             return bad(

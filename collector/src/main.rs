@@ -85,6 +85,10 @@ struct Args {
     /// [default 536870912 = 512 MiB].
     #[arg(long)]
     decoded_bytes_total: Option<usize>,
+    /// Messages over 64 KiB being received at once over all connections,
+    /// bytes [default 268435456 = 256 MiB; at least --max-message].
+    #[arg(long)]
+    large_message_bytes_total: Option<usize>,
 }
 
 /// Exit code for a configuration that cannot be used (EX_USAGE).
@@ -151,6 +155,10 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
             &mut c.decoded_bytes_per_session,
         ),
         (args.decoded_bytes_total, &mut c.decoded_bytes_total),
+        (
+            args.large_message_bytes_total,
+            &mut c.large_message_bytes_total,
+        ),
     ] {
         if let Some(v) = flag {
             *key = v;

@@ -111,6 +111,8 @@ pub struct CollectorStats {
     pub connections: ConnStats,
     /// Decoded bytes waiting for storage now.
     pub decoded_in_flight: u64,
+    /// Bytes reserved for large messages being received now.
+    pub receiving: u64,
 }
 
 impl Collector {
@@ -149,6 +151,7 @@ impl Collector {
             refused: self.counters.snapshot(),
             connections: self.limiter.stats(),
             decoded_in_flight: self.counters.decoded_in_flight(),
+            receiving: self.counters.receiving(),
         }
     }
 

@@ -26,6 +26,7 @@
 
 use crate::config::{Config, MAX_EXPORTER_NAME};
 use crate::store::{Batch, Outcome, Sink, WriteReq};
+use bytes::{BufMut, BytesMut};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use qosloop_exporter::Io;
@@ -33,7 +34,7 @@ use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, CraneError, Data, DataAck, ErrorCode, ErrorMsg, Frame, Message, Start,
     StartAck, Status, TemplateSet, WireTemplate, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, DATA_FLAG_START,
-    VERSION,
+    HEADER_LEN, READ_CHUNK, VERSION,
 };
 use qosloop_schema::guard::LogThrottle;
 use qosloop_schema::IeId;
@@ -45,9 +46,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::WriteHalf;
+use tokio::io::{AsyncReadExt, ReadHalf};
 use tokio::sync::{mpsc, oneshot, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedWrite};
 
 /// The bounds a session works within (from [`Config`]).
 #[derive(Clone, Debug)]
@@ -64,6 +66,7 @@ pub struct SessionLimits {
     pub max_template_messages: usize,
     pub decoded_bytes_per_session: usize,
     pub decoded_bytes_total: usize,
+    pub large_message_bytes_total: usize,
 }
 
 impl SessionLimits {
@@ -79,6 +82,7 @@ impl SessionLimits {
             max_template_messages: c.max_template_messages,
             decoded_bytes_per_session: c.decoded_bytes_per_session,
             decoded_bytes_total: c.decoded_bytes_total,
+            large_message_bytes_total: c.large_message_bytes_total,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Counters {
     by_reason: Mutex<BTreeMap<&'static str, u64>>,
     /// Decoded bytes reserved now, all sessions.
     decoded_in_flight: AtomicU64,
+    /// Bytes of large messages being received now, all sessions.
+    receiving: AtomicU64,
 }
 
 impl Counters {
@@ -110,6 +116,11 @@ impl Counters {
     pub fn decoded_in_flight(&self) -> u64 {
         self.decoded_in_flight.load(Ordering::Relaxed)
     }
+
+    /// Bytes reserved for large messages being received now.
+    pub fn receiving(&self) -> u64 {
+        self.receiving.load(Ordering::Relaxed)
+    }
 }
 
 /// What every session shares.
@@ -122,6 +133,8 @@ pub struct SessionCtx {
     pub disabled_keys: Vec<IeId>,
     /// The collector's decoded-memory budget, in KiB permits.
     pub memory: Arc<Semaphore>,
+    /// The budget of large messages being received, in KiB permits.
+    pub receiving: Arc<Semaphore>,
     /// Exporter names with a live session, and the connection holding each.
     pub live: Arc<Mutex<HashMap<String, (u64, SocketAddr)>>>,
     pub counters: Arc<Counters>,
@@ -139,11 +152,12 @@ impl SessionCtx {
         disabled_keys: Vec<IeId>,
         counters: Arc<Counters>,
     ) -> SessionCtx {
-        let kib = kib(limits.decoded_bytes_total) as usize;
+        let permits = |bytes| (kib(bytes) as usize).min(Semaphore::MAX_PERMITS);
         SessionCtx {
             sink,
             writer,
-            memory: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
+            memory: Arc::new(Semaphore::new(permits(limits.decoded_bytes_total))),
+            receiving: Arc::new(Semaphore::new(permits(limits.large_message_bytes_total))),
             limits,
             disabled_keys,
             live: Arc::default(),
@@ -209,6 +223,79 @@ struct Held {
     data: Data,
     decoded_bytes: usize,
     acquire: Option<Acquire>,
+    /// The reservation of its bytes on the wire (a large message), given
+    /// back once it is decoded.
+    _received: Option<Received>,
+}
+
+/// A large message's bytes reserved from the receiving budget.
+struct Received {
+    bytes: usize,
+    _permit: OwnedSemaphorePermit,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        self.counters
+            .receiving
+            .fetch_sub(self.bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// What the frame reader needs next.
+enum Read {
+    Frame(Frame),
+    /// A message of this many bytes (header included) is arriving: reserve
+    /// them before it is read further.
+    NeedBudget(usize),
+}
+
+/// Reads frames from the connection. A message up to [`READ_CHUNK`] bytes
+/// is read as it comes; a larger one only once its announced length is
+/// reserved from the collector's receiving budget (`covered`), so that
+/// connections sending large messages slowly cannot together hold more than
+/// that budget. Cancel-safe: bytes read stay in the buffer.
+struct FrameReader {
+    rd: ReadHalf<Box<dyn Io>>,
+    buf: BytesMut,
+    codec: CraneCodec,
+}
+
+impl FrameReader {
+    async fn next(&mut self, covered: usize) -> Option<Result<Read, CraneError>> {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => return Some(Ok(Read::Frame(f))),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            let announced = match self.buf.get(4..HEADER_LEN) {
+                Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]) as usize,
+                _ => 0,
+            };
+            if announced > READ_CHUNK && covered < announced {
+                return Some(Ok(Read::NeedBudget(announced)));
+            }
+            // The message, and a little of the next one.
+            let allowed = (announced.max(HEADER_LEN) + READ_CHUNK)
+                .saturating_sub(self.buf.len())
+                .max(1);
+            self.buf.reserve(allowed.min(READ_CHUNK));
+            let mut room = (&mut self.buf).limit(allowed);
+            match self.rd.read_buf(&mut room).await {
+                Ok(0) if self.buf.is_empty() => return None,
+                Ok(0) => {
+                    return Some(Err(CraneError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection ended inside a message",
+                    ))))
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(CraneError::Io(e))),
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -259,7 +346,11 @@ pub async fn serve(
     let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = tokio::io::split(stream);
     let codec = CraneCodec::with_max_message(ctx.limits.max_message);
-    let mut reader = FramedRead::new(rd, codec);
+    let mut reader = FrameReader {
+        rd,
+        buf: BytesMut::new(),
+        codec,
+    };
     let mut writer: Writer = FramedWrite::new(wr, codec);
     let mut session_no = 0u8;
     let mut decoded_in_flight = 0usize;
@@ -306,7 +397,7 @@ async fn run(
     peer: SocketAddr,
     conn: u64,
     identity: Option<String>,
-    reader: &mut FramedRead<tokio::io::ReadHalf<Box<dyn Io>>, CraneCodec>,
+    reader: &mut FrameReader,
     writer: &mut Writer,
     session_no: &mut u8,
     decoded_in_flight: &mut usize,
@@ -317,6 +408,10 @@ async fn run(
     let mut _lease: Option<NameLease> = None;
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut held: Option<Held> = None;
+    // The reservation for the large message being received, and one being
+    // waited for.
+    let mut received: Option<Received> = None;
+    let mut receive_acquire: Option<(usize, Acquire)> = None;
     let mut stopping = false;
     let idle = Duration::from_secs(u64::from(limits.keepalive_s.max(1)) * 3);
     let mut deadline = Instant::now() + limits.handshake_timeout;
@@ -352,7 +447,8 @@ async fn run(
             }
         }
         let handshaking = state != State::Data;
-        let waiting = !pending.is_empty() || held.is_some();
+        let waiting = !pending.is_empty() || held.is_some() || receive_acquire.is_some();
+        let covered = received.as_ref().map_or(0, |r| r.bytes);
         tokio::select! {
             biased;
             Some((seq, count, bytes, outcome)) = pending.next(), if !pending.is_empty() => {
@@ -392,6 +488,13 @@ async fn run(
                 }));
                 ctx.writer.send(req).await.map_err(|_| refuse(ErrorCode::Shutdown, "shutdown", "collector is stopping"))?;
             }
+            permit = acquire_receiving(&mut receive_acquire), if receive_acquire.is_some() => {
+                let permit = permit.map_err(|_| refuse(ErrorCode::Shutdown, "shutdown", "collector is stopping"))?;
+                if let Some((bytes, _)) = receive_acquire.take() {
+                    ctx.counters.receiving.fetch_add(bytes as u64, Ordering::Relaxed);
+                    received = Some(Received { bytes, _permit: permit, counters: ctx.counters.clone() });
+                }
+            }
             _ = heartbeat.tick(), if heartbeats && waiting => {
                 send(writer, *session_no, Message::Keepalive).await?;
             }
@@ -403,7 +506,7 @@ async fn run(
                         format!("no FINAL_TMPL_DATA within {} ms of START", limits.templates_timeout.as_millis())),
                 });
             }
-            frame = reader.next(), if pending.len() < limits.window && held.is_none() && !stopping => {
+            frame = reader.next(covered), if pending.len() < limits.window && held.is_none() && receive_acquire.is_none() && !stopping => {
                 let frame = match frame {
                     None => {
                         if ctx.log_sessions.check().is_some() {
@@ -418,8 +521,15 @@ async fn run(
                         return Ok(());
                     }
                     Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(f)) => f,
+                    Some(Ok(Read::NeedBudget(bytes))) => {
+                        receive_acquire = Some((bytes, Box::pin(ctx.receiving.clone().acquire_many_owned(kib(bytes)))));
+                        continue;
+                    }
+                    Some(Ok(Read::Frame(f))) => f,
                 };
+                // The frame is out of the buffer: its reservation goes with
+                // it (a DATA message keeps it until it is decoded).
+                let frame_received = received.take();
                 *session_no = frame.session;
                 match (state, frame.message) {
                     (_, Message::Keepalive) => send(writer, *session_no, Message::Keepalive).await?,
@@ -468,7 +578,9 @@ async fn run(
                     }
                     (State::Data, Message::Data(d)) => {
                         let Some(s) = st.as_mut() else { return Err(refuse(ErrorCode::State, "state", "DATA before START")) };
-                        held = Some(check_data(limits, s, d)?);
+                        let mut h = check_data(limits, s, d)?;
+                        h._received = frame_received;
+                        held = Some(h);
                     }
                     (_, Message::StatusReq) => {
                         let (last_acked_seq, committed_records) = st.as_ref().map(|s| (s.last_acked, s.committed)).unwrap_or((0, 0));
@@ -503,6 +615,16 @@ async fn run(
 async fn acquire_held(held: &mut Option<Held>) -> Result<OwnedSemaphorePermit, AcquireError> {
     match held.as_mut().and_then(|h| h.acquire.as_mut()) {
         Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the receiving budget of a large message.
+async fn acquire_receiving(
+    wait: &mut Option<(usize, Acquire)>,
+) -> Result<OwnedSemaphorePermit, AcquireError> {
+    match wait.as_mut() {
+        Some((_, f)) => f.await,
         None => std::future::pending().await,
     }
 }
@@ -624,6 +746,7 @@ fn check_data(limits: &SessionLimits, s: &mut Stream, d: Data) -> Result<Held, R
         data: d,
         decoded_bytes,
         acquire: None,
+        _received: None,
     })
 }
 

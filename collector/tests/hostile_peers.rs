@@ -484,3 +484,81 @@ async fn peer_driven_growth_is_bounded() {
     let t = vec![WireTemplate::from_template(&Template::flow_v4(256)).unwrap()];
     let _ok = negotiated(srv.addr, &"y".repeat(255), 1, t).await;
 }
+
+/// Messages larger than 64 KiB are let into memory only once their length
+/// is reserved from `large_message_bytes_total`: connections that send
+/// large messages slowly cannot together hold more than that (without it,
+/// 256 connections could each buffer 16 MiB). Here the budget holds one
+/// 1 MiB message; the second waits, unread, and goes on once the first is
+/// in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_large_messages_wait_for_the_receiving_budget() {
+    use tokio::io::AsyncWriteExt;
+    let srv = server(|c| {
+        c.max_message = 1 << 20;
+        c.large_message_bytes_total = 1 << 20;
+    })
+    .await;
+    let eight = WireTemplate {
+        id: 256,
+        keys: vec![key(ie::OCTET_DELTA_COUNT)],
+    };
+    // One DATA of exactly 1 MiB: 8-byte records after 24 bytes of headers.
+    let frame = |count: u32| {
+        let mut b = bytes::BytesMut::new();
+        tokio_util::codec::Encoder::encode(
+            &mut CraneCodec::default(),
+            Frame {
+                session: 1,
+                message: data(256, 1, count, vec![7; count as usize * 8]),
+            },
+            &mut b,
+        )
+        .unwrap();
+        b.to_vec()
+    };
+    let count = ((1u32 << 20) - 24) / 8;
+    let big = frame(count);
+    assert_eq!(big.len(), 1 << 20);
+    let mut a = negotiated(srv.addr, "large-a", 1, vec![eight.clone()]).await;
+    let mut b = negotiated(srv.addr, "large-b", 1, vec![eight]).await;
+
+    // A sends half its message and pauses: it holds the whole budget.
+    a.get_mut().write_all(&big[..512 << 10]).await.unwrap();
+    let mut held = false;
+    for _ in 0..100 {
+        if srv.collector.stats().receiving == 1 << 20 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held, "{:?}", srv.collector.stats());
+    // B sends all of its message: it waits for room, unread.
+    let b_bytes = big.clone();
+    let mut b_stream = b.into_inner();
+    let b_send = tokio::spawn(async move {
+        b_stream.write_all(&b_bytes).await.unwrap();
+        b_stream
+    });
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(srv.collector.stats().receiving <= 1 << 20);
+    }
+    // A finishes: its message is stored, then B's.
+    a.get_mut().write_all(&big[512 << 10..]).await.unwrap();
+    match next(&mut a).await {
+        Some(Message::DataAck(ack)) => assert_eq!(ack.seq, 1),
+        other => panic!("expected DATA_ACK for A, got {other:?}"),
+    }
+    b = Framed::new(b_send.await.unwrap(), CraneCodec::default());
+    match next(&mut b).await {
+        Some(Message::DataAck(ack)) => assert_eq!(ack.seq, 1),
+        other => panic!("expected DATA_ACK for B, got {other:?}"),
+    }
+    assert_eq!(
+        sql_count(&srv.url, "SELECT count(*) FROM flows").await,
+        2 * i64::from(count)
+    );
+    assert_eq!(srv.collector.stats().receiving, 0);
+}
