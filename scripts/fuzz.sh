@@ -14,14 +14,12 @@
 # (policy-server/fuzz), run when their crate and target are in the tree.
 #
 # Memory blow-ups count as crashes. libFuzzer is given -rss_limit_mb=2048
-# (its watchdog thread reads the RSS every second) and -malloc_limit_mb=512,
+# (its watchdog thread reads the RSS every second) and -malloc_limit_mb=256,
 # but without a sanitizer libFuzzer cannot hook malloc, so the malloc limit
-# alone would do nothing: the schema, collector and policy-server fuzz
-# crates therefore install a capping #[global_allocator] that aborts — a
-# crash with the input saved — when one allocation passes its limit (512 MiB
-# in schema/fuzz/fuzz_targets/cap_alloc.rs, 256 MiB in the copies under
-# collector/fuzz and policy-server/fuzz) or the live total passes 2 GiB.
-# meter/fuzz has no such allocator yet: only the RSS limit holds its targets.
+# alone would do nothing: every fuzz target therefore installs a capping
+# #[global_allocator] (one file, schema/fuzz/fuzz_targets/cap_alloc.rs,
+# included by the other fuzz crates) that aborts — a crash with the input
+# saved — when one allocation passes 256 MiB or the live total 2 GiB.
 #
 # Committed seeds in CRATE/seeds/TARGET/ are read besides the corpus.
 set -euo pipefail
@@ -76,7 +74,7 @@ for t in "${targets[@]}"; do
   # pipefail and reset PIPESTATUS to 0, hiding every crash.)
   set +e
   "$CARGO_TARGET_DIR/$host/release/$t" -max_total_time="$secs" -rss_limit_mb=2048 \
-    -malloc_limit_mb=512 -max_len=65536 -artifact_prefix="$artifacts" -print_final_stats=1 \
+    -malloc_limit_mb=256 -max_len=65536 -artifact_prefix="$artifacts" -print_final_stats=1 \
     "$corpus" "${seeds[@]}" 2>&1 |
     grep -E "^(stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|INFO: seed|#[0-9]+ +DONE)"
   status=("${PIPESTATUS[@]}")

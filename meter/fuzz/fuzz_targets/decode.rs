@@ -2,6 +2,9 @@
 //! pipeline (classification included) over the same frame.
 #![no_main]
 
+#[path = "../../../schema/fuzz/fuzz_targets/cap_alloc.rs"]
+mod cap_alloc;
+
 use libfuzzer_sys::fuzz_target;
 use qosloop_meter::decode::decode;
 use qosloop_meter::pcap::PacketRef;

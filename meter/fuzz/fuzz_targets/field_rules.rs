@@ -1,6 +1,9 @@
 //! FieldRules rule files: any text parses or yields one located error.
 #![no_main]
 
+#[path = "../../../schema/fuzz/fuzz_targets/cap_alloc.rs"]
+mod cap_alloc;
+
 use libfuzzer_sys::fuzz_target;
 use qosloop_meter::FieldRules;
 

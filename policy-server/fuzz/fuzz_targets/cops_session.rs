@@ -12,6 +12,7 @@
 //! (PEPID, roles, report text).
 #![no_main]
 
+#[path = "../../../schema/fuzz/fuzz_targets/cap_alloc.rs"]
 mod cap_alloc;
 
 use libfuzzer_sys::arbitrary::{Arbitrary, Unstructured};

@@ -2,6 +2,7 @@
 //! whatever parses writes back and re-parses to the same entries.
 #![no_main]
 
+#[path = "../../../schema/fuzz/fuzz_targets/cap_alloc.rs"]
 mod cap_alloc;
 
 use libfuzzer_sys::fuzz_target;

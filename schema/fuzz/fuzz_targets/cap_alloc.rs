@@ -4,14 +4,17 @@
 //! allocator aborts — which libFuzzer reports as a crash and saves the input
 //! for — when one allocation asks for more than [`MALLOC_LIMIT`] or the live
 //! total would pass [`LIVE_LIMIT`]. `scripts/fuzz.sh` passes the same
-//! figures to libFuzzer (`-malloc_limit_mb=512 -rss_limit_mb=2048`).
+//! figures to libFuzzer (`-malloc_limit_mb=256 -rss_limit_mb=2048`).
+//!
+//! This is the one copy: the other fuzz crates include it with
+//! `#[path = "…/schema/fuzz/fuzz_targets/cap_alloc.rs"] mod cap_alloc;`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Largest single allocation: 512 MiB.
-pub const MALLOC_LIMIT: usize = 512 << 20;
+/// Largest single allocation: 256 MiB.
+pub const MALLOC_LIMIT: usize = 256 << 20;
 /// Most bytes live at once: 2 GiB.
 pub const LIVE_LIMIT: usize = 2048 << 20;
 
@@ -27,7 +30,7 @@ fn over(what: &[u8]) -> ! {
 
 fn admit(size: usize) {
     if size > MALLOC_LIMIT {
-        over(b"==cap_alloc== single allocation over the 512 MiB malloc limit\n");
+        over(b"==cap_alloc== single allocation over the 256 MiB malloc limit\n");
     }
     if LIVE.fetch_add(size, Ordering::Relaxed) + size > LIVE_LIMIT {
         over(b"==cap_alloc== live allocations over the 2 GiB limit\n");
@@ -52,7 +55,7 @@ unsafe impl GlobalAlloc for Capped {
         if new_size > layout.size() {
             admit(new_size - layout.size());
             if new_size > MALLOC_LIMIT {
-                over(b"==cap_alloc== single allocation over the 512 MiB malloc limit\n");
+                over(b"==cap_alloc== single allocation over the 256 MiB malloc limit\n");
             }
         } else {
             LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
