@@ -9,6 +9,7 @@
 //! session's deadlines pass at once, and the session must end.
 #![no_main]
 
+#[path = "../../../schema/fuzz/fuzz_targets/cap_alloc.rs"]
 mod cap_alloc;
 
 use bytes::BytesMut;
