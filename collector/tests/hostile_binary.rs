@@ -337,6 +337,103 @@ async fn idle_connections_from_one_address_leave_room_for_an_exporter() {
     );
 }
 
+/// Under a 2 GiB address-space cap, 150 connections (30 from each of five
+/// addresses, within the per-address limit) negotiate a session and send
+/// 15 MiB of a 16 MiB DATA each, then stall. Without the receiving budget
+/// the collector buffered all of it (2.2 GiB) and aborted; now 16 of them
+/// are read (256 MiB) and the rest wait unread, the collector stays up and
+/// an exporter (messages under 64 KiB) completes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_large_messages_on_many_connections_stay_within_the_cap() {
+    qosloop_schema::guard::raise_nofile_limit();
+    let mut d = Daemon::start("-v 2097152");
+    let addr = d.addr;
+    let body = DEFAULT_MAX_MESSAGE - 8 - 16;
+    let count = (body / 8) as u32;
+    let mut frame = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(
+        &mut CraneCodec::default(),
+        Frame {
+            session: 1,
+            message: Message::Data(Data {
+                template_id: 256,
+                config_id: 1,
+                flags: DATA_FLAG_START,
+                seq: 1,
+                count,
+                records: vec![7u8; count as usize * 8].into(),
+            }),
+        },
+        &mut frame,
+    )
+    .unwrap();
+    let partial = bytes::Bytes::from(frame.split_to(15 << 20));
+    let eight = WireTemplate {
+        id: 256,
+        keys: vec![WireKey {
+            ie: ie::OCTET_DELTA_COUNT.id,
+            data_type: ie::OCTET_DELTA_COUNT.data_type,
+            disabled: false,
+        }],
+    };
+    let mut senders = Vec::new();
+    for i in 0..150u32 {
+        let source = format!("127.0.0.{}:0", 2 + i % 5);
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(source.parse().unwrap()).unwrap();
+        let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(5), sock.connect(addr)).await
+        else {
+            continue;
+        };
+        let mut f = Framed::new(s, CraneCodec::default());
+        let steps = [
+            Message::Start(Start {
+                max_version: 1,
+                capabilities: 0,
+                boot_ns: 1,
+                stream_id: 1,
+                exporter: format!("stall-{i}"),
+            }),
+            Message::TemplateData(TemplateSet {
+                config_id: 1,
+                byte_order: ByteOrder::Big,
+                templates: vec![eight.clone()],
+            }),
+            Message::FinalTemplateData { config_id: 1 },
+        ];
+        let mut ok = true;
+        for step in steps {
+            ok = ok && send(&mut f, step).await && next(&mut f).await.is_some();
+        }
+        assert!(
+            d.alive(),
+            "collector died after {i} stalled messages: {}",
+            d.log_text()
+        );
+        assert!(ok, "session {i} was not negotiated: {}", d.log_text());
+        let mut s = f.into_inner();
+        let partial = partial.clone();
+        // Each writes until the collector stops reading it (at most 10 s).
+        senders.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.write_all(&partial)).await;
+            s
+        }));
+    }
+    assert_eq!(senders.len(), 150);
+    legitimate_export(addr, "legit-beside-stalls", 5_000).await;
+    assert!(d.alive(), "collector died: {}", d.log_text());
+    let held: Vec<TcpStream> = futures_util::future::join_all(senders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(d.alive(), "collector died: {}", d.log_text());
+    let peak_mib = d.status_kib("VmHWM") / 1024;
+    eprintln!("collector with 150 stalled 16 MiB messages: peak RSS {peak_mib} MiB");
+    assert!(peak_mib < 512, "peak RSS {peak_mib} MiB");
+    drop(held);
+}
+
 /// Item 5: anyone who could reach the port fed records into the loop. A
 /// listen address beyond loopback without mutual TLS is a configuration
 /// error (exit 64) naming the opt-in flag, before any socket opens.
