@@ -219,7 +219,7 @@ impl Collector {
                                     .1
                                     .peer_certificates()
                                     .and_then(|c| c.first())
-                                    .and_then(|c| certificate_name(c));
+                                    .and_then(|c| qosloop_schema::tls::certificate_identity(c));
                                 match name {
                                     Some(name) => {
                                         session::serve(Box::new(tls), peer, Some(name), ctx).await;
@@ -246,23 +246,4 @@ impl Collector {
             }
         }
     }
-}
-
-/// The exporter name a client certificate vouches for: its subject CN, or
-/// else its first DNS subjectAltName.
-pub fn certificate_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    if let Some(cn) = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-    {
-        return Some(cn.to_owned());
-    }
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
-        _ => None,
-    })
 }

@@ -185,12 +185,12 @@ impl<B: KernelBackend> Daemon<B> {
 }
 
 /// The PEPID a client certificate (PEM) gives: the name in it
-/// ([`qosloop_schema::cops::certificate_identity`]).
+/// ([`qosloop_schema::tls::certificate_identity`]).
 fn certificate_pep_id(path: &std::path::Path) -> anyhow::Result<String> {
     use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
     let cert = CertificateDer::from_pem_file(path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    qosloop_schema::cops::certificate_identity(cert.as_ref()).ok_or_else(|| {
+    qosloop_schema::tls::certificate_identity(cert.as_ref()).ok_or_else(|| {
         anyhow::anyhow!(
             "{}: the certificate names no subject (common name or DNS name) to use as PEPID",
             path.display()

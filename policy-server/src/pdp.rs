@@ -410,7 +410,7 @@ async fn start(
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
-                        .and_then(|c| qosloop_schema::cops::certificate_identity(c.as_ref()));
+                        .and_then(|c| qosloop_schema::tls::certificate_identity(c.as_ref()));
                     (Box::new(s), identity)
                 }
                 Ok(Err(e)) => {

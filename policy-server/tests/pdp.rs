@@ -775,7 +775,7 @@ async fn under_mutual_tls_a_pepid_other_than_the_certificates_is_refused() {
     let pem = std::fs::read_to_string(p("client.pem")).unwrap();
     let der = pem_body(&pem);
     assert_eq!(
-        qosloop_schema::cops::certificate_identity(&der).as_deref(),
+        qosloop_schema::tls::certificate_identity(&der).as_deref(),
         Some("qosloop client")
     );
     server.stop().await;

@@ -45,11 +45,9 @@
 //! [`CopsError::cops_error_code`], for the CC that closes the connection.
 
 mod codec;
-mod identity;
 pub mod payload;
 
 pub use codec::CopsCodec;
-pub use identity::certificate_identity;
 pub use payload::{DecisionRef, InstalledDecision, PepHello, PepState};
 
 use std::fmt;
