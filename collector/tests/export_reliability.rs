@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::record as flow;
 use qosloop_exporter::{Exporter, ExporterConfig, Report};
 use qosloop_schema::FlowRecord;
 use qosloop_testbed::harness::{free_port, Postgres};
@@ -83,18 +86,12 @@ impl Drop for Collector {
     }
 }
 
+/// Flow `i` of the shared records, with start and end times.
 fn record(i: u64) -> FlowRecord {
     FlowRecord {
-        src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + (i as u32 % 65536)).into(),
-        dst_addr: "192.0.2.9".parse().unwrap(),
-        src_port: (i % 60000) as u16,
-        dst_port: 443,
-        proto: 6,
-        packets: 1,
-        bytes: 40 + i % 1460,
         start_ns: 1_700_000_000_000_000_000 + i * 1000,
         end_ns: 1_700_000_000_000_000_000 + i * 1000 + 500,
-        ..FlowRecord::default()
+        ..flow(i)
     }
 }
 

@@ -7,13 +7,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::legitimate_export;
 use futures_util::{SinkExt, StreamExt};
-use qosloop_exporter::{Exporter, ExporterConfig};
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, Data, Frame, Message, Start, TemplateSet, WireKey, WireTemplate,
     DATA_FLAG_START, DEFAULT_MAX_MESSAGE,
 };
-use qosloop_schema::{ie, FlowRecord};
+use qosloop_schema::ie;
 use qosloop_testbed::harness::free_port;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -182,31 +184,6 @@ fn one_byte_template() -> WireTemplate {
             disabled: false,
         }],
     }
-}
-
-fn record(i: u64) -> FlowRecord {
-    FlowRecord {
-        src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + (i as u32 % 65536)).into(),
-        dst_addr: "192.0.2.9".parse().unwrap(),
-        src_port: (i % 60000) as u16,
-        dst_port: 443,
-        proto: 6,
-        packets: 1,
-        bytes: 40 + i % 1460,
-        ..FlowRecord::default()
-    }
-}
-
-async fn legitimate_export(addr: SocketAddr, name: &str, n: u64) {
-    let mut cfg = ExporterConfig::new(vec![addr.to_string()]);
-    cfg.name = name.into();
-    cfg.finish_timeout = Duration::from_secs(30);
-    let mut ex = Exporter::start(cfg).unwrap();
-    for i in 0..n {
-        ex.send(&record(i)).await.unwrap();
-    }
-    let report = ex.finish().await.unwrap();
-    assert!(report.complete(), "{name}: {report:?}");
 }
 
 /// Items 1-3 under a 2 GiB address-space cap: a keyless template and a

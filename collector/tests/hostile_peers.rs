@@ -6,16 +6,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::legitimate_export;
 use futures_util::{SinkExt, StreamExt};
 use qosloop_collector::{Collector, Config, Db};
-use qosloop_exporter::{Exporter, ExporterConfig};
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, Data, ErrorCode, ErrorMsg, Frame, Message, Start, TemplateSet, WireKey,
     WireTemplate, DATA_FLAG_START,
 };
 use qosloop_schema::ie;
-use qosloop_schema::{FlowRecord, Template};
+use qosloop_schema::Template;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -170,32 +172,6 @@ async fn negotiated(addr: SocketAddr, name: &str, stream_id: u64, t: Vec<WireTem
         Some(Message::FinalTemplateDataAck { .. })
     ));
     f
-}
-
-fn record(i: u64) -> FlowRecord {
-    FlowRecord {
-        src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + (i as u32 % 65536)).into(),
-        dst_addr: "192.0.2.9".parse().unwrap(),
-        src_port: (i % 60000) as u16,
-        dst_port: 443,
-        proto: 6,
-        packets: 1,
-        bytes: 40 + i % 1460,
-        ..FlowRecord::default()
-    }
-}
-
-/// A legitimate exporter sends `n` records; every one is acknowledged.
-async fn legitimate_export(addr: SocketAddr, name: &str, n: u64) {
-    let mut cfg = ExporterConfig::new(vec![addr.to_string()]);
-    cfg.name = name.into();
-    cfg.finish_timeout = Duration::from_secs(30);
-    let mut ex = Exporter::start(cfg).unwrap();
-    for i in 0..n {
-        ex.send(&record(i)).await.unwrap();
-    }
-    let report = ex.finish().await.unwrap();
-    assert!(report.complete(), "{report:?}");
 }
 
 async fn sql_count(url: &str, q: &str) -> i64 {
