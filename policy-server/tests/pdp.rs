@@ -32,6 +32,14 @@ fn installs(got: &[Got]) -> Vec<qosloop_schema::Decision> {
         .collect()
 }
 
+/// An enforcer `name` of role edge with nothing installed, connected to
+/// `addr`; the first decision it was sent.
+async fn edge_pep(addr: SocketAddr, name: &str) -> (FakePep, qosloop_schema::Decision) {
+    let (pep, got) = FakePep::connect(addr, name, &["edge"], &[]).await;
+    let first = installs(&got)[0].clone();
+    (pep, first)
+}
+
 async fn wait_for<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) {
     for _ in 0..200 {
         if check().await {
@@ -45,9 +53,8 @@ async fn wait_for<F: std::future::Future<Output = bool>>(mut check: impl FnMut()
 #[tokio::test]
 async fn an_enforcer_gets_exactly_its_roles_decisions_across_reconnects_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("q.db").display());
-    let (server, policy_tx) =
-        start(&url, "127.0.0.1:0".parse().unwrap(), two_role_policy(), 100).await;
+    let url = db_url(&dir);
+    let (server, policy_tx) = start(&url, any_loopback_port(), two_role_policy(), 100).await;
     let addr = server.pdp_addr;
 
     // First connection: nothing installed → one install, for role edge only.
@@ -150,8 +157,7 @@ async fn expect_cc(stream: TcpStream, code: ErrorCode) {
 #[tokio::test]
 async fn bad_peers_are_refused_and_others_unaffected() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("q.db").display());
-    let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    let (server, _tx) = start_paper(&dir).await;
     let addr: SocketAddr = server.pdp_addr;
     let (mut good, _) = FakePep::connect(addr, "good", &["edge"], &[]).await;
 
@@ -239,37 +245,24 @@ async fn bad_peers_are_refused_and_others_unaffected() {
 // ---------------------------------------------------------------------
 // Hostile and careless PEPs (issue 11, items 4, 5 and 6).
 
-use qosloop_policy_server::server::{Server, ServerHandle};
+use qosloop_policy_server::server::ServerHandle;
 use qosloop_policy_server::PdpConfig;
 use qosloop_schema::cops::PepState;
 use qosloop_schema::{EnforcementReport, ReportOutcome};
 use std::sync::atomic::Ordering;
 use tokio::net::TcpSocket;
 
-/// A server whose PDP is configured by `pdp`.
+/// A server with the paper's loop and SQLite in `dir`, its PDP configured
+/// by `pdp`.
 async fn start_with(
-    url: &str,
+    dir: &tempfile::TempDir,
     policy: qosloop_schema::PolicySet,
     pdp: PdpConfig,
 ) -> (
     ServerHandle,
     tokio::sync::watch::Sender<std::sync::Arc<qosloop_schema::PolicySet>>,
 ) {
-    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(policy));
-    let h = Server::start(
-        url,
-        "127.0.0.1:0".parse().unwrap(),
-        pdp,
-        loop_config(100),
-        rx,
-    )
-    .await
-    .unwrap();
-    (h, tx)
-}
-
-fn db_url(dir: &tempfile::TempDir) -> String {
-    format!("sqlite://{}", dir.path().join("q.db").display())
+    start_with_pdp(&db_url(dir), any_loopback_port(), policy, pdp, 100).await
 }
 
 /// Polls `check` every 25 ms for at most 30 s.
@@ -311,10 +304,7 @@ async fn open_from(
     pep_id: &str,
     roles: &[&str],
 ) -> Framed<TcpStream, CopsCodec> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let mut wire = Framed::new(stream, CopsCodec::default());
+    let mut wire = Framed::new(connect_from(source, addr).await, CopsCodec::default());
     wire.send(Message::opn(pep_id, &hello(roles)))
         .await
         .unwrap();
@@ -326,16 +316,9 @@ async fn an_impostor_with_a_live_pepid_is_refused_and_leaves_the_real_session_al
     // Issue 11 item 5: a second OPN with a connected enforcer's PEPID took
     // its name, got its decisions, and on closing marked it disconnected.
     let dir = tempfile::tempdir().unwrap();
-    let (server, _tx) = start(
-        &db_url(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        paper_policy(),
-        100,
-    )
-    .await;
+    let (server, _tx) = start_paper(&dir).await;
     let addr = server.pdp_addr;
-    let (mut real, got) = FakePep::connect(addr, "pep-edge", &["edge"], &[]).await;
-    let decision = installs(&got)[0].clone();
+    let (mut real, decision) = edge_pep(addr, "pep-edge").await;
     eventually("the real enforcer is stored", || async {
         state_of(&server, "pep-edge").await.as_deref() == Some("connected")
     })
@@ -402,7 +385,7 @@ async fn a_pep_that_stops_reading_is_closed_by_the_write_timeout() {
         write_timeout: Duration::from_millis(300),
         ..PdpConfig::default()
     };
-    let (server, _tx) = start_with(&db_url(&dir), policy, pdp).await;
+    let (server, _tx) = start_with(&dir, policy, pdp).await;
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.pdp_addr).await.unwrap();
@@ -452,16 +435,9 @@ async fn a_report_flood_loses_no_real_reports_and_no_state_events() {
     // Issue 11 item 5: an RPT flood from other PEPs lost 15 of 20 real
     // reports and the Disconnected event, silently.
     let dir = tempfile::tempdir().unwrap();
-    let (server, _tx) = start(
-        &db_url(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        paper_policy(),
-        100,
-    )
-    .await;
+    let (server, _tx) = start_paper(&dir).await;
     let addr = server.pdp_addr;
-    let (mut real, got) = FakePep::connect(addr, "real", &["edge"], &[]).await;
-    let decision = installs(&got)[0].clone();
+    let (mut real, decision) = edge_pep(addr, "real").await;
 
     let flood_report = Message::rpt(
         qosloop_schema::cops::Handle::from_u32(9),
@@ -533,13 +509,7 @@ async fn oversized_or_unprintable_pepids_and_roles_are_refused() {
     // Issue 11 item 6: 60 KB PEPIDs were accepted, stored, served by
     // /api/enforcers and logged.
     let dir = tempfile::tempdir().unwrap();
-    let (server, _tx) = start(
-        &db_url(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        paper_policy(),
-        100,
-    )
-    .await;
+    let (server, _tx) = start_paper(&dir).await;
     let addr = server.pdp_addr;
     let too_many: Vec<String> = (0..65).map(|i| format!("r{i}")).collect();
     let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
@@ -597,10 +567,9 @@ async fn failure_reasons_are_cut_and_disconnected_enforcers_are_capped_on_postgr
 }
 
 async fn reasons_cut_and_enforcers_capped(url: &str) {
-    let (server, _tx) = start(url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    let (server, _tx) = start(url, any_loopback_port(), paper_policy(), 100).await;
     let addr = server.pdp_addr;
-    let (mut pep, got) = FakePep::connect(addr, "failing", &["edge"], &[]).await;
-    let d = installs(&got)[0].clone();
+    let (mut pep, d) = edge_pep(addr, "failing").await;
     let report = EnforcementReport {
         decision_id: d.id,
         version: d.version,
@@ -673,13 +642,8 @@ async fn a_peer_over_its_connection_limit_is_closed_and_others_get_in() {
         },
         ..PdpConfig::default()
     };
-    let (server, _tx) = start_with(&db_url(&dir), paper_policy(), pdp).await;
+    let (server, _tx) = start_with(&dir, paper_policy(), pdp).await;
     let addr = server.pdp_addr;
-    let connect_from = |source: &'static str| async move {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-        socket.connect(addr).await.unwrap()
-    };
     let closed_at_once = |mut s: TcpStream| async move {
         let mut buf = [0u8; 64];
         matches!(
@@ -689,19 +653,19 @@ async fn a_peer_over_its_connection_limit_is_closed_and_others_get_in() {
     };
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(connect_from("127.0.0.2").await);
+        held.push(connect_from("127.0.0.2", addr).await);
     }
-    assert!(closed_at_once(connect_from("127.0.0.2").await).await);
+    assert!(closed_at_once(connect_from("127.0.0.2", addr).await).await);
     let (_pep, got) = FakePep::connect(addr, "pep-edge", &["edge"], &[]).await;
     assert_eq!(installs(&got).len(), 1);
     for _ in 0..3 {
-        held.push(connect_from("127.0.0.3").await);
+        held.push(connect_from("127.0.0.3", addr).await);
     }
     eventually("eight connections are open", || async {
         server.pdp_limiter.stats().open == 8
     })
     .await;
-    assert!(closed_at_once(connect_from("127.0.0.4").await).await);
+    assert!(closed_at_once(connect_from("127.0.0.4", addr).await).await);
     let c = server.pdp_counters();
     assert_eq!(
         (c.refused_limit_per_peer, c.refused_limit_total),
@@ -730,7 +694,7 @@ async fn under_mutual_tls_a_pepid_other_than_the_certificates_is_refused() {
         ),
         ..PdpConfig::default()
     };
-    let (server, _tx) = start_with(&db_url(&dir), paper_policy(), pdp).await;
+    let (server, _tx) = start_with(&dir, paper_policy(), pdp).await;
     let addr = server.pdp_addr;
     let connector = tokio_rustls::TlsConnector::from(
         tls::client_config_with(&p("ca.pem"), Some((&p("client.pem"), &p("client.key")))).unwrap(),

@@ -30,18 +30,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 #[tokio::test]
 async fn every_endpoint_answers_with_what_the_server_knows() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("q.db").display());
-    let (server, policy_tx) =
-        start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
-    let web = qosloop_policy_server::web::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        &server,
-        policy_tx.subscribe(),
-        WebConfig::default(),
-    )
-    .await
-    .unwrap();
+    let (server, web, _dir) = web_with(WebConfig::default()).await;
     let (_pep, _) = FakePep::connect(server.pdp_addr, "edge-router", &["edge"], &[]).await;
     insert_flow(server.store.db(), "10.71.1.3", "10.71.2.2", 5001, 50_000, 1).await;
     // Let the loop store a few intervals of rates and the enforcer row.
@@ -87,8 +76,7 @@ async fn every_endpoint_answers_with_what_the_server_knows() {
     assert!(status.contains("200") && body.contains("/api/decisions"));
     let (status, _) = http_get(web.local_addr, "/nothing").await;
     assert!(status.contains("404"), "{status}");
-    server.stop().await;
-    web.task.await.unwrap();
+    stop(server, web).await;
 }
 
 // ---------------------------------------------------------------------
@@ -105,11 +93,9 @@ async fn web_with(
     tempfile::TempDir,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("q.db").display());
-    let (server, policy_tx) =
-        start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    let (server, policy_tx) = start_paper(&dir).await;
     let web = qosloop_policy_server::web::serve(
-        "127.0.0.1:0".parse().unwrap(),
+        any_loopback_port(),
         &server,
         policy_tx.subscribe(),
         config,
@@ -117,6 +103,12 @@ async fn web_with(
     .await
     .unwrap();
     (server, web, dir)
+}
+
+/// Stops the server, then waits for its web task to end cleanly.
+async fn stop(server: qosloop_policy_server::ServerHandle, web: WebHandle) {
+    server.stop().await;
+    web.task.await.unwrap();
 }
 
 /// Whether the server closes `s` (EOF or reset) before `WAIT`, reading
@@ -170,8 +162,7 @@ async fn a_client_that_never_finishes_its_headers_is_let_go() {
     );
     let s = status(web.local_addr).await;
     assert!(s["http"]["timeouts"].as_u64().unwrap() >= 2, "{s}");
-    server.stop().await;
-    web.task.await.unwrap();
+    stop(server, web).await;
 }
 
 #[tokio::test]
@@ -190,8 +181,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
     s.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
     assert!(closed_by_server(&mut s).await, "an idle connection is held");
-    server.stop().await;
-    web.task.await.unwrap();
+    stop(server, web).await;
 }
 
 #[tokio::test]
@@ -205,21 +195,16 @@ async fn http_connections_are_limited_per_peer_and_others_get_in() {
         ..WebConfig::default()
     })
     .await;
-    let from = |source: &'static str| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-        socket.connect(web.local_addr).await.unwrap()
-    };
-    let _held = [from("127.0.0.2").await, from("127.0.0.2").await];
-    let mut third = from("127.0.0.2").await;
+    let from = || connect_from("127.0.0.2", web.local_addr);
+    let _held = [from().await, from().await];
+    let mut third = from().await;
     assert!(closed_by_server(&mut third).await);
     let (status_line, _) = http_get(web.local_addr, "/api/policies").await;
     assert!(status_line.contains("200"), "{status_line}");
     let s = status(web.local_addr).await;
     assert_eq!(s["http"]["refused_limit_per_peer"], 1, "{s}");
     assert!(s["pdp"]["refused"].is_u64(), "{s}");
-    server.stop().await;
-    web.task.await.unwrap();
+    stop(server, web).await;
 }
 
 #[tokio::test]
@@ -234,8 +219,7 @@ async fn a_task_that_ends_before_shutdown_is_a_failure() {
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+        let (server, _tx) = start_paper(&dir).await;
         let web = WebHandle {
             local_addr: "127.0.0.1:9".parse().unwrap(),
             task,
@@ -249,8 +233,7 @@ async fn a_task_that_ends_before_shutdown_is_a_failure() {
     // Another task (the policy watcher in the daemon) ending is one too;
     // a requested shutdown is not.
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("q.db").display());
-    let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    let (server, _tx) = start_paper(&dir).await;
     let ended = server
         .run_until(
             None,
@@ -260,7 +243,8 @@ async fn a_task_that_ends_before_shutdown_is_a_failure() {
         .await
         .unwrap_err();
     assert!(ended.contains("the watcher ended"), "{ended}");
-    let (server, _tx) = start(&url, "127.0.0.1:0".parse().unwrap(), paper_policy(), 100).await;
+    // A second server on the same database.
+    let (server, _tx) = start_paper(&dir).await;
     assert_eq!(
         server
             .run_until(None, std::future::pending(), async {})

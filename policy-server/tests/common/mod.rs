@@ -11,6 +11,7 @@
 use futures_util::{SinkExt, StreamExt};
 use qosloop_collector::Db;
 use qosloop_policy_server::server::{LoopConfig, Server, ServerHandle};
+use qosloop_policy_server::testing::paper_policy;
 use qosloop_policy_server::PdpConfig;
 use qosloop_schema::cops::payload::QosloopDecision;
 use qosloop_schema::cops::{
@@ -20,7 +21,7 @@ use qosloop_schema::{Decision, EnforcementReport, PolicySet, ReportOutcome};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_util::codec::Framed;
 
@@ -162,22 +163,58 @@ pub fn loop_config(interval_ms: u64) -> LoopConfig {
     }
 }
 
+/// Port 0 on 127.0.0.1: the server under test picks a free port.
+pub fn any_loopback_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// The SQLite database of a test, in its temporary directory.
+pub fn db_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("q.db").display())
+}
+
+/// A server with short PDP timers (KA 30 s, OPN within 300 ms).
 pub async fn start(
     db_url: &str,
     listen: SocketAddr,
     policy: PolicySet,
     interval_ms: u64,
 ) -> (ServerHandle, watch::Sender<Arc<PolicySet>>) {
-    let (tx, rx) = watch::channel(Arc::new(policy));
     let pdp = PdpConfig {
         ka_timer_secs: 30,
         open_timeout: Duration::from_millis(300),
         ..PdpConfig::default()
     };
+    start_with_pdp(db_url, listen, policy, pdp, interval_ms).await
+}
+
+/// A server whose PDP is configured by `pdp`.
+pub async fn start_with_pdp(
+    db_url: &str,
+    listen: SocketAddr,
+    policy: PolicySet,
+    pdp: PdpConfig,
+    interval_ms: u64,
+) -> (ServerHandle, watch::Sender<Arc<PolicySet>>) {
+    let (tx, rx) = watch::channel(Arc::new(policy));
     let h = Server::start(db_url, listen, pdp, loop_config(interval_ms), rx)
         .await
         .unwrap();
     (h, tx)
+}
+
+/// The usual server of a test: the paper's policy, SQLite in `dir`, the
+/// PDP on a free loopback port, a 100 ms loop.
+pub async fn start_paper(dir: &tempfile::TempDir) -> (ServerHandle, watch::Sender<Arc<PolicySet>>) {
+    start(&db_url(dir), any_loopback_port(), paper_policy(), 100).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source`
+/// ("127.0.0.2"): a peer of its own for the per-address limits.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 /// Inserts one flow record as a collector would.
