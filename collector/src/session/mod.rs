@@ -24,17 +24,16 @@
 //!   certificate's name over mutual TLS, and cannot be taken over while a
 //!   session from another connection holds it.
 
-use crate::config::{Config, MAX_EXPORTER_NAME};
+use crate::config::Config;
 use crate::store::{Batch, Outcome, Sink, WriteReq};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use qosloop_exporter::Io;
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
-    ByteOrder, CraneCodec, CraneError, Data, DataAck, ErrorCode, ErrorMsg, Frame, Message, Start,
-    StartAck, Status, TemplateSet, WireTemplate, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, DATA_FLAG_START,
-    HEADER_LEN, READ_CHUNK, VERSION,
+    ByteOrder, CraneCodec, CraneError, DataAck, ErrorCode, ErrorMsg, Frame, Message, StartAck,
+    Status, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, VERSION,
 };
 use qosloop_schema::guard::LogThrottle;
 use qosloop_schema::IeId;
@@ -46,10 +45,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::WriteHalf;
-use tokio::io::{AsyncReadExt, ReadHalf};
-use tokio::sync::{mpsc, oneshot, AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{Decoder, FramedWrite};
+use tokio_util::codec::FramedWrite;
+
+mod budget;
+mod checks;
+
+use budget::{acquire_held, acquire_receiving, kib, Acquire, FrameReader, Held, Read, Received};
+use checks::{accept_templates, check_data, claim_name, NameLease};
 
 /// The bounds a session works within (from [`Config`]).
 #[derive(Clone, Debug)]
@@ -169,11 +173,6 @@ impl SessionCtx {
     }
 }
 
-/// `bytes` in KiB permits, rounded up.
-fn kib(bytes: usize) -> u32 {
-    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
-}
-
 /// Why a session ended with an ERROR.
 #[derive(Debug)]
 struct Refusal {
@@ -216,88 +215,6 @@ pub(crate) fn printable(s: &str, max: usize) -> String {
 /// fate.
 type Pending = Pin<Box<dyn Future<Output = (u32, u64, usize, Result<Outcome, String>)> + Send>>;
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
-
-/// A DATA message read and checked, waiting for its memory.
-struct Held {
-    data: Data,
-    decoded_bytes: usize,
-    acquire: Option<Acquire>,
-    /// The reservation of its bytes on the wire (a large message), given
-    /// back once it is decoded.
-    _received: Option<Received>,
-}
-
-/// A large message's bytes reserved from the receiving budget.
-struct Received {
-    bytes: usize,
-    _permit: OwnedSemaphorePermit,
-    counters: Arc<Counters>,
-}
-
-impl Drop for Received {
-    fn drop(&mut self) {
-        self.counters
-            .receiving
-            .fetch_sub(self.bytes as u64, Ordering::Relaxed);
-    }
-}
-
-/// What the frame reader needs next.
-enum Read {
-    Frame(Frame),
-    /// A message of this many bytes (header included) is arriving: reserve
-    /// them before it is read further.
-    NeedBudget(usize),
-}
-
-/// Reads frames from the connection. A message up to [`READ_CHUNK`] bytes
-/// is read as it comes; a larger one only once its announced length is
-/// reserved from the collector's receiving budget (`covered`), so that
-/// connections sending large messages slowly cannot together hold more than
-/// that budget. Cancel-safe: bytes read stay in the buffer.
-struct FrameReader {
-    rd: ReadHalf<Box<dyn Io>>,
-    buf: BytesMut,
-    codec: CraneCodec,
-}
-
-impl FrameReader {
-    async fn next(&mut self, covered: usize) -> Option<Result<Read, CraneError>> {
-        loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Some(Ok(Read::Frame(f))),
-                Ok(None) => {}
-                Err(e) => return Some(Err(e)),
-            }
-            let announced = match self.buf.get(4..HEADER_LEN) {
-                Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]) as usize,
-                _ => 0,
-            };
-            if announced > READ_CHUNK && covered < announced {
-                return Some(Ok(Read::NeedBudget(announced)));
-            }
-            // The message, and a little of the next one.
-            let allowed = (announced.max(HEADER_LEN) + READ_CHUNK)
-                .saturating_sub(self.buf.len())
-                .max(1);
-            self.buf.reserve(allowed.min(READ_CHUNK));
-            let mut room = (&mut self.buf).limit(allowed);
-            match self.rd.read_buf(&mut room).await {
-                Ok(0) if self.buf.is_empty() => return None,
-                Ok(0) => {
-                    return Some(Err(CraneError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "connection ended inside a message",
-                    ))))
-                }
-                Ok(_) => {}
-                Err(e) => return Some(Err(CraneError::Io(e))),
-            }
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitStart,
@@ -315,22 +232,6 @@ struct Stream {
     last_seq: Option<u32>,
     last_acked: u32,
     committed: u64,
-}
-
-/// The name of a live session; dropping it frees the name.
-struct NameLease {
-    live: Arc<Mutex<HashMap<String, (u64, SocketAddr)>>>,
-    name: String,
-    conn: u64,
-}
-
-impl Drop for NameLease {
-    fn drop(&mut self) {
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.get(&self.name).is_some_and(|(c, _)| *c == self.conn) {
-            live.remove(&self.name);
-        }
-    }
 }
 
 type Writer = FramedWrite<WriteHalf<Box<dyn Io>>, CraneCodec>;
@@ -611,145 +512,6 @@ async fn run(
     }
 }
 
-/// Waits for the held message's memory (never resolves without one).
-async fn acquire_held(held: &mut Option<Held>) -> Result<OwnedSemaphorePermit, AcquireError> {
-    match held.as_mut().and_then(|h| h.acquire.as_mut()) {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits for the receiving budget of a large message.
-async fn acquire_receiving(
-    wait: &mut Option<(usize, Acquire)>,
-) -> Result<OwnedSemaphorePermit, AcquireError> {
-    match wait.as_mut() {
-        Some((_, f)) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Checks the exporter's name and takes it for this connection.
-fn claim_name(
-    ctx: &SessionCtx,
-    s: &Start,
-    identity: Option<&str>,
-    peer: SocketAddr,
-    conn: u64,
-) -> Result<NameLease, Refusal> {
-    let name = &s.exporter;
-    if name.is_empty() || name.len() > MAX_EXPORTER_NAME || name.chars().any(|c| c.is_control()) {
-        return Err(refuse(
-            ErrorCode::Identity,
-            "bad_exporter_name",
-            format!(
-                "exporter name \"{}\" ({} bytes): use 1 to {MAX_EXPORTER_NAME} bytes without control characters",
-                printable(name, 64),
-                name.len()
-            ),
-        ));
-    }
-    if let Some(cert) = identity {
-        if cert != name {
-            return Err(refuse(
-                ErrorCode::Identity,
-                "certificate_name_mismatch",
-                format!(
-                    "START names exporter \"{}\", the client certificate \"{}\"",
-                    printable(name, 64),
-                    printable(cert, 64)
-                ),
-            ));
-        }
-    }
-    let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, holder)) = live.get(name.as_str()) {
-        return Err(refuse(
-            ErrorCode::Identity,
-            "exporter_name_in_use",
-            format!(
-                "exporter \"{}\" has a live session from another connection ({holder})",
-                printable(name, 64)
-            ),
-        ));
-    }
-    live.insert(name.clone(), (conn, peer));
-    Ok(NameLease {
-        live: ctx.live.clone(),
-        name: name.clone(),
-        conn,
-    })
-}
-
-/// Checks a DATA message against the negotiated state and the memory
-/// bounds; the message is then held until its memory is reserved.
-fn check_data(limits: &SessionLimits, s: &mut Stream, d: Data) -> Result<Held, Refusal> {
-    if d.config_id != s.config_id {
-        return Err(refuse(
-            ErrorCode::ConfigMismatch,
-            "config_mismatch",
-            format!(
-                "DATA seq {} names config {}, negotiated {}",
-                d.seq, d.config_id, s.config_id
-            ),
-        ));
-    }
-    let Some(layout) = s.layouts.get(&d.template_id) else {
-        return Err(refuse(
-            ErrorCode::UnknownTemplate,
-            "unknown_template",
-            format!(
-                "DATA seq {} names template {}, not negotiated",
-                d.seq, d.template_id
-            ),
-        ));
-    };
-    if let Some(last) = s.last_seq {
-        let ok = if d.flags & DATA_FLAG_START != 0 {
-            d.seq > last
-        } else {
-            Some(d.seq) == last.checked_add(1)
-        };
-        if !ok {
-            return Err(refuse(
-                ErrorCode::Sequence,
-                "sequence",
-                format!("DATA seq {} after {} (flags {:#04x})", d.seq, last, d.flags),
-            ));
-        }
-    }
-    layout.check_count(d.records.len(), d.count).map_err(|e| {
-        refuse(
-            ErrorCode::Malformed,
-            "record_count",
-            format!("DATA seq {}: {e}", d.seq),
-        )
-    })?;
-    let decoded_bytes = RecordLayout::decoded_size(d.count, d.records.len());
-    let budget = limits
-        .decoded_bytes_per_session
-        .min(limits.decoded_bytes_total);
-    if decoded_bytes > budget {
-        return Err(refuse(
-            ErrorCode::Oversized,
-            "over_memory_budget",
-            format!(
-                "DATA seq {}: {} records in {} bytes would take {decoded_bytes} bytes decoded, above the session's budget of {budget}",
-                d.seq,
-                d.count,
-                d.records.len()
-            ),
-        ));
-    }
-    s.last_seq = Some(d.seq);
-    Ok(Held {
-        data: d,
-        decoded_bytes,
-        acquire: None,
-        _received: None,
-    })
-}
-
 async fn send(writer: &mut Writer, session: u8, message: Message) -> Result<(), Refusal> {
     // An exporter that stops reading must not hold its session (and the
     // records it waits on) forever.
@@ -771,125 +533,6 @@ async fn send(writer: &mut Writer, session: u8, message: Message) -> Result<(), 
 
 /// How long a write to an exporter may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn accept_templates(
-    ctx: &SessionCtx,
-    s: &mut Stream,
-    mut set: TemplateSet,
-) -> Result<TemplateSet, Refusal> {
-    let limits = &ctx.limits;
-    s.template_messages += 1;
-    if s.template_messages > limits.max_template_messages {
-        return Err(refuse(
-            ErrorCode::Limit,
-            "too_many_template_messages",
-            format!(
-                "more than {} TMPL_DATA messages in one session",
-                limits.max_template_messages
-            ),
-        ));
-    }
-    if !s.layouts.is_empty() && set.config_id != s.config_id {
-        return Err(refuse(
-            ErrorCode::ConfigMismatch,
-            "config_mismatch",
-            format!(
-                "TMPL_DATA for config {} after config {}",
-                set.config_id, s.config_id
-            ),
-        ));
-    }
-    if set.templates.len() > limits.max_templates {
-        return Err(refuse(
-            ErrorCode::Limit,
-            "too_many_templates",
-            format!(
-                "TMPL_DATA with {} templates, more than {}",
-                set.templates.len(),
-                limits.max_templates
-            ),
-        ));
-    }
-    // Everything is checked before anything is recorded.
-    let mut layouts = Vec::with_capacity(set.templates.len().min(limits.max_templates));
-    let mut ids: Vec<u16> = s.layouts.keys().copied().collect();
-    for t in &mut set.templates {
-        if t.keys.len() > limits.max_template_keys {
-            return Err(refuse(
-                ErrorCode::Limit,
-                "too_many_template_keys",
-                format!(
-                    "template {} has {} keys, more than {}",
-                    t.id,
-                    t.keys.len(),
-                    limits.max_template_keys
-                ),
-            ));
-        }
-        if !ids.contains(&t.id) {
-            ids.push(t.id);
-            if ids.len() > limits.max_templates {
-                return Err(refuse(
-                    ErrorCode::Limit,
-                    "too_many_templates",
-                    format!(
-                        "more than {} templates in one session",
-                        limits.max_templates
-                    ),
-                ));
-            }
-        }
-        let mut disabled_here = Vec::new();
-        for k in &mut t.keys {
-            if !k.disabled && ctx.disabled_keys.contains(&k.ie) {
-                k.disabled = true;
-                disabled_here.push(k.ie);
-            }
-        }
-        let layout = RecordLayout::checked(t, set.byte_order).map_err(|e| {
-            let by_us = if disabled_here.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " once this collector disables {}",
-                    disabled_here
-                        .iter()
-                        .map(|ie| qosloop_schema::ie::by_id(*ie)
-                            .map_or_else(|| format!("{ie:?}"), |e| e.name.to_owned()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            };
-            refuse(ErrorCode::Malformed, "no_fixed_key", format!("{e}{by_us}"))
-        })?;
-        layouts.push((t.id, layout));
-    }
-    s.config_id = set.config_id;
-    s.byte_order = set.byte_order;
-    for (t, (id, layout)) in set.templates.iter().zip(layouts) {
-        s.layouts.insert(id, layout);
-        if let Sink::Db(db) = &ctx.sink {
-            let definition =
-                serde_json::to_string(&WireTemplate::to_template(t)).unwrap_or_default();
-            db.store_template(
-                s.exporter_id,
-                s.session_id,
-                t.id,
-                set.config_id,
-                &definition,
-            )
-            .await
-            .map_err(|e| {
-                refuse(
-                    ErrorCode::Storage,
-                    "storage",
-                    format!("recording template {}: {e}", t.id),
-                )
-            })?;
-        }
-    }
-    Ok(set)
-}
 
 #[cfg(test)]
 mod tests {
