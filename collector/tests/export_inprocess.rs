@@ -119,28 +119,42 @@ mod bad_input {
         }
     }
 
+    /// A session negotiated under the name "bad-input". The name of a
+    /// connection just dropped stays held until the collector has seen the
+    /// close, and START is refused (ERROR `Identity`) until then: like a
+    /// real exporter, try again (bounded: 100 × 50 ms).
     async fn negotiated(
         addr: std::net::SocketAddr,
         stream_id: u64,
     ) -> Framed<TcpStream, CraneCodec> {
-        let mut f = Framed::new(
-            TcpStream::connect(addr).await.unwrap(),
-            CraneCodec::default(),
-        );
         let send = |message| Frame {
             session: 1,
             message,
         };
-        f.send(send(Message::Start(Start {
-            max_version: 1,
-            capabilities: 0,
-            boot_ns: 1,
-            stream_id,
-            exporter: "bad-input".into(),
-        })))
-        .await
-        .unwrap();
-        f.next().await.unwrap().unwrap();
+        let mut attempts = 0;
+        let mut f = loop {
+            let mut f = Framed::new(
+                TcpStream::connect(addr).await.unwrap(),
+                CraneCodec::default(),
+            );
+            f.send(send(Message::Start(Start {
+                max_version: 1,
+                capabilities: 0,
+                boot_ns: 1,
+                stream_id,
+                exporter: "bad-input".into(),
+            })))
+            .await
+            .unwrap();
+            match f.next().await.unwrap().unwrap().message {
+                Message::StartAck(_) => break f,
+                Message::Error(e) if e.code == ErrorCode::Identity && attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => panic!("expected START_ACK, got {other:?}"),
+            }
+        };
         f.send(send(Message::TemplateData(TemplateSet {
             config_id: 1,
             byte_order: ByteOrder::Big,
