@@ -397,7 +397,9 @@ async fn start_with_a_live_exporters_name_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_driven_growth_is_bounded() {
     let srv = server(|_| {}).await;
-    let flood: Vec<WireTemplate> = (0..65_535u16)
+    // 1,000 templates fit in one READ_CHUNK; the 65,535 (262 KB)
+    // do not, and are refused before they are read (below).
+    let flood: Vec<WireTemplate> = (0..1_000u16)
         .map(|i| one_byte_template(i.wrapping_add(256)))
         .collect();
     let wide = WireTemplate {
@@ -419,6 +421,26 @@ async fn peer_driven_growth_is_bounded() {
         assert_eq!(e.code, ErrorCode::Limit, "{reason}: {}", e.text);
         assert_eq!(srv.collector.stats().refused.get(reason), Some(&1));
     }
+    let mut f = connect(srv.addr).await;
+    send(&mut f, start("growth", 9)).await;
+    assert!(matches!(next(&mut f).await, Some(Message::StartAck(_))));
+    let all: Vec<WireTemplate> = (0..65_535u16)
+        .map(|i| one_byte_template(i.wrapping_add(256)))
+        .collect();
+    // The collector may close while the 262 KB are still being written.
+    let _ = f
+        .send(Frame {
+            session: 1,
+            message: templates(all),
+        })
+        .await;
+    if let Some(Message::Error(e)) = next(&mut f).await {
+        assert_eq!(e.code, ErrorCode::Oversized, "{}", e.text);
+    }
+    assert_eq!(
+        srv.collector.stats().refused.get("large_before_data"),
+        Some(&1)
+    );
     assert_eq!(
         sql_count(&srv.url, "SELECT count(*) FROM templates").await,
         0
@@ -535,6 +557,34 @@ async fn slow_large_messages_wait_for_the_receiving_budget() {
     assert_eq!(
         sql_count(&srv.url, "SELECT count(*) FROM flows").await,
         2 * i64::from(count)
+    );
+    assert_eq!(srv.collector.stats().receiving, 0);
+}
+
+/// A connection that had not even sent START could announce a large
+/// message and hold the shared receiving budget until the handshake
+/// timeout: sixteen such connections held all 256 MiB, and a real
+/// exporter's large messages waited behind them. Before the templates are
+/// final a message over READ_CHUNK is refused at once (Oversized), and
+/// nothing of the budget is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_before_the_templates_is_refused_holding_no_budget() {
+    use tokio::io::AsyncWriteExt;
+    let srv = server(|_| {}).await;
+    let mut f = Framed::new(
+        TcpStream::connect(srv.addr).await.unwrap(),
+        CraneCodec::default(),
+    );
+    // A DATA header announcing 1 MiB, and nothing more.
+    let mut header = vec![1u8, 0x20, 1, 0];
+    header.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    f.get_mut().write_all(&header).await.unwrap();
+    let e = expect_error(&mut f).await;
+    assert_eq!(e.code, ErrorCode::Oversized, "{}", e.text);
+    assert!(
+        e.text.contains("before the templates are final"),
+        "{}",
+        e.text
     );
     assert_eq!(srv.collector.stats().receiving, 0);
 }

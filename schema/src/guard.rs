@@ -14,6 +14,9 @@
 //!   or the operator's explicit `--allow-insecure-remote`.
 //! - [`IdleStream`]: a stream whose reads and writes fail once they make no
 //!   progress for a while (a peer that stops reading or writing is let go).
+//! - [`shrink_read_buffer`]: a connection's read buffer goes back to a small
+//!   size after a large message, so an idle peer does not keep the memory of
+//!   the largest message it ever sent.
 //!
 //! The counters live in the values themselves; daemons show them in their
 //! status APIs and logs.
@@ -314,6 +317,21 @@ pub fn raise_nofile_limit() -> u64 {
     soft
 }
 
+/// Read buffers are kept at most this large between messages.
+pub const READ_BUFFER_KEEP: usize = 128 * 1024;
+
+/// After a message is taken out of `buf`: when the buffer's allocation grew
+/// beyond [`READ_BUFFER_KEEP`] (a large message passed through it), moves
+/// what is left (part of the next message, usually nothing) into a new small
+/// buffer, so the large allocation is freed once the message itself is.
+/// Without this, every connection idles with the capacity of the largest
+/// message it ever received, outside any budget.
+pub fn shrink_read_buffer(buf: &mut bytes::BytesMut) {
+    if buf.capacity() > READ_BUFFER_KEEP {
+        *buf = bytes::BytesMut::from(&buf[..]);
+    }
+}
+
 /// A stream whose reads and writes fail with `TimedOut` once one of them has
 /// waited `idle` without progress.
 #[derive(Debug)]
@@ -509,6 +527,19 @@ mod tests {
         let mut s = IdleStream::new(a, Duration::from_millis(50));
         let err = s.write_all(&[0u8; 64]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_large_read_buffer_is_given_back_keeping_its_bytes() {
+        let mut buf = bytes::BytesMut::with_capacity(4 << 20);
+        buf.extend_from_slice(b"next");
+        shrink_read_buffer(&mut buf);
+        assert_eq!(&buf[..], b"next");
+        assert!(buf.capacity() <= READ_BUFFER_KEEP, "{}", buf.capacity());
+        let mut small = bytes::BytesMut::with_capacity(1024);
+        small.extend_from_slice(b"x");
+        shrink_read_buffer(&mut small);
+        assert_eq!(small.capacity(), 1024, "a small buffer is left alone");
     }
 
     #[tokio::test]

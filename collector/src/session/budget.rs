@@ -72,7 +72,11 @@ impl FrameReader {
     pub(super) async fn next(&mut self, covered: usize) -> Option<Result<Read, CraneError>> {
         loop {
             match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Some(Ok(Read::Frame(f))),
+                Ok(Some(f)) => {
+                    // An idle session must not keep a large message's buffer.
+                    qosloop_schema::guard::shrink_read_buffer(&mut self.buf);
+                    return Some(Ok(Read::Frame(f)));
+                }
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
             }
@@ -121,5 +125,58 @@ pub(super) async fn acquire_receiving(
     match wait.as_mut() {
         Some((_, f)) => f.await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::SinkExt;
+    use qosloop_schema::crane::Message;
+    use tokio_util::codec::FramedWrite;
+
+    /// A session that received one large message kept its buffer (16–32
+    /// MiB for a 16 MiB DATA) for as long as it idled, outside every
+    /// budget: a hundred idle sessions aborted the collector under a 2 GiB
+    /// cap. The buffer goes back to a small size once the frame is out.
+    #[tokio::test]
+    async fn a_large_message_leaves_no_large_buffer_behind() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let stream: Box<dyn Io> = Box::new(server);
+        let (rd, _wr) = tokio::io::split(stream);
+        let codec = CraneCodec::with_max_message(8 << 20);
+        let mut reader = FrameReader {
+            rd,
+            buf: BytesMut::new(),
+            codec,
+        };
+        let sender = tokio::spawn(async move {
+            let mut w = FramedWrite::new(client, codec);
+            let data = Data {
+                template_id: 256,
+                config_id: 1,
+                flags: 0,
+                seq: 1,
+                count: 1,
+                records: vec![0u8; 4 << 20].into(),
+            };
+            w.send(Frame {
+                session: 1,
+                message: Message::Data(data),
+            })
+            .await
+            .unwrap();
+            w
+        });
+        match reader.next(usize::MAX).await {
+            Some(Ok(Read::Frame(f))) => assert!(matches!(f.message, Message::Data(_))),
+            _ => panic!("expected the DATA frame"),
+        }
+        assert!(
+            reader.buf.capacity() <= qosloop_schema::guard::READ_BUFFER_KEEP,
+            "read buffer kept {} bytes after the message",
+            reader.buf.capacity()
+        );
+        drop(sender.await.unwrap());
     }
 }

@@ -33,7 +33,7 @@ use qosloop_exporter::Io;
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, CraneError, DataAck, ErrorCode, ErrorMsg, Frame, Message, StartAck,
-    Status, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, VERSION,
+    Status, CAP_KEEPALIVE, CAP_LITTLE_ENDIAN, READ_CHUNK, VERSION,
 };
 use qosloop_schema::guard::LogThrottle;
 use qosloop_schema::IeId;
@@ -423,6 +423,13 @@ async fn run(
                     }
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(Read::NeedBudget(bytes))) => {
+                        // Until the templates are final a peer is nobody yet:
+                        // it may not hold the shared receiving budget (START
+                        // and a full TMPL_DATA fit in READ_CHUNK).
+                        if state != State::Data {
+                            return Err(refuse(ErrorCode::Oversized, "large_before_data",
+                                format!("a {bytes}-byte message before the templates are final (at most {READ_CHUNK} bytes until then)")));
+                        }
                         receive_acquire = Some((bytes, Box::pin(ctx.receiving.clone().acquire_many_owned(kib(bytes)))));
                         continue;
                     }

@@ -302,6 +302,8 @@ impl Connection {
                         Some(Err(e)) => return Close::from_cops(e),
                         Some(Ok(m)) => m,
                     };
+                    // An idle PEP must not keep a large message's buffer.
+                    qosloop_schema::guard::shrink_read_buffer(wire.read_buffer_mut());
                     last_heard = tokio::time::Instant::now();
                     match msg.body {
                         Body::Req { handle: h, client_si, .. } => {
