@@ -357,23 +357,30 @@ impl<S> IdleStream<S> {
     }
 }
 
-/// Polls the timer of a pending operation; `Err` once it fired.
-fn poll_idle(
+/// The outcome of one read or write poll under the idle timer: progress
+/// (ready) stops the timer; pending arms it, and once it fires the
+/// operation fails with `TimedOut`.
+fn under_idle_timer<T>(
+    polled: Poll<io::Result<T>>,
     timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
     idle: Duration,
     cx: &mut Context<'_>,
     what: &str,
-) -> io::Result<()> {
+) -> Poll<io::Result<T>> {
+    if polled.is_ready() {
+        *timer = None;
+        return polled;
+    }
     let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
     match t.as_mut().poll(cx) {
         Poll::Ready(()) => {
             *timer = None;
-            Err(io::Error::new(
+            Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("peer made no {what} progress for {} s", idle.as_secs_f64()),
-            ))
+            )))
         }
-        Poll::Pending => Ok(()),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -384,16 +391,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.read_timer = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => match poll_idle(&mut this.read_timer, this.idle, cx, "read") {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        under_idle_timer(polled, &mut this.read_timer, this.idle, cx, "read")
     }
 }
 
@@ -404,30 +403,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleStream<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                this.write_timer = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => match poll_idle(&mut this.write_timer, this.idle, cx, "write") {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        under_idle_timer(polled, &mut this.write_timer, this.idle, cx, "write")
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Ready(r) => {
-                this.write_timer = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => match poll_idle(&mut this.write_timer, this.idle, cx, "write") {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        under_idle_timer(polled, &mut this.write_timer, this.idle, cx, "write")
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
