@@ -50,28 +50,6 @@ impl Input<'_> {
     }
 }
 
-/// Elements a key is drawn from: qosloop's own, and one nobody knows.
-const ELEMENTS: &[ie::InformationElement] = &[
-    ie::SOURCE_IPV4_ADDRESS,
-    ie::DESTINATION_IPV4_ADDRESS,
-    ie::SOURCE_IPV6_ADDRESS,
-    ie::DESTINATION_IPV6_ADDRESS,
-    ie::SOURCE_TRANSPORT_PORT,
-    ie::DESTINATION_TRANSPORT_PORT,
-    ie::PROTOCOL_IDENTIFIER,
-    ie::PACKET_DELTA_COUNT,
-    ie::OCTET_DELTA_COUNT,
-    ie::FLOW_START_NANOSECONDS,
-    ie::FLOW_END_NANOSECONDS,
-    ie::VLAN_ID,
-    ie::IP_DIFF_SERV_CODE_POINT,
-    ie::TCP_CONTROL_BITS,
-    ie::CLASS_LABEL,
-    ie::USER_NAME,
-    ie::PROCESS_NAME,
-    ie::SAMPLING_PACKET_INTERVAL,
-];
-
 const TYPES: &[DataType] = &[
     DataType::Boolean,
     DataType::Unsigned8,
@@ -92,7 +70,8 @@ const TYPES: &[DataType] = &[
 fn key(input: &mut Input<'_>) -> WireKey {
     let pick = input.u8();
     let flags = input.u8();
-    let (id, own) = match ELEMENTS.get(usize::from(pick) % (ELEMENTS.len() + 1)) {
+    // Every element qosloop knows, or (one value in ALL.len() + 1) one nobody knows.
+    let (id, own) = match ie::ALL.get(usize::from(pick) % (ie::ALL.len() + 1)) {
         Some(e) => (e.id, e.data_type),
         None => (
             IeId {
