@@ -11,8 +11,12 @@
 //! batch, the machine's byte order); one engine task numbers, sends, spools
 //! and re-sends them. TLS with mutual authentication is optional
 //! ([`ExporterConfig::tls`]); plain TCP is the default.
+//!
+//! [`ipfix`] exports the same records as IPFIX (RFC 7011) over UDP or TCP
+//! to any standard collector; [`Target::parse`] tells the URL forms apart.
 
 mod engine;
+pub mod ipfix;
 mod spool;
 pub use qosloop_schema::tls;
 pub use spool::leftovers as spool_leftovers;
@@ -40,7 +44,7 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the exporter can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("bad export target {0:?}: use crane://HOST:PORT[,HOST:PORT…]")]
+    #[error("bad export target {0:?}: use crane://HOST:PORT[,HOST:PORT…], ipfix://HOST:PORT or ipfix+tcp://HOST:PORT")]
     Target(String),
     #[error("collector {addr}: {detail}")]
     Collector { addr: String, detail: String },
@@ -122,6 +126,26 @@ impl ExporterConfig {
             return Err(ExportError::Target(url.to_owned()));
         }
         Ok(ExporterConfig::new(collectors))
+    }
+}
+
+/// An export target: `crane://…` (this crate's acknowledged protocol) or
+/// `ipfix://…` / `ipfix+tcp://…` (see [`ipfix::IpfixConfig::from_url`]).
+#[derive(Clone, Debug)]
+pub enum Target {
+    Crane(ExporterConfig),
+    Ipfix(ipfix::IpfixConfig),
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, ExportError> {
+        if url.starts_with("ipfix://") || url.starts_with("ipfix+tcp://") {
+            ipfix::IpfixConfig::from_url(url)
+                .map(Target::Ipfix)
+                .map_err(|why| ExportError::Target(format!("{url}: {why}")))
+        } else {
+            ExporterConfig::from_url(url).map(Target::Crane)
+        }
     }
 }
 
@@ -465,5 +489,12 @@ mod tests {
         ] {
             assert!(ExporterConfig::from_url(bad).is_err(), "{bad}");
         }
+        assert!(matches!(Target::parse("crane://h:1"), Ok(Target::Crane(_))));
+        assert!(matches!(Target::parse("ipfix://h:1"), Ok(Target::Ipfix(_))));
+        assert!(matches!(
+            Target::parse("ipfix+tcp://h:1"),
+            Ok(Target::Ipfix(c)) if c.transport == ipfix::Transport::Tcp
+        ));
+        assert!(Target::parse("ipfix://h").is_err());
     }
 }
