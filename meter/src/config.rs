@@ -39,9 +39,12 @@ pub struct Config {
     pub interface: Option<String>,
     /// Write records as JSON Lines here.
     pub records_out: Option<PathBuf>,
-    /// Export records to collectors: `crane://HOST:PORT[,HOST:PORT…]`,
-    /// best first.
-    pub export: Option<String>,
+    /// Export targets: `crane://HOST:PORT[,HOST:PORT…]` (collectors best
+    /// first; at most one such target), `ipfix://HOST:PORT` (UDP) and
+    /// `ipfix+tcp://HOST:PORT`, each with optional `?key=value&…`. A string
+    /// or a list in TOML; the flag may repeat.
+    #[serde(deserialize_with = "one_or_many")]
+    pub export: Vec<String>,
     /// Spool directory of the export while no collector answers (default:
     /// `qosloop-meter-spool` in the system's temporary directory).
     pub export_spool: Option<PathBuf>,
@@ -81,6 +84,20 @@ pub struct Config {
     pub progress: Option<String>,
 }
 
+/// `export = "…"` or `export = ["…", "…"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// The configuration after validation.
 #[derive(Debug)]
 pub struct Validated {
@@ -117,7 +134,6 @@ impl Config {
             pcap,
             interface,
             records_out,
-            export,
             export_spool,
             export_tls_ca,
             export_tls_cert,
@@ -142,14 +158,28 @@ impl Config {
         if !flags.field_rules.is_empty() {
             self.field_rules = flags.field_rules;
         }
+        if !flags.export.is_empty() {
+            self.export = flags.export;
+        }
         self
     }
 
     /// Checks values and compiles the rule files.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
-        if let Some(target) = &self.export {
-            qosloop_exporter::ExporterConfig::from_url(target)
-                .map_err(|e| ConfigError::Invalid(format!("export: {e}")))?;
+        let mut crane = 0;
+        for target in &self.export {
+            match qosloop_exporter::Target::parse(target)
+                .map_err(|e| ConfigError::Invalid(format!("export: {e}")))?
+            {
+                qosloop_exporter::Target::Crane(_) => crane += 1,
+                qosloop_exporter::Target::Ipfix(_) => {}
+            }
+        }
+        if crane > 1 {
+            return Err(ConfigError::Invalid(
+                "export: at most one crane:// target (list its collectors in it: crane://A:P,B:P)"
+                    .into(),
+            ));
         }
         if self.export_ack_timeout_ms == Some(0) {
             return Err(ConfigError::Invalid(
@@ -267,7 +297,13 @@ impl Config {
         if let Some(path) = &self.records_out {
             sinks.push(Box::new(JsonlSink::create(path)?));
         }
-        if let Some(target) = &self.export {
+        for target in &self.export {
+            if let Ok(qosloop_exporter::Target::Ipfix(cfg)) =
+                qosloop_exporter::Target::parse(target)
+            {
+                sinks.push(Box::new(crate::ipfix_sink::IpfixSink::start(target, &cfg)?));
+                continue;
+            }
             let spool = self
                 .export_spool
                 .clone()
@@ -301,7 +337,7 @@ impl Config {
         }
         if sinks.is_empty() {
             return Err(ConfigError::Invalid(
-                "no output: give --records-out FILE.jsonl or --export crane://HOST:PORT".into(),
+                "no output: give --records-out FILE.jsonl or --export crane://HOST:PORT (or ipfix://HOST:PORT)".into(),
             ));
         }
         if sinks.len() == 1 {
@@ -375,5 +411,46 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("--export-tls-cert"), "{e}");
+    }
+
+    #[test]
+    fn export_takes_one_target_or_a_list_and_one_crane_at_most() {
+        let one = Config::parse("c.toml", "export = \"ipfix://127.0.0.1:4739\"\n").unwrap();
+        assert_eq!(one.export, ["ipfix://127.0.0.1:4739"]);
+        let many = Config::parse(
+            "c.toml",
+            "pcap = \"x.pcap\"\nexport = [\"crane://127.0.0.1:9\", \"ipfix://127.0.0.1:4739?domain=3\", \"ipfix+tcp://127.0.0.1:4739\"]\n",
+        )
+        .unwrap();
+        assert_eq!(many.export.len(), 3);
+        assert!(many.validate().is_ok());
+        let flags = Config {
+            export: vec!["ipfix://127.0.0.1:1".into()],
+            ..Config::default()
+        };
+        assert_eq!(many.clone().merge(flags).export, ["ipfix://127.0.0.1:1"]);
+        assert_eq!(many.clone().merge(Config::default()).export.len(), 3);
+        let two_crane = Config {
+            pcap: Some("x.pcap".into()),
+            export: vec!["crane://127.0.0.1:9".into(), "crane://127.0.0.1:10".into()],
+            ..Config::default()
+        };
+        let e = two_crane
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("at most one crane://"), "{e}");
+        let bad = Config {
+            pcap: Some("x.pcap".into()),
+            export: vec!["ipfix://127.0.0.1:1?max_message=10".into()],
+            ..Config::default()
+        };
+        let e = bad
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("max_message"), "{e}");
     }
 }

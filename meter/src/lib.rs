@@ -29,6 +29,7 @@ pub mod classify;
 mod config;
 pub mod decode;
 pub mod export_sink;
+pub mod ipfix_sink;
 mod live;
 pub mod pcap;
 mod pipeline;

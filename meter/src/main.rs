@@ -31,11 +31,13 @@ struct Args {
     /// Write flow records as JSON Lines (DESIGN.md §3).
     #[arg(long)]
     records_out: Option<PathBuf>,
-    /// Export records to collectors, best first:
-    /// crane://HOST:PORT[,HOST:PORT…]. Exit 0 only when every record is
-    /// acknowledged or spooled (the summary says which).
+    /// Export records; may repeat: crane://HOST:PORT[,HOST:PORT…]
+    /// (collectors best first; exit 0 only when every record is
+    /// acknowledged or spooled), ipfix://HOST:PORT (UDP) or
+    /// ipfix+tcp://HOST:PORT (IPFIX to any collector; options as
+    /// ?domain=N&max_message=BYTES&refresh_s=S&refresh_messages=N).
     #[arg(long)]
-    export: Option<String>,
+    export: Vec<String>,
     /// Spool directory of the export while no collector answers.
     #[arg(long)]
     export_spool: Option<PathBuf>,

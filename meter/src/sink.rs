@@ -175,14 +175,25 @@ impl RecordSink for MultiSink {
     fn flush(&mut self) -> Result<(), SinkError> {
         self.0.iter_mut().try_for_each(|s| s.flush())
     }
+    /// Finishes every sink, even after one fails (so an acknowledged
+    /// export still waits for its acknowledgements or spools); the first
+    /// failure is the result.
     fn finish(&mut self) -> Result<Option<String>, SinkError> {
         let mut lines = Vec::new();
+        let mut first_err = None;
         for s in &mut self.0 {
-            if let Some(l) = s.finish()? {
-                lines.push(l);
+            match s.finish() {
+                Ok(Some(l)) => lines.push(l),
+                Ok(None) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        Ok((!lines.is_empty()).then(|| lines.join("; ")))
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((!lines.is_empty()).then(|| lines.join("; "))),
+        }
     }
     fn describe(&self) -> String {
         let parts: Vec<String> = self.0.iter().map(|s| s.describe()).collect();
