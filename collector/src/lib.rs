@@ -10,6 +10,7 @@
 
 mod config;
 mod db;
+pub mod ipfix;
 mod server;
 mod session;
 mod store;

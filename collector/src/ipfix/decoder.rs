@@ -1,0 +1,740 @@
+//! The decoder: per-exporter template state and the walk over one message.
+//! Pure (no sockets, no clock): the receivers hand it bytes, the source and
+//! the receive time, and store what it appends.
+
+use super::domain::{Domain, MsgCtx, PendingSet, Template};
+use super::persist::{self, TemplateChange};
+use super::plan::{Fields, Plan};
+use super::stats::{Counters, DropReason};
+use super::wire::{
+    be16, be32, parse_header, parse_template_set, Header, Sets, TemplateDef, TemplateRecord,
+    Version, V5_RECORD,
+};
+use qosloop_schema::FlowRecord;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+/// The bounds of everything an exporter can make the decoder hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// UDP templates not refreshed for this long are forgotten (ns).
+    pub template_expiry_ns: u64,
+    /// Templates (data and options) per exporter and domain.
+    pub max_templates: usize,
+    /// Fields in one template.
+    pub max_fields: usize,
+    /// Data sets held for a missing template, per exporter and domain.
+    pub pending_sets: usize,
+    /// Bytes of those sets, per exporter and domain.
+    pub pending_bytes: usize,
+    /// Bytes of held sets over all exporters.
+    pub pending_total_bytes: usize,
+    /// How long a held set waits for its template (ns).
+    pub pending_age_ns: u64,
+    /// Exporters tracked at once (a UDP exporter is address + port; a TCP
+    /// one is a session).
+    pub max_exporters: usize,
+    /// Observation domains per exporter.
+    pub max_domains: usize,
+    /// Samplers remembered per domain.
+    pub max_samplers: usize,
+    /// Flows with total counters tracked per domain (to turn totals into
+    /// deltas), and how long one is kept without a report (ns).
+    pub max_totals: usize,
+    pub totals_idle_ns: u64,
+    /// Only these source addresses are decoded, when set.
+    pub allow: Option<HashSet<IpAddr>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            template_expiry_ns: 1_800 * 1_000_000_000,
+            max_templates: 1024,
+            max_fields: 512,
+            pending_sets: 1024,
+            pending_bytes: 4 << 20,
+            pending_total_bytes: 64 << 20,
+            pending_age_ns: 120 * 1_000_000_000,
+            max_exporters: 4096,
+            max_domains: 64,
+            max_samplers: 256,
+            max_totals: 1 << 18,
+            totals_idle_ns: 3_600 * 1_000_000_000,
+            allow: None,
+        }
+    }
+}
+
+/// Who sent a message: a UDP source (address and port) or one TCP session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExporterKey {
+    pub addr: SocketAddr,
+    /// `None` over UDP; the collector's id of the connection over TCP.
+    pub session: Option<u64>,
+}
+
+/// What one decoded message was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub version: Version,
+    /// IPFIX observation domain, v9 source id, v5 engine type·256 + id.
+    pub domain: u32,
+    pub sequence: u32,
+    /// Flow records appended to the output (data of earlier messages that
+    /// waited for a template included).
+    pub records: usize,
+    /// Bytes of the message (the rest of a datagram is ignored).
+    pub len: usize,
+}
+
+/// Counters of one exporter and domain; `domain: None` holds what failed
+/// before a domain was known (headers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExporterStats {
+    pub exporter: ExporterKey,
+    pub version: Option<Version>,
+    pub domain: Option<u32>,
+    pub counters: Counters,
+    pub templates: usize,
+    pub pending_sets: usize,
+}
+
+#[derive(Debug, Default)]
+struct Exporter {
+    counters: Counters,
+    domains: HashMap<(Version, u32), Domain>,
+    last_seen_ns: u64,
+}
+
+/// Decodes NetFlow v5, v9 and IPFIX messages into flow records, keeping
+/// the template state of each exporter and observation domain.
+///
+/// One `Decoder` owns the state of the exporters it is given; a receiver
+/// that spreads work over threads sends each exporter to the same decoder
+/// (by a hash of its address), so an exporter's templates live in one
+/// place.
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    exporters: HashMap<ExporterKey, Exporter>,
+    /// Drops not charged to a tracked exporter (not allowed; too many).
+    unattributed: Counters,
+    pending_total: usize,
+    changes: Vec<TemplateChange>,
+}
+
+impl Decoder {
+    pub fn new(limits: Limits) -> Decoder {
+        Decoder {
+            limits,
+            exporters: HashMap::new(),
+            unattributed: Counters::default(),
+            pending_total: 0,
+            changes: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Decodes one UDP datagram from `from`, received at `received_ns` (ns
+    /// since the epoch), appending its flow records to `out`. A datagram
+    /// holds one message; the version is read from its first two bytes.
+    /// Problems inside the message (a bad set, a template that does not
+    /// compile, data without a template) are counted and the rest decoded;
+    /// an `Err` means the whole datagram was dropped, and is counted too.
+    pub fn decode_udp(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        received_ns: u64,
+        out: &mut Vec<FlowRecord>,
+    ) -> Result<Message, DropReason> {
+        self.decode(
+            ExporterKey {
+                addr: from,
+                session: None,
+            },
+            datagram,
+            received_ns,
+            out,
+        )
+    }
+
+    /// Decodes one IPFIX message of TCP session `session` (framed with
+    /// [`ipfix_message_len`]); templates are scoped to the session.
+    pub fn decode_tcp(
+        &mut self,
+        from: SocketAddr,
+        session: u64,
+        message: &[u8],
+        received_ns: u64,
+        out: &mut Vec<FlowRecord>,
+    ) -> Result<Message, DropReason> {
+        self.decode(
+            ExporterKey {
+                addr: from,
+                session: Some(session),
+            },
+            message,
+            received_ns,
+            out,
+        )
+    }
+
+    /// Forgets a closed TCP session: its templates die with it. Its
+    /// counters are returned for the record.
+    pub fn close_session(&mut self, from: SocketAddr, session: u64) -> Vec<ExporterStats> {
+        let key = ExporterKey {
+            addr: from,
+            session: Some(session),
+        };
+        let stats = self.stats_of(&key);
+        if let Some(e) = self.exporters.remove(&key) {
+            for d in e.domains.values() {
+                self.pending_total -= d.pending_bytes;
+            }
+        }
+        stats
+    }
+
+    /// Templates defined, refreshed (now and then, not at every refresh),
+    /// withdrawn or expired since the last call: what to write to (or
+    /// delete from) the `templates` table. UDP templates only.
+    pub fn take_template_changes(&mut self) -> Vec<TemplateChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Installs a template loaded from storage for the UDP exporter `from`,
+    /// as if it had arrived at `seen_ns`. Returns false (and installs
+    /// nothing) when the definition does not parse or compile, or a limit
+    /// is reached.
+    pub fn restore_template(
+        &mut self,
+        from: SocketAddr,
+        domain: u32,
+        template_id: u16,
+        definition: &str,
+        seen_ns: u64,
+    ) -> bool {
+        let Some((version, def)) =
+            persist::from_text(template_id, definition, self.limits.max_fields)
+        else {
+            return false;
+        };
+        let Ok(plan) = Plan::compile(&def, version == Version::V9 && def.options) else {
+            return false;
+        };
+        let key = ExporterKey {
+            addr: from,
+            session: None,
+        };
+        let Some(exporter) = exporter_entry(
+            &mut self.exporters,
+            &self.limits,
+            &mut self.unattributed,
+            key,
+            seen_ns,
+        ) else {
+            return false;
+        };
+        let max_domains = self.limits.max_domains;
+        if exporter.domains.len() >= max_domains
+            && !exporter.domains.contains_key(&(version, domain))
+        {
+            return false;
+        }
+        let d = exporter.domains.entry((version, domain)).or_default();
+        if d.templates.len() >= self.limits.max_templates && !d.templates.contains_key(&template_id)
+        {
+            return false;
+        }
+        d.templates.insert(
+            template_id,
+            Template {
+                def,
+                plan: Arc::new(plan),
+                last_seen_ns: seen_ns,
+                persisted_ns: seen_ns,
+            },
+        );
+        true
+    }
+
+    /// Expires UDP templates, held data and flow totals past their age, and
+    /// forgets exporters with nothing left; call about once a second.
+    pub fn sweep(&mut self, now_ns: u64) {
+        let limits = &self.limits;
+        let changes = &mut self.changes;
+        let mut freed_total = 0;
+        for (key, e) in self.exporters.iter_mut() {
+            let expiry = key.session.is_none().then_some(limits.template_expiry_ns);
+            for (&(version, domain), d) in e.domains.iter_mut() {
+                let (expired, freed) =
+                    d.sweep(now_ns, expiry, limits.pending_age_ns, limits.totals_idle_ns);
+                freed_total += freed;
+                for template_id in expired {
+                    changes.push(TemplateChange {
+                        exporter: key.addr,
+                        version,
+                        domain,
+                        template_id,
+                        definition: None,
+                        seen_ns: now_ns,
+                    });
+                }
+            }
+        }
+        self.pending_total -= freed_total;
+        // A UDP exporter silent past the template expiry, with no template
+        // left, is forgotten (its counters were written out before).
+        let idle = self.limits.template_expiry_ns;
+        self.exporters.retain(|key, e| {
+            key.session.is_some()
+                || now_ns.saturating_sub(e.last_seen_ns) <= idle
+                || e.domains.values().any(|d| !d.templates.is_empty())
+        });
+    }
+
+    /// Counters of every exporter and domain, and of what was dropped
+    /// before an exporter could be tracked (`exporter.addr` unspecified).
+    pub fn stats(&self) -> Vec<ExporterStats> {
+        let mut out: Vec<ExporterStats> = self
+            .exporters
+            .keys()
+            .flat_map(|k| self.stats_of(k))
+            .collect();
+        if self.unattributed != Counters::default() {
+            out.push(ExporterStats {
+                exporter: ExporterKey {
+                    addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                    session: None,
+                },
+                version: None,
+                domain: None,
+                counters: self.unattributed.clone(),
+                templates: 0,
+                pending_sets: 0,
+            });
+        }
+        out
+    }
+
+    fn stats_of(&self, key: &ExporterKey) -> Vec<ExporterStats> {
+        let Some(e) = self.exporters.get(key) else {
+            return Vec::new();
+        };
+        let mut out = vec![ExporterStats {
+            exporter: *key,
+            version: None,
+            domain: None,
+            counters: e.counters.clone(),
+            templates: 0,
+            pending_sets: 0,
+        }];
+        for (&(version, domain), d) in &e.domains {
+            out.push(ExporterStats {
+                exporter: *key,
+                version: Some(version),
+                domain: Some(domain),
+                counters: d.counters.clone(),
+                templates: d.templates.len(),
+                pending_sets: d.pending.len(),
+            });
+        }
+        out
+    }
+
+    fn decode(
+        &mut self,
+        key: ExporterKey,
+        bytes: &[u8],
+        now_ns: u64,
+        out: &mut Vec<FlowRecord>,
+    ) -> Result<Message, DropReason> {
+        if let Some(allow) = &self.limits.allow {
+            if !allow.contains(&key.addr.ip()) {
+                self.unattributed.drop(DropReason::NotAllowed);
+                return Err(DropReason::NotAllowed);
+            }
+        }
+        let max_domains = self.limits.max_domains;
+        let Some(exporter) = exporter_entry(
+            &mut self.exporters,
+            &self.limits,
+            &mut self.unattributed,
+            key,
+            now_ns,
+        ) else {
+            return Err(DropReason::TooManyExporters);
+        };
+        let header = match parse_header(bytes) {
+            Ok(h) => h,
+            Err(reason) => {
+                exporter.counters.drop(reason);
+                return Err(reason);
+            }
+        };
+        if header.version == Version::V5 && key.session.is_some() {
+            exporter.counters.drop(DropReason::UnknownVersion);
+            return Err(DropReason::UnknownVersion);
+        }
+        let dkey = (header.version, header.domain);
+        if !exporter.domains.contains_key(&dkey) && exporter.domains.len() >= max_domains {
+            exporter.counters.drop(DropReason::TooManyExporters);
+            return Err(DropReason::TooManyExporters);
+        }
+        let domain = exporter.domains.entry(dkey).or_default();
+        domain.last_seen_ns = now_ns;
+        domain.counters.messages += 1;
+        let before = out.len();
+        let mut walk = Walk {
+            limits: &self.limits,
+            pending_total: &mut self.pending_total,
+            changes: &mut self.changes,
+            key,
+            header,
+            now_ns,
+            out,
+        };
+        let units = match header.version {
+            Version::V5 => {
+                walk.v5(domain, &bytes[..header.message_len]);
+                Some(u32::from(header.count))
+            }
+            Version::V9 => {
+                walk.sets(domain, &bytes[header.header_len..header.message_len]);
+                Some(1)
+            }
+            Version::Ipfix => walk.sets(domain, &bytes[header.header_len..header.message_len]),
+        };
+        domain.track_sequence(header.sequence, units);
+        let records = out.len() - before;
+        domain.counters.records += records as u64;
+        Ok(Message {
+            version: header.version,
+            domain: header.domain,
+            sequence: header.sequence,
+            records,
+            len: header.message_len,
+        })
+    }
+}
+
+/// The tracked exporter of `key`, created when there is room.
+fn exporter_entry<'a>(
+    exporters: &'a mut HashMap<ExporterKey, Exporter>,
+    limits: &Limits,
+    unattributed: &mut Counters,
+    key: ExporterKey,
+    now_ns: u64,
+) -> Option<&'a mut Exporter> {
+    if !exporters.contains_key(&key) && exporters.len() >= limits.max_exporters {
+        unattributed.drop(DropReason::TooManyExporters);
+        return None;
+    }
+    let e = exporters.entry(key).or_default();
+    e.last_seen_ns = now_ns;
+    Some(e)
+}
+
+/// The length of the IPFIX message at the start of a TCP stream buffer,
+/// once its header is there: `Ok(None)` wants more bytes, `Err` is a
+/// stream that is not IPFIX (the session should close).
+pub fn ipfix_message_len(buf: &[u8]) -> Result<Option<usize>, DropReason> {
+    let Some(version) = be16(buf, 0) else {
+        return Ok(None);
+    };
+    if version != 10 {
+        return Err(DropReason::UnknownVersion);
+    }
+    let Some(len) = be16(buf, 2) else {
+        return Ok(None);
+    };
+    if usize::from(len) < super::wire::IPFIX_HEADER {
+        return Err(DropReason::BadMessageLength);
+    }
+    Ok(Some(usize::from(len)))
+}
+
+/// One message being decoded.
+struct Walk<'a> {
+    limits: &'a Limits,
+    pending_total: &'a mut usize,
+    changes: &'a mut Vec<TemplateChange>,
+    key: ExporterKey,
+    header: Header,
+    now_ns: u64,
+    out: &'a mut Vec<FlowRecord>,
+}
+
+impl Walk<'_> {
+    fn ctx(&self) -> MsgCtx {
+        MsgCtx {
+            version: self.header.version,
+            export_secs: self.header.export_secs,
+            export_nsecs: self.header.export_nsecs,
+            sys_uptime_ms: self.header.sys_uptime_ms,
+        }
+    }
+
+    /// NetFlow v5: fixed 48-byte records after the 24-byte header.
+    fn v5(&mut self, domain: &mut Domain, msg: &[u8]) {
+        let ctx = self.ctx();
+        // Top two bits: mode; low 14: the 1-in-N interval.
+        let interval = u32::from(self.header.v5_sampling & 0x3fff);
+        let sampling = (interval > 1).then_some(interval);
+        for r in msg[self.header.header_len..].chunks_exact(V5_RECORD) {
+            let word = |at: usize| be32(r, at).unwrap_or(0);
+            let half = |at: usize| be16(r, at).unwrap_or(0);
+            let f = Fields {
+                src: Some(IpAddr::V4(Ipv4Addr::from(word(0)))),
+                dst: Some(IpAddr::V4(Ipv4Addr::from(word(4)))),
+                packet_delta: Some(u64::from(word(16))),
+                octet_delta: Some(u64::from(word(20))),
+                start_uptime_ms: Some(u64::from(word(24))),
+                end_uptime_ms: Some(u64::from(word(28))),
+                src_port: half(32),
+                dst_port: half(34),
+                tcp_flags: Some(u16::from(r[37])),
+                proto: r[38],
+                tos: Some(r[39]),
+                ..Fields::default()
+            };
+            domain.build(
+                f,
+                &ctx,
+                sampling,
+                self.limits.max_totals,
+                self.now_ns,
+                self.out,
+            );
+        }
+    }
+
+    /// The sets of a v9 or IPFIX message. Returns the data records it
+    /// held, or `None` when some could not be counted (unknown template).
+    fn sets(&mut self, domain: &mut Domain, body: &[u8]) -> Option<u32> {
+        let ipfix = self.header.version == Version::Ipfix;
+        let (tmpl_set, opt_set) = if ipfix { (2, 3) } else { (0, 1) };
+        let mut units: Option<u32> = Some(0);
+        for set in Sets::new(body) {
+            let set = match set {
+                Ok(s) => s,
+                Err(reason) => {
+                    domain.counters.drop(reason);
+                    break;
+                }
+            };
+            if set.id == tmpl_set || set.id == opt_set {
+                self.templates(domain, set.id, set.body, set.id == opt_set);
+            } else if set.id >= 256 {
+                match self.data(domain, set.id, set.body) {
+                    Some(n) => units = units.map(|u| u.wrapping_add(n)),
+                    None => units = None,
+                }
+            } else {
+                // Reserved set ids (IPFIX 0, 1, 4–255; v9 2–255).
+                domain.counters.drop(DropReason::BadTemplateId);
+            }
+        }
+        if ipfix {
+            units
+        } else {
+            Some(1)
+        }
+    }
+
+    fn templates(&mut self, domain: &mut Domain, set_id: u16, body: &[u8], options: bool) {
+        let version = self.header.version;
+        let udp = self.key.session.is_none();
+        for rec in parse_template_set(version, set_id, body, options, self.limits.max_fields) {
+            match rec {
+                Err(reason) => domain.counters.drop(reason),
+                Ok(TemplateRecord::Withdraw(id)) => {
+                    if udp {
+                        domain.counters.drop(DropReason::WithdrawalOverUdp);
+                    } else {
+                        domain.templates.remove(&id);
+                    }
+                }
+                Ok(TemplateRecord::WithdrawAll { options }) => {
+                    if udp {
+                        domain.counters.drop(DropReason::WithdrawalOverUdp);
+                    } else {
+                        domain.templates.retain(|_, t| t.def.options != options);
+                    }
+                }
+                Ok(TemplateRecord::Define(def)) => self.define(domain, def),
+            }
+        }
+    }
+
+    fn define(&mut self, domain: &mut Domain, def: TemplateDef) {
+        domain.counters.templates_received += 1;
+        let version = self.header.version;
+        let udp = self.key.session.is_none();
+        let id = def.id;
+        if let Some(t) = domain.templates.get_mut(&id) {
+            if t.def == def {
+                // A refresh: keeps it alive; persisted again now and then so
+                // that a restart does not find it expired.
+                t.last_seen_ns = self.now_ns;
+                if udp
+                    && self.now_ns.saturating_sub(t.persisted_ns)
+                        > self.limits.template_expiry_ns / 4
+                {
+                    t.persisted_ns = self.now_ns;
+                    self.changes.push(TemplateChange {
+                        exporter: self.key.addr,
+                        version,
+                        domain: self.header.domain,
+                        template_id: id,
+                        definition: Some(persist::to_text(version, &def)),
+                        seen_ns: self.now_ns,
+                    });
+                }
+                return;
+            }
+        } else if domain.templates.len() >= self.limits.max_templates {
+            domain.counters.drop(DropReason::TooManyTemplates);
+            return;
+        }
+        let plan = match Plan::compile(&def, version == Version::V9 && def.options) {
+            Ok(p) => p,
+            Err(reason) => {
+                // A redefinition that does not compile removes the old one:
+                // its data would be read with the wrong layout.
+                domain.templates.remove(&id);
+                domain.counters.drop(reason);
+                return;
+            }
+        };
+        if udp {
+            self.changes.push(TemplateChange {
+                exporter: self.key.addr,
+                version,
+                domain: self.header.domain,
+                template_id: id,
+                definition: Some(persist::to_text(version, &def)),
+                seen_ns: self.now_ns,
+            });
+        }
+        domain.templates.insert(
+            id,
+            Template {
+                def,
+                plan: Arc::new(plan),
+                last_seen_ns: self.now_ns,
+                persisted_ns: self.now_ns,
+            },
+        );
+        // Data that waited for this template is decoded now, with the
+        // context of the message that brought it.
+        for p in domain.take_pending(id) {
+            *self.pending_total -= p.body.len();
+            self.decode_set(domain, id, &p.body, &p.ctx);
+        }
+    }
+
+    /// A data set: decoded, or held until its template comes. Returns the
+    /// records it held when known.
+    fn data(&mut self, domain: &mut Domain, set_id: u16, body: &[u8]) -> Option<u32> {
+        let ctx = self.ctx();
+        if let Some(t) = domain.templates.get(&set_id) {
+            let expired = self.key.session.is_none()
+                && self.now_ns.saturating_sub(t.last_seen_ns) > self.limits.template_expiry_ns;
+            if !expired {
+                return Some(self.decode_set(domain, set_id, body, &ctx));
+            }
+            domain.templates.remove(&set_id);
+            self.changes.push(TemplateChange {
+                exporter: self.key.addr,
+                version: ctx.version,
+                domain: self.header.domain,
+                template_id: set_id,
+                definition: None,
+                seen_ns: self.now_ns,
+            });
+        }
+        self.hold(domain, set_id, body, ctx);
+        None
+    }
+
+    fn hold(&mut self, domain: &mut Domain, set_id: u16, body: &[u8], ctx: MsgCtx) {
+        if self.key.session.is_some() {
+            // Over TCP templates come before their data (RFC 7011 §8.1), and
+            // a withdrawn one does not come back in the same session.
+            domain.counters.drop(DropReason::TemplateWithdrawn);
+            return;
+        }
+        if body.len() > self.limits.pending_bytes {
+            domain.counters.drop(DropReason::PendingOverflow);
+            return;
+        }
+        // Room is made by letting the oldest sets go, each counted.
+        while domain.pending.len() >= self.limits.pending_sets
+            || domain.pending_bytes + body.len() > self.limits.pending_bytes
+            || *self.pending_total + body.len() > self.limits.pending_total_bytes
+        {
+            match domain.pending.pop_front() {
+                Some(old) => {
+                    domain.pending_bytes -= old.body.len();
+                    *self.pending_total -= old.body.len();
+                    domain.counters.drop(DropReason::PendingOverflow);
+                }
+                None => {
+                    domain.counters.drop(DropReason::PendingOverflow);
+                    return;
+                }
+            }
+        }
+        domain.pending_bytes += body.len();
+        *self.pending_total += body.len();
+        domain.pending.push_back(PendingSet {
+            template_id: set_id,
+            ctx,
+            received_ns: self.now_ns,
+            body: body.into(),
+        });
+    }
+
+    /// Decodes the records of one data set with a known template; the
+    /// bytes after the last whole record are padding. Returns the records.
+    fn decode_set(&mut self, domain: &mut Domain, id: u16, body: &[u8], ctx: &MsgCtx) -> u32 {
+        let Some(t) = domain.templates.get(&id) else {
+            return 0;
+        };
+        // The plan is shared, so the domain's other state can change while
+        // it is read.
+        let options = t.def.options;
+        let plan = Arc::clone(&t.plan);
+        let mut at = 0;
+        let mut n = 0u32;
+        let mut f = Fields::default();
+        while body.len() - at >= plan.min_len {
+            if let Err(reason) = plan.read(body, &mut at, &mut f) {
+                // The rest of the set cannot be delimited.
+                domain.counters.drop(reason);
+                break;
+            }
+            n += 1;
+            if options {
+                domain.apply_options(&f, self.limits.max_samplers);
+            } else {
+                domain.build(
+                    std::mem::take(&mut f),
+                    ctx,
+                    None,
+                    self.limits.max_totals,
+                    self.now_ns,
+                    self.out,
+                );
+            }
+        }
+        n
+    }
+}

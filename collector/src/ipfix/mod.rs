@@ -1,0 +1,42 @@
+//! IPFIX (RFC 7011), NetFlow v9 (RFC 3954) and NetFlow v5 ingest.
+//!
+//! The decoding core is pure and synchronous: [`Decoder`] takes the bytes
+//! of one message, who sent it and when it arrived, and appends
+//! `qosloop_schema::FlowRecord`s to a vector the caller owns, keeping
+//! everything an exporter's templates imply (template and options template
+//! state, data waiting for its template, sequence numbers, samplers, system
+//! init times, totals of flows reported with total counters) per exporter
+//! and observation domain, every piece of it bounded by [`Limits`]. Nothing
+//! a peer sends is trusted: every length and count is checked against the
+//! bytes present before use, and every refusal is counted by its
+//! [`DropReason`] on the exporter (and domain) that caused it.
+//!
+//! Scoping (RFC 7011 §8): over UDP an exporter is its source address and
+//! port, over TCP one connection ([`ExporterKey`]); templates belong to an
+//! exporter's observation domain (v9: source id; v5: engine type and id).
+//! Over UDP templates expire when not refreshed for
+//! [`Limits::template_expiry_ns`] and a new definition of an id replaces
+//! the old; over TCP withdrawals are honoured and templates die with the
+//! session ([`Decoder::close_session`]).
+//!
+//! - `wire`: headers, sets and template records.
+//! - `plan`: a template compiled into a field plan, and the record fields.
+//! - `domain`: per-domain state and the mapping of fields to a flow record.
+//! - `decoder`: the walk over one message, limits and exporters.
+//! - `persist`: the stored text form of a template.
+//! - `stats`: counters and drop reasons.
+
+mod decoder;
+mod domain;
+mod persist;
+mod plan;
+mod stats;
+mod wire;
+
+pub use decoder::{ipfix_message_len, Decoder, ExporterKey, ExporterStats, Limits, Message};
+pub use persist::TemplateChange;
+pub use stats::{Counters, DropReason};
+pub use wire::Version;
+
+#[cfg(test)]
+mod tests;
