@@ -31,9 +31,9 @@ pub const VARLEN: u16 = 0xffff;
 pub const MAX_STRING: usize = 4096;
 
 /// Longest template set (the shape with every optional field).
-const MAX_TEMPLATE_SET: usize = 4 + 4 + 17 * 4 + 3 * 4;
+const MAX_TEMPLATE_SET: usize = 4 + 4 + 18 * 4 + 3 * 4;
 /// Longest record without its strings, plus three 3-byte length prefixes.
-const MAX_FIXED_RECORD: usize = 16 + 16 + 2 + 1 + 1 + 2 + 8 * 4 + 2 + 2 + 4 + 9;
+const MAX_FIXED_RECORD: usize = 16 + 16 + 2 + 1 + 1 + 2 + 8 * 4 + 2 + 2 + 8 + 9;
 
 /// What the encoder refuses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,7 +105,7 @@ impl Shape {
     /// The template's fields, in record order.
     pub fn fields(self) -> Vec<Field> {
         let v6 = self.has(Self::V6);
-        let mut out = Vec::with_capacity(17);
+        let mut out = Vec::with_capacity(18);
         if v6 {
             out.push(f(ie::SOURCE_IPV6_ADDRESS, 16));
             out.push(f(ie::DESTINATION_IPV6_ADDRESS, 16));
@@ -141,7 +141,9 @@ impl Shape {
             out.push(f(ie::TCP_CONTROL_BITS, 2));
         }
         if self.has(Self::SAMPLED) {
+            // 1-in-N as RFC 5477 says: 1 packet selected, N-1 skipped.
             out.push(f(ie::SAMPLING_PACKET_INTERVAL, 4));
+            out.push(f(ie::SAMPLING_PACKET_SPACE, 4));
         }
         out.push(f(ie::CLASS_LABEL, VARLEN));
         out.push(f(ie::USER_NAME, VARLEN));
@@ -229,7 +231,9 @@ pub fn put_record(rec: &FlowRecord, shape: Shape, cap: usize, out: &mut Vec<u8>)
         out.extend_from_slice(&rec.tcp_flags.unwrap_or(0).to_be_bytes());
     }
     if shape.has(Shape::SAMPLED) {
-        out.extend_from_slice(&rec.sampling_interval.unwrap_or(1).to_be_bytes());
+        let n = rec.sampling_interval.unwrap_or(1).max(1);
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&(n - 1).to_be_bytes());
     }
     let mut was_cut = false;
     for s in [&rec.class, &rec.user, &rec.process] {
