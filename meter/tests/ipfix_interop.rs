@@ -506,7 +506,11 @@ fn tshark_decodes_every_set_without_warnings() {
     // The same filter catches a broken message: the first template's field
     // count overruns its set.
     let mut broken = datagrams[0].clone();
-    assert_eq!(&broken[16..18], &[0, 2], "the stream starts with a template set");
+    assert_eq!(
+        &broken[16..18],
+        &[0, 2],
+        "the stream starts with a template set"
+    );
     broken[22..24].copy_from_slice(&[0, 200]);
     let broken_pcap = dir.path().join("broken.pcap");
     write_stream(&broken_pcap, port, &[(40000, broken)]);
