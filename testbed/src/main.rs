@@ -56,6 +56,9 @@ enum Bench {
     Export(qosloop_testbed::bench::export::Args),
     /// Enforce: decision change time through netlink; vs forking tc / nft.
     Enforce(qosloop_testbed::bench::enforce::Args),
+    /// IPFIX ingest: one stream over UDP into qosloop's decoder and collector
+    /// (SQLite, PostgreSQL); vs nfcapd, nfacctd.
+    Ipfix(qosloop_testbed::bench::ipfix::Args),
 }
 
 #[tokio::main]
@@ -86,6 +89,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Meter(a)) => qosloop_testbed::bench::meter::run(a).await,
         Cmd::Bench(Bench::Export(a)) => qosloop_testbed::bench::export::run(a).await,
         Cmd::Bench(Bench::Enforce(a)) => qosloop_testbed::bench::enforce::run(a).await,
+        Cmd::Bench(Bench::Ipfix(a)) => qosloop_testbed::bench::ipfix::run(a).await,
         Cmd::Paper(a) => {
             let stop = interrupt_flag();
             let out = a.out.clone();

@@ -3,4 +3,5 @@
 
 pub mod enforce;
 pub mod export;
+pub mod ipfix;
 pub mod meter;
