@@ -14,7 +14,7 @@ use qosloop_exporter::ipfix::{IpfixConfig, IpfixReport, Transport};
 use qosloop_schema::FlowRecord;
 
 enum Inner {
-    Udp(UdpExporter),
+    Udp(Box<UdpExporter>),
     Tcp(TcpExporter),
     Done,
 }
@@ -41,7 +41,9 @@ impl IpfixSink {
     /// Opens the socket (UDP) or starts the sender thread (TCP).
     pub fn start(target: &str, cfg: &IpfixConfig) -> Result<IpfixSink, SinkError> {
         let inner = match cfg.transport {
-            Transport::Udp => Inner::Udp(UdpExporter::connect(cfg).map_err(|e| failed(target, e))?),
+            Transport::Udp => Inner::Udp(Box::new(
+                UdpExporter::connect(cfg).map_err(|e| failed(target, e))?,
+            )),
             Transport::Tcp => Inner::Tcp(TcpExporter::start(cfg).map_err(|e| failed(target, e))?),
         };
         Ok(IpfixSink {

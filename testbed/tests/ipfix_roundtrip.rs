@@ -46,7 +46,10 @@ fn sorted(mut v: Vec<FlowRecord>) -> Vec<FlowRecord> {
 
 /// Receives datagrams on a fresh loopback socket until 0.5 s after the
 /// last one (at most 100 000): the capture of the stream.
-fn receiver() -> (u16, std::thread::JoinHandle<Vec<(SocketAddr, Vec<u8>)>>) {
+/// Datagrams with their sources, in arrival order.
+type Captured = Vec<(SocketAddr, Vec<u8>)>;
+
+fn receiver() -> (u16, std::thread::JoinHandle<Captured>) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
     sock.set_read_timeout(Some(Duration::from_millis(500)))
