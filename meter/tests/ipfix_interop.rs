@@ -570,3 +570,66 @@ fn tshark_decodes_every_set_without_warnings() {
     }
     assert_eq!(decoded, n_records, "records tshark decoded");
 }
+
+/// Runs the meter with extra flags; returns (success, stderr).
+fn meter_with(pcap: &Path, jsonl: &Path, extra: &[String]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_qosloop-meter"))
+        .arg("--pcap")
+        .arg(pcap)
+        .arg("--records-out")
+        .arg(jsonl)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn crane_and_ipfix_targets_together_keep_each_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pcap, jsonl) = traffic(dir.path());
+    // Nothing listens on the crane:// port: its records spool, the run
+    // still succeeds (DESIGN.md §3), and the IPFIX copy goes out.
+    let dead = free_udp_port();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let spool = dir.path().join("spool");
+    let (ok, stderr) = meter_with(
+        &pcap,
+        &jsonl,
+        &[
+            "--export".into(),
+            format!("crane://127.0.0.1:{dead}"),
+            "--export".into(),
+            format!("ipfix://127.0.0.1:{port}"),
+            "--export-spool".into(),
+            spool.display().to_string(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("NOT acknowledged and left in the spool"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("as IPFIX"), "{stderr}");
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..2], &[0, 10], "an IPFIX message, {n} bytes");
+    // IPFIX over TCP to nobody: after the linger time the records are
+    // unsent and the run fails, naming them.
+    let (ok, stderr) = meter_with(
+        &pcap,
+        &jsonl,
+        &[
+            "--export".into(),
+            format!("ipfix+tcp://127.0.0.1:{dead}?linger_ms=300&connect_timeout_ms=100"),
+        ],
+    );
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("NOT sent"), "{stderr}");
+}
