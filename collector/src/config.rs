@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Export listen address (`HOST:PORT`).
+    /// Export listen address (`HOST:PORT`); empty: no export listener
+    /// (allowed when an IPFIX listener is given).
     pub listen: String,
     /// `sqlite://FILE`, `postgres://…`, or `discard:` (acknowledge without
     /// storing; benchmarks only).
@@ -70,6 +71,40 @@ pub struct Config {
     /// connections together: such a message is read only once its length
     /// is reserved here (at least `max_message`).
     pub large_message_bytes_total: usize,
+    /// IPFIX / NetFlow listeners: `udp://HOST:PORT` (IPFIX, NetFlow v9 and
+    /// v5, the version read per datagram), `tcp://HOST:PORT` (IPFIX) and
+    /// `tls://HOST:PORT` (IPFIX over TLS with the `tls_*` files).
+    pub ipfix_listen: Vec<String>,
+    /// Only these exporter addresses are decoded (empty: every address).
+    pub ipfix_allow: Vec<String>,
+    /// Receive buffer asked of the kernel for each UDP socket, bytes.
+    pub ipfix_rcvbuf: usize,
+    /// Datagrams taken per recvmmsg call.
+    pub ipfix_batch: usize,
+    /// UDP sockets (and decoding threads) per UDP listener, bound with
+    /// SO_REUSEPORT: the kernel sends each exporter (address and port) to
+    /// one of them, so its templates stay in one place.
+    pub ipfix_udp_threads: usize,
+    /// UDP templates not refreshed for this long are forgotten, seconds.
+    pub ipfix_template_expiry_s: u64,
+    /// Data sets held for a template not yet seen, per exporter and
+    /// domain: count, bytes and age (seconds).
+    pub ipfix_pending_sets: usize,
+    pub ipfix_pending_bytes: usize,
+    pub ipfix_pending_age_s: u64,
+    /// Exporters tracked at once per UDP socket.
+    pub ipfix_max_exporters: usize,
+    /// Templates per exporter and domain; fields per template.
+    pub ipfix_max_templates: usize,
+    pub ipfix_max_fields: usize,
+    /// Records handed to the storage writer in one batch at most, and the
+    /// longest a decoded record waits for its batch, ms.
+    pub ipfix_flush_records: usize,
+    pub ipfix_flush_ms: u64,
+    /// How often exporter counters are written to SQL, seconds.
+    pub ipfix_stats_interval_s: u64,
+    /// A TCP/TLS IPFIX session silent this long is closed, seconds.
+    pub ipfix_tcp_idle_s: u64,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -102,6 +137,22 @@ impl Default for Config {
             decoded_bytes_per_session: 64 << 20,
             decoded_bytes_total: 512 << 20,
             large_message_bytes_total: 256 << 20,
+            ipfix_listen: Vec::new(),
+            ipfix_allow: Vec::new(),
+            ipfix_rcvbuf: 32 << 20,
+            ipfix_batch: 64,
+            ipfix_udp_threads: 1,
+            ipfix_template_expiry_s: 1_800,
+            ipfix_pending_sets: 1_024,
+            ipfix_pending_bytes: 4 << 20,
+            ipfix_pending_age_s: 120,
+            ipfix_max_exporters: 4_096,
+            ipfix_max_templates: 1_024,
+            ipfix_max_fields: 512,
+            ipfix_flush_records: 8_192,
+            ipfix_flush_ms: 100,
+            ipfix_stats_interval_s: 5,
+            ipfix_tcp_idle_s: 900,
         }
     }
 }
@@ -161,6 +212,16 @@ impl Config {
     /// Checks what can be checked without opening anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
+        if self.listen.is_empty() && self.ipfix_listen.is_empty() {
+            return bad(
+                "listen",
+                "nothing to listen on: give listen and/or ipfix_listen".into(),
+            );
+        }
+        self.validate_ipfix()?;
+        if self.listen.is_empty() {
+            return self.validate_rest();
+        }
         let Ok(listen) = self.listen.parse::<SocketAddr>() else {
             return bad(
                 "listen",
@@ -178,6 +239,12 @@ impl Config {
         ) {
             return bad("listen", problem);
         }
+        self.validate_rest()
+    }
+
+    /// What does not depend on the export listener.
+    fn validate_rest(&self) -> Result<(), ConfigError> {
+        let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
         let db_ok = self.db.starts_with("sqlite:")
             || self.db.starts_with("postgres://")
             || self.db.starts_with("postgresql://")

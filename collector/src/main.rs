@@ -10,9 +10,61 @@ struct Args {
     /// TOML configuration file (collector/example.toml); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Export listen address HOST:PORT [default 127.0.0.1:4740].
+    /// Export listen address HOST:PORT [default 127.0.0.1:4740; none when
+    /// only --ipfix-listen is given].
     #[arg(long)]
     listen: Option<String>,
+    /// IPFIX / NetFlow listener (repeatable): udp://HOST:PORT (IPFIX,
+    /// NetFlow v9 and v5), tcp://HOST:PORT (IPFIX), tls://HOST:PORT (IPFIX
+    /// over TLS with --tls-cert/--tls-key/--tls-client-ca).
+    #[arg(long = "ipfix-listen")]
+    ipfix_listen: Vec<String>,
+    /// Exporter address allowed to send IPFIX/NetFlow (repeatable; default
+    /// every address).
+    #[arg(long = "ipfix-allow")]
+    ipfix_allow: Vec<String>,
+    /// UDP receive buffer asked of the kernel, bytes [default 33554432].
+    #[arg(long)]
+    ipfix_rcvbuf: Option<usize>,
+    /// Datagrams per recvmmsg call [default 64].
+    #[arg(long)]
+    ipfix_batch: Option<usize>,
+    /// Sockets and threads per UDP listener (SO_REUSEPORT) [default 1].
+    #[arg(long)]
+    ipfix_udp_threads: Option<usize>,
+    /// UDP templates not refreshed for this long expire, s [default 1800].
+    #[arg(long)]
+    ipfix_template_expiry_s: Option<u64>,
+    /// Data sets held per exporter and domain for a missing template [default 1024].
+    #[arg(long)]
+    ipfix_pending_sets: Option<usize>,
+    /// Bytes of those sets per exporter and domain [default 4194304].
+    #[arg(long)]
+    ipfix_pending_bytes: Option<usize>,
+    /// How long a held set waits for its template, s [default 120].
+    #[arg(long)]
+    ipfix_pending_age_s: Option<u64>,
+    /// Exporters tracked at once per UDP socket [default 4096].
+    #[arg(long)]
+    ipfix_max_exporters: Option<usize>,
+    /// Templates per exporter and domain [default 1024].
+    #[arg(long)]
+    ipfix_max_templates: Option<usize>,
+    /// Fields per template [default 512].
+    #[arg(long)]
+    ipfix_max_fields: Option<usize>,
+    /// Records per batch handed to storage [default 8192].
+    #[arg(long)]
+    ipfix_flush_records: Option<usize>,
+    /// Longest a decoded record waits for its batch, ms [default 100].
+    #[arg(long)]
+    ipfix_flush_ms: Option<u64>,
+    /// How often exporter counters are written to SQL, s [default 5].
+    #[arg(long)]
+    ipfix_stats_interval_s: Option<u64>,
+    /// A silent IPFIX TCP session is closed after this long, s [default 900].
+    #[arg(long)]
+    ipfix_tcp_idle_s: Option<u64>,
     /// Database URL: sqlite://FILE, postgres://USER@HOST:PORT/DB, or discard:.
     #[arg(long, env = "QOSLOOP_DB")]
     db: Option<String>,
@@ -99,8 +151,51 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
     };
+    if !args.ipfix_listen.is_empty() {
+        c.ipfix_listen = args.ipfix_listen.clone();
+    }
+    if !args.ipfix_allow.is_empty() {
+        c.ipfix_allow = args.ipfix_allow.clone();
+    }
+    // With an IPFIX listener and no export address given anywhere, the
+    // collector takes IPFIX only.
+    let listen_in_file = args
+        .config
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("listen"));
+    if args.listen.is_none() && !listen_in_file && !c.ipfix_listen.is_empty() {
+        c.listen = String::new();
+    }
     if let Some(v) = &args.listen {
         c.listen = v.clone();
+    }
+    for (flag, key) in [
+        (args.ipfix_rcvbuf, &mut c.ipfix_rcvbuf),
+        (args.ipfix_batch, &mut c.ipfix_batch),
+        (args.ipfix_udp_threads, &mut c.ipfix_udp_threads),
+        (args.ipfix_pending_sets, &mut c.ipfix_pending_sets),
+        (args.ipfix_pending_bytes, &mut c.ipfix_pending_bytes),
+        (args.ipfix_max_exporters, &mut c.ipfix_max_exporters),
+        (args.ipfix_max_templates, &mut c.ipfix_max_templates),
+        (args.ipfix_max_fields, &mut c.ipfix_max_fields),
+        (args.ipfix_flush_records, &mut c.ipfix_flush_records),
+    ] {
+        if let Some(v) = flag {
+            *key = v;
+        }
+    }
+    for (flag, key) in [
+        (args.ipfix_template_expiry_s, &mut c.ipfix_template_expiry_s),
+        (args.ipfix_pending_age_s, &mut c.ipfix_pending_age_s),
+        (args.ipfix_flush_ms, &mut c.ipfix_flush_ms),
+        (args.ipfix_stats_interval_s, &mut c.ipfix_stats_interval_s),
+        (args.ipfix_tcp_idle_s, &mut c.ipfix_tcp_idle_s),
+    ] {
+        if let Some(v) = flag {
+            *key = v;
+        }
     }
     if let Some(v) = &args.db {
         c.db = v.clone();
@@ -209,12 +304,34 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let listener = qosloop_collector::bind(&config).await?;
+    let listener = if config.listen.is_empty() {
+        None
+    } else {
+        Some(qosloop_collector::bind(&config).await?)
+    };
     let sink = qosloop_collector::open_sink(&config.db).await?;
     tracing::info!(db = %qosloop_collector::redact(&config.db), "storage ready");
+    let collector = qosloop_collector::Collector::new(sink.clone(), &config)?;
+    let ingest = if config.ipfix_listen.is_empty() {
+        None
+    } else {
+        Some(qosloop_collector::ipfix::Ingest::start(&config, sink, collector.writer()).await?)
+    };
+    let export = async {
+        match listener {
+            Some(l) => collector.serve(l).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = qosloop_collector::serve(listener, sink, &config) => r?,
+        r = export => r?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = terminate.recv() => tracing::info!("terminated; stopping"),
+    }
+    if let Some(ingest) = ingest {
+        // Returns once what the UDP threads held is committed.
+        ingest.stop().await;
     }
     Ok(())
 }

@@ -146,6 +146,12 @@ impl Collector {
         })
     }
 
+    /// The storage writer's queue: IPFIX ingest stores through it too, so
+    /// one writer (SQLite has only one) serves every protocol.
+    pub fn writer(&self) -> tokio::sync::mpsc::Sender<crate::store::WriteReq> {
+        self.ctx.writer.clone()
+    }
+
     pub fn stats(&self) -> CollectorStats {
         CollectorStats {
             refused: self.counters.snapshot(),

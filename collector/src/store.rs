@@ -23,6 +23,10 @@ pub struct Batch {
     pub session_id: i64,
     pub seq: u32,
     pub records: Vec<FlowRecord>,
+    /// De-duplicate by `(exporter_id, session_id, seq)` (CRANE re-sends).
+    /// IPFIX/NetFlow batches are not: their sequence numbers restart with
+    /// the exporter and say nothing about re-sends.
+    pub dedup: bool,
 }
 
 /// What became of a stored message.
@@ -208,7 +212,10 @@ async fn commit_sqlite(
     let mut outcomes = Vec::with_capacity(group.len());
     for req in group {
         let b = &req.batch;
-        let inserted = sqlx::query(
+        let inserted = if !b.dedup {
+            1
+        } else {
+            sqlx::query(
             "INSERT OR IGNORE INTO data_messages (exporter_id, session_id, seq, records, committed_ns) VALUES (?, ?, ?, ?, ?)",
         )
         .bind(b.exporter_id)
@@ -218,7 +225,8 @@ async fn commit_sqlite(
         .bind(now)
         .execute(&mut *tx)
         .await?
-        .rows_affected();
+        .rows_affected()
+        };
         if inserted == 0 {
             outcomes.push(Outcome::Duplicate);
             continue;
@@ -284,18 +292,22 @@ async fn commit_postgres(
     let mut sessions = Vec::new();
     for req in group {
         let b = &req.batch;
-        let inserted = sqlx::query(
-            "INSERT INTO data_messages (exporter_id, session_id, seq, records, committed_ns) \
+        let inserted = if !b.dedup {
+            1
+        } else {
+            sqlx::query(
+                "INSERT INTO data_messages (exporter_id, session_id, seq, records, committed_ns) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(b.exporter_id)
-        .bind(b.session_id)
-        .bind(i64::from(b.seq))
-        .bind(b.records.len() as i32)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+            )
+            .bind(b.exporter_id)
+            .bind(b.session_id)
+            .bind(i64::from(b.seq))
+            .bind(b.records.len() as i32)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        };
         if inserted == 0 {
             outcomes.push(Outcome::Duplicate);
             continue;
@@ -628,6 +640,7 @@ mod tests {
                     session_id: 9,
                     seq: 1,
                     records: vec![rec.clone(); 3],
+                    dedup: true,
                 },
                 done,
                 memory: None,

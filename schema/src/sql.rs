@@ -19,17 +19,31 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../sql/sqlite/0001_initial.sql"),
-}];
+const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../sql/sqlite/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "ipfix_ingest",
+        sql: include_str!("../sql/sqlite/0002_ipfix_ingest.sql"),
+    },
+];
 
-const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../sql/postgres/0001_initial.sql"),
-}];
+const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../sql/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "ipfix_ingest",
+        sql: include_str!("../sql/postgres/0002_ipfix_ingest.sql"),
+    },
+];
 
 /// The migrations of `dialect`, oldest first.
 pub fn migrations(dialect: Dialect) -> &'static [Migration] {

@@ -212,16 +212,21 @@ impl Domain {
     /// Start and end in ns since the epoch.
     fn times(&self, f: &Fields, ctx: &MsgCtx) -> (u64, u64) {
         let export_ns = ctx.export_ns();
-        let uptime_base_ms: Option<i128> = match ctx.version {
-            Version::V5 | Version::V9 => Some(
-                i128::from(ctx.export_secs) * 1000 + i128::from(ctx.export_nsecs / 1_000_000)
-                    - i128::from(ctx.sys_uptime_ms),
-            ),
-            Version::Ipfix => f.system_init_ms.or(self.system_init_ms).map(i128::from),
-        };
         let from_uptime = |ms: Option<u64>| -> Option<u64> {
-            let t = uptime_base_ms? + i128::from(ms?);
-            u64::try_from(t.max(0).saturating_mul(1_000_000)).ok()
+            let ms = ms?;
+            match ctx.version {
+                // sysUpTime and first/last switched are 32-bit ms counters
+                // that wrap (every 49.7 days): the age of a time is the
+                // header's uptime minus it, modulo 2^32.
+                Version::V5 | Version::V9 => {
+                    let age_ms = u64::from(ctx.sys_uptime_ms.wrapping_sub(ms as u32));
+                    Some(export_ns.saturating_sub(age_ms * 1_000_000))
+                }
+                Version::Ipfix => {
+                    let init = f.system_init_ms.or(self.system_init_ms)?;
+                    Some(init.saturating_add(ms).saturating_mul(1_000_000))
+                }
+            }
         };
         let from_delta = |us: Option<u64>| -> Option<u64> {
             Some(export_ns.saturating_sub(us?.saturating_mul(1000)))

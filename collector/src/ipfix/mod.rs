@@ -28,13 +28,22 @@
 
 mod decoder;
 mod domain;
+mod output;
 mod persist;
 mod plan;
+mod service;
+mod settings;
+mod sql;
 mod stats;
+mod tcp;
+mod udp;
 mod wire;
 
 pub use decoder::{ipfix_message_len, Decoder, ExporterKey, ExporterStats, Limits, Message};
 pub use persist::TemplateChange;
+pub use service::Ingest;
+pub use settings::{IngestSettings, ListenSpec, Transport};
+pub use sql::{ListenerStats, StoredTemplate};
 pub use stats::{Counters, DropReason};
 pub use wire::Version;
 

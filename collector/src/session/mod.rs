@@ -378,7 +378,7 @@ async fn run(
                 ctx.counters.decoded_in_flight.fetch_add(h.decoded_bytes as u64, Ordering::Relaxed);
                 let (done, wait) = oneshot::channel();
                 let req = WriteReq {
-                    batch: Batch { exporter_id: s.exporter_id, session_id: s.session_id, seq: d.seq, records },
+                    batch: Batch { exporter_id: s.exporter_id, session_id: s.session_id, seq: d.seq, records, dedup: true },
                     done,
                     memory: Some(permit),
                 };

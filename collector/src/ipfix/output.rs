@@ -1,0 +1,216 @@
+//! Where decoded records and decoder state go: records to the collector's
+//! batched storage writer (COPY on PostgreSQL), tagged with the exporter's
+//! row and observation domain; template changes and counters to SQL.
+
+use super::decoder::{Decoder, ExporterStats};
+use super::sql;
+use crate::store::{Batch, Sink, WriteReq};
+use crate::Db;
+use qosloop_schema::FlowRecord;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use tokio::sync::{mpsc, oneshot};
+
+/// Records of one exporter and domain waiting to be handed to the writer.
+#[derive(Debug, Default)]
+struct Pending {
+    seq: u32,
+    records: Vec<FlowRecord>,
+}
+
+/// The storage side of one decoder.
+#[derive(Debug)]
+pub struct Output {
+    sink: Sink,
+    writer: mpsc::Sender<WriteReq>,
+    tcp: bool,
+    ids: HashMap<SocketAddr, i64>,
+    max_ids: usize,
+    pending: HashMap<(SocketAddr, u32), Pending>,
+    buffered: usize,
+    flush_records: usize,
+    /// Synthetic ids when nothing is stored (`discard:`).
+    next_id: i64,
+    /// Answers of batches handed to the writer and not yet committed.
+    inflight: Vec<oneshot::Receiver<Result<crate::store::Outcome, String>>>,
+}
+
+impl Output {
+    pub fn new(
+        sink: Sink,
+        writer: mpsc::Sender<WriteReq>,
+        tcp: bool,
+        flush_records: usize,
+        max_ids: usize,
+    ) -> Output {
+        Output {
+            sink,
+            writer,
+            tcp,
+            ids: HashMap::new(),
+            max_ids,
+            pending: HashMap::new(),
+            buffered: 0,
+            flush_records,
+            next_id: 1,
+            inflight: Vec::new(),
+        }
+    }
+
+    /// Adds the records one message produced; true when a flush is due.
+    pub fn add(
+        &mut self,
+        from: SocketAddr,
+        domain: u32,
+        seq: u32,
+        records: &mut Vec<FlowRecord>,
+    ) -> bool {
+        if records.is_empty() {
+            return self.buffered >= self.flush_records;
+        }
+        self.buffered += records.len();
+        let p = self.pending.entry((from, domain)).or_default();
+        p.seq = seq;
+        if p.records.is_empty() {
+            std::mem::swap(&mut p.records, records);
+        } else {
+            p.records.append(records);
+        }
+        self.buffered >= self.flush_records
+    }
+
+    /// The `exporters.id` of `addr`, registered on first use.
+    pub async fn exporter_id(&mut self, addr: SocketAddr) -> Result<i64, sqlx::Error> {
+        // A TCP exporter is one row per address, whatever its port.
+        let key = if self.tcp {
+            SocketAddr::new(addr.ip(), 0)
+        } else {
+            addr
+        };
+        if let Some(id) = self.ids.get(&key) {
+            return Ok(*id);
+        }
+        if self.ids.len() >= self.max_ids {
+            self.ids.clear();
+        }
+        let id = match &self.sink {
+            Sink::Db(db) => {
+                let name = if self.tcp {
+                    sql::tcp_exporter_name(addr)
+                } else {
+                    sql::udp_exporter_name(addr)
+                };
+                db.register_exporter(&name, &addr.to_string(), 0).await?
+            }
+            Sink::Discard => {
+                self.next_id += 1;
+                self.next_id
+            }
+        };
+        self.ids.insert(key, id);
+        Ok(id)
+    }
+
+    /// Hands every waiting record to the writer (waiting for room: a slow
+    /// database fills the socket's receive buffer, where the kernel counts
+    /// what it drops).
+    pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        if self.buffered == 0 {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.buffered = 0;
+        for ((from, domain), p) in pending {
+            if p.records.is_empty() {
+                continue;
+            }
+            let exporter_id = self.exporter_id(from).await?;
+            let (done, answer) = oneshot::channel();
+            let req = WriteReq {
+                batch: Batch {
+                    exporter_id,
+                    session_id: i64::from(domain),
+                    seq: p.seq,
+                    records: p.records,
+                    dedup: false,
+                },
+                done,
+                memory: None,
+            };
+            if self.writer.send(req).await.is_err() {
+                tracing::error!("the storage writer has stopped; IPFIX records are lost");
+            }
+            self.inflight.push(answer);
+        }
+        // Answers already in are dropped (the writer logs failures).
+        self.inflight
+            .retain_mut(|a| matches!(a.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        Ok(())
+    }
+
+    /// Waits until every batch handed to the writer is committed (or has
+    /// failed); at shutdown.
+    pub async fn drain(&mut self) {
+        for a in self.inflight.drain(..) {
+            let _ = a.await;
+        }
+    }
+
+    /// Writes the decoder's template changes (UDP) to `templates`.
+    pub async fn persist_templates(&mut self, decoder: &mut Decoder) -> Result<(), sqlx::Error> {
+        let changes = decoder.take_template_changes();
+        let Sink::Db(db) = self.sink.clone() else {
+            return Ok(());
+        };
+        for c in changes {
+            let id = self.exporter_id(c.exporter).await?;
+            sql::store_template(&db, id, &c).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes counters to SQL.
+    pub async fn store_stats(&mut self, stats: &[ExporterStats]) -> Result<(), sqlx::Error> {
+        let Sink::Db(db) = self.sink.clone() else {
+            return Ok(());
+        };
+        for s in stats {
+            if s.exporter.addr.ip().is_unspecified() {
+                continue;
+            }
+            let id = self.exporter_id(s.exporter.addr).await?;
+            sql::store_stats(&db, id, s).await?;
+        }
+        Ok(())
+    }
+
+    pub fn db(&self) -> Option<&Db> {
+        match &self.sink {
+            Sink::Db(db) => Some(db),
+            Sink::Discard => None,
+        }
+    }
+}
+
+/// Installs every persisted UDP template into `decoder`; returns how many
+/// were taken.
+pub async fn restore_templates(db: &Db, decoder: &mut Decoder) -> Result<usize, sqlx::Error> {
+    let limit = decoder
+        .limits()
+        .max_exporters
+        .saturating_mul(decoder.limits().max_templates)
+        .min(1 << 20);
+    let stored = sql::load_templates(db, limit).await?;
+    Ok(stored
+        .iter()
+        .filter(|t| {
+            decoder.restore_template(
+                t.exporter,
+                t.domain,
+                t.template_id,
+                &t.definition,
+                t.seen_ns,
+            )
+        })
+        .count())
+}

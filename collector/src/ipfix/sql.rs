@@ -1,0 +1,285 @@
+//! What IPFIX ingest keeps in SQL besides flows: exporters (rows of
+//! `exporters` named `ipfix/udp/ADDR:PORT` or `ipfix/tcp/ADDR`), persisted
+//! UDP templates (`templates`), and counters (`ipfix_exporter_stats`,
+//! `ipfix_drops`, `ipfix_listeners`).
+
+use super::decoder::ExporterStats;
+use super::persist::TemplateChange;
+use super::stats::DropReason;
+use crate::db::{now_ns, Db};
+use std::net::SocketAddr;
+
+/// The `exporters.name` of a UDP exporter.
+pub fn udp_exporter_name(addr: SocketAddr) -> String {
+    format!("ipfix/udp/{addr}")
+}
+
+/// The `exporters.name` of a TCP exporter (one row per address; its
+/// sessions come and go).
+pub fn tcp_exporter_name(addr: SocketAddr) -> String {
+    format!("ipfix/tcp/{}", addr.ip())
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Writes or deletes one template.
+pub async fn store_template(
+    db: &Db,
+    exporter_id: i64,
+    c: &TemplateChange,
+) -> Result<(), sqlx::Error> {
+    let domain = i64::from(c.domain);
+    let id = i64::from(c.template_id);
+    let seen = i64_of(c.seen_ns);
+    match (&c.definition, db) {
+        (Some(text), Db::Sqlite(pool)) => {
+            let json = serde_json::Value::String(text.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (exporter_id, session_id, template_id) \
+                 DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition, created_ns = excluded.created_ns",
+            )
+            .bind(exporter_id)
+            .bind(domain)
+            .bind(id)
+            .bind(i64::from(c.version.number()))
+            .bind(json)
+            .bind(seen)
+            .execute(pool)
+            .await?;
+        }
+        (Some(text), Db::Postgres(pool)) => {
+            let json = serde_json::Value::String(text.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
+                 VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (exporter_id, session_id, template_id) \
+                 DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition, created_ns = excluded.created_ns",
+            )
+            .bind(exporter_id)
+            .bind(domain)
+            .bind(id as i32)
+            .bind(i32::from(c.version.number()))
+            .bind(json)
+            .bind(seen)
+            .execute(pool)
+            .await?;
+        }
+        (None, Db::Sqlite(pool)) => {
+            sqlx::query("DELETE FROM templates WHERE exporter_id = ? AND session_id = ? AND template_id = ?")
+                .bind(exporter_id)
+                .bind(domain)
+                .bind(id)
+                .execute(pool)
+                .await?;
+        }
+        (None, Db::Postgres(pool)) => {
+            sqlx::query("DELETE FROM templates WHERE exporter_id = $1 AND session_id = $2 AND template_id = $3")
+                .bind(exporter_id)
+                .bind(domain)
+                .bind(id as i32)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// A stored UDP template: exporter, domain, id, text form, last seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTemplate {
+    pub exporter: SocketAddr,
+    pub domain: u32,
+    pub template_id: u16,
+    pub definition: String,
+    pub seen_ns: u64,
+}
+
+/// Every persisted UDP template, at most `limit`; rows that do not parse
+/// are skipped (the decoder checks the definitions again).
+pub async fn load_templates(db: &Db, limit: usize) -> Result<Vec<StoredTemplate>, sqlx::Error> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows: Vec<(String, i64, i64, String, i64)> = match db {
+        Db::Sqlite(pool) => {
+            sqlx::query_as(
+                "SELECT e.name, t.session_id, t.template_id, t.definition, t.created_ns FROM templates t \
+                 JOIN exporters e ON e.id = t.exporter_id WHERE e.name LIKE 'ipfix/udp/%' \
+                 ORDER BY t.created_ns DESC LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        Db::Postgres(pool) => {
+            let rows: Vec<(String, i64, i32, String, i64)> = sqlx::query_as(
+                "SELECT e.name, t.session_id, t.template_id, t.definition::text, t.created_ns FROM templates t \
+                 JOIN exporters e ON e.id = t.exporter_id WHERE e.name LIKE 'ipfix/udp/%' \
+                 ORDER BY t.created_ns DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|(a, b, c, d, e)| (a, b, i64::from(c), d, e))
+                .collect()
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, domain, id, json, seen)| {
+            Some(StoredTemplate {
+                exporter: name.strip_prefix("ipfix/udp/")?.parse().ok()?,
+                domain: u32::try_from(domain).ok()?,
+                template_id: u16::try_from(id).ok()?,
+                definition: serde_json::from_str::<String>(&json).ok()?,
+                seen_ns: u64::try_from(seen).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Writes the counters of one exporter and domain (absolute values).
+pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result<(), sqlx::Error> {
+    let now = now_ns();
+    let version = i64::from(s.version.map_or(0, |v| v.number()));
+    let domain = s.domain.map_or(-1, i64::from);
+    let c = &s.counters;
+    let dropped: u64 = c.drops.iter().sum();
+    let values = [
+        i64_of(c.messages),
+        i64_of(c.records),
+        i64_of(c.sequence_gaps),
+        i64_of(c.reordered),
+        s.templates as i64,
+        i64_of(c.templates_received),
+        i64_of(c.totals_untracked),
+        s.pending_sets as i64,
+        i64_of(dropped),
+    ];
+    const COLS: &str =
+        "messages, records, sequence_gaps, reordered, templates, templates_received, \
+        totals_untracked, pending_sets, dropped";
+    const SET: &str = "messages = excluded.messages, records = excluded.records, \
+        sequence_gaps = excluded.sequence_gaps, reordered = excluded.reordered, templates = excluded.templates, \
+        templates_received = excluded.templates_received, totals_untracked = excluded.totals_untracked, \
+        pending_sets = excluded.pending_sets, dropped = excluded.dropped, updated_ns = excluded.updated_ns";
+    let drops: Vec<(DropReason, u64)> = c.nonzero_drops().collect();
+    match db {
+        Db::Sqlite(pool) => {
+            let sql = format!(
+                "INSERT INTO ipfix_exporter_stats (exporter_id, version, domain, {COLS}, updated_ns) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (exporter_id, version, domain) DO UPDATE SET {SET}"
+            );
+            let mut q = sqlx::query(&sql)
+                .bind(exporter_id)
+                .bind(version)
+                .bind(domain);
+            for v in values {
+                q = q.bind(v);
+            }
+            q.bind(now).execute(pool).await?;
+            for (reason, n) in drops {
+                sqlx::query(
+                    "INSERT INTO ipfix_drops (exporter_id, version, domain, reason, count, updated_ns) \
+                     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (exporter_id, version, domain, reason) \
+                     DO UPDATE SET count = excluded.count, updated_ns = excluded.updated_ns",
+                )
+                .bind(exporter_id)
+                .bind(version)
+                .bind(domain)
+                .bind(reason.as_str())
+                .bind(i64_of(n))
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Db::Postgres(pool) => {
+            let sql = format!(
+                "INSERT INTO ipfix_exporter_stats (exporter_id, version, domain, {COLS}, updated_ns) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 ON CONFLICT (exporter_id, version, domain) DO UPDATE SET {SET}"
+            );
+            let mut q = sqlx::query(&sql)
+                .bind(exporter_id)
+                .bind(version as i32)
+                .bind(domain);
+            for v in values {
+                q = q.bind(v);
+            }
+            q.bind(now).execute(pool).await?;
+            for (reason, n) in drops {
+                sqlx::query(
+                    "INSERT INTO ipfix_drops (exporter_id, version, domain, reason, count, updated_ns) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (exporter_id, version, domain, reason) \
+                     DO UPDATE SET count = excluded.count, updated_ns = excluded.updated_ns",
+                )
+                .bind(exporter_id)
+                .bind(version as i32)
+                .bind(domain)
+                .bind(reason.as_str())
+                .bind(i64_of(n))
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Counters of one listening socket (all threads of it together).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    pub datagrams: u64,
+    pub bytes: u64,
+    /// The kernel's count of datagrams dropped on the socket's full
+    /// receive queue (SO_RXQ_OVFL).
+    pub kernel_drops: u64,
+    pub rcvbuf: u64,
+    pub not_allowed: u64,
+    pub too_many_exporters: u64,
+}
+
+pub async fn store_listener(db: &Db, listen: &str, s: &ListenerStats) -> Result<(), sqlx::Error> {
+    let now = now_ns();
+    let vals = [
+        i64_of(s.datagrams),
+        i64_of(s.bytes),
+        i64_of(s.kernel_drops),
+        i64_of(s.rcvbuf),
+        i64_of(s.not_allowed),
+        i64_of(s.too_many_exporters),
+        now,
+    ];
+    const SET: &str = "datagrams = excluded.datagrams, bytes = excluded.bytes, kernel_drops = excluded.kernel_drops, \
+        rcvbuf = excluded.rcvbuf, not_allowed = excluded.not_allowed, \
+        too_many_exporters = excluded.too_many_exporters, updated_ns = excluded.updated_ns";
+    const COLS: &str =
+        "listen, datagrams, bytes, kernel_drops, rcvbuf, not_allowed, too_many_exporters, updated_ns";
+    match db {
+        Db::Sqlite(pool) => {
+            let sql = format!(
+                "INSERT INTO ipfix_listeners ({COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (listen) DO UPDATE SET {SET}"
+            );
+            let mut q = sqlx::query(&sql).bind(listen);
+            for v in vals {
+                q = q.bind(v);
+            }
+            q.execute(pool).await?;
+        }
+        Db::Postgres(pool) => {
+            let sql = format!(
+                "INSERT INTO ipfix_listeners ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (listen) DO UPDATE SET {SET}"
+            );
+            let mut q = sqlx::query(&sql).bind(listen);
+            for v in vals {
+                q = q.bind(v);
+            }
+            q.execute(pool).await?;
+        }
+    }
+    Ok(())
+}
