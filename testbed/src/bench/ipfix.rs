@@ -33,7 +33,9 @@ pub struct Args {
     /// Records/s of the fixed-rate phase.
     #[arg(long, default_value_t = 500_000)]
     pub rate: u64,
-    /// Receive buffer asked of every receiver (bytes).
+    /// Receive buffer asked of every receiver (bytes), at most
+    /// net.core.rmem_max so that every receiver gets the same (the peers'
+    /// SO_RCVBUF is capped there, the collector's SO_RCVBUFFORCE is not).
     #[arg(long, default_value_t = 16 << 20)]
     pub rcvbuf: usize,
     /// Skip the PostgreSQL runs.
@@ -384,6 +386,8 @@ async fn run_one(
                 Command::new(bin)
                     .arg("--ipfix-listen")
                     .arg(format!("udp://127.0.0.1:{port}"))
+                    .arg("--ipfix-rcvbuf")
+                    .arg(args.rcvbuf.to_string())
                     .arg("--db")
                     .arg(&url),
                 &work.join("collector.log"),
@@ -497,8 +501,14 @@ async fn run_one(
 }
 
 /// Runs the benchmark and prints its report.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let n = if args.quick { 200_000 } else { args.records };
+    if let Some(max) = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    {
+        args.rcvbuf = args.rcvbuf.min(max);
+    }
     let stream = Arc::new(tokio::task::spawn_blocking(move || Stream::generate(n)).await??);
     println!(
         "bench ipfix: {} records in {} IPFIX messages ({:.1} MB, <= 1392 bytes each), UDP over loopback",
