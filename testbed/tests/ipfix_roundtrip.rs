@@ -5,7 +5,8 @@
 //! user, process, sampling interval). Over UDP from the meter itself (a
 //! generated capture, classes from field rules) and from the exporter with
 //! records that use every optional field; over TCP with the collector
-//! coming up only after records were queued.
+//! coming up only after records were queued; and through the
+//! `qosloop-collector` binary (`--ipfix-listen`) into SQLite.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed step is a failed test
 
@@ -172,12 +173,13 @@ fn write_traffic(path: &Path) {
     }
 }
 
-#[test]
-fn the_meters_udp_export_decodes_to_its_own_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let pcap = dir.path().join("t.pcap");
+/// Runs the meter (in-process, its real sinks) over a generated capture
+/// with class rules, exporting IPFIX to a loopback socket of the test's;
+/// returns its own records and the datagrams it sent.
+fn meter_export(dir: &Path) -> (Vec<FlowRecord>, Captured) {
+    let pcap = dir.join("t.pcap");
     write_traffic(&pcap);
-    let rules = dir.path().join("fields.toml");
+    let rules = dir.join("fields.toml");
     std::fs::write(
         &rules,
         "[[filter]]\nid = 0\nclass = \"voice-vlan\"\nvlan_tci = 100\nip_proto = 17\n\n\
@@ -223,12 +225,23 @@ fn the_meters_udp_export_decodes_to_its_own_records() {
     assert!(records
         .iter()
         .any(|r| r.proto == 58 && r.dst_port == 128 * 256));
-    let want = sorted(records.iter().map(at_export_precision).collect());
-    let got = sorted(decode_udp(&datagrams));
+    (records, datagrams)
+}
+
+fn assert_same_records(got: Vec<FlowRecord>, sent: &[FlowRecord]) {
+    let want = sorted(sent.iter().map(at_export_precision).collect());
+    let got = sorted(got);
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g, w);
     }
+}
+
+#[test]
+fn the_meters_udp_export_decodes_to_its_own_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (records, datagrams) = meter_export(dir.path());
+    assert_same_records(decode_udp(&datagrams), &records);
 }
 
 /// Records using every optional field, IPv4 and IPv6, with strings long
@@ -356,5 +369,149 @@ fn tcp_export_queues_until_the_collector_comes_and_decodes_whole() {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g, w);
+    }
+}
+
+/// The collector binary next to this test's target directory, or why not.
+fn collector_binary() -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // Test binaries live in target/PROFILE/deps.
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("no target directory")?;
+    let bin = dir.join("qosloop-collector");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not built: cargo build -p qosloop-collector first",
+            bin.display()
+        ))
+    }
+}
+
+/// True once a UDP socket is bound to 127.0.0.1:`port`.
+fn udp_bound(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(&want))
+        })
+        .unwrap_or(false)
+}
+
+/// Stops the collector (SIGTERM, then SIGKILL) also when the test fails.
+struct Collector(std::process::Child);
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_collector_binary_stores_the_meters_ipfix_in_sqlite() {
+    let bin = qosloop_testbed::need!(collector_binary());
+    let dir = tempfile::tempdir().unwrap();
+    let (records, datagrams) = meter_export(dir.path());
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db = dir.path().join("flows.db");
+    let log = std::fs::File::create(dir.path().join("collector.log")).unwrap();
+    let _collector = Collector(
+        std::process::Command::new(bin)
+            .arg("--ipfix-listen")
+            .arg(format!("udp://127.0.0.1:{port}"))
+            .arg("--db")
+            .arg(format!("sqlite://{}", db.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while !udp_bound(port) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(udp_bound(port), "the collector did not bind UDP {port}");
+    // The capture replayed from one socket, as the meter sent it.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (_, d) in &datagrams {
+        sock.send_to(d, ("127.0.0.1", port)).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stored = rt.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM flows")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0);
+            if n as usize >= records.len() || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rows: Vec<FlowRecord> = sqlx::query(
+            "SELECT src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns, \
+             vlan, dscp, tcp_flags, class, \"user\", process, sampling_interval FROM flows",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(stored_record)
+        .collect();
+        pool.close().await;
+        rows
+    });
+    assert_same_records(stored, &records);
+}
+
+/// A `flows` row back into a record.
+fn stored_record(row: &sqlx::sqlite::SqliteRow) -> FlowRecord {
+    use sqlx::Row;
+    let int = |c: &str| row.get::<i64, _>(c);
+    let opt = |c: &str| row.get::<Option<i64>, _>(c);
+    FlowRecord {
+        src_addr: row.get::<String, _>("src_addr").parse().unwrap(),
+        dst_addr: row.get::<String, _>("dst_addr").parse().unwrap(),
+        src_port: int("src_port") as u16,
+        dst_port: int("dst_port") as u16,
+        proto: int("proto") as u8,
+        packets: int("packets") as u64,
+        bytes: int("bytes") as u64,
+        start_ns: int("start_ns") as u64,
+        end_ns: int("end_ns") as u64,
+        vlan: opt("vlan").map(|v| v as u16),
+        dscp: opt("dscp").map(|v| v as u8),
+        tcp_flags: opt("tcp_flags").map(|v| v as u16),
+        class: row.get("class"),
+        user: row.get("user"),
+        process: row.get("process"),
+        sampling_interval: opt("sampling_interval").map(|v| v as u32),
     }
 }
