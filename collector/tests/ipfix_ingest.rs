@@ -362,3 +362,82 @@ fn the_kernels_drop_counter_is_read_and_stored() {
     );
     assert_eq!(gaps[0].0, kernel, "sequence gaps = kernel drops");
 }
+
+/// The same on PostgreSQL: records through COPY, templates (JSONB) written
+/// and loaded by a restarted collector, counters stored.
+#[test]
+fn postgres_stores_records_templates_and_counters() {
+    use qosloop_testbed::harness::Postgres;
+    use qosloop_testbed::need;
+    need!(Postgres::available());
+    let pg = Postgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let args = |_: ()| -> Vec<String> {
+        vec![
+            format!("--ipfix-listen=udp://{addr}"),
+            format!("--db={}", pg.url()),
+            "--ipfix-flush-ms=20".into(),
+            "--ipfix-stats-interval-s=1".into(),
+        ]
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let query = |sql: &str| -> i64 {
+        rt.block_on(async {
+            let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+            let (v,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            v
+        })
+    };
+    let exporter = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut first = start_collector(dir.path(), "pg-first", &args(()));
+    wait_udp_bound(addr, Duration::from_secs(30));
+    let m = Ipfix::default()
+        .set(2, &v4_template())
+        .set(256, &[v4_record(1, 3, 180), v4_record(2, 4, 240)].concat())
+        .message(0, 9);
+    exporter.send_to(&m, addr).unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while query("SELECT count(*) FROM flows") < 2 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(first.terminate(Duration::from_secs(20)));
+    assert_eq!(
+        query("SELECT count(*) FROM templates WHERE session_id = 9 AND template_id = 256"),
+        1
+    );
+    assert_eq!(
+        query("SELECT COALESCE(SUM(records), 0)::bigint FROM ipfix_exporter_stats"),
+        2
+    );
+    let mut second = start_collector(dir.path(), "pg-second", &args(()));
+    wait_udp_bound(addr, Duration::from_secs(30));
+    exporter
+        .send_to(
+            &Ipfix::default()
+                .set(256, &v4_record(3, 5, 300))
+                .message(2, 9),
+            addr,
+        )
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while query("SELECT count(*) FROM flows") < 3 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(second.terminate(Duration::from_secs(20)));
+    assert_eq!(query("SELECT count(*) FROM flows"), 3);
+    assert_eq!(
+        query("SELECT SUM(bytes)::bigint FROM flows WHERE session_id = 9"),
+        720
+    );
+    assert_eq!(
+        query("SELECT count(*) FROM flows WHERE host(src_addr) = '10.0.0.1'"),
+        3
+    );
+    assert!(query("SELECT COALESCE(SUM(datagrams), 0)::bigint FROM ipfix_listeners") >= 1);
+}
