@@ -136,7 +136,8 @@ fn sets(input: &mut Input, ipfix: bool) -> Vec<u8> {
                 set(&mut body, sid, &w);
             }
             _ => {
-                let raw = input.bytes(usize::from(input.u8()));
+                let n = usize::from(input.u8());
+                let raw = input.bytes(n);
                 body.extend_from_slice(&raw);
             }
         }
