@@ -1,3 +1,6 @@
+// Each target uses part of this module.
+#![allow(dead_code)]
+
 //! What the stateless flow-protocol targets share: one message, its
 //! version forced, through a UDP and a TCP decoder with small limits; the
 //! decoder's bounds must hold afterwards.
