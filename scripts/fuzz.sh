@@ -8,10 +8,12 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     (default 20 s, every target)
 #
 # Targets: crane cops (schema/fuzz), ldif (policy-server/fuzz), decode
-# capture_file field_rules pattern_rules flow_keys_xml (meter/fuzz), and the
+# capture_file field_rules pattern_rules flow_keys_xml (meter/fuzz), ipfix
+# netflow_v9 netflow_v5 (collector/fuzz: the flow-protocol decoders), and the
 # stateful ones that negotiate a session from the fuzzer's bytes and then
-# send data: crane_session (collector/fuzz) and cops_session
-# (policy-server/fuzz), run when their crate and target are in the tree.
+# send data: crane_session and ipfix_session (collector/fuzz: templates, then
+# data for them) and cops_session (policy-server/fuzz), run when their crate
+# and target are in the tree.
 #
 # Memory blow-ups count as crashes. libFuzzer is given -rss_limit_mb=2048
 # (its watchdog thread reads the RSS every second) and -malloc_limit_mb=256,
@@ -32,8 +34,11 @@ declare -A crate=(
   [decode]=meter/fuzz [capture_file]=meter/fuzz [field_rules]=meter/fuzz
   [pattern_rules]=meter/fuzz [flow_keys_xml]=meter/fuzz
   [crane_session]=collector/fuzz [cops_session]=policy-server/fuzz
+  [ipfix]=collector/fuzz [netflow_v9]=collector/fuzz [netflow_v5]=collector/fuzz
+  [ipfix_session]=collector/fuzz
 )
-all=(crane cops ldif decode capture_file field_rules pattern_rules flow_keys_xml crane_session cops_session)
+all=(crane cops ldif decode capture_file field_rules pattern_rules flow_keys_xml crane_session cops_session
+  ipfix netflow_v9 netflow_v5 ipfix_session)
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   for t in "${all[@]}"; do

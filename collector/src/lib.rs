@@ -6,7 +6,8 @@
 //! de-duplicating re-sent messages by (exporter, stream, seq). It owns the
 //! database connection and the migrations that bring a database to
 //! qosloop's schema; the schema and the wire codec live in `qosloop-schema`.
-//! IPFIX/NetFlow ingest is not built yet.
+//! It also takes IPFIX, NetFlow v9 and v5 from standard exporters over UDP
+//! and TCP ([`ipfix`]) into the same `flows` table through the same writer.
 
 mod config;
 mod db;

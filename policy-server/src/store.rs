@@ -79,22 +79,25 @@ type FlowRow = (
     i64,
     i64,
     Option<String>,
+    Option<i64>,
 );
 
 fn flow_columns(db: &Db) -> &'static str {
     match db {
         Db::Sqlite(_) => {
-            "id, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns, \"user\""
+            "id, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns, \"user\", \
+             CAST(sampling_interval AS BIGINT)"
         }
         Db::Postgres(_) => {
             "id, host(src_addr), host(dst_addr), CAST(src_port AS BIGINT), CAST(dst_port AS BIGINT), \
-             CAST(proto AS BIGINT), packets, bytes, start_ns, end_ns, \"user\""
+             CAST(proto AS BIGINT), packets, bytes, start_ns, end_ns, \"user\", \
+             CAST(sampling_interval AS BIGINT)"
         }
     }
 }
 
 fn record_of(row: &FlowRow) -> Option<FlowRecord> {
-    let (_, src, dst, sport, dport, proto, packets, bytes, start, end, user) = row;
+    let (_, src, dst, sport, dport, proto, packets, bytes, start, end, user, sampling) = row;
     Some(FlowRecord {
         src_addr: src.parse::<IpAddr>().ok()?,
         dst_addr: dst.parse::<IpAddr>().ok()?,
@@ -106,8 +109,24 @@ fn record_of(row: &FlowRow) -> Option<FlowRecord> {
         start_ns: u64::try_from(*start).ok()?,
         end_ns: u64::try_from(*end).ok()?,
         user: user.clone(),
+        sampling_interval: match sampling {
+            None => None,
+            Some(n) => Some(u32::try_from(*n).ok().filter(|n| *n >= 1)?),
+        },
         ..FlowRecord::default()
     })
+}
+
+/// The record with its counters scaled by its 1-in-N sampling interval:
+/// what the traffic was, for everything that computes rates. Records keep
+/// the raw counters and the interval in SQL (IPFIX/NetFlow exporters that
+/// sample); a record without an interval counted every packet.
+pub fn scaled(mut r: FlowRecord) -> FlowRecord {
+    if let Some(n) = r.sampling_interval.filter(|n| *n > 1) {
+        r.packets = r.packets.saturating_mul(u64::from(n));
+        r.bytes = r.bytes.saturating_mul(u64::from(n));
+    }
+    r
 }
 
 /// Counts of one read.
@@ -183,7 +202,10 @@ impl FlowCursor {
                 if !self.counted_above.insert(id) {
                     continue;
                 }
-                match record_of(row) {
+                // Rates are computed from what was on the wire: sampled
+                // counters are scaled here, on the one read path of the
+                // bandwidth manager.
+                match record_of(row).map(scaled) {
                     Some(r) => {
                         each(&r);
                         stats.records += 1;
@@ -550,6 +572,45 @@ fn kind_name(d: &Decision) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampled_counters_are_scaled_for_rates() {
+        let row = |sampling: Option<i64>| -> FlowRow {
+            (
+                1,
+                "10.0.0.1".into(),
+                "10.0.0.2".into(),
+                1000,
+                80,
+                6,
+                3,
+                180,
+                1,
+                2,
+                None,
+                sampling,
+            )
+        };
+        let r = record_of(&row(Some(100))).unwrap();
+        assert_eq!(
+            (r.packets, r.bytes, r.sampling_interval),
+            (3, 180, Some(100))
+        );
+        let s = scaled(r);
+        assert_eq!((s.packets, s.bytes), (300, 18_000));
+        let unsampled = scaled(record_of(&row(None)).unwrap());
+        assert_eq!((unsampled.packets, unsampled.bytes), (3, 180));
+        // An interval of 0 or below is not a record.
+        assert!(record_of(&row(Some(0))).is_none());
+        assert!(record_of(&row(Some(-5))).is_none());
+        // Scaling saturates instead of wrapping.
+        let huge = FlowRecord {
+            bytes: u64::MAX / 2,
+            sampling_interval: Some(4),
+            ..FlowRecord::default()
+        };
+        assert_eq!(scaled(huge).bytes, u64::MAX);
+    }
 
     #[test]
     fn the_cursor_waits_for_gaps_then_steps_over_them() {

@@ -19,12 +19,34 @@
 //! the old; over TCP withdrawals are honoured and templates die with the
 //! session ([`Decoder::close_session`]).
 //!
+//! The pure core:
 //! - `wire`: headers, sets and template records.
 //! - `plan`: a template compiled into a field plan, and the record fields.
 //! - `domain`: per-domain state and the mapping of fields to a flow record.
 //! - `decoder`: the walk over one message, limits and exporters.
 //! - `persist`: the stored text form of a template.
 //! - `stats`: counters and drop reasons.
+//!
+//! Around it, the service ([`Ingest`]):
+//! - `settings`: the `ipfix_*` configuration, checked.
+//! - `udp`: sockets (SO_REUSEPORT, SO_RCVBUF, SO_RXQ_OVFL) and the
+//!   receiving threads (recvmmsg), one decoder each.
+//! - `tcp`: IPFIX over TCP/TLS, one decoder per session.
+//! - `output`: batches to the storage writer, templates and counters to SQL.
+//! - `sql`: the ingest's tables.
+//!
+//! Example (what the benchmarks and the fuzz targets do):
+//!
+//! ```
+//! use qosloop_collector::ipfix::{Decoder, DropReason, Limits};
+//! let mut decoder = Decoder::new(Limits::default());
+//! let mut records = Vec::new();
+//! let from = std::net::SocketAddr::from(([192, 0, 2, 1], 2055));
+//! // Not a flow protocol: dropped, and counted on that exporter.
+//! let r = decoder.decode_udp(from, &[0, 7, 0, 0], 1_700_000_000_000_000_000, &mut records);
+//! assert_eq!(r, Err(DropReason::UnknownVersion));
+//! assert!(records.is_empty());
+//! ```
 
 mod decoder;
 mod domain;

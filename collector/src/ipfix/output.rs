@@ -11,6 +11,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use tokio::sync::{mpsc, oneshot};
 
+/// Batches one decoder may have handed to the writer and not seen
+/// committed: with `ipfix_flush_records` (8,192) records each, about 40 MiB
+/// of decoded records per receiving thread or TCP session.
+const MAX_INFLIGHT_BATCHES: usize = 32;
+
 /// Records of one exporter and domain waiting to be handed to the writer.
 #[derive(Debug, Default)]
 struct Pending {
@@ -141,6 +146,13 @@ impl Output {
                 tracing::error!("the storage writer has stopped; IPFIX records are lost");
             }
             self.inflight.push(answer);
+            // Decoded records waiting for storage are bounded: past this
+            // many batches the receiver waits for the oldest to commit (and
+            // the kernel's queue, counted, takes up the slack).
+            while self.inflight.len() > MAX_INFLIGHT_BATCHES {
+                let oldest = self.inflight.remove(0);
+                let _ = oldest.await;
+            }
         }
         // Answers already in are dropped (the writer logs failures).
         self.inflight

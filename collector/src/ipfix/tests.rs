@@ -622,3 +622,271 @@ proptest! {
         prop_assert_eq!(out[0].src_addr.to_string(), format!("10.{a}.{b}.1"));
     }
 }
+
+/// One proptest per bad-input case of issue 13: each is refused, counted
+/// under its reason, allocates nothing in proportion to the lying number,
+/// and leaves the decoder working.
+mod bad_input {
+    use super::*;
+
+    fn still_decodes(d: &mut Decoder, seq: u32) {
+        let m = Msg::default()
+            .set(2, &template(300, V4_FIELDS))
+            .set(300, &v4_record([10, 0, 0, 9], 9, 1, 1))
+            .ipfix(seq, 1);
+        assert_eq!(decode(d, &m).len(), 1, "the decoder still works");
+    }
+
+    proptest! {
+        #[test]
+        fn message_length_past_the_datagram(extra in 1u16..2000, cut in 0usize..16) {
+            let mut m = Msg::default().set(2, &template(256, V4_FIELDS)).ipfix(0, 1);
+            let len = (m.len() as u16).saturating_add(extra);
+            m[2..4].copy_from_slice(&len.to_be_bytes());
+            let keep = m.len() - cut.min(m.len() - 16);
+            let mut d = Decoder::new(Limits::default());
+            let mut out = Vec::new();
+            prop_assert_eq!(d.decode_udp(from(), &m[..keep], T0, &mut out), Err(DropReason::BadMessageLength));
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::BadMessageLength), 1);
+            still_decodes(&mut d, 0);
+        }
+
+        #[test]
+        fn set_length_past_the_message(declared in 0u16..4, over in 1u16..60000) {
+            // A set length under 4, or past what is left.
+            let mut m = Msg::default().set(256, &[0; 8]).ipfix(0, 1);
+            let len = if declared < 4 { declared } else { 12 + over };
+            m[18..20].copy_from_slice(&len.to_be_bytes());
+            let mut d = Decoder::new(Limits::default());
+            prop_assert!(decode(&mut d, &m).is_empty());
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::BadSetLength), 1);
+            still_decodes(&mut d, 0);
+        }
+
+        #[test]
+        fn field_count_overrunning_the_set(count in 2u16..) {
+            // One field specifier present, `count` announced.
+            let mut t = vec![1, 0];
+            t.extend_from_slice(&count.to_be_bytes());
+            t.extend_from_slice(&[0, 8, 0, 4]);
+            let m = Msg::default().set(2, &t).ipfix(0, 1);
+            let mut d = Decoder::new(Limits::default());
+            decode(&mut d, &m);
+            let c = domain_counters(&d);
+            prop_assert_eq!(
+                c.dropped(DropReason::FieldCountOverrun) + c.dropped(DropReason::TooManyFields),
+                1
+            );
+            prop_assert!(d.stats().iter().all(|s| s.templates == 0));
+        }
+
+        #[test]
+        fn oversized_and_zero_length_fields(element in prop::sample::select(vec![1u16, 2, 4, 7, 8, 11, 12, 27, 152]), len in 9u16..0xFFFF) {
+            // A counter, port, address or time longer than its type.
+            let m = Msg::default().set(2, &template(256, &[(element, len)])).ipfix(0, 1);
+            let mut d = Decoder::new(Limits::default());
+            decode(&mut d, &m);
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::BadFieldLength), 1);
+            // Every field 0 long: a record of no bytes.
+            let z = Msg::default().set(2, &template(257, &[(999, 0), (998, 0)])).ipfix(0, 1);
+            decode(&mut d, &z);
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::ZeroLengthRecord), 1);
+            still_decodes(&mut d, 0);
+        }
+
+        #[test]
+        fn variable_length_longer_than_the_set(len in 1usize..=0xFFFF, three_byte: bool) {
+            let t = template(256, &[(8, 4), (371, super::wire::VARLEN)]);
+            let mut rec = vec![10, 0, 0, 1];
+            if three_byte || len >= 255 {
+                rec.push(255);
+                rec.extend_from_slice(&(len as u16).to_be_bytes());
+            } else {
+                rec.push(len as u8);
+            }
+            // Fewer bytes than announced follow.
+            rec.extend(std::iter::repeat_n(b'a', len.saturating_sub(1).min(64)));
+            let m = Msg::default().set(2, &t).set(256, &rec).ipfix(0, 1);
+            let mut d = Decoder::new(Limits::default());
+            let out = decode(&mut d, &m);
+            let c = domain_counters(&d);
+            prop_assert!(out.is_empty());
+            prop_assert_eq!(c.dropped(DropReason::VarLenOverrun), 1);
+            still_decodes(&mut d, 1);
+        }
+
+        #[test]
+        fn options_templates_without_scope(fields in 1u16..20) {
+            let mut t = vec![1, 0];
+            t.extend_from_slice(&fields.to_be_bytes());
+            t.extend_from_slice(&[0, 0]);
+            for _ in 0..fields {
+                t.extend_from_slice(&[0, 34, 0, 4]);
+            }
+            let m = Msg::default().set(3, &t).ipfix(0, 1);
+            let mut d = Decoder::new(Limits::default());
+            decode(&mut d, &m);
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::OptionsWithoutScope), 1);
+            prop_assert!(d.stats().iter().all(|s| s.templates == 0));
+        }
+
+        #[test]
+        fn a_template_withdrawn_mid_stream(before in 0usize..6, after in 1usize..6) {
+            let mut d = Decoder::new(Limits::default());
+            let mut out = Vec::new();
+            let t = Msg::default().set(2, &template(256, &[(8, 4), (2, 4)])).ipfix(0, 1);
+            d.decode_tcp(from(), 1, &t, T0, &mut out).unwrap();
+            let data = Msg::default().set(256, &[1, 1, 1, 1, 0, 0, 0, 1]).ipfix(0, 1);
+            for _ in 0..before {
+                d.decode_tcp(from(), 1, &data, T0, &mut out).unwrap();
+            }
+            let w = Msg::default().set(2, &[1, 0, 0, 0]).ipfix(0, 1);
+            d.decode_tcp(from(), 1, &w, T0, &mut out).unwrap();
+            for _ in 0..after {
+                d.decode_tcp(from(), 1, &data, T0, &mut out).unwrap();
+            }
+            prop_assert_eq!(out.len(), before);
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::TemplateWithdrawn), after as u64);
+        }
+
+        #[test]
+        fn unknown_versions(version in any::<u16>().prop_filter("not 5, 9, 10", |v| ![5, 9, 10].contains(v)), rest in prop::collection::vec(any::<u8>(), 0..100)) {
+            let mut m = version.to_be_bytes().to_vec();
+            m.extend_from_slice(&rest);
+            let mut d = Decoder::new(Limits::default());
+            let mut out = Vec::new();
+            prop_assert_eq!(d.decode_udp(from(), &m, T0, &mut out), Err(DropReason::UnknownVersion));
+            prop_assert_eq!(domain_counters(&d).dropped(DropReason::UnknownVersion), 1);
+        }
+
+        #[test]
+        fn sequence_gaps_are_counted_exactly(start: u32, gaps in prop::collection::vec(0u32..1000, 1..20)) {
+            let mut d = Decoder::new(Limits::default());
+            let t = Msg::default().set(2, &template(256, &[(8, 4), (2, 4)])).ipfix(start, 1);
+            decode(&mut d, &t);
+            let mut seq = start;
+            let mut lost = 0u64;
+            for g in &gaps {
+                seq = seq.wrapping_add(*g);
+                lost += u64::from(*g);
+                let m = Msg::default().set(256, &[1, 1, 1, 1, 0, 0, 0, 1]).ipfix(seq, 1);
+                decode(&mut d, &m);
+                seq = seq.wrapping_add(1);
+            }
+            prop_assert_eq!(domain_counters(&d).sequence_gaps, lost);
+        }
+
+        #[test]
+        fn exporters_off_the_allow_list(last: u8) {
+            let allowed: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+            let mut d = Decoder::new(Limits { allow: Some([allowed].into_iter().collect()), ..Limits::default() });
+            let other: SocketAddr = format!("198.51.100.{last}:9").parse().unwrap();
+            let m = Msg::default().set(2, &template(256, V4_FIELDS)).ipfix(0, 1);
+            let mut out = Vec::new();
+            prop_assert_eq!(d.decode_udp(other, &m, T0, &mut out), Err(DropReason::NotAllowed));
+            // No state is created for it.
+            prop_assert!(d.stats().iter().all(|s| s.exporter.addr.ip().is_unspecified()));
+            still_decodes(&mut d, 0);
+        }
+    }
+}
+
+#[test]
+fn nsel_responder_counters_make_a_reverse_record() {
+    let mut d = Decoder::new(Limits::default());
+    let t = template(
+        256,
+        &[
+            (8, 4),
+            (12, 4),
+            (7, 2),
+            (11, 2),
+            (4, 1),
+            (231, 4),
+            (232, 4),
+            (298, 4),
+            (299, 4),
+        ],
+    );
+    let mut r = vec![10, 0, 0, 1, 10, 0, 0, 2, 0x9c, 0x40, 0, 80, 6];
+    for v in [1000u32, 5000, 10, 8] {
+        r.extend_from_slice(&v.to_be_bytes());
+    }
+    let out = decode(&mut d, &Msg::default().set(2, &t).set(256, &r).ipfix(0, 1));
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        (out[0].bytes, out[0].packets, out[0].src_port),
+        (1000, 10, 40000)
+    );
+    assert_eq!((out[1].bytes, out[1].packets), (5000, 8));
+    assert_eq!(out[1].src_addr.to_string(), "10.0.0.2");
+    assert_eq!((out[1].src_port, out[1].dst_port), (80, 40000));
+}
+
+#[test]
+fn icmpv6_type_code_micro_and_nano_times() {
+    let mut d = Decoder::new(Limits::default());
+    let t = template(
+        256,
+        &[
+            (27, 16),
+            (28, 16),
+            (4, 1),
+            (139, 2),
+            (154, 8),
+            (157, 8),
+            (2, 1),
+        ],
+    );
+    let mut r = Vec::new();
+    r.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    r.extend_from_slice(
+        &"2001:db8::2"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    r.push(58);
+    r.extend_from_slice(&[128, 0]);
+    // NTP seconds of 2023-11-14T22:13:20Z, and a quarter second.
+    let ntp = 1_700_000_000u32 + 2_208_988_800;
+    r.extend_from_slice(&ntp.to_be_bytes());
+    r.extend_from_slice(&0u32.to_be_bytes());
+    r.extend_from_slice(&ntp.to_be_bytes());
+    r.extend_from_slice(&0x4000_0000u32.to_be_bytes());
+    r.push(2);
+    let out = decode(&mut d, &Msg::default().set(2, &t).set(256, &r).ipfix(0, 1));
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].proto, out[0].src_port, out[0].dst_port),
+        (58, 0, 128 * 256)
+    );
+    assert_eq!(out[0].start_ns, 1_700_000_000 * 1_000_000_000);
+    assert_eq!(out[0].end_ns, 1_700_000_000 * 1_000_000_000 + 250_000_000);
+    assert_eq!(out[0].packets, 2, "reduced-size packetDeltaCount of 1 byte");
+}
+
+#[test]
+fn v9_uptime_wraps_modulo_2_pow_32() {
+    let mut d = Decoder::new(Limits::default());
+    let t = template(256, &[(8, 4), (22, 4), (21, 4), (2, 4)]);
+    let mut r = vec![10, 0, 0, 1];
+    // Switched 1 s before the 32-bit uptime wrapped; the header's uptime is
+    // 500 ms after the wrap: the flow is 1.5 s and 0.5 s old.
+    r.extend_from_slice(&(u32::MAX - 999).to_be_bytes());
+    r.extend_from_slice(&0u32.to_be_bytes());
+    r.extend_from_slice(&1u32.to_be_bytes());
+    let out = decode(
+        &mut d,
+        &Msg::default().set(0, &t).set(256, &r).v9(0, 1, 500),
+    );
+    assert_eq!(out.len(), 1);
+    let export = 1_700_000_000u64 * 1_000_000_000;
+    assert_eq!(out[0].start_ns, export - 1_500_000_000);
+    assert_eq!(out[0].end_ns, export - 500_000_000);
+}

@@ -128,8 +128,6 @@ impl UdpWorker {
         }
         let batch = s.batch;
         let mut buffers = vec![vec![0u8; MAX_DATAGRAM]; batch];
-        let mut headers: MultiHeaders<SockaddrStorage> =
-            MultiHeaders::preallocate(batch, Some(nix::cmsg_space!(u32)));
         let mut records = Vec::new();
         let mut last_flush = Instant::now();
         let mut last_stats = Instant::now();
@@ -138,6 +136,12 @@ impl UdpWorker {
         let mut reported_drops = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let received: Result<Vec<Received>, _> = {
+                // Fresh headers for every call: the kernel shrinks each
+                // header's control length to what it used, and nix 0.29
+                // does not restore it, so reused headers would truncate the
+                // drop counter of every later datagram (MSG_CTRUNC).
+                let mut headers: MultiHeaders<SockaddrStorage> =
+                    MultiHeaders::preallocate(batch, Some(nix::cmsg_space!(u32)));
                 let mut slices: Vec<[IoSliceMut<'_>; 1]> = buffers
                     .iter_mut()
                     .map(|b| [IoSliceMut::new(&mut b[..])])

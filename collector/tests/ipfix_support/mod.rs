@@ -316,3 +316,79 @@ pub fn interop_frames() -> Vec<(u64, Vec<u8>)> {
     }
     frames
 }
+
+/// Builds IPFIX messages byte by byte.
+#[derive(Default)]
+pub struct Ipfix {
+    sets: Vec<u8>,
+}
+
+impl Ipfix {
+    pub fn set(mut self, id: u16, body: &[u8]) -> Self {
+        self.sets.extend_from_slice(&id.to_be_bytes());
+        self.sets
+            .extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
+        self.sets.extend_from_slice(body);
+        self
+    }
+    pub fn message(&self, seq: u32, domain: u32) -> Vec<u8> {
+        let mut m = vec![0, 10];
+        m.extend_from_slice(&((self.sets.len() + 16) as u16).to_be_bytes());
+        m.extend_from_slice(&1_700_000_000u32.to_be_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&domain.to_be_bytes());
+        m.extend_from_slice(&self.sets);
+        m
+    }
+}
+
+/// Template 256: source, destination, ports, protocol, packets (4 bytes),
+/// bytes (8), flowStart/EndMilliseconds.
+pub fn v4_template() -> Vec<u8> {
+    let mut t = vec![1, 0, 0, 9];
+    for (id, len) in [
+        (8u16, 4u16),
+        (12, 4),
+        (7, 2),
+        (11, 2),
+        (4, 1),
+        (2, 4),
+        (1, 8),
+        (152, 8),
+        (153, 8),
+    ] {
+        t.extend_from_slice(&id.to_be_bytes());
+        t.extend_from_slice(&len.to_be_bytes());
+    }
+    t
+}
+
+/// One record of [`v4_template`]: 10.0.0.1:`sport` → 10.0.0.2:80/TCP.
+pub fn v4_record(sport: u16, packets: u32, bytes: u64) -> Vec<u8> {
+    let mut r = vec![10, 0, 0, 1, 10, 0, 0, 2];
+    r.extend_from_slice(&sport.to_be_bytes());
+    r.extend_from_slice(&80u16.to_be_bytes());
+    r.push(6);
+    r.extend_from_slice(&packets.to_be_bytes());
+    r.extend_from_slice(&bytes.to_be_bytes());
+    r.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+    r.extend_from_slice(&1_700_000_000_250u64.to_be_bytes());
+    r
+}
+
+/// Polls `sql` (one i64) on SQLite until it returns `want`, within `limit`.
+pub fn wait_for_value(db: &Path, sql: &str, want: i64, limit: Duration) -> i64 {
+    let end = Instant::now() + limit;
+    let mut last = -1;
+    while Instant::now() < end {
+        if db.exists() {
+            let rows: Vec<(i64,)> = sqlite_query(db, sql);
+            last = rows.first().map_or(-1, |r| r.0);
+            if last == want {
+                return last;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    last
+}
