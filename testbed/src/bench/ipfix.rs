@@ -152,19 +152,28 @@ fn send(stream: &Stream, port: u16, rate: Option<u64>) -> anyhow::Result<Duratio
     Ok(start.elapsed())
 }
 
-/// `(rx_queue bytes, drops)` of the UDP socket bound to 127.0.0.1:`port`.
+/// `(rx_queue bytes, drops)` of the UDP sockets bound to 127.0.0.1:`port`,
+/// summed (a receiver may bind several with SO_REUSEPORT); `None` when
+/// none is bound.
 fn udp_socket_state(port: u16) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/net/udp").ok()?;
     let want = format!("0100007F:{port:04X}");
-    text.lines().skip(1).find_map(|l| {
+    let mut found = None;
+    for l in text.lines().skip(1) {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.get(1) != Some(&want.as_str()) {
-            return None;
+            continue;
         }
-        let rx = u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?;
-        let drops = f.last()?.parse().ok()?;
-        Some((rx, drops))
-    })
+        let rx = f
+            .get(4)
+            .and_then(|q| q.split(':').nth(1))
+            .and_then(|q| u64::from_str_radix(q, 16).ok())
+            .unwrap_or(0);
+        let drops = f.last().and_then(|d| d.parse::<u64>().ok()).unwrap_or(0);
+        let (r, d) = found.unwrap_or((0, 0));
+        found = Some((r + rx, d + drops));
+    }
+    found
 }
 
 /// Waits (at most 120 s) until the socket's queue stays empty for 100 ms;
