@@ -21,21 +21,27 @@ use support::*;
 /// in the destination port), protocol.
 type Key = (IpAddr, IpAddr, u16, u16, u8);
 
-/// A child process killed (and reaped) when the test ends, pass or fail.
-struct Proc(Child);
+/// A child process stopped when the test ends, pass or fail: with its
+/// stop signal (nfcapd: TERM; nfacctd: INT — it ignores TERM and leaves
+/// its plugin behind when killed), then KILL.
+struct Proc(Child, &'static str);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        self.terminate();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
 impl Proc {
-    /// SIGTERM, then wait up to 10 s (the peers write their files then).
+    /// The stop signal, then wait up to 10 s (the peers write their files then).
     fn terminate(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{}", self.1))
             .arg(self.0.id().to_string())
             .status();
         let until = Instant::now() + Duration::from_secs(10);
@@ -252,6 +258,7 @@ fn nfcapd_stores_every_flow_with_the_meters_counts() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
+        "TERM",
     );
     std::thread::sleep(Duration::from_millis(700)); // nfcapd binds its socket
     let records = run_meter(
@@ -337,6 +344,7 @@ fn nfacctd_counts_every_flow_like_the_meter() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
+        "INT",
     );
     std::thread::sleep(Duration::from_millis(1500)); // nfacctd binds its socket
     let records = run_meter(&pcap, &jsonl, &[format!("ipfix://127.0.0.1:{port}")]);

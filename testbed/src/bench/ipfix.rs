@@ -231,15 +231,17 @@ impl Kind {
     }
 }
 
-/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
-struct Peer(Child);
+/// A child process stopped (its stop signal, then SIGKILL) when dropped.
+/// nfacctd stops on SIGINT (it ignores SIGTERM, and killed it leaves its
+/// plugin process behind); the others on SIGTERM.
+struct Peer(Child, nix::sys::signal::Signal);
 
 impl Peer {
     fn stop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), self.1);
         let limit = Instant::now() + Duration::from_secs(10);
         while Instant::now() < limit {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -262,6 +264,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Peer> {
     let f = std::fs::File::create(log)?;
     Ok(Peer(
         cmd.stdout(Stdio::null()).stderr(Stdio::from(f)).spawn()?,
+        nix::sys::signal::Signal::SIGTERM,
     ))
 }
 
@@ -430,10 +433,12 @@ async fn run_one(
                     work.join("out.csv").display()
                 ),
             )?;
-            peer = Some(spawn(
+            let mut p = spawn(
                 Command::new(bin).arg("-f").arg(&conf),
                 &work.join("nfacctd.log"),
-            )?);
+            )?;
+            p.1 = nix::sys::signal::Signal::SIGINT;
+            peer = Some(p);
         }
     }
     if let Err(e) = wait_bound(port) {
