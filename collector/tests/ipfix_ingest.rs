@@ -441,3 +441,35 @@ fn postgres_stores_records_templates_and_counters() {
     );
     assert!(query("SELECT COALESCE(SUM(datagrams), 0)::bigint FROM ipfix_listeners") >= 1);
 }
+
+#[test]
+fn bad_ipfix_configuration_exits_64_naming_the_key() {
+    for (args, key) in [
+        (vec!["--ipfix-listen=udp:127.0.0.1:4739"], "ipfix_listen"),
+        (vec!["--ipfix-listen=udp://0.0.0.0:4739"], "ipfix_listen"),
+        (
+            vec![
+                "--ipfix-listen=udp://127.0.0.1:4739",
+                "--ipfix-allow=exporter-1",
+            ],
+            "ipfix_allow",
+        ),
+        (
+            vec![
+                "--ipfix-listen=udp://127.0.0.1:4739",
+                "--ipfix-template-expiry-s=10",
+            ],
+            "ipfix_template_expiry_s",
+        ),
+    ] {
+        let out = std::process::Command::new(collector_bin())
+            .args(&args)
+            .arg("--db=sqlite://unused.db")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(&format!("{key}:")), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+}
