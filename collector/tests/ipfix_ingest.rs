@@ -441,3 +441,110 @@ fn postgres_stores_records_templates_and_counters() {
     );
     assert!(query("SELECT COALESCE(SUM(datagrams), 0)::bigint FROM ipfix_listeners") >= 1);
 }
+
+#[test]
+fn bad_ipfix_configuration_exits_64_naming_the_key() {
+    for (args, key) in [
+        (vec!["--ipfix-listen=udp:127.0.0.1:4739"], "ipfix_listen"),
+        (vec!["--ipfix-listen=udp://0.0.0.0:4739"], "ipfix_listen"),
+        (
+            vec![
+                "--ipfix-listen=udp://127.0.0.1:4739",
+                "--ipfix-allow=exporter-1",
+            ],
+            "ipfix_allow",
+        ),
+        (
+            vec![
+                "--ipfix-listen=udp://127.0.0.1:4739",
+                "--ipfix-template-expiry-s=10",
+            ],
+            "ipfix_template_expiry_s",
+        ),
+    ] {
+        let out = std::process::Command::new(collector_bin())
+            .args(&args)
+            .arg("--db=sqlite://unused.db")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(&format!("{key}:")), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+}
+
+/// IPFIX over TLS (`tls://`), with the collector's mutual-TLS files: an
+/// exporter with a certificate of the CA gets its records stored; one
+/// speaking plain TCP to the same port gets nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipfix_over_mutual_tls() {
+    use qosloop_testbed::harness::require_binary;
+    use qosloop_testbed::need;
+    use tokio::io::AsyncWriteExt;
+    need!(require_binary("openssl", "openssl"));
+    let dir = tempfile::tempdir().unwrap();
+    qosloop_testbed::harness::test_pki(dir.path()).unwrap();
+    let db = dir.path().join("flows.db");
+    let url = format!("sqlite://{}", db.display());
+    let config = qosloop_collector::Config {
+        listen: String::new(),
+        db: url.clone(),
+        ipfix_listen: vec!["tls://127.0.0.1:0".into()],
+        ipfix_flush_ms: 20,
+        tls_cert: Some(dir.path().join("server.pem")),
+        tls_key: Some(dir.path().join("server.key")),
+        tls_client_ca: Some(dir.path().join("ca.pem")),
+        ..qosloop_collector::Config::default()
+    };
+    config.validate().unwrap();
+    let sink = qosloop_collector::open_sink(&url).await.unwrap();
+    let collector = qosloop_collector::Collector::new(sink.clone(), &config).unwrap();
+    let ingest = qosloop_collector::ipfix::Ingest::start(&config, sink, collector.writer())
+        .await
+        .unwrap();
+    let addr = ingest.bound[0].1;
+    let message = Ipfix::default()
+        .set(2, &v4_template())
+        .set(256, &v4_record(7, 2, 120))
+        .message(0, 1);
+
+    // Plain TCP to the TLS port: the handshake fails, nothing is stored.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = plain.write_all(&message).await;
+    let _ = plain.shutdown().await;
+    drop(plain);
+
+    let files = qosloop_exporter::TlsFiles {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join("client.pem"),
+        key: dir.path().join("client.key"),
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(qosloop_schema::tls::client_config(&files).unwrap());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = qosloop_schema::tls::server_name(&addr.to_string()).unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(&message).await.unwrap();
+    tls.shutdown().await.unwrap();
+    drop(tls);
+
+    let db2 = db.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        wait_for_value(
+            &db2,
+            "SELECT count(*) FROM flows",
+            1,
+            Duration::from_secs(10),
+        )
+    })
+    .await
+    .unwrap();
+    ingest.stop().await;
+    assert_eq!(stored, 1);
+    let rows: Vec<(i64, i64)> =
+        tokio::task::spawn_blocking(move || sqlite_query(&db, "SELECT src_port, bytes FROM flows"))
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(7, 120)]);
+}

@@ -76,11 +76,9 @@ impl Output {
         self.buffered += records.len();
         let p = self.pending.entry((from, domain)).or_default();
         p.seq = seq;
-        if p.records.is_empty() {
-            std::mem::swap(&mut p.records, records);
-        } else {
-            p.records.append(records);
-        }
+        // Moves the records (the batch grows by doubling); the decoder's
+        // vector keeps its capacity for the next datagram.
+        p.records.append(records);
         self.buffered >= self.flush_records
     }
 
