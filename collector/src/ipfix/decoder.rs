@@ -433,8 +433,31 @@ fn exporter_entry<'a>(
     now_ns: u64,
 ) -> Option<&'a mut Exporter> {
     if !exporters.contains_key(&key) && exporters.len() >= limits.max_exporters {
-        unattributed.drop(DropReason::TooManyExporters);
-        return None;
+        // Full: the exporter that holds no template and no data, and was
+        // heard from longest ago, makes room (its counters go to the
+        // unattributed ones). Sources that only ever sent garbage cannot
+        // keep a real exporter out; ones holding templates are kept.
+        let victim = exporters
+            .iter()
+            .filter(|(_, e)| {
+                e.domains
+                    .values()
+                    .all(|d| d.templates.is_empty() && d.pending.is_empty())
+            })
+            .min_by_key(|(_, e)| e.last_seen_ns)
+            .map(|(k, _)| *k);
+        match victim.and_then(|k| exporters.remove(&k)) {
+            Some(gone) => {
+                unattributed.add(&gone.counters);
+                for d in gone.domains.values() {
+                    unattributed.add(&d.counters);
+                }
+            }
+            None => {
+                unattributed.drop(DropReason::TooManyExporters);
+                return None;
+            }
+        }
     }
     let e = exporters.entry(key).or_default();
     e.last_seen_ns = now_ns;
