@@ -108,6 +108,10 @@ impl Domain {
         if let Some(t) = f.system_init_ms {
             self.system_init_ms = Some(t);
         }
+        if f.sampling_out_of_range() {
+            self.counters.drop(DropReason::BadSamplingRate);
+            return;
+        }
         if let Some(n) = f.own_sampling().or(
             // An explicit 1-in-1 resets a sampler to "every packet".
             f.sampling_interval.filter(|&n| n <= 1).map(|_| 1),
@@ -135,6 +139,9 @@ impl Domain {
         out: &mut Vec<FlowRecord>,
     ) {
         let (start_ns, end_ns) = self.times(&f, ctx);
+        if f.sampling_out_of_range() {
+            self.counters.drop(DropReason::BadSamplingRate);
+        }
         let sampling = f
             .own_sampling()
             .or_else(|| f.sampler_key().and_then(|k| self.samplers.get(&k).copied()))

@@ -46,11 +46,14 @@ pub enum DropReason {
     TooManyExporters,
     /// A template withdrawal over UDP (RFC 7011 §8.4 forbids it).
     WithdrawalOverUdp,
+    /// A sampling rate over `MAX_SAMPLING` (2^24) in a data or options
+    /// record: the rate is ignored (the record itself is kept).
+    BadSamplingRate,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`Counters::drops`].
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::ShortHeader,
         DropReason::UnknownVersion,
         DropReason::BadMessageLength,
@@ -70,6 +73,7 @@ impl DropReason {
         DropReason::NotAllowed,
         DropReason::TooManyExporters,
         DropReason::WithdrawalOverUdp,
+        DropReason::BadSamplingRate,
     ];
 
     /// The name used in logs, SQL and metrics.
@@ -94,6 +98,7 @@ impl DropReason {
             DropReason::NotAllowed => "not_allowed",
             DropReason::TooManyExporters => "too_many_exporters",
             DropReason::WithdrawalOverUdp => "withdrawal_over_udp",
+            DropReason::BadSamplingRate => "bad_sampling_rate",
         }
     }
 
