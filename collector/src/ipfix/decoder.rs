@@ -43,6 +43,9 @@ pub struct Limits {
     /// deltas), and how long one is kept without a report (ns).
     pub max_totals: usize,
     pub totals_idle_ns: u64,
+    /// Flow records one message may produce (data that waited for its
+    /// template included); the rest is dropped and counted.
+    pub max_records_per_message: usize,
     /// Only these source addresses are decoded, when set.
     pub allow: Option<HashSet<IpAddr>>,
 }
@@ -62,6 +65,7 @@ impl Default for Limits {
             max_samplers: 256,
             max_totals: 1 << 18,
             totals_idle_ns: 3_600 * 1_000_000_000,
+            max_records_per_message: 4096,
             allow: None,
         }
     }
@@ -228,6 +232,9 @@ impl Decoder {
         let Ok(plan) = Plan::compile(&def, version == Version::V9 && def.options) else {
             return false;
         };
+        if !def.options && !plan.makes_flows() {
+            return false;
+        }
         let key = ExporterKey {
             addr: from,
             session: None,
@@ -392,6 +399,7 @@ impl Decoder {
         domain.counters.messages += 1;
         let before = out.len();
         let mut walk = Walk {
+            record_cap: before.saturating_add(self.limits.max_records_per_message),
             limits: &self.limits,
             pending_total: &mut self.pending_total,
             changes: &mut self.changes,
@@ -485,6 +493,8 @@ pub fn ipfix_message_len(buf: &[u8]) -> Result<Option<usize>, DropReason> {
 
 /// One message being decoded.
 struct Walk<'a> {
+    /// `out.len()` at which this message stops producing records.
+    record_cap: usize,
     limits: &'a Limits,
     pending_total: &'a mut usize,
     changes: &'a mut Vec<TemplateChange>,
@@ -626,7 +636,14 @@ impl Walk<'_> {
             domain.counters.drop(DropReason::TooManyTemplates);
             return;
         }
-        let plan = match Plan::compile(&def, version == Version::V9 && def.options) {
+        let compiled = Plan::compile(&def, version == Version::V9 && def.options).and_then(|p| {
+            if def.options || p.makes_flows() {
+                Ok(p)
+            } else {
+                Err(DropReason::NoFlowFields)
+            }
+        });
+        let plan = match compiled {
             Ok(p) => p,
             Err(reason) => {
                 // A redefinition that does not compile removes the old one:
@@ -739,6 +756,10 @@ impl Walk<'_> {
         let mut n = 0u32;
         let mut f = Fields::default();
         while body.len() - at >= plan.min_len {
+            if !options && self.out.len() >= self.record_cap {
+                domain.counters.drop(DropReason::TooManyRecords);
+                break;
+            }
             if let Err(reason) = plan.read(body, &mut at, &mut f) {
                 // The rest of the set cannot be delimited.
                 domain.counters.drop(reason);

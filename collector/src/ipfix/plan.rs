@@ -225,6 +225,33 @@ impl Plan {
         })
     }
 
+    /// True when a record of this plan can say something about a flow: it
+    /// has an address or a counter. A data template without either would
+    /// turn every byte of a message into a record of 0.0.0.0 (review
+    /// finding 4); it is refused ([`DropReason::NoFlowFields`]).
+    pub fn makes_flows(&self) -> bool {
+        use Action::*;
+        self.steps.iter().any(|s| {
+            matches!(
+                s.action,
+                SrcV4
+                    | DstV4
+                    | SrcV6
+                    | DstV6
+                    | OctetDelta
+                    | PacketDelta
+                    | OctetTotal
+                    | PacketTotal
+                    | PostOctetDelta
+                    | PostPacketDelta
+                    | InitiatorOctets
+                    | ResponderOctets
+                    | InitiatorPackets
+                    | ResponderPackets
+            )
+        })
+    }
+
     /// Decodes one record at `*at` of `b` into `acc` (reset first),
     /// advancing `*at`. The caller guarantees `b.len() - *at >= min_len`;
     /// a variable-length field that runs past `b` is an error.

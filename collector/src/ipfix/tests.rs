@@ -923,3 +923,6 @@ fn v9_uptime_wraps_modulo_2_pow_32() {
     assert_eq!(out[0].start_ns, export - 1_500_000_000);
     assert_eq!(out[0].end_ns, export - 500_000_000);
 }
+
+/// Regression tests of the attacker review's findings.
+mod hostile;
