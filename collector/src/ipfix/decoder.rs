@@ -28,7 +28,9 @@ pub struct Limits {
     pub pending_sets: usize,
     /// Bytes of those sets, per exporter and domain.
     pub pending_bytes: usize,
-    /// Bytes of held sets over all exporters.
+    /// Bytes of held sets over all exporters of the decoder (each set is
+    /// charged its length plus [`PENDING_SET_OVERHEAD`], so that empty sets
+    /// are not free).
     pub pending_total_bytes: usize,
     /// How long a held set waits for its template (ns).
     pub pending_age_ns: u64,
@@ -43,6 +45,13 @@ pub struct Limits {
     /// deltas), and how long one is kept without a report (ns).
     pub max_totals: usize,
     pub totals_idle_ns: u64,
+    /// Budgets of the whole decoder, over all its exporters and domains:
+    /// template fields (summed over every template), flows tracked for
+    /// their totals, and observation domains. Use never shrinks between
+    /// sweeps (freed state is given back at the next [`Decoder::sweep`]).
+    pub max_template_fields_total: usize,
+    pub max_totals_total: usize,
+    pub max_domains_total: usize,
     /// Flow records one message may produce (data that waited for its
     /// template included); the rest is dropped and counted.
     pub max_records_per_message: usize,
@@ -66,9 +75,40 @@ impl Default for Limits {
             max_totals: 1 << 18,
             totals_idle_ns: 3_600 * 1_000_000_000,
             max_records_per_message: 4096,
+            max_template_fields_total: 1 << 20,
+            max_totals_total: 1 << 19,
+            max_domains_total: 8192,
             allow: None,
         }
     }
+}
+
+/// What a held set costs beyond its bytes (its bookkeeping).
+pub const PENDING_SET_OVERHEAD: usize = 64;
+
+impl Limits {
+    /// These limits for one of `n` decoders that share a process-wide
+    /// budget (the UDP threads of a listener, the TCP sessions): the
+    /// decoder-wide budgets are divided by `n` (at least 1 each).
+    pub fn share(&self, n: usize) -> Limits {
+        let n = n.max(1);
+        let part = |v: usize| (v / n).max(1);
+        Limits {
+            pending_total_bytes: part(self.pending_total_bytes),
+            max_template_fields_total: part(self.max_template_fields_total),
+            max_totals_total: part(self.max_totals_total),
+            max_domains_total: part(self.max_domains_total),
+            ..self.clone()
+        }
+    }
+}
+
+/// What a decoder holds against its decoder-wide budgets.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    template_fields: usize,
+    totals: usize,
+    domains: usize,
 }
 
 /// Who sent a message: a UDP source (address and port) or one TCP session.
@@ -126,6 +166,7 @@ pub struct Decoder {
     /// Drops not charged to a tracked exporter (not allowed; too many).
     unattributed: Counters,
     pending_total: usize,
+    usage: Usage,
     changes: Vec<TemplateChange>,
 }
 
@@ -136,6 +177,7 @@ impl Decoder {
             exporters: HashMap::new(),
             unattributed: Counters::default(),
             pending_total: 0,
+            usage: Usage::default(),
             changes: Vec::new(),
         }
     }
@@ -201,6 +243,7 @@ impl Decoder {
             for d in e.domains.values() {
                 self.pending_total -= d.pending_bytes;
             }
+            self.recount();
         }
         stats
     }
@@ -249,16 +292,25 @@ impl Decoder {
             return false;
         };
         let max_domains = self.limits.max_domains;
-        if exporter.domains.len() >= max_domains
-            && !exporter.domains.contains_key(&(version, domain))
+        let new_domain = !exporter.domains.contains_key(&(version, domain));
+        if new_domain
+            && (exporter.domains.len() >= max_domains
+                || self.usage.domains >= self.limits.max_domains_total)
         {
             return false;
+        }
+        if self.usage.template_fields + def.fields.len() > self.limits.max_template_fields_total {
+            return false;
+        }
+        if new_domain {
+            self.usage.domains += 1;
         }
         let d = exporter.domains.entry((version, domain)).or_default();
         if d.templates.len() >= self.limits.max_templates && !d.templates.contains_key(&template_id)
         {
             return false;
         }
+        self.usage.template_fields += def.fields.len();
         d.templates.insert(
             template_id,
             Template {
@@ -304,6 +356,25 @@ impl Decoder {
                 || now_ns.saturating_sub(e.last_seen_ns) <= idle
                 || e.domains.values().any(|d| !d.templates.is_empty())
         });
+        self.recount();
+    }
+
+    /// Counts again what the decoder holds against its budgets (what was
+    /// freed since the last count is given back).
+    fn recount(&mut self) {
+        let mut u = Usage::default();
+        for e in self.exporters.values() {
+            u.domains += e.domains.len();
+            for d in e.domains.values() {
+                u.totals += d.totals_len();
+                u.template_fields += d
+                    .templates
+                    .values()
+                    .map(|t| t.def.fields.len())
+                    .sum::<usize>();
+            }
+        }
+        self.usage = u;
     }
 
     /// Counters of every exporter and domain, and of what was dropped
@@ -390,9 +461,14 @@ impl Decoder {
             return Err(DropReason::UnknownVersion);
         }
         let dkey = (header.version, header.domain);
-        if !exporter.domains.contains_key(&dkey) && exporter.domains.len() >= max_domains {
-            exporter.counters.drop(DropReason::TooManyExporters);
-            return Err(DropReason::TooManyExporters);
+        if !exporter.domains.contains_key(&dkey) {
+            if exporter.domains.len() >= max_domains
+                || self.usage.domains >= self.limits.max_domains_total
+            {
+                exporter.counters.drop(DropReason::TooManyExporters);
+                return Err(DropReason::TooManyExporters);
+            }
+            self.usage.domains += 1;
         }
         let domain = exporter.domains.entry(dkey).or_default();
         domain.last_seen_ns = now_ns;
@@ -402,6 +478,7 @@ impl Decoder {
             record_cap: before.saturating_add(self.limits.max_records_per_message),
             limits: &self.limits,
             pending_total: &mut self.pending_total,
+            usage: &mut self.usage,
             changes: &mut self.changes,
             key,
             header,
@@ -497,6 +574,7 @@ struct Walk<'a> {
     record_cap: usize,
     limits: &'a Limits,
     pending_total: &'a mut usize,
+    usage: &'a mut Usage,
     changes: &'a mut Vec<TemplateChange>,
     key: ExporterKey,
     header: Header,
@@ -512,6 +590,19 @@ impl Walk<'_> {
             export_nsecs: self.header.export_nsecs,
             sys_uptime_ms: self.header.sys_uptime_ms,
         }
+    }
+
+    /// One record's fields into flow records, the flows tracked for their
+    /// totals held within the per-domain and the decoder-wide budget.
+    fn build(&mut self, domain: &mut Domain, f: Fields, ctx: &MsgCtx, sampling: Option<u32>) {
+        let before = domain.totals_len();
+        let room = self
+            .limits
+            .max_totals_total
+            .saturating_sub(self.usage.totals);
+        let max = self.limits.max_totals.min(before.saturating_add(room));
+        domain.build(f, ctx, sampling, max, self.now_ns, self.out);
+        self.usage.totals += domain.totals_len().saturating_sub(before);
     }
 
     /// NetFlow v5: fixed 48-byte records after the 24-byte header.
@@ -537,14 +628,7 @@ impl Walk<'_> {
                 tos: Some(r[39]),
                 ..Fields::default()
             };
-            domain.build(
-                f,
-                &ctx,
-                sampling,
-                self.limits.max_totals,
-                self.now_ns,
-                self.out,
-            );
+            self.build(domain, f, &ctx, sampling);
         }
     }
 
@@ -636,6 +720,10 @@ impl Walk<'_> {
             domain.counters.drop(DropReason::TooManyTemplates);
             return;
         }
+        if self.usage.template_fields + def.fields.len() > self.limits.max_template_fields_total {
+            domain.counters.drop(DropReason::TooManyTemplates);
+            return;
+        }
         let compiled = Plan::compile(&def, version == Version::V9 && def.options).and_then(|p| {
             if def.options || p.makes_flows() {
                 Ok(p)
@@ -663,6 +751,7 @@ impl Walk<'_> {
                 seen_ns: self.now_ns,
             });
         }
+        self.usage.template_fields += def.fields.len();
         domain.templates.insert(
             id,
             Template {
@@ -675,7 +764,7 @@ impl Walk<'_> {
         // Data that waited for this template is decoded now, with the
         // context of the message that brought it.
         for p in domain.take_pending(id) {
-            *self.pending_total -= p.body.len();
+            *self.pending_total -= p.cost();
             self.decode_set(domain, id, &p.body, &p.ctx);
         }
     }
@@ -711,19 +800,20 @@ impl Walk<'_> {
             domain.counters.drop(DropReason::TemplateWithdrawn);
             return;
         }
-        if body.len() > self.limits.pending_bytes {
+        let cost = body.len() + PENDING_SET_OVERHEAD;
+        if cost > self.limits.pending_bytes {
             domain.counters.drop(DropReason::PendingOverflow);
             return;
         }
         // Room is made by letting the oldest sets go, each counted.
         while domain.pending.len() >= self.limits.pending_sets
-            || domain.pending_bytes + body.len() > self.limits.pending_bytes
-            || *self.pending_total + body.len() > self.limits.pending_total_bytes
+            || domain.pending_bytes + cost > self.limits.pending_bytes
+            || *self.pending_total + cost > self.limits.pending_total_bytes
         {
             match domain.pending.pop_front() {
                 Some(old) => {
-                    domain.pending_bytes -= old.body.len();
-                    *self.pending_total -= old.body.len();
+                    domain.pending_bytes -= old.cost();
+                    *self.pending_total -= old.cost();
                     domain.counters.drop(DropReason::PendingOverflow);
                 }
                 None => {
@@ -732,8 +822,8 @@ impl Walk<'_> {
                 }
             }
         }
-        domain.pending_bytes += body.len();
-        *self.pending_total += body.len();
+        domain.pending_bytes += cost;
+        *self.pending_total += cost;
         domain.pending.push_back(PendingSet {
             template_id: set_id,
             ctx,
@@ -769,14 +859,7 @@ impl Walk<'_> {
             if options {
                 domain.apply_options(&f, self.limits.max_samplers);
             } else {
-                domain.build(
-                    std::mem::take(&mut f),
-                    ctx,
-                    None,
-                    self.limits.max_totals,
-                    self.now_ns,
-                    self.out,
-                );
+                self.build(domain, std::mem::take(&mut f), ctx, None);
             }
         }
         n

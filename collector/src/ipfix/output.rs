@@ -212,11 +212,6 @@ impl Output {
         Ok(())
     }
 
-    /// Records handed to the writer and not yet seen committed.
-    pub fn inflight_records(&self) -> usize {
-        self.inflight_records
-    }
-
     pub fn db(&self) -> Option<&Db> {
         match &self.sink {
             Sink::Db(db) => Some(db),

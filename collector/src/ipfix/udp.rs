@@ -108,7 +108,8 @@ impl UdpWorker {
     /// Receives and decodes until `stop` is set; then flushes what it holds.
     pub fn run(self) {
         let s = &self.settings;
-        let mut decoder = Decoder::new(s.limits.clone());
+        // The listener's budgets are shared by its threads.
+        let mut decoder = Decoder::new(s.limits.share(s.udp_threads));
         let mut output = Output::new(
             self.sink.clone(),
             self.writer.clone(),

@@ -38,3 +38,103 @@ fn one_message_yields_at_most_the_record_cap() {
     assert_eq!(out.len(), Limits::default().max_records_per_message);
     assert_eq!(domain_counters(&d).dropped(DropReason::TooManyRecords), 1);
 }
+
+/// Finding 3: empty data sets for an unknown template were held at no
+/// cost, so the byte budget never limited them.
+#[test]
+fn held_sets_are_charged_their_bookkeeping() {
+    let limits = Limits {
+        pending_total_bytes: 100 * crate::ipfix::PENDING_SET_OVERHEAD,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    let mut m = Msg::default();
+    for _ in 0..1000 {
+        m = m.set(300, &[]);
+    }
+    decode(&mut d, &m.ipfix(0, 1));
+    let held: usize = d.stats().iter().map(|s| s.pending_sets).sum();
+    assert!(held <= 100, "{held} empty sets held");
+    assert!(domain_counters(&d).dropped(DropReason::PendingOverflow) >= 900);
+}
+
+fn totals_record(src: u32) -> Vec<u8> {
+    let mut r = src.to_be_bytes().to_vec();
+    r.extend_from_slice(&[10, 0, 0, 2]);
+    r.extend_from_slice(&100u32.to_be_bytes());
+    r
+}
+
+/// Finding 3: flows tracked for their totals were bounded per domain only;
+/// now also over the whole decoder.
+#[test]
+fn totals_are_bounded_over_all_domains() {
+    let limits = Limits {
+        max_totals: 1000,
+        max_totals_total: 100,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    for domain in 1..=2u32 {
+        let data: Vec<u8> = (0..80u32)
+            .flat_map(|i| totals_record(0x0a01_0000 | domain << 8 | i))
+            .collect();
+        let m = Msg::default()
+            .set(2, &template(256, &[(8, 4), (12, 4), (86, 4)]))
+            .set(256, &data)
+            .ipfix(0, domain);
+        assert_eq!(decode(&mut d, &m).len(), 80);
+    }
+    assert_eq!(domain_counters(&d).totals_untracked, 60);
+}
+
+/// Finding 3: template fields are bounded over the whole decoder, not only
+/// per domain.
+#[test]
+fn template_fields_are_bounded_over_all_domains() {
+    let limits = Limits {
+        max_template_fields_total: 10,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    for domain in 1..=3u32 {
+        let m = Msg::default()
+            .set(2, &template(256, &[(8, 4), (12, 4), (1, 4), (2, 4)]))
+            .ipfix(0, domain);
+        decode(&mut d, &m);
+    }
+    let templates: usize = d.stats().iter().map(|s| s.templates).sum();
+    assert_eq!(templates, 2);
+    assert_eq!(domain_counters(&d).dropped(DropReason::TooManyTemplates), 1);
+}
+
+/// Finding 3: domains are bounded over the whole decoder; and the budgets
+/// of a listener are split between its decoders.
+#[test]
+fn domains_are_bounded_over_all_exporters_and_budgets_are_shared() {
+    let limits = Limits {
+        max_domains_total: 3,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits.clone());
+    let mut refused = 0;
+    for port in 0..2u16 {
+        for domain in 0..2u32 {
+            let m = Msg::default().ipfix(0, domain);
+            let at = SocketAddr::new(from().ip(), 1000 + port);
+            if d.decode_udp(at, &m, T0, &mut Vec::new()).is_err() {
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 1);
+    let shared = Limits::default().share(4);
+    assert_eq!(
+        shared.max_template_fields_total,
+        Limits::default().max_template_fields_total / 4
+    );
+    assert_eq!(
+        shared.pending_total_bytes,
+        Limits::default().pending_total_bytes / 4
+    );
+}
