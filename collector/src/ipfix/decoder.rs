@@ -37,6 +37,8 @@ pub struct Limits {
     /// Exporters tracked at once (a UDP exporter is address + port; a TCP
     /// one is a session).
     pub max_exporters: usize,
+    /// UDP exporters (source ports) tracked at once from one address.
+    pub max_exporters_per_addr: usize,
     /// Observation domains per exporter.
     pub max_domains: usize,
     /// Samplers remembered per domain.
@@ -70,6 +72,7 @@ impl Default for Limits {
             pending_total_bytes: 64 << 20,
             pending_age_ns: 120 * 1_000_000_000,
             max_exporters: 4096,
+            max_exporters_per_addr: 16,
             max_domains: 64,
             max_samplers: 256,
             max_totals: 1 << 18,
@@ -440,6 +443,18 @@ impl Decoder {
             }
         }
         let max_domains = self.limits.max_domains;
+        // No state for a source before it has sent a valid header: what
+        // fails here is charged to it only when it is already tracked.
+        let header = match parse_header(bytes) {
+            Ok(h) => h,
+            Err(reason) => {
+                match self.exporters.get_mut(&key) {
+                    Some(e) => e.counters.drop(reason),
+                    None => self.unattributed.drop(reason),
+                }
+                return Err(reason);
+            }
+        };
         let Some(exporter) = exporter_entry(
             &mut self.exporters,
             &self.limits,
@@ -448,13 +463,6 @@ impl Decoder {
             now_ns,
         ) else {
             return Err(DropReason::TooManyExporters);
-        };
-        let header = match parse_header(bytes) {
-            Ok(h) => h,
-            Err(reason) => {
-                exporter.counters.drop(reason);
-                return Err(reason);
-            }
         };
         if header.version == Version::V5 && key.session.is_some() {
             exporter.counters.drop(DropReason::UnknownVersion);
@@ -517,13 +525,25 @@ fn exporter_entry<'a>(
     key: ExporterKey,
     now_ns: u64,
 ) -> Option<&'a mut Exporter> {
-    if !exporters.contains_key(&key) && exporters.len() >= limits.max_exporters {
+    if exporters.contains_key(&key) {
+        let e = exporters.get_mut(&key)?;
+        e.last_seen_ns = now_ns;
+        return Some(e);
+    }
+    // One address holds at most `max_exporters_per_addr` UDP exporters
+    // (source ports), so that one host cannot fill the table.
+    let same_addr = |k: &ExporterKey| k.session.is_none() && k.addr.ip() == key.addr.ip();
+    let addr_full = key.session.is_none()
+        && exporters.keys().filter(|k| same_addr(k)).count() >= limits.max_exporters_per_addr;
+    if addr_full || exporters.len() >= limits.max_exporters {
         // Full: the exporter that holds no template and no data, and was
         // heard from longest ago, makes room (its counters go to the
-        // unattributed ones). Sources that only ever sent garbage cannot
+        // unattributed ones); when the address is at its own limit, one of
+        // that address. Sources that only ever sent empty messages cannot
         // keep a real exporter out; ones holding templates are kept.
         let victim = exporters
             .iter()
+            .filter(|(k, _)| !addr_full || same_addr(k))
             .filter(|(_, e)| {
                 e.domains
                     .values()

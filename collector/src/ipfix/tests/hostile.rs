@@ -138,3 +138,57 @@ fn domains_are_bounded_over_all_exporters_and_budgets_are_shared() {
         Limits::default().pending_total_bytes / 4
     );
 }
+
+/// Finding 1: 4-byte junk from thousands of source ports created an
+/// exporter (and SQL rows) each, before any header was checked.
+#[test]
+fn junk_creates_no_exporter_state() {
+    let mut d = Decoder::new(Limits {
+        max_exporters: 64,
+        ..Limits::default()
+    });
+    for port in 0..4096u16 {
+        let at = SocketAddr::new(from().ip(), port);
+        assert!(d
+            .decode_udp(at, &[0, 7, 0, 0], T0, &mut Vec::new())
+            .is_err());
+    }
+    let stats = d.stats();
+    assert_eq!(stats.len(), 1, "only the unattributed row");
+    assert!(stats[0].exporter.addr.ip().is_unspecified());
+    assert_eq!(stats[0].counters.dropped(DropReason::UnknownVersion), 4096);
+}
+
+/// Finding 1: valid but empty headers from many ports of one address hold
+/// at most `max_exporters_per_addr` slots, and never a slot of an exporter
+/// with templates; other addresses still get in.
+#[test]
+fn one_address_cannot_fill_the_exporter_table() {
+    let limits = Limits {
+        max_exporters: 40,
+        max_exporters_per_addr: 8,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    let attacker: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    // A real exporter from the same address, with a template.
+    let real = SocketAddr::new(attacker, 2055);
+    let t = Msg::default().set(2, &template(256, V4_FIELDS)).ipfix(0, 1);
+    d.decode_udp(real, &t, T0, &mut Vec::new()).unwrap();
+    for port in 0..4096u16 {
+        let at = SocketAddr::new(attacker, 10_000 + port);
+        let m = Msg::default().ipfix(0, 1);
+        let _ = d.decode_udp(at, &m, T0 + u64::from(port), &mut Vec::new());
+    }
+    let tracked: std::collections::HashSet<_> = d.stats().iter().map(|s| s.exporter).collect();
+    let of_attacker = tracked.iter().filter(|k| k.addr.ip() == attacker).count();
+    assert!(of_attacker <= 8, "{of_attacker} exporters of one address");
+    let data = Msg::default()
+        .set(256, &v4_record([10, 0, 0, 1], 2, 1, 1))
+        .ipfix(1, 1);
+    let mut out = Vec::new();
+    d.decode_udp(real, &data, T0 + 5000, &mut out).unwrap();
+    assert_eq!(out.len(), 1, "the real exporter kept its template");
+    let m = Msg::default().ipfix(0, 1);
+    assert!(d.decode_udp(from(), &m, T0 + 5000, &mut Vec::new()).is_ok());
+}
