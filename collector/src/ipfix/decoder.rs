@@ -28,13 +28,17 @@ pub struct Limits {
     pub pending_sets: usize,
     /// Bytes of those sets, per exporter and domain.
     pub pending_bytes: usize,
-    /// Bytes of held sets over all exporters.
+    /// Bytes of held sets over all exporters of the decoder (each set is
+    /// charged its length plus [`PENDING_SET_OVERHEAD`], so that empty sets
+    /// are not free).
     pub pending_total_bytes: usize,
     /// How long a held set waits for its template (ns).
     pub pending_age_ns: u64,
     /// Exporters tracked at once (a UDP exporter is address + port; a TCP
     /// one is a session).
     pub max_exporters: usize,
+    /// UDP exporters (source ports) tracked at once from one address.
+    pub max_exporters_per_addr: usize,
     /// Observation domains per exporter.
     pub max_domains: usize,
     /// Samplers remembered per domain.
@@ -43,6 +47,16 @@ pub struct Limits {
     /// deltas), and how long one is kept without a report (ns).
     pub max_totals: usize,
     pub totals_idle_ns: u64,
+    /// Budgets of the whole decoder, over all its exporters and domains:
+    /// template fields (summed over every template), flows tracked for
+    /// their totals, and observation domains. Use never shrinks between
+    /// sweeps (freed state is given back at the next [`Decoder::sweep`]).
+    pub max_template_fields_total: usize,
+    pub max_totals_total: usize,
+    pub max_domains_total: usize,
+    /// Flow records one message may produce (data that waited for its
+    /// template included); the rest is dropped and counted.
+    pub max_records_per_message: usize,
     /// Only these source addresses are decoded, when set.
     pub allow: Option<HashSet<IpAddr>>,
 }
@@ -58,13 +72,46 @@ impl Default for Limits {
             pending_total_bytes: 64 << 20,
             pending_age_ns: 120 * 1_000_000_000,
             max_exporters: 4096,
+            max_exporters_per_addr: 16,
             max_domains: 64,
             max_samplers: 256,
             max_totals: 1 << 18,
             totals_idle_ns: 3_600 * 1_000_000_000,
+            max_records_per_message: 4096,
+            max_template_fields_total: 1 << 20,
+            max_totals_total: 1 << 19,
+            max_domains_total: 8192,
             allow: None,
         }
     }
+}
+
+/// What a held set costs beyond its bytes (its bookkeeping).
+pub const PENDING_SET_OVERHEAD: usize = 64;
+
+impl Limits {
+    /// These limits for one of `n` decoders that share a process-wide
+    /// budget (the UDP threads of a listener, the TCP sessions): the
+    /// decoder-wide budgets are divided by `n` (at least 1 each).
+    pub fn share(&self, n: usize) -> Limits {
+        let n = n.max(1);
+        let part = |v: usize| (v / n).max(1);
+        Limits {
+            pending_total_bytes: part(self.pending_total_bytes),
+            max_template_fields_total: part(self.max_template_fields_total),
+            max_totals_total: part(self.max_totals_total),
+            max_domains_total: part(self.max_domains_total),
+            ..self.clone()
+        }
+    }
+}
+
+/// What a decoder holds against its decoder-wide budgets.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    template_fields: usize,
+    totals: usize,
+    domains: usize,
 }
 
 /// Who sent a message: a UDP source (address and port) or one TCP session.
@@ -122,6 +169,7 @@ pub struct Decoder {
     /// Drops not charged to a tracked exporter (not allowed; too many).
     unattributed: Counters,
     pending_total: usize,
+    usage: Usage,
     changes: Vec<TemplateChange>,
 }
 
@@ -132,6 +180,7 @@ impl Decoder {
             exporters: HashMap::new(),
             unattributed: Counters::default(),
             pending_total: 0,
+            usage: Usage::default(),
             changes: Vec::new(),
         }
     }
@@ -197,6 +246,7 @@ impl Decoder {
             for d in e.domains.values() {
                 self.pending_total -= d.pending_bytes;
             }
+            self.recount();
         }
         stats
     }
@@ -228,6 +278,9 @@ impl Decoder {
         let Ok(plan) = Plan::compile(&def, version == Version::V9 && def.options) else {
             return false;
         };
+        if !def.options && !plan.makes_flows() {
+            return false;
+        }
         let key = ExporterKey {
             addr: from,
             session: None,
@@ -242,16 +295,25 @@ impl Decoder {
             return false;
         };
         let max_domains = self.limits.max_domains;
-        if exporter.domains.len() >= max_domains
-            && !exporter.domains.contains_key(&(version, domain))
+        let new_domain = !exporter.domains.contains_key(&(version, domain));
+        if new_domain
+            && (exporter.domains.len() >= max_domains
+                || self.usage.domains >= self.limits.max_domains_total)
         {
             return false;
+        }
+        if self.usage.template_fields + def.fields.len() > self.limits.max_template_fields_total {
+            return false;
+        }
+        if new_domain {
+            self.usage.domains += 1;
         }
         let d = exporter.domains.entry((version, domain)).or_default();
         if d.templates.len() >= self.limits.max_templates && !d.templates.contains_key(&template_id)
         {
             return false;
         }
+        self.usage.template_fields += def.fields.len();
         d.templates.insert(
             template_id,
             Template {
@@ -297,6 +359,25 @@ impl Decoder {
                 || now_ns.saturating_sub(e.last_seen_ns) <= idle
                 || e.domains.values().any(|d| !d.templates.is_empty())
         });
+        self.recount();
+    }
+
+    /// Counts again what the decoder holds against its budgets (what was
+    /// freed since the last count is given back).
+    fn recount(&mut self) {
+        let mut u = Usage::default();
+        for e in self.exporters.values() {
+            u.domains += e.domains.len();
+            for d in e.domains.values() {
+                u.totals += d.totals_len();
+                u.template_fields += d
+                    .templates
+                    .values()
+                    .map(|t| t.def.fields.len())
+                    .sum::<usize>();
+            }
+        }
+        self.usage = u;
     }
 
     /// Counters of every exporter and domain, and of what was dropped
@@ -362,6 +443,18 @@ impl Decoder {
             }
         }
         let max_domains = self.limits.max_domains;
+        // No state for a source before it has sent a valid header: what
+        // fails here is charged to it only when it is already tracked.
+        let header = match parse_header(bytes) {
+            Ok(h) => h,
+            Err(reason) => {
+                match self.exporters.get_mut(&key) {
+                    Some(e) => e.counters.drop(reason),
+                    None => self.unattributed.drop(reason),
+                }
+                return Err(reason);
+            }
+        };
         let Some(exporter) = exporter_entry(
             &mut self.exporters,
             &self.limits,
@@ -371,29 +464,29 @@ impl Decoder {
         ) else {
             return Err(DropReason::TooManyExporters);
         };
-        let header = match parse_header(bytes) {
-            Ok(h) => h,
-            Err(reason) => {
-                exporter.counters.drop(reason);
-                return Err(reason);
-            }
-        };
         if header.version == Version::V5 && key.session.is_some() {
             exporter.counters.drop(DropReason::UnknownVersion);
             return Err(DropReason::UnknownVersion);
         }
         let dkey = (header.version, header.domain);
-        if !exporter.domains.contains_key(&dkey) && exporter.domains.len() >= max_domains {
-            exporter.counters.drop(DropReason::TooManyExporters);
-            return Err(DropReason::TooManyExporters);
+        if !exporter.domains.contains_key(&dkey) {
+            if exporter.domains.len() >= max_domains
+                || self.usage.domains >= self.limits.max_domains_total
+            {
+                exporter.counters.drop(DropReason::TooManyExporters);
+                return Err(DropReason::TooManyExporters);
+            }
+            self.usage.domains += 1;
         }
         let domain = exporter.domains.entry(dkey).or_default();
         domain.last_seen_ns = now_ns;
         domain.counters.messages += 1;
         let before = out.len();
         let mut walk = Walk {
+            record_cap: before.saturating_add(self.limits.max_records_per_message),
             limits: &self.limits,
             pending_total: &mut self.pending_total,
+            usage: &mut self.usage,
             changes: &mut self.changes,
             key,
             header,
@@ -432,9 +525,44 @@ fn exporter_entry<'a>(
     key: ExporterKey,
     now_ns: u64,
 ) -> Option<&'a mut Exporter> {
-    if !exporters.contains_key(&key) && exporters.len() >= limits.max_exporters {
-        unattributed.drop(DropReason::TooManyExporters);
-        return None;
+    if exporters.contains_key(&key) {
+        let e = exporters.get_mut(&key)?;
+        e.last_seen_ns = now_ns;
+        return Some(e);
+    }
+    // One address holds at most `max_exporters_per_addr` UDP exporters
+    // (source ports), so that one host cannot fill the table.
+    let same_addr = |k: &ExporterKey| k.session.is_none() && k.addr.ip() == key.addr.ip();
+    let addr_full = key.session.is_none()
+        && exporters.keys().filter(|k| same_addr(k)).count() >= limits.max_exporters_per_addr;
+    if addr_full || exporters.len() >= limits.max_exporters {
+        // Full: the exporter that holds no template and no data, and was
+        // heard from longest ago, makes room (its counters go to the
+        // unattributed ones); when the address is at its own limit, one of
+        // that address. Sources that only ever sent empty messages cannot
+        // keep a real exporter out; ones holding templates are kept.
+        let victim = exporters
+            .iter()
+            .filter(|(k, _)| !addr_full || same_addr(k))
+            .filter(|(_, e)| {
+                e.domains
+                    .values()
+                    .all(|d| d.templates.is_empty() && d.pending.is_empty())
+            })
+            .min_by_key(|(_, e)| e.last_seen_ns)
+            .map(|(k, _)| *k);
+        match victim.and_then(|k| exporters.remove(&k)) {
+            Some(gone) => {
+                unattributed.add(&gone.counters);
+                for d in gone.domains.values() {
+                    unattributed.add(&d.counters);
+                }
+            }
+            None => {
+                unattributed.drop(DropReason::TooManyExporters);
+                return None;
+            }
+        }
     }
     let e = exporters.entry(key).or_default();
     e.last_seen_ns = now_ns;
@@ -462,8 +590,11 @@ pub fn ipfix_message_len(buf: &[u8]) -> Result<Option<usize>, DropReason> {
 
 /// One message being decoded.
 struct Walk<'a> {
+    /// `out.len()` at which this message stops producing records.
+    record_cap: usize,
     limits: &'a Limits,
     pending_total: &'a mut usize,
+    usage: &'a mut Usage,
     changes: &'a mut Vec<TemplateChange>,
     key: ExporterKey,
     header: Header,
@@ -479,6 +610,19 @@ impl Walk<'_> {
             export_nsecs: self.header.export_nsecs,
             sys_uptime_ms: self.header.sys_uptime_ms,
         }
+    }
+
+    /// One record's fields into flow records, the flows tracked for their
+    /// totals held within the per-domain and the decoder-wide budget.
+    fn build(&mut self, domain: &mut Domain, f: Fields, ctx: &MsgCtx, sampling: Option<u32>) {
+        let before = domain.totals_len();
+        let room = self
+            .limits
+            .max_totals_total
+            .saturating_sub(self.usage.totals);
+        let max = self.limits.max_totals.min(before.saturating_add(room));
+        domain.build(f, ctx, sampling, max, self.now_ns, self.out);
+        self.usage.totals += domain.totals_len().saturating_sub(before);
     }
 
     /// NetFlow v5: fixed 48-byte records after the 24-byte header.
@@ -504,14 +648,7 @@ impl Walk<'_> {
                 tos: Some(r[39]),
                 ..Fields::default()
             };
-            domain.build(
-                f,
-                &ctx,
-                sampling,
-                self.limits.max_totals,
-                self.now_ns,
-                self.out,
-            );
+            self.build(domain, f, &ctx, sampling);
         }
     }
 
@@ -603,7 +740,18 @@ impl Walk<'_> {
             domain.counters.drop(DropReason::TooManyTemplates);
             return;
         }
-        let plan = match Plan::compile(&def, version == Version::V9 && def.options) {
+        if self.usage.template_fields + def.fields.len() > self.limits.max_template_fields_total {
+            domain.counters.drop(DropReason::TooManyTemplates);
+            return;
+        }
+        let compiled = Plan::compile(&def, version == Version::V9 && def.options).and_then(|p| {
+            if def.options || p.makes_flows() {
+                Ok(p)
+            } else {
+                Err(DropReason::NoFlowFields)
+            }
+        });
+        let plan = match compiled {
             Ok(p) => p,
             Err(reason) => {
                 // A redefinition that does not compile removes the old one:
@@ -623,6 +771,7 @@ impl Walk<'_> {
                 seen_ns: self.now_ns,
             });
         }
+        self.usage.template_fields += def.fields.len();
         domain.templates.insert(
             id,
             Template {
@@ -635,7 +784,7 @@ impl Walk<'_> {
         // Data that waited for this template is decoded now, with the
         // context of the message that brought it.
         for p in domain.take_pending(id) {
-            *self.pending_total -= p.body.len();
+            *self.pending_total -= p.cost();
             self.decode_set(domain, id, &p.body, &p.ctx);
         }
     }
@@ -671,19 +820,20 @@ impl Walk<'_> {
             domain.counters.drop(DropReason::TemplateWithdrawn);
             return;
         }
-        if body.len() > self.limits.pending_bytes {
+        let cost = body.len() + PENDING_SET_OVERHEAD;
+        if cost > self.limits.pending_bytes {
             domain.counters.drop(DropReason::PendingOverflow);
             return;
         }
         // Room is made by letting the oldest sets go, each counted.
         while domain.pending.len() >= self.limits.pending_sets
-            || domain.pending_bytes + body.len() > self.limits.pending_bytes
-            || *self.pending_total + body.len() > self.limits.pending_total_bytes
+            || domain.pending_bytes + cost > self.limits.pending_bytes
+            || *self.pending_total + cost > self.limits.pending_total_bytes
         {
             match domain.pending.pop_front() {
                 Some(old) => {
-                    domain.pending_bytes -= old.body.len();
-                    *self.pending_total -= old.body.len();
+                    domain.pending_bytes -= old.cost();
+                    *self.pending_total -= old.cost();
                     domain.counters.drop(DropReason::PendingOverflow);
                 }
                 None => {
@@ -692,8 +842,8 @@ impl Walk<'_> {
                 }
             }
         }
-        domain.pending_bytes += body.len();
-        *self.pending_total += body.len();
+        domain.pending_bytes += cost;
+        *self.pending_total += cost;
         domain.pending.push_back(PendingSet {
             template_id: set_id,
             ctx,
@@ -716,6 +866,10 @@ impl Walk<'_> {
         let mut n = 0u32;
         let mut f = Fields::default();
         while body.len() - at >= plan.min_len {
+            if !options && self.out.len() >= self.record_cap {
+                domain.counters.drop(DropReason::TooManyRecords);
+                break;
+            }
             if let Err(reason) = plan.read(body, &mut at, &mut f) {
                 // The rest of the set cannot be delimited.
                 domain.counters.drop(reason);
@@ -725,14 +879,7 @@ impl Walk<'_> {
             if options {
                 domain.apply_options(&f, self.limits.max_samplers);
             } else {
-                domain.build(
-                    std::mem::take(&mut f),
-                    ctx,
-                    None,
-                    self.limits.max_totals,
-                    self.now_ns,
-                    self.out,
-                );
+                self.build(domain, std::mem::take(&mut f), ctx, None);
             }
         }
         n

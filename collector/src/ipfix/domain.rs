@@ -46,6 +46,14 @@ pub struct PendingSet {
     pub body: Box<[u8]>,
 }
 
+impl PendingSet {
+    /// What it is charged against the pending budgets: its bytes and its
+    /// bookkeeping.
+    pub fn cost(&self) -> usize {
+        self.body.len() + super::decoder::PENDING_SET_OVERHEAD
+    }
+}
+
 /// Key of a flow whose counters are totals: its 5-tuple and VLAN.
 type TotalsKey = (IpAddr, IpAddr, u16, u16, u8, Option<u16>);
 
@@ -108,6 +116,10 @@ impl Domain {
         if let Some(t) = f.system_init_ms {
             self.system_init_ms = Some(t);
         }
+        if f.sampling_out_of_range() {
+            self.counters.drop(DropReason::BadSamplingRate);
+            return;
+        }
         if let Some(n) = f.own_sampling().or(
             // An explicit 1-in-1 resets a sampler to "every packet".
             f.sampling_interval.filter(|&n| n <= 1).map(|_| 1),
@@ -135,6 +147,9 @@ impl Domain {
         out: &mut Vec<FlowRecord>,
     ) {
         let (start_ns, end_ns) = self.times(&f, ctx);
+        if f.sampling_out_of_range() {
+            self.counters.drop(DropReason::BadSamplingRate);
+        }
         let sampling = f
             .own_sampling()
             .or_else(|| f.sampler_key().and_then(|k| self.samplers.get(&k).copied()))
@@ -328,14 +343,19 @@ impl Domain {
                 break;
             }
             if let Some(p) = self.pending.pop_front() {
-                self.pending_bytes -= p.body.len();
-                freed += p.body.len();
+                self.pending_bytes -= p.cost();
+                freed += p.cost();
                 self.counters.drop(DropReason::PendingExpired);
             }
         }
         self.totals
             .retain(|_, v| now_ns.saturating_sub(v.2) <= totals_idle_ns);
         (expired, freed)
+    }
+
+    /// Flows tracked for their total counters.
+    pub fn totals_len(&self) -> usize {
+        self.totals.len()
     }
 
     /// Takes out the pending sets of `template_id`, oldest first.
@@ -347,7 +367,7 @@ impl Domain {
             .into_iter()
             .partition(|p| p.template_id == template_id);
         self.pending = keep;
-        let taken: usize = take.iter().map(|p| p.body.len()).sum();
+        let taken: usize = take.iter().map(PendingSet::cost).sum();
         self.pending_bytes -= taken;
         take.into()
     }

@@ -61,7 +61,9 @@ mod tcp;
 mod udp;
 mod wire;
 
-pub use decoder::{ipfix_message_len, Decoder, ExporterKey, ExporterStats, Limits, Message};
+pub use decoder::{
+    ipfix_message_len, Decoder, ExporterKey, ExporterStats, Limits, Message, PENDING_SET_OVERHEAD,
+};
 pub use persist::TemplateChange;
 pub use service::Ingest;
 pub use settings::{IngestSettings, ListenSpec, Transport};

@@ -11,10 +11,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use tokio::sync::{mpsc, oneshot};
 
-/// Batches one decoder may have handed to the writer and not seen
-/// committed: with `ipfix_flush_records` (8,192) records each, about 40 MiB
-/// of decoded records per receiving thread or TCP session.
-const MAX_INFLIGHT_BATCHES: usize = 32;
+/// Decoded records one decoder may have handed to the writer and not seen
+/// committed (about 40 MiB at ~170 B a record), per receiving thread or TCP
+/// session; counted in records, not batches, so that batches of many small
+/// exporters and batches of one huge message weigh what they hold.
+const MAX_INFLIGHT_RECORDS: usize = 1 << 18;
 
 /// Records of one exporter and domain waiting to be handed to the writer.
 #[derive(Debug, Default)]
@@ -37,7 +38,12 @@ pub struct Output {
     /// Synthetic ids when nothing is stored (`discard:`).
     next_id: i64,
     /// Answers of batches handed to the writer and not yet committed.
-    inflight: Vec<oneshot::Receiver<Result<crate::store::Outcome, String>>>,
+    /// With the records of each.
+    inflight: Vec<(
+        oneshot::Receiver<Result<crate::store::Outcome, String>>,
+        usize,
+    )>,
+    inflight_records: usize,
 }
 
 impl Output {
@@ -59,6 +65,7 @@ impl Output {
             flush_records,
             next_id: 1,
             inflight: Vec::new(),
+            inflight_records: 0,
         }
     }
 
@@ -128,6 +135,7 @@ impl Output {
                 continue;
             }
             let exporter_id = self.exporter_id(from).await?;
+            let n = p.records.len();
             let (done, answer) = oneshot::channel();
             let req = WriteReq {
                 batch: Batch {
@@ -143,27 +151,37 @@ impl Output {
             if self.writer.send(req).await.is_err() {
                 tracing::error!("the storage writer has stopped; IPFIX records are lost");
             }
-            self.inflight.push(answer);
+            self.inflight.push((answer, n));
+            self.inflight_records += n;
             // Decoded records waiting for storage are bounded: past this
-            // many batches the receiver waits for the oldest to commit (and
-            // the kernel's queue, counted, takes up the slack).
-            while self.inflight.len() > MAX_INFLIGHT_BATCHES {
-                let oldest = self.inflight.remove(0);
+            // many the receiver waits for the oldest to commit (and the
+            // kernel's queue, counted, takes up the slack).
+            while self.inflight_records > MAX_INFLIGHT_RECORDS && !self.inflight.is_empty() {
+                let (oldest, n) = self.inflight.remove(0);
+                self.inflight_records -= n;
                 let _ = oldest.await;
             }
         }
         // Answers already in are dropped (the writer logs failures).
-        self.inflight
-            .retain_mut(|a| matches!(a.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        let mut done = 0;
+        self.inflight.retain_mut(|(a, n)| {
+            let waiting = matches!(a.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+            if !waiting {
+                done += *n;
+            }
+            waiting
+        });
+        self.inflight_records -= done;
         Ok(())
     }
 
     /// Waits until every batch handed to the writer is committed (or has
     /// failed); at shutdown.
     pub async fn drain(&mut self) {
-        for a in self.inflight.drain(..) {
+        for (a, _) in self.inflight.drain(..) {
             let _ = a.await;
         }
+        self.inflight_records = 0;
     }
 
     /// Writes the decoder's template changes (UDP) to `templates`.

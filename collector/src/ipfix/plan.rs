@@ -225,6 +225,33 @@ impl Plan {
         })
     }
 
+    /// True when a record of this plan can say something about a flow: it
+    /// has an address or a counter. A data template without either would
+    /// turn every byte of a message into a record of 0.0.0.0 (review
+    /// finding 4); it is refused ([`DropReason::NoFlowFields`]).
+    pub fn makes_flows(&self) -> bool {
+        use Action::*;
+        self.steps.iter().any(|s| {
+            matches!(
+                s.action,
+                SrcV4
+                    | DstV4
+                    | SrcV6
+                    | DstV6
+                    | OctetDelta
+                    | PacketDelta
+                    | OctetTotal
+                    | PacketTotal
+                    | PostOctetDelta
+                    | PostPacketDelta
+                    | InitiatorOctets
+                    | ResponderOctets
+                    | InitiatorPackets
+                    | ResponderPackets
+            )
+        })
+    }
+
     /// Decodes one record at `*at` of `b` into `acc` (reset first),
     /// advancing `*at`. The caller guarantees `b.len() - *at >= min_len`;
     /// a variable-length field that runs past `b` is an error.
@@ -293,6 +320,10 @@ pub struct Fields {
     pub process: Option<String>,
     pub class: Option<String>,
 }
+
+/// The largest 1-in-N sampling rate believed (2^24): above it a rate is
+/// refused and counted ([`DropReason::BadSamplingRate`]).
+pub const MAX_SAMPLING: u32 = 1 << 24;
 
 /// Seconds between the NTP era 0 (1900) and the Unix epoch.
 const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
@@ -384,17 +415,32 @@ impl Fields {
     /// (34), the v9 sampler's random interval (50), or
     /// (samplingPacketInterval + samplingPacketSpace) / samplingPacketInterval
     /// (305/306, RFC 5477).
+    /// Rates above [`MAX_SAMPLING`] are not believed: `None` (see
+    /// [`Fields::sampling_out_of_range`]).
     pub fn own_sampling(&self) -> Option<u32> {
-        let n = if let Some(n) = self.sampling_interval.or(self.sampler_random_interval) {
-            n
-        } else {
-            let interval = self.packet_interval?;
-            if interval == 0 {
-                return None;
-            }
-            (interval + self.packet_space.unwrap_or(0)) / interval
-        };
-        (n > 1).then(|| u32::try_from(n).unwrap_or(u32::MAX))
+        let n = self.raw_sampling()?;
+        (n > 1 && n <= u64::from(MAX_SAMPLING)).then_some(n as u32)
+    }
+
+    /// True when the record carries a sampling rate over [`MAX_SAMPLING`]
+    /// (a forged or broken options record would otherwise scale every flow
+    /// of the exporter by up to 2^32).
+    pub fn sampling_out_of_range(&self) -> bool {
+        self.raw_sampling()
+            .is_some_and(|n| n > u64::from(MAX_SAMPLING))
+    }
+
+    fn raw_sampling(&self) -> Option<u64> {
+        if let Some(n) = self.sampling_interval.or(self.sampler_random_interval) {
+            return Some(n);
+        }
+        let interval = self.packet_interval?;
+        if interval == 0 {
+            return None;
+        }
+        // Both are up to 8 bytes from the wire: the sum can overflow.
+        let period = interval.saturating_add(self.packet_space.unwrap_or(0));
+        Some(period / interval)
     }
 
     /// The key of the sampler this record names (selectorId first).
@@ -491,5 +537,30 @@ mod tests {
             ..Fields::default()
         };
         assert_eq!(f.own_sampling(), None);
+    }
+
+    /// Review finding 5: 305 = 1 and 306 = 2^64-1 overflowed the sum (a
+    /// panic with overflow checks); finding 6: absurd rates are refused.
+    #[test]
+    fn huge_packet_space_and_rates_are_refused_not_a_panic() {
+        let f = Fields {
+            packet_interval: Some(1),
+            packet_space: Some(u64::MAX),
+            ..Fields::default()
+        };
+        assert_eq!(f.own_sampling(), None);
+        assert!(f.sampling_out_of_range());
+        let f = Fields {
+            sampling_interval: Some(0xFFFF_FFFF),
+            ..Fields::default()
+        };
+        assert_eq!(f.own_sampling(), None);
+        assert!(f.sampling_out_of_range());
+        let f = Fields {
+            sampling_interval: Some(u64::from(MAX_SAMPLING)),
+            ..Fields::default()
+        };
+        assert_eq!(f.own_sampling(), Some(MAX_SAMPLING));
+        assert!(!f.sampling_out_of_range());
     }
 }

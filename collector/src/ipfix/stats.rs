@@ -46,11 +46,20 @@ pub enum DropReason {
     TooManyExporters,
     /// A template withdrawal over UDP (RFC 7011 §8.4 forbids it).
     WithdrawalOverUdp,
+    /// A sampling rate over `MAX_SAMPLING` (2^24) in a data or options
+    /// record: the rate is ignored (the record itself is kept).
+    BadSamplingRate,
+    /// A data template with no address and no counter field (its records
+    /// would be flows of nothing).
+    NoFlowFields,
+    /// Records of a message past `Limits::max_records_per_message`: the rest
+    /// of the set is not decoded (counted once per set cut short).
+    TooManyRecords,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`Counters::drops`].
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::ShortHeader,
         DropReason::UnknownVersion,
         DropReason::BadMessageLength,
@@ -70,6 +79,9 @@ impl DropReason {
         DropReason::NotAllowed,
         DropReason::TooManyExporters,
         DropReason::WithdrawalOverUdp,
+        DropReason::BadSamplingRate,
+        DropReason::NoFlowFields,
+        DropReason::TooManyRecords,
     ];
 
     /// The name used in logs, SQL and metrics.
@@ -94,6 +106,9 @@ impl DropReason {
             DropReason::NotAllowed => "not_allowed",
             DropReason::TooManyExporters => "too_many_exporters",
             DropReason::WithdrawalOverUdp => "withdrawal_over_udp",
+            DropReason::BadSamplingRate => "bad_sampling_rate",
+            DropReason::NoFlowFields => "no_flow_fields",
+            DropReason::TooManyRecords => "too_many_records",
         }
     }
 

@@ -26,6 +26,7 @@ pub async fn serve(
     sink: Sink,
     writer: mpsc::Sender<WriteReq>,
 ) {
+    let max_sessions = conn_limits.total;
     let limiter = ConnLimiter::new("ipfix", conn_limits);
     tracing::info!(listen = ?listener.local_addr().ok(), tls = tls.is_some(), "accepting IPFIX exporters over TCP");
     loop {
@@ -45,7 +46,7 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => session(stream, peer, settings, sink, writer).await,
+                None => session(stream, peer, settings, max_sessions, sink, writer).await,
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(
                         settings.tcp_idle.min(std::time::Duration::from_secs(10)),
@@ -53,7 +54,7 @@ pub async fn serve(
                     )
                     .await;
                     match handshake {
-                        Ok(Ok(s)) => session(s, peer, settings, sink, writer).await,
+                        Ok(Ok(s)) => session(s, peer, settings, max_sessions, sink, writer).await,
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "IPFIX TLS handshake failed")
                         }
@@ -72,14 +73,16 @@ pub async fn session<S: AsyncRead + Unpin>(
     mut stream: S,
     peer: SocketAddr,
     settings: IngestSettings,
+    max_sessions: usize,
     sink: Sink,
     writer: mpsc::Sender<WriteReq>,
 ) {
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     // Over TCP a connection is one exporter: its decoder tracks only it.
+    // The listener's budgets are shared by every session it may hold.
     let limits = Limits {
         max_exporters: 1,
-        ..settings.limits.clone()
+        ..settings.limits.share(max_sessions)
     };
     let mut decoder = Decoder::new(limits);
     let mut output = Output::new(sink, writer, true, settings.flush_records, 4);

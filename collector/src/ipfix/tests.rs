@@ -515,6 +515,39 @@ fn limits_bound_templates_and_exporters() {
 }
 
 #[test]
+fn garbage_senders_cannot_keep_exporters_out() {
+    let mut d = Decoder::new(Limits {
+        max_exporters: 2,
+        ..Limits::default()
+    });
+    let mut out = Vec::new();
+    // Two sources of garbage fill the table.
+    for i in 1..=2u8 {
+        let g: SocketAddr = format!("198.51.100.{i}:9").parse().unwrap();
+        let _ = d.decode_udp(g, &[0, 7, 0, 0], T0 + u64::from(i), &mut out);
+    }
+    // A real exporter still gets in (the oldest garbage source goes) and
+    // keeps its templates when more garbage arrives.
+    let m = Msg::default()
+        .set(2, &template(256, V4_FIELDS))
+        .set(256, &v4_record([10, 0, 0, 1], 1, 1, 1))
+        .ipfix(0, 1);
+    assert!(d.decode_udp(from(), &m, T0 + 10, &mut out).is_ok());
+    for i in 3..=6u8 {
+        let g: SocketAddr = format!("198.51.100.{i}:9").parse().unwrap();
+        let _ = d.decode_udp(g, &[0, 7, 0, 0], T0 + 10 + u64::from(i), &mut out);
+    }
+    let data = Msg::default()
+        .set(256, &v4_record([10, 0, 0, 1], 2, 1, 1))
+        .ipfix(1, 1);
+    out.clear();
+    d.decode_udp(from(), &data, T0 + 20, &mut out).unwrap();
+    assert_eq!(out.len(), 1, "its template survived");
+    // Every garbage datagram is still counted somewhere.
+    assert_eq!(domain_counters(&d).dropped(DropReason::UnknownVersion), 6);
+}
+
+#[test]
 fn restored_templates_decode_at_once() {
     let mut d = Decoder::new(Limits::default());
     let t = Msg::default().set(2, &template(256, V4_FIELDS)).ipfix(0, 3);
@@ -890,3 +923,6 @@ fn v9_uptime_wraps_modulo_2_pow_32() {
     assert_eq!(out[0].start_ns, export - 1_500_000_000);
     assert_eq!(out[0].end_ns, export - 500_000_000);
 }
+
+/// Regression tests of the attacker review's findings.
+mod hostile;

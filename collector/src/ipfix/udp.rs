@@ -108,7 +108,8 @@ impl UdpWorker {
     /// Receives and decodes until `stop` is set; then flushes what it holds.
     pub fn run(self) {
         let s = &self.settings;
-        let mut decoder = Decoder::new(s.limits.clone());
+        // The listener's budgets are shared by its threads.
+        let mut decoder = Decoder::new(s.limits.share(s.udp_threads));
         let mut output = Output::new(
             self.sink.clone(),
             self.writer.clone(),
@@ -167,7 +168,6 @@ impl UdpWorker {
                 })
             };
             let now = u64::try_from(now_ns()).unwrap_or(0);
-            let mut flush_due = false;
             match received {
                 Ok(got) => {
                     if let Some(n) = got.iter().rev().find_map(|g| g.2) {
@@ -179,8 +179,13 @@ impl UdpWorker {
                         let Some(from) = from else { continue };
                         match decoder.decode_udp(from, &buffers[i][..len], now, &mut records) {
                             Ok(msg) => {
-                                flush_due |=
-                                    output.add(from, msg.domain, msg.sequence, &mut records);
+                                // Checked after every datagram, not every
+                                // batch: one datagram can carry thousands
+                                // of records.
+                                if output.add(from, msg.domain, msg.sequence, &mut records) {
+                                    last_flush = Instant::now();
+                                    self.flush(&mut output, &mut decoder);
+                                }
                             }
                             Err(DropReason::NotAllowed) => {
                                 self.stats.not_allowed.fetch_add(1, Ordering::Relaxed);
@@ -203,15 +208,9 @@ impl UdpWorker {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            if flush_due || last_flush.elapsed() >= s.flush {
+            if last_flush.elapsed() >= s.flush {
                 last_flush = Instant::now();
-                let r = self.runtime.block_on(async {
-                    output.persist_templates(&mut decoder).await?;
-                    output.flush().await
-                });
-                if let Err(e) = r {
-                    tracing::error!(listen = %self.listen, error = %e, "storing IPFIX state failed");
-                }
+                self.flush(&mut output, &mut decoder);
             }
             if last_sweep.elapsed() >= Duration::from_secs(1) {
                 last_sweep = Instant::now();
@@ -232,6 +231,16 @@ impl UdpWorker {
             tracing::error!(listen = %self.listen, error = %e, "storing IPFIX state failed");
         }
         self.report(&mut output, &decoder, &mut reported_drops);
+    }
+
+    fn flush(&self, output: &mut Output, decoder: &mut Decoder) {
+        let r = self.runtime.block_on(async {
+            output.persist_templates(decoder).await?;
+            output.flush().await
+        });
+        if let Err(e) = r {
+            tracing::error!(listen = %self.listen, error = %e, "storing IPFIX state failed");
+        }
     }
 
     fn report(&self, output: &mut Output, decoder: &Decoder, reported_drops: &mut u64) {
