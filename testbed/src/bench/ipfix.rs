@@ -38,6 +38,11 @@ pub struct Args {
     /// SO_RCVBUF is capped there, the collector's SO_RCVBUFFORCE is not).
     #[arg(long, default_value_t = 16 << 20)]
     pub rcvbuf: usize,
+    /// Receive buffer asked of the collector alone (SO_RCVBUFFORCE, not
+    /// capped by rmem_max), to see what a larger buffer buys it; the
+    /// peers keep `--rcvbuf`.
+    #[arg(long)]
+    pub collector_rcvbuf: Option<usize>,
     /// Skip the PostgreSQL runs.
     #[arg(long)]
     pub no_postgres: bool,
@@ -399,7 +404,7 @@ async fn run_one(
                     .arg("--ipfix-listen")
                     .arg(format!("udp://127.0.0.1:{port}"))
                     .arg("--ipfix-rcvbuf")
-                    .arg(args.rcvbuf.to_string())
+                    .arg(args.collector_rcvbuf.unwrap_or(args.rcvbuf).to_string())
                     .arg("--db")
                     .arg(&url),
                 &work.join("collector.log"),
@@ -558,8 +563,12 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     ];
     let counter = AtomicU64::new(0);
     for (name, rate) in &phases {
+        let collector_buf = args
+            .collector_rcvbuf
+            .map(|c| format!(", {c} of the collector"))
+            .unwrap_or_default();
         println!(
-            "  {name} (receive buffer {} bytes asked of each):",
+            "  {name} (receive buffer {} bytes asked of each{collector_buf}):",
             args.rcvbuf
         );
         println!(
