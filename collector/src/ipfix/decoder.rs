@@ -170,7 +170,29 @@ pub struct Decoder {
     unattributed: Counters,
     pending_total: usize,
     usage: Usage,
-    changes: Vec<TemplateChange>,
+    changes: Changes,
+}
+
+/// Template changes waiting to be stored, one per exporter, domain and id
+/// (a redefinition replaces the waiting change of its id), at most
+/// [`MAX_CHANGES`]: a message of thousands of redefinitions of one id is
+/// one write, not thousands.
+#[derive(Debug, Default)]
+struct Changes(HashMap<(SocketAddr, Version, u32, u16), TemplateChange>);
+
+/// Template changes held between two writes.
+const MAX_CHANGES: usize = 1 << 16;
+
+impl Changes {
+    /// False when the change could not be kept (too many waiting).
+    fn push(&mut self, c: TemplateChange) -> bool {
+        let key = (c.exporter, c.version, c.domain, c.template_id);
+        if self.0.len() >= MAX_CHANGES && !self.0.contains_key(&key) {
+            return false;
+        }
+        self.0.insert(key, c);
+        true
+    }
 }
 
 impl Decoder {
@@ -181,7 +203,7 @@ impl Decoder {
             unattributed: Counters::default(),
             pending_total: 0,
             usage: Usage::default(),
-            changes: Vec::new(),
+            changes: Changes::default(),
         }
     }
 
@@ -255,7 +277,7 @@ impl Decoder {
     /// withdrawn or expired since the last call: what to write to (or
     /// delete from) the `templates` table. UDP templates only.
     pub fn take_template_changes(&mut self) -> Vec<TemplateChange> {
-        std::mem::take(&mut self.changes)
+        std::mem::take(&mut self.changes.0).into_values().collect()
     }
 
     /// Installs a template loaded from storage for the UDP exporter `from`,
@@ -338,14 +360,15 @@ impl Decoder {
                 let (expired, freed) =
                     d.sweep(now_ns, expiry, limits.pending_age_ns, limits.totals_idle_ns);
                 freed_total += freed;
-                for template_id in expired {
+                for (template_id, last_seen_ns) in expired {
                     changes.push(TemplateChange {
                         exporter: key.addr,
                         version,
                         domain,
                         template_id,
                         definition: None,
-                        seen_ns: now_ns,
+                        // Deleted only if nobody stored it since.
+                        seen_ns: last_seen_ns,
                     });
                 }
             }
@@ -595,7 +618,7 @@ struct Walk<'a> {
     limits: &'a Limits,
     pending_total: &'a mut usize,
     usage: &'a mut Usage,
-    changes: &'a mut Vec<TemplateChange>,
+    changes: &'a mut Changes,
     key: ExporterKey,
     header: Header,
     now_ns: u64,
@@ -755,8 +778,20 @@ impl Walk<'_> {
             Ok(p) => p,
             Err(reason) => {
                 // A redefinition that does not compile removes the old one:
-                // its data would be read with the wrong layout.
-                domain.templates.remove(&id);
+                // its data would be read with the wrong layout (and so does
+                // its stored copy, or a restart would bring it back).
+                if let Some(old) = domain.templates.remove(&id) {
+                    if udp {
+                        self.changes.push(TemplateChange {
+                            exporter: self.key.addr,
+                            version,
+                            domain: self.header.domain,
+                            template_id: id,
+                            definition: None,
+                            seen_ns: self.now_ns.max(old.last_seen_ns),
+                        });
+                    }
+                }
                 domain.counters.drop(reason);
                 return;
             }
@@ -799,6 +834,7 @@ impl Walk<'_> {
             if !expired {
                 return Some(self.decode_set(domain, set_id, body, &ctx));
             }
+            let last_seen_ns = t.last_seen_ns;
             domain.templates.remove(&set_id);
             self.changes.push(TemplateChange {
                 exporter: self.key.addr,
@@ -806,7 +842,7 @@ impl Walk<'_> {
                 domain: self.header.domain,
                 template_id: set_id,
                 definition: None,
-                seen_ns: self.now_ns,
+                seen_ns: last_seen_ns,
             });
         }
         self.hold(domain, set_id, body, ctx);

@@ -319,20 +319,21 @@ impl Domain {
 
     /// Drops templates (UDP only: `expiry_ns` is `None` over TCP), pending
     /// sets and flow totals past their age; returns the ids of expired
-    /// templates.
+    /// templates with when they were last seen, and the pending bytes
+    /// freed.
     pub fn sweep(
         &mut self,
         now_ns: u64,
         expiry_ns: Option<u64>,
         pending_age_ns: u64,
         totals_idle_ns: u64,
-    ) -> (Vec<u16>, usize) {
+    ) -> (Vec<(u16, u64)>, usize) {
         let mut expired = Vec::new();
         if let Some(expiry) = expiry_ns {
             self.templates.retain(|id, t| {
                 let keep = now_ns.saturating_sub(t.last_seen_ns) <= expiry;
                 if !keep {
-                    expired.push(*id);
+                    expired.push((*id, t.last_seen_ns));
                 }
                 keep
             });

@@ -192,3 +192,20 @@ fn one_address_cannot_fill_the_exporter_table() {
     let m = Msg::default().ipfix(0, 1);
     assert!(d.decode_udp(from(), &m, T0 + 5000, &mut Vec::new()).is_ok());
 }
+
+/// Finding 2: one datagram of thousands of alternating redefinitions of one
+/// id made thousands of template writes; they are coalesced to one.
+#[test]
+fn redefinitions_of_one_id_are_one_change() {
+    let mut d = Decoder::new(Limits::default());
+    let mut body = Vec::new();
+    for i in 0..8000u32 {
+        let element = if i % 2 == 0 { 8 } else { 12 };
+        body.extend_from_slice(&template(256, &[(element, 4)]));
+    }
+    decode(&mut d, &Msg::default().set(2, &body).ipfix(0, 1));
+    assert_eq!(domain_counters(&d).templates_received, 8000);
+    let changes = d.take_template_changes();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].definition.as_deref(), Some("ipfix data 0 12:4"));
+}
