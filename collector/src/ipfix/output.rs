@@ -47,20 +47,20 @@ pub struct Output {
     inflight_records: usize,
     /// The counters last handed out for storage.
     stored: StoredStats,
+    /// The `exporters.name` under which drops not charged to an exporter
+    /// (bad headers of untracked sources, refused sources) are stored, and
+    /// its row once registered.
+    unattributed: Option<(String, Option<i64>)>,
 }
 
 type StoredStats = HashMap<(ExporterKey, Option<Version>, Option<u32>), ExporterStats>;
 
-/// The rows of `stats` that differ from `stored` (the unattributed row,
-/// which has no exporter, left out); `stored` becomes `stats`, so that
-/// exporters gone from the decoder are forgotten here too.
+/// The rows of `stats` that differ from `stored`; `stored` becomes
+/// `stats`, so that exporters gone from the decoder are forgotten here too.
 fn changed_stats(stored: &mut StoredStats, stats: &[ExporterStats]) -> Vec<ExporterStats> {
     let mut next = HashMap::with_capacity(stats.len());
     let mut changed = Vec::new();
     for s in stats {
-        if s.exporter.addr.ip().is_unspecified() {
-            continue;
-        }
         let key = (s.exporter, s.version, s.domain);
         if stored.get(&key) != Some(s) {
             changed.push(s.clone());
@@ -92,6 +92,7 @@ impl Output {
             inflight: Vec::new(),
             inflight_records: 0,
             stored: HashMap::new(),
+            unattributed: None,
         }
     }
 
@@ -232,10 +233,22 @@ impl Output {
     ) -> Result<Vec<(i64, ExporterStats)>, sqlx::Error> {
         let changed = changed_stats(&mut self.stored, stats);
         let mut rows = Vec::with_capacity(changed.len());
+        let Some(db) = self.db().cloned() else {
+            return Ok(rows);
+        };
         for s in changed {
-            if self.db().is_some() {
-                rows.push((self.exporter_id(s.exporter.addr).await?, s.clone()));
+            if !s.exporter.addr.ip().is_unspecified() {
+                rows.push((self.exporter_id(s.exporter.addr).await?, s));
+                continue;
             }
+            let Some((name, id)) = &mut self.unattributed else {
+                continue;
+            };
+            let id = match id {
+                Some(id) => *id,
+                None => *id.insert(db.register_exporter(name, name, 0).await?),
+            };
+            rows.push((id, s));
         }
         Ok(rows)
     }
@@ -248,6 +261,12 @@ impl Output {
             Some(db) => sql::store_stats(db, &rows).await,
             None => Ok(()),
         }
+    }
+
+    /// Stores the drops not charged to an exporter as those of the
+    /// pseudo-exporter `name` (one per receiving thread).
+    pub fn set_unattributed_name(&mut self, name: String) {
+        self.unattributed = Some((name, None));
     }
 
     pub fn db(&self) -> Option<&Db> {

@@ -117,6 +117,11 @@ impl UdpWorker {
             s.flush_records,
             s.limits.max_exporters.saturating_mul(2),
         );
+        // Not `ipfix/udp/…`: no template is ever loaded for it.
+        output.set_unattributed_name(format!(
+            "ipfix/unattributed/udp/{}/{}",
+            self.listen, self.index
+        ));
         if let Some(db) = output.db().cloned() {
             match self.runtime.block_on(restore_templates(&db, &mut decoder)) {
                 Ok(n) => {
