@@ -377,10 +377,19 @@ impl Decoder {
         // A UDP exporter silent past the template expiry, with no template
         // left, is forgotten (its counters were written out before).
         let idle = self.limits.template_expiry_ns;
+        let pending_total = &mut self.pending_total;
         self.exporters.retain(|key, e| {
-            key.session.is_some()
+            let keep = key.session.is_some()
                 || now_ns.saturating_sub(e.last_seen_ns) <= idle
-                || e.domains.values().any(|d| !d.templates.is_empty())
+                || e.domains.values().any(|d| !d.templates.is_empty());
+            if !keep {
+                // Data it still held (the pending age may exceed the
+                // template expiry) gives its bytes back.
+                for d in e.domains.values() {
+                    *pending_total -= d.pending_bytes;
+                }
+            }
+            keep
         });
         self.recount();
     }

@@ -209,3 +209,28 @@ fn redefinitions_of_one_id_are_one_change() {
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].definition.as_deref(), Some("ipfix data 0 12:4"));
 }
+
+/// Finding 9: an exporter forgotten by the sweep while it still held data
+/// (pending age above the template expiry) kept its bytes charged to the
+/// decoder-wide budget for ever.
+#[test]
+fn a_forgotten_exporter_gives_its_held_bytes_back() {
+    let s = 1_000_000_000;
+    let limits = Limits {
+        pending_total_bytes: 200,
+        pending_age_ns: 10_000 * s,
+        template_expiry_ns: 10 * s,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    let m = Msg::default().set(300, &[0; 100]).ipfix(0, 1);
+    let a: SocketAddr = "192.0.2.10:9".parse().unwrap();
+    d.decode_udp(a, &m, T0, &mut Vec::new()).unwrap();
+    d.sweep(T0 + 20 * s);
+    assert!(d.stats().iter().all(|r| r.exporter.addr != a), "forgotten");
+    d.decode_udp(from(), &m, T0 + 21 * s, &mut Vec::new())
+        .unwrap();
+    let held: usize = d.stats().iter().map(|r| r.pending_sets).sum();
+    assert_eq!(held, 1);
+    assert_eq!(domain_counters(&d).dropped(DropReason::PendingOverflow), 0);
+}
