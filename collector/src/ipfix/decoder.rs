@@ -469,7 +469,8 @@ impl Decoder {
         out: &mut Vec<FlowRecord>,
     ) -> Result<Message, DropReason> {
         if let Some(allow) = &self.limits.allow {
-            if !allow.contains(&key.addr.ip()) {
+            // On a dual-stack socket an IPv4 exporter is ::ffff:a.b.c.d.
+            if !allow.contains(&key.addr.ip().to_canonical()) {
                 self.unattributed.drop(DropReason::NotAllowed);
                 return Err(DropReason::NotAllowed);
             }
@@ -516,6 +517,7 @@ impl Decoder {
         let before = out.len();
         let mut walk = Walk {
             record_cap: before.saturating_add(self.limits.max_records_per_message),
+            abort: None,
             limits: &self.limits,
             pending_total: &mut self.pending_total,
             usage: &mut self.usage,
@@ -537,6 +539,13 @@ impl Decoder {
             Version::Ipfix => walk.sets(domain, &bytes[header.header_len..header.message_len]),
         };
         domain.track_sequence(header.sequence, units);
+        if let Some(reason) = walk.abort {
+            // The session must be reset (RFC 7011 §8.1); nothing of this
+            // message is kept.
+            domain.counters.drop(reason);
+            out.truncate(before);
+            return Err(reason);
+        }
         let records = out.len() - before;
         domain.counters.records += records as u64;
         Ok(Message {
@@ -624,6 +633,8 @@ pub fn ipfix_message_len(buf: &[u8]) -> Result<Option<usize>, DropReason> {
 struct Walk<'a> {
     /// `out.len()` at which this message stops producing records.
     record_cap: usize,
+    /// Set when the message must end the session (TCP).
+    abort: Option<DropReason>,
     limits: &'a Limits,
     pending_total: &'a mut usize,
     usage: &'a mut Usage,
@@ -691,6 +702,9 @@ impl Walk<'_> {
         let (tmpl_set, opt_set) = if ipfix { (2, 3) } else { (0, 1) };
         let mut units: Option<u32> = Some(0);
         for set in Sets::new(body) {
+            if self.abort.is_some() {
+                break;
+            }
             let set = match set {
                 Ok(s) => s,
                 Err(reason) => {
@@ -721,6 +735,9 @@ impl Walk<'_> {
         let version = self.header.version;
         let udp = self.key.session.is_none();
         for rec in parse_template_set(version, set_id, body, options, self.limits.max_fields) {
+            if self.abort.is_some() {
+                break;
+            }
             match rec {
                 Err(reason) => domain.counters.drop(reason),
                 Ok(TemplateRecord::Withdraw(id)) => {
@@ -766,6 +783,12 @@ impl Walk<'_> {
                         seen_ns: self.now_ns,
                     });
                 }
+                return;
+            }
+            if !udp {
+                // RFC 7011 §8.1: over TCP an id is redefined only after its
+                // withdrawal; otherwise the session is reset.
+                self.abort = Some(DropReason::TemplateRedefined);
                 return;
             }
         } else if domain.templates.len() >= self.limits.max_templates {
@@ -911,6 +934,12 @@ impl Walk<'_> {
         let mut n = 0u32;
         let mut f = Fields::default();
         while body.len() - at >= plan.min_len {
+            // Records with variable-length fields only can be as short as
+            // padding: up to 3 trailing zero bytes are padding (RFC 7011
+            // §3.3.1 pads to 4-byte boundaries), not records.
+            if !plan.fixed && body.len() - at < 4 && body[at..].iter().all(|&b| b == 0) {
+                break;
+            }
             if !options && self.out.len() >= self.record_cap {
                 domain.counters.drop(DropReason::TooManyRecords);
                 break;

@@ -31,6 +31,8 @@ pub async fn serve(
     tracing::info!(listen = ?listener.local_addr().ok(), tls = tls.is_some(), "accepting IPFIX exporters over TCP");
     loop {
         let (stream, peer) = guard::accept_next(&listener, "ipfix").await;
+        // A dual-stack socket sees IPv4 exporters as ::ffff:a.b.c.d.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         if let Some(allow) = &settings.limits.allow {
             if !allow.contains(&peer.ip()) {
                 tracing::debug!(%peer, "IPFIX connection from an address not on the allow-list closed");

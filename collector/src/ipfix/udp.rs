@@ -323,5 +323,10 @@ fn sockaddr_of(a: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = a.as_sockaddr_in() {
         return Some(SocketAddr::V4((*v4).into()));
     }
-    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    // A dual-stack socket sees IPv4 exporters as ::ffff:a.b.c.d: they are
+    // stored and checked against the allow-list as IPv4.
+    a.as_sockaddr_in6().map(|v6| {
+        let v6 = std::net::SocketAddrV6::from(*v6);
+        SocketAddr::new(std::net::IpAddr::V6(*v6.ip()).to_canonical(), v6.port())
+    })
 }
