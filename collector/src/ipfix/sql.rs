@@ -322,3 +322,55 @@ pub async fn store_listener(db: &Db, listen: &str, s: &ListenerStats) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipfix::Version;
+
+    fn change(definition: Option<&str>, seen_ns: u64) -> TemplateChange {
+        TemplateChange {
+            exporter: "192.0.2.1:2055".parse().unwrap(),
+            version: Version::Ipfix,
+            domain: 1,
+            template_id: 256,
+            definition: definition.map(str::to_string),
+            seen_ns,
+        }
+    }
+
+    /// Review finding 8: a receiving thread expiring its restored copy of a
+    /// template deleted the row another thread kept refreshing. A delete
+    /// now takes the row only when nobody stored it after the deleter last
+    /// saw it.
+    #[tokio::test]
+    async fn an_expiry_does_not_delete_a_template_stored_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        let ex = db
+            .register_exporter("ipfix/udp/192.0.2.1:2055", "192.0.2.1:2055", 0)
+            .await
+            .unwrap();
+        let def = "ipfix data 0 8:4 1:4";
+        store_templates(&db, &[(ex, change(Some(def), 100))])
+            .await
+            .unwrap();
+        // The owner refreshes it at 200; a thread that last saw it at 100
+        // expires it.
+        store_templates(&db, &[(ex, change(Some(def), 200))])
+            .await
+            .unwrap();
+        store_templates(&db, &[(ex, change(None, 100))])
+            .await
+            .unwrap();
+        assert_eq!(load_templates(&db, 10).await.unwrap().len(), 1);
+        // The owner's own expiry (last seen 200) deletes it.
+        store_templates(&db, &[(ex, change(None, 200))])
+            .await
+            .unwrap();
+        assert!(load_templates(&db, 10).await.unwrap().is_empty());
+    }
+}
