@@ -199,6 +199,11 @@ pub(crate) async fn read_message<S: AsyncRead + Unpin>(
     }
 }
 
+/// `ipfix_message_len` needs 4 bytes, which were read.
+fn unreachable_len() -> usize {
+    super::wire::IPFIX_HEADER
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,9 +248,4 @@ mod tests {
         .await;
         assert!(matches!(r, Read::Idle), "{r:?}");
     }
-}
-
-/// `ipfix_message_len` needs 4 bytes, which were read.
-fn unreachable_len() -> usize {
-    super::wire::IPFIX_HEADER
 }
