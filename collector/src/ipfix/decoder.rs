@@ -170,7 +170,29 @@ pub struct Decoder {
     unattributed: Counters,
     pending_total: usize,
     usage: Usage,
-    changes: Vec<TemplateChange>,
+    changes: Changes,
+}
+
+/// Template changes waiting to be stored, one per exporter, domain and id
+/// (a redefinition replaces the waiting change of its id), at most
+/// [`MAX_CHANGES`]: a message of thousands of redefinitions of one id is
+/// one write, not thousands.
+#[derive(Debug, Default)]
+struct Changes(HashMap<(SocketAddr, Version, u32, u16), TemplateChange>);
+
+/// Template changes held between two writes.
+const MAX_CHANGES: usize = 1 << 16;
+
+impl Changes {
+    /// False when the change could not be kept (too many waiting).
+    fn push(&mut self, c: TemplateChange) -> bool {
+        let key = (c.exporter, c.version, c.domain, c.template_id);
+        if self.0.len() >= MAX_CHANGES && !self.0.contains_key(&key) {
+            return false;
+        }
+        self.0.insert(key, c);
+        true
+    }
 }
 
 impl Decoder {
@@ -181,7 +203,7 @@ impl Decoder {
             unattributed: Counters::default(),
             pending_total: 0,
             usage: Usage::default(),
-            changes: Vec::new(),
+            changes: Changes::default(),
         }
     }
 
@@ -255,7 +277,7 @@ impl Decoder {
     /// withdrawn or expired since the last call: what to write to (or
     /// delete from) the `templates` table. UDP templates only.
     pub fn take_template_changes(&mut self) -> Vec<TemplateChange> {
-        std::mem::take(&mut self.changes)
+        std::mem::take(&mut self.changes.0).into_values().collect()
     }
 
     /// Installs a template loaded from storage for the UDP exporter `from`,
@@ -338,14 +360,15 @@ impl Decoder {
                 let (expired, freed) =
                     d.sweep(now_ns, expiry, limits.pending_age_ns, limits.totals_idle_ns);
                 freed_total += freed;
-                for template_id in expired {
+                for (template_id, last_seen_ns) in expired {
                     changes.push(TemplateChange {
                         exporter: key.addr,
                         version,
                         domain,
                         template_id,
                         definition: None,
-                        seen_ns: now_ns,
+                        // Deleted only if nobody stored it since.
+                        seen_ns: last_seen_ns,
                     });
                 }
             }
@@ -354,10 +377,19 @@ impl Decoder {
         // A UDP exporter silent past the template expiry, with no template
         // left, is forgotten (its counters were written out before).
         let idle = self.limits.template_expiry_ns;
+        let pending_total = &mut self.pending_total;
         self.exporters.retain(|key, e| {
-            key.session.is_some()
+            let keep = key.session.is_some()
                 || now_ns.saturating_sub(e.last_seen_ns) <= idle
-                || e.domains.values().any(|d| !d.templates.is_empty())
+                || e.domains.values().any(|d| !d.templates.is_empty());
+            if !keep {
+                // Data it still held (the pending age may exceed the
+                // template expiry) gives its bytes back.
+                for d in e.domains.values() {
+                    *pending_total -= d.pending_bytes;
+                }
+            }
+            keep
         });
         self.recount();
     }
@@ -437,7 +469,8 @@ impl Decoder {
         out: &mut Vec<FlowRecord>,
     ) -> Result<Message, DropReason> {
         if let Some(allow) = &self.limits.allow {
-            if !allow.contains(&key.addr.ip()) {
+            // On a dual-stack socket an IPv4 exporter is ::ffff:a.b.c.d.
+            if !allow.contains(&key.addr.ip().to_canonical()) {
                 self.unattributed.drop(DropReason::NotAllowed);
                 return Err(DropReason::NotAllowed);
             }
@@ -484,6 +517,7 @@ impl Decoder {
         let before = out.len();
         let mut walk = Walk {
             record_cap: before.saturating_add(self.limits.max_records_per_message),
+            abort: None,
             limits: &self.limits,
             pending_total: &mut self.pending_total,
             usage: &mut self.usage,
@@ -505,6 +539,13 @@ impl Decoder {
             Version::Ipfix => walk.sets(domain, &bytes[header.header_len..header.message_len]),
         };
         domain.track_sequence(header.sequence, units);
+        if let Some(reason) = walk.abort {
+            // The session must be reset (RFC 7011 §8.1); nothing of this
+            // message is kept.
+            domain.counters.drop(reason);
+            out.truncate(before);
+            return Err(reason);
+        }
         let records = out.len() - before;
         domain.counters.records += records as u64;
         Ok(Message {
@@ -592,10 +633,12 @@ pub fn ipfix_message_len(buf: &[u8]) -> Result<Option<usize>, DropReason> {
 struct Walk<'a> {
     /// `out.len()` at which this message stops producing records.
     record_cap: usize,
+    /// Set when the message must end the session (TCP).
+    abort: Option<DropReason>,
     limits: &'a Limits,
     pending_total: &'a mut usize,
     usage: &'a mut Usage,
-    changes: &'a mut Vec<TemplateChange>,
+    changes: &'a mut Changes,
     key: ExporterKey,
     header: Header,
     now_ns: u64,
@@ -659,6 +702,9 @@ impl Walk<'_> {
         let (tmpl_set, opt_set) = if ipfix { (2, 3) } else { (0, 1) };
         let mut units: Option<u32> = Some(0);
         for set in Sets::new(body) {
+            if self.abort.is_some() {
+                break;
+            }
             let set = match set {
                 Ok(s) => s,
                 Err(reason) => {
@@ -689,6 +735,9 @@ impl Walk<'_> {
         let version = self.header.version;
         let udp = self.key.session.is_none();
         for rec in parse_template_set(version, set_id, body, options, self.limits.max_fields) {
+            if self.abort.is_some() {
+                break;
+            }
             match rec {
                 Err(reason) => domain.counters.drop(reason),
                 Ok(TemplateRecord::Withdraw(id)) => {
@@ -736,6 +785,12 @@ impl Walk<'_> {
                 }
                 return;
             }
+            if !udp {
+                // RFC 7011 §8.1: over TCP an id is redefined only after its
+                // withdrawal; otherwise the session is reset.
+                self.abort = Some(DropReason::TemplateRedefined);
+                return;
+            }
         } else if domain.templates.len() >= self.limits.max_templates {
             domain.counters.drop(DropReason::TooManyTemplates);
             return;
@@ -755,8 +810,20 @@ impl Walk<'_> {
             Ok(p) => p,
             Err(reason) => {
                 // A redefinition that does not compile removes the old one:
-                // its data would be read with the wrong layout.
-                domain.templates.remove(&id);
+                // its data would be read with the wrong layout (and so does
+                // its stored copy, or a restart would bring it back).
+                if let Some(old) = domain.templates.remove(&id) {
+                    if udp {
+                        self.changes.push(TemplateChange {
+                            exporter: self.key.addr,
+                            version,
+                            domain: self.header.domain,
+                            template_id: id,
+                            definition: None,
+                            seen_ns: self.now_ns.max(old.last_seen_ns),
+                        });
+                    }
+                }
                 domain.counters.drop(reason);
                 return;
             }
@@ -799,6 +866,7 @@ impl Walk<'_> {
             if !expired {
                 return Some(self.decode_set(domain, set_id, body, &ctx));
             }
+            let last_seen_ns = t.last_seen_ns;
             domain.templates.remove(&set_id);
             self.changes.push(TemplateChange {
                 exporter: self.key.addr,
@@ -806,7 +874,7 @@ impl Walk<'_> {
                 domain: self.header.domain,
                 template_id: set_id,
                 definition: None,
-                seen_ns: self.now_ns,
+                seen_ns: last_seen_ns,
             });
         }
         self.hold(domain, set_id, body, ctx);
@@ -866,6 +934,12 @@ impl Walk<'_> {
         let mut n = 0u32;
         let mut f = Fields::default();
         while body.len() - at >= plan.min_len {
+            // Records with variable-length fields only can be as short as
+            // padding: up to 3 trailing zero bytes are padding (RFC 7011
+            // §3.3.1 pads to 4-byte boundaries), not records.
+            if !plan.fixed && body.len() - at < 4 && body[at..].iter().all(|&b| b == 0) {
+                break;
+            }
             if !options && self.out.len() >= self.record_cap {
                 domain.counters.drop(DropReason::TooManyRecords);
                 break;

@@ -233,8 +233,12 @@ impl Domain {
                 // sysUpTime and first/last switched are 32-bit ms counters
                 // that wrap (every 49.7 days): the age of a time is the
                 // header's uptime minus it, modulo 2^32.
+                // A time a little after the header's uptime (some exporters
+                // stamp the header first) would wrap to 49.7 days ago: a
+                // difference over 2^31 ms is a time in the future, age 0.
                 Version::V5 | Version::V9 => {
-                    let age_ms = u64::from(ctx.sys_uptime_ms.wrapping_sub(ms as u32));
+                    let diff = ctx.sys_uptime_ms.wrapping_sub(ms as u32);
+                    let age_ms = if diff > 1 << 31 { 0 } else { u64::from(diff) };
                     Some(export_ns.saturating_sub(age_ms * 1_000_000))
                 }
                 Version::Ipfix => {
@@ -319,20 +323,21 @@ impl Domain {
 
     /// Drops templates (UDP only: `expiry_ns` is `None` over TCP), pending
     /// sets and flow totals past their age; returns the ids of expired
-    /// templates.
+    /// templates with when they were last seen, and the pending bytes
+    /// freed.
     pub fn sweep(
         &mut self,
         now_ns: u64,
         expiry_ns: Option<u64>,
         pending_age_ns: u64,
         totals_idle_ns: u64,
-    ) -> (Vec<u16>, usize) {
+    ) -> (Vec<(u16, u64)>, usize) {
         let mut expired = Vec::new();
         if let Some(expiry) = expiry_ns {
             self.templates.retain(|id, t| {
                 let keep = now_ns.saturating_sub(t.last_seen_ns) <= expiry;
                 if !keep {
-                    expired.push(*id);
+                    expired.push((*id, t.last_seen_ns));
                 }
                 keep
             });
@@ -437,5 +442,24 @@ mod tests {
         };
         // Boot at 990 s: start 994 s, end 999.5 s.
         assert_eq!(d.times(&f, &ctx), (994_000_000_000, 999_500_000_000));
+    }
+
+    /// Review finding 10: a last-switched time 20 ms after the header's
+    /// uptime became 49.7 days ago.
+    #[test]
+    fn v9_times_slightly_after_the_header_uptime_are_now() {
+        let d = Domain::default();
+        let ctx = MsgCtx {
+            version: Version::V9,
+            export_secs: 1_000,
+            export_nsecs: 0,
+            sys_uptime_ms: 10_000,
+        };
+        let f = Fields {
+            start_uptime_ms: Some(9_000),
+            end_uptime_ms: Some(10_020),
+            ..Fields::default()
+        };
+        assert_eq!(d.times(&f, &ctx), (999_000_000_000, 1_000_000_000_000));
     }
 }

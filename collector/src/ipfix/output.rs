@@ -2,8 +2,9 @@
 //! batched storage writer (COPY on PostgreSQL), tagged with the exporter's
 //! row and observation domain; template changes and counters to SQL.
 
-use super::decoder::{Decoder, ExporterStats};
+use super::decoder::{Decoder, ExporterKey, ExporterStats};
 use super::sql;
+use super::wire::Version;
 use crate::store::{Batch, Sink, WriteReq};
 use crate::Db;
 use qosloop_schema::FlowRecord;
@@ -44,6 +45,30 @@ pub struct Output {
         usize,
     )>,
     inflight_records: usize,
+    /// The counters last handed out for storage.
+    stored: StoredStats,
+    /// The `exporters.name` under which drops not charged to an exporter
+    /// (bad headers of untracked sources, refused sources) are stored, and
+    /// its row once registered.
+    unattributed: Option<(String, Option<i64>)>,
+}
+
+type StoredStats = HashMap<(ExporterKey, Option<Version>, Option<u32>), ExporterStats>;
+
+/// The rows of `stats` that differ from `stored`; `stored` becomes
+/// `stats`, so that exporters gone from the decoder are forgotten here too.
+fn changed_stats(stored: &mut StoredStats, stats: &[ExporterStats]) -> Vec<ExporterStats> {
+    let mut next = HashMap::with_capacity(stats.len());
+    let mut changed = Vec::new();
+    for s in stats {
+        let key = (s.exporter, s.version, s.domain);
+        if stored.get(&key) != Some(s) {
+            changed.push(s.clone());
+        }
+        next.insert(key, s.clone());
+    }
+    *stored = next;
+    changed
 }
 
 impl Output {
@@ -66,6 +91,8 @@ impl Output {
             next_id: 1,
             inflight: Vec::new(),
             inflight_records: 0,
+            stored: HashMap::new(),
+            unattributed: None,
         }
     }
 
@@ -184,32 +211,62 @@ impl Output {
         self.inflight_records = 0;
     }
 
-    /// Writes the decoder's template changes (UDP) to `templates`.
+    /// Writes the decoder's template changes (UDP) to `templates`, in one
+    /// transaction (the decoder keeps one change per template id).
     pub async fn persist_templates(&mut self, decoder: &mut Decoder) -> Result<(), sqlx::Error> {
         let changes = decoder.take_template_changes();
         let Sink::Db(db) = self.sink.clone() else {
             return Ok(());
         };
+        let mut rows = Vec::with_capacity(changes.len());
         for c in changes {
-            let id = self.exporter_id(c.exporter).await?;
-            sql::store_template(&db, id, &c).await?;
+            rows.push((self.exporter_id(c.exporter).await?, c));
         }
-        Ok(())
+        sql::store_templates(&db, &rows).await
     }
 
-    /// Writes counters to SQL.
-    pub async fn store_stats(&mut self, stats: &[ExporterStats]) -> Result<(), sqlx::Error> {
-        let Sink::Db(db) = self.sink.clone() else {
-            return Ok(());
+    /// The counters that changed since the last call, with their exporter
+    /// rows (registered on first use): what [`sql::store_stats`] writes.
+    pub async fn changed_stats(
+        &mut self,
+        stats: &[ExporterStats],
+    ) -> Result<Vec<(i64, ExporterStats)>, sqlx::Error> {
+        let changed = changed_stats(&mut self.stored, stats);
+        let mut rows = Vec::with_capacity(changed.len());
+        let Some(db) = self.db().cloned() else {
+            return Ok(rows);
         };
-        for s in stats {
-            if s.exporter.addr.ip().is_unspecified() {
+        for s in changed {
+            if !s.exporter.addr.ip().is_unspecified() {
+                rows.push((self.exporter_id(s.exporter.addr).await?, s));
                 continue;
             }
-            let id = self.exporter_id(s.exporter.addr).await?;
-            sql::store_stats(&db, id, s).await?;
+            let Some((name, id)) = &mut self.unattributed else {
+                continue;
+            };
+            let id = match id {
+                Some(id) => *id,
+                None => *id.insert(db.register_exporter(name, name, 0).await?),
+            };
+            rows.push((id, s));
         }
-        Ok(())
+        Ok(rows)
+    }
+
+    /// Writes the counters that changed since the last call to SQL, in one
+    /// transaction.
+    pub async fn store_stats(&mut self, stats: &[ExporterStats]) -> Result<(), sqlx::Error> {
+        let rows = self.changed_stats(stats).await?;
+        match self.db() {
+            Some(db) => sql::store_stats(db, &rows).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stores the drops not charged to an exporter as those of the
+    /// pseudo-exporter `name` (one per receiving thread).
+    pub fn set_unattributed_name(&mut self, name: String) {
+        self.unattributed = Some((name, None));
     }
 
     pub fn db(&self) -> Option<&Db> {
@@ -241,4 +298,44 @@ pub async fn restore_templates(db: &Db, decoder: &mut Decoder) -> Result<usize, 
             )
         })
         .count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipfix::Counters;
+
+    fn row(port: u16, messages: u64) -> ExporterStats {
+        ExporterStats {
+            exporter: ExporterKey {
+                addr: SocketAddr::from(([192, 0, 2, 1], port)),
+                session: None,
+            },
+            version: Some(Version::V9),
+            domain: Some(1),
+            counters: Counters {
+                messages,
+                ..Counters::default()
+            },
+            templates: 0,
+            pending_sets: 0,
+        }
+    }
+
+    /// Review finding 2: every exporter's counters were written at every
+    /// interval; only what changed is written now.
+    #[test]
+    fn only_changed_counters_are_written() {
+        let mut stored = StoredStats::new();
+        let all: Vec<_> = (0..1000).map(|p| row(p, 1)).collect();
+        assert_eq!(changed_stats(&mut stored, &all).len(), 1000);
+        assert!(changed_stats(&mut stored, &all).is_empty());
+        let mut next = all.clone();
+        next[7] = row(7, 2);
+        let changed = changed_stats(&mut stored, &next);
+        assert_eq!(changed, vec![row(7, 2)]);
+        // Exporters gone from the decoder are forgotten.
+        assert_eq!(changed_stats(&mut stored, &next[..1]).len(), 0);
+        assert_eq!(stored.len(), 1);
+    }
 }

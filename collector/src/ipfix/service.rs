@@ -115,7 +115,11 @@ impl Ingest {
                 l,
                 acceptor,
                 settings.clone(),
-                config.conn_limits(),
+                {
+                    let mut l = config.conn_limits();
+                    l.per_peer = l.per_peer.min(super::settings::TCP_PER_PEER);
+                    l
+                },
                 sink.clone(),
                 writer.clone(),
             )));

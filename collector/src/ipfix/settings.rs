@@ -70,7 +70,19 @@ pub struct IngestSettings {
     pub flush: Duration,
     pub stats_interval: Duration,
     pub tcp_idle: Duration,
+    /// How long a TCP exporter has for its first message after connecting,
+    /// and for the rest of any message once its first byte came (a peer
+    /// that starts a message and stalls holds a connection slot only this
+    /// long, not `tcp_idle`).
+    pub tcp_message_timeout: Duration,
 }
+
+/// [`IngestSettings::tcp_message_timeout`].
+pub const TCP_MESSAGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// IPFIX over TCP: connections at once from one address (at most; a lower
+/// `max_connections_per_peer` wins). An exporter needs one.
+pub const TCP_PER_PEER: usize = 4;
 
 const NS: u64 = 1_000_000_000;
 
@@ -179,6 +191,7 @@ impl IngestSettings {
             flush: Duration::from_millis(c.ipfix_flush_ms),
             stats_interval: Duration::from_secs(c.ipfix_stats_interval_s),
             tcp_idle: Duration::from_secs(c.ipfix_tcp_idle_s),
+            tcp_message_timeout: TCP_MESSAGE_TIMEOUT.min(Duration::from_secs(c.ipfix_tcp_idle_s)),
         })
     }
 }

@@ -24,63 +24,73 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Writes or deletes one template.
-pub async fn store_template(
+/// Writes or deletes templates, in one transaction. A delete takes the row
+/// only when it was not written after `seen_ns` (the last time the deleting
+/// decoder saw the template): a template another receiving thread keeps
+/// refreshing survives another thread's expiry of its restored copy.
+pub async fn store_templates(
     db: &Db,
-    exporter_id: i64,
-    c: &TemplateChange,
+    changes: &[(i64, TemplateChange)],
 ) -> Result<(), sqlx::Error> {
-    let domain = i64::from(c.domain);
-    let id = i64::from(c.template_id);
-    let seen = i64_of(c.seen_ns);
-    match (&c.definition, db) {
-        (Some(text), Db::Sqlite(pool)) => {
-            let json = serde_json::Value::String(text.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (exporter_id, session_id, template_id) \
-                 DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition, created_ns = excluded.created_ns",
-            )
-            .bind(exporter_id)
-            .bind(domain)
-            .bind(id)
-            .bind(i64::from(c.version.number()))
-            .bind(json)
-            .bind(seen)
-            .execute(pool)
-            .await?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    match db {
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            for (exporter_id, c) in changes {
+                let q = match &c.definition {
+                    Some(text) => sqlx::query(
+                        "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
+                         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (exporter_id, session_id, template_id) \
+                         DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition, created_ns = excluded.created_ns",
+                    )
+                    .bind(*exporter_id)
+                    .bind(i64::from(c.domain))
+                    .bind(i64::from(c.template_id))
+                    .bind(i64::from(c.version.number()))
+                    .bind(serde_json::Value::String(text.clone()).to_string())
+                    .bind(i64_of(c.seen_ns)),
+                    None => sqlx::query(
+                        "DELETE FROM templates WHERE exporter_id = ? AND session_id = ? AND template_id = ? \
+                         AND created_ns <= ?",
+                    )
+                    .bind(*exporter_id)
+                    .bind(i64::from(c.domain))
+                    .bind(i64::from(c.template_id))
+                    .bind(i64_of(c.seen_ns)),
+                };
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
-        (Some(text), Db::Postgres(pool)) => {
-            let json = serde_json::Value::String(text.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
-                 VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (exporter_id, session_id, template_id) \
-                 DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition, created_ns = excluded.created_ns",
-            )
-            .bind(exporter_id)
-            .bind(domain)
-            .bind(id as i32)
-            .bind(i32::from(c.version.number()))
-            .bind(json)
-            .bind(seen)
-            .execute(pool)
-            .await?;
-        }
-        (None, Db::Sqlite(pool)) => {
-            sqlx::query("DELETE FROM templates WHERE exporter_id = ? AND session_id = ? AND template_id = ?")
-                .bind(exporter_id)
-                .bind(domain)
-                .bind(id)
-                .execute(pool)
-                .await?;
-        }
-        (None, Db::Postgres(pool)) => {
-            sqlx::query("DELETE FROM templates WHERE exporter_id = $1 AND session_id = $2 AND template_id = $3")
-                .bind(exporter_id)
-                .bind(domain)
-                .bind(id as i32)
-                .execute(pool)
-                .await?;
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            for (exporter_id, c) in changes {
+                let q = match &c.definition {
+                    Some(text) => sqlx::query(
+                        "INSERT INTO templates (exporter_id, session_id, template_id, config_id, definition, created_ns) \
+                         VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (exporter_id, session_id, template_id) \
+                         DO UPDATE SET config_id = excluded.config_id, definition = excluded.definition, created_ns = excluded.created_ns",
+                    )
+                    .bind(*exporter_id)
+                    .bind(i64::from(c.domain))
+                    .bind(i32::from(c.template_id))
+                    .bind(i32::from(c.version.number()))
+                    .bind(serde_json::Value::String(text.clone()).to_string())
+                    .bind(i64_of(c.seen_ns)),
+                    None => sqlx::query(
+                        "DELETE FROM templates WHERE exporter_id = $1 AND session_id = $2 AND template_id = $3 \
+                         AND created_ns <= $4",
+                    )
+                    .bind(*exporter_id)
+                    .bind(i64::from(c.domain))
+                    .bind(i32::from(c.template_id))
+                    .bind(i64_of(c.seen_ns)),
+                };
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
     }
     Ok(())
@@ -139,8 +149,37 @@ pub async fn load_templates(db: &Db, limit: usize) -> Result<Vec<StoredTemplate>
         .collect())
 }
 
-/// Writes the counters of one exporter and domain (absolute values).
-pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result<(), sqlx::Error> {
+/// Writes the counters of exporters and domains (absolute values), in one
+/// transaction.
+pub async fn store_stats(db: &Db, rows: &[(i64, ExporterStats)]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match db {
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            for (id, s) in rows {
+                stats_row(Tx::Sqlite(&mut tx), *id, s).await?;
+            }
+            tx.commit().await?;
+        }
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            for (id, s) in rows {
+                stats_row(Tx::Postgres(&mut tx), *id, s).await?;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+enum Tx<'a, 'c> {
+    Sqlite(&'a mut sqlx::Transaction<'c, sqlx::Sqlite>),
+    Postgres(&'a mut sqlx::Transaction<'c, sqlx::Postgres>),
+}
+
+async fn stats_row(db: Tx<'_, '_>, exporter_id: i64, s: &ExporterStats) -> Result<(), sqlx::Error> {
     let now = now_ns();
     let version = i64::from(s.version.map_or(0, |v| v.number()));
     let domain = s.domain.map_or(-1, i64::from);
@@ -166,7 +205,7 @@ pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result
         pending_sets = excluded.pending_sets, dropped = excluded.dropped, updated_ns = excluded.updated_ns";
     let drops: Vec<(DropReason, u64)> = c.nonzero_drops().collect();
     match db {
-        Db::Sqlite(pool) => {
+        Tx::Sqlite(pool) => {
             let sql = format!(
                 "INSERT INTO ipfix_exporter_stats (exporter_id, version, domain, {COLS}, updated_ns) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
@@ -179,7 +218,7 @@ pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result
             for v in values {
                 q = q.bind(v);
             }
-            q.bind(now).execute(pool).await?;
+            q.bind(now).execute(&mut **pool).await?;
             for (reason, n) in drops {
                 sqlx::query(
                     "INSERT INTO ipfix_drops (exporter_id, version, domain, reason, count, updated_ns) \
@@ -192,11 +231,11 @@ pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result
                 .bind(reason.as_str())
                 .bind(i64_of(n))
                 .bind(now)
-                .execute(pool)
+                .execute(&mut **pool)
                 .await?;
             }
         }
-        Db::Postgres(pool) => {
+        Tx::Postgres(pool) => {
             let sql = format!(
                 "INSERT INTO ipfix_exporter_stats (exporter_id, version, domain, {COLS}, updated_ns) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
@@ -209,7 +248,7 @@ pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result
             for v in values {
                 q = q.bind(v);
             }
-            q.bind(now).execute(pool).await?;
+            q.bind(now).execute(&mut **pool).await?;
             for (reason, n) in drops {
                 sqlx::query(
                     "INSERT INTO ipfix_drops (exporter_id, version, domain, reason, count, updated_ns) \
@@ -222,7 +261,7 @@ pub async fn store_stats(db: &Db, exporter_id: i64, s: &ExporterStats) -> Result
                 .bind(reason.as_str())
                 .bind(i64_of(n))
                 .bind(now)
-                .execute(pool)
+                .execute(&mut **pool)
                 .await?;
             }
         }
@@ -282,4 +321,56 @@ pub async fn store_listener(db: &Db, listen: &str, s: &ListenerStats) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipfix::Version;
+
+    fn change(definition: Option<&str>, seen_ns: u64) -> TemplateChange {
+        TemplateChange {
+            exporter: "192.0.2.1:2055".parse().unwrap(),
+            version: Version::Ipfix,
+            domain: 1,
+            template_id: 256,
+            definition: definition.map(str::to_string),
+            seen_ns,
+        }
+    }
+
+    /// Review finding 8: a receiving thread expiring its restored copy of a
+    /// template deleted the row another thread kept refreshing. A delete
+    /// now takes the row only when nobody stored it after the deleter last
+    /// saw it.
+    #[tokio::test]
+    async fn an_expiry_does_not_delete_a_template_stored_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        let ex = db
+            .register_exporter("ipfix/udp/192.0.2.1:2055", "192.0.2.1:2055", 0)
+            .await
+            .unwrap();
+        let def = "ipfix data 0 8:4 1:4";
+        store_templates(&db, &[(ex, change(Some(def), 100))])
+            .await
+            .unwrap();
+        // The owner refreshes it at 200; a thread that last saw it at 100
+        // expires it.
+        store_templates(&db, &[(ex, change(Some(def), 200))])
+            .await
+            .unwrap();
+        store_templates(&db, &[(ex, change(None, 100))])
+            .await
+            .unwrap();
+        assert_eq!(load_templates(&db, 10).await.unwrap().len(), 1);
+        // The owner's own expiry (last seen 200) deletes it.
+        store_templates(&db, &[(ex, change(None, 200))])
+            .await
+            .unwrap();
+        assert!(load_templates(&db, 10).await.unwrap().is_empty());
+    }
 }

@@ -55,11 +55,14 @@ pub enum DropReason {
     /// Records of a message past `Limits::max_records_per_message`: the rest
     /// of the set is not decoded (counted once per set cut short).
     TooManyRecords,
+    /// A TCP template redefined without a withdrawal first: the session is
+    /// closed (RFC 7011 §8.1).
+    TemplateRedefined,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`Counters::drops`].
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::ShortHeader,
         DropReason::UnknownVersion,
         DropReason::BadMessageLength,
@@ -82,6 +85,7 @@ impl DropReason {
         DropReason::BadSamplingRate,
         DropReason::NoFlowFields,
         DropReason::TooManyRecords,
+        DropReason::TemplateRedefined,
     ];
 
     /// The name used in logs, SQL and metrics.
@@ -109,6 +113,7 @@ impl DropReason {
             DropReason::BadSamplingRate => "bad_sampling_rate",
             DropReason::NoFlowFields => "no_flow_fields",
             DropReason::TooManyRecords => "too_many_records",
+            DropReason::TemplateRedefined => "template_redefined",
         }
     }
 

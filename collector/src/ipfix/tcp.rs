@@ -31,6 +31,8 @@ pub async fn serve(
     tracing::info!(listen = ?listener.local_addr().ok(), tls = tls.is_some(), "accepting IPFIX exporters over TCP");
     loop {
         let (stream, peer) = guard::accept_next(&listener, "ipfix").await;
+        // A dual-stack socket sees IPv4 exporters as ::ffff:a.b.c.d.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         if let Some(allow) = &settings.limits.allow {
             if !allow.contains(&peer.ip()) {
                 tracing::debug!(%peer, "IPFIX connection from an address not on the allow-list closed");
@@ -90,28 +92,30 @@ pub async fn session<S: AsyncRead + Unpin>(
     let mut records = Vec::new();
     let mut last_flush = Instant::now();
     let mut last_stats = Instant::now();
+    let mut first = true;
     let why = loop {
-        let read = tokio::time::timeout(settings.tcp_idle, async {
-            stream.read_exact(&mut buf[..4]).await?;
-            let len = match ipfix_message_len(&buf[..4]) {
-                Ok(Some(len)) => len,
-                Ok(None) => unreachable_len(),
-                Err(reason) => return Ok(Err(reason)),
-            };
-            stream.read_exact(&mut buf[4..len]).await?;
-            Ok::<_, std::io::Error>(Ok(len))
-        })
-        .await;
-        let len = match read {
-            Err(_) => break "idle".to_string(),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break "closed".to_string()
+        let wait = if first {
+            settings.tcp_message_timeout
+        } else {
+            settings.tcp_idle
+        };
+        first = false;
+        let len = match read_message(&mut stream, &mut buf, wait, settings.tcp_message_timeout)
+            .await
+        {
+            Read::Message(len) => len,
+            Read::Idle => break "idle".to_string(),
+            Read::Stalled => {
+                break format!(
+                    "a message was not complete within {:?} of its first byte",
+                    settings.tcp_message_timeout
+                )
             }
-            Ok(Err(e)) => break format!("read error: {e}"),
-            Ok(Ok(Err(reason))) => {
+            Read::Closed => break "closed".to_string(),
+            Read::Failed(e) => break format!("read error: {e}"),
+            Read::NotIpfix(reason) => {
                 break format!("not an IPFIX stream ({reason}): the version and length of each message must be 10 and at least 16");
             }
-            Ok(Ok(Ok(len))) => len,
         };
         let now = u64::try_from(now_ns()).unwrap_or(0);
         match decoder.decode_tcp(peer, session, &buf[..len], now, &mut records) {
@@ -144,7 +148,104 @@ pub async fn session<S: AsyncRead + Unpin>(
     tracing::info!(%peer, session, records, reason = %why, "IPFIX session ended");
 }
 
+/// What reading one message gave.
+#[derive(Debug)]
+pub(crate) enum Read {
+    Message(usize),
+    /// Nothing within the wait.
+    Idle,
+    /// A message begun and not finished within its deadline.
+    Stalled,
+    Closed,
+    Failed(std::io::Error),
+    NotIpfix(super::stats::DropReason),
+}
+
+/// Reads one IPFIX message into `buf`: its first byte may take `wait`; the
+/// rest of it must come within `complete` of that byte.
+pub(crate) async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    wait: std::time::Duration,
+    complete: std::time::Duration,
+) -> Read {
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Read::Closed
+        } else {
+            Read::Failed(e)
+        }
+    };
+    match tokio::time::timeout(wait, stream.read_exact(&mut buf[..1])).await {
+        Err(_) => return Read::Idle,
+        Ok(Err(e)) => return io(e),
+        Ok(Ok(_)) => {}
+    }
+    let rest = tokio::time::timeout(complete, async {
+        stream.read_exact(&mut buf[1..4]).await?;
+        let len = match ipfix_message_len(&buf[..4]) {
+            Ok(Some(len)) => len,
+            Ok(None) => unreachable_len(),
+            Err(reason) => return Ok(Read::NotIpfix(reason)),
+        };
+        stream.read_exact(&mut buf[4..len]).await?;
+        Ok::<_, std::io::Error>(Read::Message(len))
+    })
+    .await;
+    match rest {
+        Err(_) => Read::Stalled,
+        Ok(Err(e)) => io(e),
+        Ok(Ok(r)) => r,
+    }
+}
+
 /// `ipfix_message_len` needs 4 bytes, which were read.
 fn unreachable_len() -> usize {
     super::wire::IPFIX_HEADER
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// Review finding 7: a header announcing 64 KiB and then nothing held
+    /// the connection for the whole idle time; it is cut at the message
+    /// deadline, told apart from an idle session.
+    #[tokio::test]
+    async fn a_stalled_message_is_cut_at_its_deadline_not_the_idle_time() {
+        let (mut peer, mut ours) = tokio::io::duplex(1024);
+        peer.write_all(&[0, 10, 0xff, 0xff]).await.unwrap();
+        let mut buf = vec![0u8; 65_535];
+        let r = read_message(
+            &mut ours,
+            &mut buf,
+            Duration::from_secs(3600),
+            Duration::from_millis(100),
+        )
+        .await;
+        assert!(matches!(r, Read::Stalled), "{r:?}");
+        // A whole message is read; then silence is idleness.
+        let mut m = vec![0, 10, 0, 16];
+        m.extend_from_slice(&[0; 12]);
+        let (mut peer, mut ours) = tokio::io::duplex(1024);
+        peer.write_all(&m).await.unwrap();
+        let r = read_message(
+            &mut ours,
+            &mut buf,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(r, Read::Message(16)), "{r:?}");
+        let r = read_message(
+            &mut ours,
+            &mut buf,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(r, Read::Idle), "{r:?}");
+    }
 }

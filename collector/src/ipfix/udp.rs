@@ -117,6 +117,11 @@ impl UdpWorker {
             s.flush_records,
             s.limits.max_exporters.saturating_mul(2),
         );
+        // Not `ipfix/udp/…`: no template is ever loaded for it.
+        output.set_unattributed_name(format!(
+            "ipfix/unattributed/udp/{}/{}",
+            self.listen, self.index
+        ));
         if let Some(db) = output.db().cloned() {
             match self.runtime.block_on(restore_templates(&db, &mut decoder)) {
                 Ok(n) => {
@@ -135,6 +140,7 @@ impl UdpWorker {
         let mut last_sweep = Instant::now();
         let fd = self.socket.as_raw_fd();
         let mut reported_drops = 0u64;
+        let mut writing = None;
         while !self.stop.load(Ordering::Relaxed) {
             let received: Result<Vec<Received>, _> = {
                 // Fresh headers for every call: the kernel shrinks each
@@ -218,7 +224,13 @@ impl UdpWorker {
             }
             if last_stats.elapsed() >= s.stats_interval {
                 last_stats = Instant::now();
-                self.report(&mut output, &decoder, &mut reported_drops);
+                self.report(
+                    &mut output,
+                    &decoder,
+                    &mut reported_drops,
+                    &mut writing,
+                    false,
+                );
             }
         }
         let r = self.runtime.block_on(async {
@@ -230,7 +242,13 @@ impl UdpWorker {
         if let Err(e) = r {
             tracing::error!(listen = %self.listen, error = %e, "storing IPFIX state failed");
         }
-        self.report(&mut output, &decoder, &mut reported_drops);
+        self.report(
+            &mut output,
+            &decoder,
+            &mut reported_drops,
+            &mut writing,
+            true,
+        );
     }
 
     fn flush(&self, output: &mut Output, decoder: &mut Decoder) {
@@ -243,23 +261,60 @@ impl UdpWorker {
         }
     }
 
-    fn report(&self, output: &mut Output, decoder: &Decoder, reported_drops: &mut u64) {
-        let stats = decoder.stats();
+    /// Writes the counters that changed. The writing runs as a task of the
+    /// runtime, not on this thread (which must keep reading the socket);
+    /// while the previous write is still running, this round is skipped
+    /// (the next writes absolute values). At shutdown (`last`) it waits.
+    fn report(
+        &self,
+        output: &mut Output,
+        decoder: &Decoder,
+        reported_drops: &mut u64,
+        writing: &mut Option<tokio::task::JoinHandle<()>>,
+        last: bool,
+    ) {
         let listener = self.stats.snapshot();
         if listener.kernel_drops != *reported_drops {
             tracing::warn!(listen = %self.listen, kernel_drops = listener.kernel_drops,
                 rcvbuf = listener.rcvbuf, "the kernel dropped datagrams on a full receive queue");
             *reported_drops = listener.kernel_drops;
         }
-        let r = self.runtime.block_on(async {
-            output.store_stats(&stats).await?;
-            if let Some(db) = output.db() {
-                super::sql::store_listener(db, &self.listen, &listener).await?;
+        if last {
+            if let Some(t) = writing.take() {
+                let _ = self.runtime.block_on(t);
             }
-            Ok::<_, sqlx::Error>(())
+        } else if writing.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let Some(db) = output.db().cloned() else {
+            return;
+        };
+        // Exporter rows of new exporters are registered here (once each).
+        let rows = match self
+            .runtime
+            .block_on(output.changed_stats(&decoder.stats()))
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(listen = %self.listen, error = %e, "IPFIX counters not stored");
+                return;
+            }
+        };
+        let listen = self.listen.clone();
+        let task = self.runtime.spawn(async move {
+            let r = async {
+                super::sql::store_stats(&db, &rows).await?;
+                super::sql::store_listener(&db, &listen, &listener).await
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(%listen, error = %e, "IPFIX counters not stored");
+            }
         });
-        if let Err(e) = r {
-            tracing::warn!(listen = %self.listen, error = %e, "IPFIX counters not stored");
+        if last {
+            let _ = self.runtime.block_on(task);
+        } else {
+            *writing = Some(task);
         }
     }
 }
@@ -268,5 +323,10 @@ fn sockaddr_of(a: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = a.as_sockaddr_in() {
         return Some(SocketAddr::V4((*v4).into()));
     }
-    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    // A dual-stack socket sees IPv4 exporters as ::ffff:a.b.c.d: they are
+    // stored and checked against the allow-list as IPv4.
+    a.as_sockaddr_in6().map(|v6| {
+        let v6 = std::net::SocketAddrV6::from(*v6);
+        SocketAddr::new(std::net::IpAddr::V6(*v6.ip()).to_canonical(), v6.port())
+    })
 }

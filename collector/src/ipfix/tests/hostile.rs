@@ -192,3 +192,108 @@ fn one_address_cannot_fill_the_exporter_table() {
     let m = Msg::default().ipfix(0, 1);
     assert!(d.decode_udp(from(), &m, T0 + 5000, &mut Vec::new()).is_ok());
 }
+
+/// Finding 2: one datagram of thousands of alternating redefinitions of one
+/// id made thousands of template writes; they are coalesced to one.
+#[test]
+fn redefinitions_of_one_id_are_one_change() {
+    let mut d = Decoder::new(Limits::default());
+    let mut body = Vec::new();
+    for i in 0..8000u32 {
+        let element = if i % 2 == 0 { 8 } else { 12 };
+        body.extend_from_slice(&template(256, &[(element, 4)]));
+    }
+    decode(&mut d, &Msg::default().set(2, &body).ipfix(0, 1));
+    assert_eq!(domain_counters(&d).templates_received, 8000);
+    let changes = d.take_template_changes();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].definition.as_deref(), Some("ipfix data 0 12:4"));
+}
+
+/// Finding 9: an exporter forgotten by the sweep while it still held data
+/// (pending age above the template expiry) kept its bytes charged to the
+/// decoder-wide budget for ever.
+#[test]
+fn a_forgotten_exporter_gives_its_held_bytes_back() {
+    let s = 1_000_000_000;
+    let limits = Limits {
+        pending_total_bytes: 200,
+        pending_age_ns: 10_000 * s,
+        template_expiry_ns: 10 * s,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    let m = Msg::default().set(300, &[0; 100]).ipfix(0, 1);
+    let a: SocketAddr = "192.0.2.10:9".parse().unwrap();
+    d.decode_udp(a, &m, T0, &mut Vec::new()).unwrap();
+    d.sweep(T0 + 20 * s);
+    assert!(d.stats().iter().all(|r| r.exporter.addr != a), "forgotten");
+    d.decode_udp(from(), &m, T0 + 21 * s, &mut Vec::new())
+        .unwrap();
+    let held: usize = d.stats().iter().map(|r| r.pending_sets).sum();
+    assert_eq!(held, 1);
+    assert_eq!(domain_counters(&d).dropped(DropReason::PendingOverflow), 0);
+}
+
+/// Finding 10: on a dual-stack socket an allowed IPv4 exporter arrives as
+/// an IPv4-mapped IPv6 address and was refused.
+#[test]
+fn the_allow_list_matches_ipv4_mapped_sources() {
+    let limits = Limits {
+        allow: Some([from().ip()].into_iter().collect()),
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    let mapped: SocketAddr = "[::ffff:192.0.2.1]:40000".parse().unwrap();
+    let m = Msg::default().ipfix(0, 1);
+    assert!(d.decode_udp(mapped, &m, T0, &mut Vec::new()).is_ok());
+    let other: SocketAddr = "[::ffff:192.0.2.2]:40000".parse().unwrap();
+    assert_eq!(
+        d.decode_udp(other, &m, T0, &mut Vec::new()),
+        Err(DropReason::NotAllowed)
+    );
+}
+
+/// Finding 10: over TCP a template id redefined with another layout and no
+/// withdrawal was silently replaced; RFC 7011 §8.1 says reset the session.
+#[test]
+fn a_tcp_redefinition_without_withdrawal_ends_the_session() {
+    let mut d = Decoder::new(Limits::default());
+    let mut out = Vec::new();
+    let t = Msg::default().set(2, &template(256, V4_FIELDS)).ipfix(0, 1);
+    d.decode_tcp(from(), 1, &t, T0, &mut out).unwrap();
+    // The same definition again is fine.
+    d.decode_tcp(from(), 1, &t, T0, &mut out).unwrap();
+    let other = Msg::default()
+        .set(2, &template(256, &[(8, 4), (2, 4)]))
+        .ipfix(0, 1);
+    assert_eq!(
+        d.decode_tcp(from(), 1, &other, T0, &mut out),
+        Err(DropReason::TemplateRedefined)
+    );
+    // After a withdrawal the id may be redefined.
+    let mut d = Decoder::new(Limits::default());
+    d.decode_tcp(from(), 1, &t, T0, &mut out).unwrap();
+    let w = Msg::default().set(2, &[1, 0, 0, 0]).ipfix(0, 1);
+    d.decode_tcp(from(), 1, &w, T0, &mut out).unwrap();
+    d.decode_tcp(from(), 1, &other, T0, &mut out).unwrap();
+}
+
+/// Finding 10: zero padding after records of variable-length fields only
+/// was read as more (empty) records, which the sequence numbers then
+/// counted.
+#[test]
+fn padding_after_variable_length_records_is_not_records() {
+    let mut d = Decoder::new(Limits::default());
+    // Options template 256: one scope field, variable length.
+    let opt = [1, 0, 0, 1, 0, 1, 0, 149, 0xff, 0xff];
+    // One record (length 1, one byte) and two bytes of padding.
+    let m = Msg::default()
+        .set(3, &opt)
+        .set(256, &[1, 7, 0, 0])
+        .ipfix(0, 1);
+    decode(&mut d, &m);
+    decode(&mut d, &Msg::default().ipfix(1, 1));
+    let c = domain_counters(&d);
+    assert_eq!((c.sequence_gaps, c.reordered), (0, 0));
+}
