@@ -300,24 +300,21 @@ fn rich_records() -> Vec<FlowRecord> {
 
 #[test]
 fn every_field_survives_udp_export_and_decoding() {
-    let (port, rx) = receiver();
-    let cfg =
-        IpfixConfig::from_url(&format!("ipfix://127.0.0.1:{port}?refresh_messages=7")).unwrap();
-    let mut ex = UdpExporter::connect(&cfg).unwrap();
-    let recs = rich_records();
-    for r in &recs {
-        ex.push(r);
-    }
-    let report = ex.finish();
-    assert_eq!(report.sent_records, recs.len() as u64);
-    assert_eq!(report.dropped_records, 0);
-    let datagrams = rx.join().unwrap();
-    assert!(datagrams.iter().all(|(_, d)| d.len() <= 1392));
-    let want = sorted(recs.iter().map(at_export_precision).collect());
-    let got = sorted(decode_udp(&datagrams));
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g, w);
+    // Unpadded sets (the default) and sets padded to 4 bytes.
+    for opts in ["?refresh_messages=7", "?refresh_messages=7&pad=1"] {
+        let (port, rx) = receiver();
+        let cfg = IpfixConfig::from_url(&format!("ipfix://127.0.0.1:{port}{opts}")).unwrap();
+        let mut ex = UdpExporter::connect(&cfg).unwrap();
+        let recs = rich_records();
+        for r in &recs {
+            ex.push(r);
+        }
+        let report = ex.finish();
+        assert_eq!(report.sent_records, recs.len() as u64);
+        assert_eq!(report.dropped_records, 0);
+        let datagrams = rx.join().unwrap();
+        assert!(datagrams.iter().all(|(_, d)| d.len() <= 1392));
+        assert_same_records(decode_udp(&datagrams), &recs);
     }
 }
 
