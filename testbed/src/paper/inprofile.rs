@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// (docs/enforcer.md, "Note on nftables' token bucket"), so a bucket can
 /// never be smaller than one second of its rate.
 pub fn bucket_bytes(profile: &TrafficProfile) -> u64 {
-    profile.rate.bytes_per_sec() + u64::from(profile.burst_bytes)
+    profile.rate.bytes_per_sec() + profile.burst_bytes
 }
 
 /// One packet as it arrived: kernel receive time (ns since the Unix epoch)
