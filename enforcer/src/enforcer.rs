@@ -10,8 +10,9 @@
 
 use crate::backend::KernelBackend;
 use crate::error::EnforceError;
-use crate::nft::{self, ChainState, TableState};
-use crate::render::{self, Layout, Rendered, MAX_SLOTS};
+use crate::nft::model::{Batch, Command, Element, KeyPart, Limit, Rule, Shape};
+use crate::nft::{ChainState, TableState, BASE_CHAIN};
+use crate::render::{self, Classify, Layout, Rendered, FALLBACK_CHAIN, MAX_SLOTS};
 use crate::tc::{ClassInfo, HtbClass, QdiscInfo, TcHandle, TcOp};
 use qosloop_schema::{Decision, FlowSpec, Kbps};
 use serde::Serialize;
@@ -42,8 +43,10 @@ struct Applied {
     slot: u32,
     version: u64,
     fingerprint: u64,
-    /// Base-chain match; `None` for an entry adopted from a previous run.
-    flow_match: Option<String>,
+    /// How packets reach its chain.
+    classify: Classify,
+    /// Its meter (a named limit object).
+    limit: Limit,
     /// Profile rate: its share of the group's in-profile class.
     profile: Kbps,
     out_class: Option<HtbClass>,
@@ -71,6 +74,10 @@ pub struct StartReport {
     pub cleaned_chains: usize,
     pub cleaned_rules: usize,
     pub cleaned_classes: usize,
+    /// Map elements that jumped to no adopted decision (or to the wrong one).
+    pub cleaned_elements: usize,
+    /// Map elements of adopted decisions that were missing, added again.
+    pub restored_elements: usize,
     pub table_reset: bool,
 }
 
@@ -132,6 +139,16 @@ impl FlowIndex {
     }
 }
 
+/// The nftables side of one change: the transaction, and the bookkeeping
+/// of the table once the kernel took it.
+#[derive(Debug)]
+struct NftPlan {
+    batch: Batch,
+    shape_counts: BTreeMap<Shape, usize>,
+    maps_present: BTreeSet<Shape>,
+    fallback: BTreeMap<u64, Rule>,
+}
+
 /// The policy enforcement point's kernel side on one interface.
 #[derive(Debug)]
 pub struct Enforcer<B: KernelBackend> {
@@ -146,8 +163,12 @@ pub struct Enforcer<B: KernelBackend> {
     base_tc: bool,
     /// Table and base chain are in place.
     base_nft: bool,
-    /// Base-chain jump handles by decision id, when known to be current.
-    jump_handles: Option<BTreeMap<u64, Vec<u64>>>,
+    /// Decisions per map shape in the kernel.
+    shape_counts: BTreeMap<Shape, usize>,
+    /// Maps in the kernel (each looked up by the base chain).
+    maps_present: BTreeSet<Shape>,
+    /// Rules of the fallback chain, by decision id.
+    fallback: BTreeMap<u64, Rule>,
     flows: FlowIndex,
     /// Sum of guaranteed class rates of applied decisions.
     guaranteed: u64,
@@ -251,7 +272,9 @@ impl<B: KernelBackend> Enforcer<B> {
             next_slot: 0,
             base_tc: false,
             base_nft: false,
-            jump_handles: None,
+            shape_counts: BTreeMap::new(),
+            maps_present: BTreeSet::new(),
+            fallback: BTreeMap::new(),
             flows: FlowIndex::default(),
             guaranteed: 0,
             groups: BTreeMap::new(),
@@ -325,7 +348,6 @@ impl<B: KernelBackend> Enforcer<B> {
 
     fn reconcile_at_start(&mut self) -> Result<StartReport, EnforceError> {
         let mut report = StartReport::default();
-        let table = self.layout.nft_table();
         let qdiscs = self.qdiscs()?;
         let ours = self.our_root(&qdiscs)?.is_some();
         let classes = if ours {
@@ -342,79 +364,21 @@ impl<B: KernelBackend> Enforcer<B> {
             .backend
             .read_table(&self.layout)
             .map_err(EnforceError::Nft)?;
-        let mut script = String::new();
         let mut adopted: BTreeMap<u64, Applied> = BTreeMap::new();
+        let mut batch = Batch::new(self.layout.table_id());
         match state {
             None => {}
             Some(st) if !st.base_ok => {
-                nft::delete_table(&mut script, &table);
+                batch.push(Command::DeleteTable);
                 report.table_reset = true;
             }
-            Some(TableState {
-                chains,
-                jumps,
-                stray_chains,
-                stray_rules,
-                ..
-            }) => {
+            Some(st) => {
                 self.base_nft = true;
-                let mut handles = BTreeMap::new();
-                let mut slots_seen = BTreeSet::new();
-                for h in &stray_rules {
-                    nft::delete_rule(&mut script, &table, *h);
-                    report.cleaned_rules += 1;
-                }
-                for (id, list) in &jumps {
-                    let good = chains.get(id).and_then(|c| c.meta.as_ref());
-                    let keep = usize::from(good.is_some());
-                    for h in list.iter().skip(keep) {
-                        nft::delete_rule(&mut script, &table, *h);
-                        report.cleaned_rules += 1;
-                    }
-                    if keep == 1 {
-                        handles.insert(*id, vec![list[0]]);
-                    }
-                }
-                for (id, ChainState { meta, .. }) in chains {
-                    let usable = meta.filter(|m| {
-                        jumps.contains_key(&id) && m.slot < MAX_SLOTS && slots_seen.insert(m.slot)
-                    });
-                    match usable {
-                        Some(m) => {
-                            adopted.insert(
-                                id,
-                                Applied {
-                                    slot: m.slot,
-                                    version: m.version,
-                                    fingerprint: m.fingerprint,
-                                    flow_match: None,
-                                    profile: m.profile,
-                                    out_class: None,
-                                    decision: None,
-                                },
-                            );
-                        }
-                        None => {
-                            if let Some(list) = handles.remove(&id) {
-                                for h in list {
-                                    nft::delete_rule(&mut script, &table, h);
-                                    report.cleaned_rules += 1;
-                                }
-                            }
-                            nft::delete_chain(&mut script, &table, &render::chain_name(id));
-                            report.cleaned_chains += 1;
-                        }
-                    }
-                }
-                for name in stray_chains {
-                    nft::delete_chain(&mut script, &table, &name);
-                    report.cleaned_chains += 1;
-                }
-                self.jump_handles = Some(handles);
+                self.reconcile_table(st, &mut adopted, &mut batch, &mut report);
             }
         }
-        if !script.is_empty() {
-            self.backend.nft(&script).map_err(EnforceError::Nft)?;
+        if !batch.is_empty() {
+            self.backend.nft(&batch).map_err(EnforceError::Nft)?;
             if report.table_reset {
                 self.base_nft = false;
             }
@@ -535,18 +499,41 @@ impl<B: KernelBackend> Enforcer<B> {
             .map(|(id, _)| *id)
             .collect();
         if !broken.is_empty() {
-            let mut script = String::new();
-            let handles = self.jump_handles.get_or_insert_with(BTreeMap::new);
+            let mut batch = Batch::new(self.layout.table_id());
+            let mut dels: BTreeMap<Shape, Vec<Vec<KeyPart>>> = BTreeMap::new();
             for id in &broken {
-                for h in handles.remove(id).into_iter().flatten() {
-                    nft::delete_rule(&mut script, &table, h);
-                    report.cleaned_rules += 1;
+                if let Some(a) = adopted.remove(id) {
+                    match a.classify {
+                        Classify::Map { shape, key } => {
+                            dels.entry(shape.clone()).or_default().push(key);
+                            if let Some(n) = self.shape_counts.get_mut(&shape) {
+                                *n -= 1;
+                            }
+                        }
+                        Classify::Rule(_) => {
+                            self.fallback.remove(id);
+                        }
+                    }
                 }
-                nft::delete_chain(&mut script, &table, &render::chain_name(*id));
-                report.cleaned_chains += 1;
-                adopted.remove(id);
             }
-            self.backend.nft(&script).map_err(EnforceError::Nft)?;
+            for (shape, keys) in dels {
+                batch.push(Command::DeleteElements { shape, keys });
+            }
+            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
+            for rule in self.fallback.values() {
+                batch.push(Command::AddRule {
+                    chain: FALLBACK_CHAIN.into(),
+                    rule: rule.clone(),
+                });
+            }
+            for id in &broken {
+                batch.push(Command::FlushChain(render::chain_name(*id)));
+                batch.push(Command::DeleteChain(render::chain_name(*id)));
+                batch.push(Command::DeleteLimit(render::limit_name(*id)));
+                report.cleaned_chains += 1;
+            }
+            self.shape_counts.retain(|_, n| *n > 0);
+            self.backend.nft(&batch).map_err(EnforceError::Nft)?;
         }
         // Group rates follow what stays; groups left empty go.
         let mut sums: BTreeMap<u32, GroupSums> = BTreeMap::new();
@@ -655,7 +642,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 d.profile.burst_bytes
             )));
         }
-        render::flow_match(&d.flow, self.layout.ingress()).map_err(|e| invalid(e.to_string()))?;
+        render::classify(&d.flow, self.layout.ingress()).map_err(|e| invalid(e.to_string()))?;
         Ok(())
     }
 
@@ -667,15 +654,6 @@ impl<B: KernelBackend> Enforcer<B> {
             self.next_slot += 1;
             self.next_slot - 1
         })
-    }
-
-    fn refresh_handles(&mut self) -> Result<(), EnforceError> {
-        let st = self
-            .backend
-            .read_table(&self.layout)
-            .map_err(EnforceError::Nft)?;
-        self.jump_handles = Some(st.map(|s| s.jumps).unwrap_or_default());
-        Ok(())
     }
 
     /// Installs/replaces `upserts` and removes `removes` as one change: all
@@ -746,11 +724,12 @@ impl<B: KernelBackend> Enforcer<B> {
                         s
                     }
                 };
-                let r =
-                    render::render(&self.layout, d, slot).map_err(|e| EnforceError::Invalid {
+                let r = render::render(&self.layout, d, slot, self.ifindex).map_err(|e| {
+                    EnforceError::Invalid {
                         id: d.id,
                         reason: e.to_string(),
-                    })?;
+                    }
+                })?;
                 if let Some(a) = self.applied.get(&d.id) {
                     guaranteed -= class_rates(a);
                 }
@@ -780,9 +759,6 @@ impl<B: KernelBackend> Enforcer<B> {
                 self.free_slots.insert(a.slot);
             }
             self.flows.remove(*id);
-            if let Some(h) = self.jump_handles.as_mut() {
-                h.remove(id);
-            }
         }
         for (d, r) in upserts.into_iter().zip(rendered) {
             self.flows.insert(d.id, d.flow.clone());
@@ -792,7 +768,8 @@ impl<B: KernelBackend> Enforcer<B> {
                     slot: r.slot,
                     version: r.version,
                     fingerprint: r.fingerprint,
-                    flow_match: Some(r.flow_match),
+                    classify: r.classify,
+                    limit: r.limit,
                     profile: r.profile,
                     out_class: Some(r.out_class),
                     decision: Some(d),
@@ -811,7 +788,6 @@ impl<B: KernelBackend> Enforcer<B> {
         summary: &mut ApplySummary,
     ) -> Result<(), EnforceError> {
         let ifindex = self.ifindex;
-        let table = self.layout.nft_table();
         let mut pre = Vec::new();
         let mut undo = Vec::new();
         if !self.base_tc && !rendered.is_empty() {
@@ -910,22 +886,6 @@ impl<B: KernelBackend> Enforcer<B> {
                 }
             }
         }
-        let mut script = String::new();
-        if !self.base_nft && !rendered.is_empty() {
-            nft::create_table(&mut script, &self.layout);
-        }
-        let needs_handles = !removing.is_empty()
-            || rendered.iter().any(|r| {
-                self.applied.get(&r.id).is_some_and(|a| {
-                    a.fingerprint != r.fingerprint
-                        && a.flow_match.as_deref() != Some(r.flow_match.as_str())
-                })
-            });
-        if needs_handles && self.jump_handles.is_none() {
-            self.refresh_handles()?;
-        }
-        let handles = self.jump_handles.clone().unwrap_or_default();
-        let mut adds_jump = false;
         for r in rendered {
             let old = self.applied.get(&r.id);
             {
@@ -952,24 +912,10 @@ impl<B: KernelBackend> Enforcer<B> {
                 }
             }
             match old {
-                None => {
-                    nft::add_decision(&mut script, &table, r.id, &r.flow_match, &r.rules);
-                    adds_jump = true;
-                    summary.installed += 1;
-                }
-                Some(a) if a.fingerprint != r.fingerprint => {
-                    nft::rewrite_chain(&mut script, &table, r.id, &r.rules);
-                    if a.flow_match.as_deref() != Some(r.flow_match.as_str()) {
-                        for h in handles.get(&r.id).into_iter().flatten() {
-                            nft::delete_rule(&mut script, &table, *h);
-                        }
-                        nft::add_jump(&mut script, &table, r.id, &r.flow_match);
-                        adds_jump = true;
-                    }
-                    summary.changed += 1;
-                }
+                None => summary.installed += 1,
                 Some(a)
-                    if a.profile != r.profile
+                    if a.fingerprint != r.fingerprint
+                        || a.profile != r.profile
                         || a.out_class.map(|c| (c.rate, c.ceil))
                             != Some((r.out_class.rate, r.out_class.ceil)) =>
                 {
@@ -978,12 +924,9 @@ impl<B: KernelBackend> Enforcer<B> {
                 Some(_) => summary.unchanged += 1,
             }
         }
+        let nft_plan = self.plan_nft(rendered, removing);
         let mut post = Vec::new();
         for id in removing {
-            for h in handles.get(id).into_iter().flatten() {
-                nft::delete_rule(&mut script, &table, *h);
-            }
-            nft::delete_chain(&mut script, &table, &render::chain_name(*id));
             let a = &self.applied[id];
             if sums
                 .get(&Layout::group_of(a.slot))
@@ -1014,9 +957,9 @@ impl<B: KernelBackend> Enforcer<B> {
         if !rendered.is_empty() {
             self.base_tc = true;
         }
-        if !script.is_empty() {
+        if !nft_plan.batch.is_empty() {
             summary.nft_transactions += 1;
-            if let Err(e) = self.backend.nft(&script) {
+            if let Err(e) = self.backend.nft(&nft_plan.batch) {
                 self.undo(&pre, &undo, pre.len());
                 if pre
                     .first()
@@ -1029,9 +972,9 @@ impl<B: KernelBackend> Enforcer<B> {
             if !rendered.is_empty() {
                 self.base_nft = true;
             }
-            if adds_jump {
-                self.jump_handles = None;
-            }
+            self.shape_counts = nft_plan.shape_counts;
+            self.maps_present = nft_plan.maps_present;
+            self.fallback = nft_plan.fallback;
         }
         for (g, sum) in sums {
             if sum.total == 0 {
@@ -1048,6 +991,318 @@ impl<B: KernelBackend> Enforcer<B> {
         }
         summary.tc_messages += post.len();
         Ok(())
+    }
+
+    /// The nftables transaction of a change, and the table's bookkeeping
+    /// after it (committed only once the kernel took the transaction).
+    ///
+    /// Order inside the batch (one transaction, so packets never see a
+    /// half-made change): the table, base and fallback chains when new; the
+    /// maps of new shapes; each new decision's limit object, chain and
+    /// rules, each changed decision's chain rewritten (its limit object kept
+    /// unless the profile changed: the bucket keeps its state across an
+    /// action change); map elements deleted, then added; the fallback chain
+    /// rewritten if one of its decisions changed; the base chain rewritten
+    /// if the set of maps changed; removed decisions' chains and limits;
+    /// maps no decision uses any more.
+    fn plan_nft(&self, rendered: &[Rendered], removing: &BTreeSet<u64>) -> NftPlan {
+        let netdev = self.layout.ingress();
+        let mut batch = Batch::new(self.layout.table_id());
+        let creating = !self.base_nft && !rendered.is_empty();
+        if creating {
+            batch.push(Command::AddTable);
+            batch.push(Command::AddChain {
+                name: BASE_CHAIN.into(),
+                hook: Some(self.layout.hook()),
+            });
+            batch.push(Command::AddChain {
+                name: FALLBACK_CHAIN.into(),
+                hook: None,
+            });
+        }
+        let mut counts = self.shape_counts.clone();
+        let mut fallback = self.fallback.clone();
+        let mut fallback_changed = false;
+        let mut adds: BTreeMap<Shape, Vec<Element>> = BTreeMap::new();
+        let mut dels: BTreeMap<Shape, Vec<Vec<KeyPart>>> = BTreeMap::new();
+        let mut objects = Vec::new();
+        let mut drop_classify =
+            |c: &Classify,
+             id: u64,
+             counts: &mut BTreeMap<Shape, usize>,
+             fallback: &mut BTreeMap<u64, Rule>| match c {
+                Classify::Map { shape, key } => {
+                    dels.entry(shape.clone()).or_default().push(key.clone());
+                    if let Some(n) = counts.get_mut(shape) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                Classify::Rule(_) => {
+                    fallback.remove(&id);
+                    fallback_changed = true;
+                }
+            };
+        let mut removals = Vec::new();
+        for id in removing {
+            let a = &self.applied[id];
+            drop_classify(&a.classify, *id, &mut counts, &mut fallback);
+            let chain = render::chain_name(*id);
+            removals.push(Command::FlushChain(chain.clone()));
+            removals.push(Command::DeleteChain(chain));
+            removals.push(Command::DeleteLimit(a.limit.name.clone()));
+        }
+        let mut new_classify = Vec::new();
+        for r in rendered {
+            let chain = r.chain();
+            let rules = r.rules.iter().map(|rule| Command::AddRule {
+                chain: chain.clone(),
+                rule: rule.clone(),
+            });
+            match self.applied.get(&r.id) {
+                None => {
+                    objects.push(Command::AddLimit(r.limit.clone()));
+                    objects.push(Command::AddChain {
+                        name: chain.clone(),
+                        hook: None,
+                    });
+                    objects.extend(rules);
+                    new_classify.push(r);
+                }
+                Some(a) if a.fingerprint != r.fingerprint => {
+                    objects.push(Command::FlushChain(chain.clone()));
+                    if a.limit != r.limit {
+                        objects.push(Command::DeleteLimit(a.limit.name.clone()));
+                        objects.push(Command::AddLimit(r.limit.clone()));
+                    }
+                    objects.extend(rules);
+                    if a.classify != r.classify {
+                        drop_classify(&a.classify, r.id, &mut counts, &mut fallback);
+                        new_classify.push(r);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for r in new_classify {
+            match &r.classify {
+                Classify::Map { shape, key } => {
+                    adds.entry(shape.clone()).or_default().push(Element {
+                        key: key.clone(),
+                        chain: r.chain(),
+                    });
+                    *counts.entry(shape.clone()).or_default() += 1;
+                }
+                Classify::Rule(_) => {
+                    if let Some(rule) = r.classify.rule(r.id) {
+                        fallback.insert(r.id, rule);
+                    }
+                    fallback_changed = true;
+                }
+            }
+        }
+        counts.retain(|_, n| *n > 0);
+        let maps: BTreeSet<Shape> = counts.keys().cloned().collect();
+        for shape in maps.difference(&self.maps_present) {
+            batch.push(Command::AddMap(shape.clone()));
+        }
+        batch.commands.extend(objects);
+        for (shape, keys) in dels {
+            batch.push(Command::DeleteElements { shape, keys });
+        }
+        for (shape, elements) in adds {
+            batch.push(Command::AddElements { shape, elements });
+        }
+        if fallback_changed {
+            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
+            for rule in fallback.values() {
+                batch.push(Command::AddRule {
+                    chain: FALLBACK_CHAIN.into(),
+                    rule: rule.clone(),
+                });
+            }
+        }
+        if creating || maps != self.maps_present {
+            if !creating {
+                batch.push(Command::FlushChain(BASE_CHAIN.into()));
+            }
+            for rule in render::base_rules(&self.layout, maps.iter()) {
+                batch.push(Command::AddRule {
+                    chain: BASE_CHAIN.into(),
+                    rule,
+                });
+            }
+        }
+        batch.commands.extend(removals);
+        for shape in self.maps_present.difference(&maps) {
+            batch.push(Command::DeleteMap(shape.clone()));
+        }
+        let _ = netdev;
+        NftPlan {
+            batch,
+            shape_counts: counts,
+            maps_present: maps,
+            fallback,
+        }
+    }
+
+    /// Reconcile of an existing table (its base chain on the right hook):
+    /// adopts every decision chain whose metadata, slot and limit object are
+    /// consistent, and plans into `batch` the removal of everything else
+    /// (stray chains, limits and maps, elements jumping to no adopted
+    /// decision or to the wrong one), the elements of adopted decisions that
+    /// went missing, and the base and fallback chains rewritten whole.
+    fn reconcile_table(
+        &mut self,
+        st: TableState,
+        adopted: &mut BTreeMap<u64, Applied>,
+        batch: &mut Batch,
+        report: &mut StartReport,
+    ) {
+        let netdev = self.layout.ingress();
+        let mut slots_seen = BTreeSet::new();
+        let mut dead_chains = Vec::new();
+        for (id, ChainState { meta, .. }) in &st.chains {
+            let usable = meta
+                .as_ref()
+                .filter(|m| {
+                    m.slot < MAX_SLOTS
+                        && st.limits.contains(&render::limit_name(*id))
+                        && slots_seen.insert(m.slot)
+                })
+                .and_then(|m| Some((m, render::classify(&m.flow, netdev).ok()?)));
+            match usable {
+                Some((m, classify)) => {
+                    let profile = qosloop_schema::TrafficProfile {
+                        rate: m.profile,
+                        burst_bytes: m.burst_bytes,
+                    };
+                    adopted.insert(
+                        *id,
+                        Applied {
+                            slot: m.slot,
+                            version: m.version,
+                            fingerprint: m.fingerprint,
+                            classify,
+                            limit: Limit {
+                                name: render::limit_name(*id),
+                                bytes_per_sec: m.profile.bytes_per_sec(),
+                                burst_bytes: render::meter_burst_bytes(&profile),
+                            },
+                            profile: m.profile,
+                            out_class: None,
+                            decision: None,
+                        },
+                    );
+                }
+                None => dead_chains.push(render::chain_name(*id)),
+            }
+        }
+        // The base chain and the fallback chain are rewritten whole below;
+        // flushing them first drops their references to maps and chains.
+        batch.push(Command::FlushChain(BASE_CHAIN.into()));
+        if st.fallback {
+            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
+        } else {
+            batch.push(Command::AddChain {
+                name: FALLBACK_CHAIN.into(),
+                hook: None,
+            });
+        }
+        // Elements: keep those that are exactly an adopted decision's.
+        let mut found = BTreeSet::new();
+        let mut stray_maps = Vec::new();
+        for (name, elems) in &st.maps {
+            let Some(shape) = Shape::from_map_name(name) else {
+                stray_maps.push(name.clone());
+                continue;
+            };
+            let mut keys = Vec::new();
+            for (key, target) in elems {
+                let owner = target
+                    .strip_prefix('d')
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .filter(|id| {
+                        adopted.get(id).is_some_and(|a| {
+                            a.classify
+                                == Classify::Map {
+                                    shape: shape.clone(),
+                                    key: key.clone(),
+                                }
+                        })
+                    });
+                match owner {
+                    Some(id) if found.insert(id) => {}
+                    _ => keys.push(key.clone()),
+                }
+            }
+            if !keys.is_empty() {
+                report.cleaned_elements += keys.len();
+                batch.push(Command::DeleteElements {
+                    shape: shape.clone(),
+                    keys,
+                });
+            }
+            self.maps_present.insert(shape);
+        }
+        for chain in dead_chains.iter().chain(&st.stray_chains) {
+            batch.push(Command::FlushChain(chain.clone()));
+            batch.push(Command::DeleteChain(chain.clone()));
+            report.cleaned_chains += 1;
+        }
+        for l in &st.limits {
+            let ours = l
+                .strip_prefix('l')
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|id| adopted.contains_key(&id));
+            if !ours {
+                batch.push(Command::DeleteLimit(l.clone()));
+            }
+        }
+        for name in stray_maps {
+            // Not a shape of ours: delete it by a shape-less command text.
+            tracing::warn!(map = %name, "a map qosloop did not create is in its table; deleting the table's stray map is left to --cleanup");
+        }
+        // What adopted decisions need: their maps, elements, fallback rules.
+        let mut adds: BTreeMap<Shape, Vec<Element>> = BTreeMap::new();
+        for (id, a) in adopted.iter() {
+            match &a.classify {
+                Classify::Map { shape, .. } => {
+                    *self.shape_counts.entry(shape.clone()).or_default() += 1;
+                    if !found.contains(id) {
+                        if let Some((shape, e)) = a.classify.element(&render::chain_name(*id)) {
+                            adds.entry(shape).or_default().push(e);
+                        }
+                    }
+                }
+                Classify::Rule(_) => {
+                    if let Some(rule) = a.classify.rule(*id) {
+                        self.fallback.insert(*id, rule);
+                    }
+                }
+            }
+        }
+        for shape in self.shape_counts.keys() {
+            if self.maps_present.insert(shape.clone()) {
+                batch.push(Command::AddMap(shape.clone()));
+            }
+        }
+        for (shape, elements) in adds {
+            report.restored_elements += elements.len();
+            tracing::warn!(map = %shape.map_name(), missing = elements.len(), "map elements of adopted decisions were missing (changed behind the enforcer's back); adding them again");
+            batch.push(Command::AddElements { shape, elements });
+        }
+        for rule in self.fallback.values() {
+            batch.push(Command::AddRule {
+                chain: FALLBACK_CHAIN.into(),
+                rule: rule.clone(),
+            });
+        }
+        for rule in render::base_rules(&self.layout, self.maps_present.iter()) {
+            batch.push(Command::AddRule {
+                chain: BASE_CHAIN.into(),
+                rule,
+            });
+        }
     }
 
     /// Undoes `pre[..done]` in reverse (best effort, logged).
@@ -1081,7 +1336,9 @@ impl<B: KernelBackend> Enforcer<B> {
         self.groups.clear();
         self.base_tc = false;
         self.base_nft = false;
-        self.jump_handles = None;
+        self.shape_counts.clear();
+        self.maps_present.clear();
+        self.fallback.clear();
         Ok(())
     }
 }
@@ -1098,9 +1355,9 @@ pub fn cleanup<B: KernelBackend>(
         .map_err(EnforceError::Nft)?
         .is_some()
     {
-        let mut script = String::new();
-        nft::delete_table(&mut script, &layout.nft_table());
-        backend.nft(&script).map_err(EnforceError::Nft)?;
+        let mut batch = Batch::new(layout.table_id());
+        batch.push(Command::DeleteTable);
+        backend.nft(&batch).map_err(EnforceError::Nft)?;
     }
     if layout.ingress() {
         // The IFB device takes its qdiscs with it.
@@ -1200,8 +1457,11 @@ mod tests {
             TcHandle::new(0xe500, 0)
         );
         let t = k.table.as_ref().unwrap();
-        assert_eq!(t.base.len(), 2);
-        assert_eq!(t.chains["d1"].len(), 2);
+        // Guard, one map lookup, the jump to the fallback chain.
+        assert_eq!(t.chains["postrouting"].rules.len(), 3);
+        assert_eq!(t.chains["d1"].rules.len(), 2);
+        assert_eq!(t.maps["v4_proto_saddr_daddr_dport"].1.len(), 1);
+        assert!(t.limits.contains_key("l1"));
     }
 
     #[test]
@@ -1233,7 +1493,10 @@ mod tests {
             ))
             .unwrap();
         assert_eq!((s.changed, s.tc_messages, s.nft_transactions), (1, 1, 1));
-        assert!(e.backend().table.as_ref().unwrap().chains["d1"][0].contains("dscp set 0"));
+        let t = e.backend().table.clone().unwrap();
+        assert!(t.chains["d1"].rules[0].to_string().contains("dscp set cs0"));
+        // The meter survives the action change: the same limit object.
+        assert_eq!(t.limits.len(), 1);
         let same = e
             .install(decision(
                 1,
@@ -1365,14 +1628,23 @@ mod tests {
                 prio: 2,
             },
         );
-        let dup = kernel.table.as_ref().unwrap().base[1].1.clone();
+        // ... and a map element deleted behind the enforcer's back, and a
+        // stray element jumping to decision 3's chain under another key.
         let t = kernel.table.as_mut().unwrap();
-        t.next_handle += 1;
-        let h = t.next_handle;
-        t.base.push((h, dup));
+        let (_, elems) = t.maps.get_mut("v4_proto_saddr_daddr_dport").unwrap();
+        let key1 = elems.iter().find(|(_, c)| *c == "d1").unwrap().0.clone();
+        elems.remove(&key1);
+        let mut stray = key1.clone();
+        stray[3] = crate::nft::model::KeyPart::Port(9999);
+        elems.insert(stray, "d3".into());
         let (mut e, report) = Enforcer::start(kernel, cfg()).unwrap();
         assert_eq!(report.adopted, 2);
-        assert_eq!((report.cleaned_classes, report.cleaned_rules), (1, 1));
+        assert_eq!(report.cleaned_classes, 1);
+        assert_eq!((report.restored_elements, report.cleaned_elements), (1, 1));
+        let t = e.backend().table.clone().unwrap();
+        let elems = &t.maps["v4_proto_saddr_daddr_dport"].1;
+        assert_eq!(elems.get(&key1).map(String::as_str), Some("d1"));
+        assert_eq!(elems.len(), 2);
         // The PDP resynchronises with 1 (unchanged) and 4 (new): 3 goes.
         let s = e
             .sync(vec![
@@ -1384,10 +1656,16 @@ mod tests {
         let k = e.backend();
         assert_eq!(k.classes.len(), 5 + 2);
         let t = k.table.as_ref().unwrap();
-        assert_eq!(t.base.len(), 3);
+        assert_eq!(t.maps["v4_proto_saddr_daddr_dport"].1.len(), 2);
+        assert_eq!(t.limits.len(), 2);
         assert_eq!(
             t.chains.keys().cloned().collect::<Vec<_>>(),
-            vec!["d1".to_owned(), "d4".to_owned()]
+            vec![
+                "d1".to_owned(),
+                "d4".to_owned(),
+                "fallback".to_owned(),
+                "postrouting".to_owned()
+            ]
         );
         e.cleanup().unwrap();
         assert!(e.backend().table.is_none() && e.backend().root_qdisc.is_none());
@@ -1468,8 +1746,22 @@ mod tests {
         e.install(decision(1, 5001, accept(875))).unwrap();
         e.install(decision(1, 5009, accept(875))).unwrap();
         let t = e.backend().table.as_ref().unwrap();
-        assert_eq!(t.base.len(), 2);
-        assert!(t.base[1].1.contains("dport 5009"));
+        let elems = &t.maps["v4_proto_saddr_daddr_dport"].1;
+        assert_eq!(elems.len(), 1);
+        let key = elems.keys().next().unwrap();
+        assert_eq!(key[3], crate::nft::model::KeyPart::Port(5009));
+        // A flow that is no map key goes to the fallback chain, and the
+        // empty map goes with its lookup.
+        let mut wide = decision(1, 5009, accept(875));
+        wide.flow.dst = Some("10.2.0.0/24".parse().unwrap());
+        e.install(wide).unwrap();
+        let t = e.backend().table.as_ref().unwrap();
+        assert!(t.maps.is_empty());
+        assert_eq!(t.chains["postrouting"].rules.len(), 2);
+        assert_eq!(
+            t.chains["fallback"].rules[0].to_string(),
+            "ip saddr 10.1.0.1 ip daddr 10.2.0.0/24 udp dport 5009 jump d1 comment \"id=1\""
+        );
     }
 
     #[test]

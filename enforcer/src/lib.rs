@@ -26,15 +26,18 @@
 //! in-memory [`FakeKernel`] of the unit tests.
 
 mod backend;
+mod bpf;
 pub mod cli;
 mod config;
 mod enforcer;
 mod error;
+mod netlink;
 pub mod nfnl;
-mod nft;
+pub mod nft;
 mod pep;
 pub mod probe;
 pub mod render;
+mod rtnl;
 pub mod status;
 mod sys;
 pub mod tc;
@@ -46,3 +49,4 @@ pub use enforcer::{
 };
 pub use error::EnforceError;
 pub use nft::{ChainState, TableState};
+pub use render::{bucket_bytes, meter_burst_bytes};
