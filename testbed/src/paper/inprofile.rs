@@ -25,13 +25,13 @@ use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// What a profile's token bucket holds, in bytes: one second of the profile
-/// rate plus the profile's burst. nftables sizes a byte `limit`'s bucket as
-/// `unit × (rate + burst) / rate` with a unit of at least one second
-/// (docs/enforcer.md, "Note on nftables' token bucket"), so a bucket can
-/// never be smaller than one second of its rate.
+/// What a profile's token bucket holds, in bytes, as the enforcer sizes it
+/// (`qosloop_enforcer::bucket_bytes`, docs/enforcer.md): one second of the
+/// profile rate plus the meter's burst. nftables sizes a byte `limit`'s
+/// bucket as `unit × (rate + burst) / rate` with a unit of at least one
+/// second, so a bucket is never smaller than one second of its rate.
 pub fn bucket_bytes(profile: &TrafficProfile) -> u64 {
-    profile.rate.bytes_per_sec() + profile.burst_bytes
+    qosloop_enforcer::bucket_bytes(profile)
 }
 
 /// One packet as it arrived: kernel receive time (ns since the Unix epoch)
