@@ -7,9 +7,18 @@
 //!    forked `tc class change` doing the same change.
 //! 2. An action change (accept → remark): one class message plus one
 //!    nf_tables netlink batch, against a forked `nft -f` of the same statements.
-//! 3. Installing N per-flow decisions from empty, against the LibreQoS way
-//!    (`tc -batch` of the same classes and steering filter + one `nft -f` of
-//!    the same rules).
+//! 3. Installing N per-flow decisions from empty (10,000 and 50,000), and
+//!    removing them again, against the LibreQoS way (`tc -batch` of the
+//!    same classes and steering filter + one `nft -f` of the same
+//!    statements; removal: `tc -batch` of the deletes + `nft -f` of the
+//!    deletes, [`peer`]).
+//! 4. Per-packet cost: the forwarding rate of 64-byte packets through the
+//!    enforced router with 1, 10,000 and 50,000 decisions installed, and
+//!    for the record with the old layout (one linear base chain of
+//!    10,000 jump rules) beside it ([`forward`]).
+
+mod forward;
+mod peer;
 
 use crate::harness::{Netns, VethPair};
 use anyhow::Context as _;
@@ -33,12 +42,45 @@ pub struct Args {
     /// Changes measured through forked tc / nft processes.
     #[arg(long, default_value_t = 200)]
     pub peer_changes: usize,
-    /// Per-flow decisions installed from empty.
+    /// Per-flow decisions installed from empty and removed, each count
+    /// against the peer.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000, 50_000])]
+    pub flows: Vec<usize>,
+    /// Decisions installed while the forwarding rate is measured.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 10_000, 50_000])]
+    pub forward_decisions: Vec<usize>,
+    /// Jump rules of the old linear layout measured beside (0: not measured).
     #[arg(long, default_value_t = 10_000)]
-    pub flows: usize,
+    pub linear_rules: usize,
+    /// Seconds of each forwarding trial.
+    #[arg(long, default_value_t = 2.0)]
+    pub forward_secs: f64,
+    /// Forwarding trials per layout (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub forward_trials: usize,
+    /// Small counts for a quick check: 100 rate changes, 20 peer changes,
+    /// 1,000 flows, forwarding with 1 and 1,000 decisions (1,000 linear
+    /// rules), one 1-second trial each.
+    #[arg(long)]
+    pub quick: bool,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn quickened(mut self) -> Args {
+        if self.quick {
+            self.changes = self.changes.min(100);
+            self.peer_changes = self.peer_changes.min(20);
+            self.flows = vec![1000];
+            self.forward_decisions = vec![1, 1000];
+            self.linear_rules = self.linear_rules.min(1000);
+            self.forward_secs = self.forward_secs.min(1.0);
+            self.forward_trials = 1;
+        }
+        self
+    }
 }
 
 /// Median and 99th percentile of a sample, in microseconds.
@@ -64,6 +106,27 @@ fn latency(mut d: Vec<Duration>) -> Latency {
     }
 }
 
+/// Installing and removing N decisions, the enforcer against the peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Install {
+    pub flows: usize,
+    pub enforcer_install_s: f64,
+    pub enforcer_tc_messages: usize,
+    pub peer_install_s: f64,
+    pub enforcer_remove_s: f64,
+    pub peer_remove_s: f64,
+}
+
+/// The forwarding rate with one table layout.
+#[derive(Debug, Clone, Serialize)]
+pub struct Forwarding {
+    pub layout: String,
+    pub decisions: usize,
+    /// Packets per second delivered, each trial.
+    pub trials_pps: Vec<f64>,
+    pub median_pps: f64,
+}
+
 /// The benchmark's findings.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -72,10 +135,8 @@ pub struct Report {
     pub rate_change_tc_process: Latency,
     pub action_change_enforcer: Latency,
     pub action_change_nft_process: Latency,
-    pub install_flows: usize,
-    pub install_enforcer_s: f64,
-    pub install_tc_batch_plus_nft_s: f64,
-    pub install_tc_messages: usize,
+    pub install: Vec<Install>,
+    pub forwarding: Vec<Forwarding>,
 }
 
 fn decision(id: u64, dst: Ipv4Addr, rate: u64, action: OutOfProfileAction) -> Decision {
@@ -236,7 +297,7 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
         let mark = if i % 2 == 0 { "ip dscp set cs0 " } else { "" };
         let script = format!(
             "flush chain inet {table} d1\n\
-             add rule inet {table} d1 limit rate over 125000 bytes/second burst 15000 bytes counter {mark}meta priority set e500:100 accept\n\
+             add rule inet {table} d1 limit name \"l1\" counter {mark}meta priority set e500:100 accept\n\
              add rule inet {table} d1 counter ip dscp set cs6 meta priority set e500:2 accept\n"
         );
         let t = Instant::now();
@@ -246,24 +307,66 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
     let action_change_nft_process = latency(samples);
     e.cleanup()?;
 
-    // 3. N per-flow decisions from empty.
-    let decisions: Vec<Decision> = (0..args.flows)
+    // 3. N per-flow decisions from empty, and removed again; the peer the same.
+    let mut install = Vec::new();
+    for &n in &args.flows {
+        install.push(install_and_remove(
+            &mut e,
+            n,
+            interface,
+            &config(10_000_000),
+        )?);
+    }
+    qosloop_enforcer::cleanup(&mut LinuxBackend::open()?, &layout, ifindex)?;
+    Ok(Report {
+        rate_change_enforcer,
+        rate_change_netlink_message,
+        rate_change_tc_process,
+        action_change_enforcer,
+        action_change_nft_process,
+        install,
+        forwarding: Vec::new(),
+    })
+}
+
+/// `n` per-flow decisions: one host each (10.128.0.1 …), UDP port 5001,
+/// a 100 kbit/s profile, out of profile accepted and shaped to 50.
+fn many(n: usize) -> Vec<Decision> {
+    (0..n)
         .map(|i| {
             let host = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i as u32 + 1);
             decision(i as u64 + 1, host, 100, accept(50))
         })
-        .collect();
+        .collect()
+}
+
+/// Installs `n` decisions from empty and removes them (the enforcer keeps
+/// its root qdisc and table), then the peer builds the same objects with
+/// `tc -batch` + `nft -f` and removes them the same way; each timed.
+fn install_and_remove(
+    e: &mut Enforcer<LinuxBackend>,
+    n: usize,
+    interface: &str,
+    config: &EnforcerConfig,
+) -> anyhow::Result<Install> {
+    let layout = e.layout().clone();
+    let ifindex = e.ifindex();
+    e.cleanup()?;
+    let decisions = many(n);
     let t = Instant::now();
     let summary = e.sync(decisions.clone())?;
-    let install_enforcer_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(summary.installed == args.flows, "installed {summary:?}");
-    // The peer: the same classes through `tc -batch`, the same rules through `nft -f`.
+    let enforcer_install_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(summary.installed == n, "installed {summary:?}");
+    let t = Instant::now();
+    let removed = e.sync(Vec::new())?;
+    let enforcer_remove_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(removed.removed == n, "removed {removed:?}");
     e.cleanup()?;
-    // The dry-run backend renders the same plan as text.
-    let (mut plan, _) = Enforcer::start(
-        qosloop_enforcer::DryRunBackend::default(),
-        config(10_000_000),
-    )?;
+
+    // The peer: the dry-run backend renders the same plan as text, which
+    // becomes a `tc -batch` and an `nft -f` script.
+    let (mut plan, _) =
+        Enforcer::start(qosloop_enforcer::DryRunBackend::default(), config.clone())?;
     plan.sync(decisions)?;
     let dry = std::mem::take(plan.backend());
     let mut tc_batch = String::new();
@@ -273,7 +376,7 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
             nft_script.push_str(script);
             nft_script.push('\n');
         } else if let Some(op) = line.strip_prefix("netlink: ") {
-            tc_batch.push_str(&tc_line(op, interface));
+            tc_batch.push_str(&peer::tc_line(op, interface));
         }
     }
     anyhow::ensure!(
@@ -283,124 +386,104 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
     let t = Instant::now();
     run_tool("tc", &["-batch", "-"], Some(&tc_batch))?;
     run_tool("nft", &["-f", "-"], Some(&nft_script))?;
-    let install_tc_batch_plus_nft_s = t.elapsed().as_secs_f64();
+    let peer_install_s = t.elapsed().as_secs_f64();
+    let (tc_remove, nft_remove) = peer::removal(&tc_batch, &nft_script, interface);
+    let t = Instant::now();
+    run_tool("tc", &["-batch", "-"], Some(&tc_remove))?;
+    for script in &nft_remove {
+        run_tool("nft", &["-f", "-"], Some(script))?;
+    }
+    let peer_remove_s = t.elapsed().as_secs_f64();
+    // The peer removed every decision object: the classes left are the root's.
+    let left = Command::new("tc")
+        .args(["class", "show", "dev", interface])
+        .output()?;
+    let left = String::from_utf8_lossy(&left.stdout).lines().count();
+    anyhow::ensure!(left == 2, "the peer's removal left {left} classes, not 2");
     qosloop_enforcer::cleanup(&mut LinuxBackend::open()?, &layout, ifindex)?;
-    Ok(Report {
-        rate_change_enforcer,
-        rate_change_netlink_message,
-        rate_change_tc_process,
-        action_change_enforcer,
-        action_change_nft_process,
-        install_flows: args.flows,
-        install_enforcer_s,
-        install_tc_batch_plus_nft_s,
-        install_tc_messages: summary.tc_messages,
+    Ok(Install {
+        flows: n,
+        enforcer_install_s,
+        enforcer_tc_messages: summary.tc_messages,
+        peer_install_s,
+        enforcer_remove_s,
+        peer_remove_s,
     })
 }
 
-/// The `tc -batch` line doing what a dry-run netlink line describes.
-fn tc_line(op: &str, interface: &str) -> String {
-    let w: Vec<&str> = op.split_whitespace().collect();
-    let field = |k: &str| {
-        w.iter()
-            .position(|x| *x == k)
-            .and_then(|i| w.get(i + 1))
-            .copied()
-            .unwrap_or("")
+/// The forwarding rate through the enforced router with each count of
+/// decisions, again with the first count at the end (drift), then the old
+/// linear layout beside it.
+fn forwarding(args: &Args) -> anyhow::Result<Vec<Forwarding>> {
+    let path = forward::Path::create()?;
+    let duration = Duration::from_secs_f64(args.forward_secs.clamp(0.1, 60.0));
+    // Bounded: no trial sends more than 100 million packets.
+    let max_packets = 100_000_000;
+    let cfg = EnforcerConfig {
+        direction: qosloop_schema::Direction::Egress,
+        interface: path.router_out.clone(),
+        roles: Vec::new(),
+        capacity: Kbps(10_000_000),
+        qdisc_major: 0xe5,
     };
-    if op.starts_with("RTM_NEWQDISC") {
-        let at = match field("parent") {
-            "" => "root".to_owned(),
-            p => format!("parent {p}"),
-        };
-        format!(
-            "qdisc add dev {interface} {at} handle {} htb default {}\n",
-            field("handle"),
-            field("default")
-        )
-    } else if op.starts_with("RTM_NEWTCLASS") {
-        let parent = match field("parent") {
-            "0:0" => "root".to_owned(),
-            p => format!("parent {p}"),
-        };
-        // The quantum the enforcer sets (rate / r2q, clamped), so that both
-        // sides build identical classes and tc prints no warnings.
-        let rate_bytes = field("rate")
-            .trim_end_matches("kbit")
-            .parse::<u64>()
-            .unwrap_or(0)
-            * 125;
-        let quantum = (rate_bytes / 10).clamp(1600, 200_000);
-        format!(
-            "class add dev {interface} {parent} classid {} htb rate {} ceil {} prio {} quantum {quantum}\n",
-            field("classid"),
-            field("rate"),
-            field("ceil"),
-            field("prio")
-        )
-    } else if op.starts_with("RTM_NEWTFILTER") {
-        steer_line(op, interface)
-    } else {
-        String::new()
+    let mut e = path.router.run_in(move || -> anyhow::Result<_> {
+        Ok(Enforcer::start(LinuxBackend::open()?, cfg)?.0)
+    })??;
+    let mut out = Vec::new();
+    let mut counts = args.forward_decisions.clone();
+    if let Some(first) = counts.first().copied() {
+        counts.push(first);
     }
-}
-
-/// The `tc` filter doing the enforcer's steering, so that both sides do the
-/// same work. The enforcer's eBPF program (cls_bpf on the root) sends a
-/// packet whose priority's major is `first_major + g` (g < groups) to class
-/// `root:first_minor + g`. The peer installs a cls_bpf filter on the root
-/// too, with the same seven instructions in classic BPF (what `tc … bpf
-/// bytecode` loads) — keyed on the skb mark, since classic BPF has no
-/// ancillary load of the priority; the benchmark sends no traffic, and
-/// tc's `flow` classifier, which could read the priority, is not in every
-/// kernel (not in this one).
-fn steer_line(op: &str, interface: &str) -> String {
-    let after = |k: &str| {
-        op.split_once(k)
-            .map(|(_, rest)| rest.trim_start())
-            .unwrap_or("")
-    };
-    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
-    let root = after(" parent ").split(':').next().and_then(hex);
-    let first_major = after("priority major ").split('+').next().and_then(hex);
-    let groups = after("g < ")
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|g| g.parse::<u32>().ok());
-    let first_minor = after("-> classid ")
-        .split(':')
-        .nth(1)
-        .and_then(|m| m.split('+').next())
-        .and_then(hex);
-    match (root, first_major, groups, first_minor) {
-        (Some(root), Some(first_major), Some(groups), Some(first_minor)) => {
-            // ld mark; rsh 16; sub first_major; jge groups → none;
-            // add root<<16|first_minor; ret a; none: ret 0.
-            const SKF_AD_MARK: u32 = 0xffff_f000 + 20;
-            let class = (root << 16) | first_minor;
-            format!(
-                "filter add dev {interface} parent {root:x}: prio 1 protocol all bpf bytecode \
-                 \"7,32 0 0 {SKF_AD_MARK},116 0 0 16,20 0 0 {first_major},53 2 0 {groups},\
-                 4 0 0 {class},22 0 0 0,6 0 0 0\"\n"
-            )
-        }
-        // The line's format changed: the caller refuses to measure less work.
-        _ => format!("# unparsed steering filter: {op}\n"),
+    for (i, &n) in counts.iter().enumerate() {
+        let ds = many(n);
+        path.router.run_in(|| e.sync(ds))??;
+        let rates = path.rates(duration, args.forward_trials.max(1), max_packets)?;
+        let again = if i + 1 == counts.len() && i > 0 {
+            ", again"
+        } else {
+            ""
+        };
+        out.push(Forwarding {
+            layout: format!("enforcer (verdict maps){again}"),
+            decisions: n,
+            median_pps: forward::median(&rates),
+            trials_pps: rates,
+        });
     }
+    if args.linear_rules > 0 {
+        path.router.run_in(|| e.sync(many(1)))??;
+        let table = forward::linear_table(&path.router_out, args.linear_rules);
+        path.router
+            .run_in(|| run_tool("nft", &["-f", "-"], Some(&table)))??;
+        let rates = path.rates(duration, args.forward_trials.max(1), max_packets)?;
+        path.router
+            .run_in(|| run_tool("nft", &["delete", "table", "inet", "qosloop_linear"], None))??;
+        out.push(Forwarding {
+            layout: "old linear chain (+ enforcer with 1)".into(),
+            decisions: args.linear_rules,
+            median_pps: forward::median(&rates),
+            trials_pps: rates,
+        });
+    }
+    path.router.run_in(|| e.cleanup())??;
+    Ok(out)
 }
 
 /// Runs the benchmark and prints its report.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let args = args.quickened();
     let a = Netns::create("bench-a")?;
     let b = Netns::create("bench-b")?;
     let link = VethPair::connect(&a, "10.9.0.1/24", &b, "10.9.0.2/24")?;
-    let report = a.run_in(|| measure(&args, &link.a_if))??;
+    let mut report = a.run_in(|| measure(&args, &link.a_if))??;
+    let namespace = a.name().to_owned();
+    drop((a, b));
+    if !args.forward_decisions.is_empty() {
+        report.forwarding = forwarding(&args)?;
+    }
     let r = &report;
     let ratio = |peer: f64, ours: f64| if ours > 0.0 { peer / ours } else { 0.0 };
-    println!(
-        "qosloop-testbed bench enforce (same run, namespace {})",
-        a.name()
-    );
+    println!("qosloop-testbed bench enforce (same run, namespace {namespace})");
     println!(
         "{:<44} {:>10} {:>12} {:>12}",
         "", "min µs", "median µs", "p99 µs"
@@ -439,14 +522,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             r.rate_change_enforcer.median_us
         )
     );
-    println!(
-        "install {} per-flow decisions from empty: enforcer {:.3} s ({} netlink msgs + 1 nft transaction); tc -batch + nft -f {:.3} s (ratio {:.2})",
-        r.install_flows,
-        r.install_enforcer_s,
-        r.install_tc_messages,
-        r.install_tc_batch_plus_nft_s,
-        ratio(r.install_tc_batch_plus_nft_s, r.install_enforcer_s)
-    );
+    for i in &r.install {
+        println!(
+            "install {} per-flow decisions from empty: enforcer {:.3} s ({} netlink msgs + 1 nf_tables batch); tc -batch + nft -f {:.3} s (ratio {:.2})",
+            i.flows,
+            i.enforcer_install_s,
+            i.enforcer_tc_messages,
+            i.peer_install_s,
+            ratio(i.peer_install_s, i.enforcer_install_s)
+        );
+        println!(
+            "remove {} per-flow decisions: enforcer {:.3} s; tc -batch + nft -f {:.3} s (ratio {:.2})",
+            i.flows,
+            i.enforcer_remove_s,
+            i.peer_remove_s,
+            ratio(i.peer_remove_s, i.enforcer_remove_s)
+        );
+    }
+    if let Some(base) = r.forwarding.first() {
+        println!(
+            "forwarding 64-byte packets through the enforced router (median of {} trials of {:.1} s):",
+            base.trials_pps.len(),
+            args.forward_secs
+        );
+        for f in &r.forwarding {
+            println!(
+                "  {:<40} {:>6} decisions/rules: {:>9.0} pkt/s ({:.1}% of {} decision{})",
+                f.layout,
+                f.decisions,
+                f.median_pps,
+                100.0 * ratio(f.median_pps, base.median_pps),
+                base.decisions,
+                if base.decisions == 1 { "" } else { "s" }
+            );
+        }
+    }
     if let Some(p) = &args.json_out {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
