@@ -155,6 +155,110 @@ pub fn check_windows(arrivals: &[Arrival], window: Duration, steps: &[ProfileSte
     check
 }
 
+/// The worst window of one length among those that start within one
+/// window length of a decision change.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AroundChange {
+    pub change_ns: u64,
+    pub window: WindowCheck,
+    /// The fullest window's in-profile bytes above `rate × T` alone: the
+    /// spike a refilled bucket shows (at most one bucket when it holds).
+    pub above_rate_bytes: f64,
+}
+
+/// The in-profile contract over a whole run: every sliding window of each
+/// length, and the windows around each decision change.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Contract {
+    pub packets: usize,
+    pub bucket_bytes: f64,
+    /// Slack for where a window's edge falls: one packet.
+    pub tolerance_bytes: f64,
+    pub windows: Vec<WindowCheck>,
+    pub around_changes: Vec<AroundChange>,
+}
+
+impl Contract {
+    /// The largest excess over the bound of any window (negative: headroom).
+    pub fn largest_excess_bytes(&self) -> f64 {
+        self.windows
+            .iter()
+            .map(|w| w.worst_excess_bytes)
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// One line per window length whose worst window breaks the contract,
+    /// times in seconds from `epoch_ns`.
+    pub fn misses(&self, epoch_ns: u64) -> Vec<String> {
+        self.windows
+            .iter()
+            .filter(|w| !w.holds(self.tolerance_bytes))
+            .map(|w| {
+                format!(
+                    "in-profile (CS6) output over {} ms windows: {} B from {:.2} s, bound rate × T + bucket = {:.0} B: over by {:.0} B",
+                    w.window_ms,
+                    w.worst_bytes,
+                    (w.worst_start_ns as f64 - epoch_ns as f64) / 1e9,
+                    w.worst_bound_bytes,
+                    w.worst_excess_bytes
+                )
+            })
+            .collect()
+    }
+}
+
+/// Checks `arrivals` against `steps` over every window of each length in
+/// `windows`, and separately around each of `changes_ns`.
+pub fn contract(
+    arrivals: &[Arrival],
+    steps: &[ProfileStep],
+    changes_ns: &[u64],
+    windows: &[Duration],
+    tolerance_bytes: f64,
+) -> Contract {
+    let mut around_changes = Vec::new();
+    for &c in changes_ns {
+        for w in windows {
+            let t = w.as_nanos() as u64;
+            let (from, to) = (c.saturating_sub(t), c + 2 * t);
+            let lo = arrivals.partition_point(|a| a.at_ns < from);
+            let hi = arrivals.partition_point(|a| a.at_ns <= to);
+            let window = check_windows(&arrivals[lo..hi], *w, steps);
+            let rate_part = window.worst_bound_bytes - max_bucket(steps, window.worst_start_ns, t);
+            around_changes.push(AroundChange {
+                change_ns: c,
+                window,
+                above_rate_bytes: window.worst_bytes as f64 - rate_part,
+            });
+        }
+    }
+    Contract {
+        packets: arrivals.len(),
+        bucket_bytes: steps.iter().map(|s| s.bucket_bytes).fold(0.0, f64::max),
+        tolerance_bytes,
+        windows: windows
+            .iter()
+            .map(|w| check_windows(arrivals, *w, steps))
+            .collect(),
+        around_changes,
+    }
+}
+
+/// The largest bucket in force during the window of `t` ns from `start`.
+fn max_bucket(steps: &[ProfileStep], start: u64, t: u64) -> f64 {
+    bound(steps, start, start + t) - bound(&rate_only(steps), start, start + t)
+}
+
+fn rate_only(steps: &[ProfileStep]) -> Vec<ProfileStep> {
+    steps
+        .iter()
+        .map(|s| ProfileStep {
+            bucket_bytes: 0.0,
+            ..*s
+        })
+        .collect()
+}
+
 /// Records, until `stop` is set or `limit` has passed, every IPv4 UDP
 /// packet to `port` that arrives carrying `dscp`, with its kernel receive
 /// time; keeps at most `max_packets` (counting the rest). Needs root (a raw
@@ -328,6 +432,44 @@ mod tests {
             62_500.0 + 125_000.0 + 265_000.0
         );
         assert_eq!(bound(&steps, 0, 400 * MS), 50_000.0 + 140_000.0);
+    }
+
+    #[test]
+    fn a_run_reports_its_largest_excess_and_the_spike_at_each_change() {
+        // At the rate throughout, one extra bucket at 2 s (a refill).
+        let mut a = every(0, 8, 500, 1000);
+        a.push(Arrival {
+            at_ns: 2000 * MS,
+            bytes: 140_000,
+        });
+        a.sort_by_key(|a| a.at_ns);
+        let steps = [ProfileStep::of(0, &profile())];
+        let windows = [Duration::from_millis(250), Duration::from_secs(1)];
+        let c = contract(&a, &steps, &[2000 * MS], &windows, 1000.0);
+        assert_eq!(c.packets, 501);
+        assert_eq!(c.windows.len(), 2);
+        // The refill stays within one bucket: rate × T + bucket holds.
+        assert!(c.misses(0).is_empty(), "{:?}", c.misses(0));
+        assert!(c.largest_excess_bytes() <= 1000.0);
+        assert_eq!(c.around_changes.len(), 2);
+        let one_s = c.around_changes[1];
+        assert_eq!(one_s.window.window_ms, 1000);
+        // 140,000 B above the rate's 125 packets a second.
+        assert!(
+            (one_s.above_rate_bytes - 140_000.0).abs() <= 1000.0,
+            "{one_s:?}"
+        );
+        // Two refills in a second break it, and say so.
+        a.push(Arrival {
+            at_ns: 2500 * MS,
+            bytes: 140_000,
+        });
+        a.sort_by_key(|a| a.at_ns);
+        let c = contract(&a, &steps, &[2000 * MS, 2500 * MS], &windows, 1000.0);
+        let m = c.misses(0);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].contains("over 1000 ms windows"), "{}", m[0]);
+        assert!(c.largest_excess_bytes() > 100_000.0);
     }
 
     #[test]
