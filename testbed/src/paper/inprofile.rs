@@ -150,6 +150,7 @@ pub fn check_windows(arrivals: &[Arrival], window: Duration, steps: &[ProfileSte
         }
     }
     if arrivals.is_empty() {
+        // Nothing arrived: nothing to exceed (`windows` says so).
         check.worst_excess_bytes = 0.0;
     }
     check
@@ -176,6 +177,13 @@ pub struct Contract {
     pub tolerance_bytes: f64,
     pub windows: Vec<WindowCheck>,
     pub around_changes: Vec<AroundChange>,
+    /// For a flow offered above its profile throughout (its bucket empty
+    /// at every change): the most a change may add above `rate × T` — the
+    /// meter's burst. A change that refills the bucket shows a spike of a
+    /// whole bucket (Fig. 10 before named limits). `None`: not checked.
+    pub change_spike_limit_bytes: Option<f64>,
+    /// The first install: its bucket starts full, it is not a change.
+    pub first_install_ns: Option<u64>,
 }
 
 impl Contract {
@@ -190,6 +198,25 @@ impl Contract {
     /// One line per window length whose worst window breaks the contract,
     /// times in seconds from `epoch_ns`.
     pub fn misses(&self, epoch_ns: u64) -> Vec<String> {
+        let at = |ns: u64| (ns as f64 - epoch_ns as f64) / 1e9;
+        let spikes = self.change_spike_limit_bytes.into_iter().flat_map(|limit| {
+            self.around_changes
+                .iter()
+                .filter(move |a| {
+                    Some(a.change_ns) != self.first_install_ns
+                        && a.window.windows > 0
+                        && a.above_rate_bytes > limit + self.tolerance_bytes
+                })
+                .map(move |a| {
+                    format!(
+                        "in-profile (CS6) output around the decision change at {:.2} s: {:.0} B above rate × T in a {} ms window from {:.2} s, more than the meter's burst {limit:.0} B (the bucket was refilled)",
+                        at(a.change_ns),
+                        a.above_rate_bytes,
+                        a.window.window_ms,
+                        at(a.window.worst_start_ns)
+                    )
+                })
+        });
         self.windows
             .iter()
             .filter(|w| !w.holds(self.tolerance_bytes))
@@ -203,6 +230,7 @@ impl Contract {
                     w.worst_excess_bytes
                 )
             })
+            .chain(spikes)
             .collect()
     }
 }
@@ -241,6 +269,8 @@ pub fn contract(
             .map(|w| check_windows(arrivals, *w, steps))
             .collect(),
         around_changes,
+        change_spike_limit_bytes: None,
+        first_install_ns: changes_ns.first().copied(),
     }
 }
 
@@ -459,6 +489,16 @@ mod tests {
             (one_s.above_rate_bytes - 140_000.0).abs() <= 1000.0,
             "{one_s:?}"
         );
+        // A flow above its profile throughout has an empty bucket at a
+        // change: a refill is a spike of a whole bucket, more than a burst.
+        let mut spiky = c.clone();
+        spiky.change_spike_limit_bytes = Some(15_000.0);
+        spiky.first_install_ns = Some(0);
+        let m = spiky.misses(0);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].contains("change at 2.00 s"), "{}", m[0]);
+        spiky.first_install_ns = Some(2000 * MS);
+        assert!(spiky.misses(0).is_empty());
         // Two refills in a second break it, and say so.
         a.push(Arrival {
             at_ns: 2500 * MS,

@@ -399,13 +399,22 @@ fn in_profile_contract(
         steps.push(ProfileStep::of(from, &d.profile));
         changes.push(at);
     }
-    contract(
+    let mut c = contract(
         arrivals,
         &steps,
         &changes,
         &[Duration::from_millis(250), Duration::from_secs(1)],
         PACKET_LEN as f64,
-    )
+    );
+    // The policed flow is offered at twice its profile throughout, so its
+    // bucket is empty whenever a decision changes: a change may add at
+    // most the meter's burst above the rate, not a refilled bucket.
+    c.change_spike_limit_bytes = ev
+        .installed_bodies
+        .iter()
+        .find_map(|(_, b)| serde_json::from_str::<qosloop_schema::Decision>(b).ok())
+        .map(|d| f64::from(qosloop_enforcer::meter_burst_bytes(&d.profile)));
+    c
 }
 
 fn step_at(s: &Schedule, t: u64) -> Step {
@@ -553,13 +562,26 @@ fn in_profile_report(s: &Summary) -> String {
     if !c.around_changes.is_empty() {
         r.push_str("\nAround each decision change (windows starting within one window of it): the fullest window's bytes above rate × T alone — a refilled bucket shows as up to one bucket here.\n\n| change at (s) | window | above rate × T (B) | excess over the bound (B) |\n|---|---|---|---|\n");
         for a in &c.around_changes {
-            r.push_str(&format!(
-                "| {:.2} | {} ms | {:.0} | {:+.0} |\n",
-                (a.change_ns as f64 - s.epoch_ns as f64) / 1e9,
-                a.window.window_ms,
-                a.above_rate_bytes,
-                a.window.worst_excess_bytes
-            ));
+            let first = if Some(a.change_ns) == c.first_install_ns {
+                " (first install)"
+            } else {
+                ""
+            };
+            let at = (a.change_ns as f64 - s.epoch_ns as f64) / 1e9;
+            if a.window.windows == 0 {
+                r.push_str(&format!(
+                    "| {at:.2}{first} | {} ms | no in-profile packets | |\n",
+                    a.window.window_ms
+                ));
+            } else {
+                r.push_str(&format!(
+                    "| {at:.2}{first} | {} ms | {:.0} | {:+.0} |\n",
+                    a.window.window_ms, a.above_rate_bytes, a.window.worst_excess_bytes
+                ));
+            }
+        }
+        if let Some(limit) = c.change_spike_limit_bytes {
+            r.push_str(&format!("\nThe policed flow is offered above its profile throughout, so its bucket is empty at every change: a change may add at most the meter's burst ({limit:.0} B) above rate × T.\n"));
         }
     }
     r
