@@ -31,6 +31,17 @@ pub trait KernelBackend {
     fn delete_link(&mut self, name: &str) -> Result<(), String>;
     /// Applies `batch` as one atomic nftables transaction.
     fn nft(&mut self, batch: &Batch) -> Result<(), String>;
+    /// `tc(ops)` and `nft(batch)`, at the same time where the backend can
+    /// (the kernel takes them under different locks); in turn otherwise.
+    fn tc_and_nft(
+        &mut self,
+        ops: &[TcOp],
+        batch: &Batch,
+    ) -> (Vec<Result<(), KernelError>>, Result<(), String>) {
+        let tc = self.tc(ops);
+        let nft = self.nft(batch);
+        (tc, nft)
+    }
 }
 
 /// HTB over rtnetlink, nftables over nf_tables netlink (one batch per call);
@@ -119,6 +130,23 @@ impl KernelBackend for LinuxBackend {
     }
     fn nft(&mut self, batch: &Batch) -> Result<(), String> {
         self.nftnl.apply(batch)
+    }
+    fn tc_and_nft(
+        &mut self,
+        ops: &[TcOp],
+        batch: &Batch,
+    ) -> (Vec<Result<(), KernelError>>, Result<(), String>) {
+        // The sockets were opened in the enforcer's namespace; a socket
+        // keeps its namespace whatever thread uses it.
+        let (rtnl, nftnl) = (&mut self.rtnl, &mut self.nftnl);
+        std::thread::scope(|s| {
+            let nft = s.spawn(|| nftnl.apply(batch));
+            let tc = rtnl.execute(ops);
+            let nft = nft
+                .join()
+                .unwrap_or_else(|_| Err("the nf_tables thread panicked".into()));
+            (tc, nft)
+        })
     }
 }
 

@@ -139,6 +139,19 @@ impl FlowIndex {
     }
 }
 
+/// What one change does to the kernel, as a value: the HTB messages
+/// before the nftables transaction and how to undo each, the transaction
+/// with the table's bookkeeping after it, the HTB deletes after it, and the
+/// group sums once done.
+#[derive(Debug)]
+struct Plan {
+    tc_pre: Vec<TcOp>,
+    tc_undo: Vec<Option<TcOp>>,
+    nft: NftPlan,
+    tc_post: Vec<TcOp>,
+    group_sums: BTreeMap<u32, GroupSums>,
+}
+
 /// The nftables side of one change: the transaction, and the bookkeeping
 /// of the table once the kernel took it.
 #[derive(Debug)]
@@ -781,12 +794,27 @@ impl<B: KernelBackend> Enforcer<B> {
         Ok(summary)
     }
 
+    /// Executes a change: its plan, then the plan run against the kernel.
     fn execute(
         &mut self,
         rendered: &[Rendered],
         removing: &BTreeSet<u64>,
         summary: &mut ApplySummary,
     ) -> Result<(), EnforceError> {
+        let plan = self.plan(rendered, removing, summary);
+        self.run_plan(plan, !rendered.is_empty(), summary)
+    }
+
+    /// The plan of a change, from the desired decisions (`rendered`, the
+    /// ids in `removing` to go) and what the enforcer knows is in the
+    /// kernel — a pure function of both: nothing is sent. Counts installed,
+    /// changed and unchanged decisions into `summary`.
+    fn plan(
+        &self,
+        rendered: &[Rendered],
+        removing: &BTreeSet<u64>,
+        summary: &mut ApplySummary,
+    ) -> Plan {
         let ifindex = self.ifindex;
         let mut pre = Vec::new();
         let mut undo = Vec::new();
@@ -942,24 +970,84 @@ impl<B: KernelBackend> Enforcer<B> {
             }
         }
         post.extend(group_deletes);
+        Plan {
+            tc_pre: pre,
+            tc_undo: undo,
+            nft: nft_plan,
+            tc_post: post,
+            group_sums: sums,
+        }
+    }
+
+    /// Runs `plan`: HTB creates and changes (undone in reverse if anything
+    /// later is refused), the nftables transaction (atomic), then HTB
+    /// deletes. When the plan creates the table, the transaction goes to
+    /// the kernel at the same time as the HTB messages (the two take
+    /// different locks), and a refusal of either undoes both.
+    fn run_plan(
+        &mut self,
+        plan: Plan,
+        installs: bool,
+        summary: &mut ApplySummary,
+    ) -> Result<(), EnforceError> {
+        let Plan {
+            tc_pre: pre,
+            tc_undo: undo,
+            nft: nft_plan,
+            tc_post: post,
+            group_sums: sums,
+        } = plan;
+        let creates_table = nft_plan
+            .batch
+            .commands
+            .first()
+            .is_some_and(|c| matches!(c, Command::AddTable));
+
         // HTB creates and changes; on a refusal, undo what went through.
-        let results = self.backend.tc(&pre);
+        let tc_started = Instant::now();
+        let (results, early_nft) = if creates_table {
+            let (r, n) = self.backend.tc_and_nft(&pre, &nft_plan.batch);
+            (r, Some(n))
+        } else {
+            (self.backend.tc(&pre), None)
+        };
+        let tc_elapsed = tc_started.elapsed();
         summary.tc_messages += pre.len();
         if let Some(pos) = results.iter().position(Result::is_err) {
             let failed = results.into_iter().nth(pos).and_then(Result::err);
             self.undo(&pre, &undo, pos);
+            if let Some(Ok(())) = early_nft {
+                // The table went in beside the refused HTB messages: it goes again.
+                let mut batch = Batch::new(self.layout.table_id());
+                batch.push(Command::DeleteTable);
+                if let Err(e) = self.backend.nft(&batch) {
+                    tracing::error!(error = %e, "rollback of the new table failed");
+                }
+            }
             let source = failed.unwrap_or(crate::tc::KernelError {
                 errno: libc::EIO,
                 message: None,
             });
             return Err(tc_err(&pre[pos], source));
         }
-        if !rendered.is_empty() {
+        if installs {
             self.base_tc = true;
         }
+        let nft_started = Instant::now();
         if !nft_plan.batch.is_empty() {
             summary.nft_transactions += 1;
-            if let Err(e) = self.backend.nft(&nft_plan.batch) {
+            let result = match early_nft {
+                Some(r) => r,
+                None => self.backend.nft(&nft_plan.batch),
+            };
+            tracing::debug!(
+                tc_messages = pre.len(),
+                tc_us = tc_elapsed.as_micros() as u64,
+                nft_commands = nft_plan.batch.commands.len(),
+                nft_us = nft_started.elapsed().as_micros() as u64,
+                "change sent to the kernel"
+            );
+            if let Err(e) = result {
                 self.undo(&pre, &undo, pre.len());
                 if pre
                     .first()
@@ -969,7 +1057,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 }
                 return Err(EnforceError::Nft(e));
             }
-            if !rendered.is_empty() {
+            if installs {
                 self.base_nft = true;
             }
             self.shape_counts = nft_plan.shape_counts;

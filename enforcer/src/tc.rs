@@ -16,6 +16,7 @@ use crate::netlink::{
     NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 pub use crate::rtnl::Rtnl;
+pub use crate::sys::if_index;
 use qosloop_schema::Kbps;
 use std::fmt;
 
