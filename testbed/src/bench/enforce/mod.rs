@@ -15,7 +15,7 @@
 //! 4. Per-packet cost: the forwarding rate of 64-byte packets through the
 //!    enforced router with 1, 10,000 and 50,000 decisions installed, and
 //!    for the record with the old layout (one linear base chain of
-//!    10,000 jump rules) beside it ([`forward`]).
+//!    10,000 jump rules) beside it, in interleaved rounds ([`forward`]).
 
 mod forward;
 mod peer;
@@ -55,9 +55,12 @@ pub struct Args {
     /// Seconds of each forwarding trial.
     #[arg(long, default_value_t = 2.0)]
     pub forward_secs: f64,
-    /// Forwarding trials per layout (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    /// Forwarding trials per layout and round.
+    #[arg(long, default_value_t = 2)]
     pub forward_trials: usize,
+    /// Rounds through every layout (median and best over all trials).
+    #[arg(long, default_value_t = 3)]
+    pub forward_rounds: usize,
     /// Small counts for a quick check: 100 rate changes, 20 peer changes,
     /// 1,000 flows, forwarding with 1 and 1,000 decisions (1,000 linear
     /// rules), one 1-second trial each.
@@ -78,6 +81,7 @@ impl Args {
             self.linear_rules = self.linear_rules.min(1000);
             self.forward_secs = self.forward_secs.min(1.0);
             self.forward_trials = 1;
+            self.forward_rounds = 1;
         }
         self
     }
@@ -125,6 +129,8 @@ pub struct Forwarding {
     /// Packets per second delivered, each trial.
     pub trials_pps: Vec<f64>,
     pub median_pps: f64,
+    /// The fastest trial: the least disturbed by anything else on the host.
+    pub best_pps: f64,
 }
 
 /// The benchmark's findings.
@@ -412,13 +418,15 @@ fn install_and_remove(
 }
 
 /// The forwarding rate through the enforced router with each count of
-/// decisions, again with the first count at the end (drift), then the old
-/// linear layout beside it.
+/// decisions, then the old linear layout beside it; in rounds, each round
+/// going through every layout once, so that a machine busy with something
+/// else for a while does not favour one layout.
 fn forwarding(args: &Args) -> anyhow::Result<Vec<Forwarding>> {
     let path = forward::Path::create()?;
     let duration = Duration::from_secs_f64(args.forward_secs.clamp(0.1, 60.0));
     // Bounded: no trial sends more than 100 million packets.
     let max_packets = 100_000_000;
+    let trials = args.forward_trials.max(1);
     let cfg = EnforcerConfig {
         direction: qosloop_schema::Direction::Egress,
         interface: path.router_out.clone(),
@@ -429,41 +437,48 @@ fn forwarding(args: &Args) -> anyhow::Result<Vec<Forwarding>> {
     let mut e = path.router.run_in(move || -> anyhow::Result<_> {
         Ok(Enforcer::start(LinuxBackend::open()?, cfg)?.0)
     })??;
-    let mut out = Vec::new();
-    let mut counts = args.forward_decisions.clone();
-    if let Some(first) = counts.first().copied() {
-        counts.push(first);
-    }
-    for (i, &n) in counts.iter().enumerate() {
-        let ds = many(n);
-        path.router.run_in(|| e.sync(ds))??;
-        let rates = path.rates(duration, args.forward_trials.max(1), max_packets)?;
-        let again = if i + 1 == counts.len() && i > 0 {
-            ", again"
-        } else {
-            ""
-        };
-        out.push(Forwarding {
-            layout: format!("enforcer (verdict maps){again}"),
+    let mut out: Vec<Forwarding> = args
+        .forward_decisions
+        .iter()
+        .map(|&n| Forwarding {
+            layout: "enforcer (verdict maps)".into(),
             decisions: n,
-            median_pps: forward::median(&rates),
-            trials_pps: rates,
-        });
-    }
+            trials_pps: Vec::new(),
+            median_pps: 0.0,
+            best_pps: 0.0,
+        })
+        .collect();
     if args.linear_rules > 0 {
-        path.router.run_in(|| e.sync(many(1)))??;
-        let table = forward::linear_table(&path.router_out, args.linear_rules);
-        path.router
-            .run_in(|| run_tool("nft", &["-f", "-"], Some(&table)))??;
-        let rates = path.rates(duration, args.forward_trials.max(1), max_packets)?;
-        path.router
-            .run_in(|| run_tool("nft", &["delete", "table", "inet", "qosloop_linear"], None))??;
         out.push(Forwarding {
             layout: "old linear chain (+ enforcer with 1)".into(),
             decisions: args.linear_rules,
-            median_pps: forward::median(&rates),
-            trials_pps: rates,
+            trials_pps: Vec::new(),
+            median_pps: 0.0,
+            best_pps: 0.0,
         });
+    }
+    let table = forward::linear_table(&path.router_out, args.linear_rules);
+    for _ in 0..args.forward_rounds.max(1) {
+        for f in out.iter_mut() {
+            let linear = f.layout.starts_with("old");
+            let ds = many(if linear { 1 } else { f.decisions });
+            path.router.run_in(|| e.sync(ds))??;
+            if linear {
+                path.router
+                    .run_in(|| run_tool("nft", &["-f", "-"], Some(&table)))??;
+            }
+            f.trials_pps
+                .extend(path.rates(duration, trials, max_packets)?);
+            if linear {
+                path.router.run_in(|| {
+                    run_tool("nft", &["delete", "table", "inet", "qosloop_linear"], None)
+                })??;
+            }
+        }
+    }
+    for f in out.iter_mut() {
+        f.median_pps = forward::median(&f.trials_pps);
+        f.best_pps = f.trials_pps.iter().copied().fold(0.0, f64::max);
     }
     path.router.run_in(|| e.cleanup())??;
     Ok(out)
@@ -541,19 +556,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(base) = r.forwarding.first() {
         println!(
-            "forwarding 64-byte packets through the enforced router (median of {} trials of {:.1} s):",
+            "forwarding 64-byte packets through the enforced router ({} trials of {:.1} s in {} rounds; % of {} decision(s)):",
             base.trials_pps.len(),
-            args.forward_secs
+            args.forward_secs,
+            args.forward_rounds,
+            base.decisions
         );
         for f in &r.forwarding {
             println!(
-                "  {:<40} {:>6} decisions/rules: {:>9.0} pkt/s ({:.1}% of {} decision{})",
+                "  {:<38} {:>6} decisions/rules: median {:>9.0} pkt/s ({:5.1}%), best {:>9.0} pkt/s ({:5.1}%)",
                 f.layout,
                 f.decisions,
                 f.median_pps,
                 100.0 * ratio(f.median_pps, base.median_pps),
-                base.decisions,
-                if base.decisions == 1 { "" } else { "s" }
+                f.best_pps,
+                100.0 * ratio(f.best_pps, base.best_pps),
             );
         }
     }
