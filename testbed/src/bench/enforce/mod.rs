@@ -133,9 +133,52 @@ pub struct Forwarding {
     pub best_pps: f64,
 }
 
+/// Traffic-control classes in every named network namespace of the host,
+/// and in the initial one. Creating an HTB class on a veth walks a list of
+/// every traffic-control block of the host (docs/enforcer.md), so install
+/// times depend on what else the host holds — other test runs included.
+fn classes_on_the_host() -> usize {
+    let text = |c: &mut Command| {
+        c.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut namespaces: Vec<Option<String>> = vec![None];
+    namespaces.extend(
+        text(Command::new("ip").args(["netns", "list"]))
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(|n| Some(n.to_owned()))),
+    );
+    let mut classes = 0;
+    for ns in namespaces {
+        let ns_args: Vec<&str> = ns.as_deref().map_or(Vec::new(), |n| vec!["-n", n]);
+        let links = text(
+            Command::new("ip")
+                .args(&ns_args)
+                .args(["-o", "link", "show"]),
+        );
+        for name in links.lines().filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        }) {
+            classes += text(
+                Command::new("tc")
+                    .args(&ns_args)
+                    .args(["class", "show", "dev", &name]),
+            )
+            .lines()
+            .count();
+        }
+    }
+    classes
+}
+
 /// The benchmark's findings.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Traffic-control classes elsewhere on the host when the run started.
+    pub host_classes_at_start: usize,
     pub rate_change_enforcer: Latency,
     pub rate_change_netlink_message: Latency,
     pub rate_change_tc_process: Latency,
@@ -332,6 +375,7 @@ fn measure(args: &Args, interface: &str) -> anyhow::Result<Report> {
         action_change_nft_process,
         install,
         forwarding: Vec::new(),
+        host_classes_at_start: 0,
     })
 }
 
@@ -487,10 +531,12 @@ fn forwarding(args: &Args) -> anyhow::Result<Vec<Forwarding>> {
 /// Runs the benchmark and prints its report.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let args = args.quickened();
+    let host_classes_at_start = classes_on_the_host();
     let a = Netns::create("bench-a")?;
     let b = Netns::create("bench-b")?;
     let link = VethPair::connect(&a, "10.9.0.1/24", &b, "10.9.0.2/24")?;
     let mut report = a.run_in(|| measure(&args, &link.a_if))??;
+    report.host_classes_at_start = host_classes_at_start;
     let namespace = a.name().to_owned();
     drop((a, b));
     if !args.forward_decisions.is_empty() {
