@@ -544,7 +544,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let r = &report;
     let ratio = |peer: f64, ours: f64| if ours > 0.0 { peer / ours } else { 0.0 };
-    println!("qosloop-testbed bench enforce (same run, namespace {namespace})");
+    println!(
+        "qosloop-testbed bench enforce (same run, namespace {namespace}; {} traffic-control classes elsewhere on the host at the start)",
+        r.host_classes_at_start
+    );
     println!(
         "{:<44} {:>10} {:>12} {:>12}",
         "", "min µs", "median µs", "p99 µs"
