@@ -72,7 +72,6 @@ pub struct ApplySummary {
 pub struct StartReport {
     pub adopted: usize,
     pub cleaned_chains: usize,
-    pub cleaned_rules: usize,
     pub cleaned_classes: usize,
     /// Map elements that jumped to no adopted decision (or to the wrong one).
     pub cleaned_elements: usize,
@@ -589,8 +588,9 @@ impl<B: KernelBackend> Enforcer<B> {
             interface = %self.layout.interface,
             adopted = report.adopted,
             cleaned_chains = report.cleaned_chains,
-            cleaned_rules = report.cleaned_rules,
             cleaned_classes = report.cleaned_classes,
+            cleaned_elements = report.cleaned_elements,
+            restored_elements = report.restored_elements,
             table_reset = report.table_reset,
             "reconciled kernel state at start"
         );
@@ -1873,6 +1873,137 @@ mod tests {
             Enforcer::start(FakeKernel::default(), bad),
             Err(EnforceError::UnusableInterfaceName(_))
         ));
+    }
+
+    /// The nftables commands of a plan, as `nft -f` text.
+    fn plan_text(
+        e: &Enforcer<FakeKernel>,
+        upsert: Option<Decision>,
+        remove: &[u64],
+    ) -> Vec<String> {
+        let rendered: Vec<Rendered> = upsert
+            .iter()
+            .map(|d| {
+                let slot = e.applied.get(&d.id).map_or(9, |a| a.slot);
+                render::render(e.layout(), d, slot, e.ifindex()).unwrap()
+            })
+            .collect();
+        let removing: BTreeSet<u64> = remove.iter().copied().collect();
+        let plan = e.plan(&rendered, &removing, &mut ApplySummary::default());
+        let t = &plan.nft.batch.table;
+        plan.nft.batch.commands.iter().map(|c| c.text(t)).collect()
+    }
+
+    #[test]
+    fn plans_change_only_what_differs_and_keep_the_meter() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        e.install(decision(2, 5002, accept(875))).unwrap();
+        // Action change: the chain's rules, not its limit object.
+        let remark = OutOfProfileAction::Remark {
+            dscp: Dscp::BEST_EFFORT,
+            shape: Some(Kbps(125)),
+        };
+        let p = plan_text(&e, Some(decision(1, 5001, remark)), &[]);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert_eq!(p[0], "flush chain inet qosloop_eth1 d1");
+        assert!(p[1].starts_with("add rule inet qosloop_eth1 d1 limit name \"l1\" counter packets 0 bytes 0 ip dscp set cs0"));
+        // Profile change: the limit object is replaced (a new bucket for a new profile).
+        let mut faster = decision(1, 5001, accept(875));
+        faster.profile.rate = Kbps(2000);
+        let p = plan_text(&e, Some(faster), &[]);
+        assert!(
+            p.contains(&"delete limit inet qosloop_eth1 l1".to_owned()),
+            "{p:#?}"
+        );
+        assert!(p.contains(
+            &"add limit inet qosloop_eth1 l1 { rate over 250000 bytes/second burst 15000 bytes; }"
+                .to_owned()
+        ));
+        // Flow change: one element out, one in; the chain untouched but its meta comment.
+        let p = plan_text(&e, Some(decision(1, 5009, accept(875))), &[]);
+        assert!(p.iter().any(|c| c == "delete element inet qosloop_eth1 v4_proto_saddr_daddr_dport { udp . 10.1.0.1 . 10.2.0.2 . 5001 }"), "{p:#?}");
+        assert!(p.iter().any(|c| c == "add element inet qosloop_eth1 v4_proto_saddr_daddr_dport { udp . 10.1.0.1 . 10.2.0.2 . 5009 : jump d1 }"), "{p:#?}");
+        // Removal: element, chain, limit; the map stays for decision 2.
+        let p = plan_text(&e, None, &[1]);
+        assert_eq!(
+            p,
+            vec![
+                "delete element inet qosloop_eth1 v4_proto_saddr_daddr_dport { udp . 10.1.0.1 . 10.2.0.2 . 5001 }",
+                "flush chain inet qosloop_eth1 d1",
+                "delete chain inet qosloop_eth1 d1",
+                "delete limit inet qosloop_eth1 l1",
+            ]
+        );
+        // Removing both: the map goes too, after the base chain stops looking it up.
+        let p = plan_text(&e, None, &[1, 2]);
+        assert_eq!(
+            p.last().unwrap(),
+            "delete map inet qosloop_eth1 v4_proto_saddr_daddr_dport"
+        );
+        assert!(p.contains(&"flush chain inet qosloop_eth1 postrouting".to_owned()));
+        // Planning sent nothing.
+        let before = e.backend().nft_transactions;
+        let _ = plan_text(&e, None, &[1, 2]);
+        assert_eq!(e.backend().nft_transactions, before);
+    }
+
+    #[test]
+    fn the_fake_refuses_what_the_kernel_refuses() {
+        use crate::nft::model::{Batch, Command, Stmt};
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        let table = e.layout().table_id();
+        let run = |e: &mut Enforcer<FakeKernel>, cmds: Vec<Command>| {
+            let mut b = Batch::new(table.clone());
+            b.commands = cmds;
+            e.backend().nft(&b)
+        };
+        let before = e.backend().table.clone();
+        let jump = |c: &str| Command::AddRule {
+            chain: "fallback".into(),
+            rule: Rule {
+                stmts: vec![Stmt::Jump(c.into())],
+                comment: None,
+            },
+        };
+        for (cmds, why) in [
+            (vec![jump("d99")], "jump d99"),
+            (
+                vec![Command::AddChain {
+                    name: "d1".into(),
+                    hook: None,
+                }],
+                "File exists",
+            ),
+            (vec![Command::DeleteChain("d1".into())], "not empty"),
+            (
+                vec![
+                    Command::FlushChain("d1".into()),
+                    Command::DeleteChain("d1".into()),
+                ],
+                "in use",
+            ),
+            (vec![Command::DeleteLimit("l1".into())], "busy"),
+            (
+                vec![Command::AddElements {
+                    shape: crate::nft::model::Shape {
+                        family: crate::nft::model::IpFamily::V4,
+                        fields: vec![crate::nft::model::Field::Daddr],
+                    },
+                    elements: vec![],
+                }],
+                "v4_daddr: No such file",
+            ),
+            (
+                vec![Command::AddLimit(e.applied[&1].limit.clone())],
+                "File exists",
+            ),
+        ] {
+            let err = run(&mut e, cmds).unwrap_err();
+            assert!(err.contains(why), "{err} (wanted {why})");
+            assert_eq!(e.backend().table, before, "a refused batch changes nothing");
+        }
     }
 
     #[test]
