@@ -298,6 +298,7 @@ fn decision_changes_under_traffic_lose_no_in_profile_packets() {
         })
         .unwrap()
         .unwrap();
+    let meter_before = limit_handle(&t, "l1");
     // 800 kbit/s: all of it is within the 1000 kbit/s profile.
     let actions = [
         OutOfProfileAction::Remark {
@@ -342,7 +343,26 @@ fn decision_changes_under_traffic_lose_no_in_profile_packets() {
         .map(|(_, b)| *b)
         .sum();
     assert_eq!(not_cs6, 0, "every packet was in profile and marked CS6");
+    // The flow's meter is the same kernel object after five action changes:
+    // its token bucket was never refilled by a change.
+    assert_eq!(limit_handle(&t, "l1"), meter_before);
     t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
+/// The handle of limit object `name` in the enforcer's table (`nft -a`).
+fn limit_handle(t: &Topo, name: &str) -> u64 {
+    let table = format!("qosloop_{}", t.out_if);
+    let out = t
+        .router
+        .command("nft")
+        .args(["-a", "list", "table", "inet", &table])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = format!("limit {name} {{ # handle ");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&head)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no limit {name} in\n{text}"))
 }
 
 fn kernel_objects(t: &Topo) -> (String, String, String) {
