@@ -597,6 +597,151 @@ impl<B: KernelBackend> Enforcer<B> {
         Ok(report)
     }
 
+    /// Compares the table with what the enforcer applied and restores what
+    /// was changed behind its back: map elements deleted (added again) or
+    /// added (deleted), the base and fallback chains (rewritten whole), a
+    /// decision chain flushed or deleted, or its limit object deleted
+    /// (rewritten from the decision, when this run applied it). Says what
+    /// it found in the report and the log. HTB is not re-read here.
+    pub fn reconcile(&mut self) -> Result<StartReport, EnforceError> {
+        let mut report = StartReport::default();
+        if !self.base_nft {
+            return Ok(report);
+        }
+        let st = self
+            .backend
+            .read_table(&self.layout)
+            .map_err(EnforceError::Nft)?;
+        let Some(st) = st.filter(|s| s.base_ok) else {
+            return Err(EnforceError::Nft(format!(
+                "table {} or its base chain was deleted behind the enforcer's back; \
+                 restart the enforcer to rebuild it",
+                self.layout.table_id()
+            )));
+        };
+        let mut batch = Batch::new(self.layout.table_id());
+        batch.push(Command::FlushChain(BASE_CHAIN.into()));
+        if st.fallback {
+            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
+        } else {
+            batch.push(Command::AddChain {
+                name: FALLBACK_CHAIN.into(),
+                hook: None,
+            });
+        }
+        // Decision chains and limits.
+        let mut chain_cmds = Vec::new();
+        for (id, a) in &self.applied {
+            let intact = st.chains.get(id).is_some_and(|c| c.meta.is_some())
+                && st.limits.contains(&a.limit.name);
+            if intact {
+                continue;
+            }
+            let Some(d) = &a.decision else {
+                tracing::warn!(id, "decision chain changed behind the enforcer's back; adopted at start, so it cannot be rewritten until the PDP sends it again");
+                continue;
+            };
+            let r = render::render(&self.layout, d, a.slot, self.ifindex).map_err(|e| {
+                EnforceError::Invalid {
+                    id: *id,
+                    reason: e.to_string(),
+                }
+            })?;
+            if st.chains.contains_key(id) {
+                chain_cmds.push(Command::FlushChain(r.chain()));
+            } else {
+                chain_cmds.push(Command::AddChain {
+                    name: r.chain(),
+                    hook: None,
+                });
+            }
+            if !st.limits.contains(&r.limit.name) {
+                chain_cmds.push(Command::AddLimit(r.limit.clone()));
+            }
+            chain_cmds.extend(r.rules.iter().map(|rule| Command::AddRule {
+                chain: r.chain(),
+                rule: rule.clone(),
+            }));
+            report.cleaned_chains += 1;
+        }
+        // Maps: the ones in use must exist, with exactly their elements.
+        let mut want: BTreeMap<Shape, BTreeMap<Vec<KeyPart>, String>> = BTreeMap::new();
+        for (id, a) in &self.applied {
+            if let Classify::Map { shape, key } = &a.classify {
+                want.entry(shape.clone())
+                    .or_default()
+                    .insert(key.clone(), render::chain_name(*id));
+            }
+        }
+        for shape in want.keys() {
+            if !st.maps.contains_key(&shape.map_name()) {
+                batch.push(Command::AddMap(shape.clone()));
+            }
+        }
+        batch.commands.extend(chain_cmds);
+        for (shape, elems) in &want {
+            let have: BTreeMap<Vec<KeyPart>, String> = st
+                .maps
+                .get(&shape.map_name())
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let stray: Vec<Vec<KeyPart>> = have
+                .iter()
+                .filter(|(k, c)| elems.get(*k) != Some(*c))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let missing: Vec<Element> = elems
+                .iter()
+                .filter(|(k, c)| have.get(*k) != Some(*c))
+                .map(|(k, c)| Element {
+                    key: k.clone(),
+                    chain: c.clone(),
+                })
+                .collect();
+            if !stray.is_empty() {
+                report.cleaned_elements += stray.len();
+                batch.push(Command::DeleteElements {
+                    shape: shape.clone(),
+                    keys: stray,
+                });
+            }
+            if !missing.is_empty() {
+                report.restored_elements += missing.len();
+                batch.push(Command::AddElements {
+                    shape: shape.clone(),
+                    elements: missing,
+                });
+            }
+        }
+        for rule in self.fallback.values() {
+            batch.push(Command::AddRule {
+                chain: FALLBACK_CHAIN.into(),
+                rule: rule.clone(),
+            });
+        }
+        let maps: BTreeSet<Shape> = want.keys().cloned().collect();
+        for rule in render::base_rules(&self.layout, maps.iter()) {
+            batch.push(Command::AddRule {
+                chain: BASE_CHAIN.into(),
+                rule,
+            });
+        }
+        self.backend.nft(&batch).map_err(EnforceError::Nft)?;
+        self.maps_present.extend(maps);
+        if report != StartReport::default() {
+            tracing::warn!(
+                interface = %self.layout.interface,
+                restored_elements = report.restored_elements,
+                cleaned_elements = report.cleaned_elements,
+                rewritten_chains = report.cleaned_chains,
+                "the table was changed behind the enforcer's back; restored"
+            );
+        }
+        Ok(report)
+    }
+
     /// Installs or replaces one decision.
     pub fn install(&mut self, d: Decision) -> Result<ApplySummary, EnforceError> {
         self.apply(vec![d], Vec::new())
@@ -2004,6 +2149,31 @@ mod tests {
             assert!(err.contains(why), "{err} (wanted {why})");
             assert_eq!(e.backend().table, before, "a refused batch changes nothing");
         }
+    }
+
+    #[test]
+    fn reconcile_restores_a_table_changed_behind_its_back() {
+        let mut e = start(FakeKernel::with_interface("eth1", 3));
+        e.install(decision(1, 5001, accept(875))).unwrap();
+        e.install(decision(2, 5002, accept(875))).unwrap();
+        let good = e.backend().table.clone();
+        assert_eq!(e.reconcile().unwrap(), StartReport::default());
+        // Someone deletes an element, adds one, and flushes a chain.
+        let t = e.backend().table.as_mut().unwrap();
+        let (_, elems) = t.maps.get_mut("v4_proto_saddr_daddr_dport").unwrap();
+        let k1 = elems.iter().find(|(_, c)| *c == "d1").unwrap().0.clone();
+        elems.remove(&k1);
+        let mut other = k1.clone();
+        other[3] = crate::nft::model::KeyPart::Port(7);
+        elems.insert(other, "d2".into());
+        t.chains.get_mut("d2").unwrap().rules.clear();
+        t.chains.get_mut("postrouting").unwrap().rules.clear();
+        let r = e.reconcile().unwrap();
+        assert_eq!(
+            (r.restored_elements, r.cleaned_elements, r.cleaned_chains),
+            (1, 1, 1)
+        );
+        assert_eq!(e.backend().table, good);
     }
 
     #[test]

@@ -32,6 +32,9 @@ use tokio_util::codec::Framed;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How often the daemon compares its table with what it applied.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -339,6 +342,9 @@ async fn session<B: KernelBackend>(
     // Until CAT names the PDP's timer: our own, or 30 s.
     let mut ka = Duration::from_secs(keepalive_s.unwrap_or(30).max(1));
     let mut tick = tokio::time::interval(ka / 4);
+    // The table is compared with what was applied, and restored, this often.
+    let mut reconcile_tick = tokio::time::interval(RECONCILE_EVERY);
+    reconcile_tick.reset();
     let mut last_heard = tokio::time::Instant::now();
     loop {
         let deadline = last_heard + ka * 2;
@@ -417,6 +423,11 @@ async fn session<B: KernelBackend>(
             _ = tick.tick() => {
                 if let Err(e) = wire.send(Message::ka()).await {
                     return format!("sending KA: {e}");
+                }
+            }
+            _ = reconcile_tick.tick() => {
+                if let Err(e) = daemon.enforcer.reconcile() {
+                    tracing::warn!(error = %e, "periodic reconcile failed");
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
