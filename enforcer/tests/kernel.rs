@@ -597,6 +597,75 @@ fn cli_bad_input_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch0"));
 }
 
+/// What the enforcer says its table will be (`--dry-run` prints it) is what
+/// `nft list table` shows after the change, counters aside: decisions of
+/// several map shapes (five-tuple, IPv4 and IPv6 destination only),
+/// several elements per map, a fallback rule, then a change and a removal.
+#[test]
+fn listing_equals_nft_list_after_apply() {
+    let Some(()) = prerequisites() else { return };
+    let t = topo();
+    let mut e = start(&t);
+    let mut ds = Vec::new();
+    for id in 1..=4u64 {
+        ds.push(decision(id, OutOfProfileAction::Drop));
+    }
+    for (id, dst) in [(5u64, "10.2.0.7"), (6, "10.2.0.3"), (7, "10.2.0.5")] {
+        let mut d = decision(id, OutOfProfileAction::Drop);
+        d.flow = FlowSpec {
+            dst: Some(dst.parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        ds.push(d);
+    }
+    let mut v6 = decision(8, OutOfProfileAction::Drop);
+    v6.flow = FlowSpec {
+        dst: Some("2001:db8::9".parse().unwrap()),
+        ..FlowSpec::default()
+    };
+    ds.push(v6);
+    let mut wide = decision(10, OutOfProfileAction::Drop);
+    wide.flow.dst = Some("10.3.0.0/24".parse().unwrap());
+    ds.push(wide);
+    let table = format!("qosloop_{}", t.out_if);
+    let listed = |t: &Topo| {
+        let out = t
+            .router
+            .command("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Counters as the model prints them.
+        let mut norm = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("counter packets ") {
+            norm.push_str(&rest[..at]);
+            norm.push_str("counter packets 0 bytes 0");
+            let after = &rest[at..];
+            let end = after.find(" bytes ").unwrap() + " bytes ".len();
+            let digits = after[end..].find(|c: char| !c.is_ascii_digit()).unwrap();
+            rest = &after[end + digits..];
+        }
+        norm.push_str(rest);
+        norm
+    };
+    for d in &mut ds {
+        d.profile.rate = Kbps(500);
+    }
+    t.router.run_in(|| e.sync(ds.clone())).unwrap().unwrap();
+    assert_eq!(listed(&t), e.listing().to_string());
+    // An action change and a removal: still the same.
+    let mut changed = ds.clone();
+    changed[1].out_of_profile = OutOfProfileAction::Accept {
+        shape: Some(Kbps(500)),
+    };
+    changed.remove(2);
+    t.router.run_in(|| e.sync(changed)).unwrap().unwrap();
+    assert_eq!(listed(&t), e.listing().to_string());
+    t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
 /// The typed model's two renderings agree: a batch holding every statement
 /// kind the enforcer writes (base chain with guard, verdict maps of one and
 /// several fields with elements, a named limit object and its reference,

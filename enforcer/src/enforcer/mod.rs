@@ -15,7 +15,7 @@
 
 use crate::backend::KernelBackend;
 use crate::error::EnforceError;
-use crate::nft::model::{Batch, Command, Element, KeyPart, Limit, Rule, Shape};
+use crate::nft::model::{Batch, Command, Element, KeyPart, Limit, Listing, Rule, Shape};
 use crate::nft::{ChainState, TableState, BASE_CHAIN};
 use crate::render::{self, Classify, Layout, Rendered, FALLBACK_CHAIN, MAX_SLOTS};
 use crate::tc::{ClassInfo, HtbClass, QdiscInfo, TcHandle, TcOp};
@@ -285,6 +285,51 @@ impl<B: KernelBackend> Enforcer<B> {
                 kind: q.kind,
                 handle: q.handle.to_string(),
             }),
+        }
+    }
+
+    /// The enforcer's table as `nft list table` shows it once what this
+    /// run applied is in the kernel (counters at zero): limits by decision
+    /// id, maps by shape, then the base chain, the fallback chain and the
+    /// decision chains by id — the kernel's creation order when decisions
+    /// were installed in id order from an empty table. Decisions adopted
+    /// from a previous run (not sent again since) have no rules to show and
+    /// are left out.
+    pub fn listing(&self) -> Listing {
+        let mut limits = Vec::new();
+        let mut chains = vec![
+            (
+                BASE_CHAIN.to_owned(),
+                Some(self.layout.hook()),
+                render::base_rules(&self.layout, self.maps_present.iter()),
+            ),
+            (
+                FALLBACK_CHAIN.to_owned(),
+                None,
+                self.fallback.values().cloned().collect(),
+            ),
+        ];
+        let mut maps: BTreeMap<Shape, Vec<Element>> = self
+            .maps_present
+            .iter()
+            .map(|s| (s.clone(), Vec::new()))
+            .collect();
+        for (id, a) in &self.applied {
+            let Some(d) = &a.decision else { continue };
+            let Ok(r) = render::render(&self.layout, d, a.slot, self.ifindex) else {
+                continue;
+            };
+            limits.push(r.limit.clone());
+            if let Some((shape, e)) = r.classify.element(&r.chain()) {
+                maps.entry(shape).or_default().push(e);
+            }
+            chains.push((render::chain_name(*id), None, r.rules));
+        }
+        Listing {
+            table: self.layout.table_id(),
+            limits,
+            maps: maps.into_iter().collect(),
+            chains,
         }
     }
 

@@ -596,8 +596,8 @@ impl fmt::Display for Batch {
 }
 
 /// A whole table as `nft list table` prints it (counters at zero, map
-/// elements in the order given): limits, then maps, then chains, each in
-/// creation order, like the kernel lists them.
+/// elements sorted like nft sorts them): limits, then maps, then chains,
+/// each in the order given (the kernel lists them in creation order).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listing {
     pub table: TableId,
@@ -625,8 +625,28 @@ impl fmt::Display for Listing {
             writeln!(f, "\tmap {} {{", shape.map_name())?;
             writeln!(f, "\t\ttype {}", shape.type_line())?;
             if !elements.is_empty() {
-                let list: Vec<String> = elements.iter().map(ToString::to_string).collect();
-                writeln!(f, "\t\telements = {{ {} }}", list.join(",\n\t\t\t     "))?;
+                // nft sorts the elements and puts as many on a line as the
+                // key's size allows: one for a concatenation or an IPv6
+                // address, two IPv4 addresses, five protocols.
+                let mut sorted: Vec<&Element> = elements.iter().collect();
+                sorted.sort();
+                let per_line = match shape.fields.as_slice() {
+                    [Field::L4proto | Field::Sport | Field::Dport] => 5,
+                    [_] if shape.family == IpFamily::V4 => 2,
+                    _ => 1,
+                };
+                f.write_str("\t\telements = { ")?;
+                for (i, e) in sorted.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(if i % per_line == 0 {
+                            ",\n\t\t\t     "
+                        } else {
+                            ", "
+                        })?;
+                    }
+                    write!(f, "{e}")?;
+                }
+                f.write_str(" }\n")?;
             }
             writeln!(f, "\t}}")?;
         }
