@@ -254,7 +254,7 @@ fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     run_with(backend, args, ecfg, pdps, file_decisions, &config)
 }
 
-fn run_with<B: KernelBackend>(
+fn run_with<B: KernelBackend + Send + 'static>(
     mut backend: B,
     args: Args,
     ecfg: EnforcerConfig,

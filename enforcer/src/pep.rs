@@ -32,6 +32,9 @@ use tokio_util::codec::Framed;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Why the daemon cannot go on: a change thread died with the enforcer.
+const LOST: &str = "the enforcer was lost in a failed change";
+
 /// How often the daemon compares its table with what it applied.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
@@ -202,7 +205,7 @@ fn certificate_pep_id(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// Runs the daemon until a termination signal.
-pub fn run<B: KernelBackend>(
+pub fn run<B: KernelBackend + Send + 'static>(
     enforcer: Enforcer<B>,
     pdps: Vec<String>,
     config: &Config,
@@ -214,7 +217,7 @@ pub fn run<B: KernelBackend>(
         Some(cert) => certificate_pep_id(cert)?,
         None => format!("qosloop-enforcer/{interface}/{}", std::process::id()),
     };
-    let mut daemon = Daemon {
+    let daemon = Daemon {
         enforcer,
         roles: config.roles.clone(),
         pep_id,
@@ -224,7 +227,8 @@ pub fn run<B: KernelBackend>(
         .enable_all()
         .build()?;
     let tls = config.pdp_tls()?.map(tokio_rustls::TlsConnector::from);
-    let result = rt.block_on(async {
+    let state_path = daemon.state_path.clone();
+    let result = rt.block_on(async move {
         if pdps.is_empty() {
             daemon.publish(
                 "standalone",
@@ -238,12 +242,13 @@ pub fn run<B: KernelBackend>(
             );
             return wait_for_stop().await;
         }
+        let mut slot = Some(daemon);
         tokio::select! {
-            r = pdp_loop(&mut daemon, &pdps, config.keepalive_s, tls.as_ref()) => r,
+            r = pdp_loop(&mut slot, &pdps, config.keepalive_s, tls.as_ref()) => r,
             r = wait_for_stop() => r,
         }
     });
-    let _ = std::fs::remove_file(&daemon.state_path);
+    let _ = std::fs::remove_file(&state_path);
     result
 }
 
@@ -257,8 +262,8 @@ async fn wait_for_stop() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pdp_loop<B: KernelBackend>(
-    daemon: &mut Daemon<B>,
+async fn pdp_loop<B: KernelBackend + Send + 'static>(
+    slot: &mut Option<Daemon<B>>,
     pdps: &[String],
     keepalive_s: Option<u64>,
     tls: Option<&tokio_rustls::TlsConnector>,
@@ -294,11 +299,17 @@ async fn pdp_loop<B: KernelBackend>(
                 },
             };
             backoff = Duration::from_millis(200);
-            let why = session(daemon, pdp, stream, keepalive_s).await;
+            let why = session(slot, pdp, stream, keepalive_s).await;
+            let Some(daemon) = slot.as_ref() else {
+                anyhow::bail!("{why}");
+            };
             let n = daemon.enforcer.applied_ids().len();
             tracing::warn!(%pdp, reason = %why, decisions = n, "PDP session ended; fail-static: keeping {n} decisions");
             daemon.publish("fail-static", Some(pdp), &why);
         }
+        let Some(daemon) = slot.as_ref() else {
+            anyhow::bail!("{LOST}");
+        };
         let n = daemon.enforcer.applied_ids().len();
         daemon.publish("fail-static", None, "no PDP reachable");
         tracing::warn!(decisions = n, retry_in = ?backoff, "no PDP reachable; fail-static");
@@ -322,13 +333,16 @@ async fn tls_connect(
 }
 
 /// One connection to one PDP; returns why it ended.
-async fn session<B: KernelBackend>(
-    daemon: &mut Daemon<B>,
+async fn session<B: KernelBackend + Send + 'static>(
+    slot: &mut Option<Daemon<B>>,
     pdp: &str,
     stream: Box<dyn Io>,
     keepalive_s: Option<u64>,
 ) -> String {
     let mut wire = Framed::new(stream, CopsCodec::default());
+    let Some(daemon) = slot.as_ref() else {
+        return LOST.into();
+    };
     let hello = PepHello {
         roles: daemon.roles.clone(),
         interface: Some(daemon.enforcer.layout().interface.clone()),
@@ -366,9 +380,12 @@ async fn session<B: KernelBackend>(
                             tick = tokio::time::interval((ka / 4).max(Duration::from_millis(250)));
                         }
                         tracing::info!(%pdp, ka_s = ka.as_secs(), "accepted by PDP");
-                        daemon.publish("connected", Some(pdp), "synchronising");
+                        if let Some(daemon) = slot.as_ref() {
+                            daemon.publish("connected", Some(pdp), "synchronising");
+                        }
                     }
                     Body::Ssq { .. } => {
+                        let Some(daemon) = slot.as_ref() else { return LOST.into() };
                         let state = PepState { roles: daemon.roles.clone(), installed: daemon.installed() };
                         let sent = async {
                             wire.feed(Message::req(handle.clone(), &state)).await?;
@@ -401,7 +418,30 @@ async fn session<B: KernelBackend>(
                                 }),
                             }
                         }
-                        reports.extend(daemon.apply_all(decoded));
+                        // The change runs on a blocking thread that owns the
+                        // daemon meanwhile; keepalives keep flowing here.
+                        let Some(mut daemon) = slot.take() else { return LOST.into() };
+                        let job = tokio::task::spawn_blocking(move || {
+                            let r = daemon.apply_all(decoded);
+                            (daemon, r)
+                        });
+                        tokio::pin!(job);
+                        let (back, applied) = loop {
+                            tokio::select! {
+                                done = &mut job => match done {
+                                    Ok(v) => break v,
+                                    Err(e) => return format!("{LOST}: the change thread failed: {e}"),
+                                },
+                                _ = tick.tick() => {
+                                    if let Err(e) = wire.send(Message::ka()).await {
+                                        *slot = job.await.ok().map(|(d, _)| d);
+                                        return format!("sending KA: {e}");
+                                    }
+                                }
+                            }
+                        };
+                        *slot = Some(back);
+                        reports.extend(applied);
                         for r in reports {
                             if let Err(e) = wire.feed(Message::rpt(h.clone(), &r)).await {
                                 return format!("sending RPT: {e}");
@@ -410,7 +450,9 @@ async fn session<B: KernelBackend>(
                         if let Err(e) = SinkExt::<Message>::flush(&mut wire).await {
                             return format!("sending RPT: {e}");
                         }
-                        daemon.publish("connected", Some(pdp), "in sync");
+                        if let Some(daemon) = slot.as_ref() {
+                            daemon.publish("connected", Some(pdp), "in sync");
+                        }
                     }
                     Body::Ka => {}
                     Body::Cc { error, .. } => return format!("PDP closed the session: {error}"),
@@ -426,8 +468,10 @@ async fn session<B: KernelBackend>(
                 }
             }
             _ = reconcile_tick.tick() => {
-                if let Err(e) = daemon.enforcer.reconcile() {
-                    tracing::warn!(error = %e, "periodic reconcile failed");
+                if let Some(daemon) = slot.as_mut() {
+                    if let Err(e) = daemon.enforcer.reconcile() {
+                        tracing::warn!(error = %e, "periodic reconcile failed");
+                    }
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
