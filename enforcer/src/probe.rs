@@ -238,6 +238,7 @@ fn probe_concat_map() -> Result<String, String> {
             Field::Sport,
             Field::Dport,
         ],
+        interval: false,
     };
     probe_table(|b| {
         b.push(Command::AddMap(shape.clone()));

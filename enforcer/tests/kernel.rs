@@ -655,6 +655,24 @@ fn listing_equals_nft_list_after_apply() {
     }
     t.router.run_in(|| e.sync(ds.clone())).unwrap().unwrap();
     assert_eq!(listed(&t), e.listing().to_string());
+    // A restart reads all of it back (exact and interval map elements, v4
+    // and v6, the fallback rule) and finds nothing to clean or restore.
+    let cfg = config(&t);
+    let report = t
+        .router
+        .run_in(move || Enforcer::start(LinuxBackend::open().unwrap(), cfg).map(|(_, r)| r))
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.adopted, ds.len());
+    assert_eq!(
+        (
+            report.cleaned_chains,
+            report.cleaned_elements,
+            report.restored_elements
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(listed(&t), e.listing().to_string());
     // An action change and a removal: still the same.
     let mut changed = ds.clone();
     changed[1].out_of_profile = OutOfProfileAction::Accept {
@@ -689,14 +707,40 @@ fn native_batches_list_exactly_like_nft_f() {
     let five = Shape {
         family: IpFamily::V4,
         fields: vec![Field::L4proto, Field::Saddr, Field::Daddr, Field::Dport],
+        interval: false,
     };
     let v6 = Shape {
         family: IpFamily::V6,
         fields: vec![Field::Daddr],
+        interval: false,
     };
     let proto = Shape {
         family: IpFamily::V4,
         fields: vec![Field::L4proto, Field::Sport],
+        interval: false,
+    };
+    let ranges = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::L4proto, Field::Saddr, Field::Daddr, Field::Dport],
+        interval: true,
+    };
+    let e_iv = Element {
+        key: vec![
+            KeyPart::Proto(17),
+            KeyPart::Prefix("10.1.0.1".parse().unwrap()),
+            KeyPart::Prefix("10.4.0.0/24".parse().unwrap()),
+            KeyPart::Ports(5001, 5010),
+        ],
+        chain: "d42".into(),
+    };
+    let e_iv2 = Element {
+        key: vec![
+            KeyPart::Proto(6),
+            KeyPart::Prefix("10.5.0.0/16".parse().unwrap()),
+            KeyPart::Prefix("10.6.0.1".parse().unwrap()),
+            KeyPart::Ports(80, 80),
+        ],
+        chain: "d43".into(),
     };
     let rule = |stmts: Vec<Stmt>, comment: Option<&str>| Rule {
         stmts,
@@ -849,6 +893,7 @@ fn native_batches_list_exactly_like_nft_f() {
             ],
             None,
         ),
+        rule(vec![Stmt::Lookup(ranges.clone())], None),
         rule(vec![Stmt::Jump("fallback".into())], None),
     ];
     let e42 = Element {
@@ -876,7 +921,7 @@ fn native_batches_list_exactly_like_nft_f() {
         b.push(Command::AddTable);
         b.push(Command::AddLimit(limit.clone()));
         b.push(Command::AddLimit(l43.clone()));
-        for s in [&five, &v6, &proto] {
+        for s in [&five, &v6, &proto, &ranges] {
             b.push(Command::AddMap(s.clone()));
         }
         for (name, hook, rules) in [
@@ -907,6 +952,10 @@ fn native_batches_list_exactly_like_nft_f() {
         b.push(Command::AddElements {
             shape: proto.clone(),
             elements: vec![e43b.clone()],
+        });
+        b.push(Command::AddElements {
+            shape: ranges.clone(),
+            elements: vec![e_iv.clone(), e_iv2.clone()],
         });
         b
     };
@@ -959,6 +1008,7 @@ fn native_batches_list_exactly_like_nft_f() {
             (five.clone(), vec![e42.clone()]),
             (v6.clone(), vec![e43.clone()]),
             (proto.clone(), vec![e43b.clone()]),
+            (ranges.clone(), vec![e_iv.clone(), e_iv2.clone()]),
         ],
         chains: vec![
             ("d42".into(), None, d42.clone()),
@@ -991,6 +1041,10 @@ fn native_batches_list_exactly_like_nft_f() {
             shape: v6.clone(),
             keys: vec![e43.key.clone()],
         });
+        b.push(Command::DeleteElements {
+            shape: ranges.clone(),
+            keys: vec![e_iv.key.clone()],
+        });
         b.push(Command::AddElements {
             shape: v6.clone(),
             elements: vec![Element {
@@ -1004,6 +1058,7 @@ fn native_batches_list_exactly_like_nft_f() {
     nft_f(&change("qosloop_nft").to_string());
     assert_eq!(list("qosloop_native"), list("qosloop_nft"));
     assert!(list("qosloop_native").contains("burst 3028 bytes"));
+    assert!(!list("qosloop_native").contains("10.4.0.0/24"));
 
     // A refused batch changes nothing and names the command.
     let before = list("qosloop_native");

@@ -363,17 +363,30 @@ fn flow_change_replaces_the_jump() {
     assert_eq!(elems.len(), 1);
     let key = elems.keys().next().unwrap();
     assert_eq!(key[3], crate::nft::model::KeyPart::Port(5009));
-    // A flow that is no map key goes to the fallback chain, and the
-    // empty map goes with its lookup.
+    // A flow with a prefix goes to the interval map of its shape, and the
+    // empty exact map goes with its lookup.
     let mut wide = decision(1, 5009, accept(875));
     wide.flow.dst = Some("10.2.0.0/24".parse().unwrap());
     e.install(wide).unwrap();
+    let t = e.backend().table.as_ref().unwrap();
+    assert_eq!(
+        t.maps.keys().collect::<Vec<_>>(),
+        vec!["v4iv_proto_saddr_daddr_dport"]
+    );
+    assert_eq!(t.chains["postrouting"].rules.len(), 3);
+    // A flow of one prefix alone goes to the fallback chain.
+    let mut alone = decision(1, 5009, accept(875));
+    alone.flow = FlowSpec {
+        dst: Some("10.2.0.0/24".parse().unwrap()),
+        ..FlowSpec::default()
+    };
+    e.install(alone).unwrap();
     let t = e.backend().table.as_ref().unwrap();
     assert!(t.maps.is_empty());
     assert_eq!(t.chains["postrouting"].rules.len(), 2);
     assert_eq!(
         t.chains["fallback"].rules[0].to_string(),
-        "ip saddr 10.1.0.1 ip daddr 10.2.0.0/24 udp dport 5009 jump d1 comment \"id=1\""
+        "ip daddr 10.2.0.0/24 jump d1 comment \"id=1\""
     );
 }
 
@@ -513,6 +526,7 @@ fn the_fake_refuses_what_the_kernel_refuses() {
                 shape: crate::nft::model::Shape {
                     family: crate::nft::model::IpFamily::V4,
                     fields: vec![crate::nft::model::Field::Daddr],
+                    interval: false,
                 },
                 elements: vec![],
             }],

@@ -68,9 +68,11 @@ pub fn family(spec: &FlowSpec) -> Result<IpFamily, SpecError> {
     }
 }
 
-/// How a flow spec is classified in a table of the given family: a map key
-/// when every field it names is exact (a host, one port, a protocol), else
-/// a rule's match statements.
+/// How a flow spec is classified in a table of the given family: a key of
+/// an exact map when every field it names is exact (a host, one port, a
+/// protocol); a key of an interval map when it names at least two fields
+/// and one is a prefix or a port range; else (one field that is a prefix,
+/// or no field at all) a rule's match statements.
 pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
     let fam = family(spec)?;
     let has_ports = spec.src_ports.is_some() || spec.dst_ports.is_some();
@@ -79,38 +81,51 @@ pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
     }
     let exact_prefix = |p: Option<IpPrefix>| p.is_none_or(|p| p.is_host());
     let exact_ports = |p: Option<PortRange>| p.is_none_or(|p| p.first == p.last);
-    let any = spec.src.is_some() || spec.dst.is_some() || spec.proto.is_some();
-    if any
-        && exact_prefix(spec.src)
+    let exact = exact_prefix(spec.src)
         && exact_prefix(spec.dst)
         && exact_ports(spec.src_ports)
-        && exact_ports(spec.dst_ports)
-    {
-        let mut fields = Vec::new();
-        let mut key = Vec::new();
-        if let Some(p) = spec.proto {
-            fields.push(Field::L4proto);
-            key.push(KeyPart::Proto(p));
+        && exact_ports(spec.dst_ports);
+    let mut fields = Vec::new();
+    let mut key = Vec::new();
+    let addr = |p: IpPrefix| {
+        if exact {
+            KeyPart::Addr(p.addr())
+        } else {
+            KeyPart::Prefix(p)
         }
-        if let Some(p) = spec.src {
-            fields.push(Field::Saddr);
-            key.push(KeyPart::Addr(p.addr()));
+    };
+    let ports = |p: PortRange| {
+        if exact {
+            KeyPart::Port(p.first)
+        } else {
+            KeyPart::Ports(p.first, p.last)
         }
-        if let Some(p) = spec.dst {
-            fields.push(Field::Daddr);
-            key.push(KeyPart::Addr(p.addr()));
-        }
-        if let Some(p) = spec.src_ports {
-            fields.push(Field::Sport);
-            key.push(KeyPart::Port(p.first));
-        }
-        if let Some(p) = spec.dst_ports {
-            fields.push(Field::Dport);
-            key.push(KeyPart::Port(p.first));
-        }
+    };
+    if let Some(p) = spec.proto {
+        fields.push(Field::L4proto);
+        key.push(KeyPart::Proto(p));
+    }
+    if let Some(p) = spec.src {
+        fields.push(Field::Saddr);
+        key.push(addr(p));
+    }
+    if let Some(p) = spec.dst {
+        fields.push(Field::Daddr);
+        key.push(addr(p));
+    }
+    if let Some(p) = spec.src_ports {
+        fields.push(Field::Sport);
+        key.push(ports(p));
+    }
+    if let Some(p) = spec.dst_ports {
+        fields.push(Field::Dport);
+        key.push(ports(p));
+    }
+    if !fields.is_empty() && (exact || fields.len() >= 2) {
         let shape = Shape {
             family: fam,
             fields,
+            interval: !exact,
         };
         if shape.key_len() > crate::nft::model::MAX_KEY_LEN {
             return Err(SpecError::KeyTooLong(shape.key_len()));

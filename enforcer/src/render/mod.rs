@@ -573,7 +573,16 @@ mod tests {
         s.src_ports = Some("1024-2048".parse().unwrap());
         assert_eq!(
             text(&classify(&s, false).unwrap()),
-            "ip6 daddr 2001:db8::/32 udp sport 1024-2048"
+            "map v6iv_proto_daddr_sport udp . 2001:db8::/32 . 1024-2048"
+        );
+        // One field that is a prefix: a fallback rule.
+        let wide = FlowSpec {
+            dst: Some("10.2.0.0/24".parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        assert_eq!(
+            text(&classify(&wide, false).unwrap()),
+            "ip daddr 10.2.0.0/24"
         );
         s.dst = Some("2001:db8::1".parse().unwrap());
         s.src_ports = Some("1024".parse().unwrap());
