@@ -332,6 +332,51 @@ async fn tls_connect(
     }
 }
 
+/// Runs `job` on the daemon in a blocking thread that owns it meanwhile,
+/// sending a KA at every `tick` until it is done: a slow or stuck kernel
+/// change delays its answer, never the keepalives. `Err` says why the
+/// session cannot go on (a KA could not be sent, or the thread died and the
+/// daemon with it).
+async fn off_thread<B, R, F>(
+    slot: &mut Option<Daemon<B>>,
+    wire: &mut Framed<Box<dyn Io>, CopsCodec>,
+    tick: &mut tokio::time::Interval,
+    job: F,
+) -> Result<R, String>
+where
+    B: KernelBackend + Send + 'static,
+    R: Send + 'static,
+    F: FnOnce(&mut Daemon<B>) -> R + Send + 'static,
+{
+    let Some(mut daemon) = slot.take() else {
+        return Err(LOST.into());
+    };
+    let handle = tokio::task::spawn_blocking(move || {
+        let r = job(&mut daemon);
+        (daemon, r)
+    });
+    tokio::pin!(handle);
+    loop {
+        tokio::select! {
+            done = &mut handle => {
+                return match done {
+                    Ok((back, r)) => {
+                        *slot = Some(back);
+                        Ok(r)
+                    }
+                    Err(e) => Err(format!("{LOST}: the change thread failed: {e}")),
+                };
+            }
+            _ = tick.tick() => {
+                if let Err(e) = wire.send(Message::ka()).await {
+                    *slot = handle.await.ok().map(|(d, _)| d);
+                    return Err(format!("sending KA: {e}"));
+                }
+            }
+        }
+    }
+}
+
 /// One connection to one PDP; returns why it ended.
 async fn session<B: KernelBackend + Send + 'static>(
     slot: &mut Option<Daemon<B>>,
@@ -420,28 +465,10 @@ async fn session<B: KernelBackend + Send + 'static>(
                         }
                         // The change runs on a blocking thread that owns the
                         // daemon meanwhile; keepalives keep flowing here.
-                        let Some(mut daemon) = slot.take() else { return LOST.into() };
-                        let job = tokio::task::spawn_blocking(move || {
-                            let r = daemon.apply_all(decoded);
-                            (daemon, r)
-                        });
-                        tokio::pin!(job);
-                        let (back, applied) = loop {
-                            tokio::select! {
-                                done = &mut job => match done {
-                                    Ok(v) => break v,
-                                    Err(e) => return format!("{LOST}: the change thread failed: {e}"),
-                                },
-                                _ = tick.tick() => {
-                                    if let Err(e) = wire.send(Message::ka()).await {
-                                        *slot = job.await.ok().map(|(d, _)| d);
-                                        return format!("sending KA: {e}");
-                                    }
-                                }
-                            }
-                        };
-                        *slot = Some(back);
-                        reports.extend(applied);
+                        match off_thread(slot, &mut wire, &mut tick, move |d| d.apply_all(decoded)).await {
+                            Ok(applied) => reports.extend(applied),
+                            Err(why) => return why,
+                        }
                         for r in reports {
                             if let Err(e) = wire.feed(Message::rpt(h.clone(), &r)).await {
                                 return format!("sending RPT: {e}");
@@ -468,10 +495,12 @@ async fn session<B: KernelBackend + Send + 'static>(
                 }
             }
             _ = reconcile_tick.tick() => {
-                if let Some(daemon) = slot.as_mut() {
-                    if let Err(e) = daemon.enforcer.reconcile() {
-                        tracing::warn!(error = %e, "periodic reconcile failed");
-                    }
+                // Reading the table back takes a while with many decisions:
+                // off the COPS loop too.
+                match off_thread(slot, &mut wire, &mut tick, |d| d.enforcer.reconcile()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "periodic reconcile failed"),
+                    Err(why) => return why,
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {

@@ -81,6 +81,7 @@ pub fn probe() -> ProbeReport {
         && works("nftables")
         && works("nft-limit-object")
         && works("nft-concat-verdict-map")
+        && works("nft-interval-map")
     {
         usable.push("htb+nft");
     }
@@ -118,6 +119,7 @@ fn probe_in_fresh_namespace() -> Vec<Capability> {
     ));
     caps.push(cap("nft-limit-object", probe_limit_object()));
     caps.push(cap("nft-concat-verdict-map", probe_concat_map()));
+    caps.push(cap("nft-interval-map", probe_interval_map()));
     caps.push(cap("nftables", probe_nft()));
     caps.push(cap(
         "ifb",
@@ -281,6 +283,34 @@ fn probe_concat_map() -> Result<String, String> {
     })
     .map(|()| "verdict map on a 44-byte concatenated key (IPv6 five-tuple) with elements".into())
     .map_err(|e| format!("verdict maps on concatenations refused ({e}); classification needs them"))
+}
+
+/// A verdict map of concatenated ranges (`flags interval`, kernel 5.6+):
+/// how decisions with a prefix or a port range are classified.
+fn probe_interval_map() -> Result<String, String> {
+    let shape = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::Daddr, Field::Dport],
+        interval: true,
+    };
+    let prefix = qosloop_schema::IpPrefix::new(std::net::Ipv4Addr::new(192, 0, 2, 0).into(), 24)
+        .map_err(|e| e.to_string())?;
+    probe_table(|b| {
+        b.push(Command::AddMap(shape.clone()));
+        b.push(Command::AddChain {
+            name: "d1".into(),
+            hook: None,
+        });
+        b.push(Command::AddElements {
+            shape: shape.clone(),
+            elements: vec![Element {
+                key: vec![KeyPart::Prefix(prefix), KeyPart::Ports(1000, 2000)],
+                chain: "d1".into(),
+            }],
+        });
+    })
+    .map(|()| "verdict map of concatenated ranges (prefix . port range)".into())
+    .map_err(|e| format!("interval maps on concatenations refused ({e}); decisions with prefixes or port ranges need them"))
 }
 
 fn probe_nft() -> Result<String, String> {
