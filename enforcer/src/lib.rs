@@ -13,7 +13,7 @@
 //! re-marks / drops out-of-profile ones and steers both into their classes
 //! with `meta priority set`; packets reach the chain through an element of
 //! a verdict map keyed on the flow, so classification costs the same with
-//! one decision or fifty thousand (see [`render`](crate::render) for the
+//! one decision or fifty thousand (see [`render`] for the
 //! exact layout).
 //!
 //! nftables statements are typed ([`nft::model`]): one encoder into
@@ -26,7 +26,7 @@
 //! nftables changes are one atomic transaction per change; a change that the
 //! kernel refuses is undone, so a decision is applied whole or not at all.
 //! HTB is programmed over rtnetlink with hand-encoded messages
-//! ([`tc`](crate::tc)); every netlink receive has a timeout.
+//! ([`tc`]); every netlink receive has a timeout.
 //!
 //! Everything that touches the kernel sits behind [`KernelBackend`]: the real
 //! [`LinuxBackend`], a [`DryRunBackend`] that prints the operations, and the
