@@ -365,6 +365,62 @@ fn limit_handle(t: &Topo, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no limit {name} in\n{text}"))
 }
 
+/// No leak at a change: a 2000 kbit/s flow against a 1000 kbit/s profile,
+/// its out-of-profile action changed four times while it runs. The meter
+/// is the same limit object throughout, so no change refills its bucket:
+/// after the first seconds (the bucket starts full: one second of the
+/// profile plus the burst) every whole second carries the profile rate in
+/// profile (CS6), not the ~2000 kbit/s a refilled bucket let through after
+/// each change before.
+#[test]
+fn decision_changes_do_not_refill_the_meter() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let t = topo();
+    let mut e = start(&t);
+    let accept = OutOfProfileAction::Accept {
+        shape: Some(Kbps(875)),
+    };
+    let remark = OutOfProfileAction::Remark {
+        dscp: Dscp::BEST_EFFORT,
+        shape: Some(Kbps(875)),
+    };
+    t.router
+        .run_in(|| e.install(decision(1, accept)))
+        .unwrap()
+        .unwrap();
+    let (_, got, changes) = traffic(&t, 2000, 8, || {
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut n = 0;
+        for (v, a) in [remark, accept, remark, accept].iter().enumerate() {
+            let mut d = decision(1, *a);
+            d.version = v as u64 + 2;
+            e.install(d).unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        n
+    });
+    assert_eq!(changes, 4);
+    let flow = &got.flows[&1];
+    let secs: Vec<_> = flow.seconds.values().collect();
+    assert!(secs.len() >= 7, "too few seconds: {}", secs.len());
+    // Whole seconds after the start-up bucket, the last one left out.
+    for (k, s) in secs.iter().enumerate().take(secs.len() - 1).skip(2) {
+        let cs6 = s.kbps_with_dscp(48);
+        assert!(
+            cs6 <= 1000.0 * 1.1,
+            "second {k}: {cs6:.0} kbit/s in profile for a 1000 kbit/s profile"
+        );
+        assert!(
+            cs6 >= 1000.0 * 0.8,
+            "second {k}: {cs6:.0} kbit/s in profile"
+        );
+    }
+    t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
 fn kernel_objects(t: &Topo) -> (String, String, String) {
     let run = |prog: &str, args: &[&str]| {
         let out = t.router.command(prog).args(args).output().unwrap();
