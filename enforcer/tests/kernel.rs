@@ -683,6 +683,14 @@ fn listing_equals_nft_list_after_apply() {
     let mut wide = decision(10, OutOfProfileAction::Drop);
     wide.flow.dst = Some("10.3.0.0/24".parse().unwrap());
     ds.push(wide);
+    for (id, dst) in [(11u64, "10.9.0.0/24"), (12, "2001:db8:1::/48")] {
+        let mut d = decision(id, OutOfProfileAction::Drop);
+        d.flow = FlowSpec {
+            dst: Some(dst.parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        ds.push(d);
+    }
     let table = format!("qosloop_{}", t.out_if);
     let listed = |t: &Topo| {
         let out = t
@@ -782,7 +790,7 @@ fn native_batches_list_exactly_like_nft_f() {
     };
     let e_iv = Element {
         key: vec![
-            KeyPart::Proto(17),
+            KeyPart::Protos(17, 17),
             KeyPart::Prefix("10.1.0.1".parse().unwrap()),
             KeyPart::Prefix("10.4.0.0/24".parse().unwrap()),
             KeyPart::Ports(5001, 5010),
@@ -791,7 +799,7 @@ fn native_batches_list_exactly_like_nft_f() {
     };
     let e_iv2 = Element {
         key: vec![
-            KeyPart::Proto(6),
+            KeyPart::Protos(6, 6),
             KeyPart::Prefix("10.5.0.0/16".parse().unwrap()),
             KeyPart::Prefix("10.6.0.1".parse().unwrap()),
             KeyPart::Ports(80, 80),

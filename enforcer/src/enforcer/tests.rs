@@ -374,7 +374,7 @@ fn flow_change_replaces_the_jump() {
         vec!["v4iv_proto_saddr_daddr_dport"]
     );
     assert_eq!(t.chains["postrouting"].rules.len(), 3);
-    // A flow of one prefix alone goes to the fallback chain.
+    // A flow of one prefix alone: any protocol, in an interval map.
     let mut alone = decision(1, 5009, accept(875));
     alone.flow = FlowSpec {
         dst: Some("10.2.0.0/24".parse().unwrap()),
@@ -382,11 +382,18 @@ fn flow_change_replaces_the_jump() {
     };
     e.install(alone).unwrap();
     let t = e.backend().table.as_ref().unwrap();
+    assert_eq!(t.maps.keys().collect::<Vec<_>>(), vec!["v4iv_proto_daddr"]);
+    // A flow that names nothing goes to the fallback chain, and the empty
+    // map goes with its lookup.
+    let mut all = decision(1, 5009, accept(875));
+    all.flow = FlowSpec::default();
+    e.install(all).unwrap();
+    let t = e.backend().table.as_ref().unwrap();
     assert!(t.maps.is_empty());
     assert_eq!(t.chains["postrouting"].rules.len(), 2);
     assert_eq!(
         t.chains["fallback"].rules[0].to_string(),
-        "ip daddr 10.2.0.0/24 jump d1 comment \"id=1\""
+        "meta nfproto ipv4 jump d1 comment \"id=1\""
     );
 }
 

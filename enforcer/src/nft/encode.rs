@@ -525,7 +525,8 @@ fn check_key(shape: &Shape, key: &[super::model::KeyPart]) -> Result<KeyBytes, E
     let mut b = Vec::with_capacity(shape.key_len());
     for (f, k) in shape.fields.iter().zip(key) {
         let fits = match (f, k, shape.interval) {
-            (Field::L4proto, KeyPart::Proto(_), _) => true,
+            (Field::L4proto, KeyPart::Proto(_), false) => true,
+            (Field::L4proto, KeyPart::Protos(a, b), true) => a <= b,
             (Field::Sport | Field::Dport, KeyPart::Port(_), false) => true,
             (Field::Sport | Field::Dport, KeyPart::Ports(a, b), true) => a <= b,
             (Field::Saddr | Field::Daddr, KeyPart::Addr(a), false) => {

@@ -251,6 +251,8 @@ pub enum KeyPart {
     Port(u16),
     Prefix(IpPrefix),
     Ports(u16, u16),
+    /// A protocol range of an interval map (`0-255`: any).
+    Protos(u8, u8),
 }
 
 fn put_addr(b: &mut Vec<u8>, a: IpAddr) {
@@ -284,7 +286,7 @@ impl KeyPart {
     /// Appends the field's register bytes (padded to 4); for a range, its start.
     pub fn put(&self, b: &mut Vec<u8>) {
         match self {
-            KeyPart::Proto(p) => b.extend_from_slice(&[*p, 0, 0, 0]),
+            KeyPart::Proto(p) | KeyPart::Protos(p, _) => b.extend_from_slice(&[*p, 0, 0, 0]),
             KeyPart::Port(p) | KeyPart::Ports(p, _) => put_port(b, *p),
             KeyPart::Addr(a) => put_addr(b, *a),
             KeyPart::Prefix(p) => put_addr(b, p.addr()),
@@ -294,6 +296,7 @@ impl KeyPart {
     pub fn put_end(&self, b: &mut Vec<u8>) {
         match self {
             KeyPart::Ports(_, last) => put_port(b, *last),
+            KeyPart::Protos(_, last) => b.extend_from_slice(&[*last, 0, 0, 0]),
             KeyPart::Prefix(p) => put_addr(b, prefix_end(*p)),
             other => other.put(b),
         }
@@ -310,6 +313,8 @@ impl fmt::Display for KeyPart {
             KeyPart::Prefix(p) => write!(f, "{p}"),
             KeyPart::Ports(a, b) if a == b => write!(f, "{a}"),
             KeyPart::Ports(a, b) => write!(f, "{a}-{b}"),
+            KeyPart::Protos(a, b) if a == b => f.write_str(&proto_name(*a)),
+            KeyPart::Protos(a, b) => write!(f, "{a}-{b}"),
         }
     }
 }

@@ -50,6 +50,23 @@ fn key_part(field: Field, shape: &Shape, v: &Value) -> Option<KeyPart> {
     };
     let port = |v: &Value| v.as_u64().and_then(|n| u16::try_from(n).ok());
     match field {
+        Field::L4proto if shape.interval => match v.get("range").and_then(Value::as_array) {
+            Some(r) => {
+                let p = |v: &Value| v.as_u64().and_then(|n| u8::try_from(n).ok());
+                Some(KeyPart::Protos(p(r.first()?)?, p(r.get(1)?)?))
+            }
+            None => match key_part(
+                field,
+                &Shape {
+                    interval: false,
+                    ..shape.clone()
+                },
+                v,
+            )? {
+                KeyPart::Proto(p) => Some(KeyPart::Protos(p, p)),
+                _ => None,
+            },
+        },
         Field::L4proto => match v {
             Value::Number(n) => n
                 .as_u64()

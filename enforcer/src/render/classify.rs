@@ -1,15 +1,16 @@
 //! How packets reach a decision: its flow as a key of the verdict map of
-//! its shape, or (when a field is a prefix or a range) an ordered rule in
-//! the fallback chain; and the base chain that looks the maps up.
+//! its shape (an exact map, or an interval map when a field is a prefix or
+//! a range), or (when it names no field) a rule in the fallback chain; and
+//! the base chain that looks the maps up.
 
 use super::{chain_name, Layout, FALLBACK_CHAIN};
 use crate::nft::model::{Element, Field, IpFamily, KeyPart, Rule, Shape, Stmt};
 use qosloop_schema::{FlowSpec, IpPrefix, PortRange};
 
 /// How packets reach a decision's chain: an element of the verdict map of
-/// its shape (constant cost per packet, whatever the number of decisions),
-/// or an ordered rule in the `fallback` chain when its match cannot be a
-/// map key (a prefix shorter than a host, a port range, no field at all).
+/// its shape (one lookup per shape in use, whatever the number of
+/// decisions), or a rule in the `fallback` chain when its flow names no
+/// field at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Classify {
     Map { shape: Shape, key: Vec<KeyPart> },
@@ -70,9 +71,10 @@ pub fn family(spec: &FlowSpec) -> Result<IpFamily, SpecError> {
 
 /// How a flow spec is classified in a table of the given family: a key of
 /// an exact map when every field it names is exact (a host, one port, a
-/// protocol); a key of an interval map when it names at least two fields
-/// and one is a prefix or a port range; else (one field that is a prefix,
-/// or no field at all) a rule's match statements.
+/// protocol); a key of an interval map when one is a prefix or a port range
+/// (the protocol is always part of an interval key, `0-255` when the flow
+/// names none: the kernel's set of concatenated ranges needs two fields);
+/// else (no field at all) a rule's match statements.
 pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
     let fam = family(spec)?;
     let has_ports = spec.src_ports.is_some() || spec.dst_ports.is_some();
@@ -101,9 +103,20 @@ pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
             KeyPart::Ports(p.first, p.last)
         }
     };
-    if let Some(p) = spec.proto {
-        fields.push(Field::L4proto);
-        key.push(KeyPart::Proto(p));
+    match (spec.proto, exact) {
+        (Some(p), true) => {
+            fields.push(Field::L4proto);
+            key.push(KeyPart::Proto(p));
+        }
+        (Some(p), false) => {
+            fields.push(Field::L4proto);
+            key.push(KeyPart::Protos(p, p));
+        }
+        (None, false) => {
+            fields.push(Field::L4proto);
+            key.push(KeyPart::Protos(0, 255));
+        }
+        (None, true) => {}
     }
     if let Some(p) = spec.src {
         fields.push(Field::Saddr);
@@ -121,7 +134,7 @@ pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
         fields.push(Field::Dport);
         key.push(ports(p));
     }
-    if !fields.is_empty() && (exact || fields.len() >= 2) {
+    if !fields.is_empty() {
         let shape = Shape {
             family: fam,
             fields,

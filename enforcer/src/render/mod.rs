@@ -31,8 +31,8 @@
 //!   class), and the next rule marks the rest in-profile and steers it into
 //!   the in class;
 //! - an element of the verdict map of the flow's shape jumping to `dID`
-//!   ([`classify`]), or a rule in the fallback chain when the flow is no
-//!   map key.
+//!   ([`classify`]), or a rule in the fallback chain when the flow names no
+//!   field.
 
 use crate::nft::model::{Hook, Limit, Rule, Stmt, TableId};
 use crate::tc::{HtbClass, TcHandle};
@@ -575,14 +575,14 @@ mod tests {
             text(&classify(&s, false).unwrap()),
             "map v6iv_proto_daddr_sport udp . 2001:db8::/32 . 1024-2048"
         );
-        // One field that is a prefix: a fallback rule.
+        // One field that is a prefix: any protocol, in an interval map.
         let wide = FlowSpec {
             dst: Some("10.2.0.0/24".parse().unwrap()),
             ..FlowSpec::default()
         };
         assert_eq!(
             text(&classify(&wide, false).unwrap()),
-            "ip daddr 10.2.0.0/24"
+            "map v4iv_proto_daddr 0-255 . 10.2.0.0/24"
         );
         s.dst = Some("2001:db8::1".parse().unwrap());
         s.src_ports = Some("1024".parse().unwrap());
