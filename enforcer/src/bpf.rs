@@ -9,7 +9,7 @@ fn insn(b: &mut Vec<u8>, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
     b.extend_from_slice(&imm.to_ne_bytes());
 }
 
-/// The steering program of a [`TcOp::Steer`], for cls_bpf in classid mode
+/// The steering program of a [`crate::tc::TcOp::Steer`], for cls_bpf in classid mode
 /// (the return value is the class; 0 means no match):
 ///
 /// ```text

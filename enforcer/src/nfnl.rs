@@ -23,6 +23,10 @@ pub struct Nftnl {
     sndbuf: usize,
     tx: Vec<u8>,
     rx: Vec<u8>,
+    /// Unit tests leave the last message unacknowledged: a kernel that
+    /// does not answer.
+    #[cfg(test)]
+    silent: bool,
 }
 
 impl Nftnl {
@@ -39,7 +43,14 @@ impl Nftnl {
             sndbuf: 0,
             tx: Vec::with_capacity(1 << 16),
             rx: vec![0; 1 << 16],
+            #[cfg(test)]
+            silent: false,
         })
+    }
+
+    /// How long one receive waits for the kernel (default [`REPLY_TIMEOUT`]).
+    pub fn set_reply_timeout(&mut self, timeout: Duration) -> Result<(), KernelError> {
+        self.sock.set_recv_timeout(timeout).map_err(KernelError::io)
     }
 
     /// Applies `batch` as one transaction: all of it, or nothing and the
@@ -50,6 +61,23 @@ impl Nftnl {
         let owners = encode::encode(batch, first, &mut self.tx).map_err(|e| e.to_string())?;
         if owners.is_empty() {
             return Ok(());
+        }
+        #[cfg(test)]
+        if self.silent {
+            // Clear NLM_F_ACK on every message: success then gets no answer.
+            let mut at = 0;
+            while at + 16 <= self.tx.len() {
+                let len = u32::from_ne_bytes([
+                    self.tx[at],
+                    self.tx[at + 1],
+                    self.tx[at + 2],
+                    self.tx[at + 3],
+                ]) as usize;
+                let flags = u16::from_ne_bytes([self.tx[at + 6], self.tx[at + 7]])
+                    & !crate::netlink::NLM_F_ACK;
+                self.tx[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+                at += crate::netlink::align4(len.max(16));
+            }
         }
         self.seq = first.wrapping_add(1 + owners.len() as u32);
         let last = first.wrapping_add(owners.len() as u32);
@@ -182,5 +210,35 @@ mod tests {
             .map(|m| m.1 & crate::netlink::NLM_F_ACK != 0)
             .collect();
         assert_eq!(acks, vec![false, false, false, true, false]);
+    }
+
+    /// A kernel that does not answer ends the change with an error naming
+    /// the transaction, after the receive timeout — no hang. (Root: in a
+    /// throwaway network namespace of a thread.)
+    #[test]
+    fn a_kernel_that_does_not_answer_ends_the_change_with_an_error() {
+        let root = qosloop_testbed::harness::require_root("opens nf_tables netlink in a namespace");
+        if qosloop_testbed::harness::prerequisite(root).is_none() {
+            return;
+        }
+        let err = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut nft = Nftnl::open().unwrap();
+            nft.set_reply_timeout(Duration::from_millis(200)).unwrap();
+            nft.silent = true;
+            let mut batch = Batch::new(TableId {
+                netdev: false,
+                name: "qosloop_silent".into(),
+            });
+            batch.push(Command::AddTable);
+            nft.apply(&batch).unwrap_err()
+        })
+        .join()
+        .unwrap();
+        assert!(
+            err.contains("no answer from the kernel to the nf_tables batch"),
+            "{err}"
+        );
+        assert!(err.contains("add table inet qosloop_silent"), "{err}");
     }
 }

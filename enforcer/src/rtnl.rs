@@ -56,7 +56,13 @@ impl Rtnl {
     /// or not on its own: undoing the ones that did is the caller's job.
     pub fn execute(&mut self, ops: &[TcOp]) -> Vec<Result<(), KernelError>> {
         let mut results = Vec::with_capacity(ops.len());
+        let mut silent: Option<KernelError> = None;
         for chunk in ops.chunks(PIPELINE) {
+            if let Some(e) = &silent {
+                // The kernel stopped answering: the rest is not sent.
+                results.extend(chunk.iter().map(|_| Err(e.clone())));
+                continue;
+            }
             let first_seq = self.seq.wrapping_add(1);
             let mut chunk_results: Vec<Option<Result<(), KernelError>>> = vec![None; chunk.len()];
             self.tx.clear();
@@ -117,6 +123,7 @@ impl Rtnl {
                         for r in chunk_results.iter_mut().filter(|r| r.is_none()) {
                             *r = Some(Err(e.clone()));
                         }
+                        silent = Some(e);
                         break;
                     }
                 };

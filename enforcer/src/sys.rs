@@ -198,3 +198,19 @@ pub fn bpf_load_sched_cls(insns: &[u8]) -> io::Result<OwnedFd> {
     // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_that_does_not_answer_ends_the_receive() {
+        let sock = NetlinkSocket::open(libc::NETLINK_ROUTE).unwrap();
+        sock.set_recv_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // Nothing was asked, nothing comes: an error, not a hang.
+        let err = sock.recv(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}

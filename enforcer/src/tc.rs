@@ -7,8 +7,8 @@
 //! tables. A class rate change is one `RTM_NEWTCLASS` with `NLM_F_REPLACE`.
 //!
 //! This module owns the message encoding only; the client that sends them
-//! is [`crate::rtnl`], the framing [`crate::netlink`], the steering program
-//! [`crate::bpf`].
+//! is `rtnl`, the framing `netlink`, the steering program
+//! `bpf`.
 
 pub use crate::netlink::KernelError;
 use crate::netlink::{

@@ -298,6 +298,7 @@ fn decision_changes_under_traffic_lose_no_in_profile_packets() {
         })
         .unwrap()
         .unwrap();
+    let meter_before = limit_handle(&t, "l1");
     // 800 kbit/s: all of it is within the 1000 kbit/s profile.
     let actions = [
         OutOfProfileAction::Remark {
@@ -342,6 +343,81 @@ fn decision_changes_under_traffic_lose_no_in_profile_packets() {
         .map(|(_, b)| *b)
         .sum();
     assert_eq!(not_cs6, 0, "every packet was in profile and marked CS6");
+    // The flow's meter is the same kernel object after five action changes:
+    // its token bucket was never refilled by a change.
+    assert_eq!(limit_handle(&t, "l1"), meter_before);
+    t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
+/// The handle of limit object `name` in the enforcer's table (`nft -a`).
+fn limit_handle(t: &Topo, name: &str) -> u64 {
+    let table = format!("qosloop_{}", t.out_if);
+    let out = t
+        .router
+        .command("nft")
+        .args(["-a", "list", "table", "inet", &table])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = format!("limit {name} {{ # handle ");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&head)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no limit {name} in\n{text}"))
+}
+
+/// No leak at a change: a 2000 kbit/s flow against a 1000 kbit/s profile,
+/// its out-of-profile action changed four times while it runs. The meter
+/// is the same limit object throughout, so no change refills its bucket:
+/// after the first seconds (the bucket starts full: one second of the
+/// profile plus the burst) every whole second carries the profile rate in
+/// profile (CS6), not the ~2000 kbit/s a refilled bucket let through after
+/// each change before.
+#[test]
+fn decision_changes_do_not_refill_the_meter() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let t = topo();
+    let mut e = start(&t);
+    let accept = OutOfProfileAction::Accept {
+        shape: Some(Kbps(875)),
+    };
+    let remark = OutOfProfileAction::Remark {
+        dscp: Dscp::BEST_EFFORT,
+        shape: Some(Kbps(875)),
+    };
+    t.router
+        .run_in(|| e.install(decision(1, accept)))
+        .unwrap()
+        .unwrap();
+    let (_, got, changes) = traffic(&t, 2000, 8, || {
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut n = 0;
+        for (v, a) in [remark, accept, remark, accept].iter().enumerate() {
+            let mut d = decision(1, *a);
+            d.version = v as u64 + 2;
+            e.install(d).unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        n
+    });
+    assert_eq!(changes, 4);
+    let flow = &got.flows[&1];
+    let secs: Vec<_> = flow.seconds.values().collect();
+    assert!(secs.len() >= 7, "too few seconds: {}", secs.len());
+    // Whole seconds after the start-up bucket, the last one left out.
+    for (k, s) in secs.iter().enumerate().take(secs.len() - 1).skip(2) {
+        let cs6 = s.kbps_with_dscp(48);
+        assert!(
+            cs6 <= 1000.0 * 1.1,
+            "second {k}: {cs6:.0} kbit/s in profile for a 1000 kbit/s profile"
+        );
+        assert!(
+            cs6 >= 1000.0 * 0.8,
+            "second {k}: {cs6:.0} kbit/s in profile"
+        );
+    }
     t.router.run_in(|| e.cleanup()).unwrap().unwrap();
 }
 
@@ -577,6 +653,101 @@ fn cli_bad_input_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch0"));
 }
 
+/// What the enforcer says its table will be (`--dry-run` prints it) is what
+/// `nft list table` shows after the change, counters aside: decisions of
+/// several map shapes (five-tuple, IPv4 and IPv6 destination only),
+/// several elements per map, a fallback rule, then a change and a removal.
+#[test]
+fn listing_equals_nft_list_after_apply() {
+    let Some(()) = prerequisites() else { return };
+    let t = topo();
+    let mut e = start(&t);
+    let mut ds = Vec::new();
+    for id in 1..=4u64 {
+        ds.push(decision(id, OutOfProfileAction::Drop));
+    }
+    for (id, dst) in [(5u64, "10.2.0.7"), (6, "10.2.0.3"), (7, "10.2.0.5")] {
+        let mut d = decision(id, OutOfProfileAction::Drop);
+        d.flow = FlowSpec {
+            dst: Some(dst.parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        ds.push(d);
+    }
+    let mut v6 = decision(8, OutOfProfileAction::Drop);
+    v6.flow = FlowSpec {
+        dst: Some("2001:db8::9".parse().unwrap()),
+        ..FlowSpec::default()
+    };
+    ds.push(v6);
+    let mut wide = decision(10, OutOfProfileAction::Drop);
+    wide.flow.dst = Some("10.3.0.0/24".parse().unwrap());
+    ds.push(wide);
+    for (id, dst) in [(11u64, "10.9.0.0/24"), (12, "2001:db8:1::/48")] {
+        let mut d = decision(id, OutOfProfileAction::Drop);
+        d.flow = FlowSpec {
+            dst: Some(dst.parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        ds.push(d);
+    }
+    let table = format!("qosloop_{}", t.out_if);
+    let listed = |t: &Topo| {
+        let out = t
+            .router
+            .command("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Counters as the model prints them.
+        let mut norm = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("counter packets ") {
+            norm.push_str(&rest[..at]);
+            norm.push_str("counter packets 0 bytes 0");
+            let after = &rest[at..];
+            let end = after.find(" bytes ").unwrap() + " bytes ".len();
+            let digits = after[end..].find(|c: char| !c.is_ascii_digit()).unwrap();
+            rest = &after[end + digits..];
+        }
+        norm.push_str(rest);
+        norm
+    };
+    for d in &mut ds {
+        d.profile.rate = Kbps(500);
+    }
+    t.router.run_in(|| e.sync(ds.clone())).unwrap().unwrap();
+    assert_eq!(listed(&t), e.listing().to_string());
+    // A restart reads all of it back (exact and interval map elements, v4
+    // and v6, the fallback rule) and finds nothing to clean or restore.
+    let cfg = config(&t);
+    let report = t
+        .router
+        .run_in(move || Enforcer::start(LinuxBackend::open().unwrap(), cfg).map(|(_, r)| r))
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.adopted, ds.len());
+    assert_eq!(
+        (
+            report.cleaned_chains,
+            report.cleaned_elements,
+            report.restored_elements
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(listed(&t), e.listing().to_string());
+    // An action change and a removal: still the same.
+    let mut changed = ds.clone();
+    changed[1].out_of_profile = OutOfProfileAction::Accept {
+        shape: Some(Kbps(500)),
+    };
+    changed.remove(2);
+    t.router.run_in(|| e.sync(changed)).unwrap().unwrap();
+    assert_eq!(listed(&t), e.listing().to_string());
+    t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
 /// The typed model's two renderings agree: a batch holding every statement
 /// kind the enforcer writes (base chain with guard, verdict maps of one and
 /// several fields with elements, a named limit object and its reference,
@@ -600,14 +771,40 @@ fn native_batches_list_exactly_like_nft_f() {
     let five = Shape {
         family: IpFamily::V4,
         fields: vec![Field::L4proto, Field::Saddr, Field::Daddr, Field::Dport],
+        interval: false,
     };
     let v6 = Shape {
         family: IpFamily::V6,
         fields: vec![Field::Daddr],
+        interval: false,
     };
     let proto = Shape {
         family: IpFamily::V4,
         fields: vec![Field::L4proto, Field::Sport],
+        interval: false,
+    };
+    let ranges = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::L4proto, Field::Saddr, Field::Daddr, Field::Dport],
+        interval: true,
+    };
+    let e_iv = Element {
+        key: vec![
+            KeyPart::Protos(17, 17),
+            KeyPart::Prefix("10.1.0.1".parse().unwrap()),
+            KeyPart::Prefix("10.4.0.0/24".parse().unwrap()),
+            KeyPart::Ports(5001, 5010),
+        ],
+        chain: "d42".into(),
+    };
+    let e_iv2 = Element {
+        key: vec![
+            KeyPart::Protos(6, 6),
+            KeyPart::Prefix("10.5.0.0/16".parse().unwrap()),
+            KeyPart::Prefix("10.6.0.1".parse().unwrap()),
+            KeyPart::Ports(80, 80),
+        ],
+        chain: "d43".into(),
     };
     let rule = |stmts: Vec<Stmt>, comment: Option<&str>| Rule {
         stmts,
@@ -760,6 +957,7 @@ fn native_batches_list_exactly_like_nft_f() {
             ],
             None,
         ),
+        rule(vec![Stmt::Lookup(ranges.clone())], None),
         rule(vec![Stmt::Jump("fallback".into())], None),
     ];
     let e42 = Element {
@@ -787,7 +985,7 @@ fn native_batches_list_exactly_like_nft_f() {
         b.push(Command::AddTable);
         b.push(Command::AddLimit(limit.clone()));
         b.push(Command::AddLimit(l43.clone()));
-        for s in [&five, &v6, &proto] {
+        for s in [&five, &v6, &proto, &ranges] {
             b.push(Command::AddMap(s.clone()));
         }
         for (name, hook, rules) in [
@@ -818,6 +1016,10 @@ fn native_batches_list_exactly_like_nft_f() {
         b.push(Command::AddElements {
             shape: proto.clone(),
             elements: vec![e43b.clone()],
+        });
+        b.push(Command::AddElements {
+            shape: ranges.clone(),
+            elements: vec![e_iv.clone(), e_iv2.clone()],
         });
         b
     };
@@ -870,6 +1072,7 @@ fn native_batches_list_exactly_like_nft_f() {
             (five.clone(), vec![e42.clone()]),
             (v6.clone(), vec![e43.clone()]),
             (proto.clone(), vec![e43b.clone()]),
+            (ranges.clone(), vec![e_iv.clone(), e_iv2.clone()]),
         ],
         chains: vec![
             ("d42".into(), None, d42.clone()),
@@ -902,6 +1105,10 @@ fn native_batches_list_exactly_like_nft_f() {
             shape: v6.clone(),
             keys: vec![e43.key.clone()],
         });
+        b.push(Command::DeleteElements {
+            shape: ranges.clone(),
+            keys: vec![e_iv.key.clone()],
+        });
         b.push(Command::AddElements {
             shape: v6.clone(),
             elements: vec![Element {
@@ -915,6 +1122,7 @@ fn native_batches_list_exactly_like_nft_f() {
     nft_f(&change("qosloop_nft").to_string());
     assert_eq!(list("qosloop_native"), list("qosloop_nft"));
     assert!(list("qosloop_native").contains("burst 3028 bytes"));
+    assert!(!list("qosloop_native").contains("10.4.0.0/24"));
 
     // A refused batch changes nothing and names the command.
     let before = list("qosloop_native");

@@ -111,6 +111,12 @@ const NFTA_OBJ_TYPE: u16 = 3;
 const NFTA_OBJ_DATA: u16 = 4;
 
 const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_CONCAT: u32 = 0x80;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_DESC_CONCAT: u16 = 2;
+const NFTA_SET_FIELD_LEN: u16 = 1;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFT_OBJECT_LIMIT: u32 = 4;
 const NFT_REG_VERDICT: u32 = 0;
@@ -503,7 +509,10 @@ fn set_userdata(shape: &Shape) -> Vec<u8> {
     ud
 }
 
-fn check_key(shape: &Shape, key: &[super::model::KeyPart]) -> Result<Vec<u8>, EncodeError> {
+/// The key's start and, for an interval map, its end (register bytes).
+type KeyBytes = (Vec<u8>, Option<Vec<u8>>);
+
+fn check_key(shape: &Shape, key: &[super::model::KeyPart]) -> Result<KeyBytes, EncodeError> {
     use super::model::KeyPart;
     if key.len() != shape.fields.len() {
         return Err(EncodeError(format!(
@@ -515,10 +524,17 @@ fn check_key(shape: &Shape, key: &[super::model::KeyPart]) -> Result<Vec<u8>, En
     }
     let mut b = Vec::with_capacity(shape.key_len());
     for (f, k) in shape.fields.iter().zip(key) {
-        let fits = match (f, k) {
-            (Field::L4proto, KeyPart::Proto(_)) => true,
-            (Field::Sport | Field::Dport, KeyPart::Port(_)) => true,
-            (Field::Saddr | Field::Daddr, KeyPart::Addr(a)) => IpFamily::of(*a) == shape.family,
+        let fits = match (f, k, shape.interval) {
+            (Field::L4proto, KeyPart::Proto(_), false) => true,
+            (Field::L4proto, KeyPart::Protos(a, b), true) => a <= b,
+            (Field::Sport | Field::Dport, KeyPart::Port(_), false) => true,
+            (Field::Sport | Field::Dport, KeyPart::Ports(a, b), true) => a <= b,
+            (Field::Saddr | Field::Daddr, KeyPart::Addr(a), false) => {
+                IpFamily::of(*a) == shape.family
+            }
+            (Field::Saddr | Field::Daddr, KeyPart::Prefix(p), true) => {
+                IpFamily::of(p.addr()) == shape.family
+            }
             _ => false,
         };
         if !fits {
@@ -529,7 +545,25 @@ fn check_key(shape: &Shape, key: &[super::model::KeyPart]) -> Result<Vec<u8>, En
         }
         k.put(&mut b);
     }
-    Ok(b)
+    let end = shape.interval.then(|| {
+        let mut e = Vec::with_capacity(b.len());
+        for k in key {
+            k.put_end(&mut e);
+        }
+        e
+    });
+    Ok((b, end))
+}
+
+fn put_key(b: &mut Vec<u8>, key: &KeyBytes) {
+    let k = begin_nest(b, NFTA_SET_ELEM_KEY);
+    put_attr(b, NFTA_DATA_VALUE, &key.0);
+    end_nest(b, k);
+    if let Some(end) = &key.1 {
+        let k = begin_nest(b, NFTA_SET_ELEM_KEY_END);
+        put_attr(b, NFTA_DATA_VALUE, end);
+        end_nest(b, k);
+    }
 }
 
 /// Encodes one command as one or more messages; `seq` is the next sequence
@@ -606,7 +640,10 @@ fn encode_command(
             }
         }
         Command::AddMap(shape) => {
-            if shape.fields.is_empty() || shape.key_len() > super::model::MAX_KEY_LEN {
+            if shape.fields.is_empty()
+                || shape.key_len() > super::model::MAX_KEY_LEN
+                || (shape.interval && shape.fields.len() < 2)
+            {
                 return Err(EncodeError(format!(
                     "map {}: key of {} bytes (1..={} allowed)",
                     shape.map_name(),
@@ -619,12 +656,28 @@ fn encode_command(
             msg(b, NFT_MSG_NEWSET, excl, &mut |b| {
                 put_str(b, NFTA_SET_TABLE, table);
                 put_str(b, NFTA_SET_NAME, &shape.map_name());
-                put_be32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
+                let flags = if shape.interval {
+                    NFT_SET_MAP | NFT_SET_INTERVAL | NFT_SET_CONCAT
+                } else {
+                    NFT_SET_MAP
+                };
+                put_be32(b, NFTA_SET_FLAGS, flags);
                 put_be32(b, NFTA_SET_KEY_TYPE, shape.key_type());
                 put_be32(b, NFTA_SET_KEY_LEN, shape.key_len() as u32);
                 put_be32(b, NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
                 put_be32(b, NFTA_SET_DATA_LEN, 0);
                 put_be32(b, NFTA_SET_ID, id);
+                if shape.interval {
+                    let d = begin_nest(b, NFTA_SET_DESC);
+                    let c = begin_nest(b, NFTA_SET_DESC_CONCAT);
+                    for f in &shape.fields {
+                        let e = begin_nest(b, NFTA_LIST_ELEM);
+                        put_be32(b, NFTA_SET_FIELD_LEN, shape.field_value_len(*f) as u32);
+                        end_nest(b, e);
+                    }
+                    end_nest(b, c);
+                    end_nest(b, d);
+                }
                 put_attr(b, NFTA_SET_USERDATA, &set_userdata(shape));
             });
         }
@@ -649,9 +702,7 @@ fn encode_command(
                     let list = begin_nest(b, NFTA_SET_ELEM_LIST_ELEMENTS);
                     for (el, key) in chunk.iter().zip(kchunk) {
                         let item = begin_nest(b, NFTA_LIST_ELEM);
-                        let k = begin_nest(b, NFTA_SET_ELEM_KEY);
-                        put_attr(b, NFTA_DATA_VALUE, key);
-                        end_nest(b, k);
+                        put_key(b, key);
                         let d = begin_nest(b, NFTA_SET_ELEM_DATA);
                         put_verdict(b, NFT_JUMP, Some(&el.chain));
                         end_nest(b, d);
@@ -677,9 +728,7 @@ fn encode_command(
                     let list = begin_nest(b, NFTA_SET_ELEM_LIST_ELEMENTS);
                     for key in kchunk {
                         let item = begin_nest(b, NFTA_LIST_ELEM);
-                        let k = begin_nest(b, NFTA_SET_ELEM_KEY);
-                        put_attr(b, NFTA_DATA_VALUE, key);
-                        end_nest(b, k);
+                        put_key(b, key);
                         end_nest(b, item);
                     }
                     end_nest(b, list);

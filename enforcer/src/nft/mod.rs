@@ -8,3 +8,6 @@ pub mod model;
 pub mod read;
 
 pub use read::{parse_table, ChainState, TableState, BASE_CHAIN};
+
+#[cfg(test)]
+mod tests;

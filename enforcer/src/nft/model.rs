@@ -96,6 +96,9 @@ pub struct Shape {
     pub family: IpFamily,
     /// Non-empty, in [`Field`] order, without repeats.
     pub fields: Vec<Field>,
+    /// Keys are ranges (prefixes, port ranges): `flags interval`, a
+    /// concatenation of at least two fields (the kernel's pipapo set).
+    pub interval: bool,
 }
 
 /// nft's datatype ids (`TYPE_BITS` = 6 per field in a concatenation).
@@ -109,9 +112,11 @@ pub const MAX_KEY_LEN: usize = 64;
 impl Shape {
     /// The map's name: `v4_proto_saddr_daddr_dport` and so on.
     pub fn map_name(&self) -> String {
-        let mut s = String::from(match self.family {
-            IpFamily::V4 => "v4",
-            IpFamily::V6 => "v6",
+        let mut s = String::from(match (self.family, self.interval) {
+            (IpFamily::V4, false) => "v4",
+            (IpFamily::V6, false) => "v6",
+            (IpFamily::V4, true) => "v4iv",
+            (IpFamily::V6, true) => "v6iv",
         });
         for f in &self.fields {
             s.push('_');
@@ -128,9 +133,11 @@ impl Shape {
     /// The shape a map name stands for (reading a table back).
     pub fn from_map_name(name: &str) -> Option<Shape> {
         let mut parts = name.split('_');
-        let family = match parts.next()? {
-            "v4" => IpFamily::V4,
-            "v6" => IpFamily::V6,
+        let (family, interval) = match parts.next()? {
+            "v4" => (IpFamily::V4, false),
+            "v6" => (IpFamily::V6, false),
+            "v4iv" => (IpFamily::V4, true),
+            "v6iv" => (IpFamily::V6, true),
             _ => return None,
         };
         let mut fields = Vec::new();
@@ -148,13 +155,25 @@ impl Shape {
             }
             fields.push(f);
         }
-        let s = Shape { family, fields };
+        let s = Shape {
+            family,
+            fields,
+            interval,
+        };
         (!s.fields.is_empty() && s.map_name() == name).then_some(s)
     }
     /// Bytes one field takes in the key (its register share, rounded to 4).
     pub fn field_len(&self, f: Field) -> usize {
         match f {
             Field::L4proto | Field::Sport | Field::Dport => 4,
+            Field::Saddr | Field::Daddr => self.family.addr_len(),
+        }
+    }
+    /// Bytes of one field's value (`NFTA_SET_FIELD_LEN` of a concatenation).
+    pub fn field_value_len(&self, f: Field) -> usize {
+        match f {
+            Field::L4proto => 1,
+            Field::Sport | Field::Dport => 2,
             Field::Saddr | Field::Daddr => self.family.addr_len(),
         }
     }
@@ -222,25 +241,64 @@ impl Shape {
     }
 }
 
-/// One field's value in a map key.
+/// One field's value in a map key: exact values in an exact map; in an
+/// interval map, addresses are prefixes and ports ranges (a host or a
+/// single port is the range of one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KeyPart {
     Proto(u8),
     Addr(IpAddr),
     Port(u16),
+    Prefix(IpPrefix),
+    Ports(u16, u16),
+    /// A protocol range of an interval map (`0-255`: any).
+    Protos(u8, u8),
+}
+
+fn put_addr(b: &mut Vec<u8>, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => b.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => b.extend_from_slice(&a.octets()),
+    }
+}
+
+fn put_port(b: &mut Vec<u8>, p: u16) {
+    b.extend_from_slice(&p.to_be_bytes());
+    b.extend_from_slice(&[0, 0]);
+}
+
+/// The last address of `p`.
+fn prefix_end(p: IpPrefix) -> IpAddr {
+    let len = u32::from(p.prefix_len());
+    match p.addr() {
+        IpAddr::V4(a) => {
+            let host = u32::MAX.checked_shr(len).unwrap_or(0);
+            IpAddr::V4((u32::from(a) | host).into())
+        }
+        IpAddr::V6(a) => {
+            let host = u128::MAX.checked_shr(len).unwrap_or(0);
+            IpAddr::V6((u128::from(a) | host).into())
+        }
+    }
 }
 
 impl KeyPart {
-    /// Appends the field's register bytes (padded to 4).
+    /// Appends the field's register bytes (padded to 4); for a range, its start.
     pub fn put(&self, b: &mut Vec<u8>) {
         match self {
-            KeyPart::Proto(p) => b.extend_from_slice(&[*p, 0, 0, 0]),
-            KeyPart::Port(p) => {
-                b.extend_from_slice(&p.to_be_bytes());
-                b.extend_from_slice(&[0, 0]);
-            }
-            KeyPart::Addr(IpAddr::V4(a)) => b.extend_from_slice(&a.octets()),
-            KeyPart::Addr(IpAddr::V6(a)) => b.extend_from_slice(&a.octets()),
+            KeyPart::Proto(p) | KeyPart::Protos(p, _) => b.extend_from_slice(&[*p, 0, 0, 0]),
+            KeyPart::Port(p) | KeyPart::Ports(p, _) => put_port(b, *p),
+            KeyPart::Addr(a) => put_addr(b, *a),
+            KeyPart::Prefix(p) => put_addr(b, p.addr()),
+        }
+    }
+    /// Appends the end of the field's range (the value itself if exact).
+    pub fn put_end(&self, b: &mut Vec<u8>) {
+        match self {
+            KeyPart::Ports(_, last) => put_port(b, *last),
+            KeyPart::Protos(_, last) => b.extend_from_slice(&[*last, 0, 0, 0]),
+            KeyPart::Prefix(p) => put_addr(b, prefix_end(*p)),
+            other => other.put(b),
         }
     }
 }
@@ -251,6 +309,12 @@ impl fmt::Display for KeyPart {
             KeyPart::Proto(p) => f.write_str(&proto_name(*p)),
             KeyPart::Addr(a) => write!(f, "{a}"),
             KeyPart::Port(p) => write!(f, "{p}"),
+            KeyPart::Prefix(p) if p.is_host() => write!(f, "{}", p.addr()),
+            KeyPart::Prefix(p) => write!(f, "{p}"),
+            KeyPart::Ports(a, b) if a == b => write!(f, "{a}"),
+            KeyPart::Ports(a, b) => write!(f, "{a}-{b}"),
+            KeyPart::Protos(a, b) if a == b => f.write_str(&proto_name(*a)),
+            KeyPart::Protos(a, b) => write!(f, "{a}-{b}"),
         }
     }
 }
@@ -537,9 +601,12 @@ impl Command {
             Command::FlushChain(c) => format!("flush chain {t} {c}"),
             Command::DeleteChain(c) => format!("delete chain {t} {c}"),
             Command::AddRule { chain, rule } => format!("add rule {t} {chain} {rule}"),
-            Command::AddMap(s) => {
-                format!("add map {t} {} {{ type {}; }}", s.map_name(), s.type_line())
-            }
+            Command::AddMap(s) => format!(
+                "add map {t} {} {{ type {};{} }}",
+                s.map_name(),
+                s.type_line(),
+                if s.interval { " flags interval;" } else { "" }
+            ),
             Command::DeleteMap(s) => format!("delete map {t} {}", s.map_name()),
             Command::AddElements { shape, elements } => {
                 let list: Vec<String> = elements.iter().map(ToString::to_string).collect();
@@ -596,8 +663,8 @@ impl fmt::Display for Batch {
 }
 
 /// A whole table as `nft list table` prints it (counters at zero, map
-/// elements in the order given): limits, then maps, then chains, each in
-/// creation order, like the kernel lists them.
+/// elements sorted like nft sorts them): limits, then maps, then chains,
+/// each in the order given (the kernel lists them in creation order).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listing {
     pub table: TableId,
@@ -624,9 +691,35 @@ impl fmt::Display for Listing {
             gap(f)?;
             writeln!(f, "\tmap {} {{", shape.map_name())?;
             writeln!(f, "\t\ttype {}", shape.type_line())?;
+            if shape.interval {
+                writeln!(f, "\t\tflags interval")?;
+            }
             if !elements.is_empty() {
-                let list: Vec<String> = elements.iter().map(ToString::to_string).collect();
-                writeln!(f, "\t\telements = {{ {} }}", list.join(",\n\t\t\t     "))?;
+                // nft sorts the elements and puts as many on a line as the
+                // key's size allows: one for a concatenation or an IPv6
+                // address, two IPv4 addresses, five protocols.
+                // (An interval map lists them in the order they were added.)
+                let mut sorted: Vec<&Element> = elements.iter().collect();
+                if !shape.interval {
+                    sorted.sort();
+                }
+                let per_line = match shape.fields.as_slice() {
+                    [Field::L4proto | Field::Sport | Field::Dport] => 5,
+                    [_] if shape.family == IpFamily::V4 => 2,
+                    _ => 1,
+                };
+                f.write_str("\t\telements = { ")?;
+                for (i, e) in sorted.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(if i % per_line == 0 {
+                            ",\n\t\t\t     "
+                        } else {
+                            ", "
+                        })?;
+                    }
+                    write!(f, "{e}")?;
+                }
+                f.write_str(" }\n")?;
             }
             writeln!(f, "\t}}")?;
         }

@@ -41,8 +41,32 @@ pub struct TableState {
     pub stray_chains: Vec<String>,
 }
 
-fn key_part(field: Field, family: IpFamily, v: &Value) -> Option<KeyPart> {
+fn key_part(field: Field, shape: &Shape, v: &Value) -> Option<KeyPart> {
+    let family = shape.family;
+    let addr = |v: &Value| {
+        v.as_str()
+            .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+            .filter(|a| IpFamily::of(*a) == family)
+    };
+    let port = |v: &Value| v.as_u64().and_then(|n| u16::try_from(n).ok());
     match field {
+        Field::L4proto if shape.interval => match v.get("range").and_then(Value::as_array) {
+            Some(r) => {
+                let p = |v: &Value| v.as_u64().and_then(|n| u8::try_from(n).ok());
+                Some(KeyPart::Protos(p(r.first()?)?, p(r.get(1)?)?))
+            }
+            None => match key_part(
+                field,
+                &Shape {
+                    interval: false,
+                    ..shape.clone()
+                },
+                v,
+            )? {
+                KeyPart::Proto(p) => Some(KeyPart::Protos(p, p)),
+                _ => None,
+            },
+        },
         Field::L4proto => match v {
             Value::Number(n) => n
                 .as_u64()
@@ -53,15 +77,22 @@ fn key_part(field: Field, family: IpFamily, v: &Value) -> Option<KeyPart> {
                 .map(KeyPart::Proto),
             _ => None,
         },
-        Field::Sport | Field::Dport => v
-            .as_u64()
-            .and_then(|n| u16::try_from(n).ok())
-            .map(KeyPart::Port),
-        Field::Saddr | Field::Daddr => v
-            .as_str()
-            .and_then(|s| s.parse::<std::net::IpAddr>().ok())
-            .filter(|a| IpFamily::of(*a) == family)
-            .map(KeyPart::Addr),
+        Field::Sport | Field::Dport if !shape.interval => port(v).map(KeyPart::Port),
+        Field::Sport | Field::Dport => match v.get("range").and_then(Value::as_array) {
+            Some(r) => Some(KeyPart::Ports(port(r.first()?)?, port(r.get(1)?)?)),
+            None => port(v).map(|p| KeyPart::Ports(p, p)),
+        },
+        Field::Saddr | Field::Daddr if !shape.interval => addr(v).map(KeyPart::Addr),
+        Field::Saddr | Field::Daddr => match v.get("prefix") {
+            Some(p) => {
+                let a = addr(p.get("addr")?)?;
+                let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
+                qosloop_schema::IpPrefix::new(a, len)
+                    .ok()
+                    .map(KeyPart::Prefix)
+            }
+            None => addr(v).map(|a| KeyPart::Prefix(qosloop_schema::IpPrefix::host(a))),
+        },
     }
 }
 
@@ -87,7 +118,7 @@ fn elements(shape: &Shape, map: &Value) -> Vec<(Vec<KeyPart>, String)> {
             .fields
             .iter()
             .zip(parts)
-            .map(|(f, v)| key_part(*f, shape.family, v))
+            .map(|(f, v)| key_part(*f, shape, v))
             .collect();
         let target = data
             .get("jump")

@@ -23,19 +23,26 @@
 //! - `meta priority set MAJB:MIN` steers a packet; a cls_bpf filter on the
 //!   root qdisc maps priority major `MAJB` to the group class `MAJ:(0x100+B)`,
 //!   whose child qdisc then finds `MAJB:MIN` itself;
-//! - chain `dID` in the enforcer's table: a `limit rate over PROFILE burst B`
-//!   rule catches out-of-profile packets (accept / re-mark / drop, steered into
-//!   the out class), and the next rule marks the rest in-profile and steers
-//!   it into the in class;
-//! - a rule in the base chain matching the flow and jumping to `dID`.
+//! - the named limit object `lID` (rate = the profile, burst from
+//!   [`meter_burst_bytes`]): the flow's token bucket, which lives as long as
+//!   the decision, whatever its action becomes;
+//! - chain `dID` in the enforcer's table: a `limit name "lID"` rule catches
+//!   out-of-profile packets (accept / re-mark / drop, steered into the out
+//!   class), and the next rule marks the rest in-profile and steers it into
+//!   the in class;
+//! - an element of the verdict map of the flow's shape jumping to `dID`
+//!   ([`classify`]), or a rule in the fallback chain when the flow names no
+//!   field.
 
-use crate::nft::model::{
-    Element, Field, Hook, IpFamily, KeyPart, Limit, Rule, Shape, Stmt, TableId,
-};
+use crate::nft::model::{Hook, Limit, Rule, Stmt, TableId};
 use crate::tc::{HtbClass, TcHandle};
-use qosloop_schema::{
-    Decision, Direction, FlowSpec, IpPrefix, Kbps, OutOfProfileAction, PortRange,
-};
+use qosloop_schema::{Decision, Direction, Kbps, OutOfProfileAction};
+
+mod classify;
+mod meta;
+
+pub use classify::{base_rules, classify, family, lookup_rule, Classify, SpecError};
+pub use meta::{meta_comment, parse_meta_comment, ChainMeta};
 
 /// The rate of a class nothing is steered into (HTB needs a rate > 0), and
 /// the guarantee of an out-of-profile class.
@@ -264,46 +271,6 @@ impl Layout {
     }
 }
 
-/// How packets reach a decision's chain: an element of the verdict map of
-/// its shape (constant cost per packet, whatever the number of decisions),
-/// or an ordered rule in the `fallback` chain when its match cannot be a
-/// map key (a prefix shorter than a host, a port range, no field at all).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Classify {
-    Map { shape: Shape, key: Vec<KeyPart> },
-    Rule(Vec<Stmt>),
-}
-
-impl Classify {
-    /// The map element jumping to `chain`, for a map classification.
-    pub fn element(&self, chain: &str) -> Option<(Shape, Element)> {
-        match self {
-            Classify::Map { shape, key } => Some((
-                shape.clone(),
-                Element {
-                    key: key.clone(),
-                    chain: chain.to_owned(),
-                },
-            )),
-            Classify::Rule(_) => None,
-        }
-    }
-    /// The fallback rule jumping to `chain`, for a rule classification.
-    pub fn rule(&self, id: u64) -> Option<Rule> {
-        match self {
-            Classify::Rule(stmts) => {
-                let mut stmts = stmts.clone();
-                stmts.push(Stmt::Jump(chain_name(id)));
-                Some(Rule {
-                    stmts,
-                    comment: Some(format!("id={id}")),
-                })
-            }
-            Classify::Map { .. } => None,
-        }
-    }
-}
-
 /// A decision rendered for the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendered {
@@ -366,98 +333,6 @@ pub fn bucket_bytes(profile: &qosloop_schema::TrafficProfile) -> u64 {
     profile.rate.bytes_per_sec() + u64::from(meter_burst_bytes(profile))
 }
 
-/// Comment on the in-profile rule: what reconcile reads back after a restart.
-pub fn meta_comment(
-    id: u64,
-    version: u64,
-    slot: u32,
-    kind: &str,
-    fp: u64,
-    profile: &qosloop_schema::TrafficProfile,
-    flow: &FlowSpec,
-) -> String {
-    let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
-    format!(
-        "in id={id} v={version} slot={slot} kind={kind} fp={fp:016x} p={} b={} f={},{},{},{},{}",
-        profile.rate.0,
-        profile.burst_bytes,
-        opt(flow.proto.map(|p| p.to_string())),
-        opt(flow.src.map(|p| p.to_string())),
-        opt(flow.dst.map(|p| p.to_string())),
-        opt(flow.src_ports.map(|p| p.to_string())),
-        opt(flow.dst_ports.map(|p| p.to_string())),
-    )
-}
-
-/// What `meta_comment` wrote, read back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChainMeta {
-    pub id: u64,
-    pub version: u64,
-    pub slot: u32,
-    pub kind: String,
-    pub fingerprint: u64,
-    /// The profile rate, kbit/s.
-    pub profile: Kbps,
-    /// The profile's burst, bytes.
-    pub burst_bytes: u64,
-    pub flow: FlowSpec,
-}
-
-fn parse_flow(v: &str) -> Option<FlowSpec> {
-    let parts: Vec<&str> = v.split(',').collect();
-    let [proto, src, dst, sp, dp] = parts.as_slice() else {
-        return None;
-    };
-    fn opt<T: std::str::FromStr>(s: &str) -> Option<Option<T>> {
-        if s == "-" {
-            Some(None)
-        } else {
-            s.parse().ok().map(Some)
-        }
-    }
-    Some(FlowSpec {
-        proto: opt(proto)?,
-        src: opt::<IpPrefix>(src)?,
-        dst: opt::<IpPrefix>(dst)?,
-        src_ports: opt::<PortRange>(sp)?,
-        dst_ports: opt::<PortRange>(dp)?,
-    })
-}
-
-pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
-    let mut words = c.split_whitespace();
-    if words.next()? != "in" {
-        return None;
-    }
-    let (mut id, mut version, mut slot, mut kind, mut fp) = (None, None, None, None, None);
-    let (mut profile, mut burst, mut flow) = (None, None, None);
-    for w in words {
-        let (k, v) = w.split_once('=')?;
-        match k {
-            "id" => id = v.parse().ok(),
-            "v" => version = v.parse().ok(),
-            "slot" => slot = v.parse().ok(),
-            "kind" => kind = Some(v.to_owned()),
-            "fp" => fp = u64::from_str_radix(v, 16).ok(),
-            "p" => profile = v.parse().ok().map(Kbps),
-            "b" => burst = v.parse().ok(),
-            "f" => flow = parse_flow(v),
-            _ => {}
-        }
-    }
-    Some(ChainMeta {
-        id: id?,
-        version: version?,
-        slot: slot?,
-        kind: kind?,
-        fingerprint: fp?,
-        profile: profile?,
-        burst_bytes: burst?,
-        flow: flow?,
-    })
-}
-
 fn fnv1a(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
@@ -467,144 +342,6 @@ fn fnv1a(parts: &[&str]) -> u64 {
         }
     }
     h
-}
-
-/// Why a flow spec cannot be rendered.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpecError {
-    #[error("source {src} and destination {dst} are of different address families")]
-    MixedFamilies { src: IpPrefix, dst: IpPrefix },
-    #[error("ports are given but protocol {0:?} has no ports (use 6, 17 or 132)")]
-    PortsWithoutPortProtocol(Option<u8>),
-    #[error("map key of {0} bytes is longer than nf_tables takes (64)")]
-    KeyTooLong(usize),
-}
-
-/// The address family of a flow (IPv4 when it names no address).
-pub fn family(spec: &FlowSpec) -> Result<IpFamily, SpecError> {
-    match (spec.src, spec.dst) {
-        (Some(s), Some(d)) if s.addr().is_ipv4() != d.addr().is_ipv4() => {
-            Err(SpecError::MixedFamilies { src: s, dst: d })
-        }
-        (Some(p), _) | (None, Some(p)) => Ok(IpFamily::of(p.addr())),
-        (None, None) => Ok(IpFamily::V4),
-    }
-}
-
-/// How a flow spec is classified in a table of the given family: a map key
-/// when every field it names is exact (a host, one port, a protocol), else
-/// a rule's match statements.
-pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
-    let fam = family(spec)?;
-    let has_ports = spec.src_ports.is_some() || spec.dst_ports.is_some();
-    if has_ports && !matches!(spec.proto, Some(6 | 17 | 132)) {
-        return Err(SpecError::PortsWithoutPortProtocol(spec.proto));
-    }
-    let exact_prefix = |p: Option<IpPrefix>| p.is_none_or(|p| p.is_host());
-    let exact_ports = |p: Option<PortRange>| p.is_none_or(|p| p.first == p.last);
-    let any = spec.src.is_some() || spec.dst.is_some() || spec.proto.is_some();
-    if any
-        && exact_prefix(spec.src)
-        && exact_prefix(spec.dst)
-        && exact_ports(spec.src_ports)
-        && exact_ports(spec.dst_ports)
-    {
-        let mut fields = Vec::new();
-        let mut key = Vec::new();
-        if let Some(p) = spec.proto {
-            fields.push(Field::L4proto);
-            key.push(KeyPart::Proto(p));
-        }
-        if let Some(p) = spec.src {
-            fields.push(Field::Saddr);
-            key.push(KeyPart::Addr(p.addr()));
-        }
-        if let Some(p) = spec.dst {
-            fields.push(Field::Daddr);
-            key.push(KeyPart::Addr(p.addr()));
-        }
-        if let Some(p) = spec.src_ports {
-            fields.push(Field::Sport);
-            key.push(KeyPart::Port(p.first));
-        }
-        if let Some(p) = spec.dst_ports {
-            fields.push(Field::Dport);
-            key.push(KeyPart::Port(p.first));
-        }
-        let shape = Shape {
-            family: fam,
-            fields,
-        };
-        if shape.key_len() > crate::nft::model::MAX_KEY_LEN {
-            return Err(SpecError::KeyTooLong(shape.key_len()));
-        }
-        return Ok(Classify::Map { shape, key });
-    }
-    let mut stmts = Vec::new();
-    if spec.src.is_none() && spec.dst.is_none() {
-        stmts.push(Stmt::Family {
-            netdev,
-            family: fam,
-        });
-    }
-    if let Some(p) = spec.src {
-        stmts.push(Stmt::Addr {
-            src: true,
-            prefix: p,
-        });
-    }
-    if let Some(p) = spec.dst {
-        stmts.push(Stmt::Addr {
-            src: false,
-            prefix: p,
-        });
-    }
-    match (spec.proto, has_ports) {
-        (Some(proto), true) => {
-            for (src, ports) in [(true, spec.src_ports), (false, spec.dst_ports)] {
-                if let Some(r) = ports {
-                    stmts.push(Stmt::Port {
-                        proto,
-                        src,
-                        first: r.first,
-                        last: r.last,
-                    });
-                }
-            }
-        }
-        (Some(p), false) => stmts.push(Stmt::L4proto(p)),
-        (None, _) => {}
-    }
-    Ok(Classify::Rule(stmts))
-}
-
-/// The base chain's rule for the map of `shape` (with an explicit family
-/// match when the key names no address).
-pub fn lookup_rule(shape: &Shape, netdev: bool) -> Rule {
-    let mut stmts = Vec::new();
-    if !shape.has_address() {
-        stmts.push(Stmt::Family {
-            netdev,
-            family: shape.family,
-        });
-    }
-    stmts.push(Stmt::Lookup(shape.clone()));
-    Rule {
-        stmts,
-        comment: None,
-    }
-}
-
-/// The base chain's rules: the guard, one lookup per map in use, then the
-/// fallback chain.
-pub fn base_rules<'a>(layout: &Layout, shapes: impl Iterator<Item = &'a Shape>) -> Vec<Rule> {
-    let mut rules = vec![layout.guard_rule()];
-    rules.extend(shapes.map(|s| lookup_rule(s, layout.ingress())));
-    rules.push(Rule {
-        stmts: vec![Stmt::Jump(FALLBACK_CHAIN.into())],
-        comment: None,
-    });
-    rules
 }
 
 /// Renders `d` into `slot` of `layout` (`ifb_index`: the IFB device of
@@ -706,7 +443,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qosloop_schema::{DecisionReason, Dscp, TrafficProfile};
+    use qosloop_schema::{DecisionReason, Dscp, FlowSpec, TrafficProfile};
 
     pub(crate) fn decision(id: u64, action: OutOfProfileAction) -> Decision {
         Decision {
@@ -836,7 +573,16 @@ mod tests {
         s.src_ports = Some("1024-2048".parse().unwrap());
         assert_eq!(
             text(&classify(&s, false).unwrap()),
-            "ip6 daddr 2001:db8::/32 udp sport 1024-2048"
+            "map v6iv_proto_daddr_sport udp . 2001:db8::/32 . 1024-2048"
+        );
+        // One field that is a prefix: any protocol, in an interval map.
+        let wide = FlowSpec {
+            dst: Some("10.2.0.0/24".parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        assert_eq!(
+            text(&classify(&wide, false).unwrap()),
+            "map v4iv_proto_daddr 0-255 . 10.2.0.0/24"
         );
         s.dst = Some("2001:db8::1".parse().unwrap());
         s.src_ports = Some("1024".parse().unwrap());
