@@ -325,21 +325,25 @@ fn fifty_thousand_decisions_are_installed_listed_and_removed_leaving_nothing() {
     assert_eq!(snapshot(&ns), pristine);
 }
 
-/// The nftables part of what `--dry-run apply` prints.
-fn dry_run_nft_script(stdout: &str) -> String {
-    let mut script = String::new();
-    let mut inside = false;
+/// The two nftables parts of what `--dry-run apply` prints: the
+/// transaction (`nft -f` text) and the table as `nft list table` will show
+/// it after the change.
+fn dry_run_nft(stdout: &str) -> (String, String) {
+    let (mut script, mut listing) = (String::new(), String::new());
+    let mut into: Option<&mut String> = None;
     for line in stdout.lines() {
         if line == "nftables transaction:" {
-            inside = true;
-        } else if line.starts_with("netlink: ") || line.starts_with('{') {
-            inside = false;
-        } else if inside {
-            script.push_str(line);
-            script.push('\n');
+            into = Some(&mut script);
+        } else if line.starts_with("nftables table after this change") {
+            into = Some(&mut listing);
+        } else if line.starts_with("netlink: ") || line.starts_with("{\"") {
+            into = None;
+        } else if let Some(out) = into.as_deref_mut() {
+            out.push_str(line);
+            out.push('\n');
         }
     }
-    script
+    (script, listing)
 }
 
 /// Decisions of every form the enforcer renders: IPv4 hosts and prefixes,
@@ -401,9 +405,10 @@ fn assorted() -> Vec<Decision> {
 }
 
 /// Issue 12 §3: the plan `--dry-run` prints is the table the kernel holds
-/// after a real apply. The printed nftables statements are loaded with
-/// `nft -f` into a second namespace (with an interface of the same name);
-/// both tables, listed by `nft`, must match but for handles and counters.
+/// after a real apply. The table it prints (as `nft list table` will show
+/// it) must equal the kernel's listing, and its printed nftables statements,
+/// loaded with `nft -f` into a second namespace (with an interface of the
+/// same name), must list the same — but for handles and counters.
 #[test]
 fn the_dry_run_plan_is_what_nft_lists_after_apply() {
     let Some(()) = prerequisites() else { return };
@@ -423,11 +428,12 @@ fn the_dry_run_plan_is_what_nft_lists_after_apply() {
         "{}",
         String::from_utf8_lossy(&dry.stderr)
     );
-    let script = dry_run_nft_script(&String::from_utf8_lossy(&dry.stdout));
+    let (script, printed_listing) = dry_run_nft(&String::from_utf8_lossy(&dry.stdout));
     assert!(
         !script.is_empty(),
         "--dry-run printed no nftables statements"
     );
+    assert!(!printed_listing.is_empty(), "--dry-run printed no table");
     // The dry run changed nothing.
     let out = t
         .router
@@ -446,6 +452,11 @@ fn the_dry_run_plan_is_what_nft_lists_after_apply() {
         String::from_utf8_lossy(&applied.stderr)
     );
     let kernel = listing(&t.router, &t.out_if);
+    assert_eq!(
+        normalize(&printed_listing),
+        kernel,
+        "the table --dry-run printed (left) and the applied one (right) differ"
+    );
 
     let scratch = qosloop_testbed::harness::Netns::create("sdry").unwrap();
     scratch
@@ -499,10 +510,21 @@ fn delete_classifier(ns: &qosloop_testbed::harness::Netns, interface: &str, id: 
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let objects = json["nftables"].as_array().unwrap();
     let chain = format!("d{id}");
-    let scalar = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    // A key part as `nft` reads it: a value, `ADDR/LEN` or `LOW-HIGH`.
+    fn scalar(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(o) if o.contains_key("prefix") => format!(
+                "{}/{}",
+                scalar(&o["prefix"]["addr"]),
+                scalar(&o["prefix"]["len"])
+            ),
+            serde_json::Value::Object(o) if o.contains_key("range") => {
+                format!("{}-{}", scalar(&o["range"][0]), scalar(&o["range"][1]))
+            }
+            other => other.to_string(),
+        }
+    }
     let element = objects.iter().filter_map(|o| o.get("map")).find_map(|m| {
         m["elem"].as_array()?.iter().find_map(|e| {
             let (key, verdict) = (&e[0], &e[1]);
@@ -556,7 +578,8 @@ fn delete_classifier(ns: &qosloop_testbed::harness::Netns, interface: &str, id: 
 }
 
 /// Issue 12, bad input: a table changed behind the enforcer's back. The
-/// entry that classifies one decision is deleted with `nft`; a restart
+/// entries that classify two decisions (an exact key, a prefix) are deleted
+/// with `nft`; a restart
 /// (`apply` reconciles first) finds it, says so in its start report, and
 /// restores the table to what it was.
 #[test]
@@ -574,6 +597,12 @@ fn a_classifier_deleted_behind_the_enforcers_back_is_found_and_restored() {
             )
         })
         .collect();
+    // And one whose key is a prefix (an interval, or a fallback rule).
+    let mut ds = ds;
+    let mut wide = decision(4, FlowSpec::default(), 500, accept(400));
+    wide.flow.dst = Some("10.3.0.0/24".parse().unwrap());
+    wide.flow.proto = Some(17);
+    ds.push(wide);
     let file = write_decisions(dir.path(), "d.json", &ds);
     let file = file.to_str().unwrap();
     let apply = || {
@@ -594,7 +623,11 @@ fn a_classifier_deleted_behind_the_enforcers_back_is_found_and_restored() {
         l
     };
     let before = sorted(listing(&t.router, &t.out_if));
-    let deleted = delete_classifier(&t.router, &t.out_if, 2);
+    let deleted = format!(
+        "{} and {}",
+        delete_classifier(&t.router, &t.out_if, 2),
+        delete_classifier(&t.router, &t.out_if, 4)
+    );
     assert_ne!(
         sorted(listing(&t.router, &t.out_if)),
         before,
@@ -624,7 +657,7 @@ fn a_classifier_deleted_behind_the_enforcers_back_is_found_and_restored() {
     assert_eq!(sorted(listing(&t.router, &t.out_if)), before);
     // And nothing is left to fix: a second restart adopts all three as they are.
     let again = apply();
-    assert_eq!(again["start"]["adopted"], 3, "{again}");
+    assert_eq!(again["start"]["adopted"], 4, "{again}");
     assert_eq!(again["apply"]["tc_messages"], 0, "{again}");
     let out = enforcer_cmd(&t.router, &t.out_if, &["--cleanup"])
         .output()
