@@ -3,8 +3,11 @@
 //! and an in-memory fake for unit tests.
 
 use crate::nfnl::Nftnl;
-use crate::nft::{self, TableState, BASE_CHAIN};
-use crate::render::{parse_meta_comment, Layout};
+use crate::nft::fake::FakeNft;
+pub use crate::nft::fake::FakeTable;
+use crate::nft::model::Batch;
+use crate::nft::{self, TableState};
+use crate::render::Layout;
 use crate::tc::{ClassInfo, HtbClass, KernelError, QdiscInfo, Rtnl, TcHandle, TcOp};
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -26,8 +29,19 @@ pub trait KernelBackend {
     fn ensure_ifb(&mut self, name: &str) -> Result<u32, String>;
     /// Deletes interface `name` if it exists (its qdiscs go with it).
     fn delete_link(&mut self, name: &str) -> Result<(), String>;
-    /// Applies `script` as one atomic nftables transaction.
-    fn nft(&mut self, script: &str) -> Result<(), String>;
+    /// Applies `batch` as one atomic nftables transaction.
+    fn nft(&mut self, batch: &Batch) -> Result<(), String>;
+    /// `tc(ops)` and `nft(batch)`, at the same time where the backend can
+    /// (the kernel takes them under different locks); in turn otherwise.
+    fn tc_and_nft(
+        &mut self,
+        ops: &[TcOp],
+        batch: &Batch,
+    ) -> (Vec<Result<(), KernelError>>, Result<(), String>) {
+        let tc = self.tc(ops);
+        let nft = self.nft(batch);
+        (tc, nft)
+    }
 }
 
 /// HTB over rtnetlink, nftables over nf_tables netlink (one batch per call);
@@ -114,8 +128,25 @@ impl KernelBackend for LinuxBackend {
                 .map_err(|e| format!("deleting {name}: {e}")),
         }
     }
-    fn nft(&mut self, script: &str) -> Result<(), String> {
-        self.nftnl.apply(script)
+    fn nft(&mut self, batch: &Batch) -> Result<(), String> {
+        self.nftnl.apply(batch)
+    }
+    fn tc_and_nft(
+        &mut self,
+        ops: &[TcOp],
+        batch: &Batch,
+    ) -> (Vec<Result<(), KernelError>>, Result<(), String>) {
+        // The sockets were opened in the enforcer's namespace; a socket
+        // keeps its namespace whatever thread uses it.
+        let (rtnl, nftnl) = (&mut self.rtnl, &mut self.nftnl);
+        std::thread::scope(|s| {
+            let nft = s.spawn(|| nftnl.apply(batch));
+            let tc = rtnl.execute(ops);
+            let nft = nft
+                .join()
+                .unwrap_or_else(|_| Err("the nf_tables thread panicked".into()));
+            (tc, nft)
+        })
     }
 }
 
@@ -171,14 +202,17 @@ impl KernelBackend for DryRunBackend {
         self.say(format!("netlink: RTM_DELLINK {name}"));
         Ok(())
     }
-    fn nft(&mut self, script: &str) -> Result<(), String> {
-        self.say(format!("nftables transaction:\n{}", script.trim_end()));
+    fn nft(&mut self, batch: &Batch) -> Result<(), String> {
+        self.say(format!(
+            "nftables transaction:\n{}",
+            batch.to_string().trim_end()
+        ));
         Ok(())
     }
 }
 
-/// An in-memory kernel: HTB state and an interpreter for the nft statements
-/// the enforcer writes, with failure injection.
+/// An in-memory kernel: HTB state and the typed nftables model executed by
+/// [`FakeTable`], with failure injection.
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     pub interfaces: BTreeMap<String, u32>,
@@ -195,14 +229,6 @@ pub struct FakeKernel {
     pub fail_next_nft: Option<String>,
     /// Creating or changing this class fails (EINVAL).
     pub fail_class: Option<TcHandle>,
-}
-
-/// The fake's nftables table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FakeTable {
-    pub base: Vec<(u64, String)>,
-    pub chains: BTreeMap<String, Vec<String>>,
-    pub next_handle: u64,
 }
 
 impl FakeKernel {
@@ -312,63 +338,6 @@ impl FakeKernel {
     }
 }
 
-fn comment_of(rule: &str) -> &str {
-    rule.rsplit_once("comment \"")
-        .map(|(_, c)| c.trim_end_matches('"'))
-        .unwrap_or("")
-}
-
-impl FakeTable {
-    fn run(&mut self, line: &str) -> Result<(), String> {
-        let words: Vec<&str> = line.splitn(6, ' ').collect();
-        let rest = |n: usize| words.get(n).copied().unwrap_or("");
-        match (rest(0), rest(1)) {
-            ("add", "chain") => {
-                let name = rest(4);
-                if name != BASE_CHAIN {
-                    self.chains.insert(name.to_owned(), Vec::new());
-                }
-            }
-            ("add", "rule") => {
-                let (chain, body) = (rest(4), rest(5));
-                self.next_handle += 1;
-                if chain == BASE_CHAIN {
-                    self.base.push((self.next_handle, body.to_owned()));
-                } else {
-                    self.chains
-                        .get_mut(chain)
-                        .ok_or(format!("no chain {chain}"))?
-                        .push(body.to_owned());
-                }
-            }
-            ("flush", "chain") => self
-                .chains
-                .get_mut(rest(4))
-                .ok_or(format!("no chain {}", rest(4)))?
-                .clear(),
-            ("delete", "chain") => {
-                let c = self.chains.remove(rest(4)).ok_or("no such chain")?;
-                if !c.is_empty() {
-                    return Err("chain not empty".into());
-                }
-            }
-            ("delete", "rule") => {
-                let handle: u64 = rest(5)
-                    .trim_start_matches("handle ")
-                    .parse()
-                    .map_err(|_| "bad handle")?;
-                let before = self.base.len();
-                self.base.retain(|(h, _)| *h != handle);
-                if self.base.len() == before {
-                    return Err(format!("no rule with handle {handle}"));
-                }
-            }
-            _ => return Err(format!("fake nft cannot run {line:?}")),
-        }
-        Ok(())
-    }
-}
-
 impl KernelBackend for FakeKernel {
     fn name(&self) -> &'static str {
         "fake"
@@ -413,50 +382,18 @@ impl KernelBackend for FakeKernel {
         Ok(())
     }
     fn read_table(&mut self, layout: &Layout) -> Result<Option<TableState>, String> {
-        let Some(t) = &self.table else {
-            return Ok(None);
-        };
-        let mut st = TableState::default();
-        for (i, (handle, rule)) in t.base.iter().enumerate() {
-            let c = comment_of(rule);
-            if i == 0 && c == "guard" && rule == &layout.guard_rule() {
-                st.base_ok = true;
-            } else if let Some(id) = c.strip_prefix("id=").and_then(|s| s.parse().ok()) {
-                st.jumps.entry(id).or_default().push(*handle);
-            } else {
-                st.stray_rules.push(*handle);
-            }
-        }
-        for (name, rules) in &t.chains {
-            let Some(id) = name.strip_prefix('d').and_then(|s| s.parse::<u64>().ok()) else {
-                st.stray_chains.push(name.clone());
-                continue;
-            };
-            let c = st.chains.entry(id).or_default();
-            c.meta = rules
-                .iter()
-                .find_map(|r| parse_meta_comment(comment_of(r)))
-                .filter(|m| m.id == id);
-        }
-        Ok(Some(st))
+        Ok(self.table.as_ref().map(|t| t.state(&layout.hook())))
     }
-    fn nft(&mut self, script: &str) -> Result<(), String> {
+    fn nft(&mut self, batch: &Batch) -> Result<(), String> {
         self.nft_transactions += 1;
         if let Some(e) = self.fail_next_nft.take() {
             return Err(e);
         }
-        // All or nothing: work on a copy, keep it only if every line ran.
-        let mut table = self.table.clone();
-        for line in script.lines().filter(|l| !l.trim().is_empty()) {
-            if line.starts_with("add table ") {
-                table.get_or_insert_with(FakeTable::default);
-            } else if line.starts_with("delete table ") {
-                table.take().ok_or("no such table")?;
-            } else {
-                table.as_mut().ok_or("no such table")?.run(line)?;
-            }
-        }
-        self.table = table;
+        let mut n = FakeNft {
+            table: self.table.clone(),
+        };
+        n.apply(batch)?;
+        self.table = n.table;
         Ok(())
     }
 }

@@ -254,7 +254,7 @@ fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     run_with(backend, args, ecfg, pdps, file_decisions, &config)
 }
 
-fn run_with<B: KernelBackend>(
+fn run_with<B: KernelBackend + Send + 'static>(
     mut backend: B,
     args: Args,
     ecfg: EnforcerConfig,
@@ -303,6 +303,12 @@ fn run_with<B: KernelBackend>(
             "applied decisions file"
         );
         if matches!(args.command, Some(Command::Apply)) {
+            if config.dry_run {
+                println!(
+                    "nftables table after this change (as `nft list table` will show it):\n{}",
+                    enforcer.listing()
+                );
+            }
             println!(
                 "{}",
                 serde_json::json!({"start": report, "apply": summary, "elapsed_us": summary.elapsed.as_micros() as u64})

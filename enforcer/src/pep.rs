@@ -32,6 +32,12 @@ use tokio_util::codec::Framed;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Why the daemon cannot go on: a change thread died with the enforcer.
+const LOST: &str = "the enforcer was lost in a failed change";
+
+/// How often the daemon compares its table with what it applied.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -199,7 +205,7 @@ fn certificate_pep_id(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// Runs the daemon until a termination signal.
-pub fn run<B: KernelBackend>(
+pub fn run<B: KernelBackend + Send + 'static>(
     enforcer: Enforcer<B>,
     pdps: Vec<String>,
     config: &Config,
@@ -211,7 +217,7 @@ pub fn run<B: KernelBackend>(
         Some(cert) => certificate_pep_id(cert)?,
         None => format!("qosloop-enforcer/{interface}/{}", std::process::id()),
     };
-    let mut daemon = Daemon {
+    let daemon = Daemon {
         enforcer,
         roles: config.roles.clone(),
         pep_id,
@@ -221,7 +227,8 @@ pub fn run<B: KernelBackend>(
         .enable_all()
         .build()?;
     let tls = config.pdp_tls()?.map(tokio_rustls::TlsConnector::from);
-    let result = rt.block_on(async {
+    let state_path = daemon.state_path.clone();
+    let result = rt.block_on(async move {
         if pdps.is_empty() {
             daemon.publish(
                 "standalone",
@@ -235,12 +242,13 @@ pub fn run<B: KernelBackend>(
             );
             return wait_for_stop().await;
         }
+        let mut slot = Some(daemon);
         tokio::select! {
-            r = pdp_loop(&mut daemon, &pdps, config.keepalive_s, tls.as_ref()) => r,
+            r = pdp_loop(&mut slot, &pdps, config.keepalive_s, tls.as_ref()) => r,
             r = wait_for_stop() => r,
         }
     });
-    let _ = std::fs::remove_file(&daemon.state_path);
+    let _ = std::fs::remove_file(&state_path);
     result
 }
 
@@ -254,8 +262,8 @@ async fn wait_for_stop() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pdp_loop<B: KernelBackend>(
-    daemon: &mut Daemon<B>,
+async fn pdp_loop<B: KernelBackend + Send + 'static>(
+    slot: &mut Option<Daemon<B>>,
     pdps: &[String],
     keepalive_s: Option<u64>,
     tls: Option<&tokio_rustls::TlsConnector>,
@@ -291,11 +299,17 @@ async fn pdp_loop<B: KernelBackend>(
                 },
             };
             backoff = Duration::from_millis(200);
-            let why = session(daemon, pdp, stream, keepalive_s).await;
+            let why = session(slot, pdp, stream, keepalive_s).await;
+            let Some(daemon) = slot.as_ref() else {
+                anyhow::bail!("{why}");
+            };
             let n = daemon.enforcer.applied_ids().len();
             tracing::warn!(%pdp, reason = %why, decisions = n, "PDP session ended; fail-static: keeping {n} decisions");
             daemon.publish("fail-static", Some(pdp), &why);
         }
+        let Some(daemon) = slot.as_ref() else {
+            anyhow::bail!("{LOST}");
+        };
         let n = daemon.enforcer.applied_ids().len();
         daemon.publish("fail-static", None, "no PDP reachable");
         tracing::warn!(decisions = n, retry_in = ?backoff, "no PDP reachable; fail-static");
@@ -318,14 +332,62 @@ async fn tls_connect(
     }
 }
 
+/// Runs `job` on the daemon in a blocking thread that owns it meanwhile,
+/// sending a KA at every `tick` until it is done: a slow or stuck kernel
+/// change delays its answer, never the keepalives. `Err` says why the
+/// session cannot go on (a KA could not be sent, or the thread died and the
+/// daemon with it).
+async fn off_thread<B, R, F>(
+    slot: &mut Option<Daemon<B>>,
+    wire: &mut Framed<Box<dyn Io>, CopsCodec>,
+    tick: &mut tokio::time::Interval,
+    job: F,
+) -> Result<R, String>
+where
+    B: KernelBackend + Send + 'static,
+    R: Send + 'static,
+    F: FnOnce(&mut Daemon<B>) -> R + Send + 'static,
+{
+    let Some(mut daemon) = slot.take() else {
+        return Err(LOST.into());
+    };
+    let handle = tokio::task::spawn_blocking(move || {
+        let r = job(&mut daemon);
+        (daemon, r)
+    });
+    tokio::pin!(handle);
+    loop {
+        tokio::select! {
+            done = &mut handle => {
+                return match done {
+                    Ok((back, r)) => {
+                        *slot = Some(back);
+                        Ok(r)
+                    }
+                    Err(e) => Err(format!("{LOST}: the change thread failed: {e}")),
+                };
+            }
+            _ = tick.tick() => {
+                if let Err(e) = wire.send(Message::ka()).await {
+                    *slot = handle.await.ok().map(|(d, _)| d);
+                    return Err(format!("sending KA: {e}"));
+                }
+            }
+        }
+    }
+}
+
 /// One connection to one PDP; returns why it ended.
-async fn session<B: KernelBackend>(
-    daemon: &mut Daemon<B>,
+async fn session<B: KernelBackend + Send + 'static>(
+    slot: &mut Option<Daemon<B>>,
     pdp: &str,
     stream: Box<dyn Io>,
     keepalive_s: Option<u64>,
 ) -> String {
     let mut wire = Framed::new(stream, CopsCodec::default());
+    let Some(daemon) = slot.as_ref() else {
+        return LOST.into();
+    };
     let hello = PepHello {
         roles: daemon.roles.clone(),
         interface: Some(daemon.enforcer.layout().interface.clone()),
@@ -339,6 +401,9 @@ async fn session<B: KernelBackend>(
     // Until CAT names the PDP's timer: our own, or 30 s.
     let mut ka = Duration::from_secs(keepalive_s.unwrap_or(30).max(1));
     let mut tick = tokio::time::interval(ka / 4);
+    // The table is compared with what was applied, and restored, this often.
+    let mut reconcile_tick = tokio::time::interval(RECONCILE_EVERY);
+    reconcile_tick.reset();
     let mut last_heard = tokio::time::Instant::now();
     loop {
         let deadline = last_heard + ka * 2;
@@ -360,9 +425,12 @@ async fn session<B: KernelBackend>(
                             tick = tokio::time::interval((ka / 4).max(Duration::from_millis(250)));
                         }
                         tracing::info!(%pdp, ka_s = ka.as_secs(), "accepted by PDP");
-                        daemon.publish("connected", Some(pdp), "synchronising");
+                        if let Some(daemon) = slot.as_ref() {
+                            daemon.publish("connected", Some(pdp), "synchronising");
+                        }
                     }
                     Body::Ssq { .. } => {
+                        let Some(daemon) = slot.as_ref() else { return LOST.into() };
                         let state = PepState { roles: daemon.roles.clone(), installed: daemon.installed() };
                         let sent = async {
                             wire.feed(Message::req(handle.clone(), &state)).await?;
@@ -395,7 +463,12 @@ async fn session<B: KernelBackend>(
                                 }),
                             }
                         }
-                        reports.extend(daemon.apply_all(decoded));
+                        // The change runs on a blocking thread that owns the
+                        // daemon meanwhile; keepalives keep flowing here.
+                        match off_thread(slot, &mut wire, &mut tick, move |d| d.apply_all(decoded)).await {
+                            Ok(applied) => reports.extend(applied),
+                            Err(why) => return why,
+                        }
                         for r in reports {
                             if let Err(e) = wire.feed(Message::rpt(h.clone(), &r)).await {
                                 return format!("sending RPT: {e}");
@@ -404,7 +477,9 @@ async fn session<B: KernelBackend>(
                         if let Err(e) = SinkExt::<Message>::flush(&mut wire).await {
                             return format!("sending RPT: {e}");
                         }
-                        daemon.publish("connected", Some(pdp), "in sync");
+                        if let Some(daemon) = slot.as_ref() {
+                            daemon.publish("connected", Some(pdp), "in sync");
+                        }
                     }
                     Body::Ka => {}
                     Body::Cc { error, .. } => return format!("PDP closed the session: {error}"),
@@ -417,6 +492,15 @@ async fn session<B: KernelBackend>(
             _ = tick.tick() => {
                 if let Err(e) = wire.send(Message::ka()).await {
                     return format!("sending KA: {e}");
+                }
+            }
+            _ = reconcile_tick.tick() => {
+                // Reading the table back takes a while with many decisions:
+                // off the COPS loop too.
+                match off_thread(slot, &mut wire, &mut tick, |d| d.enforcer.reconcile()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "periodic reconcile failed"),
+                    Err(why) => return why,
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {

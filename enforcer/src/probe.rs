@@ -5,13 +5,15 @@
 
 use crate::backend::LinuxBackend;
 use crate::enforcer::{Enforcer, EnforcerConfig};
+use crate::nft::model::{
+    Batch, Command, Element, Field, Hook, IpFamily, KeyPart, Limit, Rule, Shape, Stmt, TableId,
+};
 use crate::render::Layout;
 use crate::tc::{HtbClass, TcHandle, TcOp};
 use qosloop_schema::{
     Decision, DecisionReason, Dscp, FlowSpec, Kbps, OutOfProfileAction, TrafficProfile,
 };
 use serde::Serialize;
-use std::process::Command;
 
 /// One capability and whether it works here.
 #[derive(Clone, Debug, Serialize)]
@@ -51,7 +53,7 @@ fn cap(name: &'static str, r: Result<String, String>) -> Capability {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+    let out = std::process::Command::new("ip")
         .args(args)
         .output()
         .map_err(|e| format!("running ip: {e} (Debian package iproute2)"))?;
@@ -75,7 +77,12 @@ pub fn probe() -> ProbeReport {
     });
     let mut usable = Vec::new();
     let works = |n: &str| caps.iter().any(|c| c.name == n && c.works);
-    if works("htb-netlink") && works("nftables") {
+    if works("htb-netlink")
+        && works("nftables")
+        && works("nft-limit-object")
+        && works("nft-concat-verdict-map")
+        && works("nft-interval-map")
+    {
         usable.push("htb+nft");
     }
     ProbeReport {
@@ -110,6 +117,9 @@ fn probe_in_fresh_namespace() -> Vec<Capability> {
             .ok_or_else(|| "no test interface".to_owned())
             .and_then(probe_htb),
     ));
+    caps.push(cap("nft-limit-object", probe_limit_object()));
+    caps.push(cap("nft-concat-verdict-map", probe_concat_map()));
+    caps.push(cap("nft-interval-map", probe_interval_map()));
     caps.push(cap("nftables", probe_nft()));
     caps.push(cap(
         "ifb",
@@ -176,6 +186,133 @@ fn probe_htb(ifindex: u32) -> Result<String, String> {
     Ok("HTB qdisc and classes over rtnetlink (hand-encoded TCA_HTB_*), eBPF cls_bpf group steering".into())
 }
 
+/// One throwaway table holding what `fill` adds, applied and deleted.
+fn probe_table(fill: impl FnOnce(&mut Batch)) -> Result<(), String> {
+    let mut nft = crate::nfnl::Nftnl::open().map_err(|e| format!("nf_tables socket: {e}"))?;
+    let table = TableId {
+        netdev: false,
+        name: "qosloop_probe".into(),
+    };
+    let mut batch = Batch::new(table.clone());
+    batch.push(Command::AddTable);
+    fill(&mut batch);
+    let applied = nft.apply(&batch);
+    let mut del = Batch::new(table);
+    del.push(Command::DeleteTable);
+    let _ = nft.apply(&del);
+    applied
+}
+
+/// A named `limit` object referenced by a rule: each flow's meter, kept
+/// across decision changes (kernel 4.19+ for named limits).
+fn probe_limit_object() -> Result<String, String> {
+    probe_table(|b| {
+        b.push(Command::AddLimit(Limit {
+            name: "l1".into(),
+            bytes_per_sec: 125_000,
+            burst_bytes: 3028,
+        }));
+        b.push(Command::AddChain {
+            name: "d1".into(),
+            hook: None,
+        });
+        b.push(Command::AddRule {
+            chain: "d1".into(),
+            rule: Rule {
+                stmts: vec![Stmt::LimitRef("l1".into()), Stmt::Counter, Stmt::Drop],
+                comment: None,
+            },
+        });
+    })
+    .map(|()| "named limit object referenced by a rule (per-flow meter kept across changes)".into())
+    .map_err(|e| format!("named limit objects refused ({e}); every decision needs one"))
+}
+
+/// A verdict map keyed on a concatenation, looked up from a base chain:
+/// how decisions are classified at constant cost per packet.
+fn probe_concat_map() -> Result<String, String> {
+    let shape = Shape {
+        family: IpFamily::V6,
+        fields: vec![
+            Field::L4proto,
+            Field::Saddr,
+            Field::Daddr,
+            Field::Sport,
+            Field::Dport,
+        ],
+        interval: false,
+    };
+    probe_table(|b| {
+        b.push(Command::AddMap(shape.clone()));
+        b.push(Command::AddChain {
+            name: "d1".into(),
+            hook: None,
+        });
+        b.push(Command::AddChain {
+            name: "postrouting".into(),
+            hook: Some(Hook::Postrouting),
+        });
+        b.push(Command::AddRule {
+            chain: "postrouting".into(),
+            rule: Rule {
+                stmts: vec![Stmt::Lookup(shape.clone())],
+                comment: None,
+            },
+        });
+        b.push(Command::AddElements {
+            shape: shape.clone(),
+            elements: vec![Element {
+                key: vec![
+                    KeyPart::Proto(17),
+                    KeyPart::Addr(
+                        "2001:db8::1"
+                            .parse()
+                            .unwrap_or(std::net::Ipv6Addr::LOCALHOST.into()),
+                    ),
+                    KeyPart::Addr(
+                        "2001:db8::2"
+                            .parse()
+                            .unwrap_or(std::net::Ipv6Addr::LOCALHOST.into()),
+                    ),
+                    KeyPart::Port(1),
+                    KeyPart::Port(2),
+                ],
+                chain: "d1".into(),
+            }],
+        });
+    })
+    .map(|()| "verdict map on a 44-byte concatenated key (IPv6 five-tuple) with elements".into())
+    .map_err(|e| format!("verdict maps on concatenations refused ({e}); classification needs them"))
+}
+
+/// A verdict map of concatenated ranges (`flags interval`, kernel 5.6+):
+/// how decisions with a prefix or a port range are classified.
+fn probe_interval_map() -> Result<String, String> {
+    let shape = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::Daddr, Field::Dport],
+        interval: true,
+    };
+    let prefix = qosloop_schema::IpPrefix::new(std::net::Ipv4Addr::new(192, 0, 2, 0).into(), 24)
+        .map_err(|e| e.to_string())?;
+    probe_table(|b| {
+        b.push(Command::AddMap(shape.clone()));
+        b.push(Command::AddChain {
+            name: "d1".into(),
+            hook: None,
+        });
+        b.push(Command::AddElements {
+            shape: shape.clone(),
+            elements: vec![Element {
+                key: vec![KeyPart::Prefix(prefix), KeyPart::Ports(1000, 2000)],
+                chain: "d1".into(),
+            }],
+        });
+    })
+    .map(|()| "verdict map of concatenated ranges (prefix . port range)".into())
+    .map_err(|e| format!("interval maps on concatenations refused ({e}); decisions with prefixes or port ranges need them"))
+}
+
 fn probe_nft() -> Result<String, String> {
     // The whole path: a decision rendered and installed on the test veth.
     let decision = Decision {
@@ -220,5 +357,5 @@ fn probe_nft() -> Result<String, String> {
     let layout: Layout = e.layout().clone();
     let ifindex = e.ifindex();
     crate::enforcer::cleanup(e.backend(), &layout, ifindex).map_err(|e| e.to_string())?;
-    Ok("nftables table with limit, dscp set, meta priority set, counters (nf_tables netlink batches)".into())
+    Ok("a decision through nf_tables netlink batches: map element, limit object, dscp set, meta priority set, counters".into())
 }

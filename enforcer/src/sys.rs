@@ -80,6 +80,30 @@ impl NetlinkSocket {
         }
     }
 
+    /// Bounds every `recv` to `timeout` (`SO_RCVTIMEO`): a kernel that does
+    /// not answer gives `WouldBlock` instead of a hang.
+    pub fn set_recv_timeout(&self, timeout: std::time::Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+        };
+        // SAFETY: `tv` lives across the call and its size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
     /// Sends one datagram holding one or more netlink messages to the kernel.
     pub fn send(&self, buf: &[u8]) -> io::Result<()> {
         // SAFETY: `buf` is valid for `buf.len()` bytes during the call.
@@ -104,6 +128,12 @@ impl NetlinkSocket {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
                     continue;
+                }
+                if err.kind() == io::ErrorKind::WouldBlock {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no netlink answer within the receive timeout",
+                    ));
                 }
                 return Err(err);
             }
@@ -167,4 +197,20 @@ pub fn bpf_load_sched_cls(insns: &[u8]) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_that_does_not_answer_ends_the_receive() {
+        let sock = NetlinkSocket::open(libc::NETLINK_ROUTE).unwrap();
+        sock.set_recv_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // Nothing was asked, nothing comes: an error, not a hang.
+        let err = sock.recv(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
 }

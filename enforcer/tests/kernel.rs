@@ -298,6 +298,7 @@ fn decision_changes_under_traffic_lose_no_in_profile_packets() {
         })
         .unwrap()
         .unwrap();
+    let meter_before = limit_handle(&t, "l1");
     // 800 kbit/s: all of it is within the 1000 kbit/s profile.
     let actions = [
         OutOfProfileAction::Remark {
@@ -342,6 +343,81 @@ fn decision_changes_under_traffic_lose_no_in_profile_packets() {
         .map(|(_, b)| *b)
         .sum();
     assert_eq!(not_cs6, 0, "every packet was in profile and marked CS6");
+    // The flow's meter is the same kernel object after five action changes:
+    // its token bucket was never refilled by a change.
+    assert_eq!(limit_handle(&t, "l1"), meter_before);
+    t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
+/// The handle of limit object `name` in the enforcer's table (`nft -a`).
+fn limit_handle(t: &Topo, name: &str) -> u64 {
+    let table = format!("qosloop_{}", t.out_if);
+    let out = t
+        .router
+        .command("nft")
+        .args(["-a", "list", "table", "inet", &table])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = format!("limit {name} {{ # handle ");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&head)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no limit {name} in\n{text}"))
+}
+
+/// No leak at a change: a 2000 kbit/s flow against a 1000 kbit/s profile,
+/// its out-of-profile action changed four times while it runs. The meter
+/// is the same limit object throughout, so no change refills its bucket:
+/// after the first seconds (the bucket starts full: one second of the
+/// profile plus the burst) every whole second carries the profile rate in
+/// profile (CS6), not the ~2000 kbit/s a refilled bucket let through after
+/// each change before.
+#[test]
+fn decision_changes_do_not_refill_the_meter() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let t = topo();
+    let mut e = start(&t);
+    let accept = OutOfProfileAction::Accept {
+        shape: Some(Kbps(875)),
+    };
+    let remark = OutOfProfileAction::Remark {
+        dscp: Dscp::BEST_EFFORT,
+        shape: Some(Kbps(875)),
+    };
+    t.router
+        .run_in(|| e.install(decision(1, accept)))
+        .unwrap()
+        .unwrap();
+    let (_, got, changes) = traffic(&t, 2000, 8, || {
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut n = 0;
+        for (v, a) in [remark, accept, remark, accept].iter().enumerate() {
+            let mut d = decision(1, *a);
+            d.version = v as u64 + 2;
+            e.install(d).unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        n
+    });
+    assert_eq!(changes, 4);
+    let flow = &got.flows[&1];
+    let secs: Vec<_> = flow.seconds.values().collect();
+    assert!(secs.len() >= 7, "too few seconds: {}", secs.len());
+    // Whole seconds after the start-up bucket, the last one left out.
+    for (k, s) in secs.iter().enumerate().take(secs.len() - 1).skip(2) {
+        let cs6 = s.kbps_with_dscp(48);
+        assert!(
+            cs6 <= 1000.0 * 1.1,
+            "second {k}: {cs6:.0} kbit/s in profile for a 1000 kbit/s profile"
+        );
+        assert!(
+            cs6 >= 1000.0 * 0.8,
+            "second {k}: {cs6:.0} kbit/s in profile"
+        );
+    }
     t.router.run_in(|| e.cleanup()).unwrap().unwrap();
 }
 
@@ -577,40 +653,375 @@ fn cli_bad_input_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch0"));
 }
 
-/// The nf_tables batches the enforcer compiles itself, listed by `nft`,
-/// read exactly like the same statements applied by `nft -f`: every form the
-/// enforcer writes (base chain with guard, IPv4/IPv6 flows with prefixes on
-/// and off byte boundaries, port ranges, the three actions, DSCP marking of
-/// both families, priority steering, comments), then flush/delete forms.
+/// What the enforcer says its table will be (`--dry-run` prints it) is what
+/// `nft list table` shows after the change, counters aside: decisions of
+/// several map shapes (five-tuple, IPv4 and IPv6 destination only),
+/// several elements per map, a fallback rule, then a change and a removal.
+#[test]
+fn listing_equals_nft_list_after_apply() {
+    let Some(()) = prerequisites() else { return };
+    let t = topo();
+    let mut e = start(&t);
+    let mut ds = Vec::new();
+    for id in 1..=4u64 {
+        ds.push(decision(id, OutOfProfileAction::Drop));
+    }
+    for (id, dst) in [(5u64, "10.2.0.7"), (6, "10.2.0.3"), (7, "10.2.0.5")] {
+        let mut d = decision(id, OutOfProfileAction::Drop);
+        d.flow = FlowSpec {
+            dst: Some(dst.parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        ds.push(d);
+    }
+    let mut v6 = decision(8, OutOfProfileAction::Drop);
+    v6.flow = FlowSpec {
+        dst: Some("2001:db8::9".parse().unwrap()),
+        ..FlowSpec::default()
+    };
+    ds.push(v6);
+    let mut wide = decision(10, OutOfProfileAction::Drop);
+    wide.flow.dst = Some("10.3.0.0/24".parse().unwrap());
+    ds.push(wide);
+    for (id, dst) in [(11u64, "10.9.0.0/24"), (12, "2001:db8:1::/48")] {
+        let mut d = decision(id, OutOfProfileAction::Drop);
+        d.flow = FlowSpec {
+            dst: Some(dst.parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        ds.push(d);
+    }
+    let table = format!("qosloop_{}", t.out_if);
+    let listed = |t: &Topo| {
+        let out = t
+            .router
+            .command("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Counters as the model prints them.
+        let mut norm = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("counter packets ") {
+            norm.push_str(&rest[..at]);
+            norm.push_str("counter packets 0 bytes 0");
+            let after = &rest[at..];
+            let end = after.find(" bytes ").unwrap() + " bytes ".len();
+            let digits = after[end..].find(|c: char| !c.is_ascii_digit()).unwrap();
+            rest = &after[end + digits..];
+        }
+        norm.push_str(rest);
+        norm
+    };
+    for d in &mut ds {
+        d.profile.rate = Kbps(500);
+    }
+    t.router.run_in(|| e.sync(ds.clone())).unwrap().unwrap();
+    assert_eq!(listed(&t), e.listing().to_string());
+    // A restart reads all of it back (exact and interval map elements, v4
+    // and v6, the fallback rule) and finds nothing to clean or restore.
+    let cfg = config(&t);
+    let report = t
+        .router
+        .run_in(move || Enforcer::start(LinuxBackend::open().unwrap(), cfg).map(|(_, r)| r))
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.adopted, ds.len());
+    assert_eq!(
+        (
+            report.cleaned_chains,
+            report.cleaned_elements,
+            report.restored_elements
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(listed(&t), e.listing().to_string());
+    // An action change and a removal: still the same.
+    let mut changed = ds.clone();
+    changed[1].out_of_profile = OutOfProfileAction::Accept {
+        shape: Some(Kbps(500)),
+    };
+    changed.remove(2);
+    t.router.run_in(|| e.sync(changed)).unwrap().unwrap();
+    assert_eq!(listed(&t), e.listing().to_string());
+    t.router.run_in(|| e.cleanup()).unwrap().unwrap();
+}
+
+/// The typed model's two renderings agree: a batch holding every statement
+/// kind the enforcer writes (base chain with guard, verdict maps of one and
+/// several fields with elements, a named limit object and its reference,
+/// IPv4/IPv6 prefixes on and off byte boundaries, port ranges, the three
+/// actions, DSCP marking of both families, priority steering, comments) is
+/// applied once through the netlink encoder and once as its `Display` text
+/// through `nft -f`; `nft list` shows the same table for both, and that
+/// listing is exactly the model's `Listing` text. Then change forms (flush
+/// and refill, element delete, limit replace), a refused batch (nothing
+/// changes, the command is named), and the ingress forms.
 #[test]
 fn native_batches_list_exactly_like_nft_f() {
+    use qosloop_enforcer::nft::model::*;
+    use qosloop_enforcer::tc::TcHandle;
     let Some(()) = prerequisites() else { return };
     let ns = Netns::create("enl").unwrap();
     ns.ip(&[
         "link", "add", "name", "nla", "type", "veth", "peer", "name", "nlb",
     ])
     .unwrap();
-    let script = |t: &str| {
-        format!(
-            "add table inet {t}
-add chain inet {t} postrouting {{ type filter hook postrouting priority filter; policy accept; }}
-add rule inet {t} postrouting oifname != \"nla\" accept comment \"guard\"
-add chain inet {t} d42
-add rule inet {t} d42 limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e5:107 accept comment \"out\"
-add rule inet {t} d42 counter ip dscp set 48 meta priority set e5:106 accept comment \"in id=42 v=1 slot=3 kind=remark fp=00000000000000ff\"
-add rule inet {t} postrouting ip saddr 10.1.0.1 ip daddr 10.2.0.0/16 udp dport 5001 jump d42 comment \"id=42\"
-add chain inet {t} d43
-add rule inet {t} d43 limit rate over 109375 bytes/second counter drop comment \"out\"
-add rule inet {t} d43 counter ip6 dscp set 46 meta priority set e5:108 accept comment \"in\"
-add rule inet {t} postrouting ip6 saddr 2001:db8::1 ip6 daddr 2001:db8:8000::/33 tcp sport 1024-2048 tcp dport 80 jump d43 comment \"id=43\"
-add rule inet {t} postrouting ip saddr 10.0.0.0/20 sctp dport 80 jump d43
-add rule inet {t} postrouting meta nfproto ipv4 meta l4proto 17 jump d43
-add chain inet {t} d44
-add rule inet {t} d44 limit rate over 109375 bytes/second counter meta priority set e5:10b accept comment \"out\"
-add rule inet {t} d44 counter meta priority set e5:10a accept
-add rule inet {t} postrouting meta nfproto ipv6 jump d44
-"
-        )
+    let five = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::L4proto, Field::Saddr, Field::Daddr, Field::Dport],
+        interval: false,
+    };
+    let v6 = Shape {
+        family: IpFamily::V6,
+        fields: vec![Field::Daddr],
+        interval: false,
+    };
+    let proto = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::L4proto, Field::Sport],
+        interval: false,
+    };
+    let ranges = Shape {
+        family: IpFamily::V4,
+        fields: vec![Field::L4proto, Field::Saddr, Field::Daddr, Field::Dport],
+        interval: true,
+    };
+    let e_iv = Element {
+        key: vec![
+            KeyPart::Protos(17, 17),
+            KeyPart::Prefix("10.1.0.1".parse().unwrap()),
+            KeyPart::Prefix("10.4.0.0/24".parse().unwrap()),
+            KeyPart::Ports(5001, 5010),
+        ],
+        chain: "d42".into(),
+    };
+    let e_iv2 = Element {
+        key: vec![
+            KeyPart::Protos(6, 6),
+            KeyPart::Prefix("10.5.0.0/16".parse().unwrap()),
+            KeyPart::Prefix("10.6.0.1".parse().unwrap()),
+            KeyPart::Ports(80, 80),
+        ],
+        chain: "d43".into(),
+    };
+    let rule = |stmts: Vec<Stmt>, comment: Option<&str>| Rule {
+        stmts,
+        comment: comment.map(str::to_owned),
+    };
+    let limit = Limit {
+        name: "l42".into(),
+        bytes_per_sec: 125_000,
+        burst_bytes: 15_000,
+    };
+    let l43 = Limit {
+        name: "l43".into(),
+        bytes_per_sec: 109_375,
+        burst_bytes: 0,
+    };
+    let d42 = vec![
+        rule(
+            vec![
+                Stmt::LimitRef("l42".into()),
+                Stmt::Counter,
+                Stmt::DscpSet {
+                    family: IpFamily::V4,
+                    dscp: 0,
+                },
+                Stmt::PrioritySet(TcHandle::new(0xe5, 0x107)),
+                Stmt::Accept,
+            ],
+            Some("out"),
+        ),
+        rule(
+            vec![
+                Stmt::Counter,
+                Stmt::DscpSet {
+                    family: IpFamily::V4,
+                    dscp: 48,
+                },
+                Stmt::PrioritySet(TcHandle::new(0xe5, 0x106)),
+                Stmt::Accept,
+            ],
+            Some("in id=42 v=1"),
+        ),
+    ];
+    let d43 = vec![
+        rule(
+            vec![Stmt::LimitRef("l43".into()), Stmt::Counter, Stmt::Drop],
+            Some("out"),
+        ),
+        rule(
+            vec![
+                Stmt::Counter,
+                Stmt::DscpSet {
+                    family: IpFamily::V6,
+                    dscp: 46,
+                },
+                Stmt::PrioritySet(TcHandle::new(0xe5, 0x108)),
+                Stmt::Accept,
+            ],
+            None,
+        ),
+    ];
+    let fallback = vec![
+        rule(
+            vec![
+                Stmt::Addr {
+                    src: true,
+                    prefix: "10.1.0.1".parse().unwrap(),
+                },
+                Stmt::Addr {
+                    src: false,
+                    prefix: "10.2.0.0/16".parse().unwrap(),
+                },
+                Stmt::Port {
+                    proto: 17,
+                    src: false,
+                    first: 5001,
+                    last: 5001,
+                },
+                Stmt::Jump("d42".into()),
+            ],
+            Some("id=42"),
+        ),
+        rule(
+            vec![
+                Stmt::Addr {
+                    src: true,
+                    prefix: "2001:db8::1".parse().unwrap(),
+                },
+                Stmt::Addr {
+                    src: false,
+                    prefix: "2001:db8:8000::/33".parse().unwrap(),
+                },
+                Stmt::Port {
+                    proto: 6,
+                    src: true,
+                    first: 1024,
+                    last: 2048,
+                },
+                Stmt::Port {
+                    proto: 6,
+                    src: false,
+                    first: 80,
+                    last: 80,
+                },
+                Stmt::Jump("d43".into()),
+            ],
+            None,
+        ),
+        rule(
+            vec![
+                Stmt::Addr {
+                    src: true,
+                    prefix: "10.0.0.0/20".parse().unwrap(),
+                },
+                Stmt::Port {
+                    proto: 132,
+                    src: false,
+                    first: 80,
+                    last: 80,
+                },
+                Stmt::Jump("d43".into()),
+            ],
+            None,
+        ),
+        rule(
+            vec![
+                Stmt::Family {
+                    netdev: false,
+                    family: IpFamily::V4,
+                },
+                Stmt::L4proto(17),
+                Stmt::Jump("d43".into()),
+            ],
+            None,
+        ),
+    ];
+    let base = vec![
+        rule(
+            vec![Stmt::OifnameNot("nla".into()), Stmt::Accept],
+            Some("guard"),
+        ),
+        rule(vec![Stmt::Lookup(five.clone())], None),
+        rule(vec![Stmt::Lookup(v6.clone())], None),
+        rule(
+            vec![
+                Stmt::Family {
+                    netdev: false,
+                    family: IpFamily::V4,
+                },
+                Stmt::Lookup(proto.clone()),
+            ],
+            None,
+        ),
+        rule(vec![Stmt::Lookup(ranges.clone())], None),
+        rule(vec![Stmt::Jump("fallback".into())], None),
+    ];
+    let e42 = Element {
+        key: vec![
+            KeyPart::Proto(17),
+            KeyPart::Addr("10.1.0.1".parse().unwrap()),
+            KeyPart::Addr("10.2.0.2".parse().unwrap()),
+            KeyPart::Port(5001),
+        ],
+        chain: "d42".into(),
+    };
+    let e43 = Element {
+        key: vec![KeyPart::Addr("2001:db8::7".parse().unwrap())],
+        chain: "d43".into(),
+    };
+    let e43b = Element {
+        key: vec![KeyPart::Proto(6), KeyPart::Port(443)],
+        chain: "d43".into(),
+    };
+    let build = |t: &str| {
+        let mut b = Batch::new(TableId {
+            netdev: false,
+            name: t.into(),
+        });
+        b.push(Command::AddTable);
+        b.push(Command::AddLimit(limit.clone()));
+        b.push(Command::AddLimit(l43.clone()));
+        for s in [&five, &v6, &proto, &ranges] {
+            b.push(Command::AddMap(s.clone()));
+        }
+        for (name, hook, rules) in [
+            ("d42", None, &d42),
+            ("d43", None, &d43),
+            ("fallback", None, &fallback),
+            ("postrouting", Some(Hook::Postrouting), &base),
+        ] {
+            b.push(Command::AddChain {
+                name: name.into(),
+                hook,
+            });
+            for r in rules.iter() {
+                b.push(Command::AddRule {
+                    chain: name.into(),
+                    rule: r.clone(),
+                });
+            }
+        }
+        b.push(Command::AddElements {
+            shape: five.clone(),
+            elements: vec![e42.clone()],
+        });
+        b.push(Command::AddElements {
+            shape: v6.clone(),
+            elements: vec![e43.clone()],
+        });
+        b.push(Command::AddElements {
+            shape: proto.clone(),
+            elements: vec![e43b.clone()],
+        });
+        b.push(Command::AddElements {
+            shape: ranges.clone(),
+            elements: vec![e_iv.clone(), e_iv2.clone()],
+        });
+        b
     };
     let list_fam = |family: &str, t: &str| {
         let out = ns
@@ -631,95 +1042,228 @@ add rule inet {t} postrouting meta nfproto ipv6 jump d44
             .command("nft")
             .args(["-f", "-"])
             .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         use std::io::Write as _;
         child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{s}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let native = |s: String| {
-        ns.run_in(move || qosloop_enforcer::nfnl::Nftnl::open().unwrap().apply(&s))
+    let native = |b: Batch| {
+        ns.run_in(move || qosloop_enforcer::nfnl::Nftnl::open().unwrap().apply(&b))
             .unwrap()
     };
-    native(script("qosloop_native")).unwrap();
-    nft_f(&script("qosloop_nft"));
+    native(build("qosloop_native")).unwrap();
+    nft_f(&build("qosloop_nft").to_string());
     let listed = list("qosloop_native");
     assert_eq!(listed, list("qosloop_nft"));
-    assert!(
-        listed.contains("ip6 daddr 2001:db8:8000::/33 tcp sport 1024-2048"),
-        "{listed}"
-    );
-    assert!(
-        listed.contains("ip dscp set cs6 meta priority set e5:106 accept"),
-        "{listed}"
-    );
+    let model = Listing {
+        table: TableId {
+            netdev: false,
+            name: "T".into(),
+        },
+        limits: vec![limit.clone(), l43.clone()],
+        maps: vec![
+            (five.clone(), vec![e42.clone()]),
+            (v6.clone(), vec![e43.clone()]),
+            (proto.clone(), vec![e43b.clone()]),
+            (ranges.clone(), vec![e_iv.clone(), e_iv2.clone()]),
+        ],
+        chains: vec![
+            ("d42".into(), None, d42.clone()),
+            ("d43".into(), None, d43.clone()),
+            ("fallback".into(), None, fallback.clone()),
+            ("postrouting".into(), Some(Hook::Postrouting), base.clone()),
+        ],
+    };
+    // Counters are zero: nothing passed the table yet.
+    assert_eq!(listed, model.to_string());
 
-    // Changing forms: flush and refill a chain, delete a rule by handle.
+    // Changing forms: flush and refill a chain with the limit replaced,
+    // delete and add an element.
     let change = |t: &str| {
-        format!(
-            "flush chain inet {t} d42
-add rule inet {t} d42 limit rate over 125000 bytes/second burst 15000 bytes counter drop comment \"out\"
-add rule inet {t} d42 counter ip dscp set 48 meta priority set e5:106 accept comment \"in id=42 v=2\"
-"
-        )
+        let mut b = Batch::new(TableId {
+            netdev: false,
+            name: t.into(),
+        });
+        b.push(Command::FlushChain("d42".into()));
+        b.push(Command::DeleteLimit("l42".into()));
+        b.push(Command::AddLimit(Limit {
+            burst_bytes: 3028,
+            ..limit.clone()
+        }));
+        b.push(Command::AddRule {
+            chain: "d42".into(),
+            rule: d42[0].clone(),
+        });
+        b.push(Command::DeleteElements {
+            shape: v6.clone(),
+            keys: vec![e43.key.clone()],
+        });
+        b.push(Command::DeleteElements {
+            shape: ranges.clone(),
+            keys: vec![e_iv.key.clone()],
+        });
+        b.push(Command::AddElements {
+            shape: v6.clone(),
+            elements: vec![Element {
+                chain: "d42".into(),
+                ..e43.clone()
+            }],
+        });
+        b
     };
     native(change("qosloop_native")).unwrap();
-    nft_f(&change("qosloop_nft"));
+    nft_f(&change("qosloop_nft").to_string());
     assert_eq!(list("qosloop_native"), list("qosloop_nft"));
+    assert!(list("qosloop_native").contains("burst 3028 bytes"));
+    assert!(!list("qosloop_native").contains("10.4.0.0/24"));
 
-    // A refused batch changes nothing and names the statement.
+    // A refused batch changes nothing and names the command.
     let before = list("qosloop_native");
-    let err = native(
-        "add chain inet qosloop_native d45
-add rule inet qosloop_native d45 counter accept
-add rule inet qosloop_native postrouting ip daddr 10.9.0.1 jump d99
-"
-        .to_owned(),
-    )
-    .unwrap_err();
+    let mut bad = Batch::new(TableId {
+        netdev: false,
+        name: "qosloop_native".into(),
+    });
+    bad.push(Command::AddChain {
+        name: "d45".into(),
+        hook: None,
+    });
+    bad.push(Command::AddRule {
+        chain: "fallback".into(),
+        rule: rule(vec![Stmt::Jump("d99".into())], None),
+    });
+    bad.push(Command::AddRule {
+        chain: "d45".into(),
+        rule: rule(vec![Stmt::Accept], None),
+    });
+    let err = native(bad).unwrap_err();
+    assert!(err.contains("jump d99"), "{err}");
+    assert_eq!(list("qosloop_native"), before);
+    let mut busy = Batch::new(TableId {
+        netdev: false,
+        name: "qosloop_native".into(),
+    });
+    busy.push(Command::DeleteLimit("l42".into()));
+    let err = native(busy).unwrap_err();
     assert!(
-        err.contains("jump d99") && err.contains("No such file"),
+        err.contains("delete limit") && err.contains("busy"),
         "{err}"
     );
-    assert_eq!(list("qosloop_native"), before);
-    // Also when the refused statement is in the middle: the kernel goes on
-    // through the batch, answers the last statement, and commits nothing.
-    let err = native(
-        "add chain inet qosloop_native d46
-add rule inet qosloop_native postrouting ip daddr 10.9.0.2 jump d98
-add rule inet qosloop_native d46 counter accept
-"
-        .to_owned(),
-    )
-    .unwrap_err();
-    assert!(err.contains("jump d98"), "{err}");
-    assert_eq!(list("qosloop_native"), before);
-
     for t in ["qosloop_native", "qosloop_nft"] {
-        native(format!("delete table inet {t}")).unwrap();
+        let mut b = Batch::new(TableId {
+            netdev: false,
+            name: t.into(),
+        });
+        b.push(Command::DeleteTable);
+        native(b).unwrap();
     }
 
     // The ingress forms: a netdev table on the ingress hook of nla, the
-    // guard against packets an IFB hands back, `meta protocol` dependencies
-    // and `fwd to` the IFB device.
+    // guard against packets an IFB hands back, `meta protocol`
+    // dependencies and `fwd to` the IFB device.
     ns.ip(&["link", "add", "name", "nlq", "type", "ifb"])
         .unwrap();
+    let nlq = ns
+        .run_in(|| qosloop_enforcer::tc::if_index("nlq"))
+        .unwrap()
+        .unwrap();
     let ingress = |t: &str| {
-        format!(
-            "add table netdev {t}
-add chain netdev {t} postrouting {{ type filter hook ingress device \"nla\" priority filter; policy accept; }}
-add rule netdev {t} postrouting meta priority != 0 accept comment \"guard\"
-add chain netdev {t} d7
-add rule netdev {t} d7 limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e500:100 fwd to \"nlq\" comment \"out\"
-add rule netdev {t} d7 counter ip6 dscp set 48 meta priority set e500:2 fwd to \"nlq\" comment \"in\"
-add rule netdev {t} postrouting ip saddr 10.1.0.1 udp dport 5001 jump d7 comment \"id=7\"
-add rule netdev {t} postrouting ip6 daddr 2001:db8::/33 jump d7
-add rule netdev {t} postrouting meta protocol ip meta l4proto 17 jump d7
-"
-        )
+        let mut b = Batch::new(TableId {
+            netdev: true,
+            name: t.into(),
+        });
+        let fwd = Stmt::Fwd {
+            device: "nlq".into(),
+            ifindex: nlq,
+        };
+        b.push(Command::AddTable);
+        b.push(Command::AddLimit(limit.clone()));
+        b.push(Command::AddMap(five.clone()));
+        b.push(Command::AddChain {
+            name: "postrouting".into(),
+            hook: Some(Hook::Ingress {
+                device: "nla".into(),
+            }),
+        });
+        b.push(Command::AddChain {
+            name: "d7".into(),
+            hook: None,
+        });
+        for r in [
+            rule(
+                vec![
+                    Stmt::LimitRef("l42".into()),
+                    Stmt::Counter,
+                    Stmt::DscpSet {
+                        family: IpFamily::V4,
+                        dscp: 0,
+                    },
+                    Stmt::PrioritySet(TcHandle::new(0xe500, 0x100)),
+                    fwd.clone(),
+                ],
+                Some("out"),
+            ),
+            rule(
+                vec![
+                    Stmt::Counter,
+                    Stmt::PrioritySet(TcHandle::new(0xe500, 2)),
+                    fwd,
+                ],
+                Some("in"),
+            ),
+        ] {
+            b.push(Command::AddRule {
+                chain: "d7".into(),
+                rule: r,
+            });
+        }
+        for r in [
+            rule(vec![Stmt::PriorityNotZero, Stmt::Accept], Some("guard")),
+            rule(vec![Stmt::Lookup(five.clone())], None),
+            rule(
+                vec![
+                    Stmt::Addr {
+                        src: false,
+                        prefix: "2001:db8::/33".parse().unwrap(),
+                    },
+                    Stmt::Jump("d7".into()),
+                ],
+                None,
+            ),
+            rule(
+                vec![
+                    Stmt::Family {
+                        netdev: true,
+                        family: IpFamily::V4,
+                    },
+                    Stmt::L4proto(17),
+                    Stmt::Jump("d7".into()),
+                ],
+                None,
+            ),
+        ] {
+            b.push(Command::AddRule {
+                chain: "postrouting".into(),
+                rule: r,
+            });
+        }
+        b.push(Command::AddElements {
+            shape: five.clone(),
+            elements: vec![Element {
+                chain: "d7".into(),
+                ..e42.clone()
+            }],
+        });
+        b
     };
     native(ingress("qosloop_native")).unwrap();
-    nft_f(&ingress("qosloop_nft"));
+    nft_f(&ingress("qosloop_nft").to_string());
     let (a, b) = (
         list_fam("netdev", "qosloop_native"),
         list_fam("netdev", "qosloop_nft"),
@@ -727,7 +1271,12 @@ add rule netdev {t} postrouting meta protocol ip meta l4proto 17 jump d7
     assert_eq!(a, b);
     assert!(a.contains("fwd to \"nlq\""), "{a}");
     for t in ["qosloop_native", "qosloop_nft"] {
-        native(format!("delete table netdev {t}")).unwrap();
+        let mut b = Batch::new(TableId {
+            netdev: true,
+            name: t.into(),
+        });
+        b.push(Command::DeleteTable);
+        native(b).unwrap();
     }
     let out = ns
         .command("nft")

@@ -44,6 +44,12 @@ fn the_paper_experiment_reaches_its_bands() {
             i + 1
         );
     }
+    // Issue 12: in-profile output within its token bucket in every window,
+    // and no refilled bucket at a decision change.
+    assert_eq!(s.in_profile.windows.len(), 2, "{report}");
+    assert!(s.in_profile.packets > 0, "no in-profile packets\n{report}");
+    let misses = s.in_profile.misses(s.epoch_ns.max(0) as u64);
+    assert!(misses.is_empty(), "{misses:?}\n{report}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
             .unwrap();

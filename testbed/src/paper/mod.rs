@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod inprofile;
 mod summary;
 
 use summary::{read_events, summarise, write_outputs};
@@ -102,6 +103,8 @@ const BACKGROUND_SRC: &str = "10.71.1.2:5001";
 const BACKGROUND_DST: &str = "10.71.2.2:5001";
 const MGMT_ADDR: &str = "10.71.9.2";
 const POLICED_KBPS: f64 = 2000.0;
+/// The policed flow's destination port (`POLICED_DST`).
+const POLICED_PORT: u16 = 4055;
 const PACKET_LEN: usize = 256;
 const WARMUP_S: u64 = 6;
 const SETTLE_S: u64 = 4;
@@ -314,7 +317,13 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     let limit = total + Duration::from_secs(10);
     let rx = tb
         .ns("rx")?
-        .spawn_in(move || sink_from(&[4055, 5001], &ss, limit, epoch))?;
+        .spawn_in(move || sink_from(&[POLICED_PORT, 5001], &ss, limit, epoch))?;
+    // Every in-profile packet of the policed flow, timestamped by the
+    // kernel, for the token-bucket contract (bounded: 4 million packets).
+    let rs = sink_stop.clone();
+    let recorder = tb
+        .ns("rx")?
+        .spawn_in(move || inprofile::record(POLICED_PORT, CS6, &rs, limit, 4_000_000))?;
     let policed = FlowGen {
         id: 1,
         bind: POLICED_SRC.parse()?,
@@ -394,6 +403,16 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => anyhow::bail!("the sink panicked"),
     };
+    let in_profile = match recorder.join() {
+        Ok(Ok(Ok(r))) => r,
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => anyhow::bail!("the in-profile recorder panicked"),
+    };
+    anyhow::ensure!(
+        in_profile.over_limit == 0,
+        "the in-profile recorder kept only the first 4 million packets"
+    );
     if let Some(e) = failure {
         return Err(e);
     }
@@ -417,7 +436,10 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
         &background,
         &bounds,
         epoch_ns,
-        &received,
+        summary::Delivered {
+            sink: &received,
+            in_profile: &in_profile.arrivals,
+        },
         &events,
         sent,
         &db_url,

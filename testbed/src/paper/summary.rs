@@ -3,7 +3,7 @@
 //! stored (`Events`, read back from SQL), the figures (`fig9`, `fig10`) and
 //! the report beside the paper's figures.
 
-use super::{CS6, PACKET_LEN, POLICED_KBPS, SETTLE_S};
+use super::{CS6, PACKET_LEN, POLICED_KBPS, POLICED_PORT, SETTLE_S};
 use crate::plot::{Chart, HLine, Series, Span};
 use crate::traffic::{Schedule, Step};
 use qosloop_collector::Db;
@@ -50,15 +50,21 @@ pub struct Summary {
     pub storage: String,
     pub policy_source: String,
     pub sent: Vec<crate::traffic::GenReport>,
+    /// The in-profile contract (issue 12): CS6 output of the policed flow
+    /// over every sliding 250 ms and 1 s window ≤ profile rate × T + bucket,
+    /// also around each decision change.
+    pub in_profile: super::inprofile::Contract,
+    pub epoch_ns: i64,
 }
 
 impl Summary {
     /// One line per phase that missed its band: the output off its target
     /// (beyond ±15%, or more than 5% of the out-of-profile part delivered
     /// while dropping), or the link load outside the phase's band (±3%) —
-    /// each saying by how much. Empty when every phase held.
+    /// each saying by how much; and the in-profile output above its token
+    /// bucket's contract in any window. Empty when every phase held.
     pub fn misses(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out = self.in_profile.misses(self.epoch_ns.max(0) as u64);
         for p in &self.phases {
             let at = format!("phase {} ({}-{} s)", p.phase, p.start_s, p.end_s);
             if !p.output_ok {
@@ -170,6 +176,8 @@ pub struct Events {
     /// action (a decision installed before with another kind): first
     /// installs and changes that keep the action are not counted.
     pub action_changes_ns: Vec<i64>,
+    /// (at_ns, decision as JSON) of installed decisions, by report time.
+    pub installed_bodies: Vec<(i64, String)>,
 }
 
 macro_rules! fetch {
@@ -202,11 +210,19 @@ pub(super) async fn read_events(url: &str) -> anyhow::Result<Events> {
          WHERE r.outcome = 'installed' ORDER BY r.at_ns",
         (i64, String, i64)
     );
+    let installed_bodies: Vec<(i64, String)> = fetch!(
+        &db,
+        "SELECT r.at_ns, CAST(d.body AS TEXT) FROM enforcement_reports r \
+         JOIN decisions d ON d.decision_id = r.decision_id AND d.version = r.version \
+         WHERE r.outcome = 'installed' ORDER BY r.at_ns",
+        (i64, String)
+    );
     db.close().await;
     Ok(Events {
         link_rates,
         installed,
         action_changes_ns: action_changes(&by_decision),
+        installed_bodies,
     })
 }
 
@@ -224,18 +240,25 @@ fn action_changes(reports: &[(i64, String, i64)]) -> Vec<i64> {
     out
 }
 
+/// What the receiver recorded: per second and flow, and every in-profile
+/// packet of the policed flow.
+pub(super) struct Delivered<'a> {
+    pub sink: &'a crate::traffic::SinkReport,
+    pub in_profile: &'a [super::inprofile::Arrival],
+}
+
 pub(super) fn summarise(
     background: &Schedule,
     bounds: &[(u64, u64, &str)],
     epoch_ns: i64,
-    received: &crate::traffic::SinkReport,
+    received: Delivered<'_>,
     ev: &Events,
     sent: Vec<crate::traffic::GenReport>,
     db_url: &str,
 ) -> Summary {
     let total_s = background.total().as_secs();
     let sec_ns = 1_000_000_000i64;
-    let policed = received.flows.get(&1);
+    let policed = received.sink.flows.get(&1);
     let mut series = Vec::new();
     let mut load = None;
     for t in 0..total_s {
@@ -341,7 +364,57 @@ pub(super) fn summarise(
             "sqlite".into()
         },
         sent,
+        in_profile: in_profile_contract(received.in_profile, ev),
+        epoch_ns,
     }
+}
+
+/// The in-profile contract of the policed flow: the profile of each
+/// installed decision for it is in force from its report (the first from
+/// the first in-profile packet, if that came earlier: the decision was in
+/// the kernel by then); the changes are the installs.
+fn in_profile_contract(
+    arrivals: &[super::inprofile::Arrival],
+    ev: &Events,
+) -> super::inprofile::Contract {
+    use super::inprofile::{contract, ProfileStep};
+    let policed_port = POLICED_PORT;
+    let mut steps: Vec<ProfileStep> = Vec::new();
+    let mut changes = Vec::new();
+    for (at_ns, body) in &ev.installed_bodies {
+        let Ok(d) = serde_json::from_str::<qosloop_schema::Decision>(body) else {
+            continue;
+        };
+        if d.flow
+            .dst_ports
+            .is_some_and(|p| policed_port < p.first || policed_port > p.last)
+        {
+            continue;
+        }
+        let at = (*at_ns).max(0) as u64;
+        let from = match (steps.is_empty(), arrivals.first()) {
+            (true, Some(a)) => at.min(a.at_ns),
+            _ => at,
+        };
+        steps.push(ProfileStep::of(from, &d.profile));
+        changes.push(at);
+    }
+    let mut c = contract(
+        arrivals,
+        &steps,
+        &changes,
+        &[Duration::from_millis(250), Duration::from_secs(1)],
+        PACKET_LEN as f64,
+    );
+    // The policed flow is offered at twice its profile throughout, so its
+    // bucket is empty whenever a decision changes: a change may add at
+    // most the meter's burst above the rate, not a refilled bucket.
+    c.change_spike_limit_bytes = ev
+        .installed_bodies
+        .iter()
+        .find_map(|(_, b)| serde_json::from_str::<qosloop_schema::Decision>(b).ok())
+        .map(|d| f64::from(qosloop_enforcer::meter_burst_bytes(&d.profile)));
+    c
 }
 
 fn step_at(s: &Schedule, t: u64) -> Step {
@@ -473,6 +546,47 @@ pub(super) fn write_outputs(out: &Path, summary: &Summary, ev: &Events) -> anyho
     Ok(())
 }
 
+/// The in-profile contract, for the report.
+fn in_profile_report(s: &Summary) -> String {
+    let c = &s.in_profile;
+    let mut r = format!(
+        "\n## In profile (CS6) against its token bucket\n\n{} in-profile packets; bucket {:.0} B (profile rate × 1 s + burst); contract: in any window of T, CS6 bytes ≤ rate × T + bucket (± one packet).\n\n| window | fullest window (B) | bound (B) | excess (B) |\n|---|---|---|---|\n",
+        c.packets, c.bucket_bytes
+    );
+    for w in &c.windows {
+        r.push_str(&format!(
+            "| {} ms | {} | {:.0} | {:+.0} |\n",
+            w.window_ms, w.worst_bytes, w.worst_bound_bytes, w.worst_excess_bytes
+        ));
+    }
+    if !c.around_changes.is_empty() {
+        r.push_str("\nAround each decision change (windows starting within one window of it): the fullest window's bytes above rate × T alone — a refilled bucket shows as up to one bucket here.\n\n| change at (s) | window | above rate × T (B) | excess over the bound (B) |\n|---|---|---|---|\n");
+        for a in &c.around_changes {
+            let first = if Some(a.change_ns) == c.first_install_ns {
+                " (first install)"
+            } else {
+                ""
+            };
+            let at = (a.change_ns as f64 - s.epoch_ns as f64) / 1e9;
+            if a.window.windows == 0 {
+                r.push_str(&format!(
+                    "| {at:.2}{first} | {} ms | no in-profile packets | |\n",
+                    a.window.window_ms
+                ));
+            } else {
+                r.push_str(&format!(
+                    "| {at:.2}{first} | {} ms | {:.0} | {:+.0} |\n",
+                    a.window.window_ms, a.above_rate_bytes, a.window.worst_excess_bytes
+                ));
+            }
+        }
+        if let Some(limit) = c.change_spike_limit_bytes {
+            r.push_str(&format!("\nThe policed flow is offered above its profile throughout, so its bucket is empty at every change: a change may add at most the meter's burst ({limit:.0} B) above rate × T.\n"));
+        }
+    }
+    r
+}
+
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}"))
         .unwrap_or_else(|| "—".into())
@@ -525,6 +639,7 @@ fn report(s: &Summary, ev: &Events) -> String {
         fmt_opt(s.reconfig_us.p99, 1),
         s.reconfig_us.count
     ));
+    r.push_str(&in_profile_report(s));
     r.push_str(
         "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 700 ms after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold.\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
     );
@@ -590,6 +705,8 @@ mod tests {
             storage: "sqlite".into(),
             policy_source: "ldif".into(),
             sent: Vec::new(),
+            in_profile: super::super::inprofile::Contract::default(),
+            epoch_ns: 0,
         };
         let ok = summary(vec![phase("low", 870.0, true, true)], Vec::new());
         assert!(ok.misses().is_empty());

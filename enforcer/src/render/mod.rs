@@ -23,16 +23,26 @@
 //! - `meta priority set MAJB:MIN` steers a packet; a cls_bpf filter on the
 //!   root qdisc maps priority major `MAJB` to the group class `MAJ:(0x100+B)`,
 //!   whose child qdisc then finds `MAJB:MIN` itself;
-//! - chain `dID` in the enforcer's table: a `limit rate over PROFILE burst B`
-//!   rule catches out-of-profile packets (accept / re-mark / drop, steered into
-//!   the out class), and the next rule marks the rest in-profile and steers
-//!   it into the in class;
-//! - a rule in the base chain matching the flow and jumping to `dID`.
+//! - the named limit object `lID` (rate = the profile, burst from
+//!   [`meter_burst_bytes`]): the flow's token bucket, which lives as long as
+//!   the decision, whatever its action becomes;
+//! - chain `dID` in the enforcer's table: a `limit name "lID"` rule catches
+//!   out-of-profile packets (accept / re-mark / drop, steered into the out
+//!   class), and the next rule marks the rest in-profile and steers it into
+//!   the in class;
+//! - an element of the verdict map of the flow's shape jumping to `dID`
+//!   ([`classify`]), or a rule in the fallback chain when the flow names no
+//!   field.
 
+use crate::nft::model::{Hook, Limit, Rule, Stmt, TableId};
 use crate::tc::{HtbClass, TcHandle};
-use qosloop_schema::{Decision, Direction, Dscp, FlowSpec, IpPrefix, Kbps, OutOfProfileAction};
-use std::fmt::Write as _;
-use std::net::IpAddr;
+use qosloop_schema::{Decision, Direction, Kbps, OutOfProfileAction};
+
+mod classify;
+mod meta;
+
+pub use classify::{base_rules, classify, family, lookup_rule, Classify, SpecError};
+pub use meta::{meta_comment, parse_meta_comment, ChainMeta};
 
 /// The rate of a class nothing is steered into (HTB needs a rate > 0), and
 /// the guarantee of an out-of-profile class.
@@ -115,33 +125,47 @@ impl Layout {
             self.interface.clone()
         }
     }
-    /// The hook part of the base chain's `add chain` statement.
-    pub fn base_chain_spec(&self) -> String {
+    /// The table as a typed id.
+    pub fn table_id(&self) -> TableId {
+        TableId {
+            netdev: self.ingress(),
+            name: self.table(),
+        }
+    }
+    /// The base chain's hook.
+    pub fn hook(&self) -> Hook {
         if self.ingress() {
-            format!(
-                "{{ type filter hook ingress device \"{}\" priority filter; policy accept; }}",
-                self.interface
-            )
+            Hook::Ingress {
+                device: self.interface.clone(),
+            }
         } else {
-            "{ type filter hook postrouting priority filter; policy accept; }".to_owned()
+            Hook::Postrouting
         }
     }
     /// The base chain's first rule: on egress, packets leaving through
     /// another interface return at once; on ingress, packets the IFB hands
     /// back (their priority is set) are not handled twice.
-    pub fn guard_rule(&self) -> String {
-        if self.ingress() {
-            "meta priority != 0 accept comment \"guard\"".to_owned()
+    pub fn guard_rule(&self) -> Rule {
+        let test = if self.ingress() {
+            Stmt::PriorityNotZero
         } else {
-            format!("oifname != \"{}\" accept comment \"guard\"", self.interface)
+            Stmt::OifnameNot(self.interface.clone())
+        };
+        Rule {
+            stmts: vec![test, Stmt::Accept],
+            comment: Some("guard".into()),
         }
     }
-    /// How a steered packet leaves its decision chain.
-    pub fn verdict(&self) -> String {
+    /// How a steered packet leaves its decision chain (`ifb_index`: the IFB
+    /// device's index, for ingress).
+    pub fn verdict(&self, ifb_index: u32) -> Stmt {
         if self.ingress() {
-            format!("fwd to \"{}\"", self.ifb())
+            Stmt::Fwd {
+                device: self.ifb(),
+                ifindex: ifb_index,
+            }
         } else {
-            "accept".to_owned()
+            Stmt::Accept
         }
     }
     pub fn handle(&self, minor: u16) -> TcHandle {
@@ -256,11 +280,14 @@ pub struct Rendered {
     /// The profile rate (what the decision adds to its group's in-profile class).
     pub profile: Kbps,
     pub out_class: HtbClass,
-    /// The base-chain match selecting the flow (before `jump`).
-    pub flow_match: String,
-    /// The rules of chain `dID`, as nft statements.
-    pub rules: Vec<String>,
-    /// FNV-1a of `flow_match` and `rules`: equal means the same nftables objects.
+    /// How packets reach chain `dID`.
+    pub classify: Classify,
+    /// The flow's meter: a named limit object that outlives rule changes.
+    pub limit: Limit,
+    /// The rules of chain `dID`.
+    pub rules: Vec<Rule>,
+    /// FNV-1a of the classification, meter and rules: equal means the same
+    /// nftables objects.
     pub fingerprint: u64,
 }
 
@@ -274,60 +301,36 @@ pub fn chain_name(id: u64) -> String {
     format!("d{id}")
 }
 
-/// Comment on the in-profile rule: what reconcile reads back after a restart.
-pub fn meta_comment(
-    id: u64,
-    version: u64,
-    slot: u32,
-    kind: &str,
-    fp: u64,
-    profile: Kbps,
-) -> String {
-    format!(
-        "in id={id} v={version} slot={slot} kind={kind} fp={fp:016x} p={}",
-        profile.0
-    )
+/// The name of decision `id`'s limit object.
+pub fn limit_name(id: u64) -> String {
+    format!("l{id}")
 }
 
-/// What `meta_comment` wrote, read back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChainMeta {
-    pub id: u64,
-    pub version: u64,
-    pub slot: u32,
-    pub kind: String,
-    pub fingerprint: u64,
-    /// The profile rate, kbit/s.
-    pub profile: Kbps,
+/// The chain holding the rules of decisions that are not map keys.
+pub const FALLBACK_CHAIN: &str = "fallback";
+
+/// The bytes of one full-size Ethernet frame: the unit of the burst floor.
+pub const MTU_BYTES: u64 = 1514;
+
+/// The burst of a flow's meter, in bytes: the decision's burst, but at
+/// least 20 ms of the profile rate and at least two full-size frames (so
+/// that a flow at its profile rate is never metered out of profile by the
+/// jitter of its own packets), and at most 4 GiB − 1.
+///
+/// The kernel's byte bucket holds one second of the rate *plus* this burst
+/// (`tokens_max = unit × (rate + burst) / rate`, the unit at least one
+/// second), so over any window of `T` seconds a flow passes at most
+/// `rate × (T + 1 s) + burst` bytes in profile — see [`bucket_bytes`].
+pub fn meter_burst_bytes(profile: &qosloop_schema::TrafficProfile) -> u32 {
+    let floor = (profile.rate.bytes_per_sec() / 50).max(2 * MTU_BYTES);
+    profile.burst_bytes.max(floor).min(u64::from(u32::MAX)) as u32
 }
 
-pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
-    let mut words = c.split_whitespace();
-    if words.next()? != "in" {
-        return None;
-    }
-    let (mut id, mut version, mut slot, mut kind, mut fp) = (None, None, None, None, None);
-    let mut profile = None;
-    for w in words {
-        let (k, v) = w.split_once('=')?;
-        match k {
-            "id" => id = v.parse().ok(),
-            "v" => version = v.parse().ok(),
-            "slot" => slot = v.parse().ok(),
-            "kind" => kind = Some(v.to_owned()),
-            "fp" => fp = u64::from_str_radix(v, 16).ok(),
-            "p" => profile = v.parse().ok().map(Kbps),
-            _ => {}
-        }
-    }
-    Some(ChainMeta {
-        id: id?,
-        version: version?,
-        slot: slot?,
-        kind: kind?,
-        fingerprint: fp?,
-        profile: profile?,
-    })
+/// The depth of the kernel's bucket for `profile`: what a flow can send in
+/// profile at once after being idle, and the bound of the in-profile bytes
+/// over any window of `T` seconds beyond `rate × T`.
+pub fn bucket_bytes(profile: &qosloop_schema::TrafficProfile) -> u64 {
+    profile.rate.bytes_per_sec() + u64::from(meter_burst_bytes(profile))
 }
 
 fn fnv1a(parts: &[&str]) -> u64 {
@@ -341,83 +344,16 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h
 }
 
-/// Why a flow spec cannot be rendered.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpecError {
-    #[error("source {src} and destination {dst} are of different address families")]
-    MixedFamilies { src: IpPrefix, dst: IpPrefix },
-    #[error("ports are given but protocol {0:?} has no ports (use 6, 17 or 132)")]
-    PortsWithoutPortProtocol(Option<u8>),
-}
-
-fn is_v6(p: &IpPrefix) -> bool {
-    matches!(p.addr(), IpAddr::V6(_))
-}
-
-/// The nft match for a flow spec: for an `inet` table, or a `netdev` one.
-pub fn flow_match(spec: &FlowSpec, netdev: bool) -> Result<String, SpecError> {
-    let v6 = match (spec.src, spec.dst) {
-        (Some(s), Some(d)) if is_v6(&s) != is_v6(&d) => {
-            return Err(SpecError::MixedFamilies { src: s, dst: d })
-        }
-        (Some(p), _) | (None, Some(p)) => is_v6(&p),
-        (None, None) => false,
-    };
-    let ip = if v6 { "ip6" } else { "ip" };
-    let mut m = String::new();
-    if spec.src.is_none() && spec.dst.is_none() {
-        m.push_str(if netdev {
-            "meta protocol ip "
-        } else {
-            "meta nfproto ipv4 "
-        });
-    }
-    let pfx = |p: IpPrefix| {
-        if p.is_host() {
-            p.addr().to_string()
-        } else {
-            p.to_string()
-        }
-    };
-    if let Some(s) = spec.src {
-        let _ = write!(m, "{ip} saddr {} ", pfx(s));
-    }
-    if let Some(d) = spec.dst {
-        let _ = write!(m, "{ip} daddr {} ", pfx(d));
-    }
-    let l4 = match spec.proto {
-        Some(6) => Some("tcp"),
-        Some(17) => Some("udp"),
-        Some(132) => Some("sctp"),
-        _ => None,
-    };
-    match (l4, spec.src_ports.is_some() || spec.dst_ports.is_some()) {
-        (None, true) => return Err(SpecError::PortsWithoutPortProtocol(spec.proto)),
-        (Some(l4), true) => {
-            if let Some(p) = spec.src_ports {
-                let _ = write!(m, "{l4} sport {p} ");
-            }
-            if let Some(p) = spec.dst_ports {
-                let _ = write!(m, "{l4} dport {p} ");
-            }
-        }
-        (_, false) => {
-            if let Some(p) = spec.proto {
-                let _ = write!(m, "meta l4proto {p} ");
-            }
-        }
-    }
-    Ok(m.trim_end().to_owned())
-}
-
-fn dscp_set(v6: bool, d: Dscp) -> String {
-    format!("{} dscp set {}", if v6 { "ip6" } else { "ip" }, d.value())
-}
-
-/// Renders `d` into `slot` of `layout`. The decision must have been validated.
-pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, SpecError> {
-    let flow = flow_match(&d.flow, layout.ingress())?;
-    let v6 = flow.starts_with("ip6 ");
+/// Renders `d` into `slot` of `layout` (`ifb_index`: the IFB device of
+/// ingress enforcement). The decision must have been validated.
+pub fn render(
+    layout: &Layout,
+    d: &Decision,
+    slot: u32,
+    ifb_index: u32,
+) -> Result<Rendered, SpecError> {
+    let classify = classify(&d.flow, layout.ingress())?;
+    let fam = family(&d.flow)?;
     let group = Layout::group_of(slot);
     let parent = layout.group_root(group).classid;
     let in_classid = layout.group_in_class(group, d.profile.rate).classid;
@@ -435,50 +371,70 @@ pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, Spec
         ceil: out_ceil,
         prio: 2,
     };
-    // nft's limit: bytes per second; burst 0 means "one second of traffic".
-    let limit = if d.profile.burst_bytes > 0 {
-        format!(
-            "limit rate over {} bytes/second burst {} bytes",
-            d.profile.rate.bytes_per_sec(),
-            d.profile.burst_bytes
-        )
-    } else {
-        format!(
-            "limit rate over {} bytes/second",
-            d.profile.rate.bytes_per_sec()
-        )
+    let limit = Limit {
+        name: limit_name(d.id),
+        bytes_per_sec: d.profile.rate.bytes_per_sec(),
+        burst_bytes: meter_burst_bytes(&d.profile),
     };
-    let verdict = layout.verdict();
-    let out_rule = match d.out_of_profile {
-        OutOfProfileAction::Accept { .. } => format!(
-            "{limit} counter meta priority set {} {verdict} comment \"out\"",
-            out_class.classid
-        ),
-        OutOfProfileAction::Remark { dscp, .. } => format!(
-            "{limit} counter {} meta priority set {} {verdict} comment \"out\"",
-            dscp_set(v6, dscp),
-            out_class.classid
-        ),
-        OutOfProfileAction::Drop => format!("{limit} counter drop comment \"out\""),
+    let verdict = layout.verdict(ifb_index);
+    let mut out = vec![Stmt::LimitRef(limit.name.clone()), Stmt::Counter];
+    match d.out_of_profile {
+        OutOfProfileAction::Accept { .. } => {
+            out.extend([Stmt::PrioritySet(out_class.classid), verdict.clone()]);
+        }
+        OutOfProfileAction::Remark { dscp, .. } => out.extend([
+            Stmt::DscpSet {
+                family: fam,
+                dscp: dscp.value(),
+            },
+            Stmt::PrioritySet(out_class.classid),
+            verdict.clone(),
+        ]),
+        OutOfProfileAction::Drop => out.push(Stmt::Drop),
+    }
+    let out_rule = Rule {
+        stmts: out,
+        comment: Some("out".into()),
     };
-    let mark = d
-        .in_profile_dscp
-        .map(|dscp| format!("{} ", dscp_set(v6, dscp)))
-        .unwrap_or_default();
-    let in_body = format!("counter {mark}meta priority set {in_classid} {verdict}");
+    let mut in_stmts = vec![Stmt::Counter];
+    if let Some(dscp) = d.in_profile_dscp {
+        in_stmts.push(Stmt::DscpSet {
+            family: fam,
+            dscp: dscp.value(),
+        });
+    }
+    in_stmts.extend([Stmt::PrioritySet(in_classid), verdict]);
     let kind = d.kind().to_string();
-    let fingerprint = fnv1a(&[&flow, &out_rule, &in_body]);
-    let in_rule = format!(
-        "{in_body} comment \"{}\"",
-        meta_comment(d.id, d.version, slot, &kind, fingerprint, d.profile.rate)
-    );
+    let in_body = Rule {
+        stmts: in_stmts.clone(),
+        comment: None,
+    };
+    let fingerprint = fnv1a(&[
+        &format!("{classify:?}"),
+        &format!("{limit:?}"),
+        &out_rule.to_string(),
+        &in_body.to_string(),
+    ]);
+    let in_rule = Rule {
+        stmts: in_stmts,
+        comment: Some(meta_comment(
+            d.id,
+            d.version,
+            slot,
+            &kind,
+            fingerprint,
+            &d.profile,
+            &d.flow,
+        )),
+    };
     Ok(Rendered {
         id: d.id,
         version: d.version,
         slot,
         profile: d.profile.rate,
         out_class,
-        flow_match: flow,
+        classify,
+        limit,
         rules: vec![out_rule, in_rule],
         fingerprint,
     })
@@ -487,7 +443,7 @@ pub fn render(layout: &Layout, d: &Decision, slot: u32) -> Result<Rendered, Spec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qosloop_schema::{DecisionReason, TrafficProfile};
+    use qosloop_schema::{DecisionReason, Dscp, FlowSpec, TrafficProfile};
 
     pub(crate) fn decision(id: u64, action: OutOfProfileAction) -> Decision {
         Decision {
@@ -537,74 +493,106 @@ mod tests {
                 shape: Some(Kbps(125)),
             },
         );
-        let r = render(&layout(), &d, 3).unwrap();
+        let r = render(&layout(), &d, 3, 0).unwrap();
+        let Classify::Map { shape, key } = &r.classify else {
+            panic!("a host flow is a map key: {:?}", r.classify)
+        };
+        assert_eq!(shape.map_name(), "v4_proto_saddr_daddr_dport");
         assert_eq!(
-            r.flow_match,
-            "ip saddr 10.1.0.1 ip daddr 10.2.0.2 udp dport 5001"
+            crate::nft::model::Key(key).to_string(),
+            "udp . 10.1.0.1 . 10.2.0.2 . 5001"
         );
         assert_eq!(
-            r.rules[0],
-            "limit rate over 125000 bytes/second burst 15000 bytes counter ip dscp set 0 meta priority set e500:103 accept comment \"out\""
+            r.rules[0].to_string(),
+            "limit name \"l42\" counter packets 0 bytes 0 ip dscp set cs0 meta priority set e500:103 accept comment \"out\""
         );
-        assert!(r.rules[1].starts_with("counter ip dscp set 48 meta priority set e500:2 accept comment \"in id=42 v=1 slot=3 kind=remark fp="));
+        assert!(r.rules[1].to_string().starts_with("counter packets 0 bytes 0 ip dscp set cs6 meta priority set e500:2 accept comment \"in id=42 v=1 slot=3 kind=remark fp="));
+        assert_eq!(r.limit.bytes_per_sec, 125_000);
+        assert_eq!(r.limit.burst_bytes, 15_000);
         assert_eq!((r.out_class.rate, r.out_class.ceil), (TRICKLE, Kbps(125)));
         assert_eq!(r.out_class.parent, TcHandle::new(0xe500, 1));
         assert_eq!(r.profile, Kbps(1000));
-        let meta = parse_meta_comment(r.rules[1].split('"').nth(1).unwrap()).unwrap();
+        let meta = parse_meta_comment(r.rules[1].comment.as_deref().unwrap()).unwrap();
         assert_eq!((meta.id, meta.slot, meta.kind.as_str()), (42, 3, "remark"));
         assert_eq!(meta.fingerprint, r.fingerprint);
+        assert_eq!(meta.flow, d.flow);
+        assert_eq!(meta.burst_bytes, 15_000);
+    }
+
+    #[test]
+    fn burst_is_sized_from_the_profile() {
+        let p = |kbps: u64, burst: u64| TrafficProfile {
+            rate: Kbps(kbps),
+            burst_bytes: burst,
+        };
+        // The decision's own burst when above the floors.
+        assert_eq!(meter_burst_bytes(&p(1000, 15_000)), 15_000);
+        // Two full-size frames at least.
+        assert_eq!(meter_burst_bytes(&p(100, 0)), 3028);
+        // 20 ms of the rate at least: 100 Mbit/s = 12.5 MB/s → 250 kB.
+        assert_eq!(meter_burst_bytes(&p(100_000, 1000)), 250_000);
+        assert_eq!(bucket_bytes(&p(1000, 15_000)), 125_000 + 15_000);
     }
 
     #[test]
     fn shape_change_keeps_the_fingerprint() {
-        let a = render(
-            &layout(),
-            &decision(
-                1,
-                OutOfProfileAction::Accept {
-                    shape: Some(Kbps(875)),
-                },
-            ),
-            0,
-        )
-        .unwrap();
-        let b = render(
-            &layout(),
-            &decision(
-                1,
-                OutOfProfileAction::Accept {
-                    shape: Some(Kbps(500)),
-                },
-            ),
-            0,
-        )
-        .unwrap();
+        let accept = |kbps| OutOfProfileAction::Accept {
+            shape: Some(Kbps(kbps)),
+        };
+        let a = render(&layout(), &decision(1, accept(875)), 0, 0).unwrap();
+        let b = render(&layout(), &decision(1, accept(500)), 0, 0).unwrap();
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_ne!(a.out_class, b.out_class);
-        let c = render(&layout(), &decision(1, OutOfProfileAction::Drop), 0).unwrap();
+        let c = render(&layout(), &decision(1, OutOfProfileAction::Drop), 0, 0).unwrap();
         assert_ne!(a.fingerprint, c.fingerprint);
-        assert!(c.rules[0].contains("counter drop"));
+        // An action change keeps the meter: same limit object.
+        assert_eq!(a.limit, c.limit);
+        assert!(c.rules[0]
+            .to_string()
+            .contains("counter packets 0 bytes 0 drop"));
     }
 
     #[test]
-    fn flow_matches() {
+    fn flows_become_map_keys_or_fallback_rules() {
+        let text = |c: &Classify| match c {
+            Classify::Map { shape, key } => {
+                format!("map {} {}", shape.map_name(), crate::nft::model::Key(key))
+            }
+            Classify::Rule(stmts) => Rule {
+                stmts: stmts.clone(),
+                comment: None,
+            }
+            .to_string(),
+        };
         let mut s = FlowSpec::default();
-        assert_eq!(flow_match(&s, false).unwrap(), "meta nfproto ipv4");
-        assert_eq!(flow_match(&s, true).unwrap(), "meta protocol ip");
+        assert_eq!(text(&classify(&s, false).unwrap()), "meta nfproto ipv4");
+        assert_eq!(text(&classify(&s, true).unwrap()), "meta protocol ip");
         s.proto = Some(17);
-        assert_eq!(
-            flow_match(&s, false).unwrap(),
-            "meta nfproto ipv4 meta l4proto 17"
-        );
+        assert_eq!(text(&classify(&s, false).unwrap()), "map v4_proto udp");
         s.dst = Some("2001:db8::/32".parse().unwrap());
         s.src_ports = Some("1024-2048".parse().unwrap());
         assert_eq!(
-            flow_match(&s, false).unwrap(),
-            "ip6 daddr 2001:db8::/32 udp sport 1024-2048"
+            text(&classify(&s, false).unwrap()),
+            "map v6iv_proto_daddr_sport udp . 2001:db8::/32 . 1024-2048"
+        );
+        // One field that is a prefix: any protocol, in an interval map.
+        let wide = FlowSpec {
+            dst: Some("10.2.0.0/24".parse().unwrap()),
+            ..FlowSpec::default()
+        };
+        assert_eq!(
+            text(&classify(&wide, false).unwrap()),
+            "map v4iv_proto_daddr 0-255 . 10.2.0.0/24"
+        );
+        s.dst = Some("2001:db8::1".parse().unwrap());
+        s.src_ports = Some("1024".parse().unwrap());
+        assert_eq!(
+            text(&classify(&s, false).unwrap()),
+            "map v6_proto_daddr_sport udp . 2001:db8::1 . 1024"
         );
         s.src = Some("10.0.0.1".parse().unwrap());
         assert!(matches!(
-            flow_match(&s, false),
+            classify(&s, false),
             Err(SpecError::MixedFamilies { .. })
         ));
         let p = FlowSpec {
@@ -613,9 +601,21 @@ mod tests {
             ..FlowSpec::default()
         };
         assert!(matches!(
-            flow_match(&p, false),
+            classify(&p, false),
             Err(SpecError::PortsWithoutPortProtocol(Some(1)))
         ));
+        // The longest key: IPv6 five-tuple, 44 bytes, fits.
+        let full = FlowSpec {
+            src: Some("2001:db8::1".parse().unwrap()),
+            dst: Some("2001:db8::2".parse().unwrap()),
+            proto: Some(6),
+            src_ports: Some("1".parse().unwrap()),
+            dst_ports: Some("2".parse().unwrap()),
+        };
+        let Classify::Map { shape, .. } = classify(&full, false).unwrap() else {
+            panic!()
+        };
+        assert_eq!(shape.key_len(), 44);
     }
 
     #[test]
