@@ -156,6 +156,16 @@ impl Dscp {
     pub const fn tos(self) -> u8 {
         self.0 << 2
     }
+
+    /// The code point's standard name (`cs0`…`cs7`, `af11`…`af43`, `ef`),
+    /// or `None` for a code point without one.
+    pub fn standard_name(self) -> Option<&'static str> {
+        DSCP_NAMES
+            .iter()
+            .skip(1)
+            .find(|(_, v)| *v == self.0)
+            .map(|(n, _)| *n)
+    }
 }
 
 impl fmt::Display for Dscp {

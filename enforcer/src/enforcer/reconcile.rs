@@ -269,15 +269,7 @@ impl<B: KernelBackend> Enforcer<B> {
             )));
         };
         let mut batch = Batch::new(self.layout.table_id());
-        batch.push(Command::FlushChain(BASE_CHAIN.into()));
-        if st.fallback {
-            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
-        } else {
-            batch.push(Command::AddChain {
-                name: FALLBACK_CHAIN.into(),
-                hook: None,
-            });
-        }
+        flush_base_chains(&mut batch, st.fallback);
         // Decision chains and limits.
         let mut chain_cmds = Vec::new();
         for (id, a) in &self.applied {
@@ -445,15 +437,7 @@ impl<B: KernelBackend> Enforcer<B> {
         }
         // The base chain and the fallback chain are rewritten whole below;
         // flushing them first drops their references to maps and chains.
-        batch.push(Command::FlushChain(BASE_CHAIN.into()));
-        if st.fallback {
-            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
-        } else {
-            batch.push(Command::AddChain {
-                name: FALLBACK_CHAIN.into(),
-                hook: None,
-            });
-        }
+        flush_base_chains(batch, st.fallback);
         // Elements: keep those that are exactly an adopted decision's.
         let mut found = BTreeSet::new();
         let mut stray_maps = Vec::new();
@@ -549,5 +533,20 @@ impl<B: KernelBackend> Enforcer<B> {
                 rule,
             });
         }
+    }
+}
+
+/// Empties the base chain and the fallback chain (creating the fallback
+/// chain when the table lacks it), so that they can be rewritten whole:
+/// flushing drops their references to maps and decision chains.
+fn flush_base_chains(batch: &mut Batch, fallback_exists: bool) {
+    batch.push(Command::FlushChain(BASE_CHAIN.into()));
+    if fallback_exists {
+        batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
+    } else {
+        batch.push(Command::AddChain {
+            name: FALLBACK_CHAIN.into(),
+            hook: None,
+        });
     }
 }

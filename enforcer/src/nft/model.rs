@@ -431,35 +431,13 @@ pub enum Stmt {
     },
 }
 
-/// nft's names for DSCP values (`ip dscp set cs6`).
+/// nft's names for DSCP values (`ip dscp set cs6`): the standard names,
+/// hex for a code point without one.
 pub fn dscp_name(d: u8) -> String {
-    const NAMES: [(&str, u8); 21] = [
-        ("cs0", 0),
-        ("cs1", 8),
-        ("af11", 10),
-        ("af12", 12),
-        ("af13", 14),
-        ("cs2", 16),
-        ("af21", 18),
-        ("af22", 20),
-        ("af23", 22),
-        ("cs3", 24),
-        ("af31", 26),
-        ("af32", 28),
-        ("af33", 30),
-        ("cs4", 32),
-        ("af41", 34),
-        ("af42", 36),
-        ("af43", 38),
-        ("cs5", 40),
-        ("ef", 46),
-        ("cs6", 48),
-        ("cs7", 56),
-    ];
-    NAMES
-        .iter()
-        .find(|(_, v)| *v == d)
-        .map_or_else(|| format!("0x{d:02x}"), |(n, _)| (*n).to_owned())
+    qosloop_schema::Dscp::new(d)
+        .ok()
+        .and_then(|d| d.standard_name())
+        .map_or_else(|| format!("0x{d:02x}"), str::to_owned)
 }
 
 fn port_proto(p: u8) -> &'static str {
