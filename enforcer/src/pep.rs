@@ -11,8 +11,10 @@
 //!
 //! While no PDP answers, the daemon keeps the decisions it has (fail-static),
 //! logs it and writes it to its state file, which `status` shows. Without
-//! any PDP configured it simply holds what it applied until SIGTERM/SIGINT,
-//! and leaves it in the kernel when it stops: `--cleanup` removes it.
+//! any PDP configured it holds what it applied until SIGTERM/SIGINT (still
+//! restoring what someone changes in its table, every 30 s, as during a PDP
+//! session), and leaves it in the kernel when it stops: `--cleanup` removes
+//! it.
 
 use crate::backend::KernelBackend;
 use crate::config::Config;
@@ -240,7 +242,7 @@ pub fn run<B: KernelBackend + Send + 'static>(
                 decisions = daemon.enforcer.applied_ids().len(),
                 "holding decisions (no PDP configured); stop with SIGTERM, remove with --cleanup"
             );
-            return wait_for_stop().await;
+            return hold(daemon).await;
         }
         let mut slot = Some(daemon);
         tokio::select! {
@@ -250,6 +252,26 @@ pub fn run<B: KernelBackend + Send + 'static>(
     });
     let _ = std::fs::remove_file(&state_path);
     result
+}
+
+/// Without a PDP: holds the applied decisions until a termination signal,
+/// checking the table every [`RECONCILE_EVERY`] and restoring what was
+/// changed behind the enforcer's back (as a PDP session does).
+async fn hold<B: KernelBackend>(mut daemon: Daemon<B>) -> anyhow::Result<()> {
+    let mut every = tokio::time::interval(RECONCILE_EVERY);
+    every.reset();
+    let stop = wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => return r,
+            _ = every.tick() => {
+                if let Err(e) = daemon.enforcer.reconcile() {
+                    tracing::warn!(error = %e, "periodic reconcile failed");
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_stop() -> anyhow::Result<()> {
