@@ -103,10 +103,14 @@ impl<B: KernelBackend> Enforcer<B> {
             let outer = self.layout.group_class(g, Kbps(sum.total));
             let inner = self.layout.group_in_class(g, Kbps(sum.profiles));
             match self.groups.get(&g) {
-                Some(_) if sum.total == 0 => group_deletes.push(TcOp::DeleteClass {
-                    ifindex,
-                    classid: outer.classid,
-                }),
+                // Sorted with the decision deletes below by its lowest slot.
+                Some(_) if sum.total == 0 => group_deletes.push((
+                    g * render::SLOTS_PER_GROUP,
+                    TcOp::DeleteClass {
+                        ifindex,
+                        classid: outer.classid,
+                    },
+                )),
                 Some(have) => {
                     let was = (
                         self.layout.group_class(g, Kbps(have.total)),
@@ -189,7 +193,14 @@ impl<B: KernelBackend> Enforcer<B> {
             }
         }
         let nft_plan = self.plan_nft(rendered, removing);
-        let mut post = Vec::new();
+        // HTB deletes: a group left empty is one delete of its group class
+        // (which takes its qdisc and every class in it), its decisions get
+        // none of their own; the others' classes one each. All in descending
+        // slot order — the reverse of how a bulk install creates them: the
+        // kernel unbinds each class's filter block by a walk from the newest
+        // block of the host (`flow_indr_dev_setup_offload` on veth and
+        // virtio-net), so the newest going first finds each near the front.
+        let mut post = group_deletes;
         for id in removing {
             let a = &self.applied[id];
             if sums
@@ -199,13 +210,17 @@ impl<B: KernelBackend> Enforcer<B> {
                 continue; // the group's class goes, and its classes with it
             }
             if let Some(c) = a.out_class {
-                post.push(TcOp::DeleteClass {
-                    ifindex,
-                    classid: c.classid,
-                });
+                post.push((
+                    a.slot,
+                    TcOp::DeleteClass {
+                        ifindex,
+                        classid: c.classid,
+                    },
+                ));
             }
         }
-        post.extend(group_deletes);
+        post.sort_by_key(|(slot, _)| std::cmp::Reverse(*slot));
+        let post = post.into_iter().map(|(_, op)| op).collect();
         Plan {
             tc_pre: pre,
             tc_undo: undo,

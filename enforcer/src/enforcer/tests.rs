@@ -353,6 +353,67 @@ fn groups_hold_256_decisions_are_created_on_demand_and_go_when_empty() {
     assert_eq!(rates(e.backend(), 1), Some((Kbps(1008), Kbps(1000))));
 }
 
+/// The HTB deletes a removal plans, as class ids.
+fn planned_deletes(e: &Enforcer<FakeKernel>, remove: impl IntoIterator<Item = u64>) -> Vec<u32> {
+    let removing: BTreeSet<u64> = remove.into_iter().collect();
+    let plan = e.plan(&[], &removing, &mut ApplySummary::default());
+    plan.tc_post
+        .iter()
+        .map(|op| match op {
+            TcOp::DeleteClass { classid, .. } => classid.0,
+            other => panic!("a removal plans only class deletes, not {other}"),
+        })
+        .collect()
+}
+
+#[test]
+fn removals_delete_emptied_groups_whole_and_newest_first() {
+    let big = EnforcerConfig {
+        capacity: Kbps(10_000_000),
+        ..cfg()
+    };
+    let (mut e, _) = Enforcer::start(FakeKernel::with_interface("eth1", 3), big).unwrap();
+    let all: Vec<Decision> = (1..=600)
+        .map(|i| decision(i, 1000 + i as u16, accept(875)))
+        .collect();
+    e.apply(all, vec![]).unwrap();
+    let layout = e.layout().clone();
+    let group = |g: u32| layout.group_class(g, Kbps(0)).classid.0;
+    let classes: BTreeMap<u64, u32> = e
+        .applied
+        .iter()
+        .map(|(id, a)| (*id, a.out_class.unwrap().classid.0))
+        .collect();
+    let class = |id: u64| classes[&id];
+    // Everything: one delete per group (its qdisc and classes go with it),
+    // the newest group first, no delete of a decision's class.
+    assert_eq!(
+        planned_deletes(&e, 1..=600),
+        vec![group(2), group(1), group(0)]
+    );
+    // Group 1 emptied, two decisions of group 2 and one of group 0 removed:
+    // their classes one by one, group 1 whole, in descending slot order.
+    let mut remove: Vec<u64> = (257..=512).collect();
+    remove.extend([3, 520, 599]);
+    let deletes = planned_deletes(&e, remove.iter().copied());
+    assert_eq!(deletes, vec![class(599), class(520), group(1), class(3)]);
+    assert!((257..=512).all(|id| !deletes.contains(&class(id))));
+    // The plan run leaves exactly what stays.
+    let s = e.apply(vec![], remove).unwrap();
+    // Four deletes, and the two rates of groups 0 and 2 lowered.
+    assert_eq!((s.removed, s.tc_messages), (259, 4 + 2 * 2));
+    let k = e.backend();
+    assert!(!k.classes.contains_key(&group(1)));
+    assert_eq!(k.child_qdiscs.len(), 2);
+    assert_eq!(k.classes.len(), 2 + 2 * 3 + 600 - 259);
+    // Then all the rest: the two remaining groups whole, the fake empty of them.
+    let s = e.sync(vec![]).unwrap();
+    assert_eq!((s.removed, s.tc_messages), (341, 2));
+    let k = e.backend();
+    assert!(k.child_qdiscs.is_empty());
+    assert_eq!(k.classes.len(), 2);
+}
+
 #[test]
 fn flow_change_replaces_the_jump() {
     let mut e = start(FakeKernel::with_interface("eth1", 3));
