@@ -14,20 +14,18 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 #[tokio::main]
-async fn main() {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let records: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(2_000_000);
-    let dir = tempfile::tempdir_in(std::env::args().nth(2).unwrap_or_else(|| ".".into()))
-        .expect("a temporary directory");
+    let dir = tempfile::tempdir_in(std::env::args().nth(2).unwrap_or_else(|| ".".into()))?;
     let url = format!("sqlite://{}", dir.path().join("rate.db").display());
-    let db = Db::connect(&url).await.expect("database");
-    db.migrate().await.expect("migrations");
+    let db = Db::connect(&url).await?;
+    db.migrate().await?;
     let exporter = db
         .register_exporter("ipfix/udp/192.0.2.1:2055", "192.0.2.1:2055", 0)
-        .await
-        .expect("exporter");
+        .await?;
     let (tx, _tasks) = spawn_writer(Sink::Db(db.clone()), 64, 50_000, 1);
     let per_batch = 8192;
     let start = Instant::now();
@@ -67,25 +65,27 @@ async fn main() {
             done,
             memory: None,
         };
-        tx.send(req).await.expect("writer running");
+        tx.send(req).await.map_err(|_| "the writer stopped")?;
         answers.push(answer);
         sent += n;
         seq = seq.wrapping_add(n as u32);
     }
     for a in answers {
-        a.await.expect("answered").expect("committed");
+        a.await?.map_err(|e| format!("not committed: {e}"))?;
     }
     let secs = start.elapsed().as_secs_f64();
-    let (stored,): (i64,) = match &db {
-        Db::Sqlite(pool) => sqlx::query_as("SELECT count(*) FROM flows")
-            .fetch_one(pool)
-            .await
-            .expect("count"),
-        Db::Postgres(_) => unreachable!("SQLite only"),
+    let Db::Sqlite(pool) = &db else {
+        return Err("SQLite only".into());
     };
-    assert_eq!(stored as usize, records);
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM flows")
+        .fetch_one(pool)
+        .await?;
+    if stored as usize != records {
+        return Err(format!("{stored} rows stored of {records}").into());
+    }
     println!(
         "{records} records committed to SQLite in {secs:.2} s: {:.0} records/s",
         records as f64 / secs
     );
+    Ok(())
 }
