@@ -55,6 +55,50 @@ pub struct Output {
 
 type StoredStats = HashMap<(ExporterKey, Option<Version>, Option<u32>), ExporterStats>;
 
+/// UDP exporters that never sent a template nor a record (only headers,
+/// from any number of source ports) get no `exporters` row of their own:
+/// their counters are added to the unattributed row, so a sender of empty
+/// messages from thousands of ports makes no rows in SQL (review finding
+/// 1). Once an exporter sends a template or a record its counters move to
+/// its own rows (the unattributed sum then shrinks by them).
+fn fold_unproven(stats: &[ExporterStats]) -> Vec<ExporterStats> {
+    let mut proven: HashMap<ExporterKey, bool> = HashMap::new();
+    for s in stats {
+        let p = proven.entry(s.exporter).or_default();
+        *p |= s.counters.records > 0 || s.counters.templates_received > 0 || s.templates > 0;
+    }
+    let mut out = Vec::with_capacity(stats.len());
+    let mut folded: Option<ExporterStats> = None;
+    for s in stats {
+        let unattributed = s.exporter.addr.ip().is_unspecified();
+        if !unattributed && proven.get(&s.exporter).copied().unwrap_or(false) {
+            out.push(s.clone());
+            continue;
+        }
+        match &mut folded {
+            Some(f) => {
+                f.counters.add(&s.counters);
+                f.pending_sets += s.pending_sets;
+            }
+            None => {
+                folded = Some(ExporterStats {
+                    exporter: ExporterKey {
+                        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        session: None,
+                    },
+                    version: None,
+                    domain: None,
+                    counters: s.counters.clone(),
+                    templates: 0,
+                    pending_sets: s.pending_sets,
+                });
+            }
+        }
+    }
+    out.extend(folded);
+    out
+}
+
 /// The rows of `stats` that differ from `stored`; `stored` becomes
 /// `stats`, so that exporters gone from the decoder are forgotten here too.
 fn changed_stats(stored: &mut StoredStats, stats: &[ExporterStats]) -> Vec<ExporterStats> {
@@ -231,6 +275,13 @@ impl Output {
         &mut self,
         stats: &[ExporterStats],
     ) -> Result<Vec<(i64, ExporterStats)>, sqlx::Error> {
+        let folded;
+        let stats = if self.tcp {
+            stats
+        } else {
+            folded = fold_unproven(stats);
+            &folded[..]
+        };
         let changed = changed_stats(&mut self.stored, stats);
         let mut rows = Vec::with_capacity(changed.len());
         let Some(db) = self.db().cloned() else {
@@ -337,5 +388,21 @@ mod tests {
         // Exporters gone from the decoder are forgotten.
         assert_eq!(changed_stats(&mut stored, &next[..1]).len(), 0);
         assert_eq!(stored.len(), 1);
+    }
+
+    /// Review finding 1: senders of valid but empty headers from many
+    /// ports make no exporter rows; their counters are in the unattributed
+    /// row. An exporter that sent a record has its own rows.
+    #[test]
+    fn exporters_without_templates_or_records_are_folded() {
+        let mut stats: Vec<_> = (0..500).map(|p| row(p, 1)).collect();
+        let mut real = row(2055, 10);
+        real.counters.records = 300;
+        stats.push(real.clone());
+        let folded = fold_unproven(&stats);
+        assert_eq!(folded.len(), 2);
+        assert_eq!(folded[0], real);
+        assert!(folded[1].exporter.addr.ip().is_unspecified());
+        assert_eq!(folded[1].counters.messages, 500);
     }
 }
