@@ -951,7 +951,15 @@ impl Walk<'_> {
             }
             n += 1;
             if options {
-                domain.apply_options(&f, self.limits.max_samplers);
+                if let Some((sampler, rate)) = domain.apply_options(&f, self.limits.max_samplers) {
+                    // Rates scale every flow of the exporter: a change is
+                    // logged (at most once a minute per domain).
+                    if self.now_ns.saturating_sub(domain.rate_logged_ns) >= 60_000_000_000 {
+                        domain.rate_logged_ns = self.now_ns;
+                        tracing::info!(exporter = %self.key.addr, domain = self.header.domain,
+                            sampler = ?sampler, rate, "IPFIX sampling rate changed");
+                    }
+                }
             } else {
                 self.build(domain, std::mem::take(&mut f), ctx, None);
             }
