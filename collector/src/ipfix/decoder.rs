@@ -311,6 +311,7 @@ impl Decoder {
             &mut self.exporters,
             &self.limits,
             &mut self.unattributed,
+            &mut self.usage,
             key,
             seen_ns,
         ) else {
@@ -492,6 +493,7 @@ impl Decoder {
             &mut self.exporters,
             &self.limits,
             &mut self.unattributed,
+            &mut self.usage,
             key,
             now_ns,
         ) else {
@@ -563,6 +565,7 @@ fn exporter_entry<'a>(
     exporters: &'a mut HashMap<ExporterKey, Exporter>,
     limits: &Limits,
     unattributed: &mut Counters,
+    usage: &mut Usage,
     key: ExporterKey,
     now_ns: u64,
 ) -> Option<&'a mut Exporter> {
@@ -595,8 +598,12 @@ fn exporter_entry<'a>(
         match victim.and_then(|k| exporters.remove(&k)) {
             Some(gone) => {
                 unattributed.add(&gone.counters);
+                // Its budget is given back now, not at the next sweep, so
+                // that churning sources cannot use up the domains budget.
+                usage.domains = usage.domains.saturating_sub(gone.domains.len());
                 for d in gone.domains.values() {
                     unattributed.add(&d.counters);
+                    usage.totals = usage.totals.saturating_sub(d.totals_len());
                 }
             }
             None => {
