@@ -328,27 +328,64 @@ impl Output {
     }
 }
 
-/// Installs every persisted UDP template into `decoder`; returns how many
-/// were taken.
-pub async fn restore_templates(db: &Db, decoder: &mut Decoder) -> Result<usize, sqlx::Error> {
-    let limit = decoder
-        .limits()
-        .max_exporters
-        .saturating_mul(decoder.limits().max_templates)
-        .min(1 << 20);
-    let stored = sql::load_templates(db, limit).await?;
-    Ok(stored
-        .iter()
-        .filter(|t| {
-            decoder.restore_template(
-                t.exporter,
-                t.domain,
-                t.template_id,
-                &t.definition,
-                t.seen_ns,
-            )
-        })
-        .count())
+/// Persisted UDP templates by exporter, waiting to be installed in the
+/// decoder of the thread that first hears from that exporter (the kernel,
+/// not the collector, decides which thread that is). Installed lazily, a
+/// restored template takes no exporter slot in the other threads, and their
+/// sweeps never expire (and delete) a copy they never used.
+#[derive(Debug, Default)]
+pub struct Restorable {
+    by_exporter: HashMap<SocketAddr, Vec<sql::StoredTemplate>>,
+}
+
+impl Restorable {
+    /// Loads the persisted templates (at most as many as `decoder`'s limits
+    /// could hold).
+    pub async fn load(db: &Db, decoder: &Decoder) -> Result<Restorable, sqlx::Error> {
+        let limit = decoder
+            .limits()
+            .max_exporters
+            .saturating_mul(decoder.limits().max_templates)
+            .min(1 << 20);
+        let mut by_exporter: HashMap<SocketAddr, Vec<sql::StoredTemplate>> = HashMap::new();
+        for t in sql::load_templates(db, limit).await? {
+            by_exporter.entry(t.exporter).or_default().push(t);
+        }
+        Ok(Restorable { by_exporter })
+    }
+
+    /// Templates waiting.
+    pub fn len(&self) -> usize {
+        self.by_exporter.values().map(Vec::len).sum()
+    }
+
+    /// Installs the waiting templates of `from`, once; returns how many
+    /// were taken.
+    pub fn install(&mut self, from: SocketAddr, decoder: &mut Decoder) -> usize {
+        if self.by_exporter.is_empty() {
+            return 0;
+        }
+        let Some(stored) = self.by_exporter.remove(&from) else {
+            return 0;
+        };
+        stored
+            .iter()
+            .filter(|t| {
+                decoder.restore_template(
+                    t.exporter,
+                    t.domain,
+                    t.template_id,
+                    &t.definition,
+                    t.seen_ns,
+                )
+            })
+            .count()
+    }
+
+    /// Forgets what is still waiting (once it would have expired anyway).
+    pub fn clear(&mut self) {
+        self.by_exporter = HashMap::new();
+    }
 }
 
 #[cfg(test)]
@@ -404,5 +441,34 @@ mod tests {
         assert_eq!(folded[0], real);
         assert!(folded[1].exporter.addr.ip().is_unspecified());
         assert_eq!(folded[1].counters.messages, 500);
+    }
+
+    /// Review finding 8: every UDP thread installed every stored template,
+    /// taking slots for exporters it never hears from and expiring (and
+    /// deleting) copies it never used. Now only the thread that hears from
+    /// an exporter installs its templates.
+    #[test]
+    fn stored_templates_go_to_the_thread_that_hears_their_exporter() {
+        let exporter: SocketAddr = "192.0.2.1:2055".parse().unwrap();
+        let stored = sql::StoredTemplate {
+            exporter,
+            domain: 1,
+            template_id: 256,
+            definition: "ipfix data 0 8:4 12:4 1:4".into(),
+            seen_ns: 1_000,
+        };
+        let stash = || Restorable {
+            by_exporter: [(exporter, vec![stored.clone()])].into_iter().collect(),
+        };
+        let (mut hears, mut other) = (stash(), stash());
+        let mut d1 = Decoder::new(crate::ipfix::Limits::default());
+        let mut d2 = Decoder::new(crate::ipfix::Limits::default());
+        assert_eq!(other.install("192.0.2.9:1".parse().unwrap(), &mut d2), 0);
+        assert_eq!(hears.install(exporter, &mut d1), 1);
+        assert_eq!(hears.install(exporter, &mut d1), 0, "once");
+        assert!(d2.stats().is_empty(), "no slot in the other thread");
+        d2.sweep(u64::MAX / 2);
+        assert!(d2.take_template_changes().is_empty(), "nothing to delete");
+        assert_eq!(d1.stats().iter().map(|s| s.templates).sum::<usize>(), 1);
     }
 }
