@@ -19,4 +19,4 @@ mod store;
 pub use config::{Config, ConfigError, MAX_EXPORTER_NAME};
 pub use db::{now_ns, redact, Db, DbError};
 pub use server::{bind, open_sink, serve, tls_acceptor, Collector, CollectorStats, ServerError};
-pub use store::{Outcome, Sink};
+pub use store::{spawn_writer, Batch, Outcome, Sink, WriteReq};

@@ -311,6 +311,7 @@ impl Decoder {
             &mut self.exporters,
             &self.limits,
             &mut self.unattributed,
+            &mut self.usage,
             key,
             seen_ns,
         ) else {
@@ -492,6 +493,7 @@ impl Decoder {
             &mut self.exporters,
             &self.limits,
             &mut self.unattributed,
+            &mut self.usage,
             key,
             now_ns,
         ) else {
@@ -563,6 +565,7 @@ fn exporter_entry<'a>(
     exporters: &'a mut HashMap<ExporterKey, Exporter>,
     limits: &Limits,
     unattributed: &mut Counters,
+    usage: &mut Usage,
     key: ExporterKey,
     now_ns: u64,
 ) -> Option<&'a mut Exporter> {
@@ -595,8 +598,12 @@ fn exporter_entry<'a>(
         match victim.and_then(|k| exporters.remove(&k)) {
             Some(gone) => {
                 unattributed.add(&gone.counters);
+                // Its budget is given back now, not at the next sweep, so
+                // that churning sources cannot use up the domains budget.
+                usage.domains = usage.domains.saturating_sub(gone.domains.len());
                 for d in gone.domains.values() {
                     unattributed.add(&d.counters);
+                    usage.totals = usage.totals.saturating_sub(d.totals_len());
                 }
             }
             None => {
@@ -951,7 +958,15 @@ impl Walk<'_> {
             }
             n += 1;
             if options {
-                domain.apply_options(&f, self.limits.max_samplers);
+                if let Some((sampler, rate)) = domain.apply_options(&f, self.limits.max_samplers) {
+                    // Rates scale every flow of the exporter: a change is
+                    // logged (at most once a minute per domain).
+                    if self.now_ns.saturating_sub(domain.rate_logged_ns) >= 60_000_000_000 {
+                        domain.rate_logged_ns = self.now_ns;
+                        tracing::info!(exporter = %self.key.addr, domain = self.header.domain,
+                            sampler = ?sampler, rate, "IPFIX sampling rate changed");
+                    }
+                }
             } else {
                 self.build(domain, std::mem::take(&mut f), ctx, None);
             }

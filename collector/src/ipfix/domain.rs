@@ -74,6 +74,9 @@ pub struct Domain {
     totals: HashMap<TotalsKey, (u64, u64, u64)>,
     pub counters: Counters,
     pub last_seen_ns: u64,
+    /// When a sampling rate change was last logged (at most once a minute
+    /// per domain).
+    pub rate_logged_ns: u64,
 }
 
 /// Records of one message in sequence terms (IPFIX and v5 count records,
@@ -112,27 +115,35 @@ impl Domain {
     }
 
     /// Applies one options data record: system init time and sampler rates.
-    pub fn apply_options(&mut self, f: &Fields, max_samplers: usize) {
+    /// Returns the new rate and its sampler when a rate changed.
+    pub fn apply_options(&mut self, f: &Fields, max_samplers: usize) -> Option<(Option<u64>, u32)> {
         if let Some(t) = f.system_init_ms {
             self.system_init_ms = Some(t);
         }
         if f.sampling_out_of_range() {
             self.counters.drop(DropReason::BadSamplingRate);
-            return;
+            return None;
         }
         if let Some(n) = f.own_sampling().or(
             // An explicit 1-in-1 resets a sampler to "every packet".
             f.sampling_interval.filter(|&n| n <= 1).map(|_| 1),
         ) {
-            match f.sampler_key() {
+            let key = f.sampler_key();
+            let old = match key {
                 Some(key) => {
                     if self.samplers.len() < max_samplers || self.samplers.contains_key(&key) {
-                        self.samplers.insert(key, n);
+                        self.samplers.insert(key, n)
+                    } else {
+                        return None;
                     }
                 }
-                None => self.default_sampling = Some(n),
+                None => self.default_sampling.replace(n),
+            };
+            if old != Some(n) {
+                return Some((key, n));
             }
         }
+        None
     }
 
     /// Turns one data record's fields into flow records (two for a
@@ -442,6 +453,22 @@ mod tests {
         };
         // Boot at 990 s: start 994 s, end 999.5 s.
         assert_eq!(d.times(&f, &ctx), (994_000_000_000, 999_500_000_000));
+    }
+
+    /// Review finding 6: a rate change is reported (to be logged), a repeat
+    /// of the same rate and an absurd rate are not applied as changes.
+    #[test]
+    fn sampling_changes_are_reported_and_absurd_rates_refused() {
+        let mut d = Domain::default();
+        let rate = |n: u64| Fields {
+            sampling_interval: Some(n),
+            ..Fields::default()
+        };
+        assert_eq!(d.apply_options(&rate(100), 8), Some((None, 100)));
+        assert_eq!(d.apply_options(&rate(100), 8), None);
+        assert_eq!(d.apply_options(&rate(0xFFFF_FFFF), 8), None);
+        assert_eq!(d.default_sampling, Some(100));
+        assert_eq!(d.counters.dropped(DropReason::BadSamplingRate), 1);
     }
 
     /// Review finding 10: a last-switched time 20 ms after the header's

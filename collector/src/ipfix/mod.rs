@@ -31,7 +31,8 @@
 //! - `settings`: the `ipfix_*` configuration, checked.
 //! - `udp`: sockets (SO_REUSEPORT, SO_RCVBUF, SO_RXQ_OVFL) and the
 //!   receiving threads (recvmmsg), one decoder each.
-//! - `tcp`: IPFIX over TCP/TLS, one decoder per session.
+//! - `tcp`: IPFIX over TCP/TLS, one decoder per session; `tcp_stats`: the
+//!   counters of an address's sessions summed.
 //! - `output`: batches to the storage writer, templates and counters to SQL.
 //! - `sql`: the ingest's tables.
 //!
@@ -58,6 +59,7 @@ mod settings;
 mod sql;
 mod stats;
 mod tcp;
+mod tcp_stats;
 mod udp;
 mod wire;
 

@@ -55,6 +55,50 @@ pub struct Output {
 
 type StoredStats = HashMap<(ExporterKey, Option<Version>, Option<u32>), ExporterStats>;
 
+/// UDP exporters that never sent a template nor a record (only headers,
+/// from any number of source ports) get no `exporters` row of their own:
+/// their counters are added to the unattributed row, so a sender of empty
+/// messages from thousands of ports makes no rows in SQL (review finding
+/// 1). Once an exporter sends a template or a record its counters move to
+/// its own rows (the unattributed sum then shrinks by them).
+fn fold_unproven(stats: &[ExporterStats]) -> Vec<ExporterStats> {
+    let mut proven: HashMap<ExporterKey, bool> = HashMap::new();
+    for s in stats {
+        let p = proven.entry(s.exporter).or_default();
+        *p |= s.counters.records > 0 || s.counters.templates_received > 0 || s.templates > 0;
+    }
+    let mut out = Vec::with_capacity(stats.len());
+    let mut folded: Option<ExporterStats> = None;
+    for s in stats {
+        let unattributed = s.exporter.addr.ip().is_unspecified();
+        if !unattributed && proven.get(&s.exporter).copied().unwrap_or(false) {
+            out.push(s.clone());
+            continue;
+        }
+        match &mut folded {
+            Some(f) => {
+                f.counters.add(&s.counters);
+                f.pending_sets += s.pending_sets;
+            }
+            None => {
+                folded = Some(ExporterStats {
+                    exporter: ExporterKey {
+                        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        session: None,
+                    },
+                    version: None,
+                    domain: None,
+                    counters: s.counters.clone(),
+                    templates: 0,
+                    pending_sets: s.pending_sets,
+                });
+            }
+        }
+    }
+    out.extend(folded);
+    out
+}
+
 /// The rows of `stats` that differ from `stored`; `stored` becomes
 /// `stats`, so that exporters gone from the decoder are forgotten here too.
 fn changed_stats(stored: &mut StoredStats, stats: &[ExporterStats]) -> Vec<ExporterStats> {
@@ -231,6 +275,13 @@ impl Output {
         &mut self,
         stats: &[ExporterStats],
     ) -> Result<Vec<(i64, ExporterStats)>, sqlx::Error> {
+        let folded;
+        let stats = if self.tcp {
+            stats
+        } else {
+            folded = fold_unproven(stats);
+            &folded[..]
+        };
         let changed = changed_stats(&mut self.stored, stats);
         let mut rows = Vec::with_capacity(changed.len());
         let Some(db) = self.db().cloned() else {
@@ -277,27 +328,64 @@ impl Output {
     }
 }
 
-/// Installs every persisted UDP template into `decoder`; returns how many
-/// were taken.
-pub async fn restore_templates(db: &Db, decoder: &mut Decoder) -> Result<usize, sqlx::Error> {
-    let limit = decoder
-        .limits()
-        .max_exporters
-        .saturating_mul(decoder.limits().max_templates)
-        .min(1 << 20);
-    let stored = sql::load_templates(db, limit).await?;
-    Ok(stored
-        .iter()
-        .filter(|t| {
-            decoder.restore_template(
-                t.exporter,
-                t.domain,
-                t.template_id,
-                &t.definition,
-                t.seen_ns,
-            )
-        })
-        .count())
+/// Persisted UDP templates by exporter, waiting to be installed in the
+/// decoder of the thread that first hears from that exporter (the kernel,
+/// not the collector, decides which thread that is). Installed lazily, a
+/// restored template takes no exporter slot in the other threads, and their
+/// sweeps never expire (and delete) a copy they never used.
+#[derive(Debug, Default)]
+pub struct Restorable {
+    by_exporter: HashMap<SocketAddr, Vec<sql::StoredTemplate>>,
+}
+
+impl Restorable {
+    /// Loads the persisted templates (at most as many as `decoder`'s limits
+    /// could hold).
+    pub async fn load(db: &Db, decoder: &Decoder) -> Result<Restorable, sqlx::Error> {
+        let limit = decoder
+            .limits()
+            .max_exporters
+            .saturating_mul(decoder.limits().max_templates)
+            .min(1 << 20);
+        let mut by_exporter: HashMap<SocketAddr, Vec<sql::StoredTemplate>> = HashMap::new();
+        for t in sql::load_templates(db, limit).await? {
+            by_exporter.entry(t.exporter).or_default().push(t);
+        }
+        Ok(Restorable { by_exporter })
+    }
+
+    /// Templates waiting.
+    pub fn len(&self) -> usize {
+        self.by_exporter.values().map(Vec::len).sum()
+    }
+
+    /// Installs the waiting templates of `from`, once; returns how many
+    /// were taken.
+    pub fn install(&mut self, from: SocketAddr, decoder: &mut Decoder) -> usize {
+        if self.by_exporter.is_empty() {
+            return 0;
+        }
+        let Some(stored) = self.by_exporter.remove(&from) else {
+            return 0;
+        };
+        stored
+            .iter()
+            .filter(|t| {
+                decoder.restore_template(
+                    t.exporter,
+                    t.domain,
+                    t.template_id,
+                    &t.definition,
+                    t.seen_ns,
+                )
+            })
+            .count()
+    }
+
+    /// Forgets what is still waiting (once it would have expired anyway).
+    pub fn clear(&mut self) {
+        self.by_exporter = HashMap::new();
+    }
 }
 
 #[cfg(test)]
@@ -337,5 +425,50 @@ mod tests {
         // Exporters gone from the decoder are forgotten.
         assert_eq!(changed_stats(&mut stored, &next[..1]).len(), 0);
         assert_eq!(stored.len(), 1);
+    }
+
+    /// Review finding 1: senders of valid but empty headers from many
+    /// ports make no exporter rows; their counters are in the unattributed
+    /// row. An exporter that sent a record has its own rows.
+    #[test]
+    fn exporters_without_templates_or_records_are_folded() {
+        let mut stats: Vec<_> = (0..500).map(|p| row(p, 1)).collect();
+        let mut real = row(2055, 10);
+        real.counters.records = 300;
+        stats.push(real.clone());
+        let folded = fold_unproven(&stats);
+        assert_eq!(folded.len(), 2);
+        assert_eq!(folded[0], real);
+        assert!(folded[1].exporter.addr.ip().is_unspecified());
+        assert_eq!(folded[1].counters.messages, 500);
+    }
+
+    /// Review finding 8: every UDP thread installed every stored template,
+    /// taking slots for exporters it never hears from and expiring (and
+    /// deleting) copies it never used. Now only the thread that hears from
+    /// an exporter installs its templates.
+    #[test]
+    fn stored_templates_go_to_the_thread_that_hears_their_exporter() {
+        let exporter: SocketAddr = "192.0.2.1:2055".parse().unwrap();
+        let stored = sql::StoredTemplate {
+            exporter,
+            domain: 1,
+            template_id: 256,
+            definition: "ipfix data 0 8:4 12:4 1:4".into(),
+            seen_ns: 1_000,
+        };
+        let stash = || Restorable {
+            by_exporter: [(exporter, vec![stored.clone()])].into_iter().collect(),
+        };
+        let (mut hears, mut other) = (stash(), stash());
+        let mut d1 = Decoder::new(crate::ipfix::Limits::default());
+        let mut d2 = Decoder::new(crate::ipfix::Limits::default());
+        assert_eq!(other.install("192.0.2.9:1".parse().unwrap(), &mut d2), 0);
+        assert_eq!(hears.install(exporter, &mut d1), 1);
+        assert_eq!(hears.install(exporter, &mut d1), 0, "once");
+        assert!(d2.stats().is_empty(), "no slot in the other thread");
+        d2.sweep(u64::MAX / 2);
+        assert!(d2.take_template_changes().is_empty(), "nothing to delete");
+        assert_eq!(d1.stats().iter().map(|s| s.templates).sum::<usize>(), 1);
     }
 }

@@ -203,7 +203,17 @@ async fn stats_row(db: Tx<'_, '_>, exporter_id: i64, s: &ExporterStats) -> Resul
         sequence_gaps = excluded.sequence_gaps, reordered = excluded.reordered, templates = excluded.templates, \
         templates_received = excluded.templates_received, totals_untracked = excluded.totals_untracked, \
         pending_sets = excluded.pending_sets, dropped = excluded.dropped, updated_ns = excluded.updated_ns";
-    let drops: Vec<(DropReason, u64)> = c.nonzero_drops().collect();
+    // The unattributed row's counts can shrink (an exporter's counts move to
+    // its own row once it proves itself): every reason is written, zeros
+    // too, so that no stale count stays behind. Other rows only grow.
+    let drops: Vec<(DropReason, u64)> = if s.exporter.addr.ip().is_unspecified() {
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, c.dropped(*r)))
+            .collect()
+    } else {
+        c.nonzero_drops().collect()
+    };
     match db {
         Tx::Sqlite(pool) => {
             let sql = format!(

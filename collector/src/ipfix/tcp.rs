@@ -5,6 +5,7 @@
 use super::decoder::{ipfix_message_len, Decoder, Limits};
 use super::output::Output;
 use super::settings::IngestSettings;
+use super::tcp_stats::TcpStats;
 use crate::db::now_ns;
 use crate::store::{Sink, WriteReq};
 use qosloop_schema::guard::{self, ConnLimiter, ConnLimits};
@@ -27,6 +28,7 @@ pub async fn serve(
     writer: mpsc::Sender<WriteReq>,
 ) {
     let max_sessions = conn_limits.total;
+    let addr_stats = TcpStats::default();
     let limiter = ConnLimiter::new("ipfix", conn_limits);
     tracing::info!(listen = ?listener.local_addr().ok(), tls = tls.is_some(), "accepting IPFIX exporters over TCP");
     loop {
@@ -46,9 +48,21 @@ pub async fn serve(
         let sink = sink.clone();
         let writer = writer.clone();
         let tls = tls.clone();
+        let addr_stats = addr_stats.clone();
         tokio::spawn(async move {
             match tls {
-                None => session(stream, peer, settings, max_sessions, sink, writer).await,
+                None => {
+                    session(
+                        stream,
+                        peer,
+                        settings,
+                        max_sessions,
+                        addr_stats,
+                        sink,
+                        writer,
+                    )
+                    .await
+                }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(
                         settings.tcp_idle.min(std::time::Duration::from_secs(10)),
@@ -56,7 +70,9 @@ pub async fn serve(
                     )
                     .await;
                     match handshake {
-                        Ok(Ok(s)) => session(s, peer, settings, max_sessions, sink, writer).await,
+                        Ok(Ok(s)) => {
+                            session(s, peer, settings, max_sessions, addr_stats, sink, writer).await
+                        }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "IPFIX TLS handshake failed")
                         }
@@ -76,6 +92,7 @@ pub async fn session<S: AsyncRead + Unpin>(
     peer: SocketAddr,
     settings: IngestSettings,
     max_sessions: usize,
+    addr_stats: TcpStats,
     sink: Sink,
     writer: mpsc::Sender<WriteReq>,
 ) {
@@ -135,13 +152,15 @@ pub async fn session<S: AsyncRead + Unpin>(
         }
         if last_stats.elapsed() >= settings.stats_interval {
             last_stats = Instant::now();
-            let _ = output.store_stats(&decoder.stats()).await;
+            let rows = addr_stats.summed(peer.ip(), session, decoder.stats(), false);
+            let _ = output.store_stats(&rows).await;
         }
     };
     let _ = output.flush().await;
     output.drain().await;
     let stats = decoder.close_session(peer, session);
-    if let Err(e) = output.store_stats(&stats).await {
+    let rows = addr_stats.summed(peer.ip(), session, stats.clone(), true);
+    if let Err(e) = output.store_stats(&rows).await {
         tracing::warn!(%peer, error = %e, "IPFIX counters not stored");
     }
     let records: u64 = stats.iter().map(|s| s.counters.records).sum();

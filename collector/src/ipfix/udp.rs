@@ -7,7 +7,7 @@
 //! reported.
 
 use super::decoder::Decoder;
-use super::output::{restore_templates, Output};
+use super::output::{Output, Restorable};
 use super::settings::IngestSettings;
 use super::sql::ListenerStats;
 use super::stats::DropReason;
@@ -122,10 +122,13 @@ impl UdpWorker {
             "ipfix/unattributed/udp/{}/{}",
             self.listen, self.index
         ));
+        let mut restorable = Restorable::default();
         if let Some(db) = output.db().cloned() {
-            match self.runtime.block_on(restore_templates(&db, &mut decoder)) {
-                Ok(n) => {
-                    tracing::info!(listen = %self.listen, thread = self.index, templates = n, "persisted templates loaded")
+            match self.runtime.block_on(Restorable::load(&db, &decoder)) {
+                Ok(r) => {
+                    tracing::info!(listen = %self.listen, thread = self.index, templates = r.len(),
+                        "persisted templates loaded (installed when their exporter is heard from)");
+                    restorable = r;
                 }
                 Err(e) => {
                     tracing::warn!(listen = %self.listen, error = %e, "persisted templates not loaded")
@@ -138,6 +141,7 @@ impl UdpWorker {
         let mut last_flush = Instant::now();
         let mut last_stats = Instant::now();
         let mut last_sweep = Instant::now();
+        let started = Instant::now();
         let fd = self.socket.as_raw_fd();
         let mut reported_drops = 0u64;
         let mut writing = None;
@@ -183,6 +187,7 @@ impl UdpWorker {
                         self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
                         self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
                         let Some(from) = from else { continue };
+                        restorable.install(from, &mut decoder);
                         match decoder.decode_udp(from, &buffers[i][..len], now, &mut records) {
                             Ok(msg) => {
                                 // Checked after every datagram, not every
@@ -220,6 +225,10 @@ impl UdpWorker {
             }
             if last_sweep.elapsed() >= Duration::from_secs(1) {
                 last_sweep = Instant::now();
+                if started.elapsed().as_nanos() > u128::from(s.limits.template_expiry_ns) {
+                    // Every stored template has expired by now.
+                    restorable.clear();
+                }
                 decoder.sweep(now);
             }
             if last_stats.elapsed() >= s.stats_interval {

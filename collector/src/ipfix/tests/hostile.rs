@@ -297,3 +297,24 @@ fn padding_after_variable_length_records_is_not_records() {
     let c = domain_counters(&d);
     assert_eq!((c.sequence_gaps, c.reordered), (0, 0));
 }
+
+/// Finding 3 (budgets) with finding 1 (churn): sources that come and go
+/// from new ports give their domains back when evicted, so they cannot
+/// use up the decoder-wide domain budget between two sweeps.
+#[test]
+fn evicted_exporters_give_their_domains_back_at_once() {
+    let limits = Limits {
+        max_exporters: 4,
+        max_domains_total: 8,
+        ..Limits::default()
+    };
+    let mut d = Decoder::new(limits);
+    for port in 0..100u16 {
+        let at = SocketAddr::new(format!("198.51.100.{}", port % 50).parse().unwrap(), port);
+        let m = Msg::default().ipfix(0, 1);
+        let _ = d.decode_udp(at, &m, T0 + u64::from(port), &mut Vec::new());
+    }
+    // No sweep ran: a real exporter's new domain still gets in.
+    let m = Msg::default().set(2, &template(256, V4_FIELDS)).ipfix(0, 7);
+    assert!(d.decode_udp(from(), &m, T0 + 1000, &mut Vec::new()).is_ok());
+}
