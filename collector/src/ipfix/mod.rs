@@ -23,7 +23,8 @@
 //! - `wire`: headers, sets and template records.
 //! - `plan`: a template compiled into a field plan, and the record fields.
 //! - `domain`: per-domain state and the mapping of fields to a flow record.
-//! - `decoder`: the walk over one message, limits and exporters.
+//! - `decoder`: limits, budgets and the exporter table.
+//! - `walk`: the walk over one message's sets.
 //! - `persist`: the stored text form of a template.
 //! - `stats`: counters and drop reasons.
 //!
@@ -61,6 +62,7 @@ mod stats;
 mod tcp;
 mod tcp_stats;
 mod udp;
+mod walk;
 mod wire;
 
 pub use decoder::{
