@@ -12,7 +12,7 @@ pub enum EnforceError {
     UnusableInterfaceName(String),
     #[error("decision {id}: {reason}")]
     Invalid { id: u64, reason: String },
-    #[error("decision {id}: flow {flow} overlaps decision {other} ({other_flow})")]
+    #[error("decision {id}: flow {flow} is already the flow of decision {other} ({other_flow})")]
     Conflict {
         id: u64,
         flow: String,

@@ -480,13 +480,11 @@ fn refused_decisions_leave_the_kernel_as_it_was() {
         .unwrap()
         .unwrap_err();
     assert!(err.to_string().contains("above the capacity"), "{err}");
-    let clash = FlowSpec {
-        dst: Some("10.2.0.0/24".parse().unwrap()),
-        ..FlowSpec::default()
-    };
-    let mut wide = decision(3, OutOfProfileAction::Drop);
-    wide.flow = clash;
-    let err = t.router.run_in(|| e.install(wide)).unwrap().unwrap_err();
+    // Decision 1's flow again under another id (an overlap is fine: it
+    // becomes an ordered fallback rule; the same flow twice is not).
+    let mut twin = decision(3, OutOfProfileAction::Drop);
+    twin.flow = decision(1, OutOfProfileAction::Drop).flow;
+    let err = t.router.run_in(|| e.install(twin)).unwrap().unwrap_err();
     assert!(
         matches!(err, EnforceError::Conflict { other: 1, .. }),
         "{err}"

@@ -25,10 +25,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+mod fallback;
 mod plan;
 mod reconcile;
 mod validate;
 
+use fallback::FallbackRules;
 use validate::FlowIndex;
 
 /// What the enforcer manages: one interface, in the roles it announces.
@@ -54,7 +56,10 @@ struct Applied {
     slot: u32,
     version: u64,
     fingerprint: u64,
-    /// How packets reach its chain.
+    /// Its flow.
+    flow: FlowSpec,
+    /// How packets reach its chain: its map element, or (its flow names no
+    /// field, or overlaps another decision's) its fallback rule.
     classify: Classify,
     /// Its meter (a named limit object).
     limit: Limit,
@@ -109,8 +114,8 @@ pub struct Enforcer<B: KernelBackend> {
     shape_counts: BTreeMap<Shape, usize>,
     /// Maps in the kernel (each looked up by the base chain).
     maps_present: BTreeSet<Shape>,
-    /// Rules of the fallback chain, by decision id.
-    fallback: BTreeMap<u64, Rule>,
+    /// Rules of the fallback chain, in chain order.
+    fallback: FallbackRules,
     flows: FlowIndex,
     /// Sum of guaranteed class rates of applied decisions.
     guaranteed: u64,
@@ -216,7 +221,7 @@ impl<B: KernelBackend> Enforcer<B> {
             base_nft: false,
             shape_counts: BTreeMap::new(),
             maps_present: BTreeSet::new(),
-            fallback: BTreeMap::new(),
+            fallback: FallbackRules::default(),
             flows: FlowIndex::default(),
             guaranteed: 0,
             groups: BTreeMap::new(),
@@ -306,7 +311,7 @@ impl<B: KernelBackend> Enforcer<B> {
             (
                 FALLBACK_CHAIN.to_owned(),
                 None,
-                self.fallback.values().cloned().collect(),
+                self.fallback.rules().cloned().collect(),
             ),
         ];
         let mut maps: BTreeMap<Shape, Vec<Element>> = self
@@ -320,7 +325,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 continue;
             };
             limits.push(r.limit.clone());
-            if let Some((shape, e)) = r.classify.element(&r.chain()) {
+            if let Some((shape, e)) = a.classify.element(&r.chain()) {
                 maps.entry(shape).or_default().push(e);
             }
             chains.push((render::chain_name(*id), None, r.rules));
@@ -392,14 +397,16 @@ impl<B: KernelBackend> Enforcer<B> {
                 reason: "given twice in one change".into(),
             });
         }
+        // Overlapping flows are fine (they become ordered fallback rules);
+        // the same flow twice is not: the second could never match.
         let mut batch = FlowIndex::default();
         for d in &upserts {
             self.validate(d)?;
             let skip = |id: u64| id == d.id || removing.contains(&id) || upsert_ids.contains(&id);
             let clash = self
                 .flows
-                .overlapping(&d.flow, &skip)
-                .or_else(|| batch.overlapping(&d.flow, &|id| id == d.id));
+                .same(&d.flow, &skip)
+                .or_else(|| batch.same(&d.flow, &|id| id == d.id));
             if let Some((other, other_flow)) = clash {
                 return Err(EnforceError::Conflict {
                     id: d.id,
@@ -456,11 +463,14 @@ impl<B: KernelBackend> Enforcer<B> {
             }
             self.execute(&rendered, &removing, &mut summary)
         })();
-        if let Err(e) = result {
-            self.free_slots.extend(taken);
-            tracing::warn!(error = %e, "change refused; kernel state left as it was");
-            return Err(e);
-        }
+        let placements = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.free_slots.extend(taken);
+                tracing::warn!(error = %e, "change refused; kernel state left as it was");
+                return Err(e);
+            }
+        };
         // 3. Commit the new state.
         self.guaranteed = guaranteed;
         for id in &removing {
@@ -477,6 +487,7 @@ impl<B: KernelBackend> Enforcer<B> {
                     slot: r.slot,
                     version: r.version,
                     fingerprint: r.fingerprint,
+                    flow: r.flow,
                     classify: r.classify,
                     limit: r.limit,
                     profile: r.profile,
@@ -484,6 +495,12 @@ impl<B: KernelBackend> Enforcer<B> {
                     decision: Some(d),
                 },
             );
+        }
+        // Where the change put each decision it moved or installed.
+        for (id, classify) in placements {
+            if let Some(a) = self.applied.get_mut(&id) {
+                a.classify = classify;
+            }
         }
         summary.removed = removing.len();
         summary.elapsed = started.elapsed();
@@ -551,3 +568,5 @@ pub fn cleanup<B: KernelBackend>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fallback;

@@ -26,17 +26,22 @@ pub(super) struct NftPlan {
     pub(super) batch: Batch,
     pub(super) shape_counts: BTreeMap<Shape, usize>,
     pub(super) maps_present: BTreeSet<Shape>,
-    pub(super) fallback: BTreeMap<u64, Rule>,
+    pub(super) fallback: FallbackRules,
+    /// Where each decision the change installs, changes or moves is
+    /// classified once it is done (map element or fallback rule).
+    pub(super) placements: BTreeMap<u64, Classify>,
 }
 
 impl<B: KernelBackend> Enforcer<B> {
     /// Executes a change: its plan, then the plan run against the kernel.
+    /// Returns where the decisions it installed, changed or moved are
+    /// classified now.
     pub(super) fn execute(
         &mut self,
         rendered: &[Rendered],
         removing: &BTreeSet<u64>,
         summary: &mut ApplySummary,
-    ) -> Result<(), EnforceError> {
+    ) -> Result<BTreeMap<u64, Classify>, EnforceError> {
         let plan = self.plan(rendered, removing, summary);
         self.run_plan(plan, !rendered.is_empty(), summary)
     }
@@ -240,7 +245,7 @@ impl<B: KernelBackend> Enforcer<B> {
         plan: Plan,
         installs: bool,
         summary: &mut ApplySummary,
-    ) -> Result<(), EnforceError> {
+    ) -> Result<BTreeMap<u64, Classify>, EnforceError> {
         let Plan {
             tc_pre: pre,
             tc_undo: undo,
@@ -248,6 +253,7 @@ impl<B: KernelBackend> Enforcer<B> {
             tc_post: post,
             group_sums: sums,
         } = plan;
+        let placements = nft_plan.placements.clone();
         let creates_table = nft_plan
             .batch
             .commands
@@ -329,7 +335,7 @@ impl<B: KernelBackend> Enforcer<B> {
             }
         }
         summary.tc_messages += post.len();
-        Ok(())
+        Ok(placements)
     }
 
     /// The nftables transaction of a change, and the table's bookkeeping
@@ -340,8 +346,10 @@ impl<B: KernelBackend> Enforcer<B> {
     /// maps of new shapes; each new decision's limit object, chain and
     /// rules, each changed decision's chain rewritten (its limit object kept
     /// unless the profile changed: the bucket keeps its state across an
-    /// action change); map elements deleted, then added; the fallback chain
-    /// rewritten if one of its decisions changed; the base chain rewritten
+    /// action change); map elements deleted, then added (also those of
+    /// decisions moving between a map and the fallback chain as overlaps
+    /// come and go); the fallback chain rewritten, in its order, if one of
+    /// its decisions changed, came or went; the base chain rewritten
     /// if the set of maps changed; removed decisions' chains and limits;
     /// maps no decision uses any more.
     fn plan_nft(&self, rendered: &[Rendered], removing: &BTreeSet<u64>) -> NftPlan {
@@ -365,32 +373,14 @@ impl<B: KernelBackend> Enforcer<B> {
         let mut adds: BTreeMap<Shape, Vec<Element>> = BTreeMap::new();
         let mut dels: BTreeMap<Shape, Vec<Vec<KeyPart>>> = BTreeMap::new();
         let mut objects = Vec::new();
-        let mut drop_classify =
-            |c: &Classify,
-             id: u64,
-             counts: &mut BTreeMap<Shape, usize>,
-             fallback: &mut BTreeMap<u64, Rule>| match c {
-                Classify::Map { shape, key } => {
-                    dels.entry(shape.clone()).or_default().push(key.clone());
-                    if let Some(n) = counts.get_mut(shape) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-                Classify::Rule(_) => {
-                    fallback.remove(&id);
-                    fallback_changed = true;
-                }
-            };
         let mut removals = Vec::new();
         for id in removing {
             let a = &self.applied[id];
-            drop_classify(&a.classify, *id, &mut counts, &mut fallback);
             let chain = render::chain_name(*id);
             removals.push(Command::FlushChain(chain.clone()));
             removals.push(Command::DeleteChain(chain));
             removals.push(Command::DeleteLimit(a.limit.name.clone()));
         }
-        let mut new_classify = Vec::new();
         for r in rendered {
             let chain = r.chain();
             let rules = r.rules.iter().map(|rule| Command::AddRule {
@@ -405,7 +395,6 @@ impl<B: KernelBackend> Enforcer<B> {
                         hook: None,
                     });
                     objects.extend(rules);
-                    new_classify.push(r);
                 }
                 Some(a) if a.fingerprint != r.fingerprint => {
                     objects.push(Command::FlushChain(chain.clone()));
@@ -414,26 +403,62 @@ impl<B: KernelBackend> Enforcer<B> {
                         objects.push(Command::AddLimit(r.limit.clone()));
                     }
                     objects.extend(rules);
-                    if a.classify != r.classify {
-                        drop_classify(&a.classify, r.id, &mut counts, &mut fallback);
-                        new_classify.push(r);
-                    }
                 }
                 Some(_) => {}
             }
         }
-        for r in new_classify {
-            match &r.classify {
+        // Classification: every decision whose place may change — removed,
+        // installed or changed, or overlapping one of those flows (old or
+        // new) — from its old place to its new one.
+        let placements = self.placements(rendered, removing);
+        let mut moved = BTreeSet::new();
+        for id in removing {
+            moved.insert(*id);
+        }
+        for (id, new) in &placements {
+            if self.applied.get(id).map(|a| &a.classify) != Some(new) {
+                moved.insert(*id);
+            }
+        }
+        for id in &moved {
+            let Some(a) = self.applied.get(id) else {
+                continue;
+            };
+            match &a.classify {
+                Classify::Map { shape, key } => {
+                    dels.entry(shape.clone()).or_default().push(key.clone());
+                    if let Some(n) = counts.get_mut(shape) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                Classify::Rule(_) => {
+                    fallback.remove(*id);
+                    fallback_changed = true;
+                }
+            }
+        }
+        let new_flows: HashMap<u64, &FlowSpec> = rendered.iter().map(|r| (r.id, &r.flow)).collect();
+        let flow_of = |id: u64| {
+            new_flows
+                .get(&id)
+                .copied()
+                .or_else(|| self.applied.get(&id).map(|a| &a.flow))
+        };
+        for id in &moved {
+            let Some(new) = placements.get(id) else {
+                continue; // removed
+            };
+            match new {
                 Classify::Map { shape, key } => {
                     adds.entry(shape.clone()).or_default().push(Element {
                         key: key.clone(),
-                        chain: r.chain(),
+                        chain: render::chain_name(*id),
                     });
                     *counts.entry(shape.clone()).or_default() += 1;
                 }
                 Classify::Rule(_) => {
-                    if let Some(rule) = r.classify.rule(r.id) {
-                        fallback.insert(r.id, rule);
+                    if let (Some(rule), Some(flow)) = (new.rule(*id), flow_of(*id)) {
+                        fallback.insert(*id, flow, rule);
                     }
                     fallback_changed = true;
                 }
@@ -453,7 +478,7 @@ impl<B: KernelBackend> Enforcer<B> {
         }
         if fallback_changed {
             batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
-            for rule in fallback.values() {
+            for rule in fallback.rules() {
                 batch.push(Command::AddRule {
                     chain: FALLBACK_CHAIN.into(),
                     rule: rule.clone(),
@@ -481,7 +506,67 @@ impl<B: KernelBackend> Enforcer<B> {
             shape_counts: counts,
             maps_present: maps,
             fallback,
+            placements,
         }
+    }
+
+    /// Where each decision a change may move is classified after it: the
+    /// installed and changed ones, and every decision whose flow overlaps
+    /// one of their flows (new or old) or a removed decision's. A decision
+    /// is a map element when its flow names a field and overlaps no other
+    /// decision's after the change; else a fallback rule.
+    pub(super) fn placements(
+        &self,
+        rendered: &[Rendered],
+        removing: &BTreeSet<u64>,
+    ) -> BTreeMap<u64, Classify> {
+        let netdev = self.layout.ingress();
+        let ids: BTreeSet<u64> = rendered.iter().map(|r| r.id).collect();
+        let mut batch = FlowIndex::default();
+        for r in rendered {
+            batch.insert(r.id, r.flow.clone());
+        }
+        let gone = |id: u64| removing.contains(&id) || ids.contains(&id);
+        let mut affected: BTreeSet<u64> = BTreeSet::new();
+        let mut touch = |spec: &FlowSpec| {
+            affected.extend(self.flows.all_overlapping(spec, &gone));
+        };
+        for r in rendered {
+            touch(&r.flow);
+            if let Some(a) = self.applied.get(&r.id) {
+                touch(&a.flow);
+            }
+        }
+        for id in removing {
+            touch(&self.applied[id].flow);
+        }
+        let overlapped = |id: u64, spec: &FlowSpec| {
+            self.flows
+                .overlapping(spec, &|o| o == id || gone(o))
+                .is_some()
+                || batch.overlapping(spec, &|o| o == id).is_some()
+        };
+        let place = |id: u64, spec: &FlowSpec, natural: &Classify| match natural {
+            Classify::Map { .. } if overlapped(id, spec) => {
+                Classify::Rule(render::fallback_match(spec, netdev))
+            }
+            _ => natural.clone(),
+        };
+        let mut out = BTreeMap::new();
+        for r in rendered {
+            out.insert(r.id, place(r.id, &r.flow, &r.classify));
+        }
+        for id in affected {
+            let Some(a) = self.applied.get(&id) else {
+                continue;
+            };
+            let natural = match render::classify(&a.flow, netdev) {
+                Ok(c) => c,
+                Err(_) => a.classify.clone(),
+            };
+            out.insert(id, place(id, &a.flow, &natural));
+        }
+        out
     }
 
     /// Undoes `pre[..done]` in reverse (best effort, logged).

@@ -171,7 +171,7 @@ impl<B: KernelBackend> Enforcer<B> {
                             }
                         }
                         Classify::Rule(_) => {
-                            self.fallback.remove(id);
+                            self.fallback.remove(*id);
                         }
                     }
                 }
@@ -180,7 +180,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 batch.push(Command::DeleteElements { shape, keys });
             }
             batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
-            for rule in self.fallback.values() {
+            for rule in self.fallback.rules() {
                 batch.push(Command::AddRule {
                     chain: FALLBACK_CHAIN.into(),
                     rule: rule.clone(),
@@ -232,6 +232,9 @@ impl<B: KernelBackend> Enforcer<B> {
         let used: BTreeSet<u32> = adopted.values().map(|a| a.slot).collect();
         self.free_slots = (0..self.next_slot).filter(|s| !used.contains(s)).collect();
         self.applied = adopted;
+        for (id, a) in &self.applied {
+            self.flows.insert(*id, a.flow.clone());
+        }
         tracing::info!(
             interface = %self.layout.interface,
             adopted = report.adopted,
@@ -356,7 +359,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 });
             }
         }
-        for rule in self.fallback.values() {
+        for rule in self.fallback.rules() {
             batch.push(Command::AddRule {
                 chain: FALLBACK_CHAIN.into(),
                 rule: rule.clone(),
@@ -420,6 +423,7 @@ impl<B: KernelBackend> Enforcer<B> {
                             slot: m.slot,
                             version: m.version,
                             fingerprint: m.fingerprint,
+                            flow: m.flow.clone(),
                             classify,
                             limit: Limit {
                                 name: render::limit_name(*id),
@@ -433,6 +437,19 @@ impl<B: KernelBackend> Enforcer<B> {
                     );
                 }
                 None => dead_chains.push(render::chain_name(*id)),
+            }
+        }
+        // A decision whose flow overlaps another adopted one's is a
+        // fallback rule, as the run that installed it made it.
+        let mut index = FlowIndex::default();
+        for (id, a) in adopted.iter() {
+            index.insert(*id, a.flow.clone());
+        }
+        for (id, a) in adopted.iter_mut() {
+            if matches!(a.classify, Classify::Map { .. })
+                && index.overlapping(&a.flow, &|o| o == *id).is_some()
+            {
+                a.classify = Classify::Rule(render::fallback_match(&a.flow, netdev));
             }
         }
         // The base chain and the fallback chain are rewritten whole below;
@@ -506,7 +523,7 @@ impl<B: KernelBackend> Enforcer<B> {
                 }
                 Classify::Rule(_) => {
                     if let Some(rule) = a.classify.rule(*id) {
-                        self.fallback.insert(*id, rule);
+                        self.fallback.insert(*id, &a.flow, rule);
                     }
                 }
             }
@@ -521,7 +538,7 @@ impl<B: KernelBackend> Enforcer<B> {
             tracing::warn!(map = %shape.map_name(), missing = elements.len(), "map elements of adopted decisions were missing (changed behind the enforcer's back); adding them again");
             batch.push(Command::AddElements { shape, elements });
         }
-        for rule in self.fallback.values() {
+        for rule in self.fallback.rules() {
             batch.push(Command::AddRule {
                 chain: FALLBACK_CHAIN.into(),
                 rule: rule.clone(),

@@ -4,7 +4,7 @@ use super::*;
 use crate::backend::FakeKernel;
 use qosloop_schema::{DecisionReason, Dscp, OutOfProfileAction, TrafficProfile};
 
-fn cfg() -> EnforcerConfig {
+pub(super) fn cfg() -> EnforcerConfig {
     EnforcerConfig {
         direction: qosloop_schema::Direction::Egress,
         interface: "eth1".into(),
@@ -14,7 +14,7 @@ fn cfg() -> EnforcerConfig {
     }
 }
 
-fn decision(id: u64, port: u16, action: OutOfProfileAction) -> Decision {
+pub(super) fn decision(id: u64, port: u16, action: OutOfProfileAction) -> Decision {
     Decision {
         id,
         version: 1,
@@ -44,13 +44,13 @@ fn decision(id: u64, port: u16, action: OutOfProfileAction) -> Decision {
     }
 }
 
-fn accept(kbps: u64) -> OutOfProfileAction {
+pub(super) fn accept(kbps: u64) -> OutOfProfileAction {
     OutOfProfileAction::Accept {
         shape: Some(Kbps(kbps)),
     }
 }
 
-fn start(k: FakeKernel) -> Enforcer<FakeKernel> {
+pub(super) fn start(k: FakeKernel) -> Enforcer<FakeKernel> {
     Enforcer::start(k, cfg()).unwrap().0
 }
 
@@ -482,7 +482,11 @@ fn unknown_interface_and_foreign_qdisc_are_errors() {
 }
 
 /// The nftables commands of a plan, as `nft -f` text.
-fn plan_text(e: &Enforcer<FakeKernel>, upsert: Option<Decision>, remove: &[u64]) -> Vec<String> {
+pub(super) fn plan_text(
+    e: &Enforcer<FakeKernel>,
+    upsert: Option<Decision>,
+    remove: &[u64],
+) -> Vec<String> {
     let rendered: Vec<Rendered> = upsert
         .iter()
         .map(|d| {

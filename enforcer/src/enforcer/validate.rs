@@ -1,6 +1,7 @@
 //! Validation of decisions before anything reaches the kernel: roles,
-//! rates, burst, the flow (address families, ports, map key size) and
-//! overlaps with every other decision, through an index of flows.
+//! rates, burst, the flow (address families, ports, map key size); and an
+//! index of flows, for the overlaps that decide whether a decision is a map
+//! element or a fallback rule.
 
 use super::*;
 
@@ -49,20 +50,47 @@ impl FlowIndex {
         spec: &FlowSpec,
         skip: &dyn Fn(u64) -> bool,
     ) -> Option<(u64, &FlowSpec)> {
-        let hit = |id: &u64| {
-            let other = self.flows.get(id)?;
-            (!skip(*id) && other.overlaps(spec)).then_some((*id, other))
-        };
+        self.find(spec, skip, &|_| true)
+    }
+    /// An applied decision other than those in `skip` whose flow is `spec`.
+    pub(super) fn same(
+        &self,
+        spec: &FlowSpec,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Option<(u64, &FlowSpec)> {
+        self.find(spec, skip, &|other| other == spec)
+    }
+    /// Every decision other than those in `skip` whose flow overlaps `spec`.
+    pub(super) fn all_overlapping(&self, spec: &FlowSpec, skip: &dyn Fn(u64) -> bool) -> Vec<u64> {
+        self.candidates(spec)
+            .filter(|id| !skip(*id) && self.flows.get(id).is_some_and(|o| o.overlaps(spec)))
+            .collect()
+    }
+    /// The ids whose flows may overlap `spec`: the same host and the wide
+    /// specs for a host destination, else all.
+    fn candidates<'a>(&'a self, spec: &FlowSpec) -> Box<dyn Iterator<Item = u64> + 'a> {
         match Self::host(spec) {
-            Some(h) => self
-                .by_host
-                .get(&h)
-                .into_iter()
-                .flatten()
-                .chain(self.wide.iter())
-                .find_map(hit),
-            None => self.flows.keys().find_map(hit),
+            Some(h) => Box::new(
+                self.by_host
+                    .get(&h)
+                    .into_iter()
+                    .flatten()
+                    .chain(self.wide.iter())
+                    .copied(),
+            ),
+            None => Box::new(self.flows.keys().copied()),
         }
+    }
+    fn find(
+        &self,
+        spec: &FlowSpec,
+        skip: &dyn Fn(u64) -> bool,
+        pred: &dyn Fn(&FlowSpec) -> bool,
+    ) -> Option<(u64, &FlowSpec)> {
+        self.candidates(spec).find_map(|id| {
+            let other = self.flows.get(&id)?;
+            (!skip(id) && other.overlaps(spec) && pred(other)).then_some((id, other))
+        })
     }
 }
 

@@ -1,7 +1,8 @@
 //! How packets reach a decision: its flow as a key of the verdict map of
 //! its shape (an exact map, or an interval map when a field is a prefix or
-//! a range), or (when it names no field) a rule in the fallback chain; and
-//! the base chain that looks the maps up.
+//! a range), or a rule in the fallback chain (when it names no field, or —
+//! decided by the enforcer's plan — overlaps another decision's flow) and
+//! the order of that chain; and the base chain that looks the maps up.
 
 use super::{chain_name, Layout, FALLBACK_CHAIN};
 use crate::nft::model::{Element, Field, IpFamily, KeyPart, Rule, Shape, Stmt};
@@ -10,7 +11,7 @@ use qosloop_schema::{FlowSpec, IpPrefix, PortRange};
 /// How packets reach a decision's chain: an element of the verdict map of
 /// its shape (one lookup per shape in use, whatever the number of
 /// decisions), or a rule in the `fallback` chain when its flow names no
-/// field at all.
+/// field at all or overlaps another decision's flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Classify {
     Map { shape: Shape, key: Vec<KeyPart> },
@@ -45,6 +46,30 @@ impl Classify {
             Classify::Map { .. } => None,
         }
     }
+}
+
+/// Where a decision's rule goes in the fallback chain: rules are sorted by
+/// this key, then by decision id. The longest destination prefix first,
+/// then the longest source prefix, the narrowest destination port range,
+/// the narrowest source port range, and a flow naming a protocol before
+/// one that names none (an absent field counts as the widest). When a
+/// flow is contained in another, each of its fields is at least as narrow
+/// and one is narrower (equal flows are refused), so it sorts first: the
+/// more specific decision takes the packets both match.
+pub type FallbackOrder = (std::cmp::Reverse<u8>, std::cmp::Reverse<u8>, u32, u32, bool);
+
+/// The fallback order key of `spec` (see [`FallbackOrder`]).
+pub fn fallback_order(spec: &FlowSpec) -> FallbackOrder {
+    let len = |p: Option<IpPrefix>| std::cmp::Reverse(p.map_or(0, |p| p.prefix_len()));
+    let count =
+        |r: Option<PortRange>| r.map_or(65_536, |r| u32::from(r.last) - u32::from(r.first) + 1);
+    (
+        len(spec.dst),
+        len(spec.src),
+        count(spec.dst_ports),
+        count(spec.src_ports),
+        spec.proto.is_none(),
+    )
 }
 
 /// Why a flow spec cannot be rendered.
@@ -145,6 +170,16 @@ pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
         }
         return Ok(Classify::Map { shape, key });
     }
+    Ok(Classify::Rule(fallback_match(spec, netdev)))
+}
+
+/// The match statements of a fallback rule for `spec` (a checked flow):
+/// the family when it names no address, then its addresses, ports or
+/// protocol. Used for a flow that names no field, and for a flow that
+/// overlaps another decision's (which no map key can express).
+pub fn fallback_match(spec: &FlowSpec, netdev: bool) -> Vec<Stmt> {
+    let fam = family(spec).unwrap_or(IpFamily::V4);
+    let has_ports = spec.src_ports.is_some() || spec.dst_ports.is_some();
     let mut stmts = Vec::new();
     if spec.src.is_none() && spec.dst.is_none() {
         stmts.push(Stmt::Family {
@@ -180,7 +215,7 @@ pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
         (Some(p), false) => stmts.push(Stmt::L4proto(p)),
         (None, _) => {}
     }
-    Ok(Classify::Rule(stmts))
+    stmts
 }
 
 /// The base chain's rule for the map of `shape` (with an explicit family

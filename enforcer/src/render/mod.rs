@@ -41,7 +41,10 @@ use qosloop_schema::{Decision, Direction, Kbps, OutOfProfileAction};
 mod classify;
 mod meta;
 
-pub use classify::{base_rules, classify, family, lookup_rule, Classify, SpecError};
+pub use classify::{
+    base_rules, classify, fallback_match, fallback_order, family, lookup_rule, Classify,
+    FallbackOrder, SpecError,
+};
 pub use meta::{meta_comment, parse_meta_comment, ChainMeta};
 
 /// The rate of a class nothing is steered into (HTB needs a rate > 0), and
@@ -280,7 +283,10 @@ pub struct Rendered {
     /// The profile rate (what the decision adds to its group's in-profile class).
     pub profile: Kbps,
     pub out_class: HtbClass,
-    /// How packets reach chain `dID`.
+    /// The decision's flow.
+    pub flow: qosloop_schema::FlowSpec,
+    /// How packets reach chain `dID` when its flow overlaps no other
+    /// decision's (else it is a fallback rule: see the enforcer's plan).
     pub classify: Classify,
     /// The flow's meter: a named limit object that outlives rule changes.
     pub limit: Limit,
@@ -433,6 +439,7 @@ pub fn render(
         slot,
         profile: d.profile.rate,
         out_class,
+        flow: d.flow.clone(),
         classify,
         limit,
         rules: vec![out_rule, in_rule],

@@ -176,6 +176,45 @@ pub fn snapshot(ns: &Netns) -> String {
     out
 }
 
+/// The decision ids of the fallback chain's rules, in chain order.
+pub fn fallback_ids(listing: &str) -> Vec<u64> {
+    listing
+        .lines()
+        .skip_while(|l| l.trim() != "chain fallback {")
+        .skip(1)
+        .take_while(|l| l.trim() != "}")
+        .filter_map(|l| {
+            l.split("comment \"id=")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The two nftables parts of what `--dry-run apply` prints: the
+/// transaction (`nft -f` text) and the table as `nft list table` will show
+/// it after the change.
+pub fn dry_run_nft(stdout: &str) -> (String, String) {
+    let (mut script, mut listing) = (String::new(), String::new());
+    let mut into: Option<&mut String> = None;
+    for line in stdout.lines() {
+        if line == "nftables transaction:" {
+            into = Some(&mut script);
+        } else if line.starts_with("nftables table after this change") {
+            into = Some(&mut listing);
+        } else if line.starts_with("netlink: ") || line.starts_with("{\"") {
+            into = None;
+        } else if let Some(out) = into.as_deref_mut() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    (script, listing)
+}
+
 /// `nft list table inet qosloop_IF` with handles and counter values taken out.
 pub fn listing(ns: &Netns, interface: &str) -> String {
     let out = ns
