@@ -284,7 +284,7 @@ async fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let format = config.log_format.parse().unwrap_or_default();
-    qosloop_schema::telemetry::init(format);
+    qosloop_runtime::telemetry::init(format);
     match run(args.migrate_only, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

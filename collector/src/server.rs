@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::session::{self, Counters, SessionCtx, SessionLimits};
 use crate::store::{spawn_writer, Sink};
 use crate::Db;
-use qosloop_exporter::Io;
+use qosloop_runtime::tls::Io;
 use qosloop_schema::guard::{self, ConnLimiter, ConnStats, LogThrottle};
 use qosloop_schema::ie;
 use std::collections::BTreeMap;
@@ -29,14 +29,14 @@ pub enum ServerError {
     #[error(transparent)]
     Db(#[from] crate::DbError),
     #[error(transparent)]
-    Tls(#[from] qosloop_exporter::TlsError),
+    Tls(#[from] qosloop_runtime::tls::TlsError),
 }
 
 /// The TLS acceptor the configuration asks for (all three files, or none).
 pub fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, ServerError> {
     match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
         (Some(cert), Some(key), Some(ca)) => Ok(Some(tokio_rustls::TlsAcceptor::from(
-            qosloop_exporter::tls::server_config(cert, key, ca)?,
+            qosloop_runtime::tls::server_config(cert, key, ca)?,
         ))),
         _ => Ok(None),
     }
@@ -225,7 +225,7 @@ impl Collector {
                                     .1
                                     .peer_certificates()
                                     .and_then(|c| c.first())
-                                    .and_then(|c| qosloop_schema::tls::certificate_identity(c));
+                                    .and_then(|c| qosloop_runtime::tls::certificate_identity(c));
                                 match name {
                                     Some(name) => {
                                         session::serve(Box::new(tls), peer, Some(name), ctx).await;

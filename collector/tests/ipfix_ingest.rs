@@ -521,9 +521,9 @@ async fn ipfix_over_mutual_tls() {
         key: dir.path().join("client.key"),
     };
     let connector =
-        tokio_rustls::TlsConnector::from(qosloop_schema::tls::client_config(&files).unwrap());
+        tokio_rustls::TlsConnector::from(qosloop_runtime::tls::client_config(&files).unwrap());
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = qosloop_schema::tls::server_name(&addr.to_string()).unwrap();
+    let name = qosloop_runtime::tls::server_name(&addr.to_string()).unwrap();
     let mut tls = connector.connect(name, tcp).await.unwrap();
     tls.write_all(&message).await.unwrap();
     tls.shutdown().await.unwrap();

@@ -177,7 +177,7 @@ pub fn main() -> ExitCode {
             })
         }
     };
-    qosloop_schema::telemetry::init(format);
+    qosloop_runtime::telemetry::init(format);
     match run(args, config) {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {

@@ -165,7 +165,7 @@ impl Config {
                 Err(invalid("a client certificate needs pdp_tls_ca too".into()))
             }
             None => Ok(None),
-            Some(ca) => qosloop_schema::tls::client_config_with(ca, identity)
+            Some(ca) => qosloop_runtime::tls::client_config_with(ca, identity)
                 .map(Some)
                 .map_err(|e| invalid(e.to_string())),
         }

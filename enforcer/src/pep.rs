@@ -24,7 +24,7 @@ use qosloop_schema::cops::payload::QosloopDecision;
 use qosloop_schema::cops::{
     Body, CopsCodec, DecOutcome, ErrorCode, Handle, InstalledDecision, Message, PepHello, PepState,
 };
-use qosloop_schema::tls::Io;
+use qosloop_runtime::tls::Io;
 use qosloop_schema::{EnforcementReport, ReportOutcome};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -193,12 +193,12 @@ impl<B: KernelBackend> Daemon<B> {
 }
 
 /// The PEPID a client certificate (PEM) gives: the name in it
-/// ([`qosloop_schema::tls::certificate_identity`]).
+/// ([`qosloop_runtime::tls::certificate_identity`]).
 fn certificate_pep_id(path: &std::path::Path) -> anyhow::Result<String> {
     use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
     let cert = CertificateDer::from_pem_file(path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    qosloop_schema::tls::certificate_identity(cert.as_ref()).ok_or_else(|| {
+    qosloop_runtime::tls::certificate_identity(cert.as_ref()).ok_or_else(|| {
         anyhow::anyhow!(
             "{}: the certificate names no subject (common name or DNS name) to use as PEPID",
             path.display()
@@ -346,7 +346,7 @@ async fn tls_connect(
     pdp: &str,
     stream: TcpStream,
 ) -> Result<Box<dyn Io>, String> {
-    let name = qosloop_schema::tls::server_name(pdp)?;
+    let name = qosloop_runtime::tls::server_name(pdp)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream)).await {
         Ok(Ok(s)) => Ok(Box::new(s)),
         Ok(Err(e)) => Err(e.to_string()),

@@ -18,14 +18,14 @@
 mod engine;
 pub mod ipfix;
 mod spool;
-pub use qosloop_schema::tls;
+pub use qosloop_runtime::tls;
 pub use spool::leftovers as spool_leftovers;
 
 pub use spool::SpoolError;
 pub use tls::{TlsError, TlsFiles};
 
 /// A byte stream the protocol runs over: TCP, or TLS over TCP.
-pub use qosloop_schema::tls::Io;
+pub use qosloop_runtime::tls::Io;
 
 use bytes::BytesMut;
 use qosloop_schema::crane::records::RecordLayout;

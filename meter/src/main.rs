@@ -200,7 +200,7 @@ fn main() -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
-    qosloop_schema::telemetry::init(log_format);
+    qosloop_runtime::telemetry::init(log_format);
     let validated = match config.validate() {
         Ok(v) => v,
         Err(e) => return fail(EXIT_CONFIG, e),

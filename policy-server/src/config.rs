@@ -5,7 +5,7 @@
 use crate::pdp::PdpConfig;
 use crate::web::WebConfig;
 use qosloop_schema::guard::{check_bind, ConnLimits};
-use qosloop_schema::telemetry::LogFormat;
+use qosloop_runtime::telemetry::LogFormat;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -338,7 +338,7 @@ impl Config {
                 // configuration error before anything starts, not a failed
                 // connection later.
                 if let Some(ca) = &s.ldap_tls_ca {
-                    qosloop_schema::tls::client_config_with(ca, None)
+                    qosloop_runtime::tls::client_config_with(ca, None)
                         .map_err(|e| invalid("ldap_tls_ca", e.to_string()))?;
                 }
                 PolicySource::Ldap {
@@ -363,7 +363,7 @@ impl Config {
         )?;
         let tls = match (&s.pdp_tls_cert, &s.pdp_tls_key) {
             (Some(cert), Some(key)) => Some(
-                qosloop_schema::tls::server_config_with(cert, key, s.pdp_tls_client_ca.as_deref())
+                qosloop_runtime::tls::server_config_with(cert, key, s.pdp_tls_client_ca.as_deref())
                     .map_err(|e| invalid("pdp_tls_cert", e.to_string()))?,
             ),
             (None, None) if s.pdp_tls_client_ca.is_some() => {

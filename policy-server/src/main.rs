@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    qosloop_schema::telemetry::init(config.log_format);
+    qosloop_runtime::telemetry::init(config.log_format);
     config.warn_insecure_listeners();
     let nofile = qosloop_schema::guard::raise_nofile_limit();
     tracing::debug!(nofile, "open descriptor limit");

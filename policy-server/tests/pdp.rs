@@ -680,7 +680,7 @@ async fn a_peer_over_its_connection_limit_is_closed_and_others_get_in() {
 async fn under_mutual_tls_a_pepid_other_than_the_certificates_is_refused() {
     // Issue 11 item 5: with TLS, an enforcer is the name in its
     // certificate; any PEP could claim any name before.
-    use qosloop_schema::tls;
+    use qosloop_runtime::tls;
     qosloop_testbed::need!(qosloop_testbed::harness::require_binary(
         "openssl", "openssl"
     ));
@@ -739,7 +739,7 @@ async fn under_mutual_tls_a_pepid_other_than_the_certificates_is_refused() {
     let pem = std::fs::read_to_string(p("client.pem")).unwrap();
     let der = pem_body(&pem);
     assert_eq!(
-        qosloop_schema::tls::certificate_identity(&der).as_deref(),
+        qosloop_runtime::tls::certificate_identity(&der).as_deref(),
         Some("qosloop client")
     );
     server.stop().await;

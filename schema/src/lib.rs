@@ -11,15 +11,15 @@
 //! `guard`, the limits every listener of qosloop shares (connections per
 //! peer, accept back-off, log throttling, bind policy). Wire codecs
 //! (export protocol, COPS decisions) live here as `tokio_util` codecs so that
-//! both ends of a connection share one implementation.
+//! both ends of a connection share one implementation. TLS files and the
+//! log set-up live in `qosloop-runtime`; the database and the code that
+//! applies these migrations in `qosloop-store`.
 
 pub mod cops;
 pub mod crane;
 pub mod guard;
 pub mod ie;
 pub mod sql;
-pub mod telemetry;
-pub mod tls;
 
 mod flow;
 mod policy;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text", global = true)]
-    log_format: qosloop_schema::telemetry::LogFormat,
+    log_format: qosloop_runtime::telemetry::LogFormat,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -64,7 +64,7 @@ enum Bench {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    qosloop_schema::telemetry::init(args.log_format);
+    qosloop_runtime::telemetry::init(args.log_format);
     match run(args.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

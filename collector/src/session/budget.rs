@@ -6,7 +6,7 @@
 
 use super::Counters;
 use bytes::{BufMut, BytesMut};
-use qosloop_exporter::Io;
+use qosloop_runtime::tls::Io;
 use qosloop_schema::crane::{CraneCodec, CraneError, Data, Frame, HEADER_LEN, READ_CHUNK};
 use std::future::Future;
 use std::pin::Pin;

@@ -29,7 +29,7 @@ use crate::store::{Batch, Outcome, Sink, WriteReq};
 use bytes::BytesMut;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
-use qosloop_exporter::Io;
+use qosloop_runtime::tls::Io;
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, CraneError, DataAck, ErrorCode, ErrorMsg, Frame, Message, StartAck,

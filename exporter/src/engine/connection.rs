@@ -119,7 +119,7 @@ impl Engine {
         let io: Box<dyn crate::Io> = match &self.tls {
             None => Box::new(stream),
             Some(connector) => {
-                let name = qosloop_schema::tls::server_name(&addr).map_err(failed)?;
+                let name = qosloop_runtime::tls::server_name(&addr).map_err(failed)?;
                 let tls =
                     tokio::time::timeout(Duration::from_secs(2), connector.connect(name, stream))
                         .await

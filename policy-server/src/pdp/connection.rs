@@ -11,7 +11,7 @@ use qosloop_schema::cops::{
     Body, CopsCodec, CopsError, DecisionEntry, DecisionRef, ErrorCode, Handle, InstalledDecision,
     Message, PepHello, PepState, CLIENT_TYPE_QOSLOOP,
 };
-use qosloop_schema::tls::Io;
+use qosloop_runtime::tls::Io;
 use qosloop_schema::Direction;
 use qosloop_schema::EnforcementReport;
 use std::collections::HashMap;

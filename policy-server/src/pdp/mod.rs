@@ -57,7 +57,7 @@
 
 use crate::engine::DecisionTable;
 use qosloop_schema::guard::{accept_next, ConnLimiter, ConnLimits, ConnStats, LogThrottle};
-use qosloop_schema::tls::Io;
+use qosloop_runtime::tls::Io;
 use qosloop_schema::EnforcementReport;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -411,7 +411,7 @@ async fn start(
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
-                        .and_then(|c| qosloop_schema::tls::certificate_identity(c.as_ref()));
+                        .and_then(|c| qosloop_runtime::tls::certificate_identity(c.as_ref()));
                     (Box::new(s), identity)
                 }
                 Ok(Err(e)) => {

@@ -102,7 +102,7 @@ async fn connect(source: &LdapSource) -> Result<Ldap, RepoError> {
         .set_conn_timeout(source.connect_timeout)
         .set_starttls(source.starttls);
     if let Some(ca) = &source.tls_ca {
-        let cfg = qosloop_schema::tls::client_config_with(ca, None)
+        let cfg = qosloop_runtime::tls::client_config_with(ca, None)
             .map_err(|e| source.err(format!("TLS: {e}")))?;
         settings = settings.set_config(cfg);
     }
