@@ -7,9 +7,9 @@
 //!
 //!   cargo run --release -p qosloop-collector --example sqlite_write_rate [RECORDS] [DIR]
 
-use qosloop_collector::Db;
 use qosloop_collector::{spawn_writer, Batch, Sink, WriteReq};
 use qosloop_schema::FlowRecord;
+use qosloop_store::Db;
 use std::time::Instant;
 use tokio::sync::oneshot;
 

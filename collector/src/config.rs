@@ -254,7 +254,7 @@ impl Config {
                 "db",
                 format!(
                     "{:?}: use sqlite://FILE, postgres://… or discard:",
-                    crate::redact(&self.db)
+                    qosloop_store::redact(&self.db)
                 ),
             );
         }

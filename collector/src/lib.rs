@@ -3,20 +3,18 @@
 //! The collector node: it accepts records from exporters (qosloop's
 //! CRANE-style protocol, `docs/protocol.md`), stores them in SQL — SQLite
 //! embedded or PostgreSQL — and acknowledges only what is committed,
-//! de-duplicating re-sent messages by (exporter, stream, seq). It owns the
-//! database connection and the migrations that bring a database to
-//! qosloop's schema; the schema and the wire codec live in `qosloop-schema`.
+//! de-duplicating re-sent messages by (exporter, stream, seq). The database
+//! handle, the migrations and the SQL of every table are `qosloop-store`'s;
+//! the schema and the wire codec live in `qosloop-schema`.
 //! It also takes IPFIX, NetFlow v9 and v5 from standard exporters over UDP
 //! and TCP ([`ipfix`]) into the same `flows` table through the same writer.
 
 mod config;
-mod db;
 pub mod ipfix;
 mod server;
 mod session;
 mod store;
 
 pub use config::{Config, ConfigError, MAX_EXPORTER_NAME};
-pub use db::{now_ns, redact, Db, DbError};
 pub use server::{bind, open_sink, serve, tls_acceptor, Collector, CollectorStats, ServerError};
 pub use store::{spawn_writer, Batch, Outcome, Sink, WriteReq};

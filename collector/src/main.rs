@@ -296,9 +296,9 @@ async fn main() -> ExitCode {
 
 async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     if migrate_only {
-        let db = qosloop_collector::Db::connect(&config.db).await?;
+        let db = qosloop_store::Db::connect(&config.db).await?;
         let applied = db.migrate().await?;
-        tracing::info!(applied, db = %qosloop_collector::redact(&config.db), "schema up to date");
+        tracing::info!(applied, db = %qosloop_store::redact(&config.db), "schema up to date");
         for t in db.tables().await? {
             println!("{t}");
         }
@@ -310,7 +310,7 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
         Some(qosloop_collector::bind(&config).await?)
     };
     let sink = qosloop_collector::open_sink(&config.db).await?;
-    tracing::info!(db = %qosloop_collector::redact(&config.db), "storage ready");
+    tracing::info!(db = %qosloop_store::redact(&config.db), "storage ready");
     let collector = qosloop_collector::Collector::new(sink.clone(), &config)?;
     let ingest = if config.ipfix_listen.is_empty() {
         None

@@ -5,10 +5,10 @@
 use crate::config::Config;
 use crate::session::{self, Counters, SessionCtx, SessionLimits};
 use crate::store::{spawn_writer, Sink};
-use crate::Db;
 use qosloop_runtime::tls::Io;
 use qosloop_schema::guard::{self, ConnLimiter, ConnStats, LogThrottle};
 use qosloop_schema::ie;
+use qosloop_store::Db;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ pub enum ServerError {
     #[error("listen: {0}")]
     Bind(String),
     #[error(transparent)]
-    Db(#[from] crate::DbError),
+    Db(#[from] qosloop_store::DbError),
     #[error(transparent)]
     Tls(#[from] qosloop_runtime::tls::TlsError),
 }
@@ -43,7 +43,7 @@ pub fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>
 }
 
 /// Opens the storage named by `config.db` (`discard:` stores nothing).
-pub async fn open_sink(url: &str) -> Result<Sink, crate::DbError> {
+pub async fn open_sink(url: &str) -> Result<Sink, qosloop_store::DbError> {
     if url == "discard:" || url == "discard://" {
         return Ok(Sink::Discard);
     }

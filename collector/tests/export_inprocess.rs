@@ -3,9 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_collector::{Config, Db, Sink};
+use qosloop_collector::{Config, Sink};
 use qosloop_exporter::{Exporter, ExporterConfig};
 use qosloop_schema::FlowRecord;
+use qosloop_store::Db;
 use std::time::Duration;
 
 fn record(i: u64) -> FlowRecord {

@@ -119,12 +119,12 @@ async fn send_range(
 }
 
 async fn totals(url: &str) -> (i64, i64, i64) {
-    let db = qosloop_collector::Db::connect(url).await.unwrap();
+    let db = qosloop_store::Db::connect(url).await.unwrap();
     let q = "SELECT count(*), CAST(COALESCE(sum(bytes), 0) AS BIGINT), \
              (SELECT count(*) FROM (SELECT 1 FROM flows GROUP BY exporter_id, session_id, seq, start_ns HAVING count(*) > 1) d) FROM flows";
     let t = match &db {
-        qosloop_collector::Db::Sqlite(p) => sqlx::query_as(q).fetch_one(p).await.unwrap(),
-        qosloop_collector::Db::Postgres(p) => sqlx::query_as(q).fetch_one(p).await.unwrap(),
+        qosloop_store::Db::Sqlite(p) => sqlx::query_as(q).fetch_one(p).await.unwrap(),
+        qosloop_store::Db::Postgres(p) => sqlx::query_as(q).fetch_one(p).await.unwrap(),
     };
     db.close().await;
     t

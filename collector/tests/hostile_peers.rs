@@ -10,7 +10,7 @@ mod common;
 
 use common::legitimate_export;
 use futures_util::{SinkExt, StreamExt};
-use qosloop_collector::{Collector, Config, Db};
+use qosloop_collector::{Collector, Config};
 use qosloop_schema::crane::records::RecordLayout;
 use qosloop_schema::crane::{
     ByteOrder, CraneCodec, Data, ErrorCode, ErrorMsg, Frame, Message, Start, TemplateSet, WireKey,
@@ -18,6 +18,7 @@ use qosloop_schema::crane::{
 };
 use qosloop_schema::ie;
 use qosloop_schema::Template;
+use qosloop_store::Db;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;

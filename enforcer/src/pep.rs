@@ -20,11 +20,11 @@ use crate::backend::KernelBackend;
 use crate::config::Config;
 use crate::enforcer::Enforcer;
 use futures_util::{SinkExt, StreamExt};
+use qosloop_runtime::tls::Io;
 use qosloop_schema::cops::payload::QosloopDecision;
 use qosloop_schema::cops::{
     Body, CopsCodec, DecOutcome, ErrorCode, Handle, InstalledDecision, Message, PepHello, PepState,
 };
-use qosloop_runtime::tls::Io;
 use qosloop_schema::{EnforcementReport, ReportOutcome};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

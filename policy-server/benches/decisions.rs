@@ -19,7 +19,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures_util::{SinkExt, StreamExt};
-use qosloop_collector::Db;
 use qosloop_policy_server::bandwidth::{BandwidthManager, Rates, SubjectRate};
 use qosloop_policy_server::server::{LoopConfig, Server};
 use qosloop_policy_server::testing::{many_flows_policy, paper_policy};
@@ -27,6 +26,7 @@ use qosloop_policy_server::{Engine, PdpConfig};
 use qosloop_schema::cops::payload::QosloopDecision;
 use qosloop_schema::cops::{Body, CopsCodec, DecOutcome, Handle, Message, PepHello, PepState};
 use qosloop_schema::{DecisionKind, FlowRecord, PolicySet};
+use qosloop_store::Db;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -139,7 +139,7 @@ fn bandwidth_throughput() {
 
 async fn insert_burst(db: &Db, kbps_over_interval: u64, interval: Duration, seq: &mut i64) {
     let bytes = kbps_over_interval * 1000 / 8 * interval.as_millis() as u64 / 1000;
-    let now = qosloop_collector::now_ns();
+    let now = qosloop_store::now_ns();
     let Db::Sqlite(pool) = db else { unreachable!() };
     *seq += 1;
     sqlx::query(

@@ -4,8 +4,8 @@
 
 use crate::pdp::PdpConfig;
 use crate::web::WebConfig;
-use qosloop_schema::guard::{check_bind, ConnLimits};
 use qosloop_runtime::telemetry::LogFormat;
+use qosloop_schema::guard::{check_bind, ConnLimits};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

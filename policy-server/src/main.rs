@@ -143,7 +143,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .with_context(|| {
         format!(
             "starting with database {}",
-            qosloop_collector::redact(&config.db)
+            qosloop_store::redact(&config.db)
         )
     })?;
     let store = server.store.clone();

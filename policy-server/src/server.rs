@@ -12,9 +12,9 @@ use crate::config::Config;
 use crate::engine::{DecisionTable, Engine};
 use crate::pdp::{Pdp, PdpCounters, PdpEvent, PdpStats};
 use crate::store::{FlowCursor, Store};
-use qosloop_collector::{now_ns, Db};
 use qosloop_schema::guard::ConnLimiter;
 use qosloop_schema::PolicySet;
+use qosloop_store::{now_ns, Db};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
-    Db(#[from] qosloop_collector::DbError),
+    Db(#[from] qosloop_store::DbError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("cannot listen for enforcers on {addr}: {source}")]

@@ -1,7 +1,9 @@
 //! The policy server's SQL: reading new flow records exactly once, storing
 //! rates, decisions, enforcers and their reports, and the reads of the web
-//! API. Works on SQLite and PostgreSQL through `qosloop_collector::Db`,
-//! with runtime queries (no checked macros: two dialects).
+//! API. The SQL is `qosloop_store`'s (one storage layer for every process,
+//! both dialects); this module adds what the policy server makes of it:
+//! the cursor that reads each record once, and errors that say what was
+//! being done.
 //!
 //! # What "new records" means
 //!
@@ -20,11 +22,10 @@
 
 use crate::bandwidth::Rates;
 use crate::engine::Changes;
-use qosloop_collector::{now_ns, Db};
-use qosloop_schema::{Decision, EnforcementReport, FlowRecord, ReportOutcome};
-use serde::Serialize;
+use qosloop_schema::{Decision, EnforcementReport, FlowRecord};
+use qosloop_store::Db;
+pub use qosloop_store::{EnforcerRow, RateRow};
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// What went wrong with the database.
@@ -42,79 +43,10 @@ fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Sql { what, source }
 }
 
-/// Runs `$body` with `$pool` bound to the pool and `$Db` to the sqlx
-/// database type of whichever dialect `$db` is.
-macro_rules! on_pool {
-    ($db:expr, $pool:ident, $Db:ident => $body:expr) => {
-        match $db {
-            Db::Sqlite($pool) => {
-                #[allow(dead_code)]
-                type $Db = sqlx::Sqlite;
-                $body
-            }
-            Db::Postgres($pool) => {
-                #[allow(dead_code)]
-                type $Db = sqlx::Postgres;
-                $body
-            }
-        }
-    };
-}
-
 /// The policy server's view of the database.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
-}
-
-type FlowRow = (
-    i64,
-    String,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<String>,
-    Option<i64>,
-);
-
-fn flow_columns(db: &Db) -> &'static str {
-    match db {
-        Db::Sqlite(_) => {
-            "id, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns, \"user\", \
-             CAST(sampling_interval AS BIGINT)"
-        }
-        Db::Postgres(_) => {
-            "id, host(src_addr), host(dst_addr), CAST(src_port AS BIGINT), CAST(dst_port AS BIGINT), \
-             CAST(proto AS BIGINT), packets, bytes, start_ns, end_ns, \"user\", \
-             CAST(sampling_interval AS BIGINT)"
-        }
-    }
-}
-
-fn record_of(row: &FlowRow) -> Option<FlowRecord> {
-    let (_, src, dst, sport, dport, proto, packets, bytes, start, end, user, sampling) = row;
-    Some(FlowRecord {
-        src_addr: src.parse::<IpAddr>().ok()?,
-        dst_addr: dst.parse::<IpAddr>().ok()?,
-        src_port: u16::try_from(*sport).ok()?,
-        dst_port: u16::try_from(*dport).ok()?,
-        proto: u8::try_from(*proto).ok()?,
-        packets: u64::try_from(*packets).ok()?,
-        bytes: u64::try_from(*bytes).ok()?,
-        start_ns: u64::try_from(*start).ok()?,
-        end_ns: u64::try_from(*end).ok()?,
-        user: user.clone(),
-        sampling_interval: match sampling {
-            None => None,
-            Some(n) => Some(u32::try_from(*n).ok().filter(|n| *n >= 1)?),
-        },
-        ..FlowRecord::default()
-    })
 }
 
 /// The record with its counters scaled by its 1-in-N sampling interval:
@@ -153,10 +85,11 @@ pub struct FlowCursor {
 impl FlowCursor {
     /// A cursor that starts after the records stored so far.
     pub async fn at_end(store: &Store, gap_timeout: Duration) -> Result<FlowCursor, StoreError> {
-        let q = "SELECT COALESCE(MAX(id), 0) FROM flows";
-        let (max,): (i64,) =
-            on_pool!(&store.db, pool, D => sqlx::query_as(q).fetch_one(pool).await)
-                .map_err(sql("reading the last flow id"))?;
+        let max = store
+            .db
+            .max_flow_id()
+            .await
+            .map_err(sql("reading the last flow id"))?;
         Ok(FlowCursor::from_id(max + 1, gap_timeout))
     }
 
@@ -183,21 +116,16 @@ impl FlowCursor {
         mut each: impl FnMut(&FlowRecord),
     ) -> Result<ReadStats, StoreError> {
         let mut stats = ReadStats::default();
-        let q = format!(
-            "SELECT {} FROM flows WHERE id >= $1 ORDER BY id LIMIT $2",
-            flow_columns(&store.db)
-        );
         let mut from = self.next;
         loop {
-            let rows: Vec<FlowRow> = on_pool!(&store.db, pool, D => sqlx::query_as(&q)
-                .bind(from)
-                .bind(self.page)
-                .fetch_all(pool)
-                .await)
-            .map_err(sql("reading new flow records"))?;
+            let rows = store
+                .db
+                .flows_from(from, self.page)
+                .await
+                .map_err(sql("reading new flow records"))?;
             let full = rows.len() as i64 == self.page;
-            for row in &rows {
-                let id = row.0;
+            for row in rows {
+                let id = row.id;
                 from = id + 1;
                 if !self.counted_above.insert(id) {
                     continue;
@@ -205,7 +133,7 @@ impl FlowCursor {
                 // Rates are computed from what was on the wire: sampled
                 // counters are scaled here, on the one read path of the
                 // bandwidth manager.
-                match record_of(row).map(scaled) {
+                match row.record.map(scaled) {
                     Some(r) => {
                         each(&r);
                         stats.records += 1;
@@ -243,29 +171,6 @@ impl FlowCursor {
     }
 }
 
-/// A row of `enforcers`.
-#[derive(Clone, Debug, Serialize)]
-pub struct EnforcerRow {
-    pub name: String,
-    pub roles: String,
-    pub address: Option<String>,
-    pub state: String,
-    pub connected_ns: i64,
-    pub last_seen_ns: i64,
-}
-
-/// A row of `rates`.
-#[derive(Clone, Debug, Serialize)]
-pub struct RateRow {
-    pub at_ns: i64,
-    pub interval_ns: i64,
-    pub subject: String,
-    pub name: String,
-    pub rate_kbps: f64,
-    pub avg_rate_kbps: f64,
-    pub records: i64,
-}
-
 impl Store {
     pub fn new(db: Db) -> Store {
         Store { db }
@@ -279,98 +184,50 @@ impl Store {
     /// carried traffic or still have an average above 0.5 kbit/s (idle
     /// flows would otherwise fill the table at 100k rows per interval).
     pub async fn insert_rates(&self, rates: &Rates) -> Result<(), StoreError> {
-        let rows: Vec<(&str, &crate::bandwidth::SubjectRate)> = rates
+        let row = |subject: &str, r: &crate::bandwidth::SubjectRate| RateRow {
+            at_ns: rates.at_ns,
+            interval_ns: rates.interval_ns,
+            subject: subject.to_owned(),
+            name: r.name.clone(),
+            rate_kbps: r.rate_kbps,
+            avg_rate_kbps: r.avg_rate_kbps,
+            records: r.records as i64,
+        };
+        let rows: Vec<RateRow> = rates
             .links
             .iter()
-            .map(|l| ("link", l))
+            .map(|l| row("link", l))
             .chain(
                 rates
                     .flows
                     .iter()
                     .filter(|f| f.records > 0 || f.avg_rate_kbps > 0.5)
-                    .map(|f| ("flow", f)),
+                    .map(|f| row("flow", f)),
             )
             .collect();
-        for chunk in rows.chunks(1000) {
-            on_pool!(&self.db, pool, D => {
-                let mut qb = sqlx::QueryBuilder::<D>::new(
-                    "INSERT INTO rates (at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records) ",
-                );
-                qb.push_values(chunk, |mut b, (subject, r)| {
-                    b.push_bind(rates.at_ns)
-                        .push_bind(rates.interval_ns)
-                        .push_bind(*subject)
-                        .push_bind(r.name.clone())
-                        .push_bind(r.rate_kbps)
-                        .push_bind(r.avg_rate_kbps)
-                        .push_bind(r.records as i64);
-                });
-                qb.build().execute(pool).await.map(|_| ())
-            })
-            .map_err(sql("storing rates"))?;
-        }
-        Ok(())
+        self.db
+            .insert_rates(&rows)
+            .await
+            .map_err(sql("storing rates"))
     }
 
     /// Stores every change of one evaluation with its reason.
     pub async fn insert_decisions(&self, changes: &Changes) -> Result<(), StoreError> {
-        let rows: Vec<(&Decision, &str)> = changes
-            .installed
-            .iter()
-            .map(|d| (&**d, kind_name(d)))
-            .chain(changes.removed.iter().map(|d| (&**d, "remove")))
-            .collect();
-        let jsonb = matches!(self.db, Db::Postgres(_));
-        for chunk in rows.chunks(500) {
-            on_pool!(&self.db, pool, D => {
-                let mut qb = sqlx::QueryBuilder::<D>::new(
-                    "INSERT INTO decisions (decision_id, version, issued_ns, role, policy_dn, flow, kind, band, \
-                     rate_kbps, avg_rate_kbps, link, link_load_kbps, body) ",
-                );
-                qb.push_values(chunk, |mut b, (d, kind)| {
-                    b.push_bind(d.id as i64)
-                        .push_bind(d.version as i64)
-                        .push_bind(d.issued_ns as i64)
-                        .push_bind(d.role.clone())
-                        .push_bind(d.policy_dn.clone())
-                        .push_bind(d.flow.to_string())
-                        .push_bind(*kind)
-                        .push_bind(d.reason.band.clone())
-                        .push_bind(d.reason.rate_kbps)
-                        .push_bind(d.reason.avg_rate_kbps)
-                        .push_bind(d.reason.link.clone())
-                        .push_bind(d.reason.link_load_kbps)
-                        .push_bind(serde_json::to_string(d).unwrap_or_default());
-                    if jsonb {
-                        b.push_unseparated("::jsonb");
-                    }
-                });
-                qb.build().execute(pool).await.map(|_| ())
-            })
-            .map_err(sql("storing decisions"))?;
-        }
-        Ok(())
+        let installed: Vec<&Decision> = changes.installed.iter().map(|d| &**d).collect();
+        let removed: Vec<&Decision> = changes.removed.iter().map(|d| &**d).collect();
+        self.db
+            .insert_decisions(&installed, &removed)
+            .await
+            .map_err(sql("storing decisions"))
     }
 
     /// The last stored state of every decision not removed since, for the
     /// engine to resume after a restart.
     pub async fn latest_decisions(&self) -> Result<Vec<Decision>, StoreError> {
-        let body = match self.db {
-            Db::Sqlite(_) => "d.body",
-            Db::Postgres(_) => "d.body::text",
-        };
-        let q = format!(
-            "SELECT d.kind, {body} FROM decisions d JOIN \
-             (SELECT decision_id, MAX(id) AS id FROM decisions GROUP BY decision_id) last ON last.id = d.id"
-        );
-        let rows: Vec<(String, String)> =
-            on_pool!(&self.db, pool, D => sqlx::query_as(&q).fetch_all(pool).await)
-                .map_err(sql("reading the last decisions"))?;
-        Ok(rows
-            .into_iter()
-            .filter(|(kind, _)| kind != "remove")
-            .filter_map(|(_, body)| serde_json::from_str(&body).ok())
-            .collect())
+        self.db
+            .latest_decisions()
+            .await
+            .map_err(sql("reading the last decisions"))
     }
 
     /// The last stored average of each subject newer than `since_ns`.
@@ -378,10 +235,9 @@ impl Store {
         &self,
         since_ns: i64,
     ) -> Result<Vec<(String, String, f64)>, StoreError> {
-        let q = "SELECT r.subject, r.name, r.avg_rate_kbps FROM rates r JOIN \
-                 (SELECT subject, name, MAX(id) AS id FROM rates WHERE at_ns >= $1 GROUP BY subject, name) last \
-                 ON last.id = r.id";
-        on_pool!(&self.db, pool, D => sqlx::query_as(q).bind(since_ns).fetch_all(pool).await)
+        self.db
+            .latest_averages(since_ns)
+            .await
             .map_err(sql("reading the last averages"))
     }
 
@@ -393,25 +249,10 @@ impl Store {
         address: &str,
         state: &str,
     ) -> Result<(), StoreError> {
-        let now = now_ns();
-        let q = "INSERT INTO enforcers (name, roles, address, state, connected_ns, last_seen_ns) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO UPDATE SET \
-                 roles = excluded.roles, address = excluded.address, state = excluded.state, \
-                 connected_ns = CASE WHEN excluded.state = 'connected' AND enforcers.state <> 'connected' \
-                 THEN excluded.connected_ns ELSE enforcers.connected_ns END, \
-                 last_seen_ns = excluded.last_seen_ns";
-        on_pool!(&self.db, pool, D => sqlx::query(q)
-            .bind(name)
-            .bind(roles.join(","))
-            .bind(address)
-            .bind(state)
-            .bind(now)
-            .bind(now)
-            .execute(pool)
+        self.db
+            .upsert_enforcer(name, roles, address, state)
             .await
-            .map(|_| ()))
-        .map_err(sql("storing an enforcer"))?;
-        Ok(())
+            .map_err(sql("storing an enforcer"))
     }
 
     /// Forgets disconnected enforcers last seen before `oldest_ns`, and
@@ -419,16 +260,10 @@ impl Store {
     /// changes with every enforcer restart: the table must not grow with
     /// them). Returns how many rows went.
     pub async fn prune_enforcers(&self, keep: i64, oldest_ns: i64) -> Result<u64, StoreError> {
-        let q = "DELETE FROM enforcers WHERE state <> 'connected' AND (last_seen_ns < $1 OR name NOT IN \
-                 (SELECT name FROM enforcers WHERE state <> 'connected' ORDER BY last_seen_ns DESC, name LIMIT $2))";
-        let done = on_pool!(&self.db, pool, D => sqlx::query(q)
-            .bind(oldest_ns)
-            .bind(keep)
-            .execute(pool)
+        self.db
+            .prune_enforcers(keep, oldest_ns)
             .await
-            .map(|r| r.rows_affected()))
-        .map_err(sql("forgetting old enforcers"))?;
-        Ok(done)
+            .map_err(sql("forgetting old enforcers"))
     }
 
     pub async fn insert_report(
@@ -436,26 +271,10 @@ impl Store {
         enforcer: &str,
         r: &EnforcementReport,
     ) -> Result<(), StoreError> {
-        let (outcome, reason) = match &r.outcome {
-            ReportOutcome::Installed => ("installed", None),
-            ReportOutcome::Removed => ("removed", None),
-            ReportOutcome::Failed { reason } => ("failed", Some(reason.clone())),
-        };
-        let q = "INSERT INTO enforcement_reports (enforcer, decision_id, version, outcome, reason, reconfig_ns, at_ns) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)";
-        on_pool!(&self.db, pool, D => sqlx::query(q)
-            .bind(enforcer)
-            .bind(r.decision_id as i64)
-            .bind(r.version as i64)
-            .bind(outcome)
-            .bind(reason)
-            .bind(i64::try_from(r.reconfig_ns).unwrap_or(i64::MAX))
-            .bind(i64::try_from(r.at_ns).unwrap_or(i64::MAX))
-            .execute(pool)
+        self.db
+            .insert_report(enforcer, r)
             .await
-            .map(|_| ()))
-        .map_err(sql("storing an enforcement report"))?;
-        Ok(())
+            .map_err(sql("storing an enforcement report"))
     }
 
     /// Records a change of the policy repository (`policy_audit`).
@@ -467,68 +286,30 @@ impl Store {
         change: &str,
         detail: Option<&str>,
     ) -> Result<(), StoreError> {
-        let q = "INSERT INTO policy_audit (at_ns, source, dn, change, detail) VALUES ($1, $2, $3, $4, $5)";
-        on_pool!(&self.db, pool, D => sqlx::query(q)
-            .bind(i64::try_from(at_ns).unwrap_or(i64::MAX))
-            .bind(source)
-            .bind(dn)
-            .bind(change)
-            .bind(detail)
-            .execute(pool)
+        self.db
+            .insert_audit(at_ns, source, dn, change, detail)
             .await
-            .map(|_| ()))
-        .map_err(sql("storing a policy audit event"))?;
-        Ok(())
+            .map_err(sql("storing a policy audit event"))
     }
 
     pub async fn enforcers(&self) -> Result<Vec<EnforcerRow>, StoreError> {
-        let q = "SELECT name, roles, address, state, connected_ns, last_seen_ns FROM enforcers ORDER BY name";
-        let rows: Vec<(String, String, Option<String>, String, i64, i64)> =
-            on_pool!(&self.db, pool, D => sqlx::query_as(q).fetch_all(pool).await)
-                .map_err(sql("reading enforcers"))?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(name, roles, address, state, connected_ns, last_seen_ns)| EnforcerRow {
-                    name,
-                    roles,
-                    address,
-                    state,
-                    connected_ns,
-                    last_seen_ns,
-                },
-            )
-            .collect())
+        self.db.enforcers().await.map_err(sql("reading enforcers"))
     }
 
     /// Reports of `enforcer`, oldest first: (decision id, version, outcome).
     pub async fn reports(&self, enforcer: &str) -> Result<Vec<(i64, i64, String)>, StoreError> {
-        let q = "SELECT decision_id, version, outcome FROM enforcement_reports WHERE enforcer = $1 ORDER BY id";
-        on_pool!(&self.db, pool, D => sqlx::query_as(q).bind(enforcer).fetch_all(pool).await)
+        self.db
+            .reports(enforcer)
+            .await
             .map_err(sql("reading enforcement reports"))
     }
 
     /// The rates of the last `limit` rows, newest first.
     pub async fn recent_rates(&self, limit: i64) -> Result<Vec<RateRow>, StoreError> {
-        let q = "SELECT at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records FROM rates \
-                 ORDER BY id DESC LIMIT $1";
-        let rows: Vec<(i64, i64, String, String, f64, f64, i64)> =
-            on_pool!(&self.db, pool, D => sqlx::query_as(q).bind(limit).fetch_all(pool).await)
-                .map_err(sql("reading rates"))?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records)| RateRow {
-                    at_ns,
-                    interval_ns,
-                    subject,
-                    name,
-                    rate_kbps,
-                    avg_rate_kbps,
-                    records,
-                },
-            )
-            .collect())
+        self.db
+            .recent_rates(limit)
+            .await
+            .map_err(sql("reading rates"))
     }
 
     /// The last `limit` decision changes, newest first:
@@ -537,35 +318,20 @@ impl Store {
         &self,
         limit: i64,
     ) -> Result<Vec<(i64, String, String, String)>, StoreError> {
-        let body = match self.db {
-            Db::Sqlite(_) => "body",
-            Db::Postgres(_) => "body::text",
-        };
-        let q = format!(
-            "SELECT issued_ns, kind, band, {body} FROM decisions ORDER BY id DESC LIMIT $1"
-        );
-        on_pool!(&self.db, pool, D => sqlx::query_as(&q).bind(limit).fetch_all(pool).await)
+        self.db
+            .recent_decisions(limit)
+            .await
             .map_err(sql("reading decisions"))
     }
 
     /// The last `limit` flow records, newest first.
     pub async fn recent_flows(&self, limit: i64) -> Result<Vec<FlowRecord>, StoreError> {
-        let q = format!(
-            "SELECT {} FROM flows ORDER BY id DESC LIMIT $1",
-            flow_columns(&self.db)
-        );
-        let rows: Vec<FlowRow> =
-            on_pool!(&self.db, pool, D => sqlx::query_as(&q).bind(limit).fetch_all(pool).await)
-                .map_err(sql("reading flows"))?;
-        Ok(rows.iter().filter_map(record_of).collect())
-    }
-}
-
-fn kind_name(d: &Decision) -> &'static str {
-    match d.kind() {
-        qosloop_schema::DecisionKind::Accept => "accept",
-        qosloop_schema::DecisionKind::Remark => "remark",
-        qosloop_schema::DecisionKind::Drop => "drop",
+        let rows = self
+            .db
+            .recent_flows(limit)
+            .await
+            .map_err(sql("reading flows"))?;
+        Ok(rows.into_iter().filter_map(|r| r.record).collect())
     }
 }
 
@@ -575,34 +341,22 @@ mod tests {
 
     #[test]
     fn sampled_counters_are_scaled_for_rates() {
-        let row = |sampling: Option<i64>| -> FlowRow {
-            (
-                1,
-                "10.0.0.1".into(),
-                "10.0.0.2".into(),
-                1000,
-                80,
-                6,
-                3,
-                180,
-                1,
-                2,
-                None,
-                sampling,
-            )
+        // The mapping of rows (intervals below 1 are no record) is
+        // qosloop_store's, tested there.
+        let sampled = FlowRecord {
+            packets: 3,
+            bytes: 180,
+            sampling_interval: Some(100),
+            ..FlowRecord::default()
         };
-        let r = record_of(&row(Some(100))).unwrap();
-        assert_eq!(
-            (r.packets, r.bytes, r.sampling_interval),
-            (3, 180, Some(100))
-        );
-        let s = scaled(r);
+        let s = scaled(sampled);
         assert_eq!((s.packets, s.bytes), (300, 18_000));
-        let unsampled = scaled(record_of(&row(None)).unwrap());
+        let unsampled = scaled(FlowRecord {
+            packets: 3,
+            bytes: 180,
+            ..FlowRecord::default()
+        });
         assert_eq!((unsampled.packets, unsampled.bytes), (3, 180));
-        // An interval of 0 or below is not a record.
-        assert!(record_of(&row(Some(0))).is_none());
-        assert!(record_of(&row(Some(-5))).is_none());
         // Scaling saturates instead of wrapping.
         let huge = FlowRecord {
             bytes: u64::MAX / 2,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 /// Generator traffic at `kbps` for one 100 ms slice, plus the policed flow
 /// out of profile at 1500 kbit/s (which does not count in the link load).
-async fn write_slice(db: &qosloop_collector::Db, kbps: u64, seq: &mut i64) {
+async fn write_slice(db: &qosloop_store::Db, kbps: u64, seq: &mut i64) {
     let bytes = kbps * 1000 / 8 / 10;
     // Four generator flows sharing the load.
     for i in 0..4u16 {

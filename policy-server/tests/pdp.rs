@@ -591,8 +591,8 @@ async fn reasons_cut_and_enforcers_capped(url: &str) {
     .await;
     let q = "SELECT reason FROM enforcement_reports WHERE enforcer = 'failing'";
     let (reason,): (String,) = match server.store.db() {
-        qosloop_collector::Db::Sqlite(pool) => sqlx::query_as(q).fetch_one(pool).await,
-        qosloop_collector::Db::Postgres(pool) => sqlx::query_as(q).fetch_one(pool).await,
+        qosloop_store::Db::Sqlite(pool) => sqlx::query_as(q).fetch_one(pool).await,
+        qosloop_store::Db::Postgres(pool) => sqlx::query_as(q).fetch_one(pool).await,
     }
     .unwrap();
     assert!(

@@ -4,8 +4,8 @@
 //! starts with `--postgres`.
 
 use crate::harness::Postgres;
-use qosloop_collector::Db;
 use qosloop_schema::FlowRecord;
+use qosloop_store::{Batch, Db};
 
 /// What the self-check found.
 #[derive(Debug)]
@@ -63,86 +63,23 @@ pub async fn run_postgres() -> anyhow::Result<SelfCheck> {
     result
 }
 
+/// Stores `r` through the collector's writer path (one DATA message, not
+/// de-duplicated) and reads the newest row back through the mapping every
+/// reader uses.
 async fn round_trip(db: &Db, r: &FlowRecord) -> anyhow::Result<FlowRecord> {
-    type Row = (
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-        Option<String>,
-    );
-    let row: Row = match db {
-        Db::Sqlite(pool) => {
-            sqlx::query(
-                "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
-                 packets, bytes, start_ns, end_ns, dscp, class) VALUES (0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(r.src_addr.to_string())
-            .bind(r.dst_addr.to_string())
-            .bind(i64::from(r.src_port))
-            .bind(i64::from(r.dst_port))
-            .bind(i64::from(r.proto))
-            .bind(r.packets as i64)
-            .bind(r.bytes as i64)
-            .bind(r.start_ns as i64)
-            .bind(r.end_ns as i64)
-            .bind(r.dscp.map(i64::from))
-            .bind(r.class.clone())
-            .execute(pool)
-            .await?;
-            sqlx::query_as(
-                "SELECT src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns, dscp, class \
-                 FROM flows ORDER BY id DESC LIMIT 1",
-            )
-            .fetch_one(pool)
-            .await?
-        }
-        Db::Postgres(pool) => {
-            sqlx::query(
-                "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
-                 packets, bytes, start_ns, end_ns, dscp, class) \
-                 VALUES (0, 0, 0, $1::inet, $2::inet, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(r.src_addr.to_string())
-            .bind(r.dst_addr.to_string())
-            .bind(i32::from(r.src_port))
-            .bind(i32::from(r.dst_port))
-            .bind(i16::from(r.proto))
-            .bind(r.packets as i64)
-            .bind(r.bytes as i64)
-            .bind(r.start_ns as i64)
-            .bind(r.end_ns as i64)
-            .bind(r.dscp.map(i16::from))
-            .bind(r.class.clone())
-            .execute(pool)
-            .await?;
-            sqlx::query_as(
-                "SELECT host(src_addr), host(dst_addr), src_port::BIGINT, dst_port::BIGINT, proto::BIGINT, packets, bytes, \
-                 start_ns, end_ns, dscp::BIGINT, class FROM flows ORDER BY id DESC LIMIT 1",
-            )
-            .fetch_one(pool)
-            .await?
-        }
+    let batch = Batch {
+        exporter_id: 0,
+        session_id: 0,
+        seq: 0,
+        records: vec![r.clone()],
+        dedup: false,
     };
-    let (src, dst, sp, dp, proto, packets, bytes, start, end, dscp, class) = row;
-    Ok(FlowRecord {
-        src_addr: src.parse()?,
-        dst_addr: dst.parse()?,
-        src_port: u16::try_from(sp)?,
-        dst_port: u16::try_from(dp)?,
-        proto: u8::try_from(proto)?,
-        packets: u64::try_from(packets)?,
-        bytes: u64::try_from(bytes)?,
-        start_ns: u64::try_from(start)?,
-        end_ns: u64::try_from(end)?,
-        dscp: dscp.map(u8::try_from).transpose()?,
-        class,
-        ..FlowRecord::default()
-    })
+    db.commit_batches(&[&batch]).await?;
+    let row = db
+        .recent_flows(1)
+        .await?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the stored record is not in flows"))?;
+    row.record
+        .ok_or_else(|| anyhow::anyhow!("row {} does not read back as a flow record", row.id))
 }

@@ -3,8 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_collector::Db;
 use qosloop_schema::sql::{migrations, Dialect};
+use qosloop_store::Db;
 use qosloop_testbed::harness::{require_binary, require_root, Netns, Postgres, VethPair};
 use qosloop_testbed::need;
 use std::net::UdpSocket;

@@ -11,12 +11,12 @@ use super::output::{Output, Restorable};
 use super::settings::IngestSettings;
 use super::sql::ListenerStats;
 use super::stats::DropReason;
-use crate::db::now_ns;
 use crate::store::{Sink, WriteReq};
 use nix::sys::socket::{
     self, setsockopt, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, MultiHeaders,
     SockFlag, SockType, SockaddrStorage,
 };
+use qosloop_store::now_ns;
 use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;

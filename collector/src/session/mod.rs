@@ -276,7 +276,7 @@ pub async fn serve(
                 "session closed with an error");
         }
         let msg = Message::Error(ErrorMsg {
-            time_ns: crate::now_ns().max(0) as u64,
+            time_ns: qosloop_store::now_ns().max(0) as u64,
             code: r.code,
             text: r.text,
         });

@@ -7,11 +7,11 @@
 use super::{bump, check_identity, stopped, PdpEvent, PdpShared, PdpStats, MAX_REPORT_REASON};
 use crate::engine::DecisionTable;
 use futures_util::{SinkExt, StreamExt};
+use qosloop_runtime::tls::Io;
 use qosloop_schema::cops::{
     Body, CopsCodec, CopsError, DecisionEntry, DecisionRef, ErrorCode, Handle, InstalledDecision,
     Message, PepHello, PepState, CLIENT_TYPE_QOSLOOP,
 };
-use qosloop_runtime::tls::Io;
 use qosloop_schema::Direction;
 use qosloop_schema::EnforcementReport;
 use std::collections::HashMap;

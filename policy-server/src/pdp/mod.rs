@@ -56,8 +56,8 @@
 //! [`PepState`]: qosloop_schema::cops::PepState
 
 use crate::engine::DecisionTable;
-use qosloop_schema::guard::{accept_next, ConnLimiter, ConnLimits, ConnStats, LogThrottle};
 use qosloop_runtime::tls::Io;
+use qosloop_schema::guard::{accept_next, ConnLimiter, ConnLimits, ConnStats, LogThrottle};
 use qosloop_schema::EnforcementReport;
 use serde::Serialize;
 use std::collections::HashMap;

@@ -9,7 +9,6 @@
 )]
 
 use futures_util::{SinkExt, StreamExt};
-use qosloop_collector::Db;
 use qosloop_policy_server::server::{LoopConfig, Server, ServerHandle};
 use qosloop_policy_server::testing::paper_policy;
 use qosloop_policy_server::PdpConfig;
@@ -18,6 +17,7 @@ use qosloop_schema::cops::{
     Body, CopsCodec, DecOutcome, Handle, InstalledDecision, Message, PepHello, PepState,
 };
 use qosloop_schema::{Decision, EnforcementReport, PolicySet, ReportOutcome};
+use qosloop_store::Db;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,7 +219,7 @@ pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 
 /// Inserts one flow record as a collector would.
 pub async fn insert_flow(db: &Db, src: &str, dst: &str, dport: u16, bytes: u64, seq: i64) {
-    let now = qosloop_collector::now_ns();
+    let now = qosloop_store::now_ns();
     let q = match db {
         Db::Sqlite(_) => "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, $2, $3, 6055, $4, 17, $5, $6, $7, $8)",
         Db::Postgres(_) => "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, $2::inet, $3::inet, 6055, $4, 17, $5, $6, $7, $8)",

@@ -294,23 +294,16 @@ fn component(name: &str) -> Option<PathBuf> {
 /// Counts rows of `flows` until the count stops growing for 1.5 s;
 /// returns the count and when it last grew.
 async fn settle_rows(url: &str, start: Instant) -> anyhow::Result<(u64, Duration)> {
-    let db = qosloop_collector::Db::connect(url).await?;
+    let db = qosloop_store::Db::connect(url).await?;
     let (mut last, mut grew_at) = (0u64, start.elapsed());
     let mut still = Instant::now();
     let limit = Instant::now() + Duration::from_secs(300);
     while Instant::now() < limit && still.elapsed() < Duration::from_millis(1500) {
-        let n: i64 = match &db {
-            qosloop_collector::Db::Sqlite(p) => {
-                sqlx::query_scalar("SELECT count(*) FROM flows")
-                    .fetch_one(p)
-                    .await?
-            }
-            qosloop_collector::Db::Postgres(p) => {
-                sqlx::query_scalar("SELECT count(*) FROM flows")
-                    .fetch_one(p)
-                    .await?
-            }
-        };
+        let n: i64 = qosloop_store::on_pool!(&db, p, D => {
+            sqlx::query_scalar("SELECT count(*) FROM flows")
+                .fetch_one(p)
+                .await?
+        });
         if n as u64 != last {
             last = n as u64;
             grew_at = start.elapsed();

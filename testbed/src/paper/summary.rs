@@ -6,7 +6,7 @@
 use super::{CS6, PACKET_LEN, POLICED_KBPS, POLICED_PORT, SETTLE_S};
 use crate::plot::{Chart, HLine, Series, Span};
 use crate::traffic::{Schedule, Step};
-use qosloop_collector::Db;
+use qosloop_store::Db;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Duration;
@@ -182,10 +182,7 @@ pub struct Events {
 
 macro_rules! fetch {
     ($db:expr, $q:expr, $t:ty) => {
-        match $db {
-            Db::Sqlite(p) => sqlx::query_as::<_, $t>($q).fetch_all(p).await?,
-            Db::Postgres(p) => sqlx::query_as::<_, $t>($q).fetch_all(p).await?,
-        }
+        qosloop_store::on_pool!($db, p, D => sqlx::query_as::<_, $t>($q).fetch_all(p).await?)
     };
 }
 

@@ -1,12 +1,11 @@
 //! The storage connection: one handle over SQLite or PostgreSQL, chosen by
-//! URL, and the migrations that bring either to qosloop's schema.
+//! URL.
 
-use qosloop_schema::sql::{self, Dialect, MIGRATIONS_TABLE};
+use crate::Dialect;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Connection;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,104 +105,6 @@ impl Db {
         }
     }
 
-    /// Applies the migrations not applied yet, each in its own transaction;
-    /// returns how many it applied. Running it again applies none.
-    pub async fn migrate(&self) -> Result<usize, DbError> {
-        let mut applied = 0;
-        match self {
-            Db::Sqlite(pool) => {
-                sqlx::raw_sql(MIGRATIONS_TABLE).execute(pool).await?;
-                for m in sql::migrations(Dialect::Sqlite) {
-                    let mut conn = pool.acquire().await?;
-                    let mut tx = conn.begin().await?;
-                    let done: Option<(i64,)> =
-                        sqlx::query_as("SELECT version FROM schema_migrations WHERE version = ?")
-                            .bind(i64::from(m.version))
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if done.is_some() {
-                        continue;
-                    }
-                    sqlx::raw_sql(m.sql)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|source| DbError::Migration {
-                            version: m.version,
-                            name: m.name,
-                            source,
-                        })?;
-                    sqlx::query("INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES (?, ?, ?)")
-                        .bind(i64::from(m.version))
-                        .bind(m.name)
-                        .bind(now_ns())
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                    applied += 1;
-                }
-            }
-            Db::Postgres(pool) => {
-                let mut conn = pool.acquire().await?;
-                // One migrator at a time across every process on this database.
-                sqlx::query("SELECT pg_advisory_lock(7347301)")
-                    .execute(&mut *conn)
-                    .await?;
-                let result = async {
-                    sqlx::raw_sql(MIGRATIONS_TABLE).execute(&mut *conn).await?;
-                    for m in sql::migrations(Dialect::Postgres) {
-                        let mut tx = conn.begin().await?;
-                        let done: Option<(i32,)> =
-                            sqlx::query_as("SELECT version FROM schema_migrations WHERE version = $1")
-                                .bind(m.version as i32)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        if done.is_some() {
-                            continue;
-                        }
-                        sqlx::raw_sql(m.sql)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(|source| DbError::Migration {
-                                version: m.version,
-                                name: m.name,
-                                source,
-                            })?;
-                        sqlx::query("INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES ($1, $2, $3)")
-                            .bind(m.version as i32)
-                            .bind(m.name)
-                            .bind(now_ns())
-                            .execute(&mut *tx)
-                            .await?;
-                        tx.commit().await?;
-                        applied += 1;
-                    }
-                    Ok::<_, DbError>(())
-                }
-                .await;
-                sqlx::query("SELECT pg_advisory_unlock(7347301)")
-                    .execute(&mut *conn)
-                    .await?;
-                result?;
-            }
-        }
-        Ok(applied)
-    }
-
-    /// The versions recorded as applied, oldest first.
-    pub async fn applied_versions(&self) -> Result<Vec<u32>, DbError> {
-        let q = "SELECT version FROM schema_migrations ORDER BY version";
-        let rows: Vec<(i64,)> = match self {
-            Db::Sqlite(pool) => sqlx::query_as(q).fetch_all(pool).await?,
-            Db::Postgres(pool) => sqlx::query_as::<_, (i32,)>(q)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(|(v,)| (i64::from(v),))
-                .collect(),
-        };
-        Ok(rows.into_iter().map(|(v,)| v as u32).collect())
-    }
-
     /// The names of the tables in the schema qosloop uses.
     pub async fn tables(&self) -> Result<Vec<String>, DbError> {
         let rows: Vec<(String,)> = match self {
@@ -253,31 +154,6 @@ mod tests {
         );
         assert_eq!(redact("postgres://q@host/db"), "postgres://q@host/db");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
-    }
-
-    #[tokio::test]
-    async fn sqlite_migrations_are_idempotent() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        let db = Db::connect(&url).await.unwrap();
-        let first = db.migrate().await.unwrap();
-        assert_eq!(first, sql::migrations(Dialect::Sqlite).len());
-        let tables = db.tables().await.unwrap();
-        let second = db.migrate().await.unwrap();
-        assert_eq!(second, 0, "a second run applies nothing");
-        assert_eq!(db.tables().await.unwrap(), tables, "and changes nothing");
-        for t in [
-            "flows",
-            "exporters",
-            "sessions",
-            "templates",
-            "rates",
-            "decisions",
-            "enforcers",
-            "policy_audit",
-        ] {
-            assert!(tables.iter().any(|x| x == t), "missing table {t}");
-        }
     }
 
     #[tokio::test]

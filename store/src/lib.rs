@@ -1,0 +1,49 @@
+//! # qosloop-store
+//!
+//! qosloop's storage layer: everything that reads or writes the SQL
+//! database, for every process that does (the collector, the policy
+//! server, the testbed).
+//!
+//! - [`Db`]: one handle over SQLite (embedded) or PostgreSQL, chosen by
+//!   URL; [`Db::migrate`] brings either to the schema whose SQL is the
+//!   contract in `qosloop_schema::sql` (`schema/sql/`).
+//! - The dialect differences, once ([`dialect`](crate::Sql)): queries are
+//!   written in the SQL both engines take, [`on_pool!`] runs one generic
+//!   body on either pool, [`Sql`] spells the few fragments that differ.
+//! - Typed reads and writes per table, as methods of [`Db`]: `flows` (the
+//!   one mapping between a row and a [`qosloop_schema::FlowRecord`], the
+//!   collector's batched write, the readers), `exporters`, `sessions`,
+//!   `templates` and `data_messages`, `rates`, `decisions`, `enforcers`
+//!   and `enforcement_reports`, `policy_audit`, and the IPFIX counters
+//!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`).
+//!
+//! It does not decide what to store or when: batching, retries and
+//! acknowledgements are the collector's, rates and cursors the policy
+//! server's. Errors are `sqlx::Error` as the engine gave them (with
+//! [`is_transient`] saying whether trying again may help), and [`DbError`]
+//! for connecting and migrating.
+
+mod audit;
+mod db;
+mod decisions;
+mod dialect;
+mod enforcers;
+mod exporters;
+mod flows;
+mod ipfix;
+mod migrate;
+mod rates;
+
+/// The sqlx the pools of [`Db`] belong to, for code that runs its own
+/// queries (tests, the testbed's summaries) through [`on_pool!`].
+pub use sqlx;
+
+pub use db::{now_ns, redact, Db, DbError};
+pub use dialect::{is_transient, Dialect, Sql};
+pub use enforcers::EnforcerRow;
+pub use flows::{Batch, FlowRow, Outcome};
+pub use ipfix::{
+    tcp_exporter_name, udp_exporter_name, ExporterCounters, ListenerStats, StoredTemplate,
+    TemplateUpdate,
+};
+pub use rates::RateRow;
