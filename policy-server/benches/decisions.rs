@@ -139,22 +139,29 @@ fn bandwidth_throughput() {
 
 async fn insert_burst(db: &Db, kbps_over_interval: u64, interval: Duration, seq: &mut i64) {
     let bytes = kbps_over_interval * 1000 / 8 * interval.as_millis() as u64 / 1000;
-    let now = qosloop_store::now_ns();
-    let Db::Sqlite(pool) = db else { unreachable!() };
+    let now = qosloop_store::now_ns() as u64;
     *seq += 1;
-    sqlx::query(
-        "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
-         packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, '10.71.1.3', '10.71.2.2', 6055, 5001, 17, $2, $3, $4, $5)",
-    )
-    .bind(*seq)
-    .bind((bytes / 256) as i64)
-    .bind(bytes as i64)
-    // A 1 ms span: all of it in the window the next poll closes.
-    .bind(now - 1_000_000)
-    .bind(now)
-    .execute(pool)
-    .await
-    .unwrap();
+    let record = FlowRecord {
+        src_addr: [10, 71, 1, 3].into(),
+        dst_addr: [10, 71, 2, 2].into(),
+        src_port: 6055,
+        dst_port: 5001,
+        proto: 17,
+        packets: bytes / 256,
+        bytes,
+        // A 1 ms span: all of it in the window the next poll closes.
+        start_ns: now - 1_000_000,
+        end_ns: now,
+        ..FlowRecord::default()
+    };
+    let batch = qosloop_store::Batch {
+        exporter_id: 1,
+        session_id: 1,
+        seq: u32::try_from(*seq).unwrap_or(u32::MAX),
+        records: vec![record],
+        dedup: false,
+    };
+    db.commit_batches(&[&batch]).await.unwrap();
 }
 
 async fn next_kind(wire: &mut Framed<TcpStream, CopsCodec>) -> DecisionKind {

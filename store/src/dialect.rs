@@ -27,8 +27,13 @@ pub use qosloop_schema::sql::Dialect;
 /// database type (`sqlx::Sqlite` or `sqlx::Postgres`) of whichever engine
 /// `$db` (a `&Db`) is; the body is compiled once per engine.
 ///
-/// ```ignore
-/// let n: (i64,) = on_pool!(db, pool, D => sqlx::query_as("SELECT 1").fetch_one(pool).await)?;
+/// ```no_run
+/// # async fn flows(db: &qosloop_store::Db) -> Result<i64, sqlx::Error> {
+/// let (n,): (i64,) = qosloop_store::on_pool!(db, pool, D => {
+///     sqlx::query_as::<D, (i64,)>("SELECT count(*) FROM flows").fetch_one(pool).await
+/// })?;
+/// # Ok(n)
+/// # }
 /// ```
 #[macro_export]
 macro_rules! on_pool {

@@ -219,31 +219,26 @@ pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 
 /// Inserts one flow record as a collector would.
 pub async fn insert_flow(db: &Db, src: &str, dst: &str, dport: u16, bytes: u64, seq: i64) {
-    let now = qosloop_store::now_ns();
-    let q = match db {
-        Db::Sqlite(_) => "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, $2, $3, 6055, $4, 17, $5, $6, $7, $8)",
-        Db::Postgres(_) => "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, packets, bytes, start_ns, end_ns) VALUES (1, 1, $1, $2::inet, $3::inet, 6055, $4, 17, $5, $6, $7, $8)",
+    let now = qosloop_store::now_ns() as u64;
+    let record = qosloop_schema::FlowRecord {
+        src_addr: src.parse().unwrap(),
+        dst_addr: dst.parse().unwrap(),
+        src_port: 6055,
+        dst_port: dport,
+        proto: 17,
+        packets: (bytes / 256).max(1),
+        bytes,
+        start_ns: now - 100_000_000,
+        end_ns: now,
+        ..Default::default()
     };
-    let packets = (bytes / 256).max(1) as i64;
-    macro_rules! run {
-        ($pool:expr) => {
-            sqlx::query(q)
-                .bind(seq)
-                .bind(src)
-                .bind(dst)
-                .bind(i32::from(dport))
-                .bind(packets)
-                .bind(bytes as i64)
-                .bind(now - 100_000_000)
-                .bind(now)
-                .execute($pool)
-                .await
-                .map(|_| ())
-        };
-    }
-    match db {
-        Db::Sqlite(p) => run!(p),
-        Db::Postgres(p) => run!(p),
-    }
-    .unwrap();
+    // Stored the way the collector stores it.
+    let batch = qosloop_store::Batch {
+        exporter_id: 1,
+        session_id: 1,
+        seq: u32::try_from(seq).unwrap(),
+        records: vec![record],
+        dedup: false,
+    };
+    db.commit_batches(&[&batch]).await.unwrap();
 }
