@@ -7,7 +7,7 @@
 
 use super::{Batch, Outcome};
 use crate::db::{now_ns, Db};
-use crate::dialect::i64_of;
+use crate::dialect::{i64_of, Dialect, Sql};
 use bytes::{BufMut, BytesMut};
 use qosloop_schema::{flow_hash, FlowRecord};
 use sqlx::Connection;
@@ -189,16 +189,13 @@ async fn commit_sqlite(
         note_session(&mut sessions, b);
     }
     for (exporter_id, session_id, last_seq, records) in sessions {
-        sqlx::query(
-            "UPDATE sessions SET last_seq = MAX(COALESCE(last_seq, 0), ?), records = records + ? \
-             WHERE exporter_id = ? AND session_id = ?",
-        )
-        .bind(last_seq)
-        .bind(records)
-        .bind(exporter_id)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&session_totals_sql(Sql(Dialect::Sqlite)))
+            .bind(last_seq)
+            .bind(records)
+            .bind(exporter_id)
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(outcomes)
@@ -261,19 +258,25 @@ async fn commit_postgres(
     // Last, so that the row lock on `sessions` is held only until the
     // commit right after: concurrent writers overlap their COPYs.
     for (exporter_id, session_id, last_seq, records) in sessions {
-        sqlx::query(
-            "UPDATE sessions SET last_seq = GREATEST(COALESCE(last_seq, 0), $1), records = records + $2 \
-             WHERE exporter_id = $3 AND session_id = $4",
-        )
-        .bind(last_seq)
-        .bind(records)
-        .bind(exporter_id)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&session_totals_sql(Sql(Dialect::Postgres)))
+            .bind(last_seq)
+            .bind(records)
+            .bind(exporter_id)
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// The statement that adds a transaction's totals to its session's row.
+fn session_totals_sql(sql: Sql) -> String {
+    format!(
+        "UPDATE sessions SET last_seq = {}(COALESCE(last_seq, 0), $1), records = records + $2 \
+         WHERE exporter_id = $3 AND session_id = $4",
+        sql.greatest()
+    )
 }
 
 /// Adds a stored message to the per-session totals of a transaction:
