@@ -52,6 +52,11 @@ pub enum Event {
         error: String,
         buckets: u32,
     },
+    /// No node is left to capture: everything is uncovered from `since_ns`.
+    Uncovered {
+        because: String,
+        since_ns: u64,
+    },
     /// Every node of `epoch` installed its filter: buckets freed by
     /// `because` were uncovered from `uncovered_from_ns` (the lost node's
     /// last heartbeat, or the assignment that failed) to `covered_ns`.
@@ -164,6 +169,14 @@ impl State {
             at_ns: now_ns(),
         });
         if let Some((because, from, detected)) = cause {
+            if healthy.is_empty() {
+                // Nobody left to take the buckets: they stay uncovered.
+                self.log(Event::Uncovered {
+                    because,
+                    since_ns: from,
+                });
+                return;
+            }
             self.pending.push(Pending {
                 epoch,
                 because,
