@@ -8,7 +8,7 @@
 //! install fails is excluded the same way, with the kernel's reason.
 
 use super::assign::{mask_of, rebalance, unowned, Owners};
-use super::proto::{read_frame, write_frame, ToCoordinator, ToNode, LOST_AFTER};
+use super::proto::{read_frame, write_frame, FrameError, ToCoordinator, ToNode, LOST_AFTER};
 use super::share::ShareMode;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -364,8 +364,12 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
     loop {
         let msg = match read_frame::<ToCoordinator>(&mut reader) {
             Ok(m) => m,
+            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                lock(state).lose(&name, Some(conn), "connection closed by the node");
+                return;
+            }
             Err(e) => {
-                lock(state).lose(&name, Some(conn), &format!("connection closed ({e})"));
+                lock(state).lose(&name, Some(conn), &format!("connection failed: {e}"));
                 return;
             }
         };

@@ -247,7 +247,7 @@ pub fn run_node(
                             counters.set_share(mode, 0);
                         }
                         tracing::error!(node = %config.name, epoch, error = %e, "dicap share not installed");
-                        let hint = if e.raw_os_error() == Some(libc::ENOMEM) {
+                        let hint = if e.kind() == std::io::ErrorKind::OutOfMemory {
                             " (the kernel refused the filter's socket memory: net.core.optmem_max)"
                         } else {
                             ""

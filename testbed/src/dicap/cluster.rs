@@ -10,6 +10,7 @@ use qosloop_meter::dicap::NodeStats;
 use qosloop_schema::FlowRecord;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// How one node namespace runs its meter.
@@ -106,8 +107,10 @@ pub fn start_member(
         ]),
         Role::Plain { threads } => args.extend(["--threads".into(), threads.to_string()]),
     }
+    static GROUPS: AtomicU32 = AtomicU32::new(0);
+    let group = GROUPS.fetch_add(1, Ordering::Relaxed);
     let cap = CpuCap::create(
-        &format!("{NETNS_PREFIX}{}-{name}", std::process::id()),
+        &format!("{NETNS_PREFIX}{}-{group}-{name}", std::process::id()),
         cpu_share,
     )?;
     let proc = Proc::spawn(&node.ns, meter, &args, dir.join(format!("{name}.log")))?;
