@@ -374,7 +374,7 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
             }
         };
         let mut st = lock(state);
-        if !st.members.get(&name).is_some_and(|m| m.conn == conn) {
+        if st.members.get(&name).is_none_or(|m| m.conn != conn) {
             return;
         }
         match msg {

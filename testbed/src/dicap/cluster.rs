@@ -139,9 +139,9 @@ pub fn wait_installed(members: &mut [Member], count: usize, report: &Path) -> an
         });
         let spread = std::fs::read_to_string(report).is_ok_and(|r| {
             r.lines()
+                .rev()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| v["event"] == "assigned")
-                .last()
+                .find(|v| v["event"] == "assigned")
                 .and_then(|v| v["masks"].as_object().map(|m| m.len() == count))
                 .unwrap_or(false)
         });
