@@ -132,6 +132,36 @@ fn setsockopt<T>(
     check(ret, what)
 }
 
+/// Attaches (or atomically replaces) the socket's classic BPF filter.
+fn attach_filter(fd: &OwnedFd, prog: &[BpfInsn]) -> io::Result<()> {
+    let fprog = SockFprog {
+        len: u16::try_from(prog.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?,
+        filter: prog.as_ptr(),
+    };
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_FILTER,
+        &fprog,
+        "SO_ATTACH_FILTER",
+    )
+}
+
+/// A second descriptor of a ring's socket, to swap its filter from another
+/// thread while the ring runs: the kernel replaces the filter in one step,
+/// so every packet meets either the old or the new program.
+#[derive(Debug)]
+pub struct FilterHandle {
+    fd: OwnedFd,
+}
+
+impl FilterHandle {
+    pub fn attach(&self, prog: &[BpfInsn]) -> io::Result<()> {
+        attach_filter(&self.fd, prog)
+    }
+}
+
 /// The index of an interface by name.
 pub fn if_index(name: &str) -> io::Result<u32> {
     let c = std::ffi::CString::new(name)
@@ -169,19 +199,7 @@ impl PacketRing {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // Filter first, so that no unfiltered packet reaches the ring.
         if let Some(prog) = filter {
-            let fprog = SockFprog {
-                len: u16::try_from(prog.len()).map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long")
-                })?,
-                filter: prog.as_ptr(),
-            };
-            setsockopt(
-                &fd,
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                &fprog,
-                "SO_ATTACH_FILTER",
-            )?;
+            attach_filter(&fd, prog)?;
         }
         setsockopt(
             &fd,
@@ -246,6 +264,13 @@ impl PacketRing {
             setsockopt(&ring.fd, SOL_PACKET, PACKET_FANOUT, &arg, "PACKET_FANOUT")?;
         }
         Ok(ring)
+    }
+
+    /// A handle that swaps this socket's filter.
+    pub fn filter_handle(&self) -> io::Result<FilterHandle> {
+        Ok(FilterHandle {
+            fd: self.fd.try_clone()?,
+        })
     }
 
     /// Packets received and dropped by the kernel since the last call

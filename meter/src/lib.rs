@@ -28,6 +28,7 @@ mod cache;
 pub mod classify;
 mod config;
 pub mod decode;
+pub mod dicap;
 pub mod export_sink;
 pub mod ipfix_sink;
 mod live;
@@ -40,7 +41,9 @@ mod sink;
 pub use cache::{Addr, CacheConfig, CacheKey, CacheStats, Export, ExportReason, FlowCache};
 pub use classify::{Classifier, FieldRules, FlowKeyDefs, MatchMode, PatternRules, RuleError};
 pub use config::{Config, ConfigError, Validated};
-pub use live::{effective_filter, parse_bpf, BpfInsn, LiveCapture, LiveError};
+pub use live::{
+    effective_filter, parse_bpf, BpfInsn, CaptureHook, FilterHandle, LiveCapture, LiveError,
+};
 pub use pcap::{CaptureError, CaptureReader, PacketRef, PcapWriter, PcapngWriter};
 pub use pipeline::{Pipeline, PipelineConfig, Stats};
 pub use run::{run_file, Progress, RunError, Summary};

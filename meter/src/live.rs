@@ -4,8 +4,8 @@
 //! PACKET_STATISTICS and reported. Records from every thread reach the one
 //! sink through a channel.
 
-pub use crate::afpacket::BpfInsn;
 use crate::afpacket::{if_index, PacketRing, RingConfig};
+pub use crate::afpacket::{BpfInsn, FilterHandle};
 use crate::classify::Classifier;
 use crate::pcap::{linktype, PacketRef};
 use crate::pipeline::{Pipeline, PipelineConfig, Stats};
@@ -118,12 +118,26 @@ pub fn effective_filter(user: Option<&[BpfInsn]>, caplen: usize) -> Option<Vec<B
     }
 }
 
+/// Sees what each capture thread does, for callers that count or shape
+/// capture beyond the pipeline (DiCAP nodes, experiments).
+pub trait CaptureHook: Send + Sync + std::fmt::Debug {
+    /// A frame handed to user space, before the pipeline sees it.
+    fn packet(&self, frame: &[u8]);
+    /// PACKET_STATISTICS since the last call: packets the filter accepted
+    /// (drops included) and packets dropped because the ring was full.
+    fn kernel_stats(&self, packets: u64, drops: u64);
+    /// Frames that reached user space but were not analysed (left in the
+    /// ring when capture stopped).
+    fn discarded(&self, packets: u64);
+}
+
 /// Rings opened on an interface, ready to run (they may be opened inside a
 /// network namespace and run from anywhere).
 #[derive(Debug)]
 pub struct LiveCapture {
     interface: String,
     rings: Vec<PacketRing>,
+    hook: Option<Arc<dyn CaptureHook>>,
 }
 
 impl LiveCapture {
@@ -153,7 +167,26 @@ impl LiveCapture {
         Ok(LiveCapture {
             interface: interface.to_owned(),
             rings,
+            hook: None,
         })
+    }
+
+    /// Handles that swap the filter of every ring.
+    pub fn filter_handles(&self) -> Result<Vec<FilterHandle>, LiveError> {
+        self.rings
+            .iter()
+            .map(|r| {
+                r.filter_handle().map_err(|source| LiveError::Open {
+                    interface: self.interface.clone(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Calls `hook` for every frame and statistics read.
+    pub fn set_hook(&mut self, hook: Arc<dyn CaptureHook>) {
+        self.hook = Some(hook);
     }
 
     /// Captures until `stop` is set, then exports every flow and finishes
@@ -172,8 +205,9 @@ impl LiveCapture {
             let stop = stop.clone();
             let classifier = classifier.clone();
             let interface = self.interface.clone();
+            let hook = self.hook.clone();
             workers.push(std::thread::spawn(move || {
-                worker(ring, &interface, config, classifier, tx, &stop)
+                worker(ring, &interface, config, classifier, tx, &stop, hook)
             }));
         }
         drop(tx);
@@ -252,6 +286,7 @@ fn worker(
     classifier: Arc<Classifier>,
     tx: mpsc::SyncSender<FlowRecord>,
     stop: &AtomicBool,
+    hook: Option<Arc<dyn CaptureHook>>,
 ) -> Result<Stats, LiveError> {
     let mut pipeline = Pipeline::new(config, classifier);
     let mut sink = ForwardSink(tx);
@@ -261,6 +296,9 @@ fn worker(
     let mut sink_err: Option<SinkError> = None;
     while !stop.load(Ordering::Relaxed) {
         ring.next_block(100, |p| {
+            if let Some(h) = &hook {
+                h.packet(p.data);
+            }
             let data = match p.vlan {
                 // The kernel strips the outer tag: put it back so the
                 // decoder and the byte patterns see the frame as sent.
@@ -292,14 +330,28 @@ fn worker(
         }
         pipeline.tick(now_ns(), &mut sink)?;
         if last_stats.elapsed() >= Duration::from_secs(1) {
-            let (_, d) = ring.statistics().map_err(LiveError::Capture)?;
+            let (p, d) = ring.statistics().map_err(LiveError::Capture)?;
+            if let Some(h) = &hook {
+                h.kernel_stats(p, d);
+            }
             drops += d;
             last_stats = Instant::now();
         }
     }
     // Drain what the kernel still holds, then read the final drop count.
-    while ring.next_block(0, |_| {}).map_err(LiveError::Capture)? > 0 {}
-    let (_, d) = ring.statistics().map_err(LiveError::Capture)?;
+    let mut discarded = 0;
+    loop {
+        let n = ring.next_block(0, |_| {}).map_err(LiveError::Capture)?;
+        if n == 0 {
+            break;
+        }
+        discarded += n as u64;
+    }
+    let (p, d) = ring.statistics().map_err(LiveError::Capture)?;
+    if let Some(h) = &hook {
+        h.kernel_stats(p, d);
+        h.discarded(discarded);
+    }
     drops += d;
     let mut stats = pipeline.finish(&mut sink)?;
     stats.capture_drops = drops;

@@ -3,6 +3,7 @@
 //! 1: bad input or a failed run).
 
 use clap::Parser;
+use qosloop_meter::dicap::cli::DicapFlags;
 use qosloop_meter::{run_file, Config, LiveCapture, Progress, SinkError};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -97,10 +98,12 @@ struct Args {
     /// Progress bar: auto (only on a terminal), always, never.
     #[arg(long)]
     progress: Option<String>,
+    #[command(flatten)]
+    dicap: DicapFlags,
 }
 
 impl Args {
-    fn into_config(self) -> (Option<PathBuf>, Config) {
+    fn into_config(self) -> (Option<PathBuf>, Config, DicapFlags) {
         let flags = Config {
             pcap: self.pcap,
             interface: self.interface,
@@ -126,7 +129,7 @@ impl Args {
             log_format: self.log_format,
             progress: self.progress,
         };
-        (self.config, flags)
+        (self.config, flags, self.dicap)
     }
 }
 
@@ -188,7 +191,7 @@ fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
 }
 
 fn main() -> ExitCode {
-    let (config_path, flags) = Args::parse().into_config();
+    let (config_path, flags, dicap) = Args::parse().into_config();
     let config = match config_path {
         Some(p) => match Config::load(&p) {
             Ok(c) => c.merge(flags),
@@ -201,6 +204,18 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_CONFIG, e),
     };
     qosloop_runtime::telemetry::init(log_format);
+    if let Some(listen) = &dicap.dicap_coordinator {
+        let stop = Arc::new(AtomicBool::new(false));
+        let duration = config
+            .duration_s
+            .filter(|&s| s > 0)
+            .map(Duration::from_secs);
+        stop_on_signal(stop.clone(), duration);
+        return match dicap.run_coordinator(listen, stop) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_CONFIG, e),
+        };
+    }
     let validated = match config.validate() {
         Ok(v) => v,
         Err(e) => return fail(EXIT_CONFIG, e),
@@ -235,16 +250,30 @@ fn main() -> ExitCode {
             }
         }
     } else if let Some(interface) = &config.interface {
-        let capture = match LiveCapture::open(
+        let node = match dicap.node(validated.pipeline.caplen, validated.bpf.is_some()) {
+            Ok(n) => n,
+            Err(e) => return fail(EXIT_CONFIG, e),
+        };
+        let node_filter = node.as_ref().map(DicapFlags::node_filter);
+        let mut capture = match LiveCapture::open(
             interface,
             validated.threads,
-            validated.bpf.as_deref(),
+            node_filter.as_deref().or(validated.bpf.as_deref()),
             validated.pipeline.caplen,
         ) {
             Ok(c) => c,
             Err(e) => return fail(1, e),
         };
+        let counters = dicap.counters(node.is_some());
+        if let Some(c) = &counters {
+            capture.set_hook(c.clone());
+        }
         let stop = Arc::new(AtomicBool::new(false));
+        if let (Some(node), Some(c)) = (node, &counters) {
+            if let Err(e) = DicapFlags::start_node(node, &capture, c.clone(), stop.clone()) {
+                return fail(1, e);
+            }
+        }
         let duration = config
             .duration_s
             .filter(|&s| s > 0)
@@ -253,6 +282,7 @@ fn main() -> ExitCode {
         let started = std::time::Instant::now();
         let result = capture.run(validated.pipeline, classifier, sink.as_mut(), stop);
         match result.map_err(anyhow::Error::from).and_then(|stats| {
+            dicap.write_stats(counters.as_deref())?;
             let line = sink.finish()?;
             Ok((stats, line))
         }) {

@@ -6,6 +6,7 @@
 //! benchmarks against peers. `qosloop-testbed` is its command line.
 
 pub mod bench;
+pub mod dicap;
 pub mod harness;
 pub mod loss;
 pub mod paper;

@@ -41,6 +41,8 @@ enum Cmd {
     Paper(qosloop_testbed::paper::PaperArgs),
     /// Loss against offered throughput through the enforced router (Fig. 11).
     Loss(qosloop_testbed::loss::LossArgs),
+    /// DiCAP: packets captured by 1, 2, 4 nodes sharing a mirrored link (seeds/000 Fig. 6).
+    Dicap(qosloop_testbed::dicap::DicapArgs),
     /// Reconfiguration time per decision change, as a distribution.
     Reconfig(qosloop_testbed::reconfig::ReconfigArgs),
     /// Benchmarks against peers, measured in the same run.
@@ -148,6 +150,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             println!("loss-free up to {:.0}% of the link", s.loss_free_up_to_pct);
+            Ok(())
+        }
+        Cmd::Dicap(a) => {
+            let stop = interrupt_flag();
+            let out = a.out.clone();
+            tokio::task::spawn_blocking(move || qosloop_testbed::dicap::run(&a, stop)).await??;
+            println!(
+                "wrote {}/summary.json, report-dicap.md, fig6-dicap.svg/.png",
+                out.display()
+            );
             Ok(())
         }
         Cmd::Reconfig(a) => {

@@ -1,0 +1,150 @@
+//! The meter's DiCAP flags and what they start: the coordinator (a mode of
+//! `qosloop-meter` without capture) or a node's control thread beside live
+//! capture; plus the capture counters any live meter can write.
+
+use super::coordinator::run_coordinator;
+use super::node::{reject_all, run_node, NodeConfig, NodeCounters};
+use super::share::ShareMode;
+use crate::live::{BpfInsn, LiveCapture};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// DiCAP and capture-accounting flags of `qosloop-meter`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DicapFlags {
+    /// Run as the DiCAP coordinator listening on HOST:PORT (no capture).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub dicap_coordinator: Option<String>,
+    /// Share mode the coordinator hands out: flow (default) or packet.
+    #[arg(long, value_name = "MODE")]
+    pub dicap_mode: Option<String>,
+    /// Coordinator: write its events (joins, losses, uncovered windows) as
+    /// JSON Lines to this file.
+    #[arg(long, value_name = "FILE")]
+    pub dicap_report: Option<PathBuf>,
+    /// Capture as a DiCAP node of the coordinator at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", requires = "dicap_node")]
+    pub dicap_join: Option<String>,
+    /// This node's name (unique among the coordinator's nodes).
+    #[arg(long, value_name = "NAME", requires = "dicap_join")]
+    pub dicap_node: Option<String>,
+    /// Busy-wait this long per captured packet: emulates a heavier
+    /// analysis in experiments (0: off).
+    #[arg(long, value_name = "NS")]
+    pub analysis_cost_ns: Option<u64>,
+    /// Write the capture counters (JSON: analysed, kernel and consumer
+    /// drops, packets outside the share) to this file at the end.
+    #[arg(long, value_name = "FILE")]
+    pub capture_stats_out: Option<PathBuf>,
+}
+
+/// A flag that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {reason}")]
+pub struct FlagError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn resolve(flag: &'static str, value: &str) -> Result<SocketAddr, FlagError> {
+    value
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| FlagError {
+            flag,
+            reason: format!("{value:?} is not HOST:PORT"),
+        })
+}
+
+impl DicapFlags {
+    pub fn mode(&self) -> Result<ShareMode, FlagError> {
+        self.dicap_mode
+            .as_deref()
+            .unwrap_or("flow")
+            .parse()
+            .map_err(|reason| FlagError {
+                flag: "--dicap-mode",
+                reason,
+            })
+    }
+
+    /// The node this meter is, if any (checked before capture opens).
+    pub fn node(&self, caplen: usize, user_bpf: bool) -> Result<Option<NodeConfig>, FlagError> {
+        let (Some(join), Some(name)) = (&self.dicap_join, &self.dicap_node) else {
+            return Ok(None);
+        };
+        if user_bpf {
+            return Err(FlagError {
+                flag: "--dicap-join",
+                reason: "a DiCAP node's socket filter is its share: drop --bpf".into(),
+            });
+        }
+        Ok(Some(NodeConfig {
+            coordinator: resolve("--dicap-join", join)?,
+            name: name.clone(),
+            caplen,
+        }))
+    }
+
+    /// The initial socket filter of a node: nothing until its share.
+    pub fn node_filter(node: &NodeConfig) -> Vec<BpfInsn> {
+        reject_all(node.caplen)
+    }
+
+    /// Counters when anything asks for them.
+    pub fn counters(&self, node: bool) -> Option<Arc<NodeCounters>> {
+        let cost = Duration::from_nanos(self.analysis_cost_ns.unwrap_or(0));
+        let wanted = node || self.capture_stats_out.is_some() || !cost.is_zero();
+        wanted.then(|| {
+            let c = NodeCounters::new(cost);
+            if !node {
+                c.set_share(ShareMode::Flow, u64::MAX);
+            }
+            Arc::new(c)
+        })
+    }
+
+    /// Runs the coordinator until `stop`; prints its events' summary.
+    pub fn run_coordinator(&self, listen: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+        let mode = self.mode()?;
+        let addr = resolve("--dicap-coordinator", listen)?;
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("--dicap-coordinator: binding {addr}: {e}"))?;
+        tracing::info!(%addr, %mode, "dicap coordinator listening");
+        let summary = run_coordinator(listener, mode, self.dicap_report.as_deref(), stop)?;
+        eprintln!(
+            "qosloop-meter: dicap coordinator: {} event(s)",
+            summary.events.len()
+        );
+        Ok(())
+    }
+
+    /// Starts the node's control thread on `capture`'s sockets.
+    pub fn start_node(
+        node: NodeConfig,
+        capture: &LiveCapture,
+        counters: Arc<NodeCounters>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let filters = capture.filter_handles()?;
+        Ok(std::thread::spawn(move || {
+            if let Err(e) = run_node(&node, &filters, &counters, &stop) {
+                tracing::error!(node = %node.name, error = %e, "dicap node: control loop ended; the last share stays installed");
+            }
+        }))
+    }
+
+    /// Writes the counters file, if asked for.
+    pub fn write_stats(&self, counters: Option<&NodeCounters>) -> anyhow::Result<()> {
+        if let (Some(path), Some(c)) = (&self.capture_stats_out, counters) {
+            let json = serde_json::to_string_pretty(&c.stats())?;
+            std::fs::write(path, json + "\n")
+                .map_err(|e| anyhow::anyhow!("--capture-stats-out {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}

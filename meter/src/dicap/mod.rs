@@ -1,0 +1,28 @@
+//! DiCAP (`seeds/000` §IV): several capture nodes receive a copy of the
+//! same traffic and each analyses only its share, so that together they
+//! analyse every packet exactly once.
+//!
+//! - [`share`]: the share as a classic BPF socket filter over a hash of
+//!   header fields (per flow, symmetric; or per packet, by IPv4 id), and
+//!   the same hash in Rust.
+//! - [`assign`]: which node owns which of the 64 buckets (pure).
+//! - [`proto`]: the framed JSON protocol between nodes and coordinator.
+//! - [`coordinator`]: assigns shares, detects lost nodes (closed connection
+//!   or missed heartbeats) and failed installs, reassigns, and measures
+//!   the uncovered window.
+//! - [`node`]: a node's control loop and counters.
+//! - [`merge`]: per-packet shares split flows; the merge that makes their
+//!   totals exact again (for the collector side to call).
+
+pub mod assign;
+pub mod cli;
+pub mod coordinator;
+pub mod merge;
+pub mod node;
+pub mod proto;
+pub mod share;
+
+pub use coordinator::{run_coordinator, CoordinatorSummary, Event};
+pub use merge::merge;
+pub use node::{reject_all, run_node, NodeConfig, NodeCounters, NodeError, NodeStats};
+pub use share::{bucket_of, share_program, ShareMode, BUCKETS};
