@@ -59,3 +59,9 @@ impl BpfError {
         self.source.raw_os_error()
     }
 }
+
+/// Now on the clock of `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`, ns), to turn
+/// times programs record into wall-clock times.
+pub fn ktime_ns() -> u64 {
+    sys::monotonic_ns()
+}

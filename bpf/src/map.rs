@@ -65,14 +65,7 @@ impl Map {
         max_entries: u32,
         name: &str,
     ) -> Result<Map, BpfError> {
-        let fd = sys::map_create(
-            map_type as u32,
-            key_size,
-            value_size,
-            max_entries,
-            0,
-            name,
-        )?;
+        let fd = sys::map_create(map_type as u32, key_size, value_size, max_entries, 0, name)?;
         Map::wrap(fd, map_type, key_size, value_size, max_entries)
     }
 
@@ -115,7 +108,8 @@ impl Map {
         // struct bpf_map_info: type, id, key_size, value_size, max_entries.
         let mut info = [0u8; 80];
         sys::obj_info(fd.as_fd(), &mut info)?;
-        let word = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+        let word =
+            |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
         if word(0) != map_type as u32 || word(8) != key_size || word(12) != value_size {
             return Err(BpfError {
                 command: "BPF_OBJ_GET",
@@ -173,8 +167,7 @@ impl Map {
     }
 
     fn check(&self, key: &[u8], value: Option<usize>) -> Result<(), BpfError> {
-        let bad = key.len() != self.key_size
-            || value.is_some_and(|v| v != self.user_value_size());
+        let bad = key.len() != self.key_size || value.is_some_and(|v| v != self.user_value_size());
         if bad {
             return Err(BpfError {
                 command: "map access",
@@ -198,7 +191,13 @@ impl Map {
     pub fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BpfError> {
         self.check(key, None)?;
         let mut value = vec![0u8; self.user_value_size()];
-        match sys::map_elem(self.fd.as_fd(), MapOp::Lookup, Some(key), Some(&mut value), 0) {
+        match sys::map_elem(
+            self.fd.as_fd(),
+            MapOp::Lookup,
+            Some(key),
+            Some(&mut value),
+            0,
+        ) {
             Ok(()) => Ok(Some(value)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
