@@ -52,6 +52,9 @@ pub struct AgentConfig {
 pub const DEFAULT_MAP_ENTRIES: u32 = 65_536;
 /// Owners kept in user space; the least recently seen go first beyond it.
 const MAX_OWNERS: usize = 262_144;
+/// Drains at which an unknown cookie is looked up before it is left to
+/// `unknown process` (its uid is kept).
+const RESOLVE_ATTEMPTS: u32 = 5;
 
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +189,9 @@ pub struct Agent {
     links: Vec<CgroupLink>,
     epoch: u32,
     owners: HashMap<u64, Owner>,
+    /// Cookies sock_diag and /proc could not resolve yet, and how often
+    /// they were tried.
+    unresolved: HashMap<u64, u32>,
     users: UserNames,
     overflow_seen: (u64, u64),
     last_drain_wall_ns: u64,
@@ -258,6 +264,7 @@ impl Agent {
             links,
             epoch,
             owners: HashMap::new(),
+            unresolved: HashMap::new(),
             users: UserNames::default(),
             overflow_seen: (0, 0),
             last_drain_wall_ns: wall_ns(),
@@ -335,8 +342,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Owners of cookies the owner program never saw, from sock_diag/proc.
-    fn resolve(&mut self, cookies: &HashSet<u64>) {
+    /// Owners of cookies the owner program never saw, from sock_diag and
+    /// /proc. `ports` are the ports each cookie's packets carried: an
+    /// accepted connection that closed before this drain (its socket is in
+    /// TIME_WAIT, without a descriptor) goes to the process listening on
+    /// one of them.
+    fn resolve(&mut self, ports: &HashMap<u64, Vec<u16>>) {
         let diag = match sockdiag::dump() {
             Ok(d) => d,
             Err(e) => {
@@ -344,25 +355,50 @@ impl Agent {
                 return;
             }
         };
-        let inodes: HashSet<u32> = cookies
-            .iter()
+        let listeners: HashMap<u16, u32> = diag
+            .values()
+            .filter(|d| d.state == sockdiag::LISTEN && d.inode != 0)
+            .map(|d| (d.local_port, d.inode))
+            .collect();
+        let inodes: HashSet<u32> = ports
+            .keys()
             .filter_map(|c| diag.get(c).map(|d| d.inode))
+            .chain(listeners.values().copied())
             .filter(|&i| i != 0)
             .collect();
         let pids = sockdiag::pids_of_inodes(&inodes);
-        for c in cookies {
-            if let Some(d) = diag.get(c) {
-                let pid = pids.get(&d.inode).copied();
-                self.owners.insert(
-                    *c,
-                    Owner {
-                        pid,
-                        comm: pid.and_then(comm_of),
-                        uid: d.uid,
-                        last_drain: self.stats.drains,
-                    },
-                );
-            }
+        tracing::debug!(
+            cookies = ports.len(),
+            in_sock_diag = ports.keys().filter(|c| diag.contains_key(c)).count(),
+            sockets = diag.len(),
+            pids = pids.len(),
+            "agent: resolving owners"
+        );
+        for (c, seen_ports) in ports {
+            let direct = diag.get(c).and_then(|d| pids.get(&d.inode));
+            let by_listener = || {
+                seen_ports
+                    .iter()
+                    .find_map(|p| listeners.get(p).and_then(|i| pids.get(i)))
+            };
+            // A socket not yet accepted has no descriptor: asked again at
+            // the next drains, a few times.
+            let Some(pid) = direct.or_else(by_listener) else {
+                if self.unresolved.len() < MAX_OWNERS {
+                    *self.unresolved.entry(*c).or_insert(0) += 1;
+                }
+                continue;
+            };
+            self.unresolved.remove(c);
+            self.owners.insert(
+                *c,
+                Owner {
+                    pid: Some(*pid),
+                    comm: comm_of(*pid),
+                    uid: diag.get(c).map_or(0, |d| d.uid),
+                    last_drain: self.stats.drains,
+                },
+            );
         }
     }
 
@@ -388,11 +424,22 @@ impl Agent {
                 }
             })
             .map_err(bpf("draining a counter map"))?;
-        let unknown: HashSet<u64> = entries
-            .iter()
-            .map(|(k, _)| k.cookie)
-            .filter(|c| *c != 0 && !self.owners.contains_key(c))
-            .collect();
+        let mut unknown: HashMap<u64, Vec<u16>> = HashMap::new();
+        for (k, _) in &entries {
+            let c = k.cookie;
+            if c != 0
+                && !self.owners.contains_key(&c)
+                && self
+                    .unresolved
+                    .get(&c)
+                    .is_none_or(|&n| n < RESOLVE_ATTEMPTS)
+            {
+                let ports = unknown.entry(c).or_default();
+                if k.proto == 6 && ports.len() < 4 {
+                    ports.extend([k.src_port, k.dst_port]);
+                }
+            }
+        }
         if !unknown.is_empty() {
             self.resolve(&unknown);
         }
@@ -450,6 +497,7 @@ impl Agent {
             ages.sort_unstable();
             let cut = ages[ages.len() - MAX_OWNERS];
             self.owners.retain(|_, o| o.last_drain >= cut);
+            self.unresolved.clear();
         }
         Ok(n)
     }

@@ -289,11 +289,15 @@ impl Counts {
             }
             c.packets += packets;
             c.bytes += u64_at(s, 8);
+            // Only the slot of the CPU that created the entry holds the
+            // first time and the uid; the others start zeroed.
             let first = u64_at(s, 16);
-            if c.first_mono_ns == 0 || (first != 0 && first < c.first_mono_ns) {
-                c.first_mono_ns = first;
+            if first != 0 {
+                if c.first_mono_ns == 0 || first < c.first_mono_ns {
+                    c.first_mono_ns = first;
+                }
+                c.uid.get_or_insert(u32_at(s, 24));
             }
-            c.uid.get_or_insert(u32_at(s, 24));
         }
         c
     }

@@ -24,7 +24,13 @@ const MAX_SOCKETS: usize = 1 << 20;
 pub struct DiagSocket {
     pub inode: u32,
     pub uid: u32,
+    /// TCP state (10: listening).
+    pub state: u8,
+    pub local_port: u16,
 }
+
+/// `TCP_LISTEN`.
+pub const LISTEN: u8 = 10;
 
 /// The request: `nlmsghdr` + `inet_diag_req_v2` for every state.
 fn request(family: u8, protocol: u8, seq: u32) -> Vec<u8> {
@@ -75,6 +81,8 @@ pub fn parse_dump(buf: &[u8], out: &mut HashMap<u64, DiagSocket>) -> Result<bool
                         DiagSocket {
                             uid: u32_at(msg, 64).unwrap_or(0),
                             inode: u32_at(msg, 68).unwrap_or(0),
+                            state: msg[1],
+                            local_port: u16::from_be_bytes([msg[4], msg[5]]),
                         },
                     );
                 }
@@ -171,6 +179,8 @@ mod tests {
         let mut m = vec![0u8; 16 + 72];
         m[0..4].copy_from_slice(&88u32.to_ne_bytes());
         m[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m[16 + 1] = 1;
+        m[16 + 4..16 + 6].copy_from_slice(&8080u16.to_be_bytes());
         m[16 + 44..16 + 48].copy_from_slice(&(cookie as u32).to_ne_bytes());
         m[16 + 48..16 + 52].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
         m[16 + 64..16 + 68].copy_from_slice(&uid.to_ne_bytes());
