@@ -138,3 +138,10 @@ impl From<Program> for OwnedFd {
         p.fd
     }
 }
+
+impl Program {
+    /// Attaches this socket-filter program to `sock` (`SO_ATTACH_BPF`).
+    pub fn attach_to_socket(&self, sock: BorrowedFd<'_>) -> std::io::Result<()> {
+        sys::attach_socket_filter(sock, self.fd.as_fd())
+    }
+}

@@ -285,3 +285,27 @@ pub(crate) fn monotonic_ns() -> u64 {
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// `setsockopt(SO_ATTACH_BPF)`: runs `prog` (a socket filter) on every
+/// packet `sock` receives.
+pub(crate) fn attach_socket_filter(
+    sock: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let fd: libc::c_int = prog.as_raw_fd();
+    // SAFETY: `fd` lives across the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_BPF,
+            std::ptr::addr_of!(fd).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
