@@ -154,9 +154,14 @@ pub fn if_index(name: &str) -> Option<u32> {
 /// Loads `insns` (eBPF instructions, 8 bytes each) as a `sched_cls` program
 /// and returns its descriptor; a refusal carries the verifier's log.
 pub fn bpf_load_sched_cls(insns: &[u8]) -> io::Result<OwnedFd> {
-    qosloop_bpf::Program::load(qosloop_bpf::ProgType::SchedCls, None, insns, "qosloop_steer")
-        .map(OwnedFd::from)
-        .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))
+    qosloop_bpf::Program::load(
+        qosloop_bpf::ProgType::SchedCls,
+        None,
+        insns,
+        "qosloop_steer",
+    )
+    .map(OwnedFd::from)
+    .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))
 }
 
 #[cfg(test)]

@@ -201,7 +201,9 @@ mod tests {
             out[&0x1_0000_0002],
             DiagSocket {
                 inode: 555,
-                uid: 1000
+                uid: 1000,
+                state: 1,
+                local_port: 8080,
             }
         );
     }
