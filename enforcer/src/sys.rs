@@ -1,5 +1,6 @@
 //! The only place that calls into libc: a raw `NETLINK_ROUTE` socket and
-//! interface-name lookup. Everything above works on byte buffers.
+//! interface-name lookup (`bpf(2)` is `qosloop-bpf`'s). Everything above
+//! works on byte buffers.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -150,53 +151,17 @@ pub fn if_index(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-
 /// Loads `insns` (eBPF instructions, 8 bytes each) as a `sched_cls` program
 /// and returns its descriptor; a refusal carries the verifier's log.
 pub fn bpf_load_sched_cls(insns: &[u8]) -> io::Result<OwnedFd> {
-    let license = b"GPL\0";
-    let mut log = vec![0u8; 4096];
-    // union bpf_attr, BPF_PROG_LOAD part: prog_type, insn_cnt, insns,
-    // license, log_level, log_size, log_buf, kern_version, prog_flags, prog_name.
-    let mut attr = [0u8; 64];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
-    attr[4..8].copy_from_slice(&((insns.len() / 8) as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[24..28].copy_from_slice(&1u32.to_ne_bytes());
-    attr[28..32].copy_from_slice(&(log.len() as u32).to_ne_bytes());
-    attr[32..40].copy_from_slice(&(log.as_mut_ptr() as u64).to_ne_bytes());
-    attr[48..61].copy_from_slice(b"qosloop_steer");
-    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the
-    // pointers in it (insns, license, log) stay valid during the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            attr.as_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        let text = log.split(|&c| c == 0).next().unwrap_or(&[]);
-        let text = String::from_utf8_lossy(text);
-        return Err(io::Error::new(
-            err.kind(),
-            format!(
-                "bpf(BPF_PROG_LOAD): {err}{}",
-                if text.trim().is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", text.trim())
-                }
-            ),
-        ));
-    }
-    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+    qosloop_bpf::Program::load(
+        qosloop_bpf::ProgType::SchedCls,
+        None,
+        insns,
+        "qosloop_steer",
+    )
+    .map(OwnedFd::from)
+    .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))
 }
 
 #[cfg(test)]

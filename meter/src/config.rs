@@ -82,6 +82,16 @@ pub struct Config {
     pub log_format: Option<String>,
     /// Progress bar: `auto` (only on a terminal), `always`, `never`.
     pub progress: Option<String>,
+    /// Run as the host agent: account local traffic to users and processes
+    /// (eBPF at the cgroup v2 root) instead of reading packets.
+    pub agent: Option<bool>,
+    /// Agent: the cgroup v2 directory to attach to (default: the root,
+    /// `/sys/fs/cgroup/unified` or `/sys/fs/cgroup`).
+    pub agent_cgroup: Option<PathBuf>,
+    /// Agent: a bpffs directory to pin the maps in (restart without loss).
+    pub agent_pin_dir: Option<PathBuf>,
+    /// Agent: entries of each counter map (default 65536).
+    pub agent_map_entries: Option<u32>,
 }
 
 /// `export = "…"` or `export = ["…", "…"]`.
@@ -150,7 +160,11 @@ impl Config {
             bpf,
             duration_s,
             log_format,
-            progress
+            progress,
+            agent,
+            agent_cgroup,
+            agent_pin_dir,
+            agent_map_entries
         );
         if !flags.flow_keys.is_empty() {
             self.flow_keys = flags.flow_keys;
@@ -181,6 +195,11 @@ impl Config {
                     .into(),
             ));
         }
+        if self.agent_map_entries.is_some_and(|n| n < 16) {
+            return Err(ConfigError::Invalid(
+                "agent_map_entries must be at least 16".into(),
+            ));
+        }
         if self.export_ack_timeout_ms == Some(0) {
             return Err(ConfigError::Invalid(
                 "export_ack_timeout_ms must be above 0".into(),
@@ -192,9 +211,14 @@ impl Config {
                     "give either pcap or interface, not both".into(),
                 ))
             }
-            (None, None) => {
+            (Some(_), _) | (_, Some(_)) if self.agent == Some(true) => {
                 return Err(ConfigError::Invalid(
-                    "nothing to read: give --pcap FILE or --interface IF".into(),
+                    "agent: the host agent reads no packets; drop pcap and interface".into(),
+                ))
+            }
+            (None, None) if self.agent != Some(true) => {
+                return Err(ConfigError::Invalid(
+                    "nothing to read: give --pcap FILE or --interface IF (or --agent)".into(),
                 ))
             }
             _ => {}

@@ -23,6 +23,7 @@
 //! server's.
 
 mod afpacket;
+pub mod agent;
 pub mod bench;
 mod cache;
 pub mod classify;

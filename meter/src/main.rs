@@ -100,6 +100,19 @@ struct Args {
     progress: Option<String>,
     #[command(flatten)]
     dicap: DicapFlags,
+    /// Host agent: account this host's traffic to users and processes
+    /// (eBPF at the cgroup v2 root; records every --interim-ms).
+    #[arg(long)]
+    agent: bool,
+    /// Agent: cgroup v2 directory to attach to (default: the root).
+    #[arg(long)]
+    agent_cgroup: Option<PathBuf>,
+    /// Agent: bpffs directory to pin the maps in (a restart loses nothing).
+    #[arg(long)]
+    agent_pin_dir: Option<PathBuf>,
+    /// Agent: entries of each counter map (default 65536).
+    #[arg(long)]
+    agent_map_entries: Option<u32>,
 }
 
 impl Args {
@@ -128,6 +141,10 @@ impl Args {
             duration_s: self.duration_s,
             log_format: self.log_format,
             progress: self.progress,
+            agent: self.agent.then_some(true),
+            agent_cgroup: self.agent_cgroup,
+            agent_pin_dir: self.agent_pin_dir,
+            agent_map_entries: self.agent_map_entries,
         };
         (self.config, flags, self.dicap)
     }
@@ -225,6 +242,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_CONFIG, e),
     };
     tracing::info!(output = %sink.describe(), "meter starting");
+    if config.agent == Some(true) {
+        return run_agent(&config, sink.as_mut());
+    }
     let classifier = Arc::new(validated.classifier);
     if let Some(path) = &config.pcap {
         let progress = match config.progress.as_deref() {
@@ -302,5 +322,40 @@ fn main() -> ExitCode {
             EXIT_CONFIG,
             "nothing to read: give --pcap FILE or --interface IF",
         )
+    }
+}
+
+/// `--agent`: runs until SIGINT/SIGTERM (or --duration-s), then flushes.
+fn run_agent(config: &qosloop_meter::Config, sink: &mut dyn qosloop_meter::RecordSink) -> ExitCode {
+    use qosloop_meter::agent;
+    let cfg = agent::AgentConfig {
+        cgroup: config
+            .agent_cgroup
+            .clone()
+            .unwrap_or_else(agent::default_cgroup),
+        pin_dir: config.agent_pin_dir.clone(),
+        map_entries: config
+            .agent_map_entries
+            .unwrap_or(agent::DEFAULT_MAP_ENTRIES),
+        interim: Duration::from_millis(config.interim_ms.filter(|&m| m > 0).unwrap_or(1000)),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let duration = config
+        .duration_s
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs);
+    stop_on_signal(stop.clone(), duration);
+    match agent::run(&cfg, sink, &stop)
+        .map_err(anyhow::Error::from)
+        .and_then(|stats| Ok((stats, sink.finish()?)))
+    {
+        Ok((stats, line)) => {
+            match line {
+                Some(l) => eprintln!("qosloop-meter: {stats}; {l}"),
+                None => eprintln!("qosloop-meter: {stats}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(run_exit_code(&e), e),
     }
 }

@@ -61,6 +61,8 @@ enum Bench {
     /// IPFIX ingest: one stream over UDP into qosloop's decoder and collector
     /// (SQLite, PostgreSQL); vs nfcapd, nfacctd.
     Ipfix(qosloop_testbed::bench::ipfix::Args),
+    /// Host agent: throughput over veth with and without it; ns per packet.
+    Agent(qosloop_testbed::bench::agent::Args),
 }
 
 #[tokio::main]
@@ -92,6 +94,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Export(a)) => qosloop_testbed::bench::export::run(a).await,
         Cmd::Bench(Bench::Enforce(a)) => qosloop_testbed::bench::enforce::run(a).await,
         Cmd::Bench(Bench::Ipfix(a)) => qosloop_testbed::bench::ipfix::run(a).await,
+        Cmd::Bench(Bench::Agent(a)) => qosloop_testbed::bench::agent::run(a).await,
         Cmd::Paper(a) => {
             let stop = interrupt_flag();
             let out = a.out.clone();

@@ -1,6 +1,7 @@
 //! Benchmarks against peers, each measured side by side with the peer in the
 //! same run and reported as ratios (`qosloop-testbed bench …`).
 
+pub mod agent;
 pub mod enforce;
 pub mod export;
 pub mod ipfix;

@@ -1,0 +1,539 @@
+//! The host agent (`qosloop-meter --agent`, Linubia of `seeds/000`):
+//! every byte of local TCP, UDP and ICMP traffic, IPv4 and IPv6, accounted
+//! to the user and the process that sent or received it, as flow records
+//! with `user` and `process` set.
+//!
+//! Mechanism (docs/meter.md, "Host agent"): the [`programs`] count per
+//! socket cookie and 5-tuple at the cgroup v2 root (links, which coexist
+//! with systemd's `BPF_F_ALLOW_MULTI` programs and go away with the agent),
+//! and record cookie → pid/uid/command when sockets are created or bound.
+//! Every interim interval the agent flips the epoch cell so the programs
+//! count into the other counter map, then reads and deletes the idle one in
+//! batches: an entry leaves the kernel exactly once, so no byte is counted
+//! twice and none is lost between reading and deleting. Cookies without an
+//! owner entry (sockets older than the agent, accepted sockets) are
+//! resolved through `sock_diag` and `/proc`; what cannot be resolved keeps
+//! the socket's uid and is called `unknown process` — never dropped.
+//!
+//! Maps may be pinned (`--agent-pin-dir`, a bpffs directory): a restarted
+//! agent then drains what the previous one left before counting on.
+
+mod names;
+pub mod programs;
+mod sockdiag;
+
+use crate::sink::{RecordSink, SinkError};
+use names::{comm_of, process_label, UserNames};
+use programs::{CountMaps, CounterKey, Counts, OwnerEntry};
+use qosloop_bpf::{AttachType, BpfError, CgroupLink, Map, MapType, ProgType, Program};
+use qosloop_schema::FlowRecord;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How the agent is configured.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The cgroup v2 directory the programs attach to (its whole subtree
+    /// is accounted); the root of the hierarchy by default.
+    pub cgroup: PathBuf,
+    /// A bpffs directory to pin the maps in (restart without loss).
+    pub pin_dir: Option<PathBuf>,
+    /// Entries of each counter map (sockets × 5-tuples per interval).
+    pub map_entries: u32,
+    /// Records every this often.
+    pub interim: Duration,
+}
+
+/// Entries of each counter map by default.
+pub const DEFAULT_MAP_ENTRIES: u32 = 65_536;
+/// Owners kept in user space; the least recently seen go first beyond it.
+const MAX_OWNERS: usize = 262_144;
+/// Drains at which an unknown cookie is looked up before it is left to
+/// `unknown process` (its uid is kept).
+const RESOLVE_ATTEMPTS: u32 = 5;
+
+/// Why the agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cgroup v2 at {path}: {why}")]
+    Cgroup { path: String, why: String },
+    #[error("{what}: {source}")]
+    Bpf {
+        what: String,
+        #[source]
+        source: BpfError,
+    },
+    #[error("assembling {0}")]
+    Asm(#[from] qosloop_bpf::AsmError),
+    #[error("output: {0}")]
+    Sink(#[from] SinkError),
+}
+
+fn bpf(what: impl Into<String>) -> impl FnOnce(BpfError) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Bpf { what, source }
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup/unified` in a hybrid
+/// layout, `/sys/fs/cgroup` in a unified one.
+pub fn default_cgroup() -> PathBuf {
+    for p in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        if is_cgroup2(Path::new(p)) {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("/sys/fs/cgroup/unified")
+}
+
+fn is_cgroup2(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// What the agent counted, for the summary line and the logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    pub records: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets and bytes a full counter map could not key (counted, not
+    /// attributed); each rise triggers an early drain.
+    pub map_full_packets: u64,
+    pub map_full_bytes: u64,
+    /// Records whose process could not be resolved (uid kept).
+    pub unknown_process: u64,
+    pub drains: u64,
+}
+
+impl std::fmt::Display for AgentStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "agent: {} records, {} packets, {} bytes in {} drains; {} records of unknown process; map full: {} packets, {} bytes not attributed",
+            self.records,
+            self.packets,
+            self.bytes,
+            self.drains,
+            self.unknown_process,
+            self.map_full_packets,
+            self.map_full_bytes
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Owner {
+    pid: Option<u32>,
+    comm: Option<String>,
+    uid: u32,
+    last_drain: u64,
+}
+
+/// The agent's maps.
+#[derive(Debug)]
+struct Maps {
+    epoch: Map,
+    counters: [Map; 2],
+    owners: Map,
+    overflow: Map,
+}
+
+impl Maps {
+    fn open(cfg: &AgentConfig) -> Result<Maps, AgentError> {
+        let n = cfg.map_entries.max(16);
+        let make =
+            |name: &str, t: MapType, k: u32, v: u32, entries: u32| -> Result<Map, AgentError> {
+                if let Some(dir) = &cfg.pin_dir {
+                    let path = dir.join(name);
+                    if path.exists() {
+                        return Map::from_pinned(&path, t, k, v)
+                            .map_err(bpf(format!("opening pinned map {}", path.display())));
+                    }
+                    let m = Map::create(t, k, v, entries, name)
+                        .map_err(bpf(format!("creating map {name}")))?;
+                    m.pin(&path)
+                        .map_err(bpf(format!("pinning {}", path.display())))?;
+                    return Ok(m);
+                }
+                Map::create(t, k, v, entries, name).map_err(bpf(format!("creating map {name}")))
+            };
+        use programs::*;
+        Ok(Maps {
+            epoch: make("qla_epoch", MapType::Array, 4, 4, 1)?,
+            counters: [
+                make("qla_count0", MapType::PercpuHash, KEY_SIZE, VALUE_SIZE, n)?,
+                make("qla_count1", MapType::PercpuHash, KEY_SIZE, VALUE_SIZE, n)?,
+            ],
+            owners: make(
+                "qla_owners",
+                MapType::Hash,
+                8,
+                OWNER_SIZE,
+                n.saturating_mul(2),
+            )?,
+            overflow: make("qla_overflow", MapType::PercpuArray, 4, OVERFLOW_SIZE, 1)?,
+        })
+    }
+}
+
+/// The running agent: programs attached, maps drained on demand.
+#[derive(Debug)]
+pub struct Agent {
+    maps: Maps,
+    programs: Vec<Program>,
+    links: Vec<CgroupLink>,
+    epoch: u32,
+    owners: HashMap<u64, Owner>,
+    /// Cookies sock_diag and /proc could not resolve yet, and how often
+    /// they were tried.
+    unresolved: HashMap<u64, u32>,
+    users: UserNames,
+    overflow_seen: (u64, u64),
+    last_drain_wall_ns: u64,
+    stats: AgentStats,
+}
+
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Loads the programs (the probe: an error here means eBPF cannot be
+    /// used on this host) and attaches them to `cfg.cgroup`.
+    pub fn start(cfg: &AgentConfig) -> Result<Agent, AgentError> {
+        if !is_cgroup2(&cfg.cgroup) {
+            return Err(AgentError::Cgroup {
+                path: cfg.cgroup.display().to_string(),
+                why: "not a cgroup2 mount (give --agent-cgroup DIR)".into(),
+            });
+        }
+        let cgroup = File::open(&cfg.cgroup).map_err(|e| AgentError::Cgroup {
+            path: cfg.cgroup.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let maps = Maps::open(cfg)?;
+        let count = programs::count_program(CountMaps {
+            epoch: maps.epoch.raw_fd(),
+            counters: [maps.counters[0].raw_fd(), maps.counters[1].raw_fd()],
+            overflow: maps.overflow.raw_fd(),
+        })?;
+        let owner = programs::owner_program(maps.owners.raw_fd())?;
+        let count = Program::load(ProgType::CgroupSkb, None, &count, "qla_count")
+            .map_err(bpf("loading the counting program (cgroup_skb)"))?;
+        let mut programs = vec![];
+        let mut links = vec![];
+        for attach in [AttachType::CgroupInetIngress, AttachType::CgroupInetEgress] {
+            links.push(
+                count
+                    .link(cgroup.as_fd(), attach)
+                    .map_err(bpf(format!("attaching qla_count at {attach:?}")))?,
+            );
+        }
+        programs.push(count);
+        for attach in [
+            AttachType::CgroupInetSockCreate,
+            AttachType::CgroupInet4PostBind,
+            AttachType::CgroupInet6PostBind,
+        ] {
+            let p = Program::load(ProgType::CgroupSock, Some(attach), &owner, "qla_owner")
+                .map_err(bpf(format!("loading the owner program ({attach:?})")))?;
+            links.push(
+                p.link(cgroup.as_fd(), attach)
+                    .map_err(bpf(format!("attaching qla_owner at {attach:?}")))?,
+            );
+            programs.push(p);
+        }
+        let epoch = maps
+            .epoch
+            .lookup(&0u32.to_ne_bytes())
+            .ok()
+            .flatten()
+            .map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) & 1)
+            .unwrap_or(0);
+        let mut agent = Agent {
+            maps,
+            programs,
+            links,
+            epoch,
+            owners: HashMap::new(),
+            unresolved: HashMap::new(),
+            users: UserNames::default(),
+            overflow_seen: (0, 0),
+            last_drain_wall_ns: wall_ns(),
+            stats: AgentStats::default(),
+        };
+        agent.overflow_seen = agent.overflow_totals();
+        tracing::info!(
+            cgroup = %cfg.cgroup.display(),
+            pinned = cfg.pin_dir.is_some(),
+            epoch,
+            "agent: eBPF cgroup_skb ingress/egress and cgroup_sock owner programs attached"
+        );
+        Ok(agent)
+    }
+
+    /// The loaded programs (for run-time statistics).
+    pub fn programs(&self) -> &[Program] {
+        &self.programs
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        self.stats
+    }
+
+    fn overflow_totals(&self) -> (u64, u64) {
+        let Ok(Some(v)) = self.maps.overflow.lookup(&0u32.to_ne_bytes()) else {
+            return (0, 0);
+        };
+        let slot = self.maps.overflow.slot_size();
+        v.chunks_exact(slot.max(16)).fold((0, 0), |(p, b), s| {
+            let w = |at: usize| {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(&s[at..at + 8]);
+                u64::from_ne_bytes(x)
+            };
+            (p + w(0), b + w(8))
+        })
+    }
+
+    /// Whether a full counter map refused packets since the last look
+    /// (they are counted; an early drain makes room).
+    pub fn overflowed(&mut self) -> bool {
+        let now = self.overflow_totals();
+        let risen = now.0 > self.overflow_seen.0;
+        if risen {
+            self.stats.map_full_packets += now.0 - self.overflow_seen.0;
+            self.stats.map_full_bytes += now.1.saturating_sub(self.overflow_seen.1);
+            tracing::warn!(
+                packets = now.0 - self.overflow_seen.0,
+                "agent: counter map full; packets counted as overflow, draining early"
+            );
+            self.overflow_seen = now;
+        }
+        risen
+    }
+
+    fn take_owners(&mut self) -> Result<(), AgentError> {
+        let mut fresh = Vec::new();
+        self.maps
+            .owners
+            .drain(512, |k, v| fresh.extend(OwnerEntry::decode(k, v)))
+            .map_err(bpf("draining the owner map"))?;
+        let drain = self.stats.drains;
+        for e in fresh {
+            self.owners.insert(
+                e.cookie,
+                Owner {
+                    pid: Some(e.pid),
+                    comm: Some(e.comm),
+                    uid: e.uid,
+                    last_drain: drain,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Owners of cookies the owner program never saw, from sock_diag and
+    /// /proc. `ports` are the ports each cookie's packets carried: an
+    /// accepted connection that closed before this drain (its socket is in
+    /// TIME_WAIT, without a descriptor) goes to the process listening on
+    /// one of them.
+    fn resolve(&mut self, ports: &HashMap<u64, Vec<u16>>) {
+        let diag = match sockdiag::dump() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "agent: sock_diag failed; owners stay unknown");
+                return;
+            }
+        };
+        let listeners: HashMap<u16, u32> = diag
+            .values()
+            .filter(|d| d.state == sockdiag::LISTEN && d.inode != 0)
+            .map(|d| (d.local_port, d.inode))
+            .collect();
+        let inodes: HashSet<u32> = ports
+            .keys()
+            .filter_map(|c| diag.get(c).map(|d| d.inode))
+            .chain(listeners.values().copied())
+            .filter(|&i| i != 0)
+            .collect();
+        let pids = sockdiag::pids_of_inodes(&inodes);
+        tracing::debug!(
+            cookies = ports.len(),
+            in_sock_diag = ports.keys().filter(|c| diag.contains_key(c)).count(),
+            sockets = diag.len(),
+            pids = pids.len(),
+            "agent: resolving owners"
+        );
+        for (c, seen_ports) in ports {
+            let direct = diag.get(c).and_then(|d| pids.get(&d.inode));
+            let by_listener = || {
+                seen_ports
+                    .iter()
+                    .find_map(|p| listeners.get(p).and_then(|i| pids.get(i)))
+            };
+            // A socket not yet accepted has no descriptor: asked again at
+            // the next drains, a few times.
+            let Some(pid) = direct.or_else(by_listener) else {
+                if self.unresolved.len() < MAX_OWNERS {
+                    *self.unresolved.entry(*c).or_insert(0) += 1;
+                }
+                continue;
+            };
+            self.unresolved.remove(c);
+            self.owners.insert(
+                *c,
+                Owner {
+                    pid: Some(*pid),
+                    comm: comm_of(*pid),
+                    uid: diag.get(c).map_or(0, |d| d.uid),
+                    last_drain: self.stats.drains,
+                },
+            );
+        }
+    }
+
+    /// Flips the epoch and turns the idle counter map into records.
+    pub fn drain(&mut self, sink: &mut dyn RecordSink) -> Result<usize, AgentError> {
+        self.take_owners()?;
+        let idle = self.epoch as usize;
+        self.epoch ^= 1;
+        self.maps
+            .epoch
+            .update(&0u32.to_ne_bytes(), &self.epoch.to_ne_bytes())
+            .map_err(bpf("flipping the epoch"))?;
+        // Programs that read the old epoch finish within microseconds.
+        std::thread::sleep(Duration::from_millis(1));
+        // Owners recorded meanwhile (sockets created just before the flip).
+        self.take_owners()?;
+        let mut entries = Vec::new();
+        let slot = self.maps.counters[idle].slot_size();
+        self.maps.counters[idle]
+            .drain(1024, |k, v| {
+                if let Some(key) = CounterKey::decode(k) {
+                    entries.push((key, Counts::sum(v, slot)));
+                }
+            })
+            .map_err(bpf("draining a counter map"))?;
+        let mut unknown: HashMap<u64, Vec<u16>> = HashMap::new();
+        for (k, _) in &entries {
+            let c = k.cookie;
+            if c != 0
+                && !self.owners.contains_key(&c)
+                && self
+                    .unresolved
+                    .get(&c)
+                    .is_none_or(|&n| n < RESOLVE_ATTEMPTS)
+            {
+                let ports = unknown.entry(c).or_default();
+                if k.proto == 6 && ports.len() < 4 {
+                    ports.extend([k.src_port, k.dst_port]);
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            self.resolve(&unknown);
+        }
+        let now_wall = wall_ns();
+        let now_mono = qosloop_bpf::ktime_ns();
+        let since = self.last_drain_wall_ns;
+        self.last_drain_wall_ns = now_wall;
+        self.stats.drains += 1;
+        let drain = self.stats.drains;
+        let n = entries.len();
+        for (key, counts) in entries {
+            if counts.packets == 0 {
+                continue;
+            }
+            let owner = self.owners.get_mut(&key.cookie).map(|o| {
+                o.last_drain = drain;
+                o.clone()
+            });
+            let uid = counts.uid.or(owner.as_ref().map(|o| o.uid));
+            let process = process_label(
+                owner.as_ref().and_then(|o| o.comm.as_deref()),
+                owner.as_ref().and_then(|o| o.pid),
+            );
+            if owner.is_none() {
+                self.stats.unknown_process += 1;
+            }
+            let first_wall = if counts.first_mono_ns != 0 && counts.first_mono_ns <= now_mono {
+                now_wall.saturating_sub(now_mono - counts.first_mono_ns)
+            } else {
+                since
+            };
+            let record = FlowRecord {
+                src_addr: key.src,
+                dst_addr: key.dst,
+                src_port: key.src_port,
+                dst_port: key.dst_port,
+                proto: key.proto,
+                packets: counts.packets,
+                bytes: counts.bytes,
+                start_ns: first_wall.max(since).min(now_wall),
+                end_ns: now_wall,
+                user: uid.map(|u| self.users.name(u)),
+                process: Some(process),
+                ..FlowRecord::default()
+            };
+            self.stats.records += 1;
+            self.stats.packets += counts.packets;
+            self.stats.bytes += counts.bytes;
+            sink.push(&record)?;
+        }
+        sink.flush()?;
+        if self.owners.len() > MAX_OWNERS {
+            // The owners not seen for longest go first.
+            let mut ages: Vec<u64> = self.owners.values().map(|o| o.last_drain).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() - MAX_OWNERS];
+            self.owners.retain(|_, o| o.last_drain >= cut);
+            self.unresolved.clear();
+        }
+        Ok(n)
+    }
+
+    /// Detaches the programs and drains both counter maps: everything
+    /// counted is in `sink` afterwards.
+    pub fn stop(mut self, sink: &mut dyn RecordSink) -> Result<AgentStats, AgentError> {
+        self.links.clear();
+        self.overflowed();
+        self.drain(sink)?;
+        self.drain(sink)?;
+        Ok(self.stats)
+    }
+}
+
+/// Runs the agent until `stop`: drains every `cfg.interim` (and early when
+/// a counter map fills), then detaches and drains what is left.
+pub fn run(
+    cfg: &AgentConfig,
+    sink: &mut dyn RecordSink,
+    stop: &AtomicBool,
+) -> Result<AgentStats, AgentError> {
+    let mut agent = Agent::start(cfg)?;
+    // A pinned map may hold what a previous agent counted after its last
+    // drain: out now, before this agent's first interval.
+    if cfg.pin_dir.is_some() {
+        agent.drain(sink)?;
+        agent.drain(sink)?;
+    }
+    let mut next = Instant::now() + cfg.interim;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50).min(cfg.interim));
+        if agent.overflowed() || Instant::now() >= next {
+            agent.drain(sink)?;
+            next = Instant::now() + cfg.interim;
+        }
+    }
+    agent.stop(sink)
+}

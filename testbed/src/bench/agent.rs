@@ -1,0 +1,223 @@
+//! `qosloop-testbed bench agent`: the host agent's cost. Two namespaces
+//! joined by a veth pair; iperf3 (TCP) across it, rounds alternating
+//! without and with the agent attached at the cgroup v2 root, in the same
+//! run; the counting program's own time per packet from the kernel's
+//! run-time statistics (`BPF_ENABLE_STATS`).
+
+use qosloop_meter::agent::{self, Agent, AgentConfig};
+use qosloop_meter::CountSink;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Options of `qosloop-testbed bench agent`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Rounds of each kind (without, with the agent), alternating.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds of iperf3 per round.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u64,
+}
+
+/// The two namespaces; deleted on drop.
+struct Pair(String, String);
+
+impl Pair {
+    fn new() -> anyhow::Result<Pair> {
+        let tag = std::process::id();
+        let pair = Pair(format!("qlba{tag}"), format!("qlbb{tag}"));
+        let veth_a = format!("qlva{}", tag % 100_000);
+        let veth_b = format!("qlvb{}", tag % 100_000);
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), pair.0.clone()],
+            vec!["netns".into(), "add".into(), pair.1.clone()],
+            vec![
+                "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            vec![
+                "link".into(),
+                "set".into(),
+                veth_a.clone(),
+                "netns".into(),
+                pair.0.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                veth_b.clone(),
+                "netns".into(),
+                pair.1.clone(),
+            ],
+            vec![
+                "-n".into(),
+                pair.0.clone(),
+                "addr".into(),
+                "add".into(),
+                "10.216.0.1/24".into(),
+                "dev".into(),
+                veth_a.clone(),
+            ],
+            vec![
+                "-n".into(),
+                pair.1.clone(),
+                "addr".into(),
+                "add".into(),
+                "10.216.0.2/24".into(),
+                "dev".into(),
+                veth_b.clone(),
+            ],
+            vec![
+                "-n".into(),
+                pair.0.clone(),
+                "link".into(),
+                "set".into(),
+                veth_a,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                pair.1.clone(),
+                "link".into(),
+                "set".into(),
+                veth_b,
+                "up".into(),
+            ],
+        ];
+        for s in steps {
+            let out = Command::new("ip").args(&s).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "ip {}: {}",
+                s.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.0, &self.1] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// One iperf3 round: received bits/s.
+fn iperf(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.0,
+            "iperf3",
+            "-c",
+            "10.216.0.2",
+            "-J",
+            "-t",
+        ])
+        .arg(seconds.to_string())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iperf3 client: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("iperf3 -J without end.sum_received.bits_per_second"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || run_blocking(args)).await?
+}
+
+fn run_blocking(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "bench agent needs root (namespaces, eBPF)"
+    );
+    let pair = Pair::new()?;
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pair.1, "iperf3", "-s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = qosloop_bpf::enable_run_time_stats()?;
+    let cfg = AgentConfig {
+        cgroup: agent::default_cgroup(),
+        pin_dir: None,
+        map_entries: agent::DEFAULT_MAP_ENTRIES,
+        interim: Duration::from_secs(1),
+    };
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let (mut run_ns, mut runs) = (0u64, 0u64);
+    let result = (|| -> anyhow::Result<()> {
+        for _ in 0..args.rounds {
+            without.push(iperf(&pair, args.seconds)?);
+            let mut agent = Agent::start(&cfg)?;
+            let stop = AtomicBool::new(false);
+            let bps = std::thread::scope(|s| -> anyhow::Result<f64> {
+                let drainer = s.spawn(|| -> anyhow::Result<()> {
+                    let mut sink = CountSink::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(200));
+                        agent.drain(&mut sink)?;
+                    }
+                    Ok(())
+                });
+                let bps = iperf(&pair, args.seconds);
+                stop.store(true, Ordering::Relaxed);
+                drainer
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("drain thread panicked"))??;
+                bps
+            })?;
+            with.push(bps);
+            let info = agent.programs()[0].info()?;
+            run_ns += info.run_time_ns;
+            runs += info.run_cnt;
+            agent.stop(&mut CountSink::default())?;
+        }
+        Ok(())
+    })();
+    drop(stats);
+    let _ = server.kill();
+    let _ = server.wait();
+    result?;
+    let (w, a) = (median(without), median(with));
+    println!(
+        "bench agent: iperf3 TCP over veth, {} rounds of {} s each way, load average {}",
+        args.rounds,
+        args.seconds,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!("without agent: {:.2} Gbit/s (median)", w / 1e9);
+    println!(
+        "with agent:    {:.2} Gbit/s (median) = {:.1}% of without  [goal >= 97%]",
+        a / 1e9,
+        100.0 * a / w.max(1.0)
+    );
+    println!(
+        "counting program (cgroup_skb, ingress + egress): {} runs, {:.0} ns per packet (BPF_ENABLE_STATS)  [anchor ~106-143 ns]",
+        runs,
+        run_ns as f64 / runs.max(1) as f64
+    );
+    Ok(())
+}
