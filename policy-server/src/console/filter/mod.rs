@@ -165,3 +165,99 @@ pub enum Expr {
     Cmp(Field, Op, Value),
     In(Field, Vec<Value>),
 }
+
+#[cfg(test)]
+mod props {
+    use super::compile::compile;
+    use super::*;
+    use crate::console::sql::Dialect;
+    use proptest::prelude::*;
+
+    fn value_for(field: Field) -> BoxedStrategy<Value> {
+        match field.kind() {
+            Kind::Int(max) => (0..=max).prop_map(Value::Int).boxed(),
+            Kind::Text => any::<String>().prop_map(Value::Text).boxed(),
+            Kind::Addr => prop_oneof![
+                any::<[u8; 4]>().prop_map(|o| Value::Addr(IpAddr::from(o))),
+                any::<[u8; 16]>().prop_map(|o| Value::Addr(IpAddr::from(o))),
+                (any::<[u8; 4]>(), 0u8..=32).prop_map(|(o, l)| Value::Net(IpAddr::from(o), l)),
+                (any::<[u8; 16]>(), 0u8..=128).prop_map(|(o, l)| Value::Net(IpAddr::from(o), l)),
+            ]
+            .boxed(),
+        }
+    }
+
+    fn leaf() -> impl Strategy<Value = Expr> {
+        (0..Field::ALL.len(), any::<prop::sample::Index>(), 1usize..4).prop_flat_map(
+            |(i, op, n)| {
+                let field = Field::ALL[i];
+                let ops: &[Op] = match field.kind() {
+                    Kind::Int(_) => &[Op::Eq, Op::Ne, Op::Lt, Op::Le, Op::Gt, Op::Ge],
+                    _ => &[Op::Eq, Op::Ne],
+                };
+                let op = ops[op.index(ops.len())];
+                prop_oneof![
+                    value_for(field).prop_map(move |v| Expr::Cmp(field, op, v)),
+                    prop::collection::vec(value_for(field), n)
+                        .prop_map(move |vs| Expr::In(field, vs)),
+                ]
+            },
+        )
+    }
+
+    fn expr() -> impl Strategy<Value = Expr> {
+        leaf().prop_recursive(5, 40, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone())
+                    .prop_map(|(a, b)| Expr::And(Box::new(a), Box::new(b))),
+                (inner.clone(), inner.clone())
+                    .prop_map(|(a, b)| Expr::Or(Box::new(a), Box::new(b))),
+                inner.prop_map(|a| Expr::Not(Box::new(a))),
+            ]
+        })
+    }
+
+    /// The SQL text with every `$n` removed: only the compiler's fragments.
+    fn skeleton(sql: &str) -> String {
+        let mut out = String::new();
+        let mut chars = sql.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '$' {
+                while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                    chars.next();
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn printing_then_parsing_gives_the_same_filter(e in expr()) {
+            let text = e.to_string();
+            prop_assert_eq!(parse(&text), Ok(e), "{}", text);
+        }
+
+        #[test]
+        fn no_input_reaches_the_sql_text(input in ".{0,200}", quote in "[\"';\\-\\\\]{1,6}") {
+            // Whatever parses, every value is bound: the SQL without its
+            // placeholders holds only the compiler's own vocabulary.
+            for text in [input.clone(), format!("user = \"{}\" OR class = '{}'", quote, input)] {
+                let Ok(e) = parse(&text) else { continue };
+                for d in [Dialect::Sqlite, Dialect::Postgres] {
+                    let mut binds = Vec::new();
+                    let sql = compile(&e, d, &mut binds);
+                    let bare = skeleton(&sql);
+                    prop_assert!(!bare.contains(';') && !bare.contains("--"), "{}", sql);
+                    prop_assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || " ()_=<>!,.':\"|&".contains(c)), "{}", sql);
+                    // Quoted literals in the SQL are the compiler's: '.' and ':'.
+                    let literals: Vec<&str> = bare.split('\'').skip(1).step_by(2).collect();
+                    prop_assert!(literals.iter().all(|l| *l == "." || *l == ":"), "{}", sql);
+                    prop_assert_eq!(sql.matches('$').count(), binds.len());
+                }
+            }
+        }
+    }
+}
