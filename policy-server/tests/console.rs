@@ -521,6 +521,8 @@ async fn live_responses_conform_to_the_openapi_document() {
             "--max-examples", "25", "--mode", "positive", "--phases", "examples,coverage,fuzzing",
             "--generation-deterministic"])
         .env("NO_COLOR", "1")
+        // Its example cache stays in the test's directory.
+        .current_dir(dir.path())
         .kill_on_drop(true)
         .output()
         .await
