@@ -11,6 +11,7 @@ use common::*;
 use qosloop_collector::Db;
 use qosloop_policy_server::console::ConsoleLimits;
 use qosloop_policy_server::web::{WebConfig, WebHandle};
+use qosloop_schema::{FlowRecord, FlowSpec, PolicySet};
 use qosloop_testbed::harness::Postgres;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -202,17 +203,58 @@ fn in_v4_16(addr: &str, net: [u8; 2]) -> bool {
         .unwrap_or(false)
 }
 
+/// Rules over the records of [`records`]: overlapping, of different
+/// priorities, one disabled.
+fn console_policy() -> PolicySet {
+    use qosloop_policy_server::testing::{paper_policy, policed_rule};
+    let mut p = paper_policy();
+    let rule = |name: &str, priority: u32, spec: FlowSpec, enabled: bool| {
+        let mut r = policed_rule(name, "10.0.0.1", 1, "edge");
+        r.priority = priority;
+        r.flows = vec![spec];
+        r.enabled = enabled;
+        r
+    };
+    p.rules = vec![
+        rule(
+            "udp-from-10-1",
+            100,
+            FlowSpec {
+                src: "10.1.0.0/16".parse().ok(),
+                proto: Some(17),
+                ..FlowSpec::default()
+            },
+            true,
+        ),
+        rule(
+            "web",
+            200,
+            FlowSpec {
+                dst: "192.0.2.0/30".parse().ok(),
+                dst_ports: "443".parse().ok(),
+                ..FlowSpec::default()
+            },
+            true,
+        ),
+        rule(
+            "all-of-10",
+            50,
+            FlowSpec {
+                src: "10.0.0.0/8".parse().ok(),
+                ..FlowSpec::default()
+            },
+            true,
+        ),
+        rule("off", 999, FlowSpec::default(), false),
+    ];
+    p
+}
+
 async fn serve(
     url: &str,
     limits: ConsoleLimits,
 ) -> (qosloop_policy_server::ServerHandle, WebHandle) {
-    let (server, policy_tx) = start(
-        url,
-        any_loopback_port(),
-        qosloop_policy_server::testing::paper_policy(),
-        100,
-    )
-    .await;
+    let (server, policy_tx) = start(url, any_loopback_port(), console_policy(), 100).await;
     let web = qosloop_policy_server::web::serve(
         any_loopback_port(),
         &server,
@@ -315,6 +357,48 @@ async fn explorer_answers_match_independent_sums(url: &str) {
     }
     assert_eq!(seen, want);
     assert_eq!(got["other"].as_i64(), Some(0));
+
+    // By policy rule: the enabled rule of highest priority selecting each
+    // record, computed here with the bandwidth manager's own test.
+    let policy = console_policy();
+    let mut want: BTreeMap<Option<String>, i64> = BTreeMap::new();
+    for r in &recs {
+        let rec = FlowRecord {
+            src_addr: r.src.parse().unwrap(),
+            dst_addr: r.dst.parse().unwrap(),
+            src_port: r.sport as u16,
+            dst_port: r.dport as u16,
+            proto: r.proto as u8,
+            ..FlowRecord::default()
+        };
+        let mut best: Option<&qosloop_schema::BusinessRule> = None;
+        for rule in &policy.rules {
+            if qosloop_policy_server::bandwidth::rule_selects(rule, &rec)
+                && best.is_none_or(|b| rule.priority > b.priority)
+            {
+                best = Some(rule);
+            }
+        }
+        *want.entry(best.map(|b| b.dn.clone())).or_default() += r.scaled_bytes();
+    }
+    let got = json(
+        a,
+        &format!("/api/v1/top?{range}&dims=rule&metric=bytes&limit=10"),
+    )
+    .await;
+    let got: BTreeMap<Option<String>, i64> = got["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["keys"][0].as_str().map(str::to_owned),
+                r["value"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(want.len(), 4, "three rules and no rule: {want:?}");
 
     // Flow list: every page by -bytes, cursor to cursor, is the filtered set in order.
     let filter = "NOT dst_port IN (53, 80) AND class != \"bulk\"";

@@ -1,8 +1,12 @@
 //! Dimensions the engine groups by, and metrics it sums, as SQL.
 
+use super::filter::compile::{compile, network};
 use super::filter::compile::{SCALED_BYTES, SCALED_PACKETS};
+use super::filter::{Expr, Field, Op, Value};
 use super::params::ApiError;
 use super::sql::{addr_text, sqlite_v4_int, Bind, Dialect};
+use qosloop_schema::{BusinessRule, FlowSpec, PolicySet};
+use std::sync::Arc;
 
 /// What records are grouped by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,9 +24,13 @@ pub enum Dim {
     User,
     Process,
     Exporter,
+    /// The policy rule (its DN) that polices the record: the enabled rule
+    /// of highest priority that selects it, as the bandwidth manager
+    /// chooses.
+    Rule,
 }
 
-pub const DIM_NAMES: [&str; 13] = [
+pub const DIM_NAMES: [&str; 14] = [
     "src_addr",
     "dst_addr",
     "src_prefix",
@@ -36,6 +44,7 @@ pub const DIM_NAMES: [&str; 13] = [
     "user",
     "process",
     "exporter",
+    "rule",
 ];
 
 impl Dim {
@@ -54,6 +63,7 @@ impl Dim {
             "user" => Dim::User,
             "process" => Dim::Process,
             "exporter" => Dim::Exporter,
+            "rule" => Dim::Rule,
             _ => {
                 return Err(ApiError::bad(
                     param,
@@ -88,7 +98,8 @@ impl Dim {
     }
 
     /// The group key as text (NULL when the record has none).
-    pub fn sql(self, d: Dialect, prefix: Prefix, binds: &mut Vec<Bind>) -> String {
+    pub fn sql(self, d: Dialect, g: &Grouping, binds: &mut Vec<Bind>) -> String {
+        let prefix = g.prefix;
         let int = |c: &str| format!("CAST({c} AS TEXT)");
         match self {
             Dim::SrcAddr => addr_text("src_addr", d),
@@ -106,7 +117,97 @@ impl Dim {
             Dim::Exporter => {
                 "(SELECT e.name FROM exporters e WHERE e.id = flows.exporter_id)".into()
             }
+            Dim::Rule => rule_sql(&g.policy, d, binds),
         }
+    }
+}
+
+/// How records are grouped: prefix lengths, and the policy for `rule`.
+#[derive(Clone, Debug)]
+pub struct Grouping {
+    pub prefix: Prefix,
+    pub policy: Arc<PolicySet>,
+}
+
+/// The rules that can select records, highest priority first (the first
+/// of equals wins, as in the bandwidth manager).
+fn ranked(policy: &PolicySet) -> Vec<&BusinessRule> {
+    let mut rules: Vec<&BusinessRule> = policy
+        .rules
+        .iter()
+        .filter(|r| r.enabled && !(r.flows.is_empty() && r.users.is_empty()))
+        .collect();
+    rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
+    rules
+}
+
+/// A flow spec as a filter: every field it names (none: every record).
+fn spec_expr(spec: &FlowSpec) -> Option<Expr> {
+    let mut parts = Vec::new();
+    for (field, p) in [(Field::SrcAddr, spec.src), (Field::DstAddr, spec.dst)] {
+        if let Some(p) = p {
+            let (net, _) = network(p.addr(), p.prefix_len());
+            parts.push(Expr::Cmp(field, Op::Eq, Value::Net(net, p.prefix_len())));
+        }
+    }
+    if let Some(proto) = spec.proto {
+        parts.push(Expr::Cmp(
+            Field::Proto,
+            Op::Eq,
+            Value::Int(u64::from(proto)),
+        ));
+    }
+    for (field, r) in [
+        (Field::SrcPort, spec.src_ports),
+        (Field::DstPort, spec.dst_ports),
+    ] {
+        if let Some(r) = r {
+            parts.push(Expr::Cmp(field, Op::Ge, Value::Int(u64::from(r.first))));
+            parts.push(Expr::Cmp(field, Op::Le, Value::Int(u64::from(r.last))));
+        }
+    }
+    parts
+        .into_iter()
+        .reduce(|a, b| Expr::And(Box::new(a), Box::new(b)))
+}
+
+/// `CASE WHEN <rule selects> THEN dn … END`: the same choice as
+/// `bandwidth::rule_selects` and the highest priority, in SQL. On SQLite
+/// an IPv6 prefix shorter than /128 matches only its first address (text
+/// addresses); PostgreSQL matches it exactly.
+fn rule_sql(policy: &PolicySet, d: Dialect, binds: &mut Vec<Bind>) -> String {
+    let mut arms = Vec::new();
+    for rule in ranked(policy) {
+        let specs: Vec<String> = rule
+            .flows
+            .iter()
+            .map(|s| match spec_expr(s) {
+                Some(e) => compile(&e, d, binds),
+                None => "TRUE".to_owned(),
+            })
+            .collect();
+        let mut cond = Vec::new();
+        if !specs.is_empty() {
+            cond.push(format!("({})", specs.join(" OR ")));
+        }
+        if !rule.users.is_empty() {
+            let users = Expr::In(
+                Field::User,
+                rule.users.iter().cloned().map(Value::Text).collect(),
+            );
+            cond.push(compile(&users, d, binds));
+        }
+        binds.push(Bind::Text(rule.dn.clone()));
+        arms.push(format!(
+            "WHEN {} THEN CAST(${} AS TEXT)",
+            cond.join(" AND "),
+            binds.len()
+        ));
+    }
+    if arms.is_empty() {
+        "CAST(NULL AS TEXT)".to_owned()
+    } else {
+        format!("CASE {} END", arms.join(" "))
     }
 }
 

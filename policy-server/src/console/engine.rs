@@ -3,7 +3,7 @@
 //! grouping by dimensions and summing a metric is one SQL shape.
 //! Counters are scaled by their sampling interval in SQL.
 
-use super::dims::{Dim, Metric, Prefix};
+use super::dims::{Dim, Grouping, Metric};
 use super::filter::{compile, Expr};
 use super::params::ApiError;
 use super::sql::{addr_text, dialect, fetch, Bind, Col, Db, Dialect, Row};
@@ -206,11 +206,14 @@ pub async fn top(
     dims: &[Dim],
     metric: Metric,
     limit: i64,
-    prefix: Prefix,
+    grouping: &Grouping,
 ) -> Result<Grouped, ApiError> {
     let d = dialect(db);
     let mut binds = Vec::new();
-    let keys: Vec<String> = dims.iter().map(|k| k.sql(d, prefix, &mut binds)).collect();
+    let keys: Vec<String> = dims
+        .iter()
+        .map(|k| k.sql(d, grouping, &mut binds))
+        .collect();
     let w = sel.where_sql(d, &mut binds);
     binds.push(Bind::Int(limit));
     let n = dims.len();
@@ -258,13 +261,13 @@ pub async fn timeseries(
     stack: Option<Dim>,
     metric: Metric,
     limit: i64,
-    prefix: Prefix,
+    grouping: &Grouping,
 ) -> Result<(i64, Vec<Series>), ApiError> {
     let d = dialect(db);
     let start = sel.from - sel.from.rem_euclid(step_ns);
     let steps = ((sel.to - start + step_ns - 1) / step_ns).max(1) as usize;
     let tops = match stack {
-        Some(dim) => top(db, sel, &[dim], metric, limit, prefix)
+        Some(dim) => top(db, sel, &[dim], metric, limit, grouping)
             .await?
             .rows
             .into_iter()
@@ -279,7 +282,7 @@ pub async fn timeseries(
         Some(dim) => {
             let mut alts = Vec::new();
             for k in &tops {
-                let expr = dim.sql(d, prefix, &mut binds);
+                let expr = dim.sql(d, grouping, &mut binds);
                 match k {
                     Value::String(t) => {
                         binds.push(Bind::Text(t.clone()));
@@ -293,7 +296,7 @@ pub async fn timeseries(
             } else {
                 format!("({})", alts.join(" OR "))
             };
-            let key = dim.sql(d, prefix, &mut binds);
+            let key = dim.sql(d, grouping, &mut binds);
             (member, key)
         }
         None => ("TRUE".to_owned(), "NULL".to_owned()),

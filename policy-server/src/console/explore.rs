@@ -1,7 +1,7 @@
 //! The flow explorer's endpoints: `/flows`, `/top`, `/timeseries`,
 //! `/sankey`, over [`super::engine`].
 
-use super::dims::{Dim, Metric, Prefix, METRIC_NAMES};
+use super::dims::{Dim, Grouping, Metric, Prefix, METRIC_NAMES};
 use super::engine::{self, parse_cursor, Selection, Sort, FLOW_COLUMNS, SORTS};
 use super::filter::parse_for;
 use super::params::{duration_ns, ApiError, Params};
@@ -27,10 +27,13 @@ fn selection(c: &Console, p: &Params) -> Result<Selection, ApiError> {
     Ok(Selection { from, to, filter })
 }
 
-fn prefix(p: &Params) -> Result<Prefix, ApiError> {
-    Ok(Prefix {
-        v4: p.int("prefix_v4", 24, 0, 32)? as u8,
-        v6: p.int("prefix_v6", 64, 0, 128)? as u8,
+fn grouping(c: &Console, p: &Params) -> Result<Grouping, ApiError> {
+    Ok(Grouping {
+        prefix: Prefix {
+            v4: p.int("prefix_v4", 24, 0, 32)? as u8,
+            v6: p.int("prefix_v6", 64, 0, 128)? as u8,
+        },
+        policy: c.policy.borrow().clone(),
     })
 }
 
@@ -60,7 +63,7 @@ pub async fn flows(
 }
 
 /// Dimension, metric and limit of the grouped endpoints.
-fn grouping(
+fn dims_metric_limit(
     c: &Console,
     p: &Params,
     param: &str,
@@ -89,10 +92,10 @@ pub async fn top(
     )?;
     let csv = wants_csv(&p, &headers)?;
     let sel = selection(&c, &p)?;
-    let (dims, metric, limit) = grouping(&c, &p, "dims", 1, 2)?;
-    let prefix = prefix(&p)?;
+    let (dims, metric, limit) = dims_metric_limit(&c, &p, "dims", 1, 2)?;
+    let grouping = grouping(&c, &p)?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
-    let g = engine::top(&c.db, &sel, &dims, metric, limit, prefix).await?;
+    let g = engine::top(&c.db, &sel, &dims, metric, limit, &grouping).await?;
     let secs = sel.seconds();
     let mut columns: Vec<&str> = dims.iter().map(|d| d.name()).collect();
     columns.push("value");
@@ -147,10 +150,10 @@ pub async fn timeseries(
     let stack = p.get("stack").map(|s| Dim::parse("stack", s)).transpose()?;
     let metric = Metric::parse(p.choice("metric", &METRIC_NAMES, "bps")?);
     let limit = p.int("limit", 10, 1, c.limits.max_groups)?;
-    let prefix = prefix(&p)?;
+    let grouping = grouping(&c, &p)?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
     let (start, series) =
-        engine::timeseries(&c.db, &sel, step_ns, stack, metric, limit, prefix).await?;
+        engine::timeseries(&c.db, &sel, step_ns, stack, metric, limit, &grouping).await?;
     let secs = step_ns as f64 / 1e9;
     let mut table = Table::new(&["t_ns", "key", "value"]);
     let mut out = Vec::new();
@@ -187,10 +190,10 @@ pub async fn sankey(
     )?;
     let csv = wants_csv(&p, &headers)?;
     let sel = selection(&c, &p)?;
-    let (dims, metric, limit) = grouping(&c, &p, "dims", 2, 3)?;
-    let prefix = prefix(&p)?;
+    let (dims, metric, limit) = dims_metric_limit(&c, &p, "dims", 2, 3)?;
+    let grouping = grouping(&c, &p)?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
-    let g = engine::top(&c.db, &sel, &dims, metric, limit, prefix).await?;
+    let g = engine::top(&c.db, &sel, &dims, metric, limit, &grouping).await?;
     let secs = sel.seconds();
     let node =
         |d: Dim, k: &Value| -> String { format!("{}={}", d.name(), k.as_str().unwrap_or("")) };
