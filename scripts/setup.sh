@@ -37,6 +37,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# schemathesis (PyPI) validates the console API's live responses against its
+# OpenAPI document (policy-server/tests/console.rs). Pinned.
+SCHEMATHESIS_VERSION=4.32.5
+if ! command -v schemathesis >/dev/null 2>&1 || \
+   ! schemathesis --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  if ! command -v pip3 >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || { echo "setup: needs root to install python3-pip" >&2; exit 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "setup: installing schemathesis==$SCHEMATHESIS_VERSION"
+  pip3 install -q "schemathesis==$SCHEMATHESIS_VERSION" 2>/dev/null || \
+    pip3 install -q --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
 # Debian's postgresql package starts a cluster of its own; the tests start
 # theirs on free ports and do not need it.
 

@@ -112,6 +112,14 @@ pub struct Settings {
     /// (default 60000).
     #[arg(long, value_name = "MS")]
     pub http_idle_timeout_ms: Option<u64>,
+    /// A console query over more flow records than this is refused
+    /// (1..=10^10, default 20000000).
+    #[arg(long, value_name = "ROWS")]
+    pub api_max_scan_rows: Option<u64>,
+    /// The longest time range of a console query, seconds (1..=31536000,
+    /// default 2678400: 31 days).
+    #[arg(long, value_name = "SECONDS")]
+    pub api_max_range_s: Option<u64>,
     /// Bandwidth manager poll interval in milliseconds (100..=60000, default 1000).
     #[arg(long, value_name = "MS")]
     pub interval_ms: Option<u64>,
@@ -184,6 +192,8 @@ impl Settings {
             http_max_connections: self.http_max_connections.or(base.http_max_connections),
             http_header_timeout_ms: self.http_header_timeout_ms.or(base.http_header_timeout_ms),
             http_idle_timeout_ms: self.http_idle_timeout_ms.or(base.http_idle_timeout_ms),
+            api_max_scan_rows: self.api_max_scan_rows.or(base.api_max_scan_rows),
+            api_max_range_s: self.api_max_range_s.or(base.api_max_range_s),
             interval_ms: self.interval_ms.or(base.interval_ms),
             ewma_weight: self.ewma_weight.or(base.ewma_weight),
             hysteresis: self.hysteresis.or(base.hysteresis),
@@ -431,6 +441,28 @@ impl Config {
             limits: http_limits,
             header_timeout: millis("http_header_timeout_ms", s.http_header_timeout_ms, 10_000)?,
             idle_timeout: millis("http_idle_timeout_ms", s.http_idle_timeout_ms, 60_000)?,
+            console: {
+                let defaults = crate::console::ConsoleLimits::default();
+                let rows = s.api_max_scan_rows.unwrap_or(defaults.max_scan_rows as u64);
+                if !(1..=10_000_000_000).contains(&rows) {
+                    return Err(invalid(
+                        "api_max_scan_rows",
+                        format!("{rows}: must be 1..=10000000000"),
+                    ));
+                }
+                let range = s.api_max_range_s.unwrap_or(defaults.max_range.as_secs());
+                if !(1..=31_536_000).contains(&range) {
+                    return Err(invalid(
+                        "api_max_range_s",
+                        format!("{range}: must be 1..=31536000"),
+                    ));
+                }
+                crate::console::ConsoleLimits {
+                    max_scan_rows: rows as i64,
+                    max_range: Duration::from_secs(range),
+                    ..defaults
+                }
+            },
         };
         let interval_ms = s.interval_ms.unwrap_or(1000);
         if !(100..=60_000).contains(&interval_ms) {
@@ -630,6 +662,8 @@ mod tests {
             ("pdp_write_timeout_ms = 0", "pdp_write_timeout_ms"),
             ("http_header_timeout_ms = 0", "http_header_timeout_ms"),
             ("http_idle_timeout_ms = 0", "http_idle_timeout_ms"),
+            ("api_max_scan_rows = 0", "api_max_scan_rows"),
+            ("api_max_range_s = 0", "api_max_range_s"),
         ] {
             let s = Settings::from_toml(&format!(
                 "{toml}\ndb = \"sqlite://a.db\"\npolicies = \"p.ldif\""

@@ -11,13 +11,15 @@
 //!   3288/tcp; enforcers open, synchronise, get their roles' decisions and
 //!   report (`enforcers`, `enforcement_reports`);
 //! - the daemon that ties them together ([`server`]), its configuration
-//!   ([`config`]) and its web API and live page ([`web`]).
+//!   ([`config`]), its web API and live page ([`web`]) and the console API
+//!   under `/api/v1` ([`console`]).
 //!
 //! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
 //! module `repo`), the kernel, or the flow records' ingest.
 
 pub mod bandwidth;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod pdp;
 pub mod repo;

@@ -9,6 +9,7 @@
 //! | `GET /api/enforcers` | every enforcer seen (connected, and the last disconnected ones), with its state |
 //! | `GET /api/status` | counters: `{"pdp": {…}, "http": {…}, "accept_failures": n, "policy": {…}}`; `policy` is the repository's [`crate::repo::PolicyStatus`] (rules in force, the last refused version) |
 //! | `GET /` | a page polling the above every second |
+//! | `GET /api/v1/…` | the console API ([`crate::console`], docs/api.md) |
 //!
 //! Served by hyper's HTTP/1 server directly (not `axum::serve`, which has
 //! no timeouts): connections per peer address and in total are limited,
@@ -44,6 +45,8 @@ pub struct WebConfig {
     /// A connection on which no read or write progresses this long is
     /// closed (idle keep-alive connections included).
     pub idle_timeout: Duration,
+    /// What one console query may do.
+    pub console: crate::console::ConsoleLimits,
 }
 
 impl Default for WebConfig {
@@ -52,6 +55,7 @@ impl Default for WebConfig {
             limits: ConnLimits::default(),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            console: crate::console::ConsoleLimits::default(),
         }
     }
 }
@@ -181,6 +185,13 @@ pub async fn serve_with_policy_status(
 ) -> std::io::Result<WebHandle> {
     let http_limiter = ConnLimiter::new("HTTP", config.limits);
     let http_stats = Arc::new(HttpStats::default());
+    let console = crate::console::router(crate::console::Console {
+        db: server.store.db().clone(),
+        decisions: server.decisions.clone(),
+        policy: policy.clone(),
+        policy_status: policy_status.clone(),
+        limits: config.console,
+    });
     let app = App {
         store: server.store.clone(),
         decisions: server.decisions.clone(),
@@ -199,7 +210,8 @@ pub async fn serve_with_policy_status(
         .route("/api/decisions", get(get_decisions))
         .route("/api/enforcers", get(enforcers))
         .route("/api/status", get(status))
-        .with_state(app);
+        .with_state(app)
+        .merge(console);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     let mut shutdown = server.stopping();

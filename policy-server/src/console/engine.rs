@@ -1,0 +1,354 @@
+//! The one query engine behind the flow list, top-N, time series and
+//! sankey: a [`Selection`] (time range + filter) becomes one WHERE clause;
+//! grouping by dimensions and summing a metric is one SQL shape.
+//! Counters are scaled by their sampling interval in SQL.
+
+use super::dims::{Dim, Grouping, Metric};
+use super::filter::{compile, Expr};
+use super::params::ApiError;
+use super::sql::{addr_text, dialect, fetch, Bind, Col, Db, Dialect, Row};
+use serde_json::Value;
+
+/// The records a query reads: `end_ns` in `[from, to)` and the filter.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub from: i64,
+    pub to: i64,
+    pub filter: Option<Expr>,
+}
+
+impl Selection {
+    /// The WHERE clause; parameters are appended to `binds`.
+    pub fn where_sql(&self, d: Dialect, binds: &mut Vec<Bind>) -> String {
+        binds.push(Bind::Int(self.from));
+        let from = binds.len();
+        binds.push(Bind::Int(self.to));
+        let mut sql = format!("end_ns >= ${from} AND end_ns < ${}", from + 1);
+        if let Some(f) = &self.filter {
+            sql.push_str(" AND ");
+            sql.push_str(&compile(f, d, binds));
+        }
+        sql
+    }
+
+    pub fn seconds(&self) -> f64 {
+        (self.to - self.from) as f64 / 1e9
+    }
+}
+
+/// Refuses a selection that holds more than `max_rows` records (counting
+/// stops at `max_rows + 1`).
+pub async fn check_scan(db: &Db, sel: &Selection, max_rows: i64) -> Result<(), ApiError> {
+    let mut binds = Vec::new();
+    let w = sel.where_sql(dialect(db), &mut binds);
+    binds.push(Bind::Int(max_rows.saturating_add(1)));
+    let sql = format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM flows WHERE {w} LIMIT ${}) AS s",
+        binds.len()
+    );
+    let rows = fetch(db, &sql, &binds, &[Col::Int]).await?;
+    let n = rows.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
+    if n > max_rows {
+        return Err(ApiError::bad(
+            "from",
+            format!(
+                "the query would read more than the configured limit of {max_rows} records: \
+                 narrow the time range or the filter"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How the flow list is ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sort {
+    pub key: &'static str,
+    pub descending: bool,
+}
+
+pub const SORTS: [&str; 8] = [
+    "-end_ns",
+    "end_ns",
+    "-start_ns",
+    "start_ns",
+    "-bytes",
+    "bytes",
+    "-packets",
+    "packets",
+];
+
+impl Sort {
+    pub fn parse(s: &str) -> Sort {
+        let (descending, key) = match s.strip_prefix('-') {
+            Some(k) => (true, k),
+            None => (false, s),
+        };
+        let key = match key {
+            "start_ns" => "start_ns",
+            "bytes" => "bytes",
+            "packets" => "packets",
+            _ => "end_ns",
+        };
+        Sort { key, descending }
+    }
+
+    fn sql(self) -> &'static str {
+        match self.key {
+            "bytes" => super::filter::compile::SCALED_BYTES,
+            "packets" => super::filter::compile::SCALED_PACKETS,
+            "start_ns" => "start_ns",
+            _ => "end_ns",
+        }
+    }
+}
+
+/// A position in the flow list: the sort key and id of the last row seen.
+pub fn parse_cursor(s: &str) -> Result<(i64, i64), ApiError> {
+    s.split_once('.')
+        .and_then(|(k, id)| Some((k.parse().ok()?, id.parse().ok()?)))
+        .ok_or_else(|| ApiError::bad("cursor", "not a cursor of this API (KEY.ID)"))
+}
+
+pub const FLOW_COLUMNS: [&str; 18] = [
+    "id",
+    "exporter",
+    "src_addr",
+    "dst_addr",
+    "src_port",
+    "dst_port",
+    "proto",
+    "packets",
+    "bytes",
+    "start_ns",
+    "end_ns",
+    "vlan",
+    "dscp",
+    "tcp_flags",
+    "class",
+    "user",
+    "process",
+    "sampling_interval",
+];
+
+/// One page of flow records (counters scaled) and the cursor of the next.
+pub async fn flows(
+    db: &Db,
+    sel: &Selection,
+    sort: Sort,
+    limit: i64,
+    after: Option<(i64, i64)>,
+) -> Result<(Vec<Row>, Option<String>), ApiError> {
+    let d = dialect(db);
+    let mut binds = Vec::new();
+    let mut w = sel.where_sql(d, &mut binds);
+    let key = sort.sql();
+    let (cmp, dir) = if sort.descending {
+        ("<", "DESC")
+    } else {
+        (">", "ASC")
+    };
+    if let Some((k, id)) = after {
+        binds.push(Bind::Int(k));
+        binds.push(Bind::Int(id));
+        let (pk, pid) = (binds.len() - 1, binds.len());
+        w.push_str(&format!(
+            " AND ({key} {cmp} ${pk} OR ({key} = ${pk} AND id {cmp} ${pid}))"
+        ));
+    }
+    binds.push(Bind::Int(limit + 1));
+    let sql = format!(
+        "SELECT CAST(id AS BIGINT), (SELECT e.name FROM exporters e WHERE e.id = flows.exporter_id), \
+         {}, {}, CAST(src_port AS BIGINT), CAST(dst_port AS BIGINT), CAST(proto AS BIGINT), \
+         CAST({} AS BIGINT), CAST({} AS BIGINT), start_ns, end_ns, CAST(vlan AS BIGINT), \
+         CAST(dscp AS BIGINT), CAST(tcp_flags AS BIGINT), class, \"user\", process, \
+         CAST(sampling_interval AS BIGINT), CAST({key} AS BIGINT) \
+         FROM flows WHERE {w} ORDER BY {key} {dir}, id {dir} LIMIT ${}",
+        addr_text("src_addr", d),
+        addr_text("dst_addr", d),
+        super::filter::compile::SCALED_PACKETS,
+        super::filter::compile::SCALED_BYTES,
+        binds.len()
+    );
+    use Col::*;
+    let cols = [
+        Int, Text, Text, Text, Int, Int, Int, Int, Int, Int, Int, Int, Int, Int, Text, Text, Text,
+        Int, Int,
+    ];
+    let mut rows = fetch(db, &sql, &binds, &cols).await?;
+    let mut next = None;
+    if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        if let Some(last) = rows.last() {
+            next = Some(format!("{}.{}", last[18], last[0]));
+        }
+    }
+    for r in &mut rows {
+        r.truncate(FLOW_COLUMNS.len());
+    }
+    Ok((rows, next))
+}
+
+/// Sums of a metric grouped by dimensions: the largest groups, and what
+/// the rest and everything add up to.
+#[derive(Debug, Default)]
+pub struct Grouped {
+    /// Keys (text or null) and the sum, largest first.
+    pub rows: Vec<(Vec<Value>, i64)>,
+    pub other: i64,
+    pub total: i64,
+}
+
+/// The `limit` largest groups of `dims` by `metric`, with the remainder.
+pub async fn top(
+    db: &Db,
+    sel: &Selection,
+    dims: &[Dim],
+    metric: Metric,
+    limit: i64,
+    grouping: &Grouping,
+) -> Result<Grouped, ApiError> {
+    let d = dialect(db);
+    let mut binds = Vec::new();
+    let keys: Vec<String> = dims
+        .iter()
+        .map(|k| k.sql(d, grouping, &mut binds))
+        .collect();
+    let w = sel.where_sql(d, &mut binds);
+    binds.push(Bind::Int(limit));
+    let n = dims.len();
+    let group: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    let order: Vec<String> = (1..=n).map(|i| format!("{i} ASC")).collect();
+    let sql = format!(
+        "SELECT {}, {} FROM flows WHERE {w} GROUP BY {} ORDER BY {} DESC, {} LIMIT ${}",
+        keys.join(", "),
+        metric.sql(),
+        group.join(", "),
+        n + 1,
+        order.join(", "),
+        binds.len()
+    );
+    let mut cols = vec![Col::Text; n];
+    cols.push(Col::Int);
+    let rows = fetch(db, &sql, &binds, &cols).await?;
+    let mut out = Grouped::default();
+    for mut r in rows {
+        let v = r.pop().and_then(|v| v.as_i64()).unwrap_or(0);
+        out.rows.push((r, v));
+    }
+    let mut binds = Vec::new();
+    let w = sel.where_sql(d, &mut binds);
+    let sql = format!("SELECT {} FROM flows WHERE {w}", metric.sql());
+    let total = fetch(db, &sql, &binds, &[Col::Int]).await?;
+    out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
+    out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
+    Ok(out)
+}
+
+/// One stacked series: its key (`None` for "Other") and a sum per step.
+#[derive(Debug)]
+pub struct Series {
+    pub key: Option<Value>,
+    pub points: Vec<i64>,
+}
+
+/// Sums per step from `from` (rounded down to the step) to `to`, stacked
+/// by the `limit` largest values of `stack` and the rest.
+pub async fn timeseries(
+    db: &Db,
+    sel: &Selection,
+    step_ns: i64,
+    stack: Option<Dim>,
+    metric: Metric,
+    limit: i64,
+    grouping: &Grouping,
+) -> Result<(i64, Vec<Series>), ApiError> {
+    let d = dialect(db);
+    let start = sel.from - sel.from.rem_euclid(step_ns);
+    let steps = ((sel.to - start + step_ns - 1) / step_ns).max(1) as usize;
+    let tops = match stack {
+        Some(dim) => top(db, sel, &[dim], metric, limit, grouping)
+            .await?
+            .rows
+            .into_iter()
+            .map(|(mut k, _)| k.remove(0))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut binds = Vec::new();
+    binds.push(Bind::Int(step_ns));
+    let s = binds.len();
+    let (member, key) = match stack {
+        Some(dim) => {
+            let mut alts = Vec::new();
+            for k in &tops {
+                let expr = dim.sql(d, grouping, &mut binds);
+                match k {
+                    Value::String(t) => {
+                        binds.push(Bind::Text(t.clone()));
+                        alts.push(format!("{expr} = ${}", binds.len()));
+                    }
+                    _ => alts.push(format!("{expr} IS NULL")),
+                }
+            }
+            let member = if alts.is_empty() {
+                "FALSE".to_owned()
+            } else {
+                format!("({})", alts.join(" OR "))
+            };
+            let key = dim.sql(d, grouping, &mut binds);
+            (member, key)
+        }
+        None => ("TRUE".to_owned(), "NULL".to_owned()),
+    };
+    let w = sel.where_sql(d, &mut binds);
+    let sql = format!(
+        "SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT), CAST(CASE WHEN {member} THEN 0 ELSE 1 END AS BIGINT), \
+         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM flows WHERE {w} GROUP BY 1, 2, 3",
+        metric.sql()
+    );
+    let rows = fetch(db, &sql, &binds, &[Col::Int, Col::Int, Col::Text, Col::Int]).await?;
+    let mut series: Vec<Series> = tops
+        .into_iter()
+        .map(|k| Series {
+            key: Some(k),
+            points: vec![0; steps],
+        })
+        .collect();
+    if stack.is_none() {
+        series.push(Series {
+            key: Some(Value::Null),
+            points: vec![0; steps],
+        });
+    }
+    for r in rows {
+        let (Some(t), Some(other), Some(v)) = (r[0].as_i64(), r[1].as_i64(), r[3].as_i64()) else {
+            continue;
+        };
+        let at = ((t - start) / step_ns) as usize;
+        let slot = if stack.is_none() {
+            Some(0)
+        } else if other == 1 {
+            None
+        } else {
+            series.iter().position(|s| s.key.as_ref() == Some(&r[2]))
+        };
+        let idx = match slot {
+            Some(i) => i,
+            None => match series.iter().position(|s| s.key.is_none()) {
+                Some(i) => i,
+                None => {
+                    series.push(Series {
+                        key: None,
+                        points: vec![0; steps],
+                    });
+                    series.len() - 1
+                }
+            },
+        };
+        if let Some(p) = series[idx].points.get_mut(at) {
+            *p += v;
+        }
+    }
+    Ok((start, series))
+}
