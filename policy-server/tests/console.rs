@@ -8,10 +8,10 @@
 mod common;
 
 use common::*;
-use qosloop_store::Db;
 use qosloop_policy_server::console::ConsoleLimits;
 use qosloop_policy_server::web::{WebConfig, WebHandle};
 use qosloop_schema::{FlowRecord, FlowSpec, PolicySet};
+use qosloop_store::Db;
 use qosloop_testbed::harness::Postgres;
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -10,10 +10,10 @@ mod common;
 mod support;
 
 use common::*;
-use qosloop_store::Db;
 use qosloop_meter::pcap::linktype;
 use qosloop_meter::{run_file, PcapWriter, Progress};
 use qosloop_policy_server::web::WebConfig;
+use qosloop_store::Db;
 use qosloop_testbed::harness::Postgres;
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
