@@ -27,7 +27,8 @@ pub mod server;
 pub mod store;
 pub mod testing;
 pub mod web;
-pub mod window;
+/// The window arithmetic, shared with the collector cluster.
+pub use qosloop_schema::bandwidth::window;
 
 pub use bandwidth::{BandwidthManager, Rates, SubjectRate};
 pub use config::{Config, ConfigError};
