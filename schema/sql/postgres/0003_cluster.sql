@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS rate_state (
 
 ALTER TABLE rates ADD COLUMN node TEXT;
 ALTER TABLE rates ADD COLUMN epoch BIGINT;
+-- When an owner wrote the row (the database's clock): how fresh it was.
+ALTER TABLE rates ADD COLUMN computed_ns BIGINT;
 
 -- The policy as the policy server runs it (JSON of PolicySet); owners
 -- learn their subjects from it.

@@ -434,8 +434,8 @@ impl Db {
                 )));
             }
             sqlx::query(
-                "INSERT INTO rates (at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records, node, epoch) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &format!("INSERT INTO rates (at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records, node, epoch, computed_ns) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {SERVER_NOW})"),
             )
             .bind(r.window_end_ns)
             .bind(r.interval_ns)

@@ -33,6 +33,8 @@ pub struct RoutingConfig {
     pub interval_ms: u64,
     /// A window is closed `lag_ms` after its end.
     pub lag_ms: u64,
+    /// EWMA weight of the newest window, in thousandths (500: 0.5).
+    pub ewma_weight_permille: u32,
     /// The analyses and the routing key each declares, by name.
     pub analyses: Vec<(String, AnalysisKey)>,
 }
@@ -43,6 +45,7 @@ impl Default for RoutingConfig {
             buckets: 64,
             interval_ms: 1000,
             lag_ms: 1200,
+            ewma_weight_permille: 500,
             analyses: vec![("bandwidth".into(), AnalysisKey::Subject)],
         }
     }
@@ -52,8 +55,8 @@ impl RoutingConfig {
     /// The canonical text stored in `cluster_config.routing`.
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "buckets={};interval_ms={};lag_ms={}",
-            self.buckets, self.interval_ms, self.lag_ms
+            "buckets={};interval_ms={};lag_ms={};ewma_weight_permille={}",
+            self.buckets, self.interval_ms, self.lag_ms, self.ewma_weight_permille
         );
         let mut analyses = self.analyses.clone();
         analyses.sort_by(|a, b| a.0.cmp(&b.0));
