@@ -18,6 +18,7 @@
 //! module `repo`), the kernel, or the flow records' ingest.
 
 pub mod bandwidth;
+pub mod cluster_rates;
 pub mod config;
 pub mod console;
 pub mod engine;

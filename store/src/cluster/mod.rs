@@ -480,6 +480,46 @@ impl Db {
             "SELECT version, body FROM published_policy WHERE id = 1").fetch_optional(pool).await)
     }
 
+    /// The rows the cluster's owners wrote after row `after_id`, oldest
+    /// first, at most `limit`: `(id, row)`. The highest id so far is
+    /// [`Db::max_rate_id`].
+    pub async fn owner_rates_after(
+        &self,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, crate::RateRow)>, sqlx::Error> {
+        let q = "SELECT id, at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records FROM rates \
+                 WHERE id > $1 AND node IS NOT NULL ORDER BY id LIMIT $2";
+        let rows: Vec<(i64, i64, i64, String, String, f64, f64, i64)> = crate::on_pool!(self, pool, D =>
+            sqlx::query_as(q).bind(after_id).bind(limit).fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records)| {
+                    (
+                        id,
+                        crate::RateRow {
+                            at_ns,
+                            interval_ns,
+                            subject,
+                            name,
+                            rate_kbps,
+                            avg_rate_kbps,
+                            records,
+                        },
+                    )
+                },
+            )
+            .collect())
+    }
+
+    /// The highest id of `rates` (0 when empty).
+    pub async fn max_rate_id(&self) -> Result<i64, sqlx::Error> {
+        let (v,): (Option<i64>,) = crate::on_pool!(self, pool, D =>
+            sqlx::query_as("SELECT MAX(id) FROM rates").fetch_one(pool).await)?;
+        Ok(v.unwrap_or(0))
+    }
+
     /// The combined partial sums of every node for slots `[from, to]`:
     /// `(kind, subject, slot, bytes, records)`.
     pub async fn combined_partials(
