@@ -14,7 +14,7 @@
 //! The gaps in fresh rates around each move are printed (figures for
 //! `docs/cluster.md`), not asserted.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 use qosloop_exporter::{Exporter, ExporterConfig};
 use qosloop_schema::bandwidth::{window::TimeBuckets, Classifier, SubjectKind};

@@ -490,7 +490,8 @@ impl Db {
     ) -> Result<Vec<(i64, crate::RateRow)>, sqlx::Error> {
         let q = "SELECT id, at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records FROM rates \
                  WHERE id > $1 AND node IS NOT NULL ORDER BY id LIMIT $2";
-        let rows: Vec<(i64, i64, i64, String, String, f64, f64, i64)> = crate::on_pool!(self, pool, D =>
+        type Raw = (i64, i64, i64, String, String, f64, f64, i64);
+        let rows: Vec<Raw> = crate::on_pool!(self, pool, D =>
             sqlx::query_as(q).bind(after_id).bind(limit).fetch_all(pool).await)?;
         Ok(rows
             .into_iter()
