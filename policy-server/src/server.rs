@@ -287,9 +287,9 @@ impl LoopState {
         let mut last = Instant::now();
         let mut policy = self.policies.borrow_and_update().clone();
         let mut last_rates = Arc::new(Rates::default());
-        self.publish(&policy).await;
         // Decide once at start: enforcers get the policy before any traffic.
         self.decide(&policy, &last_rates).await;
+        self.publish(&policy).await;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
