@@ -22,6 +22,8 @@ fn the_paper_experiment_reaches_its_bands() {
         topology: None,
         phase_s: None,
         seed: 4,
+        fast: false,
+        cluster: None,
     };
     let s = qosloop_testbed::paper::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
