@@ -282,7 +282,15 @@ struct LoopState {
 
 impl LoopState {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(self.config.interval);
+        // From a cluster, rates arrive when the owners close a window:
+        // they are looked for every 50 ms and decided on as they come
+        // (one decision per window and subject), not up to an interval
+        // later.
+        let every = match self.cluster_rates {
+            Some(_) => self.config.interval.min(Duration::from_millis(50)),
+            None => self.config.interval,
+        };
+        let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
         let mut policy = self.policies.borrow_and_update().clone();

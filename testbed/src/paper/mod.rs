@@ -97,11 +97,11 @@ impl Timing {
             }
         } else {
             // The meter sends interim records every 250 ms and hands them
-            // on every 100 ms: 700 ms covers their export and commit.
+            // on every 100 ms: 400 ms covers their export and commit.
             Timing {
                 interim_ms: 250,
                 interval_ms: 1000,
-                lag_ms: 700,
+                lag_ms: 400,
                 ewma_weight: 0.9,
             }
         }
