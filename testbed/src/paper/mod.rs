@@ -296,7 +296,8 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
             format!("collector{}", i + 1)
         };
         let mut p = Proc::spawn(mgmt, &bin.join("qosloop-collector"), &a, log(&name))?;
-        wait_for_port(mgmt, addr.parse()?, Duration::from_secs(20)).and_then(|_| p.check_alive())?;
+        wait_for_port(mgmt, addr.parse()?, Duration::from_secs(20))
+            .and_then(|_| p.check_alive())?;
         collectors.push(p);
     }
     let rates_from: Vec<String> = if args.cluster.is_some() {
