@@ -105,6 +105,23 @@ pub struct Config {
     pub ipfix_stats_interval_s: u64,
     /// A TCP/TLS IPFIX session silent this long is closed, seconds.
     pub ipfix_tcp_idle_s: u64,
+    /// The collector cluster to join (`docs/cluster.md`; PostgreSQL only);
+    /// empty: a standalone collector.
+    pub cluster: String,
+    /// This node's name in the cluster (default: the host name).
+    pub node: String,
+    /// The address other nodes and operators reach this node at.
+    pub advertise: String,
+    /// Lease on the database's clock, renewed every quarter of it, ms.
+    pub cluster_lease_ms: u64,
+    /// Routing configuration, equal on every node of a cluster (a node
+    /// with another one is refused): buckets of the key space, rate window
+    /// and lag, EWMA weight in thousandths, the analyses.
+    pub cluster_buckets: u32,
+    pub cluster_interval_ms: u64,
+    pub cluster_lag_ms: u64,
+    pub cluster_ewma_permille: u32,
+    pub cluster_analyses: Vec<String>,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -153,6 +170,15 @@ impl Default for Config {
             ipfix_flush_ms: 100,
             ipfix_stats_interval_s: 5,
             ipfix_tcp_idle_s: 900,
+            cluster: String::new(),
+            node: String::new(),
+            advertise: String::new(),
+            cluster_lease_ms: 1000,
+            cluster_buckets: 64,
+            cluster_interval_ms: 1000,
+            cluster_lag_ms: 1200,
+            cluster_ewma_permille: 500,
+            cluster_analyses: vec!["bandwidth".into()],
         }
     }
 }
@@ -242,6 +268,68 @@ impl Config {
         self.validate_rest()
     }
 
+    /// The cluster's keys, when a cluster is named.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
+        if self.cluster.is_empty() {
+            return Ok(());
+        }
+        if !(self.db.starts_with("postgres://") || self.db.starts_with("postgresql://")) {
+            return bad(
+                "cluster",
+                "a collector cluster is kept in PostgreSQL: db must be postgres://…".into(),
+            );
+        }
+        if self.node.is_empty() || self.node.len() > 255 || self.node.contains(',') {
+            return bad("node", format!("{:?}: 1 to 255 bytes, no comma", self.node));
+        }
+        if !(250..=60_000).contains(&self.cluster_lease_ms) {
+            return bad(
+                "cluster_lease_ms",
+                format!("{}: must be 250..=60000", self.cluster_lease_ms),
+            );
+        }
+        if !(1..=65_536).contains(&self.cluster_buckets) {
+            return bad(
+                "cluster_buckets",
+                format!("{}: must be 1..=65536", self.cluster_buckets),
+            );
+        }
+        if !(10..=60_000).contains(&self.cluster_interval_ms) {
+            return bad(
+                "cluster_interval_ms",
+                format!("{}: must be 10..=60000", self.cluster_interval_ms),
+            );
+        }
+        if self.cluster_lag_ms > 600_000 {
+            return bad(
+                "cluster_lag_ms",
+                format!("{}: at most 600000", self.cluster_lag_ms),
+            );
+        }
+        if !(1..=1000).contains(&self.cluster_ewma_permille) {
+            return bad(
+                "cluster_ewma_permille",
+                format!("{}: must be 1..=1000", self.cluster_ewma_permille),
+            );
+        }
+        if let Err(problem) = crate::cluster::analyses(&self.cluster_analyses) {
+            return bad("cluster_analyses", problem);
+        }
+        Ok(())
+    }
+
+    /// The routing configuration of the cluster this node joins.
+    pub fn routing(&self) -> qosloop_store::RoutingConfig {
+        qosloop_store::RoutingConfig {
+            buckets: self.cluster_buckets,
+            interval_ms: self.cluster_interval_ms,
+            lag_ms: self.cluster_lag_ms,
+            ewma_weight_permille: self.cluster_ewma_permille,
+            analyses: crate::cluster::analyses(&self.cluster_analyses).unwrap_or_default(),
+        }
+    }
+
     /// What does not depend on the export listener.
     fn validate_rest(&self) -> Result<(), ConfigError> {
         let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
@@ -258,6 +346,7 @@ impl Config {
                 ),
             );
         }
+        self.validate_cluster()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(
                 "log_format",

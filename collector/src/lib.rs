@@ -9,6 +9,7 @@
 //! It also takes IPFIX, NetFlow v9 and v5 from standard exporters over UDP
 //! and TCP ([`ipfix`]) into the same `flows` table through the same writer.
 
+pub mod cluster;
 mod config;
 pub mod ipfix;
 mod server;
@@ -17,4 +18,4 @@ mod store;
 
 pub use config::{Config, ConfigError, MAX_EXPORTER_NAME};
 pub use server::{bind, open_sink, serve, tls_acceptor, Collector, CollectorStats, ServerError};
-pub use store::{spawn_writer, Batch, Outcome, Sink, WriteReq};
+pub use store::{spawn_writer, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq};

@@ -65,6 +65,33 @@ struct Args {
     /// A silent IPFIX TCP session is closed after this long, s [default 900].
     #[arg(long)]
     ipfix_tcp_idle_s: Option<u64>,
+    /// Join this collector cluster (kept in PostgreSQL; docs/cluster.md).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long)]
+    node: Option<String>,
+    /// HOST:PORT other nodes and operators reach this node at [default: listen].
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Lease on the database's clock, ms [default 1000].
+    #[arg(long)]
+    cluster_lease_ms: Option<u64>,
+    /// Buckets of the analysis key space [default 64].
+    #[arg(long)]
+    cluster_buckets: Option<u32>,
+    /// Rate window of the cluster's bandwidth manager, ms [default 1000].
+    #[arg(long)]
+    cluster_interval_ms: Option<u64>,
+    /// A window is closed this long after its end, ms [default 1200].
+    #[arg(long)]
+    cluster_lag_ms: Option<u64>,
+    /// EWMA weight of the newest window, thousandths [default 500].
+    #[arg(long)]
+    cluster_ewma_permille: Option<u32>,
+    /// Analysis the node runs (repeatable): bandwidth, stitch [default bandwidth].
+    #[arg(long = "cluster-analysis")]
+    cluster_analyses: Vec<String>,
     /// Database URL: sqlite://FILE, postgres://USER@HOST:PORT/DB, or discard:.
     #[arg(long, env = "QOSLOOP_DB")]
     db: Option<String>,
@@ -203,6 +230,41 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
     if let Some(v) = &args.log_format {
         c.log_format = v.clone();
     }
+    for (flag, key) in [
+        (&args.cluster, &mut c.cluster),
+        (&args.node, &mut c.node),
+        (&args.advertise, &mut c.advertise),
+    ] {
+        if let Some(v) = flag {
+            *key = v.clone();
+        }
+    }
+    for (flag, key) in [
+        (args.cluster_lease_ms, &mut c.cluster_lease_ms),
+        (args.cluster_interval_ms, &mut c.cluster_interval_ms),
+        (args.cluster_lag_ms, &mut c.cluster_lag_ms),
+    ] {
+        if let Some(v) = flag {
+            *key = v;
+        }
+    }
+    if let Some(v) = args.cluster_buckets {
+        c.cluster_buckets = v;
+    }
+    if let Some(v) = args.cluster_ewma_permille {
+        c.cluster_ewma_permille = v;
+    }
+    if !args.cluster_analyses.is_empty() {
+        c.cluster_analyses = args.cluster_analyses.clone();
+    }
+    if !c.cluster.is_empty() && c.node.is_empty() {
+        c.node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+    }
+    if c.advertise.is_empty() {
+        c.advertise = c.listen.clone();
+    }
     if let Some(v) = args.window {
         c.window = v;
     }
@@ -311,7 +373,30 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     };
     let sink = qosloop_collector::open_sink(&config.db).await?;
     tracing::info!(db = %qosloop_store::redact(&config.db), "storage ready");
-    let collector = qosloop_collector::Collector::new(sink.clone(), &config)?;
+    let tally = qosloop_collector::TallyCell::default();
+    let node = match (&sink, config.cluster.is_empty()) {
+        (qosloop_collector::Sink::Db(db), false) => {
+            let spec = qosloop_collector::cluster::ClusterSpec {
+                cluster: config.cluster.clone(),
+                node: config.node.clone(),
+                advertise: config.advertise.clone(),
+                routing: config.routing(),
+                lease: std::time::Duration::from_millis(config.cluster_lease_ms),
+            };
+            match qosloop_collector::cluster::ClusterNode::start(db.clone(), spec, tally.clone())
+                .await
+            {
+                Ok(n) => Some(n),
+                Err(e @ qosloop_store::ClusterError::Refused { .. }) => {
+                    eprintln!("qosloop-collector: {e}");
+                    std::process::exit(i32::from(EXIT_CONFIG));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        _ => None,
+    };
+    let collector = qosloop_collector::Collector::with_tally(sink.clone(), &config, tally)?;
     let ingest = if config.ipfix_listen.is_empty() {
         None
     } else {
@@ -332,6 +417,9 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     if let Some(ingest) = ingest {
         // Returns once what the UDP threads held is committed.
         ingest.stop().await;
+    }
+    if let Some(node) = node {
+        node.leave().await;
     }
     Ok(())
 }

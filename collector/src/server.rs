@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::session::{self, Counters, SessionCtx, SessionLimits};
-use crate::store::{spawn_writer, Sink};
+use crate::store::{spawn_writer_tallied, Sink, TallyCell};
 use qosloop_runtime::tls::Io;
 use qosloop_schema::guard::{self, ConnLimiter, ConnStats, LogThrottle};
 use qosloop_schema::ie;
@@ -118,12 +118,23 @@ pub struct CollectorStats {
 impl Collector {
     /// Starts the storage writer; needs a Tokio runtime.
     pub fn new(sink: Sink, config: &Config) -> Result<Collector, ServerError> {
+        Collector::with_tally(sink, config, TallyCell::default())
+    }
+
+    /// [`Collector::new`] for a node of a cluster: its writer adds what it
+    /// stores to the node's partial sums of `tally`.
+    pub fn with_tally(
+        sink: Sink,
+        config: &Config,
+        tally: TallyCell,
+    ) -> Result<Collector, ServerError> {
         let tls = tls_acceptor(config)?;
-        let (writer, _writer_tasks) = spawn_writer(
+        let (writer, _writer_tasks) = spawn_writer_tallied(
             sink.clone(),
             config.queue_messages,
             config.group_records,
             config.writers,
+            tally,
         );
         let disabled_keys = config
             .disable_keys

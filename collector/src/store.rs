@@ -7,7 +7,7 @@
 //! explains are retried with the same batch until it commits; nothing is
 //! acknowledged before.
 
-use qosloop_store::{is_transient, Db};
+use qosloop_store::{is_transient, Db, Tally};
 pub use qosloop_store::{Batch, Outcome};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +30,11 @@ pub enum Sink {
     Discard,
 }
 
+/// A cluster node's tally (its partial sums under the published policy),
+/// set by the node's policy follower and read by every commit; empty
+/// outside a cluster and before a policy is published.
+pub type TallyCell = Arc<std::sync::RwLock<Option<Arc<Tally>>>>;
+
 /// Starts the writer tasks; send [`WriteReq`]s to the returned channel.
 /// `queue` bounds the messages waiting (backpressure onto the sessions),
 /// `group_records` the records committed in one transaction, `writers` the
@@ -41,6 +46,18 @@ pub fn spawn_writer(
     group_records: usize,
     writers: usize,
 ) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
+    spawn_writer_tallied(sink, queue, group_records, writers, TallyCell::default())
+}
+
+/// [`spawn_writer`] for a cluster node: each transaction also adds its
+/// records to the node's partial sums of `tally`'s current policy.
+pub fn spawn_writer_tallied(
+    sink: Sink,
+    queue: usize,
+    group_records: usize,
+    writers: usize,
+    tally: TallyCell,
+) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let rx = Arc::new(Mutex::new(rx));
     let writers = match sink {
@@ -48,7 +65,14 @@ pub fn spawn_writer(
         _ => 1,
     };
     let tasks = (0..writers)
-        .map(|_| tokio::spawn(writer(sink.clone(), rx.clone(), group_records.max(1))))
+        .map(|_| {
+            tokio::spawn(writer(
+                sink.clone(),
+                rx.clone(),
+                group_records.max(1),
+                tally.clone(),
+            ))
+        })
         .collect();
     (tx, tasks)
 }
@@ -75,9 +99,15 @@ async fn next_group(
     Some(group)
 }
 
-async fn writer(sink: Sink, rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>, group_records: usize) {
+async fn writer(
+    sink: Sink,
+    rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>,
+    group_records: usize,
+    tally: TallyCell,
+) {
     while let Some(group) = next_group(&rx, group_records).await {
-        let result = commit_with_retry(&sink, &group).await;
+        let current = tally.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = commit_with_retry(&sink, &group, current.as_deref()).await;
         match result {
             Ok(outcomes) => {
                 for (req, outcome) in group.into_iter().zip(outcomes) {
@@ -109,7 +139,11 @@ async fn writer(sink: Sink, rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>, group_reco
     }
 }
 
-async fn commit_with_retry(sink: &Sink, group: &[WriteReq]) -> Result<Vec<Outcome>, String> {
+async fn commit_with_retry(
+    sink: &Sink,
+    group: &[WriteReq],
+    tally: Option<&Tally>,
+) -> Result<Vec<Outcome>, String> {
     let db = match sink {
         Sink::Discard => return Ok(vec![Outcome::Stored; group.len()]),
         Sink::Db(db) => db,
@@ -119,7 +153,7 @@ async fn commit_with_retry(sink: &Sink, group: &[WriteReq]) -> Result<Vec<Outcom
     loop {
         attempt += 1;
         let batches: Vec<&Batch> = group.iter().map(|req| &req.batch).collect();
-        let result = db.commit_batches(&batches).await;
+        let result = db.commit_batches_tallied(&batches, tally).await;
         match result {
             Ok(o) => {
                 if attempt > 1 {

@@ -211,10 +211,17 @@ impl LiveCapture {
             }));
         }
         drop(tx);
+        // Records are handed on at least every 100 ms, and every half
+        // interim interval when that is shorter (a tuned loop's lag then
+        // need not wait for the flush).
+        let flush_every = match config.cache.interim_ns {
+            0 => LIVE_FLUSH,
+            n => LIVE_FLUSH.min(Duration::from_nanos(n / 2).max(Duration::from_millis(10))),
+        };
         let mut last_flush = Instant::now();
         let mut sink_err = None;
         loop {
-            match rx.recv_timeout(LIVE_FLUSH / 2) {
+            match rx.recv_timeout(flush_every / 2) {
                 Ok(r) => {
                     if sink_err.is_none() {
                         if let Err(e) = sink.push(&r) {
@@ -226,7 +233,7 @@ impl LiveCapture {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            if last_flush.elapsed() >= LIVE_FLUSH {
+            if last_flush.elapsed() >= flush_every {
                 if let Err(e) = sink.flush() {
                     sink_err.get_or_insert(e);
                     stop.store(true, Ordering::Relaxed);

@@ -195,6 +195,7 @@ async fn reaction(interval_ms: u64, rounds: usize) {
         "127.0.0.1:0".parse().unwrap(),
         PdpConfig::default(),
         LoopConfig {
+            rates_from: qosloop_policy_server::server::RatesFrom::Records,
             interval,
             ewma_weight: 1.0,
             hysteresis: 0.05,

@@ -24,10 +24,10 @@
 //! Record times are the meters' clocks and windows the server's: they are
 //! assumed synchronised (NTP), as on one machine.
 
-use crate::window::TimeBuckets;
-use qosloop_schema::{BusinessRule, FlowRecord, PolicySet};
+pub use qosloop_schema::bandwidth::rule_selects;
+use qosloop_schema::bandwidth::{window::TimeBuckets, Classifier};
+use qosloop_schema::{FlowRecord, PolicySet};
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::time::Duration;
 
 /// Default `lag` (see the module doc).
@@ -90,73 +90,12 @@ impl Accumulator {
     }
 }
 
-/// Finds the rule a record belongs to without testing every rule: rules
-/// whose specs name a source and destination host are indexed by that pair.
-#[derive(Debug, Default)]
-struct RuleIndex {
-    by_hosts: HashMap<(IpAddr, IpAddr), Vec<usize>>,
-    others: Vec<usize>,
-}
-
-impl RuleIndex {
-    fn build(rules: &[BusinessRule]) -> RuleIndex {
-        let mut idx = RuleIndex::default();
-        for (i, r) in rules.iter().enumerate() {
-            if !r.enabled {
-                continue;
-            }
-            let hosts: Option<Vec<(IpAddr, IpAddr)>> = if r.users.is_empty() && !r.flows.is_empty()
-            {
-                r.flows
-                    .iter()
-                    .map(|f| match (f.src, f.dst) {
-                        (Some(s), Some(d)) if s.is_host() && d.is_host() => {
-                            Some((s.addr(), d.addr()))
-                        }
-                        _ => None,
-                    })
-                    .collect()
-            } else {
-                None
-            };
-            match hosts {
-                Some(pairs) => {
-                    for p in pairs {
-                        let v = idx.by_hosts.entry(p).or_default();
-                        if !v.contains(&i) {
-                            v.push(i);
-                        }
-                    }
-                }
-                None => idx.others.push(i),
-            }
-        }
-        idx
-    }
-}
-
-/// True when `rule` selects the record: any of its flow specs matches (or
-/// it has none) and its user list names the record's user (or is empty).
-/// A rule with neither specs nor users selects nothing.
-pub fn rule_selects(rule: &BusinessRule, r: &FlowRecord) -> bool {
-    if rule.flows.is_empty() && rule.users.is_empty() {
-        return false;
-    }
-    let spec_ok = rule.flows.is_empty() || rule.flows.iter().any(|f| f.matches(r));
-    let user_ok = rule.users.is_empty()
-        || r.user
-            .as_deref()
-            .is_some_and(|u| rule.users.iter().any(|x| x == u));
-    rule.enabled && spec_ok && user_ok
-}
-
 /// The bandwidth manager's state: accumulators and averages per subject.
 #[derive(Debug)]
 pub struct BandwidthManager {
     weight: f64,
     lag_ns: i64,
-    policy: PolicySet,
-    index: RuleIndex,
+    classifier: Classifier,
     flows: Vec<Accumulator>,
     links: Vec<Accumulator>,
 }
@@ -167,8 +106,7 @@ impl BandwidthManager {
         let mut bm = BandwidthManager {
             weight: weight.clamp(f64::MIN_POSITIVE, 1.0),
             lag_ns: DEFAULT_LAG.as_nanos() as i64,
-            policy: PolicySet::default(),
-            index: RuleIndex::default(),
+            classifier: Classifier::default(),
             flows: Vec::new(),
             links: Vec::new(),
         };
@@ -217,8 +155,7 @@ impl BandwidthManager {
             .iter()
             .map(|l| keep(false, Accumulator::new(l.name.clone(), l.name.clone())))
             .collect();
-        self.index = RuleIndex::build(&policy.rules);
-        self.policy = policy.clone();
+        self.classifier = Classifier::new(policy);
     }
 
     /// Seeds the average of a subject, e.g. from the last stored rates
@@ -236,34 +173,18 @@ impl BandwidthManager {
 
     /// Counts one record for its policed flow and its links.
     pub fn add(&mut self, r: &FlowRecord) {
-        let rules = &self.policy.rules;
-        let candidates = self
-            .index
-            .by_hosts
-            .get(&(r.src_addr, r.dst_addr))
-            .into_iter()
-            .flatten()
-            .chain(self.index.others.iter());
-        let mut best: Option<usize> = None;
-        for &i in candidates {
-            if rule_selects(&rules[i], r)
-                && best.is_none_or(|b| rules[i].priority > rules[b].priority)
-            {
-                best = Some(i);
-            }
-        }
+        let subjects = self.classifier.classify(r);
         let start = i64::try_from(r.start_ns).unwrap_or(i64::MAX);
         let end = i64::try_from(r.end_ns).unwrap_or(i64::MAX);
-        if let Some(i) = best {
+        if let Some(i) = subjects.rule {
             let a = &mut self.flows[i];
             a.window.add(start, end, r.bytes);
             a.records += 1;
         }
-        for (link, a) in self.policy.links.iter().zip(self.links.iter_mut()) {
-            if link.traffic.is_empty() || link.traffic.iter().any(|f| f.matches(r)) {
-                a.window.add(start, end, r.bytes);
-                a.records += 1;
-            }
+        for i in subjects.links {
+            let a = &mut self.links[i];
+            a.window.add(start, end, r.bytes);
+            a.records += 1;
         }
     }
 

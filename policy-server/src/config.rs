@@ -133,6 +133,12 @@ pub struct Settings {
     /// meters' interim interval plus export delay (default 1200).
     #[arg(long, value_name = "MS")]
     pub rate_lag_ms: Option<u64>,
+    /// Where rates come from: `records` (the bandwidth manager reads the
+    /// flow records itself, the default) or `cluster` (the collector
+    /// cluster's owners compute them into `rates`; the policy is published
+    /// in SQL for them).
+    #[arg(long, value_name = "SOURCE")]
+    pub rates_from: Option<String>,
     /// Keepalive timer announced to enforcers, seconds (0..=65535, default 30).
     #[arg(long, value_name = "S")]
     pub ka_timer_secs: Option<u16>,
@@ -198,6 +204,7 @@ impl Settings {
             ewma_weight: self.ewma_weight.or(base.ewma_weight),
             hysteresis: self.hysteresis.or(base.hysteresis),
             rate_lag_ms: self.rate_lag_ms.or(base.rate_lag_ms),
+            rates_from: self.rates_from.or(base.rates_from),
             ka_timer_secs: self.ka_timer_secs.or(base.ka_timer_secs),
             open_timeout_ms: self.open_timeout_ms.or(base.open_timeout_ms),
             gap_timeout_ms: self.gap_timeout_ms.or(base.gap_timeout_ms),
@@ -239,6 +246,7 @@ pub struct Config {
     pub ewma_weight: f64,
     pub hysteresis: f64,
     pub rate_lag: Duration,
+    pub rates_from: crate::server::RatesFrom,
     pub gap_timeout: Duration,
     pub pdp: PdpConfig,
     pub log_format: LogFormat,
@@ -492,6 +500,16 @@ impl Config {
                 format!("{rate_lag_ms}: must be at most 60000"),
             ));
         }
+        let rates_from = match s.rates_from.as_deref() {
+            None | Some("records") => crate::server::RatesFrom::Records,
+            Some("cluster") => crate::server::RatesFrom::Cluster,
+            Some(other) => {
+                return Err(invalid(
+                    "rates_from",
+                    format!("{other:?}: use records or cluster"),
+                ))
+            }
+        };
         let open_timeout_ms = s.open_timeout_ms.unwrap_or(5000);
         if open_timeout_ms == 0 {
             return Err(invalid("open_timeout_ms", "must be above 0"));
@@ -512,6 +530,7 @@ impl Config {
             ewma_weight,
             hysteresis,
             rate_lag: Duration::from_millis(rate_lag_ms),
+            rates_from,
             gap_timeout: Duration::from_millis(s.gap_timeout_ms.unwrap_or(5000)),
             pdp: PdpConfig {
                 ka_timer_secs: s.ka_timer_secs.unwrap_or(30),

@@ -18,6 +18,7 @@
 //! module `repo`), the kernel, or the flow records' ingest.
 
 pub mod bandwidth;
+pub mod cluster_rates;
 pub mod config;
 pub mod console;
 pub mod engine;
@@ -27,7 +28,8 @@ pub mod server;
 pub mod store;
 pub mod testing;
 pub mod web;
-pub mod window;
+/// The window arithmetic, shared with the collector cluster.
+pub use qosloop_schema::bandwidth::window;
 
 pub use bandwidth::{BandwidthManager, Rates, SubjectRate};
 pub use config::{Config, ConfigError};

@@ -8,6 +8,7 @@
 //! policy from the repository is evaluated at once with the last rates.
 
 use crate::bandwidth::{BandwidthManager, Rates};
+use crate::cluster_rates::ClusterRates;
 use crate::config::Config;
 use crate::engine::{DecisionTable, Engine};
 use crate::pdp::{Pdp, PdpCounters, PdpEvent, PdpStats};
@@ -45,6 +46,19 @@ pub struct LoopConfig {
     /// See `bandwidth`'s module doc.
     pub rate_lag: Duration,
     pub gap_timeout: Duration,
+    pub rates_from: RatesFrom,
+}
+
+/// Where the decision loop gets its rates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RatesFrom {
+    /// The paper's way: the bandwidth manager reads every new flow record
+    /// from SQL and computes the rates itself.
+    #[default]
+    Records,
+    /// A collector cluster computes them (`docs/cluster.md`): the server
+    /// publishes its policy in SQL for the owners and reads their `rates`.
+    Cluster,
 }
 
 impl From<&Config> for LoopConfig {
@@ -55,6 +69,7 @@ impl From<&Config> for LoopConfig {
             hysteresis: c.hysteresis,
             rate_lag: c.rate_lag,
             gap_timeout: c.gap_timeout,
+            rates_from: c.rates_from,
         }
     }
 }
@@ -211,6 +226,10 @@ impl Server {
         let pdp_stats = pdp.stats();
         let pdp_limiter = pdp.limiter();
         let cursor = FlowCursor::at_end(&store, loop_config.gap_timeout).await?;
+        let cluster_rates = match loop_config.rates_from {
+            RatesFrom::Records => None,
+            RatesFrom::Cluster => Some(ClusterRates::start(&store).await?),
+        };
 
         let mut tasks = JoinSet::new();
         let mut task_names = Vec::new();
@@ -225,6 +244,7 @@ impl Server {
             store: store.clone(),
             config: loop_config,
             cursor,
+            cluster_rates,
             bm,
             engine,
             policies,
@@ -251,6 +271,8 @@ struct LoopState {
     store: Store,
     config: LoopConfig,
     cursor: FlowCursor,
+    /// With [`RatesFrom::Cluster`]: the owners' rates instead of `bm`.
+    cluster_rates: Option<ClusterRates>,
     bm: BandwidthManager,
     engine: Engine,
     policies: watch::Receiver<Arc<PolicySet>>,
@@ -260,13 +282,22 @@ struct LoopState {
 
 impl LoopState {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(self.config.interval);
+        // From a cluster, rates arrive when the owners close a window:
+        // they are looked for every 50 ms and decided on as they come
+        // (one decision per window and subject), not up to an interval
+        // later.
+        let every = match self.cluster_rates {
+            Some(_) => self.config.interval.min(Duration::from_millis(50)),
+            None => self.config.interval,
+        };
+        let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
         let mut policy = self.policies.borrow_and_update().clone();
         let mut last_rates = Arc::new(Rates::default());
         // Decide once at start: enforcers get the policy before any traffic.
         self.decide(&policy, &last_rates).await;
+        self.publish(&policy).await;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -279,10 +310,24 @@ impl LoopState {
                     policy = self.policies.borrow_and_update().clone();
                     self.bm.set_policy(&policy);
                     tracing::info!(rules = policy.rules.len(), "new policy");
+                    self.publish(&policy).await;
                     self.decide(&policy, &last_rates).await;
                     continue;
                 }
                 _ = crate::pdp::stopped(&mut shutdown) => return,
+            }
+            if let Some(cluster) = &mut self.cluster_rates {
+                match cluster.read(&self.store, &policy).await {
+                    Ok(Some(rates)) => {
+                        let rates = Arc::new(rates);
+                        self.decide(&policy, &rates).await;
+                        self.rates.send_replace(rates.clone());
+                        last_rates = rates;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading the cluster's rates failed"),
+                }
+                continue;
             }
             let read = self.cursor.read_new(&self.store, |r| self.bm.add(r)).await;
             match read {
@@ -307,6 +352,24 @@ impl LoopState {
                 tracing::warn!(error = %e, "storing rates failed");
             }
             last_rates = rates;
+        }
+    }
+
+    /// With [`RatesFrom::Cluster`], publishes the policy for the owners.
+    async fn publish(&self, policy: &PolicySet) {
+        if self.cluster_rates.is_none() {
+            return;
+        }
+        let body = match serde_json::to_string(policy) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "the policy does not serialise; not published");
+                return;
+            }
+        };
+        match self.store.db().publish_policy(&body).await {
+            Ok(version) => tracing::info!(version, "policy published for the cluster"),
+            Err(e) => tracing::warn!(error = %e, "publishing the policy failed"),
         }
     }
 

@@ -49,17 +49,7 @@ pub struct Store {
     db: Db,
 }
 
-/// The record with its counters scaled by its 1-in-N sampling interval:
-/// what the traffic was, for everything that computes rates. Records keep
-/// the raw counters and the interval in SQL (IPFIX/NetFlow exporters that
-/// sample); a record without an interval counted every packet.
-pub fn scaled(mut r: FlowRecord) -> FlowRecord {
-    if let Some(n) = r.sampling_interval.filter(|n| *n > 1) {
-        r.packets = r.packets.saturating_mul(u64::from(n));
-        r.bytes = r.bytes.saturating_mul(u64::from(n));
-    }
-    r
-}
+pub use qosloop_schema::bandwidth::scaled;
 
 /// Counts of one read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -15,6 +15,7 @@
 //! log set-up live in `qosloop-runtime`; the database and the code that
 //! applies these migrations in `qosloop-store`.
 
+pub mod bandwidth;
 pub mod cops;
 pub mod crane;
 pub mod guard;

@@ -15,7 +15,9 @@
 //!   collector's batched write, the readers), `exporters`, `sessions`,
 //!   `templates` and `data_messages`, `rates`, `decisions`, `enforcers`
 //!   and `enforcement_reports`, `policy_audit`, and the IPFIX counters
-//!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`).
+//!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`), and the
+//!   collector cluster's tables (membership, ownership log, partial sums,
+//!   fenced rate writes, the published policy; `docs/cluster.md`).
 //!
 //! It does not decide what to store or when: batching, retries and
 //! acknowledgements are the collector's, rates and cursors the policy
@@ -24,6 +26,7 @@
 //! for connecting and migrating.
 
 mod audit;
+mod cluster;
 mod db;
 mod decisions;
 mod dialect;
@@ -38,6 +41,10 @@ mod rates;
 /// queries (tests, the testbed's summaries) through [`on_pool!`].
 pub use sqlx;
 
+pub use cluster::{
+    bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate,
+    RoutingConfig, SubjectState, Tally,
+};
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
 pub use enforcers::EnforcerRow;

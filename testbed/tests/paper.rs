@@ -22,6 +22,8 @@ fn the_paper_experiment_reaches_its_bands() {
         topology: None,
         phase_s: None,
         seed: 4,
+        fast: false,
+        cluster: None,
     };
     let s = qosloop_testbed::paper::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
@@ -74,5 +76,50 @@ fn the_paper_experiment_reaches_its_bands() {
         "fig10-output.png",
     ] {
         assert!(out.path().join(f).is_file(), "{f} missing");
+    }
+}
+
+/// `qosloop-testbed paper --quick --cluster 2`: two collector nodes on
+/// PostgreSQL; the policy server decides from the rates their owners
+/// compute (it reads no flow record) and the run still reaches the bands.
+#[test]
+fn the_paper_experiment_on_a_two_node_cluster_reaches_its_bands() {
+    need!(experiment_prerequisites());
+    need!(qosloop_testbed::harness::Postgres::available());
+    let out = tempfile::tempdir().unwrap();
+    let args = qosloop_testbed::paper::PaperArgs {
+        out: out.path().to_path_buf(),
+        quick: true,
+        postgres: false,
+        ldap: false,
+        topology: None,
+        phase_s: None,
+        seed: 4,
+        fast: false,
+        cluster: Some(2),
+    };
+    let s = qosloop_testbed::paper::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    for p in &s.phases {
+        assert!(
+            p.load_in_band && p.output_ok,
+            "{} phase: link load {:?}, {:.0} kbit/s out of profile (target {:.0})\n{report}",
+            p.phase,
+            p.mean_link_load_kbps,
+            p.mean_out_kbps,
+            p.target_out_kbps
+        );
+    }
+    for (i, r) in s.reaction_s.iter().enumerate() {
+        assert!(
+            r.is_some(),
+            "change {}: the decision never changed\n{report}",
+            i + 1
+        );
+    }
+    for node in ["collector1", "collector2"] {
+        let log = std::fs::read_to_string(out.path().join("logs").join(format!("{node}.log")))
+            .unwrap_or_default();
+        assert!(!log.contains("refuses"), "{node}: {log}");
     }
 }

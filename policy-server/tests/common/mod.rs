@@ -155,6 +155,7 @@ impl FakePep {
 
 pub fn loop_config(interval_ms: u64) -> LoopConfig {
     LoopConfig {
+        rates_from: qosloop_policy_server::server::RatesFrom::Records,
         interval: Duration::from_millis(interval_ms),
         ewma_weight: 0.5,
         hysteresis: 0.05,

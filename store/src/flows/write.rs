@@ -6,6 +6,7 @@
 //! nowhere else.
 
 use super::{Batch, Outcome};
+use crate::cluster::{add_partials, Tally};
 use crate::db::{now_ns, Db};
 use crate::dialect::{i64_of, Dialect, Sql};
 use bytes::{BufMut, BytesMut};
@@ -19,9 +20,24 @@ impl Db {
     /// Nothing is stored when it fails; see [`crate::is_transient`] for
     /// whether trying again may help.
     pub async fn commit_batches(&self, group: &[&Batch]) -> Result<Vec<Outcome>, sqlx::Error> {
+        self.commit_batches_tallied(group, None).await
+    }
+
+    /// [`Db::commit_batches`] that also adds the stored records to the
+    /// node's partial sums of `tally` (a collector cluster's node), in the
+    /// same transaction: a record is in the sums iff it is stored. A
+    /// cluster needs PostgreSQL; a tally on SQLite is an error.
+    pub async fn commit_batches_tallied(
+        &self,
+        group: &[&Batch],
+        tally: Option<&Tally>,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
         match self {
+            Db::Sqlite(_) if tally.is_some() => Err(sqlx::Error::Configuration(
+                "a collector cluster's partial sums need PostgreSQL".into(),
+            )),
             Db::Sqlite(pool) => commit_sqlite(pool, group).await,
-            Db::Postgres(pool) => commit_postgres(pool, group).await,
+            Db::Postgres(pool) => commit_postgres(pool, group, tally).await,
         }
     }
 }
@@ -204,6 +220,7 @@ async fn commit_sqlite(
 async fn commit_postgres(
     pool: &sqlx::PgPool,
     group: &[&Batch],
+    tally: Option<&Tally>,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
@@ -215,6 +232,7 @@ async fn commit_postgres(
     copy.put_i32(0);
     let mut rows = 0usize;
     let mut sessions = Vec::new();
+    let mut stored: Vec<&Batch> = Vec::new();
     for b in group {
         let inserted = if !b.dedup {
             1
@@ -241,6 +259,7 @@ async fn commit_postgres(
         }
         rows += b.records.len();
         note_session(&mut sessions, b);
+        stored.push(b);
         outcomes.push(Outcome::Stored);
     }
     if rows > 0 {
@@ -254,6 +273,10 @@ async fn commit_postgres(
             .await?;
         sink.send(copy.freeze()).await?;
         sink.finish().await?;
+    }
+    if let Some(t) = tally {
+        let partials = t.partials(stored.iter().flat_map(|b| b.records.iter()));
+        add_partials(&mut tx, t, &partials).await?;
     }
     // Last, so that the row lock on `sessions` is held only until the
     // commit right after: concurrent writers overlap their COPYs.

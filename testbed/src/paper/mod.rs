@@ -63,6 +63,49 @@ pub struct PaperArgs {
     /// Seed of the random rates within bands.
     #[arg(long, default_value_t = 4)]
     pub seed: u64,
+    /// The tuned profile: interim records every 50 ms (handed on every
+    /// 25 ms), rates over 100 ms windows closed 100 ms after their end, a
+    /// decision every 100 ms.
+    #[arg(long)]
+    pub fast: bool,
+    /// Run the collectors as a cluster of this many nodes on PostgreSQL
+    /// (implies --postgres); the policy server decides from the owners'
+    /// rates (`--rates-from cluster`, docs/cluster.md).
+    #[arg(long, value_name = "NODES")]
+    pub cluster: Option<u16>,
+}
+
+/// The loop's timing of one run: the paper's, or the tuned profile.
+struct Timing {
+    interim_ms: u64,
+    interval_ms: u64,
+    lag_ms: u64,
+    ewma_weight: f64,
+}
+
+impl Timing {
+    fn of(args: &PaperArgs) -> Timing {
+        if args.fast {
+            // The EWMA's weight per 100 ms window keeps it about as quick
+            // to follow a change as 0.9 per second is, without following
+            // every 100 ms of jitter.
+            Timing {
+                interim_ms: 50,
+                interval_ms: 100,
+                lag_ms: 100,
+                ewma_weight: 0.7,
+            }
+        } else {
+            // The meter sends interim records every 250 ms and hands them
+            // on every 100 ms: 400 ms covers their export and commit.
+            Timing {
+                interim_ms: 250,
+                interval_ms: 1000,
+                lag_ms: 400,
+                ewma_weight: 0.9,
+            }
+        }
+    }
 }
 
 /// The topology to run on, checked for what the experiment needs.
@@ -126,7 +169,11 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     let bin = component_dir()?;
     let topo = load_topology(args.topology.as_deref())?;
     topo.preflight()?;
-    if args.postgres {
+    let postgres = args.postgres || args.cluster.is_some();
+    let nodes = args.cluster.unwrap_or(1).max(1);
+    anyhow::ensure!(nodes <= 8, "--cluster: at most 8 nodes");
+    let timing = Timing::of(args);
+    if postgres {
         Postgres::available().map_err(anyhow::Error::msg)?;
     }
     if args.ldap {
@@ -176,7 +223,7 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     let router = tb.ns("router")?;
 
     let _pg;
-    let db_url = if args.postgres {
+    let db_url = if postgres {
         let pg = Postgres::start()?;
         // Components in the management namespace reach it over its Unix socket.
         let url = format!(
@@ -215,26 +262,49 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
 
     let log = |name: &str| out.join("logs").join(format!("{name}.log"));
     let s = |v: &str| v.to_owned();
-    let mut collector = Proc::spawn(
-        mgmt,
-        &bin.join("qosloop-collector"),
-        &[
+    let mut collectors = Vec::new();
+    let collector_addrs: Vec<String> = (0..nodes)
+        .map(|i| format!("{MGMT_ADDR}:{}", 4740 + i))
+        .collect();
+    for (i, addr) in collector_addrs.iter().enumerate() {
+        let mut a = vec![
             s("--listen"),
-            format!("{MGMT_ADDR}:4740"),
+            addr.clone(),
             // The management namespace's own address, reachable only by the
             // testbed's namespaces: plain TCP on purpose.
             s("--allow-insecure-remote"),
             s("--db"),
             db_url.clone(),
-        ],
-        log("collector"),
-    )?;
-    wait_for_port(
-        mgmt,
-        format!("{MGMT_ADDR}:4740").parse()?,
-        Duration::from_secs(20),
-    )
-    .and_then(|_| collector.check_alive())?;
+        ];
+        if args.cluster.is_some() {
+            a.extend([
+                s("--cluster"),
+                s("paper"),
+                s("--node"),
+                format!("c{}", i + 1),
+                s("--cluster-interval-ms"),
+                timing.interval_ms.to_string(),
+                s("--cluster-lag-ms"),
+                timing.lag_ms.to_string(),
+                s("--cluster-ewma-permille"),
+                ((timing.ewma_weight * 1000.0).round() as u32).to_string(),
+            ]);
+        }
+        let name = if nodes == 1 {
+            "collector".to_owned()
+        } else {
+            format!("collector{}", i + 1)
+        };
+        let mut p = Proc::spawn(mgmt, &bin.join("qosloop-collector"), &a, log(&name))?;
+        wait_for_port(mgmt, addr.parse()?, Duration::from_secs(20))
+            .and_then(|_| p.check_alive())?;
+        collectors.push(p);
+    }
+    let rates_from: Vec<String> = if args.cluster.is_some() {
+        vec![s("--rates-from"), s("cluster")]
+    } else {
+        vec![]
+    };
     let mut policy_server = Proc::spawn(
         mgmt,
         &bin.join("qosloop-policy-server"),
@@ -249,16 +319,16 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 // The management address lives in the testbed's own
                 // namespace, beyond loopback and without TLS.
                 s("--allow-insecure-remote"),
-                // The meter sends interim records every 250 ms and hands them
-                // on every 100 ms: 700 ms
-                // covers their export and commit.
+                s("--interval-ms"),
+                timing.interval_ms.to_string(),
                 s("--rate-lag-ms"),
-                s("700"),
+                timing.lag_ms.to_string(),
                 s("--ewma-weight"),
-                s("0.9"),
+                timing.ewma_weight.to_string(),
                 s("--hysteresis"),
                 s("0.01"),
             ])
+            .chain(rates_from)
             .collect::<Vec<_>>(),
         log("policy-server"),
     )?;
@@ -290,23 +360,21 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
             s("--interface"),
             ingress.clone(),
             s("--export"),
-            format!("crane://{MGMT_ADDR}:4740"),
+            format!("crane://{}", collector_addrs.join(",")),
             // This run's own spool: an earlier run's leftovers would be
             // re-sent into this run's database.
             s("--export-spool"),
             out.join("spool").display().to_string(),
             s("--interim-ms"),
-            s("250"),
+            timing.interim_ms.to_string(),
         ],
         log("meter"),
     )?;
     std::thread::sleep(Duration::from_secs(1));
-    for p in [
-        &mut collector,
-        &mut policy_server,
-        &mut enforcer,
-        &mut meter,
-    ] {
+    for p in collectors
+        .iter_mut()
+        .chain([&mut policy_server, &mut enforcer, &mut meter])
+    {
         p.check_alive()?;
     }
 
@@ -372,12 +440,10 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 total.as_secs().saturating_sub(el)
             );
         }
-        for p in [
-            &mut collector,
-            &mut policy_server,
-            &mut enforcer,
-            &mut meter,
-        ] {
+        for p in collectors
+            .iter_mut()
+            .chain([&mut policy_server, &mut enforcer, &mut meter])
+        {
             if let Err(e) = p.check_alive() {
                 failure = Some(e);
             }
@@ -419,12 +485,10 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
     anyhow::ensure!(!stop.load(Ordering::Relaxed), "interrupted");
     // Let the last reports land, then stop the components before reading.
     std::thread::sleep(Duration::from_secs(1));
-    for p in [
-        &mut meter,
-        &mut enforcer,
-        &mut policy_server,
-        &mut collector,
-    ] {
+    for p in [&mut meter, &mut enforcer, &mut policy_server]
+        .into_iter()
+        .chain(collectors.iter_mut())
+    {
         p.stop(Duration::from_secs(5));
     }
 

@@ -111,6 +111,12 @@ impl TimeBuckets {
         sum
     }
 
+    /// The buckets holding bytes, `(index, bytes)`, oldest first: bucket
+    /// `i` covers `[i · width, (i + 1) · width)`.
+    pub fn buckets(&self) -> impl Iterator<Item = (i64, f64)> + '_ {
+        self.buckets.iter().map(|(&b, &v)| (b, v))
+    }
+
     /// Bytes that arrived for time already closed.
     pub fn late_bytes(&self) -> u64 {
         self.late_bytes
