@@ -30,6 +30,12 @@ const SQLITE: &[Migration] = &[
         name: "ipfix_ingest",
         sql: include_str!("../sql/sqlite/0002_ipfix_ingest.sql"),
     },
+    // 0003 is the collector cluster's (membership and ownership).
+    Migration {
+        version: 4,
+        name: "flow_retention",
+        sql: include_str!("../sql/sqlite/0004_flow_retention.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -42,6 +48,12 @@ const POSTGRES: &[Migration] = &[
         version: 2,
         name: "ipfix_ingest",
         sql: include_str!("../sql/postgres/0002_ipfix_ingest.sql"),
+    },
+    // 0003 is the collector cluster's (membership and ownership).
+    Migration {
+        version: 4,
+        name: "flow_retention",
+        sql: include_str!("../sql/postgres/0004_flow_retention.sql"),
     },
 ];
 
