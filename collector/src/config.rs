@@ -105,6 +105,25 @@ pub struct Config {
     pub ipfix_stats_interval_s: u64,
     /// A TCP/TLS IPFIX session silent this long is closed, seconds.
     pub ipfix_tcp_idle_s: u64,
+    /// The UDP journal: a directory where decoded IPFIX/NetFlow records
+    /// are appended (checksummed frames) before a loader stores them in SQL,
+    /// so a slow or unreachable database does not lose what arrived. Unset:
+    /// records go straight to the storage writer.
+    pub ipfix_journal_dir: Option<PathBuf>,
+    /// Bytes the journal may hold on disk; past it new records are dropped
+    /// (counted as `journal_full`).
+    pub ipfix_journal_max_bytes: u64,
+    /// fsync of the journal: at most this long after an append, ms; 0:
+    /// after every append.
+    pub ipfix_journal_fsync_ms: u64,
+    /// Flows whose `end_ns` is older than this many days are removed
+    /// (whole partitions on PostgreSQL); 0 keeps everything.
+    pub retention_days: u32,
+    /// PostgreSQL `flows` partitions exist from today through this many
+    /// days ahead.
+    pub partitions_ahead_days: u32,
+    /// How often partitions ahead and retention are checked, seconds.
+    pub maintenance_interval_s: u64,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -153,6 +172,12 @@ impl Default for Config {
             ipfix_flush_ms: 100,
             ipfix_stats_interval_s: 5,
             ipfix_tcp_idle_s: 900,
+            ipfix_journal_dir: None,
+            ipfix_journal_max_bytes: 1 << 30,
+            ipfix_journal_fsync_ms: 100,
+            retention_days: 0,
+            partitions_ahead_days: 2,
+            maintenance_interval_s: 3_600,
         }
     }
 }
@@ -256,6 +281,30 @@ impl Config {
                     "{:?}: use sqlite://FILE, postgres://… or discard:",
                     qosloop_store::redact(&self.db)
                 ),
+            );
+        }
+        if self.ipfix_journal_max_bytes < 1 << 20 {
+            return bad(
+                "ipfix_journal_max_bytes",
+                format!("{} is below 1 MiB", self.ipfix_journal_max_bytes),
+            );
+        }
+        if self.ipfix_journal_fsync_ms > 10_000 {
+            return bad(
+                "ipfix_journal_fsync_ms",
+                format!("{} ms is over 10000", self.ipfix_journal_fsync_ms),
+            );
+        }
+        if !(1..=86_400).contains(&self.maintenance_interval_s) {
+            return bad(
+                "maintenance_interval_s",
+                format!("{} s is outside 1..=86400", self.maintenance_interval_s),
+            );
+        }
+        if self.partitions_ahead_days > 366 {
+            return bad(
+                "partitions_ahead_days",
+                format!("{} is over 366", self.partitions_ahead_days),
             );
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {

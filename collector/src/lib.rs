@@ -11,6 +11,8 @@
 
 mod config;
 pub mod ipfix;
+pub mod journal;
+pub mod maintenance;
 mod server;
 mod session;
 mod store;
