@@ -476,6 +476,54 @@ mod tests {
     }
 
     #[test]
+    fn journal_and_retention_keys_are_checked() {
+        let ok = Config {
+            db: "sqlite://x.db".into(),
+            ..Config::default()
+        };
+        ok.validate().unwrap();
+        for (c, field) in [
+            (
+                Config {
+                    ipfix_journal_max_bytes: 1000,
+                    ..ok.clone()
+                },
+                "ipfix_journal_max_bytes:",
+            ),
+            (
+                Config {
+                    ipfix_journal_fsync_ms: 60_000,
+                    ..ok.clone()
+                },
+                "ipfix_journal_fsync_ms:",
+            ),
+            (
+                Config {
+                    maintenance_interval_s: 0,
+                    ..ok.clone()
+                },
+                "maintenance_interval_s:",
+            ),
+            (
+                Config {
+                    partitions_ahead_days: 1000,
+                    ..ok.clone()
+                },
+                "partitions_ahead_days:",
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let c = Config::from_toml(
+            "db = \"sqlite://x.db\"\nipfix_journal_dir = \"j\"\nretention_days = 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.ipfix_journal_dir, Some(PathBuf::from("j")));
+        assert_eq!(crate::maintenance::retention(&c).days, 30);
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         let mut c = Config {
             db: "sqlite://x.db".into(),

@@ -293,7 +293,7 @@ impl Journal {
             shared,
             syncer: Mutex::new(None),
         });
-        if !journal.shared.config.fsync.is_zero() {
+        {
             let j = journal.clone();
             let t = std::thread::Builder::new()
                 .name("journal-sync".into())
@@ -414,14 +414,21 @@ impl Journal {
     }
 
     fn sync_loop(&self) {
-        let every = self.shared.config.fsync;
-        let mut last_status = std::time::Instant::now();
+        // With fsync on every append there is nothing to sync here; the
+        // status is still kept.
+        let every = match self.shared.config.fsync {
+            d if d.is_zero() => Duration::from_millis(100),
+            d => d,
+        };
+        let mut written = JournalStats::default();
         while !self.shared.closed.load(Ordering::Relaxed) {
             std::thread::sleep(every);
             self.sync();
-            if last_status.elapsed() >= Duration::from_millis(200) {
-                last_status = std::time::Instant::now();
+            // The status follows every change (at most once a sync).
+            let now = self.stats();
+            if now != written {
                 self.write_status();
+                written = now;
             }
         }
     }
