@@ -127,14 +127,13 @@ struct Run {
     postgres_us: f64,
 }
 
+/// `qosloop-collector` next to this binary (or one level up, for test
+/// binaries in `deps/`).
 fn collector_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("no directory"))?
-        .to_path_buf();
-    find_binary("qosloop-collector", &[&dir])
-        .ok_or_else(|| anyhow::anyhow!("qosloop-collector not found next to this binary"))
+    let dirs: Vec<&Path> = exe.ancestors().skip(1).take(2).collect();
+    find_binary("qosloop-collector", &dirs)
+        .ok_or_else(|| anyhow::anyhow!("qosloop-collector not found next to {}", exe.display()))
 }
 
 async fn run_one(
