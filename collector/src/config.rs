@@ -122,6 +122,25 @@ pub struct Config {
     pub cluster_lag_ms: u64,
     pub cluster_ewma_permille: u32,
     pub cluster_analyses: Vec<String>,
+    /// The UDP journal: a directory where decoded IPFIX/NetFlow records
+    /// are appended (checksummed frames) before a loader stores them in SQL,
+    /// so a slow or unreachable database does not lose what arrived. Unset:
+    /// records go straight to the storage writer.
+    pub ipfix_journal_dir: Option<PathBuf>,
+    /// Bytes the journal may hold on disk; past it new records are dropped
+    /// (counted as `journal_full`).
+    pub ipfix_journal_max_bytes: u64,
+    /// fsync of the journal: at most this long after an append, ms; 0:
+    /// after every append.
+    pub ipfix_journal_fsync_ms: u64,
+    /// Flows whose `end_ns` is older than this many days are removed
+    /// (whole partitions on PostgreSQL); 0 keeps everything.
+    pub retention_days: u32,
+    /// PostgreSQL `flows` partitions exist from today through this many
+    /// days ahead.
+    pub partitions_ahead_days: u32,
+    /// How often partitions ahead and retention are checked, seconds.
+    pub maintenance_interval_s: u64,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -179,6 +198,12 @@ impl Default for Config {
             cluster_lag_ms: 1200,
             cluster_ewma_permille: 500,
             cluster_analyses: vec!["bandwidth".into()],
+            ipfix_journal_dir: None,
+            ipfix_journal_max_bytes: 1 << 30,
+            ipfix_journal_fsync_ms: 100,
+            retention_days: 0,
+            partitions_ahead_days: 2,
+            maintenance_interval_s: 3_600,
         }
     }
 }
@@ -347,6 +372,30 @@ impl Config {
             );
         }
         self.validate_cluster()?;
+        if self.ipfix_journal_max_bytes < 1 << 20 {
+            return bad(
+                "ipfix_journal_max_bytes",
+                format!("{} is below 1 MiB", self.ipfix_journal_max_bytes),
+            );
+        }
+        if self.ipfix_journal_fsync_ms > 10_000 {
+            return bad(
+                "ipfix_journal_fsync_ms",
+                format!("{} ms is over 10000", self.ipfix_journal_fsync_ms),
+            );
+        }
+        if !(1..=86_400).contains(&self.maintenance_interval_s) {
+            return bad(
+                "maintenance_interval_s",
+                format!("{} s is outside 1..=86400", self.maintenance_interval_s),
+            );
+        }
+        if self.partitions_ahead_days > 366 {
+            return bad(
+                "partitions_ahead_days",
+                format!("{} is over 366", self.partitions_ahead_days),
+            );
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(
                 "log_format",
@@ -513,6 +562,54 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.listen, "127.0.0.1:4740");
         assert!(c.db.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn journal_and_retention_keys_are_checked() {
+        let ok = Config {
+            db: "sqlite://x.db".into(),
+            ..Config::default()
+        };
+        ok.validate().unwrap();
+        for (c, field) in [
+            (
+                Config {
+                    ipfix_journal_max_bytes: 1000,
+                    ..ok.clone()
+                },
+                "ipfix_journal_max_bytes:",
+            ),
+            (
+                Config {
+                    ipfix_journal_fsync_ms: 60_000,
+                    ..ok.clone()
+                },
+                "ipfix_journal_fsync_ms:",
+            ),
+            (
+                Config {
+                    maintenance_interval_s: 0,
+                    ..ok.clone()
+                },
+                "maintenance_interval_s:",
+            ),
+            (
+                Config {
+                    partitions_ahead_days: 1000,
+                    ..ok.clone()
+                },
+                "partitions_ahead_days:",
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let c = Config::from_toml(
+            "db = \"sqlite://x.db\"\nipfix_journal_dir = \"j\"\nretention_days = 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.ipfix_journal_dir, Some(PathBuf::from("j")));
+        assert_eq!(crate::maintenance::retention(&c).days, 30);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 pub mod cluster;
 mod config;
 pub mod ipfix;
+pub mod journal;
+pub mod maintenance;
 mod server;
 mod session;
 mod store;

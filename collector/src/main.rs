@@ -92,6 +92,27 @@ struct Args {
     /// Analysis the node runs (repeatable): bandwidth, stitch [default bandwidth].
     #[arg(long = "cluster-analysis")]
     cluster_analyses: Vec<String>,
+    /// Journal decoded UDP records in this directory before SQL (bounded,
+    /// checksummed, drained by a loader) [default: none, straight to SQL].
+    #[arg(long)]
+    ipfix_journal_dir: Option<PathBuf>,
+    /// Bytes the journal may hold [default 1073741824 = 1 GiB].
+    #[arg(long)]
+    ipfix_journal_max_bytes: Option<u64>,
+    /// fsync the journal at most this long after an append, ms; 0 = every
+    /// append [default 100].
+    #[arg(long)]
+    ipfix_journal_fsync_ms: Option<u64>,
+    /// Remove flows older than this many days (whole partitions on
+    /// PostgreSQL); 0 keeps all [default 0].
+    #[arg(long)]
+    retention_days: Option<u32>,
+    /// PostgreSQL flows partitions made this many days ahead [default 2].
+    #[arg(long)]
+    partitions_ahead_days: Option<u32>,
+    /// How often partitions and retention are checked, s [default 3600].
+    #[arg(long)]
+    maintenance_interval_s: Option<u64>,
     /// Database URL: sqlite://FILE, postgres://USER@HOST:PORT/DB, or discard:.
     #[arg(long, env = "QOSLOOP_DB")]
     db: Option<String>,
@@ -226,6 +247,24 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
     }
     if let Some(v) = &args.db {
         c.db = v.clone();
+    }
+    if args.ipfix_journal_dir.is_some() {
+        c.ipfix_journal_dir = args.ipfix_journal_dir.clone();
+    }
+    if let Some(v) = args.ipfix_journal_max_bytes {
+        c.ipfix_journal_max_bytes = v;
+    }
+    if let Some(v) = args.ipfix_journal_fsync_ms {
+        c.ipfix_journal_fsync_ms = v;
+    }
+    if let Some(v) = args.retention_days {
+        c.retention_days = v;
+    }
+    if let Some(v) = args.partitions_ahead_days {
+        c.partitions_ahead_days = v;
+    }
+    if let Some(v) = args.maintenance_interval_s {
+        c.maintenance_interval_s = v;
     }
     if let Some(v) = &args.log_format {
         c.log_format = v.clone();
@@ -397,6 +436,13 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     let collector = qosloop_collector::Collector::with_tally(sink.clone(), &config, tally)?;
+    let _maintenance = match &sink {
+        qosloop_collector::Sink::Db(db) => Some(tokio::spawn({
+            let (db, config) = (db.clone(), config.clone());
+            async move { qosloop_collector::maintenance::run(db, &config).await }
+        })),
+        qosloop_collector::Sink::Discard => None,
+    };
     let ingest = if config.ipfix_listen.is_empty() {
         None
     } else {

@@ -35,6 +35,11 @@ const SQLITE: &[Migration] = &[
         name: "cluster",
         sql: include_str!("../sql/sqlite/0003_cluster.sql"),
     },
+    Migration {
+        version: 4,
+        name: "flow_retention",
+        sql: include_str!("../sql/sqlite/0004_flow_retention.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -52,6 +57,11 @@ const POSTGRES: &[Migration] = &[
         version: 3,
         name: "cluster",
         sql: include_str!("../sql/postgres/0003_cluster.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "flow_retention",
+        sql: include_str!("../sql/postgres/0004_flow_retention.sql"),
     },
 ];
 

@@ -18,6 +18,9 @@
 //!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`), and the
 //!   collector cluster's tables (membership, ownership log, partial sums,
 //!   fenced rate writes, the published policy; `docs/cluster.md`).
+//! - `flows` bounded in time ([`Db::maintain_flows`]): daily partitions
+//!   made ahead and dropped whole on PostgreSQL, chunked deletes on
+//!   SQLite, safe with several collectors running it at once.
 //!
 //! It does not decide what to store or when: batching, retries and
 //! acknowledgements are the collector's, rates and cursors the policy
@@ -36,6 +39,7 @@ mod flows;
 mod ipfix;
 mod migrate;
 mod rates;
+mod retention;
 
 /// The sqlx the pools of [`Db`] belong to, for code that runs its own
 /// queries (tests, the testbed's summaries) through [`on_pool!`].
@@ -54,3 +58,4 @@ pub use ipfix::{
     TemplateUpdate,
 };
 pub use rates::RateRow;
+pub use retention::{Maintenance, Retention, DAY_NS};

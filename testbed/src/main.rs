@@ -63,6 +63,9 @@ enum Bench {
     Ipfix(qosloop_testbed::bench::ipfix::Args),
     /// Host agent: throughput over veth with and without it; ns per packet.
     Agent(qosloop_testbed::bench::agent::Args),
+    /// Collector nodes: records/s committed and analysed with 1, 2, 4 nodes
+    /// into one PostgreSQL; CPU per record per node; vs seeds/000 Fig. 5.
+    Cluster(qosloop_testbed::bench::cluster::Args),
 }
 
 #[tokio::main]
@@ -95,6 +98,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Enforce(a)) => qosloop_testbed::bench::enforce::run(a).await,
         Cmd::Bench(Bench::Ipfix(a)) => qosloop_testbed::bench::ipfix::run(a).await,
         Cmd::Bench(Bench::Agent(a)) => qosloop_testbed::bench::agent::run(a).await,
+        Cmd::Bench(Bench::Cluster(a)) => qosloop_testbed::bench::cluster::run(a).await,
         Cmd::Paper(a) => {
             let stop = interrupt_flag();
             let out = a.out.clone();

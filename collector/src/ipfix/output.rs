@@ -5,11 +5,14 @@
 use super::decoder::{Decoder, ExporterKey, ExporterStats};
 use super::sql;
 use super::wire::Version;
+use crate::journal::frame::{self, FrameHead, OpenFrame};
+use crate::journal::Journal;
 use crate::store::{Batch, Sink, WriteReq};
 use qosloop_schema::FlowRecord;
 use qosloop_store::Db;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Decoded records one decoder may have handed to the writer and not seen
@@ -25,9 +28,24 @@ struct Pending {
     records: Vec<FlowRecord>,
 }
 
+/// A journal frame being filled with the records of one exporter and
+/// domain.
+#[derive(Debug)]
+struct PendingFrame {
+    buf: Vec<u8>,
+    open: OpenFrame,
+    records: u32,
+}
+
 /// The storage side of one decoder.
 #[derive(Debug)]
 pub struct Output {
+    /// With a journal (UDP), records are encoded into frames as they are
+    /// decoded and appended at flush; nothing here waits for SQL.
+    journal: Option<Arc<Journal>>,
+    frames: HashMap<(SocketAddr, u32), PendingFrame>,
+    /// Emptied frame buffers, kept for their capacity.
+    spare: Vec<Vec<u8>>,
     sink: Sink,
     writer: mpsc::Sender<WriteReq>,
     tcp: bool,
@@ -124,6 +142,9 @@ impl Output {
         max_ids: usize,
     ) -> Output {
         Output {
+            journal: None,
+            frames: HashMap::new(),
+            spare: Vec::new(),
             sink,
             writer,
             tcp,
@@ -140,6 +161,12 @@ impl Output {
         }
     }
 
+    /// Records go to `journal` (appended at each flush) instead of the
+    /// writer.
+    pub fn set_journal(&mut self, journal: Arc<Journal>) {
+        self.journal = Some(journal);
+    }
+
     /// Adds the records one message produced; true when a flush is due.
     pub fn add(
         &mut self,
@@ -152,6 +179,31 @@ impl Output {
             return self.buffered >= self.flush_records;
         }
         self.buffered += records.len();
+        if self.journal.is_some() {
+            // Encoded at once; `records` keeps its capacity for the next
+            // datagram.
+            let spare = &mut self.spare;
+            let f = self.frames.entry((from, domain)).or_insert_with(|| {
+                let mut buf = spare.pop().unwrap_or_default();
+                let head = FrameHead {
+                    name: sql::udp_exporter_name(from),
+                    addr: from.to_string(),
+                    domain,
+                    seq,
+                };
+                let open = frame::begin_frame(&mut buf, &head);
+                PendingFrame {
+                    buf,
+                    open,
+                    records: 0,
+                }
+            });
+            frame::push_records(&mut f.buf, records);
+            frame::set_seq(&mut f.buf, f.open, seq);
+            f.records += records.len() as u32;
+            records.clear();
+            return self.buffered >= self.flush_records;
+        }
         let p = self.pending.entry((from, domain)).or_default();
         p.seq = seq;
         // Moves the records (the batch grows by doubling); the decoder's
@@ -197,6 +249,18 @@ impl Output {
     /// what it drops).
     pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
         if self.buffered == 0 {
+            return Ok(());
+        }
+        if let Some(journal) = &self.journal {
+            for (_, mut f) in self.frames.drain() {
+                frame::finish_frame(&mut f.buf, f.open, f.records);
+                journal.append(&f.buf, u64::from(f.records));
+                f.buf.clear();
+                if self.spare.len() < 64 {
+                    self.spare.push(f.buf);
+                }
+            }
+            self.buffered = 0;
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);

@@ -4,12 +4,18 @@ use super::settings::{IngestSettings, Transport};
 use super::tcp;
 use super::udp::{open_socket, SharedListenerStats, UdpWorker};
 use crate::config::Config;
+use crate::journal::{Journal, JournalConfig, JournalStats};
 use crate::server::ServerError;
 use crate::store::{Sink, WriteReq};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// How long a stopping collector lets the loader store what the journal
+/// holds.
+const JOURNAL_DRAIN: Duration = Duration::from_secs(30);
 
 /// The running IPFIX listeners. Dropping it does not stop them; call
 /// [`Ingest::stop`] to flush and end the UDP threads.
@@ -21,6 +27,7 @@ pub struct Ingest {
     threads: Vec<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     udp_stats: Vec<(String, Arc<SharedListenerStats>)>,
+    journal: Option<(Arc<Journal>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Ingest {
@@ -67,6 +74,23 @@ impl Ingest {
                 }
             }
         }
+        // The journal, when configured, takes what the UDP threads decode;
+        // its loader stores it through the writer.
+        let journal = match &config.ipfix_journal_dir {
+            Some(dir) if !sockets.is_empty() => {
+                let j = Journal::open(JournalConfig::new(
+                    dir.clone(),
+                    config.ipfix_journal_max_bytes,
+                    Duration::from_millis(config.ipfix_journal_fsync_ms),
+                ))
+                .map_err(|e| ServerError::Bind(e.to_string()))?;
+                let loader = crate::journal::spawn_loader(j.clone(), sink.clone(), writer.clone());
+                tracing::info!(dir = %dir.display(), max_bytes = config.ipfix_journal_max_bytes,
+                    fsync_ms = config.ipfix_journal_fsync_ms, "UDP records journaled before SQL");
+                Some((j, loader))
+            }
+            _ => None,
+        };
         let runtime = tokio::runtime::Handle::current();
         let mut threads = Vec::new();
         let mut udp_stats = Vec::new();
@@ -92,6 +116,7 @@ impl Ingest {
                     stats: stats.clone(),
                     stop: stop.clone(),
                     runtime: runtime.clone(),
+                    journal: journal.as_ref().map(|(j, _)| j.clone()),
                 };
                 let t = std::thread::Builder::new()
                     .name(format!("ipfix-udp-{index}"))
@@ -130,6 +155,7 @@ impl Ingest {
             threads,
             tasks,
             udp_stats,
+            journal,
         })
     }
 
@@ -141,7 +167,14 @@ impl Ingest {
             .collect()
     }
 
-    /// Stops accepting, flushes what the UDP threads hold to the writer and
+    /// The journal's counters, when there is one.
+    pub fn journal_stats(&self) -> Option<JournalStats> {
+        self.journal.as_ref().map(|(j, _)| j.stats())
+    }
+
+    /// Stops accepting, flushes what the UDP threads hold to the writer (or
+    /// the journal, then gives its loader up to `JOURNAL_DRAIN` to store
+    /// what is left; the rest waits in the journal for the next start) and
     /// writes their counters; returns when they are done.
     pub async fn stop(self) {
         for t in &self.tasks {
@@ -155,5 +188,20 @@ impl Ingest {
             }
         })
         .await;
+        if let Some((journal, mut loader)) = self.journal {
+            let j = journal.clone();
+            let _ = tokio::task::spawn_blocking(move || j.close()).await;
+            if tokio::time::timeout(JOURNAL_DRAIN, &mut loader)
+                .await
+                .is_err()
+            {
+                loader.abort();
+                let s = journal.stats();
+                tracing::warn!(
+                    left = s.synced_records.saturating_sub(s.loaded_records),
+                    "stopping with records in the journal; they are loaded at the next start"
+                );
+            }
+        }
     }
 }

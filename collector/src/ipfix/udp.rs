@@ -102,6 +102,8 @@ pub struct UdpWorker {
     pub stats: Arc<SharedListenerStats>,
     pub stop: Arc<AtomicBool>,
     pub runtime: tokio::runtime::Handle,
+    /// Records go here, not to the writer (`ipfix_journal_dir`).
+    pub journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl UdpWorker {
@@ -117,6 +119,9 @@ impl UdpWorker {
             s.flush_records,
             s.limits.max_exporters.saturating_mul(2),
         );
+        if let Some(j) = &self.journal {
+            output.set_journal(j.clone());
+        }
         // Not `ipfix/udp/…`: no template is ever loaded for it.
         output.set_unattributed_name(format!(
             "ipfix/unattributed/udp/{}/{}",
@@ -261,7 +266,23 @@ impl UdpWorker {
     }
 
     fn flush(&self, output: &mut Output, decoder: &mut Decoder) {
+        let journal = self.journal.is_some();
         let r = self.runtime.block_on(async {
+            if journal {
+                // Records first, to the journal: never behind SQL. Template
+                // changes are written if the database answers at once;
+                // while it is away they are not persisted (exporters over
+                // UDP send them again).
+                output.flush().await?;
+                let persist = output.persist_templates(decoder);
+                return match tokio::time::timeout(Duration::from_millis(250), persist).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(listen = %self.listen, "storage slow: template changes not persisted this time");
+                        Ok(())
+                    }
+                };
+            }
             output.persist_templates(decoder).await?;
             output.flush().await
         });

@@ -46,6 +46,13 @@ pub struct Args {
     /// Skip the PostgreSQL runs.
     #[arg(long)]
     pub no_postgres: bool,
+    /// fsync interval of the collector's journal in the journal run, ms
+    /// (0: every append).
+    #[arg(long, default_value_t = 20)]
+    pub journal_fsync_ms: u64,
+    /// Receiving threads of the collector (`--ipfix-udp-threads`).
+    #[arg(long, default_value_t = 1)]
+    pub udp_threads: usize,
 }
 
 /// The stream: IPFIX messages of at most 1392 bytes (1400 bytes of IP
@@ -207,6 +214,9 @@ struct Row {
     stored: u64,
     drops: u64,
     secs: f64,
+    /// Journal run: seconds from "durable in the journal" until the loader
+    /// had every record committed to SQL, and the records it committed.
+    load: Option<(f64, u64)>,
 }
 
 impl Row {
@@ -220,6 +230,8 @@ enum Kind {
     Decoder,
     CollectorSqlite,
     CollectorPostgres,
+    CollectorJournal,
+    CollectorJournalOnly,
     Nfcapd,
     Nfacctd,
 }
@@ -230,6 +242,8 @@ impl Kind {
             Kind::Decoder => "qosloop decoder (in-process, decode only)",
             Kind::CollectorSqlite => "qosloop-collector -> SQLite",
             Kind::CollectorPostgres => "qosloop-collector -> PostgreSQL",
+            Kind::CollectorJournal => "qosloop-collector -> journal (-> SQLite)",
+            Kind::CollectorJournalOnly => "qosloop-collector -> journal (no SQL)",
             Kind::Nfcapd => "nfcapd (nfdump 1.7)",
             Kind::Nfacctd => "nfacctd (pmacct, print plugin)",
         }
@@ -315,6 +329,40 @@ async fn settle_rows(url: &str, start: Instant) -> anyhow::Result<(u64, Duration
     Ok((last, grew_at))
 }
 
+fn journal_value(dir: &Path, key: &str) -> u64 {
+    qosloop_collector::journal::read_status(dir)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map_or(0, |(_, v)| v)
+}
+
+/// Watches a collector's journal status: records synced (durable in the
+/// journal) until the count holds for 1 s, and when it reached its final
+/// value; then until the loader has committed them all to SQL (at most
+/// 300 s): `(synced, synced_at, loaded_at, loaded)`.
+fn settle_journal(dir: &Path, start: Instant) -> (u64, Duration, Duration, u64) {
+    let (mut synced, mut synced_at) = (0u64, start.elapsed());
+    let (mut loaded, mut loaded_at) = (0u64, start.elapsed());
+    let mut still = Instant::now();
+    let limit = Instant::now() + Duration::from_secs(300);
+    // Until the synced count has held for 1 s and the loader has it all.
+    while Instant::now() < limit && (still.elapsed() < Duration::from_secs(1) || loaded < synced) {
+        let n = journal_value(dir, "synced_records");
+        if n != synced {
+            synced = n;
+            synced_at = start.elapsed();
+            still = Instant::now();
+        }
+        let l = journal_value(dir, "loaded_records");
+        if l != loaded {
+            loaded = l;
+            loaded_at = start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (synced, synced_at, loaded_at.max(synced_at), loaded)
+}
+
 /// Sum of the PACKETS column of nfacctd's CSV files (each record carries
 /// one packet).
 fn nfacctd_packets(path: &Path) -> u64 {
@@ -379,7 +427,10 @@ async fn run_one(
             });
             in_process = Some((stop, handle));
         }
-        Kind::CollectorSqlite | Kind::CollectorPostgres => {
+        Kind::CollectorSqlite
+        | Kind::CollectorPostgres
+        | Kind::CollectorJournal
+        | Kind::CollectorJournalOnly => {
             let bin = component("qosloop-collector").ok_or_else(|| {
                 anyhow::anyhow!("qosloop-collector not found next to this binary")
             })?;
@@ -390,18 +441,28 @@ async fn run_one(
                     pg.url_for(&name)
                 }
                 (Kind::CollectorPostgres, None) => anyhow::bail!("PostgreSQL not started"),
+                (Kind::CollectorJournalOnly, _) => "discard:".to_owned(),
                 _ => format!("sqlite://{}", work.join("flows.db").display()),
             };
-            peer = Some(spawn(
-                Command::new(bin)
-                    .arg("--ipfix-listen")
-                    .arg(format!("udp://127.0.0.1:{port}"))
-                    .arg("--ipfix-rcvbuf")
-                    .arg(args.collector_rcvbuf.unwrap_or(args.rcvbuf).to_string())
-                    .arg("--db")
-                    .arg(&url),
-                &work.join("collector.log"),
-            )?);
+            let mut cmd = Command::new(bin);
+            cmd.arg("--ipfix-listen")
+                .arg(format!("udp://127.0.0.1:{port}"))
+                .arg("--ipfix-rcvbuf")
+                .arg(args.collector_rcvbuf.unwrap_or(args.rcvbuf).to_string())
+                .arg("--ipfix-udp-threads")
+                .arg(args.udp_threads.to_string())
+                .arg("--db")
+                .arg(&url);
+            if matches!(kind, Kind::CollectorJournal | Kind::CollectorJournalOnly) {
+                cmd.arg("--ipfix-journal-dir")
+                    .arg(work.join("journal"))
+                    .arg("--ipfix-journal-fsync-ms")
+                    .arg(args.journal_fsync_ms.to_string())
+                    // The stream must fit whatever SQL's lag.
+                    .arg("--ipfix-journal-max-bytes")
+                    .arg((stream.records * 128 + (64 << 20)).to_string());
+            }
+            peer = Some(spawn(&mut cmd, &work.join("collector.log"))?);
             db_url = Some(url);
         }
         Kind::Nfcapd => {
@@ -454,6 +515,7 @@ async fn run_one(
     tokio::task::spawn_blocking(move || send(&s2, port, rate)).await??;
     let drained = tokio::task::spawn_blocking(move || wait_drained(port, start)).await?;
     let drops = udp_socket_state(port).map_or(0, |s| s.1);
+    let mut load = None;
     let (stored, secs) = match kind {
         Kind::Decoder => {
             let (stop, handle) = in_process
@@ -469,6 +531,13 @@ async fn run_one(
             let url = db_url.clone().unwrap_or_default();
             let (n, at) = settle_rows(&url, start).await?;
             (n, at.max(drained))
+        }
+        Kind::CollectorJournal | Kind::CollectorJournalOnly => {
+            let dir = work.join("journal");
+            let (synced, at, loaded_at, loaded) =
+                tokio::task::spawn_blocking(move || settle_journal(&dir, start)).await?;
+            load = Some(((loaded_at - at).as_secs_f64(), loaded));
+            (synced, at.max(drained))
         }
         Kind::Nfcapd => {
             if let Some(mut p) = peer.take() {
@@ -509,6 +578,7 @@ async fn run_one(
         stored,
         drops,
         secs: secs.as_secs_f64(),
+        load,
     })
 }
 
@@ -544,6 +614,8 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         Kind::Decoder,
         Kind::CollectorSqlite,
         Kind::CollectorPostgres,
+        Kind::CollectorJournal,
+        Kind::CollectorJournalOnly,
         Kind::Nfcapd,
         Kind::Nfacctd,
     ];
@@ -607,6 +679,16 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                         .unwrap_or_else(|| "-".into())
                 ),
                 Err(e) => println!("    {:<44} not measured: {e:#}", kind.label()),
+            }
+            if let Ok(Row {
+                load: Some((lag, loaded)),
+                ..
+            }) = row
+            {
+                println!(
+                    "    {:<44} {:>10} loaded by the loader, {:.2} s after the last was durable in the journal",
+                    "  (journal's SQL load)", loaded, lag
+                );
             }
         }
     }

@@ -202,6 +202,16 @@ impl Postgres {
         self.launch()
     }
 
+    /// Starts a stopped server again (same data, same port); a running
+    /// one is left alone. With [`Postgres::stop`], an outage of chosen
+    /// length.
+    pub fn start_again(&mut self) -> Result<(), HarnessError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.launch()
+    }
+
     /// Stops the server: SIGINT (fast shutdown), SIGKILL after 10 s.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

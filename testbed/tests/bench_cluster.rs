@@ -1,0 +1,46 @@
+//! `bench cluster` end to end on a small load: real collector processes,
+//! a real PostgreSQL (fsync on and off). The benchmark itself fails unless
+//! `flows` holds exactly the records sent and the reader saw each once;
+//! here the table it writes is checked too.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use qosloop_testbed::bench::cluster::{run, Args};
+use qosloop_testbed::harness::Postgres;
+use qosloop_testbed::need;
+use qosloop_testbed::procs::component_dir;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_cluster_small_run_writes_its_table() {
+    need!(Postgres::available());
+    need!(component_dir().map(|_| ()).map_err(|e| e.to_string()));
+    let out = tempfile::tempdir().unwrap();
+    run(Args {
+        records: 20_000,
+        quick: false,
+        nodes: vec![1, 2],
+        batch: 1000,
+        out: out.path().to_path_buf(),
+    })
+    .await
+    .unwrap();
+    let table = std::fs::read_to_string(out.path().join("cluster.md")).unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(2)
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    for (row, (nodes, fsync)) in
+        rows.iter()
+            .zip([("1", "on"), ("2", "on"), ("1", "off"), ("2", "off")])
+    {
+        assert_eq!((row[1], row[2]), (nodes, fsync), "{table}");
+        let committed: f64 = row[3].parse().unwrap();
+        let analysed: f64 = row[4].parse().unwrap();
+        assert!(committed > 0.0 && analysed > 0.0, "{table}");
+        assert_eq!(row[5], "0", "no record moves between nodes");
+        assert_eq!(row[6].split(" / ").count(), nodes.parse::<usize>().unwrap());
+    }
+    assert!(out.path().join("cluster.svg").is_file());
+}
