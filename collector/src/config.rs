@@ -105,6 +105,9 @@ pub struct Config {
     pub ipfix_stats_interval_s: u64,
     /// A TCP/TLS IPFIX session silent this long is closed, seconds.
     pub ipfix_tcp_idle_s: u64,
+    /// Prometheus `/metrics` on this `HOST:PORT`; empty: none. Beyond
+    /// loopback only with `allow_insecure_remote`.
+    pub metrics: String,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -153,6 +156,7 @@ impl Default for Config {
             ipfix_flush_ms: 100,
             ipfix_stats_interval_s: 5,
             ipfix_tcp_idle_s: 900,
+            metrics: String::new(),
         }
     }
 }
@@ -242,6 +246,24 @@ impl Config {
         self.validate_rest()
     }
 
+    /// The `metrics` address, if any.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics.is_empty() {
+            return Ok(None);
+        }
+        use std::net::ToSocketAddrs;
+        let invalid = |problem: String| ConfigError::Invalid {
+            field: "metrics",
+            problem,
+        };
+        self.metrics
+            .to_socket_addrs()
+            .map_err(|e| invalid(format!("{:?} is not HOST:PORT ({e})", self.metrics)))?
+            .next()
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{:?} resolves to no address", self.metrics)))
+    }
+
     /// What does not depend on the export listener.
     fn validate_rest(&self) -> Result<(), ConfigError> {
         let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
@@ -257,6 +279,14 @@ impl Config {
                     qosloop_store::redact(&self.db)
                 ),
             );
+        }
+        if let Some(addr) = self.metrics_addr()? {
+            check_bind(addr, "metrics", false, self.allow_insecure_remote).map_err(|problem| {
+                ConfigError::Invalid {
+                    field: "metrics",
+                    problem,
+                }
+            })?;
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(

@@ -141,6 +141,12 @@ impl Ingest {
             .collect()
     }
 
+    /// A handle that reads the UDP listeners' counters from anywhere
+    /// (`/metrics`).
+    pub fn udp_stats_handle(&self) -> UdpStatsHandle {
+        UdpStatsHandle(self.udp_stats.clone())
+    }
+
     /// Stops accepting, flushes what the UDP threads hold to the writer and
     /// writes their counters; returns when they are done.
     pub async fn stop(self) {
@@ -155,5 +161,19 @@ impl Ingest {
             }
         })
         .await;
+    }
+}
+
+/// [`Ingest::udp_stats_handle`].
+#[derive(Clone, Debug, Default)]
+pub struct UdpStatsHandle(Vec<(String, Arc<SharedListenerStats>)>);
+
+impl UdpStatsHandle {
+    /// The counters of each UDP listener (`udp://ADDR`) now.
+    pub fn snapshot(&self) -> Vec<(String, super::sql::ListenerStats)> {
+        self.0
+            .iter()
+            .map(|(l, s)| (l.clone(), s.snapshot()))
+            .collect()
     }
 }
