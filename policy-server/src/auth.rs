@@ -134,7 +134,7 @@ impl ScopeHook for FilterParamScope {
 
     fn apply(&self, scope: &str, req: &mut Request) -> Result<(), String> {
         let path = req.uri().path().to_owned();
-        if !self.paths.iter().any(|p| *p == path) {
+        if !self.paths.contains(&path) {
             return Err(format!(
                 "this token is scoped and {path} cannot be filtered by its scope"
             ));
