@@ -23,7 +23,10 @@ pub struct CollectorMetrics {
     pub(crate) limiter: ConnLimiter,
     pub(crate) writer: mpsc::Sender<WriteReq>,
     pub(crate) udp: UdpStatsHandle,
+    /// IPFIX exporters (addresses) and CRANE exporters (names), capped
+    /// separately.
     pub(crate) exporters: Arc<LabelCap>,
+    pub(crate) crane_exporters: Arc<LabelCap>,
 }
 
 impl CollectorMetrics {
@@ -63,6 +66,37 @@ impl CollectorMetrics {
             "Bytes reserved for large messages being received.",
             self.counters.receiving() as f64,
         );
+        // Per exporter (CRANE), capped like the IPFIX exporters.
+        let crane = self
+            .crane_exporters
+            .fold(self.counters.by_exporter(), |a, b| {
+                a.messages += b.messages;
+                a.duplicates += b.duplicates;
+                a.records += b.records;
+            });
+        e.family(
+            "qosloop_collector_export_messages_total",
+            Kind::Counter,
+            "DATA messages committed per exporter, by outcome.",
+        );
+        for (x, c) in &crane {
+            e.sample(
+                &[("exporter", x), ("outcome", "stored")],
+                (c.messages - c.duplicates) as f64,
+            );
+            e.sample(
+                &[("exporter", x), ("outcome", "duplicate")],
+                c.duplicates as f64,
+            );
+        }
+        e.family(
+            "qosloop_collector_export_records_total",
+            Kind::Counter,
+            "Flow records stored per exporter.",
+        );
+        for (x, c) in &crane {
+            e.sample(&[("exporter", x)], c.records as f64);
+        }
         // The storage writer.
         let w = writer_stats();
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;

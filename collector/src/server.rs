@@ -163,6 +163,9 @@ impl Collector {
             exporters: Arc::new(qosloop_runtime::metrics::LabelCap::new(
                 crate::metrics::MAX_EXPORTER_LABELS,
             )),
+            crane_exporters: Arc::new(qosloop_runtime::metrics::LabelCap::new(
+                crate::metrics::MAX_EXPORTER_LABELS,
+            )),
         }
     }
 

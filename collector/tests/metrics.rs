@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 mod ipfix_support;
 
 use ipfix_support::*;
@@ -149,4 +150,61 @@ fn a_metrics_address_beyond_loopback_needs_the_flag() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("metrics"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_records_of_a_crane_exporter_by_name() {
+    use qosloop_exporter::{Exporter, ExporterConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let export: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let db = dir.path().join("flows.db");
+    let mut collector = start_collector(
+        dir.path(),
+        "collector",
+        &[
+            format!("--listen={export}"),
+            format!("--db=sqlite://{}", db.display()),
+            format!("--metrics={metrics}"),
+        ],
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(export).is_err() {
+        assert!(Instant::now() < end, "the collector never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cfg = ExporterConfig::new(vec![export.to_string()]);
+    cfg.name = "meter-7".into();
+    cfg.batch_records = 100;
+    cfg.spool_dir = Some(dir.path().join("spool"));
+    let mut ex = Exporter::start(cfg).unwrap();
+    for i in 0..1000 {
+        ex.send(&common::record(i)).await.unwrap();
+    }
+    let report = ex.finish().await.unwrap();
+    assert_eq!(report.acked_records, 1000);
+    let me = [("exporter", "meter-7")];
+    let s = tokio::task::spawn_blocking(move || {
+        scrape_until(metrics, Duration::from_secs(10), |s| {
+            s.value("qosloop_collector_export_records_total", &me) == Some(1000.0)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.value("qosloop_collector_export_records_total", &me),
+        Some(1000.0)
+    );
+    let stored = s
+        .value(
+            "qosloop_collector_export_messages_total",
+            &[("exporter", "meter-7"), ("outcome", "stored")],
+        )
+        .unwrap();
+    assert_eq!(stored, 10.0, "1000 records in batches of 100");
+    assert_eq!(
+        s.value("qosloop_collector_records_committed_total", &[]),
+        Some(1000.0)
+    );
+    assert!(collector.terminate(Duration::from_secs(20)));
 }

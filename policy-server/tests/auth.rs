@@ -360,3 +360,119 @@ async fn the_policy_server_refuses_without_a_token_and_counts_it_in_metrics() {
     server.stop().await;
     web.task.await.unwrap();
 }
+
+#[tokio::test]
+async fn over_https_the_api_answers_a_token_and_refuses_plain_http() {
+    use qosloop_runtime::tls;
+    qosloop_testbed::need!(qosloop_testbed::harness::require_binary(
+        "openssl", "openssl"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    qosloop_testbed::harness::test_pki(dir.path()).unwrap();
+    let p = |f: &str| dir.path().join(f);
+    let (auth, https) = auth::web_security(
+        Some(&tokens_file(&dir)),
+        vec![],
+        Some(&p("server.pem")),
+        Some(&p("server.key")),
+    )
+    .unwrap();
+    let (server, policy_tx) = start_paper(&dir).await;
+    let web = qosloop_policy_server::web::serve(
+        any_loopback_port(),
+        &server,
+        policy_tx.subscribe(),
+        WebConfig {
+            auth,
+            tls: https,
+            ..WebConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = web.local_addr;
+    let connector =
+        tokio_rustls::TlsConnector::from(tls::client_config_with(&p("ca.pem"), None).unwrap());
+    let get = |token: Option<&'static str>| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = tls::server_name(&addr.to_string()).unwrap();
+            let mut s = connector.connect(name, tcp).await.unwrap();
+            let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+            s.write_all(
+                format!("GET /api/status HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    let answer = get(Some(READ)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = get(None).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // Plain HTTP on the HTTPS port gets no HTTP answer: the handshake fails
+    // and the connection is closed (counted).
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /api/v1/decisions HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1"),
+        "answered in clear"
+    );
+    let scrape = qosloop_runtime::metrics::parse::parse(&web.metrics.render()).unwrap();
+    assert_eq!(
+        scrape.value(
+            "qosloop_policy_http_connections_refused_total",
+            &[("reason", "tls")]
+        ),
+        Some(1.0)
+    );
+    server.stop().await;
+    web.task.await.unwrap();
+}
+
+#[test]
+fn the_access_keys_are_validated_before_anything_starts() {
+    use qosloop_policy_server::config::{Config, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let base = "db = \"sqlite://a.db\"\npolicies = \"p.ldif\"\n";
+    for (extra, key) in [
+        ("metrics = \"0.0.0.0:9743\"", "metrics"),
+        (
+            "api_tokens_file = \"/nonexistent/tokens.toml\"",
+            "api_tokens_file",
+        ),
+        ("http_tls_cert = \"c.pem\"", "http_tls_cert"),
+        ("cors_allowed_origins = [\"*\"]", "cors_allowed_origins"),
+        // HTTP beyond loopback: tokens alone are not enough (they would
+        // cross the network in clear).
+        (
+            "http = \"0.0.0.0:8080\"\napi_tokens_file = \"TOKENS\"",
+            "http",
+        ),
+    ] {
+        let text =
+            format!("{base}{extra}\n").replace("TOKENS", &tokens_file(&dir).display().to_string());
+        let e = Config::validate(Settings::from_toml(&text).unwrap(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(key), "{key}: {e}");
+    }
+    let ok = format!("{base}metrics = \"127.0.0.1:9743\"\n");
+    let c = Config::validate(Settings::from_toml(&ok).unwrap(), true).unwrap();
+    assert_eq!(c.metrics.unwrap().port(), 9743);
+    assert!(!c.web.auth.is_enforced());
+}
