@@ -337,6 +337,14 @@ mod tests {
         assert!(raw(h.local_addr, b"hello\r\n\r\n").starts_with("HTTP/1.1 400"));
         let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
         assert!(raw(h.local_addr, big.as_bytes()).starts_with("HTTP/1.1 431"));
+        // A connection is counted after its answer is written: wait for the
+        // last one's thread (bounded).
+        for _ in 0..100 {
+            if h.stats.refused.load(Ordering::Relaxed) == 4 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(h.stats.scrapes.load(Ordering::Relaxed), 1);
         assert_eq!(h.stats.refused.load(Ordering::Relaxed), 4);
     }
