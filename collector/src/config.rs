@@ -141,6 +141,9 @@ pub struct Config {
     pub partitions_ahead_days: u32,
     /// How often partitions ahead and retention are checked, seconds.
     pub maintenance_interval_s: u64,
+    /// Prometheus `/metrics` on this `HOST:PORT`; empty: none. Beyond
+    /// loopback only with `allow_insecure_remote`.
+    pub metrics: String,
 }
 
 /// Longest exporter name accepted, bytes.
@@ -204,6 +207,7 @@ impl Default for Config {
             retention_days: 0,
             partitions_ahead_days: 2,
             maintenance_interval_s: 3_600,
+            metrics: String::new(),
         }
     }
 }
@@ -355,6 +359,24 @@ impl Config {
         }
     }
 
+    /// The `metrics` address, if any.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics.is_empty() {
+            return Ok(None);
+        }
+        use std::net::ToSocketAddrs;
+        let invalid = |problem: String| ConfigError::Invalid {
+            field: "metrics",
+            problem,
+        };
+        self.metrics
+            .to_socket_addrs()
+            .map_err(|e| invalid(format!("{:?} is not HOST:PORT ({e})", self.metrics)))?
+            .next()
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{:?} resolves to no address", self.metrics)))
+    }
+
     /// What does not depend on the export listener.
     fn validate_rest(&self) -> Result<(), ConfigError> {
         let bad = |field, problem: String| Err(ConfigError::Invalid { field, problem });
@@ -395,6 +417,14 @@ impl Config {
                 "partitions_ahead_days",
                 format!("{} is over 366", self.partitions_ahead_days),
             );
+        }
+        if let Some(addr) = self.metrics_addr()? {
+            check_bind(addr, "metrics", false, self.allow_insecure_remote).map_err(|problem| {
+                ConfigError::Invalid {
+                    field: "metrics",
+                    problem,
+                }
+            })?;
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(

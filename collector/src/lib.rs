@@ -8,12 +8,14 @@
 //! the schema and the wire codec live in `qosloop-schema`.
 //! It also takes IPFIX, NetFlow v9 and v5 from standard exporters over UDP
 //! and TCP ([`ipfix`]) into the same `flows` table through the same writer.
+//! Its counters are served for Prometheus by [`metrics`] (`--metrics`).
 
 pub mod cluster;
 mod config;
 pub mod ipfix;
 pub mod journal;
 pub mod maintenance;
+pub mod metrics;
 mod server;
 mod session;
 mod store;

@@ -189,6 +189,10 @@ struct Args {
     /// bytes [default 268435456 = 256 MiB; at least --max-message].
     #[arg(long)]
     large_message_bytes_total: Option<usize>,
+    /// Prometheus /metrics on HOST:PORT (loopback unless
+    /// --allow-insecure-remote).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 /// Exit code for a configuration that cannot be used (EX_USAGE).
@@ -360,6 +364,9 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
             *key = v;
         }
     }
+    if let Some(v) = &args.metrics {
+        c.metrics = v.clone();
+    }
     if let Some(v) = args.handshake_timeout_ms {
         c.handshake_timeout_ms = v;
     }
@@ -405,6 +412,13 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let metrics_listener = config
+        .metrics_addr()?
+        .map(|addr| {
+            qosloop_runtime::metrics::MetricsServer::bind(addr)
+                .map_err(|e| anyhow::anyhow!("listening for metrics on {addr}: {e}"))
+        })
+        .transpose()?;
     let listener = if config.listen.is_empty() {
         None
     } else {
@@ -447,6 +461,18 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
         None
     } else {
         Some(qosloop_collector::ipfix::Ingest::start(&config, sink, collector.writer()).await?)
+    };
+    let _metrics = match metrics_listener {
+        Some(l) => {
+            let mut source = collector.metrics();
+            if let Some(i) = &ingest {
+                source = source.with_ingest(i);
+            }
+            let handle = l.start(Default::default(), move || source.render())?;
+            tracing::info!(metrics = %handle.local_addr, "Prometheus metrics");
+            Some(handle)
+        }
+        None => None,
     };
     let export = async {
         match listener {

@@ -163,6 +163,23 @@ impl Collector {
         self.ctx.writer.clone()
     }
 
+    /// What `/metrics` reads (add the IPFIX listeners with
+    /// [`crate::metrics::CollectorMetrics::with_ingest`]).
+    pub fn metrics(&self) -> crate::metrics::CollectorMetrics {
+        crate::metrics::CollectorMetrics {
+            counters: self.counters.clone(),
+            limiter: self.limiter.clone(),
+            writer: self.ctx.writer.clone(),
+            udp: Default::default(),
+            exporters: Arc::new(qosloop_runtime::metrics::LabelCap::new(
+                crate::metrics::MAX_EXPORTER_LABELS,
+            )),
+            crane_exporters: Arc::new(qosloop_runtime::metrics::LabelCap::new(
+                crate::metrics::MAX_EXPORTER_LABELS,
+            )),
+        }
+    }
+
     pub fn stats(&self) -> CollectorStats {
         CollectorStats {
             refused: self.counters.snapshot(),

@@ -9,6 +9,7 @@
 
 use qosloop_store::{is_transient, Db, Tally};
 pub use qosloop_store::{Batch, Outcome};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
@@ -99,15 +100,63 @@ async fn next_group(
     Some(group)
 }
 
+/// Counters of the storage writers, process-wide (every collector of a
+/// process, in tests, adds to them): read by `/metrics`.
+#[derive(Debug)]
+pub struct WriterStats {
+    /// Seconds from taking a group off the queue to its commit (retries
+    /// included).
+    pub commit_seconds: qosloop_runtime::metrics::Histogram,
+    /// Messages (batches) committed, and of them duplicates not stored again.
+    pub messages_committed: AtomicU64,
+    pub messages_duplicate: AtomicU64,
+    /// Records of the messages stored.
+    pub records_committed: AtomicU64,
+    /// Messages whose storing failed (the session gets an error).
+    pub messages_failed: AtomicU64,
+}
+
+/// The process's [`WriterStats`].
+pub fn writer_stats() -> &'static WriterStats {
+    static STATS: std::sync::OnceLock<WriterStats> = std::sync::OnceLock::new();
+    STATS.get_or_init(|| WriterStats {
+        commit_seconds: qosloop_runtime::metrics::Histogram::latency(),
+        messages_committed: AtomicU64::new(0),
+        messages_duplicate: AtomicU64::new(0),
+        records_committed: AtomicU64::new(0),
+        messages_failed: AtomicU64::new(0),
+    })
+}
+
 async fn writer(
     sink: Sink,
     rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>,
     group_records: usize,
     tally: TallyCell,
 ) {
+    let stats = writer_stats();
     while let Some(group) = next_group(&rx, group_records).await {
         let current = tally.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let started = std::time::Instant::now();
         let result = commit_with_retry(&sink, &group, current.as_deref()).await;
+        stats.commit_seconds.observe_duration(started.elapsed());
+        let bump = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match &result {
+            Ok(outcomes) => {
+                for (req, outcome) in group.iter().zip(outcomes) {
+                    bump(&stats.messages_committed, 1);
+                    match outcome {
+                        Outcome::Stored => {
+                            bump(&stats.records_committed, req.batch.records.len() as u64)
+                        }
+                        Outcome::Duplicate => bump(&stats.messages_duplicate, 1),
+                    }
+                }
+            }
+            Err(_) => bump(&stats.messages_failed, group.len() as u64),
+        }
         match result {
             Ok(outcomes) => {
                 for (req, outcome) in group.into_iter().zip(outcomes) {

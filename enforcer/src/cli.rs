@@ -7,12 +7,14 @@
 use crate::backend::{DryRunBackend, KernelBackend, LinuxBackend};
 use crate::config::{Config, ConfigError};
 use crate::enforcer::{Enforcer, EnforcerConfig};
+use crate::metrics::EnforcerMetrics;
 use crate::render::Layout;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use qosloop_schema::Decision;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Exit code for unusable configuration (sysexits EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -70,6 +72,9 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long, global = true)]
     pub log_format: Option<String>,
+    /// Prometheus /metrics on HOST:PORT (loopback), while the daemon runs.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +126,9 @@ fn merged(args: &Args) -> Result<Config, ConfigError> {
     }
     if args.keepalive_s.is_some() {
         c.keepalive_s = args.keepalive_s;
+    }
+    if args.metrics.is_some() {
+        c.metrics = args.metrics.clone();
     }
     for (flag, field) in [
         (&args.pdp_tls_ca, &mut c.pdp_tls_ca),
@@ -229,9 +237,11 @@ fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     let pdps = config.pdps()?;
     // The daemon's PDP TLS files are checked before the kernel is touched
     // (`Enforcer::start` reconciles it), not when the first PDP is dialled.
-    if args.command.is_none() && !args.cleanup {
+    let daemon = args.command.is_none() && !args.cleanup;
+    if daemon {
         config.check_pdp_tls()?;
     }
+    let metrics_addr = config.metrics_addr()?;
     let file_decisions = match (&args.command, &config.decisions) {
         (Some(Command::Apply) | None, Some(file)) => Some(read_decisions(file)?),
         (Some(Command::Apply), None) => {
@@ -243,15 +253,28 @@ fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
+    // Bound before the kernel is touched: a taken port is a start-up error.
+    let metrics = Arc::new(EnforcerMetrics::default());
+    let _metrics_server = match metrics_addr.filter(|_| daemon) {
+        Some(addr) => {
+            let source = metrics.clone();
+            let h = qosloop_runtime::metrics::MetricsServer::bind(addr)
+                .and_then(|l| l.start(Default::default(), move || source.render()))
+                .with_context(|| format!("listening for metrics on {addr}"))?;
+            tracing::info!(metrics = %h.local_addr, "Prometheus metrics");
+            Some(h)
+        }
+        None => None,
+    };
     if config.dry_run {
         let backend = DryRunBackend {
             print: true,
             ..DryRunBackend::default()
         };
-        return run_with(backend, args, ecfg, pdps, file_decisions, &config);
+        return run_with(backend, args, ecfg, pdps, file_decisions, &config, metrics);
     }
     let backend = LinuxBackend::open().context("opening the rtnetlink socket")?;
-    run_with(backend, args, ecfg, pdps, file_decisions, &config)
+    run_with(backend, args, ecfg, pdps, file_decisions, &config, metrics)
 }
 
 fn run_with<B: KernelBackend + Send + 'static>(
@@ -261,6 +284,7 @@ fn run_with<B: KernelBackend + Send + 'static>(
     pdps: Vec<String>,
     file_decisions: Option<Vec<Decision>>,
     config: &Config,
+    metrics: Arc<EnforcerMetrics>,
 ) -> anyhow::Result<ExitCode> {
     let layout = Layout {
         interface: ecfg.interface.clone(),
@@ -292,7 +316,9 @@ fn run_with<B: KernelBackend + Send + 'static>(
     let (mut enforcer, report) = Enforcer::start(backend, ecfg)?;
     if let Some(decisions) = file_decisions {
         let n = decisions.len();
-        let summary = enforcer.sync(decisions)?;
+        let result = enforcer.sync(decisions);
+        metrics.applied(&result, |s| s.elapsed);
+        let summary = result?;
         tracing::info!(
             decisions = n,
             installed = summary.installed,
@@ -316,7 +342,8 @@ fn run_with<B: KernelBackend + Send + 'static>(
             return Ok(ExitCode::SUCCESS);
         }
     }
-    crate::pep::run(enforcer, pdps, config)?;
+    metrics.refresh_kernel(&mut enforcer);
+    crate::pep::run(enforcer, pdps, config, metrics)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -54,6 +54,8 @@ pub struct Config {
     /// This enforcer's certificate and key (PEM), for PDPs that ask for one.
     pub pdp_tls_cert: Option<PathBuf>,
     pub pdp_tls_key: Option<PathBuf>,
+    /// Prometheus `/metrics` on this `HOST:PORT` (loopback only).
+    pub metrics: Option<String>,
 }
 
 impl Config {
@@ -175,6 +177,26 @@ impl Config {
     /// Checks the PDP TLS files the daemon will use (readable, parseable,
     /// a key that matches), so that a mistake there exits 64 before any
     /// kernel object is touched rather than when the first PDP is dialled.
+    /// The `metrics` address, if any (loopback only: the enforcer has no
+    /// flag to open a port wider).
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(m) = &self.metrics else {
+            return Ok(None);
+        };
+        use std::net::ToSocketAddrs;
+        let invalid = |message: String| ConfigError::Invalid {
+            field: "metrics",
+            message,
+        };
+        let addr = m
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| invalid(format!("{m:?} is not HOST:PORT")))?;
+        qosloop_schema::guard::check_bind(addr, "metrics", false, false).map_err(invalid)?;
+        Ok(Some(addr))
+    }
+
     pub fn check_pdp_tls(&self) -> Result<(), ConfigError> {
         self.pdp_tls().map(|_| ())
     }

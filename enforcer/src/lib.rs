@@ -38,6 +38,7 @@ pub mod cli;
 mod config;
 mod enforcer;
 mod error;
+pub mod metrics;
 mod netlink;
 pub mod nfnl;
 pub mod nft;

@@ -19,6 +19,7 @@
 use crate::backend::KernelBackend;
 use crate::config::Config;
 use crate::enforcer::Enforcer;
+use crate::metrics::{EnforcerMetrics, KERNEL_EVERY};
 use futures_util::{SinkExt, StreamExt};
 use qosloop_runtime::tls::Io;
 use qosloop_schema::cops::payload::QosloopDecision;
@@ -27,6 +28,8 @@ use qosloop_schema::cops::{
 };
 use qosloop_schema::{EnforcementReport, ReportOutcome};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -63,6 +66,7 @@ pub fn state_file(interface: &str) -> PathBuf {
 
 struct Daemon<B: KernelBackend> {
     enforcer: Enforcer<B>,
+    metrics: Arc<EnforcerMetrics>,
     roles: Vec<String>,
     pep_id: String,
     state_path: PathBuf,
@@ -120,7 +124,9 @@ impl<B: KernelBackend> Daemon<B> {
                 )
                 .collect();
             let remove_ids = removes.iter().map(|r| r.id).collect();
-            match self.enforcer.apply(upserts, remove_ids) {
+            let result = self.enforcer.apply(upserts, remove_ids);
+            self.metrics.applied(&result, |s| s.elapsed);
+            match result {
                 Ok(s) => {
                     let reconfig_ns = s.elapsed.as_nanos() as u64;
                     tracing::info!(
@@ -172,6 +178,7 @@ impl<B: KernelBackend> Daemon<B> {
                     .map(|s| (s, ReportOutcome::Removed)),
             ),
         };
+        self.metrics.applied(&result, |(s, _)| s.elapsed);
         let (outcome, reconfig_ns) = match result {
             Ok((s, outcome)) => (outcome, s.elapsed.as_nanos() as u64),
             Err(e) => (
@@ -211,6 +218,7 @@ pub fn run<B: KernelBackend + Send + 'static>(
     enforcer: Enforcer<B>,
     pdps: Vec<String>,
     config: &Config,
+    metrics: Arc<EnforcerMetrics>,
 ) -> anyhow::Result<()> {
     let interface = enforcer.layout().interface.clone();
     // Under mutual TLS the PDP knows an enforcer by its certificate and
@@ -221,6 +229,7 @@ pub fn run<B: KernelBackend + Send + 'static>(
     };
     let daemon = Daemon {
         enforcer,
+        metrics,
         roles: config.roles.clone(),
         pep_id,
         state_path: state_file(&interface),
@@ -260,6 +269,8 @@ pub fn run<B: KernelBackend + Send + 'static>(
 async fn hold<B: KernelBackend>(mut daemon: Daemon<B>) -> anyhow::Result<()> {
     let mut every = tokio::time::interval(RECONCILE_EVERY);
     every.reset();
+    let mut kernel_tick = tokio::time::interval(KERNEL_EVERY);
+    kernel_tick.reset();
     let stop = wait_for_stop();
     tokio::pin!(stop);
     loop {
@@ -267,9 +278,11 @@ async fn hold<B: KernelBackend>(mut daemon: Daemon<B>) -> anyhow::Result<()> {
             r = &mut stop => return r,
             _ = every.tick() => {
                 if let Err(e) = daemon.enforcer.reconcile() {
+                    daemon.metrics.reconcile_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "periodic reconcile failed");
                 }
             }
+            _ = kernel_tick.tick() => daemon.metrics.refresh_kernel(&mut daemon.enforcer),
         }
     }
 }
@@ -321,7 +334,15 @@ async fn pdp_loop<B: KernelBackend + Send + 'static>(
                 },
             };
             backoff = Duration::from_millis(200);
+            let metrics = slot.as_ref().map(|d| d.metrics.clone());
+            if let Some(m) = &metrics {
+                m.pdp_connected.store(1, Ordering::Relaxed);
+            }
             let why = session(slot, pdp, stream, keepalive_s).await;
+            if let Some(m) = &metrics {
+                m.pdp_connected.store(0, Ordering::Relaxed);
+                m.pdp_sessions_ended.fetch_add(1, Ordering::Relaxed);
+            }
             let Some(daemon) = slot.as_ref() else {
                 anyhow::bail!("{why}");
             };
@@ -426,6 +447,8 @@ async fn session<B: KernelBackend + Send + 'static>(
     // The table is compared with what was applied, and restored, this often.
     let mut reconcile_tick = tokio::time::interval(RECONCILE_EVERY);
     reconcile_tick.reset();
+    let mut kernel_tick = tokio::time::interval(KERNEL_EVERY);
+    kernel_tick.reset();
     let mut last_heard = tokio::time::Instant::now();
     loop {
         let deadline = last_heard + ka * 2;
@@ -521,8 +544,18 @@ async fn session<B: KernelBackend + Send + 'static>(
                 // off the COPS loop too.
                 match off_thread(slot, &mut wire, &mut tick, |d| d.enforcer.reconcile()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "periodic reconcile failed"),
+                    Ok(Err(e)) => {
+                        if let Some(d) = slot.as_ref() {
+                            d.metrics.reconcile_failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::warn!(error = %e, "periodic reconcile failed")
+                    }
                     Err(why) => return why,
+                }
+            }
+            _ = kernel_tick.tick() => {
+                if let Err(why) = off_thread(slot, &mut wire, &mut tick, |d| d.metrics.refresh_kernel(&mut d.enforcer)).await {
+                    return why;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {

@@ -92,6 +92,8 @@ pub struct Config {
     pub agent_pin_dir: Option<PathBuf>,
     /// Agent: entries of each counter map (default 65536).
     pub agent_map_entries: Option<u32>,
+    /// Prometheus `/metrics` on this `HOST:PORT` (live capture and agent).
+    pub metrics: Option<String>,
 }
 
 /// `export = "…"` or `export = ["…", "…"]`.
@@ -164,7 +166,8 @@ impl Config {
             agent,
             agent_cgroup,
             agent_pin_dir,
-            agent_map_entries
+            agent_map_entries,
+            metrics
         );
         if !flags.flow_keys.is_empty() {
             self.flow_keys = flags.flow_keys;
@@ -180,6 +183,7 @@ impl Config {
 
     /// Checks values and compiles the rule files.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
+        self.metrics_addr()?;
         let mut crane = 0;
         for target in &self.export {
             match qosloop_exporter::Target::parse(target)
@@ -311,6 +315,23 @@ impl Config {
             threads,
             bpf,
         })
+    }
+
+    /// The `metrics` address, if any: loopback only (the meter has no
+    /// flag to open it wider; scrape through a local agent or proxy).
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(m) = &self.metrics else {
+            return Ok(None);
+        };
+        use std::net::ToSocketAddrs;
+        let addr = m
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| ConfigError::Invalid(format!("metrics: {m:?} is not HOST:PORT")))?;
+        qosloop_schema::guard::check_bind(addr, "metrics", false, false)
+            .map_err(|e| ConfigError::Invalid(format!("metrics: {e}")))?;
+        Ok(Some(addr))
     }
 
     /// Opens the outputs this configuration names.

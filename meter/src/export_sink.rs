@@ -94,6 +94,12 @@ impl ExportSink {
 }
 
 impl RecordSink for ExportSink {
+    fn export_stats(&self) -> Vec<(String, std::sync::Arc<qosloop_exporter::Stats>)> {
+        self.exporter
+            .iter()
+            .map(|e| (self.target.clone(), e.stats().clone()))
+            .collect()
+    }
     fn push(&mut self, record: &FlowRecord) -> Result<(), SinkError> {
         self.pending.push(record.clone());
         if self.pending.len() >= HANDOFF {

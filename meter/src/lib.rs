@@ -33,6 +33,7 @@ pub mod dicap;
 pub mod export_sink;
 pub mod ipfix_sink;
 mod live;
+pub mod metrics;
 pub mod pcap;
 mod pipeline;
 mod run;
@@ -44,6 +45,7 @@ pub use classify::{Classifier, FieldRules, FlowKeyDefs, MatchMode, PatternRules,
 pub use config::{Config, ConfigError, Validated};
 pub use live::{
     effective_filter, parse_bpf, BpfInsn, CaptureHook, FilterHandle, LiveCapture, LiveError,
+    LiveStats,
 };
 pub use pcap::{CaptureError, CaptureReader, PacketRef, PcapWriter, PcapngWriter};
 pub use pipeline::{Pipeline, PipelineConfig, Stats};

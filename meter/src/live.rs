@@ -138,6 +138,36 @@ pub struct LiveCapture {
     interface: String,
     rings: Vec<PacketRing>,
     hook: Option<Arc<dyn CaptureHook>>,
+    live: Option<Arc<LiveStats>>,
+}
+
+/// The counters of each capture thread while it runs (published every
+/// second), for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    slots: std::sync::Mutex<Vec<Stats>>,
+}
+
+impl LiveStats {
+    fn publish(&self, slot: usize, stats: Stats) {
+        if let Ok(mut v) = self.slots.lock() {
+            if v.len() <= slot {
+                v.resize(slot + 1, Stats::default());
+            }
+            v[slot] = stats;
+        }
+    }
+
+    /// Every thread's counters added up, as of their last publication.
+    pub fn total(&self) -> Stats {
+        let mut t = Stats::default();
+        if let Ok(v) = self.slots.lock() {
+            for s in v.iter() {
+                t.merge(s);
+            }
+        }
+        t
+    }
 }
 
 impl LiveCapture {
@@ -168,6 +198,7 @@ impl LiveCapture {
             interface: interface.to_owned(),
             rings,
             hook: None,
+            live: None,
         })
     }
 
@@ -182,6 +213,11 @@ impl LiveCapture {
                 })
             })
             .collect()
+    }
+
+    /// Publishes the running counters to `live` every second.
+    pub fn set_live_stats(&mut self, live: Arc<LiveStats>) {
+        self.live = Some(live);
     }
 
     /// Calls `hook` for every frame and statistics read.
@@ -200,14 +236,15 @@ impl LiveCapture {
     ) -> Result<Stats, LiveError> {
         let (tx, rx) = mpsc::sync_channel::<FlowRecord>(65_536);
         let mut workers = Vec::new();
-        for ring in self.rings {
+        for (slot, ring) in self.rings.into_iter().enumerate() {
+            let live = self.live.clone().map(|l| (l, slot));
             let tx = tx.clone();
             let stop = stop.clone();
             let classifier = classifier.clone();
             let interface = self.interface.clone();
             let hook = self.hook.clone();
             workers.push(std::thread::spawn(move || {
-                worker(ring, &interface, config, classifier, tx, &stop, hook)
+                worker(ring, &interface, config, classifier, tx, &stop, hook, live)
             }));
         }
         drop(tx);
@@ -286,6 +323,8 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+// The capture's parts, each a separate concern (ring, output, control).
+#[allow(clippy::too_many_arguments)]
 fn worker(
     mut ring: PacketRing,
     interface: &str,
@@ -294,6 +333,7 @@ fn worker(
     tx: mpsc::SyncSender<FlowRecord>,
     stop: &AtomicBool,
     hook: Option<Arc<dyn CaptureHook>>,
+    live: Option<(Arc<LiveStats>, usize)>,
 ) -> Result<Stats, LiveError> {
     let mut pipeline = Pipeline::new(config, classifier);
     let mut sink = ForwardSink(tx);
@@ -343,6 +383,11 @@ fn worker(
             }
             drops += d;
             last_stats = Instant::now();
+            if let Some((live, slot)) = &live {
+                let mut now = pipeline.stats();
+                now.capture_drops = drops;
+                live.publish(*slot, now);
+            }
         }
     }
     // Drain what the kernel still holds, then read the final drop count.
@@ -362,6 +407,9 @@ fn worker(
     drops += d;
     let mut stats = pipeline.finish(&mut sink)?;
     stats.capture_drops = drops;
+    if let Some((live, slot)) = &live {
+        live.publish(*slot, stats.clone());
+    }
     Ok(stats)
 }
 

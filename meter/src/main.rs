@@ -113,6 +113,9 @@ struct Args {
     /// Agent: entries of each counter map (default 65536).
     #[arg(long)]
     agent_map_entries: Option<u32>,
+    /// Prometheus /metrics on HOST:PORT (loopback), live capture.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 impl Args {
@@ -145,6 +148,7 @@ impl Args {
             agent_cgroup: self.agent_cgroup,
             agent_pin_dir: self.agent_pin_dir,
             agent_map_entries: self.agent_map_entries,
+            metrics: self.metrics,
         };
         (self.config, flags, self.dicap)
     }
@@ -284,6 +288,28 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(e) => return fail(1, e),
         };
+        // Bound before capture starts: a taken port is a start-up error.
+        let metrics = match config.metrics_addr() {
+            Ok(Some(addr)) => {
+                let live = Arc::new(qosloop_meter::LiveStats::default());
+                capture.set_live_stats(live.clone());
+                let source = qosloop_meter::metrics::MeterMetrics {
+                    capture: live,
+                    exports: sink.export_stats(),
+                };
+                let started = qosloop_runtime::metrics::MetricsServer::bind(addr)
+                    .and_then(|l| l.start(Default::default(), move || source.render()));
+                match started {
+                    Ok(h) => {
+                        tracing::info!(metrics = %h.local_addr, "Prometheus metrics");
+                        Some(h)
+                    }
+                    Err(e) => return fail(1, format!("listening for metrics on {addr}: {e}")),
+                }
+            }
+            Ok(None) => None,
+            Err(e) => return fail(EXIT_CONFIG, e),
+        };
         let counters = dicap.counters(node.is_some());
         if let Some(c) = &counters {
             capture.set_hook(c.clone());
@@ -301,6 +327,7 @@ fn main() -> ExitCode {
         stop_on_signal(stop.clone(), duration);
         let started = std::time::Instant::now();
         let result = capture.run(validated.pipeline, classifier, sink.as_mut(), stop);
+        drop(metrics);
         match result.map_err(anyhow::Error::from).and_then(|stats| {
             dicap.write_stats(counters.as_deref())?;
             let line = sink.finish()?;

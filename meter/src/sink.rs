@@ -44,6 +44,11 @@ pub trait RecordSink: Send {
     }
     /// What the sink writes to, for logs.
     fn describe(&self) -> String;
+    /// The live counters of the acknowledged exports behind this sink
+    /// (for `/metrics`), with their targets.
+    fn export_stats(&self) -> Vec<(String, std::sync::Arc<qosloop_exporter::Stats>)> {
+        Vec::new()
+    }
 }
 
 /// JSON Lines (DESIGN.md §3): one [`FlowRecord::to_json_line`] per line.
@@ -169,6 +174,9 @@ impl std::fmt::Debug for MultiSink {
 }
 
 impl RecordSink for MultiSink {
+    fn export_stats(&self) -> Vec<(String, std::sync::Arc<qosloop_exporter::Stats>)> {
+        self.0.iter().flat_map(|s| s.export_stats()).collect()
+    }
     fn push(&mut self, record: &FlowRecord) -> Result<(), SinkError> {
         self.0.iter_mut().try_for_each(|s| s.push(record))
     }

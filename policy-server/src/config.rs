@@ -112,6 +112,24 @@ pub struct Settings {
     /// (default 60000).
     #[arg(long, value_name = "MS")]
     pub http_idle_timeout_ms: Option<u64>,
+    /// TOML file of API bearer tokens, stored as SHA-256 (docs/operations.md);
+    /// without it the HTTP API is open.
+    #[arg(long, value_name = "FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+    /// Origins allowed to call the API from a browser (CORS), ORIGIN[,…];
+    /// none by default.
+    #[arg(long, value_delimiter = ',', value_name = "ORIGIN")]
+    pub cors_allowed_origins: Option<Vec<String>>,
+    /// HTTPS: the web server's certificate (PEM), with --http-tls-key.
+    #[arg(long, value_name = "FILE")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --http-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub http_tls_key: Option<PathBuf>,
+    /// Prometheus /metrics on its own HOST:PORT (also on the HTTP port);
+    /// beyond loopback only with --allow-insecure-remote.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
     /// A console query over more flow records than this is refused
     /// (1..=10^10, default 20000000).
     #[arg(long, value_name = "ROWS")]
@@ -198,6 +216,11 @@ impl Settings {
             http_max_connections: self.http_max_connections.or(base.http_max_connections),
             http_header_timeout_ms: self.http_header_timeout_ms.or(base.http_header_timeout_ms),
             http_idle_timeout_ms: self.http_idle_timeout_ms.or(base.http_idle_timeout_ms),
+            api_tokens_file: self.api_tokens_file.or(base.api_tokens_file),
+            cors_allowed_origins: self.cors_allowed_origins.or(base.cors_allowed_origins),
+            http_tls_cert: self.http_tls_cert.or(base.http_tls_cert),
+            http_tls_key: self.http_tls_key.or(base.http_tls_key),
+            metrics: self.metrics.or(base.metrics),
             api_max_scan_rows: self.api_max_scan_rows.or(base.api_max_scan_rows),
             api_max_range_s: self.api_max_range_s.or(base.api_max_range_s),
             interval_ms: self.interval_ms.or(base.interval_ms),
@@ -237,6 +260,8 @@ pub struct Config {
     pub policies: PolicySource,
     pub pdp_listen: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// `/metrics` on its own listener.
+    pub metrics: Option<SocketAddr>,
     /// Listeners beyond loopback without mutual TLS were allowed.
     pub allow_insecure_remote: bool,
     /// Every enforcer must show a certificate (pdp_tls_client_ca).
@@ -301,8 +326,22 @@ impl Config {
             self.allow_insecure_remote,
         );
         if let Some(h) = self.http {
-            let _ = check_bind(h, "HTTP", false, self.allow_insecure_remote);
+            let _ = check_bind(
+                h,
+                "HTTP",
+                self.http_authenticated(),
+                self.allow_insecure_remote,
+            );
         }
+        if let Some(m) = self.metrics {
+            let _ = check_bind(m, "metrics", false, self.allow_insecure_remote);
+        }
+    }
+
+    /// The HTTP API authenticates its clients over TLS (tokens and
+    /// `http_tls_cert`): then it may listen beyond loopback.
+    pub fn http_authenticated(&self) -> bool {
+        self.web.tls.is_some() && self.web.auth.is_enforced()
     }
 
     /// Checks every setting; `need_db` is false for `--check`.
@@ -399,14 +438,32 @@ impl Config {
             }
         };
         let http = s.http.as_deref().map(|h| addr("http", h)).transpose()?;
+        let metrics = s
+            .metrics
+            .as_deref()
+            .map(|m| addr("metrics", m))
+            .transpose()?;
         let allow_insecure_remote = s.allow_insecure_remote.unwrap_or(false);
+        let (auth, http_tls) = crate::auth::web_security(
+            s.api_tokens_file.as_deref(),
+            s.cors_allowed_origins.clone().unwrap_or_default(),
+            s.http_tls_cert.as_deref(),
+            s.http_tls_key.as_deref(),
+        )
+        .map_err(|e| invalid(e.key, e.why))?;
         // Who can reach a port can steer the loop: decided before any
         // socket opens.
         let mutual_tls = tls.is_some() && s.pdp_tls_client_ca.is_some();
         check_bind(pdp_listen, "PDP", mutual_tls, allow_insecure_remote)
             .map_err(|e| invalid("pdp_listen", e))?;
         if let Some(h) = http {
-            check_bind(h, "HTTP", false, allow_insecure_remote).map_err(|e| invalid("http", e))?;
+            let authenticated = http_tls.is_some() && auth.is_enforced();
+            check_bind(h, "HTTP", authenticated, allow_insecure_remote)
+                .map_err(|e| invalid("http", e))?;
+        }
+        if let Some(m) = metrics {
+            check_bind(m, "metrics", false, allow_insecure_remote)
+                .map_err(|e| invalid("metrics", e))?;
         }
         let limits = |key_peer: &'static str,
                       peer: Option<usize>,
@@ -449,6 +506,8 @@ impl Config {
             limits: http_limits,
             header_timeout: millis("http_header_timeout_ms", s.http_header_timeout_ms, 10_000)?,
             idle_timeout: millis("http_idle_timeout_ms", s.http_idle_timeout_ms, 60_000)?,
+            auth,
+            tls: http_tls,
             console: {
                 let defaults = crate::console::ConsoleLimits::default();
                 let rows = s.api_max_scan_rows.unwrap_or(defaults.max_scan_rows as u64);
@@ -523,6 +582,7 @@ impl Config {
             policies,
             pdp_listen,
             http,
+            metrics,
             allow_insecure_remote,
             pdp_mutual_tls: mutual_tls,
             web,

@@ -12,16 +12,20 @@
 //!   report (`enforcers`, `enforcement_reports`);
 //! - the daemon that ties them together ([`server`]), its configuration
 //!   ([`config`]), its web API and live page ([`web`]) and the console API
-//!   under `/api/v1` ([`console`]).
+//!   under `/api/v1` ([`console`]), who may use them ([`auth`]: bearer
+//!   tokens, admin for every state change, scopes, CORS), and `/metrics`
+//!   ([`metrics`]).
 //!
 //! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
 //! module `repo`), the kernel, or the flow records' ingest.
 
+pub mod auth;
 pub mod bandwidth;
 pub mod cluster_rates;
 pub mod config;
 pub mod console;
 pub mod engine;
+pub mod metrics;
 pub mod pdp;
 pub mod repo;
 pub mod server;

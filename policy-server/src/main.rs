@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     };
     qosloop_runtime::telemetry::init(config.log_format);
     config.warn_insecure_listeners();
+    if config.http.is_some() && !args.check {
+        config.web.auth.announce();
+    }
     let nofile = qosloop_schema::guard::raise_nofile_limit();
     tracing::debug!(nofile, "open descriptor limit");
     let runtime = match tokio::runtime::Runtime::new() {
@@ -122,6 +125,14 @@ async fn check(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Bound first: a taken port is a start-up error, before the PDP listens.
+    let metrics_listener = config
+        .metrics
+        .map(|addr| {
+            qosloop_runtime::metrics::MetricsServer::bind(addr)
+                .with_context(|| format!("listening for metrics on {addr}"))
+        })
+        .transpose()?;
     let watch: PolicyWatch = match &config.policies {
         PolicySource::File(path) => repo::watch_ldif_file(path, repo::DEFAULT_POLL)?,
         ldap @ PolicySource::Ldap { .. } => {
@@ -186,6 +197,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(w) = &web {
         tracing::info!(http = %w.local_addr, "web API and live page");
     }
+    let _metrics = match metrics_listener {
+        Some(listener) => {
+            let source = match &web {
+                Some(w) => w.metrics.clone(),
+                None => std::sync::Arc::new(server.metrics_source()),
+            };
+            let handle = listener
+                .start(Default::default(), move || source.render())
+                .context("starting the metrics responder")?;
+            tracing::info!(metrics = %handle.local_addr, "Prometheus metrics");
+            Some(handle)
+        }
+        None => None,
+    };
     let also = async {
         audit_task.await;
         "the policy repository's watcher ended".to_owned()

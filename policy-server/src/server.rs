@@ -87,6 +87,10 @@ pub struct ServerHandle {
     pub pdp_stats: Arc<PdpStats>,
     pub pdp_limiter: ConnLimiter,
     pub store: Store,
+    /// The decision loop's counters (for `/metrics`).
+    pub loop_stats: Arc<crate::metrics::LoopStats>,
+    /// The window lag the bandwidth manager runs with.
+    pub rate_lag: std::time::Duration,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     task_names: Vec<(tokio::task::Id, &'static str)>,
@@ -102,6 +106,19 @@ impl ServerHandle {
     /// A receiver that turns true when the server stops (for the web server).
     pub fn stopping(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    /// What `/metrics` reads, without the web server's part.
+    pub fn metrics_source(&self) -> crate::metrics::MetricsSource {
+        crate::metrics::MetricsSource {
+            decisions: self.decisions.clone(),
+            rates: self.rates.clone(),
+            pdp_stats: self.pdp_stats.clone(),
+            pdp_limiter: self.pdp_limiter.clone(),
+            loop_stats: self.loop_stats.clone(),
+            rate_lag: self.rate_lag,
+            http: None,
+        }
     }
 
     /// The PDP's counters now.
@@ -240,7 +257,10 @@ impl Server {
                 .id(),
             "the enforcer event writer",
         ));
+        let loop_stats = Arc::new(crate::metrics::LoopStats::default());
+        let rate_lag = loop_config.rate_lag;
         let ctx = LoopState {
+            stats: loop_stats.clone(),
             store: store.clone(),
             config: loop_config,
             cursor,
@@ -260,6 +280,8 @@ impl Server {
             pdp_stats,
             pdp_limiter,
             store,
+            loop_stats,
+            rate_lag,
             shutdown,
             tasks,
             task_names,
@@ -268,6 +290,7 @@ impl Server {
 }
 
 struct LoopState {
+    stats: Arc<crate::metrics::LoopStats>,
     store: Store,
     config: LoopConfig,
     cursor: FlowCursor,
@@ -330,6 +353,17 @@ impl LoopState {
                 continue;
             }
             let read = self.cursor.read_new(&self.store, |r| self.bm.add(r)).await;
+            let count = |c: &std::sync::atomic::AtomicU64, n: u64| {
+                c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            };
+            match &read {
+                Ok(r) => {
+                    count(&self.stats.records_read, r.records);
+                    count(&self.stats.records_malformed, r.malformed);
+                    count(&self.stats.gaps_skipped, r.gaps_skipped);
+                }
+                Err(_) => count(&self.stats.read_failures, 1),
+            }
             match read {
                 Ok(stats) if stats.malformed > 0 || stats.gaps_skipped > 0 => tracing::warn!(
                     malformed = stats.malformed,
@@ -382,6 +416,10 @@ impl LoopState {
         if changes.is_empty() && self.decisions.borrow().devices == devices {
             return;
         }
+        self.stats.count_decisions(
+            changes.installed.iter().map(|d| &**d),
+            changes.removed.len(),
+        );
         let mut table = self.engine.table();
         table.devices = devices;
         self.decisions.send_replace(Arc::new(table));

@@ -17,6 +17,7 @@
 //! connection on which nothing moves for `idle_timeout` is closed.
 
 use crate::engine::DecisionTable;
+use crate::metrics::HttpStats;
 use crate::pdp::{stopped, PdpStats};
 use crate::server::ServerHandle;
 use crate::store::Store;
@@ -30,23 +31,28 @@ use hyper_util::service::TowerToHyperService;
 use qosloop_schema::guard::{accept_next, ConnLimiter, ConnLimits, IdleStream, LogThrottle};
 use qosloop_schema::{Decision, PolicySet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// How the web server treats its clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct WebConfig {
     /// Connections per peer address and in total.
     pub limits: ConnLimits,
-    /// Time a client has to send a request's headers.
+    /// Time a client has to send a request's headers (and, with TLS, to
+    /// complete the handshake).
     pub header_timeout: Duration,
     /// A connection on which no read or write progresses this long is
     /// closed (idle keep-alive connections included).
     pub idle_timeout: Duration,
     /// What one console query may do.
     pub console: crate::console::ConsoleLimits,
+    /// Who may do what ([`crate::auth`]); open by default.
+    pub auth: crate::auth::Auth,
+    /// HTTPS: the server's certificate and key (`http_tls_cert`).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for WebConfig {
@@ -56,17 +62,10 @@ impl Default for WebConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             console: crate::console::ConsoleLimits::default(),
+            auth: crate::auth::Auth::open(),
+            tls: None,
         }
     }
-}
-
-/// Counters of the web server's connections.
-#[derive(Debug, Default)]
-struct HttpStats {
-    /// Connections closed for a header or idle timeout.
-    timeouts: AtomicU64,
-    /// Connections ended by another error (malformed request, reset).
-    errors: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -86,6 +85,8 @@ struct App {
 pub struct WebHandle {
     pub local_addr: SocketAddr,
     pub task: tokio::task::JoinHandle<()>,
+    /// What its `/metrics` shows (the server's and the web server's).
+    pub metrics: Arc<crate::metrics::MetricsSource>,
 }
 
 fn failed(e: impl std::fmt::Display) -> Response {
@@ -202,6 +203,7 @@ pub async fn serve_with_policy_status(
         http_stats: http_stats.clone(),
         policy_status,
     };
+    let (metrics_router, metrics) = metrics_route(server, &http_limiter, &http_stats, &config.auth);
     let router = Router::new()
         .route("/", get(page))
         .route("/api/flows", get(flows))
@@ -211,7 +213,12 @@ pub async fn serve_with_policy_status(
         .route("/api/enforcers", get(enforcers))
         .route("/api/status", get(status))
         .with_state(app)
-        .merge(console);
+        .merge(console)
+        .merge(metrics_router);
+    // Every route, those above and any merged later, passes access control.
+    let router = crate::auth::protect(router, config.auth.clone());
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let (header_timeout, idle_timeout) = (config.header_timeout, config.idle_timeout);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     let mut shutdown = server.stopping();
@@ -223,15 +230,30 @@ pub async fn serve_with_policy_status(
                 (stream, peer) = accept_next(&listener, "HTTP") => {
                     // Over a limit: closed at once (counted and logged by the limiter).
                     let Ok(permit) = http_limiter.try_acquire(peer.ip()) else { continue };
-                    let io = TokioIo::new(IdleStream::new(stream, config.idle_timeout));
-                    let service = TowerToHyperService::new(router.clone());
+                    let service = TowerToHyperService::new(
+                        router.clone().layer(axum::Extension(crate::auth::PeerAddr(peer))),
+                    );
                     let mut stop = shutdown.clone();
-                    let (stats, log) = (http_stats.clone(), error_log.clone());
+                    let (stats, log, tls) = (http_stats.clone(), error_log.clone(), tls.clone());
                     conns.spawn(async move {
+                        let stream: Box<dyn Io> = match tls {
+                            None => Box::new(stream),
+                            Some(acceptor) => {
+                                match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(s)) => Box::new(s),
+                                    _ => {
+                                        stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                                        drop(permit);
+                                        return;
+                                    }
+                                }
+                            }
+                        };
+                        let io = TokioIo::new(IdleStream::new(stream, idle_timeout));
                         let mut builder = hyper::server::conn::http1::Builder::new();
                         builder
                             .timer(TokioTimer::new())
-                            .header_read_timeout(config.header_timeout);
+                            .header_read_timeout(header_timeout);
                         let conn = builder.serve_connection(io, service);
                         tokio::pin!(conn);
                         let served = tokio::select! {
@@ -258,7 +280,44 @@ pub async fn serve_with_policy_status(
         }
         while conns.join_next().await.is_some() {}
     });
-    Ok(WebHandle { local_addr, task })
+    Ok(WebHandle {
+        local_addr,
+        task,
+        metrics,
+    })
+}
+
+/// A connection's byte stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// `GET /metrics` on the HTTP port ([`crate::metrics`]).
+fn metrics_route(
+    server: &ServerHandle,
+    http_limiter: &ConnLimiter,
+    http_stats: &Arc<HttpStats>,
+    auth: &crate::auth::Auth,
+) -> (Router, Arc<crate::metrics::MetricsSource>) {
+    let mut source = server.metrics_source();
+    source.http = Some((http_limiter.clone(), http_stats.clone(), auth.stats.clone()));
+    let source = Arc::new(source);
+    let shared = source.clone();
+    let router = Router::new().route(
+        "/metrics",
+        get(move || {
+            let source = source.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        qosloop_runtime::metrics::CONTENT_TYPE,
+                    )],
+                    source.render(),
+                )
+            }
+        }),
+    );
+    (router, shared)
 }
 
 /// Whether `e` comes from an [`IdleStream`] timing out.

@@ -9,11 +9,17 @@
 //!   optional client certificates), and the name a peer's certificate gives
 //!   it;
 //! - [`telemetry`]: the `tracing` subscriber on standard error, as text or
-//!   JSON lines.
+//!   JSON lines;
+//! - [`metrics`]: the Prometheus exposition of the daemons' counters (text
+//!   format 0.0.4), the `--metrics HOST:PORT` responder and a strict
+//!   reader for tests;
+//! - [`digest`]: SHA-256 and a constant-time comparison, for the API's
+//!   hashed bearer tokens.
 //!
 //! It owns no protocol and no storage: wire codecs live in `qosloop-schema`,
-//! the database in `qosloop-store`. The Prometheus exposition of the
-//! daemons' counters belongs here too when it comes.
+//! the database in `qosloop-store`.
 
+pub mod digest;
+pub mod metrics;
 pub mod telemetry;
 pub mod tls;

@@ -50,6 +50,7 @@
 //! assert!(records.is_empty());
 //! ```
 
+pub mod board;
 mod decoder;
 mod domain;
 mod output;
@@ -69,7 +70,7 @@ pub use decoder::{
     ipfix_message_len, Decoder, ExporterKey, ExporterStats, Limits, Message, PENDING_SET_OVERHEAD,
 };
 pub use persist::TemplateChange;
-pub use service::Ingest;
+pub use service::{Ingest, UdpStatsHandle};
 pub use settings::{IngestSettings, ListenSpec, Transport};
 pub use sql::{ListenerStats, StoredTemplate};
 pub use stats::{Counters, DropReason};

@@ -346,6 +346,7 @@ impl Output {
             folded = fold_unproven(stats);
             &folded[..]
         };
+        super::board::board().post(stats);
         let changed = changed_stats(&mut self.stored, stats);
         let mut rows = Vec::with_capacity(changed.len());
         let Some(db) = self.db().cloned() else {

@@ -172,6 +172,12 @@ impl Ingest {
         self.journal.as_ref().map(|(j, _)| j.stats())
     }
 
+    /// A handle that reads the UDP listeners' counters from anywhere
+    /// (`/metrics`).
+    pub fn udp_stats_handle(&self) -> UdpStatsHandle {
+        UdpStatsHandle(self.udp_stats.clone())
+    }
+
     /// Stops accepting, flushes what the UDP threads hold to the writer (or
     /// the journal, then gives its loader up to `JOURNAL_DRAIN` to store
     /// what is left; the rest waits in the journal for the next start) and
@@ -203,5 +209,19 @@ impl Ingest {
                 );
             }
         }
+    }
+}
+
+/// [`Ingest::udp_stats_handle`].
+#[derive(Clone, Debug, Default)]
+pub struct UdpStatsHandle(Vec<(String, Arc<SharedListenerStats>)>);
+
+impl UdpStatsHandle {
+    /// The counters of each UDP listener (`udp://ADDR`) now.
+    pub fn snapshot(&self) -> Vec<(String, super::sql::ListenerStats)> {
+        self.0
+            .iter()
+            .map(|(l, s)| (l.clone(), s.snapshot()))
+            .collect()
     }
 }

@@ -96,13 +96,56 @@ impl SessionLimits {
 #[derive(Debug, Default)]
 pub struct Counters {
     by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    /// DATA messages and records committed per exporter name (at most
+    /// [`MAX_EXPORTER_ENTRIES`] names; later ones are summed under
+    /// `other`).
+    by_exporter: Mutex<HashMap<String, ExporterCounts>>,
     /// Decoded bytes reserved now, all sessions.
     decoded_in_flight: AtomicU64,
     /// Bytes of large messages being received now, all sessions.
     receiving: AtomicU64,
 }
 
+/// Exporter names tracked by [`Counters`] at most.
+pub const MAX_EXPORTER_ENTRIES: usize = 4096;
+
+/// What one exporter's sessions got committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExporterCounts {
+    /// DATA messages committed (duplicates included).
+    pub messages: u64,
+    /// … of which re-sent messages already stored.
+    pub duplicates: u64,
+    /// Records stored.
+    pub records: u64,
+}
+
 impl Counters {
+    /// Counts one committed DATA message of `exporter`.
+    pub fn committed(&self, exporter: &str, records: u64, stored: bool) {
+        let mut m = self.by_exporter.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if m.contains_key(exporter) || m.len() < MAX_EXPORTER_ENTRIES {
+            exporter
+        } else {
+            qosloop_runtime::metrics::OTHER
+        };
+        let c = m.entry(key.to_owned()).or_default();
+        c.messages += 1;
+        if stored {
+            c.records += records;
+        } else {
+            c.duplicates += 1;
+        }
+    }
+
+    /// Per exporter name, in name order.
+    pub fn by_exporter(&self) -> Vec<(String, ExporterCounts)> {
+        let m = self.by_exporter.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, ExporterCounts)> = m.iter().map(|(k, c)| (k.clone(), *c)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     pub fn count(&self, reason: &'static str) {
         let mut m = self.by_reason.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry(reason).or_insert(0) += 1;
@@ -223,6 +266,8 @@ enum State {
 }
 
 struct Stream {
+    /// The name the exporter gave in START.
+    exporter: String,
     exporter_id: i64,
     session_id: i64,
     byte_order: ByteOrder,
@@ -360,6 +405,7 @@ async fn run(
                         if let Some(s) = st.as_mut() {
                             s.last_acked = seq;
                             if o == Outcome::Stored { s.committed += count; }
+                            ctx.counters.committed(&s.exporter, count, o == Outcome::Stored);
                             let config_id = s.config_id;
                             send(writer, *session_no, Message::DataAck(DataAck { seq, config_id })).await?;
                         }
@@ -455,7 +501,7 @@ async fn run(
                         if ctx.log_sessions.check().is_some() {
                             tracing::info!(%peer, exporter = %s.exporter, exporter_id, stream = s.stream_id, "session started");
                         }
-                        st = Some(Stream { exporter_id, session_id, byte_order: ByteOrder::Big, config_id: 0,
+                        st = Some(Stream { exporter: s.exporter.clone(), exporter_id, session_id, byte_order: ByteOrder::Big, config_id: 0,
                             layouts: HashMap::new(), template_messages: 0, last_seq: None, last_acked: 0, committed: 0 });
                         state = State::Templates;
                         deadline = Instant::now() + limits.templates_timeout;
