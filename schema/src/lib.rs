@@ -17,6 +17,7 @@
 
 pub mod cops;
 pub mod crane;
+pub mod dpmi;
 pub mod guard;
 pub mod ie;
 pub mod sql;
