@@ -20,6 +20,7 @@
 pub mod bandwidth;
 pub mod config;
 pub mod console;
+pub mod dpmi;
 pub mod engine;
 pub mod pdp;
 pub mod repo;

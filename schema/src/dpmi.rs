@@ -352,6 +352,25 @@ impl Filter {
         Filter { interface, fields }
     }
 
+    /// The frames both match, as a filter (`None`: no frame matches both).
+    pub fn intersect(&self, o: &Filter) -> Option<Filter> {
+        if !self.overlaps(o) {
+            return None;
+        }
+        let mut out = self.clone();
+        if out.interface.is_none() {
+            out.interface = o.interface.clone();
+        }
+        for (k, n) in &o.fields {
+            let m = out.fields.entry(k).or_insert(Masked { value: 0, mask: 0 });
+            *m = Masked {
+                value: m.value | n.value,
+                mask: m.mask | n.mask,
+            };
+        }
+        Some(out)
+    }
+
     /// How many header bits the filter pins down (its specificity).
     pub fn mask_bits(&self) -> u32 {
         self.fields.values().map(|m| m.mask.count_ones()).sum::<u32>()
