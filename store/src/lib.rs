@@ -14,7 +14,7 @@
 //!   one mapping between a row and a [`qosloop_schema::FlowRecord`], the
 //!   collector's batched write, the readers), `exporters`, `sessions`,
 //!   `templates` and `data_messages`, `rates`, `decisions`, `enforcers`
-//!   and `enforcement_reports`, `policy_audit`, and the IPFIX counters
+//!   and `enforcement_reports`, `policy_audit`, the DPMI tables (`dpmi_*`), and the IPFIX counters
 //!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`).
 //!
 //! It does not decide what to store or when: batching, retries and
@@ -26,6 +26,7 @@
 mod audit;
 mod db;
 mod decisions;
+mod dpmi;
 mod dialect;
 mod enforcers;
 mod exporters;
@@ -39,6 +40,7 @@ mod rates;
 pub use sqlx;
 
 pub use db::{now_ns, redact, Db, DbError};
+pub use dpmi::{DeliveryRow, FilterRow, PointRow, RequestRow};
 pub use dialect::{is_transient, Dialect, Sql};
 pub use enforcers::EnforcerRow;
 pub use flows::{Batch, FlowRow, Outcome};
