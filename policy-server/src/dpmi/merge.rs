@@ -78,7 +78,9 @@ pub fn merge(requests: &[Active], capacity: usize) -> Plan {
         let mut ids = Vec::new();
         let mut consumers = BTreeSet::new();
         for r in requests {
-            let Some(i) = r.filter.intersect(g) else { continue };
+            let Some(i) = r.filter.intersect(g) else {
+                continue;
+            };
             if order[..j].iter().any(|earlier| earlier.contains(&i)) {
                 continue;
             }
@@ -90,7 +92,10 @@ pub fn merge(requests: &[Active], capacity: usize) -> Plan {
         }
         let mut widened = false;
         for c in &consumers {
-            let own = by_consumer.get(c.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            let own = by_consumer
+                .get(c.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             if !own.iter().any(|f| f.contains(g)) {
                 widened = true;
                 plan.refilter.insert(c.clone());
