@@ -136,7 +136,9 @@ impl Kind {
                     .parse()
                     .ok()
                     .filter(|&l| l <= self.bits())
-                    .ok_or_else(|| format!("mask {m:?} is not a prefix length 0..={}", self.bits()))?;
+                    .ok_or_else(|| {
+                        format!("mask {m:?} is not a prefix length 0..={}", self.bits())
+                    })?;
                 if len == 0 {
                     0
                 } else {
@@ -148,7 +150,10 @@ impl Kind {
                 .ok_or_else(|| format!("mask {m:?} is not a valid mask"))?,
         };
         if value & !mask != 0 {
-            return Err(format!("value {v} has bits outside its mask {}", self.show(mask)));
+            return Err(format!(
+                "value {v} has bits outside its mask {}",
+                self.show(mask)
+            ));
         }
         Ok(Masked { value, mask })
     }
@@ -234,8 +239,7 @@ impl FrameFields {
             let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
             f.ip = Some((proto, src, dst));
             let frag_off = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-            if matches!(proto, 6 | 17 | 132) && frag_off == 0 && ihl >= 20 && ip.len() >= ihl + 4
-            {
+            if matches!(proto, 6 | 17 | 132) && frag_off == 0 && ihl >= 20 && ip.len() >= ihl + 4 {
                 let l4 = &ip[ihl..];
                 f.ports = Some((
                     u16::from_be_bytes([l4[0], l4[1]]),
@@ -284,13 +288,18 @@ impl Filter {
                 .ok_or_else(|| FieldError::new(&field, "must be a string"))?;
             if known == "interface" {
                 if s.is_empty() || s.len() > 15 {
-                    return Err(FieldError::new(field, "must be an interface name (1-15 bytes)"));
+                    return Err(FieldError::new(
+                        field,
+                        "must be an interface name (1-15 bytes)",
+                    ));
                 }
                 f.interface = Some(s.to_owned());
                 continue;
             }
             let kind = kind_of(known).ok_or_else(|| FieldError::new(&field, "unknown field"))?;
-            let m = kind.parse(s).map_err(|reason| FieldError::new(&field, reason))?;
+            let m = kind
+                .parse(s)
+                .map_err(|reason| FieldError::new(&field, reason))?;
             if m.mask != 0 {
                 f.fields.insert(known, m);
             }
@@ -373,7 +382,10 @@ impl Filter {
 
     /// How many header bits the filter pins down (its specificity).
     pub fn mask_bits(&self) -> u32 {
-        self.fields.values().map(|m| m.mask.count_ones()).sum::<u32>()
+        self.fields
+            .values()
+            .map(|m| m.mask.count_ones())
+            .sum::<u32>()
             + u32::from(self.interface.is_some()) * 16
     }
 
@@ -451,6 +463,12 @@ pub struct ConsumerSpec {
     /// The consumer gets frames outside its own request and must apply
     /// its request as a re-filter.
     pub refilter: bool,
+    /// For a consumer of anonymised frames the point applies the exact
+    /// requests itself, before anonymising (the consumer could not match
+    /// its real addresses against scrambled ones): a frame goes to it only
+    /// if one of these matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exact: Vec<Filter>,
 }
 
 /// One entry of a point's ordered filter list: the first entry a frame
@@ -517,8 +535,10 @@ mod tests {
 
     #[test]
     fn json_round_trip() {
-        let a = f(json!({"interface": "eth0", "vlan_tci": "0x0064/0x0fff", "ether_type": "0x0800",
-            "eth_dst": "02:00:00:00:00:00/ff:00:00:00:00:00", "ip_dst": "192.0.2.0/24", "dst_port": "443"}));
+        let a = f(
+            json!({"interface": "eth0", "vlan_tci": "0x0064/0x0fff", "ether_type": "0x0800",
+            "eth_dst": "02:00:00:00:00:00/ff:00:00:00:00:00", "ip_dst": "192.0.2.0/24", "dst_port": "443"}),
+        );
         assert_eq!(f(a.to_json()), a);
     }
 
@@ -535,7 +555,10 @@ mod tests {
         frame[34..36].copy_from_slice(&5000u16.to_be_bytes());
         frame[36..38].copy_from_slice(&53u16.to_be_bytes());
         let ff = FrameFields::parse(&frame, None).unwrap();
-        assert!(f(json!({"ip_proto": "17", "ip_src": "10.1.0.0/16", "dst_port": "53"})).matches("x", &ff));
+        assert!(
+            f(json!({"ip_proto": "17", "ip_src": "10.1.0.0/16", "dst_port": "53"}))
+                .matches("x", &ff)
+        );
         assert!(!f(json!({"ip_proto": "6"})).matches("x", &ff));
         assert!(!f(json!({"interface": "y"})).matches("x", &ff));
         assert!(!f(json!({"vlan_tci": "1"})).matches("x", &ff));

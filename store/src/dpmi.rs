@@ -121,7 +121,16 @@ impl Db {
     pub async fn dpmi_points(&self) -> Result<Vec<PointRow>, sqlx::Error> {
         let q = "SELECT name, interface, max_filters, max_caplen, registered_ns, seen_ns, \
                  installed_version, install_error FROM dpmi_points ORDER BY name";
-        type Row = (String, String, i64, i64, i64, i64, Option<String>, Option<String>);
+        type Row = (
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<String>,
+            Option<String>,
+        );
         let rows: Vec<Row> = on_pool!(self, pool, D => sqlx::query_as(q).fetch_all(pool).await)?;
         Ok(rows
             .into_iter()

@@ -26,8 +26,8 @@
 mod audit;
 mod db;
 mod decisions;
-mod dpmi;
 mod dialect;
+mod dpmi;
 mod enforcers;
 mod exporters;
 mod flows;
@@ -40,8 +40,8 @@ mod rates;
 pub use sqlx;
 
 pub use db::{now_ns, redact, Db, DbError};
-pub use dpmi::{DeliveryRow, FilterRow, PointRow, RequestRow};
 pub use dialect::{is_transient, Dialect, Sql};
+pub use dpmi::{DeliveryRow, FilterRow, PointRow, RequestRow};
 pub use enforcers::EnforcerRow;
 pub use flows::{Batch, FlowRow, Outcome};
 pub use ipfix::{

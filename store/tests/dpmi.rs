@@ -63,12 +63,18 @@ async fn dpmi_tables(url: &str) {
     let id2 = db.insert_dpmi_request(&r).await.unwrap();
     assert!(id2 > id1);
     let live = db.dpmi_requests_live(50).await.unwrap();
-    assert_eq!(live.iter().map(|r| r.id).collect::<Vec<_>>(), vec![id1, id2]);
+    assert_eq!(
+        live.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![id1, id2]
+    );
     assert!(live[0].anonymise && !live[1].anonymise);
     assert!(db.dpmi_requests_live(100).await.unwrap().is_empty());
     assert!(db.end_dpmi_request(id1, 20).await.unwrap());
     assert!(!db.end_dpmi_request(id1, 21).await.unwrap());
-    assert_eq!(db.dpmi_request(id1).await.unwrap().unwrap().ended_ns, Some(20));
+    assert_eq!(
+        db.dpmi_request(id1).await.unwrap().unwrap().ended_ns,
+        Some(20)
+    );
     assert_eq!(db.dpmi_requests_live(50).await.unwrap().len(), 1);
     let mine = db.dpmi_requests_of("bob", 10).await.unwrap();
     assert_eq!(mine.len(), 1);
@@ -83,8 +89,12 @@ async fn dpmi_tables(url: &str) {
         widened: position == 1,
         computed_ns: 7,
     };
-    db.replace_dpmi_filters("mp1", &[row(0), row(1)]).await.unwrap();
-    db.replace_dpmi_filters("mp1", &[row(0), row(1)]).await.unwrap();
+    db.replace_dpmi_filters("mp1", &[row(0), row(1)])
+        .await
+        .unwrap();
+    db.replace_dpmi_filters("mp1", &[row(0), row(1)])
+        .await
+        .unwrap();
     let filters = db.dpmi_filters("mp1").await.unwrap();
     assert_eq!(filters, vec![row(0), row(1)]);
     db.replace_dpmi_filters("mp1", &[]).await.unwrap();
@@ -101,10 +111,14 @@ async fn dpmi_tables(url: &str) {
         error: None,
         updated_ns: 9,
     };
-    db.upsert_dpmi_deliveries(std::slice::from_ref(&d)).await.unwrap();
+    db.upsert_dpmi_deliveries(std::slice::from_ref(&d))
+        .await
+        .unwrap();
     d.delivered = 4;
     d.error = Some("reset".into());
-    db.upsert_dpmi_deliveries(std::slice::from_ref(&d)).await.unwrap();
+    db.upsert_dpmi_deliveries(std::slice::from_ref(&d))
+        .await
+        .unwrap();
     assert_eq!(db.dpmi_deliveries("127.0.0.1:9").await.unwrap(), vec![d]);
     assert!(db.dpmi_deliveries("other:1").await.unwrap().is_empty());
     db.close().await;

@@ -365,10 +365,10 @@ pub async fn point_filters(db: &Db, point: &PointRow, now: i64) -> Result<Filter
         };
         merge_in.push(Active {
             id: r.id,
-            filter,
+            filter: filter.clone(),
             consumer: r.consumer.clone(),
         });
-        specs
+        let spec = specs
             .entry(r.consumer.clone())
             .or_insert_with(|| ConsumerSpec {
                 address: r.consumer.clone(),
@@ -380,11 +380,16 @@ pub async fn point_filters(db: &Db, point: &PointRow, now: i64) -> Result<Filter
                 caplen: r.caplen.clamp(34, point.max_caplen) as u32,
                 anonymise: r.anonymise,
                 refilter: false,
+                exact: Vec::new(),
             });
+        if spec.anonymise {
+            spec.exact.push(filter);
+        }
     }
     let plan = merge(&merge_in, usize::try_from(point.max_filters).unwrap_or(1));
     for c in &plan.refilter {
-        if let Some(s) = specs.get_mut(c) {
+        // An anonymised consumer is re-filtered by the point (`exact`).
+        if let Some(s) = specs.get_mut(c).filter(|s| !s.anonymise) {
             s.refilter = true;
         }
     }
