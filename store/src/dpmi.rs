@@ -17,6 +17,19 @@ pub struct PointRow {
     pub seen_ns: i64,
     pub installed_version: Option<String>,
     pub install_error: Option<String>,
+    pub frames: i64,
+    pub matched: i64,
+    pub kernel_drops: i64,
+}
+
+/// What a point reports of itself after each poll.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PointStatus<'a> {
+    pub installed_version: Option<&'a str>,
+    pub install_error: Option<&'a str>,
+    pub frames: i64,
+    pub matched: i64,
+    pub kernel_drops: i64,
 }
 
 /// A row of `dpmi_requests` (`points` and `filter` as JSON text).
@@ -120,7 +133,7 @@ impl Db {
     /// Every registered point, by name.
     pub async fn dpmi_points(&self) -> Result<Vec<PointRow>, sqlx::Error> {
         let q = "SELECT name, interface, max_filters, max_caplen, registered_ns, seen_ns, \
-                 installed_version, install_error FROM dpmi_points ORDER BY name";
+                 installed_version, install_error, frames, matched, kernel_drops FROM dpmi_points ORDER BY name";
         type Row = (
             String,
             String,
@@ -130,6 +143,9 @@ impl Db {
             i64,
             Option<String>,
             Option<String>,
+            i64,
+            i64,
+            i64,
         );
         let rows: Vec<Row> = on_pool!(self, pool, D => sqlx::query_as(q).fetch_all(pool).await)?;
         Ok(rows
@@ -143,6 +159,9 @@ impl Db {
                 seen_ns: r.5,
                 installed_version: r.6,
                 install_error: r.7,
+                frames: r.8,
+                matched: r.9,
+                kernel_drops: r.10,
             })
             .collect())
     }
@@ -151,16 +170,19 @@ impl Db {
     pub async fn set_dpmi_point_status(
         &self,
         name: &str,
-        installed_version: Option<&str>,
-        install_error: Option<&str>,
+        status: &PointStatus<'_>,
         seen_ns: i64,
     ) -> Result<(), sqlx::Error> {
-        let q = "UPDATE dpmi_points SET installed_version = $2, install_error = $3, seen_ns = $4 WHERE name = $1";
+        let q = "UPDATE dpmi_points SET installed_version = $2, install_error = $3, seen_ns = $4, \
+                 frames = $5, matched = $6, kernel_drops = $7 WHERE name = $1";
         on_pool!(self, pool, D => sqlx::query(q)
             .bind(name)
-            .bind(installed_version)
-            .bind(install_error)
+            .bind(status.installed_version)
+            .bind(status.install_error)
             .bind(seen_ns)
+            .bind(status.frames)
+            .bind(status.matched)
+            .bind(status.kernel_drops)
             .execute(pool)
             .await
             .map(|_| ()))

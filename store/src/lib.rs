@@ -41,7 +41,7 @@ pub use sqlx;
 
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
-pub use dpmi::{DeliveryRow, FilterRow, PointRow, RequestRow};
+pub use dpmi::{DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 pub use enforcers::EnforcerRow;
 pub use flows::{Batch, FlowRow, Outcome};
 pub use ipfix::{

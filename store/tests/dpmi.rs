@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_store::{Db, DeliveryRow, FilterRow, PointRow, RequestRow};
+use qosloop_store::{Db, DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 use qosloop_testbed::harness::Postgres;
 use qosloop_testbed::need;
 
@@ -33,15 +33,27 @@ async fn dpmi_tables(url: &str) {
         seen_ns: 1,
         installed_version: None,
         install_error: None,
+        frames: 0,
+        matched: 0,
+        kernel_drops: 0,
     };
     db.upsert_dpmi_point(&point).await.unwrap();
-    db.set_dpmi_point_status("mp1", Some("v1"), Some("too big"), 5)
-        .await
-        .unwrap();
+    let status = PointStatus {
+        installed_version: Some("v1"),
+        install_error: Some("too big"),
+        frames: 10,
+        matched: 7,
+        kernel_drops: 2,
+    };
+    db.set_dpmi_point_status("mp1", &status, 5).await.unwrap();
     let points = db.dpmi_points().await.unwrap();
     assert_eq!(points.len(), 1);
     assert_eq!(points[0].install_error.as_deref(), Some("too big"));
     assert_eq!(points[0].seen_ns, 5);
+    assert_eq!(
+        (points[0].frames, points[0].matched, points[0].kernel_drops),
+        (10, 7, 2)
+    );
 
     let mut r = RequestRow {
         id: 0,

@@ -74,6 +74,14 @@ pub struct PointStats {
     pub consumers: Vec<ConsumerReport>,
 }
 
+/// The point's own counters.
+#[derive(Debug, Default)]
+struct Counts {
+    frames: AtomicU64,
+    matched: AtomicU64,
+    kernel_drops: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct Installed {
     list: FilterList,
@@ -84,6 +92,9 @@ struct Installed {
 struct Report<'a> {
     version: Option<&'a str>,
     install_error: Option<&'a str>,
+    frames: u64,
+    matched: u64,
+    kernel_drops: u64,
     consumers: Vec<ConsumerReport>,
 }
 
@@ -125,25 +136,11 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
         None => CryptoPan::random().ok().map(Arc::new),
     };
     let installed = Arc::new(RwLock::new(Arc::new(Installed::default())));
-    let frames = Arc::new(AtomicU64::new(0));
-    let matched = Arc::new(AtomicU64::new(0));
-    let kernel_drops = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
     let capture = {
-        let (installed, stop) = (installed.clone(), stop.clone());
-        let (frames, matched, kernel_drops) =
-            (frames.clone(), matched.clone(), kernel_drops.clone());
+        let (installed, stop, counts) = (installed.clone(), stop.clone(), counts.clone());
         let interface = cfg.interface.clone();
-        std::thread::spawn(move || {
-            capture_loop(
-                ring,
-                &interface,
-                &installed,
-                &stop,
-                &frames,
-                &matched,
-                &kernel_drops,
-            )
-        })
+        std::thread::spawn(move || capture_loop(ring, &interface, &installed, &stop, &counts))
     };
     let mut stats = PointStats::default();
     let mut install_error: Option<String> = None;
@@ -175,7 +172,7 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
             }
             Err(e) => tracing::warn!(point = %cfg.name, error = %e, "DPMI filter list not fetched"),
         }
-        if let Err(e) = report(&cfg, &installed, install_error.as_deref()) {
+        if let Err(e) = report(&cfg, &installed, &counts, install_error.as_deref()) {
             tracing::warn!(point = %cfg.name, error = %e, "DPMI report not sent");
         }
         let rest = cfg.poll.saturating_sub(started.elapsed());
@@ -187,10 +184,10 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
         .iter()
         .flat_map(|i| i.outputs.iter().map(|o| o.report()))
         .collect();
-    let _ = report(&cfg, &installed, install_error.as_deref());
-    stats.frames = frames.load(Ordering::Relaxed);
-    stats.matched = matched.load(Ordering::Relaxed);
-    stats.kernel_drops = kernel_drops.load(Ordering::Relaxed);
+    let _ = report(&cfg, &installed, &counts, install_error.as_deref());
+    stats.frames = counts.frames.load(Ordering::Relaxed);
+    stats.matched = counts.matched.load(Ordering::Relaxed);
+    stats.kernel_drops = counts.kernel_drops.load(Ordering::Relaxed);
     if let Ok(mut slot) = installed.write() {
         *slot = Arc::new(Installed::default());
     }
@@ -287,7 +284,7 @@ fn install(
     let filters: Vec<_> = list.filters.iter().map(|f| &f.filter).collect();
     let prog = compile(&filters, snap);
     if let Err(e) = handle.attach(&prog) {
-        let hint = if e.raw_os_error() == Some(libc::ENOMEM) {
+        let hint = if e.kind() == std::io::ErrorKind::OutOfMemory {
             " (the kernel refused the filter's socket memory: net.core.optmem_max)"
         } else if prog.len() > 4096 {
             " (over BPF_MAXINSNS, 4096)"
@@ -297,7 +294,7 @@ fn install(
         return Err((
             list.version.clone(),
             format!(
-                "SO_ATTACH_FILTER of {} instructions for {} filters (version {}): {e}{hint}",
+                "attaching {} instructions for {} filters (version {}): {e}{hint}",
                 prog.len(),
                 filters.len(),
                 list.version
@@ -329,12 +326,16 @@ fn install(
 fn report(
     cfg: &PointConfig,
     installed: &RwLock<Arc<Installed>>,
+    counts: &Counts,
     install_error: Option<&str>,
 ) -> Result<(), String> {
     let current = installed.read().map(|i| i.clone()).unwrap_or_default();
     let body = Report {
         version: (!current.list.version.is_empty()).then_some(current.list.version.as_str()),
         install_error,
+        frames: counts.frames.load(Ordering::Relaxed),
+        matched: counts.matched.load(Ordering::Relaxed),
+        kernel_drops: counts.kernel_drops.load(Ordering::Relaxed),
         consumers: current.outputs.iter().map(|o| o.report()).collect(),
     };
     let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
@@ -354,15 +355,17 @@ fn capture_loop(
     interface: &str,
     installed: &RwLock<Arc<Installed>>,
     stop: &AtomicBool,
-    frames: &AtomicU64,
-    matched: &AtomicU64,
-    kernel_drops: &AtomicU64,
+    counts: &Counts,
 ) {
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let current = installed.read().map(|i| i.clone()).unwrap_or_default();
+        // The list is read once a block is ready, not before the wait:
+        // frames after an install never go through the list it replaced.
+        let mut snapshot: Option<Arc<Installed>> = None;
         let r = ring.next_block(100, |pkt| {
-            frames.fetch_add(1, Ordering::Relaxed);
+            let current = snapshot
+                .get_or_insert_with(|| installed.read().map(|i| i.clone()).unwrap_or_default());
+            counts.frames.fetch_add(1, Ordering::Relaxed);
             let tci = pkt.vlan.map(|(_, tci)| tci);
             let Some(fields) = FrameFields::parse(pkt.data, tci) else {
                 return;
@@ -370,7 +373,7 @@ fn capture_loop(
             let Some(entry) = current.list.first_match(interface, &fields) else {
                 return;
             };
-            matched.fetch_add(1, Ordering::Relaxed);
+            counts.matched.fetch_add(1, Ordering::Relaxed);
             for &i in &entry.consumers {
                 if let Some(o) = current.outputs.get(i) {
                     o.offer(pkt.ts_ns, pkt.wire_len, pkt.data, interface, &fields);
@@ -383,7 +386,7 @@ fn capture_loop(
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
             if let Ok((_, drops)) = ring.statistics() {
-                kernel_drops.fetch_add(drops, Ordering::Relaxed);
+                counts.kernel_drops.fetch_add(drops, Ordering::Relaxed);
             }
             last_stats = Instant::now();
         }

@@ -27,7 +27,7 @@ use axum::{Extension, Json, Router};
 use qosloop_schema::dpmi::{
     ConsumerSpec, Delivery, FieldError, Filter, FilterList, PointFilter, DEFAULT_CAPLEN,
 };
-use qosloop_store::{now_ns, Db, DeliveryRow, FilterRow, PointRow, RequestRow};
+use qosloop_store::{now_ns, Db, DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -326,6 +326,9 @@ async fn register(State(db): State<Db>, body: axum::body::Bytes) -> Response {
         seen_ns: now,
         installed_version: None,
         install_error: None,
+        frames: 0,
+        matched: 0,
+        kernel_drops: 0,
     };
     match db.upsert_dpmi_point(&row).await {
         Ok(()) => {
@@ -473,6 +476,12 @@ pub struct Report {
     pub version: Option<String>,
     pub install_error: Option<String>,
     #[serde(default)]
+    pub frames: u64,
+    #[serde(default)]
+    pub matched: u64,
+    #[serde(default)]
+    pub kernel_drops: u64,
+    #[serde(default)]
     pub consumers: Vec<ConsumerReport>,
 }
 
@@ -509,6 +518,7 @@ async fn report(
         ));
     }
     let now = now_ns();
+    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let cut = |s: Option<String>| s.map(|s| s.chars().take(512).collect::<String>());
     if let Some(e) = &rep.install_error {
         tracing::warn!(point = %point.name, error = %e, "DPMI point failed to install its filters");
@@ -516,15 +526,19 @@ async fn report(
     if let Err(e) = db
         .set_dpmi_point_status(
             &point.name,
-            rep.version.as_deref(),
-            cut(rep.install_error.clone()).as_deref(),
+            &PointStatus {
+                installed_version: rep.version.as_deref(),
+                install_error: cut(rep.install_error.clone()).as_deref(),
+                frames: sat(rep.frames),
+                matched: sat(rep.matched),
+                kernel_drops: sat(rep.kernel_drops),
+            },
             now,
         )
         .await
     {
         return failed(e);
     }
-    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let rows: Vec<DeliveryRow> = rep
         .consumers
         .into_iter()

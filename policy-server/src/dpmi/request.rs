@@ -239,6 +239,9 @@ mod tests {
             seen_ns: 0,
             installed_version: None,
             install_error: None,
+            frames: 0,
+            matched: 0,
+            kernel_drops: 0,
         }]
     }
 

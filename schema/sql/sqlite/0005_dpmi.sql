@@ -3,16 +3,22 @@
 -- each point delivered to each consumer. Filters are the JSON objects of
 -- qosloop_schema::dpmi::Filter; booleans are 0/1 integers in both dialects.
 
--- A measurement point (a meter run with --dpmi-point), as it registered.
+-- A measurement point (a meter run with --dpmi-point), as it registered
+-- and last reported.
 CREATE TABLE IF NOT EXISTS dpmi_points (
     name              TEXT    PRIMARY KEY,
     interface         TEXT    NOT NULL,
-    max_filters        BIGINT NOT NULL,
-    max_caplen         BIGINT NOT NULL,
+    max_filters       BIGINT  NOT NULL,
+    max_caplen        BIGINT  NOT NULL,
     registered_ns     BIGINT  NOT NULL,
     seen_ns           BIGINT  NOT NULL,
     installed_version TEXT,
-    install_error     TEXT
+    install_error     TEXT,
+    -- As the point last reported: frames it read, frames a filter
+    -- matched, frames the kernel dropped (its ring was full).
+    frames            BIGINT  NOT NULL DEFAULT 0,
+    matched           BIGINT  NOT NULL DEFAULT 0,
+    kernel_drops      BIGINT  NOT NULL DEFAULT 0
 );
 
 -- A user's request: which frames (filter), where (points, a JSON list),
