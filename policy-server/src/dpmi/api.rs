@@ -64,6 +64,14 @@ fn error(status: StatusCode, field: Option<&str>, message: impl std::fmt::Displa
     (status, Json(body)).into_response()
 }
 
+fn boxed_error(
+    status: StatusCode,
+    field: Option<&str>,
+    message: impl std::fmt::Display,
+) -> Box<Response> {
+    Box::new(error(status, field, message))
+}
+
 fn bad(e: FieldError) -> Response {
     error(StatusCode::BAD_REQUEST, Some(&e.field), &e)
 }
@@ -72,7 +80,7 @@ fn failed(e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, None, e)
 }
 
-fn user(ext: Option<Extension<RequestUser>>, headers: &HeaderMap) -> Result<String, Response> {
+fn user(ext: Option<Extension<RequestUser>>, headers: &HeaderMap) -> Result<String, Box<Response>> {
     if let Some(Extension(RequestUser(u))) = ext {
         return Ok(u);
     }
@@ -86,7 +94,7 @@ fn user(ext: Option<Extension<RequestUser>>, headers: &HeaderMap) -> Result<Stri
                     .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
         });
     name.map(str::to_owned).ok_or_else(|| {
-        error(
+        boxed_error(
             StatusCode::UNAUTHORIZED,
             Some(USER_HEADER),
             "no user: authenticate or send X-Qosloop-User (1-64 of A-Z a-z 0-9 . _ - @)",
@@ -94,8 +102,9 @@ fn user(ext: Option<Extension<RequestUser>>, headers: &HeaderMap) -> Result<Stri
     })
 }
 
-fn body_json(body: &[u8]) -> Result<serde_json::Value, Response> {
-    serde_json::from_slice(body).map_err(|e| bad(FieldError::new("body", format!("not JSON: {e}"))))
+fn body_json(body: &[u8]) -> Result<serde_json::Value, Box<Response>> {
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(bad(FieldError::new("body", format!("not JSON: {e}")))))
 }
 
 async fn submit(
@@ -106,11 +115,11 @@ async fn submit(
 ) -> Response {
     let owner = match user(ext, &headers) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let value = match body_json(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = now_ns();
     let points = match db.dpmi_points().await {
@@ -179,7 +188,7 @@ async fn list(
 ) -> Response {
     let owner = match user(ext, &headers) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = now_ns();
     match db.dpmi_requests_of(&owner, 500).await {
@@ -198,19 +207,22 @@ async fn owned(
     ext: Option<Extension<RequestUser>>,
     headers: &HeaderMap,
     id: &str,
-) -> Result<RequestRow, Response> {
+) -> Result<RequestRow, Box<Response>> {
     let owner = user(ext, headers)?;
-    let id: i64 = id
-        .parse()
-        .map_err(|_| bad(FieldError::new("id", format!("{id:?} is not a request id"))))?;
+    let id: i64 = id.parse().map_err(|_| {
+        Box::new(bad(FieldError::new(
+            "id",
+            format!("{id:?} is not a request id"),
+        )))
+    })?;
     match db.dpmi_request(id).await {
         Ok(Some(r)) if r.owner == owner => Ok(r),
-        Ok(_) => Err(error(
+        Ok(_) => Err(boxed_error(
             StatusCode::NOT_FOUND,
             Some("id"),
             format!("no request {id} of {owner}"),
         )),
-        Err(e) => Err(failed(e)),
+        Err(e) => Err(Box::new(failed(e))),
     }
 }
 
@@ -222,7 +234,7 @@ async fn show(
 ) -> Response {
     let r = match owned(&db, ext, &headers, &id).await {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let now = now_ns();
     let mut v = request_json(&r, now);
@@ -271,7 +283,7 @@ async fn end(
 ) -> Response {
     let r = match owned(&db, ext, &headers, &id).await {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let now = now_ns();
     match db.end_dpmi_request(r.id, now).await {
@@ -445,23 +457,23 @@ pub async fn point_filters(db: &Db, point: &PointRow, now: i64) -> Result<Filter
     Ok(list)
 }
 
-async fn find_point(db: &Db, name: &str) -> Result<PointRow, Response> {
+async fn find_point(db: &Db, name: &str) -> Result<PointRow, Box<Response>> {
     match db.dpmi_points().await {
         Ok(p) => p.into_iter().find(|p| p.name == name).ok_or_else(|| {
-            error(
+            boxed_error(
                 StatusCode::NOT_FOUND,
                 Some("name"),
                 format!("unknown measurement point {name:?}"),
             )
         }),
-        Err(e) => Err(failed(e)),
+        Err(e) => Err(Box::new(failed(e))),
     }
 }
 
 async fn filters(State(db): State<Db>, Path(name): Path<String>) -> Response {
     let point = match find_point(&db, &name).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match point_filters(&db, &point, now_ns()).await {
         Ok(list) => Json(list).into_response(),
@@ -505,7 +517,7 @@ async fn report(
 ) -> Response {
     let point = match find_point(&db, &name).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let rep: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,
