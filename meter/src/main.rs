@@ -250,6 +250,10 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
+    let mut sink = match dpmi.wrap_sink(sink) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
     tracing::info!(output = %sink.describe(), "meter starting");
     if config.agent == Some(true) {
         return run_agent(&config, sink.as_mut());

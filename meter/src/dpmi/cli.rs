@@ -34,6 +34,10 @@ pub struct DpmiFlags {
     /// it a key is made up at start and lives only in this process.
     #[arg(long, value_name = "FILE")]
     pub dpmi_key: Option<PathBuf>,
+    /// Anonymise the addresses of every flow record this meter exports or
+    /// writes (Crypto-PAn) with the key in FILE (64 hex digits).
+    #[arg(long, value_name = "FILE")]
+    pub flows_anonymise_key: Option<PathBuf>,
 }
 
 /// A DPMI flag that cannot be used.
@@ -71,6 +75,21 @@ pub fn read_key(path: &std::path::Path) -> Result<CryptoPan, DpmiFlagError> {
 }
 
 impl DpmiFlags {
+    /// `sink`, anonymising when --flows-anonymise-key is given.
+    pub fn wrap_sink(
+        &self,
+        sink: Box<dyn crate::RecordSink>,
+    ) -> Result<Box<dyn crate::RecordSink>, DpmiFlagError> {
+        match &self.flows_anonymise_key {
+            None => Ok(sink),
+            Some(path) => {
+                let key =
+                    read_key(path).map_err(|e| flag_err("--flows-anonymise-key", e.reason))?;
+                Ok(Box::new(super::AnonymisingSink::new(sink, key)))
+            }
+        }
+    }
+
     /// The point's settings, when --dpmi-point is given.
     pub fn point(&self, interface: Option<&str>) -> Result<Option<PointConfig>, DpmiFlagError> {
         let (Some(name), Some(ctl)) = (&self.dpmi_point, &self.dpmi_controller) else {

@@ -179,6 +179,39 @@ impl CryptoPan {
         Ipv4Addr::from(self.anonymise_u32(u32::from(addr)))
     }
 
+    /// Anonymises an address of up to 128 bits given as bytes (IPv6: the
+    /// same construction over 128 bits, the address in place of the pad's
+    /// leading bits).
+    pub fn anonymise_bytes(&self, addr: &[u8; 16]) -> [u8; 16] {
+        let mut flips = [0u8; 16];
+        let mut input = self.pad;
+        for pos in 0..128usize {
+            // The first `pos` bits from the address, the rest from the pad.
+            for (i, byte) in input.iter_mut().enumerate() {
+                let keep_bits = pos.saturating_sub(8 * i).min(8);
+                let keep = if keep_bits == 0 {
+                    0
+                } else {
+                    0xffu8 << (8 - keep_bits)
+                };
+                *byte = (addr[i] & keep) | (self.pad[i] & !keep);
+            }
+            let out = self.aes.encrypt(&input);
+            flips[pos / 8] |= (out[0] >> 7) << (7 - pos % 8);
+        }
+        std::array::from_fn(|i| addr[i] ^ flips[i])
+    }
+
+    /// Anonymises either family.
+    pub fn anonymise_ip(&self, addr: std::net::IpAddr) -> std::net::IpAddr {
+        match addr {
+            std::net::IpAddr::V4(a) => self.anonymise(a).into(),
+            std::net::IpAddr::V6(a) => {
+                std::net::Ipv6Addr::from(self.anonymise_bytes(&a.octets())).into()
+            }
+        }
+    }
+
     /// Rewrites the IPv4 source and destination addresses of an Ethernet
     /// frame in place (after an 802.1Q tag, if any). The IP header checksum
     /// is left as it was: a consumer of anonymised headers must not trust it.
@@ -263,6 +296,16 @@ mod tests {
         assert_eq!(frame[30..34], [134, 136, 186, 123]);
     }
 
+    #[test]
+    fn the_128_bit_form_agrees_with_ipv4_on_its_leading_bits() {
+        // An IPv4 address is the 32-bit form: the same flips as the first
+        // 32 bits of the 128-bit construction.
+        let c = CryptoPan::new(&REFERENCE_KEY);
+        let mut wide = [0u8; 16];
+        wide[..4].copy_from_slice(&[128, 11, 68, 132]);
+        assert_eq!(c.anonymise_bytes(&wide)[..4], [135, 242, 180, 132]);
+    }
+
     fn shared_prefix(a: u32, b: u32) -> u32 {
         (a ^ b).leading_zeros()
     }
@@ -283,6 +326,16 @@ mod tests {
                 let differs = [a, b, a ^ 1, !a].iter().any(|&v| c1.anonymise_u32(v) != c2.anonymise_u32(v));
                 proptest::prop_assert!(differs);
             }
+        }
+
+        #[test]
+        fn ipv6_prefix_preserved(a: u128, b: u128) {
+            let c = CryptoPan::new(&REFERENCE_KEY);
+            let (x, y) = (
+                u128::from_be_bytes(c.anonymise_bytes(&a.to_be_bytes())),
+                u128::from_be_bytes(c.anonymise_bytes(&b.to_be_bytes())),
+            );
+            proptest::prop_assert_eq!((x ^ y).leading_zeros(), (a ^ b).leading_zeros());
         }
     }
 }

@@ -4,6 +4,7 @@
 //! consumers' re-filter ([`refilter`]), and prefix-preserving address
 //! anonymisation ([`cryptopan`]). docs/dpmi.md.
 
+mod anon_sink;
 mod bpf;
 pub mod cli;
 pub mod cryptopan;
@@ -12,5 +13,6 @@ mod http;
 pub mod point;
 pub mod refilter;
 
+pub use anon_sink::AnonymisingSink;
 pub use cryptopan::CryptoPan;
 pub use point::{run_point, PointConfig, PointError, PointStats};
