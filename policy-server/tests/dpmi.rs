@@ -609,3 +609,107 @@ fn invalid_requests_are_refused_naming_the_field() {
     stop.store(true, Ordering::Relaxed);
     point.join().unwrap();
 }
+
+/// Reads JSON lines (flow records) from every connection it accepts.
+fn line_consumer(lab: &Lab) -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
+    let listener = lab
+        .mp
+        .run_in(|| TcpListener::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let l = l.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(conn).lines() {
+                    let Ok(line) = line else { return };
+                    l.lock().unwrap().push(serde_json::from_str(&line).unwrap());
+                }
+            });
+        }
+    });
+    (addr, lines)
+}
+
+#[test]
+fn flow_records_and_anonymised_headers_each_exactly_their_request() {
+    need!(require_root("creates network namespaces"));
+    let lab = Lab::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let point = lab.point(1, 4096, 128, stop.clone());
+    let (flows_addr, lines) = line_consumer(&lab);
+    let anon = Consumer::start(&lab, false, false);
+    let (status, v) = lab.api(
+        "POST",
+        "/api/v1/requests",
+        Some("a"),
+        Some(json!({"points": ["mp1"], "filter": {"ip_src": SRC, "ip_proto": "17"},
+                    "consumer": flows_addr.to_string(), "delivery": "flows", "stop_s": now_s() + 300.0})),
+    );
+    assert_eq!(status, 201, "{v}");
+    let flows_id = v["id"].as_i64().unwrap();
+    // Over capacity with the first: widened, but an anonymised consumer is
+    // re-filtered by the point (it could not match scrambled addresses).
+    let (status, v) = lab.api(
+        "POST",
+        "/api/v1/requests",
+        Some("b"),
+        Some(json!({"points": ["mp1"], "filter": {"ip_src": SRC, "ip_proto": "17", "dst_port": "6201"},
+                    "consumer": anon.addr.to_string(), "anonymise": true, "stop_s": now_s() + 300.0})),
+    );
+    assert_eq!(status, 201, "{v}");
+    let anon_id = v["id"].as_i64().unwrap();
+    let list = filters(&lab);
+    assert_eq!(list["filters"].as_array().unwrap().len(), 1, "{list}");
+    wait_for("both consumers connected", Duration::from_secs(10), || {
+        connected(&lab, "a", flows_id) && connected(&lab, "b", anon_id)
+    });
+    let (_, shown) = lab.api(
+        "GET",
+        &format!("/api/v1/requests/{anon_id}"),
+        Some("b"),
+        None,
+    );
+    assert_eq!(shown["refilter"], json!(false), "{shown}");
+    lab.send(SRC, 6200, 30, 64);
+    lab.send(SRC, 6201, 20, 64);
+    let per_port = || {
+        let mut t: BTreeMap<u64, u64> = BTreeMap::new();
+        for l in lines.lock().unwrap().iter() {
+            *t.entry(l["dst_port"].as_u64().unwrap()).or_default() +=
+                l["packets"].as_u64().unwrap();
+        }
+        t
+    };
+    wait_for("the flow records", Duration::from_secs(10), || {
+        per_port().values().sum::<u64>() >= 50
+    });
+    assert_eq!(per_port(), BTreeMap::from([(6200, 30), (6201, 20)]));
+    assert!(lines
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|l| l["src_addr"] == json!(SRC)));
+    wait_for("the anonymised frames", Duration::from_secs(10), || {
+        anon.tags(|_| true).len() >= 20
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(anon.tags(|_| true), expected(&[(6201, 20)]));
+    let frames = anon.frames.lock().unwrap().clone();
+    let src: Vec<[u8; 4]> = frames
+        .iter()
+        .map(|f| f[26..30].try_into().unwrap())
+        .collect();
+    assert!(src.iter().all(|s| *s == src[0]), "one address, one image");
+    assert_ne!(src[0], SRC.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let dst: [u8; 4] = frames[0][30..34].try_into().unwrap();
+    // SRC and MP share 30 bits (10.88.0.1, 10.88.0.2): so do their images.
+    let shared = (u32::from_be_bytes(src[0]) ^ u32::from_be_bytes(dst)).leading_zeros();
+    assert_eq!(shared, 30);
+    stop.store(true, Ordering::Relaxed);
+    point.join().unwrap();
+}

@@ -269,7 +269,8 @@ async fn show(
             .collect::<Vec<_>>(),
         Err(e) => return failed(e),
     };
-    v["refilter"] = refilter.into();
+    // A consumer of anonymised frames is re-filtered by the point.
+    v["refilter"] = (refilter && !r.anonymise).into();
     v["point_filters"] = filters.into();
     v["deliveries"] = serde_json::to_value(deliveries).unwrap_or_default();
     Json(v).into_response()
