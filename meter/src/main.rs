@@ -246,7 +246,7 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
-    let mut sink = match config.open_sinks() {
+    let sink = match config.open_sinks() {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, e),
     };

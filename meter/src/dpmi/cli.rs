@@ -132,3 +132,55 @@ impl DpmiFlags {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> DpmiFlags {
+        DpmiFlags {
+            dpmi_point: Some("mp1".into()),
+            dpmi_controller: Some("127.0.0.1:8080".into()),
+            ..DpmiFlags::default()
+        }
+    }
+
+    #[test]
+    fn a_point_needs_an_interface_and_sane_numbers() {
+        assert!(DpmiFlags::default().point(Some("eth0")).unwrap().is_none());
+        let p = flags().point(Some("eth0")).unwrap().unwrap();
+        assert_eq!(
+            (p.max_filters, p.max_caplen, p.consumer_buffer),
+            (8, DEFAULT_CAPLEN, 4096)
+        );
+        assert_eq!(flags().point(None).unwrap_err().flag, "--dpmi-point");
+        let mut f = flags();
+        f.dpmi_controller = Some("nowhere".into());
+        assert_eq!(f.point(Some("eth0")).unwrap_err().flag, "--dpmi-controller");
+        let mut f = flags();
+        f.dpmi_max_filters = Some(0);
+        assert_eq!(
+            f.point(Some("eth0")).unwrap_err().flag,
+            "--dpmi-max-filters"
+        );
+        let mut f = flags();
+        f.dpmi_max_caplen = Some(10);
+        assert_eq!(f.point(Some("eth0")).unwrap_err().flag, "--dpmi-max-caplen");
+    }
+
+    #[test]
+    fn key_files_are_64_hex_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+        let k = read_key(&good).unwrap();
+        assert_eq!(
+            k.anonymise_u32(1),
+            CryptoPan::new(&[0xab; 32]).anonymise_u32(1)
+        );
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "abcd").unwrap();
+        assert!(read_key(&bad).unwrap_err().reason.contains("64 hex digits"));
+        assert!(read_key(&dir.path().join("none")).is_err());
+    }
+}

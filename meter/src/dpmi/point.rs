@@ -147,7 +147,7 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
     let mut refused_version = String::new();
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        match fetch(&cfg) {
+        match fetch(&cfg).or_else(|e| reregister(&cfg, &stop, e)) {
             Ok(list) => {
                 let current = installed
                     .read()
@@ -233,6 +233,22 @@ fn register(cfg: &PointConfig, stop: &AtomicBool) -> Result<(), RegisterError> {
                 return Err(RegisterError::Http(e))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A controller that no longer knows the point (its database was
+/// replaced) answers 404: register again, then fetch.
+fn reregister(cfg: &PointConfig, stop: &AtomicBool, e: String) -> Result<FilterList, String> {
+    if !e.contains("status 404") {
+        return Err(e);
+    }
+    tracing::warn!(point = %cfg.name, "DPMI controller forgot this point: registering again");
+    match register(cfg, stop) {
+        Ok(()) => fetch(cfg),
+        Err(RegisterError::Http(h)) => Err(h.to_string()),
+        Err(RegisterError::Refused(status, body)) => {
+            Err(format!("re-registering: {status}: {body}"))
         }
     }
 }

@@ -322,6 +322,12 @@ async fn register(State(db): State<Db>, body: axum::body::Bytes) -> Response {
     if !valid_name(&reg.name) {
         return bad(FieldError::new("name", "1-64 of A-Z a-z 0-9 . _ -"));
     }
+    if reg.interface.is_empty() || reg.interface.len() > 15 {
+        return bad(FieldError::new(
+            "interface",
+            "must be an interface name (1-15 bytes)",
+        ));
+    }
     if !(1..=1024).contains(&reg.max_filters) {
         return bad(FieldError::new("max_filters", "must be 1..=1024"));
     }
