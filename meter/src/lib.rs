@@ -30,6 +30,7 @@ pub mod classify;
 mod config;
 pub mod decode;
 pub mod dicap;
+pub mod dpmi;
 pub mod export_sink;
 pub mod ipfix_sink;
 mod live;

@@ -100,6 +100,8 @@ struct Args {
     progress: Option<String>,
     #[command(flatten)]
     dicap: DicapFlags,
+    #[command(flatten)]
+    dpmi: qosloop_meter::dpmi::cli::DpmiFlags,
     /// Host agent: account this host's traffic to users and processes
     /// (eBPF at the cgroup v2 root; records every --interim-ms).
     #[arg(long)]
@@ -212,7 +214,9 @@ fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
 }
 
 fn main() -> ExitCode {
-    let (config_path, flags, dicap) = Args::parse().into_config();
+    let args = Args::parse();
+    let dpmi = args.dpmi.clone();
+    let (config_path, flags, dicap) = args.into_config();
     let config = match config_path {
         Some(p) => match Config::load(&p) {
             Ok(c) => c.merge(flags),
@@ -225,6 +229,11 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_CONFIG, e),
     };
     qosloop_runtime::telemetry::init(log_format);
+    match dpmi.point(config.interface.as_deref()) {
+        Ok(Some(point)) => return run_dpmi_point(point, config.duration_s),
+        Ok(None) => {}
+        Err(e) => return fail(EXIT_CONFIG, e),
+    }
     if let Some(listen) = &dicap.dicap_coordinator {
         let stop = Arc::new(AtomicBool::new(false));
         let duration = config
@@ -241,7 +250,11 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
-    let mut sink = match config.open_sinks() {
+    let sink = match config.open_sinks() {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    let mut sink = match dpmi.wrap_sink(sink) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
@@ -349,6 +362,26 @@ fn main() -> ExitCode {
             EXIT_CONFIG,
             "nothing to read: give --pcap FILE or --interface IF",
         )
+    }
+}
+
+/// `--dpmi-point`: runs the measurement point until SIGINT/SIGTERM (or
+/// --duration-s), then prints its counters as JSON.
+fn run_dpmi_point(point: qosloop_meter::dpmi::PointConfig, duration_s: Option<u64>) -> ExitCode {
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(
+        stop.clone(),
+        duration_s.filter(|&s| s > 0).map(Duration::from_secs),
+    );
+    match qosloop_meter::dpmi::run_point(point, stop) {
+        Ok(stats) => {
+            eprintln!(
+                "qosloop-meter: {}",
+                serde_json::to_string(&stats).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
     }
 }
 

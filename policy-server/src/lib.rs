@@ -24,6 +24,7 @@ pub mod bandwidth;
 pub mod cluster_rates;
 pub mod config;
 pub mod console;
+pub mod dpmi;
 pub mod engine;
 pub mod metrics;
 pub mod pdp;

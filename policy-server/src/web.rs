@@ -10,6 +10,7 @@
 //! | `GET /api/status` | counters: `{"pdp": {…}, "http": {…}, "accept_failures": n, "policy": {…}}`; `policy` is the repository's [`crate::repo::PolicyStatus`] (rules in force, the last refused version) |
 //! | `GET /` | a page polling the above every second |
 //! | `GET /api/v1/…` | the console API ([`crate::console`], docs/api.md) |
+//! | `/api/v1/requests`, `/api/v1/points` | the DPMI controller ([`crate::dpmi`], docs/dpmi.md) |
 //!
 //! Served by hyper's HTTP/1 server directly (not `axum::serve`, which has
 //! no timeouts): connections per peer address and in total are limited,
@@ -214,7 +215,8 @@ pub async fn serve_with_policy_status(
         .route("/api/status", get(status))
         .with_state(app)
         .merge(console)
-        .merge(metrics_router);
+        .merge(metrics_router)
+        .merge(crate::dpmi::router(server.store.db().clone()));
     // Every route, those above and any merged later, passes access control.
     let router = crate::auth::protect(router, config.auth.clone());
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);

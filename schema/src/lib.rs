@@ -18,6 +18,7 @@
 pub mod bandwidth;
 pub mod cops;
 pub mod crane;
+pub mod dpmi;
 pub mod guard;
 pub mod ie;
 pub mod sql;

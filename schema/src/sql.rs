@@ -40,6 +40,11 @@ const SQLITE: &[Migration] = &[
         name: "flow_retention",
         sql: include_str!("../sql/sqlite/0004_flow_retention.sql"),
     },
+    Migration {
+        version: 5,
+        name: "dpmi",
+        sql: include_str!("../sql/sqlite/0005_dpmi.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -62,6 +67,11 @@ const POSTGRES: &[Migration] = &[
         version: 4,
         name: "flow_retention",
         sql: include_str!("../sql/postgres/0004_flow_retention.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "dpmi",
+        sql: include_str!("../sql/postgres/0005_dpmi.sql"),
     },
 ];
 

@@ -14,7 +14,7 @@
 //!   one mapping between a row and a [`qosloop_schema::FlowRecord`], the
 //!   collector's batched write, the readers), `exporters`, `sessions`,
 //!   `templates` and `data_messages`, `rates`, `decisions`, `enforcers`
-//!   and `enforcement_reports`, `policy_audit`, and the IPFIX counters
+//!   and `enforcement_reports`, `policy_audit`, the DPMI tables (`dpmi_*`), and the IPFIX counters
 //!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`), and the
 //!   collector cluster's tables (membership, ownership log, partial sums,
 //!   fenced rate writes, the published policy; `docs/cluster.md`).
@@ -33,6 +33,7 @@ mod cluster;
 mod db;
 mod decisions;
 mod dialect;
+mod dpmi;
 mod enforcers;
 mod exporters;
 mod flows;
@@ -51,6 +52,7 @@ pub use cluster::{
 };
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
+pub use dpmi::{DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 pub use enforcers::EnforcerRow;
 pub use flows::{Batch, FlowRow, Outcome};
 pub use ipfix::{

@@ -1,0 +1,333 @@
+//! Delivery to one consumer: a bounded queue in front of a thread that
+//! connects to the consumer and writes either a pcap stream (frame
+//! headers, cut to the consumer's caplen) or flow records (JSON Lines,
+//! one line per flow and second). A consumer that is not connected or
+//! reads too slowly loses frames — counted for it alone, by reason — and
+//! holds up nobody else: the capture thread never waits on a consumer.
+
+use super::cryptopan::CryptoPan;
+use qosloop_schema::dpmi::{ConsumerSpec, Delivery, FrameFields};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RETRY: Duration = Duration::from_millis(300);
+/// A write that makes no progress this long ends the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const FLOW_INTERVAL: Duration = Duration::from_secs(1);
+/// Flows one flows consumer may hold per interval; more are dropped (full).
+const MAX_FLOWS: usize = 65_536;
+
+/// What a point did for one consumer (reported to the controller).
+#[derive(Debug, Default)]
+pub struct OutputCounters {
+    pub delivered: AtomicU64,
+    pub bytes: AtomicU64,
+    /// The queue was full: the consumer reads too slowly.
+    pub dropped_full: AtomicU64,
+    /// The consumer was not connected.
+    pub dropped_disconnected: AtomicU64,
+    pub connected: AtomicBool,
+    pub error: Mutex<Option<String>>,
+}
+
+/// The counters of one consumer as numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ConsumerReport {
+    pub address: String,
+    pub delivered: u64,
+    pub bytes: u64,
+    pub dropped_full: u64,
+    pub dropped_disconnected: u64,
+    pub connected: bool,
+    pub error: Option<String>,
+}
+
+struct Item {
+    ts_ns: u64,
+    wire_len: u32,
+    data: Vec<u8>,
+}
+
+/// One consumer's queue and writer thread (which ends when this drops).
+#[derive(Debug)]
+pub struct Output {
+    pub spec: ConsumerSpec,
+    pub counters: Arc<OutputCounters>,
+    tx: Option<SyncSender<Item>>,
+    key: Option<Arc<CryptoPan>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Item({} bytes)", self.data.len())
+    }
+}
+
+impl Output {
+    /// Starts delivering to `spec.address` through a queue of `capacity`
+    /// frames; `key` anonymises addresses when the consumer asked for it.
+    pub fn start(spec: ConsumerSpec, capacity: usize, key: Option<Arc<CryptoPan>>) -> Output {
+        let (tx, rx) = mpsc::sync_channel::<Item>(capacity.max(1));
+        let counters = Arc::new(OutputCounters::default());
+        let (c, s) = (counters.clone(), spec.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("dpmi-out-{}", spec.address))
+            .spawn(move || writer(s, rx, c))
+            .ok();
+        if thread.is_none() {
+            set_error(&counters, "cannot start its writer thread".into());
+        }
+        let key = if spec.anonymise { key } else { None };
+        Output {
+            spec,
+            counters,
+            tx: Some(tx),
+            key,
+            thread,
+        }
+    }
+
+    /// Offers a frame (its header `fields` read once by the caller);
+    /// never blocks.
+    pub fn offer(
+        &self,
+        ts_ns: u64,
+        wire_len: u32,
+        frame: &[u8],
+        interface: &str,
+        fields: &FrameFields,
+    ) {
+        let Some(tx) = &self.tx else { return };
+        if !self.spec.exact.is_empty()
+            && !self.spec.exact.iter().any(|f| f.matches(interface, fields))
+        {
+            return;
+        }
+        if !self.counters.connected.load(Ordering::Relaxed) {
+            self.counters
+                .dropped_disconnected
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let cut = frame.len().min(self.spec.caplen as usize);
+        let mut data = frame[..cut].to_vec();
+        if self.spec.anonymise {
+            if let Some(k) = &self.key {
+                k.anonymise_frame(&mut data);
+            }
+        }
+        match tx.try_send(Item {
+            ts_ns,
+            wire_len,
+            data,
+        }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters
+                    .dropped_disconnected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn report(&self) -> ConsumerReport {
+        let c = &self.counters;
+        ConsumerReport {
+            address: self.spec.address.clone(),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            dropped_full: c.dropped_full.load(Ordering::Relaxed),
+            dropped_disconnected: c.dropped_disconnected.load(Ordering::Relaxed),
+            connected: c.connected.load(Ordering::Relaxed),
+            error: c.error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set_error(c: &OutputCounters, e: String) {
+    if let Ok(mut slot) = c.error.lock() {
+        *slot = Some(e);
+    }
+}
+
+/// The pcap file header: microsecond timestamps, Ethernet.
+fn pcap_header(snaplen: u32) -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[0..4].copy_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    h[4..6].copy_from_slice(&2u16.to_le_bytes());
+    h[6..8].copy_from_slice(&4u16.to_le_bytes());
+    h[16..20].copy_from_slice(&snaplen.to_le_bytes());
+    h[20..24].copy_from_slice(&1u32.to_le_bytes());
+    h
+}
+
+fn pcap_record(out: &mut Vec<u8>, it: &Item) {
+    let secs = (it.ts_ns / 1_000_000_000) as u32;
+    let usecs = ((it.ts_ns % 1_000_000_000) / 1000) as u32;
+    out.extend_from_slice(&secs.to_le_bytes());
+    out.extend_from_slice(&usecs.to_le_bytes());
+    out.extend_from_slice(&(it.data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&it.wire_len.to_le_bytes());
+    out.extend_from_slice(&it.data);
+}
+
+/// A flow record as a flows consumer reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FlowLine {
+    pub src_addr: String,
+    pub dst_addr: String,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+type FlowKey = (u32, u32, u8, u16, u16);
+
+fn writer(spec: ConsumerSpec, rx: mpsc::Receiver<Item>, c: Arc<OutputCounters>) {
+    let Ok(addr) = spec.address.parse::<SocketAddr>() else {
+        set_error(&c, format!("{:?} is not IP:PORT", spec.address));
+        return;
+    };
+    loop {
+        let stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                set_error(&c, format!("connect: {e}"));
+                // Wait, but end at once when the output is dropped.
+                match rx.recv_timeout(RETRY) {
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    _ => continue,
+                }
+            }
+        };
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let _ = stream.set_nodelay(true);
+        let mut w = BufWriter::with_capacity(64 * 1024, stream);
+        if spec.delivery == Delivery::Packets && w.write_all(&pcap_header(spec.caplen)).is_err() {
+            continue;
+        }
+        c.connected.store(true, Ordering::Relaxed);
+        let ended = serve(&spec, &rx, &c, &mut w);
+        c.connected.store(false, Ordering::Relaxed);
+        // What was queued for a connection that broke is lost.
+        while rx.try_recv().is_ok() {
+            c.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
+        }
+        match ended {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::info!(consumer = %spec.address, error = %e, "DPMI consumer connection ended");
+                set_error(&c, format!("write: {e}"));
+            }
+        }
+    }
+}
+
+/// Writes until the output is dropped (Ok) or the connection fails.
+fn serve(
+    spec: &ConsumerSpec,
+    rx: &mpsc::Receiver<Item>,
+    c: &OutputCounters,
+    w: &mut BufWriter<TcpStream>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut flows: HashMap<FlowKey, FlowLine> = HashMap::new();
+    let mut flushed = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(it) => Some(it),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                write_flows(&mut flows, c, w)?;
+                return w.flush();
+            }
+        };
+        let items = first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(1024));
+        for it in items {
+            match spec.delivery {
+                Delivery::Packets => {
+                    buf.clear();
+                    pcap_record(&mut buf, &it);
+                    w.write_all(&buf)?;
+                    c.delivered.fetch_add(1, Ordering::Relaxed);
+                    c.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+                Delivery::Flows => add_flow(&mut flows, &it, c),
+            }
+        }
+        if spec.delivery == Delivery::Flows && flushed.elapsed() >= FLOW_INTERVAL {
+            write_flows(&mut flows, c, w)?;
+            flushed = Instant::now();
+        }
+        w.flush()?;
+        // A peer that closed its end: detected by the next write.
+    }
+}
+
+fn add_flow(flows: &mut HashMap<FlowKey, FlowLine>, it: &Item, c: &OutputCounters) {
+    let Some(f) = FrameFields::parse(&it.data, None) else {
+        return;
+    };
+    let Some((proto, src, dst)) = f.ip else {
+        return;
+    };
+    let (sp, dp) = f.ports.unwrap_or((0, 0));
+    let key = (src, dst, proto, sp, dp);
+    if !flows.contains_key(&key) && flows.len() >= MAX_FLOWS {
+        c.dropped_full.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let e = flows.entry(key).or_insert_with(|| FlowLine {
+        src_addr: std::net::Ipv4Addr::from(src).to_string(),
+        dst_addr: std::net::Ipv4Addr::from(dst).to_string(),
+        proto,
+        src_port: sp,
+        dst_port: dp,
+        first_ns: it.ts_ns,
+        ..FlowLine::default()
+    });
+    e.packets += 1;
+    e.bytes += u64::from(it.wire_len);
+    e.last_ns = it.ts_ns;
+}
+
+fn write_flows(
+    flows: &mut HashMap<FlowKey, FlowLine>,
+    c: &OutputCounters,
+    w: &mut BufWriter<TcpStream>,
+) -> std::io::Result<()> {
+    for (_, f) in flows.drain() {
+        let mut line = serde_json::to_vec(&f).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        w.write_all(&line)?;
+        c.delivered.fetch_add(f.packets, Ordering::Relaxed);
+        c.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
