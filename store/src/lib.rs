@@ -32,6 +32,7 @@ mod exporters;
 mod flows;
 mod ipfix;
 mod migrate;
+mod query;
 mod rates;
 
 /// The sqlx the pools of [`Db`] belong to, for code that runs its own
@@ -46,4 +47,5 @@ pub use ipfix::{
     tcp_exporter_name, udp_exporter_name, ExporterCounters, ListenerStats, StoredTemplate,
     TemplateUpdate,
 };
+pub use query::{Bind, Cells, Col};
 pub use rates::RateRow;

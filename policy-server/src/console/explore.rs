@@ -6,11 +6,11 @@ use super::engine::{self, parse_cursor, Selection, Sort, FLOW_COLUMNS, SORTS};
 use super::filter::parse_for;
 use super::params::{duration_ns, ApiError, Params};
 use super::respond::{answer, wants_csv, Table};
-use super::sql::{dialect, Dialect};
 use super::Console;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use qosloop_store::Dialect;
 use serde_json::{json, Value};
 
 type Pairs = Query<Vec<(String, String)>>;
@@ -22,7 +22,7 @@ fn selection(c: &Console, p: &Params) -> Result<Selection, ApiError> {
     let (from, to) = p.range(c.limits.max_range_ns())?;
     let filter = match p.get("filter").map(str::trim) {
         None | Some("") => None,
-        Some(f) => Some(parse_for(f, dialect(&c.db) == Dialect::Postgres)?),
+        Some(f) => Some(parse_for(f, c.db.dialect() == Dialect::Postgres)?),
     };
     Ok(Selection { from, to, filter })
 }

@@ -14,7 +14,6 @@ mod explore;
 pub mod filter;
 mod params;
 mod respond;
-pub mod sql;
 mod state;
 
 use crate::engine::DecisionTable;
@@ -24,7 +23,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use qosloop_schema::PolicySet;
-use sql::Db;
+use qosloop_store::Db;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
