@@ -30,6 +30,11 @@ const SQLITE: &[Migration] = &[
         name: "ipfix_ingest",
         sql: include_str!("../sql/sqlite/0002_ipfix_ingest.sql"),
     },
+    Migration {
+        version: 6,
+        name: "flow_rollups",
+        sql: include_str!("../sql/sqlite/0006_flow_rollups.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -42,6 +47,11 @@ const POSTGRES: &[Migration] = &[
         version: 2,
         name: "ipfix_ingest",
         sql: include_str!("../sql/postgres/0002_ipfix_ingest.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "flow_rollups",
+        sql: include_str!("../sql/postgres/0006_flow_rollups.sql"),
     },
 ];
 

@@ -42,7 +42,7 @@ pub use sqlx;
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
 pub use enforcers::EnforcerRow;
-pub use flows::{Batch, FlowRow, Outcome};
+pub use flows::{Batch, FlowRow, Outcome, MINUTE_NS};
 pub use ipfix::{
     tcp_exporter_name, udp_exporter_name, ExporterCounters, ListenerStats, StoredTemplate,
     TemplateUpdate,
