@@ -278,12 +278,12 @@ impl Metric {
         }
     }
 
-    /// The aggregate, as a 64-bit integer.
-    pub fn sql(self) -> String {
+    /// The aggregate over `src`, as a 64-bit integer.
+    pub fn sql(self, src: super::source::Source) -> String {
         match self {
             Metric::Bytes | Metric::Bps => format!("CAST(SUM({SCALED_BYTES}) AS BIGINT)"),
             Metric::Packets | Metric::Pps => format!("CAST(SUM({SCALED_PACKETS}) AS BIGINT)"),
-            Metric::Flows => "CAST(COUNT(*) AS BIGINT)".into(),
+            Metric::Flows => format!("CAST({} AS BIGINT)", src.count_sql()),
         }
     }
 

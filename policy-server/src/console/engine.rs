@@ -1,20 +1,24 @@
 //! The one query engine behind the flow list, top-N, time series and
 //! sankey: a [`Selection`] (time range + filter) becomes one WHERE clause;
 //! grouping by dimensions and summing a metric is one SQL shape.
-//! Counters are scaled by their sampling interval in SQL.
+//! Counters are scaled by their sampling interval in SQL. Grouped queries
+//! read the raw rows or the per-minute rollups ([`Source`]).
 
 use super::dims::{Dim, Grouping, Metric};
 use super::filter::{compile, Expr};
 use super::params::ApiError;
+use super::source::Source;
 use qosloop_store::{Bind, Cells as Row, Col, Db, Dialect, Sql};
 use serde_json::Value;
 
-/// The records a query reads: `end_ns` in `[from, to)` and the filter.
+/// The records a query reads: `end_ns` in `[from, to)` and the filter,
+/// from the raw rows or the rollups.
 #[derive(Clone, Debug)]
 pub struct Selection {
     pub from: i64,
     pub to: i64,
     pub filter: Option<Expr>,
+    pub source: Source,
 }
 
 impl Selection {
@@ -36,14 +40,16 @@ impl Selection {
     }
 }
 
-/// Refuses a selection that holds more than `max_rows` records (counting
-/// stops at `max_rows + 1`).
+/// Refuses a selection that holds more than `max_rows` rows of `src`
+/// (counting stops at `max_rows + 1`).
 pub async fn check_scan(db: &Db, sel: &Selection, max_rows: i64) -> Result<(), ApiError> {
+    let src = sel.source;
     let mut binds = Vec::new();
     let w = sel.where_sql(db.dialect(), &mut binds);
     binds.push(Bind::Int(max_rows.saturating_add(1)));
     let sql = format!(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM flows WHERE {w} LIMIT ${}) AS s",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM {} WHERE {w} LIMIT ${}) AS s",
+        src.table_sql(),
         binds.len()
     );
     let rows = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
@@ -208,7 +214,7 @@ pub async fn top(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<Grouped, ApiError> {
-    let d = db.dialect();
+    let (d, src) = (db.dialect(), sel.source);
     let mut binds = Vec::new();
     let keys: Vec<String> = dims
         .iter()
@@ -220,9 +226,10 @@ pub async fn top(
     let group: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
     let order: Vec<String> = (1..=n).map(|i| format!("{i} ASC")).collect();
     let sql = format!(
-        "SELECT {}, {} FROM flows WHERE {w} GROUP BY {} ORDER BY {} DESC, {} LIMIT ${}",
+        "SELECT {}, {} FROM {} WHERE {w} GROUP BY {} ORDER BY {} DESC, {} LIMIT ${}",
         keys.join(", "),
-        metric.sql(),
+        metric.sql(src),
+        src.table_sql(),
         group.join(", "),
         n + 1,
         order.join(", "),
@@ -238,7 +245,11 @@ pub async fn top(
     }
     let mut binds = Vec::new();
     let w = sel.where_sql(d, &mut binds);
-    let sql = format!("SELECT {} FROM flows WHERE {w}", metric.sql());
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {w}",
+        metric.sql(src),
+        src.table_sql()
+    );
     let total = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
     out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
     out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
@@ -263,7 +274,7 @@ pub async fn timeseries(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<(i64, Vec<Series>), ApiError> {
-    let d = db.dialect();
+    let (d, src) = (db.dialect(), sel.source);
     let start = sel.from - sel.from.rem_euclid(step_ns);
     let steps = ((sel.to - start + step_ns - 1) / step_ns).max(1) as usize;
     let tops = match stack {
@@ -304,8 +315,9 @@ pub async fn timeseries(
     let w = sel.where_sql(d, &mut binds);
     let sql = format!(
         "SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT), CAST(CASE WHEN {member} THEN 0 ELSE 1 END AS BIGINT), \
-         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM flows WHERE {w} GROUP BY 1, 2, 3",
-        metric.sql()
+         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM {} WHERE {w} GROUP BY 1, 2, 3",
+        metric.sql(src),
+        src.table_sql()
     );
     let rows = db
         .fetch_cells(&sql, &binds, &[Col::Int, Col::Int, Col::Text, Col::Int])

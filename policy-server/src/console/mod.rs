@@ -14,6 +14,7 @@ mod explore;
 pub mod filter;
 mod params;
 mod respond;
+mod source;
 mod state;
 
 use crate::engine::DecisionTable;
