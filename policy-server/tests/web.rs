@@ -223,6 +223,7 @@ async fn a_task_that_ends_before_shutdown_is_a_failure() {
         let web = WebHandle {
             local_addr: "127.0.0.1:9".parse().unwrap(),
             task,
+            events: qosloop_policy_server::console::events::EventBus::new(1, 1),
         };
         let ended = server
             .run_until(Some(web), std::future::pending(), std::future::pending())

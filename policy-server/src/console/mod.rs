@@ -6,11 +6,14 @@
 //! CSV; `/api/v1/openapi.json` describes them all.
 //!
 //! [`router`] gives a `Router` to merge into the web server, so that later
-//! layers (authentication, live updates) wrap or extend it.
+//! layers (authentication) wrap or extend it. Live updates are server-sent
+//! events from one bus ([`events`]), fed by the loop ([`feed`]).
 
 mod dims;
 mod engine;
+pub mod events;
 mod explore;
+pub mod feed;
 pub mod filter;
 mod params;
 mod respond;
@@ -42,6 +45,10 @@ pub struct ConsoleLimits {
     pub max_groups: i64,
     /// The most points of a time series.
     pub max_points: i64,
+    /// Events queued per live-update client before it loses some.
+    pub event_queue: usize,
+    /// Live-update clients at once.
+    pub event_clients: usize,
 }
 
 impl Default for ConsoleLimits {
@@ -52,6 +59,8 @@ impl Default for ConsoleLimits {
             max_page: 10_000,
             max_groups: 100,
             max_points: 5_000,
+            event_queue: 256,
+            event_clients: 1_000,
         }
     }
 }
@@ -70,6 +79,8 @@ pub struct Console {
     pub policy: watch::Receiver<Arc<PolicySet>>,
     pub policy_status: Option<watch::Receiver<PolicyStatus>>,
     pub limits: ConsoleLimits,
+    /// The live updates of `/api/v1/events`.
+    pub events: events::EventBus,
 }
 
 /// The OpenAPI 3 description of `/api/v1`.
@@ -81,6 +92,9 @@ async fn openapi() -> impl IntoResponse {
 
 /// The `/api/v1` routes.
 pub fn router(console: Console) -> Router {
+    let events = Router::new()
+        .route("/api/v1/events", get(events::events))
+        .with_state(console.events.clone());
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/flows", get(explore::flows))
@@ -94,6 +108,7 @@ pub fn router(console: Console) -> Router {
         .route("/api/v1/collectors", get(state::collectors))
         .route("/api/v1/exporters", get(state::exporters))
         .with_state(console)
+        .merge(events)
 }
 
 #[cfg(test)]
@@ -113,6 +128,7 @@ mod tests {
             "/api/v1/enforcers",
             "/api/v1/collectors",
             "/api/v1/exporters",
+            "/api/v1/events",
         ] {
             assert!(doc["paths"][path]["get"].is_object(), "{path}");
         }
