@@ -63,6 +63,9 @@ enum Bench {
     Ipfix(qosloop_testbed::bench::ipfix::Args),
     /// Host agent: throughput over veth with and without it; ns per packet.
     Agent(qosloop_testbed::bench::agent::Args),
+    /// Console API: top-N and a 24-hour series over 10M records vs a plain
+    /// GROUP BY; SSE fan-out with a slow client.
+    Api(qosloop_testbed::bench::api::Args),
 }
 
 #[tokio::main]
@@ -95,6 +98,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Enforce(a)) => qosloop_testbed::bench::enforce::run(a).await,
         Cmd::Bench(Bench::Ipfix(a)) => qosloop_testbed::bench::ipfix::run(a).await,
         Cmd::Bench(Bench::Agent(a)) => qosloop_testbed::bench::agent::run(a).await,
+        Cmd::Bench(Bench::Api(a)) => qosloop_testbed::bench::api::run(a).await,
         Cmd::Paper(a) => {
             let stop = interrupt_flag();
             let out = a.out.clone();

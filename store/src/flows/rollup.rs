@@ -118,17 +118,23 @@ pub(crate) const COLUMNS: usize = 15;
 /// Rows per upsert statement (15 × 1000 parameters, under SQLite's limit).
 pub(crate) const ROWS_PER_UPSERT: usize = 1000;
 
-/// The upsert of `rows` rollup rows.
+/// The upsert of `rows` rollup rows. SQLite gets anonymous `?`
+/// placeholders: it looks each named one (`$n`) up among those before it
+/// while preparing, quadratic in a statement of 15,000.
 pub(crate) fn upsert_sql(sql: Sql, rows: usize) -> String {
     let mut s = String::from(
         "INSERT INTO flows_1m (minute_ns, dims_key, exporter_id, src_addr, dst_addr, dst_port, proto, \
          dscp, vlan, class, \"user\", process, bytes, packets, flows) VALUES ",
     );
     for i in 0..rows {
-        let n = i * COLUMNS;
         if i > 0 {
             s.push(',');
         }
+        if sql.0 == crate::Dialect::Sqlite {
+            s.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+            continue;
+        }
+        let n = i * COLUMNS;
         let _ = write!(
             s,
             "(${}, ${}, ${}, {}, {}",
@@ -256,5 +262,7 @@ mod tests {
         assert!(s.contains("($16, $17, $18, $19::inet, $20::inet, $21"));
         assert!(s.ends_with("flows = flows_1m.flows + excluded.flows"));
         assert!(s.contains("$30)"));
+        let lite = upsert_sql(Sql(crate::Dialect::Sqlite), 2);
+        assert_eq!(lite.matches('?').count(), 2 * COLUMNS);
     }
 }
