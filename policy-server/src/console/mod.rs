@@ -86,6 +86,29 @@ pub struct Console {
 /// The OpenAPI 3 description of `/api/v1`.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// The live page (`/live`): committed HTML, CSS and JS, no build step.
+const LIVE_HTML: &str = include_str!("live/index.html");
+const LIVE_JS: &str = include_str!("live/live.js");
+const LIVE_CSS: &str = include_str!("live/live.css");
+
+async fn live_html() -> impl IntoResponse {
+    axum::response::Html(LIVE_HTML)
+}
+
+async fn live_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        LIVE_JS,
+    )
+}
+
+async fn live_css() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        LIVE_CSS,
+    )
+}
+
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
@@ -96,6 +119,9 @@ pub fn router(console: Console) -> Router {
         .route("/api/v1/events", get(events::events))
         .with_state(console.events.clone());
     Router::new()
+        .route("/live", get(live_html))
+        .route("/live/live.js", get(live_js))
+        .route("/live/live.css", get(live_css))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/flows", get(explore::flows))
         .route("/api/v1/top", get(explore::top))
