@@ -19,6 +19,8 @@ packages=(
   librsvg2-bin    # rsvg-convert: the testbed's plots as PNG
   g++             # libFuzzer (built by libfuzzer-sys) for scripts/fuzz.sh
   openssl         # throwaway certificates of the TLS tests
+  chromium        # the live page test (headless, driven over WebDriver)
+  chromium-driver # chromedriver, the WebDriver server of that test
 )
 
 missing=()

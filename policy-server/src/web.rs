@@ -9,7 +9,7 @@
 //! | `GET /api/enforcers` | every enforcer seen (connected, and the last disconnected ones), with its state |
 //! | `GET /api/status` | counters: `{"pdp": {…}, "http": {…}, "accept_failures": n, "policy": {…}}`; `policy` is the repository's [`crate::repo::PolicyStatus`] (rules in force, the last refused version) |
 //! | `GET /` | a page polling the above every second |
-//! | `GET /api/v1/…` | the console API ([`crate::console`], docs/api.md) |
+//! | `GET /api/v1/…` | the console API ([`crate::console`], docs/api.md), live updates at `/api/v1/events` |
 //! | `/api/v1/requests`, `/api/v1/points` | the DPMI controller ([`crate::dpmi`], docs/dpmi.md) |
 //!
 //! Served by hyper's HTTP/1 server directly (not `axum::serve`, which has
@@ -79,6 +79,7 @@ struct App {
     http_limiter: ConnLimiter,
     http_stats: Arc<HttpStats>,
     policy_status: Option<watch::Receiver<crate::repo::PolicyStatus>>,
+    events: crate::console::events::EventBus,
 }
 
 /// A running web server.
@@ -88,6 +89,8 @@ pub struct WebHandle {
     pub task: tokio::task::JoinHandle<()>,
     /// What its `/metrics` shows (the server's and the web server's).
     pub metrics: Arc<crate::metrics::MetricsSource>,
+    /// The live-update bus: other parts of the server publish on it.
+    pub events: crate::console::events::EventBus,
 }
 
 fn failed(e: impl std::fmt::Display) -> Response {
@@ -158,6 +161,7 @@ async fn status(State(app): State<App>) -> Response {
         },
         "accept_failures": qosloop_schema::guard::accept_failures(),
         "policy": app.policy_status.as_ref().map(|s| s.borrow().clone()),
+        "events": app.events.stats(),
     }))
     .into_response()
 }
@@ -187,12 +191,23 @@ pub async fn serve_with_policy_status(
 ) -> std::io::Result<WebHandle> {
     let http_limiter = ConnLimiter::new("HTTP", config.limits);
     let http_stats = Arc::new(HttpStats::default());
+    let events = crate::console::events::EventBus::new(
+        config.console.event_queue,
+        config.console.event_clients,
+    );
+    tokio::spawn(crate::console::feed::feed(
+        events.clone(),
+        server.rates.clone(),
+        server.decisions.clone(),
+        server.stopping(),
+    ));
     let console = crate::console::router(crate::console::Console {
         db: server.store.db().clone(),
         decisions: server.decisions.clone(),
         policy: policy.clone(),
         policy_status: policy_status.clone(),
         limits: config.console,
+        events: events.clone(),
     });
     let app = App {
         store: server.store.clone(),
@@ -203,6 +218,7 @@ pub async fn serve_with_policy_status(
         http_limiter: http_limiter.clone(),
         http_stats: http_stats.clone(),
         policy_status,
+        events: events.clone(),
     };
     let (metrics_router, metrics) = metrics_route(server, &http_limiter, &http_stats, &config.auth);
     let router = Router::new()
@@ -286,6 +302,7 @@ pub async fn serve_with_policy_status(
         local_addr,
         task,
         metrics,
+        events,
     })
 }
 

@@ -224,6 +224,7 @@ async fn a_task_that_ends_before_shutdown_is_a_failure() {
             local_addr: "127.0.0.1:9".parse().unwrap(),
             task,
             metrics: std::sync::Arc::new(server.metrics_source()),
+            events: qosloop_policy_server::console::events::EventBus::new(1, 1),
         };
         let ended = server
             .run_until(Some(web), std::future::pending(), std::future::pending())

@@ -45,6 +45,11 @@ const SQLITE: &[Migration] = &[
         name: "dpmi",
         sql: include_str!("../sql/sqlite/0005_dpmi.sql"),
     },
+    Migration {
+        version: 6,
+        name: "flow_rollups",
+        sql: include_str!("../sql/sqlite/0006_flow_rollups.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -72,6 +77,11 @@ const POSTGRES: &[Migration] = &[
         version: 5,
         name: "dpmi",
         sql: include_str!("../sql/postgres/0005_dpmi.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "flow_rollups",
+        sql: include_str!("../sql/postgres/0006_flow_rollups.sql"),
     },
 ];
 

@@ -14,6 +14,8 @@
 //!   `match` on the two pools outside this crate's bulk paths;
 //! - [`Sql`]: the fragments that have no common spelling (`jsonb` and
 //!   `inet` columns, the scalar maximum);
+//! - [`Db::fetch_cells`](crate::Db::fetch_cells): queries whose text is
+//!   built at run time, bound and read the same way on either engine;
 //! - [`is_transient`]: which errors a restart of either engine explains.
 //!
 //! The flow writer's bulk paths (a prepared multi-row `INSERT` on SQLite,
@@ -97,6 +99,23 @@ impl Sql {
         }
     }
 
+    /// An IPv4 address column as its 32-bit number (SQLite holds the
+    /// dotted text: the caller rules out IPv6 text, `instr(col, ':') = 0`).
+    pub fn v4_int(self, col: &str) -> String {
+        match self.0 {
+            Dialect::Postgres => format!("({col} - CAST('0.0.0.0' AS INET))"),
+            Dialect::Sqlite => {
+                let r1 = format!("substr({col}, instr({col}, '.') + 1)");
+                let r2 = format!("substr({r1}, instr({r1}, '.') + 1)");
+                let o1 = format!("CAST(substr({col}, 1, instr({col}, '.') - 1) AS INTEGER)");
+                let o2 = format!("CAST(substr({r1}, 1, instr({r1}, '.') - 1) AS INTEGER)");
+                let o3 = format!("CAST(substr({r2}, 1, instr({r2}, '.') - 1) AS INTEGER)");
+                let o4 = format!("CAST(substr({r2}, instr({r2}, '.') + 1) AS INTEGER)");
+                format!("(({o1} << 24) | ({o2} << 16) | ({o3} << 8) | {o4})")
+            }
+        }
+    }
+
     /// The scalar maximum of two values (`MAX(a, b)` on SQLite).
     pub fn greatest(self) -> &'static str {
         match self.0 {
@@ -154,5 +173,7 @@ mod tests {
         assert_eq!(pg.inet_param(1), "$1::inet");
         assert_eq!((lite.greatest(), pg.greatest()), ("MAX", "GREATEST"));
         assert_eq!(i64_of(u64::MAX), i64::MAX);
+        assert!(pg.v4_int("a").contains("INET"));
+        assert!(lite.v4_int("a").starts_with("((CAST(substr(a"));
     }
 }

@@ -39,6 +39,7 @@ mod exporters;
 mod flows;
 mod ipfix;
 mod migrate;
+mod query;
 mod rates;
 mod retention;
 
@@ -54,10 +55,11 @@ pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
 pub use dpmi::{DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 pub use enforcers::EnforcerRow;
-pub use flows::{Batch, FlowRow, Outcome};
+pub use flows::{Batch, FlowRow, Outcome, MINUTE_NS};
 pub use ipfix::{
     tcp_exporter_name, udp_exporter_name, ExporterCounters, ListenerStats, StoredTemplate,
     TemplateUpdate,
 };
+pub use query::{Bind, Cells, Col};
 pub use rates::RateRow;
 pub use retention::{Maintenance, Retention, DAY_NS};

@@ -66,6 +66,9 @@ enum Bench {
     /// Collector nodes: records/s committed and analysed with 1, 2, 4 nodes
     /// into one PostgreSQL; CPU per record per node; vs seeds/000 Fig. 5.
     Cluster(qosloop_testbed::bench::cluster::Args),
+    /// Console API: top-N and a 24-hour series over 10M records vs a plain
+    /// GROUP BY; SSE fan-out with a slow client.
+    Api(qosloop_testbed::bench::api::Args),
 }
 
 #[tokio::main]
@@ -99,6 +102,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Ipfix(a)) => qosloop_testbed::bench::ipfix::run(a).await,
         Cmd::Bench(Bench::Agent(a)) => qosloop_testbed::bench::agent::run(a).await,
         Cmd::Bench(Bench::Cluster(a)) => qosloop_testbed::bench::cluster::run(a).await,
+        Cmd::Bench(Bench::Api(a)) => qosloop_testbed::bench::api::run(a).await,
         Cmd::Paper(a) => {
             let stop = interrupt_flag();
             let out = a.out.clone();

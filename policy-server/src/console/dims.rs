@@ -4,8 +4,8 @@ use super::filter::compile::{compile, network};
 use super::filter::compile::{SCALED_BYTES, SCALED_PACKETS};
 use super::filter::{Expr, Field, Op, Value};
 use super::params::ApiError;
-use super::sql::{addr_text, sqlite_v4_int, Bind, Dialect};
 use qosloop_schema::{BusinessRule, FlowSpec, PolicySet};
+use qosloop_store::{Bind, Dialect, Sql};
 use std::sync::Arc;
 
 /// What records are grouped by.
@@ -102,8 +102,8 @@ impl Dim {
         let prefix = g.prefix;
         let int = |c: &str| format!("CAST({c} AS TEXT)");
         match self {
-            Dim::SrcAddr => addr_text("src_addr", d),
-            Dim::DstAddr => addr_text("dst_addr", d),
+            Dim::SrcAddr => Sql(d).inet_text("src_addr"),
+            Dim::DstAddr => Sql(d).inet_text("dst_addr"),
             Dim::SrcPrefix => prefix_sql("src_addr", d, prefix, binds),
             Dim::DstPrefix => prefix_sql("dst_addr", d, prefix, binds),
             Dim::SrcPort => int("src_port"),
@@ -243,7 +243,7 @@ fn prefix_sql(col: &str, d: Dialect, prefix: Prefix, binds: &mut Vec<Bind>) -> S
             };
             let m = push(binds, Bind::Int(i64::from(mask)));
             let len = push(binds, Bind::Int(i64::from(prefix.v4)));
-            let n = format!("({} & {m})", sqlite_v4_int(col));
+            let n = format!("({} & {m})", Sql(d).v4_int(col));
             format!(
                 "CASE WHEN instr({col}, ':') = 0 THEN \
                  (({n} >> 24) & 255) || '.' || (({n} >> 16) & 255) || '.' || (({n} >> 8) & 255) \
@@ -278,12 +278,12 @@ impl Metric {
         }
     }
 
-    /// The aggregate, as a 64-bit integer.
-    pub fn sql(self) -> String {
+    /// The aggregate over `src`, as a 64-bit integer.
+    pub fn sql(self, src: super::source::Source) -> String {
         match self {
             Metric::Bytes | Metric::Bps => format!("CAST(SUM({SCALED_BYTES}) AS BIGINT)"),
             Metric::Packets | Metric::Pps => format!("CAST(SUM({SCALED_PACKETS}) AS BIGINT)"),
-            Metric::Flows => "CAST(COUNT(*) AS BIGINT)".into(),
+            Metric::Flows => format!("CAST({} AS BIGINT)", src.count_sql()),
         }
     }
 

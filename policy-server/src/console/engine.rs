@@ -1,20 +1,24 @@
 //! The one query engine behind the flow list, top-N, time series and
 //! sankey: a [`Selection`] (time range + filter) becomes one WHERE clause;
 //! grouping by dimensions and summing a metric is one SQL shape.
-//! Counters are scaled by their sampling interval in SQL.
+//! Counters are scaled by their sampling interval in SQL. Grouped queries
+//! read the raw rows or the per-minute rollups ([`Source`]).
 
 use super::dims::{Dim, Grouping, Metric};
 use super::filter::{compile, Expr};
 use super::params::ApiError;
-use super::sql::{addr_text, dialect, fetch, Bind, Col, Db, Dialect, Row};
+use super::source::Source;
+use qosloop_store::{Bind, Cells as Row, Col, Db, Dialect, Sql};
 use serde_json::Value;
 
-/// The records a query reads: `end_ns` in `[from, to)` and the filter.
+/// The records a query reads: `end_ns` in `[from, to)` and the filter,
+/// from the raw rows or the rollups.
 #[derive(Clone, Debug)]
 pub struct Selection {
     pub from: i64,
     pub to: i64,
     pub filter: Option<Expr>,
+    pub source: Source,
 }
 
 impl Selection {
@@ -36,17 +40,19 @@ impl Selection {
     }
 }
 
-/// Refuses a selection that holds more than `max_rows` records (counting
-/// stops at `max_rows + 1`).
+/// Refuses a selection that holds more than `max_rows` rows of `src`
+/// (counting stops at `max_rows + 1`).
 pub async fn check_scan(db: &Db, sel: &Selection, max_rows: i64) -> Result<(), ApiError> {
+    let src = sel.source;
     let mut binds = Vec::new();
-    let w = sel.where_sql(dialect(db), &mut binds);
+    let w = sel.where_sql(db.dialect(), &mut binds);
     binds.push(Bind::Int(max_rows.saturating_add(1)));
     let sql = format!(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM flows WHERE {w} LIMIT ${}) AS s",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM {} WHERE {w} LIMIT ${}) AS s",
+        src.table_sql(),
         binds.len()
     );
-    let rows = fetch(db, &sql, &binds, &[Col::Int]).await?;
+    let rows = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
     let n = rows.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
     if n > max_rows {
         return Err(ApiError::bad(
@@ -139,7 +145,7 @@ pub async fn flows(
     limit: i64,
     after: Option<(i64, i64)>,
 ) -> Result<(Vec<Row>, Option<String>), ApiError> {
-    let d = dialect(db);
+    let d = db.dialect();
     let mut binds = Vec::new();
     let mut w = sel.where_sql(d, &mut binds);
     let key = sort.sql();
@@ -164,8 +170,8 @@ pub async fn flows(
          CAST(dscp AS BIGINT), CAST(tcp_flags AS BIGINT), class, \"user\", process, \
          CAST(sampling_interval AS BIGINT), CAST({key} AS BIGINT) \
          FROM flows WHERE {w} ORDER BY {key} {dir}, id {dir} LIMIT ${}",
-        addr_text("src_addr", d),
-        addr_text("dst_addr", d),
+        Sql(d).inet_text("src_addr"),
+        Sql(d).inet_text("dst_addr"),
         super::filter::compile::SCALED_PACKETS,
         super::filter::compile::SCALED_BYTES,
         binds.len()
@@ -175,7 +181,7 @@ pub async fn flows(
         Int, Text, Text, Text, Int, Int, Int, Int, Int, Int, Int, Int, Int, Int, Text, Text, Text,
         Int, Int,
     ];
-    let mut rows = fetch(db, &sql, &binds, &cols).await?;
+    let mut rows = db.fetch_cells(&sql, &binds, &cols).await?;
     let mut next = None;
     if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
@@ -208,7 +214,7 @@ pub async fn top(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<Grouped, ApiError> {
-    let d = dialect(db);
+    let (d, src) = (db.dialect(), sel.source);
     let mut binds = Vec::new();
     let keys: Vec<String> = dims
         .iter()
@@ -220,9 +226,10 @@ pub async fn top(
     let group: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
     let order: Vec<String> = (1..=n).map(|i| format!("{i} ASC")).collect();
     let sql = format!(
-        "SELECT {}, {} FROM flows WHERE {w} GROUP BY {} ORDER BY {} DESC, {} LIMIT ${}",
+        "SELECT {}, {} FROM {} WHERE {w} GROUP BY {} ORDER BY {} DESC, {} LIMIT ${}",
         keys.join(", "),
-        metric.sql(),
+        metric.sql(src),
+        src.table_sql(),
         group.join(", "),
         n + 1,
         order.join(", "),
@@ -230,7 +237,7 @@ pub async fn top(
     );
     let mut cols = vec![Col::Text; n];
     cols.push(Col::Int);
-    let rows = fetch(db, &sql, &binds, &cols).await?;
+    let rows = db.fetch_cells(&sql, &binds, &cols).await?;
     let mut out = Grouped::default();
     for mut r in rows {
         let v = r.pop().and_then(|v| v.as_i64()).unwrap_or(0);
@@ -238,8 +245,12 @@ pub async fn top(
     }
     let mut binds = Vec::new();
     let w = sel.where_sql(d, &mut binds);
-    let sql = format!("SELECT {} FROM flows WHERE {w}", metric.sql());
-    let total = fetch(db, &sql, &binds, &[Col::Int]).await?;
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {w}",
+        metric.sql(src),
+        src.table_sql()
+    );
+    let total = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
     out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
     out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
     Ok(out)
@@ -263,7 +274,7 @@ pub async fn timeseries(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<(i64, Vec<Series>), ApiError> {
-    let d = dialect(db);
+    let (d, src) = (db.dialect(), sel.source);
     let start = sel.from - sel.from.rem_euclid(step_ns);
     let steps = ((sel.to - start + step_ns - 1) / step_ns).max(1) as usize;
     let tops = match stack {
@@ -304,10 +315,13 @@ pub async fn timeseries(
     let w = sel.where_sql(d, &mut binds);
     let sql = format!(
         "SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT), CAST(CASE WHEN {member} THEN 0 ELSE 1 END AS BIGINT), \
-         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM flows WHERE {w} GROUP BY 1, 2, 3",
-        metric.sql()
+         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM {} WHERE {w} GROUP BY 1, 2, 3",
+        metric.sql(src),
+        src.table_sql()
     );
-    let rows = fetch(db, &sql, &binds, &[Col::Int, Col::Int, Col::Text, Col::Int]).await?;
+    let rows = db
+        .fetch_cells(&sql, &binds, &[Col::Int, Col::Int, Col::Text, Col::Int])
+        .await?;
     let mut series: Vec<Series> = tops
         .into_iter()
         .map(|k| Series {

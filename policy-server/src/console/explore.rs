@@ -6,11 +6,12 @@ use super::engine::{self, parse_cursor, Selection, Sort, FLOW_COLUMNS, SORTS};
 use super::filter::parse_for;
 use super::params::{duration_ns, ApiError, Params};
 use super::respond::{answer, wants_csv, Table};
-use super::sql::{dialect, Dialect};
+use super::source::{Source, SOURCE_NAMES};
 use super::Console;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use qosloop_store::Dialect;
 use serde_json::{json, Value};
 
 type Pairs = Query<Vec<(String, String)>>;
@@ -22,9 +23,14 @@ fn selection(c: &Console, p: &Params) -> Result<Selection, ApiError> {
     let (from, to) = p.range(c.limits.max_range_ns())?;
     let filter = match p.get("filter").map(str::trim) {
         None | Some("") => None,
-        Some(f) => Some(parse_for(f, dialect(&c.db) == Dialect::Postgres)?),
+        Some(f) => Some(parse_for(f, c.db.dialect() == Dialect::Postgres)?),
     };
-    Ok(Selection { from, to, filter })
+    Ok(Selection {
+        from,
+        to,
+        filter,
+        source: Source::Raw,
+    })
 }
 
 fn grouping(c: &Console, p: &Params) -> Result<Grouping, ApiError> {
@@ -88,12 +94,25 @@ pub async fn top(
 ) -> Result<Response, ApiError> {
     let p = Params::new(
         q,
-        &allowed(&["dims", "metric", "limit", "prefix_v4", "prefix_v6"]),
+        &allowed(&[
+            "dims",
+            "metric",
+            "limit",
+            "prefix_v4",
+            "prefix_v6",
+            "source",
+        ]),
     )?;
     let csv = wants_csv(&p, &headers)?;
-    let sel = selection(&c, &p)?;
+    let mut sel = selection(&c, &p)?;
     let (dims, metric, limit) = dims_metric_limit(&c, &p, "dims", 1, 2)?;
     let grouping = grouping(&c, &p)?;
+    sel.source = Source::choose(
+        p.choice("source", &SOURCE_NAMES, "auto")?,
+        &sel,
+        &dims,
+        None,
+    )?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
     let g = engine::top(&c.db, &sel, &dims, metric, limit, &grouping).await?;
     let secs = sel.seconds();
@@ -115,6 +134,7 @@ pub async fn top(
     let body = json!({
         "dims": dims.iter().map(|d| d.name()).collect::<Vec<_>>(),
         "metric": METRIC_NAMES[metric as usize],
+        "source": sel.source.name(),
         "rows": rows,
         "other": metric.value(g.other, secs),
         "total": metric.value(g.total, secs),
@@ -129,10 +149,18 @@ pub async fn timeseries(
 ) -> Result<Response, ApiError> {
     let p = Params::new(
         q,
-        &allowed(&["step", "stack", "metric", "limit", "prefix_v4", "prefix_v6"]),
+        &allowed(&[
+            "step",
+            "stack",
+            "metric",
+            "limit",
+            "prefix_v4",
+            "prefix_v6",
+            "source",
+        ]),
     )?;
     let csv = wants_csv(&p, &headers)?;
-    let sel = selection(&c, &p)?;
+    let mut sel = selection(&c, &p)?;
     let step_text = p.get("step").unwrap_or("60s");
     let step_ns = duration_ns(step_text)
         .filter(|s| *s >= 1_000_000_000)
@@ -151,6 +179,12 @@ pub async fn timeseries(
     let metric = Metric::parse(p.choice("metric", &METRIC_NAMES, "bps")?);
     let limit = p.int("limit", 10, 1, c.limits.max_groups)?;
     let grouping = grouping(&c, &p)?;
+    sel.source = Source::choose(
+        p.choice("source", &SOURCE_NAMES, "auto")?,
+        &sel,
+        stack.as_slice(),
+        Some(step_ns),
+    )?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
     let (start, series) =
         engine::timeseries(&c.db, &sel, step_ns, stack, metric, limit, &grouping).await?;
@@ -173,6 +207,7 @@ pub async fn timeseries(
         "start_ns": start,
         "step_ns": step_ns,
         "stack": stack.map(|d| d.name()),
+        "source": sel.source.name(),
         "metric": METRIC_NAMES[metric as usize],
         "series": out,
     });
@@ -186,12 +221,25 @@ pub async fn sankey(
 ) -> Result<Response, ApiError> {
     let p = Params::new(
         q,
-        &allowed(&["dims", "metric", "limit", "prefix_v4", "prefix_v6"]),
+        &allowed(&[
+            "dims",
+            "metric",
+            "limit",
+            "prefix_v4",
+            "prefix_v6",
+            "source",
+        ]),
     )?;
     let csv = wants_csv(&p, &headers)?;
-    let sel = selection(&c, &p)?;
+    let mut sel = selection(&c, &p)?;
     let (dims, metric, limit) = dims_metric_limit(&c, &p, "dims", 2, 3)?;
     let grouping = grouping(&c, &p)?;
+    sel.source = Source::choose(
+        p.choice("source", &SOURCE_NAMES, "auto")?,
+        &sel,
+        &dims,
+        None,
+    )?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
     let g = engine::top(&c.db, &sel, &dims, metric, limit, &grouping).await?;
     let secs = sel.seconds();
@@ -232,6 +280,7 @@ pub async fn sankey(
     let body = json!({
         "dims": dims.iter().map(|d| d.name()).collect::<Vec<_>>(),
         "metric": METRIC_NAMES[metric as usize],
+        "source": sel.source.name(),
         "nodes": nodes,
         "links": links.iter().map(|((s, t), v)| json!({"source": s, "target": t, "value": metric.value(*v, secs)})).collect::<Vec<_>>(),
         "paths": g.rows.iter().map(|(k, v)| json!({"keys": k, "value": metric.value(*v, secs)})).collect::<Vec<_>>(),

@@ -6,15 +6,18 @@
 //! CSV; `/api/v1/openapi.json` describes them all.
 //!
 //! [`router`] gives a `Router` to merge into the web server, so that later
-//! layers (authentication, live updates) wrap or extend it.
+//! layers (authentication) wrap or extend it. Live updates are server-sent
+//! events from one bus ([`events`]), fed by the loop ([`feed`]).
 
 mod dims;
 mod engine;
+pub mod events;
 mod explore;
+pub mod feed;
 pub mod filter;
 mod params;
 mod respond;
-pub mod sql;
+mod source;
 mod state;
 
 use crate::engine::DecisionTable;
@@ -24,7 +27,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use qosloop_schema::PolicySet;
-use sql::Db;
+use qosloop_store::Db;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -42,6 +45,10 @@ pub struct ConsoleLimits {
     pub max_groups: i64,
     /// The most points of a time series.
     pub max_points: i64,
+    /// Events queued per live-update client before it loses some.
+    pub event_queue: usize,
+    /// Live-update clients at once.
+    pub event_clients: usize,
 }
 
 impl Default for ConsoleLimits {
@@ -52,6 +59,8 @@ impl Default for ConsoleLimits {
             max_page: 10_000,
             max_groups: 100,
             max_points: 5_000,
+            event_queue: 256,
+            event_clients: 1_000,
         }
     }
 }
@@ -70,10 +79,35 @@ pub struct Console {
     pub policy: watch::Receiver<Arc<PolicySet>>,
     pub policy_status: Option<watch::Receiver<PolicyStatus>>,
     pub limits: ConsoleLimits,
+    /// The live updates of `/api/v1/events`.
+    pub events: events::EventBus,
 }
 
 /// The OpenAPI 3 description of `/api/v1`.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The live page (`/live`): committed HTML, CSS and JS, no build step.
+const LIVE_HTML: &str = include_str!("live/index.html");
+const LIVE_JS: &str = include_str!("live/live.js");
+const LIVE_CSS: &str = include_str!("live/live.css");
+
+async fn live_html() -> impl IntoResponse {
+    axum::response::Html(LIVE_HTML)
+}
+
+async fn live_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        LIVE_JS,
+    )
+}
+
+async fn live_css() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        LIVE_CSS,
+    )
+}
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
@@ -81,7 +115,13 @@ async fn openapi() -> impl IntoResponse {
 
 /// The `/api/v1` routes.
 pub fn router(console: Console) -> Router {
+    let events = Router::new()
+        .route("/api/v1/events", get(events::events))
+        .with_state(console.events.clone());
     Router::new()
+        .route("/live", get(live_html))
+        .route("/live/live.js", get(live_js))
+        .route("/live/live.css", get(live_css))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/flows", get(explore::flows))
         .route("/api/v1/top", get(explore::top))
@@ -94,6 +134,7 @@ pub fn router(console: Console) -> Router {
         .route("/api/v1/collectors", get(state::collectors))
         .route("/api/v1/exporters", get(state::exporters))
         .with_state(console)
+        .merge(events)
 }
 
 #[cfg(test)]
@@ -113,6 +154,7 @@ mod tests {
             "/api/v1/enforcers",
             "/api/v1/collectors",
             "/api/v1/exporters",
+            "/api/v1/events",
         ] {
             assert!(doc["paths"][path]["get"].is_object(), "{path}");
         }

@@ -3,10 +3,10 @@
 //! names the parameter (and, for a filter, the offending token).
 
 use super::filter::FilterError;
-use super::sql::now_ns;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use qosloop_store::now_ns;
 use std::collections::BTreeMap;
 
 /// An answer other than 200.

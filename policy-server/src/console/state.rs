@@ -3,11 +3,11 @@
 
 use super::params::{ApiError, Params};
 use super::respond::{answer, wants_csv, Table};
-use super::sql::{fetch, now_ns, Bind, Col};
 use super::Console;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use qosloop_store::{now_ns, Bind, Col};
 use serde_json::{json, Value};
 
 type Pairs = Query<Vec<(String, String)>>;
@@ -20,7 +20,7 @@ async fn table(
     columns: &[(&str, Col)],
 ) -> Result<Table, ApiError> {
     let cols: Vec<Col> = columns.iter().map(|(_, c)| *c).collect();
-    let rows = fetch(&c.db, sql, binds, &cols).await?;
+    let rows = c.db.fetch_cells(sql, binds, &cols).await?;
     let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
     let mut t = Table::new(&names);
     t.rows = rows;

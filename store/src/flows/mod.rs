@@ -2,14 +2,18 @@
 //! [`FlowRecord`]s: written by [`Db::commit_batches`] (the collector's
 //! writer, CRANE and IPFIX alike), read by [`Db::flows_from`] (the policy
 //! server's bandwidth manager, in id order) and [`Db::recent_flows`] (the
-//! web API, the testbed's self-check).
+//! web API, the testbed's self-check). The writer keeps the per-minute
+//! rollups of `flows_1m` in the same transaction (`rollup.rs`).
 //!
 //! Rows are read with every column of the JSON contract. A row whose values
 //! do not form a record (an address that does not parse, a negative
 //! counter, a sampling interval below 1) is returned without one, so that
 //! the reader counts it instead of stopping at it.
 
+mod rollup;
 mod write;
+
+pub use rollup::MINUTE_NS;
 
 use crate::db::Db;
 use crate::dialect::Sql;

@@ -1,10 +1,12 @@
 //! Writing flow records: a group of DATA messages in one transaction —
 //! the de-duplication keys (`data_messages`), the rows, the per-session
-//! totals — committed together or not at all. SQLite gets multi-row
+//! totals, the per-minute rollups (`rollup.rs`) — committed together or not
+//! at all. SQLite gets multi-row
 //! INSERTs of one prepared statement; PostgreSQL gets `COPY … FROM STDIN
 //! (FORMAT binary)`. The two encoders of a row are side by side here and
 //! nowhere else.
 
+use super::rollup::{bind_rollup, rollup, upsert_sql, ROWS_PER_UPSERT};
 use super::{Batch, Outcome};
 use crate::cluster::{add_partials, Tally};
 use crate::db::{now_ns, Db};
@@ -200,6 +202,12 @@ async fn commit_sqlite(
             None => insert.await?,
         };
     }
+    for chunk in rollup(&stored).chunks(ROWS_PER_UPSERT) {
+        let sql = upsert_sql(Sql(Dialect::Sqlite), chunk.len());
+        bind_rollup!(sqlx::query(&sql), chunk, addr_text)
+            .execute(&mut *tx)
+            .await?;
+    }
     let mut sessions = Vec::new();
     for b in &stored {
         note_session(&mut sessions, b);
@@ -232,7 +240,7 @@ async fn commit_postgres(
     copy.put_i32(0);
     let mut rows = 0usize;
     let mut sessions = Vec::new();
-    let mut stored: Vec<&Batch> = Vec::new();
+    let mut stored: Vec<&Batch> = Vec::with_capacity(group.len());
     for b in group {
         let inserted = if !b.dedup {
             1
@@ -259,7 +267,7 @@ async fn commit_postgres(
         }
         rows += b.records.len();
         note_session(&mut sessions, b);
-        stored.push(b);
+        stored.push(*b);
         outcomes.push(Outcome::Stored);
     }
     if rows > 0 {
@@ -277,6 +285,12 @@ async fn commit_postgres(
     if let Some(t) = tally {
         let partials = t.partials(stored.iter().flat_map(|b| b.records.iter()));
         add_partials(&mut tx, t, &partials).await?;
+    }
+    for chunk in rollup(&stored).chunks(ROWS_PER_UPSERT) {
+        let sql = upsert_sql(Sql(Dialect::Postgres), chunk.len());
+        bind_rollup!(sqlx::query(&sql), chunk, |a: IpAddr| a.to_string())
+            .execute(&mut *tx)
+            .await?;
     }
     // Last, so that the row lock on `sessions` is held only until the
     // commit right after: concurrent writers overlap their COPYs.

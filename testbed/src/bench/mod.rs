@@ -2,6 +2,7 @@
 //! same run and reported as ratios (`qosloop-testbed bench …`).
 
 pub mod agent;
+pub mod api;
 pub mod cluster;
 pub mod enforce;
 pub mod export;

@@ -5,7 +5,7 @@
 //! means "every other record".
 
 use super::{Expr, Field, Value};
-use crate::console::sql::{Bind, Dialect};
+use qosloop_store::{Bind, Dialect, Sql};
 use std::net::IpAddr;
 
 /// The SQL of `e`; parameters are numbered after those already in `binds`.
@@ -158,7 +158,7 @@ fn net_match(col: &str, a: IpAddr, len: u8, dialect: Dialect, binds: &mut Vec<Bi
             let hi = push(binds, Bind::Int(i64::from(u32::from(hi))));
             format!(
                 "(instr({col}, ':') = 0 AND {} BETWEEN {lo} AND {hi})",
-                crate::console::sql::sqlite_v4_int(col)
+                Sql(dialect).v4_int(col)
             )
         }
         // The parser refuses IPv6 prefixes on SQLite but /128: one address.

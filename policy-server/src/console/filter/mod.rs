@@ -170,8 +170,8 @@ pub enum Expr {
 mod props {
     use super::compile::compile;
     use super::*;
-    use crate::console::sql::Dialect;
     use proptest::prelude::*;
+    use qosloop_store::Dialect;
 
     fn value_for(field: Field) -> BoxedStrategy<Value> {
         match field.kind() {

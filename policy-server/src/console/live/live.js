@@ -1,0 +1,305 @@
+// qosloop live page: plain JS, no build step, no external resources.
+// Live charts from the server-sent events of /api/v1/events; the flow
+// explorer over /api/v1/top, /timeseries and /sankey; the view's state in
+// the URL's query string.
+"use strict";
+
+const live = {
+  rateEvents: 0,
+  decisionEvents: 0,
+  links: new Map(),     // name -> [{t, v}]
+  subjects: new Map(),  // name -> [{t, rate, avg}]
+  bands: [],            // [{t, band, link}] from decision events
+  thresholds: [],       // kbit/s band boundaries
+  profiles: new Map(),  // subject name -> profile kbit/s
+  topRows: [],
+};
+window.qosloopLive = live;
+
+const KEEP_NS = 120e9;
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aaaaaa"];
+const BAND_FILL = { low: "rgba(0,160,0,0.08)", medium: "rgba(230,150,0,0.12)", high: "rgba(200,0,0,0.12)" };
+
+const $ = id => document.getElementById(id);
+const esc = s => String(s ?? "").replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;" }[c]));
+const fmt = v => typeof v === "number" ? (Math.abs(v) >= 100 ? Math.round(v).toLocaleString("en") : v.toFixed(1)) : esc(v);
+const time = ns => new Date(ns / 1e6).toLocaleTimeString();
+
+async function getJson(path) {
+  const r = await fetch(path);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || (path + ": " + r.status));
+  return body;
+}
+
+// ---- charts ---------------------------------------------------------------
+
+// Draws lines (series: [{name, color, dash, points: [[t, v]]}]) with
+// horizontal threshold lines and shaded bands ([{from, to, band}]).
+function drawLines(canvas, series, opts) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, L = 56, R = 8, T = 8, B = 22;
+  ctx.clearRect(0, 0, W, H);
+  let tmin = Infinity, tmax = -Infinity, vmax = 1;
+  for (const s of series) for (const [t, v] of s.points) {
+    tmin = Math.min(tmin, t); tmax = Math.max(tmax, t); vmax = Math.max(vmax, v);
+  }
+  for (const th of opts.thresholds || []) vmax = Math.max(vmax, th * 1.1);
+  if (!isFinite(tmin)) { tmin = Date.now() * 1e6 - KEEP_NS; tmax = Date.now() * 1e6; }
+  if (opts.window) tmin = Math.min(tmin, tmax - opts.window);
+  if (tmax <= tmin) tmax = tmin + 1;
+  const x = t => L + (t - tmin) / (tmax - tmin) * (W - L - R);
+  const y = v => H - B - v / vmax * (H - T - B);
+  for (const b of opts.bands || []) {
+    ctx.fillStyle = BAND_FILL[b.band] || "rgba(0,0,200,0.06)";
+    const x0 = Math.max(L, x(b.from)), x1 = Math.min(W - R, x(b.to));
+    if (x1 > x0) ctx.fillRect(x0, T, x1 - x0, H - T - B);
+  }
+  ctx.strokeStyle = "#999"; ctx.lineWidth = 1; ctx.setLineDash([]);
+  ctx.beginPath(); ctx.moveTo(L, T); ctx.lineTo(L, H - B); ctx.lineTo(W - R, H - B); ctx.stroke();
+  ctx.fillStyle = "#555"; ctx.font = "11px sans-serif";
+  for (let i = 0; i <= 4; i++) {
+    const v = vmax * i / 4;
+    ctx.fillText(fmt(v), 2, y(v) + 4);
+  }
+  ctx.fillText(time(tmin), L, H - 6);
+  ctx.fillText(time(tmax), W - R - 60, H - 6);
+  ctx.setLineDash([6, 4]); ctx.strokeStyle = "#b00";
+  for (const th of opts.thresholds || []) {
+    ctx.beginPath(); ctx.moveTo(L, y(th)); ctx.lineTo(W - R, y(th)); ctx.stroke();
+    ctx.fillStyle = "#b00"; ctx.fillText(fmt(th), W - R - 40, y(th) - 2);
+  }
+  series.forEach((s, i) => {
+    ctx.strokeStyle = s.color || COLORS[i % COLORS.length];
+    ctx.setLineDash(s.dash ? [3, 3] : []);
+    ctx.lineWidth = 1.6;
+    ctx.beginPath();
+    s.points.forEach(([t, v], j) => j ? ctx.lineTo(x(t), y(v)) : ctx.moveTo(x(t), y(v)));
+    ctx.stroke();
+  });
+  ctx.setLineDash([]);
+  let lx = L + 6;
+  series.forEach((s, i) => {
+    ctx.fillStyle = s.color || COLORS[i % COLORS.length];
+    ctx.fillText(s.name, lx, T + 12);
+    lx += ctx.measureText(s.name).width + 12;
+  });
+  canvas.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+  canvas.dataset.tmax = String(tmax);
+}
+
+// Stacked areas: series [{key, values}], one value per step.
+function drawStacked(canvas, start, step, series) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, L = 56, R = 8, T = 8, B = 22;
+  ctx.clearRect(0, 0, W, H);
+  const n = series.length ? series[0].values.length : 0;
+  const totals = new Array(n).fill(0);
+  for (const s of series) s.values.forEach((v, i) => totals[i] += v);
+  const vmax = Math.max(1, ...totals);
+  const x = i => L + (n > 1 ? i / (n - 1) : 0) * (W - L - R);
+  const y = v => H - B - v / vmax * (H - T - B);
+  const base = new Array(n).fill(0);
+  series.forEach((s, k) => {
+    ctx.fillStyle = COLORS[k % COLORS.length];
+    ctx.beginPath();
+    for (let i = 0; i < n; i++) ctx.lineTo(x(i), y(base[i] + s.values[i]));
+    for (let i = n - 1; i >= 0; i--) ctx.lineTo(x(i), y(base[i]));
+    ctx.closePath(); ctx.fill();
+    for (let i = 0; i < n; i++) base[i] += s.values[i];
+  });
+  ctx.fillStyle = "#555"; ctx.font = "11px sans-serif";
+  ctx.fillText(fmt(vmax), 2, T + 10);
+  if (n) { ctx.fillText(time(start), L, H - 6); ctx.fillText(time(start + (n - 1) * step), W - R - 60, H - 6); }
+  let lx = L + 6;
+  series.forEach((s, k) => {
+    const name = s.other ? "Other" : String(s.key);
+    ctx.fillStyle = COLORS[k % COLORS.length];
+    ctx.fillText(name, lx, T + 12);
+    lx += ctx.measureText(name).width + 10;
+  });
+  canvas.dataset.series = String(series.length);
+}
+
+// A sankey of columns of nodes, links drawn as bands between neighbours.
+function drawSankey(svg, answer) {
+  const W = 720, H = 300, NW = 10;
+  const cols = answer.dims.length;
+  const colOf = name => answer.dims.indexOf(name.split("=")[0]);
+  const total = Math.max(1, answer.links.filter(l => colOf(l.source) === 0).reduce((a, l) => a + l.value, 0));
+  const nodes = new Map();
+  for (const name of answer.nodes) {
+    const c = colOf(name);
+    const value = Math.max(
+      answer.links.filter(l => l.source === name).reduce((a, l) => a + l.value, 0),
+      answer.links.filter(l => l.target === name).reduce((a, l) => a + l.value, 0));
+    nodes.set(name, { name, c, value, y: 0, outY: 0, inY: 0 });
+  }
+  const scale = (H - 20) / total;
+  for (let c = 0; c < cols; c++) {
+    let y = 5;
+    for (const n of [...nodes.values()].filter(n => n.c === c).sort((a, b) => b.value - a.value)) {
+      n.y = y; n.outY = y; n.inY = y; y += n.value * scale + 4;
+    }
+  }
+  const xOf = c => 10 + c * (W - 20 - NW) / Math.max(1, cols - 1);
+  let out = "";
+  answer.links.forEach((l, i) => {
+    const s = nodes.get(l.source), t = nodes.get(l.target), h = l.value * scale;
+    if (!s || !t) return;
+    const x0 = xOf(s.c) + NW, x1 = xOf(t.c), y0 = s.outY + h / 2, y1 = t.inY + h / 2;
+    s.outY += h; t.inY += h;
+    const mx = (x0 + x1) / 2;
+    out += `<path d="M${x0},${y0} C${mx},${y0} ${mx},${y1} ${x1},${y1}" stroke="${COLORS[i % COLORS.length]}" stroke-opacity="0.4" stroke-width="${Math.max(1, h)}" fill="none"><title>${esc(l.source)} → ${esc(l.target)}: ${fmt(l.value)}</title></path>`;
+  });
+  for (const n of nodes.values()) {
+    const x = xOf(n.c);
+    out += `<rect x="${x}" y="${n.y}" width="${NW}" height="${Math.max(1, n.value * scale)}" fill="#345"></rect>`;
+    out += `<text x="${n.c === cols - 1 ? x - 4 : x + NW + 4}" y="${n.y + 10}" font-size="10" text-anchor="${n.c === cols - 1 ? "end" : "start"}">${esc(n.name)}</text>`;
+  }
+  svg.innerHTML = out;
+}
+
+// ---- live -----------------------------------------------------------------
+
+function push(map, name, sample) {
+  if (!map.has(name)) map.set(name, []);
+  const a = map.get(name);
+  a.push(sample);
+  while (a.length && a[0].t < sample.t - KEEP_NS) a.shift();
+}
+
+function redrawLive() {
+  const now = [...live.links.values(), ...live.subjects.values()].reduce((m, a) => Math.max(m, a.length ? a[a.length - 1].t : 0), 0);
+  const bands = live.bands.map((b, i) => ({ from: b.t, to: i + 1 < live.bands.length ? live.bands[i + 1].t : now, band: b.band }));
+  drawLines($("link-chart"), [...live.links].map(([name, a]) => ({ name, points: a.map(s => [s.t, s.v]) })),
+    { thresholds: live.thresholds, bands, window: KEEP_NS });
+  const subj = [];
+  for (const [name, a] of live.subjects) {
+    subj.push({ name: name + " rate", points: a.map(s => [s.t, s.rate]) });
+    subj.push({ name: name + " avg", points: a.map(s => [s.t, s.avg]) });
+  }
+  drawLines($("subject-chart"), subj, { thresholds: [...new Set(live.profiles.values())], window: KEEP_NS });
+}
+
+function logDecision(at, change, d) {
+  const tr = document.createElement("tr");
+  const action = change === "remove" ? "remove" : (d.out_of_profile?.action ?? "");
+  tr.className = action;
+  tr.innerHTML = [time(at), change, d.role, d.policy_dn, action, d.reason?.band, fmt(d.reason?.avg_rate_kbps ?? 0), fmt(d.reason?.link_load_kbps ?? 0)]
+    .map(c => `<td>${esc(c)}</td>`).join("");
+  const body = $("decision-log").tBodies[0];
+  body.insertBefore(tr, body.firstChild);
+  while (body.rows.length > 200) body.deleteRow(body.rows.length - 1);
+}
+
+function onRates(r) {
+  live.rateEvents++;
+  for (const l of r.links) push(live.links, l.name, { t: r.at_ns, v: l.rate_kbps });
+  for (const f of r.flows) push(live.subjects, f.name, { t: r.at_ns, rate: f.rate_kbps, avg: f.avg_rate_kbps });
+}
+
+function onDecisions(ev) {
+  live.decisionEvents++;
+  for (const c of ev.changes) {
+    const d = c.decision;
+    logDecision(d.issued_ns, c.change, d);
+    if (c.change !== "remove" && d.reason?.band) live.bands.push({ t: d.issued_ns, band: d.reason.band });
+  }
+  while (live.bands.length > 50) live.bands.shift();
+}
+
+function connect() {
+  const es = new EventSource("/api/v1/events?types=rates,decisions");
+  es.addEventListener("rates", e => onRates(JSON.parse(e.data)));
+  es.addEventListener("decisions", e => onDecisions(JSON.parse(e.data)));
+  es.addEventListener("lagged", e => { $("status").textContent = "behind: " + JSON.parse(e.data).dropped + " events dropped"; });
+  es.onopen = () => { $("status").textContent = "live"; };
+  es.onerror = () => { $("status").textContent = "reconnecting…"; };
+}
+
+async function loadPolicy() {
+  try {
+    const p = await getJson("/api/policies");
+    const th = new Set();
+    for (const c of p.classes || []) for (const b of c.out_of_profile || []) if (b.from > 0) th.add(b.from);
+    live.thresholds = [...th].sort((a, b) => a - b);
+    for (const r of p.rules || []) {
+      const c = (p.classes || []).find(c => c.name === r.service_class);
+      if (c) live.profiles.set(r.name, c.profile.rate);
+    }
+  } catch (e) { $("status").textContent = String(e.message || e); }
+}
+
+async function loadDecisions() {
+  try {
+    const d = await getJson("/api/decisions");
+    for (const r of [...d.recent].reverse()) logDecision(r.issued_ns, r.kind, r.decision);
+  } catch (e) { $("status").textContent = String(e.message || e); }
+}
+
+async function loadEnforcers() {
+  try {
+    const list = await getJson("/api/v1/enforcers");
+    const rows = Array.isArray(list) ? list : (list.rows || []);
+    $("enforcers").tBodies[0].innerHTML = rows.map(e => "<tr>" + [e.name, Array.isArray(e.roles) ? e.roles.join(" ") : e.roles, e.state,
+      e.last_report_ns ? time(e.last_report_ns) : "", e.reports ?? ""].map(c => `<td>${esc(typeof c === "object" ? JSON.stringify(c) : c)}</td>`).join("") + "</tr>").join("");
+  } catch (e) { $("status").textContent = String(e.message || e); }
+}
+
+// ---- explorer -------------------------------------------------------------
+
+const FIELDS = ["filter", "range", "dims", "metric", "sankey"];
+
+function viewState() {
+  const f = $("explorer");
+  const s = new URLSearchParams();
+  for (const k of FIELDS) if (f.elements[k].value) s.set(k, f.elements[k].value);
+  return s;
+}
+
+function restoreState() {
+  const s = new URLSearchParams(location.search);
+  const f = $("explorer");
+  for (const k of FIELDS) if (s.has(k)) f.elements[k].value = s.get(k);
+}
+
+async function explore() {
+  const s = viewState();
+  history.replaceState(null, "", "?" + s.toString());
+  const q = new URLSearchParams({ from: "now-" + s.get("range"), to: "now", metric: s.get("metric") || "bps" });
+  if (s.get("filter")) q.set("filter", s.get("filter"));
+  $("explorer-error").textContent = "";
+  try {
+    const top = await getJson("/api/v1/top?" + q + "&dims=" + encodeURIComponent(s.get("dims")) + "&limit=10");
+    const head = [...top.dims, top.metric];
+    $("top-table").tHead.innerHTML = "<tr>" + head.map(h => `<th>${esc(h)}</th>`).join("") + "</tr>";
+    const rows = top.rows.map(r => [...r.keys, r.value]);
+    if (top.other > 0) rows.push([...top.dims.map(() => "Other"), top.other]);
+    live.topRows = rows;
+    $("top-table").tBodies[0].innerHTML = rows.map(r => "<tr>" + r.map((c, i) => i === r.length - 1 ? `<td class="num">${fmt(c)}</td>` : `<td>${esc(c)}</td>`).join("") + "</tr>").join("");
+    $("top-source").textContent = "read from: " + top.source + ", total " + fmt(top.total);
+    const stack = s.get("dims").split(",")[0];
+    const ts = await getJson("/api/v1/timeseries?" + q + "&stack=" + encodeURIComponent(stack) + "&step=" + stepFor(s.get("range")));
+    drawStacked($("series-chart"), ts.start_ns, ts.step_ns, ts.series);
+    const sk = await getJson("/api/v1/sankey?" + q + "&dims=" + encodeURIComponent(s.get("sankey")) + "&limit=20");
+    drawSankey($("sankey"), sk);
+  } catch (e) {
+    $("explorer-error").textContent = String(e.message || e);
+  }
+}
+
+function stepFor(range) {
+  return { "15m": "10s", "1h": "1m", "6h": "5m", "24h": "15m" }[range] || "1m";
+}
+
+// ---- start ----------------------------------------------------------------
+
+restoreState();
+$("explorer").addEventListener("submit", e => { e.preventDefault(); explore(); });
+loadPolicy().then(() => { connect(); });
+loadDecisions();
+loadEnforcers();
+setInterval(loadEnforcers, 5000);
+setInterval(redrawLive, 1000);
+explore();

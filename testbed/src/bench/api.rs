@@ -1,0 +1,475 @@
+//! `qosloop-testbed bench api`: the console API over a large flow table.
+//!
+//! Fills PostgreSQL (10M records by default) and SQLite (1M) through the
+//! store's flow writer — rows and per-minute rollups in one transaction —
+//! with a day of traffic ending at the current minute, then serves the
+//! console router on loopback and measures, median of `--runs`:
+//!
+//! - top-10 talkers (source address, bytes) over the last hour;
+//! - a 24-hour time series at 1-minute steps stacked by the top-10 source
+//!   addresses and Other;
+//!
+//! each through the API (which picks the rollups) and, in the same run,
+//! the same answer computed by a plain `GROUP BY` over the raw table —
+//! checked equal, the ratio is the figure. Then server-sent-event fan-out:
+//! 100 clients reading events published at a steady rate, the delivery
+//! latency of the readers without and with one client that reads nothing.
+//!
+//! The traffic: `--hosts` sources with skewed activity (host k sends about
+//! 1/(k+1) as much as host 0), each using 3 services (destination, port,
+//! protocol, class), end times rising evenly through the day (as a
+//! collector receives them: a write covers a few minutes).
+
+use anyhow::Context as _;
+use qosloop_policy_server::console::events::EventBus;
+use qosloop_policy_server::console::{router, Console, ConsoleLimits};
+use qosloop_policy_server::DecisionTable;
+use qosloop_schema::{FlowRecord, PolicySet};
+use qosloop_store::{Batch, Bind, Col, Db, MINUTE_NS};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+/// Options of `qosloop-testbed bench api`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Records stored in PostgreSQL (0: skip it).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub postgres_records: u64,
+    /// Records stored in SQLite (0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub sqlite_records: u64,
+    /// 200k records in PostgreSQL, 100k in SQLite, 3 runs: a smoke test.
+    #[arg(long)]
+    pub quick: bool,
+    /// Timed runs of each query (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Distinct source hosts.
+    #[arg(long, default_value_t = 200)]
+    pub hosts: u64,
+    /// Clients of the SSE fan-out.
+    #[arg(long, default_value_t = 100)]
+    pub sse_clients: usize,
+}
+
+const DAY_NS: i64 = 86_400_000_000_000;
+const HOUR_NS: i64 = 3_600_000_000_000;
+
+pub async fn run(mut a: Args) -> anyhow::Result<()> {
+    if a.quick {
+        a.postgres_records = a.postgres_records.min(200_000);
+        a.sqlite_records = a.sqlite_records.min(100_000);
+        a.runs = a.runs.min(3);
+    }
+    let now = qosloop_store::now_ns();
+    let to = now - now.rem_euclid(MINUTE_NS);
+    if a.postgres_records > 0 {
+        crate::harness::Postgres::available().map_err(anyhow::Error::msg)?;
+        let pg = crate::harness::Postgres::start()?;
+        let db = Db::connect(&pg.url()).await?;
+        engine("PostgreSQL", &db, a.postgres_records, to, &a).await?;
+        db.close().await;
+    }
+    if a.sqlite_records > 0 {
+        let dir = tempfile::tempdir()?;
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("api.db").display())).await?;
+        engine("SQLite", &db, a.sqlite_records, to, &a).await?;
+        db.close().await;
+    }
+    sse_fanout(a.sse_clients).await
+}
+
+/// A deterministic xorshift.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Record `i` of `n`: end times rise through the day, as a collector
+/// receives them.
+fn record(rng: &mut Rng, hosts: u64, to: i64, i: u64, n: u64) -> FlowRecord {
+    // Skewed: host = floor(hosts^u) - 1 for u uniform, about 1/(k+1).
+    let u = (rng.next() % 1_000_000) as f64 / 1_000_000.0;
+    let host = ((hosts as f64).powf(u) as u64)
+        .saturating_sub(1)
+        .min(hosts - 1);
+    let service = rng.next() % 3;
+    let step = DAY_NS / n.max(1) as i64;
+    let end = to - DAY_NS + i as i64 * step + (rng.next() % step.max(1) as u64) as i64;
+    let bytes = 64 + rng.next() % 200_000;
+    FlowRecord {
+        src_addr: IpAddr::from([10, (host >> 8) as u8, host as u8, 1]),
+        dst_addr: IpAddr::from([192, 0, 2, ((host * 7 + service) % 50) as u8]),
+        src_port: (1024 + rng.next() % 60_000) as u16,
+        dst_port: [443, 53, 5001][service as usize],
+        proto: if service == 1 { 17 } else { 6 },
+        packets: bytes / 800 + 1,
+        bytes,
+        start_ns: (end - 1_000_000_000) as u64,
+        end_ns: end as u64,
+        class: Some(["web", "dns", "bulk"][service as usize].to_owned()),
+        ..FlowRecord::default()
+    }
+}
+
+async fn fill(db: &Db, n: u64, to: i64, hosts: u64) -> anyhow::Result<f64> {
+    let exporter = db.register_exporter("bench", "127.0.0.1:1", 1).await?;
+    db.open_session(exporter, 1, "big").await?;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let started = Instant::now();
+    let mut seq = 0u32;
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(20_000);
+        let records = (n - left..n - left + k)
+            .map(|i| record(&mut rng, hosts, to, i, n))
+            .collect();
+        seq += 1;
+        let batch = Batch {
+            exporter_id: exporter,
+            session_id: 1,
+            seq,
+            records,
+            dedup: false,
+        };
+        db.commit_batches(&[&batch]).await?;
+        left -= k;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn serve(db: &Db, events: EventBus) -> anyhow::Result<SocketAddr> {
+    let (_dtx, decisions) = watch::channel(Arc::new(DecisionTable::default()));
+    let (_ptx, policy) = watch::channel(Arc::new(PolicySet::default()));
+    std::mem::forget((_dtx, _ptx));
+    let app = router(Console {
+        db: db.clone(),
+        decisions,
+        policy,
+        policy_status: None,
+        limits: ConsoleLimits {
+            max_scan_rows: i64::MAX / 2,
+            ..ConsoleLimits::default()
+        },
+        events,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8(buf)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP head")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{path}: {head}\n{body}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+fn dechunk(mut s: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (len, rest) = s.split_once("\r\n").context("chunk")?;
+        let n = usize::from_str_radix(len.trim(), 16)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..n).context("chunk length")?);
+        s = rest.get(n + 2..).context("chunk end")?;
+    }
+}
+
+/// The median of `runs` timings of `f`, in ms, and its last answer.
+async fn timed<T, F, Fut>(runs: usize, mut f: F) -> anyhow::Result<(f64, T)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        last = Some(f().await?);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], last.context("no run")?))
+}
+
+const SCALED: &str =
+    "CASE WHEN sampling_interval > 1 THEN bytes * sampling_interval ELSE bytes END";
+
+async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Result<()> {
+    db.migrate().await?;
+    let rate = fill(db, n, to, a.hosts).await?;
+    if let Db::Postgres(pool) = db {
+        sqlx::query("ANALYZE").execute(pool).await?;
+    }
+    let counts = db
+        .fetch_cells(
+            "SELECT (SELECT COUNT(*) FROM flows), (SELECT COUNT(*) FROM flows_1m)",
+            &[],
+            &[Col::Int, Col::Int],
+        )
+        .await?;
+    println!(
+        "{name}: {} records stored at {rate:.0} records/s with rollups ({} rollup rows)",
+        counts[0][0], counts[0][1]
+    );
+    let addr = serve(db, EventBus::new(16, 16)).await?;
+    let inet = qosloop_store::Sql::of(db).inet_text("src_addr");
+
+    // Top-10 talkers over the last hour.
+    let from = to - HOUR_NS;
+    let path = format!("/api/v1/top?from={from}&to={to}&dims=src_addr&metric=bytes&limit=10");
+    let (api_ms, api) = timed(a.runs, || get(addr, &path)).await?;
+    anyhow::ensure!(api["source"] == "rollup_1m", "top read {}", api["source"]);
+    let sql = format!(
+        "SELECT {inet}, CAST(SUM({SCALED}) AS BIGINT) FROM flows WHERE end_ns >= $1 AND end_ns < $2 \
+         GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10"
+    );
+    let binds = [Bind::Int(from), Bind::Int(to)];
+    let (raw_ms, raw) = timed(a.runs, || async {
+        Ok(db.fetch_cells(&sql, &binds, &[Col::Text, Col::Int]).await?)
+    })
+    .await?;
+    let api_rows: Vec<(Value, Value)> = api["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .map(|r| (r["keys"][0].clone(), r["value"].clone()))
+        .collect();
+    let raw_rows: Vec<(Value, Value)> = raw
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+    anyhow::ensure!(
+        api_rows == raw_rows,
+        "top-10 differ:\n{api_rows:?}\n{raw_rows:?}"
+    );
+    println!(
+        "{name}: top-10 talkers, last hour: API (rollup) {api_ms:.1} ms, plain GROUP BY {raw_ms:.1} ms, \
+         ratio {:.1}x (median of {})",
+        raw_ms / api_ms,
+        a.runs
+    );
+
+    // 24-hour stacked series at 1-minute steps.
+    let from = to - DAY_NS;
+    let path = format!(
+        "/api/v1/timeseries?from={from}&to={to}&step=1m&stack=src_addr&metric=bytes&limit=10"
+    );
+    let (api_ms, api) = timed(a.runs, || get(addr, &path)).await?;
+    anyhow::ensure!(
+        api["source"] == "rollup_1m",
+        "series read {}",
+        api["source"]
+    );
+    let top_sql = format!(
+        "SELECT {inet} FROM flows WHERE end_ns >= $1 AND end_ns < $2 \
+         GROUP BY 1 ORDER BY SUM({SCALED}) DESC, 1 LIMIT 10"
+    );
+    let binds = [Bind::Int(from), Bind::Int(to)];
+    let (raw_ms, raw) = timed(a.runs, || async {
+        let top = db.fetch_cells(&top_sql, &binds, &[Col::Text]).await?;
+        let keys: Vec<String> = top
+            .iter()
+            .filter_map(|r| r[0].as_str().map(str::to_owned))
+            .collect();
+        let list = keys
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let series_sql = format!(
+            "SELECT CAST((end_ns / {MINUTE_NS}) * {MINUTE_NS} AS BIGINT), \
+             CASE WHEN {inet} IN ({list}) THEN {inet} ELSE 'Other' END, CAST(SUM({SCALED}) AS BIGINT) \
+             FROM flows WHERE end_ns >= $1 AND end_ns < $2 GROUP BY 1, 2"
+        );
+        Ok(db
+            .fetch_cells(&series_sql, &binds, &[Col::Int, Col::Text, Col::Int])
+            .await?)
+    })
+    .await?;
+    let mut want: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    for r in raw {
+        let key = (
+            r[0].as_i64().unwrap_or(0),
+            r[1].as_str().unwrap_or("").to_owned(),
+        );
+        *want.entry(key).or_default() += r[2].as_i64().unwrap_or(0);
+    }
+    let start = api["start_ns"].as_i64().context("start_ns")?;
+    let mut got: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    for s in api["series"].as_array().context("series")? {
+        let key = s["key"].as_str().unwrap_or("Other").to_owned();
+        for (i, v) in s["values"].as_array().context("values")?.iter().enumerate() {
+            let v = v.as_i64().unwrap_or(0);
+            if v != 0 {
+                got.insert((start + i as i64 * MINUTE_NS, key.clone()), v);
+            }
+        }
+    }
+    want.retain(|_, v| *v != 0);
+    anyhow::ensure!(
+        got == want,
+        "the 24-hour series differ ({} vs {} points)",
+        got.len(),
+        want.len()
+    );
+    println!(
+        "{name}: 24 h stacked series, 1 min steps (1440 × 11): API (rollup) {api_ms:.1} ms, plain GROUP BY \
+         {raw_ms:.1} ms, ratio {:.1}x (median of {})",
+        raw_ms / api_ms,
+        a.runs
+    );
+    Ok(())
+}
+
+/// Percentile `p` (0..=100) of sorted `v`.
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+/// Reads an event stream, returning each `bench` event's latency in µs
+/// (now − its `t_ns`) until the one with `"last": true`.
+async fn reader(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET /api/v1/events?types=bench HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // A reader whose last event was dropped stops at the deadline.
+        let Ok(n) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await else {
+            return Ok(out);
+        };
+        let n = n?;
+        anyhow::ensure!(n > 0, "stream ended");
+        let at = qosloop_store::now_ns();
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(i) = text.find('\n') {
+            let line: String = text.drain(..=i).collect();
+            if let Some(d) = line.strip_prefix("data: ") {
+                // Read without parsing the padding; a `lagged` notice has
+                // no t_ns (a reader's losses are counted by the caller).
+                let t = d.find("\"t_ns\":").and_then(|i| {
+                    let digits: String = d[i + 7..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    digits.parse::<i64>().ok()
+                });
+                if let Some(t) = t {
+                    out.push((at - t) as f64 / 1e3);
+                }
+                if d.contains("\"last\":true") {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+}
+
+/// One fan-out round: `clients` readers (plus a client that reads nothing,
+/// when `slow`), 500 events of 2 KiB at 200/s. (1 MB: the kernel's socket
+/// buffers can hold it all for the client that reads nothing, so its queue
+/// may not overflow; with 8 KiB events the debug-built readers of this one
+/// process could not keep up at all. The overflow itself is exercised by
+/// the policy server's tests/events.rs.) Returns the readers'
+/// latencies (µs), sorted, and the events dropped.
+async fn round(clients: usize, slow: bool) -> anyhow::Result<(Vec<f64>, u64)> {
+    let dir = tempfile::tempdir()?;
+    let db = Db::connect(&format!("sqlite://{}", dir.path().join("e.db").display())).await?;
+    let bus = EventBus::new(64, clients + 8);
+    bus.register_kind("bench");
+    let addr = serve(&db, bus.clone()).await?;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        tasks.push(tokio::spawn(reader(addr)));
+    }
+    let _slow = if slow {
+        let sock = TcpSocket::new_v4()?;
+        sock.set_recv_buffer_size(4096)?;
+        let mut s = sock.connect(addr).await?;
+        s.write_all(b"GET /api/v1/events?types=bench HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await?;
+        Some(s)
+    } else {
+        None
+    };
+    let want = clients + usize::from(slow);
+    while bus.stats().clients < want {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pad = "x".repeat(2048);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..EVENTS {
+        tick.tick().await;
+        bus.publish(
+            "bench",
+            &serde_json::json!({ "t_ns": qosloop_store::now_ns(), "pad": pad, "last": i == EVENTS - 1 }),
+        );
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    all.sort_by(f64::total_cmp);
+    Ok((all, bus.stats().dropped_slow))
+}
+
+/// Events of one fan-out round.
+const EVENTS: usize = 500;
+
+async fn sse_fanout(clients: usize) -> anyhow::Result<()> {
+    let (base, base_dropped) = round(clients, false).await?;
+    let (with, dropped) = round(clients - 1, true).await?;
+    let readers_lost = (clients - 1) * EVENTS - with.len();
+    println!(
+        "SSE fan-out, {EVENTS} events of 2 KiB at 200/s: {clients} readers: p50 {:.0} µs, p99 {:.0} µs \
+         ({} events received, {base_dropped} dropped); {} readers + 1 that reads nothing: p50 {:.0} µs, \
+         p99 {:.0} µs ({} events received, {dropped} dropped in all, {readers_lost} of them the readers')",
+        pct(&base, 50.0),
+        pct(&base, 99.0),
+        base.len(),
+        clients - 1,
+        pct(&with, 50.0),
+        pct(&with, 99.0),
+        with.len(),
+    );
+    anyhow::ensure!(
+        base.len() == clients * EVENTS && readers_lost == 0,
+        "a reader lost events"
+    );
+    Ok(())
+}
