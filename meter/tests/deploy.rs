@@ -5,80 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-const BIN: &str = env!("CARGO_BIN_EXE_qosloop-meter");
+use qosloop_testbed::harness::deploy::{capabilities, example, verify_unit};
+
 const BIN_NAME: &str = "qosloop-meter";
-
-/// `systemd-analyze verify` on `unit` (from deploy/systemd/) with its
-/// ExecStart binary replaced by the one cargo built; skipped with the
-/// reason when systemd-analyze is absent (not required under CI).
-fn verify_unit(unit: &str, instance: Option<&str>) {
-    let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
-        .iter()
-        .map(std::path::Path::new)
-        .find(|p| p.is_file())
-    else {
-        eprintln!("skipped: systemd-analyze not installed (Debian package systemd); the unit is not verified");
-        return;
-    };
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(repo.join("deploy/systemd").join(unit)).unwrap();
-    let installed = format!("/usr/local/bin/{}", BIN_NAME);
-    assert!(text.contains(&installed), "{unit} does not run {installed}");
-    let dir = tempfile::tempdir().unwrap();
-    let name = match instance {
-        Some(i) => unit.replace("@.", &format!("@{i}.")),
-        None => unit.to_owned(),
-    };
-    let path = dir.path().join(name);
-    std::fs::write(&path, text.replace(&installed, BIN)).unwrap();
-    let out = std::process::Command::new(analyze)
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.trim().is_empty(),
-        "{unit}: {stderr}"
-    );
-}
-
-/// The capabilities `unit` keeps: bounding set and ambient set agree.
-fn capabilities(unit: &str) -> Vec<String> {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(repo.join("deploy/systemd").join(unit)).unwrap();
-    let set = |key: &str| -> Vec<String> {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(key))
-            .unwrap_or_else(|| panic!("{unit}: no {key}"));
-        line[key.len()..]
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect()
-    };
-    let bounding = set("CapabilityBoundingSet=");
-    assert_eq!(bounding, set("AmbientCapabilities="), "{unit}");
-    for hardening in [
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "ProtectHome=yes",
-        "PrivateTmp=yes",
-        "User=qosloop",
-    ] {
-        assert!(
-            text.lines().any(|l| l == hardening),
-            "{unit}: no {hardening}"
-        );
-    }
-    bounding
-}
-
-fn example(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples")
-        .join(name)
-}
+const BIN: &str = env!("CARGO_BIN_EXE_qosloop-meter");
 
 #[test]
 fn the_deployment_example_loads_and_the_unit_keeps_only_cap_net_raw() {
@@ -96,5 +26,5 @@ fn the_deployment_example_loads_and_the_unit_keeps_only_cap_net_raw() {
     // AF_PACKET needs CAP_NET_RAW; the capture sets no promiscuous mode
     // and no forced buffer size, so CAP_NET_ADMIN is not needed.
     assert_eq!(capabilities("qosloop-meter@.service"), ["CAP_NET_RAW"]);
-    verify_unit("qosloop-meter@.service", Some("eth0"));
+    verify_unit("qosloop-meter@.service", Some("eth0"), BIN_NAME, BIN);
 }

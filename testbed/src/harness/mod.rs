@@ -1,11 +1,13 @@
 //! Real services for tests, started on free loopback ports in temporary
 //! directories and torn down when their handle drops — also when a test
-//! panics: PostgreSQL, slapd, and network namespaces joined by veth pairs.
+//! panics: PostgreSQL, slapd, and network namespaces joined by veth pairs;
+//! and the checks of the deployment files ([`deploy`]).
 //!
 //! A test that needs root or a Debian package asks through [`need!`]: when
 //! the prerequisite is missing it fails under `CI=true` and elsewhere skips
 //! with a line that says why.
 
+pub mod deploy;
 mod netns;
 mod pki;
 mod postgres;
