@@ -120,21 +120,32 @@ pub struct ExporterCounts {
     pub records: u64,
 }
 
+impl ExporterCounts {
+    fn count(&mut self, records: u64, stored: bool) {
+        self.messages += 1;
+        if stored {
+            self.records += records;
+        } else {
+            self.duplicates += 1;
+        }
+    }
+}
+
 impl Counters {
     /// Counts one committed DATA message of `exporter`.
     pub fn committed(&self, exporter: &str, records: u64, stored: bool) {
         let mut m = self.by_exporter.lock().unwrap_or_else(|p| p.into_inner());
-        let key = if m.contains_key(exporter) || m.len() < MAX_EXPORTER_ENTRIES {
-            exporter
-        } else {
-            qosloop_runtime::metrics::OTHER
-        };
-        let c = m.entry(key.to_owned()).or_default();
-        c.messages += 1;
-        if stored {
-            c.records += records;
-        } else {
-            c.duplicates += 1;
+        // Per DATA message: a known name is counted without allocating.
+        match m.get_mut(exporter) {
+            Some(c) => c.count(records, stored),
+            None => {
+                let key = if m.len() < MAX_EXPORTER_ENTRIES {
+                    exporter
+                } else {
+                    qosloop_runtime::metrics::OTHER
+                };
+                m.entry(key.to_owned()).or_default().count(records, stored);
+            }
         }
     }
 
@@ -596,5 +607,34 @@ mod tests {
         assert_eq!(printable("m1", 64), "m1");
         assert_eq!(printable("a\nb\u{1b}[31m", 64), "a\\nb\\u{1b}[31m");
         assert_eq!(printable(&"x".repeat(100), 3), "xxx…");
+    }
+
+    #[test]
+    fn committed_messages_are_counted_per_exporter_up_to_the_cap() {
+        use super::{Counters, ExporterCounts, MAX_EXPORTER_ENTRIES};
+        let c = Counters::default();
+        for i in 0..MAX_EXPORTER_ENTRIES {
+            c.committed(&format!("e{i}"), 1, true);
+        }
+        c.committed("e0", 5, true);
+        c.committed("e0", 5, false);
+        c.committed("late", 7, true);
+        c.committed("later", 1, false);
+        let all = c.by_exporter();
+        assert_eq!(all.len(), MAX_EXPORTER_ENTRIES + 1);
+        let get = |name: &str| all.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+        let e0 = ExporterCounts {
+            messages: 3,
+            duplicates: 1,
+            records: 6,
+        };
+        assert_eq!(get("e0"), Some(e0));
+        assert_eq!(get("late"), None);
+        let other = ExporterCounts {
+            messages: 2,
+            duplicates: 1,
+            records: 7,
+        };
+        assert_eq!(get(qosloop_runtime::metrics::OTHER), Some(other));
     }
 }
