@@ -69,11 +69,7 @@ impl CollectorMetrics {
         // Per exporter (CRANE), capped like the IPFIX exporters.
         let crane = self
             .crane_exporters
-            .fold(self.counters.by_exporter(), |a, b| {
-                a.messages += b.messages;
-                a.duplicates += b.duplicates;
-                a.records += b.records;
-            });
+            .fold(self.counters.by_exporter(), |a, b| a.add(b));
         e.family(
             "qosloop_collector_export_messages_total",
             Kind::Counter,

@@ -121,6 +121,13 @@ pub struct ExporterCounts {
 }
 
 impl ExporterCounts {
+    /// Adds `other`'s counts (exporters summed under one label).
+    pub fn add(&mut self, other: &ExporterCounts) {
+        self.messages += other.messages;
+        self.duplicates += other.duplicates;
+        self.records += other.records;
+    }
+
     fn count(&mut self, records: u64, stored: bool) {
         self.messages += 1;
         if stored {
