@@ -19,9 +19,10 @@ use std::net::IpAddr;
 /// One minute, in ns.
 pub const MINUTE_NS: i64 = 60_000_000_000;
 
-/// The dimension values of one rollup row.
+/// The dimension values of one rollup row; its texts borrow from the
+/// records (nothing is copied per record).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Group {
+pub(crate) struct Group<'a> {
     pub minute_ns: i64,
     pub exporter_id: i64,
     pub src_addr: IpAddr,
@@ -30,9 +31,9 @@ pub(crate) struct Group {
     pub proto: u8,
     pub dscp: Option<u8>,
     pub vlan: Option<u16>,
-    pub class: Option<String>,
-    pub user: Option<String>,
-    pub process: Option<String>,
+    pub class: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub process: Option<&'a str>,
 }
 
 /// Scaled bytes, scaled packets, raw rows.
@@ -50,8 +51,8 @@ fn scaled(v: u64, interval: Option<u32>) -> i64 {
     }
 }
 
-impl Group {
-    fn of(exporter_id: i64, r: &FlowRecord) -> Group {
+impl<'a> Group<'a> {
+    fn of(exporter_id: i64, r: &'a FlowRecord) -> Group<'a> {
         let end = i64_of(r.end_ns);
         Group {
             minute_ns: end - end.rem_euclid(MINUTE_NS),
@@ -62,9 +63,9 @@ impl Group {
             proto: r.proto,
             dscp: r.dscp,
             vlan: r.vlan,
-            class: r.class.clone(),
-            user: r.user.clone(),
-            process: r.process.clone(),
+            class: r.class.as_deref(),
+            user: r.user.as_deref(),
+            process: r.process.as_deref(),
         }
     }
 
@@ -97,7 +98,7 @@ impl Group {
 }
 
 /// The rollup of the records of `batches`, in key order.
-pub(crate) fn rollup(batches: &[&Batch]) -> Vec<(Group, Sums)> {
+pub(crate) fn rollup<'a>(batches: &[&'a Batch]) -> Vec<(Group<'a>, Sums)> {
     let mut groups: BTreeMap<Group, Sums> = BTreeMap::new();
     for b in batches {
         for r in &b.records {
@@ -172,9 +173,9 @@ macro_rules! bind_rollup {
                 .bind(i64::from(g.proto))
                 .bind(g.dscp.map(i64::from))
                 .bind(g.vlan.map(i64::from))
-                .bind(g.class.clone())
-                .bind(g.user.clone())
-                .bind(g.process.clone())
+                .bind(g.class)
+                .bind(g.user)
+                .bind(g.process)
                 .bind(s.bytes)
                 .bind(s.packets)
                 .bind(s.flows);
@@ -240,14 +241,15 @@ mod tests {
 
     #[test]
     fn dims_keys_are_exact() {
-        let base = Group::of(3, &rec([10, 0, 0, 1], 0, 1, None));
+        let r = rec([10, 0, 0, 1], 0, 1, None);
+        let base = Group::of(3, &r);
         let mut a = base.clone();
-        a.class = Some("a|-".into());
+        a.class = Some("a|-");
         let mut b = base.clone();
-        b.class = Some("a".into());
-        b.user = Some("-".into());
+        b.class = Some("a");
+        b.user = Some("-");
         let mut c = base.clone();
-        c.class = Some(String::new());
+        c.class = Some("");
         assert_eq!(base.dims_key(), "3|10.0.0.1|10.9.9.9|443|6|-|-|-|-|-");
         let keys = [base.dims_key(), a.dims_key(), b.dims_key(), c.dims_key()];
         for (i, k) in keys.iter().enumerate() {
