@@ -143,20 +143,6 @@ async fn writer(
         let bump = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);
         };
-        match &result {
-            Ok(outcomes) => {
-                for (req, outcome) in group.iter().zip(outcomes) {
-                    bump(&stats.messages_committed, 1);
-                    match outcome {
-                        Outcome::Stored => {
-                            bump(&stats.records_committed, req.batch.records.len() as u64)
-                        }
-                        Outcome::Duplicate => bump(&stats.messages_duplicate, 1),
-                    }
-                }
-            }
-            Err(_) => bump(&stats.messages_failed, group.len() as u64),
-        }
         match result {
             Ok(outcomes) => {
                 for (req, outcome) in group.into_iter().zip(outcomes) {
@@ -165,6 +151,13 @@ async fn writer(
                         done,
                         memory,
                     } = req;
+                    bump(&stats.messages_committed, 1);
+                    match outcome {
+                        Outcome::Stored => {
+                            bump(&stats.records_committed, batch.records.len() as u64)
+                        }
+                        Outcome::Duplicate => bump(&stats.messages_duplicate, 1),
+                    }
                     let _ = done.send(Ok(outcome));
                     // The records are gone: their share of the budget is free.
                     drop(batch);
@@ -172,6 +165,7 @@ async fn writer(
                 }
             }
             Err(e) => {
+                bump(&stats.messages_failed, group.len() as u64);
                 tracing::error!(error = %e, messages = group.len(), "storing failed; sessions get an error");
                 for req in group {
                     let WriteReq {
@@ -199,9 +193,9 @@ async fn commit_with_retry(
     };
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0u32;
+    let batches: Vec<&Batch> = group.iter().map(|req| &req.batch).collect();
     loop {
         attempt += 1;
-        let batches: Vec<&Batch> = group.iter().map(|req| &req.batch).collect();
         let result = db.commit_batches_tallied(&batches, tally).await;
         match result {
             Ok(o) => {
