@@ -20,8 +20,7 @@ pub fn example(name: &str) -> PathBuf {
 
 fn unit_text(unit: &str) -> String {
     let path = repo().join("deploy/systemd").join(unit);
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// The capabilities `unit` (from deploy/systemd/) keeps, after asserting that
