@@ -50,7 +50,7 @@ impl Retention {
     /// The cut-off at `at_ns` (a partition is dropped only when all of it
     /// is older).
     pub fn before_ns(&self, at_ns: i64) -> Option<i64> {
-        (self.days > 0).then(|| at_ns - i64::from(self.days) * DAY_NS)
+        (self.days > 0).then(|| at_ns.saturating_sub(i64::from(self.days).saturating_mul(DAY_NS)))
     }
 }
 
@@ -153,7 +153,8 @@ impl Db {
             ..Maintenance::default()
         };
         let today = at_ns.div_euclid(DAY_NS) * DAY_NS;
-        let ahead_to = today + (i64::from(retention.ahead_days) + 1) * DAY_NS;
+        let ahead_to =
+            today.saturating_add((i64::from(retention.ahead_days) + 1).saturating_mul(DAY_NS));
         m.partitions_created = self.ensure_flow_partitions(at_ns, ahead_to).await?;
         if let Some(before) = m.before_ns {
             let (dropped, deleted) = self.drop_flows_before(before, retention.chunk_rows).await?;
@@ -173,5 +174,28 @@ impl Db {
             .await
             .map(|_| ()))?;
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `days` comes from the operator's configuration: a number of days
+    /// past what i64 nanoseconds hold keeps everything, never panics.
+    #[test]
+    fn a_retention_past_the_clock_keeps_everything() {
+        let now = 1_700_000_000_000_000_000;
+        let r = Retention {
+            days: 30,
+            ..Retention::default()
+        };
+        assert_eq!(r.before_ns(now), Some(now - 30 * DAY_NS));
+        let r = Retention {
+            days: u32::MAX,
+            ..Retention::default()
+        };
+        assert_eq!(r.before_ns(now), Some(now - i64::MAX));
+        assert_eq!(Retention::default().before_ns(now), None);
     }
 }
