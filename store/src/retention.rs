@@ -90,7 +90,12 @@ impl Db {
                 .await?;
                 Ok(days
                     .into_iter()
-                    .map(|d| (d * DAY_NS, (d + 1) * DAY_NS))
+                    // A day number from a table name: saturate rather
+                    // than panic on a name no clock reaches.
+                    .map(|d| {
+                        let start = d.saturating_mul(DAY_NS);
+                        (start, start.saturating_add(DAY_NS))
+                    })
                     .collect())
             }
         }
