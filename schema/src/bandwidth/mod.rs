@@ -21,11 +21,18 @@ use std::net::IpAddr;
 /// the raw counters and the interval in SQL (IPFIX/NetFlow exporters that
 /// sample); a record without an interval counted every packet.
 pub fn scaled(mut r: FlowRecord) -> FlowRecord {
-    if let Some(n) = r.sampling_interval.filter(|n| *n > 1) {
-        r.packets = r.packets.saturating_mul(u64::from(n));
-        r.bytes = r.bytes.saturating_mul(u64::from(n));
-    }
+    r.packets = scale(r.packets, r.sampling_interval);
+    r.bytes = scale(r.bytes, r.sampling_interval);
     r
+}
+
+/// One counter of a record scaled by its sampling interval (see
+/// [`scaled`]), for code that needs a counter without copying the record.
+pub fn scale(v: u64, sampling_interval: Option<u32>) -> u64 {
+    match sampling_interval {
+        Some(n) if n > 1 => v.saturating_mul(u64::from(n)),
+        _ => v,
+    }
 }
 
 /// True when `rule` selects the record: any of its flow specs matches (or

@@ -2,7 +2,7 @@
 //! the transaction that stores the records (so a record counts once iff it
 //! is stored once).
 
-use qosloop_schema::bandwidth::{scaled, window::TimeBuckets, Classifier, SubjectKind};
+use qosloop_schema::bandwidth::{scale, window::TimeBuckets, Classifier, SubjectKind};
 use qosloop_schema::FlowRecord;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,34 +18,38 @@ pub struct Tally {
     pub classifier: Arc<Classifier>,
 }
 
-/// `(kind, subject, slot)` → `(bytes, records)`.
-pub(crate) type Partials = BTreeMap<(SubjectKind, String, i64), (f64, i64)>;
+/// `(kind, subject, slot)` → `(bytes, records)`; the subjects borrow from
+/// the tally's classifier.
+pub(crate) type Partials<'a> = BTreeMap<(SubjectKind, &'a str, i64), (f64, i64)>;
 
 impl Tally {
     /// The partial sums of `records`: each record's (sampling-scaled)
     /// bytes spread over its `[start_ns, end_ns]` into slots of the rate
     /// interval, for every subject it counts for; the record itself counts
     /// in the slot of its end.
-    pub(crate) fn partials<'a>(&self, records: impl Iterator<Item = &'a FlowRecord>) -> Partials {
+    pub(crate) fn partials<'r>(
+        &self,
+        records: impl Iterator<Item = &'r FlowRecord>,
+    ) -> Partials<'_> {
         let mut out = Partials::new();
         let width = self.width_ns.max(1);
         for r in records {
-            let r = scaled(r.clone());
-            let keys = self.classifier.subject_keys(&r);
+            // Per stored record: classified as it is (subjects do not
+            // depend on the counters), only its bytes scaled.
+            let keys = self.classifier.subject_keys(r);
             if keys.is_empty() {
                 continue;
             }
             let start = i64::try_from(r.start_ns).unwrap_or(i64::MAX);
             let end = i64::try_from(r.end_ns).unwrap_or(i64::MAX);
             let mut tb = TimeBuckets::new(width);
-            tb.add(start, end, r.bytes);
+            tb.add(start, end, scale(r.bytes, r.sampling_interval));
             let end_slot = end.max(start).div_euclid(width);
             for (kind, key) in keys {
                 for (slot, bytes) in tb.buckets() {
-                    let e = out.entry((kind, key.to_owned(), slot)).or_default();
-                    e.0 += bytes;
+                    out.entry((kind, key, slot)).or_default().0 += bytes;
                 }
-                out.entry((kind, key.to_owned(), end_slot)).or_default().1 += 1;
+                out.entry((kind, key, end_slot)).or_default().1 += 1;
             }
         }
         out
@@ -57,7 +61,7 @@ impl Tally {
 pub(crate) async fn add_partials(
     tx: &mut sqlx::PgConnection,
     tally: &Tally,
-    partials: &Partials,
+    partials: &Partials<'_>,
 ) -> Result<(), sqlx::Error> {
     let rows: Vec<_> = partials.iter().collect();
     for chunk in rows.chunks(1000) {
@@ -129,7 +133,7 @@ mod tests {
             ..Default::default()
         };
         let p = t.partials([rec].iter());
-        let get = |k: SubjectKind, s: &str, slot| p.get(&(k, s.to_owned(), slot)).copied();
+        let get = |k: SubjectKind, s: &str, slot| p.get(&(k, s, slot)).copied();
         assert_eq!(get(SubjectKind::Flow, "cn=r", 0), Some((2000.0, 0)));
         assert_eq!(get(SubjectKind::Flow, "cn=r", 1), Some((4000.0, 0)));
         assert_eq!(get(SubjectKind::Flow, "cn=r", 2), Some((0.0, 1)));

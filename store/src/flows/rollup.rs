@@ -45,10 +45,7 @@ pub(crate) struct Sums {
 }
 
 fn scaled(v: u64, interval: Option<u32>) -> i64 {
-    match interval {
-        Some(n) if n > 1 => i64_of(v).saturating_mul(i64::from(n)),
-        _ => i64_of(v),
-    }
+    i64_of(qosloop_schema::bandwidth::scale(v, interval))
 }
 
 impl<'a> Group<'a> {
