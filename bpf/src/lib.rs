@@ -47,9 +47,14 @@ pub struct BpfError {
 
 impl BpfError {
     pub(crate) fn last(command: &'static str) -> BpfError {
+        BpfError::io(command, std::io::Error::last_os_error())
+    }
+
+    /// An error found before or without a system call (no errno, no log).
+    pub(crate) fn io(command: &'static str, source: std::io::Error) -> BpfError {
         BpfError {
             command,
-            source: std::io::Error::last_os_error(),
+            source,
             log: String::new(),
         }
     }

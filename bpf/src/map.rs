@@ -77,11 +77,7 @@ impl Map {
         max_entries: u32,
     ) -> Result<Map, BpfError> {
         let cpus = if map_type.per_cpu() {
-            possible_cpus().map_err(|source| BpfError {
-                command: "possible CPUs",
-                source,
-                log: String::new(),
-            })?
+            possible_cpus().map_err(|source| BpfError::io("possible CPUs", source))?
         } else {
             1
         };
@@ -111,9 +107,9 @@ impl Map {
         let word =
             |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
         if word(0) != map_type as u32 || word(8) != key_size || word(12) != value_size {
-            return Err(BpfError {
-                command: "BPF_OBJ_GET",
-                source: std::io::Error::new(
+            return Err(BpfError::io(
+                "BPF_OBJ_GET",
+                std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!(
                         "{} holds a map of type {} key {} value {}, expected type {} key {key_size} value {value_size}",
@@ -124,8 +120,7 @@ impl Map {
                         map_type as u32
                     ),
                 ),
-                log: String::new(),
-            });
+            ));
         }
         Map::wrap(fd, map_type, key_size, value_size, word(16))
     }
@@ -169,9 +164,9 @@ impl Map {
     fn check(&self, key: &[u8], value: Option<usize>) -> Result<(), BpfError> {
         let bad = key.len() != self.key_size || value.is_some_and(|v| v != self.user_value_size());
         if bad {
-            return Err(BpfError {
-                command: "map access",
-                source: std::io::Error::new(
+            return Err(BpfError::io(
+                "map access",
+                std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     format!(
                         "key of {} bytes / value of {:?} bytes for a map of {} / {}",
@@ -181,8 +176,7 @@ impl Map {
                         self.user_value_size()
                     ),
                 ),
-                log: String::new(),
-            });
+            ));
         }
         Ok(())
     }

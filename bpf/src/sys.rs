@@ -211,10 +211,11 @@ pub(crate) fn obj_get(path: &std::path::Path) -> Result<OwnedFd, BpfError> {
 
 fn cpath(path: &std::path::Path, command: &'static str) -> Result<CString, BpfError> {
     use std::os::unix::ffi::OsStrExt;
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| BpfError {
-        command,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
-        log: String::new(),
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        BpfError::io(
+            command,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
+        )
     })
 }
 
