@@ -85,6 +85,9 @@ pub struct Principal {
     pub name: String,
     pub role: Role,
     pub scope: Option<String>,
+    /// Whether a token proved `name`; false for the open API's
+    /// `anonymous`, which identifies nobody.
+    pub authenticated: bool,
 }
 
 /// The peer of a connection, put in each request's extensions by the web
@@ -485,12 +488,14 @@ pub async fn guard(State(auth): State<Auth>, mut req: Request, next: Next) -> Re
             name: token.name,
             role: token.role,
             scope: token.scope,
+            authenticated: true,
         }
     } else {
         Principal {
             name: "anonymous".into(),
             role: Role::Admin,
             scope: None,
+            authenticated: false,
         }
     };
     if needs_admin(req.method()) && principal.role != Role::Admin {
