@@ -200,7 +200,11 @@ pub async fn timeseries(
     let step_ns = duration_ns(step_text)
         .filter(|s| *s >= 1_000_000_000)
         .ok_or_else(|| ApiError::bad("step", "a duration of at least 1s, like 10s, 1m, 1h"))?;
-    let points = (sel.to - sel.from + step_ns - 1) / step_ns + 1;
+    // A step of centuries would overflow the count: refused like any
+    // count over the limit.
+    let points = (sel.to - sel.from)
+        .checked_add(step_ns - 1)
+        .map_or(i64::MAX, |n| n / step_ns + 1);
     if points > c.limits.max_points {
         return Err(ApiError::bad(
             "step",
