@@ -542,7 +542,7 @@ async fn report(
         .set_dpmi_point_status(
             &point.name,
             &PointStatus {
-                installed_version: rep.version.as_deref(),
+                installed_version: cut(rep.version.clone()).as_deref(),
                 install_error: cut(rep.install_error.clone()).as_deref(),
                 frames: sat(rep.frames),
                 matched: sat(rep.matched),
