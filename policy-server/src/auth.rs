@@ -25,7 +25,7 @@
 //! With no token configured the API is open (as before this module), and
 //! the server says so at start.
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -85,6 +85,9 @@ pub struct Principal {
     pub name: String,
     pub role: Role,
     pub scope: Option<String>,
+    /// Whether a token proved `name`; false for the open API's
+    /// `anonymous`, which identifies nobody.
+    pub authenticated: bool,
 }
 
 /// The peer of a connection, put in each request's extensions by the web
@@ -139,7 +142,9 @@ impl ScopeHook for FilterParamScope {
                 "this token is scoped and {path} cannot be filtered by its scope"
             ));
         }
-        let mut pairs = decode_query(req.uri().query().unwrap_or(""));
+        // Decoded as the console's `Query` decodes it.
+        let Query(mut pairs) = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+            .map_err(|e| format!("reading the query: {e}"))?;
         let mut scoped = false;
         for (k, v) in pairs.iter_mut() {
             if k == "filter" && !scoped {
@@ -165,43 +170,6 @@ impl ScopeHook for FilterParamScope {
         *req.uri_mut() = uri;
         Ok(())
     }
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn decode_query(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
 }
 
 fn percent_encode(s: &str) -> String {
@@ -485,12 +453,14 @@ pub async fn guard(State(auth): State<Auth>, mut req: Request, next: Next) -> Re
             name: token.name,
             role: token.role,
             scope: token.scope,
+            authenticated: true,
         }
     } else {
         Principal {
             name: "anonymous".into(),
             role: Role::Admin,
             scope: None,
+            authenticated: false,
         }
     };
     if needs_admin(req.method()) && principal.role != Role::Admin {

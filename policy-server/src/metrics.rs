@@ -8,18 +8,36 @@ use crate::engine::DecisionTable;
 use crate::pdp::PdpStats;
 use qosloop_runtime::metrics::{Exposition, Kind};
 use qosloop_schema::guard::ConnLimiter;
-use std::collections::BTreeMap;
+use qosloop_schema::DecisionKind;
+use qosloop_store::now_ns;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
+
+/// The verdicts, in the order `/metrics` shows them.
+const VERDICTS: [(DecisionKind, &str); 3] = [
+    (DecisionKind::Accept, "accept"),
+    (DecisionKind::Remark, "remark"),
+    (DecisionKind::Drop, "drop"),
+];
+
+/// `kind`'s index in [`VERDICTS`].
+fn slot(kind: DecisionKind) -> usize {
+    match kind {
+        DecisionKind::Accept => 0,
+        DecisionKind::Remark => 1,
+        DecisionKind::Drop => 2,
+    }
+}
 
 /// Counters of the decision loop (kept by [`crate::server`]).
 #[derive(Debug, Default)]
 pub struct LoopStats {
-    /// Decisions issued (new or changed), by verdict (`accept`, `remark`,
-    /// `drop`), and `remove` for decisions withdrawn.
-    pub decisions: Mutex<BTreeMap<String, u64>>,
+    /// Decisions issued (new or changed), by verdict in [`VERDICTS`] order.
+    pub issued: [AtomicU64; 3],
+    /// Decisions withdrawn.
+    pub removed: AtomicU64,
     /// Flow records read by the bandwidth manager.
     pub records_read: AtomicU64,
     /// Rows skipped as malformed.
@@ -37,15 +55,10 @@ impl LoopStats {
         installed: impl Iterator<Item = &'a qosloop_schema::Decision>,
         removed: usize,
     ) {
-        let Ok(mut m) = self.decisions.lock() else {
-            return;
-        };
         for d in installed {
-            *m.entry(d.kind().to_string()).or_default() += 1;
+            self.issued[slot(d.kind())].fetch_add(1, Ordering::Relaxed);
         }
-        if removed > 0 {
-            *m.entry("remove".into()).or_default() += removed as u64;
-        }
+        self.removed.fetch_add(removed as u64, Ordering::Relaxed);
     }
 }
 
@@ -74,12 +87,6 @@ pub struct MetricsSource {
     pub http: Option<(ConnLimiter, Arc<HttpStats>, Arc<AuthStats>)>,
 }
 
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
 impl MetricsSource {
     /// The exposition text.
     pub fn render(&self) -> String {
@@ -92,26 +99,22 @@ impl MetricsSource {
             Kind::Counter,
             "Decisions issued (new or changed) by verdict; remove counts withdrawn decisions.",
         );
-        let issued = l.decisions.lock().map(|m| m.clone()).unwrap_or_default();
-        for verdict in ["accept", "remark", "drop", "remove"] {
-            let v = issued.get(verdict).copied().unwrap_or(0);
-            e.sample(&[("verdict", verdict)], v as f64);
+        for (i, (_, verdict)) in VERDICTS.iter().enumerate() {
+            e.sample(&[("verdict", verdict)], n(&l.issued[i]) as f64);
         }
+        e.sample(&[("verdict", "remove")], n(&l.removed) as f64);
         let table = self.decisions.borrow().clone();
-        let mut in_force: BTreeMap<String, u64> = ["accept", "remark", "drop"]
-            .iter()
-            .map(|k| ((*k).to_owned(), 0))
-            .collect();
+        let mut in_force = [0u64; 3];
         for d in table.all() {
-            *in_force.entry(d.kind().to_string()).or_default() += 1;
+            in_force[slot(d.kind())] += 1;
         }
         e.family(
             "qosloop_policy_decisions",
             Kind::Gauge,
             "Decisions in force by verdict.",
         );
-        for (verdict, count) in &in_force {
-            e.sample(&[("verdict", verdict)], *count as f64);
+        for ((_, verdict), count) in VERDICTS.iter().zip(in_force) {
+            e.sample(&[("verdict", verdict)], count as f64);
         }
         e.counter(
             "qosloop_policy_flow_records_read_total",

@@ -248,8 +248,15 @@ pub async fn serve_with_policy_status(
                 (stream, peer) = accept_next(&listener, "HTTP") => {
                     // Over a limit: closed at once (counted and logged by the limiter).
                     let Ok(permit) = http_limiter.try_acquire(peer.ip()) else { continue };
-                    let service = TowerToHyperService::new(
-                        router.clone().layer(axum::Extension(crate::auth::PeerAddr(peer))),
+                    // The peer for access control's logs: put on each
+                    // request (a `Router::layer` here would rebuild every
+                    // route for every connection).
+                    let inner = TowerToHyperService::new(router.clone());
+                    let service = hyper::service::service_fn(
+                        move |mut req: hyper::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(crate::auth::PeerAddr(peer));
+                            hyper::service::Service::call(&inner, req)
+                        },
                     );
                     let mut stop = shutdown.clone();
                     let (stats, log, tls) = (http_stats.clone(), error_log.clone(), tls.clone());

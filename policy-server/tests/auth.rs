@@ -56,14 +56,27 @@ async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, String) {
+    request_with_body(addr, method, path, headers, "").await
+}
+
+/// One request carrying `body`; the status code, the headers and the body.
+async fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
@@ -270,6 +283,55 @@ async fn cors_is_off_unless_an_origin_is_allowed() {
         head.contains("access-control-allow-headers: authorization"),
         "{head}"
     );
+}
+
+/// The DPMI controller's user is the token's name when a token proved
+/// one: an `X-Qosloop-User` header naming someone else changes nothing.
+#[tokio::test]
+async fn a_dpmi_request_belongs_to_the_token_not_to_a_user_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = qosloop_store::Db::connect(&db_url(&dir)).await.unwrap();
+    db.migrate().await.unwrap();
+    let router = auth::protect(qosloop_policy_server::dpmi::router(db), load(&dir, &[]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let (admin, read) = (bearer(ADMIN), bearer(READ));
+    let point = r#"{"name": "mp1", "interface": "eth0", "max_filters": 4}"#;
+    let (code, _, body) = request_with_body(
+        addr,
+        "POST",
+        "/api/v1/points",
+        &[("Authorization", &admin)],
+        point,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let submit = r#"{"points": ["mp1"], "consumer": "127.0.0.1:9", "stop_s": 4000000000}"#;
+    let (code, _, body) = request_with_body(
+        addr,
+        "POST",
+        "/api/v1/requests",
+        &[("Authorization", &admin), ("X-Qosloop-User", "mallory")],
+        submit,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["owner"], "ops", "{body}");
+    let id = v["id"].as_i64().unwrap();
+    let path = format!("/api/v1/requests/{id}");
+    // Another token naming the owner in the header is another user.
+    let (code, _, body) = request(
+        addr,
+        "GET",
+        &path,
+        &[("Authorization", &read), ("X-Qosloop-User", "ops")],
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _, body) = request(addr, "GET", &path, &[("Authorization", &admin)]).await;
+    assert_eq!(code, 200, "{body}");
 }
 
 #[test]

@@ -495,6 +495,10 @@ async fn explorer_answers_match_independent_sums(url: &str) {
         (format!("/api/v1/flows?{range}&cursor=x"), "cursor"),
         (format!("/api/v1/top?{range}&dims=src_addr,bogus"), "dims"),
         (format!("/api/v1/timeseries?{range}&step=1ms"), "step"),
+        (
+            format!("/api/v1/timeseries?{range}&step=9223372036s"),
+            "step",
+        ),
         (format!("/api/v1/flows?{range}&format=xml"), "format"),
     ] {
         let (status, _, body) = get(a, &path, "*/*").await;

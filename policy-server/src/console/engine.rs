@@ -276,7 +276,8 @@ pub async fn timeseries(
 ) -> Result<(i64, Vec<Series>), ApiError> {
     let (d, src) = (db.dialect(), sel.source);
     let start = sel.from - sel.from.rem_euclid(step_ns);
-    let steps = ((sel.to - start + step_ns - 1) / step_ns).max(1) as usize;
+    // `start` >= 0 (times are), and the caller bounded the steps: no overflow.
+    let steps = ((sel.to - start).saturating_add(step_ns - 1) / step_ns).max(1) as usize;
     let tops = match stack {
         Some(dim) => top(db, sel, &[dim], metric, limit, grouping)
             .await?

@@ -87,11 +87,25 @@ fn dims_metric_limit(
 
 const OTHER: &str = "Other";
 
-pub async fn top(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Query(q): Pairs,
-) -> Result<Response, ApiError> {
+/// What `/top` (1-2 dimensions) and `/sankey` (2-3) share: the grouped
+/// query, and its CSV table (one row per group, then `Other`).
+struct GroupedAnswer {
+    csv: bool,
+    source: Source,
+    dims: Vec<Dim>,
+    metric: Metric,
+    g: engine::Grouped,
+    secs: f64,
+    table: Table,
+}
+
+async fn grouped(
+    c: &Console,
+    headers: &HeaderMap,
+    q: Vec<(String, String)>,
+    min_dims: usize,
+    max_dims: usize,
+) -> Result<GroupedAnswer, ApiError> {
     let p = Params::new(
         q,
         &allowed(&[
@@ -103,10 +117,10 @@ pub async fn top(
             "source",
         ]),
     )?;
-    let csv = wants_csv(&p, &headers)?;
-    let mut sel = selection(&c, &p)?;
-    let (dims, metric, limit) = dims_metric_limit(&c, &p, "dims", 1, 2)?;
-    let grouping = grouping(&c, &p)?;
+    let csv = wants_csv(&p, headers)?;
+    let mut sel = selection(c, &p)?;
+    let (dims, metric, limit) = dims_metric_limit(c, &p, "dims", min_dims, max_dims)?;
+    let grouping = grouping(c, &p)?;
     sel.source = Source::choose(
         p.choice("source", &SOURCE_NAMES, "auto")?,
         &sel,
@@ -119,27 +133,48 @@ pub async fn top(
     let mut columns: Vec<&str> = dims.iter().map(|d| d.name()).collect();
     columns.push("value");
     let mut table = Table::new(&columns);
-    let mut rows = Vec::new();
     for (keys, v) in &g.rows {
         let mut r = keys.clone();
         r.push(metric.value(*v, secs));
         table.rows.push(r);
-        rows.push(json!({ "keys": keys, "value": metric.value(*v, secs) }));
     }
     if g.other > 0 {
         let mut r: Vec<Value> = vec![OTHER.into(); dims.len()];
         r.push(metric.value(g.other, secs));
         table.rows.push(r);
     }
+    Ok(GroupedAnswer {
+        csv,
+        source: sel.source,
+        dims,
+        metric,
+        g,
+        secs,
+        table,
+    })
+}
+
+pub async fn top(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Query(q): Pairs,
+) -> Result<Response, ApiError> {
+    let a = grouped(&c, &headers, q, 1, 2).await?;
+    let (metric, secs) = (a.metric, a.secs);
+    let rows: Vec<Value> =
+        a.g.rows
+            .iter()
+            .map(|(keys, v)| json!({ "keys": keys, "value": metric.value(*v, secs) }))
+            .collect();
     let body = json!({
-        "dims": dims.iter().map(|d| d.name()).collect::<Vec<_>>(),
+        "dims": a.dims.iter().map(|d| d.name()).collect::<Vec<_>>(),
         "metric": METRIC_NAMES[metric as usize],
-        "source": sel.source.name(),
+        "source": a.source.name(),
         "rows": rows,
-        "other": metric.value(g.other, secs),
-        "total": metric.value(g.total, secs),
+        "other": metric.value(a.g.other, secs),
+        "total": metric.value(a.g.total, secs),
     });
-    Ok(answer(csv, body, &table))
+    Ok(answer(a.csv, body, &a.table))
 }
 
 pub async fn timeseries(
@@ -165,7 +200,11 @@ pub async fn timeseries(
     let step_ns = duration_ns(step_text)
         .filter(|s| *s >= 1_000_000_000)
         .ok_or_else(|| ApiError::bad("step", "a duration of at least 1s, like 10s, 1m, 1h"))?;
-    let points = (sel.to - sel.from + step_ns - 1) / step_ns + 1;
+    // A step of centuries would overflow the count: refused like any
+    // count over the limit.
+    let points = (sel.to - sel.from)
+        .checked_add(step_ns - 1)
+        .map_or(i64::MAX, |n| n / step_ns + 1);
     if points > c.limits.max_points {
         return Err(ApiError::bad(
             "step",
@@ -219,30 +258,8 @@ pub async fn sankey(
     headers: HeaderMap,
     Query(q): Pairs,
 ) -> Result<Response, ApiError> {
-    let p = Params::new(
-        q,
-        &allowed(&[
-            "dims",
-            "metric",
-            "limit",
-            "prefix_v4",
-            "prefix_v6",
-            "source",
-        ]),
-    )?;
-    let csv = wants_csv(&p, &headers)?;
-    let mut sel = selection(&c, &p)?;
-    let (dims, metric, limit) = dims_metric_limit(&c, &p, "dims", 2, 3)?;
-    let grouping = grouping(&c, &p)?;
-    sel.source = Source::choose(
-        p.choice("source", &SOURCE_NAMES, "auto")?,
-        &sel,
-        &dims,
-        None,
-    )?;
-    engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
-    let g = engine::top(&c.db, &sel, &dims, metric, limit, &grouping).await?;
-    let secs = sel.seconds();
+    let a = grouped(&c, &headers, q, 2, 3).await?;
+    let (dims, metric, secs, g) = (&a.dims, a.metric, a.secs, &a.g);
     let node =
         |d: Dim, k: &Value| -> String { format!("{}={}", d.name(), k.as_str().unwrap_or("")) };
     // Links between neighbouring dimensions, summed over the paths.
@@ -264,28 +281,15 @@ pub async fn sankey(
             }
         }
     }
-    let mut columns: Vec<&str> = dims.iter().map(|d| d.name()).collect();
-    columns.push("value");
-    let mut table = Table::new(&columns);
-    for (keys, v) in &g.rows {
-        let mut r = keys.clone();
-        r.push(metric.value(*v, secs));
-        table.rows.push(r);
-    }
-    if g.other > 0 {
-        let mut r: Vec<Value> = vec![OTHER.into(); dims.len()];
-        r.push(metric.value(g.other, secs));
-        table.rows.push(r);
-    }
     let body = json!({
         "dims": dims.iter().map(|d| d.name()).collect::<Vec<_>>(),
         "metric": METRIC_NAMES[metric as usize],
-        "source": sel.source.name(),
+        "source": a.source.name(),
         "nodes": nodes,
         "links": links.iter().map(|((s, t), v)| json!({"source": s, "target": t, "value": metric.value(*v, secs)})).collect::<Vec<_>>(),
         "paths": g.rows.iter().map(|(k, v)| json!({"keys": k, "value": metric.value(*v, secs)})).collect::<Vec<_>>(),
         "other": metric.value(g.other, secs),
         "total": metric.value(g.total, secs),
     });
-    Ok(answer(csv, body, &table))
+    Ok(answer(a.csv, body, &a.table))
 }

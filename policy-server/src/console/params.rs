@@ -201,8 +201,11 @@ fn time(name: &str, v: &str, now: i64) -> Result<i64, ApiError> {
         return Ok(now);
     }
     if let Some(d) = v.strip_prefix("now-") {
+        // Before the epoch is refused, as an explicit negative time is:
+        // the window arithmetic downstream counts on times >= 0.
         return duration_ns(d)
             .and_then(|d| now.checked_sub(d))
+            .filter(|t| *t >= 0)
             .ok_or_else(bad);
     }
     v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(bad)
@@ -252,6 +255,15 @@ mod tests {
         );
         let long = p(&[("from", "now-40d"), ("to", "now")]).unwrap();
         assert!(long.range(31 * 86_400_000_000_000).is_err());
+        let before_epoch = p(&[("from", "now-200000d"), ("to", "now")]).unwrap();
+        assert_eq!(
+            before_epoch
+                .range(i64::MAX)
+                .unwrap_err()
+                .parameter
+                .as_deref(),
+            Some("from")
+        );
         let fine = p(&[("from", "now-90m"), ("to", "now")]).unwrap();
         let (a, b) = fine.range(i64::MAX).unwrap();
         assert_eq!(b - a, 90 * 60_000_000_000);

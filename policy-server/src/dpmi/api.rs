@@ -11,14 +11,16 @@
 //! | `GET /api/v1/points/{name}/filters` | a point | the filter list to run now |
 //! | `POST /api/v1/points/{name}/report` | a point | installed version or install error, per-consumer counters |
 //!
-//! The requesting user is the [`RequestUser`] extension an authentication
-//! layer puts on the request (bearer tokens, branch h17m), or else the
-//! `X-Qosloop-User` header; with neither, 401. A request of another user
+//! The requesting user is the name of the bearer token the authentication
+//! layer ([`crate::auth`]) proved, or, when the API is open (no token
+//! configured), the `X-Qosloop-User` header; with neither, 401. A header
+//! never overrides a token's identity. A request of another user
 //! answers 404, as one that does not exist: delivery counters are reported
 //! to the consumer's owner alone.
 
 use super::merge::{merge, Active};
 use super::request::Request;
+use crate::auth::Principal;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -32,12 +34,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
-/// The authenticated user of an HTTP request, set by an authentication
-/// layer as a request extension.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestUser(pub String);
-
-/// The header naming the user when no authentication layer did.
+/// The header naming the user when no token did.
 pub const USER_HEADER: &str = "x-qosloop-user";
 
 /// Live requests one user may hold.
@@ -80,9 +77,12 @@ fn failed(e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, None, e)
 }
 
-fn user(ext: Option<Extension<RequestUser>>, headers: &HeaderMap) -> Result<String, Box<Response>> {
-    if let Some(Extension(RequestUser(u))) = ext {
-        return Ok(u);
+/// The caller's principal, as the authentication layer left it.
+type Caller = Option<Extension<Principal>>;
+
+fn user(caller: Caller, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    if let Some(Extension(p)) = caller.filter(|Extension(p)| p.authenticated) {
+        return Ok(p.name);
     }
     let name = headers
         .get(USER_HEADER)
@@ -109,11 +109,11 @@ fn body_json(body: &[u8]) -> Result<serde_json::Value, Box<Response>> {
 
 async fn submit(
     State(db): State<Db>,
-    ext: Option<Extension<RequestUser>>,
+    caller: Caller,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let owner = match user(ext, &headers) {
+    let owner = match user(caller, &headers) {
         Ok(u) => u,
         Err(r) => return *r,
     };
@@ -181,12 +181,8 @@ fn request_json(r: &RequestRow, now: i64) -> serde_json::Value {
     })
 }
 
-async fn list(
-    State(db): State<Db>,
-    ext: Option<Extension<RequestUser>>,
-    headers: HeaderMap,
-) -> Response {
-    let owner = match user(ext, &headers) {
+async fn list(State(db): State<Db>, caller: Caller, headers: HeaderMap) -> Response {
+    let owner = match user(caller, &headers) {
         Ok(u) => u,
         Err(r) => return *r,
     };
@@ -204,11 +200,11 @@ async fn list(
 
 async fn owned(
     db: &Db,
-    ext: Option<Extension<RequestUser>>,
+    caller: Caller,
     headers: &HeaderMap,
     id: &str,
 ) -> Result<RequestRow, Box<Response>> {
-    let owner = user(ext, headers)?;
+    let owner = user(caller, headers)?;
     let id: i64 = id.parse().map_err(|_| {
         Box::new(bad(FieldError::new(
             "id",
@@ -228,11 +224,11 @@ async fn owned(
 
 async fn show(
     State(db): State<Db>,
-    ext: Option<Extension<RequestUser>>,
+    caller: Caller,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let r = match owned(&db, ext, &headers, &id).await {
+    let r = match owned(&db, caller, &headers, &id).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
@@ -278,11 +274,11 @@ async fn show(
 
 async fn end(
     State(db): State<Db>,
-    ext: Option<Extension<RequestUser>>,
+    caller: Caller,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let r = match owned(&db, ext, &headers, &id).await {
+    let r = match owned(&db, caller, &headers, &id).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
@@ -546,7 +542,7 @@ async fn report(
         .set_dpmi_point_status(
             &point.name,
             &PointStatus {
-                installed_version: rep.version.as_deref(),
+                installed_version: cut(rep.version.clone()).as_deref(),
                 install_error: cut(rep.install_error.clone()).as_deref(),
                 frames: sat(rep.frames),
                 matched: sat(rep.matched),

@@ -8,4 +8,4 @@ pub mod api;
 pub mod merge;
 pub mod request;
 
-pub use api::{router, RequestUser, USER_HEADER};
+pub use api::{router, USER_HEADER};
