@@ -5,7 +5,7 @@
 //! reads too slowly loses frames — counted for it alone, by reason — and
 //! holds up nobody else: the capture thread never waits on a consumer.
 
-use super::cryptopan::CryptoPan;
+use super::cryptopan::{CachedPan, CryptoPan};
 use qosloop_schema::dpmi::{ConsumerSpec, Delivery, FrameFields};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -61,7 +61,6 @@ pub struct Output {
     pub spec: ConsumerSpec,
     pub counters: Arc<OutputCounters>,
     tx: Option<SyncSender<Item>>,
-    key: Option<Arc<CryptoPan>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -73,24 +72,24 @@ impl std::fmt::Debug for Item {
 
 impl Output {
     /// Starts delivering to `spec.address` through a queue of `capacity`
-    /// frames; `key` anonymises addresses when the consumer asked for it.
+    /// frames; `key` anonymises addresses when the consumer asked for it
+    /// (in the writer thread: the capture thread only copies).
     pub fn start(spec: ConsumerSpec, capacity: usize, key: Option<Arc<CryptoPan>>) -> Output {
         let (tx, rx) = mpsc::sync_channel::<Item>(capacity.max(1));
         let counters = Arc::new(OutputCounters::default());
         let (c, s) = (counters.clone(), spec.clone());
+        let anon = key.filter(|_| spec.anonymise).map(CachedPan::new);
         let thread = std::thread::Builder::new()
             .name(format!("dpmi-out-{}", spec.address))
-            .spawn(move || writer(s, rx, c))
+            .spawn(move || writer(s, rx, c, anon))
             .ok();
         if thread.is_none() {
             set_error(&counters, "cannot start its writer thread".into());
         }
-        let key = if spec.anonymise { key } else { None };
         Output {
             spec,
             counters,
             tx: Some(tx),
-            key,
             thread,
         }
     }
@@ -118,16 +117,10 @@ impl Output {
             return;
         }
         let cut = frame.len().min(self.spec.caplen as usize);
-        let mut data = frame[..cut].to_vec();
-        if self.spec.anonymise {
-            if let Some(k) = &self.key {
-                k.anonymise_frame(&mut data);
-            }
-        }
         match tx.try_send(Item {
             ts_ns,
             wire_len,
-            data,
+            data: frame[..cut].to_vec(),
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -207,7 +200,12 @@ pub struct FlowLine {
 
 type FlowKey = (u32, u32, u8, u16, u16);
 
-fn writer(spec: ConsumerSpec, rx: mpsc::Receiver<Item>, c: Arc<OutputCounters>) {
+fn writer(
+    spec: ConsumerSpec,
+    rx: mpsc::Receiver<Item>,
+    c: Arc<OutputCounters>,
+    mut anon: Option<CachedPan>,
+) {
     let Ok(addr) = spec.address.parse::<SocketAddr>() else {
         set_error(&c, format!("{:?} is not IP:PORT", spec.address));
         return;
@@ -231,7 +229,7 @@ fn writer(spec: ConsumerSpec, rx: mpsc::Receiver<Item>, c: Arc<OutputCounters>) 
             continue;
         }
         c.connected.store(true, Ordering::Relaxed);
-        let ended = serve(&spec, &rx, &c, &mut w);
+        let ended = serve(&spec, &rx, &c, &mut w, anon.as_mut());
         c.connected.store(false, Ordering::Relaxed);
         // What was queued for a connection that broke is lost.
         while rx.try_recv().is_ok() {
@@ -253,6 +251,7 @@ fn serve(
     rx: &mpsc::Receiver<Item>,
     c: &OutputCounters,
     w: &mut BufWriter<TcpStream>,
+    mut anon: Option<&mut CachedPan>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(2048);
     let mut flows: HashMap<FlowKey, FlowLine> = HashMap::new();
@@ -269,7 +268,10 @@ fn serve(
         let items = first
             .into_iter()
             .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(1024));
-        for it in items {
+        for mut it in items {
+            if let Some(a) = anon.as_deref_mut() {
+                a.anonymise_frame(&mut it.data);
+            }
             match spec.delivery {
                 Delivery::Packets => {
                     buf.clear();
@@ -330,4 +332,69 @@ fn write_flows(
         c.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    fn frame(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 8];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 17;
+        f[26..30].copy_from_slice(&src);
+        f[30..34].copy_from_slice(&dst);
+        f
+    }
+
+    /// A packets consumer that asked for anonymised frames reads each
+    /// frame with both addresses replaced by their Crypto-PAn image, the
+    /// same address always the same image.
+    #[test]
+    fn anonymised_packets_reach_the_consumer() {
+        let key = Arc::new(CryptoPan::new(&[9u8; 32]));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = ConsumerSpec {
+            address: listener.local_addr().unwrap().to_string(),
+            delivery: Delivery::Packets,
+            caplen: 64,
+            anonymise: true,
+            refilter: false,
+            exact: Vec::new(),
+        };
+        let out = Output::start(spec, 16, Some(key.clone()));
+        let (mut peer, _) = listener.accept().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let frames = [
+            frame([10, 0, 0, 1], [10, 0, 0, 2]),
+            frame([10, 0, 0, 2], [10, 0, 0, 1]),
+            frame([10, 0, 0, 1], [192, 168, 1, 1]),
+        ];
+        for (i, f) in frames.iter().enumerate() {
+            let fields = FrameFields::parse(f, None).unwrap();
+            out.offer(i as u64 * 1000, f.len() as u32, f, "eth0", &fields);
+        }
+        drop(out);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        let mut at = 24;
+        for f in &frames {
+            let len = u32::from_le_bytes(got[at + 8..at + 12].try_into().unwrap()) as usize;
+            assert_eq!(len, f.len());
+            let body = &got[at + 16..at + 16 + len];
+            let mut want = f.clone();
+            key.anonymise_frame(&mut want);
+            assert_ne!(body[26..34], f[26..34]);
+            assert_eq!(body, &want[..]);
+            at += 16 + len;
+        }
+        assert_eq!(at, got.len());
+    }
 }
