@@ -74,11 +74,11 @@ impl Output {
     /// Starts delivering to `spec.address` through a queue of `capacity`
     /// frames; `key` anonymises addresses when the consumer asked for it
     /// (in the writer thread: the capture thread only copies).
-    pub fn start(spec: ConsumerSpec, capacity: usize, key: Option<Arc<CryptoPan>>) -> Output {
+    pub fn start(spec: ConsumerSpec, capacity: usize, key: Arc<CryptoPan>) -> Output {
         let (tx, rx) = mpsc::sync_channel::<Item>(capacity.max(1));
         let counters = Arc::new(OutputCounters::default());
         let (c, s) = (counters.clone(), spec.clone());
-        let anon = key.filter(|_| spec.anonymise).map(CachedPan::new);
+        let anon = spec.anonymise.then(|| CachedPan::new(key));
         let thread = std::thread::Builder::new()
             .name(format!("dpmi-out-{}", spec.address))
             .spawn(move || writer(s, rx, c, anon))
@@ -366,7 +366,7 @@ mod tests {
             refilter: false,
             exact: Vec::new(),
         };
-        let out = Output::start(spec, 16, Some(key.clone()));
+        let out = Output::start(spec, 16, key.clone());
         let (mut peer, _) = listener.accept().unwrap();
         let until = Instant::now() + Duration::from_secs(10);
         while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {

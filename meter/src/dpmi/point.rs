@@ -54,6 +54,12 @@ pub enum PointError {
         status: u16,
         body: String,
     },
+    #[error("point {point}: making up an anonymisation key: {source}")]
+    Key {
+        point: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("point {point}: capture on {interface}: {source}")]
     Capture {
         point: String,
@@ -131,9 +137,14 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
     let ring = PacketRing::open(ifindex, RingConfig::default(), Some(&drop_all), None)
         .map_err(capture_err)?;
     let handle = ring.filter_handle().map_err(capture_err)?;
+    // Without a key a consumer that asked for anonymised frames would get
+    // real addresses: no key, no point.
     let key = match cfg.key.clone() {
-        Some(k) => Some(k),
-        None => CryptoPan::random().ok().map(Arc::new),
+        Some(k) => k,
+        None => Arc::new(CryptoPan::random().map_err(|source| PointError::Key {
+            point: point.clone(),
+            source,
+        })?),
     };
     let installed = Arc::new(RwLock::new(Arc::new(Installed::default())));
     let counts = Arc::new(Counts::default());
@@ -154,7 +165,7 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
                     .map(|i| i.list.version.clone())
                     .unwrap_or_default();
                 if list.version != current && list.version != refused_version {
-                    match install(&cfg, &handle, &installed, list, key.as_ref()) {
+                    match install(&cfg, &handle, &installed, list, &key) {
                         Ok(version) => {
                             tracing::info!(point = %cfg.name, %version, "DPMI filters installed");
                             stats.installs += 1;
@@ -289,7 +300,7 @@ fn install(
     handle: &FilterHandle,
     installed: &RwLock<Arc<Installed>>,
     list: FilterList,
-    key: Option<&Arc<CryptoPan>>,
+    key: &Arc<CryptoPan>,
 ) -> Result<String, (String, String)> {
     let snap = list
         .consumers
@@ -326,7 +337,7 @@ fn install(
             spec.caplen = spec.caplen.min(cfg.max_caplen);
             match old.outputs.iter().find(|o| same_output(&o.spec, &spec)) {
                 Some(o) => o.clone(),
-                None => Arc::new(Output::start(spec, cfg.consumer_buffer, key.cloned())),
+                None => Arc::new(Output::start(spec, cfg.consumer_buffer, key.clone())),
             }
         })
         .collect();
