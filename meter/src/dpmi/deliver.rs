@@ -174,14 +174,18 @@ fn pcap_header(snaplen: u32) -> [u8; 24] {
     h
 }
 
-fn pcap_record(out: &mut Vec<u8>, it: &Item) {
+/// Writes one pcap record (header, then the frame); returns its length.
+fn write_pcap_record(w: &mut impl Write, it: &Item) -> std::io::Result<usize> {
     let secs = (it.ts_ns / 1_000_000_000) as u32;
     let usecs = ((it.ts_ns % 1_000_000_000) / 1000) as u32;
-    out.extend_from_slice(&secs.to_le_bytes());
-    out.extend_from_slice(&usecs.to_le_bytes());
-    out.extend_from_slice(&(it.data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&it.wire_len.to_le_bytes());
-    out.extend_from_slice(&it.data);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&secs.to_le_bytes());
+    h[4..8].copy_from_slice(&usecs.to_le_bytes());
+    h[8..12].copy_from_slice(&(it.data.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&it.wire_len.to_le_bytes());
+    w.write_all(&h)?;
+    w.write_all(&it.data)?;
+    Ok(h.len() + it.data.len())
 }
 
 /// A flow record as a flows consumer reads it.
@@ -253,7 +257,6 @@ fn serve(
     w: &mut BufWriter<TcpStream>,
     mut anon: Option<&mut CachedPan>,
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(2048);
     let mut flows: HashMap<FlowKey, FlowLine> = HashMap::new();
     let mut flushed = Instant::now();
     loop {
@@ -274,11 +277,9 @@ fn serve(
             }
             match spec.delivery {
                 Delivery::Packets => {
-                    buf.clear();
-                    pcap_record(&mut buf, &it);
-                    w.write_all(&buf)?;
+                    let n = write_pcap_record(w, &it)?;
                     c.delivered.fetch_add(1, Ordering::Relaxed);
-                    c.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    c.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Delivery::Flows => add_flow(&mut flows, &it, c),
             }
