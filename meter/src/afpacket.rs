@@ -146,6 +146,16 @@ fn attach_filter(fd: &OwnedFd, prog: &[BpfInsn]) -> io::Result<()> {
         &fprog,
         "SO_ATTACH_FILTER",
     )
+    .map_err(|e| {
+        if e.kind() == io::ErrorKind::OutOfMemory {
+            io::Error::new(
+                e.kind(),
+                format!("{e} (the kernel refused the filter's socket memory: net.core.optmem_max)"),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// A second descriptor of a ring's socket, to swap its filter from another

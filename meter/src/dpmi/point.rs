@@ -311,9 +311,7 @@ fn install(
     let filters: Vec<_> = list.filters.iter().map(|f| &f.filter).collect();
     let prog = compile(&filters, snap);
     if let Err(e) = handle.attach(&prog) {
-        let hint = if e.kind() == std::io::ErrorKind::OutOfMemory {
-            " (the kernel refused the filter's socket memory: net.core.optmem_max)"
-        } else if prog.len() > 4096 {
+        let hint = if prog.len() > 4096 {
             " (over BPF_MAXINSNS, 4096)"
         } else {
             ""
