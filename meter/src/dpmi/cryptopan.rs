@@ -247,20 +247,22 @@ impl CachedPan {
         }
     }
 
+    /// [`CryptoPan::anonymise_u32`], through the cache.
+    pub fn anonymise_u32(&mut self, a: u32) -> u32 {
+        if let Some(&x) = self.seen.get(&a) {
+            return x;
+        }
+        if self.seen.len() >= self.capacity {
+            self.seen.clear();
+        }
+        let x = self.key.anonymise_u32(a);
+        self.seen.insert(a, x);
+        x
+    }
+
     /// [`CryptoPan::anonymise_frame`], through the cache.
     pub fn anonymise_frame(&mut self, frame: &mut [u8]) {
-        let (key, seen, capacity) = (&self.key, &mut self.seen, self.capacity);
-        map_frame_addresses(frame, |a| {
-            if let Some(&x) = seen.get(&a) {
-                return x;
-            }
-            if seen.len() >= capacity {
-                seen.clear();
-            }
-            let x = key.anonymise_u32(a);
-            seen.insert(a, x);
-            x
-        });
+        map_frame_addresses(frame, |a| self.anonymise_u32(a));
     }
 }
 

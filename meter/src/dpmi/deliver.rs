@@ -52,7 +52,14 @@ pub struct ConsumerReport {
 struct Item {
     ts_ns: u64,
     wire_len: u32,
-    data: Vec<u8>,
+    payload: Payload,
+}
+
+/// What a consumer is sent of a frame: the frame cut to its caplen, or
+/// for a flows consumer only the flow key (read from the whole frame).
+enum Payload {
+    Frame(Vec<u8>),
+    Flow(FlowKey),
 }
 
 /// One consumer's queue and writer thread (which ends when this drops).
@@ -66,7 +73,10 @@ pub struct Output {
 
 impl std::fmt::Debug for Item {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Item({} bytes)", self.data.len())
+        match &self.payload {
+            Payload::Frame(d) => write!(f, "Item({} bytes)", d.len()),
+            Payload::Flow(k) => write!(f, "Item({k:?})"),
+        }
     }
 }
 
@@ -116,11 +126,24 @@ impl Output {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let cut = frame.len().min(self.spec.caplen as usize);
+        let payload = match self.spec.delivery {
+            Delivery::Packets => {
+                let cut = frame.len().min(self.spec.caplen as usize);
+                Payload::Frame(frame[..cut].to_vec())
+            }
+            // Only IPv4 frames make flows.
+            Delivery::Flows => match fields.ip {
+                Some((proto, src, dst)) => {
+                    let (sp, dp) = fields.ports.unwrap_or((0, 0));
+                    Payload::Flow((src, dst, proto, sp, dp))
+                }
+                None => return,
+            },
+        };
         match tx.try_send(Item {
             ts_ns,
             wire_len,
-            data: frame[..cut].to_vec(),
+            payload,
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -175,17 +198,22 @@ fn pcap_header(snaplen: u32) -> [u8; 24] {
 }
 
 /// Writes one pcap record (header, then the frame); returns its length.
-fn write_pcap_record(w: &mut impl Write, it: &Item) -> std::io::Result<usize> {
-    let secs = (it.ts_ns / 1_000_000_000) as u32;
-    let usecs = ((it.ts_ns % 1_000_000_000) / 1000) as u32;
+fn write_pcap_record(
+    w: &mut impl Write,
+    ts_ns: u64,
+    wire_len: u32,
+    data: &[u8],
+) -> std::io::Result<usize> {
+    let secs = (ts_ns / 1_000_000_000) as u32;
+    let usecs = ((ts_ns % 1_000_000_000) / 1000) as u32;
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&secs.to_le_bytes());
     h[4..8].copy_from_slice(&usecs.to_le_bytes());
-    h[8..12].copy_from_slice(&(it.data.len() as u32).to_le_bytes());
-    h[12..16].copy_from_slice(&it.wire_len.to_le_bytes());
+    h[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&wire_len.to_le_bytes());
     w.write_all(&h)?;
-    w.write_all(&it.data)?;
-    Ok(h.len() + it.data.len())
+    w.write_all(data)?;
+    Ok(h.len() + data.len())
 }
 
 /// A flow record as a flows consumer reads it.
@@ -271,17 +299,23 @@ fn serve(
         let items = first
             .into_iter()
             .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(1024));
-        for mut it in items {
-            if let Some(a) = anon.as_deref_mut() {
-                a.anonymise_frame(&mut it.data);
-            }
-            match spec.delivery {
-                Delivery::Packets => {
-                    let n = write_pcap_record(w, &it)?;
+        for it in items {
+            match it.payload {
+                Payload::Frame(mut data) => {
+                    if let Some(a) = anon.as_deref_mut() {
+                        a.anonymise_frame(&mut data);
+                    }
+                    let n = write_pcap_record(w, it.ts_ns, it.wire_len, &data)?;
                     c.delivered.fetch_add(1, Ordering::Relaxed);
                     c.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Delivery::Flows => add_flow(&mut flows, &it, c),
+                Payload::Flow((src, dst, proto, sp, dp)) => {
+                    let key = match anon.as_deref_mut() {
+                        Some(a) => (a.anonymise_u32(src), a.anonymise_u32(dst), proto, sp, dp),
+                        None => (src, dst, proto, sp, dp),
+                    };
+                    add_flow(&mut flows, key, it.ts_ns, it.wire_len, c);
+                }
             }
         }
         if spec.delivery == Delivery::Flows && flushed.elapsed() >= FLOW_INTERVAL {
@@ -293,31 +327,30 @@ fn serve(
     }
 }
 
-fn add_flow(flows: &mut HashMap<FlowKey, FlowLine>, it: &Item, c: &OutputCounters) {
-    let Some(f) = FrameFields::parse(&it.data, None) else {
-        return;
-    };
-    let Some((proto, src, dst)) = f.ip else {
-        return;
-    };
-    let (sp, dp) = f.ports.unwrap_or((0, 0));
-    let key = (src, dst, proto, sp, dp);
+fn add_flow(
+    flows: &mut HashMap<FlowKey, FlowLine>,
+    key: FlowKey,
+    ts_ns: u64,
+    wire_len: u32,
+    c: &OutputCounters,
+) {
     if !flows.contains_key(&key) && flows.len() >= MAX_FLOWS {
         c.dropped_full.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    let (src, dst, proto, sp, dp) = key;
     let e = flows.entry(key).or_insert_with(|| FlowLine {
         src_addr: std::net::Ipv4Addr::from(src).to_string(),
         dst_addr: std::net::Ipv4Addr::from(dst).to_string(),
         proto,
         src_port: sp,
         dst_port: dp,
-        first_ns: it.ts_ns,
+        first_ns: ts_ns,
         ..FlowLine::default()
     });
     e.packets += 1;
-    e.bytes += u64::from(it.wire_len);
-    e.last_ns = it.ts_ns;
+    e.bytes += u64::from(wire_len);
+    e.last_ns = ts_ns;
 }
 
 fn write_flows(
@@ -397,5 +430,55 @@ mod tests {
             at += 16 + len;
         }
         assert_eq!(at, got.len());
+    }
+
+    /// A flows consumer's caplen cuts what it would be sent, not what the
+    /// point reads for its flow key: at the smallest caplen (34, no room
+    /// for the ports after the IP header) its flows still have their ports.
+    #[test]
+    fn a_flows_consumer_at_the_smallest_caplen_gets_the_ports() {
+        let key = Arc::new(CryptoPan::new(&[9u8; 32]));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = ConsumerSpec {
+            address: listener.local_addr().unwrap().to_string(),
+            delivery: Delivery::Flows,
+            caplen: 34,
+            anonymise: false,
+            refilter: false,
+            exact: Vec::new(),
+        };
+        let out = Output::start(spec, 16, key);
+        let (mut peer, _) = listener.accept().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut f = frame([10, 0, 0, 1], [10, 0, 0, 2]);
+        f[34..36].copy_from_slice(&4000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&53u16.to_be_bytes());
+        let fields = FrameFields::parse(&f, None).unwrap();
+        out.offer(1000, 60, &f, "eth0", &fields);
+        out.offer(2000, 60, &f, "eth0", &fields);
+        drop(out);
+        let mut got = String::new();
+        peer.read_to_string(&mut got).unwrap();
+        let lines: Vec<FlowLine> = got
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            vec![FlowLine {
+                src_addr: "10.0.0.1".into(),
+                dst_addr: "10.0.0.2".into(),
+                proto: 17,
+                src_port: 4000,
+                dst_port: 53,
+                packets: 2,
+                bytes: 120,
+                first_ns: 1000,
+                last_ns: 2000,
+            }]
+        );
     }
 }
