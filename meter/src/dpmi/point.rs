@@ -456,7 +456,7 @@ mod tests {
                 exact: Vec::new(),
             }],
         };
-        let mut frame = vec![0u8; 18 + 60 + 8 + 100];
+        let mut frame = [0u8; 18 + 60 + 8 + 100];
         frame[12..14].copy_from_slice(&[0x81, 0x00]);
         frame[16..18].copy_from_slice(&[0x08, 0x00]);
         frame[18] = 0x4f; // IHL 15: 60 bytes
