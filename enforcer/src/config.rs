@@ -173,10 +173,6 @@ impl Config {
         }
     }
 
-    /// PDP addresses, checked to be `HOST:PORT`.
-    /// Checks the PDP TLS files the daemon will use (readable, parseable,
-    /// a key that matches), so that a mistake there exits 64 before any
-    /// kernel object is touched rather than when the first PDP is dialled.
     /// The `metrics` address, if any (loopback only: the enforcer has no
     /// flag to open a port wider).
     pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
@@ -197,10 +193,14 @@ impl Config {
         Ok(Some(addr))
     }
 
+    /// Checks the PDP TLS files the daemon will use (readable, parseable,
+    /// a key that matches), so that a mistake there exits 64 before any
+    /// kernel object is touched rather than when the first PDP is dialled.
     pub fn check_pdp_tls(&self) -> Result<(), ConfigError> {
         self.pdp_tls().map(|_| ())
     }
 
+    /// PDP addresses, checked to be `HOST:PORT`.
     pub fn pdps(&self) -> Result<Vec<String>, ConfigError> {
         for p in &self.pdp {
             let ok = p

@@ -44,6 +44,35 @@ struct TpacketStatsV3 {
     tp_freeze_q_cnt: u32,
 }
 
+/// Classic BPF opcodes (<linux/bpf_common.h>, <linux/filter.h>), for the
+/// programs the meter builds.
+pub(crate) mod op {
+    pub const LD_W_ABS: u16 = 0x20;
+    pub const LD_H_ABS: u16 = 0x28;
+    pub const LD_B_ABS: u16 = 0x30;
+    pub const LD_H_IND: u16 = 0x48;
+    pub const LD_W_LEN: u16 = 0x80;
+    pub const LD_IMM: u16 = 0x00;
+    pub const LD_MEM: u16 = 0x60;
+    pub const LDX_MEM: u16 = 0x61;
+    pub const LDX_MSH: u16 = 0xb1;
+    pub const ST: u16 = 0x02;
+    pub const ADD_K: u16 = 0x04;
+    pub const ADD_X: u16 = 0x0c;
+    pub const SUB_K: u16 = 0x14;
+    pub const MUL_K: u16 = 0x24;
+    pub const RSH_K: u16 = 0x74;
+    pub const RSH_X: u16 = 0x7c;
+    pub const JA: u16 = 0x05;
+    pub const AND_K: u16 = 0x54;
+    pub const JEQ_K: u16 = 0x15;
+    pub const JGE_K: u16 = 0x35;
+    pub const JGE_X: u16 = 0x3d;
+    pub const JSET_K: u16 = 0x45;
+    pub const RET_K: u16 = 0x06;
+    pub const TAX: u16 = 0x07;
+}
+
 /// One classic BPF instruction (`struct sock_filter`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +175,16 @@ fn attach_filter(fd: &OwnedFd, prog: &[BpfInsn]) -> io::Result<()> {
         &fprog,
         "SO_ATTACH_FILTER",
     )
+    .map_err(|e| {
+        if e.kind() == io::ErrorKind::OutOfMemory {
+            io::Error::new(
+                e.kind(),
+                format!("{e} (the kernel refused the filter's socket memory: net.core.optmem_max)"),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// A second descriptor of a ring's socket, to swap its filter from another

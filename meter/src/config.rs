@@ -92,7 +92,8 @@ pub struct Config {
     pub agent_pin_dir: Option<PathBuf>,
     /// Agent: entries of each counter map (default 65536).
     pub agent_map_entries: Option<u32>,
-    /// Prometheus `/metrics` on this `HOST:PORT` (live capture and agent).
+    /// Prometheus `/metrics` on this `HOST:PORT` (live capture only: a pcap
+    /// run, the agent and a DPMI point or DiCAP coordinator serve none).
     pub metrics: Option<String>,
 }
 

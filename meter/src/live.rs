@@ -4,6 +4,7 @@
 //! PACKET_STATISTICS and reported. Records from every thread reach the one
 //! sink through a channel.
 
+use crate::afpacket::op::RET_K;
 use crate::afpacket::{if_index, PacketRing, RingConfig};
 pub use crate::afpacket::{BpfInsn, FilterHandle};
 use crate::classify::Classifier;
@@ -88,9 +89,6 @@ pub fn parse_bpf(text: &str) -> Result<Vec<BpfInsn>, String> {
     Ok(prog)
 }
 
-/// BPF_RET | BPF_K.
-const BPF_RET_K: u16 = 0x06;
-
 /// The socket filter to install: the user's program with its accepting
 /// returns clamped to `caplen` (so the kernel copies only headers), or a
 /// one-instruction "accept caplen bytes" program.
@@ -99,7 +97,7 @@ pub fn effective_filter(user: Option<&[BpfInsn]>, caplen: usize) -> Option<Vec<B
     match (user, caplen) {
         (None, 0) => None,
         (None, _) => Some(vec![BpfInsn {
-            code: BPF_RET_K,
+            code: RET_K,
             jt: 0,
             jf: 0,
             k: cap,
@@ -108,7 +106,7 @@ pub fn effective_filter(user: Option<&[BpfInsn]>, caplen: usize) -> Option<Vec<B
             p.iter()
                 .map(|i| {
                     let mut i = *i;
-                    if c > 0 && i.code == BPF_RET_K && i.k > cap {
+                    if c > 0 && i.code == RET_K && i.k > cap {
                         i.k = cap;
                     }
                     i

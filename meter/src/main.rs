@@ -178,7 +178,10 @@ fn fail(code: u8, err: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
+/// Sets `stop` on SIGINT/SIGTERM, or after `duration_s` seconds (0 or
+/// none: no time limit).
+fn stop_on_signal(stop: Arc<AtomicBool>, duration_s: Option<u64>) {
+    let duration = duration_s.filter(|&s| s > 0).map(Duration::from_secs);
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -236,11 +239,7 @@ fn main() -> ExitCode {
     }
     if let Some(listen) = &dicap.dicap_coordinator {
         let stop = Arc::new(AtomicBool::new(false));
-        let duration = config
-            .duration_s
-            .filter(|&s| s > 0)
-            .map(Duration::from_secs);
-        stop_on_signal(stop.clone(), duration);
+        stop_on_signal(stop.clone(), config.duration_s);
         return match dicap.run_coordinator(listen, stop) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_CONFIG, e),
@@ -333,11 +332,7 @@ fn main() -> ExitCode {
                 return fail(1, e);
             }
         }
-        let duration = config
-            .duration_s
-            .filter(|&s| s > 0)
-            .map(Duration::from_secs);
-        stop_on_signal(stop.clone(), duration);
+        stop_on_signal(stop.clone(), config.duration_s);
         let started = std::time::Instant::now();
         let result = capture.run(validated.pipeline, classifier, sink.as_mut(), stop);
         drop(metrics);
@@ -369,10 +364,7 @@ fn main() -> ExitCode {
 /// --duration-s), then prints its counters as JSON.
 fn run_dpmi_point(point: qosloop_meter::dpmi::PointConfig, duration_s: Option<u64>) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(
-        stop.clone(),
-        duration_s.filter(|&s| s > 0).map(Duration::from_secs),
-    );
+    stop_on_signal(stop.clone(), duration_s);
     match qosloop_meter::dpmi::run_point(point, stop) {
         Ok(stats) => {
             eprintln!(
@@ -400,11 +392,7 @@ fn run_agent(config: &qosloop_meter::Config, sink: &mut dyn qosloop_meter::Recor
         interim: Duration::from_millis(config.interim_ms.filter(|&m| m > 0).unwrap_or(1000)),
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let duration = config
-        .duration_s
-        .filter(|&s| s > 0)
-        .map(Duration::from_secs);
-    stop_on_signal(stop.clone(), duration);
+    stop_on_signal(stop.clone(), config.duration_s);
     match agent::run(&cfg, sink, &stop)
         .map_err(anyhow::Error::from)
         .and_then(|stats| Ok((stats, sink.finish()?)))

@@ -20,18 +20,6 @@ use std::time::{Duration, Instant};
 
 const PYTHON: &str = "/usr/bin/python3";
 
-fn ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
-fn skip(why: &str) -> Option<()> {
-    if ci() {
-        panic!("prerequisite missing under CI=true: {why}");
-    }
-    eprintln!("skipped: {why}");
-    None
-}
-
 fn prerequisites() -> Option<()> {
     for (bin, pkg) in [
         ("ip", "iproute2"),
@@ -43,12 +31,9 @@ fn prerequisites() -> Option<()> {
         support::need_binary(bin, pkg)?;
     }
     if !Path::new(PYTHON).is_file() {
-        return skip("/usr/bin/python3 not found: install the Debian package python3");
+        return support::skip("/usr/bin/python3 not found: install the Debian package python3");
     }
-    if !nix::unistd::geteuid().is_root() {
-        return skip("needs root (users, namespaces, eBPF)");
-    }
-    Some(())
+    support::need_root("users, namespaces, eBPF")
 }
 
 /// A network namespace with loopback up; deleted on drop.

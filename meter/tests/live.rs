@@ -22,23 +22,6 @@ impl Drop for Namespaces {
     }
 }
 
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// ldh [12]; jeq #0x800 else drop; ldb [23]; jeq #17 else drop; accept.
 const UDP_ONLY_BPF: &str = "6,40 0 0 12,21 0 3 2048,48 0 0 23,21 0 1 17,6 0 0 262144,6 0 0 0";
 
@@ -49,11 +32,7 @@ fn captures_on_a_veth_with_fanout_and_bpf() {
     {
         return;
     }
-    if !is_root() {
-        if matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1")) {
-            panic!("prerequisite missing under CI=true: needs root (network namespaces)");
-        }
-        eprintln!("skipped: needs root (network namespaces)");
+    if support::need_root("network namespaces").is_none() {
         return;
     }
     let tag = std::process::id();
@@ -64,16 +43,16 @@ fn captures_on_a_veth_with_fanout_and_bpf() {
     let (va, vb) = (format!("qm{tag}a"), format!("qm{tag}b"));
     let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
     let _guard = Namespaces(vec![a.clone(), b.clone()]);
-    ip(&["netns", "add", &a]);
-    ip(&["netns", "add", &b]);
-    ip(&[
+    support::ip(&["netns", "add", &a]);
+    support::ip(&["netns", "add", &b]);
+    support::ip(&[
         "link", "add", va, "netns", &a, "type", "veth", "peer", "name", vb, "netns", &b,
     ]);
-    ip(&["-n", &a, "addr", "add", "10.77.0.1/24", "dev", va]);
-    ip(&["-n", &b, "addr", "add", "10.77.0.2/24", "dev", vb]);
-    ip(&["-n", &a, "link", "set", va, "up"]);
-    ip(&["-n", &b, "link", "set", vb, "up"]);
-    ip(&["-n", &a, "link", "set", "lo", "up"]);
+    support::ip(&["-n", &a, "addr", "add", "10.77.0.1/24", "dev", va]);
+    support::ip(&["-n", &b, "addr", "add", "10.77.0.2/24", "dev", vb]);
+    support::ip(&["-n", &a, "link", "set", va, "up"]);
+    support::ip(&["-n", &b, "link", "set", vb, "up"]);
+    support::ip(&["-n", &a, "link", "set", "lo", "up"]);
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("live.jsonl");

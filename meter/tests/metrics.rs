@@ -29,23 +29,6 @@ impl Drop for Cleanup {
     }
 }
 
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// `GET /metrics` from inside `ns` (bash's /dev/tcp): the parsed body.
 fn scrape_in(ns: &str, port: u16) -> Option<Scrape> {
     let script = format!(
@@ -70,11 +53,7 @@ fn metrics_count_the_packets_and_flows_of_a_live_capture() {
     {
         return;
     }
-    if !is_root() {
-        if matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1")) {
-            panic!("prerequisite missing under CI=true: needs root (network namespaces)");
-        }
-        eprintln!("skipped: needs root (network namespaces)");
+    if support::need_root("network namespaces").is_none() {
         return;
     }
     let tag = std::process::id();
@@ -85,16 +64,16 @@ fn metrics_count_the_packets_and_flows_of_a_live_capture() {
         namespaces: vec![a.clone(), b.clone()],
         meter: None,
     };
-    ip(&["netns", "add", &a]);
-    ip(&["netns", "add", &b]);
-    ip(&[
+    support::ip(&["netns", "add", &a]);
+    support::ip(&["netns", "add", &b]);
+    support::ip(&[
         "link", "add", va, "netns", &a, "type", "veth", "peer", "name", vb, "netns", &b,
     ]);
-    ip(&["-n", &a, "addr", "add", "10.78.0.1/24", "dev", va]);
-    ip(&["-n", &b, "addr", "add", "10.78.0.2/24", "dev", vb]);
-    ip(&["-n", &a, "link", "set", va, "up"]);
-    ip(&["-n", &b, "link", "set", vb, "up"]);
-    ip(&["-n", &b, "link", "set", "lo", "up"]);
+    support::ip(&["-n", &a, "addr", "add", "10.78.0.1/24", "dev", va]);
+    support::ip(&["-n", &b, "addr", "add", "10.78.0.2/24", "dev", vb]);
+    support::ip(&["-n", &a, "link", "set", va, "up"]);
+    support::ip(&["-n", &b, "link", "set", vb, "up"]);
+    support::ip(&["-n", &b, "link", "set", "lo", "up"]);
 
     let dir = tempfile::tempdir().unwrap();
     let port = 9741;

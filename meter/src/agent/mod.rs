@@ -454,18 +454,17 @@ impl Agent {
             if counts.packets == 0 {
                 continue;
             }
-            let owner = self.owners.get_mut(&key.cookie).map(|o| {
-                o.last_drain = drain;
-                o.clone()
-            });
-            let uid = counts.uid.or(owner.as_ref().map(|o| o.uid));
-            let process = process_label(
-                owner.as_ref().and_then(|o| o.comm.as_deref()),
-                owner.as_ref().and_then(|o| o.pid),
-            );
-            if owner.is_none() {
-                self.stats.unknown_process += 1;
-            }
+            let (owner_uid, process) = match self.owners.get_mut(&key.cookie) {
+                Some(o) => {
+                    o.last_drain = drain;
+                    (Some(o.uid), process_label(o.comm.as_deref(), o.pid))
+                }
+                None => {
+                    self.stats.unknown_process += 1;
+                    (None, process_label(None, None))
+                }
+            };
+            let uid = counts.uid.or(owner_uid);
             let first_wall = if counts.first_mono_ns != 0 && counts.first_mono_ns <= now_mono {
                 now_wall.saturating_sub(now_mono - counts.first_mono_ns)
             } else {

@@ -27,8 +27,8 @@ pub fn merge(records: &[FlowRecord], interval_ns: u64) -> Vec<FlowRecord> {
                 out.insert(key, r.clone());
             }
             Some(m) => {
-                m.packets += r.packets;
-                m.bytes += r.bytes;
+                m.packets = m.packets.saturating_add(r.packets);
+                m.bytes = m.bytes.saturating_add(r.bytes);
                 m.start_ns = m.start_ns.min(r.start_ns);
                 m.end_ns = m.end_ns.max(r.end_ns);
                 m.tcp_flags = match (m.tcp_flags, r.tcp_flags) {

@@ -247,14 +247,9 @@ pub fn run_node(
                             counters.set_share(mode, 0);
                         }
                         tracing::error!(node = %config.name, epoch, error = %e, "dicap share not installed");
-                        let hint = if e.kind() == std::io::ErrorKind::OutOfMemory {
-                            " (the kernel refused the filter's socket memory: net.core.optmem_max)"
-                        } else {
-                            ""
-                        };
                         ToCoordinator::InstallFailed {
                             epoch,
-                            error: format!("{} buckets: {e}{hint}", mask.count_ones()),
+                            error: format!("{} buckets: {e}", mask.count_ones()),
                         }
                     }
                 };

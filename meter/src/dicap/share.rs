@@ -115,30 +115,7 @@ fn hash_of(f: &[u8], mode: ShareMode) -> Option<u32> {
     }
 }
 
-// Classic BPF opcodes (<linux/bpf_common.h>, <linux/filter.h>).
-const LD_W_ABS: u16 = 0x20;
-const LD_H_ABS: u16 = 0x28;
-const LD_B_ABS: u16 = 0x30;
-const LD_H_IND: u16 = 0x48;
-const LD_W_LEN: u16 = 0x80;
-const LD_IMM: u16 = 0x00;
-const LD_MEM: u16 = 0x60;
-const LDX_MEM: u16 = 0x61;
-const LDX_MSH: u16 = 0xb1;
-const ST: u16 = 0x02;
-const ADD_K: u16 = 0x04;
-const ADD_X: u16 = 0x0c;
-const SUB_K: u16 = 0x14;
-const MUL_K: u16 = 0x24;
-const RSH_K: u16 = 0x74;
-const RSH_X: u16 = 0x7c;
-const JA: u16 = 0x05;
-const JEQ_K: u16 = 0x15;
-const JGE_K: u16 = 0x35;
-const JGE_X: u16 = 0x3d;
-const JSET_K: u16 = 0x45;
-const RET_K: u16 = 0x06;
-const TAX: u16 = 0x07;
+use crate::afpacket::op::*;
 
 /// A program under construction with symbolic jump targets.
 struct Asm {

@@ -42,6 +42,9 @@ impl RecordSink for AnonymisingSink {
     fn describe(&self) -> String {
         format!("{} (addresses anonymised)", self.inner.describe())
     }
+    fn export_stats(&self) -> Vec<(String, std::sync::Arc<qosloop_exporter::Stats>)> {
+        self.inner.export_stats()
+    }
 }
 
 #[cfg(test)]
@@ -70,5 +73,34 @@ mod tests {
             panic!("IPv4 stays IPv4");
         };
         assert_eq!((u32::from(a) ^ u32::from(b)).leading_zeros(), 29);
+    }
+
+    /// A sink with one export behind it, as `ExportSink` reports it.
+    #[derive(Debug, Default)]
+    struct Exporting(std::sync::Arc<qosloop_exporter::Stats>);
+
+    impl RecordSink for Exporting {
+        fn push(&mut self, _: &FlowRecord) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "exporting".into()
+        }
+        fn export_stats(&self) -> Vec<(String, std::sync::Arc<qosloop_exporter::Stats>)> {
+            vec![("ipfix://127.0.0.1:4739".into(), self.0.clone())]
+        }
+    }
+
+    /// `/metrics` reads the export counters through the outermost sink:
+    /// anonymising must not hide them.
+    #[test]
+    fn export_counters_are_seen_through_it() {
+        let inner = Exporting::default();
+        let stats = inner.0.clone();
+        let sink = AnonymisingSink::new(Box::new(inner), CryptoPan::new(&[7u8; 32]));
+        let got = sink.export_stats();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "ipfix://127.0.0.1:4739");
+        assert!(std::sync::Arc::ptr_eq(&got[0].1, &stats));
     }
 }

@@ -6,18 +6,12 @@
 //! The program reads an untagged Ethernet frame (AF_PACKET hands the
 //! VLAN tag apart, read here through the ancillary `vlan_tci` load).
 
+use crate::afpacket::op::{
+    AND_K, JEQ_K, JSET_K, LDX_MSH, LD_B_ABS, LD_H_ABS, LD_H_IND, LD_W_ABS, RET_K,
+};
 use crate::afpacket::BpfInsn;
 use qosloop_schema::dpmi::{Filter, Masked};
 
-const LD_W_ABS: u16 = 0x20;
-const LD_H_ABS: u16 = 0x28;
-const LD_B_ABS: u16 = 0x30;
-const LD_H_IND: u16 = 0x48;
-const LDX_B_MSH: u16 = 0xb1;
-const AND_K: u16 = 0x54;
-const JEQ_K: u16 = 0x15;
-const JSET_K: u16 = 0x45;
-const RET_K: u16 = 0x06;
 /// `SKF_AD_OFF + SKF_AD_VLAN_TAG` and `… + SKF_AD_VLAN_TAG_PRESENT`.
 const AD_VLAN_TAG: u32 = 0xffff_f000 + 44;
 const AD_VLAN_PRESENT: u32 = 0xffff_f000 + 48;
@@ -138,7 +132,7 @@ fn block(f: &Filter, snap: u32) -> Vec<BpfInsn> {
             jf: 0,
             k: 0x1fff,
         });
-        out.push(insn(LDX_B_MSH, 14));
+        out.push(insn(LDX_MSH, 14));
         for (name, at) in [("src_port", 14), ("dst_port", 16)] {
             if let Some(m) = field(name) {
                 check(&mut out, insn(LD_H_IND, at), m);

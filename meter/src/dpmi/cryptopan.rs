@@ -216,21 +216,73 @@ impl CryptoPan {
     /// frame in place (after an 802.1Q tag, if any). The IP header checksum
     /// is left as it was: a consumer of anonymised headers must not trust it.
     pub fn anonymise_frame(&self, frame: &mut [u8]) {
-        let mut off = 12;
-        if frame.len() >= 18 && frame[12..14] == [0x81, 0x00] {
-            off = 16;
+        map_frame_addresses(frame, |a| self.anonymise_u32(a));
+    }
+}
+
+/// A key with the images of the addresses it met lately, for a stream of
+/// frames (a flow's addresses recur in every frame; each fresh address
+/// costs 32 AES blocks). Holds at most its capacity of addresses and
+/// starts over when full.
+#[derive(Debug)]
+pub struct CachedPan {
+    key: std::sync::Arc<CryptoPan>,
+    seen: std::collections::HashMap<u32, u32>,
+    capacity: usize,
+}
+
+impl CachedPan {
+    /// Addresses a cache holds unless told otherwise.
+    pub const CAPACITY: usize = 65_536;
+
+    pub fn new(key: std::sync::Arc<CryptoPan>) -> CachedPan {
+        CachedPan::with_capacity(key, Self::CAPACITY)
+    }
+
+    pub fn with_capacity(key: std::sync::Arc<CryptoPan>, capacity: usize) -> CachedPan {
+        CachedPan {
+            key,
+            seen: std::collections::HashMap::new(),
+            capacity: capacity.max(1),
         }
-        if frame.len() < off + 2 + 20 || frame[off..off + 2] != [0x08, 0x00] {
-            return;
+    }
+
+    /// [`CryptoPan::anonymise_u32`], through the cache.
+    pub fn anonymise_u32(&mut self, a: u32) -> u32 {
+        if let Some(&x) = self.seen.get(&a) {
+            return x;
         }
-        let ip = off + 2;
-        if frame[ip] >> 4 != 4 {
-            return;
+        if self.seen.len() >= self.capacity {
+            self.seen.clear();
         }
-        for at in [ip + 12, ip + 16] {
-            let a = u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
-            frame[at..at + 4].copy_from_slice(&self.anonymise_u32(a).to_be_bytes());
-        }
+        let x = self.key.anonymise_u32(a);
+        self.seen.insert(a, x);
+        x
+    }
+
+    /// [`CryptoPan::anonymise_frame`], through the cache.
+    pub fn anonymise_frame(&mut self, frame: &mut [u8]) {
+        map_frame_addresses(frame, |a| self.anonymise_u32(a));
+    }
+}
+
+/// Replaces the IPv4 source and destination addresses of an Ethernet frame
+/// (after an 802.1Q tag, if any) by `map` of each; other frames are left.
+pub fn map_frame_addresses(frame: &mut [u8], mut map: impl FnMut(u32) -> u32) {
+    let mut off = 12;
+    if frame.len() >= 18 && frame[12..14] == [0x81, 0x00] {
+        off = 16;
+    }
+    if frame.len() < off + 2 + 20 || frame[off..off + 2] != [0x08, 0x00] {
+        return;
+    }
+    let ip = off + 2;
+    if frame[ip] >> 4 != 4 {
+        return;
+    }
+    for at in [ip + 12, ip + 16] {
+        let a = u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
+        frame[at..at + 4].copy_from_slice(&map(a).to_be_bytes());
     }
 }
 
@@ -294,6 +346,26 @@ mod tests {
         c.anonymise_frame(&mut frame);
         assert_eq!(frame[26..30], [135, 242, 180, 132]);
         assert_eq!(frame[30..34], [134, 136, 186, 123]);
+    }
+
+    #[test]
+    fn the_cache_gives_what_the_key_gives() {
+        let c = std::sync::Arc::new(CryptoPan::new(&REFERENCE_KEY));
+        let mut cached = CachedPan::with_capacity(c.clone(), 16);
+        let mut frame = vec![0u8; 14 + 20];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14] = 0x45;
+        // Addresses that recur, and more of them than the cache holds (it
+        // starts over several times).
+        for i in 0..200u32 {
+            let (a, b) = (i % 7 * 7919, i % 23);
+            frame[26..30].copy_from_slice(&a.to_be_bytes());
+            frame[30..34].copy_from_slice(&b.to_be_bytes());
+            let mut want = frame.clone();
+            c.anonymise_frame(&mut want);
+            cached.anonymise_frame(&mut frame);
+            assert_eq!(frame, want, "{i}");
+        }
     }
 
     #[test]

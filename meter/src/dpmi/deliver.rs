@@ -5,7 +5,7 @@
 //! reads too slowly loses frames — counted for it alone, by reason — and
 //! holds up nobody else: the capture thread never waits on a consumer.
 
-use super::cryptopan::CryptoPan;
+use super::cryptopan::{CachedPan, CryptoPan};
 use qosloop_schema::dpmi::{ConsumerSpec, Delivery, FrameFields};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -52,7 +52,14 @@ pub struct ConsumerReport {
 struct Item {
     ts_ns: u64,
     wire_len: u32,
-    data: Vec<u8>,
+    payload: Payload,
+}
+
+/// What a consumer is sent of a frame: the frame cut to its caplen, or
+/// for a flows consumer only the flow key (read from the whole frame).
+enum Payload {
+    Frame(Vec<u8>),
+    Flow(FlowKey),
 }
 
 /// One consumer's queue and writer thread (which ends when this drops).
@@ -61,36 +68,38 @@ pub struct Output {
     pub spec: ConsumerSpec,
     pub counters: Arc<OutputCounters>,
     tx: Option<SyncSender<Item>>,
-    key: Option<Arc<CryptoPan>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Item {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Item({} bytes)", self.data.len())
+        match &self.payload {
+            Payload::Frame(d) => write!(f, "Item({} bytes)", d.len()),
+            Payload::Flow(k) => write!(f, "Item({k:?})"),
+        }
     }
 }
 
 impl Output {
     /// Starts delivering to `spec.address` through a queue of `capacity`
-    /// frames; `key` anonymises addresses when the consumer asked for it.
-    pub fn start(spec: ConsumerSpec, capacity: usize, key: Option<Arc<CryptoPan>>) -> Output {
+    /// frames; `key` anonymises addresses when the consumer asked for it
+    /// (in the writer thread: the capture thread only copies).
+    pub fn start(spec: ConsumerSpec, capacity: usize, key: Arc<CryptoPan>) -> Output {
         let (tx, rx) = mpsc::sync_channel::<Item>(capacity.max(1));
         let counters = Arc::new(OutputCounters::default());
         let (c, s) = (counters.clone(), spec.clone());
+        let anon = spec.anonymise.then(|| CachedPan::new(key));
         let thread = std::thread::Builder::new()
             .name(format!("dpmi-out-{}", spec.address))
-            .spawn(move || writer(s, rx, c))
+            .spawn(move || writer(s, rx, c, anon))
             .ok();
         if thread.is_none() {
             set_error(&counters, "cannot start its writer thread".into());
         }
-        let key = if spec.anonymise { key } else { None };
         Output {
             spec,
             counters,
             tx: Some(tx),
-            key,
             thread,
         }
     }
@@ -117,17 +126,24 @@ impl Output {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let cut = frame.len().min(self.spec.caplen as usize);
-        let mut data = frame[..cut].to_vec();
-        if self.spec.anonymise {
-            if let Some(k) = &self.key {
-                k.anonymise_frame(&mut data);
+        let payload = match self.spec.delivery {
+            Delivery::Packets => {
+                let cut = frame.len().min(self.spec.caplen as usize);
+                Payload::Frame(frame[..cut].to_vec())
             }
-        }
+            // Only IPv4 frames make flows.
+            Delivery::Flows => match fields.ip {
+                Some((proto, src, dst)) => {
+                    let (sp, dp) = fields.ports.unwrap_or((0, 0));
+                    Payload::Flow((src, dst, proto, sp, dp))
+                }
+                None => return,
+            },
+        };
         match tx.try_send(Item {
             ts_ns,
             wire_len,
-            data,
+            payload,
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -181,14 +197,23 @@ fn pcap_header(snaplen: u32) -> [u8; 24] {
     h
 }
 
-fn pcap_record(out: &mut Vec<u8>, it: &Item) {
-    let secs = (it.ts_ns / 1_000_000_000) as u32;
-    let usecs = ((it.ts_ns % 1_000_000_000) / 1000) as u32;
-    out.extend_from_slice(&secs.to_le_bytes());
-    out.extend_from_slice(&usecs.to_le_bytes());
-    out.extend_from_slice(&(it.data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&it.wire_len.to_le_bytes());
-    out.extend_from_slice(&it.data);
+/// Writes one pcap record (header, then the frame); returns its length.
+fn write_pcap_record(
+    w: &mut impl Write,
+    ts_ns: u64,
+    wire_len: u32,
+    data: &[u8],
+) -> std::io::Result<usize> {
+    let secs = (ts_ns / 1_000_000_000) as u32;
+    let usecs = ((ts_ns % 1_000_000_000) / 1000) as u32;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&secs.to_le_bytes());
+    h[4..8].copy_from_slice(&usecs.to_le_bytes());
+    h[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&wire_len.to_le_bytes());
+    w.write_all(&h)?;
+    w.write_all(data)?;
+    Ok(h.len() + data.len())
 }
 
 /// A flow record as a flows consumer reads it.
@@ -207,7 +232,12 @@ pub struct FlowLine {
 
 type FlowKey = (u32, u32, u8, u16, u16);
 
-fn writer(spec: ConsumerSpec, rx: mpsc::Receiver<Item>, c: Arc<OutputCounters>) {
+fn writer(
+    spec: ConsumerSpec,
+    rx: mpsc::Receiver<Item>,
+    c: Arc<OutputCounters>,
+    mut anon: Option<CachedPan>,
+) {
     let Ok(addr) = spec.address.parse::<SocketAddr>() else {
         set_error(&c, format!("{:?} is not IP:PORT", spec.address));
         return;
@@ -231,7 +261,7 @@ fn writer(spec: ConsumerSpec, rx: mpsc::Receiver<Item>, c: Arc<OutputCounters>) 
             continue;
         }
         c.connected.store(true, Ordering::Relaxed);
-        let ended = serve(&spec, &rx, &c, &mut w);
+        let ended = serve(&spec, &rx, &c, &mut w, anon.as_mut());
         c.connected.store(false, Ordering::Relaxed);
         // What was queued for a connection that broke is lost.
         while rx.try_recv().is_ok() {
@@ -253,8 +283,8 @@ fn serve(
     rx: &mpsc::Receiver<Item>,
     c: &OutputCounters,
     w: &mut BufWriter<TcpStream>,
+    mut anon: Option<&mut CachedPan>,
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(2048);
     let mut flows: HashMap<FlowKey, FlowLine> = HashMap::new();
     let mut flushed = Instant::now();
     loop {
@@ -270,15 +300,22 @@ fn serve(
             .into_iter()
             .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(1024));
         for it in items {
-            match spec.delivery {
-                Delivery::Packets => {
-                    buf.clear();
-                    pcap_record(&mut buf, &it);
-                    w.write_all(&buf)?;
+            match it.payload {
+                Payload::Frame(mut data) => {
+                    if let Some(a) = anon.as_deref_mut() {
+                        a.anonymise_frame(&mut data);
+                    }
+                    let n = write_pcap_record(w, it.ts_ns, it.wire_len, &data)?;
                     c.delivered.fetch_add(1, Ordering::Relaxed);
-                    c.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    c.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Delivery::Flows => add_flow(&mut flows, &it, c),
+                Payload::Flow((src, dst, proto, sp, dp)) => {
+                    let key = match anon.as_deref_mut() {
+                        Some(a) => (a.anonymise_u32(src), a.anonymise_u32(dst), proto, sp, dp),
+                        None => (src, dst, proto, sp, dp),
+                    };
+                    add_flow(&mut flows, key, it.ts_ns, it.wire_len, c);
+                }
             }
         }
         if spec.delivery == Delivery::Flows && flushed.elapsed() >= FLOW_INTERVAL {
@@ -290,31 +327,30 @@ fn serve(
     }
 }
 
-fn add_flow(flows: &mut HashMap<FlowKey, FlowLine>, it: &Item, c: &OutputCounters) {
-    let Some(f) = FrameFields::parse(&it.data, None) else {
-        return;
-    };
-    let Some((proto, src, dst)) = f.ip else {
-        return;
-    };
-    let (sp, dp) = f.ports.unwrap_or((0, 0));
-    let key = (src, dst, proto, sp, dp);
+fn add_flow(
+    flows: &mut HashMap<FlowKey, FlowLine>,
+    key: FlowKey,
+    ts_ns: u64,
+    wire_len: u32,
+    c: &OutputCounters,
+) {
     if !flows.contains_key(&key) && flows.len() >= MAX_FLOWS {
         c.dropped_full.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    let (src, dst, proto, sp, dp) = key;
     let e = flows.entry(key).or_insert_with(|| FlowLine {
         src_addr: std::net::Ipv4Addr::from(src).to_string(),
         dst_addr: std::net::Ipv4Addr::from(dst).to_string(),
         proto,
         src_port: sp,
         dst_port: dp,
-        first_ns: it.ts_ns,
+        first_ns: ts_ns,
         ..FlowLine::default()
     });
     e.packets += 1;
-    e.bytes += u64::from(it.wire_len);
-    e.last_ns = it.ts_ns;
+    e.bytes += u64::from(wire_len);
+    e.last_ns = ts_ns;
 }
 
 fn write_flows(
@@ -330,4 +366,119 @@ fn write_flows(
         c.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    fn frame(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 8];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 17;
+        f[26..30].copy_from_slice(&src);
+        f[30..34].copy_from_slice(&dst);
+        f
+    }
+
+    /// A packets consumer that asked for anonymised frames reads each
+    /// frame with both addresses replaced by their Crypto-PAn image, the
+    /// same address always the same image.
+    #[test]
+    fn anonymised_packets_reach_the_consumer() {
+        let key = Arc::new(CryptoPan::new(&[9u8; 32]));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = ConsumerSpec {
+            address: listener.local_addr().unwrap().to_string(),
+            delivery: Delivery::Packets,
+            caplen: 64,
+            anonymise: true,
+            refilter: false,
+            exact: Vec::new(),
+        };
+        let out = Output::start(spec, 16, key.clone());
+        let (mut peer, _) = listener.accept().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let frames = [
+            frame([10, 0, 0, 1], [10, 0, 0, 2]),
+            frame([10, 0, 0, 2], [10, 0, 0, 1]),
+            frame([10, 0, 0, 1], [192, 168, 1, 1]),
+        ];
+        for (i, f) in frames.iter().enumerate() {
+            let fields = FrameFields::parse(f, None).unwrap();
+            out.offer(i as u64 * 1000, f.len() as u32, f, "eth0", &fields);
+        }
+        drop(out);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        let mut at = 24;
+        for f in &frames {
+            let len = u32::from_le_bytes(got[at + 8..at + 12].try_into().unwrap()) as usize;
+            assert_eq!(len, f.len());
+            let body = &got[at + 16..at + 16 + len];
+            let mut want = f.clone();
+            key.anonymise_frame(&mut want);
+            assert_ne!(body[26..34], f[26..34]);
+            assert_eq!(body, &want[..]);
+            at += 16 + len;
+        }
+        assert_eq!(at, got.len());
+    }
+
+    /// A flows consumer's caplen cuts what it would be sent, not what the
+    /// point reads for its flow key: at the smallest caplen (34, no room
+    /// for the ports after the IP header) its flows still have their ports.
+    #[test]
+    fn a_flows_consumer_at_the_smallest_caplen_gets_the_ports() {
+        let key = Arc::new(CryptoPan::new(&[9u8; 32]));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = ConsumerSpec {
+            address: listener.local_addr().unwrap().to_string(),
+            delivery: Delivery::Flows,
+            caplen: 34,
+            anonymise: false,
+            refilter: false,
+            exact: Vec::new(),
+        };
+        let out = Output::start(spec, 16, key);
+        let (mut peer, _) = listener.accept().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut f = frame([10, 0, 0, 1], [10, 0, 0, 2]);
+        f[34..36].copy_from_slice(&4000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&53u16.to_be_bytes());
+        let fields = FrameFields::parse(&f, None).unwrap();
+        out.offer(1000, 60, &f, "eth0", &fields);
+        out.offer(2000, 60, &f, "eth0", &fields);
+        drop(out);
+        let mut got = String::new();
+        peer.read_to_string(&mut got).unwrap();
+        let lines: Vec<FlowLine> = got
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            vec![FlowLine {
+                src_addr: "10.0.0.1".into(),
+                dst_addr: "10.0.0.2".into(),
+                proto: 17,
+                src_port: 4000,
+                dst_port: 53,
+                packets: 2,
+                bytes: 120,
+                first_ns: 1000,
+                last_ns: 2000,
+            }]
+        );
+    }
 }

@@ -54,6 +54,12 @@ pub enum PointError {
         status: u16,
         body: String,
     },
+    #[error("point {point}: making up an anonymisation key: {source}")]
+    Key {
+        point: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("point {point}: capture on {interface}: {source}")]
     Capture {
         point: String,
@@ -131,9 +137,14 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
     let ring = PacketRing::open(ifindex, RingConfig::default(), Some(&drop_all), None)
         .map_err(capture_err)?;
     let handle = ring.filter_handle().map_err(capture_err)?;
+    // Without a key a consumer that asked for anonymised frames would get
+    // real addresses: no key, no point.
     let key = match cfg.key.clone() {
-        Some(k) => Some(k),
-        None => CryptoPan::random().ok().map(Arc::new),
+        Some(k) => k,
+        None => Arc::new(CryptoPan::random().map_err(|source| PointError::Key {
+            point: point.clone(),
+            source,
+        })?),
     };
     let installed = Arc::new(RwLock::new(Arc::new(Installed::default())));
     let counts = Arc::new(Counts::default());
@@ -154,7 +165,7 @@ pub fn run_point(cfg: PointConfig, stop: Arc<AtomicBool>) -> Result<PointStats, 
                     .map(|i| i.list.version.clone())
                     .unwrap_or_default();
                 if list.version != current && list.version != refused_version {
-                    match install(&cfg, &handle, &installed, list, key.as_ref()) {
+                    match install(&cfg, &handle, &installed, list, &key) {
                         Ok(version) => {
                             tracing::info!(point = %cfg.name, %version, "DPMI filters installed");
                             stats.installs += 1;
@@ -282,6 +293,22 @@ fn fetch(cfg: &PointConfig) -> Result<FilterList, String> {
     Ok(list)
 }
 
+/// Bytes of a frame the point reads itself: Ethernet, one 802.1Q tag in
+/// the frame, an IPv4 header with the most options, the ports.
+const HEADERS: u32 = 14 + 4 + 60 + 4;
+
+/// What the kernel copies of each frame: the largest caplen a consumer
+/// gets, and never less than the headers the exact first match and a
+/// flows consumer's key read (each consumer is cut to its own caplen).
+fn kernel_snap(list: &FilterList, max_caplen: u32) -> u32 {
+    list.consumers
+        .iter()
+        .map(|c| c.caplen.min(max_caplen))
+        .max()
+        .unwrap_or(0)
+        .max(HEADERS)
+}
+
 /// Installs `list`: kernel filter first (nothing changes when it fails),
 /// then the outputs, keeping the connections of consumers that stay.
 fn install(
@@ -289,20 +316,13 @@ fn install(
     handle: &FilterHandle,
     installed: &RwLock<Arc<Installed>>,
     list: FilterList,
-    key: Option<&Arc<CryptoPan>>,
+    key: &Arc<CryptoPan>,
 ) -> Result<String, (String, String)> {
-    let snap = list
-        .consumers
-        .iter()
-        .map(|c| c.caplen.min(cfg.max_caplen))
-        .max()
-        .unwrap_or(0);
+    let snap = kernel_snap(&list, cfg.max_caplen);
     let filters: Vec<_> = list.filters.iter().map(|f| &f.filter).collect();
     let prog = compile(&filters, snap);
     if let Err(e) = handle.attach(&prog) {
-        let hint = if e.kind() == std::io::ErrorKind::OutOfMemory {
-            " (the kernel refused the filter's socket memory: net.core.optmem_max)"
-        } else if prog.len() > 4096 {
+        let hint = if prog.len() > 4096 {
             " (over BPF_MAXINSNS, 4096)"
         } else {
             ""
@@ -326,7 +346,7 @@ fn install(
             spec.caplen = spec.caplen.min(cfg.max_caplen);
             match old.outputs.iter().find(|o| same_output(&o.spec, &spec)) {
                 Some(o) => o.clone(),
-                None => Arc::new(Output::start(spec, cfg.consumer_buffer, key.cloned())),
+                None => Arc::new(Output::start(spec, cfg.consumer_buffer, key.clone())),
             }
         })
         .collect();
@@ -406,5 +426,45 @@ fn capture_loop(
             }
             last_stats = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use qosloop_schema::dpmi::{Delivery, Filter, PointFilter};
+
+    /// Consumers that all take the smallest caplen (34) still have their
+    /// port filters matched: the kernel leaves the point the ports, also
+    /// after a VLAN tag in the frame and the longest IPv4 header.
+    #[test]
+    fn the_kernel_leaves_the_point_the_ports_at_the_smallest_caplen() {
+        let filter = Filter::from_json(&serde_json::json!({"dst_port": "53"})).unwrap();
+        let list = FilterList {
+            version: "1".into(),
+            filters: vec![PointFilter {
+                filter: filter.clone(),
+                consumers: vec![0],
+            }],
+            consumers: vec![ConsumerSpec {
+                address: "127.0.0.1:9".into(),
+                delivery: Delivery::Flows,
+                caplen: 34,
+                anonymise: false,
+                refilter: false,
+                exact: Vec::new(),
+            }],
+        };
+        let mut frame = [0u8; 18 + 60 + 8 + 100];
+        frame[12..14].copy_from_slice(&[0x81, 0x00]);
+        frame[16..18].copy_from_slice(&[0x08, 0x00]);
+        frame[18] = 0x4f; // IHL 15: 60 bytes
+        frame[27] = 17;
+        frame[18 + 60 + 2..18 + 60 + 4].copy_from_slice(&53u16.to_be_bytes());
+        let snap = kernel_snap(&list, 128) as usize;
+        let fields = FrameFields::parse(&frame[..snap], None).unwrap();
+        assert_eq!(fields.ports.map(|p| p.1), Some(53));
+        assert!(list.first_match("eth0", &fields).is_some());
     }
 }

@@ -6,8 +6,17 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-/// `Some(path)` of a binary, or `None` after printing why the test skips;
-/// panics under CI=true (a missing prerequisite must not pass silently).
+/// `None` after printing why the test skips; panics under CI=true (a
+/// missing prerequisite must not pass silently).
+pub fn skip(why: &str) -> Option<()> {
+    if matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1")) {
+        panic!("prerequisite missing under CI=true: {why}");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// `Some(path)` of a binary, or [`skip`]'s `None`.
 pub fn need_binary(name: &str, package: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)
@@ -16,15 +25,33 @@ pub fn need_binary(name: &str, package: &str) -> Option<PathBuf> {
         .find(|p| p.is_file());
     match found {
         Some(p) => Some(p),
-        None => {
-            let why = format!("{name} not found: install the Debian package {package}");
-            if matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1")) {
-                panic!("prerequisite missing under CI=true: {why}");
-            }
-            eprintln!("skipped: {why}");
-            None
-        }
+        None => skip(&format!(
+            "{name} not found: install the Debian package {package}"
+        ))
+        .and(None),
     }
+}
+
+/// `Some(())` as root, else [`skip`]'s `None`, saying what root is for.
+pub fn need_root(what: &str) -> Option<()> {
+    if nix::unistd::geteuid().is_root() {
+        Some(())
+    } else {
+        skip(&format!("needs root ({what})"))
+    }
+}
+
+/// Runs `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
