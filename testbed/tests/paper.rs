@@ -8,11 +8,9 @@ use qosloop_testbed::procs::experiment_prerequisites;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// `qosloop-testbed paper --quick`: the whole loop, every component real,
-/// reaches the paper's bands.
-#[test]
-fn the_paper_experiment_reaches_its_bands() {
-    need!(experiment_prerequisites());
+/// `paper --quick` (with `--cluster N` when given): its output directory,
+/// summary and report.
+fn quick_run(cluster: Option<u16>) -> (tempfile::TempDir, qosloop_testbed::paper::Summary, String) {
     let out = tempfile::tempdir().unwrap();
     let args = qosloop_testbed::paper::PaperArgs {
         out: out.path().to_path_buf(),
@@ -23,10 +21,19 @@ fn the_paper_experiment_reaches_its_bands() {
         phase_s: None,
         seed: 4,
         fast: false,
-        cluster: None,
+        cluster,
     };
     let s = qosloop_testbed::paper::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    (out, s, report)
+}
+
+/// `qosloop-testbed paper --quick`: the whole loop, every component real,
+/// reaches the paper's bands.
+#[test]
+fn the_paper_experiment_reaches_its_bands() {
+    need!(experiment_prerequisites());
+    let (out, s, report) = quick_run(None);
     for p in &s.phases {
         assert!(
             p.load_in_band,
@@ -86,20 +93,7 @@ fn the_paper_experiment_reaches_its_bands() {
 fn the_paper_experiment_on_a_two_node_cluster_reaches_its_bands() {
     need!(experiment_prerequisites());
     need!(qosloop_testbed::harness::Postgres::available());
-    let out = tempfile::tempdir().unwrap();
-    let args = qosloop_testbed::paper::PaperArgs {
-        out: out.path().to_path_buf(),
-        quick: true,
-        postgres: false,
-        ldap: false,
-        topology: None,
-        phase_s: None,
-        seed: 4,
-        fast: false,
-        cluster: Some(2),
-    };
-    let s = qosloop_testbed::paper::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
-    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    let (out, s, report) = quick_run(Some(2));
     for p in &s.phases {
         assert!(
             p.load_in_band && p.output_ok,
@@ -118,8 +112,9 @@ fn the_paper_experiment_on_a_two_node_cluster_reaches_its_bands() {
         );
     }
     for node in ["collector1", "collector2"] {
-        let log = std::fs::read_to_string(out.path().join("logs").join(format!("{node}.log")))
-            .unwrap_or_default();
+        // A missing log fails: the names are the ones paper gives nodes.
+        let log =
+            std::fs::read_to_string(out.path().join("logs").join(format!("{node}.log"))).unwrap();
         assert!(!log.contains("refuses"), "{node}: {log}");
     }
 }

@@ -4,9 +4,10 @@
 //! run; the counting program's own time per packet from the kernel's
 //! run-time statistics (`BPF_ENABLE_STATS`).
 
+use crate::harness::{Netns, VethPair};
 use qosloop_meter::agent::{self, Agent, AgentConfig};
 use qosloop_meter::CountSink;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -21,107 +22,27 @@ pub struct Args {
     pub seconds: u64,
 }
 
-/// The two namespaces; deleted on drop.
-struct Pair(String, String);
+/// The two namespaces joined by a veth pair; deleted on drop.
+struct Pair {
+    client: Netns,
+    server: Netns,
+}
 
 impl Pair {
     fn new() -> anyhow::Result<Pair> {
-        let tag = std::process::id();
-        let pair = Pair(format!("qlba{tag}"), format!("qlbb{tag}"));
-        let veth_a = format!("qlva{}", tag % 100_000);
-        let veth_b = format!("qlvb{}", tag % 100_000);
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), pair.0.clone()],
-            vec!["netns".into(), "add".into(), pair.1.clone()],
-            vec![
-                "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-            vec![
-                "link".into(),
-                "set".into(),
-                veth_a.clone(),
-                "netns".into(),
-                pair.0.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                veth_b.clone(),
-                "netns".into(),
-                pair.1.clone(),
-            ],
-            vec![
-                "-n".into(),
-                pair.0.clone(),
-                "addr".into(),
-                "add".into(),
-                "10.216.0.1/24".into(),
-                "dev".into(),
-                veth_a.clone(),
-            ],
-            vec![
-                "-n".into(),
-                pair.1.clone(),
-                "addr".into(),
-                "add".into(),
-                "10.216.0.2/24".into(),
-                "dev".into(),
-                veth_b.clone(),
-            ],
-            vec![
-                "-n".into(),
-                pair.0.clone(),
-                "link".into(),
-                "set".into(),
-                veth_a,
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                pair.1.clone(),
-                "link".into(),
-                "set".into(),
-                veth_b,
-                "up".into(),
-            ],
-        ];
-        for s in steps {
-            let out = Command::new("ip").args(&s).output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "ip {}: {}",
-                s.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(pair)
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for ns in [&self.0, &self.1] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        let client = Netns::create("agent-a")?;
+        let server = Netns::create("agent-b")?;
+        VethPair::connect(&client, "10.216.0.1/24", &server, "10.216.0.2/24")?;
+        Ok(Pair { client, server })
     }
 }
 
 /// One iperf3 round: received bits/s.
 fn iperf(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.0,
-            "iperf3",
-            "-c",
-            "10.216.0.2",
-            "-J",
-            "-t",
-        ])
+    let out = pair
+        .client
+        .command("iperf3")
+        .args(["-c", "10.216.0.2", "-J", "-t"])
         .arg(seconds.to_string())
         .output()?;
     anyhow::ensure!(
@@ -150,8 +71,10 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
         "bench agent needs root (namespaces, eBPF)"
     );
     let pair = Pair::new()?;
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &pair.1, "iperf3", "-s"])
+    let mut server = pair
+        .server
+        .command("iperf3")
+        .arg("-s")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;

@@ -50,11 +50,12 @@ pub struct Args {
     /// Timed runs of each query (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Distinct source hosts.
-    #[arg(long, default_value_t = 200)]
+    /// Distinct source hosts (at least 1).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     pub hosts: u64,
-    /// Clients of the SSE fan-out.
-    #[arg(long, default_value_t = 100)]
+    /// Clients of the SSE fan-out (at least 1: the second round swaps one
+    /// reader for a client that reads nothing).
+    #[arg(long, default_value_t = 100, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub sse_clients: usize,
 }
 
@@ -472,4 +473,26 @@ async fn sse_fanout(clients: usize) -> anyhow::Result<()> {
         "a reader lost events"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    // Both used to pass clap and then underflow (`hosts - 1`,
+    // `clients - 1`) once the benchmark had filled its databases.
+    #[test]
+    fn zero_hosts_or_zero_sse_clients_are_refused_when_parsed() {
+        assert!(Cli::try_parse_from(["api", "--hosts", "0"]).is_err());
+        assert!(Cli::try_parse_from(["api", "--sse-clients", "0"]).is_err());
+        let ok = Cli::try_parse_from(["api", "--hosts", "1", "--sse-clients", "1"]).unwrap();
+        assert_eq!((ok.args.hosts, ok.args.sse_clients), (1, 1));
+    }
 }

@@ -8,8 +8,9 @@
 //! Records moved between nodes: none — every record is stored by the node
 //! that received it, and no analysis here forwards records (0/s, printed).
 //!
-//! Until the cluster flags (`--cluster`, `--node`, `--advertise`) are on
-//! main, the nodes are plain collectors sharing one database;
+//! The nodes are plain collectors sharing one database: the collector's
+//! cluster flags (`--cluster`, `--node`, `--advertise`) are not passed, so
+//! no lease or owner analysis runs beside the ingest measured here;
 //! [`cluster_args`] is the one place to add them.
 
 use crate::harness::{find_binary, free_port, Postgres};
@@ -42,8 +43,9 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-/// The cluster flags of node `index` of `nodes`: none yet (plain
-/// collectors against one database). With membership on main this becomes
+/// The cluster flags of node `index` of `nodes`: none (plain collectors
+/// against one database, as the figures in docs/testbed.md were measured).
+/// To run the nodes as a cluster:
 /// `--cluster bench --node n{index} --advertise 127.0.0.1:{port}`.
 fn cluster_args(_index: usize, _nodes: usize, _port: u16) -> Vec<String> {
     Vec::new()

@@ -374,15 +374,29 @@ fn run_node_loss(
             )
         })?;
     let ms = |ns: u64| ns.saturating_sub(killed_at_ns) as f64 / 1e6;
+    // A field missing from the report is an error, not a 0 ms figure.
+    let missing = |e: &serde_json::Value, name: &str| {
+        anyhow::anyhow!(
+            "the coordinator's {} event has no numeric {name} ({})",
+            e["event"],
+            report.display()
+        )
+    };
     Ok(NodeLoss {
         nodes,
         offered_pps: pps,
         sent: sent.packets,
         killed: "n1".into(),
         killed_at_ns,
-        detected_after_ms: ms(lost["detected_ns"].as_u64().unwrap_or(0)),
-        reassigned_after_ms: ms(covered["covered_ns"].as_u64().unwrap_or(0)),
-        uncovered_ms: covered["uncovered_ms"].as_f64().unwrap_or(f64::NAN),
+        detected_after_ms: ms(lost["detected_ns"]
+            .as_u64()
+            .ok_or_else(|| missing(lost, "detected_ns"))?),
+        reassigned_after_ms: ms(covered["covered_ns"]
+            .as_u64()
+            .ok_or_else(|| missing(covered, "covered_ns"))?),
+        uncovered_ms: covered["uncovered_ms"]
+            .as_f64()
+            .ok_or_else(|| missing(covered, "uncovered_ms"))?,
         captured_by_survivors: survivors.iter().map(|c| c.stats.analysed).sum(),
         duplicates: survivors.iter().map(|c| c.stats.outside_share).sum(),
         coordinator_events: events,

@@ -8,7 +8,7 @@
 //! IPv6 chatter joins the measured traffic. Everything goes with the
 //! namespaces when this value drops.
 
-use crate::harness::{Netns, VethPair};
+use crate::harness::{run_checked, Netns, VethPair};
 use std::net::{Ipv4Addr, SocketAddr};
 
 /// Source-side addresses of the measured flows (not local anywhere: the
@@ -49,8 +49,8 @@ fn quiet(ns: &Netns) -> anyhow::Result<()> {
 }
 
 impl MirroredLink {
-    /// Builds the link with `nodes` capture namespaces (plus `extra`
-    /// mirror ports, e.g. a reference meter, placed after them).
+    /// Builds the link with `nodes` capture namespaces (a test's reference
+    /// meter takes the last one).
     pub fn build(nodes: usize) -> anyhow::Result<MirroredLink> {
         let source = Netns::create("dsrc")?;
         let link = Netns::create("dlink")?;
@@ -98,13 +98,13 @@ impl MirroredLink {
                 &link,
                 &format!("10.79.{i}.1/30"),
             )?;
-            let ctl = VethPair::connect(
+            // The control path to the coordinator.
+            VethPair::connect(
                 &ns,
                 &format!("10.78.{i}.2/24"),
                 &link,
                 &format!("10.78.{i}.1/24"),
             )?;
-            let _ = ctl;
             mirror.extend(
                 ["action", "mirred", "egress", "mirror", "dev", &cap.b_if]
                     .iter()
@@ -140,14 +140,11 @@ impl MirroredLink {
 }
 
 fn link_tc(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("tc").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "tc {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    let what = format!("tc {}", args.join(" "));
+    Ok(run_checked(
+        std::process::Command::new("tc").args(args),
+        &what,
+    )?)
 }
 
 fn link_mac(ns: &Netns, dev: &str) -> anyhow::Result<String> {
