@@ -34,7 +34,7 @@ pub fn need_binary(name: &str, package: &str) -> Option<PathBuf> {
 
 /// `Some(())` as root, else [`skip`]'s `None`, saying what root is for.
 pub fn need_root(what: &str) -> Option<()> {
-    if nix::unistd::geteuid().is_root() {
+    if qosloop_testbed::harness::is_root() {
         Some(())
     } else {
         skip(&format!("needs root ({what})"))
