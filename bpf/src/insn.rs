@@ -50,6 +50,7 @@ const STX: u8 = 0x03;
 const ALU64: u8 = 0x07;
 const JMP: u8 = 0x05;
 const MEM: u8 = 0x60;
+const ATOMIC: u8 = 0xc0;
 const IMM: u8 = 0x00;
 const DW: u8 = 0x18;
 const K: u8 = 0x00;
@@ -206,6 +207,18 @@ impl Asm {
     /// `*(size *)(dst + off) = imm`.
     pub fn store_imm(&mut self, size: Size, dst: u8, off: i16, imm: i32) -> &mut Self {
         self.raw(Insn::new(ST | MEM | size.bits(), dst, 0, off, imm))
+    }
+
+    /// `lock *(size *)(dst + off) += src` (`BPF_ATOMIC`, `BPF_ADD`; W or
+    /// DW): safe against the same program interrupting itself on this CPU.
+    pub fn atomic_add(&mut self, size: Size, dst: u8, off: i16, src: u8) -> &mut Self {
+        self.raw(Insn::new(STX | ATOMIC | size.bits(), dst, src, off, 0))
+    }
+
+    /// `r0 = cmpxchg(*(size *)(dst + off), r0, src)` (`BPF_CMPXCHG`): the
+    /// old value is left in r0, `src` stored only if it equalled r0.
+    pub fn atomic_cmpxchg(&mut self, size: Size, dst: u8, off: i16, src: u8) -> &mut Self {
+        self.raw(Insn::new(STX | ATOMIC | size.bits(), dst, src, off, 0xf1))
     }
 
     /// `dst = map` (the two-slot `ld_imm64` with a map descriptor).

@@ -390,6 +390,7 @@ fn run_agent(config: &qosloop_meter::Config, sink: &mut dyn qosloop_meter::Recor
             .agent_map_entries
             .unwrap_or(agent::DEFAULT_MAP_ENTRIES),
         interim: Duration::from_millis(config.interim_ms.filter(|&m| m > 0).unwrap_or(1000)),
+        count_path: agent::CountPath::Cached,
     };
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone(), config.duration_s);

@@ -24,7 +24,8 @@ mod sockdiag;
 
 use crate::sink::{RecordSink, SinkError};
 use names::{comm_of, process_label, UserNames};
-use programs::{CountMaps, CounterKey, Counts, OwnerEntry};
+pub use programs::CountPath;
+use programs::{CountMaps, CounterKey, Counts, Direction, OwnerEntry};
 use qosloop_bpf::{AttachType, BpfError, CgroupLink, Map, MapType, ProgType, Program};
 use qosloop_schema::FlowRecord;
 use std::collections::{HashMap, HashSet};
@@ -46,6 +47,9 @@ pub struct AgentConfig {
     pub map_entries: u32,
     /// Records every this often.
     pub interim: Duration,
+    /// How the counting program keys packets (the cache by default; the
+    /// direct hash path is kept to measure against).
+    pub count_path: CountPath,
 }
 
 /// Entries of each counter map by default.
@@ -141,6 +145,7 @@ struct Maps {
     counters: [Map; 2],
     owners: Map,
     overflow: Map,
+    cache: Map,
 }
 
 impl Maps {
@@ -177,6 +182,13 @@ impl Maps {
                 n.saturating_mul(2),
             )?,
             overflow: make("qla_overflow", MapType::PercpuArray, 4, OVERFLOW_SIZE, 1)?,
+            cache: make(
+                "qla_cache",
+                MapType::PercpuArray,
+                4,
+                CACHE_SLOT_SIZE,
+                CACHE_CELLS,
+            )?,
         })
     }
 }
@@ -220,24 +232,31 @@ impl Agent {
             why: e.to_string(),
         })?;
         let maps = Maps::open(cfg)?;
-        let count = programs::count_program(CountMaps {
+        let count_maps = CountMaps {
             epoch: maps.epoch.raw_fd(),
             counters: [maps.counters[0].raw_fd(), maps.counters[1].raw_fd()],
             overflow: maps.overflow.raw_fd(),
-        })?;
+            cache: maps.cache.raw_fd(),
+        };
         let owner = programs::owner_program(maps.owners.raw_fd())?;
-        let count = Program::load(ProgType::CgroupSkb, None, &count, "qla_count")
-            .map_err(bpf("loading the counting program (cgroup_skb)"))?;
         let mut programs = vec![];
         let mut links = vec![];
-        for attach in [AttachType::CgroupInetIngress, AttachType::CgroupInetEgress] {
+        for (attach, dir) in [
+            (AttachType::CgroupInetIngress, Direction::Ingress),
+            (AttachType::CgroupInetEgress, Direction::Egress),
+        ] {
+            let insns = programs::count_program(count_maps, dir, cfg.count_path)?;
+            let count =
+                Program::load(ProgType::CgroupSkb, None, &insns, "qla_count").map_err(bpf(
+                    format!("loading the counting program (cgroup_skb, {attach:?})"),
+                ))?;
             links.push(
                 count
                     .link(cgroup.as_fd(), attach)
                     .map_err(bpf(format!("attaching qla_count at {attach:?}")))?,
             );
+            programs.push(count);
         }
-        programs.push(count);
         for attach in [
             AttachType::CgroupInetSockCreate,
             AttachType::CgroupInet4PostBind,
@@ -280,9 +299,58 @@ impl Agent {
         Ok(agent)
     }
 
-    /// The loaded programs (for run-time statistics).
+    /// The loaded programs (for run-time statistics): the counting
+    /// programs (ingress, egress) first, then the owner programs.
     pub fn programs(&self) -> &[Program] {
         &self.programs
+    }
+
+    /// The counting programs (ingress, egress).
+    pub fn count_programs(&self) -> &[Program] {
+        &self.programs[..2.min(self.programs.len())]
+    }
+
+    /// Takes the idle epoch's cache cells (every CPU's copy) and zeroes
+    /// them; no program writes them once the epoch flipped.
+    fn take_cache(
+        &self,
+        idle: u32,
+        into: &mut HashMap<CounterKey, Counts>,
+    ) -> Result<(), AgentError> {
+        let slot = self.maps.cache.slot_size();
+        let zero = vec![0u8; self.maps.cache.user_value_size()];
+        for cell in programs::cache_cells_of(idle) {
+            let k = cell.to_ne_bytes();
+            let Some(v) = self
+                .maps
+                .cache
+                .lookup(&k)
+                .map_err(bpf("reading the cache"))?
+            else {
+                continue;
+            };
+            let mut any = false;
+            for s in v.chunks_exact(slot.max(programs::CACHE_SLOT_SIZE as usize)) {
+                let counts = Counts::sum(
+                    &s[programs::KEY_SIZE as usize..],
+                    programs::VALUE_SIZE as usize,
+                );
+                if counts.packets == 0 {
+                    continue;
+                }
+                any = true;
+                if let Some(key) = CounterKey::decode(s) {
+                    into.entry(key).or_default().merge(counts);
+                }
+            }
+            if any {
+                self.maps
+                    .cache
+                    .update(&k, &zero)
+                    .map_err(bpf("clearing the cache"))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> AgentStats {
@@ -415,15 +483,17 @@ impl Agent {
         std::thread::sleep(Duration::from_millis(1));
         // Owners recorded meanwhile (sockets created just before the flip).
         self.take_owners()?;
-        let mut entries = Vec::new();
+        let mut merged: HashMap<CounterKey, Counts> = HashMap::new();
         let slot = self.maps.counters[idle].slot_size();
         self.maps.counters[idle]
             .drain(1024, |k, v| {
                 if let Some(key) = CounterKey::decode(k) {
-                    entries.push((key, Counts::sum(v, slot)));
+                    merged.entry(key).or_default().merge(Counts::sum(v, slot));
                 }
             })
             .map_err(bpf("draining a counter map"))?;
+        self.take_cache(idle as u32, &mut merged)?;
+        let entries: Vec<(CounterKey, Counts)> = merged.into_iter().collect();
         let mut unknown: HashMap<u64, Vec<u16>> = HashMap::new();
         for (k, _) in &entries {
             let c = k.cookie;

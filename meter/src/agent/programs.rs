@@ -36,33 +36,93 @@ const SKB_DATA: i16 = 76;
 const SKB_DATA_END: i16 = 80;
 const SKB_GSO_SEGS: i16 = 164;
 
+/// Cache slot (one CPU's copy of one cache cell): a counter key @0, then a
+/// counter value @48 (the [`VALUE_SIZE`] layout, so a slot flushes into the
+/// counter map as it is), and a claim word @80 (u64; 1 while a program run
+/// owns the slot).
+pub const CACHE_SLOT_SIZE: u32 = 88;
+/// Cache cells per epoch and direction (a power of two): a socket's
+/// packets go to cell `cookie % CACHE_WAYS`.
+pub const CACHE_WAYS: u32 = 16;
+/// Cache cells in all: epoch × direction × way.
+pub const CACHE_CELLS: u32 = 4 * CACHE_WAYS;
+const CACHE_VAL: i16 = KEY_SIZE as i16;
+const CACHE_CLAIM: i16 = 80;
+
+/// The first cache cell of `epoch` (both directions follow it).
+pub fn cache_cells_of(epoch: u32) -> std::ops::Range<u32> {
+    let first = (epoch & 1) * 2 * CACHE_WAYS;
+    first..first + 2 * CACHE_WAYS
+}
+
 /// Map descriptors a program refers to.
 #[derive(Debug, Clone, Copy)]
 pub struct CountMaps {
     pub epoch: i32,
     pub counters: [i32; 2],
     pub overflow: i32,
+    /// The per-CPU array of recent keys ([`CACHE_CELLS`] cells of
+    /// [`CACHE_SLOT_SIZE`]).
+    pub cache: i32,
 }
 
-/// The cgroup_skb counting program.
-pub fn count_program(m: CountMaps) -> Result<Vec<u8>, AsmError> {
+/// How the counting program keys a packet into the counter map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountPath {
+    /// Each socket's latest key and counts are kept in a per-CPU cache
+    /// cell; only a packet with another key (or a cell in use by the run
+    /// this one interrupted) goes through the hash map, flushing the cell.
+    Cached,
+    /// Every packet looks its key up in the hash map (the earlier program;
+    /// kept to measure against).
+    Direct,
+}
+
+/// Which direction a counting program is attached to (its cache cells).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Ingress = 0,
+    Egress = 1,
+}
+
+const BPF_NOEXIST: i32 = 1;
+
+/// Emits `r1 = counters[r7 & 1]`.
+fn counter_map(a: &mut Asm, m: &CountMaps, n: &mut u32) {
+    use reg::*;
+    *n += 1;
+    let (one, done) = (format!("cm1_{n}"), format!("cmd_{n}"));
+    a.jump_imm(Cond::Ne, R7, 0, &one)
+        .load_map_fd(R1, m.counters[0])
+        .goto(&done)
+        .label(&one)
+        .load_map_fd(R1, m.counters[1])
+        .label(&done);
+}
+
+/// The cgroup_skb counting program for one direction.
+pub fn count_program(m: CountMaps, dir: Direction, path: CountPath) -> Result<Vec<u8>, AsmError> {
     use reg::*;
     const KEY: i16 = -48;
     const VAL: i16 = -80;
-    const SCRATCH: i16 = -84;
+    const ZERO: i16 = -84;
+    const IDX: i16 = -88;
+    const SLOT: i16 = -96;
+    let mut n = 0u32;
     let mut a = Asm::new();
     a.mov(R6, R1);
     for off in (KEY..0).step_by(8) {
         a.store_imm(Size::DW, FP, off, 0);
     }
-    a.store_imm(Size::W, FP, SCRATCH, 0);
+    a.store_imm(Size::W, FP, ZERO, 0);
     // Which counter map: epoch 0 or 1 (user space flips it to drain).
     a.load_map_fd(R1, m.epoch)
         .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(SCRATCH))
+        .alu_imm(Alu::Add, R2, i32::from(ZERO))
         .call(helper::MAP_LOOKUP_ELEM)
         .jump_imm(Cond::Eq, R0, 0, "pass")
-        .load(Size::W, R7, R0, 0);
+        .load(Size::W, R7, R0, 0)
+        .alu_imm(Alu::And, R7, 1);
     a.mov(R1, R6)
         .call(helper::GET_SOCKET_COOKIE)
         .store(Size::DW, FP, KEY, R0);
@@ -131,23 +191,20 @@ pub fn count_program(m: CountMaps) -> Result<Vec<u8>, AsmError> {
         .jump_imm(Cond::Ne, R8, 0, "segs")
         .mov_imm(R8, 1)
         .label("segs")
-        .load(Size::W, R9, R6, SKB_LEN)
-        .jump_imm(Cond::Ne, R7, 0, "map1")
-        .load_map_fd(R1, m.counters[0])
-        .goto("lookup")
-        .label("map1")
-        .load_map_fd(R1, m.counters[1])
-        .label("lookup")
-        .mov(R2, FP)
+        .load(Size::W, R9, R6, SKB_LEN);
+    if path == CountPath::Cached {
+        cached_path(&mut a, &m, dir, &mut n, KEY, ZERO, IDX, SLOT);
+    }
+    // Direct: the hash map, with atomic adds (a run interrupted on its own
+    // CPU by another run of this program on the same key loses nothing).
+    a.label("direct");
+    counter_map(&mut a, &m, &mut n);
+    a.mov(R2, FP)
         .alu_imm(Alu::Add, R2, i32::from(KEY))
         .call(helper::MAP_LOOKUP_ELEM)
         .jump_imm(Cond::Eq, R0, 0, "new")
-        .load(Size::DW, R1, R0, 0)
-        .alu(Alu::Add, R1, R8)
-        .store(Size::DW, R0, 0, R1)
-        .load(Size::DW, R1, R0, 8)
-        .alu(Alu::Add, R1, R9)
-        .store(Size::DW, R0, 8, R1)
+        .atomic_add(Size::DW, R0, 0, R8)
+        .atomic_add(Size::DW, R0, 8, R9)
         .goto("pass");
     a.label("new")
         .store(Size::DW, FP, VAL, R8)
@@ -157,34 +214,143 @@ pub fn count_program(m: CountMaps) -> Result<Vec<u8>, AsmError> {
         .mov(R1, R6)
         .call(helper::GET_SOCKET_UID)
         .store(Size::W, FP, VAL + 24, R0)
-        .store_imm(Size::W, FP, VAL + 28, 0)
-        .jump_imm(Cond::Ne, R7, 0, "new1")
-        .load_map_fd(R1, m.counters[0])
-        .goto("update")
-        .label("new1")
-        .load_map_fd(R1, m.counters[1])
-        .label("update")
-        .mov(R2, FP)
+        .store_imm(Size::W, FP, VAL + 28, 0);
+    counter_map(&mut a, &m, &mut n);
+    a.mov(R2, FP)
         .alu_imm(Alu::Add, R2, i32::from(KEY))
         .mov(R3, FP)
         .alu_imm(Alu::Add, R3, i32::from(VAL))
-        .mov_imm(R4, 0)
+        .mov_imm(R4, BPF_NOEXIST)
         .call(helper::MAP_UPDATE_ELEM)
         .jump_imm(Cond::Eq, R0, 0, "pass");
+    // Created meanwhile by an interrupting run, or the map is full.
+    counter_map(&mut a, &m, &mut n);
+    a.mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(KEY))
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, "full")
+        .atomic_add(Size::DW, R0, 0, R8)
+        .atomic_add(Size::DW, R0, 8, R9)
+        .goto("pass");
     // The map is full: the packet is counted as overflow, not lost.
-    a.load_map_fd(R1, m.overflow)
+    a.label("full")
+        .load_map_fd(R1, m.overflow)
         .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(SCRATCH))
+        .alu_imm(Alu::Add, R2, i32::from(ZERO))
         .call(helper::MAP_LOOKUP_ELEM)
         .jump_imm(Cond::Eq, R0, 0, "pass")
-        .load(Size::DW, R1, R0, 0)
-        .alu(Alu::Add, R1, R8)
-        .store(Size::DW, R0, 0, R1)
-        .load(Size::DW, R1, R0, 8)
-        .alu(Alu::Add, R1, R9)
-        .store(Size::DW, R0, 8, R1);
+        .atomic_add(Size::DW, R0, 0, R8)
+        .atomic_add(Size::DW, R0, 8, R9);
     a.label("pass").mov_imm(R0, 1).exit();
     a.finish()
+}
+
+/// The cache in front of the hash map. A run claims its cell (cmpxchg of
+/// the claim word 0 → 1; a run that interrupted another one on this CPU
+/// finds it claimed and goes direct). Same key: add, release. Another
+/// key: flush the cell into the hash map (or the overflow cell when the
+/// map is full), refill it with this packet, release.
+#[allow(clippy::too_many_arguments)]
+fn cached_path(
+    a: &mut Asm,
+    m: &CountMaps,
+    dir: Direction,
+    n: &mut u32,
+    key: i16,
+    zero: i16,
+    idx: i16,
+    slot: i16,
+) {
+    use reg::*;
+    let shift = (2 * CACHE_WAYS).trailing_zeros() as i32;
+    a.load(Size::DW, R1, FP, key)
+        .alu_imm(Alu::And, R1, (CACHE_WAYS - 1) as i32)
+        .mov(R2, R7)
+        .alu_imm(Alu::Lsh, R2, shift)
+        .alu(Alu::Add, R1, R2)
+        .alu_imm(Alu::Add, R1, (dir as u32 * CACHE_WAYS) as i32)
+        .store(Size::W, FP, idx, R1)
+        .load_map_fd(R1, m.cache)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(idx))
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, "direct")
+        .store(Size::DW, FP, slot, R0)
+        .mov(R2, R0)
+        .mov_imm(R1, 1)
+        .mov_imm(R0, 0)
+        .atomic_cmpxchg(Size::DW, R2, CACHE_CLAIM, R1)
+        .jump_imm(Cond::Ne, R0, 0, "direct")
+        .load(Size::DW, R0, FP, slot)
+        .load(Size::DW, R1, R0, CACHE_VAL)
+        .jump_imm(Cond::Eq, R1, 0, "fill");
+    for i in 0..6i16 {
+        a.load(Size::DW, R1, R0, 8 * i)
+            .load(Size::DW, R2, FP, key + 8 * i)
+            .jump(Cond::Ne, R1, R2, "evict");
+    }
+    a.load(Size::DW, R1, R0, CACHE_VAL)
+        .alu(Alu::Add, R1, R8)
+        .store(Size::DW, R0, CACHE_VAL, R1)
+        .load(Size::DW, R1, R0, CACHE_VAL + 8)
+        .alu(Alu::Add, R1, R9)
+        .store(Size::DW, R0, CACHE_VAL + 8, R1)
+        .goto("release");
+    // Flush the cell's key and counts into the hash map.
+    let add_cell = |a: &mut Asm| {
+        a.load(Size::DW, R2, FP, slot)
+            .load(Size::DW, R1, R2, CACHE_VAL)
+            .atomic_add(Size::DW, R0, 0, R1)
+            .load(Size::DW, R1, R2, CACHE_VAL + 8)
+            .atomic_add(Size::DW, R0, 8, R1);
+    };
+    a.label("evict");
+    counter_map(a, m, n);
+    a.load(Size::DW, R2, FP, slot)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, "evict_new");
+    add_cell(a);
+    a.goto("fill").label("evict_new");
+    counter_map(a, m, n);
+    a.load(Size::DW, R2, FP, slot)
+        .mov(R3, R2)
+        .alu_imm(Alu::Add, R3, i32::from(CACHE_VAL))
+        .mov_imm(R4, BPF_NOEXIST)
+        .call(helper::MAP_UPDATE_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, "fill");
+    counter_map(a, m, n);
+    a.load(Size::DW, R2, FP, slot)
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, "evict_full");
+    add_cell(a);
+    a.goto("fill")
+        .label("evict_full")
+        .load_map_fd(R1, m.overflow)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(zero))
+        .call(helper::MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, "fill");
+    add_cell(a);
+    // Refill with this packet's key and counts, its first time and uid.
+    a.label("fill").load(Size::DW, R0, FP, slot);
+    for i in 0..6i16 {
+        a.load(Size::DW, R1, FP, key + 8 * i)
+            .store(Size::DW, R0, 8 * i, R1);
+    }
+    a.store(Size::DW, R0, CACHE_VAL, R8)
+        .store(Size::DW, R0, CACHE_VAL + 8, R9)
+        .call(helper::KTIME_GET_NS)
+        .load(Size::DW, R1, FP, slot)
+        .store(Size::DW, R1, CACHE_VAL + 16, R0)
+        .mov(R1, R6)
+        .call(helper::GET_SOCKET_UID)
+        .load(Size::DW, R1, FP, slot)
+        .store(Size::W, R1, CACHE_VAL + 24, R0)
+        .store_imm(Size::W, R1, CACHE_VAL + 28, 0);
+    a.label("release")
+        .load(Size::DW, R1, FP, slot)
+        .store_imm(Size::DW, R1, CACHE_CLAIM, 0)
+        .goto("pass");
 }
 
 /// The cgroup_sock owner program.
@@ -276,6 +442,21 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Adds `other` (the same key counted elsewhere: another map, the
+    /// cache): sums, the earliest first time, the first uid known.
+    pub fn merge(&mut self, other: Counts) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        if other.first_mono_ns != 0
+            && (self.first_mono_ns == 0 || other.first_mono_ns < self.first_mono_ns)
+        {
+            self.first_mono_ns = other.first_mono_ns;
+        }
+        if self.uid.is_none() {
+            self.uid = other.uid;
+        }
+    }
+
     /// Sums a per-CPU value (`slot` bytes per CPU).
     pub fn sum(value: &[u8], slot: usize) -> Counts {
         let mut c = Counts::default();
@@ -335,13 +516,16 @@ mod tests {
 
     #[test]
     fn programs_assemble() {
-        let c = count_program(CountMaps {
+        let maps = CountMaps {
             epoch: 3,
             counters: [4, 5],
             overflow: 6,
-        })
-        .unwrap();
-        assert_eq!(c.len() % 8, 0);
+            cache: 7,
+        };
+        for path in [CountPath::Cached, CountPath::Direct] {
+            let c = count_program(maps, Direction::Egress, path).unwrap();
+            assert_eq!(c.len() % 8, 0);
+        }
         assert!(owner_program(3).unwrap().len() > 8);
     }
 
