@@ -100,7 +100,7 @@ impl Program {
     /// program behind.
     pub fn link(&self, cgroup: BorrowedFd<'_>, attach: AttachType) -> Result<CgroupLink, BpfError> {
         let fd = sys::link_create(self.fd.as_fd(), cgroup, attach as u32)?;
-        Ok(CgroupLink { _fd: fd })
+        Ok(CgroupLink { fd })
     }
 
     /// Id and run-time statistics.
@@ -120,10 +120,27 @@ impl Program {
     }
 }
 
-/// A program attached to a cgroup through a link; dropping it detaches.
+/// A program attached to a cgroup through a link; dropping it detaches,
+/// unless the link is pinned (then removing the pin and every descriptor
+/// detaches it).
 #[derive(Debug)]
 pub struct CgroupLink {
-    _fd: OwnedFd,
+    fd: OwnedFd,
+}
+
+impl CgroupLink {
+    /// Pins the link at `path` in a bpffs: the program stays attached after
+    /// this process exits (or is killed) until the pin is removed.
+    pub fn pin(&self, path: &std::path::Path) -> Result<(), BpfError> {
+        sys::obj_pin(self.fd.as_fd(), path)
+    }
+
+    /// Opens a link pinned at `path` (by [`CgroupLink::pin`]).
+    pub fn from_pinned(path: &std::path::Path) -> Result<CgroupLink, BpfError> {
+        Ok(CgroupLink {
+            fd: sys::obj_get(path)?,
+        })
+    }
 }
 
 /// Turns on the kernel's per-program run time and run count

@@ -60,6 +60,15 @@ const MAX_OWNERS: usize = 262_144;
 /// `unknown process` (its uid is kept).
 const RESOLVE_ATTEMPTS: u32 = 5;
 
+/// The links' pins in `--agent-pin-dir`, in attach order.
+const LINK_PINS: [&str; 5] = [
+    "qla_link_ingress",
+    "qla_link_egress",
+    "qla_link_sock_create",
+    "qla_link_post_bind4",
+    "qla_link_post_bind6",
+];
+
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -199,6 +208,8 @@ pub struct Agent {
     maps: Maps,
     programs: Vec<Program>,
     links: Vec<CgroupLink>,
+    /// Where the links are pinned (removed at a clean stop).
+    link_pins: Vec<PathBuf>,
     epoch: u32,
     owners: HashMap<u64, Owner>,
     /// Cookies sock_diag and /proc could not resolve yet, and how often
@@ -232,6 +243,76 @@ impl Agent {
             why: e.to_string(),
         })?;
         let maps = Maps::open(cfg)?;
+        let mut programs = vec![];
+        let mut links = vec![];
+        let link_pins: Vec<PathBuf> = cfg
+            .pin_dir
+            .iter()
+            .flat_map(|d| LINK_PINS.iter().map(move |n| d.join(n)))
+            .collect();
+        if !link_pins.is_empty() && link_pins.iter().all(|p| p.exists()) {
+            // A predecessor's programs are still attached and counting
+            // into the pinned maps: keep them, attach nothing twice.
+            for p in &link_pins {
+                links.push(
+                    CgroupLink::from_pinned(p)
+                        .map_err(bpf(format!("opening pinned link {}", p.display())))?,
+                );
+            }
+            tracing::info!(
+                "agent: the pinned programs of a previous agent are still attached; counting on with them"
+            );
+        } else {
+            // An incomplete set (an agent died while attaching): detach it.
+            for p in &link_pins {
+                let _ = std::fs::remove_file(p);
+            }
+            Self::attach(cfg, &cgroup, &maps, &mut programs, &mut links)?;
+            for (link, p) in links.iter().zip(&link_pins) {
+                link.pin(p)
+                    .map_err(bpf(format!("pinning link {}", p.display())))?;
+            }
+        }
+        let epoch = maps
+            .epoch
+            .lookup(&0u32.to_ne_bytes())
+            .ok()
+            .flatten()
+            .map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) & 1)
+            .unwrap_or(0);
+        let mut agent = Agent {
+            maps,
+            programs,
+            links,
+            link_pins,
+            epoch,
+            owners: HashMap::new(),
+            unresolved: HashMap::new(),
+            users: UserNames::default(),
+            overflow_seen: (0, 0),
+            last_drain_wall_ns: wall_ns(),
+            stats: AgentStats::default(),
+        };
+        agent.overflow_seen = agent.overflow_totals();
+        tracing::info!(
+            cgroup = %cfg.cgroup.display(),
+            pinned = cfg.pin_dir.is_some(),
+            epoch,
+            "agent: eBPF cgroup_skb ingress/egress and cgroup_sock owner programs attached"
+        );
+        Ok(agent)
+    }
+
+    /// Loads the counting and owner programs and links them to `cgroup`
+    /// (ingress, egress, sock_create, post_bind4, post_bind6: the order of
+    /// [`LINK_PINS`]).
+    fn attach(
+        cfg: &AgentConfig,
+        cgroup: &File,
+        maps: &Maps,
+        programs: &mut Vec<Program>,
+        links: &mut Vec<CgroupLink>,
+    ) -> Result<(), AgentError> {
         let count_maps = CountMaps {
             epoch: maps.epoch.raw_fd(),
             counters: [maps.counters[0].raw_fd(), maps.counters[1].raw_fd()],
@@ -239,8 +320,6 @@ impl Agent {
             cache: maps.cache.raw_fd(),
         };
         let owner = programs::owner_program(maps.owners.raw_fd())?;
-        let mut programs = vec![];
-        let mut links = vec![];
         for (attach, dir) in [
             (AttachType::CgroupInetIngress, Direction::Ingress),
             (AttachType::CgroupInetEgress, Direction::Egress),
@@ -270,33 +349,7 @@ impl Agent {
             );
             programs.push(p);
         }
-        let epoch = maps
-            .epoch
-            .lookup(&0u32.to_ne_bytes())
-            .ok()
-            .flatten()
-            .map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) & 1)
-            .unwrap_or(0);
-        let mut agent = Agent {
-            maps,
-            programs,
-            links,
-            epoch,
-            owners: HashMap::new(),
-            unresolved: HashMap::new(),
-            users: UserNames::default(),
-            overflow_seen: (0, 0),
-            last_drain_wall_ns: wall_ns(),
-            stats: AgentStats::default(),
-        };
-        agent.overflow_seen = agent.overflow_totals();
-        tracing::info!(
-            cgroup = %cfg.cgroup.display(),
-            pinned = cfg.pin_dir.is_some(),
-            epoch,
-            "agent: eBPF cgroup_skb ingress/egress and cgroup_sock owner programs attached"
-        );
-        Ok(agent)
+        Ok(())
     }
 
     /// The loaded programs (for run-time statistics): the counting
@@ -574,6 +627,11 @@ impl Agent {
     /// Detaches the programs and drains both counter maps: everything
     /// counted is in `sink` afterwards.
     pub fn stop(mut self, sink: &mut dyn RecordSink) -> Result<AgentStats, AgentError> {
+        for p in &self.link_pins {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(pin = %p.display(), error = %e, "agent: removing a link pin");
+            }
+        }
         self.links.clear();
         self.overflowed();
         self.drain(sink)?;
