@@ -92,6 +92,9 @@ pub struct Config {
     pub agent_pin_dir: Option<PathBuf>,
     /// Agent: entries of each counter map (default 65536).
     pub agent_map_entries: Option<u32>,
+    /// Agent: `bpf`, `nft` (the nftables + conntrack fallback) or `auto`
+    /// (eBPF when it loads, else the fallback; the default).
+    pub agent_mode: Option<String>,
     /// Prometheus `/metrics` on this `HOST:PORT` (live capture only: a pcap
     /// run, the agent and a DPMI point or DiCAP coordinator serve none).
     pub metrics: Option<String>,
@@ -168,6 +171,7 @@ impl Config {
             agent_cgroup,
             agent_pin_dir,
             agent_map_entries,
+            agent_mode,
             metrics
         );
         if !flags.flow_keys.is_empty() {
@@ -199,6 +203,10 @@ impl Config {
                 "export: at most one crane:// target (list its collectors in it: crane://A:P,B:P)"
                     .into(),
             ));
+        }
+        if let Some(m) = &self.agent_mode {
+            m.parse::<crate::agent::AgentMode>()
+                .map_err(ConfigError::Invalid)?;
         }
         if self.agent_map_entries.is_some_and(|n| n < 16) {
             return Err(ConfigError::Invalid(

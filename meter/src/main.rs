@@ -115,6 +115,9 @@ struct Args {
     /// Agent: entries of each counter map (default 65536).
     #[arg(long)]
     agent_map_entries: Option<u32>,
+    /// Agent: bpf, nft (nftables + conntrack fallback) or auto (default).
+    #[arg(long, value_name = "bpf|nft|auto")]
+    agent_mode: Option<String>,
     /// Prometheus /metrics on HOST:PORT (loopback), live capture.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
@@ -150,6 +153,7 @@ impl Args {
             agent_cgroup: self.agent_cgroup,
             agent_pin_dir: self.agent_pin_dir,
             agent_map_entries: self.agent_map_entries,
+            agent_mode: self.agent_mode,
             metrics: self.metrics,
         };
         (self.config, flags, self.dicap)
@@ -391,6 +395,11 @@ fn run_agent(config: &qosloop_meter::Config, sink: &mut dyn qosloop_meter::Recor
             .unwrap_or(agent::DEFAULT_MAP_ENTRIES),
         interim: Duration::from_millis(config.interim_ms.filter(|&m| m > 0).unwrap_or(1000)),
         count_path: agent::CountPath::Cached,
+        mode: config
+            .agent_mode
+            .as_deref()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(agent::AgentMode::Auto),
     };
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone(), config.duration_s);

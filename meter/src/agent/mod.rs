@@ -18,7 +18,9 @@
 //! Maps may be pinned (`--agent-pin-dir`, a bpffs directory): a restarted
 //! agent then drains what the previous one left before counting on.
 
+mod conntrack;
 mod names;
+pub mod nft;
 pub mod programs;
 mod sockdiag;
 
@@ -50,6 +52,29 @@ pub struct AgentConfig {
     /// How the counting program keys packets (the cache by default; the
     /// direct hash path is kept to measure against).
     pub count_path: CountPath,
+    /// eBPF, the nftables + conntrack fallback, or the first that works.
+    pub mode: AgentMode,
+}
+
+/// `--agent-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentMode {
+    Bpf,
+    Nft,
+    /// eBPF when the programs load and attach (the probe), else nftables.
+    Auto,
+}
+
+impl std::str::FromStr for AgentMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AgentMode, String> {
+        match s {
+            "bpf" => Ok(AgentMode::Bpf),
+            "nft" => Ok(AgentMode::Nft),
+            "auto" => Ok(AgentMode::Auto),
+            _ => Err(format!("agent_mode: {s:?} is not bpf, nft or auto")),
+        }
+    }
 }
 
 /// Entries of each counter map by default.
@@ -84,6 +109,8 @@ pub enum AgentError {
     Asm(#[from] qosloop_bpf::AsmError),
     #[error("output: {0}")]
     Sink(#[from] SinkError),
+    #[error("nftables/conntrack fallback: {0}")]
+    Fallback(String),
 }
 
 fn bpf(what: impl Into<String>) -> impl FnOnce(BpfError) -> AgentError {
@@ -121,6 +148,12 @@ pub struct AgentStats {
     /// Records whose process could not be resolved (uid kept).
     pub unknown_process: u64,
     pub drains: u64,
+    /// Fallback: packets conntrack dropped since the start (a full table
+    /// drops new connections' packets; they are not accounted).
+    pub conntrack_dropped: u64,
+    /// Fallback: times ctnetlink dropped DESTROY events (entries that ended
+    /// then keep only what the last dump saw).
+    pub events_lost: u64,
 }
 
 impl std::fmt::Display for AgentStats {
@@ -135,7 +168,15 @@ impl std::fmt::Display for AgentStats {
             self.unknown_process,
             self.map_full_packets,
             self.map_full_bytes
-        )
+        )?;
+        if self.conntrack_dropped > 0 || self.events_lost > 0 {
+            write!(
+                f,
+                "; conntrack: {} packets dropped (table full), {} event overruns",
+                self.conntrack_dropped, self.events_lost
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -647,7 +688,17 @@ pub fn run(
     sink: &mut dyn RecordSink,
     stop: &AtomicBool,
 ) -> Result<AgentStats, AgentError> {
-    let mut agent = Agent::start(cfg)?;
+    let mut agent = match cfg.mode {
+        AgentMode::Nft => return run_nft(cfg, sink, stop),
+        AgentMode::Bpf => Agent::start(cfg)?,
+        AgentMode::Auto => match Agent::start(cfg) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "agent: eBPF unavailable; falling back to nftables and conntrack");
+                return run_nft(cfg, sink, stop);
+            }
+        },
+    };
     // A pinned map may hold what a previous agent counted after its last
     // drain: out now, before this agent's first interval.
     if cfg.pin_dir.is_some() {
@@ -658,6 +709,24 @@ pub fn run(
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50).min(cfg.interim));
         if agent.overflowed() || Instant::now() >= next {
+            agent.drain(sink)?;
+            next = Instant::now() + cfg.interim;
+        }
+    }
+    agent.stop(sink)
+}
+
+/// The fallback's loop: a drain every `cfg.interim`, then the table goes.
+fn run_nft(
+    cfg: &AgentConfig,
+    sink: &mut dyn RecordSink,
+    stop: &AtomicBool,
+) -> Result<AgentStats, AgentError> {
+    let mut agent = nft::NftAgent::start()?;
+    let mut next = Instant::now() + cfg.interim;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50).min(cfg.interim));
+        if Instant::now() >= next {
             agent.drain(sink)?;
             next = Instant::now() + cfg.interim;
         }

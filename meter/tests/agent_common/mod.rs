@@ -143,7 +143,7 @@ impl AgentRun {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&run.log).unwrap_or_default();
-            if text.contains("programs attached") {
+            if text.contains("programs attached") || text.contains("(ctnetlink) started") {
                 break;
             }
             if let Some(status) = run.child.as_mut().unwrap().try_wait().unwrap() {

@@ -87,6 +87,7 @@ fn run_blocking(args: Args) -> anyhow::Result<()> {
         map_entries: agent::DEFAULT_MAP_ENTRIES,
         interim: Duration::from_secs(1),
         count_path,
+        mode: agent::AgentMode::Bpf,
     };
     let paths = [CountPath::Direct, CountPath::Cached];
     let mut without = Vec::new();
