@@ -5,7 +5,8 @@
 //! over ctnetlink. Two users the test creates send concurrently through
 //! 127.0.0.1 of a namespace the test creates; each user's bytes must match
 //! what their generator sent within 1 % (the datagrams are known exactly:
-//! payload + 28 IP bytes), and the table and the sysctl are gone/restored
+//! payload + 28 IP bytes), one user's two processes apart (sock_diag tells
+//! them while they live), and the table and the sysctl are gone/restored
 //! after the agent stops.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -57,6 +58,7 @@ fn without_ebpf_two_users_are_accounted_through_nftables_and_conntrack() {
     for g in [&mut h, &mut i1, &mut i2] {
         g.wait_line("sent");
     }
+    let (pi1, pi2) = (i1.pid, i2.pid);
     for g in [h, i1, i2] {
         g.wait();
     }
@@ -78,6 +80,18 @@ fn without_ebpf_two_users_are_accounted_through_nftables_and_conntrack() {
         within_one_percent(got_i, want_i),
         "ivan {got_i} want {want_i}; {log}"
     );
+    // sock_diag could tell the processes while they lingered: ivan's two
+    // are apart.
+    for (pid, want) in [(pi1, 2000 * (472 + 28)), (pi2, 1000 * (1272 + 28))] {
+        let suffix = format!("[{pid}]");
+        let got = udp_bytes(&records, port, |r| {
+            r.process.as_deref().is_some_and(|p| p.ends_with(&suffix))
+        });
+        assert!(
+            within_one_percent(got, want),
+            "process {pid}: {got} want {want}; {log}"
+        );
+    }
     assert!(
         !in_ns(&ns, &["nft", "list", "tables"]).contains("qosloop_agent"),
         "the fallback's table was left behind"

@@ -9,10 +9,12 @@
 //! the DESTROY events between dumps, each entry's growth since it was last
 //! seen becoming one record per direction. A connection marked late keeps
 //! its earlier bytes: conntrack counts per connection, not per mark.
-//! Process names are not known on this path (`unknown process`).
+//! The process is named where sock_diag can tell: the entry's uid owns a
+//! live socket on its source (or, accepted, destination) port; otherwise
+//! `unknown process`, the user kept.
 
 use super::conntrack::{self, Conn, Tuple};
-use super::names::{process_label, UserNames};
+use super::names::{comm_of, process_label, UserNames};
 use super::{sockdiag, wall_ns, AgentError, AgentStats};
 use crate::sink::RecordSink;
 use qosloop_schema::FlowRecord;
@@ -85,6 +87,8 @@ fn conntrack_drops() -> u64 {
 struct Seen {
     orig: (u64, u64),
     reply: (u64, u64),
+    /// The drain whose dump last listed the entry.
+    drain: u64,
 }
 
 /// The running fallback.
@@ -102,6 +106,8 @@ pub struct NftAgent {
     last_drain_wall_ns: u64,
     stats: AgentStats,
     removed: bool,
+    /// The process of each followed entry, once sock_diag could tell.
+    processes: HashMap<(u32, Tuple), String>,
 }
 
 impl NftAgent {
@@ -123,6 +129,7 @@ impl NftAgent {
             last_drain_wall_ns: wall_ns(),
             stats: AgentStats::default(),
             removed: false,
+            processes: HashMap::new(),
         };
         let acct = std::fs::read_to_string(ACCT).unwrap_or_default();
         if acct.trim() == "0" {
@@ -137,6 +144,7 @@ impl NftAgent {
                 Seen {
                     orig: c.orig_counts,
                     reply: c.reply_counts,
+                    drain: 0,
                 },
             );
         }
@@ -210,13 +218,18 @@ impl NftAgent {
                 start_ns: self.last_drain_wall_ns.min(now_wall),
                 end_ns: now_wall,
                 user: user.clone(),
-                process: Some(process_label(None, None)),
+                process: Some(
+                    self.processes
+                        .get(&(c.id, c.orig))
+                        .cloned()
+                        .unwrap_or_else(|| process_label(None, None)),
+                ),
                 ..FlowRecord::default()
             };
             self.stats.records += 1;
             self.stats.packets += p;
             self.stats.bytes += b;
-            self.stats.unknown_process += 1;
+            self.stats.unknown_process += u64::from(!self.processes.contains_key(&(c.id, c.orig)));
             sink.push(&record)?;
         }
         Ok(())
@@ -224,15 +237,23 @@ impl NftAgent {
 
     /// Ended connections (events), then a dump: each entry's growth.
     pub fn drain(&mut self, sink: &mut dyn RecordSink) -> Result<usize, AgentError> {
-        match sockdiag::dump() {
-            Ok(d) => self.learn_uids(d.values().map(|s| s.uid).collect())?,
-            Err(e) => tracing::warn!(error = %e, "agent: sock_diag failed; uids not refreshed"),
-        }
+        let diag = match sockdiag::dump() {
+            Ok(d) => {
+                self.learn_uids(d.values().map(|s| s.uid).collect())?;
+                d
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent: sock_diag failed; uids not refreshed");
+                HashMap::new()
+            }
+        };
         let now_wall = wall_ns();
         let zero = Seen {
             orig: (0, 0),
             reply: (0, 0),
+            drain: 0,
         };
+        let drain = self.stats.drains + 1;
         let mut n = 0;
         let ended_before = std::mem::take(&mut self.ended);
         for c in self.events.take() {
@@ -242,10 +263,12 @@ impl NftAgent {
             }
             let since = self.seen.remove(&key).unwrap_or(zero);
             self.emit(&c, since, now_wall, sink)?;
+            self.processes.remove(&key);
             self.ended.insert(key);
             n += 1;
         }
         let conns = conntrack::dump().map_err(fallback)?;
+        self.resolve(&conns, &diag);
         for c in conns {
             let key = (c.id, c.orig);
             if self.ended.contains(&key) || ended_before.contains(&key) {
@@ -259,17 +282,68 @@ impl NftAgent {
                     Seen {
                         orig: c.orig_counts,
                         reply: c.reply_counts,
+                        drain,
                     },
                 );
             }
             n += 1;
         }
+        // Entries gone from two dumps whose DESTROY never came (events
+        // overrun): forgotten; what they counted after the last dump is lost
+        // (`events_lost` says it happened).
+        let before = self.seen.len();
+        self.seen.retain(|_, s| s.drain + 2 >= drain);
+        if self.seen.len() < before {
+            let seen = &self.seen;
+            self.processes.retain(|k, _| seen.contains_key(k));
+        }
         self.last_drain_wall_ns = now_wall;
-        self.stats.drains += 1;
+        self.stats.drains = drain;
         self.stats.conntrack_dropped = conntrack_drops().saturating_sub(self.drops_at_start);
         self.stats.events_lost = self.events.overruns;
         sink.flush()?;
         Ok(n)
+    }
+
+    /// Names the processes of marked entries not named yet: the local
+    /// socket of the entry's uid bound to its source port (it sent first)
+    /// or, for an accepted connection, to its destination port; its inode
+    /// through `/proc` gives the pid. Entries whose socket is gone stay
+    /// `unknown process`.
+    fn resolve(&mut self, conns: &[Conn], diag: &HashMap<u64, sockdiag::DiagSocket>) {
+        let by_port: HashMap<(u8, u16, u32), u32> = diag
+            .values()
+            .filter(|d| d.inode != 0)
+            .map(|d| ((d.protocol, d.local_port, d.uid), d.inode))
+            .collect();
+        let mut wanted: Vec<((u32, Tuple), u32)> = Vec::new();
+        for c in conns {
+            let key = (c.id, c.orig);
+            if c.mark & MARK_FLAG == 0 || self.processes.contains_key(&key) {
+                continue;
+            }
+            let uid = c.mark & !MARK_FLAG;
+            let p = c.orig.proto;
+            if let Some(i) = by_port
+                .get(&(p, c.orig.src_port, uid))
+                .or_else(|| by_port.get(&(p, c.orig.dst_port, uid)))
+            {
+                wanted.push((key, *i));
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let inodes: HashSet<u32> = wanted.iter().map(|(_, i)| *i).collect();
+        let pids = sockdiag::pids_of_inodes(&inodes);
+        for (key, inode) in wanted {
+            if let Some(pid) = pids.get(&inode) {
+                if self.processes.len() < MAX_SEEN {
+                    self.processes
+                        .insert(key, process_label(comm_of(*pid).as_deref(), Some(*pid)));
+                }
+            }
+        }
     }
 
     fn remove(&mut self) {

@@ -27,6 +27,8 @@ pub struct DiagSocket {
     /// TCP state (10: listening).
     pub state: u8,
     pub local_port: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
 }
 
 /// `TCP_LISTEN`.
@@ -52,7 +54,11 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 
 /// Parses one datagram of the dump into `out`; `Ok(true)` at the end of
 /// the dump. Lengths come from the kernel and are checked before use.
-pub fn parse_dump(buf: &[u8], out: &mut HashMap<u64, DiagSocket>) -> Result<bool, String> {
+pub fn parse_dump(
+    buf: &[u8],
+    protocol: u8,
+    out: &mut HashMap<u64, DiagSocket>,
+) -> Result<bool, String> {
     let mut at = 0usize;
     while at + 16 <= buf.len() {
         let len = u32_at(buf, at).unwrap_or(0) as usize;
@@ -83,6 +89,7 @@ pub fn parse_dump(buf: &[u8], out: &mut HashMap<u64, DiagSocket>) -> Result<bool
                             inode: u32_at(msg, 68).unwrap_or(0),
                             state: msg[1],
                             local_port: u16::from_be_bytes([msg[4], msg[5]]),
+                            protocol,
                         },
                     );
                 }
@@ -121,7 +128,7 @@ pub fn dump() -> Result<HashMap<u64, DiagSocket>, String> {
             for _ in 0..MAX_SOCKETS {
                 let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
                     .map_err(|e| format!("sock_diag recv: {e}"))?;
-                if n == 0 || parse_dump(&buf[..n], &mut out)? {
+                if n == 0 || parse_dump(&buf[..n], protocol, &mut out)? {
                     break;
                 }
             }
@@ -196,7 +203,7 @@ mod tests {
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
         buf.extend_from_slice(&done);
         let mut out = HashMap::new();
-        assert!(parse_dump(&buf, &mut out).unwrap());
+        assert!(parse_dump(&buf, 6, &mut out).unwrap());
         assert_eq!(
             out[&0x1_0000_0002],
             DiagSocket {
@@ -204,6 +211,7 @@ mod tests {
                 uid: 1000,
                 state: 1,
                 local_port: 8080,
+                protocol: 6,
             }
         );
     }
@@ -212,10 +220,10 @@ mod tests {
     fn a_length_beyond_the_datagram_is_an_error_not_a_panic() {
         let mut buf = message(1, 0, 0);
         buf[0..4].copy_from_slice(&4000u32.to_ne_bytes());
-        let err = parse_dump(&buf, &mut HashMap::new()).unwrap_err();
+        let err = parse_dump(&buf, 6, &mut HashMap::new()).unwrap_err();
         assert!(err.contains("out of bounds"), "{err}");
         buf[0..4].copy_from_slice(&3u32.to_ne_bytes());
-        assert!(parse_dump(&buf, &mut HashMap::new()).is_err());
+        assert!(parse_dump(&buf, 6, &mut HashMap::new()).is_err());
     }
 
     #[test]
