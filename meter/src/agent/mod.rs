@@ -15,8 +15,11 @@
 //! resolved through `sock_diag` and `/proc`; what cannot be resolved keeps
 //! the socket's uid and is called `unknown process` — never dropped.
 //!
-//! Maps may be pinned (`--agent-pin-dir`, a bpffs directory): a restarted
-//! agent then drains what the previous one left before counting on.
+//! Maps and links may be pinned (`--agent-pin-dir`, a bpffs directory):
+//! the programs of an agent that dies keep counting, and the next agent
+//! takes them over and drains what was counted meanwhile. Without eBPF
+//! (`--agent-mode nft`, or `auto` when the programs do not load) the
+//! [`nft`] fallback accounts per user through nftables and conntrack.
 
 mod conntrack;
 mod names;
