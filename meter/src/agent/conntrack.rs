@@ -357,7 +357,7 @@ mod tests {
         let mut msg = Vec::new();
         msg.extend_from_slice(&((20 + body.len()) as u32).to_ne_bytes());
         msg.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8).to_ne_bytes());
-        msg.extend_from_slice(&[0u8; 8]);
+        msg.extend_from_slice(&[0u8; 10]);
         msg.extend_from_slice(&[2, 0, 0, 0]);
         msg.extend_from_slice(&body);
         let p = parse(&msg).unwrap();
