@@ -43,6 +43,12 @@ pub struct LoopConfig {
     pub interval: Duration,
     pub ewma_weight: f64,
     pub hysteresis: f64,
+    /// Minimum hold between a decision's load-driven action change and a
+    /// change back (`engine`'s module doc; zero: off).
+    pub min_hold: Duration,
+    /// How long the load must ask for a band change before it is taken
+    /// (`engine`'s module doc; zero: at once).
+    pub confirm: Duration,
     /// See `bandwidth`'s module doc.
     pub rate_lag: Duration,
     pub gap_timeout: Duration,
@@ -67,6 +73,8 @@ impl From<&Config> for LoopConfig {
             interval: c.interval,
             ewma_weight: c.ewma_weight,
             hysteresis: c.hysteresis,
+            min_hold: c.min_hold,
+            confirm: c.confirm,
             rate_lag: c.rate_lag,
             gap_timeout: c.gap_timeout,
             rates_from: c.rates_from,
@@ -199,7 +207,8 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let policy = policies.borrow().clone();
 
-        let mut engine = Engine::new(loop_config.hysteresis);
+        let mut engine = Engine::new(loop_config.hysteresis).with_min_hold(loop_config.min_hold)
+            .with_confirm(loop_config.confirm);
         engine.restore(&policy, store.latest_decisions().await?);
         let mut bm = BandwidthManager::new(&policy, loop_config.ewma_weight);
         bm.set_lag(loop_config.rate_lag);
@@ -409,6 +418,9 @@ impl LoopState {
 
     async fn decide(&mut self, policy: &PolicySet, rates: &Rates) {
         let changes = self.engine.evaluate(policy, rates, now_ns() as u64);
+        if changes.held > 0 {
+            tracing::debug!(held = changes.held, "band changes held (confirmation, minimum hold)");
+        }
         for (dn, why) in &changes.skipped {
             tracing::warn!(rule = %dn, reason = why, "rule not enforced");
         }

@@ -65,7 +65,8 @@ pub struct PaperArgs {
     pub seed: u64,
     /// The tuned profile: interim records every 50 ms (handed on every
     /// 25 ms), rates over 100 ms windows closed 100 ms after their end, a
-    /// decision every 100 ms.
+    /// decision every 100 ms, a band change taken when the next window
+    /// confirms it.
     #[arg(long)]
     pub fast: bool,
     /// Run the collectors as a cluster of this many nodes on PostgreSQL
@@ -81,6 +82,9 @@ struct Timing {
     interval_ms: u64,
     lag_ms: u64,
     ewma_weight: f64,
+    /// How long the decision engine waits for a band change to be
+    /// confirmed (docs/decisions.md).
+    confirm_ms: u64,
 }
 
 impl Timing {
@@ -94,6 +98,11 @@ impl Timing {
                 interval_ms: 100,
                 lag_ms: 100,
                 ewma_weight: 0.7,
+                // One 100 ms window that comes out short or long under load
+                // (a late poll, records spread over two windows) moves the
+                // average across an edge and back; a change is taken when
+                // the next window confirms it.
+                confirm_ms: 100,
             }
         } else {
             // The meter sends interim records every 250 ms and hands them
@@ -103,6 +112,7 @@ impl Timing {
                 interval_ms: 1000,
                 lag_ms: 400,
                 ewma_weight: 0.9,
+                confirm_ms: 0,
             }
         }
     }
@@ -327,6 +337,8 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 timing.ewma_weight.to_string(),
                 s("--hysteresis"),
                 s("0.01"),
+                s("--confirm-ms"),
+                timing.confirm_ms.to_string(),
             ])
             .chain(rates_from)
             .collect::<Vec<_>>(),
