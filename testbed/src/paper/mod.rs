@@ -101,8 +101,9 @@ impl Timing {
                 // One 100 ms window that comes out short or long under load
                 // (a late poll, records spread over two windows) moves the
                 // average across an edge and back; a change is taken when
-                // the next window confirms it.
-                confirm_ms: 100,
+                // the next window confirms it (polls are 100 ms ± jitter
+                // apart: 50 ms means "the next one").
+                confirm_ms: 50,
             }
         } else {
             // The meter sends interim records every 250 ms and hands them
