@@ -168,8 +168,8 @@ fn band_limits(band: &str) -> (f64, f64) {
 /// What the components stored during the run.
 #[derive(Debug, Default)]
 pub struct Events {
-    /// (at_ns, rate_kbps) of the link.
-    pub link_rates: Vec<(i64, f64)>,
+    /// (at_ns, rate_kbps, interval_ns) of the link's windows.
+    pub link_rates: Vec<(i64, f64, i64)>,
     /// (at_ns, kind, reconfig_ns) of installed decisions, by report time.
     pub installed: Vec<(i64, String, i64)>,
     /// reconfig_ns of the installs that changed a decision's out-of-profile
@@ -188,10 +188,10 @@ macro_rules! fetch {
 
 pub(super) async fn read_events(url: &str) -> anyhow::Result<Events> {
     let db = Db::connect(url).await?;
-    let link_rates: Vec<(i64, f64)> = fetch!(
+    let link_rates: Vec<(i64, f64, i64)> = fetch!(
         &db,
-        "SELECT at_ns, rate_kbps FROM rates WHERE subject = 'link' ORDER BY at_ns",
-        (i64, f64)
+        "SELECT at_ns, rate_kbps, interval_ns FROM rates WHERE subject = 'link' ORDER BY at_ns",
+        (i64, f64, i64)
     );
     let installed: Vec<(i64, String, i64)> = fetch!(
         &db,
@@ -266,13 +266,16 @@ pub(super) fn summarise(
             .unwrap_or((0, 0, "high"));
         let step = step_at(background, t);
         let end_ns = epoch_ns + (t as i64 + 1) * sec_ns;
-        if let Some((_, r)) = ev
+        // The second's load: every window stored within it, weighted by
+        // its length (one window with the paper's 1 s windows; ten with
+        // --fast, where one 100 ms window alone is not the second's load).
+        let (bits, ns) = ev
             .link_rates
             .iter()
-            .rev()
-            .find(|(at, _)| *at < end_ns && *at >= end_ns - sec_ns)
-        {
-            load = Some(*r);
+            .filter(|(at, _, _)| *at < end_ns && *at >= end_ns - sec_ns)
+            .fold((0.0, 0i64), |(b, n), (_, r, i)| (b + r * *i as f64, n + i));
+        if ns > 0 {
+            load = Some(bits / ns as f64);
         }
         let second = policed.and_then(|f| f.seconds.get(&t));
         let total_kbps = second.map(|s| s.kbps()).unwrap_or(0.0);
