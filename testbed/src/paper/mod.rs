@@ -106,25 +106,9 @@ impl Timing {
                 ewma_weight: 1.0,
                 confirm_ms: 50,
             }
-        } else if args.cluster.is_none() {
-            // The paper's settings, records mode: the meter sends interim
-            // records every 50 ms and hands them on every 25 ms, so 200 ms
-            // covers their export and commit with room under load. The
-            // decision comes 200 ms after its window's end instead of 400:
-            // the reference run's changes, which fall 0.26 s before a
-            // window's end, react in 1.46 s instead of 1.66
-            // (docs/testbed.md).
-            Timing {
-                interim_ms: 50,
-                interval_ms: 1000,
-                lag_ms: 200,
-                ewma_weight: 0.9,
-                confirm_ms: 0,
-            }
         } else {
-            // The cluster: interim records every 250 ms, handed on every
-            // 100 ms; 400 ms covers their export, commit and the owners'
-            // step.
+            // The meter sends interim records every 250 ms and hands them
+            // on every 100 ms: 400 ms covers their export and commit.
             Timing {
                 interim_ms: 250,
                 interval_ms: 1000,
