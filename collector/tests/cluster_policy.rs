@@ -188,7 +188,10 @@ async fn a_policy_change_reaches_every_node_and_the_owner() {
     .fetch_one(p)
     .await
     .unwrap();
-    assert_eq!(link_nodes, NODES as i64, "every node counts under version 1");
+    assert_eq!(
+        link_nodes, NODES as i64,
+        "every node counts under version 1"
+    );
 
     let published_ns = now_ns();
     let version = db

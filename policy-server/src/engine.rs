@@ -377,7 +377,9 @@ impl Engine {
         let Some((at, from)) = cur.moved else {
             return false;
         };
-        if self.min_hold_ns == 0 || band == cur.band || now_ns.saturating_sub(at) >= self.min_hold_ns
+        if self.min_hold_ns == 0
+            || band == cur.band
+            || now_ns.saturating_sub(at) >= self.min_hold_ns
         {
             return false;
         }
@@ -577,16 +579,27 @@ mod tests {
             .map(|i| if i % 2 == 0 { 2900.0 } else { 3100.0 })
             .collect();
         let mut plain = Engine::new(0.01);
-        assert_eq!(walk(&mut plain, &p, 0, &loads).len(), 100, "without the hold it flaps");
+        assert_eq!(
+            walk(&mut plain, &p, 0, &loads).len(),
+            100,
+            "without the hold it flaps"
+        );
         let mut e = Engine::new(0.01).with_min_hold(Duration::from_millis(1000));
         let taken = walk(&mut e, &p, 0, &loads);
         // The first install, then at most a change there and one back per
         // second.
-        assert!(taken.len() <= 1 + 2 * 10, "{} changes: {taken:?}", taken.len());
+        assert!(
+            taken.len() <= 1 + 2 * 10,
+            "{} changes: {taken:?}",
+            taken.len()
+        );
         assert!(taken.len() > 2, "the hold delays, never freezes: {taken:?}");
         // After the first move every change is a move back.
         for w in taken.windows(2).skip(1) {
-            assert!(w[1].0 - w[0].0 >= 1000 * MS, "a move back within the hold: {taken:?}");
+            assert!(
+                w[1].0 - w[0].0 >= 1000 * MS,
+                "a move back within the hold: {taken:?}"
+            );
         }
     }
 
@@ -621,11 +634,17 @@ mod tests {
         // Medium (remark) steady, then one window dips under Min_th, one
         // spikes over Max_th, two alternate around Min_th window by window.
         let mut loads = vec![4500.0; 10];
-        loads.extend([2500.0, 4500.0, 4500.0, 6500.0, 4500.0, 2900.0, 3100.0, 2900.0, 3100.0]);
+        loads.extend([
+            2500.0, 4500.0, 4500.0, 6500.0, 4500.0, 2900.0, 3100.0, 2900.0, 3100.0,
+        ]);
         loads.extend([4500.0; 5]);
         let mut plain = Engine::new(0.01);
         let flaps = walk(&mut plain, &p, 0, &loads);
-        assert_eq!(flaps.len(), 1 + 8, "without it every artefact is a change: {flaps:?}");
+        assert_eq!(
+            flaps.len(),
+            1 + 8,
+            "without it every artefact is a change: {flaps:?}"
+        );
         let mut e = Engine::new(0.01).with_confirm(Duration::from_millis(100));
         assert_eq!(walk(&mut e, &p, 0, &loads), [(0, Remark)]);
     }

@@ -207,7 +207,8 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let policy = policies.borrow().clone();
 
-        let mut engine = Engine::new(loop_config.hysteresis).with_min_hold(loop_config.min_hold)
+        let mut engine = Engine::new(loop_config.hysteresis)
+            .with_min_hold(loop_config.min_hold)
             .with_confirm(loop_config.confirm);
         engine.restore(&policy, store.latest_decisions().await?);
         let mut bm = BandwidthManager::new(&policy, loop_config.ewma_weight);
@@ -419,7 +420,10 @@ impl LoopState {
     async fn decide(&mut self, policy: &PolicySet, rates: &Rates) {
         let changes = self.engine.evaluate(policy, rates, now_ns() as u64);
         if changes.held > 0 {
-            tracing::debug!(held = changes.held, "band changes held (confirmation, minimum hold)");
+            tracing::debug!(
+                held = changes.held,
+                "band changes held (confirmation, minimum hold)"
+            );
         }
         for (dn, why) in &changes.skipped {
             tracing::warn!(rule = %dn, reason = why, "rule not enforced");
