@@ -244,6 +244,18 @@ pub(super) struct Delivered<'a> {
     pub in_profile: &'a [super::inprofile::Arrival],
 }
 
+/// The link load of the second ending at `end_ns`: every window stored
+/// within it, weighted by its length (one window with the paper's 1 s
+/// windows; ten with --fast, where one 100 ms window alone is not the
+/// second's load). `None` when no window was stored in it.
+fn second_load(link_rates: &[(i64, f64, i64)], end_ns: i64, sec_ns: i64) -> Option<f64> {
+    let (bits, ns) = link_rates
+        .iter()
+        .filter(|(at, _, _)| *at < end_ns && *at >= end_ns - sec_ns)
+        .fold((0.0, 0i64), |(b, n), (_, r, i)| (b + r * *i as f64, n + i));
+    (ns > 0).then(|| bits / ns as f64)
+}
+
 pub(super) fn summarise(
     background: &Schedule,
     bounds: &[(u64, u64, &str)],
@@ -266,16 +278,8 @@ pub(super) fn summarise(
             .unwrap_or((0, 0, "high"));
         let step = step_at(background, t);
         let end_ns = epoch_ns + (t as i64 + 1) * sec_ns;
-        // The second's load: every window stored within it, weighted by
-        // its length (one window with the paper's 1 s windows; ten with
-        // --fast, where one 100 ms window alone is not the second's load).
-        let (bits, ns) = ev
-            .link_rates
-            .iter()
-            .filter(|(at, _, _)| *at < end_ns && *at >= end_ns - sec_ns)
-            .fold((0.0, 0i64), |(b, n), (_, r, i)| (b + r * *i as f64, n + i));
-        if ns > 0 {
-            load = Some(bits / ns as f64);
+        if let Some(l) = second_load(&ev.link_rates, end_ns, sec_ns) {
+            load = Some(l);
         }
         let second = policed.and_then(|f| f.seconds.get(&t));
         let total_kbps = second.map(|s| s.kbps()).unwrap_or(0.0);
@@ -694,6 +698,22 @@ mod tests {
 
     /// Issue 11 item 10: `qosloop-testbed paper` exited 0 when a phase
     /// missed its band; `misses` is what main turns into a failure.
+    #[test]
+    fn a_seconds_load_is_the_mean_of_its_windows_not_the_last_one() {
+        let s = 1_000_000_000i64;
+        let ms = 1_000_000i64;
+        // Ten 100 ms windows at 5600 kbit/s but the last, short one at 2000.
+        let mut w: Vec<(i64, f64, i64)> =
+            (1..10).map(|k| (k * 100 * ms, 5600.0, 100 * ms)).collect();
+        w.push((999 * ms, 2000.0, 50 * ms));
+        let l = second_load(&w, s, s).unwrap();
+        let want = (9.0 * 5600.0 * 100.0 + 2000.0 * 50.0) / 950.0;
+        assert!((l - want).abs() < 1e-9, "{l} against {want}");
+        // One 1 s window: its rate. None: nothing stored in that second.
+        assert_eq!(second_load(&[(s + 10, 3100.0, s)], 2 * s, s), Some(3100.0));
+        assert_eq!(second_load(&w, 3 * s, s), None);
+    }
+
     #[test]
     fn a_phase_that_misses_its_band_is_named_with_by_how_much() {
         let summary = |phases: Vec<PhaseCheck>, series: Vec<Second>| Summary {
