@@ -32,6 +32,12 @@
 //! nothing; a real step reacts `confirm` later (with 100 ms windows and
 //! `confirm` = 100 ms: at the step's second window).
 //!
+//! Gap hold (`gap_hold`, default 0 = off): a window in which a link had no
+//! record at all, less than `gap_hold` after a window in which it had some,
+//! is taken as no measurement (the meters' records stalled on their way),
+//! not as a load of zero: the decisions on that link keep their band. A
+//! link that really falls silent is followed once `gap_hold` has passed.
+//!
 //! Minimum hold (`min_hold`, default 0 = off): hysteresis in time. After a
 //! decision's band changed because of the load, a change *back* — to a band
 //! on the side it came from — waits until `min_hold` has passed since that
@@ -129,6 +135,9 @@ pub struct Engine {
     hysteresis: f64,
     min_hold_ns: u64,
     confirm_ns: u64,
+    gap_hold_ns: u64,
+    /// When each link last had records in its window.
+    link_seen: HashMap<String, u64>,
     current: HashMap<u64, Current>,
     epoch: u64,
 }
@@ -186,6 +195,8 @@ impl Engine {
             hysteresis: hysteresis.clamp(0.0, 0.5),
             min_hold_ns: 0,
             confirm_ns: 0,
+            gap_hold_ns: 0,
+            link_seen: HashMap::new(),
             current: HashMap::new(),
             epoch: 0,
         }
@@ -194,6 +205,12 @@ impl Engine {
     /// Sets the confirmation time of the module doc (zero disables it).
     pub fn with_confirm(mut self, confirm: std::time::Duration) -> Engine {
         self.confirm_ns = u64::try_from(confirm.as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Sets the gap hold of the module doc (zero disables it).
+    pub fn with_gap_hold(mut self, gap_hold: std::time::Duration) -> Engine {
+        self.gap_hold_ns = u64::try_from(gap_hold.as_nanos()).unwrap_or(u64::MAX);
         self
     }
 
@@ -249,6 +266,21 @@ impl Engine {
             .iter()
             .map(|l| (l.key.as_str(), l.avg_rate_kbps))
             .collect();
+        // Links whose window held no record although records came within
+        // the gap hold: no measurement, not a load of zero.
+        let mut no_data: HashSet<&str> = HashSet::new();
+        for l in &rates.links {
+            if l.records > 0 {
+                self.link_seen.insert(l.key.clone(), now_ns);
+            } else if self.gap_hold_ns > 0
+                && self
+                    .link_seen
+                    .get(&l.key)
+                    .is_some_and(|&t| now_ns.saturating_sub(t) < self.gap_hold_ns)
+            {
+                no_data.insert(l.key.as_str());
+            }
+        }
         let mut alive: HashSet<u64> = HashSet::with_capacity(self.current.len());
         for rule in policy.rules.iter().filter(|r| r.enabled) {
             let Some(class) = classes.get(rule.service_class.as_str()) else {
@@ -286,7 +318,11 @@ impl Engine {
                     };
                     let mut pending = None;
                     if let Some(p) = prev {
-                        if self.holds(class, p, band, now_ns) {
+                        if band != p.band && no_data.contains(rule.link.as_str()) {
+                            changes.held += 1;
+                            band = p.band;
+                            pending = p.pending;
+                        } else if self.holds(class, p, band, now_ns) {
                             changes.held += 1;
                             band = p.band;
                         } else if let Some(since) = self.unconfirmed(class, p, band, now_ns) {
@@ -674,6 +710,43 @@ mod tests {
         let mut e = Engine::new(0.01).with_confirm(Duration::from_millis(100));
         let taken = walk(&mut e, &p, 0, &loads);
         assert!(taken.len() <= 1 + 20, "{taken:?}");
+    }
+
+    #[test]
+    fn the_gap_hold_takes_windows_without_records_as_no_measurement() {
+        use DecisionKind::*;
+        let p = paper_policy();
+        let at = |load: f64, records: u64| {
+            let mut r = rates(&p, 1500.0, load);
+            r.links[0].records = records;
+            r
+        };
+        let mut e = Engine::new(0.01).with_gap_hold(Duration::from_millis(500));
+        let mut plain = Engine::new(0.01);
+        let mut kinds = Vec::new();
+        let mut plain_kinds = Vec::new();
+        // High, then three windows without a record (the pipeline stalled),
+        // then high again; later the link falls silent for good.
+        let mut walk: Vec<(f64, u64)> = vec![(7400.0, 2), (7400.0, 2)];
+        walk.extend([(0.0, 0); 3]);
+        walk.extend([(7400.0, 2), (7400.0, 2)]);
+        walk.extend([(0.0, 0); 8]);
+        for (i, (load, records)) in walk.into_iter().enumerate() {
+            let t = i as u64 * 100 * MS;
+            for d in e.evaluate(&p, &at(load, records), t).installed {
+                kinds.push((t / MS, d.kind()));
+            }
+            for d in plain.evaluate(&p, &at(load, records), t).installed {
+                plain_kinds.push((t / MS, d.kind()));
+            }
+        }
+        assert_eq!(
+            plain_kinds,
+            [(0, Drop), (200, Accept), (500, Drop), (700, Accept)]
+        );
+        // The stall changes nothing; the silence is followed 500 ms after
+        // the last window with records (600 ms).
+        assert_eq!(kinds, [(0, Drop), (1100, Accept)]);
     }
 
     #[test]

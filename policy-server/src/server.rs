@@ -49,6 +49,9 @@ pub struct LoopConfig {
     /// How long the load must ask for a band change before it is taken
     /// (`engine`'s module doc; zero: at once).
     pub confirm: Duration,
+    /// How long a link's windows without any record are taken as no
+    /// measurement (`engine`'s module doc; zero: as a load of zero).
+    pub gap_hold: Duration,
     /// See `bandwidth`'s module doc.
     pub rate_lag: Duration,
     pub gap_timeout: Duration,
@@ -75,6 +78,7 @@ impl From<&Config> for LoopConfig {
             hysteresis: c.hysteresis,
             min_hold: c.min_hold,
             confirm: c.confirm,
+            gap_hold: c.gap_hold,
             rate_lag: c.rate_lag,
             gap_timeout: c.gap_timeout,
             rates_from: c.rates_from,
@@ -209,7 +213,8 @@ impl Server {
 
         let mut engine = Engine::new(loop_config.hysteresis)
             .with_min_hold(loop_config.min_hold)
-            .with_confirm(loop_config.confirm);
+            .with_confirm(loop_config.confirm)
+            .with_gap_hold(loop_config.gap_hold);
         engine.restore(&policy, store.latest_decisions().await?);
         let mut bm = BandwidthManager::new(&policy, loop_config.ewma_weight);
         bm.set_lag(loop_config.rate_lag);

@@ -161,6 +161,7 @@ pub fn loop_config(interval_ms: u64) -> LoopConfig {
         hysteresis: 0.05,
         min_hold: Duration::ZERO,
         confirm: Duration::ZERO,
+        gap_hold: Duration::ZERO,
         rate_lag: Duration::from_millis(300),
         gap_timeout: Duration::from_secs(2),
     }

@@ -85,6 +85,9 @@ struct Timing {
     /// How long the decision engine waits for a band change to be
     /// confirmed (docs/decisions.md).
     confirm_ms: u64,
+    /// How long a link's windows without any record are no measurement
+    /// rather than zero load (docs/decisions.md).
+    gap_hold_ms: u64,
 }
 
 impl Timing {
@@ -105,6 +108,9 @@ impl Timing {
                 lag_ms: 100,
                 ewma_weight: 1.0,
                 confirm_ms: 50,
+                // Under load the records' way can stall for ~300 ms: three
+                // windows without a record are not a silent link.
+                gap_hold_ms: 500,
             }
         } else {
             // The meter sends interim records every 250 ms and hands them
@@ -115,6 +121,7 @@ impl Timing {
                 lag_ms: 400,
                 ewma_weight: 0.9,
                 confirm_ms: 0,
+                gap_hold_ms: 0,
             }
         }
     }
@@ -341,6 +348,8 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 s("0.01"),
                 s("--confirm-ms"),
                 timing.confirm_ms.to_string(),
+                s("--gap-hold-ms"),
+                timing.gap_hold_ms.to_string(),
             ])
             .chain(rates_from)
             .collect::<Vec<_>>(),
