@@ -199,6 +199,9 @@ async fn reaction(interval_ms: u64, rounds: usize) {
             interval,
             ewma_weight: 1.0,
             hysteresis: 0.05,
+            min_hold: Duration::ZERO,
+            confirm: Duration::ZERO,
+            gap_hold: Duration::ZERO,
             // Records are written as they happen: no export delay to wait for.
             rate_lag: Duration::ZERO,
             gap_timeout: Duration::from_secs(2),

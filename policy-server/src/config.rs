@@ -147,6 +147,18 @@ pub struct Settings {
     /// Hysteresis around each load threshold, as a fraction in [0, 0.5) (default 0.01).
     #[arg(long, value_name = "H")]
     pub hysteresis: Option<f64>,
+    /// Minimum hold, ms, between a decision's action change caused by the
+    /// load and a change back (0..=60000, default 0: off; docs/decisions.md).
+    #[arg(long, value_name = "MS")]
+    pub min_hold_ms: Option<u64>,
+    /// How long, ms, the load must ask for another band before the change
+    /// is taken (0..=60000, default 0: at once; docs/decisions.md).
+    #[arg(long, value_name = "MS")]
+    pub confirm_ms: Option<u64>,
+    /// How long, ms, a link's windows without any record count as no
+    /// measurement (0..=60000, default 0: as zero load; docs/decisions.md).
+    #[arg(long, value_name = "MS")]
+    pub gap_hold_ms: Option<u64>,
     /// How long after a poll the window it closes ends, ms: more than the
     /// meters' interim interval plus export delay (default 1200).
     #[arg(long, value_name = "MS")]
@@ -226,6 +238,9 @@ impl Settings {
             interval_ms: self.interval_ms.or(base.interval_ms),
             ewma_weight: self.ewma_weight.or(base.ewma_weight),
             hysteresis: self.hysteresis.or(base.hysteresis),
+            min_hold_ms: self.min_hold_ms.or(base.min_hold_ms),
+            confirm_ms: self.confirm_ms.or(base.confirm_ms),
+            gap_hold_ms: self.gap_hold_ms.or(base.gap_hold_ms),
             rate_lag_ms: self.rate_lag_ms.or(base.rate_lag_ms),
             rates_from: self.rates_from.or(base.rates_from),
             ka_timer_secs: self.ka_timer_secs.or(base.ka_timer_secs),
@@ -270,6 +285,9 @@ pub struct Config {
     pub interval: Duration,
     pub ewma_weight: f64,
     pub hysteresis: f64,
+    pub min_hold: Duration,
+    pub confirm: Duration,
+    pub gap_hold: Duration,
     pub rate_lag: Duration,
     pub rates_from: crate::server::RatesFrom,
     pub gap_timeout: Duration,
@@ -552,6 +570,20 @@ impl Config {
                 format!("{hysteresis}: must be in [0, 0.5)"),
             ));
         }
+        let min_hold_ms = s.min_hold_ms.unwrap_or(0);
+        if min_hold_ms > 60_000 {
+            return Err(invalid(
+                "min_hold_ms",
+                format!("{min_hold_ms}: must be at most 60000"),
+            ));
+        }
+        let confirm_ms = s.confirm_ms.unwrap_or(0);
+        let gap_hold_ms = s.gap_hold_ms.unwrap_or(0);
+        for (field, v) in [("confirm_ms", confirm_ms), ("gap_hold_ms", gap_hold_ms)] {
+            if v > 60_000 {
+                return Err(invalid(field, format!("{v}: must be at most 60000")));
+            }
+        }
         let rate_lag_ms = s.rate_lag_ms.unwrap_or(1200);
         if rate_lag_ms > 60_000 {
             return Err(invalid(
@@ -589,6 +621,9 @@ impl Config {
             interval: Duration::from_millis(interval_ms),
             ewma_weight,
             hysteresis,
+            min_hold: Duration::from_millis(min_hold_ms),
+            confirm: Duration::from_millis(confirm_ms),
+            gap_hold: Duration::from_millis(gap_hold_ms),
             rate_lag: Duration::from_millis(rate_lag_ms),
             rates_from,
             gap_timeout: Duration::from_millis(s.gap_timeout_ms.unwrap_or(5000)),
@@ -697,6 +732,27 @@ mod tests {
                     ..base()
                 },
                 "hysteresis",
+            ),
+            (
+                Settings {
+                    min_hold_ms: Some(60_001),
+                    ..base()
+                },
+                "min_hold_ms",
+            ),
+            (
+                Settings {
+                    confirm_ms: Some(70_000),
+                    ..base()
+                },
+                "confirm_ms",
+            ),
+            (
+                Settings {
+                    gap_hold_ms: Some(60_001),
+                    ..base()
+                },
+                "gap_hold_ms",
             ),
             (
                 Settings {

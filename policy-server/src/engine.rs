@@ -23,6 +23,32 @@
 //! `low` moves to `medium` at 3150 and back to `low` below 2850, so a load
 //! hovering around 3000 does not flap.
 //!
+//! Confirmation (`confirm`, default 0 = off): the load must ask for a band
+//! on the same side of the current one (above, or below) in evaluations
+//! spanning at least `confirm` before the change is taken; then the band it
+//! asks for last is taken. One window that comes out short or long (a poll
+//! late under load, records spread unevenly over two windows) moves the
+//! average across an edge and back before it is confirmed, so it changes
+//! nothing; a real step reacts `confirm` later (with 100 ms windows and
+//! `confirm` = 100 ms: at the step's second window).
+//!
+//! Gap hold (`gap_hold`, default 0 = off): a window in which a link had no
+//! record at all, less than `gap_hold` after a window in which it had some,
+//! is taken as no measurement (the meters' records stalled on their way),
+//! not as a load of zero: the decisions on that link keep their band. A
+//! link that really falls silent is followed once `gap_hold` has passed.
+//!
+//! Minimum hold (`min_hold`, default 0 = off): hysteresis in time. After a
+//! decision's band changed because of the load, a change *back* — to a band
+//! on the side it came from — waits until `min_hold` has passed since that
+//! change; until then the decision stays (and the held evaluations are
+//! counted in [`Changes::held`]). A change further in the same direction (a
+//! step from `low` through `medium` to `high`) and the first change after a
+//! quiet spell are taken at once, so a real step reacts in the same
+//! evaluation; a load oscillating around an edge changes the action at most
+//! twice per `min_hold` (there and back). Changes of the policy itself (a
+//! new class, spec or role) are never held.
+//!
 //! A decision's `version` increases only when what the enforcer must do
 //! changes (flow, profile, marking, out-of-profile action, role); a change
 //! of the measured inputs alone is not pushed.
@@ -74,6 +100,8 @@ impl DecisionTable {
 /// What one evaluation changed.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Band changes the minimum hold kept back in this evaluation.
+    pub held: usize,
     /// New or changed decisions.
     pub installed: Vec<Arc<Decision>>,
     /// Decisions that no longer exist (their last state).
@@ -92,12 +120,24 @@ impl Changes {
 struct Current {
     band: usize,
     decision: Arc<Decision>,
+    /// When the load last moved this decision to another band, and from
+    /// which (none: first install or restored).
+    moved: Option<(u64, usize)>,
+    /// Since when the load has asked for a band on this side of the
+    /// current one (+1 above, −1 below) without the change being taken
+    /// yet (the confirmation of the module doc).
+    pending: Option<(u64, i8)>,
 }
 
 /// The engine's state between evaluations.
 #[derive(Debug)]
 pub struct Engine {
     hysteresis: f64,
+    min_hold_ns: u64,
+    confirm_ns: u64,
+    gap_hold_ns: u64,
+    /// When each link last had records in its window.
+    link_seen: HashMap<String, u64>,
     current: HashMap<u64, Current>,
     epoch: u64,
 }
@@ -153,9 +193,31 @@ impl Engine {
     pub fn new(hysteresis: f64) -> Engine {
         Engine {
             hysteresis: hysteresis.clamp(0.0, 0.5),
+            min_hold_ns: 0,
+            confirm_ns: 0,
+            gap_hold_ns: 0,
+            link_seen: HashMap::new(),
             current: HashMap::new(),
             epoch: 0,
         }
+    }
+
+    /// Sets the confirmation time of the module doc (zero disables it).
+    pub fn with_confirm(mut self, confirm: std::time::Duration) -> Engine {
+        self.confirm_ns = u64::try_from(confirm.as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Sets the gap hold of the module doc (zero disables it).
+    pub fn with_gap_hold(mut self, gap_hold: std::time::Duration) -> Engine {
+        self.gap_hold_ns = u64::try_from(gap_hold.as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Sets the minimum hold of the module doc (zero disables it).
+    pub fn with_min_hold(mut self, min_hold: std::time::Duration) -> Engine {
+        self.min_hold_ns = u64::try_from(min_hold.as_nanos()).unwrap_or(u64::MAX);
+        self
     }
 
     /// Restores decisions taken before a restart, so that unchanged ones
@@ -178,6 +240,8 @@ impl Engine {
                     Current {
                         band,
                         decision: Arc::new(d),
+                        moved: None,
+                        pending: None,
                     },
                 );
             }
@@ -202,6 +266,21 @@ impl Engine {
             .iter()
             .map(|l| (l.key.as_str(), l.avg_rate_kbps))
             .collect();
+        // Links whose window held no record although records came within
+        // the gap hold: no measurement, not a load of zero.
+        let mut no_data: HashSet<&str> = HashSet::new();
+        for l in &rates.links {
+            if l.records > 0 {
+                self.link_seen.insert(l.key.clone(), now_ns);
+            } else if self.gap_hold_ns > 0
+                && self
+                    .link_seen
+                    .get(&l.key)
+                    .is_some_and(|&t| now_ns.saturating_sub(t) < self.gap_hold_ns)
+            {
+                no_data.insert(l.key.as_str());
+            }
+        }
         let mut alive: HashSet<u64> = HashSet::with_capacity(self.current.len());
         for rule in policy.rules.iter().filter(|r| r.enabled) {
             let Some(class) = classes.get(rule.service_class.as_str()) else {
@@ -229,7 +308,7 @@ impl Engine {
                 for role in &rule.roles {
                     let id = decision_id(&rule.dn, i, role);
                     let prev = self.current.get(&id);
-                    let Some(band) =
+                    let Some(mut band) =
                         select_band(class, load, prev.map(|c| c.band), self.hysteresis)
                     else {
                         changes
@@ -237,6 +316,21 @@ impl Engine {
                             .push((rule.dn.clone(), "no band covers the link load"));
                         continue;
                     };
+                    let mut pending = None;
+                    if let Some(p) = prev {
+                        if band != p.band && no_data.contains(rule.link.as_str()) {
+                            changes.held += 1;
+                            band = p.band;
+                            pending = p.pending;
+                        } else if self.holds(class, p, band, now_ns) {
+                            changes.held += 1;
+                            band = p.band;
+                        } else if let Some(since) = self.unconfirmed(class, p, band, now_ns) {
+                            changes.held += 1;
+                            band = p.band;
+                            pending = Some(since);
+                        }
+                    }
                     alive.insert(id);
                     // Fast path: the same band and the same rendering as
                     // before — nothing to build, nothing to push.
@@ -250,6 +344,9 @@ impl Engine {
                             && d.policy_dn == rule.dn
                             && d.role == *role
                         {
+                            if let Some(c) = self.current.get_mut(&id) {
+                                c.pending = pending;
+                            }
                             continue;
                         }
                     }
@@ -263,14 +360,32 @@ impl Engine {
                         link_load_kbps: load,
                         band: class.out_of_profile[band].name.clone(),
                     };
+                    let moved = match prev {
+                        Some(p) if p.band != band => Some((now_ns, p.band)),
+                        Some(p) => p.moved,
+                        None => None,
+                    };
                     match prev {
-                        Some(p) if same_action(&p.decision, &d) => continue,
+                        Some(p) if same_action(&p.decision, &d) => {
+                            if let Some(c) = self.current.get_mut(&id) {
+                                c.pending = pending;
+                            }
+                            continue;
+                        }
                         Some(p) => d.version = p.decision.version + 1,
                         None => d.version = 1,
                     }
                     let d = Arc::new(d);
                     changes.installed.push(d.clone());
-                    self.current.insert(id, Current { band, decision: d });
+                    self.current.insert(
+                        id,
+                        Current {
+                            band,
+                            decision: d,
+                            moved,
+                            pending,
+                        },
+                    );
                 }
             }
         }
@@ -289,6 +404,55 @@ impl Engine {
             self.epoch += 1;
         }
         changes
+    }
+
+    /// Whether the minimum hold keeps `cur` in its band instead of `band`:
+    /// a move back towards the band it last came from, sooner than
+    /// `min_hold` after that move. Bands are ordered by their lower edge.
+    fn holds(&self, class: &ServiceClass, cur: &Current, band: usize, now_ns: u64) -> bool {
+        let Some((at, from)) = cur.moved else {
+            return false;
+        };
+        if self.min_hold_ns == 0
+            || band == cur.band
+            || now_ns.saturating_sub(at) >= self.min_hold_ns
+        {
+            return false;
+        }
+        let edge = |i: usize| class.out_of_profile.get(i).map(|b| b.from.0);
+        let (Some(from), Some(cur), Some(new)) = (edge(from), edge(cur.band), edge(band)) else {
+            return false;
+        };
+        // Came up (from below cur): going down again is back; and the
+        // other way round.
+        (from < cur && new < cur) || (from > cur && new > cur)
+    }
+
+    /// Whether the confirmation keeps `cur` in its band although the load
+    /// asks for `band`: `Some((since, side))`, the pending request to keep,
+    /// while the load has asked for a band on that side for less than
+    /// `confirm`; `None` when the change may be taken (or nothing changes).
+    fn unconfirmed(
+        &self,
+        class: &ServiceClass,
+        cur: &Current,
+        band: usize,
+        now_ns: u64,
+    ) -> Option<(u64, i8)> {
+        if self.confirm_ns == 0 || band == cur.band {
+            return None;
+        }
+        let edge = |i: usize| class.out_of_profile.get(i).map(|b| b.from.0);
+        let (Some(c), Some(n)) = (edge(cur.band), edge(band)) else {
+            return None;
+        };
+        let side: i8 = if n > c { 1 } else { -1 };
+        match cur.pending {
+            Some((since, s)) if s == side => {
+                (now_ns.saturating_sub(since) < self.confirm_ns).then_some((since, s))
+            }
+            _ => Some((now_ns, side)),
+        }
     }
 
     /// The current decisions, for the PDP.
@@ -341,6 +505,7 @@ mod tests {
     use crate::bandwidth::SubjectRate;
     use crate::testing::{gold_class, paper_policy};
     use qosloop_schema::DecisionKind;
+    use std::time::Duration;
 
     fn rates(policy: &PolicySet, flow_avg: f64, load: f64) -> Rates {
         Rates {
@@ -425,6 +590,163 @@ mod tests {
         // Without hysteresis the same walk flaps.
         assert_eq!(select_band(&class, 3010.0, Some(0), 0.0), Some(1));
         assert_eq!(select_band(&class, 2990.0, Some(1), 0.0), Some(0));
+    }
+
+    const MS: u64 = 1_000_000;
+
+    /// Evaluates `loads` one per 100 ms from `t0`; the actions taken.
+    fn walk(e: &mut Engine, p: &PolicySet, t0: u64, loads: &[f64]) -> Vec<(u64, DecisionKind)> {
+        let mut taken = Vec::new();
+        for (i, &load) in loads.iter().enumerate() {
+            let t = t0 + i as u64 * 100 * MS;
+            for d in e.evaluate(p, &rates(p, 1500.0, load), t).installed {
+                taken.push((t, d.kind()));
+            }
+        }
+        taken
+    }
+
+    #[test]
+    fn the_minimum_hold_bounds_changes_of_a_load_oscillating_at_an_edge() {
+        let p = paper_policy();
+        // Around Min_th = 3000, beyond the 1 % hysteresis, every 100 ms,
+        // for 10 s.
+        let loads: Vec<f64> = (0..100)
+            .map(|i| if i % 2 == 0 { 2900.0 } else { 3100.0 })
+            .collect();
+        let mut plain = Engine::new(0.01);
+        assert_eq!(
+            walk(&mut plain, &p, 0, &loads).len(),
+            100,
+            "without the hold it flaps"
+        );
+        let mut e = Engine::new(0.01).with_min_hold(Duration::from_millis(1000));
+        let taken = walk(&mut e, &p, 0, &loads);
+        // The first install, then at most a change there and one back per
+        // second.
+        assert!(
+            taken.len() <= 1 + 2 * 10,
+            "{} changes: {taken:?}",
+            taken.len()
+        );
+        assert!(taken.len() > 2, "the hold delays, never freezes: {taken:?}");
+        // After the first move every change is a move back.
+        for w in taken.windows(2).skip(1) {
+            assert!(
+                w[1].0 - w[0].0 >= 1000 * MS,
+                "a move back within the hold: {taken:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_minimum_hold_lets_a_real_step_react_at_once() {
+        use DecisionKind::*;
+        let p = paper_policy();
+        let mut e = Engine::new(0.01).with_min_hold(Duration::from_millis(1000));
+        // Low for 2 s, then a step to high passing through medium: each
+        // evaluation takes the band it reaches.
+        let mut loads = vec![1600.0; 20];
+        loads.extend([4400.0, 6800.0, 7500.0, 7500.0]);
+        let taken = walk(&mut e, &p, 0, &loads);
+        assert_eq!(
+            taken,
+            [(0, Accept), (2000 * MS, Remark), (2100 * MS, Drop)],
+            "every change at once"
+        );
+        // Straight back down 300 ms after the last move: held until 1 s
+        // after it, then taken.
+        let back = walk(&mut e, &p, 2400 * MS, &[1600.0; 8]);
+        assert_eq!(back, [(3100 * MS, Accept)]);
+        // After a quiet spell a step reacts at once, whichever way.
+        let up = walk(&mut e, &p, 5000 * MS, &[5600.0]);
+        assert_eq!(up, [(5000 * MS, Remark)]);
+    }
+
+    #[test]
+    fn the_confirmation_ignores_single_window_artefacts() {
+        use DecisionKind::*;
+        let p = paper_policy();
+        // Medium (remark) steady, then one window dips under Min_th, one
+        // spikes over Max_th, two alternate around Min_th window by window.
+        let mut loads = vec![4500.0; 10];
+        loads.extend([
+            2500.0, 4500.0, 4500.0, 6500.0, 4500.0, 2900.0, 3100.0, 2900.0, 3100.0,
+        ]);
+        loads.extend([4500.0; 5]);
+        let mut plain = Engine::new(0.01);
+        let flaps = walk(&mut plain, &p, 0, &loads);
+        assert_eq!(
+            flaps.len(),
+            1 + 8,
+            "without it every artefact is a change: {flaps:?}"
+        );
+        let mut e = Engine::new(0.01).with_confirm(Duration::from_millis(100));
+        assert_eq!(walk(&mut e, &p, 0, &loads), [(0, Remark)]);
+    }
+
+    #[test]
+    fn the_confirmation_takes_a_real_step_one_window_later() {
+        use DecisionKind::*;
+        let p = paper_policy();
+        let mut e = Engine::new(0.01).with_confirm(Duration::from_millis(100));
+        // Low, then a step to high whose first window lands in medium:
+        // taken at the second window, straight to high.
+        let mut loads = vec![1600.0; 10];
+        loads.extend([4400.0, 6800.0, 7500.0, 7500.0]);
+        // Down to medium: taken at its second window.
+        loads.extend([5600.0, 5600.0, 5600.0]);
+        let taken = walk(&mut e, &p, 0, &loads);
+        assert_eq!(
+            taken,
+            [(0, Accept), (1100 * MS, Drop), (1500 * MS, Remark)],
+            "{taken:?}"
+        );
+        // A load alternating every two windows changes at most once per
+        // two windows.
+        let loads: Vec<f64> = (0..40)
+            .map(|i| if (i / 2) % 2 == 0 { 2900.0 } else { 3100.0 })
+            .collect();
+        let mut e = Engine::new(0.01).with_confirm(Duration::from_millis(100));
+        let taken = walk(&mut e, &p, 0, &loads);
+        assert!(taken.len() <= 1 + 20, "{taken:?}");
+    }
+
+    #[test]
+    fn the_gap_hold_takes_windows_without_records_as_no_measurement() {
+        use DecisionKind::*;
+        let p = paper_policy();
+        let at = |load: f64, records: u64| {
+            let mut r = rates(&p, 1500.0, load);
+            r.links[0].records = records;
+            r
+        };
+        let mut e = Engine::new(0.01).with_gap_hold(Duration::from_millis(500));
+        let mut plain = Engine::new(0.01);
+        let mut kinds = Vec::new();
+        let mut plain_kinds = Vec::new();
+        // High, then three windows without a record (the pipeline stalled),
+        // then high again; later the link falls silent for good.
+        let mut walk: Vec<(f64, u64)> = vec![(7400.0, 2), (7400.0, 2)];
+        walk.extend([(0.0, 0); 3]);
+        walk.extend([(7400.0, 2), (7400.0, 2)]);
+        walk.extend([(0.0, 0); 8]);
+        for (i, (load, records)) in walk.into_iter().enumerate() {
+            let t = i as u64 * 100 * MS;
+            for d in e.evaluate(&p, &at(load, records), t).installed {
+                kinds.push((t / MS, d.kind()));
+            }
+            for d in plain.evaluate(&p, &at(load, records), t).installed {
+                plain_kinds.push((t / MS, d.kind()));
+            }
+        }
+        assert_eq!(
+            plain_kinds,
+            [(0, Drop), (200, Accept), (500, Drop), (700, Accept)]
+        );
+        // The stall changes nothing; the silence is followed 500 ms after
+        // the last window with records (600 ms).
+        assert_eq!(kinds, [(0, Drop), (1100, Accept)]);
     }
 
     #[test]

@@ -43,6 +43,15 @@ pub struct LoopConfig {
     pub interval: Duration,
     pub ewma_weight: f64,
     pub hysteresis: f64,
+    /// Minimum hold between a decision's load-driven action change and a
+    /// change back (`engine`'s module doc; zero: off).
+    pub min_hold: Duration,
+    /// How long the load must ask for a band change before it is taken
+    /// (`engine`'s module doc; zero: at once).
+    pub confirm: Duration,
+    /// How long a link's windows without any record are taken as no
+    /// measurement (`engine`'s module doc; zero: as a load of zero).
+    pub gap_hold: Duration,
     /// See `bandwidth`'s module doc.
     pub rate_lag: Duration,
     pub gap_timeout: Duration,
@@ -67,6 +76,9 @@ impl From<&Config> for LoopConfig {
             interval: c.interval,
             ewma_weight: c.ewma_weight,
             hysteresis: c.hysteresis,
+            min_hold: c.min_hold,
+            confirm: c.confirm,
+            gap_hold: c.gap_hold,
             rate_lag: c.rate_lag,
             gap_timeout: c.gap_timeout,
             rates_from: c.rates_from,
@@ -199,7 +211,10 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let policy = policies.borrow().clone();
 
-        let mut engine = Engine::new(loop_config.hysteresis);
+        let mut engine = Engine::new(loop_config.hysteresis)
+            .with_min_hold(loop_config.min_hold)
+            .with_confirm(loop_config.confirm)
+            .with_gap_hold(loop_config.gap_hold);
         engine.restore(&policy, store.latest_decisions().await?);
         let mut bm = BandwidthManager::new(&policy, loop_config.ewma_weight);
         bm.set_lag(loop_config.rate_lag);
@@ -409,6 +424,12 @@ impl LoopState {
 
     async fn decide(&mut self, policy: &PolicySet, rates: &Rates) {
         let changes = self.engine.evaluate(policy, rates, now_ns() as u64);
+        if changes.held > 0 {
+            tracing::debug!(
+                held = changes.held,
+                "band changes held (confirmation, minimum hold)"
+            );
+        }
         for (dn, why) in &changes.skipped {
             tracing::warn!(rule = %dn, reason = why, "rule not enforced");
         }

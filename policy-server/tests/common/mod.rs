@@ -159,6 +159,9 @@ pub fn loop_config(interval_ms: u64) -> LoopConfig {
         interval: Duration::from_millis(interval_ms),
         ewma_weight: 0.5,
         hysteresis: 0.05,
+        min_hold: Duration::ZERO,
+        confirm: Duration::ZERO,
+        gap_hold: Duration::ZERO,
         rate_lag: Duration::from_millis(300),
         gap_timeout: Duration::from_secs(2),
     }

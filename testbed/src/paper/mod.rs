@@ -65,7 +65,8 @@ pub struct PaperArgs {
     pub seed: u64,
     /// The tuned profile: interim records every 50 ms (handed on every
     /// 25 ms), rates over 100 ms windows closed 100 ms after their end, a
-    /// decision every 100 ms.
+    /// decision every 100 ms, a band change taken when the next window
+    /// confirms it.
     #[arg(long)]
     pub fast: bool,
     /// Run the collectors as a cluster of this many nodes on PostgreSQL
@@ -81,19 +82,35 @@ struct Timing {
     interval_ms: u64,
     lag_ms: u64,
     ewma_weight: f64,
+    /// How long the decision engine waits for a band change to be
+    /// confirmed (docs/decisions.md).
+    confirm_ms: u64,
+    /// How long a link's windows without any record are no measurement
+    /// rather than zero load (docs/decisions.md).
+    gap_hold_ms: u64,
 }
 
 impl Timing {
     fn of(args: &PaperArgs) -> Timing {
         if args.fast {
-            // The EWMA's weight per 100 ms window keeps it about as quick
-            // to follow a change as 0.9 per second is, without following
-            // every 100 ms of jitter.
+            // One 100 ms window that comes out short or long under load
+            // (a late poll, records spread over two windows) moves a rate
+            // across an edge and back: a band change is taken when the
+            // next window confirms it (polls are 100 ms ± jitter apart: 50
+            // ms means "the next one"). That confirmation is the smoothing,
+            // so the EWMA follows each window (weight 1): with 0.7 on top
+            // a step's first window rarely crossed and the confirmation
+            // came one window later still (median reaction 0.34 s against
+            // 0.25 s, docs/testbed.md).
             Timing {
                 interim_ms: 50,
                 interval_ms: 100,
                 lag_ms: 100,
-                ewma_weight: 0.7,
+                ewma_weight: 1.0,
+                confirm_ms: 50,
+                // Under load the records' way can stall for ~300 ms: three
+                // windows without a record are not a silent link.
+                gap_hold_ms: 500,
             }
         } else {
             // The meter sends interim records every 250 ms and hands them
@@ -103,6 +120,8 @@ impl Timing {
                 interval_ms: 1000,
                 lag_ms: 400,
                 ewma_weight: 0.9,
+                confirm_ms: 0,
+                gap_hold_ms: 0,
             }
         }
     }
@@ -327,6 +346,10 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
                 timing.ewma_weight.to_string(),
                 s("--hysteresis"),
                 s("0.01"),
+                s("--confirm-ms"),
+                timing.confirm_ms.to_string(),
+                s("--gap-hold-ms"),
+                timing.gap_hold_ms.to_string(),
             ])
             .chain(rates_from)
             .collect::<Vec<_>>(),

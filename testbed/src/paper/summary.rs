@@ -168,8 +168,8 @@ fn band_limits(band: &str) -> (f64, f64) {
 /// What the components stored during the run.
 #[derive(Debug, Default)]
 pub struct Events {
-    /// (at_ns, rate_kbps) of the link.
-    pub link_rates: Vec<(i64, f64)>,
+    /// (at_ns, rate_kbps, interval_ns) of the link's windows.
+    pub link_rates: Vec<(i64, f64, i64)>,
     /// (at_ns, kind, reconfig_ns) of installed decisions, by report time.
     pub installed: Vec<(i64, String, i64)>,
     /// reconfig_ns of the installs that changed a decision's out-of-profile
@@ -188,10 +188,10 @@ macro_rules! fetch {
 
 pub(super) async fn read_events(url: &str) -> anyhow::Result<Events> {
     let db = Db::connect(url).await?;
-    let link_rates: Vec<(i64, f64)> = fetch!(
+    let link_rates: Vec<(i64, f64, i64)> = fetch!(
         &db,
-        "SELECT at_ns, rate_kbps FROM rates WHERE subject = 'link' ORDER BY at_ns",
-        (i64, f64)
+        "SELECT at_ns, rate_kbps, interval_ns FROM rates WHERE subject = 'link' ORDER BY at_ns",
+        (i64, f64, i64)
     );
     let installed: Vec<(i64, String, i64)> = fetch!(
         &db,
@@ -244,6 +244,18 @@ pub(super) struct Delivered<'a> {
     pub in_profile: &'a [super::inprofile::Arrival],
 }
 
+/// The link load of the second ending at `end_ns`: every window stored
+/// within it, weighted by its length (one window with the paper's 1 s
+/// windows; ten with --fast, where one 100 ms window alone is not the
+/// second's load). `None` when no window was stored in it.
+fn second_load(link_rates: &[(i64, f64, i64)], end_ns: i64, sec_ns: i64) -> Option<f64> {
+    let (bits, ns) = link_rates
+        .iter()
+        .filter(|(at, _, _)| *at < end_ns && *at >= end_ns - sec_ns)
+        .fold((0.0, 0i64), |(b, n), (_, r, i)| (b + r * *i as f64, n + i));
+    (ns > 0).then(|| bits / ns as f64)
+}
+
 pub(super) fn summarise(
     background: &Schedule,
     bounds: &[(u64, u64, &str)],
@@ -266,13 +278,8 @@ pub(super) fn summarise(
             .unwrap_or((0, 0, "high"));
         let step = step_at(background, t);
         let end_ns = epoch_ns + (t as i64 + 1) * sec_ns;
-        if let Some((_, r)) = ev
-            .link_rates
-            .iter()
-            .rev()
-            .find(|(at, _)| *at < end_ns && *at >= end_ns - sec_ns)
-        {
-            load = Some(*r);
+        if let Some(l) = second_load(&ev.link_rates, end_ns, sec_ns) {
+            load = Some(l);
         }
         let second = policed.and_then(|f| f.seconds.get(&t));
         let total_kbps = second.map(|s| s.kbps()).unwrap_or(0.0);
@@ -638,7 +645,7 @@ fn report(s: &Summary, ev: &Events) -> String {
     ));
     r.push_str(&in_profile_report(s));
     r.push_str(
-        "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 400 ms after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold. With `--fast`: interim records every 50 ms, 100 ms windows and polls, lag 100 ms, weight 0.7. With `--cluster N`: the same windows computed by the collector cluster's owners, decided on as they arrive (docs/cluster.md).\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
+        "\n## Choices\n\n- The link load counts the background traffic at the router's ingress, not the policed flow itself (its own treatment would otherwise feed back into the band that decides it).\n- The policed flow is offered at 2000 kbit/s (1000 in profile, 1000 out of profile); out-of-profile output is told apart at the receiver by DSCP (in profile arrives as CS6).\n- Bandwidth manager: polls every 1 s; rates over the capture time the traffic happened (interim records every 250 ms, windows closed 400 ms after their end); EWMA weight 0.9 on the link load, hysteresis 1% — the paper's bands leave only 1–5% between a band's rates and the next threshold. With `--fast`: interim records every 50 ms, 100 ms windows and polls, lag 100 ms, weight 1, a band change taken when the next window confirms it (the engine's confirmation, 50 ms: the next poll), and windows without any record for 500 ms taken as no measurement (the gap hold). With `--cluster N`: the same windows computed by the collector cluster's owners, decided on as they arrive (docs/cluster.md).\n- Rates are IP bytes per second; HTB also counts the Ethernet header, so shaped IP rates sit a few percent under the configured ones.\n",
     );
     r
 }
@@ -691,6 +698,22 @@ mod tests {
 
     /// Issue 11 item 10: `qosloop-testbed paper` exited 0 when a phase
     /// missed its band; `misses` is what main turns into a failure.
+    #[test]
+    fn a_seconds_load_is_the_mean_of_its_windows_not_the_last_one() {
+        let s = 1_000_000_000i64;
+        let ms = 1_000_000i64;
+        // Ten 100 ms windows at 5600 kbit/s but the last, short one at 2000.
+        let mut w: Vec<(i64, f64, i64)> =
+            (1..10).map(|k| (k * 100 * ms, 5600.0, 100 * ms)).collect();
+        w.push((999 * ms, 2000.0, 50 * ms));
+        let l = second_load(&w, s, s).unwrap();
+        let want = (9.0 * 5600.0 * 100.0 + 2000.0 * 50.0) / 950.0;
+        assert!((l - want).abs() < 1e-9, "{l} against {want}");
+        // One 1 s window: its rate. None: nothing stored in that second.
+        assert_eq!(second_load(&[(s + 10, 3100.0, s)], 2 * s, s), Some(3100.0));
+        assert_eq!(second_load(&w, 3 * s, s), None);
+    }
+
     #[test]
     fn a_phase_that_misses_its_band_is_named_with_by_how_much() {
         let summary = |phases: Vec<PhaseCheck>, series: Vec<Second>| Summary {
