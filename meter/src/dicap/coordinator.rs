@@ -6,14 +6,23 @@
 //! last of the new filters installed, as the nodes report — is logged,
 //! written to the report and kept in the summary. A node whose filter
 //! install fails is excluded the same way, with the kernel's reason.
+//!
+//! Guards ([`CoordinatorLimits`]): at most `max_nodes` members and
+//! `max_connections` open connections (members and peers that have not
+//! said hello, which must within 2 s); a node's frames are at most
+//! [`MAX_NODE_FRAME`] bytes; with `allow`, only peers in those prefixes
+//! are served. Every refusal is answered with a `refused` message naming
+//! the reason, logged as an event and counted by reason in the summary.
 
 use super::assign::{mask_of, rebalance, unowned, Owners};
-use super::proto::{read_frame, write_frame, FrameError, ToCoordinator, ToNode, LOST_AFTER};
+use super::proto::{
+    read_frame_max, write_frame, FrameError, ToCoordinator, ToNode, LOST_AFTER, MAX_NODE_FRAME,
+};
 use super::share::ShareMode;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -74,6 +83,54 @@ pub enum Event {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CoordinatorSummary {
     pub events: Vec<Event>,
+    /// Refused connections by reason (`not_allowed`, `too_many_connections`,
+    /// `too_many_nodes`, `oversized_frame`, `bad_hello`, `bad_name`,
+    /// `duplicate_name`).
+    pub refusals: BTreeMap<&'static str, u64>,
+}
+
+/// What the coordinator accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorLimits {
+    /// Members at most; a further hello is refused.
+    pub max_nodes: usize,
+    /// Open connections at most (members and peers before their hello).
+    pub max_connections: usize,
+    /// Peers allowed to connect (address, prefix length); empty: any.
+    pub allow: Vec<(IpAddr, u8)>,
+}
+
+impl Default for CoordinatorLimits {
+    fn default() -> Self {
+        CoordinatorLimits {
+            max_nodes: 64,
+            max_connections: 80,
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// Whether `ip` lies in `net/len` (an IPv4-mapped IPv6 peer counts as IPv4).
+pub fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if len <= 32 => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if len <= 128 => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false,
+    }
 }
 
 #[derive(Debug)]
@@ -105,6 +162,9 @@ struct State {
     pending: Vec<Pending>,
     events: Vec<Event>,
     report: Option<std::fs::File>,
+    refusals: BTreeMap<&'static str, u64>,
+    /// Connections open now (served by a thread).
+    open: usize,
 }
 
 fn now_ns() -> u64 {
@@ -199,6 +259,15 @@ impl State {
         }
     }
 
+    fn refused(&mut self, kind: &'static str, peer: &str, reason: String) {
+        *self.refusals.entry(kind).or_default() += 1;
+        tracing::warn!(%peer, %reason, "dicap coordinator refused a connection");
+        self.log(Event::Refused {
+            peer: peer.to_owned(),
+            reason,
+        });
+    }
+
     fn complete_pending(&mut self) {
         let (done, open): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
             .into_iter()
@@ -255,11 +324,38 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs the coordinator on `listener` until `stop` is set.
+/// Runs the coordinator on `listener` until `stop` is set, with the
+/// default limits.
 pub fn run_coordinator(
     listener: TcpListener,
     mode: ShareMode,
     report: Option<&Path>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<CoordinatorSummary> {
+    run_coordinator_with(listener, mode, report, &CoordinatorLimits::default(), stop)
+}
+
+/// Sends `refused` on a connection not served further (short timeout:
+/// a peer that does not read is not waited for).
+fn refuse_now(stream: &TcpStream, reason: &str) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let mut w = stream;
+    let _ = write_frame(
+        &mut w,
+        &ToNode::Refused {
+            reason: reason.to_owned(),
+        },
+    );
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Runs the coordinator on `listener` until `stop` is set.
+pub fn run_coordinator_with(
+    listener: TcpListener,
+    mode: ShareMode,
+    report: Option<&Path>,
+    limits: &CoordinatorLimits,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<CoordinatorSummary> {
     let report = report.map(std::fs::File::create).transpose()?;
@@ -272,6 +368,8 @@ pub fn run_coordinator(
         pending: Vec::new(),
         events: Vec::new(),
         report,
+        refusals: BTreeMap::new(),
+        open: 0,
     }));
     listener.set_nonblocking(true)?;
     let conns = AtomicU64::new(0);
@@ -279,9 +377,38 @@ pub fn run_coordinator(
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    let allowed = limits.allow.is_empty()
+                        || limits
+                            .allow
+                            .iter()
+                            .any(|&(net, len)| in_prefix(peer.ip(), net, len));
+                    let mut st = lock(&state);
+                    if !allowed {
+                        let reason = format!("peer {} is not in --dicap-allow", peer.ip());
+                        st.refused("not_allowed", &peer.to_string(), reason.clone());
+                        drop(st);
+                        refuse_now(&stream, &reason);
+                        continue;
+                    }
+                    if st.open >= limits.max_connections {
+                        let reason = format!(
+                            "too many connections: {} open, the limit is {}",
+                            st.open, limits.max_connections
+                        );
+                        st.refused("too_many_connections", &peer.to_string(), reason.clone());
+                        drop(st);
+                        refuse_now(&stream, &reason);
+                        continue;
+                    }
+                    st.open += 1;
+                    drop(st);
                     let conn = conns.fetch_add(1, Ordering::Relaxed);
                     let state = state.clone();
-                    scope.spawn(move || serve(stream, peer.to_string(), conn, &state));
+                    let max_nodes = limits.max_nodes;
+                    scope.spawn(move || {
+                        serve(stream, peer.to_string(), conn, max_nodes, &state);
+                        lock(&state).open -= 1;
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(20));
@@ -305,33 +432,41 @@ pub fn run_coordinator(
             let _ = m.writer.shutdown(Shutdown::Both);
         }
     });
-    let events = std::mem::take(&mut lock(&state).events);
-    Ok(CoordinatorSummary { events })
+    let mut st = lock(&state);
+    let events = std::mem::take(&mut st.events);
+    let refusals = std::mem::take(&mut st.refusals);
+    Ok(CoordinatorSummary { events, refusals })
 }
 
-fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
+fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &Mutex<State>) {
     let mut reader = stream;
     let _ = reader.set_nonblocking(false);
-    let refuse = |mut w: &TcpStream, reason: String| {
-        let _ = write_frame(
-            &mut w,
-            &ToNode::Refused {
-                reason: reason.clone(),
-            },
-        );
-        lock(state).log(Event::Refused {
-            peer: peer.clone(),
-            reason,
-        });
+    let refuse = |w: &TcpStream, kind: &'static str, reason: String| {
+        lock(state).refused(kind, &peer, reason.clone());
+        refuse_now(w, &reason);
     };
     let _ = reader.set_read_timeout(Some(Duration::from_secs(2)));
-    let name = match read_frame::<ToCoordinator>(&mut reader) {
+    let _ = reader.set_write_timeout(Some(Duration::from_secs(2)));
+    let name = match read_frame_max::<ToCoordinator>(&mut reader, MAX_NODE_FRAME) {
         Ok(ToCoordinator::Hello { node }) => node,
-        Ok(other) => return refuse(&reader, format!("expected hello first, got {other:?}")),
-        Err(e) => return refuse(&reader, format!("no hello: {e}")),
+        Ok(other) => {
+            return refuse(
+                &reader,
+                "bad_hello",
+                format!("expected hello first, got {other:?}"),
+            )
+        }
+        Err(e @ FrameError::TooLarge(..)) => {
+            return refuse(&reader, "oversized_frame", format!("no hello: {e}"))
+        }
+        Err(e) => return refuse(&reader, "bad_hello", format!("no hello: {e}")),
     };
     if name.is_empty() || name.len() > MAX_NAME {
-        return refuse(&reader, format!("node name must have 1-{MAX_NAME} bytes"));
+        return refuse(
+            &reader,
+            "bad_name",
+            format!("node name must have 1-{MAX_NAME} bytes"),
+        );
     }
     let Ok(writer) = reader.try_clone() else {
         return;
@@ -342,7 +477,17 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
             drop(st);
             return refuse(
                 &reader,
+                "duplicate_name",
                 format!("a node named {name:?} is already connected"),
+            );
+        }
+        if st.members.len() >= max_nodes {
+            let n = st.members.len();
+            drop(st);
+            return refuse(
+                &reader,
+                "too_many_nodes",
+                format!("node {name:?} refused: the coordinator already has {n} nodes, its limit (--dicap-max-nodes)"),
             );
         }
         st.members.insert(
@@ -362,7 +507,7 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
     }
     let _ = reader.set_read_timeout(None);
     loop {
-        let msg = match read_frame::<ToCoordinator>(&mut reader) {
+        let msg = match read_frame_max::<ToCoordinator>(&mut reader, MAX_NODE_FRAME) {
             Ok(m) => m,
             Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 lock(state).lose(&name, Some(conn), "connection closed by the node");
@@ -429,5 +574,128 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::super::proto::read_frame;
+    use super::*;
+
+    fn hello(addr: std::net::SocketAddr, name: &str) -> (TcpStream, ToNode) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write_frame(&mut s, &ToCoordinator::Hello { node: name.into() }).unwrap();
+        let answer = read_frame::<ToNode>(&mut s).unwrap();
+        (s, answer)
+    }
+
+    fn run(
+        limits: CoordinatorLimits,
+        body: impl FnOnce(std::net::SocketAddr),
+    ) -> CoordinatorSummary {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let h = std::thread::spawn(move || {
+            run_coordinator_with(listener, ShareMode::Flow, None, &limits, s).unwrap()
+        });
+        body(addr);
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap()
+    }
+
+    /// Extra nodes, extra connections, oversized frames and peers outside
+    /// the allowed prefixes are refused with a reason and counted.
+    #[test]
+    fn extra_nodes_connections_and_frames_are_refused_and_counted() {
+        let limits = CoordinatorLimits {
+            max_nodes: 2,
+            max_connections: 4,
+            allow: Vec::new(),
+        };
+        let summary = run(limits, |addr| {
+            let (_a, first) = hello(addr, "a");
+            assert!(matches!(first, ToNode::Assign { .. }), "{first:?}");
+            let (_b, second) = hello(addr, "b");
+            assert!(matches!(second, ToNode::Assign { .. }), "{second:?}");
+            let (_c, third) = hello(addr, "c");
+            match third {
+                ToNode::Refused { reason } => {
+                    assert!(reason.contains("already has 2 nodes"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
+            // A frame over the node limit is refused before it is read.
+            let mut big = TcpStream::connect(addr).unwrap();
+            big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            big.write_all(&(MAX_NODE_FRAME + 1).to_be_bytes()).unwrap();
+            match read_frame::<ToNode>(&mut big).unwrap() {
+                ToNode::Refused { reason } => assert!(reason.contains("exceeds"), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+            // Two silent peers fill the four connections (a, b and the
+            // two); the next is refused at once.
+            let _silent: Vec<TcpStream> =
+                (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut extra = TcpStream::connect(addr).unwrap();
+            extra
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            match read_frame::<ToNode>(&mut extra).unwrap() {
+                ToNode::Refused { reason } => {
+                    assert!(reason.contains("too many connections"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        assert_eq!(summary.refusals.get("too_many_nodes"), Some(&1));
+        assert_eq!(summary.refusals.get("oversized_frame"), Some(&1));
+        assert_eq!(summary.refusals.get("too_many_connections"), Some(&1));
+    }
+
+    #[test]
+    fn peers_outside_the_allowed_prefixes_are_refused() {
+        let limits = CoordinatorLimits {
+            allow: vec![("10.0.0.0".parse().unwrap(), 8)],
+            ..CoordinatorLimits::default()
+        };
+        let summary = run(limits, |addr| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            match read_frame::<ToNode>(&mut s).unwrap() {
+                ToNode::Refused { reason } => {
+                    assert!(
+                        reason.contains("127.0.0.1 is not in --dicap-allow"),
+                        "{reason}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        assert_eq!(summary.refusals.get("not_allowed"), Some(&1));
+        assert!(in_prefix(
+            "10.1.2.3".parse().unwrap(),
+            "10.0.0.0".parse().unwrap(),
+            8
+        ));
+        assert!(in_prefix(
+            "::ffff:10.1.2.3".parse().unwrap(),
+            "10.0.0.0".parse().unwrap(),
+            8
+        ));
+        assert!(!in_prefix(
+            "2001:db8::1".parse().unwrap(),
+            "2001:db9::".parse().unwrap(),
+            32
+        ));
+        assert!(in_prefix(
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::".parse().unwrap(),
+            32
+        ));
     }
 }

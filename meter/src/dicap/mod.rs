@@ -22,7 +22,9 @@ pub mod node;
 pub mod proto;
 pub mod share;
 
-pub use coordinator::{run_coordinator, CoordinatorSummary, Event};
+pub use coordinator::{
+    run_coordinator, run_coordinator_with, CoordinatorLimits, CoordinatorSummary, Event,
+};
 pub use merge::merge;
 pub use node::{reject_all, run_node, NodeConfig, NodeCounters, NodeError, NodeStats};
 pub use share::{bucket_of, share_program, ShareMode, BUCKETS};
