@@ -7,6 +7,15 @@
 //! written to the report and kept in the summary. A node whose filter
 //! install fails is excluded the same way, with the kernel's reason.
 //!
+//! Make-before-break: when a rebalance moves buckets between live nodes
+//! (a join), every node first gets the union of what it holds and its new
+//! share; only when all of those are installed do the nodes that give
+//! buckets up get their smaller share. A moved bucket is never uncovered;
+//! it is captured twice from the first gainer's install to the last
+//! loser's, and that duplicate window is reported (`handover`). A node
+//! that says in its hello which share it holds (reconnecting to a
+//! restarted coordinator) keeps the buckets nobody owns.
+//!
 //! Guards ([`CoordinatorLimits`]): at most `max_nodes` members and
 //! `max_connections` open connections (members and peers that have not
 //! said hello, which must within 2 s); a node's frames are at most
@@ -60,6 +69,16 @@ pub enum Event {
         epoch: u64,
         error: String,
         buckets: u32,
+    },
+    /// Buckets moved between live nodes: captured by both from
+    /// `duplicate_from_ns` (first gainer installed) to `duplicate_to_ns`
+    /// (last loser installed), never by neither.
+    Handover {
+        epoch: u64,
+        moved: u32,
+        duplicate_from_ns: u64,
+        duplicate_to_ns: u64,
+        duplicate_ms: f64,
     },
     /// No node is left to capture: everything is uncovered from `since_ns`.
     Uncovered {
@@ -152,8 +171,35 @@ struct Pending {
     covered_ns: u64,
 }
 
+/// A make-before-break step in progress: gainers installing the union,
+/// then losers installing their smaller share.
+#[derive(Debug, Default)]
+struct Handover {
+    epoch: u64,
+    moved: u32,
+    gaining: BTreeSet<String>,
+    giving: Vec<(String, u64)>,
+    releasing: BTreeSet<String>,
+    first_ns: u64,
+    last_ns: u64,
+}
+
+/// After a start, how long nodes that come back with a share keep it
+/// before anything moves: a node's longest reconnection backoff plus a
+/// lost-node timeout.
+const RESTART_GRACE: Duration = Duration::from_millis(
+    super::node::BACKOFF_MAX.as_millis() as u64 + LOST_AFTER.as_millis() as u64,
+);
+
 #[derive(Debug)]
 struct State {
+    started: Instant,
+    /// Shares were adopted in the grace: rebalance once it ends.
+    adopted: bool,
+    /// The share last sent to (or adopted from) each member: what it holds
+    /// once it has installed it.
+    sent: BTreeMap<String, u64>,
+    handover: Option<Handover>,
     mode: ShareMode,
     members: BTreeMap<String, Member>,
     failed: BTreeMap<String, String>,
@@ -202,24 +248,29 @@ impl State {
         let mut masks = BTreeMap::new();
         let mut waiting = BTreeSet::new();
         let mut broken = Vec::new();
+        let mut handover = Handover {
+            epoch,
+            ..Handover::default()
+        };
         for name in &healthy {
-            let (old, new) = (mask_of(&self.owners, name), mask_of(&next, name));
+            let held = self.sent.get(name).copied().unwrap_or(0);
+            let new = mask_of(&next, name);
             masks.insert(name.clone(), new);
-            if old == new {
+            // Make before break: first what it holds and what it gains.
+            let first = held | new;
+            if first != new {
+                handover.giving.push((name.clone(), new));
+                handover.moved += (held & !new).count_ones();
+            }
+            if first == held {
                 continue;
             }
-            let msg = ToNode::Assign {
-                epoch,
-                mode: self.mode,
-                mask: new,
-            };
-            if let Some(m) = self.members.get_mut(name) {
-                match write_frame(&mut m.writer, &msg) {
-                    Ok(()) => {
-                        waiting.insert(name.clone());
-                    }
-                    Err(e) => broken.push((name.clone(), e.to_string())),
+            match self.send(name, epoch, first) {
+                Ok(()) => {
+                    waiting.insert(name.clone());
+                    handover.gaining.insert(name.clone());
                 }
+                Err(e) => broken.push((name.clone(), e)),
             }
         }
         self.owners = next;
@@ -228,6 +279,10 @@ impl State {
             masks,
             at_ns: now_ns(),
         });
+        // A newer rebalance replaces a handover in progress: its losers'
+        // smaller shares are recomputed from what they were sent.
+        self.handover = (!handover.giving.is_empty()).then_some(handover);
+        self.advance_handover();
         if let Some((because, from, detected)) = cause {
             if healthy.is_empty() {
                 // Nobody left to take the buckets: they stay uncovered.
@@ -257,6 +312,75 @@ impl State {
         for (name, why) in broken {
             self.lose(&name, None, &format!("sending its share failed: {why}"));
         }
+    }
+
+    fn send(&mut self, name: &str, epoch: u64, mask: u64) -> Result<(), String> {
+        let msg = ToNode::Assign {
+            epoch,
+            mode: self.mode,
+            mask,
+        };
+        let m = self
+            .members
+            .get_mut(name)
+            .ok_or_else(|| "not a member".to_owned())?;
+        write_frame(&mut m.writer, &msg).map_err(|e| e.to_string())?;
+        self.sent.insert(name.to_owned(), mask);
+        Ok(())
+    }
+
+    /// Moves a handover on: once every gainer installed, the losers get
+    /// their smaller share; once they installed, the duplicate window is
+    /// logged.
+    fn advance_handover(&mut self) {
+        let Some(mut h) = self.handover.take() else {
+            return;
+        };
+        h.gaining.retain(|n| self.members.contains_key(n));
+        h.releasing.retain(|n| self.members.contains_key(n));
+        if h.gaining.is_empty() && !h.giving.is_empty() {
+            let mut broken = Vec::new();
+            for (name, mask) in std::mem::take(&mut h.giving) {
+                match self.send(&name, h.epoch, mask) {
+                    Ok(()) => {
+                        h.releasing.insert(name);
+                    }
+                    Err(e) => broken.push((name, e)),
+                }
+            }
+            self.handover = Some(h);
+            for (name, why) in broken {
+                self.lose(&name, None, &format!("sending its share failed: {why}"));
+            }
+            return;
+        }
+        if h.gaining.is_empty() && h.giving.is_empty() && h.releasing.is_empty() {
+            let to = h.last_ns.max(h.first_ns);
+            self.log(Event::Handover {
+                epoch: h.epoch,
+                moved: h.moved,
+                duplicate_from_ns: h.first_ns,
+                duplicate_to_ns: to,
+                duplicate_ms: to.saturating_sub(h.first_ns) as f64 / 1e6,
+            });
+            return;
+        }
+        self.handover = Some(h);
+    }
+
+    /// `name` installed `mask` of `epoch` at `at_ns`.
+    fn installed(&mut self, name: &str, epoch: u64, mask: u64, at_ns: u64) {
+        if let Some(h) = self.handover.as_mut().filter(|h| h.epoch == epoch) {
+            if self.sent.get(name) == Some(&mask) {
+                if h.gaining.remove(name) && (h.first_ns == 0 || at_ns < h.first_ns) {
+                    h.first_ns = at_ns;
+                }
+                if h.releasing.remove(name) {
+                    h.last_ns = h.last_ns.max(at_ns);
+                }
+            }
+        }
+        self.advance_handover();
     }
 
     fn refused(&mut self, kind: &'static str, peer: &str, reason: String) {
@@ -303,6 +427,7 @@ impl State {
         let _ = m.writer.shutdown(Shutdown::Both);
         self.members.remove(name);
         self.failed.remove(name);
+        self.sent.remove(name);
         let buckets = mask_of(&self.owners, name).count_ones();
         let detected = now_ns();
         self.log(Event::Lost {
@@ -368,6 +493,10 @@ pub fn run_coordinator_with(
         pending: Vec::new(),
         events: Vec::new(),
         report,
+        sent: BTreeMap::new(),
+        handover: None,
+        started: Instant::now(),
+        adopted: false,
         refusals: BTreeMap::new(),
         open: 0,
     }));
@@ -416,6 +545,10 @@ pub fn run_coordinator_with(
                 Err(e) => tracing::warn!(%e, "dicap coordinator: accept failed"),
             }
             let mut st = lock(&state);
+            if st.adopted && st.started.elapsed() >= RESTART_GRACE {
+                st.adopted = false;
+                st.reassign(None);
+            }
             let silent: Vec<String> = st
                 .members
                 .iter()
@@ -447,8 +580,8 @@ fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &M
     };
     let _ = reader.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = reader.set_write_timeout(Some(Duration::from_secs(2)));
-    let name = match read_frame_max::<ToCoordinator>(&mut reader, MAX_NODE_FRAME) {
-        Ok(ToCoordinator::Hello { node }) => node,
+    let (name, holds) = match read_frame_max::<ToCoordinator>(&mut reader, MAX_NODE_FRAME) {
+        Ok(ToCoordinator::Hello { node, mask }) => (node, mask.unwrap_or(0)),
         Ok(other) => {
             return refuse(
                 &reader,
@@ -503,7 +636,22 @@ fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &M
             node: name.clone(),
             at_ns: now_ns(),
         });
-        st.reassign(None);
+        // What it holds already (after a coordinator restart): the buckets
+        // nobody owns stay with it; the rest it is told to drop, after
+        // their owners hold them (make before break).
+        st.sent.insert(name.clone(), holds);
+        for b in 0..64usize {
+            if holds >> b & 1 == 1 && st.owners[b].is_none() {
+                st.owners[b] = Some(name.clone());
+            }
+        }
+        // Just restarted: the other nodes are on their way back with
+        // their shares; nothing moves until the grace ends.
+        if holds != 0 && st.started.elapsed() < RESTART_GRACE {
+            st.adopted = true;
+        } else {
+            st.reassign(None);
+        }
     }
     let _ = reader.set_read_timeout(None);
     loop {
@@ -532,11 +680,12 @@ fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &M
             ToCoordinator::Installed {
                 epoch,
                 installed_ns,
-                ..
+                mask,
             } => {
                 if let Some(m) = st.members.get_mut(&name) {
                     m.last_seen = Instant::now();
                 }
+                st.installed(&name, epoch, mask, installed_ns);
                 for p in st.pending.iter_mut().filter(|p| p.epoch == epoch) {
                     p.waiting.remove(&name);
                     p.covered_ns = p.covered_ns.max(installed_ns);
@@ -552,6 +701,12 @@ fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &M
                     buckets,
                 });
                 st.failed.insert(name.clone(), error.clone());
+                // It installed reject-all.
+                st.sent.insert(name.clone(), 0);
+                if let Some(h) = st.handover.as_mut() {
+                    h.gaining.remove(&name);
+                    h.releasing.remove(&name);
+                }
                 for p in &mut st.pending {
                     p.waiting.remove(&name);
                 }
@@ -586,7 +741,14 @@ mod tests {
     fn hello(addr: std::net::SocketAddr, name: &str) -> (TcpStream, ToNode) {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write_frame(&mut s, &ToCoordinator::Hello { node: name.into() }).unwrap();
+        write_frame(
+            &mut s,
+            &ToCoordinator::Hello {
+                node: name.into(),
+                mask: None,
+            },
+        )
+        .unwrap();
         let answer = read_frame::<ToNode>(&mut s).unwrap();
         (s, answer)
     }

@@ -30,6 +30,11 @@ pub const LOST_AFTER: Duration = Duration::from_millis(600);
 pub enum ToCoordinator {
     Hello {
         node: String,
+        /// The share the node holds now (a node reconnecting to a
+        /// restarted coordinator); the coordinator adopts its unowned
+        /// buckets instead of moving them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mask: Option<u64>,
     },
     Heartbeat {
         sent_ns: u64,
@@ -113,11 +118,24 @@ mod tests {
     #[test]
     fn frames_round_trip_with_golden_bytes_and_refuse_oversize() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, &ToCoordinator::Hello { node: "n1".into() }).unwrap();
+        write_frame(
+            &mut buf,
+            &ToCoordinator::Hello {
+                node: "n1".into(),
+                mask: None,
+            },
+        )
+        .unwrap();
         assert_eq!(&buf[..4], &[0, 0, 0, 28]);
         assert_eq!(&buf[4..], br#"{"type":"hello","node":"n1"}"#.as_slice());
         let back: ToCoordinator = read_frame(&mut buf.as_slice()).unwrap();
-        assert_eq!(back, ToCoordinator::Hello { node: "n1".into() });
+        assert_eq!(
+            back,
+            ToCoordinator::Hello {
+                node: "n1".into(),
+                mask: None
+            }
+        );
         let assign = ToNode::Assign {
             epoch: 3,
             mode: ShareMode::Packet,
@@ -136,6 +154,7 @@ mod tests {
             &mut long,
             &ToCoordinator::Hello {
                 node: "n".repeat(5000),
+                mask: None,
             },
         )
         .unwrap();
