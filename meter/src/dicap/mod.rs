@@ -24,6 +24,8 @@ pub mod proto;
 pub mod share;
 
 #[cfg(test)]
+mod guard_tests;
+#[cfg(test)]
 mod handover_tests;
 
 pub use coordinator::{
