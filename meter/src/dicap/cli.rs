@@ -2,11 +2,11 @@
 //! `qosloop-meter` without capture) or a node's control thread beside live
 //! capture; plus the capture counters any live meter can write.
 
-use super::coordinator::run_coordinator;
+use super::coordinator::{run_coordinator_with, CoordinatorLimits};
 use super::node::{reject_all, run_node, NodeConfig, NodeCounters};
 use super::share::ShareMode;
 use crate::live::{BpfInsn, LiveCapture};
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -25,6 +25,13 @@ pub struct DicapFlags {
     /// JSON Lines to this file.
     #[arg(long, value_name = "FILE")]
     pub dicap_report: Option<PathBuf>,
+    /// Coordinator: nodes at most (default 64); a further node is refused.
+    #[arg(long, value_name = "N")]
+    pub dicap_max_nodes: Option<usize>,
+    /// Coordinator: serve only peers in ADDR/LEN (repeatable). Needed when
+    /// it listens on an unspecified address (0.0.0.0, ::).
+    #[arg(long, value_name = "ADDR/LEN")]
+    pub dicap_allow: Vec<String>,
     /// Capture as a DiCAP node of the coordinator at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", requires = "dicap_node")]
     pub dicap_join: Option<String>,
@@ -49,6 +56,24 @@ pub struct FlagError {
     pub reason: String,
 }
 
+/// `ADDR/LEN` (IPv4 or IPv6; without `/LEN` the one address).
+fn parse_prefix(text: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = text.split_once('/').unwrap_or((text, ""));
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{text:?}: {addr:?} is not an IP address"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = if len.is_empty() {
+        max
+    } else {
+        len.parse::<u8>()
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?
+    };
+    Ok((ip, len))
+}
+
 fn resolve(flag: &'static str, value: &str) -> Result<SocketAddr, FlagError> {
     value
         .to_socket_addrs()
@@ -70,6 +95,39 @@ impl DicapFlags {
                 flag: "--dicap-mode",
                 reason,
             })
+    }
+
+    /// The coordinator's limits, checked against the address it binds.
+    pub fn limits(&self, bind: SocketAddr) -> Result<CoordinatorLimits, FlagError> {
+        let mut limits = CoordinatorLimits::default();
+        if let Some(n) = self.dicap_max_nodes {
+            if !(1..=4096).contains(&n) {
+                return Err(FlagError {
+                    flag: "--dicap-max-nodes",
+                    reason: format!("{n}: must be 1..=4096"),
+                });
+            }
+            limits.max_nodes = n;
+            // Room for peers before their hello, bounded too.
+            limits.max_connections = n + 16;
+        }
+        for a in &self.dicap_allow {
+            limits
+                .allow
+                .push(parse_prefix(a).map_err(|reason| FlagError {
+                    flag: "--dicap-allow",
+                    reason,
+                })?);
+        }
+        if bind.ip().is_unspecified() && limits.allow.is_empty() {
+            return Err(FlagError {
+                flag: "--dicap-coordinator",
+                reason: format!(
+                    "{bind} listens on every address: name the nodes' networks with --dicap-allow ADDR/LEN"
+                ),
+            });
+        }
+        Ok(limits)
     }
 
     /// The node this meter is, if any (checked before capture opens).
@@ -112,13 +170,16 @@ impl DicapFlags {
     pub fn run_coordinator(&self, listen: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mode = self.mode()?;
         let addr = resolve("--dicap-coordinator", listen)?;
+        let limits = self.limits(addr)?;
         let listener = TcpListener::bind(addr)
             .map_err(|e| anyhow::anyhow!("--dicap-coordinator: binding {addr}: {e}"))?;
-        tracing::info!(%addr, %mode, "dicap coordinator listening");
-        let summary = run_coordinator(listener, mode, self.dicap_report.as_deref(), stop)?;
+        tracing::info!(%addr, %mode, max_nodes = limits.max_nodes, allow = ?limits.allow, "dicap coordinator listening");
+        let summary =
+            run_coordinator_with(listener, mode, self.dicap_report.as_deref(), &limits, stop)?;
         eprintln!(
-            "qosloop-meter: dicap coordinator: {} event(s)",
-            summary.events.len()
+            "qosloop-meter: dicap coordinator: {} event(s), refused {:?}",
+            summary.events.len(),
+            summary.refusals
         );
         Ok(())
     }
@@ -146,5 +207,36 @@ impl DicapFlags {
                 .map_err(|e| anyhow::anyhow!("--capture-stats-out {}: {e}", path.display()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_coordinator_on_every_address_needs_allowed_networks() {
+        let any: SocketAddr = "0.0.0.0:7788".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:7788".parse().unwrap();
+        let mut f = DicapFlags::default();
+        assert_eq!(f.limits(any).unwrap_err().flag, "--dicap-coordinator");
+        assert_eq!(f.limits(lo).unwrap(), CoordinatorLimits::default());
+        f.dicap_allow = vec!["10.78.0.0/16".into(), "fd00::1".into()];
+        f.dicap_max_nodes = Some(4);
+        let l = f.limits(any).unwrap();
+        assert_eq!(
+            l.allow,
+            vec![
+                ("10.78.0.0".parse().unwrap(), 16),
+                ("fd00::1".parse().unwrap(), 128)
+            ]
+        );
+        assert_eq!((l.max_nodes, l.max_connections), (4, 20));
+        f.dicap_allow = vec!["10.0.0.0/33".into()];
+        assert_eq!(f.limits(any).unwrap_err().flag, "--dicap-allow");
+        f.dicap_allow.clear();
+        f.dicap_max_nodes = Some(0);
+        assert_eq!(f.limits(lo).unwrap_err().flag, "--dicap-max-nodes");
     }
 }

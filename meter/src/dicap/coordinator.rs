@@ -6,14 +6,32 @@
 //! last of the new filters installed, as the nodes report — is logged,
 //! written to the report and kept in the summary. A node whose filter
 //! install fails is excluded the same way, with the kernel's reason.
+//!
+//! Make-before-break: when a rebalance moves buckets between live nodes
+//! (a join), every node first gets the union of what it holds and its new
+//! share; only when all of those are installed do the nodes that give
+//! buckets up get their smaller share. A moved bucket is never uncovered;
+//! it is captured twice from the first gainer's install to the last
+//! loser's, and that duplicate window is reported (`handover`). A node
+//! that says in its hello which share it holds (reconnecting to a
+//! restarted coordinator) keeps the buckets nobody owns.
+//!
+//! Guards ([`CoordinatorLimits`]): at most `max_nodes` members and
+//! `max_connections` open connections (members and peers that have not
+//! said hello, which must within 2 s); a node's frames are at most
+//! [`MAX_NODE_FRAME`] bytes; with `allow`, only peers in those prefixes
+//! are served. Every refusal is answered with a `refused` message naming
+//! the reason, logged as an event and counted by reason in the summary.
 
 use super::assign::{mask_of, rebalance, unowned, Owners};
-use super::proto::{read_frame, write_frame, FrameError, ToCoordinator, ToNode, LOST_AFTER};
+use super::proto::{
+    read_frame_max, write_frame, FrameError, ToCoordinator, ToNode, LOST_AFTER, MAX_NODE_FRAME,
+};
 use super::share::ShareMode;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,6 +70,16 @@ pub enum Event {
         error: String,
         buckets: u32,
     },
+    /// Buckets moved between live nodes: captured by both from
+    /// `duplicate_from_ns` (first gainer installed) to `duplicate_to_ns`
+    /// (last loser installed), never by neither.
+    Handover {
+        epoch: u64,
+        moved: u32,
+        duplicate_from_ns: u64,
+        duplicate_to_ns: u64,
+        duplicate_ms: f64,
+    },
     /// No node is left to capture: everything is uncovered from `since_ns`.
     Uncovered {
         because: String,
@@ -74,6 +102,54 @@ pub enum Event {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CoordinatorSummary {
     pub events: Vec<Event>,
+    /// Refused connections by reason (`not_allowed`, `too_many_connections`,
+    /// `too_many_nodes`, `oversized_frame`, `bad_hello`, `bad_name`,
+    /// `duplicate_name`).
+    pub refusals: BTreeMap<&'static str, u64>,
+}
+
+/// What the coordinator accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorLimits {
+    /// Members at most; a further hello is refused.
+    pub max_nodes: usize,
+    /// Open connections at most (members and peers before their hello).
+    pub max_connections: usize,
+    /// Peers allowed to connect (address, prefix length); empty: any.
+    pub allow: Vec<(IpAddr, u8)>,
+}
+
+impl Default for CoordinatorLimits {
+    fn default() -> Self {
+        CoordinatorLimits {
+            max_nodes: 64,
+            max_connections: 80,
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// Whether `ip` lies in `net/len` (an IPv4-mapped IPv6 peer counts as IPv4).
+pub fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if len <= 32 => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if len <= 128 => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false,
+    }
 }
 
 #[derive(Debug)]
@@ -95,8 +171,35 @@ struct Pending {
     covered_ns: u64,
 }
 
+/// A make-before-break step in progress: gainers installing the union,
+/// then losers installing their smaller share.
+#[derive(Debug, Default)]
+struct Handover {
+    epoch: u64,
+    moved: u32,
+    gaining: BTreeSet<String>,
+    giving: Vec<(String, u64)>,
+    releasing: BTreeSet<String>,
+    first_ns: u64,
+    last_ns: u64,
+}
+
+/// After a start, how long nodes that come back with a share keep it
+/// before anything moves: a node's longest reconnection backoff plus a
+/// lost-node timeout.
+const RESTART_GRACE: Duration = Duration::from_millis(
+    super::node::BACKOFF_MAX.as_millis() as u64 + LOST_AFTER.as_millis() as u64,
+);
+
 #[derive(Debug)]
 struct State {
+    started: Instant,
+    /// Shares were adopted in the grace: rebalance once it ends.
+    adopted: bool,
+    /// The share last sent to (or adopted from) each member: what it holds
+    /// once it has installed it.
+    sent: BTreeMap<String, u64>,
+    handover: Option<Handover>,
     mode: ShareMode,
     members: BTreeMap<String, Member>,
     failed: BTreeMap<String, String>,
@@ -105,6 +208,9 @@ struct State {
     pending: Vec<Pending>,
     events: Vec<Event>,
     report: Option<std::fs::File>,
+    refusals: BTreeMap<&'static str, u64>,
+    /// Connections open now (served by a thread).
+    open: usize,
 }
 
 fn now_ns() -> u64 {
@@ -142,24 +248,29 @@ impl State {
         let mut masks = BTreeMap::new();
         let mut waiting = BTreeSet::new();
         let mut broken = Vec::new();
+        let mut handover = Handover {
+            epoch,
+            ..Handover::default()
+        };
         for name in &healthy {
-            let (old, new) = (mask_of(&self.owners, name), mask_of(&next, name));
+            let held = self.sent.get(name).copied().unwrap_or(0);
+            let new = mask_of(&next, name);
             masks.insert(name.clone(), new);
-            if old == new {
+            // Make before break: first what it holds and what it gains.
+            let first = held | new;
+            if first != new {
+                handover.giving.push((name.clone(), new));
+                handover.moved += (held & !new).count_ones();
+            }
+            if first == held {
                 continue;
             }
-            let msg = ToNode::Assign {
-                epoch,
-                mode: self.mode,
-                mask: new,
-            };
-            if let Some(m) = self.members.get_mut(name) {
-                match write_frame(&mut m.writer, &msg) {
-                    Ok(()) => {
-                        waiting.insert(name.clone());
-                    }
-                    Err(e) => broken.push((name.clone(), e.to_string())),
+            match self.send(name, epoch, first) {
+                Ok(()) => {
+                    waiting.insert(name.clone());
+                    handover.gaining.insert(name.clone());
                 }
+                Err(e) => broken.push((name.clone(), e)),
             }
         }
         self.owners = next;
@@ -168,6 +279,10 @@ impl State {
             masks,
             at_ns: now_ns(),
         });
+        // A newer rebalance replaces a handover in progress: its losers'
+        // smaller shares are recomputed from what they were sent.
+        self.handover = (!handover.giving.is_empty()).then_some(handover);
+        self.advance_handover();
         if let Some((because, from, detected)) = cause {
             if healthy.is_empty() {
                 // Nobody left to take the buckets: they stay uncovered.
@@ -197,6 +312,84 @@ impl State {
         for (name, why) in broken {
             self.lose(&name, None, &format!("sending its share failed: {why}"));
         }
+    }
+
+    fn send(&mut self, name: &str, epoch: u64, mask: u64) -> Result<(), String> {
+        let msg = ToNode::Assign {
+            epoch,
+            mode: self.mode,
+            mask,
+        };
+        let m = self
+            .members
+            .get_mut(name)
+            .ok_or_else(|| "not a member".to_owned())?;
+        write_frame(&mut m.writer, &msg).map_err(|e| e.to_string())?;
+        self.sent.insert(name.to_owned(), mask);
+        Ok(())
+    }
+
+    /// Moves a handover on: once every gainer installed, the losers get
+    /// their smaller share; once they installed, the duplicate window is
+    /// logged.
+    fn advance_handover(&mut self) {
+        let Some(mut h) = self.handover.take() else {
+            return;
+        };
+        h.gaining.retain(|n| self.members.contains_key(n));
+        h.releasing.retain(|n| self.members.contains_key(n));
+        if h.gaining.is_empty() && !h.giving.is_empty() {
+            let mut broken = Vec::new();
+            for (name, mask) in std::mem::take(&mut h.giving) {
+                match self.send(&name, h.epoch, mask) {
+                    Ok(()) => {
+                        h.releasing.insert(name);
+                    }
+                    Err(e) => broken.push((name, e)),
+                }
+            }
+            self.handover = Some(h);
+            for (name, why) in broken {
+                self.lose(&name, None, &format!("sending its share failed: {why}"));
+            }
+            return;
+        }
+        if h.gaining.is_empty() && h.giving.is_empty() && h.releasing.is_empty() {
+            let to = h.last_ns.max(h.first_ns);
+            self.log(Event::Handover {
+                epoch: h.epoch,
+                moved: h.moved,
+                duplicate_from_ns: h.first_ns,
+                duplicate_to_ns: to,
+                duplicate_ms: to.saturating_sub(h.first_ns) as f64 / 1e6,
+            });
+            return;
+        }
+        self.handover = Some(h);
+    }
+
+    /// `name` installed `mask` of `epoch` at `at_ns`.
+    fn installed(&mut self, name: &str, epoch: u64, mask: u64, at_ns: u64) {
+        if let Some(h) = self.handover.as_mut().filter(|h| h.epoch == epoch) {
+            if self.sent.get(name) == Some(&mask) {
+                if h.gaining.remove(name) && (h.first_ns == 0 || at_ns < h.first_ns) {
+                    h.first_ns = at_ns;
+                }
+                if h.releasing.remove(name) {
+                    h.last_ns = h.last_ns.max(at_ns);
+                }
+            }
+        }
+        self.advance_handover();
+    }
+
+    fn refused(&mut self, kind: &'static str, peer: &str, reason: String) {
+        *self.refusals.entry(kind).or_default() += 1;
+        tracing::warn!(%peer, %reason, "dicap coordinator refused a connection");
+        self.log(Event::Refused {
+            peer: peer.to_owned(),
+            reason,
+        });
     }
 
     fn complete_pending(&mut self) {
@@ -234,6 +427,7 @@ impl State {
         let _ = m.writer.shutdown(Shutdown::Both);
         self.members.remove(name);
         self.failed.remove(name);
+        self.sent.remove(name);
         let buckets = mask_of(&self.owners, name).count_ones();
         let detected = now_ns();
         self.log(Event::Lost {
@@ -255,11 +449,38 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs the coordinator on `listener` until `stop` is set.
+/// Runs the coordinator on `listener` until `stop` is set, with the
+/// default limits.
 pub fn run_coordinator(
     listener: TcpListener,
     mode: ShareMode,
     report: Option<&Path>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<CoordinatorSummary> {
+    run_coordinator_with(listener, mode, report, &CoordinatorLimits::default(), stop)
+}
+
+/// Sends `refused` on a connection not served further (short timeout:
+/// a peer that does not read is not waited for).
+fn refuse_now(stream: &TcpStream, reason: &str) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let mut w = stream;
+    let _ = write_frame(
+        &mut w,
+        &ToNode::Refused {
+            reason: reason.to_owned(),
+        },
+    );
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Runs the coordinator on `listener` until `stop` is set.
+pub fn run_coordinator_with(
+    listener: TcpListener,
+    mode: ShareMode,
+    report: Option<&Path>,
+    limits: &CoordinatorLimits,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<CoordinatorSummary> {
     let report = report.map(std::fs::File::create).transpose()?;
@@ -272,6 +493,12 @@ pub fn run_coordinator(
         pending: Vec::new(),
         events: Vec::new(),
         report,
+        sent: BTreeMap::new(),
+        handover: None,
+        started: Instant::now(),
+        adopted: false,
+        refusals: BTreeMap::new(),
+        open: 0,
     }));
     listener.set_nonblocking(true)?;
     let conns = AtomicU64::new(0);
@@ -279,9 +506,38 @@ pub fn run_coordinator(
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    let allowed = limits.allow.is_empty()
+                        || limits
+                            .allow
+                            .iter()
+                            .any(|&(net, len)| in_prefix(peer.ip(), net, len));
+                    let mut st = lock(&state);
+                    if !allowed {
+                        let reason = format!("peer {} is not in --dicap-allow", peer.ip());
+                        st.refused("not_allowed", &peer.to_string(), reason.clone());
+                        drop(st);
+                        refuse_now(&stream, &reason);
+                        continue;
+                    }
+                    if st.open >= limits.max_connections {
+                        let reason = format!(
+                            "too many connections: {} open, the limit is {}",
+                            st.open, limits.max_connections
+                        );
+                        st.refused("too_many_connections", &peer.to_string(), reason.clone());
+                        drop(st);
+                        refuse_now(&stream, &reason);
+                        continue;
+                    }
+                    st.open += 1;
+                    drop(st);
                     let conn = conns.fetch_add(1, Ordering::Relaxed);
                     let state = state.clone();
-                    scope.spawn(move || serve(stream, peer.to_string(), conn, &state));
+                    let max_nodes = limits.max_nodes;
+                    scope.spawn(move || {
+                        serve(stream, peer.to_string(), conn, max_nodes, &state);
+                        lock(&state).open -= 1;
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(20));
@@ -289,6 +545,10 @@ pub fn run_coordinator(
                 Err(e) => tracing::warn!(%e, "dicap coordinator: accept failed"),
             }
             let mut st = lock(&state);
+            if st.adopted && st.started.elapsed() >= RESTART_GRACE {
+                st.adopted = false;
+                st.reassign(None);
+            }
             let silent: Vec<String> = st
                 .members
                 .iter()
@@ -305,33 +565,41 @@ pub fn run_coordinator(
             let _ = m.writer.shutdown(Shutdown::Both);
         }
     });
-    let events = std::mem::take(&mut lock(&state).events);
-    Ok(CoordinatorSummary { events })
+    let mut st = lock(&state);
+    let events = std::mem::take(&mut st.events);
+    let refusals = std::mem::take(&mut st.refusals);
+    Ok(CoordinatorSummary { events, refusals })
 }
 
-fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
+fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &Mutex<State>) {
     let mut reader = stream;
     let _ = reader.set_nonblocking(false);
-    let refuse = |mut w: &TcpStream, reason: String| {
-        let _ = write_frame(
-            &mut w,
-            &ToNode::Refused {
-                reason: reason.clone(),
-            },
-        );
-        lock(state).log(Event::Refused {
-            peer: peer.clone(),
-            reason,
-        });
+    let refuse = |w: &TcpStream, kind: &'static str, reason: String| {
+        lock(state).refused(kind, &peer, reason.clone());
+        refuse_now(w, &reason);
     };
     let _ = reader.set_read_timeout(Some(Duration::from_secs(2)));
-    let name = match read_frame::<ToCoordinator>(&mut reader) {
-        Ok(ToCoordinator::Hello { node }) => node,
-        Ok(other) => return refuse(&reader, format!("expected hello first, got {other:?}")),
-        Err(e) => return refuse(&reader, format!("no hello: {e}")),
+    let _ = reader.set_write_timeout(Some(Duration::from_secs(2)));
+    let (name, holds) = match read_frame_max::<ToCoordinator>(&mut reader, MAX_NODE_FRAME) {
+        Ok(ToCoordinator::Hello { node, mask }) => (node, mask.unwrap_or(0)),
+        Ok(other) => {
+            return refuse(
+                &reader,
+                "bad_hello",
+                format!("expected hello first, got {other:?}"),
+            )
+        }
+        Err(e @ FrameError::TooLarge(..)) => {
+            return refuse(&reader, "oversized_frame", format!("no hello: {e}"))
+        }
+        Err(e) => return refuse(&reader, "bad_hello", format!("no hello: {e}")),
     };
     if name.is_empty() || name.len() > MAX_NAME {
-        return refuse(&reader, format!("node name must have 1-{MAX_NAME} bytes"));
+        return refuse(
+            &reader,
+            "bad_name",
+            format!("node name must have 1-{MAX_NAME} bytes"),
+        );
     }
     let Ok(writer) = reader.try_clone() else {
         return;
@@ -342,7 +610,17 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
             drop(st);
             return refuse(
                 &reader,
+                "duplicate_name",
                 format!("a node named {name:?} is already connected"),
+            );
+        }
+        if st.members.len() >= max_nodes {
+            let n = st.members.len();
+            drop(st);
+            return refuse(
+                &reader,
+                "too_many_nodes",
+                format!("node {name:?} refused: the coordinator already has {n} nodes, its limit (--dicap-max-nodes)"),
             );
         }
         st.members.insert(
@@ -358,11 +636,26 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
             node: name.clone(),
             at_ns: now_ns(),
         });
-        st.reassign(None);
+        // What it holds already (after a coordinator restart): the buckets
+        // nobody owns stay with it; the rest it is told to drop, after
+        // their owners hold them (make before break).
+        st.sent.insert(name.clone(), holds);
+        for b in 0..64usize {
+            if holds >> b & 1 == 1 && st.owners[b].is_none() {
+                st.owners[b] = Some(name.clone());
+            }
+        }
+        // Just restarted: the other nodes are on their way back with
+        // their shares; nothing moves until the grace ends.
+        if holds != 0 && st.started.elapsed() < RESTART_GRACE {
+            st.adopted = true;
+        } else {
+            st.reassign(None);
+        }
     }
     let _ = reader.set_read_timeout(None);
     loop {
-        let msg = match read_frame::<ToCoordinator>(&mut reader) {
+        let msg = match read_frame_max::<ToCoordinator>(&mut reader, MAX_NODE_FRAME) {
             Ok(m) => m,
             Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 lock(state).lose(&name, Some(conn), "connection closed by the node");
@@ -387,11 +680,12 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
             ToCoordinator::Installed {
                 epoch,
                 installed_ns,
-                ..
+                mask,
             } => {
                 if let Some(m) = st.members.get_mut(&name) {
                     m.last_seen = Instant::now();
                 }
+                st.installed(&name, epoch, mask, installed_ns);
                 for p in st.pending.iter_mut().filter(|p| p.epoch == epoch) {
                     p.waiting.remove(&name);
                     p.covered_ns = p.covered_ns.max(installed_ns);
@@ -407,6 +701,12 @@ fn serve(stream: TcpStream, peer: String, conn: u64, state: &Mutex<State>) {
                     buckets,
                 });
                 st.failed.insert(name.clone(), error.clone());
+                // It installed reject-all.
+                st.sent.insert(name.clone(), 0);
+                if let Some(h) = st.handover.as_mut() {
+                    h.gaining.remove(&name);
+                    h.releasing.remove(&name);
+                }
                 for p in &mut st.pending {
                     p.waiting.remove(&name);
                 }

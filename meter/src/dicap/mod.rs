@@ -8,9 +8,10 @@
 //! - [`assign`]: which node owns which of the 64 buckets (pure).
 //! - [`proto`]: the framed JSON protocol between nodes and coordinator.
 //! - [`coordinator`]: assigns shares, detects lost nodes (closed connection
-//!   or missed heartbeats) and failed installs, reassigns, and measures
-//!   the uncovered window.
-//! - [`node`]: a node's control loop and counters.
+//!   or missed heartbeats) and failed installs, reassigns (make before
+//!   break on a join), and measures the uncovered and duplicate windows.
+//! - [`node`]: a node's control loop (reconnecting, keeping its share) and
+//!   counters.
 //! - [`merge`]: per-packet shares split flows; the merge that makes their
 //!   totals exact again (for the collector side to call).
 
@@ -22,7 +23,14 @@ pub mod node;
 pub mod proto;
 pub mod share;
 
-pub use coordinator::{run_coordinator, CoordinatorSummary, Event};
+#[cfg(test)]
+mod guard_tests;
+#[cfg(test)]
+mod handover_tests;
+
+pub use coordinator::{
+    run_coordinator, run_coordinator_with, CoordinatorLimits, CoordinatorSummary, Event,
+};
 pub use merge::merge;
 pub use node::{reject_all, run_node, NodeConfig, NodeCounters, NodeError, NodeStats};
 pub use share::{bucket_of, share_program, ShareMode, BUCKETS};

@@ -4,6 +4,13 @@
 //! heartbeat every [`HEARTBEAT`]. [`NodeCounters`] counts what the node
 //! captured — and what it captured outside every share it ever held, which
 //! would be counted twice.
+//!
+//! A node that loses its coordinator keeps its last share installed and
+//! reconnects with backoff ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]),
+//! saying in its hello which share it holds, until `stop`. Meanwhile the
+//! shares of the nodes do not change: when only the coordinator went away,
+//! every bucket stays covered exactly once; a node lost in that time is
+//! not replaced until a coordinator is back (its buckets are uncovered).
 
 use super::proto::{read_frame, write_frame, FrameError, ToCoordinator, ToNode, HEARTBEAT};
 use super::share::{bucket_of, share_program, ShareMode};
@@ -17,6 +24,10 @@ use std::time::{Duration, Instant};
 
 /// How long a node keeps trying to reach its coordinator at start.
 const CONNECT_FOR: Duration = Duration::from_secs(10);
+/// First wait before reconnecting to a lost coordinator.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// What stops a node's control loop.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +65,7 @@ pub struct NodeCounters {
     kernel_packets: AtomicU64,
     kernel_drops: AtomicU64,
     consumer_drops: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 /// [`NodeCounters`] as numbers (the node's stats file).
@@ -72,6 +84,9 @@ pub struct NodeStats {
     /// The current share and every bucket ever held.
     pub mask: u64,
     pub held: u64,
+    /// Times the node connected to a coordinator again after losing it.
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 impl NodeCounters {
@@ -87,6 +102,7 @@ impl NodeCounters {
             kernel_packets: AtomicU64::new(0),
             kernel_drops: AtomicU64::new(0),
             consumer_drops: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
         }
     }
 
@@ -108,6 +124,7 @@ impl NodeCounters {
             consumer_drops: get(&self.consumer_drops),
             mask: get(&self.mask),
             held: get(&self.held),
+            reconnects: get(&self.reconnects),
         }
     }
 }
@@ -160,26 +177,80 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Runs the node's side of the protocol until `stop` is set or the
-/// coordinator goes away (the last share stays installed then).
+/// Whether a failed session is worth another connection: a lost or
+/// unreachable coordinator, or one that still holds this node's old
+/// connection or has no room now.
+fn retryable(e: &NodeError) -> bool {
+    match e {
+        NodeError::Connect { .. } | NodeError::Protocol { .. } => true,
+        NodeError::Refused { reason, .. } => {
+            reason.contains("already connected") || reason.contains("too many connections")
+        }
+    }
+}
+
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+    }
+}
+
+/// Runs the node's side of the protocol until `stop` is set. At start it
+/// tries for [`CONNECT_FOR`]; once it has been connected, a lost
+/// coordinator is tried again with backoff for as long as the node runs,
+/// its last share staying installed. A refusal that will not change (bad
+/// name, not allowed, too many nodes) ends it.
 pub fn run_node(
     config: &NodeConfig,
     filters: &[FilterHandle],
     counters: &NodeCounters,
     stop: &AtomicBool,
 ) -> Result<(), NodeError> {
+    let start = Instant::now();
+    let mut connected_once = false;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let began = Instant::now();
+        let result = session(config, filters, counters, stop, &mut connected_once);
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e) if !retryable(&e) => return Err(e),
+            Err(e) if !connected_once && start.elapsed() > CONNECT_FOR => return Err(e),
+            Err(e) => e,
+        };
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if began.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        }
+        if connected_once {
+            tracing::warn!(node = %config.name, error = %e, retry_ms = backoff.as_millis() as u64,
+                buckets = counters.stats().mask.count_ones(),
+                "dicap coordinator lost: keeping the last share, reconnecting");
+        }
+        sleep_unless(stop, backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection to the coordinator, until it fails or `stop`.
+fn session(
+    config: &NodeConfig,
+    filters: &[FilterHandle],
+    counters: &NodeCounters,
+    stop: &AtomicBool,
+    connected_once: &mut bool,
+) -> Result<(), NodeError> {
     let addr = config.coordinator;
     let proto = |source| NodeError::Protocol { addr, source };
-    let start = Instant::now();
-    let stream = loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-            Ok(s) => break s,
-            Err(source) if start.elapsed() > CONNECT_FOR || stop.load(Ordering::Relaxed) => {
-                return Err(NodeError::Connect { addr, source })
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        .map_err(|source| NodeError::Connect { addr, source })?;
+    if *connected_once {
+        counters.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    *connected_once = true;
     let _ = stream.set_nodelay(true);
     let mut writer = stream
         .try_clone()
@@ -188,6 +259,7 @@ pub fn run_node(
         &mut writer,
         &ToCoordinator::Hello {
             node: config.name.clone(),
+            mask: Some(counters.stats().mask),
         },
     )
     .map_err(proto)?;
@@ -214,7 +286,11 @@ pub fn run_node(
         let msg = match rx.recv_timeout(wait.min(Duration::from_millis(50))) {
             Ok(m) => m.map_err(proto)?,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(proto(FrameError::Io(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                )))
+            }
         };
         match msg {
             ToNode::Refused { reason } => {

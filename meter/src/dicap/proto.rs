@@ -16,6 +16,9 @@ use std::time::Duration;
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 64 * 1024;
+/// Largest frame the coordinator accepts from a node: its messages are a
+/// name, counters and at most a kernel error string.
+pub const MAX_NODE_FRAME: u32 = 4096;
 /// How often a node reports it is alive.
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 /// Silence after which the coordinator declares a node lost.
@@ -27,6 +30,11 @@ pub const LOST_AFTER: Duration = Duration::from_millis(600);
 pub enum ToCoordinator {
     Hello {
         node: String,
+        /// The share the node holds now (a node reconnecting to a
+        /// restarted coordinator); the coordinator adopts its unowned
+        /// buckets instead of moving them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mask: Option<u64>,
     },
     Heartbeat {
         sent_ns: u64,
@@ -62,8 +70,8 @@ pub enum ToNode {
 pub enum FrameError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
-    TooLarge(u32),
+    #[error("frame of {0} bytes exceeds the limit of {1}")]
+    TooLarge(u32, u32),
     #[error("bad message: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -74,7 +82,7 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Fram
     let len = u32::try_from(body.len())
         .ok()
         .filter(|&l| l <= MAX_FRAME)
-        .ok_or(FrameError::TooLarge(u32::MAX))?;
+        .ok_or(FrameError::TooLarge(u32::MAX, MAX_FRAME))?;
     let mut buf = Vec::with_capacity(body.len() + 4);
     buf.extend_from_slice(&len.to_be_bytes());
     buf.extend_from_slice(&body);
@@ -84,11 +92,19 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Fram
 
 /// Reads one frame; the length is checked before anything is allocated.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
+    read_frame_max(r, MAX_FRAME)
+}
+
+/// Reads one frame of at most `max` bytes.
+pub fn read_frame_max<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+    max: u32,
+) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len);
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > max {
+        return Err(FrameError::TooLarge(len, max));
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body)?;
@@ -102,11 +118,24 @@ mod tests {
     #[test]
     fn frames_round_trip_with_golden_bytes_and_refuse_oversize() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, &ToCoordinator::Hello { node: "n1".into() }).unwrap();
+        write_frame(
+            &mut buf,
+            &ToCoordinator::Hello {
+                node: "n1".into(),
+                mask: None,
+            },
+        )
+        .unwrap();
         assert_eq!(&buf[..4], &[0, 0, 0, 28]);
         assert_eq!(&buf[4..], br#"{"type":"hello","node":"n1"}"#.as_slice());
         let back: ToCoordinator = read_frame(&mut buf.as_slice()).unwrap();
-        assert_eq!(back, ToCoordinator::Hello { node: "n1".into() });
+        assert_eq!(
+            back,
+            ToCoordinator::Hello {
+                node: "n1".into(),
+                mask: None
+            }
+        );
         let assign = ToNode::Assign {
             epoch: 3,
             mode: ShareMode::Packet,
@@ -118,7 +147,20 @@ mod tests {
         let huge = [0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame::<ToNode>(&mut huge.as_slice()),
-            Err(FrameError::TooLarge(u32::MAX))
+            Err(FrameError::TooLarge(u32::MAX, MAX_FRAME))
+        ));
+        let mut long = Vec::new();
+        write_frame(
+            &mut long,
+            &ToCoordinator::Hello {
+                node: "n".repeat(5000),
+                mask: None,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            read_frame_max::<ToCoordinator>(&mut long.as_slice(), MAX_NODE_FRAME),
+            Err(FrameError::TooLarge(_, MAX_NODE_FRAME))
         ));
         let junk = [0, 0, 0, 2, b'{', b'}'];
         assert!(matches!(

@@ -18,6 +18,10 @@ pub struct DpmiFlags {
     /// The controller (the policy server's web API) at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", requires = "dpmi_point")]
     pub dpmi_controller: Option<String>,
+    /// A file holding the bearer token the point presents to the
+    /// controller (an admin token of its `api_tokens_file`).
+    #[arg(long, value_name = "FILE", requires = "dpmi_point")]
+    pub dpmi_token_file: Option<PathBuf>,
     /// Filters this point runs at most (default 8).
     #[arg(long, value_name = "N")]
     pub dpmi_max_filters: Option<u32>,
@@ -53,6 +57,23 @@ fn flag_err(flag: &'static str, reason: impl Into<String>) -> DpmiFlagError {
         flag,
         reason: reason.into(),
     }
+}
+
+/// Reads a token file: one token, surrounding white space ignored.
+pub fn read_token(path: &std::path::Path) -> Result<String, DpmiFlagError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| flag_err("--dpmi-token-file", format!("{}: {e}", path.display())))?;
+    let token = text.trim();
+    if !super::http::valid_token(token) {
+        return Err(flag_err(
+            "--dpmi-token-file",
+            format!(
+                "{}: not one token of 1-4096 visible characters",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// Reads a key file of 64 hex digits.
@@ -120,9 +141,15 @@ impl DpmiFlags {
             .map(read_key)
             .transpose()?
             .map(Arc::new);
+        let token = self
+            .dpmi_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
         Ok(Some(PointConfig {
             name: name.clone(),
             controller,
+            token,
             interface: interface.to_owned(),
             max_filters,
             max_caplen,
@@ -182,5 +209,24 @@ mod tests {
         std::fs::write(&bad, "abcd").unwrap();
         assert!(read_key(&bad).unwrap_err().reason.contains("64 hex digits"));
         assert!(read_key(&dir.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn token_files_hold_one_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "  s3cret-token\n").unwrap();
+        assert_eq!(read_token(&good).unwrap(), "s3cret-token");
+        let mut f = flags();
+        f.dpmi_token_file = Some(good);
+        assert_eq!(
+            f.point(Some("eth0")).unwrap().unwrap().token.as_deref(),
+            Some("s3cret-token")
+        );
+        for bad in ["", "two words", "line\nbreak"] {
+            let p = dir.path().join("bad");
+            std::fs::write(&p, bad).unwrap();
+            assert_eq!(read_token(&p).unwrap_err().flag, "--dpmi-token-file");
+        }
     }
 }

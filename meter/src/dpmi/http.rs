@@ -1,6 +1,8 @@
 //! The few HTTP/1.1 calls a point makes to its controller (register, get
 //! the filter list, report), over a plain TCP connection closed after each
-//! answer. Answers are bounded in size and time.
+//! answer. Answers are bounded in size and time. With a token every call
+//! carries `Authorization: Bearer TOKEN` (the controller's
+//! `api_tokens_file`; register, poll and report are POSTs: an admin token).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,13 +30,28 @@ pub enum HttpError {
     },
 }
 
+/// Where a point's calls go and what they present.
+#[derive(Clone, Copy, Debug)]
+pub struct Controller<'a> {
+    pub addr: SocketAddr,
+    /// The bearer token, if the controller wants one.
+    pub token: Option<&'a str>,
+}
+
+/// Whether `token` can be sent in a header: 1-4096 visible ASCII
+/// characters, no space.
+pub fn valid_token(token: &str) -> bool {
+    !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// `method path` with an optional JSON `body`; the status and the body.
 pub fn call(
-    addr: SocketAddr,
+    ctl: Controller<'_>,
     method: &str,
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>), HttpError> {
+    let addr = ctl.addr;
     let io = |source| HttpError::Io {
         addr,
         path: path.to_owned(),
@@ -49,8 +66,13 @@ pub fn call(
     s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
     let body = body.unwrap_or_default();
+    let auth = match ctl.token {
+        Some(t) if valid_token(t) => format!("Authorization: Bearer {t}\r\n"),
+        Some(_) => return Err(answer("the token is not 1-4096 visible characters".into())),
+        None => String::new(),
+    };
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).map_err(io)?;

@@ -9,7 +9,7 @@
 use super::bpf::compile;
 use super::cryptopan::CryptoPan;
 use super::deliver::{ConsumerReport, Output};
-use super::http::{call, HttpError};
+use super::http::{call, Controller, HttpError};
 use crate::afpacket::{if_index, FilterHandle, PacketRing, RingConfig};
 use qosloop_schema::dpmi::{ConsumerSpec, FilterList, FrameFields};
 use serde::Serialize;
@@ -26,6 +26,9 @@ const REGISTER_FOR: Duration = Duration::from_secs(10);
 pub struct PointConfig {
     pub name: String,
     pub controller: SocketAddr,
+    /// The bearer token presented to the controller (an admin token when
+    /// it has tokens configured).
+    pub token: Option<String>,
     pub interface: String,
     /// Filters the point runs at most (its capacity).
     pub max_filters: u32,
@@ -110,6 +113,15 @@ fn same_output(a: &ConsumerSpec, b: &ConsumerSpec) -> bool {
         && a.caplen == b.caplen
         && a.anonymise == b.anonymise
         && a.exact == b.exact
+}
+
+impl PointConfig {
+    fn link(&self) -> Controller<'_> {
+        Controller {
+            addr: self.controller,
+            token: self.token.as_deref(),
+        }
+    }
 }
 
 /// Runs the point until `stop`.
@@ -227,12 +239,7 @@ fn register(cfg: &PointConfig, stop: &AtomicBool) -> Result<(), RegisterError> {
     .to_string();
     let until = Instant::now() + REGISTER_FOR;
     loop {
-        match call(
-            cfg.controller,
-            "POST",
-            "/api/v1/points",
-            Some(body.as_bytes()),
-        ) {
+        match call(cfg.link(), "POST", "/api/v1/points", Some(body.as_bytes())) {
             Ok((201, _)) => return Ok(()),
             Ok((status, b)) => {
                 return Err(RegisterError::Refused(
@@ -266,7 +273,9 @@ fn reregister(cfg: &PointConfig, stop: &AtomicBool, e: String) -> Result<FilterL
 
 fn fetch(cfg: &PointConfig) -> Result<FilterList, String> {
     let path = format!("/api/v1/points/{}/filters", cfg.name);
-    let (status, body) = call(cfg.controller, "GET", &path, None).map_err(|e| e.to_string())?;
+    // A POST: the controller stores the list it hands out (a GET of the
+    // same path only shows it).
+    let (status, body) = call(cfg.link(), "POST", &path, None).map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!(
             "{path}: status {status}: {}",
@@ -376,7 +385,7 @@ fn report(
     };
     let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
     let path = format!("/api/v1/points/{}/report", cfg.name);
-    match call(cfg.controller, "POST", &path, Some(&body)) {
+    match call(cfg.link(), "POST", &path, Some(&body)) {
         Ok((204, _)) => Ok(()),
         Ok((s, b)) => Err(format!(
             "{path}: status {s}: {}",

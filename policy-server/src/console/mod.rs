@@ -158,5 +158,14 @@ mod tests {
         ] {
             assert!(doc["paths"][path]["get"].is_object(), "{path}");
         }
+        // The DPMI point routes: reading a list is a GET, the point's poll
+        // (which stores it) a POST.
+        for (path, method) in [
+            ("/api/v1/points", "get"),
+            ("/api/v1/points/{name}/filters", "get"),
+            ("/api/v1/points/{name}/filters", "post"),
+        ] {
+            assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        }
     }
 }

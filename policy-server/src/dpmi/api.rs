@@ -8,7 +8,8 @@
 //! | `DELETE /api/v1/requests/{id}` | its owner | end it now (its filter goes at the point's next poll) |
 //! | `POST /api/v1/points` | a point | register (name, interface, max_filters, max_caplen) |
 //! | `GET /api/v1/points` | anyone | the points and what they last installed |
-//! | `GET /api/v1/points/{name}/filters` | a point | the filter list to run now |
+//! | `GET /api/v1/points/{name}/filters` | anyone | the filter list the point would run now (read-only) |
+//! | `POST /api/v1/points/{name}/filters` | a point | the filter list to run now, stored in `dpmi_filters` when it changed |
 //! | `POST /api/v1/points/{name}/report` | a point | installed version or install error, per-consumer counters |
 //!
 //! The requesting user is the name of the bearer token the authentication
@@ -48,7 +49,10 @@ pub fn router(db: Db) -> Router {
         .route("/api/v1/requests", post(submit).get(list))
         .route("/api/v1/requests/{id}", get(show).delete(end))
         .route("/api/v1/points", post(register).get(points))
-        .route("/api/v1/points/{name}/filters", get(filters))
+        .route(
+            "/api/v1/points/{name}/filters",
+            get(peek_filters).post(take_filters),
+        )
         .route("/api/v1/points/{name}/report", post(report))
         .with_state(db)
 }
@@ -361,9 +365,15 @@ async fn points(State(db): State<Db>) -> Response {
     }
 }
 
-/// The filter list `point` runs at `now`, stored in `dpmi_filters` when
-/// it changed.
-pub async fn point_filters(db: &Db, point: &PointRow, now: i64) -> Result<FilterList, sqlx::Error> {
+/// The filter list `point` runs at `now`; with `store`, stored in
+/// `dpmi_filters` when it changed (the point's own poll, a POST), else
+/// only computed (a GET changes nothing).
+pub async fn point_filters(
+    db: &Db,
+    point: &PointRow,
+    now: i64,
+    store: bool,
+) -> Result<FilterList, sqlx::Error> {
     let live = db.dpmi_requests_live(now).await?;
     let active: Vec<&RequestRow> = live
         .iter()
@@ -438,7 +448,7 @@ pub async fn point_filters(db: &Db, point: &PointRow, now: i64) -> Result<Filter
     } else {
         stored_version == list.version
     };
-    if !unchanged {
+    if store && !unchanged {
         let rows: Vec<FilterRow> = plan
             .filters
             .iter()
@@ -473,12 +483,23 @@ async fn find_point(db: &Db, name: &str) -> Result<PointRow, Box<Response>> {
     }
 }
 
-async fn filters(State(db): State<Db>, Path(name): Path<String>) -> Response {
-    let point = match find_point(&db, &name).await {
+/// `GET`: what the point would run now; nothing is written.
+async fn peek_filters(State(db): State<Db>, Path(name): Path<String>) -> Response {
+    filters(&db, &name, false).await
+}
+
+/// `POST` (an admin token when tokens are configured): the point's poll;
+/// the list is stored when it changed.
+async fn take_filters(State(db): State<Db>, Path(name): Path<String>) -> Response {
+    filters(&db, &name, true).await
+}
+
+async fn filters(db: &Db, name: &str, store: bool) -> Response {
+    let point = match find_point(db, name).await {
         Ok(p) => p,
         Err(r) => return *r,
     };
-    match point_filters(&db, &point, now_ns()).await {
+    match point_filters(db, &point, now_ns(), store).await {
         Ok(list) => Json(list).into_response(),
         Err(e) => failed(e),
     }

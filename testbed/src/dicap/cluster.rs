@@ -52,6 +52,11 @@ pub fn start_coordinator(
     let args = vec![
         "--dicap-coordinator".to_string(),
         format!("0.0.0.0:{COORDINATOR_PORT}"),
+        // The nodes' control networks, and the harness's port probe.
+        "--dicap-allow".into(),
+        "10.78.0.0/16".into(),
+        "--dicap-allow".into(),
+        "127.0.0.0/8".into(),
         "--dicap-mode".into(),
         mode.into(),
         "--dicap-report".into(),
