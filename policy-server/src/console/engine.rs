@@ -214,6 +214,30 @@ pub async fn top(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<Grouped, ApiError> {
+    let mut out = largest(db, sel, dims, metric, limit, grouping).await?;
+    let mut binds = Vec::new();
+    let w = sel.where_sql(db.dialect(), &mut binds);
+    let src = sel.source;
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {w}",
+        metric.sql(src),
+        src.table_sql()
+    );
+    let total = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
+    out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
+    out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
+    Ok(out)
+}
+
+/// The `limit` largest groups only (no total, no remainder).
+async fn largest(
+    db: &Db,
+    sel: &Selection,
+    dims: &[Dim],
+    metric: Metric,
+    limit: i64,
+    grouping: &Grouping,
+) -> Result<Grouped, ApiError> {
     let (d, src) = (db.dialect(), sel.source);
     let mut binds = Vec::new();
     let keys: Vec<String> = dims
@@ -243,16 +267,6 @@ pub async fn top(
         let v = r.pop().and_then(|v| v.as_i64()).unwrap_or(0);
         out.rows.push((r, v));
     }
-    let mut binds = Vec::new();
-    let w = sel.where_sql(d, &mut binds);
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {w}",
-        metric.sql(src),
-        src.table_sql()
-    );
-    let total = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
-    out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
-    out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
     Ok(out)
 }
 
@@ -279,7 +293,7 @@ pub async fn timeseries(
     // `start` >= 0 (times are), and the caller bounded the steps: no overflow.
     let steps = ((sel.to - start).saturating_add(step_ns - 1) / step_ns).max(1) as usize;
     let tops = match stack {
-        Some(dim) => top(db, sel, &[dim], metric, limit, grouping)
+        Some(dim) => largest(db, sel, &[dim], metric, limit, grouping)
             .await?
             .rows
             .into_iter()
@@ -290,33 +304,38 @@ pub async fn timeseries(
     let mut binds = Vec::new();
     binds.push(Bind::Int(step_ns));
     let s = binds.len();
-    let (member, key) = match stack {
-        Some(dim) => {
+    // The key is computed once per row, in the inner query; whether it is
+    // one of the top values is decided once per (step, key) group.
+    let key = match stack {
+        Some(dim) => dim.sql(d, grouping, &mut binds),
+        None => "NULL".to_owned(),
+    };
+    let member = match stack {
+        Some(_) => {
             let mut alts = Vec::new();
             for k in &tops {
-                let expr = dim.sql(d, grouping, &mut binds);
                 match k {
                     Value::String(t) => {
                         binds.push(Bind::Text(t.clone()));
-                        alts.push(format!("{expr} = ${}", binds.len()));
+                        alts.push(format!("g.k = ${}", binds.len()));
                     }
-                    _ => alts.push(format!("{expr} IS NULL")),
+                    _ => alts.push("g.k IS NULL".to_owned()),
                 }
             }
-            let member = if alts.is_empty() {
+            if alts.is_empty() {
                 "FALSE".to_owned()
             } else {
                 format!("({})", alts.join(" OR "))
-            };
-            let key = dim.sql(d, grouping, &mut binds);
-            (member, key)
+            }
         }
-        None => ("TRUE".to_owned(), "NULL".to_owned()),
+        None => "TRUE".to_owned(),
     };
     let w = sel.where_sql(d, &mut binds);
     let sql = format!(
-        "SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT), CAST(CASE WHEN {member} THEN 0 ELSE 1 END AS BIGINT), \
-         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM {} WHERE {w} GROUP BY 1, 2, 3",
+        "SELECT g.t, CAST(CASE WHEN {member} THEN 0 ELSE 1 END AS BIGINT), \
+         CAST(CASE WHEN {member} THEN g.k END AS TEXT), CAST(SUM(g.v) AS BIGINT) \
+         FROM (SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT) AS t, CAST({key} AS TEXT) AS k, {} AS v \
+         FROM {} WHERE {w} GROUP BY 1, 2) AS g GROUP BY 1, 2, 3",
         metric.sql(src),
         src.table_sql()
     );
