@@ -552,6 +552,7 @@ async fn rollups_answer_as_the_raw_rows(a: SocketAddr) {
         (format!("/api/v1/timeseries?{range}&step=1m&stack=dst_port&metric=packets&limit=3"), one),
         (format!("/api/v1/timeseries?{range}&step=1m&stack=src_prefix&metric=bytes&limit=2"), one),
         (format!("/api/v1/timeseries?{range}&step=2m&metric=flows"), one),
+        (format!("/api/v1/timeseries?{range}&step=1m&stack=class&metric=bytes&limit=10"), one),
         (format!("/api/v1/timeseries?{range}&step=2m&metric=flows&filter={filter}"), wide),
         (format!("/api/v1/sankey?{range}&dims=src_prefix,dst_port,proto&metric=bytes&limit=8"), wide),
         (format!("/api/v1/sankey?{range}&dims=src_prefix,src_addr&metric=packets&limit=8"), one),
