@@ -544,18 +544,54 @@ async fn rollups_answer_as_the_raw_rows(a: SocketAddr) {
     let filter = enc("src_addr = 10.1.0.0/16 AND dst_port IN (80, 443) AND NOT class = \"bulk\"");
     let (wide, one) = ("rollup_1m", "rollup_1m_dim");
     let queries = [
-        (format!("/api/v1/top?{range}&dims=src_addr&metric=bytes&limit=5"), one),
-        (format!("/api/v1/top?{range}&dims=dst_prefix,proto&metric=flows&limit=4"), wide),
-        (format!("/api/v1/top?{range}&dims=class&metric=bps&filter={filter}"), wide),
-        (format!("/api/v1/top?{range}&dims=exporter&metric=pps&filter=exporter%20%3D%20meter-a"), one),
-        (format!("/api/v1/top?{range}&dims=class&metric=flows&filter=NOT%20class%20%3D%20bulk"), one),
-        (format!("/api/v1/timeseries?{range}&step=1m&stack=dst_port&metric=packets&limit=3"), one),
-        (format!("/api/v1/timeseries?{range}&step=1m&stack=src_prefix&metric=bytes&limit=2"), one),
-        (format!("/api/v1/timeseries?{range}&step=2m&metric=flows"), one),
-        (format!("/api/v1/timeseries?{range}&step=1m&stack=class&metric=bytes&limit=10"), one),
-        (format!("/api/v1/timeseries?{range}&step=2m&metric=flows&filter={filter}"), wide),
-        (format!("/api/v1/sankey?{range}&dims=src_prefix,dst_port,proto&metric=bytes&limit=8"), wide),
-        (format!("/api/v1/sankey?{range}&dims=src_prefix,src_addr&metric=packets&limit=8"), one),
+        (
+            format!("/api/v1/top?{range}&dims=src_addr&metric=bytes&limit=5"),
+            one,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=dst_prefix,proto&metric=flows&limit=4"),
+            wide,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=class&metric=bps&filter={filter}"),
+            wide,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=exporter&metric=pps&filter=exporter%20%3D%20meter-a"),
+            one,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=class&metric=flows&filter=NOT%20class%20%3D%20bulk"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=1m&stack=dst_port&metric=packets&limit=3"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=1m&stack=src_prefix&metric=bytes&limit=2"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=2m&metric=flows"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=1m&stack=class&metric=bytes&limit=10"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=2m&metric=flows&filter={filter}"),
+            wide,
+        ),
+        (
+            format!("/api/v1/sankey?{range}&dims=src_prefix,dst_port,proto&metric=bytes&limit=8"),
+            wide,
+        ),
+        (
+            format!("/api/v1/sankey?{range}&dims=src_prefix,src_addr&metric=packets&limit=8"),
+            one,
+        ),
     ];
     for (q, narrowest) in &queries {
         let mut raw = json(a, &format!("{q}&source=raw")).await;

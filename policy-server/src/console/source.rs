@@ -160,7 +160,8 @@ impl Source {
 
     /// The FROM item, named `flows`.
     pub fn table_sql(self) -> String {
-        let cols = "exporter_id, src_addr, dst_addr, dst_port, proto, dscp, vlan, class, \"user\", \
+        let cols =
+            "exporter_id, src_addr, dst_addr, dst_port, proto, dscp, vlan, class, \"user\", \
                     process, bytes, packets, CAST(NULL AS BIGINT) AS sampling_interval, \
                     flows AS flow_count";
         match self {
@@ -263,14 +264,8 @@ mod tests {
             auto(Some("exporter = a OR exporter = b"), &[Dim::Exporter]),
             Source::RollupDim("exporter")
         );
-        assert_eq!(
-            auto(Some("class = web"), &[Dim::SrcAddr]),
-            Source::Rollup1m
-        );
-        assert_eq!(
-            auto(None, &[Dim::SrcAddr, Dim::DstPort]),
-            Source::Rollup1m
-        );
+        assert_eq!(auto(Some("class = web"), &[Dim::SrcAddr]), Source::Rollup1m);
+        assert_eq!(auto(None, &[Dim::SrcAddr, Dim::DstPort]), Source::Rollup1m);
         assert_eq!(
             pick("rollup_1m", None, &[Dim::Proto], None).unwrap(),
             Source::Rollup1m
@@ -293,7 +288,9 @@ mod tests {
                 panic!("{d:?}");
             };
             assert!(ROLLUP_DIMS.contains(&name), "{name}");
-            assert!(Source::RollupDim(name).table_sql().contains(&format!("dim = '{name}'")));
+            assert!(Source::RollupDim(name)
+                .table_sql()
+                .contains(&format!("dim = '{name}'")));
         }
     }
 }

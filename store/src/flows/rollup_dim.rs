@@ -22,17 +22,8 @@ use std::net::IpAddr;
 
 /// The dimensions of `flows_1m_dim`, as its `dim` column names them.
 pub const ROLLUP_DIMS: [&str; 11] = [
-    "total",
-    "exporter",
-    "src_addr",
-    "dst_addr",
-    "dst_port",
-    "proto",
-    "dscp",
-    "vlan",
-    "class",
-    "user",
-    "process",
+    "total", "exporter", "src_addr", "dst_addr", "dst_port", "proto", "dscp", "vlan", "class",
+    "user", "process",
 ];
 
 /// The value of one dimension (the variant order is [`ROLLUP_DIMS`]'s).

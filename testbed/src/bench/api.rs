@@ -283,7 +283,9 @@ async fn engine(name: &str, db: &Db, plain: &Db, n: u64, to: i64, a: &Args) -> a
     );
     let binds = [Bind::Int(from), Bind::Int(to)];
     let (raw_ms, raw) = timed(a.runs, || async {
-        Ok(plain.fetch_cells(&sql, &binds, &[Col::Text, Col::Int]).await?)
+        Ok(plain
+            .fetch_cells(&sql, &binds, &[Col::Text, Col::Int])
+            .await?)
     })
     .await?;
     let api_rows: Vec<(Value, Value)> = api["rows"]
