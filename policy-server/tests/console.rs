@@ -536,36 +536,83 @@ async fn explorer_answers_match_independent_sums(url: &str) {
 }
 
 /// Grouped queries the per-minute rollups can answer give the same answer
-/// from them as from the raw rows; `auto` picks the rollup for those and
-/// the raw rows for the rest, and says which.
+/// from them as from the raw rows: from `flows_1m` (every dimension) and,
+/// for those that group and filter on one dimension, from `flows_1m_dim`;
+/// `auto` picks the narrowest rollup that can answer, and says which.
 async fn rollups_answer_as_the_raw_rows(a: SocketAddr) {
     let range = format!("from={T0}&to={}", T0 + SPAN);
     let filter = enc("src_addr = 10.1.0.0/16 AND dst_port IN (80, 443) AND NOT class = \"bulk\"");
+    let (wide, one) = ("rollup_1m", "rollup_1m_dim");
     let queries = [
-        format!("/api/v1/top?{range}&dims=src_addr&metric=bytes&limit=5"),
-        format!("/api/v1/top?{range}&dims=dst_prefix,proto&metric=flows&limit=4"),
-        format!("/api/v1/top?{range}&dims=class&metric=bps&filter={filter}"),
-        format!("/api/v1/top?{range}&dims=exporter&metric=pps&filter=exporter%20%3D%20meter-a"),
-        format!("/api/v1/timeseries?{range}&step=1m&stack=dst_port&metric=packets&limit=3"),
-        format!("/api/v1/timeseries?{range}&step=2m&metric=flows&filter={filter}"),
-        format!("/api/v1/sankey?{range}&dims=src_prefix,dst_port,proto&metric=bytes&limit=8"),
+        (
+            format!("/api/v1/top?{range}&dims=src_addr&metric=bytes&limit=5"),
+            one,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=dst_prefix,proto&metric=flows&limit=4"),
+            wide,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=class&metric=bps&filter={filter}"),
+            wide,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=exporter&metric=pps&filter=exporter%20%3D%20meter-a"),
+            one,
+        ),
+        (
+            format!("/api/v1/top?{range}&dims=class&metric=flows&filter=NOT%20class%20%3D%20bulk"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=1m&stack=dst_port&metric=packets&limit=3"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=1m&stack=src_prefix&metric=bytes&limit=2"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=2m&metric=flows"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=1m&stack=class&metric=bytes&limit=10"),
+            one,
+        ),
+        (
+            format!("/api/v1/timeseries?{range}&step=2m&metric=flows&filter={filter}"),
+            wide,
+        ),
+        (
+            format!("/api/v1/sankey?{range}&dims=src_prefix,dst_port,proto&metric=bytes&limit=8"),
+            wide,
+        ),
+        (
+            format!("/api/v1/sankey?{range}&dims=src_prefix,src_addr&metric=packets&limit=8"),
+            one,
+        ),
     ];
-    for q in &queries {
+    for (q, narrowest) in &queries {
         let mut raw = json(a, &format!("{q}&source=raw")).await;
-        let mut rollup = json(a, &format!("{q}&source=rollup")).await;
-        let auto = json(a, q).await;
+        let mut rollup = json(a, &format!("{q}&source=rollup_1m")).await;
+        let mut auto = json(a, q).await;
         assert_eq!(
             (
                 raw["source"].as_str(),
                 rollup["source"].as_str(),
                 auto["source"].as_str()
             ),
-            (Some("raw"), Some("rollup_1m"), Some("rollup_1m")),
+            (Some("raw"), Some(wide), Some(*narrowest)),
             "{q}"
         );
-        raw.as_object_mut().unwrap().remove("source");
-        rollup.as_object_mut().unwrap().remove("source");
+        let narrow = json(a, &format!("{q}&source=rollup")).await;
+        assert_eq!(narrow["source"].as_str(), Some(*narrowest), "{q}");
+        for v in [&mut raw, &mut rollup, &mut auto] {
+            v.as_object_mut().unwrap().remove("source");
+        }
         assert_eq!(raw, rollup, "{q}");
+        assert_eq!(raw, auto, "{q}");
         let nonempty = raw.get("rows").or(raw.get("series")).or(raw.get("paths"));
         assert!(
             nonempty
@@ -573,6 +620,10 @@ async fn rollups_answer_as_the_raw_rows(a: SocketAddr) {
                 .is_some_and(|v| !v.is_empty()),
             "{q}: {raw}"
         );
+        if *narrowest == wide {
+            let (status, _, body) = get(a, &format!("{q}&source={one}"), "*/*").await;
+            assert_eq!(status, 400, "{q}: {body}");
+        }
     }
     // What the rollup does not hold is read from the raw rows.
     for q in [
@@ -616,7 +667,7 @@ async fn a_query_over_more_records_than_the_limit_is_refused() {
     let range = format!("from={T0}&to={}", T0 + SPAN);
     let (status, _, body) = get(
         web.local_addr,
-        &format!("/api/v1/top?{range}&dims=proto"),
+        &format!("/api/v1/top?{range}&dims=proto&source=raw"),
         "*/*",
     )
     .await;
@@ -626,11 +677,21 @@ async fn a_query_over_more_records_than_the_limit_is_refused() {
     let narrow = format!("from={T0}&to={}", T0 + SPAN / 20);
     let (status, _, body) = get(
         web.local_addr,
-        &format!("/api/v1/top?{narrow}&dims=proto"),
+        &format!("/api/v1/top?{narrow}&dims=proto&source=raw"),
         "*/*",
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    // The limit counts the rows of the table read: the rollup by protocol
+    // holds the whole range in fewer.
+    let (status, _, body) = get(
+        web.local_addr,
+        &format!("/api/v1/top?{range}&dims=proto"),
+        "*/*",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("rollup_1m_dim"), "{body}");
     server.stop().await;
     web.task.await.unwrap();
 }

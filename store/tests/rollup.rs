@@ -1,13 +1,15 @@
 //! The per-minute rollups (`flows_1m`) kept by the flow writer equal the
 //! same sums computed by a plain GROUP BY over the raw rows, on SQLite and
 //! on a real PostgreSQL: after several writes that touch the same groups
-//! (the upsert merges), and after the migration's backfill.
+//! (the upsert merges), and after the migration's backfill. The same for
+//! the rollups by one dimension at a time (`flows_1m_dim`), dimension by
+//! dimension and for the minute's totals.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use qosloop_schema::sql::{migrations, Dialect};
 use qosloop_schema::FlowRecord;
-use qosloop_store::{on_pool, Batch, Bind, Col, Db, Sql, MINUTE_NS};
+use qosloop_store::{on_pool, Batch, Bind, Col, Db, Sql, MINUTE_NS, ROLLUP_DIMS};
 use qosloop_testbed::harness::Postgres;
 use qosloop_testbed::need;
 use std::net::IpAddr;
@@ -89,6 +91,61 @@ async fn grouped(db: &Db, table: &str) -> Vec<Vec<serde_json::Value>> {
     db.fetch_cells(&q, &[], &[Col::Text; 14]).await.unwrap()
 }
 
+/// The column of `flows` (and `flows_1m_dim`) a dimension name reads, as
+/// text; `None` for the totals.
+fn dim_column(db: &Db, dim: &str) -> Option<String> {
+    let sql = Sql::of(db);
+    Some(match dim {
+        "total" => return None,
+        "exporter" => "CAST(exporter_id AS TEXT)".into(),
+        "src_addr" | "dst_addr" => sql.inet_text(dim),
+        "user" => "\"user\"".into(),
+        "class" | "process" => dim.into(),
+        _ => format!("CAST({dim} AS TEXT)"),
+    })
+}
+
+/// Per minute and value of `dim`: scaled bytes, packets, records — from the
+/// raw rows, or from `flows_1m_dim`.
+async fn by_dim(db: &Db, dim: &str, rollup: bool) -> Vec<Vec<serde_json::Value>> {
+    let col = dim_column(db, dim).unwrap_or_else(|| "''".into());
+    let q = if rollup {
+        format!(
+            "SELECT CAST(minute_ns AS TEXT) AS m, {col} AS k, CAST(SUM(bytes) AS TEXT), \
+             CAST(SUM(packets) AS TEXT), CAST(SUM(flows) AS TEXT) FROM flows_1m_dim WHERE dim = $1 \
+             GROUP BY m, k ORDER BY 1, 2"
+        )
+    } else {
+        format!(
+            "SELECT CAST((end_ns / {MINUTE_NS}) * {MINUTE_NS} AS TEXT) AS m, {col} AS k, \
+             CAST(SUM(CASE WHEN sampling_interval > 1 THEN bytes * sampling_interval ELSE bytes END) AS TEXT), \
+             CAST(SUM(CASE WHEN sampling_interval > 1 THEN packets * sampling_interval ELSE packets END) AS TEXT), \
+             CAST(COUNT(*) AS TEXT) FROM flows WHERE $1 = $1 GROUP BY m, k ORDER BY 1, 2"
+        )
+    };
+    db.fetch_cells(&q, &[Bind::Text(dim.into())], &[Col::Text; 5])
+        .await
+        .unwrap()
+}
+
+async fn dims_equal_raw(db: &Db) {
+    for dim in ROLLUP_DIMS {
+        let raw = by_dim(db, dim, false).await;
+        assert!(!raw.is_empty());
+        assert_eq!(by_dim(db, dim, true).await, raw, "{dim}");
+    }
+    // Only the named dimension's column is set.
+    let stray = db
+        .fetch_cells(
+            "SELECT COUNT(*) FROM flows_1m_dim WHERE dim <> 'src_addr' AND src_addr IS NOT NULL",
+            &[],
+            &[Col::Int],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stray[0][0].as_i64(), Some(0));
+}
+
 async fn rollups_equal_raw(url: &str) {
     let db = Db::connect(url).await.unwrap();
     db.migrate().await.unwrap();
@@ -131,6 +188,17 @@ async fn rollups_equal_raw(url: &str) {
     );
     assert_eq!(grouped(&db, "flows_1m").await, raw);
     assert!(raw.iter().any(|r| r[8] == "dns|x"));
+    dims_equal_raw(&db).await;
+    let per_dim = db
+        .fetch_cells("SELECT COUNT(*) FROM flows_1m_dim", &[], &[Col::Int])
+        .await
+        .unwrap()[0][0]
+        .as_i64()
+        .unwrap();
+    assert!(
+        per_dim < groups,
+        "{per_dim} rows by one dimension, {groups} by all"
+    );
 
     // The migration's backfill gives the same sums from the raw rows.
     let q = "DELETE FROM flows_1m";
@@ -160,6 +228,36 @@ async fn rollups_equal_raw(url: &str) {
     };
     db.commit_batches(&[&more]).await.unwrap();
     assert_eq!(grouped(&db, "flows_1m").await, grouped(&db, "flows").await);
+    dims_equal_raw(&db).await;
+
+    // Migration 0007's backfill (from `flows_1m`) gives the same sums, and
+    // writes after it land beside it.
+    let q = "DELETE FROM flows_1m_dim";
+    on_pool!(&db, p, D => sqlx::query::<D>(q).execute(p).await.map(|_| ())).unwrap();
+    let m = migrations(db.dialect())
+        .iter()
+        .find(|m| m.name == "flow_rollups_by_dim")
+        .unwrap();
+    on_pool!(&db, p, D => sqlx::raw_sql(m.sql).execute(p).await.map(|_| ())).unwrap();
+    let back = db
+        .fetch_cells(
+            "SELECT COUNT(*) FROM flows_1m_dim WHERE dim_key NOT LIKE $1",
+            &[Bind::Text("b%".into())],
+            &[Col::Int],
+        )
+        .await
+        .unwrap();
+    assert_eq!(back[0][0].as_i64(), Some(0));
+    dims_equal_raw(&db).await;
+    let more = Batch {
+        exporter_id: b,
+        session_id: 1,
+        seq: 101,
+        records: records(2, 700),
+        dedup: true,
+    };
+    db.commit_batches(&[&more]).await.unwrap();
+    dims_equal_raw(&db).await;
     assert_eq!(
         db.dialect() == Dialect::Postgres,
         url.starts_with("postgres")

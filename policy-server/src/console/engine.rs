@@ -214,6 +214,30 @@ pub async fn top(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<Grouped, ApiError> {
+    let mut out = largest(db, sel, dims, metric, limit, grouping).await?;
+    let mut binds = Vec::new();
+    let w = sel.where_sql(db.dialect(), &mut binds);
+    let src = sel.source;
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {w}",
+        metric.sql(src),
+        src.table_sql()
+    );
+    let total = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
+    out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
+    out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
+    Ok(out)
+}
+
+/// The `limit` largest groups only (no total, no remainder).
+async fn largest(
+    db: &Db,
+    sel: &Selection,
+    dims: &[Dim],
+    metric: Metric,
+    limit: i64,
+    grouping: &Grouping,
+) -> Result<Grouped, ApiError> {
     let (d, src) = (db.dialect(), sel.source);
     let mut binds = Vec::new();
     let keys: Vec<String> = dims
@@ -243,16 +267,6 @@ pub async fn top(
         let v = r.pop().and_then(|v| v.as_i64()).unwrap_or(0);
         out.rows.push((r, v));
     }
-    let mut binds = Vec::new();
-    let w = sel.where_sql(d, &mut binds);
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {w}",
-        metric.sql(src),
-        src.table_sql()
-    );
-    let total = db.fetch_cells(&sql, &binds, &[Col::Int]).await?;
-    out.total = total.first().and_then(|r| r[0].as_i64()).unwrap_or(0);
-    out.other = out.total - out.rows.iter().map(|(_, v)| v).sum::<i64>();
     Ok(out)
 }
 
@@ -279,7 +293,7 @@ pub async fn timeseries(
     // `start` >= 0 (times are), and the caller bounded the steps: no overflow.
     let steps = ((sel.to - start).saturating_add(step_ns - 1) / step_ns).max(1) as usize;
     let tops = match stack {
-        Some(dim) => top(db, sel, &[dim], metric, limit, grouping)
+        Some(dim) => largest(db, sel, &[dim], metric, limit, grouping)
             .await?
             .rows
             .into_iter()
@@ -290,39 +304,50 @@ pub async fn timeseries(
     let mut binds = Vec::new();
     binds.push(Bind::Int(step_ns));
     let s = binds.len();
-    let (member, key) = match stack {
+    // Each row's series: its slot, 1 + the index of its key among the top
+    // values, 0 for Other. A simple CASE computes the key once per row
+    // (the IS NULL test, when NULL is a top value, once more), and the
+    // groups are (step, slot): a few thousand, whatever the rows.
+    let slot = match stack {
         Some(dim) => {
-            let mut alts = Vec::new();
-            for k in &tops {
-                let expr = dim.sql(d, grouping, &mut binds);
+            let key = dim.sql(d, grouping, &mut binds);
+            let mut whens = String::new();
+            let mut null_slot = None;
+            for (i, k) in tops.iter().enumerate() {
                 match k {
                     Value::String(t) => {
                         binds.push(Bind::Text(t.clone()));
-                        alts.push(format!("{expr} = ${}", binds.len()));
+                        whens.push_str(&format!(" WHEN ${} THEN {}", binds.len(), i + 1));
                     }
-                    _ => alts.push(format!("{expr} IS NULL")),
+                    _ => null_slot = Some(i + 1),
                 }
             }
-            let member = if alts.is_empty() {
-                "FALSE".to_owned()
+            let by_value = if whens.is_empty() {
+                "0".to_owned()
             } else {
-                format!("({})", alts.join(" OR "))
+                format!("CASE {key}{whens} ELSE 0 END")
             };
-            let key = dim.sql(d, grouping, &mut binds);
-            (member, key)
+            match null_slot {
+                Some(n) => {
+                    let again = dim.sql(d, grouping, &mut binds);
+                    format!("CASE WHEN {again} IS NULL THEN {n} ELSE {by_value} END")
+                }
+                None => by_value,
+            }
         }
-        None => ("TRUE".to_owned(), "NULL".to_owned()),
+        None => "1".to_owned(),
     };
     let w = sel.where_sql(d, &mut binds);
     let sql = format!(
-        "SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT), CAST(CASE WHEN {member} THEN 0 ELSE 1 END AS BIGINT), \
-         CAST(CASE WHEN {member} THEN {key} END AS TEXT), {} FROM {} WHERE {w} GROUP BY 1, 2, 3",
+        "SELECT CAST((end_ns / ${s}) * ${s} AS BIGINT), CAST({slot} AS BIGINT), {} \
+         FROM {} WHERE {w} GROUP BY 1, 2",
         metric.sql(src),
         src.table_sql()
     );
     let rows = db
-        .fetch_cells(&sql, &binds, &[Col::Int, Col::Int, Col::Text, Col::Int])
+        .fetch_cells(&sql, &binds, &[Col::Int, Col::Int, Col::Int])
         .await?;
+    // Slot i + 1 is series i; Other (slot 0), when it has rows, is last.
     let mut series: Vec<Series> = tops
         .into_iter()
         .map(|k| Series {
@@ -336,30 +361,23 @@ pub async fn timeseries(
             points: vec![0; steps],
         });
     }
+    let named = series.len();
     for r in rows {
-        let (Some(t), Some(other), Some(v)) = (r[0].as_i64(), r[1].as_i64(), r[3].as_i64()) else {
+        let (Some(t), Some(slot), Some(v)) = (r[0].as_i64(), r[1].as_i64(), r[2].as_i64()) else {
             continue;
         };
         let at = ((t - start) / step_ns) as usize;
-        let slot = if stack.is_none() {
-            Some(0)
-        } else if other == 1 {
-            None
-        } else {
-            series.iter().position(|s| s.key.as_ref() == Some(&r[2]))
-        };
-        let idx = match slot {
-            Some(i) => i,
-            None => match series.iter().position(|s| s.key.is_none()) {
-                Some(i) => i,
-                None => {
+        let idx = match usize::try_from(slot) {
+            Ok(i) if (1..=named).contains(&i) => i - 1,
+            _ => {
+                if series.len() == named {
                     series.push(Series {
                         key: None,
                         points: vec![0; steps],
                     });
-                    series.len() - 1
                 }
-            },
+                named
+            }
         };
         if let Some(p) = series[idx].points.get_mut(at) {
             *p += v;

@@ -7,6 +7,7 @@
 //! nowhere else.
 
 use super::rollup::{bind_rollup, rollup, upsert_sql, ROWS_PER_UPSERT};
+use super::rollup_dim::{self, bind_rollup_dim, rollup_dim, upsert_dim_sql};
 use super::{Batch, Outcome};
 use crate::cluster::{add_partials, Tally};
 use crate::db::{now_ns, Db};
@@ -202,9 +203,16 @@ async fn commit_sqlite(
             None => insert.await?,
         };
     }
-    for chunk in rollup(&stored).chunks(ROWS_PER_UPSERT) {
+    let groups = rollup(&stored);
+    for chunk in groups.chunks(ROWS_PER_UPSERT) {
         let sql = upsert_sql(Sql(Dialect::Sqlite), chunk.len());
         bind_rollup!(sqlx::query(&sql), chunk, addr_text)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for chunk in rollup_dim(&groups).chunks(rollup_dim::ROWS_PER_UPSERT) {
+        let sql = upsert_dim_sql(Sql(Dialect::Sqlite), chunk.len());
+        bind_rollup_dim!(sqlx::query(&sql), chunk, addr_text)
             .execute(&mut *tx)
             .await?;
     }
@@ -286,9 +294,16 @@ async fn commit_postgres(
         let partials = t.partials(stored.iter().flat_map(|b| b.records.iter()));
         add_partials(&mut tx, t, &partials).await?;
     }
-    for chunk in rollup(&stored).chunks(ROWS_PER_UPSERT) {
+    let groups = rollup(&stored);
+    for chunk in groups.chunks(ROWS_PER_UPSERT) {
         let sql = upsert_sql(Sql(Dialect::Postgres), chunk.len());
         bind_rollup!(sqlx::query(&sql), chunk, |a: IpAddr| a.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    for chunk in rollup_dim(&groups).chunks(rollup_dim::ROWS_PER_UPSERT) {
+        let sql = upsert_dim_sql(Sql(Dialect::Postgres), chunk.len());
+        bind_rollup_dim!(sqlx::query(&sql), chunk, |a: IpAddr| a.to_string())
             .execute(&mut *tx)
             .await?;
     }

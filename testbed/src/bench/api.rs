@@ -1,7 +1,8 @@
 //! `qosloop-testbed bench api`: the console API over a large flow table.
 //!
 //! Fills PostgreSQL (10M records by default) and SQLite (1M) through the
-//! store's flow writer — rows and per-minute rollups in one transaction —
+//! store's flow writer — rows and per-minute rollups (by every dimension,
+//! `flows_1m`, and by one at a time, `flows_1m_dim`) in one transaction —
 //! with a day of traffic ending at the current minute, then serves the
 //! console router on loopback and measures, median of `--runs`:
 //!
@@ -9,11 +10,15 @@
 //! - a 24-hour time series at 1-minute steps stacked by the top-10 source
 //!   addresses and Other;
 //!
-//! each through the API (which picks the rollups) and, in the same run,
-//! the same answer computed by a plain `GROUP BY` over the raw table —
-//! checked equal, the ratio is the figure. Then server-sent-event fan-out:
-//! 100 clients reading events published at a steady rate, the delivery
-//! latency of the readers without and with one client that reads nothing.
+//! each through the API (which picks the narrowest rollup that answers:
+//! both group on the source address alone, so `flows_1m_dim`) and, in the
+//! same run, the same answer computed by a plain `GROUP BY` over the raw
+//! table — checked equal, the ratio is the figure. Then server-sent-event
+//! fan-out: 100 clients, events published at a steady rate; the delivery
+//! latency of 99 readers with one client that reads nothing (run until its
+//! queue has overflowed for a while, bounded), then of 100 readers for the
+//! same events; the events the server dropped for the idle client, from the
+//! bus's counters.
 //!
 //! The traffic: `--hosts` sources with skewed activity (host k sends about
 //! 1/(k+1) as much as host 0), each using 3 services (destination, port,
@@ -74,13 +79,30 @@ pub async fn run(mut a: Args) -> anyhow::Result<()> {
         crate::harness::Postgres::available().map_err(anyhow::Error::msg)?;
         let pg = crate::harness::Postgres::start()?;
         let db = Db::connect(&pg.url()).await?;
-        engine("PostgreSQL", &db, a.postgres_records, to, &a).await?;
+        // The plain GROUP BYs over 10M rows take longer than the store's
+        // statement timeout (10 s) on a loaded machine: they get their own
+        // connections without it.
+        let raw = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .after_connect(|c, _| {
+                Box::pin(async move {
+                    sqlx::query("SET statement_timeout = 0")
+                        .execute(c)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .connect(&pg.url())
+            .await?;
+        let raw = Db::Postgres(raw);
+        engine("PostgreSQL", &db, &raw, a.postgres_records, to, &a).await?;
+        raw.close().await;
         db.close().await;
     }
     if a.sqlite_records > 0 {
         let dir = tempfile::tempdir()?;
         let db = Db::connect(&format!("sqlite://{}", dir.path().join("api.db").display())).await?;
-        engine("SQLite", &db, a.sqlite_records, to, &a).await?;
+        engine("SQLite", &db, &db, a.sqlite_records, to, &a).await?;
         db.close().await;
     }
     sse_fanout(a.sse_clients).await
@@ -224,7 +246,9 @@ where
 const SCALED: &str =
     "CASE WHEN sampling_interval > 1 THEN bytes * sampling_interval ELSE bytes END";
 
-async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Result<()> {
+/// Fills `db`, then times the API against the plain GROUP BYs, which run
+/// on `plain` (the same database).
+async fn engine(name: &str, db: &Db, plain: &Db, n: u64, to: i64, a: &Args) -> anyhow::Result<()> {
     db.migrate().await?;
     let rate = fill(db, n, to, a.hosts).await?;
     if let Db::Postgres(pool) = db {
@@ -232,14 +256,17 @@ async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Resul
     }
     let counts = db
         .fetch_cells(
-            "SELECT (SELECT COUNT(*) FROM flows), (SELECT COUNT(*) FROM flows_1m)",
+            "SELECT (SELECT COUNT(*) FROM flows), (SELECT COUNT(*) FROM flows_1m), \
+             (SELECT COUNT(*) FROM flows_1m_dim), \
+             (SELECT COUNT(*) FROM flows_1m_dim WHERE dim = 'src_addr')",
             &[],
-            &[Col::Int, Col::Int],
+            &[Col::Int, Col::Int, Col::Int, Col::Int],
         )
         .await?;
     println!(
-        "{name}: {} records stored at {rate:.0} records/s with rollups ({} rollup rows)",
-        counts[0][0], counts[0][1]
+        "{name}: {} records stored at {rate:.0} records/s with rollups ({} rows in flows_1m, \
+         {} in flows_1m_dim, {} of them by src_addr)",
+        counts[0][0], counts[0][1], counts[0][2], counts[0][3]
     );
     let addr = serve(db, EventBus::new(16, 16)).await?;
     let inet = qosloop_store::Sql::of(db).inet_text("src_addr");
@@ -248,14 +275,17 @@ async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Resul
     let from = to - HOUR_NS;
     let path = format!("/api/v1/top?from={from}&to={to}&dims=src_addr&metric=bytes&limit=10");
     let (api_ms, api) = timed(a.runs, || get(addr, &path)).await?;
-    anyhow::ensure!(api["source"] == "rollup_1m", "top read {}", api["source"]);
+    let source = api["source"].as_str().unwrap_or("?").to_owned();
+    anyhow::ensure!(source.starts_with("rollup"), "top read {source}");
     let sql = format!(
         "SELECT {inet}, CAST(SUM({SCALED}) AS BIGINT) FROM flows WHERE end_ns >= $1 AND end_ns < $2 \
          GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10"
     );
     let binds = [Bind::Int(from), Bind::Int(to)];
     let (raw_ms, raw) = timed(a.runs, || async {
-        Ok(db.fetch_cells(&sql, &binds, &[Col::Text, Col::Int]).await?)
+        Ok(plain
+            .fetch_cells(&sql, &binds, &[Col::Text, Col::Int])
+            .await?)
     })
     .await?;
     let api_rows: Vec<(Value, Value)> = api["rows"]
@@ -273,7 +303,7 @@ async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Resul
         "top-10 differ:\n{api_rows:?}\n{raw_rows:?}"
     );
     println!(
-        "{name}: top-10 talkers, last hour: API (rollup) {api_ms:.1} ms, plain GROUP BY {raw_ms:.1} ms, \
+        "{name}: top-10 talkers, last hour: API ({source}) {api_ms:.1} ms, plain GROUP BY {raw_ms:.1} ms, \
          ratio {:.1}x (median of {})",
         raw_ms / api_ms,
         a.runs
@@ -285,18 +315,15 @@ async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Resul
         "/api/v1/timeseries?from={from}&to={to}&step=1m&stack=src_addr&metric=bytes&limit=10"
     );
     let (api_ms, api) = timed(a.runs, || get(addr, &path)).await?;
-    anyhow::ensure!(
-        api["source"] == "rollup_1m",
-        "series read {}",
-        api["source"]
-    );
+    let source = api["source"].as_str().unwrap_or("?").to_owned();
+    anyhow::ensure!(source.starts_with("rollup"), "series read {source}");
     let top_sql = format!(
         "SELECT {inet} FROM flows WHERE end_ns >= $1 AND end_ns < $2 \
          GROUP BY 1 ORDER BY SUM({SCALED}) DESC, 1 LIMIT 10"
     );
     let binds = [Bind::Int(from), Bind::Int(to)];
     let (raw_ms, raw) = timed(a.runs, || async {
-        let top = db.fetch_cells(&top_sql, &binds, &[Col::Text]).await?;
+        let top = plain.fetch_cells(&top_sql, &binds, &[Col::Text]).await?;
         let keys: Vec<String> = top
             .iter()
             .filter_map(|r| r[0].as_str().map(str::to_owned))
@@ -311,7 +338,7 @@ async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Resul
              CASE WHEN {inet} IN ({list}) THEN {inet} ELSE 'Other' END, CAST(SUM({SCALED}) AS BIGINT) \
              FROM flows WHERE end_ns >= $1 AND end_ns < $2 GROUP BY 1, 2"
         );
-        Ok(db
+        Ok(plain
             .fetch_cells(&series_sql, &binds, &[Col::Int, Col::Text, Col::Int])
             .await?)
     })
@@ -343,7 +370,7 @@ async fn engine(name: &str, db: &Db, n: u64, to: i64, a: &Args) -> anyhow::Resul
         want.len()
     );
     println!(
-        "{name}: 24 h stacked series, 1 min steps (1440 × 11): API (rollup) {api_ms:.1} ms, plain GROUP BY \
+        "{name}: 24 h stacked series, 1 min steps (1440 × 11): API ({source}) {api_ms:.1} ms, plain GROUP BY \
          {raw_ms:.1} ms, ratio {:.1}x (median of {})",
         raw_ms / api_ms,
         a.runs
@@ -360,15 +387,14 @@ fn pct(v: &[f64], p: f64) -> f64 {
 }
 
 /// Reads an event stream, returning each `bench` event's latency in µs
-/// (now − its `t_ns`) until the one with `"last": true`.
-async fn reader(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
+/// (now − its `t_ns`) until the one with `"last": true` or `deadline`.
+async fn reader(addr: SocketAddr, deadline: tokio::time::Instant) -> anyhow::Result<Vec<f64>> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(b"GET /api/v1/events?types=bench HTTP/1.1\r\nHost: b\r\n\r\n")
         .await?;
     let mut text = String::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         // A reader whose last event was dropped stops at the deadline.
         let Ok(n) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await else {
@@ -401,22 +427,43 @@ async fn reader(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
     }
 }
 
-/// One fan-out round: `clients` readers (plus a client that reads nothing,
-/// when `slow`), 500 events of 2 KiB at 200/s. (1 MB: the kernel's socket
-/// buffers can hold it all for the client that reads nothing, so its queue
-/// may not overflow; with 8 KiB events the debug-built readers of this one
-/// process could not keep up at all. The overflow itself is exercised by
-/// the policy server's tests/events.rs.) Returns the readers'
-/// latencies (µs), sorted, and the events dropped.
-async fn round(clients: usize, slow: bool) -> anyhow::Result<(Vec<f64>, u64)> {
+/// What one fan-out round measured.
+struct Round {
+    /// The readers' latencies (µs), sorted.
+    latencies: Vec<f64>,
+    /// Events published.
+    events: usize,
+    /// Events the bus dropped for full queues (its `dropped_slow` counter).
+    dropped: u64,
+}
+
+/// Events of 2 KiB published every 5 ms (200/s).
+const PAD: usize = 2048;
+const TICK: Duration = Duration::from_millis(5);
+/// The least and the most events of the round with the idle client: it
+/// runs until the idle client's queue has overflowed and then
+/// `AFTER_OVERFLOW` more (the readers' latency is measured while the bus
+/// drops its events), at most `MAX_EVENTS` (30 s).
+const MIN_EVENTS: usize = 500;
+const AFTER_OVERFLOW: usize = 500;
+const MAX_EVENTS: usize = 6000;
+/// The queue of each client on the bus.
+const QUEUE: usize = 64;
+
+/// One fan-out round: `clients` readers, plus a client that reads nothing
+/// (connected with a 4 KiB receive buffer) when `slow`; `events` events,
+/// or with `None` as many as the idle client needs to overflow (above).
+async fn round(clients: usize, slow: bool, events: Option<usize>) -> anyhow::Result<Round> {
     let dir = tempfile::tempdir()?;
     let db = Db::connect(&format!("sqlite://{}", dir.path().join("e.db").display())).await?;
-    let bus = EventBus::new(64, clients + 8);
+    let bus = EventBus::new(QUEUE, clients + 8);
     bus.register_kind("bench");
     let addr = serve(&db, bus.clone()).await?;
+    let most = events.unwrap_or(MAX_EVENTS);
+    let deadline = tokio::time::Instant::now() + TICK * most as u32 + Duration::from_secs(20);
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        tasks.push(tokio::spawn(reader(addr)));
+        tasks.push(tokio::spawn(reader(addr, deadline)));
     }
     let _slow = if slow {
         let sock = TcpSocket::new_v4()?;
@@ -432,45 +479,74 @@ async fn round(clients: usize, slow: bool) -> anyhow::Result<(Vec<f64>, u64)> {
     while bus.stats().clients < want {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pad = "x".repeat(2048);
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    for i in 0..EVENTS {
+    let pad = "x".repeat(PAD);
+    let mut tick = tokio::time::interval(TICK);
+    let mut overflowed_at = None;
+    let mut i = 0;
+    loop {
         tick.tick().await;
+        i += 1;
+        if overflowed_at.is_none() && bus.stats().dropped_slow > 0 {
+            overflowed_at = Some(i);
+        }
+        let last = match events {
+            Some(n) => i >= n,
+            None => {
+                i >= most
+                    || overflowed_at.is_some_and(|at| i >= MIN_EVENTS.max(at + AFTER_OVERFLOW))
+            }
+        };
         bus.publish(
             "bench",
-            &serde_json::json!({ "t_ns": qosloop_store::now_ns(), "pad": pad, "last": i == EVENTS - 1 }),
+            &serde_json::json!({ "t_ns": qosloop_store::now_ns(), "pad": pad, "last": last }),
         );
+        if last {
+            break;
+        }
     }
-    let mut all = Vec::new();
+    let mut latencies = Vec::new();
     for t in tasks {
-        all.extend(t.await??);
+        latencies.extend(t.await??);
     }
-    all.sort_by(f64::total_cmp);
-    Ok((all, bus.stats().dropped_slow))
+    latencies.sort_by(f64::total_cmp);
+    Ok(Round {
+        latencies,
+        events: i,
+        dropped: bus.stats().dropped_slow,
+    })
 }
 
-/// Events of one fan-out round.
-const EVENTS: usize = 500;
-
 async fn sse_fanout(clients: usize) -> anyhow::Result<()> {
-    let (base, base_dropped) = round(clients, false).await?;
-    let (with, dropped) = round(clients - 1, true).await?;
-    let readers_lost = (clients - 1) * EVENTS - with.len();
+    let readers = clients - 1;
+    let with = round(readers, true, None).await?;
+    let base = round(clients, false, Some(with.events)).await?;
+    let n = with.events;
+    let readers_lost = readers * n - with.latencies.len();
+    let base_lost = clients * n - base.latencies.len();
+    // Every reader got every event, so what the bus dropped was the idle
+    // client's.
+    let idle_dropped = with.dropped.saturating_sub(readers_lost as u64);
     println!(
-        "SSE fan-out, {EVENTS} events of 2 KiB at 200/s: {clients} readers: p50 {:.0} µs, p99 {:.0} µs \
-         ({} events received, {base_dropped} dropped); {} readers + 1 that reads nothing: p50 {:.0} µs, \
-         p99 {:.0} µs ({} events received, {dropped} dropped in all, {readers_lost} of them the readers')",
-        pct(&base, 50.0),
-        pct(&base, 99.0),
-        base.len(),
-        clients - 1,
-        pct(&with, 50.0),
-        pct(&with, 99.0),
-        with.len(),
+        "SSE fan-out, {n} events of 2 KiB at 200/s, queue {QUEUE} events per client: \
+         {clients} readers: p50 {:.0} µs, p99 {:.0} µs ({} events received, {} dropped); \
+         {readers} readers + 1 that reads nothing: readers' p50 {:.0} µs, p99 {:.0} µs \
+         ({} events received, {readers_lost} lost); the idle client's queue overflowed: \
+         {idle_dropped} of its {n} events dropped (server's dropped_slow counter)",
+        pct(&base.latencies, 50.0),
+        pct(&base.latencies, 99.0),
+        base.latencies.len(),
+        base.dropped,
+        pct(&with.latencies, 50.0),
+        pct(&with.latencies, 99.0),
+        with.latencies.len(),
     );
     anyhow::ensure!(
-        base.len() == clients * EVENTS && readers_lost == 0,
-        "a reader lost events"
+        base_lost == 0 && readers_lost == 0,
+        "a reader lost events ({base_lost} without the idle client, {readers_lost} with it)"
+    );
+    anyhow::ensure!(
+        idle_dropped > 0,
+        "the idle client's queue did not overflow in {n} events"
     );
     Ok(())
 }
