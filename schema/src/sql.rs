@@ -50,6 +50,11 @@ const SQLITE: &[Migration] = &[
         name: "flow_rollups",
         sql: include_str!("../sql/sqlite/0006_flow_rollups.sql"),
     },
+    Migration {
+        version: 8,
+        name: "knowledge_base",
+        sql: include_str!("../sql/sqlite/0008_knowledge_base.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -82,6 +87,11 @@ const POSTGRES: &[Migration] = &[
         version: 6,
         name: "flow_rollups",
         sql: include_str!("../sql/postgres/0006_flow_rollups.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "knowledge_base",
+        sql: include_str!("../sql/postgres/0008_knowledge_base.sql"),
     },
 ];
 
