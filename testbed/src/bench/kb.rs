@@ -58,7 +58,9 @@ impl Rig {
             ..kb.clone()
         };
         config.validate()?;
-        let kbc = config.kb_config().expect("kb is on");
+        let kbc = config
+            .kb_config()
+            .ok_or_else(|| anyhow::anyhow!("kb is off"))?;
         let listener = qosloop_collector::bind(&config).await?;
         let collector = listener.local_addr()?;
         let sink = Sink::Db(db.clone());
@@ -304,7 +306,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let rig = Rig::start(&pg.url(), &kb).await?;
     let db = rig.db.clone();
     let ex = db.register_exporter("bench", "127.0.0.1:1", 1).await?;
-    let kbc = kb.kb_config().expect("kb is on");
+    let kbc = kb.kb_config().ok_or_else(|| anyhow::anyhow!("kb is off"))?;
     let without = updates(&db, ex, 1, &args, None).await?;
     let with = updates(&db, ex, 2, &args, Some(&kbc)).await?;
     println!(
