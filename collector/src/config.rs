@@ -719,6 +719,44 @@ mod tests {
     }
 
     #[test]
+    fn knowledge_base_keys_parse_and_bad_ones_are_named() {
+        let c = Config::from_toml(
+            "db = \"sqlite://x.db\"\nkb = true\nkb_idle_s = 5\nkb_thresholds = [\"*=1000\", \"alice=5000\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let kb = c.kb_config().unwrap();
+        assert_eq!(kb.idle_ns, 5_000_000_000);
+        assert_eq!(kb.mapping_ttl_ns, 300_000_000_000);
+        assert_eq!(
+            c.kb_threshold_pairs().unwrap(),
+            [("*".to_owned(), 1000), ("alice".to_owned(), 5000)]
+        );
+        assert!(Config::default().kb_config().is_none(), "off by default");
+        for (bad, field) in [
+            (vec!["alice"], "kb_thresholds"),
+            (vec!["alice=-3"], "kb_thresholds"),
+            (vec!["=5"], "kb_thresholds"),
+        ] {
+            let c = Config {
+                kb_thresholds: bad.into_iter().map(String::from).collect(),
+                ..c.clone()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        let c = Config {
+            kb_sweep_ms: 0,
+            ..c.clone()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kb_sweep_ms"));
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         let mut c = Config {
             db: "sqlite://x.db".into(),
