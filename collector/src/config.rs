@@ -144,6 +144,58 @@ pub struct Config {
     /// Prometheus `/metrics` on this `HOST:PORT`; empty: none. Beyond
     /// loopback only with `allow_insecure_remote`.
     pub metrics: String,
+    /// Keep the real-time knowledge base (docs/kb.md) in every write.
+    pub kb: bool,
+    /// Life of a user <-> address mapping learned from an agent record
+    /// after its last record, seconds.
+    pub kb_mapping_ttl_s: u64,
+    /// Life of a host's counters after its last record, seconds.
+    pub kb_host_ttl_s: u64,
+    /// A user idle this long (and without a live learned mapping) logs
+    /// off, seconds.
+    pub kb_idle_s: u64,
+    /// How often expiry and logoffs are checked, ms.
+    pub kb_sweep_ms: u64,
+    /// Byte thresholds per user and session, `USER=BYTES` (`*=BYTES` for
+    /// every user without one of its own); written to `kb_thresholds` at
+    /// start.
+    pub kb_thresholds: Vec<String>,
+}
+
+impl Config {
+    /// The knowledge base's configuration, when it is kept.
+    pub fn kb_config(&self) -> Option<qosloop_store::KbConfig> {
+        let ns = |s: u64| i64::try_from(s.saturating_mul(1_000_000_000)).unwrap_or(i64::MAX);
+        self.kb.then(|| qosloop_store::KbConfig {
+            mapping_ttl_ns: ns(self.kb_mapping_ttl_s),
+            host_ttl_ns: ns(self.kb_host_ttl_s),
+            idle_ns: ns(self.kb_idle_s),
+            ..qosloop_store::KbConfig::default()
+        })
+    }
+
+    /// `kb_thresholds` as (user, bytes).
+    pub fn kb_threshold_pairs(&self) -> Result<Vec<(String, i64)>, String> {
+        self.kb_thresholds
+            .iter()
+            .map(|t| {
+                let (user, bytes) = t
+                    .split_once('=')
+                    .ok_or_else(|| format!("{t:?} is not USER=BYTES"))?;
+                let bytes: i64 = bytes
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|b| *b > 0)
+                    .ok_or_else(|| format!("{t:?}: BYTES must be a positive integer"))?;
+                let user = user.trim();
+                if user.is_empty() || user.len() > 256 {
+                    return Err(format!("{t:?}: USER must be 1..=256 bytes"));
+                }
+                Ok((user.to_owned(), bytes))
+            })
+            .collect()
+    }
 }
 
 /// Longest exporter name accepted, bytes.
@@ -208,6 +260,12 @@ impl Default for Config {
             partitions_ahead_days: 2,
             maintenance_interval_s: 3_600,
             metrics: String::new(),
+            kb: false,
+            kb_mapping_ttl_s: 300,
+            kb_host_ttl_s: 3_600,
+            kb_idle_s: 60,
+            kb_sweep_ms: 1_000,
+            kb_thresholds: Vec::new(),
         }
     }
 }
@@ -411,6 +469,24 @@ impl Config {
                 "maintenance_interval_s",
                 format!("{} s is outside 1..=86400", self.maintenance_interval_s),
             );
+        }
+        for (key, v) in [
+            ("kb_mapping_ttl_s", self.kb_mapping_ttl_s),
+            ("kb_host_ttl_s", self.kb_host_ttl_s),
+            ("kb_idle_s", self.kb_idle_s),
+        ] {
+            if !(1..=10 * 365 * 86_400).contains(&v) {
+                return bad(key, format!("{v} s is outside 1..=315360000"));
+            }
+        }
+        if !(10..=3_600_000).contains(&self.kb_sweep_ms) {
+            return bad(
+                "kb_sweep_ms",
+                format!("{} ms is outside 10..=3600000", self.kb_sweep_ms),
+            );
+        }
+        if let Err(e) = self.kb_threshold_pairs() {
+            return bad("kb_thresholds", e);
         }
         if self.partitions_ahead_days > 366 {
             return bad(
@@ -640,6 +716,44 @@ mod tests {
         .unwrap();
         assert_eq!(c.ipfix_journal_dir, Some(PathBuf::from("j")));
         assert_eq!(crate::maintenance::retention(&c).days, 30);
+    }
+
+    #[test]
+    fn knowledge_base_keys_parse_and_bad_ones_are_named() {
+        let c = Config::from_toml(
+            "db = \"sqlite://x.db\"\nkb = true\nkb_idle_s = 5\nkb_thresholds = [\"*=1000\", \"alice=5000\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let kb = c.kb_config().unwrap();
+        assert_eq!(kb.idle_ns, 5_000_000_000);
+        assert_eq!(kb.mapping_ttl_ns, 300_000_000_000);
+        assert_eq!(
+            c.kb_threshold_pairs().unwrap(),
+            [("*".to_owned(), 1000), ("alice".to_owned(), 5000)]
+        );
+        assert!(Config::default().kb_config().is_none(), "off by default");
+        for (bad, field) in [
+            (vec!["alice"], "kb_thresholds"),
+            (vec!["alice=-3"], "kb_thresholds"),
+            (vec!["=5"], "kb_thresholds"),
+        ] {
+            let c = Config {
+                kb_thresholds: bad.into_iter().map(String::from).collect(),
+                ..c.clone()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        let c = Config {
+            kb_sweep_ms: 0,
+            ..c.clone()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kb_sweep_ms"));
     }
 
     #[test]

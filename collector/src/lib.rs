@@ -22,4 +22,6 @@ mod store;
 
 pub use config::{Config, ConfigError, MAX_EXPORTER_NAME};
 pub use server::{bind, open_sink, serve, tls_acceptor, Collector, CollectorStats, ServerError};
-pub use store::{spawn_writer, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq};
+pub use store::{
+    spawn_writer, spawn_writer_kb, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq,
+};

@@ -113,6 +113,25 @@ struct Args {
     /// How often partitions and retention are checked, s [default 3600].
     #[arg(long)]
     maintenance_interval_s: Option<u64>,
+    /// Keep the real-time knowledge base (docs/kb.md).
+    #[arg(long)]
+    kb: bool,
+    /// Life of a mapping learned from an agent record, s [default 300].
+    #[arg(long)]
+    kb_mapping_ttl_s: Option<u64>,
+    /// Life of a host's counters after its last record, s [default 3600].
+    #[arg(long)]
+    kb_host_ttl_s: Option<u64>,
+    /// A user idle this long logs off, s [default 60].
+    #[arg(long)]
+    kb_idle_s: Option<u64>,
+    /// How often expiry and logoffs are checked, ms [default 1000].
+    #[arg(long)]
+    kb_sweep_ms: Option<u64>,
+    /// A byte threshold per user and session, USER=BYTES (`*` for every
+    /// user); repeatable.
+    #[arg(long = "kb-threshold")]
+    kb_thresholds: Vec<String>,
     /// Database URL: sqlite://FILE, postgres://USER@HOST:PORT/DB, or discard:.
     #[arg(long, env = "QOSLOOP_DB")]
     db: Option<String>,
@@ -269,6 +288,20 @@ fn load(args: &Args) -> Result<Config, qosloop_collector::ConfigError> {
     }
     if let Some(v) = args.maintenance_interval_s {
         c.maintenance_interval_s = v;
+    }
+    c.kb |= args.kb;
+    for (flag, key) in [
+        (args.kb_mapping_ttl_s, &mut c.kb_mapping_ttl_s),
+        (args.kb_host_ttl_s, &mut c.kb_host_ttl_s),
+        (args.kb_idle_s, &mut c.kb_idle_s),
+        (args.kb_sweep_ms, &mut c.kb_sweep_ms),
+    ] {
+        if let Some(v) = flag {
+            *key = v;
+        }
+    }
+    if !args.kb_thresholds.is_empty() {
+        c.kb_thresholds = args.kb_thresholds.clone();
     }
     if let Some(v) = &args.log_format {
         c.log_format = v.clone();
@@ -456,6 +489,20 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
             async move { qosloop_collector::maintenance::run(db, &config).await }
         })),
         qosloop_collector::Sink::Discard => None,
+    };
+    let _kb = match (&sink, config.kb_config()) {
+        (qosloop_collector::Sink::Db(db), Some(kb)) => {
+            for (user, bytes) in config.kb_threshold_pairs().map_err(anyhow::Error::msg)? {
+                db.kb_set_threshold(&user, bytes).await?;
+            }
+            let every = std::time::Duration::from_millis(config.kb_sweep_ms);
+            Some(tokio::spawn(qosloop_collector::maintenance::kb_sweeps(
+                db.clone(),
+                kb,
+                every,
+            )))
+        }
+        _ => None,
     };
     let ingest = if config.ipfix_listen.is_empty() {
         None

@@ -3,6 +3,7 @@
 //! ahead, and retention of `retention_days`. Every collector runs it; the
 //! work itself is safe with several at once (see `qosloop_store`'s
 //! retention: one advisory lock, idempotent), so no node is special.
+//! Also the knowledge base's sweep (expiry, logoffs) when it is kept.
 
 use crate::config::Config;
 use qosloop_store::{now_ns, Db, Maintenance, Retention};
@@ -50,6 +51,30 @@ pub async fn run(db: Db, config: &Config) {
         tick.tick().await;
         if let Err(e) = run_once(&db, &node, retention).await {
             tracing::warn!(error = %e, "flows maintenance failed; trying again next interval");
+        }
+    }
+}
+
+/// Sweeps the knowledge base every `every` (expired mappings and hosts,
+/// idle users logged off) until the task is dropped; a failure is logged
+/// and tried again next time. Every collector runs it; a user logs off
+/// once however many sweep.
+pub async fn kb_sweeps(db: Db, kb: qosloop_store::KbConfig, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match db.kb_sweep(&kb, now_ns()).await {
+            Ok(s) if s.logoffs + s.mappings_expired + s.hosts_expired > 0 => {
+                tracing::debug!(
+                    logoffs = s.logoffs,
+                    mappings_expired = s.mappings_expired,
+                    hosts_expired = s.hosts_expired,
+                    "knowledge base swept"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "knowledge-base sweep failed; trying again"),
         }
     }
 }

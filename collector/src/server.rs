@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::session::{self, Counters, SessionCtx, SessionLimits};
-use crate::store::{spawn_writer_tallied, Sink, TallyCell};
+use crate::store::{spawn_writer_kb, Sink, TallyCell};
 use qosloop_runtime::tls::Io;
 use qosloop_schema::guard::{self, ConnLimiter, ConnStats, LogThrottle};
 use qosloop_schema::ie;
@@ -129,12 +129,13 @@ impl Collector {
         tally: TallyCell,
     ) -> Result<Collector, ServerError> {
         let tls = tls_acceptor(config)?;
-        let (writer, _writer_tasks) = spawn_writer_tallied(
+        let (writer, _writer_tasks) = spawn_writer_kb(
             sink.clone(),
             config.queue_messages,
             config.group_records,
             config.writers,
             tally,
+            config.kb_config(),
         );
         let disabled_keys = config
             .disable_keys

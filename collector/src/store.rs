@@ -7,7 +7,7 @@
 //! explains are retried with the same batch until it commits; nothing is
 //! acknowledged before.
 
-use qosloop_store::{is_transient, Db, Tally};
+use qosloop_store::{is_transient, Db, KbConfig, Tally};
 pub use qosloop_store::{Batch, Outcome};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,6 +59,19 @@ pub fn spawn_writer_tallied(
     writers: usize,
     tally: TallyCell,
 ) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
+    spawn_writer_kb(sink, queue, group_records, writers, tally, None)
+}
+
+/// [`spawn_writer_tallied`] that also keeps the knowledge base (`kb`,
+/// docs/kb.md) in every transaction.
+pub fn spawn_writer_kb(
+    sink: Sink,
+    queue: usize,
+    group_records: usize,
+    writers: usize,
+    tally: TallyCell,
+    kb: Option<KbConfig>,
+) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let rx = Arc::new(Mutex::new(rx));
     let writers = match sink {
@@ -72,6 +85,7 @@ pub fn spawn_writer_tallied(
                 rx.clone(),
                 group_records.max(1),
                 tally.clone(),
+                kb,
             ))
         })
         .collect();
@@ -133,12 +147,13 @@ async fn writer(
     rx: Arc<Mutex<mpsc::Receiver<WriteReq>>>,
     group_records: usize,
     tally: TallyCell,
+    kb: Option<KbConfig>,
 ) {
     let stats = writer_stats();
     while let Some(group) = next_group(&rx, group_records).await {
         let current = tally.read().unwrap_or_else(|e| e.into_inner()).clone();
         let started = std::time::Instant::now();
-        let result = commit_with_retry(&sink, &group, current.as_deref()).await;
+        let result = commit_with_retry(&sink, &group, current.as_deref(), kb.as_ref()).await;
         stats.commit_seconds.observe_duration(started.elapsed());
         let bump = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);
@@ -186,6 +201,7 @@ async fn commit_with_retry(
     sink: &Sink,
     group: &[WriteReq],
     tally: Option<&Tally>,
+    kb: Option<&KbConfig>,
 ) -> Result<Vec<Outcome>, String> {
     let db = match sink {
         Sink::Discard => return Ok(vec![Outcome::Stored; group.len()]),
@@ -196,7 +212,7 @@ async fn commit_with_retry(
     let batches: Vec<&Batch> = group.iter().map(|req| &req.batch).collect();
     loop {
         attempt += 1;
-        let result = db.commit_batches_tallied(&batches, tally).await;
+        let result = db.commit_batches_kb(&batches, tally, kb).await;
         match result {
             Ok(o) => {
                 if attempt > 1 {

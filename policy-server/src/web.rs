@@ -201,6 +201,12 @@ pub async fn serve_with_policy_status(
         server.decisions.clone(),
         server.stopping(),
     ));
+    tokio::spawn(crate::console::kb::bridge(
+        server.store.db().clone(),
+        events.clone(),
+        server.decisions.clone(),
+        server.stopping(),
+    ));
     let console = crate::console::router(crate::console::Console {
         db: server.store.db().clone(),
         decisions: server.decisions.clone(),

@@ -55,6 +55,11 @@ const SQLITE: &[Migration] = &[
         name: "flow_rollups_by_dim",
         sql: include_str!("../sql/sqlite/0007_flow_rollups_by_dim.sql"),
     },
+    Migration {
+        version: 8,
+        name: "knowledge_base",
+        sql: include_str!("../sql/sqlite/0008_knowledge_base.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -92,6 +97,11 @@ const POSTGRES: &[Migration] = &[
         version: 7,
         name: "flow_rollups_by_dim",
         sql: include_str!("../sql/postgres/0007_flow_rollups_by_dim.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "knowledge_base",
+        sql: include_str!("../sql/postgres/0008_knowledge_base.sql"),
     },
 ];
 

@@ -18,6 +18,11 @@
 //!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`), and the
 //!   collector cluster's tables (membership, ownership log, partial sums,
 //!   fenced rate writes, the published policy; `docs/cluster.md`).
+//! - The real-time knowledge base (`kb_*`, `docs/kb.md`): host and user
+//!   counters kept by the flow writer ([`Db::commit_batches_kb`]), user ↔
+//!   address mappings (learned from agents, static from LDAP) with TTLs,
+//!   enrichment of records without a user, events with their wake-ups
+//!   ([`KbListener`]: LISTEN/NOTIFY, an in-process channel).
 //! - `flows` bounded in time ([`Db::maintain_flows`]): daily partitions
 //!   made ahead and dropped whole on PostgreSQL, chunked deletes on
 //!   SQLite, safe with several collectors running it at once.
@@ -38,6 +43,7 @@ mod enforcers;
 mod exporters;
 mod flows;
 mod ipfix;
+mod kb;
 mod migrate;
 mod query;
 mod rates;
@@ -60,6 +66,7 @@ pub use ipfix::{
     tcp_exporter_name, udp_exporter_name, ExporterCounters, ListenerStats, StoredTemplate,
     TemplateUpdate,
 };
+pub use kb::{KbConfig, KbEvent, KbHost, KbListener, KbMapping, KbUser, Sweep, KB_CHANNEL};
 pub use query::{Bind, Cells, Col};
 pub use rates::RateRow;
 pub use retention::{Maintenance, Retention, DAY_NS};

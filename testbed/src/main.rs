@@ -69,6 +69,9 @@ enum Bench {
     /// Console API: top-N and a 24-hour series over 10M records vs a plain
     /// GROUP BY; SSE fan-out with a slow client.
     Api(qosloop_testbed::bench::api::Args),
+    /// Knowledge base on PostgreSQL: updates/s with and without it; event
+    /// latency p50/p99 from a record's commit to an SSE client.
+    Kb(qosloop_testbed::bench::kb::Args),
 }
 
 #[tokio::main]
@@ -103,6 +106,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(Bench::Agent(a)) => qosloop_testbed::bench::agent::run(a).await,
         Cmd::Bench(Bench::Cluster(a)) => qosloop_testbed::bench::cluster::run(a).await,
         Cmd::Bench(Bench::Api(a)) => qosloop_testbed::bench::api::run(a).await,
+        Cmd::Bench(Bench::Kb(a)) => qosloop_testbed::bench::kb::run(a).await,
         Cmd::Paper(a) => {
             let stop = interrupt_flag();
             let out = a.out.clone();

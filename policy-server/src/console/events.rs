@@ -273,6 +273,13 @@ pub async fn events(
         e.status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
         return Err(e);
     };
+    Ok(sse(sub))
+}
+
+/// A subscription as a server-sent-event stream: each event with its
+/// sequence number as `id` and its kind as `event`; `lagged` when the
+/// client lost some.
+pub fn sse(sub: Subscription) -> Response {
     let stream = futures_util::stream::unfold(sub, |mut sub| async move {
         let event = match sub.next().await? {
             Received::Lagged(n) => Event::default()
@@ -284,9 +291,9 @@ pub async fn events(
         };
         Some((Ok::<_, std::convert::Infallible>(event), sub))
     });
-    Ok(Sse::new(stream)
+    Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+        .into_response()
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!
 //! [`router`] gives a `Router` to merge into the web server, so that later
 //! layers (authentication) wrap or extend it. Live updates are server-sent
-//! events from one bus ([`events`]), fed by the loop ([`feed`]).
+//! events from one bus ([`events`]), fed by the loop ([`feed`]) and by
+//! the knowledge base ([`kb`], which also serves its tables).
 
 mod dims;
 mod engine;
@@ -15,6 +16,7 @@ pub mod events;
 mod explore;
 pub mod feed;
 pub mod filter;
+pub mod kb;
 mod params;
 mod respond;
 mod source;
@@ -115,8 +117,12 @@ async fn openapi() -> impl IntoResponse {
 
 /// The `/api/v1` routes.
 pub fn router(console: Console) -> Router {
+    for k in kb::KINDS {
+        console.events.register_kind(k);
+    }
     let events = Router::new()
         .route("/api/v1/events", get(events::events))
+        .route("/api/v1/kb/events", get(kb::events))
         .with_state(console.events.clone());
     Router::new()
         .route("/live", get(live_html))
@@ -133,6 +139,9 @@ pub fn router(console: Console) -> Router {
         .route("/api/v1/enforcers", get(state::enforcers))
         .route("/api/v1/collectors", get(state::collectors))
         .route("/api/v1/exporters", get(state::exporters))
+        .route("/api/v1/kb/hosts", get(kb::hosts))
+        .route("/api/v1/kb/users", get(kb::users))
+        .route("/api/v1/kb/mappings", get(kb::mappings))
         .with_state(console)
         .merge(events)
 }
@@ -155,6 +164,10 @@ mod tests {
             "/api/v1/collectors",
             "/api/v1/exporters",
             "/api/v1/events",
+            "/api/v1/kb/hosts",
+            "/api/v1/kb/users",
+            "/api/v1/kb/mappings",
+            "/api/v1/kb/events",
         ] {
             assert!(doc["paths"][path]["get"].is_object(), "{path}");
         }

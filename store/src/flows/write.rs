@@ -12,6 +12,7 @@ use super::{Batch, Outcome};
 use crate::cluster::{add_partials, Tally};
 use crate::db::{now_ns, Db};
 use crate::dialect::{i64_of, Dialect, Sql};
+use crate::kb::{kb_pg, kb_sqlite, KbConfig};
 use bytes::{BufMut, BytesMut};
 use qosloop_schema::{flow_hash, FlowRecord};
 use sqlx::Connection;
@@ -35,13 +36,44 @@ impl Db {
         group: &[&Batch],
         tally: Option<&Tally>,
     ) -> Result<Vec<Outcome>, sqlx::Error> {
-        match self {
-            Db::Sqlite(_) if tally.is_some() => Err(sqlx::Error::Configuration(
-                "a collector cluster's partial sums need PostgreSQL".into(),
-            )),
-            Db::Sqlite(pool) => commit_sqlite(pool, group).await,
-            Db::Postgres(pool) => commit_postgres(pool, group, tally).await,
+        self.commit_batches_kb(group, tally, None).await
+    }
+
+    /// [`Db::commit_batches_tallied`] that also keeps the knowledge base
+    /// (`kb`, docs/kb.md) in the same transaction: the mappings agent
+    /// records teach and the enrichment of records without a user before
+    /// the rows, the host and user counters and their events after.
+    pub async fn commit_batches_kb(
+        &self,
+        group: &[&Batch],
+        tally: Option<&Tally>,
+        kb: Option<&KbConfig>,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        self.commit_batches_kb_at(group, tally, kb, now_ns()).await
+    }
+
+    /// [`Db::commit_batches_kb`] with the writer's clock given (`now`, ns
+    /// since the epoch): what the knowledge base stamps and expires by.
+    pub async fn commit_batches_kb_at(
+        &self,
+        group: &[&Batch],
+        tally: Option<&Tally>,
+        kb: Option<&KbConfig>,
+        now: i64,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let (outcomes, events) = match self {
+            Db::Sqlite(_) if tally.is_some() => {
+                return Err(sqlx::Error::Configuration(
+                    "a collector cluster's partial sums need PostgreSQL".into(),
+                ))
+            }
+            Db::Sqlite(pool) => commit_sqlite(pool, group, kb, now).await?,
+            Db::Postgres(pool) => commit_postgres(pool, group, tally, kb, now).await?,
+        };
+        if events > 0 {
+            crate::kb::signal();
         }
+        Ok(outcomes)
     }
 }
 
@@ -145,10 +177,11 @@ fn sqlite_chunk_args(
 async fn commit_sqlite(
     pool: &sqlx::SqlitePool,
     group: &[&Batch],
-) -> Result<Vec<Outcome>, sqlx::Error> {
+    kb: Option<&KbConfig>,
+    now: i64,
+) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    let now = now_ns();
     let mut outcomes = Vec::with_capacity(group.len());
     let mut stored: Vec<&Batch> = Vec::with_capacity(group.len());
     for b in group {
@@ -173,6 +206,13 @@ async fn commit_sqlite(
         }
         stored.push(*b);
         outcomes.push(Outcome::Stored);
+    }
+    let prepared = match kb {
+        Some(cfg) => Some(kb_sqlite::prepare(&mut tx, cfg, &stored, now).await?),
+        None => None,
+    };
+    if let Some(enriched) = prepared.as_ref().and_then(|p| p.enriched.as_ref()) {
+        stored = enriched.iter().collect();
     }
     let rows: Vec<(&Batch, &FlowRecord)> = stored
         .iter()
@@ -220,6 +260,10 @@ async fn commit_sqlite(
     for b in &stored {
         note_session(&mut sessions, b);
     }
+    let events = match &prepared {
+        Some(p) => kb_sqlite::apply(&mut tx, &stored, &p.sides, now).await?,
+        None => 0,
+    };
     for (exporter_id, session_id, last_seq, records) in sessions {
         sqlx::query(&session_totals_sql(Sql(Dialect::Sqlite)))
             .bind(last_seq)
@@ -230,17 +274,18 @@ async fn commit_sqlite(
             .await?;
     }
     tx.commit().await?;
-    Ok(outcomes)
+    Ok((outcomes, events))
 }
 
 async fn commit_postgres(
     pool: &sqlx::PgPool,
     group: &[&Batch],
     tally: Option<&Tally>,
-) -> Result<Vec<Outcome>, sqlx::Error> {
+    kb: Option<&KbConfig>,
+    now: i64,
+) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    let now = now_ns();
     let mut outcomes = Vec::with_capacity(group.len());
     let mut copy = BytesMut::with_capacity(64 * 1024);
     copy.put_slice(b"PGCOPY\n\xff\r\n\0");
@@ -270,13 +315,22 @@ async fn commit_postgres(
             outcomes.push(Outcome::Duplicate);
             continue;
         }
+        note_session(&mut sessions, b);
+        stored.push(*b);
+        outcomes.push(Outcome::Stored);
+    }
+    let prepared = match kb {
+        Some(cfg) => Some(kb_pg::prepare(&mut tx, cfg, &stored, now).await?),
+        None => None,
+    };
+    if let Some(enriched) = prepared.as_ref().and_then(|p| p.enriched.as_ref()) {
+        stored = enriched.iter().collect();
+    }
+    for b in &stored {
         for r in &b.records {
             copy_row(&mut copy, b, r);
         }
         rows += b.records.len();
-        note_session(&mut sessions, b);
-        stored.push(*b);
-        outcomes.push(Outcome::Stored);
     }
     if rows > 0 {
         copy.put_i16(-1);
@@ -307,6 +361,10 @@ async fn commit_postgres(
             .execute(&mut *tx)
             .await?;
     }
+    let events = match &prepared {
+        Some(p) => kb_pg::apply(&mut tx, &stored, &p.sides, now).await?,
+        None => 0,
+    };
     // Last, so that the row lock on `sessions` is held only until the
     // commit right after: concurrent writers overlap their COPYs.
     for (exporter_id, session_id, last_seq, records) in sessions {
@@ -319,7 +377,7 @@ async fn commit_postgres(
             .await?;
     }
     tx.commit().await?;
-    Ok(outcomes)
+    Ok((outcomes, events))
 }
 
 /// The statement that adds a transaction's totals to its session's row.
@@ -491,7 +549,7 @@ mod tests {
             batch(6, false, 10_000),
         ];
         let Db::Sqlite(pool) = &db else { panic!() };
-        let outcomes = commit_sqlite(pool, &group.iter().collect::<Vec<_>>())
+        let (outcomes, _) = commit_sqlite(pool, &group.iter().collect::<Vec<_>>(), None, now_ns())
             .await
             .unwrap();
         assert_eq!(

@@ -7,4 +7,5 @@ pub mod cluster;
 pub mod enforce;
 pub mod export;
 pub mod ipfix;
+pub mod kb;
 pub mod meter;
