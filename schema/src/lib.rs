@@ -31,6 +31,7 @@ mod units;
 pub use flow::{flow_hash, FlowKey, FlowRecord};
 pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
+    UserRef, BandBasis,
     BusinessRule, Decision, DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport,
     FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass,
     TrafficProfile,
@@ -44,3 +45,6 @@ pub const LDAP_SCHEMA_LDIF: &str = include_str!("../ldap/qosloop.ldif");
 
 /// The sample policy: the reference experiment of DESIGN.md §1.
 pub const SAMPLE_POLICY_LDIF: &str = include_str!("../ldap/sample-policy.ldif");
+
+/// The per-user sample policy: users and a group limited on their own host.
+pub const SAMPLE_PER_USER_LDIF: &str = include_str!("../ldap/sample-per-user.ldif");
