@@ -21,8 +21,11 @@ fn entry<'a>(entries: &'a mut [Entry], dn: &str) -> &'a mut Entry {
 
 fn set(e: &mut Entry, attr: &str, values: &[&str]) {
     e.attrs.retain(|(n, _)| !n.eq_ignore_ascii_case(attr));
-    for v in values {
-        e.attrs.push((attr.to_owned(), (*v).to_owned()));
+    if !values.is_empty() {
+        e.attrs.push((
+            attr.to_owned(),
+            values.iter().map(|v| (*v).to_owned()).collect(),
+        ));
     }
 }
 
@@ -105,7 +108,11 @@ fn bad_per_user_rules_name_the_dn_and_the_attribute() {
     // A per-user attribute on a rule without the class: not allowed.
     let errs = edited(|e| {
         let r = entry(e, "cn=alice,ou=rules");
-        r.attrs.retain(|(n, v)| !(n == "objectClass" && v == "qosloopPerUserRuleAuxClass"));
+        for (n, v) in &mut r.attrs {
+            if n == "objectClass" {
+                v.retain(|c| c != "qosloopPerUserRuleAuxClass");
+            }
+        }
     });
     has(&errs, "cn=alice,ou=rules", "qosloopRuleUser", "not allowed");
 }
