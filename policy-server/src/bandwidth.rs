@@ -362,7 +362,14 @@ mod tests {
         bm.set_lag(Duration::ZERO);
         let second = 1_000_000_000i64;
         let mut add = |user: &str, bytes: u64, from: u64| {
-            let mut rec = record_at("10.9.0.1", "10.9.0.2", 80, bytes, from, from + 1_000_000_000);
+            let mut rec = record_at(
+                "10.9.0.1",
+                "10.9.0.2",
+                80,
+                bytes,
+                from,
+                from + 1_000_000_000,
+            );
             rec.user = Some(user.into());
             bm.add(&rec);
         };

@@ -31,10 +31,9 @@ mod units;
 pub use flow::{flow_hash, FlowKey, FlowRecord};
 pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
-    UserRef, BandBasis,
-    BusinessRule, Decision, DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport,
-    FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass,
-    TrafficProfile,
+    BandBasis, BusinessRule, Decision, DecisionKind, DecisionReason, DeviceRole, Direction,
+    EnforcementReport, FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome,
+    ServiceClass, TrafficProfile, UserRef,
 };
 pub use template::{Template, TemplateKey};
 pub use units::{Dscp, IpPrefix, Kbps, ParseError, PortRange};

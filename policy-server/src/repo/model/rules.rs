@@ -379,21 +379,26 @@ pub(super) fn rule(
         band_basis,
         errs.0.is_empty(),
     ) {
-        (Some(enabled), Some(priority), Some(link), Some(service_class), Some(band_basis), true) => {
-            Ok(BusinessRule {
-                dn: e.dn.clone(),
-                name,
-                priority,
-                enabled,
-                roles,
-                flows,
-                users: users.into_iter().collect(),
-                per_user,
-                band_basis,
-                service_class,
-                link,
-            })
-        }
+        (
+            Some(enabled),
+            Some(priority),
+            Some(link),
+            Some(service_class),
+            Some(band_basis),
+            true,
+        ) => Ok(BusinessRule {
+            dn: e.dn.clone(),
+            name,
+            priority,
+            enabled,
+            roles,
+            flows,
+            users: users.into_iter().collect(),
+            per_user,
+            band_basis,
+            service_class,
+            link,
+        }),
         _ => Err(errs.0),
     }
 }

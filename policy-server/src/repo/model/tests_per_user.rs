@@ -82,7 +82,12 @@ fn bad_per_user_rules_name_the_dn_and_the_attribute() {
             &["cn=nobody,ou=groups,dc=qosloop,dc=example"],
         )
     });
-    has(&errs, "cn=students,ou=rules", "qosloopRuleGroupDN", "dangling DN");
+    has(
+        &errs,
+        "cn=students,ou=rules",
+        "qosloopRuleGroupDN",
+        "dangling DN",
+    );
     let errs = edited(|e| {
         set(
             entry(e, "cn=students,ou=rules"),
@@ -90,11 +95,26 @@ fn bad_per_user_rules_name_the_dn_and_the_attribute() {
             &["cn=user-2m,ou=classes,dc=qosloop,dc=example"],
         )
     });
-    has(&errs, "cn=students,ou=rules", "qosloopRuleGroupDN", "is not a group");
+    has(
+        &errs,
+        "cn=students,ou=rules",
+        "qosloopRuleGroupDN",
+        "is not a group",
+    );
     let errs = edited(|e| set(entry(e, "cn=alice,ou=rules"), "qosloopBandBasis", &["own"]));
-    has(&errs, "cn=alice,ou=rules", "qosloopBandBasis", "is not link");
+    has(
+        &errs,
+        "cn=alice,ou=rules",
+        "qosloopBandBasis",
+        "is not link",
+    );
     let errs = edited(|e| set(entry(e, "cn=alice,ou=rules"), "qosloopRuleUser", &[]));
-    has(&errs, "cn=alice,ou=rules", "qosloopRuleUser", "names no user");
+    has(
+        &errs,
+        "cn=alice,ou=rules",
+        "qosloopRuleUser",
+        "names no user",
+    );
     let errs = edited(|e| {
         set(
             entry(e, "cn=students,ou=groups"),
@@ -102,7 +122,12 @@ fn bad_per_user_rules_name_the_dn_and_the_attribute() {
             &["bob", "bad\u{7}name"],
         )
     });
-    has(&errs, "cn=students,ou=groups", "qosloopMemberUid", "control character");
+    has(
+        &errs,
+        "cn=students,ou=groups",
+        "qosloopMemberUid",
+        "control character",
+    );
     let errs = edited(|e| set(entry(e, "cn=students,ou=groups"), "qosloopGroupName", &[]));
     has(&errs, "cn=students,ou=groups", "qosloopGroupName", "");
     // A per-user attribute on a rule without the class: not allowed.
