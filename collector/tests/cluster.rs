@@ -140,9 +140,12 @@ fn policy() -> PolicySet {
         flows: vec![FlowSpec {
             proto: Some(17),
             dst_ports: Some(PortRange::single(5000 + k)),
+            user: None,
             ..Default::default()
         }],
         users: vec![],
+        per_user: false,
+        band_basis: Default::default(),
         service_class: "gold".into(),
         link: "edge".into(),
     };

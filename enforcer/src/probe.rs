@@ -324,6 +324,7 @@ fn probe_nft() -> Result<String, String> {
             dst: Some("192.0.2.1".parse().map_err(|_| "address")?),
             proto: Some(17),
             dst_ports: Some(qosloop_schema::PortRange::single(9)),
+            user: None,
             ..FlowSpec::default()
         },
         profile: TrafficProfile {

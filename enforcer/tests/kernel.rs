@@ -70,6 +70,7 @@ fn decision(id: u64, action: OutOfProfileAction) -> Decision {
             proto: Some(17),
             src_ports: None,
             dst_ports: Some(PortRange::single(PORT + id as u16 - 1)),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(1000),

@@ -38,6 +38,7 @@ fn decision() -> Decision {
             proto: Some(17),
             src_ports: None,
             dst_ports: Some(PortRange::single(5001)),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(1000),

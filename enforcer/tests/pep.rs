@@ -33,6 +33,7 @@ fn decision(id: u64, version: u64, rate: u64, action: OutOfProfileAction) -> Dec
             proto: Some(17),
             src_ports: None,
             dst_ports: Some(PortRange::single(5000 + id as u16)),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(rate),

@@ -353,6 +353,7 @@ fn assorted() -> Vec<Decision> {
             last: 2048,
         }),
         dst_ports: Some(PortRange::single(80)),
+        user: None,
     };
     ds.push(prefix);
     let mut v6 = decision(101, FlowSpec::default(), 300, accept(200));
@@ -365,6 +366,7 @@ fn assorted() -> Vec<Decision> {
             first: 4000,
             last: 4100,
         }),
+        user: None,
     };
     ds.push(v6);
     let mut proto_only = decision(
@@ -379,6 +381,7 @@ fn assorted() -> Vec<Decision> {
         proto: Some(132),
         src_ports: None,
         dst_ports: None,
+        user: None,
     };
     ds.push(proto_only);
     // An overlapping pair: a subscriber's /24 and a flow inside it, both

@@ -58,6 +58,7 @@ fn rates_for(policy: &PolicySet, load: f64) -> Rates {
                 records: 1,
             })
             .collect(),
+        users: Vec::new(),
     }
 }
 

@@ -21,11 +21,15 @@
 //! read once (see `store::FlowCursor` for how "new" is defined exactly
 //! once). A record counts for at most one policed flow — the matching rule
 //! with the highest priority — and for every link whose traffic it matches.
+//! A per-user rule (`BusinessRule::per_user`) is no single policed flow:
+//! each of its users is a subject of its own (`Rates::users`), counting
+//! the records whose `user` is that user, with the same arithmetic
+//! (`qosloop_schema::bandwidth::{rate_kbps, ewma}`).
 //! Record times are the meters' clocks and windows the server's: they are
 //! assumed synchronised (NTP), as on one machine.
 
 pub use qosloop_schema::bandwidth::rule_selects;
-use qosloop_schema::bandwidth::{window::TimeBuckets, Classifier};
+use qosloop_schema::bandwidth::{ewma, rate_kbps, window::TimeBuckets, Classifier};
 use qosloop_schema::{FlowRecord, PolicySet};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -58,6 +62,10 @@ pub struct Rates {
     pub flows: Vec<SubjectRate>,
     /// One per link, in policy order.
     pub links: Vec<SubjectRate>,
+    /// One per user of each per-user rule, in policy order: `key` is the
+    /// rule's DN, `name` the user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<SubjectRate>,
 }
 
 impl Rates {
@@ -66,6 +74,12 @@ impl Rates {
     }
     pub fn link(&self, name: &str) -> Option<&SubjectRate> {
         self.links.iter().find(|l| l.key == name)
+    }
+    /// The rate of `user` under the per-user rule `rule_dn`.
+    pub fn user(&self, rule_dn: &str, user: &str) -> Option<&SubjectRate> {
+        self.users
+            .iter()
+            .find(|u| u.key == rule_dn && u.name == user)
     }
 }
 
@@ -98,6 +112,9 @@ pub struct BandwidthManager {
     classifier: Classifier,
     flows: Vec<Accumulator>,
     links: Vec<Accumulator>,
+    /// Per rule (policy order), per user of a per-user rule (the rule's
+    /// `users` order); empty for other rules.
+    users: Vec<Vec<Accumulator>>,
 }
 
 impl BandwidthManager {
@@ -109,6 +126,7 @@ impl BandwidthManager {
             classifier: Classifier::default(),
             flows: Vec::new(),
             links: Vec::new(),
+            users: Vec::new(),
         };
         bm.set_policy(policy);
         bm
@@ -137,6 +155,32 @@ impl BandwidthManager {
             .drain(..)
             .map(|a| ((true, a.key), a.window))
             .chain(self.links.drain(..).map(|a| ((false, a.key), a.window)))
+            .collect();
+        let mut old_users: HashMap<(String, String), Accumulator> = self
+            .users
+            .drain(..)
+            .flatten()
+            .map(|a| ((a.key.clone(), a.name.clone()), a))
+            .collect();
+        self.users = policy
+            .rules
+            .iter()
+            .map(|r| {
+                if !r.per_user {
+                    return Vec::new();
+                }
+                r.users
+                    .iter()
+                    .map(|u| {
+                        let mut a = Accumulator::new(r.dn.clone(), u.clone());
+                        if let Some(old) = old_users.remove(&(r.dn.clone(), u.clone())) {
+                            a.window = old.window;
+                            a.avg_kbps = old.avg_kbps;
+                        }
+                        a
+                    })
+                    .collect()
+            })
             .collect();
         let mut keep = |is_flow: bool, mut a: Accumulator| {
             a.avg_kbps = old_avg.get(&(is_flow, a.key.clone())).copied().flatten();
@@ -176,7 +220,11 @@ impl BandwidthManager {
         let subjects = self.classifier.classify(r);
         let start = i64::try_from(r.start_ns).unwrap_or(i64::MAX);
         let end = i64::try_from(r.end_ns).unwrap_or(i64::MAX);
-        if let Some(i) = subjects.rule {
+        if let (Some(i), Some(u)) = (subjects.rule, subjects.user) {
+            let a = &mut self.users[i][u];
+            a.window.add(start, end, r.bytes);
+            a.records += 1;
+        } else if let Some(i) = subjects.rule {
             let a = &mut self.flows[i];
             a.window.add(start, end, r.bytes);
             a.records += 1;
@@ -194,16 +242,11 @@ impl BandwidthManager {
     pub fn close_interval(&mut self, at_ns: i64, interval_ns: i64) -> Rates {
         let w = self.weight;
         let interval_ns = interval_ns.max(1);
-        let secs = interval_ns as f64 / 1e9;
         let to = at_ns.saturating_sub(self.lag_ns);
         let from = to.saturating_sub(interval_ns);
         let close = |a: &mut Accumulator| {
-            let bytes = a.window.take(from, to);
-            let rate = bytes * 8.0 / 1000.0 / secs;
-            let avg = match a.avg_kbps {
-                Some(prev) => w * rate + (1.0 - w) * prev,
-                None => rate,
-            };
+            let rate = rate_kbps(a.window.take(from, to), interval_ns);
+            let avg = ewma(a.avg_kbps, rate, w);
             let out = SubjectRate {
                 key: a.key.clone(),
                 name: a.name.clone(),
@@ -220,6 +263,7 @@ impl BandwidthManager {
             interval_ns,
             flows: self.flows.iter_mut().map(close).collect(),
             links: self.links.iter_mut().map(close).collect(),
+            users: self.users.iter_mut().flatten().map(close).collect(),
         }
     }
 }
@@ -302,6 +346,46 @@ mod tests {
         assert_eq!(r.flows[0].records, 1);
         assert_eq!(r.links[0].records, 1);
         assert_eq!(r.links[0].rate_kbps, 16.0);
+    }
+
+    #[test]
+    fn per_user_rules_rate_each_user_apart() {
+        let mut p = paper_policy();
+        let mut r = p.rules[0].clone();
+        r.dn = "cn=users".into();
+        r.flows.clear();
+        r.users = vec!["alice".into(), "bob".into()];
+        r.per_user = true;
+        r.priority += 1;
+        p.rules.push(r);
+        let mut bm = BandwidthManager::new(&p, 0.5);
+        bm.set_lag(Duration::ZERO);
+        let second = 1_000_000_000i64;
+        let mut add = |user: &str, bytes: u64, from: u64| {
+            let mut rec = record_at(
+                "10.9.0.1",
+                "10.9.0.2",
+                80,
+                bytes,
+                from,
+                from + 1_000_000_000,
+            );
+            rec.user = Some(user.into());
+            bm.add(&rec);
+        };
+        add("alice", 250_000, 0); // 2000 kbit/s
+        add("bob", 62_500, 0); // 500 kbit/s
+        add("carol", 1_000_000, 0); // not named: nothing
+        let r1 = bm.close_interval(second, second);
+        let alice = r1.user("cn=users", "alice").unwrap();
+        assert_eq!((alice.rate_kbps, alice.avg_rate_kbps), (2000.0, 2000.0));
+        assert_eq!(r1.user("cn=users", "bob").unwrap().rate_kbps, 500.0);
+        assert!(r1.user("cn=users", "carol").is_none());
+        assert_eq!(r1.flow("cn=users").unwrap().records, 0);
+        bm.set_policy(&p);
+        let r2 = bm.close_interval(2 * second, second);
+        // The same EWMA as every subject, kept across a reload.
+        assert_eq!(r2.user("cn=users", "alice").unwrap().avg_rate_kbps, 1000.0);
     }
 
     #[test]

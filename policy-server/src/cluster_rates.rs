@@ -97,6 +97,7 @@ impl ClusterRates {
                 .iter()
                 .map(|l| subject("link", &l.name, &l.name))
                 .collect(),
+            users: Vec::new(),
         }
     }
 }

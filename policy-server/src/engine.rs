@@ -49,12 +49,20 @@
 //! twice per `min_hold` (there and back). Changes of the policy itself (a
 //! new class, spec or role) are never held.
 //!
+//! A per-user rule (`BusinessRule::per_user`) has one decision per user
+//! (and flow spec, and role): its flow names the user (`FlowSpec::user`),
+//! for an enforcer on the user's host, and its rates are the user's own.
+//! With `band_basis: user` the band is chosen from the subject's own
+//! average rate instead of the link's load (`seeds/000`'s threshold case).
+//!
 //! A decision's `version` increases only when what the enforcer must do
 //! changes (flow, profile, marking, out-of-profile action, role); a change
 //! of the measured inputs alone is not pushed.
 
 use crate::bandwidth::Rates;
-use qosloop_schema::{Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass};
+use qosloop_schema::{
+    BandBasis, BusinessRule, Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass, UserRef,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -261,6 +269,16 @@ impl Engine {
             .iter()
             .map(|f| (f.key.as_str(), (f.rate_kbps, f.avg_rate_kbps)))
             .collect();
+        let user_rates: HashMap<(&str, &str), (f64, f64)> = rates
+            .users
+            .iter()
+            .map(|u| {
+                (
+                    (u.key.as_str(), u.name.as_str()),
+                    (u.rate_kbps, u.avg_rate_kbps),
+                )
+            })
+            .collect();
         let link_loads: HashMap<&str, f64> = rates
             .links
             .iter()
@@ -293,20 +311,22 @@ impl Engine {
                 changes.skipped.push((rule.dn.clone(), "link not found"));
                 continue;
             }
-            if rule.flows.is_empty() {
+            if rule.flows.is_empty() && !rule.per_user {
                 changes
                     .skipped
                     .push((rule.dn.clone(), "no flow spec to enforce"));
                 continue;
             }
-            let (rate, avg) = flow_rates
-                .get(rule.dn.as_str())
-                .copied()
-                .unwrap_or((0.0, 0.0));
-            let load = link_loads.get(rule.link.as_str()).copied().unwrap_or(0.0);
-            for (i, spec) in rule.flows.iter().enumerate() {
+            let link_load = link_loads.get(rule.link.as_str()).copied().unwrap_or(0.0);
+            for subject in subjects(rule, &flow_rates, &user_rates) {
+                let (rate, avg) = (subject.rate, subject.avg);
+                let load = match rule.band_basis {
+                    BandBasis::Link => link_load,
+                    BandBasis::User => avg,
+                };
+                let (i, spec) = (subject.index, &subject.spec);
                 for role in &rule.roles {
-                    let id = decision_id(&rule.dn, i, role);
+                    let id = decision_id(&subject.id_key, i, role);
                     let prev = self.current.get(&id);
                     let Some(mut band) =
                         select_band(class, load, prev.map(|c| c.band), self.hysteresis)
@@ -472,6 +492,77 @@ impl Engine {
     }
 }
 
+/// One policed subject of a rule: a flow spec of an ordinary rule, or a
+/// (flow spec, user) of a per-user rule, with its rates.
+struct Subject {
+    /// What the decision id hashes (with the spec index and the role).
+    id_key: String,
+    index: usize,
+    spec: FlowSpec,
+    rate: f64,
+    avg: f64,
+}
+
+/// The name a decision gives a user, and the uid when the name is the
+/// host agent's form for a uid without a name (`uid 1234`).
+fn user_ref(name: &str) -> UserRef {
+    UserRef {
+        name: name.to_owned(),
+        uid: name.strip_prefix("uid ").and_then(|n| n.parse().ok()),
+    }
+}
+
+fn subjects(
+    rule: &BusinessRule,
+    flow_rates: &HashMap<&str, (f64, f64)>,
+    user_rates: &HashMap<(&str, &str), (f64, f64)>,
+) -> Vec<Subject> {
+    if !rule.per_user {
+        let (rate, avg) = flow_rates
+            .get(rule.dn.as_str())
+            .copied()
+            .unwrap_or((0.0, 0.0));
+        return rule
+            .flows
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| Subject {
+                id_key: rule.dn.clone(),
+                index,
+                spec: spec.clone(),
+                rate,
+                avg,
+            })
+            .collect();
+    }
+    let any = [FlowSpec::default()];
+    let specs: &[FlowSpec] = if rule.flows.is_empty() {
+        &any
+    } else {
+        &rule.flows
+    };
+    let mut out = Vec::with_capacity(rule.users.len() * specs.len());
+    for user in &rule.users {
+        let (rate, avg) = user_rates
+            .get(&(rule.dn.as_str(), user.as_str()))
+            .copied()
+            .unwrap_or((0.0, 0.0));
+        for (index, spec) in specs.iter().enumerate() {
+            out.push(Subject {
+                id_key: format!("{}\u{0}user={user}", rule.dn),
+                index,
+                spec: FlowSpec {
+                    user: Some(user_ref(user)),
+                    ..spec.clone()
+                },
+                rate,
+                avg,
+            });
+        }
+    }
+    out
+}
+
 fn decision_for(
     class: &ServiceClass,
     band: usize,
@@ -533,7 +624,53 @@ mod tests {
                     records: 1,
                 })
                 .collect(),
+            users: Vec::new(),
         }
+    }
+
+    #[test]
+    fn per_user_rules_decide_for_each_user_from_its_own_rate() {
+        let mut p = paper_policy();
+        let mut r = p.rules[0].clone();
+        r.dn = "cn=users".into();
+        r.flows.clear();
+        r.users = vec!["alice".into(), "uid 4242".into()];
+        r.per_user = true;
+        r.band_basis = BandBasis::User;
+        p.rules = vec![r];
+        let mut e = Engine::new(0.0);
+        let mut rt = rates(&p, 0.0, 0.0);
+        let user = |name: &str, avg: f64| SubjectRate {
+            key: "cn=users".into(),
+            name: name.into(),
+            rate_kbps: avg,
+            avg_rate_kbps: avg,
+            records: 1,
+        };
+        // gold: drop from 6000 kbit/s; alice is above, uid 4242 is not.
+        rt.users = vec![user("alice", 7000.0), user("uid 4242", 1000.0)];
+        let c = e.evaluate(&p, &rt, 1);
+        assert_eq!(c.installed.len(), 2, "{:?}", c.skipped);
+        let by_user = |n: &str| {
+            c.installed
+                .iter()
+                .find(|d| d.flow.user.as_ref().is_some_and(|u| u.name == n))
+                .unwrap()
+                .clone()
+        };
+        let alice = by_user("alice");
+        assert_eq!(alice.kind(), DecisionKind::Drop);
+        assert_eq!(alice.reason.avg_rate_kbps, 7000.0);
+        assert_eq!(alice.flow.user.as_ref().unwrap().uid, None);
+        let other = by_user("uid 4242");
+        assert_eq!(other.kind(), DecisionKind::Accept);
+        assert_eq!(other.flow.user.as_ref().unwrap().uid, Some(4242));
+        assert_ne!(alice.id, other.id);
+        // A user leaving the rule removes only its decision.
+        p.rules[0].users.pop();
+        let c = e.evaluate(&p, &rt, 2);
+        assert_eq!(c.removed.len(), 1);
+        assert_eq!(c.removed[0].id, other.id);
     }
 
     #[test]

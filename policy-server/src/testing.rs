@@ -29,8 +29,11 @@ pub fn policed_rule(name: &str, src: &str, dst_port: u16, role: &str) -> Busines
             proto: Some(17),
             src_ports: None,
             dst_ports: Some(qosloop_schema::PortRange::single(dst_port)),
+            user: None,
         }],
         users: Vec::new(),
+        per_user: false,
+        band_basis: Default::default(),
         service_class: "gold".into(),
         link: "edge-ingress".into(),
     }
@@ -51,6 +54,7 @@ pub fn paper_policy() -> PolicySet {
                 dst: "10.71.2.0/24".parse().ok(),
                 proto: Some(17),
                 dst_ports: "5000-5999".parse().ok(),
+                user: None,
                 ..FlowSpec::default()
             }],
         }],

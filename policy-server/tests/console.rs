@@ -221,6 +221,7 @@ fn console_policy() -> PolicySet {
             FlowSpec {
                 dst: "192.0.2.0/30".parse().ok(),
                 dst_ports: "443".parse().ok(),
+                user: None,
                 ..FlowSpec::default()
             },
             true,

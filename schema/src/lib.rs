@@ -31,9 +31,9 @@ mod units;
 pub use flow::{flow_hash, FlowKey, FlowRecord};
 pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
-    BusinessRule, Decision, DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport,
-    FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass,
-    TrafficProfile,
+    BandBasis, BusinessRule, Decision, DecisionKind, DecisionReason, DeviceRole, Direction,
+    EnforcementReport, FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome,
+    ServiceClass, TrafficProfile, UserRef,
 };
 pub use template::{Template, TemplateKey};
 pub use units::{Dscp, IpPrefix, Kbps, ParseError, PortRange};
@@ -44,3 +44,6 @@ pub const LDAP_SCHEMA_LDIF: &str = include_str!("../ldap/qosloop.ldif");
 
 /// The sample policy: the reference experiment of DESIGN.md §1.
 pub const SAMPLE_POLICY_LDIF: &str = include_str!("../ldap/sample-policy.ldif");
+
+/// The per-user sample policy: users and a group limited on their own host.
+pub const SAMPLE_PER_USER_LDIF: &str = include_str!("../ldap/sample-per-user.ldif");

@@ -24,6 +24,40 @@ pub struct FlowSpec {
     pub src_ports: Option<PortRange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst_ports: Option<PortRange>,
+    /// The local user whose sockets send or receive the traffic: set on
+    /// per-user decisions (absent in older messages: any user). Records
+    /// match by name; an enforcer on the user's host matches the uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserRef>,
+}
+
+/// A local user as a per-user decision names it: the name records carry
+/// (`FlowRecord::user`) and, when the policy server knows it, the uid. An
+/// enforcer resolves a missing uid from the name through its own host's
+/// user database.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+}
+
+impl UserRef {
+    pub fn named(name: &str) -> UserRef {
+        UserRef {
+            name: name.to_owned(),
+            uid: None,
+        }
+    }
+}
+
+impl fmt::Display for UserRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.uid {
+            Some(uid) => write!(f, "{} (uid {uid})", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
 }
 
 impl FlowSpec {
@@ -33,6 +67,10 @@ impl FlowSpec {
             && self.proto.is_none_or(|p| p == r.proto)
             && self.src_ports.is_none_or(|p| p.contains(r.src_port))
             && self.dst_ports.is_none_or(|p| p.contains(r.dst_port))
+            && self
+                .user
+                .as_ref()
+                .is_none_or(|u| r.user.as_deref() == Some(u.name.as_str()))
     }
 
     /// True when `self` and `other` can match a common packet.
@@ -69,6 +107,13 @@ impl FlowSpec {
             }
             && ports(self.src_ports, other.src_ports)
             && ports(self.dst_ports, other.dst_ports)
+            && match (&self.user, &other.user) {
+                (Some(a), Some(b)) => match (a.uid, b.uid) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => a.name == b.name,
+                },
+                _ => true,
+            }
     }
 }
 
@@ -83,7 +128,11 @@ impl fmt::Display for FlowSpec {
             any(self.dst.map(|p| p.to_string())),
             any(self.dst_ports.map(|p| p.to_string())),
             any(self.proto.map(|p| p.to_string())),
-        )
+        )?;
+        match &self.user {
+            Some(u) => write!(f, " user {u}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -99,13 +148,41 @@ pub struct BusinessRule {
     pub roles: Vec<String>,
     /// Traffic the rule selects (DNF: any spec may match).
     pub flows: Vec<FlowSpec>,
-    /// Users the rule selects, matched against records' `user`.
+    /// Users the rule selects, matched against records' `user` (with
+    /// `per_user`, the members of the rule's groups too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<String>,
+    /// Each user of `users` separately: its own rate, its own decision
+    /// (for the enforcer on the user's host), instead of one policed flow
+    /// for all of them together.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_user: bool,
+    /// What selects the out-of-profile band: the link's load (the paper)
+    /// or, for a per-user rule, the user's own average rate.
+    #[serde(default, skip_serializing_if = "BandBasis::is_link")]
+    pub band_basis: BandBasis,
     /// Name of the [`ServiceClass`].
     pub service_class: String,
     /// Name of the [`Link`] whose load selects the out-of-profile band.
     pub link: String,
+}
+
+/// What selects a rule's out-of-profile band (see [`BusinessRule::band_basis`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BandBasis {
+    /// The average load of the rule's link.
+    #[default]
+    Link,
+    /// The average rate of the policed subject itself (a user's own
+    /// traffic: `seeds/000`'s threshold case).
+    User,
+}
+
+impl BandBasis {
+    pub fn is_link(&self) -> bool {
+        *self == BandBasis::Link
+    }
 }
 
 /// A traffic profile: the committed rate and burst of a token bucket.
@@ -368,6 +445,7 @@ mod tests {
             proto: Some(17),
             src_ports: None,
             dst_ports: Some("4055".parse().unwrap()),
+            user: None,
         };
         let mut r = FlowRecord {
             src_addr: "172.20.1.2".parse().unwrap(),

@@ -26,6 +26,8 @@ fn policy() -> PolicySet {
                 ..Default::default()
             }],
             users: vec![],
+            per_user: false,
+            band_basis: Default::default(),
             service_class: "gold".into(),
             link: "l".into(),
         }],

@@ -317,6 +317,7 @@ fn decision(id: u64, version: u64, action: OutOfProfileAction) -> Decision {
             proto: Some(17),
             src_ports: None,
             dst_ports: None,
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(1000),

@@ -72,6 +72,7 @@ pub fn sample_decision() -> Decision {
             proto: Some(17),
             src_ports: None,
             dst_ports: "4055".parse().ok(),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(1000),

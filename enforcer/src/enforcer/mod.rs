@@ -379,6 +379,10 @@ impl<B: KernelBackend> Enforcer<B> {
     ) -> Result<ApplySummary, EnforceError> {
         let started = Instant::now();
         let mut summary = ApplySummary::default();
+        let upserts = upserts
+            .into_iter()
+            .map(resolve_user)
+            .collect::<Result<Vec<_>, _>>()?;
         // 1. Validate everything before touching anything.
         let removing: BTreeSet<u64> = removes
             .iter()
@@ -570,3 +574,31 @@ pub fn cleanup<B: KernelBackend>(
 mod tests;
 #[cfg(test)]
 mod tests_fallback;
+#[cfg(test)]
+mod tests_user;
+
+/// Gives a per-user decision the uid of its user on this host: the uid it
+/// carries, else the name looked up in the host's user database (NSS),
+/// else the host agent's form for a uid without a name (`uid 1234`).
+pub(crate) fn resolve_user(mut d: Decision) -> Result<Decision, EnforceError> {
+    let Some(u) = d.flow.user.as_mut() else {
+        return Ok(d);
+    };
+    if u.uid.is_some() {
+        return Ok(d);
+    }
+    let found = match nix::unistd::User::from_name(&u.name) {
+        Ok(Some(user)) => Some(user.uid.as_raw()),
+        _ => u.name.strip_prefix("uid ").and_then(|n| n.parse().ok()),
+    };
+    match found {
+        Some(uid) => {
+            u.uid = Some(uid);
+            Ok(d)
+        }
+        None => Err(EnforceError::Invalid {
+            id: d.id,
+            reason: format!("user {:?} is not known on this host", u.name),
+        }),
+    }
+}

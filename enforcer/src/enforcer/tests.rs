@@ -26,6 +26,7 @@ pub(super) fn decision(id: u64, port: u16, action: OutOfProfileAction) -> Decisi
             proto: Some(17),
             src_ports: None,
             dst_ports: Some(qosloop_schema::PortRange::single(port)),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(1000),

@@ -27,6 +27,7 @@ fn udp_to(prefix: &str, first: u16, last: u16) -> FlowSpec {
         dst: Some(prefix.parse().unwrap()),
         proto: Some(17),
         dst_ports: Some(PortRange { first, last }),
+        user: None,
         ..FlowSpec::default()
     }
 }

@@ -130,6 +130,11 @@ const NFT_META_PRIORITY: u32 = 2;
 const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
+const NFT_META_SKUID: u32 = 10;
+const NFT_CT_MARK: u32 = 3;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFTA_CT_SREG: u16 = 4;
 const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
 const NFT_CMP_LTE: u32 = 3;
@@ -334,6 +339,24 @@ fn encode_rule(b: &mut Vec<u8>, rule: &Rule, netdev: bool) -> Result<(), EncodeE
                 e.meta_load(NFT_META_L4PROTO, NFT_REG_1);
                 e.cmp(NFT_CMP_EQ, &[*p]);
                 l4 = Some(*p);
+            }
+            Stmt::Skuid(uid) => {
+                e.meta_load(NFT_META_SKUID, NFT_REG_1);
+                e.cmp(NFT_CMP_EQ, &uid.to_ne_bytes());
+            }
+            Stmt::CtMark(mark) => {
+                e.expr("ct", |b| {
+                    put_be32(b, NFTA_CT_DREG, NFT_REG_1);
+                    put_be32(b, NFTA_CT_KEY, NFT_CT_MARK);
+                });
+                e.cmp(NFT_CMP_EQ, &mark.to_ne_bytes());
+            }
+            Stmt::CtMarkSet(mark) => {
+                e.immediate_value(&mark.to_ne_bytes());
+                e.expr("ct", |b| {
+                    put_be32(b, NFTA_CT_KEY, NFT_CT_MARK);
+                    put_be32(b, NFTA_CT_SREG, NFT_REG_1);
+                });
             }
             Stmt::PriorityNotZero => {
                 e.meta_load(NFT_META_PRIORITY, NFT_REG_1);

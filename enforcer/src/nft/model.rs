@@ -409,6 +409,15 @@ pub enum Stmt {
     OifnameNot(String),
     /// `meta priority != 0`.
     PriorityNotZero,
+    /// `meta skuid UID`: the packet's socket belongs to the local user
+    /// `UID` (locally generated packets: output and postrouting hooks).
+    Skuid(u32),
+    /// `ct mark set MARK`: tag the packet's connection (a per-user
+    /// decision tags its user's connections on the way out).
+    CtMarkSet(u32),
+    /// `ct mark MARK`: the connection carries the tag (replies on the way
+    /// in).
+    CtMark(u32),
     /// `KEY vmap @MAP`: classify by the map of `shape`.
     Lookup(Shape),
     /// `limit name "L"`: the named limit object (matches over the rate).
@@ -492,6 +501,9 @@ impl fmt::Display for Stmt {
             }
             Stmt::OifnameNot(name) => write!(f, "oifname != \"{name}\""),
             Stmt::PriorityNotZero => f.write_str("meta priority != none"),
+            Stmt::Skuid(uid) => write!(f, "meta skuid {uid}"),
+            Stmt::CtMarkSet(m) => write!(f, "ct mark set 0x{m:08x}"),
+            Stmt::CtMark(m) => write!(f, "ct mark 0x{m:08x}"),
             Stmt::Lookup(shape) => write!(f, "{} vmap @{}", shape.key_expr(), shape.map_name()),
             Stmt::LimitRef(name) => write!(f, "limit name \"{name}\""),
             Stmt::Counter => f.write_str("counter packets 0 bytes 0"),

@@ -39,6 +39,9 @@ fn kind(s: &Stmt) -> &'static str {
         Stmt::Port { .. } => "port",
         Stmt::OifnameNot(_) => "oifname",
         Stmt::PriorityNotZero => "priority-not-zero",
+        Stmt::Skuid(_) => "skuid",
+        Stmt::CtMarkSet(_) => "ct-mark-set",
+        Stmt::CtMark(_) => "ct-mark",
         Stmt::Lookup(_) => "lookup",
         Stmt::LimitRef(_) => "limit",
         Stmt::Counter => "counter",
@@ -137,6 +140,24 @@ fn display_and_encoder_agree_for_every_statement_kind() {
             &["meta", "cmp"],
         ),
         (
+            Stmt::Skuid(1001),
+            false,
+            "meta skuid 1001",
+            &["meta", "cmp"],
+        ),
+        (
+            Stmt::CtMarkSet(0x7100_03e9),
+            false,
+            "ct mark set 0x710003e9",
+            &["immediate", "ct"],
+        ),
+        (
+            Stmt::CtMark(0x7100_03e9),
+            false,
+            "ct mark 0x710003e9",
+            &["ct", "cmp"],
+        ),
+        (
             Stmt::Lookup(five),
             false,
             "meta l4proto . ip saddr . ip daddr . th dport vmap @v4_proto_saddr_daddr_dport",
@@ -190,7 +211,7 @@ fn display_and_encoder_agree_for_every_statement_kind() {
         assert_eq!(stmt.to_string(), text);
         assert_eq!(exprs(vec![stmt], netdev), want, "{text}");
     }
-    assert_eq!(seen.len(), 15, "every statement kind has a case: {seen:?}");
+    assert_eq!(seen.len(), 18, "every statement kind has a case: {seen:?}");
 }
 
 #[test]

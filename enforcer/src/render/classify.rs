@@ -56,7 +56,16 @@ impl Classify {
 /// flow is contained in another, each of its fields is at least as narrow
 /// and one is narrower (equal flows are refused), so it sorts first: the
 /// more specific decision takes the packets both match.
-pub type FallbackOrder = (std::cmp::Reverse<u8>, std::cmp::Reverse<u8>, u32, u32, bool);
+/// A per-user decision's rule comes before every other (first key
+/// `false`): its user's packets go to it, whatever flow decisions match.
+pub type FallbackOrder = (
+    bool,
+    std::cmp::Reverse<u8>,
+    std::cmp::Reverse<u8>,
+    u32,
+    u32,
+    bool,
+);
 
 /// The fallback order key of `spec` (see [`FallbackOrder`]).
 pub fn fallback_order(spec: &FlowSpec) -> FallbackOrder {
@@ -64,6 +73,7 @@ pub fn fallback_order(spec: &FlowSpec) -> FallbackOrder {
     let count =
         |r: Option<PortRange>| r.map_or(65_536, |r| u32::from(r.last) - u32::from(r.first) + 1);
     (
+        spec.user.is_none(),
         len(spec.dst),
         len(spec.src),
         count(spec.dst_ports),
@@ -81,6 +91,10 @@ pub enum SpecError {
     PortsWithoutPortProtocol(Option<u8>),
     #[error("map key of {0} bytes is longer than nf_tables takes (64)")]
     KeyTooLong(usize),
+    #[error("user {0}: no uid (the enforcer resolves a name before rendering)")]
+    UserWithoutUid(String),
+    #[error("user {0}: a per-user decision is enforced on the user's own host at egress; an ingress enforcer sees no local socket")]
+    UserAtIngress(String),
 }
 
 /// The address family of a flow (IPv4 when it names no address).
@@ -102,6 +116,15 @@ pub fn family(spec: &FlowSpec) -> Result<IpFamily, SpecError> {
 /// else (no field at all) a rule's match statements.
 pub fn classify(spec: &FlowSpec, netdev: bool) -> Result<Classify, SpecError> {
     let fam = family(spec)?;
+    if let Some(u) = &spec.user {
+        if netdev {
+            return Err(SpecError::UserAtIngress(u.name.clone()));
+        }
+        if u.uid.is_none() {
+            return Err(SpecError::UserWithoutUid(u.name.clone()));
+        }
+        return Ok(Classify::Rule(fallback_match(spec, netdev)));
+    }
     let has_ports = spec.src_ports.is_some() || spec.dst_ports.is_some();
     if has_ports && !matches!(spec.proto, Some(6 | 17 | 132)) {
         return Err(SpecError::PortsWithoutPortProtocol(spec.proto));
@@ -215,7 +238,19 @@ pub fn fallback_match(spec: &FlowSpec, netdev: bool) -> Vec<Stmt> {
         (Some(p), false) => stmts.push(Stmt::L4proto(p)),
         (None, _) => {}
     }
+    if let Some(uid) = spec.user.as_ref().and_then(|u| u.uid) {
+        stmts.push(Stmt::Skuid(uid));
+        stmts.push(Stmt::CtMarkSet(user_ct_mark(uid)));
+    }
     stmts
+}
+
+/// The conntrack mark a per-user decision gives its user's connections on
+/// the way out (`ct mark set`), so that their replies can be told on the
+/// way in: the uid in the low 24 bits under qosloop's tag `0x71` (uids
+/// above 2^24 share marks modulo 2^24).
+pub fn user_ct_mark(uid: u32) -> u32 {
+    0x7100_0000 | (uid & 0x00ff_ffff)
 }
 
 /// The base chain's rule for the map of `shape` (with an explicit family

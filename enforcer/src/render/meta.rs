@@ -2,7 +2,7 @@
 //! (id, version, slot, kind, fingerprint, profile, burst, flow): what a
 //! restarted enforcer reads back to adopt its own objects.
 
-use qosloop_schema::{FlowSpec, IpPrefix, Kbps, PortRange};
+use qosloop_schema::{FlowSpec, IpPrefix, Kbps, PortRange, UserRef};
 
 /// Comment on the in-profile rule: what reconcile reads back after a restart.
 pub fn meta_comment(
@@ -15,8 +15,14 @@ pub fn meta_comment(
     flow: &FlowSpec,
 ) -> String {
     let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+    // A per-user decision's uid (the name stays with the PDP: a restarted
+    // enforcer knows the user as `uid N` until the PDP resends it).
+    let user = match flow.user.as_ref().and_then(|u| u.uid) {
+        Some(uid) => format!(" u={uid}"),
+        None => String::new(),
+    };
     format!(
-        "in id={id} v={version} slot={slot} kind={kind} fp={fp:016x} p={} b={} f={},{},{},{},{}",
+        "in id={id} v={version} slot={slot} kind={kind} fp={fp:016x} p={} b={} f={},{},{},{},{}{user}",
         profile.rate.0,
         profile.burst_bytes,
         opt(flow.proto.map(|p| p.to_string())),
@@ -60,6 +66,7 @@ fn parse_flow(v: &str) -> Option<FlowSpec> {
         dst: opt::<IpPrefix>(dst)?,
         src_ports: opt::<PortRange>(sp)?,
         dst_ports: opt::<PortRange>(dp)?,
+        user: None,
     })
 }
 
@@ -70,6 +77,7 @@ pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
     }
     let (mut id, mut version, mut slot, mut kind, mut fp) = (None, None, None, None, None);
     let (mut profile, mut burst, mut flow) = (None, None, None);
+    let mut uid: Option<u32> = None;
     for w in words {
         let (k, v) = w.split_once('=')?;
         match k {
@@ -81,6 +89,7 @@ pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
             "p" => profile = v.parse().ok().map(Kbps),
             "b" => burst = v.parse().ok(),
             "f" => flow = parse_flow(v),
+            "u" => uid = Some(v.parse::<u32>().ok()?),
             _ => {}
         }
     }
@@ -92,6 +101,12 @@ pub fn parse_meta_comment(c: &str) -> Option<ChainMeta> {
         fingerprint: fp?,
         profile: profile?,
         burst_bytes: burst?,
-        flow: flow?,
+        flow: FlowSpec {
+            user: uid.map(|uid| UserRef {
+                name: format!("uid {uid}"),
+                uid: Some(uid),
+            }),
+            ..flow?
+        },
     })
 }

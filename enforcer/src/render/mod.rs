@@ -42,8 +42,8 @@ mod classify;
 mod meta;
 
 pub use classify::{
-    base_rules, classify, fallback_match, fallback_order, family, lookup_rule, Classify,
-    FallbackOrder, SpecError,
+    base_rules, classify, fallback_match, fallback_order, family, lookup_rule, user_ct_mark,
+    Classify, FallbackOrder, SpecError,
 };
 pub use meta::{meta_comment, parse_meta_comment, ChainMeta};
 
@@ -464,6 +464,7 @@ mod tests {
                 proto: Some(17),
                 src_ports: None,
                 dst_ports: Some("5001".parse().unwrap()),
+                user: None,
             },
             profile: TrafficProfile {
                 rate: Kbps(1000),
@@ -605,6 +606,7 @@ mod tests {
         let p = FlowSpec {
             proto: Some(1),
             dst_ports: Some("80".parse().unwrap()),
+            user: None,
             ..FlowSpec::default()
         };
         assert!(matches!(
@@ -618,6 +620,7 @@ mod tests {
             proto: Some(6),
             src_ports: Some("1".parse().unwrap()),
             dst_ports: Some("2".parse().unwrap()),
+            user: None,
         };
         let Classify::Map { shape, .. } = classify(&full, false).unwrap() else {
             panic!()

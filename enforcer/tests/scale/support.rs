@@ -102,6 +102,7 @@ pub fn udp_flow(dst: Ipv4Addr, port: u16) -> FlowSpec {
         proto: Some(17),
         src_ports: None,
         dst_ports: Some(PortRange::single(port)),
+        user: None,
     }
 }
 

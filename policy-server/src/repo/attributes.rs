@@ -111,6 +111,16 @@ const CLASSES: &[(&str, &[&str], bool)] = &[
         false,
     ),
     ("qosloopRuleAuxClass", &["qosloopLinkDN"], false),
+    (
+        "qosloopPerUserRuleAuxClass",
+        &["qosloopRuleUser", "qosloopRuleGroupDN", "qosloopBandBasis"],
+        false,
+    ),
+    (
+        "qosloopUserGroup",
+        &["qosloopGroupName", "qosloopMemberUid"],
+        false,
+    ),
 ];
 
 fn class(name: &str) -> Option<(&'static [&'static str], bool)> {

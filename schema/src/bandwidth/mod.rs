@@ -8,7 +8,10 @@
 //!   counts for — the bandwidth manager's *rate subjects*, its routing key;
 //! - [`window::TimeBuckets`]: a record's bytes spread evenly over the
 //!   capture time it covers, taken out per window;
-//! - [`scaled`]: counters scaled by the record's sampling interval.
+//! - [`scaled`]: counters scaled by the record's sampling interval;
+//! - [`rate_kbps`] and [`ewma`]: a window's rate and its moving average,
+//!   the same for a policed flow, a link and a user of a per-user rule
+//!   ([`Subjects::user`]).
 
 pub mod window;
 
@@ -33,6 +36,32 @@ pub fn scale(v: u64, sampling_interval: Option<u32>) -> u64 {
         Some(n) if n > 1 => v.saturating_mul(u64::from(n)),
         _ => v,
     }
+}
+
+/// The rate of `bytes` over a window of `interval_ns`, in kbit/s.
+pub fn rate_kbps(bytes: f64, interval_ns: i64) -> f64 {
+    let secs = interval_ns.max(1) as f64 / 1e9;
+    bytes * 8.0 / 1000.0 / secs
+}
+
+/// The moving average after one more interval:
+/// `avgRate_k = w · rate_k + (1 − w) · avgRate_{k−1}`, `avgRate_0 = rate_0`.
+pub fn ewma(prev: Option<f64>, rate_kbps: f64, weight: f64) -> f64 {
+    match prev {
+        Some(prev) => weight * rate_kbps + (1.0 - weight) * prev,
+        None => rate_kbps,
+    }
+}
+
+/// The user of a per-user rule a record counts for: its index in the
+/// rule's `users` when the record's `user` is one of them. `None` for a
+/// rule that is not per user, or a record of another (or no) user.
+pub fn per_user_index(rule: &BusinessRule, r: &FlowRecord) -> Option<usize> {
+    if !rule.per_user {
+        return None;
+    }
+    let user = r.user.as_deref()?;
+    rule.users.iter().position(|u| u == user)
 }
 
 /// True when `rule` selects the record: any of its flow specs matches (or
@@ -81,6 +110,9 @@ impl SubjectKind {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Subjects {
     pub rule: Option<usize>,
+    /// When `rule` is per user: the index of the record's user in the
+    /// rule's `users` (the record counts for that user, not the rule).
+    pub user: Option<usize>,
     pub links: Vec<usize>,
 }
 
@@ -130,14 +162,22 @@ impl Classifier {
             .filter(|(_, l)| l.traffic.is_empty() || l.traffic.iter().any(|f| f.matches(r)))
             .map(|(i, _)| i)
             .collect();
-        Subjects { rule: best, links }
+        let user = best.and_then(|i| per_user_index(&rules[i], r));
+        Subjects {
+            rule: best,
+            user,
+            links,
+        }
     }
 
     /// The subjects a record counts for, as `(kind, key)`: the rule's DN,
-    /// the links' names.
+    /// the links' names. A per-user rule is no subject here (cluster mode
+    /// does not keep per-user partial sums yet): its records count for
+    /// their links only.
     pub fn subject_keys(&self, r: &FlowRecord) -> Vec<(SubjectKind, &str)> {
         let s = self.classify(r);
         s.rule
+            .filter(|&i| !self.policy.rules[i].per_user)
             .map(|i| (SubjectKind::Flow, self.policy.rules[i].dn.as_str()))
             .into_iter()
             .chain(
@@ -191,5 +231,77 @@ impl RuleIndex {
             }
         }
         idx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FlowSpec;
+
+    fn rule(users: &[&str], per_user: bool) -> BusinessRule {
+        BusinessRule {
+            dn: "cn=r".into(),
+            name: "r".into(),
+            priority: 0,
+            enabled: true,
+            roles: vec!["host".into()],
+            flows: vec![],
+            users: users.iter().map(|u| u.to_string()).collect(),
+            per_user,
+            band_basis: Default::default(),
+            service_class: "c".into(),
+            link: "l".into(),
+        }
+    }
+
+    fn record(user: Option<&str>) -> FlowRecord {
+        FlowRecord {
+            src_addr: "10.0.0.1".parse().unwrap(),
+            dst_addr: "10.0.0.2".parse().unwrap(),
+            proto: 17,
+            bytes: 1000,
+            user: user.map(str::to_owned),
+            ..FlowRecord::default()
+        }
+    }
+
+    #[test]
+    fn per_user_rules_count_each_user_apart() {
+        let policy = PolicySet {
+            rules: vec![rule(&["alice", "bob"], true)],
+            ..PolicySet::default()
+        };
+        let c = Classifier::new(&policy);
+        assert_eq!(c.classify(&record(Some("bob"))).user, Some(1));
+        assert_eq!(c.classify(&record(Some("alice"))).user, Some(0));
+        assert_eq!(c.classify(&record(Some("carol"))).rule, None);
+        assert_eq!(c.classify(&record(None)).rule, None);
+        // Not per user: one subject for both, no user index.
+        let policy = PolicySet {
+            rules: vec![rule(&["alice", "bob"], false)],
+            ..PolicySet::default()
+        };
+        let s = Classifier::new(&policy).classify(&record(Some("bob")));
+        assert_eq!((s.rule, s.user), (Some(0), None));
+    }
+
+    #[test]
+    fn a_user_in_a_flow_spec_matches_that_users_records() {
+        let spec = FlowSpec {
+            user: Some(crate::UserRef::named("alice")),
+            ..FlowSpec::default()
+        };
+        assert!(spec.matches(&record(Some("alice"))));
+        assert!(!spec.matches(&record(Some("bob"))));
+        assert!(!spec.matches(&record(None)));
+    }
+
+    #[test]
+    fn the_ewma_is_the_documented_formula() {
+        assert_eq!(rate_kbps(125_000.0, 1_000_000_000), 1000.0);
+        assert_eq!(ewma(None, 1000.0, 0.5), 1000.0);
+        assert_eq!(ewma(Some(1000.0), 3000.0, 0.5), 2000.0);
+        assert_eq!(ewma(Some(1000.0), 3000.0, 1.0), 3000.0);
     }
 }

@@ -101,6 +101,7 @@ fn paper_decision() -> Decision {
             proto: Some(17),
             src_ports: None,
             dst_ports: Some("4055".parse().unwrap()),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(1000),

@@ -104,6 +104,8 @@ mod tests {
                 ..Default::default()
             }],
             users: vec![],
+            per_user: false,
+            band_basis: Default::default(),
             service_class: "gold".into(),
             link: "l".into(),
         };

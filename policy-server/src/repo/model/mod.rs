@@ -18,13 +18,15 @@
 use super::dn;
 use super::ldif::Entry;
 use qosloop_schema::{
-    BusinessRule, DeviceRole, Direction, Dscp, FlowSpec, IpPrefix, Kbps, Link, LoadBand,
+    BandBasis, BusinessRule, DeviceRole, Direction, Dscp, FlowSpec, IpPrefix, Kbps, Link, LoadBand,
     OutOfProfileAction, PolicySet, PortRange, ServiceClass, TrafficProfile,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 mod rules;
+#[cfg(test)]
+mod tests_per_user;
 
 pub use rules::intersect;
 use rules::{reject_conflicts, rule};
@@ -586,6 +588,7 @@ fn flow_condition(e: &Entry) -> Result<(FlowSpec, Vec<String>), PolicyError> {
         proto,
         src_ports: r.parse("qosloopSrcPorts", |v| v.parse::<PortRange>())?,
         dst_ports: r.parse("qosloopDstPorts", |v| v.parse::<PortRange>())?,
+        user: None,
     };
     let users = e
         .get("qosloopUser")

@@ -41,7 +41,105 @@ pub fn intersect(a: &FlowSpec, b: &FlowSpec) -> Option<FlowSpec> {
         proto,
         src_ports: ports(a.src_ports, b.src_ports)?,
         dst_ports: ports(a.dst_ports, b.dst_ports)?,
+        user: match (&a.user, &b.user) {
+            (Some(x), Some(y)) if x != y => return None,
+            (x, y) => x.clone().or_else(|| y.clone()),
+        },
     })
+}
+
+/// Most users one per-user rule may name (directly and through groups).
+const MAX_USERS: usize = 4096;
+
+/// A user name as records carry it: 1–256 bytes, no control character.
+fn valid_user(u: &str) -> Result<(), String> {
+    if u.is_empty() || u.len() > 256 {
+        return Err(format!("{} bytes: a user name has 1..=256", u.len()));
+    }
+    if u.chars().any(char::is_control) {
+        return Err(format!("{u:?} contains a control character"));
+    }
+    Ok(())
+}
+
+/// The users of a per-user rule (`qosloopPerUserRuleAuxClass`): its
+/// `qosloopRuleUser` values and the members of its `qosloopRuleGroupDN`
+/// groups (a `qosloopUserGroup`'s `qosloopMemberUid`, or a `posixGroup`'s
+/// `memberUid`), added to `users`; returns the band basis.
+fn per_user_members(
+    e: &Entry,
+    dir: &Directory<'_>,
+    users: &mut BTreeSet<String>,
+    errs: &mut Errors,
+) -> Option<BandBasis> {
+    let r = Reader(e);
+    let basis = errs.take(r.single("qosloopBandBasis").and_then(|v| {
+        match v.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("link") => Ok(BandBasis::Link),
+            Some("user") => Ok(BandBasis::User),
+            Some(other) => Err(r.err(
+                "qosloopBandBasis",
+                format!("{other:?} is not link (the link load) or user (the user's own rate)"),
+            )),
+        }
+    }));
+    for u in e.get("qosloopRuleUser") {
+        let u = u.trim();
+        match valid_user(u) {
+            Ok(()) => {
+                users.insert(u.to_owned());
+            }
+            Err(why) => errs.0.push(r.err("qosloopRuleUser", why)),
+        }
+    }
+    for g in e.get("qosloopRuleGroupDN") {
+        let g = g.trim();
+        let members_attr = match dir.get(g) {
+            None => {
+                errs.0.push(r.err(
+                    "qosloopRuleGroupDN",
+                    format!("{g} does not exist (dangling DN)"),
+                ));
+                continue;
+            }
+            Some(ge) if ge.has_class("qosloopUserGroup") => (ge, "qosloopMemberUid"),
+            Some(ge) if ge.has_class("posixGroup") => (ge, "memberUid"),
+            Some(_) => {
+                errs.0.push(r.err(
+                    "qosloopRuleGroupDN",
+                    format!("{g} is not a group (qosloopUserGroup or posixGroup)"),
+                ));
+                continue;
+            }
+        };
+        let (ge, attr) = members_attr;
+        errs.0.extend_from_slice(dir.problems(ge));
+        if ge.has_class("qosloopUserGroup") {
+            errs.take(Reader(ge).required("qosloopGroupName"));
+        }
+        for m in ge.get(attr) {
+            let m = m.trim();
+            match valid_user(m) {
+                Ok(()) => {
+                    users.insert(m.to_owned());
+                }
+                Err(why) => errs.0.push(Reader(ge).err(attr, why)),
+            }
+        }
+    }
+    if users.is_empty() {
+        errs.0.push(r.err(
+            "qosloopRuleUser",
+            "a per-user rule names no user: give qosloopRuleUser, qosloopRuleGroupDN (with members) or qosloopUser on a condition",
+        ));
+    }
+    if users.len() > MAX_USERS {
+        errs.0.push(r.err(
+            "qosloopRuleGroupDN",
+            format!("names {} users; at most {MAX_USERS}", users.len()),
+        ));
+    }
+    basis
 }
 
 /// Most flow specs one rule may expand to (CNF is multiplied out).
@@ -174,7 +272,13 @@ pub(super) fn rule(
             users.extend(u);
         }
     }
-    if conditions.is_empty() {
+    let per_user = e.has_class("qosloopPerUserRuleAuxClass");
+    let band_basis = if per_user {
+        per_user_members(e, dir, &mut users, &mut errs)
+    } else {
+        Some(BandBasis::Link)
+    };
+    if conditions.is_empty() && !per_user {
         errs.0.push(r.err(
             "pcimRuleConditionList",
             "the rule has no condition association: it would select nothing",
@@ -267,20 +371,34 @@ pub(super) fn rule(
         }
     };
 
-    match (enabled, priority, link, service_class, errs.0.is_empty()) {
-        (Some(enabled), Some(priority), Some(link), Some(service_class), true) => {
-            Ok(BusinessRule {
-                dn: e.dn.clone(),
-                name,
-                priority,
-                enabled,
-                roles,
-                flows,
-                users: users.into_iter().collect(),
-                service_class,
-                link,
-            })
-        }
+    match (
+        enabled,
+        priority,
+        link,
+        service_class,
+        band_basis,
+        errs.0.is_empty(),
+    ) {
+        (
+            Some(enabled),
+            Some(priority),
+            Some(link),
+            Some(service_class),
+            Some(band_basis),
+            true,
+        ) => Ok(BusinessRule {
+            dn: e.dn.clone(),
+            name,
+            priority,
+            enabled,
+            roles,
+            flows,
+            users: users.into_iter().collect(),
+            per_user,
+            band_basis,
+            service_class,
+            link,
+        }),
         _ => Err(errs.0),
     }
 }

@@ -200,6 +200,7 @@ fn decision(id: u64, dst: Ipv4Addr, rate: u64, action: OutOfProfileAction) -> De
             proto: Some(17),
             src_ports: None,
             dst_ports: Some(PortRange::single(5001)),
+            user: None,
         },
         profile: TrafficProfile {
             rate: Kbps(rate),
