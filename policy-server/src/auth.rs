@@ -399,9 +399,27 @@ fn needs_admin(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// The live page's assets: public (they hold no data; the page asks for a
+/// token and sends it with every API request it makes).
+const PUBLIC_ASSETS: [&str; 3] = ["/live", "/live/live.js", "/live/live.css"];
+
+/// Answers `GET /live/access`, whether the API wants a token, so that
+/// the live page can ask for one before it makes a request.
+pub const ACCESS_PATH: &str = "/live/access";
+
 /// The middleware: CORS, authentication, admin for state changes, scope.
 pub async fn guard(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        let path = req.uri().path();
+        if path == ACCESS_PATH {
+            return Json(serde_json::json!({ "token_required": auth.is_enforced() }))
+                .into_response();
+        }
+        if PUBLIC_ASSETS.contains(&path) {
+            return next.run(req).await;
+        }
+    }
     let origin = auth.cors_origin(req.headers());
     // A CORS preflight carries no credentials: answered here, before
     // authentication, and only for allowed origins.
