@@ -111,6 +111,17 @@ const CLASSES: &[(&str, &[&str], bool)] = &[
         false,
     ),
     ("qosloopRuleAuxClass", &["qosloopLinkDN"], false),
+    (
+        "qosloopApiToken",
+        &[
+            "cn",
+            "description",
+            "qosloopTokenSHA256",
+            "qosloopTokenRole",
+            "qosloopTokenScope",
+        ],
+        false,
+    ),
 ];
 
 fn class(name: &str) -> Option<(&'static [&'static str], bool)> {
