@@ -50,6 +50,11 @@ const SQLITE: &[Migration] = &[
         name: "flow_rollups",
         sql: include_str!("../sql/sqlite/0006_flow_rollups.sql"),
     },
+    Migration {
+        version: 9,
+        name: "enforcer_counters",
+        sql: include_str!("../sql/sqlite/0009_enforcer_counters.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -82,6 +87,11 @@ const POSTGRES: &[Migration] = &[
         version: 6,
         name: "flow_rollups",
         sql: include_str!("../sql/postgres/0006_flow_rollups.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "enforcer_counters",
+        sql: include_str!("../sql/postgres/0009_enforcer_counters.sql"),
     },
 ];
 

@@ -14,6 +14,7 @@ const live = {
   profiles: new Map(),  // subject name -> profile kbit/s
   topRows: [],
   connects: 0,          // live-update streams opened
+  enforcers: [],        // the enforcer table's rows as last loaded
   needsToken: false,    // the token prompt is showing
 };
 window.qosloopLive = live;
@@ -332,8 +333,13 @@ async function loadEnforcers() {
   try {
     const list = await getJson("/api/v1/enforcers");
     const rows = Array.isArray(list) ? list : (list.rows || []);
+    const num = v => v == null ? "" : Number(v).toLocaleString("en");
     $("enforcers").tBodies[0].innerHTML = rows.map(e => "<tr>" + [e.name, Array.isArray(e.roles) ? e.roles.join(" ") : e.roles, e.state,
-      e.last_report_ns ? time(e.last_report_ns) : "", e.reports ?? ""].map(c => `<td>${esc(typeof c === "object" ? JSON.stringify(c) : c)}</td>`).join("") + "</tr>").join("");
+      e.last_report_ns ? time(e.last_report_ns) : "", e.installed ?? ""].map(c => `<td>${esc(typeof c === "object" ? JSON.stringify(c) : c)}</td>`).join("") +
+      [e.counted_decisions, e.in_profile_packets, e.in_profile_bytes, e.out_of_profile_packets, e.out_of_profile_bytes]
+        .map(v => `<td class="num">${num(v)}</td>`).join("") +
+      `<td>${e.counters_at_ns ? esc(time(e.counters_at_ns)) : ""}</td></tr>`).join("");
+    live.enforcers = rows;
   } catch (e) { showError(e); }
 }
 
