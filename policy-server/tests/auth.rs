@@ -553,9 +553,7 @@ async fn ldap_tokens_read_write_and_stop_working_when_removed() {
     const LDAP_ADMIN: &str = "ldap-admin-token-8e02";
     const LATER: &str = "ldap-later-token-31aa";
     let slapd = Slapd::start(BASE).unwrap_or_else(|e| panic!("{e}"));
-    slapd
-        .add_ldif(qosloop_schema::SAMPLE_POLICY_LDIF)
-        .unwrap();
+    slapd.add_ldif(qosloop_schema::SAMPLE_POLICY_LDIF).unwrap();
     let entry = |cn: &str, role: &str, token: &str| {
         format!(
             "dn: cn={cn},ou=tokens,{BASE}\nobjectClass: qosloopApiToken\ncn: {cn}\n\
@@ -572,7 +570,11 @@ async fn ldap_tokens_read_write_and_stop_working_when_removed() {
         .unwrap();
     // Only the hashes are in the directory.
     let stored = slapd
-        .search(&format!("ou=tokens,{BASE}"), "(objectClass=qosloopApiToken)", &["*"])
+        .search(
+            &format!("ou=tokens,{BASE}"),
+            "(objectClass=qosloopApiToken)",
+            &["*"],
+        )
         .unwrap();
     assert!(stored.contains("qosloopTokenSHA256"), "{stored}");
     assert!(!stored.contains(LDAP_READ) && !stored.contains(LDAP_ADMIN));
@@ -631,8 +633,17 @@ async fn ldap_tokens_read_write_and_stop_working_when_removed() {
     )
     .await
     .map(|r| r.is_ok());
-    assert_eq!(reloaded, Ok(true), "the tokens never followed the directory: {:?}", *w.tokens.borrow());
-    assert_eq!(call("GET", LDAP_READ).await, 401, "a removed entry still works");
+    assert_eq!(
+        reloaded,
+        Ok(true),
+        "the tokens never followed the directory: {:?}",
+        *w.tokens.borrow()
+    );
+    assert_eq!(
+        call("GET", LDAP_READ).await,
+        401,
+        "a removed entry still works"
+    );
     assert_eq!(call("GET", LATER).await, 200);
     assert_eq!(call("POST", LDAP_ADMIN).await, 403);
     assert_eq!(changes.load(Ordering::SeqCst), 1, "a refused request wrote");
@@ -654,7 +665,10 @@ async fn ldap_tokens_read_write_and_stop_working_when_removed() {
     .await
     .unwrap();
     assert!(
-        rejected.as_deref().unwrap_or("").starts_with("qosloopTokenRole"),
+        rejected
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("qosloopTokenRole"),
         "{rejected:?}"
     );
     assert_eq!(call("GET", "broken-token").await, 401);

@@ -517,7 +517,9 @@ async fn with_tokens_the_live_page_asks_for_one_and_works_with_it() {
 
     // No token yet: the page asks for one (and makes no refused request).
     browser
-        .open(&format!("http://{addr}/live?range=1h&dims=src_addr&metric=bytes"))
+        .open(&format!(
+            "http://{addr}/live?range=1h&dims=src_addr&metric=bytes"
+        ))
         .await;
     browser
         .wait_for(
@@ -544,7 +546,10 @@ async fn with_tokens_the_live_page_asks_for_one_and_works_with_it() {
             "not a refusal: {e}"
         );
     }
-    assert_eq!(browser.script("return window.qosloopLive.rateEvents").await, 0);
+    assert_eq!(
+        browser.script("return window.qosloopLive.rateEvents").await,
+        0
+    );
 
     // The right token: everything loads, the chart moves, no console error.
     let entered = browser.script("return Date.now()").await.as_f64().unwrap();
@@ -569,7 +574,10 @@ async fn with_tokens_the_live_page_asks_for_one_and_works_with_it() {
         READ_TOKEN
     );
     let errors = browser.console_errors(entered).await;
-    assert!(errors.is_empty(), "console errors after the token: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "console errors after the token: {errors:?}"
+    );
     // The server saw the refusals (and only the wrong token's).
     let by: std::collections::HashMap<_, _> = refusals.by_reason().into_iter().collect();
     assert_eq!(by["missing"], 0, "the page sent a request with no token");

@@ -677,7 +677,9 @@ async fn live_responses_conform_to_the_openapi_document() {
 }
 
 /// An enforcer `pep-k` whose last accounting report held two decisions.
-async fn store_counters(store: &qosloop_policy_server::store::Store) -> qosloop_schema::AccountingReport {
+async fn store_counters(
+    store: &qosloop_policy_server::store::Store,
+) -> qosloop_schema::AccountingReport {
     use qosloop_schema::{AccountingReport, DecisionCounters, DecisionKind};
     store
         .upsert_enforcer("pep-k", &["edge".into()], "127.0.0.1:40000", "connected")
@@ -729,7 +731,10 @@ async fn enforcers_serve_the_kernel_counters_last_reported() {
     };
     assert_eq!(row["in_profile_packets"], sum(|d| d.in_profile_packets));
     assert_eq!(row["in_profile_bytes"], sum(|d| d.in_profile_bytes));
-    assert_eq!(row["out_of_profile_packets"], sum(|d| d.out_of_profile_packets));
+    assert_eq!(
+        row["out_of_profile_packets"],
+        sum(|d| d.out_of_profile_packets)
+    );
     assert_eq!(row["out_of_profile_bytes"], sum(|d| d.out_of_profile_bytes));
     let per: Vec<(u64, String, u64)> = row["kernel_counters"]
         .as_array()
@@ -743,7 +748,10 @@ async fn enforcers_serve_the_kernel_counters_last_reported() {
             )
         })
         .collect();
-    assert_eq!(per, [(3, "remark".into(), 1000), (7, "accept".into(), 4000)]);
+    assert_eq!(
+        per,
+        [(3, "remark".into(), 1000), (7, "accept".into(), 4000)]
+    );
     // CSV: the sums.
     let (code, ctype, csv) = get(web.local_addr, "/api/v1/enforcers?format=csv", "*/*").await;
     assert_eq!(code, 200);

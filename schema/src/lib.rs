@@ -31,9 +31,9 @@ mod units;
 pub use flow::{flow_hash, FlowKey, FlowRecord};
 pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
-    AccountingReport, BusinessRule, Decision, DecisionCounters, DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport,
-    FlowSpec, Link, LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass,
-    TrafficProfile, MAX_ACCOUNTED_DECISIONS,
+    AccountingReport, BusinessRule, Decision, DecisionCounters, DecisionKind, DecisionReason,
+    DeviceRole, Direction, EnforcementReport, FlowSpec, Link, LoadBand, OutOfProfileAction,
+    PolicySet, ReportOutcome, ServiceClass, TrafficProfile, MAX_ACCOUNTED_DECISIONS,
 };
 pub use template::{Template, TemplateKey};
 pub use units::{Dscp, IpPrefix, Kbps, ParseError, PortRange};

@@ -61,7 +61,8 @@ impl Db {
             .await
             .map(|r| r.rows_affected()))?;
         if gone > 0 {
-            let q = "DELETE FROM enforcer_counters WHERE enforcer NOT IN (SELECT name FROM enforcers)";
+            let q =
+                "DELETE FROM enforcer_counters WHERE enforcer NOT IN (SELECT name FROM enforcers)";
             on_pool!(self, pool, D => sqlx::query(q).execute(pool).await.map(|_| ()))?;
         }
         Ok(gone)

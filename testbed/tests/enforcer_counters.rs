@@ -48,12 +48,22 @@ type Counters = BTreeMap<u64, [u64; 4]>;
 /// chain, the rule commented `in id=N …` (in profile) and the one
 /// commented `out` (the meter's out-of-profile rule).
 fn kernel_counters(ns: &Netns) -> Counters {
-    let out = ns.command("nft").args(["-j", "list", "ruleset"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ns
+        .command("nft")
+        .args(["-j", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut by_chain: BTreeMap<String, (Option<u64>, [u64; 4])> = BTreeMap::new();
     for item in v["nftables"].as_array().unwrap() {
-        let Some(rule) = item.get("rule") else { continue };
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
         let comment = rule["comment"].as_str().unwrap_or("");
         let counter = rule["expr"]
             .as_array()
@@ -61,11 +71,17 @@ fn kernel_counters(ns: &Netns) -> Counters {
             .iter()
             .find_map(|e| e.get("counter"));
         let Some(counter) = counter else { continue };
-        let (p, b) = (counter["packets"].as_u64().unwrap(), counter["bytes"].as_u64().unwrap());
+        let (p, b) = (
+            counter["packets"].as_u64().unwrap(),
+            counter["bytes"].as_u64().unwrap(),
+        );
         let chain = format!("{} {}", rule["table"], rule["chain"]);
         let entry = by_chain.entry(chain).or_default();
         if let Some(rest) = comment.strip_prefix("in id=") {
-            entry.0 = rest.split_whitespace().next().and_then(|id| id.parse().ok());
+            entry.0 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|id| id.parse().ok());
             entry.1[0] = p;
             entry.1[1] = b;
         } else if comment == "out" {
@@ -179,7 +195,11 @@ fn the_counters_served_are_the_kernels_within_one_report() {
         if row.is_some_and(|r| r["counted_decisions"].as_u64() == Some(1)) {
             break;
         }
-        assert!(Instant::now() < end, "no accounting report: {rows:?}\n{}", logs());
+        assert!(
+            Instant::now() < end,
+            "no accounting report: {rows:?}\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let before = kernel_counters(&tx);
@@ -194,7 +214,11 @@ fn the_counters_served_are_the_kernels_within_one_report() {
         ])
         .output()
         .unwrap();
-    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
     let kernel = kernel_counters(&tx);
     let (id, k) = kernel.iter().next().map(|(id, k)| (*id, *k)).unwrap();
     let b = before[&id];
@@ -224,7 +248,11 @@ fn the_counters_served_are_the_kernels_within_one_report() {
         assert!(Instant::now() < end, "no answer\n{}", logs());
         std::thread::sleep(Duration::from_millis(250));
     };
-    assert_eq!(kernel_counters(&tx), kernel, "the kernel counted more traffic");
+    assert_eq!(
+        kernel_counters(&tx),
+        kernel,
+        "the kernel counted more traffic"
+    );
     // The row's sums are the decision's, and the report says nothing was left out.
     assert_eq!(row["in_profile_packets"].as_u64(), Some(k[0]));
     assert_eq!(row["out_of_profile_bytes"].as_u64(), Some(k[3]));

@@ -209,9 +209,19 @@ pub async fn enforcers(
          FROM enforcers e ORDER BY e.name"
     );
     let mut columns = vec![
-        ("name", Text), ("roles", Text), ("address", Text), ("state", Text), ("connected_ns", Int),
-        ("last_seen_ns", Int), ("last_report_ns", Int), ("installed", Int), ("removed", Int),
-        ("failed", Int), ("max_reconfig_ns", Int), ("counters_at_ns", Int), ("counters_omitted", Int),
+        ("name", Text),
+        ("roles", Text),
+        ("address", Text),
+        ("state", Text),
+        ("connected_ns", Int),
+        ("last_seen_ns", Int),
+        ("last_report_ns", Int),
+        ("installed", Int),
+        ("removed", Int),
+        ("failed", Int),
+        ("max_reconfig_ns", Int),
+        ("counters_at_ns", Int),
+        ("counters_omitted", Int),
         ("counted_decisions", Int),
     ];
     columns.extend(COUNTER_SUMS.iter().map(|c| (*c, Int)));
