@@ -134,7 +134,7 @@ mod tests {
     use qosloop_runtime::digest::{hex, sha256};
 
     fn entry(cn: &str, role: &str, token: &str) -> Entry {
-        Entry::new(&format!("cn={cn},ou=tokens,dc=x"))
+        Entry::new(format!("cn={cn},ou=tokens,dc=x"))
             .with("objectClass", "qosloopApiToken")
             .with("cn", cn)
             .with("qosloopTokenRole", role)
