@@ -8,37 +8,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_testbed::harness::{require_binary, require_root, tail_of, Netns, VethPair};
+use qosloop_testbed::harness::{
+    require_binary, require_root, spawn_logged, tail_of, Kid, Netns, VethPair,
+};
 use qosloop_testbed::need;
 use qosloop_testbed::procs::component_dir;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-/// A child process killed (and reaped) on drop.
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn(ns: &Netns, bin: &Path, args: &[&str], log: &Path) -> Kid {
-    let log = std::fs::File::create(log).unwrap();
-    Kid(ns
-        .command(bin.to_str().unwrap())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap())
+    spawn_logged(ns.command(bin.to_str().unwrap()).args(args), log).unwrap()
 }
 
 /// `(in packets, in bytes, out packets, out bytes)` by decision id.
