@@ -4,6 +4,8 @@
 //! `remark`, `drop`: what happens out of profile) — read from the kernel
 //! by [`crate::status::read`] at start, after each change and every
 //! [`KERNEL_EVERY`], never per scrape (a scrape must not touch netlink).
+//! Each read also gives the per-decision counters that the PEP reports to
+//! the PDP (an accounting RPT, [`qosloop_schema::AccountingReport`]).
 
 use crate::backend::KernelBackend;
 use crate::enforcer::Enforcer;
@@ -12,6 +14,41 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use qosloop_schema::{AccountingReport, DecisionCounters, DecisionKind, MAX_ACCOUNTED_DECISIONS};
+
+/// The per-decision counters of `status`, bounded.
+fn accounting(status: &crate::status::Status, at_ns: u64) -> AccountingReport {
+    let mut decisions: Vec<DecisionCounters> = status
+        .decisions
+        .iter()
+        .filter_map(|d| {
+            let kind = match d.kind.as_str() {
+                "accept" => DecisionKind::Accept,
+                "remark" => DecisionKind::Remark,
+                "drop" => DecisionKind::Drop,
+                _ => return None,
+            };
+            Some(DecisionCounters {
+                decision_id: d.id,
+                version: d.version,
+                kind,
+                in_profile_packets: d.in_profile_packets,
+                in_profile_bytes: d.in_profile_bytes,
+                out_of_profile_packets: d.out_of_profile_packets,
+                out_of_profile_bytes: d.out_of_profile_bytes,
+            })
+        })
+        .collect();
+    decisions.sort_by_key(|d| d.decision_id);
+    decisions.truncate(MAX_ACCOUNTED_DECISIONS);
+    let omitted = status.decisions.len().saturating_sub(decisions.len()) as u64;
+    AccountingReport {
+        at_ns,
+        decisions,
+        omitted,
+    }
+}
 
 /// How often the kernel counters are read while nothing changes.
 pub const KERNEL_EVERY: Duration = Duration::from_secs(5);
@@ -70,9 +107,17 @@ impl EnforcerMetrics {
         }
     }
 
-    /// Reads the kernel's counters of `enforcer`'s interface.
-    pub fn refresh_kernel<B: KernelBackend>(&self, enforcer: &mut Enforcer<B>) {
+    /// Reads the kernel's counters of `enforcer`'s interface; returns them
+    /// per decision (the first [`MAX_ACCOUNTED_DECISIONS`] by id) for the
+    /// PDP, or `None` when the kernel could not be read.
+    pub fn refresh_kernel<B: KernelBackend>(
+        &self,
+        enforcer: &mut Enforcer<B>,
+    ) -> Option<AccountingReport> {
         let layout = enforcer.layout().clone();
+        let at_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         match crate::status::read(enforcer.backend(), &layout) {
             Ok(status) => {
                 let mut by_kind: BTreeMap<String, ClassTotals> = ["accept", "remark", "drop"]
@@ -90,10 +135,12 @@ impl EnforcerMetrics {
                 if let Ok(mut k) = self.kernel.lock() {
                     *k = by_kind;
                 }
+                Some(accounting(&status, at_ns))
             }
             Err(e) => {
                 self.kernel_read_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "reading kernel counters for metrics failed");
+                None
             }
         }
     }

@@ -282,7 +282,9 @@ async fn hold<B: KernelBackend>(mut daemon: Daemon<B>) -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "periodic reconcile failed");
                 }
             }
-            _ = kernel_tick.tick() => daemon.metrics.refresh_kernel(&mut daemon.enforcer),
+            _ = kernel_tick.tick() => {
+                daemon.metrics.refresh_kernel(&mut daemon.enforcer);
+            }
         }
     }
 }
@@ -554,8 +556,16 @@ async fn session<B: KernelBackend + Send + 'static>(
                 }
             }
             _ = kernel_tick.tick() => {
-                if let Err(why) = off_thread(slot, &mut wire, &mut tick, |d| d.metrics.refresh_kernel(&mut d.enforcer)).await {
-                    return why;
+                // The counters go to the PDP too: an accounting RPT on
+                // the session's handle, every read.
+                match off_thread(slot, &mut wire, &mut tick, |d| d.metrics.refresh_kernel(&mut d.enforcer)).await {
+                    Ok(Some(report)) => {
+                        if let Err(e) = wire.send(Message::rpt_accounting(handle.clone(), &report)).await {
+                            return format!("sending RPT (accounting): {e}");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(why) => return why,
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {

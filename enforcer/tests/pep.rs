@@ -60,12 +60,22 @@ async fn next(wire: &mut Wire) -> Message {
         .expect("bad message from PEP")
 }
 
-/// Next message that is not a keepalive.
+/// Next message that is not a keepalive or a periodic accounting RPT.
 async fn next_real(wire: &mut Wire) -> Message {
     loop {
         let m = next(wire).await;
-        if !matches!(m.body, Body::Ka) {
+        let accounting = matches!(m.accounting(), Ok(Some(_)));
+        if !matches!(m.body, Body::Ka) && !accounting {
             return m;
+        }
+    }
+}
+
+/// The next accounting RPT (the kernel's counters, every 5 s).
+async fn next_accounting(wire: &mut Wire) -> qosloop_schema::AccountingReport {
+    loop {
+        if let Some(a) = next(wire).await.accounting().unwrap() {
+            return a;
         }
     }
 }
@@ -177,6 +187,19 @@ fn pep_installs_reports_fails_static_and_resyncs() {
                     (r[0].version, &r[0].outcome),
                     (2, &ReportOutcome::Installed)
                 );
+                // The kernel's counters follow, unsolicited: the decision
+                // in force, as read from the kernel (none counted yet).
+                let a = loop {
+                    let a = next_accounting(&mut wire).await;
+                    if a.decisions.first().is_some_and(|d| d.version == 2) {
+                        break a;
+                    }
+                };
+                assert_eq!(a.decisions.len(), 1, "{a:?}");
+                assert_eq!(a.decisions[0].decision_id, 1);
+                assert_eq!(a.decisions[0].kind, qosloop_schema::DecisionKind::Drop);
+                assert_eq!(a.omitted, 0);
+                assert!(a.at_ns > 0);
                 step_tx.send("installed").unwrap();
                 go_rx.recv().unwrap();
                 // The PDP goes away: the PEP must keep its decisions.

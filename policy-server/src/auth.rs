@@ -5,6 +5,12 @@
 //!   `read` (every `GET`) or `admin` (everything). A request presents
 //!   `Authorization: Bearer TOKEN`; the token is hashed and compared with
 //!   every entry in constant time.
+//! - **Tokens in the directory.** With `api_tokens_directory` the policy
+//!   repository's `qosloopApiToken` entries ([`crate::repo::DirectoryToken`],
+//!   the same name, role, SHA-256 and scope) are accepted too, as they are
+//!   now: an entry added, changed or removed in LDAP takes effect with the
+//!   policy's next version. The API then needs a token even while the
+//!   directory holds none.
 //! - **Admin by construction.** Every request whose method can change
 //!   state (anything but `GET`, `HEAD`, `OPTIONS`) needs an admin token,
 //!   whatever route it reaches: a route added later (measurement requests,
@@ -38,6 +44,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+
+/// The repository's tokens as [`crate::repo::PolicyWatch::tokens`] carries them.
+pub type DirectoryTokens = watch::Receiver<Arc<Vec<crate::repo::DirectoryToken>>>;
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -237,6 +247,10 @@ fn bad(key: &'static str, why: impl Into<String>) -> AuthConfigError {
 #[derive(Clone, Debug)]
 pub struct Auth {
     tokens: Arc<Vec<Token>>,
+    /// Whether tokens from the directory are required (then the API is
+    /// never open, even before they arrive or when there are none).
+    directory_enforced: bool,
+    directory: Option<DirectoryTokens>,
     cors_origins: Arc<Vec<String>>,
     hook: Arc<dyn ScopeHook>,
     pub stats: Arc<AuthStats>,
@@ -255,6 +269,8 @@ impl Auth {
     pub fn open() -> Auth {
         Auth {
             tokens: Arc::new(Vec::new()),
+            directory_enforced: false,
+            directory: None,
             cors_origins: Arc::new(Vec::new()),
             hook: Arc::new(FilterParamScope::default()),
             stats: Arc::new(AuthStats::default()),
@@ -297,16 +313,39 @@ impl Auth {
 
     /// Whether any token is configured (else the API is open).
     pub fn is_enforced(&self) -> bool {
-        !self.tokens.is_empty()
+        !self.tokens.is_empty() || self.directory_enforced
+    }
+
+    /// Requires tokens, accepting those of the policy repository once
+    /// [`Auth::with_directory_tokens`] gives them (`api_tokens_directory`).
+    pub fn require_directory_tokens(mut self) -> Auth {
+        self.directory_enforced = true;
+        self
+    }
+
+    /// Whether `api_tokens_directory` asked for the repository's tokens.
+    pub fn wants_directory_tokens(&self) -> bool {
+        self.directory_enforced
+    }
+
+    /// Accepts the policy repository's tokens, as they are at each
+    /// request (and requires a token from now on).
+    pub fn with_directory_tokens(mut self, tokens: DirectoryTokens) -> Auth {
+        self.directory_enforced = true;
+        self.directory = Some(tokens);
+        self
     }
 
     /// Logs at start what protects the API.
     pub fn announce(&self) {
         if self.is_enforced() {
             let admins = self.tokens.iter().filter(|t| t.role == Role::Admin).count();
+            let directory = self.directory.as_ref().map_or(0, |d| d.borrow().len());
             tracing::info!(
                 tokens = self.tokens.len(),
                 admin_tokens = admins,
+                directory_tokens = directory,
+                from_directory = self.directory_enforced,
                 "HTTP API: bearer tokens required"
             );
         } else {
@@ -314,13 +353,26 @@ impl Auth {
         }
     }
 
-    /// The token matching `presented`, comparing every entry.
-    fn find(&self, presented: &str) -> Option<&Token> {
+    /// The token matching `presented`, comparing every entry (the file's,
+    /// then the directory's).
+    fn find(&self, presented: &str) -> Option<Token> {
         let digest = sha256(presented.as_bytes());
         let mut found = None;
         for t in self.tokens.iter() {
             if constant_time_eq(&t.digest, &digest) && found.is_none() {
-                found = Some(t);
+                found = Some(t.clone());
+            }
+        }
+        if let Some(directory) = &self.directory {
+            for t in directory.borrow().iter() {
+                if constant_time_eq(&t.digest, &digest) && found.is_none() {
+                    found = Some(Token {
+                        name: t.name.clone(),
+                        role: t.role,
+                        digest: t.digest,
+                        scope: t.scope.clone(),
+                    });
+                }
             }
         }
         found
@@ -399,9 +451,27 @@ fn needs_admin(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// The live page's assets: public (they hold no data; the page asks for a
+/// token and sends it with every API request it makes).
+const PUBLIC_ASSETS: [&str; 3] = ["/live", "/live/live.js", "/live/live.css"];
+
+/// Answers `GET /live/access`, whether the API wants a token, so that
+/// the live page can ask for one before it makes a request.
+pub const ACCESS_PATH: &str = "/live/access";
+
 /// The middleware: CORS, authentication, admin for state changes, scope.
 pub async fn guard(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        let path = req.uri().path();
+        if path == ACCESS_PATH {
+            return Json(serde_json::json!({ "token_required": auth.is_enforced() }))
+                .into_response();
+        }
+        if PUBLIC_ASSETS.contains(&path) {
+            return next.run(req).await;
+        }
+    }
     let origin = auth.cors_origin(req.headers());
     // A CORS preflight carries no credentials: answered here, before
     // authentication, and only for allowed origins.
@@ -440,7 +510,7 @@ pub async fn guard(State(auth): State<Auth>, mut req: Request, next: Next) -> Re
                 "a bearer token is required",
             );
         };
-        let Some(token) = auth.find(&presented).cloned() else {
+        let Some(token) = auth.find(&presented) else {
             return auth.refuse(
                 StatusCode::UNAUTHORIZED,
                 &auth.stats.invalid,

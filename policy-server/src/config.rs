@@ -116,6 +116,11 @@ pub struct Settings {
     /// without it the HTTP API is open.
     #[arg(long, value_name = "FILE")]
     pub api_tokens_file: Option<PathBuf>,
+    /// Also accept the API tokens of the policy repository's
+    /// `qosloopApiToken` entries (LDAP or LDIF), current with every change;
+    /// the API then always needs a token (docs/security.md).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub api_tokens_directory: Option<bool>,
     /// Origins allowed to call the API from a browser (CORS), ORIGIN[,…];
     /// none by default.
     #[arg(long, value_delimiter = ',', value_name = "ORIGIN")]
@@ -229,6 +234,7 @@ impl Settings {
             http_header_timeout_ms: self.http_header_timeout_ms.or(base.http_header_timeout_ms),
             http_idle_timeout_ms: self.http_idle_timeout_ms.or(base.http_idle_timeout_ms),
             api_tokens_file: self.api_tokens_file.or(base.api_tokens_file),
+            api_tokens_directory: self.api_tokens_directory.or(base.api_tokens_directory),
             cors_allowed_origins: self.cors_allowed_origins.or(base.cors_allowed_origins),
             http_tls_cert: self.http_tls_cert.or(base.http_tls_cert),
             http_tls_key: self.http_tls_key.or(base.http_tls_key),
@@ -462,13 +468,17 @@ impl Config {
             .map(|m| addr("metrics", m))
             .transpose()?;
         let allow_insecure_remote = s.allow_insecure_remote.unwrap_or(false);
-        let (auth, http_tls) = crate::auth::web_security(
+        let (mut auth, http_tls) = crate::auth::web_security(
             s.api_tokens_file.as_deref(),
             s.cors_allowed_origins.clone().unwrap_or_default(),
             s.http_tls_cert.as_deref(),
             s.http_tls_key.as_deref(),
         )
         .map_err(|e| invalid(e.key, e.why))?;
+        if s.api_tokens_directory.unwrap_or(false) {
+            // The tokens themselves arrive with the policy (main.rs).
+            auth = auth.require_directory_tokens();
+        }
         // Who can reach a port can steer the loop: decided before any
         // socket opens.
         let mutual_tls = tls.is_some() && s.pdp_tls_client_ca.is_some();

@@ -140,6 +140,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let mut watch = watch;
+    let mut config = config;
+    // Only with api_tokens_directory: otherwise the repository's token
+    // entries are not accepted.
+    if config.web.auth.wants_directory_tokens() {
+        config.web.auth = config
+            .web
+            .auth
+            .clone()
+            .with_directory_tokens(watch.tokens.clone());
+    }
     let policy = watch.policy.clone();
     // Take the audit channel; `watch` itself must live on (dropping it stops watching).
     let mut audit = std::mem::replace(&mut watch.audit, tokio::sync::mpsc::channel(1).1);

@@ -506,6 +506,7 @@ async fn record_events(store: Store, mut events: mpsc::Receiver<PdpEvent>, stats
                 }
             }
             PdpEvent::Report { name, report } => store.insert_report(name, report).await,
+            PdpEvent::Counters { name, report } => store.replace_counters(name, report).await,
         };
         if let Err(err) = r {
             let n = stats.events_store_failed.fetch_add(1, Ordering::Relaxed) + 1;

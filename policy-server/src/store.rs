@@ -256,6 +256,18 @@ impl Store {
             .map_err(sql("forgetting old enforcers"))
     }
 
+    /// The kernel counters `enforcer` reported last, replacing the previous.
+    pub async fn replace_counters(
+        &self,
+        enforcer: &str,
+        r: &qosloop_schema::AccountingReport,
+    ) -> Result<(), StoreError> {
+        self.db
+            .replace_counters(enforcer, r)
+            .await
+            .map_err(sql("storing an enforcer's kernel counters"))
+    }
+
     pub async fn insert_report(
         &self,
         enforcer: &str,

@@ -538,3 +538,141 @@ fn the_access_keys_are_validated_before_anything_starts() {
     assert_eq!(c.metrics.unwrap().port(), 9743);
     assert!(!c.web.auth.is_enforced());
 }
+
+/// The tokens of the policy directory: a real slapd (testbed harness) with
+/// the sample policy and `qosloopApiToken` entries, followed by the
+/// repository's sync search; the real middleware in front of a
+/// state-changing route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldap_tokens_read_write_and_stop_working_when_removed() {
+    use qosloop_policy_server::repo::{watch_ldap, LdapBind, LdapSource};
+    use qosloop_testbed::harness::Slapd;
+    qosloop_testbed::need!(Slapd::available());
+    const BASE: &str = "dc=qosloop,dc=example";
+    const LDAP_READ: &str = "ldap-read-token-4c1d";
+    const LDAP_ADMIN: &str = "ldap-admin-token-8e02";
+    const LATER: &str = "ldap-later-token-31aa";
+    let slapd = Slapd::start(BASE).unwrap_or_else(|e| panic!("{e}"));
+    slapd.add_ldif(qosloop_schema::SAMPLE_POLICY_LDIF).unwrap();
+    let entry = |cn: &str, role: &str, token: &str| {
+        format!(
+            "dn: cn={cn},ou=tokens,{BASE}\nobjectClass: qosloopApiToken\ncn: {cn}\n\
+             qosloopTokenRole: {role}\nqosloopTokenSHA256: {}\n\n",
+            hex(&sha256(token.as_bytes()))
+        )
+    };
+    slapd
+        .add_ldif(&format!(
+            "dn: ou=tokens,{BASE}\nobjectClass: organizationalUnit\nou: tokens\n\n{}{}",
+            entry("dashboards", "read", LDAP_READ),
+            entry("ops", "admin", LDAP_ADMIN)
+        ))
+        .unwrap();
+    // Only the hashes are in the directory.
+    let stored = slapd
+        .search(
+            &format!("ou=tokens,{BASE}"),
+            "(objectClass=qosloopApiToken)",
+            &["*"],
+        )
+        .unwrap();
+    assert!(stored.contains("qosloopTokenSHA256"), "{stored}");
+    assert!(!stored.contains(LDAP_READ) && !stored.contains(LDAP_ADMIN));
+
+    let mut source = LdapSource::new(
+        slapd.url(),
+        BASE,
+        LdapBind::Simple {
+            dn: slapd.bind_dn().to_owned(),
+            password: slapd.password().to_owned(),
+        },
+    );
+    source.backoff_max = std::time::Duration::from_millis(500);
+    let mut w = watch_ldap(source, WAIT).await.unwrap();
+    assert_eq!(w.tokens.borrow().len(), 2, "loaded with the policy");
+    let auth = Auth::load(None, vec![], Arc::new(FilterParamScope::default()))
+        .unwrap()
+        .with_directory_tokens(w.tokens.clone());
+    assert!(auth.is_enforced());
+    let stats = auth.stats.clone();
+    let (addr, changes) = serve_test_router(auth).await;
+    let call = |method: &'static str, token: &'static str| async move {
+        let h = bearer(token);
+        request(addr, method, "/api/v1/thing", &[("Authorization", &h)])
+            .await
+            .0
+    };
+
+    // The read token reads and cannot write; the admin token writes.
+    assert_eq!(call("GET", LDAP_READ).await, 200);
+    assert_eq!(call("POST", LDAP_READ).await, 403);
+    assert_eq!(changes.load(Ordering::SeqCst), 0, "a read token wrote");
+    assert_eq!(call("POST", LDAP_ADMIN).await, 200);
+    assert_eq!(changes.load(Ordering::SeqCst), 1);
+    assert_eq!(call("GET", LATER).await, 401, "not in the directory yet");
+
+    // Reload: an entry removed stops working, one added starts, a role
+    // lowered in place loses admin.
+    slapd
+        .delete(&format!("cn=dashboards,ou=tokens,{BASE}"))
+        .unwrap();
+    slapd.add_ldif(&entry("later", "read", LATER)).unwrap();
+    slapd
+        .modify_ldif(&format!(
+            "dn: cn=ops,ou=tokens,{BASE}\nchangetype: modify\n\
+             replace: qosloopTokenRole\nqosloopTokenRole: read\n"
+        ))
+        .unwrap();
+    let reloaded = tokio::time::timeout(
+        WAIT,
+        w.tokens.wait_for(|t| {
+            t.iter().any(|t| t.name == "later")
+                && !t.iter().any(|t| t.name == "dashboards")
+                && t.iter().all(|t| t.role == auth::Role::Read)
+        }),
+    )
+    .await
+    .map(|r| r.is_ok());
+    assert_eq!(
+        reloaded,
+        Ok(true),
+        "the tokens never followed the directory: {:?}",
+        *w.tokens.borrow()
+    );
+    assert_eq!(
+        call("GET", LDAP_READ).await,
+        401,
+        "a removed entry still works"
+    );
+    assert_eq!(call("GET", LATER).await, 200);
+    assert_eq!(call("POST", LDAP_ADMIN).await, 403);
+    assert_eq!(changes.load(Ordering::SeqCst), 1, "a refused request wrote");
+
+    // A broken entry is refused with its DN (audited) and does not work.
+    slapd
+        .add_ldif(&entry("broken", "superuser", "broken-token"))
+        .unwrap();
+    let rejected = tokio::time::timeout(WAIT, async {
+        while let Some(e) = w.audit.recv().await {
+            if e.change == qosloop_policy_server::repo::AuditChange::Reject
+                && e.dn == format!("cn=broken,ou=tokens,{BASE}")
+            {
+                return e.detail;
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(
+        rejected
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("qosloopTokenRole"),
+        "{rejected:?}"
+    );
+    assert_eq!(call("GET", "broken-token").await, 401);
+    let by: std::collections::HashMap<_, _> = stats.by_reason().into_iter().collect();
+    assert_eq!(by["invalid"], 3, "{by:?}");
+    assert_eq!(by["forbidden"], 2, "{by:?}");
+}

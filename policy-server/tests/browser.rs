@@ -3,7 +3,11 @@
 //! dependency): it loads with no console error, the link chart moves while
 //! the test writes flow records (so the loop computes rates), a filter
 //! typed into the explorer returns the right rows and lands in the URL, and
-//! a screenshot is saved under target/ as an artifact.
+//! a screenshot is saved under target/ as an artifact. A second run with
+//! tokens configured: the page asks for a token, a wrong one brings the
+//! prompt back, the right one (kept in sessionStorage, never in the URL)
+//! makes every request and the fetch-streamed live updates work with no
+//! console error.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +20,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// One browser at a time: the machine's cores are few and each run
+/// starts a Chromium.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ELEMENT: &str = "element-6066-11e4-a52f-4d8a6e89a0ff";
 
@@ -165,15 +173,183 @@ async fn wait_for(port: u16, session: &str, js: &str) {
     panic!("timed out waiting for: {js}");
 }
 
+/// A WebDriver session in a headless Chromium; chromedriver and the
+/// browser are killed when it is dropped.
+struct Browser {
+    port: u16,
+    session: String,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver and a session, or skips (`None`) saying why.
+    async fn start() -> Option<Browser> {
+        let chromium = qosloop_testbed::harness::prerequisite(
+            qosloop_testbed::harness::require_binary("chromium", "chromium"),
+        )?;
+        let chromedriver = qosloop_testbed::harness::prerequisite(
+            qosloop_testbed::harness::require_binary("chromedriver", "chromium-driver"),
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let profile = tempfile::tempdir().unwrap();
+        let driver = Driver(
+            std::process::Command::new(&chromedriver)
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+            profile.path().to_owned(),
+        );
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:loggingPrefs": { "browser": "ALL" },
+            "goog:chromeOptions": {
+                "binary": chromium.to_string_lossy(),
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--window-size=1300,1800",
+                    format!("--user-data-dir={}", profile.path().display())],
+            },
+        }}});
+        let session = wd(port, "POST", "/session", Some(caps)).await["sessionId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Some(Browser {
+            port,
+            session,
+            _driver: driver,
+            _profile: profile,
+        })
+    }
+
+    fn base(&self) -> String {
+        format!("/session/{}", self.session)
+    }
+
+    async fn open(&self, url: &str) {
+        wd(
+            self.port,
+            "POST",
+            &format!("{}/url", self.base()),
+            Some(json!({ "url": url })),
+        )
+        .await;
+        self.wait_for("return document.readyState === 'complete'")
+            .await;
+    }
+
+    async fn script(&self, js: &str) -> Value {
+        script(self.port, &self.session, js).await
+    }
+
+    async fn wait_for(&self, js: &str) {
+        wait_for(self.port, &self.session, js).await
+    }
+
+    /// Types `text` into the element `css` (a trailing `\u{E007}` is Enter).
+    async fn type_into(&self, css: &str, text: &str) {
+        let base = self.base();
+        let el = wd(
+            self.port,
+            "POST",
+            &format!("{base}/element"),
+            Some(json!({ "using": "css selector", "value": css })),
+        )
+        .await;
+        let el = el
+            .get(ELEMENT)
+            .or_else(|| el.as_object()?.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {el}"))
+            .to_owned();
+        wd(
+            self.port,
+            "POST",
+            &format!("{base}/element/{el}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
+    }
+
+    /// The browser's console entries at level SEVERE logged at or after
+    /// `since_ms` (the page's `Date.now()`).
+    async fn console_errors(&self, since_ms: f64) -> Vec<Value> {
+        let logs = wd(
+            self.port,
+            "POST",
+            &format!("{}/se/log", self.base()),
+            Some(json!({ "type": "browser" })),
+        )
+        .await;
+        logs.as_array()
+            .unwrap_or_else(|| panic!("no browser log: {logs}"))
+            .iter()
+            .filter(|l| l["level"] == "SEVERE")
+            .filter(|l| l["timestamp"].as_f64().unwrap_or(f64::MAX) >= since_ms)
+            .cloned()
+            .collect()
+    }
+
+    /// Asserts that the link chart moves: more points later, more rate events.
+    async fn assert_chart_moves(&self) {
+        self.wait_for("return window.qosloopLive.rateEvents >= 3")
+            .await;
+        self.wait_for("return +document.getElementById('link-chart').dataset.points > 0")
+            .await;
+        let read = "const c = document.getElementById('link-chart'); \
+                    return [+c.dataset.points, +c.dataset.tmax, window.qosloopLive.rateEvents]";
+        let before = self.script(read).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let after = self.script(read).await;
+        assert!(
+            after[1].as_f64().unwrap() > before[1].as_f64().unwrap()
+                && after[2].as_i64().unwrap() > before[2].as_i64().unwrap(),
+            "the chart did not move: {before} then {after}"
+        );
+    }
+
+    async fn close(self) {
+        wd(self.port, "DELETE", &self.base(), None).await;
+    }
+}
+
+/// Flow records for the live charts while the page is open (bounded).
+fn write_traffic(db: qosloop_store::Db) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 10..400 {
+            insert_flow(
+                &db,
+                "10.9.9.9",
+                "10.0.1.1",
+                9000,
+                50_000 + seq as u64 * 100,
+                seq,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_page_moves_filters_and_reports_no_error() {
-    let chromium = qosloop_testbed::need!(qosloop_testbed::harness::require_binary(
-        "chromium", "chromium"
-    ));
-    let chromedriver = qosloop_testbed::need!(qosloop_testbed::harness::require_binary(
-        "chromedriver",
-        "chromium-driver"
-    ));
+    let _one = ONE_BROWSER.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let (server, policy_tx) = start_paper(&dir).await;
     let web = qosloop_policy_server::web::serve(
@@ -197,164 +373,73 @@ async fn the_live_page_moves_filters_and_reports_no_error() {
     {
         insert_flow(&db, src, "10.0.1.1", dport, bytes, i as i64).await;
     }
-    // Traffic for the live charts while the page is open (bounded).
-    let writer = tokio::spawn(async move {
-        for seq in 10..400 {
-            insert_flow(
-                &db,
-                "10.9.9.9",
-                "10.0.1.1",
-                9000,
-                50_000 + seq as u64 * 100,
-                seq,
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let profile = tempfile::tempdir().unwrap();
-    let _driver = Driver(
-        std::process::Command::new(&chromedriver)
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-        profile.path().to_owned(),
-    );
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let caps = json!({ "capabilities": { "alwaysMatch": {
-        "browserName": "chrome",
-        "goog:loggingPrefs": { "browser": "ALL" },
-        "goog:chromeOptions": {
-            "binary": chromium.to_string_lossy(),
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1300,1800",
-                format!("--user-data-dir={}", profile.path().display())],
-        },
-    }}});
-    let session = wd(port, "POST", "/session", Some(caps)).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let base = format!("/session/{session}");
+    let writer = write_traffic(db);
+    let base = browser.base();
+    let port = browser.port;
 
     // The view's state comes from the URL.
-    let url = format!("http://{addr}/live?range=1h&dims=src_addr&metric=bytes");
-    wd(
-        port,
-        "POST",
-        &format!("{base}/url"),
-        Some(json!({ "url": url })),
-    )
-    .await;
-    wait_for(port, &session, "return document.readyState === 'complete'").await;
+    browser
+        .open(&format!(
+            "http://{addr}/live?range=1h&dims=src_addr&metric=bytes"
+        ))
+        .await;
     assert_eq!(
-        script(
-            port,
-            &session,
-            "return document.getElementById('metric').value"
-        )
-        .await,
+        browser
+            .script("return document.getElementById('metric').value")
+            .await,
         "bytes"
+    );
+    // An open API: no token asked for.
+    assert_eq!(
+        browser
+            .script("return document.getElementById('token-form').hidden")
+            .await,
+        true
     );
 
     // The link chart moves while rates come in.
-    wait_for(port, &session, "return window.qosloopLive.rateEvents >= 3").await;
-    wait_for(
-        port,
-        &session,
-        "return +document.getElementById('link-chart').dataset.points > 0",
-    )
-    .await;
-    let read = "const c = document.getElementById('link-chart'); \
-                return [+c.dataset.points, +c.dataset.tmax, window.qosloopLive.rateEvents]";
-    let before = script(port, &session, read).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let after = script(port, &session, read).await;
-    assert!(
-        after[1].as_f64().unwrap() > before[1].as_f64().unwrap()
-            && after[2].as_i64().unwrap() > before[2].as_i64().unwrap(),
-        "the chart did not move: {before} then {after}"
-    );
+    browser.assert_chart_moves().await;
 
     // A filter typed in returns the right rows, and is kept in the URL.
-    let input = wd(
-        port,
-        "POST",
-        &format!("{base}/element"),
-        Some(json!({ "using": "css selector", "value": "#filter" })),
-    )
-    .await;
-    let input = input
-        .get(ELEMENT)
-        .or_else(|| input.as_object()?.values().next())
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("no element: {input}"))
-        .to_owned();
-    wd(
-        port,
-        "POST",
-        &format!("{base}/element/{input}/value"),
-        Some(json!({ "text": "dst_port = 5001\u{E007}" })),
-    )
-    .await;
-    wait_for(
-        port,
-        &session,
-        "return location.search.includes('filter=dst_port') && window.qosloopLive.topRows.length === 2",
-    )
-    .await;
-    let rows = script(port, &session, "return window.qosloopLive.topRows").await;
+    browser
+        .type_into("#filter", "dst_port = 5001\u{E007}")
+        .await;
+    browser
+        .wait_for(
+            "return location.search.includes('filter=dst_port') && window.qosloopLive.topRows.length === 2",
+        )
+        .await;
+    let rows = browser.script("return window.qosloopLive.topRows").await;
     assert_eq!(rows, json!([["10.0.0.1", 3000], ["10.0.0.2", 1000]]));
-    let shown = script(
-        port,
-        &session,
-        "return [...document.querySelectorAll('#top-table tbody td')].map(td => td.textContent)",
-    )
-    .await;
+    let shown = browser
+        .script(
+            "return [...document.querySelectorAll('#top-table tbody td')].map(td => td.textContent)",
+        )
+        .await;
     assert_eq!(shown, json!(["10.0.0.1", "3,000", "10.0.0.2", "1,000"]));
     // A malformed filter shows the API's error, naming the token.
-    script(
-        port,
-        &session,
-        "document.getElementById('filter').value = 'dst_port = = 1'; \
-         document.getElementById('apply').click(); return true",
-    )
-    .await;
-    wait_for(
-        port,
-        &session,
-        "return document.getElementById('explorer-error').textContent.includes('offset')",
-    )
-    .await;
-    script(
-        port,
-        &session,
-        "document.getElementById('filter').value = 'dst_port = 5001'; \
-         document.getElementById('apply').click(); return true",
-    )
-    .await;
-    wait_for(
-        port,
-        &session,
-        "return document.getElementById('explorer-error').textContent === '' && \
-         document.getElementById('series-chart').dataset.series !== undefined && \
-         document.querySelectorAll('#sankey path').length > 0",
-    )
-    .await;
+    browser
+        .script(
+            "document.getElementById('filter').value = 'dst_port = = 1'; \
+             document.getElementById('apply').click(); return true",
+        )
+        .await;
+    browser
+        .wait_for("return document.getElementById('explorer-error').textContent.includes('offset')")
+        .await;
+    browser
+        .script(
+            "document.getElementById('filter').value = 'dst_port = 5001'; \
+             document.getElementById('apply').click(); return true",
+        )
+        .await;
+    browser
+        .wait_for(
+            "return document.getElementById('explorer-error').textContent === '' && \
+             document.getElementById('series-chart').dataset.series !== undefined && \
+             document.querySelectorAll('#sankey path').length > 0",
+        )
+        .await;
 
     // The screenshot, as an artifact under target/.
     let png = wd(port, "GET", &format!("{base}/screenshot"), None).await;
@@ -367,18 +452,10 @@ async fn the_live_page_moves_filters_and_reports_no_error() {
 
     // No console error at any point (the 400 of the malformed filter is
     // the one expected resource error).
-    let logs = wd(
-        port,
-        "POST",
-        &format!("{base}/se/log"),
-        Some(json!({ "type": "browser" })),
-    )
-    .await;
-    let errors: Vec<&Value> = logs
-        .as_array()
-        .unwrap_or_else(|| panic!("no browser log: {logs}"))
-        .iter()
-        .filter(|l| l["level"] == "SEVERE")
+    let errors: Vec<Value> = browser
+        .console_errors(0.0)
+        .await
+        .into_iter()
         .filter(|l| {
             !l["message"]
                 .as_str()
@@ -388,7 +465,125 @@ async fn the_live_page_moves_filters_and_reports_no_error() {
         .collect();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 
-    wd(port, "DELETE", &base, None).await;
+    browser.close().await;
+    writer.abort();
+    server.stop().await;
+    web.task.await.unwrap();
+}
+
+const READ_TOKEN: &str = "live-page-read-token-5e21";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_the_live_page_asks_for_one_and_works_with_it() {
+    use qosloop_policy_server::auth::{Auth, FilterParamScope};
+    use qosloop_runtime::digest::{hex, sha256};
+    let _one = ONE_BROWSER.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"live\"\nrole = \"read\"\nsha256 = \"{}\"\n",
+            hex(&sha256(READ_TOKEN.as_bytes()))
+        ),
+    )
+    .unwrap();
+    let auth = Auth::load(
+        Some(&tokens),
+        vec![],
+        std::sync::Arc::new(FilterParamScope::default()),
+    )
+    .unwrap();
+    let refusals = auth.stats.clone();
+    let (server, policy_tx) = start_paper(&dir).await;
+    let web = qosloop_policy_server::web::serve(
+        any_loopback_port(),
+        &server,
+        policy_tx.subscribe(),
+        WebConfig {
+            auth,
+            ..WebConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr: SocketAddr = web.local_addr;
+    let db = server.store.db().clone();
+    insert_flow(&db, "10.0.0.1", "10.0.1.1", 5001, 3000, 0).await;
+    let writer = write_traffic(db);
+
+    // No token yet: the page asks for one (and makes no refused request).
+    browser
+        .open(&format!(
+            "http://{addr}/live?range=1h&dims=src_addr&metric=bytes"
+        ))
+        .await;
+    browser
+        .wait_for(
+            "return window.qosloopLive.needsToken && \
+             !document.getElementById('token-form').hidden && \
+             document.getElementById('token-prompt').textContent.includes('needs an API token')",
+        )
+        .await;
+    assert!(browser.console_errors(0.0).await.is_empty());
+
+    // A wrong token: refused, the prompt says so; only 401s in the console.
+    browser.type_into("#token", "not-the-token\u{E007}").await;
+    browser
+        .wait_for(
+            "return !document.getElementById('token-form').hidden && \
+             document.getElementById('token-prompt').textContent.includes('refused (401)')",
+        )
+        .await;
+    let refused = browser.console_errors(0.0).await;
+    assert!(!refused.is_empty(), "the wrong token was never sent");
+    for e in &refused {
+        assert!(
+            e["message"].as_str().unwrap_or("").contains("401"),
+            "not a refusal: {e}"
+        );
+    }
+    assert_eq!(
+        browser.script("return window.qosloopLive.rateEvents").await,
+        0
+    );
+
+    // The right token: everything loads, the chart moves, no console error.
+    let entered = browser.script("return Date.now()").await.as_f64().unwrap();
+    browser
+        .type_into("#token", &format!("{READ_TOKEN}\u{E007}"))
+        .await;
+    browser
+        .wait_for(
+            "return document.getElementById('token-form').hidden && \
+             window.qosloopLive.connects >= 1 && window.qosloopLive.topRows.length >= 1 && \
+             document.getElementById('status').textContent === 'live'",
+        )
+        .await;
+    browser.assert_chart_moves().await;
+    // The token is in this tab's sessionStorage, never in the URL.
+    let url = browser.script("return location.href").await;
+    assert!(!url.as_str().unwrap().contains(READ_TOKEN), "{url}");
+    assert_eq!(
+        browser
+            .script("return sessionStorage.getItem('qosloop.apiToken')")
+            .await,
+        READ_TOKEN
+    );
+    let errors = browser.console_errors(entered).await;
+    assert!(
+        errors.is_empty(),
+        "console errors after the token: {errors:?}"
+    );
+    // The server saw the refusals (and only the wrong token's).
+    let by: std::collections::HashMap<_, _> = refusals.by_reason().into_iter().collect();
+    assert_eq!(by["missing"], 0, "the page sent a request with no token");
+    assert!(by["invalid"] >= 1, "{by:?}");
+
+    browser.close().await;
     writer.abort();
     server.stop().await;
     web.task.await.unwrap();

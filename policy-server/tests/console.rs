@@ -709,6 +709,8 @@ async fn live_responses_conform_to_the_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
     let (server, web) = serve(&db_url(&dir), ConsoleLimits::default()).await;
     fill(server.store.db(), &records()).await;
+    // An enforcer with kernel counters, so that its row's schema is checked.
+    store_counters(&server.store).await;
     let url = format!("http://{}/api/v1/openapi.json", web.local_addr);
     let out = tokio::process::Command::new(st)
         .args(["run", &url, "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
@@ -732,6 +734,96 @@ async fn live_responses_conform_to_the_openapi_document() {
     // It ran every operation (and did not, say, fail to load the document).
     assert!(text.contains("Tested: 16"), "{text}");
     eprintln!("{text}");
+    server.stop().await;
+    web.task.await.unwrap();
+}
+
+/// An enforcer `pep-k` whose last accounting report held two decisions.
+async fn store_counters(
+    store: &qosloop_policy_server::store::Store,
+) -> qosloop_schema::AccountingReport {
+    use qosloop_schema::{AccountingReport, DecisionCounters, DecisionKind};
+    store
+        .upsert_enforcer("pep-k", &["edge".into()], "127.0.0.1:40000", "connected")
+        .await
+        .unwrap();
+    let counters = |id, kind, n: u64| DecisionCounters {
+        decision_id: id,
+        version: 2,
+        kind,
+        in_profile_packets: n,
+        in_profile_bytes: n * 100,
+        out_of_profile_packets: n / 2,
+        out_of_profile_bytes: n * 50,
+    };
+    // An earlier report is replaced whole, not added to.
+    let old = AccountingReport {
+        at_ns: 1,
+        decisions: vec![counters(9, DecisionKind::Drop, 1)],
+        omitted: 0,
+    };
+    store.replace_counters("pep-k", &old).await.unwrap();
+    let report = AccountingReport {
+        at_ns: 1_700_000_000_000_000_000,
+        decisions: vec![
+            counters(7, DecisionKind::Accept, 40),
+            counters(3, DecisionKind::Remark, 10),
+        ],
+        omitted: 5,
+    };
+    store.replace_counters("pep-k", &report).await.unwrap();
+    report
+}
+
+#[tokio::test]
+async fn enforcers_serve_the_kernel_counters_last_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, web) = serve(&db_url(&dir), ConsoleLimits::default()).await;
+    let report = store_counters(&server.store).await;
+    let (code, _, body) = get(web.local_addr, "/api/v1/enforcers", "application/json").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = &v["rows"][0];
+    assert_eq!(row["name"], "pep-k");
+    assert_eq!(row["counters_at_ns"], 1_700_000_000_000_000_000u64);
+    assert_eq!(row["counters_omitted"], 5);
+    assert_eq!(row["counted_decisions"], 2);
+    let sum = |f: fn(&qosloop_schema::DecisionCounters) -> u64| {
+        report.decisions.iter().map(f).sum::<u64>()
+    };
+    assert_eq!(row["in_profile_packets"], sum(|d| d.in_profile_packets));
+    assert_eq!(row["in_profile_bytes"], sum(|d| d.in_profile_bytes));
+    assert_eq!(
+        row["out_of_profile_packets"],
+        sum(|d| d.out_of_profile_packets)
+    );
+    assert_eq!(row["out_of_profile_bytes"], sum(|d| d.out_of_profile_bytes));
+    let per: Vec<(u64, String, u64)> = row["kernel_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["decision_id"].as_u64().unwrap(),
+                d["kind"].as_str().unwrap().to_owned(),
+                d["in_profile_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        per,
+        [(3, "remark".into(), 1000), (7, "accept".into(), 4000)]
+    );
+    // CSV: the sums.
+    let (code, ctype, csv) = get(web.local_addr, "/api/v1/enforcers?format=csv", "*/*").await;
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("text/csv"), "{ctype}");
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let cells: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let cell = |name: &str| cells[head.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(cell("in_profile_packets"), "50");
+    assert_eq!(cell("counted_decisions"), "2");
     server.stop().await;
     web.task.await.unwrap();
 }

@@ -410,6 +410,41 @@ pub enum ReportOutcome {
     Failed { reason: String },
 }
 
+/// Most decisions one [`AccountingReport`] carries (the first by id); the
+/// rest are counted in `omitted`. About 200 bytes of JSON each: a report
+/// stays far below the COPS codec's 1 MiB.
+pub const MAX_ACCOUNTED_DECISIONS: usize = 1024;
+
+/// One decision's kernel counters: the nftables meter's in-profile and
+/// out-of-profile counters of its rules, as `nft list` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionCounters {
+    pub decision_id: u64,
+    pub version: u64,
+    /// What happens out of profile.
+    pub kind: DecisionKind,
+    pub in_profile_packets: u64,
+    pub in_profile_bytes: u64,
+    /// Over the profile: accepted, re-marked or dropped per `kind`.
+    pub out_of_profile_packets: u64,
+    pub out_of_profile_bytes: u64,
+}
+
+/// An enforcer's periodic report of the kernel's counters (COPS RPT with
+/// Report-Type Accounting), sent every time it reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountingReport {
+    /// When the kernel was read, ns since the Unix epoch.
+    pub at_ns: u64,
+    /// At most [`MAX_ACCOUNTED_DECISIONS`], by decision id.
+    pub decisions: Vec<DecisionCounters>,
+    /// Decisions in the kernel left out of `decisions`.
+    #[serde(default)]
+    pub omitted: u64,
+}
+
 /// An enforcer's report on one decision (COPS RPT).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnforcementReport {

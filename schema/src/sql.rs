@@ -60,6 +60,11 @@ const SQLITE: &[Migration] = &[
         name: "knowledge_base",
         sql: include_str!("../sql/sqlite/0008_knowledge_base.sql"),
     },
+    Migration {
+        version: 9,
+        name: "enforcer_counters",
+        sql: include_str!("../sql/sqlite/0009_enforcer_counters.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -102,6 +107,11 @@ const POSTGRES: &[Migration] = &[
         version: 8,
         name: "knowledge_base",
         sql: include_str!("../sql/postgres/0008_knowledge_base.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "enforcer_counters",
+        sql: include_str!("../sql/postgres/0009_enforcer_counters.sql"),
     },
 ];
 

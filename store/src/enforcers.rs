@@ -1,9 +1,10 @@
-//! `enforcers` and `enforcement_reports`: the enforcers the policy server
-//! has seen, and what each reported doing with a decision.
+//! `enforcers`, `enforcement_reports` and `enforcer_counters`: the
+//! enforcers the policy server has seen, what each reported doing with a
+//! decision, and the kernel counters each reported last.
 
 use crate::db::{now_ns, Db};
 use crate::on_pool;
-use qosloop_schema::{EnforcementReport, ReportOutcome};
+use qosloop_schema::{AccountingReport, EnforcementReport, ReportOutcome};
 use serde::Serialize;
 
 /// A row of `enforcers`.
@@ -53,12 +54,72 @@ impl Db {
     pub async fn prune_enforcers(&self, keep: i64, oldest_ns: i64) -> Result<u64, sqlx::Error> {
         let q = "DELETE FROM enforcers WHERE state <> 'connected' AND (last_seen_ns < $1 OR name NOT IN \
                  (SELECT name FROM enforcers WHERE state <> 'connected' ORDER BY last_seen_ns DESC, name LIMIT $2))";
-        on_pool!(self, pool, D => sqlx::query(q)
+        let gone = on_pool!(self, pool, D => sqlx::query(q)
             .bind(oldest_ns)
             .bind(keep)
             .execute(pool)
             .await
-            .map(|r| r.rows_affected()))
+            .map(|r| r.rows_affected()))?;
+        if gone > 0 {
+            let q =
+                "DELETE FROM enforcer_counters WHERE enforcer NOT IN (SELECT name FROM enforcers)";
+            on_pool!(self, pool, D => sqlx::query(q).execute(pool).await.map(|_| ()))?;
+        }
+        Ok(gone)
+    }
+
+    /// Replaces the kernel counters of `enforcer` with those of `report`
+    /// (one transaction: a reader sees the previous report or this one).
+    pub async fn replace_counters(
+        &self,
+        enforcer: &str,
+        report: &AccountingReport,
+    ) -> Result<(), sqlx::Error> {
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        on_pool!(self, pool, D => {
+            let mut tx = pool.begin().await?;
+            sqlx::query::<D>("DELETE FROM enforcer_counters WHERE enforcer = $1")
+                .bind(enforcer)
+                .execute(&mut *tx)
+                .await?;
+            for d in &report.decisions {
+                sqlx::query::<D>(
+                    "INSERT INTO enforcer_counters (enforcer, decision_id, version, kind, in_profile_packets, \
+                     in_profile_bytes, out_of_profile_packets, out_of_profile_bytes) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (enforcer, decision_id) DO NOTHING",
+                )
+                .bind(enforcer)
+                .bind(int(d.decision_id))
+                .bind(int(d.version))
+                .bind(d.kind.to_string())
+                .bind(int(d.in_profile_packets))
+                .bind(int(d.in_profile_bytes))
+                .bind(int(d.out_of_profile_packets))
+                .bind(int(d.out_of_profile_bytes))
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query::<D>("UPDATE enforcers SET counters_at_ns = $2, counters_omitted = $3 WHERE name = $1")
+                .bind(enforcer)
+                .bind(int(report.at_ns))
+                .bind(int(report.omitted))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })
+    }
+
+    /// The kernel counters `enforcer` reported last, by decision id:
+    /// `(decision id, version, kind, in packets, in bytes, out packets, out bytes)`.
+    #[allow(clippy::type_complexity)]
+    pub async fn counters(
+        &self,
+        enforcer: &str,
+    ) -> Result<Vec<(i64, i64, String, i64, i64, i64, i64)>, sqlx::Error> {
+        let q = "SELECT decision_id, version, kind, in_profile_packets, in_profile_bytes, \
+                 out_of_profile_packets, out_of_profile_bytes FROM enforcer_counters \
+                 WHERE enforcer = $1 ORDER BY decision_id";
+        on_pool!(self, pool, D => sqlx::query_as(q).bind(enforcer).fetch_all(pool).await)
     }
 
     /// Every enforcer, by name.

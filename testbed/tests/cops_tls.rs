@@ -7,34 +7,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_testbed::harness::{free_port, require_binary, tail_of, test_pki};
+use qosloop_testbed::harness::{free_port, require_binary, spawn_logged, tail_of, test_pki, Kid};
 use qosloop_testbed::need;
 use qosloop_testbed::procs::component_dir;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A child process killed (and reaped) on drop.
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn(bin: &Path, args: &[&str], log: &Path) -> Kid {
-    let log = std::fs::File::create(log).unwrap();
-    Kid(Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap())
+    spawn_logged(Command::new(bin).args(args), log).unwrap()
 }
 
 /// `GET /api/enforcers` of the policy server's web API, as text.

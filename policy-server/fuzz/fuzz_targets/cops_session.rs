@@ -272,6 +272,10 @@ async fn check_events(mut events: mpsc::Receiver<PdpEvent>) {
                     assert!(reason.len() <= MAX_REPORT_REASON + '…'.len_utf8());
                 }
             }
+            PdpEvent::Counters { name, report } => {
+                assert!(connected.contains(&name), "counters from {name:?}, not connected");
+                assert!(report.decisions.len() <= qosloop_schema::MAX_ACCOUNTED_DECISIONS);
+            }
         }
     }
     assert!(connected.is_empty(), "still connected at the end: {connected:?}");

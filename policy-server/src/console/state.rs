@@ -177,6 +177,14 @@ pub async fn decisions(
     ))
 }
 
+/// The kernel counters' sums an enforcer row carries (CSV and JSON).
+const COUNTER_SUMS: [&str; 4] = [
+    "in_profile_packets",
+    "in_profile_bytes",
+    "out_of_profile_packets",
+    "out_of_profile_bytes",
+];
+
 pub async fn enforcers(
     State(c): State<Console>,
     headers: HeaderMap,
@@ -185,20 +193,62 @@ pub async fn enforcers(
     let p = Params::new(q, &[])?;
     let csv = wants_csv(&p, &headers)?;
     use Col::*;
-    let t = table(&c,
+    let sums: String = COUNTER_SUMS
+        .iter()
+        .map(|col| format!(", (SELECT CAST(SUM(k.{col}) AS BIGINT) FROM enforcer_counters k WHERE k.enforcer = e.name)"))
+        .collect();
+    let sql = format!(
         "SELECT e.name, e.roles, e.address, e.state, e.connected_ns, e.last_seen_ns, \
          (SELECT MAX(r.at_ns) FROM enforcement_reports r WHERE r.enforcer = e.name), \
          (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name AND r.outcome = 'installed'), \
          (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name AND r.outcome = 'removed'), \
          (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name AND r.outcome = 'failed'), \
-         (SELECT CAST(MAX(r.reconfig_ns) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name) \
-         FROM enforcers e ORDER BY e.name",
-        &[], &[
-            ("name", Text), ("roles", Text), ("address", Text), ("state", Text), ("connected_ns", Int),
-            ("last_seen_ns", Int), ("last_report_ns", Int), ("installed", Int), ("removed", Int),
-            ("failed", Int), ("max_reconfig_ns", Int),
-        ]).await?;
-    Ok(answer(csv, json!({ "rows": t.objects() }), &t))
+         (SELECT CAST(MAX(r.reconfig_ns) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name), \
+         e.counters_at_ns, e.counters_omitted, \
+         (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcer_counters k WHERE k.enforcer = e.name){sums} \
+         FROM enforcers e ORDER BY e.name"
+    );
+    let mut columns = vec![
+        ("name", Text),
+        ("roles", Text),
+        ("address", Text),
+        ("state", Text),
+        ("connected_ns", Int),
+        ("last_seen_ns", Int),
+        ("last_report_ns", Int),
+        ("installed", Int),
+        ("removed", Int),
+        ("failed", Int),
+        ("max_reconfig_ns", Int),
+        ("counters_at_ns", Int),
+        ("counters_omitted", Int),
+        ("counted_decisions", Int),
+    ];
+    columns.extend(COUNTER_SUMS.iter().map(|c| (*c, Int)));
+    let t = table(&c, &sql, &[], &columns).await?;
+    if csv {
+        return Ok(answer(true, Value::Null, &t));
+    }
+    // JSON: each enforcer's counters per decision too, as last reported
+    // (at most qosloop_schema::MAX_ACCOUNTED_DECISIONS each).
+    let mut rows = t.objects();
+    for row in &mut rows {
+        let name = row["name"].as_str().unwrap_or_default().to_owned();
+        let counters = c.db.counters(&name).await.map_err(ApiError::from)?;
+        row["kernel_counters"] = Value::Array(
+            counters
+                .into_iter()
+                .map(|(id, version, kind, ip, ib, op, ob)| {
+                    json!({
+                        "decision_id": id, "version": version, "kind": kind,
+                        "in_profile_packets": ip, "in_profile_bytes": ib,
+                        "out_of_profile_packets": op, "out_of_profile_bytes": ob,
+                    })
+                })
+                .collect(),
+        );
+    }
+    Ok(answer(false, json!({ "rows": rows }), &t))
 }
 
 pub async fn collectors(

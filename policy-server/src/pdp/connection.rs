@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use qosloop_runtime::tls::Io;
 use qosloop_schema::cops::{
     Body, CopsCodec, CopsError, DecisionEntry, DecisionRef, ErrorCode, Handle, InstalledDecision,
-    Message, PepHello, PepState, CLIENT_TYPE_QOSLOOP,
+    Message, PepHello, PepState, ReportType, CLIENT_TYPE_QOSLOOP,
 };
 use qosloop_schema::Direction;
 use qosloop_schema::EnforcementReport;
@@ -325,6 +325,15 @@ impl Connection {
                                 return c;
                             }
                         }
+                        Body::Rpt { report_type: ReportType::Accounting, .. } => match msg.accounting() {
+                            Ok(Some(report)) => {
+                                bump(&self.stats().accounting_reports);
+                                let name = name.to_owned();
+                                self.emit_report(&name.clone(), PdpEvent::Counters { name, report }).await;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Close::from_cops(e),
+                        },
                         Body::Rpt { .. } => match msg.report() {
                             Ok(Some(report)) => self.report(name, report).await,
                             Ok(None) => {}

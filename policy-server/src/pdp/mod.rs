@@ -148,6 +148,11 @@ pub enum PdpEvent {
         name: String,
         report: EnforcementReport,
     },
+    /// The kernel counters an enforcer read (accounting RPT).
+    Counters {
+        name: String,
+        report: qosloop_schema::AccountingReport,
+    },
     Disconnected {
         name: String,
         roles: Vec<String>,
@@ -179,6 +184,8 @@ pub struct PdpStats {
     pub decisions_sent: AtomicU64,
     /// Reports received (RPT with a report).
     pub reports: AtomicU64,
+    /// Accounting reports received (RPT with the kernel's counters).
+    pub accounting_reports: AtomicU64,
     /// Reports dropped because the event queue stayed full.
     pub reports_dropped_queue_full: AtomicU64,
     /// Reports whose failure reason was cut to [`MAX_REPORT_REASON`].
@@ -205,6 +212,7 @@ pub struct PdpCounters {
     pub write_timeouts: u64,
     pub decisions_sent: u64,
     pub reports: u64,
+    pub accounting_reports: u64,
     pub reports_dropped_queue_full: u64,
     pub reports_truncated: u64,
     pub events_store_failed: u64,
@@ -228,6 +236,7 @@ impl PdpStats {
             write_timeouts: n(&self.write_timeouts),
             decisions_sent: n(&self.decisions_sent),
             reports: n(&self.reports),
+            accounting_reports: n(&self.accounting_reports),
             reports_dropped_queue_full: n(&self.reports_dropped_queue_full),
             reports_truncated: n(&self.reports_truncated),
             events_store_failed: n(&self.events_store_failed),

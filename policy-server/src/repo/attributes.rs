@@ -121,6 +121,17 @@ const CLASSES: &[(&str, &[&str], bool)] = &[
         &["qosloopGroupName", "qosloopMemberUid"],
         false,
     ),
+    (
+        "qosloopApiToken",
+        &[
+            "cn",
+            "description",
+            "qosloopTokenSHA256",
+            "qosloopTokenRole",
+            "qosloopTokenScope",
+        ],
+        false,
+    ),
 ];
 
 fn class(name: &str) -> Option<(&'static [&'static str], bool)> {

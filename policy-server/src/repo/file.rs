@@ -81,6 +81,7 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
     publisher.replace_all(entries);
     policy.borrow_and_update();
     let status = publisher.status();
+    let tokens = publisher.tokens();
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,6 +149,7 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
         policy,
         audit,
         status,
+        tokens,
         task,
     })
 }

@@ -15,7 +15,10 @@
 //! with the DN) for the `policy_audit` table. Validation ([`build`]) names
 //! the DN and attribute of every problem; an invalid object keeps its last
 //! good version, so one bad entry never takes the rest of the policy down.
-//! [`describe`] prints what was understood (`--check`).
+//! [`describe`] prints what was understood (`--check`). The HTTP API's
+//! bearer tokens kept in the same directory (`qosloopApiToken` entries,
+//! [`DirectoryToken`]) are published beside the policy, on
+//! [`PolicyWatch::tokens`].
 
 mod attributes;
 mod base64;
@@ -26,6 +29,7 @@ mod ldap;
 mod ldif;
 mod model;
 mod publish;
+mod tokens;
 
 pub use describe::describe;
 pub use dn::normalize as normalize_dn;
@@ -36,6 +40,7 @@ pub use model::{build, build_strict, intersect, Build, PolicyError, PolicyErrors
 pub use publish::{
     AuditChange, AuditEvent, PolicyStatus, PolicyWatch, Refusal, ALLOW_DROP_KEYWORD,
 };
+pub use tokens::{DirectoryToken, TOKEN_CLASS};
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]

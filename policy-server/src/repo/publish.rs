@@ -15,6 +15,7 @@
 use super::dn;
 use super::ldif::Entry;
 use super::model::{build, Build, PolicyError};
+use super::tokens::{tokens, DirectoryToken};
 use qosloop_schema::PolicySet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -129,6 +130,9 @@ pub struct PolicyWatch {
     /// What the repository says about itself: rules in force, the last
     /// refused version (`GET /api/policy-status`).
     pub status: watch::Receiver<PolicyStatus>,
+    /// The API tokens of the repository's `qosloopApiToken` entries, the
+    /// valid ones, current with every change ([`crate::auth`]).
+    pub tokens: watch::Receiver<Arc<Vec<DirectoryToken>>>,
     pub(crate) task: JoinHandle<()>,
 }
 
@@ -166,6 +170,7 @@ pub(crate) struct Publisher {
     reported: BTreeSet<PolicyError>,
     audit_dropped: u64,
     status: watch::Sender<PolicyStatus>,
+    tokens: watch::Sender<Arc<Vec<DirectoryToken>>>,
 }
 
 impl Publisher {
@@ -194,6 +199,7 @@ impl Publisher {
                 reported: BTreeSet::new(),
                 audit_dropped: 0,
                 status,
+                tokens: watch::channel(Arc::new(Vec::new())).0,
             },
             policy_rx,
             audit_rx,
@@ -203,6 +209,11 @@ impl Publisher {
     /// A receiver of the repository's status.
     pub(crate) fn status(&self) -> watch::Receiver<PolicyStatus> {
         self.status.subscribe()
+    }
+
+    /// A receiver of the repository's API tokens.
+    pub(crate) fn tokens(&self) -> watch::Receiver<Arc<Vec<DirectoryToken>>> {
+        self.tokens.subscribe()
     }
 
     pub(crate) fn source(&self) -> &str {
@@ -246,7 +257,19 @@ impl Publisher {
         // As given (names as spelled, LDIF lines): errors quote them.
         let given: Vec<Entry> = entries.into_iter().collect();
         let current = self.current();
-        let built = build(&given, &current);
+        let mut built = build(&given, &current);
+        // Tokens follow every version, also one whose rules are refused:
+        // a removed or broken token entry stops working at once.
+        let (valid, mut token_errors) = tokens(&given);
+        built.errors.append(&mut token_errors);
+        self.tokens.send_if_modified(|t| {
+            let changed = **t != valid;
+            if changed {
+                tracing::info!(source = %self.source, tokens = valid.len(), "API tokens of the repository in force");
+                *t = Arc::new(valid);
+            }
+            changed
+        });
         if let Some(reason) = wholesale_drop(&current, &built.policy, &given) {
             self.refuse(reason, built.policy.rules.len());
             return;

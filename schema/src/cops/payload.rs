@@ -10,7 +10,7 @@
 //! | RPT | ClientSI (signaled) | [`crate::EnforcementReport`] |
 
 use super::*;
-use crate::policy::{Decision, EnforcementReport, ReportOutcome};
+use crate::policy::{AccountingReport, Decision, EnforcementReport, ReportOutcome};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// What a PEP says about itself when it opens a connection (OPN ClientSI).
@@ -208,6 +208,16 @@ impl Message {
         })
     }
 
+    /// RPT of the kernel's counters (Report-Type Accounting, RFC 2748
+    /// §2.2.11), unsolicited, on the session's handle.
+    pub fn rpt_accounting(handle: Handle, report: &AccountingReport) -> Message {
+        Message::new(Body::Rpt {
+            handle,
+            report_type: ReportType::Accounting,
+            client_si: Some(ClientSi::signaled(to_json(report))),
+        })
+    }
+
     pub fn ssq() -> Message {
         Message::new(Body::Ssq { handle: None })
     }
@@ -237,13 +247,45 @@ impl Message {
         })
     }
 
-    /// The enforcement report of an RPT.
+    /// The enforcement report of an RPT (Success or Failure; none for an
+    /// accounting RPT, see [`Message::accounting`]).
     pub fn report(&self) -> Result<Option<EnforcementReport>, CopsError> {
         match &self.body {
+            Body::Rpt {
+                report_type: ReportType::Accounting,
+                ..
+            } => Ok(None),
             Body::Rpt {
                 client_si: Some(si),
                 ..
             } => from_json("RPT ClientSI", &si.data).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The kernel counters of an accounting RPT; more than
+    /// [`crate::MAX_ACCOUNTED_DECISIONS`] decisions is an error.
+    pub fn accounting(&self) -> Result<Option<AccountingReport>, CopsError> {
+        match &self.body {
+            Body::Rpt {
+                report_type: ReportType::Accounting,
+                client_si: Some(si),
+                ..
+            } => {
+                let r: AccountingReport = from_json("RPT accounting ClientSI", &si.data)?;
+                if r.decisions.len() > crate::MAX_ACCOUNTED_DECISIONS {
+                    // The message itself is bounded by the codec (1 MiB).
+                    return Err(CopsError::Payload {
+                        what: "RPT accounting ClientSI",
+                        source: serde::de::Error::custom(format!(
+                            "{} decisions, more than {}",
+                            r.decisions.len(),
+                            crate::MAX_ACCOUNTED_DECISIONS
+                        )),
+                    });
+                }
+                Ok(Some(r))
+            }
             _ => Ok(None),
         }
     }

@@ -179,6 +179,41 @@ fn qosloop_payloads_round_trip() {
     ));
     let back = decode_all(&encode(&m)).unwrap().remove(0);
     assert_eq!(back.report().unwrap(), Some(report));
+    assert_eq!(back.accounting().unwrap(), None);
+
+    // The kernel counters: an accounting RPT, bounded in decisions.
+    let counters = |n: usize| crate::AccountingReport {
+        at_ns: 7,
+        decisions: (0..n as u64)
+            .map(|id| crate::DecisionCounters {
+                decision_id: id,
+                version: 1,
+                kind: crate::DecisionKind::Remark,
+                in_profile_packets: 10,
+                in_profile_bytes: 1000,
+                out_of_profile_packets: 2,
+                out_of_profile_bytes: u64::MAX,
+            })
+            .collect(),
+        omitted: 3,
+    };
+    let m = Message::rpt_accounting(Handle::from_u32(9), &counters(2));
+    let back = decode_all(&encode(&m)).unwrap().remove(0);
+    assert!(matches!(
+        back.body,
+        Body::Rpt {
+            report_type: ReportType::Accounting,
+            ..
+        }
+    ));
+    assert_eq!(back.report().unwrap(), None, "not an enforcement report");
+    assert_eq!(back.accounting().unwrap(), Some(counters(2)));
+    let over = Message::rpt_accounting(
+        Handle::from_u32(9),
+        &counters(crate::MAX_ACCOUNTED_DECISIONS + 1),
+    );
+    let e = over.accounting().unwrap_err().to_string();
+    assert!(e.contains("more than 1024"), "{e}");
 
     assert_eq!(
         DecisionEntry::null().qosloop().unwrap(),

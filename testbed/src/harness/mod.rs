@@ -92,6 +92,30 @@ pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> Result<(), Ha
     run(cmd, what).map(|_| ())
 }
 
+/// A child process killed and reaped when dropped (also when a test fails
+/// half-way).
+#[derive(Debug)]
+pub struct Kid(pub std::process::Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` with stdin closed and stdout and stderr to the file `log`
+/// (`RUST_LOG=info`).
+pub fn spawn_logged(cmd: &mut std::process::Command, log: &Path) -> std::io::Result<Kid> {
+    let file = std::fs::File::create(log)?;
+    Ok(Kid(cmd
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()?))
+}
+
 /// The last lines of a log file, for error messages.
 pub fn tail_of(path: &Path, lines: usize) -> String {
     tail(path, lines)

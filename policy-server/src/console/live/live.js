@@ -13,6 +13,9 @@ const live = {
   thresholds: [],       // kbit/s band boundaries
   profiles: new Map(),  // subject name -> profile kbit/s
   topRows: [],
+  connects: 0,          // live-update streams opened
+  enforcers: [],        // the enforcer table's rows as last loaded
+  needsToken: false,    // the token prompt is showing
 };
 window.qosloopLive = live;
 
@@ -25,11 +28,49 @@ const esc = s => String(s ?? "").replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "
 const fmt = v => typeof v === "number" ? (Math.abs(v) >= 100 ? Math.round(v).toLocaleString("en") : v.toFixed(1)) : esc(v);
 const time = ns => new Date(ns / 1e6).toLocaleTimeString();
 
+// ---- access ---------------------------------------------------------------
+// The API token lives in this tab's sessionStorage only: never in the URL
+// (which the explorer's state makes shareable) and never in a query string
+// (which would land in logs). Every request sends it as
+// `Authorization: Bearer`, the live updates included (fetch-streamed, since
+// EventSource cannot send headers).
+
+const TOKEN_KEY = "qosloop.apiToken";
+const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+
+class Unauthorized extends Error {}
+
+function authHeaders() {
+  const t = token();
+  return t ? { Authorization: "Bearer " + t } : {};
+}
+
+// Shows the token prompt with why it is shown.
+function askForToken(why) {
+  live.needsToken = true;
+  $("token-form").hidden = false;
+  $("token-prompt").textContent = why;
+  $("status").textContent = "token needed";
+}
+
+async function apiFetch(path, init) {
+  const r = await fetch(path, { ...(init || {}), headers: authHeaders() });
+  if (r.status === 401) {
+    askForToken(token() ? "The API token was refused (401): enter a valid token." : "This server needs an API token: enter it to see the console.");
+    throw new Unauthorized("API token needed");
+  }
+  return r;
+}
+
 async function getJson(path) {
-  const r = await fetch(path);
+  const r = await apiFetch(path);
   const body = await r.json();
   if (!r.ok) throw new Error(body.error || (path + ": " + r.status));
   return body;
+}
+
+function showError(e) {
+  if (!(e instanceof Unauthorized)) $("status").textContent = String(e.message || e);
 }
 
 // ---- charts ---------------------------------------------------------------
@@ -209,13 +250,63 @@ function onDecisions(ev) {
   while (live.bands.length > 50) live.bands.shift();
 }
 
+// Server-sent events over fetch: one text/event-stream body, split into
+// events at blank lines; reconnects (with backoff) when the stream ends.
+let stream = null;
+
+function dispatch(kind, data) {
+  if (kind === "rates") onRates(JSON.parse(data));
+  else if (kind === "decisions") onDecisions(JSON.parse(data));
+  else if (kind === "lagged") $("status").textContent = "behind: " + JSON.parse(data).dropped + " events dropped";
+}
+
+async function readEvents(signal) {
+  const r = await apiFetch("/api/v1/events?types=rates,decisions", { signal });
+  if (!r.ok) throw new Error("/api/v1/events: " + r.status);
+  $("status").textContent = "live";
+  live.connects++;
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      let kind = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) kind = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) dispatch(kind, data.join("\n"));
+    }
+    // A server never sends an event this large: a broken stream.
+    if (buf.length > 1 << 20) throw new Error("event stream: an event over 1 MiB");
+  }
+}
+
 function connect() {
-  const es = new EventSource("/api/v1/events?types=rates,decisions");
-  es.addEventListener("rates", e => onRates(JSON.parse(e.data)));
-  es.addEventListener("decisions", e => onDecisions(JSON.parse(e.data)));
-  es.addEventListener("lagged", e => { $("status").textContent = "behind: " + JSON.parse(e.data).dropped + " events dropped"; });
-  es.onopen = () => { $("status").textContent = "live"; };
-  es.onerror = () => { $("status").textContent = "reconnecting…"; };
+  if (stream) stream.abort();
+  const ctl = new AbortController();
+  stream = ctl;
+  (async () => {
+    let wait = 1000;
+    while (!ctl.signal.aborted) {
+      try {
+        await readEvents(ctl.signal);
+        wait = 1000;
+      } catch (e) {
+        if (ctl.signal.aborted || e instanceof Unauthorized) return;
+        $("status").textContent = "reconnecting…";
+      }
+      await new Promise(res => setTimeout(res, wait));
+      wait = Math.min(wait * 2, 15000);
+    }
+  })();
 }
 
 async function loadPolicy() {
@@ -228,23 +319,28 @@ async function loadPolicy() {
       const c = (p.classes || []).find(c => c.name === r.service_class);
       if (c) live.profiles.set(r.name, c.profile.rate);
     }
-  } catch (e) { $("status").textContent = String(e.message || e); }
+  } catch (e) { showError(e); }
 }
 
 async function loadDecisions() {
   try {
     const d = await getJson("/api/decisions");
     for (const r of [...d.recent].reverse()) logDecision(r.issued_ns, r.kind, r.decision);
-  } catch (e) { $("status").textContent = String(e.message || e); }
+  } catch (e) { showError(e); }
 }
 
 async function loadEnforcers() {
   try {
     const list = await getJson("/api/v1/enforcers");
     const rows = Array.isArray(list) ? list : (list.rows || []);
+    const num = v => v == null ? "" : Number(v).toLocaleString("en");
     $("enforcers").tBodies[0].innerHTML = rows.map(e => "<tr>" + [e.name, Array.isArray(e.roles) ? e.roles.join(" ") : e.roles, e.state,
-      e.last_report_ns ? time(e.last_report_ns) : "", e.reports ?? ""].map(c => `<td>${esc(typeof c === "object" ? JSON.stringify(c) : c)}</td>`).join("") + "</tr>").join("");
-  } catch (e) { $("status").textContent = String(e.message || e); }
+      e.last_report_ns ? time(e.last_report_ns) : "", e.installed ?? ""].map(c => `<td>${esc(typeof c === "object" ? JSON.stringify(c) : c)}</td>`).join("") +
+      [e.counted_decisions, e.in_profile_packets, e.in_profile_bytes, e.out_of_profile_packets, e.out_of_profile_bytes]
+        .map(v => `<td class="num">${num(v)}</td>`).join("") +
+      `<td>${e.counters_at_ns ? esc(time(e.counters_at_ns)) : ""}</td></tr>`).join("");
+    live.enforcers = rows;
+  } catch (e) { showError(e); }
 }
 
 // ---- explorer -------------------------------------------------------------
@@ -285,7 +381,7 @@ async function explore() {
     const sk = await getJson("/api/v1/sankey?" + q + "&dims=" + encodeURIComponent(s.get("sankey")) + "&limit=20");
     drawSankey($("sankey"), sk);
   } catch (e) {
-    $("explorer-error").textContent = String(e.message || e);
+    if (!(e instanceof Unauthorized)) $("explorer-error").textContent = String(e.message || e);
   }
 }
 
@@ -295,11 +391,32 @@ function stepFor(range) {
 
 // ---- start ----------------------------------------------------------------
 
+// Everything the page shows, loaded (again) with the current token.
+function start() {
+  live.needsToken = false;
+  $("token-prompt").textContent = "";
+  loadPolicy().then(() => { connect(); });
+  loadDecisions();
+  loadEnforcers();
+  explore();
+}
+
+$("token-form").addEventListener("submit", e => {
+  e.preventDefault();
+  const t = $("token").value.trim();
+  $("token").value = "";
+  if (t) sessionStorage.setItem(TOKEN_KEY, t); else sessionStorage.removeItem(TOKEN_KEY);
+  $("token-form").hidden = true;
+  start();
+});
+
 restoreState();
 $("explorer").addEventListener("submit", e => { e.preventDefault(); explore(); });
-loadPolicy().then(() => { connect(); });
-loadDecisions();
-loadEnforcers();
-setInterval(loadEnforcers, 5000);
+setInterval(() => { if (!live.needsToken) loadEnforcers(); }, 5000);
 setInterval(redrawLive, 1000);
-explore();
+// Whether the server wants a token is public (the assets are too); asking
+// first spares a tab with no token a burst of refused requests.
+fetch("/live/access").then(r => r.json()).then(a => {
+  if (a.token_required && !token()) askForToken("This server needs an API token: enter it to see the console.");
+  else start();
+}).catch(() => start());

@@ -1,0 +1,244 @@
+//! The kernel counters an enforcer reports reach the policy server: the
+//! real binaries in a network namespace the test creates (the policy server
+//! with the sample policy and SQLite, the enforcer programming HTB and
+//! nftables on a veth), bounded UDP traffic of the sample rule's flow, and
+//! then the counters `GET /api/v1/enforcers` serves (read from SQL, written
+//! from the enforcer's accounting RPT) must equal what `nft -j list
+//! ruleset` shows for each decision, within one report interval.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use qosloop_testbed::harness::{
+    require_binary, require_root, spawn_logged, tail_of, Kid, Netns, VethPair,
+};
+use qosloop_testbed::need;
+use qosloop_testbed::procs::component_dir;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn spawn(ns: &Netns, bin: &Path, args: &[&str], log: &Path) -> Kid {
+    spawn_logged(ns.command(bin.to_str().unwrap()).args(args), log).unwrap()
+}
+
+/// `(in packets, in bytes, out packets, out bytes)` by decision id.
+type Counters = BTreeMap<u64, [u64; 4]>;
+
+/// The decisions' counters as the kernel shows them: in each decision
+/// chain, the rule commented `in id=N …` (in profile) and the one
+/// commented `out` (the meter's out-of-profile rule).
+fn kernel_counters(ns: &Netns) -> Counters {
+    let out = ns
+        .command("nft")
+        .args(["-j", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut by_chain: BTreeMap<String, (Option<u64>, [u64; 4])> = BTreeMap::new();
+    for item in v["nftables"].as_array().unwrap() {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let comment = rule["comment"].as_str().unwrap_or("");
+        let counter = rule["expr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|e| e.get("counter"));
+        let Some(counter) = counter else { continue };
+        let (p, b) = (
+            counter["packets"].as_u64().unwrap(),
+            counter["bytes"].as_u64().unwrap(),
+        );
+        let chain = format!("{} {}", rule["table"], rule["chain"]);
+        let entry = by_chain.entry(chain).or_default();
+        if let Some(rest) = comment.strip_prefix("in id=") {
+            entry.0 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|id| id.parse().ok());
+            entry.1[0] = p;
+            entry.1[1] = b;
+        } else if comment == "out" {
+            entry.1[2] = p;
+            entry.1[3] = b;
+        }
+    }
+    by_chain
+        .into_values()
+        .filter_map(|(id, c)| Some((id?, c)))
+        .collect()
+}
+
+/// `GET /api/v1/enforcers` from inside the namespace.
+fn enforcers(ns: &Netns, port: u16) -> Option<Value> {
+    let body = ns
+        .run_in(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(b"GET /api/v1/enforcers HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out.split_once("\r\n\r\n")?.1.to_owned())
+        })
+        .ok()??;
+    serde_json::from_str(&body).ok()
+}
+
+/// The counters one enforcer row serves, by decision id.
+fn served(row: &Value) -> Counters {
+    row["kernel_counters"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| {
+                    let n = |k: &str| d[k].as_u64().unwrap();
+                    (
+                        n("decision_id"),
+                        [
+                            n("in_profile_packets"),
+                            n("in_profile_bytes"),
+                            n("out_of_profile_packets"),
+                            n("out_of_profile_bytes"),
+                        ],
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_counters_served_are_the_kernels_within_one_report() {
+    need!(require_root("programs HTB and nftables in namespaces"));
+    need!(require_binary("nft", "nftables"));
+    need!(require_binary("bash", "bash"));
+    need!(component_dir().map(|_| ()).map_err(|e| e.to_string()));
+    let bin = component_dir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The sample policy's rule: 10.71.1.2 → 10.71.2.2, UDP to 4055, role edge.
+    let tx = Netns::create("kctx").unwrap();
+    let rx = Netns::create("kcrx").unwrap();
+    let veth = VethPair::connect(&tx, "10.71.1.2/16", &rx, "10.71.2.2/16").unwrap();
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/ldap/sample-policy.ldif");
+    let http = 8080;
+    let _server = spawn(
+        &tx,
+        &bin.join("qosloop-policy-server"),
+        &[
+            "--db",
+            &format!("sqlite://{}", d.join("loop.db").display()),
+            "--policies",
+            policies.to_str().unwrap(),
+            "--pdp-listen",
+            "127.0.0.1:3288",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ],
+        &d.join("policy-server.log"),
+    );
+    let _enforcer = spawn(
+        &tx,
+        &bin.join("qosloop-enforcer"),
+        &[
+            "--interface",
+            &veth.a_if,
+            "--roles",
+            "edge",
+            "--capacity",
+            "10mbit",
+            "--pdp",
+            "127.0.0.1:3288",
+        ],
+        &d.join("enforcer.log"),
+    );
+    let logs = || {
+        format!(
+            "policy server:\n{}\nenforcer:\n{}",
+            tail_of(&d.join("policy-server.log"), 20),
+            tail_of(&d.join("enforcer.log"), 20)
+        )
+    };
+
+    // The decision is in the kernel and its first accounting report is in.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = enforcers(&tx, http);
+        let row = rows.as_ref().and_then(|v| v["rows"].get(0));
+        if row.is_some_and(|r| r["counted_decisions"].as_u64() == Some(1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no accounting report: {rows:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = kernel_counters(&tx);
+    assert_eq!(before.len(), 1, "one decision in the kernel: {before:?}");
+
+    // 300 datagrams of the rule's flow, 5 ms apart: bounded in count and time.
+    let sent = tx
+        .command("bash")
+        .args([
+            "-c",
+            "for i in $(seq 300); do printf 'qosloop counters %04d' $i > /dev/udp/10.71.2.2/4055; sleep 0.005; done",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let kernel = kernel_counters(&tx);
+    let (id, k) = kernel.iter().next().map(|(id, k)| (*id, *k)).unwrap();
+    let b = before[&id];
+    assert_eq!(
+        (k[0] - b[0]) + (k[2] - b[2]),
+        300,
+        "every datagram passes the decision's meter once: {b:?} then {k:?}"
+    );
+
+    // Within one report interval (5 s; waited at most 3 of them) the
+    // counters served equal the kernel's, decision by decision.
+    let end = Instant::now() + Duration::from_secs(15);
+    let row = loop {
+        let rows = enforcers(&tx, http);
+        let row = rows.as_ref().and_then(|v| v["rows"].get(0).cloned());
+        if let Some(row) = row {
+            if served(&row) == kernel {
+                break row;
+            }
+            assert!(
+                Instant::now() < end,
+                "served {:?}, the kernel shows {kernel:?}\n{}",
+                served(&row),
+                logs()
+            );
+        }
+        assert!(Instant::now() < end, "no answer\n{}", logs());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(
+        kernel_counters(&tx),
+        kernel,
+        "the kernel counted more traffic"
+    );
+    // The row's sums are the decision's, and the report says nothing was left out.
+    assert_eq!(row["in_profile_packets"].as_u64(), Some(k[0]));
+    assert_eq!(row["out_of_profile_bytes"].as_u64(), Some(k[3]));
+    assert_eq!(row["counters_omitted"].as_u64(), Some(0));
+    assert!(row["counters_at_ns"].as_u64().unwrap() > 0);
+    assert_eq!(row["kernel_counters"][0]["kind"], "accept", "{row}");
+}
