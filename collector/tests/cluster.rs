@@ -400,6 +400,30 @@ async fn three_nodes_kill_add_stop_exactly_once_and_rates_equal_one_node() {
         );
     }
 
+    // 2b. `rate_partials` stays bounded: the rows every owner consumed are
+    // pruned (a node prunes every 4 windows), so no row older than the
+    // consumed window by more than 12 windows remains, while the rates
+    // above were computed from the same rows.
+    let stale_q = format!(
+        "SELECT count(*) FROM rate_partials p JOIN rate_state s \
+         ON s.cluster = p.cluster AND s.kind = p.kind AND s.subject = p.subject \
+         WHERE p.slot < s.window_end_ns / {width} - 12"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stale = scalar(&db, &stale_q).await;
+    while stale > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stale = scalar(&db, &stale_q).await;
+    }
+    let left = scalar(&db, "SELECT count(*) FROM rate_partials").await;
+    let slots_run = (last_record_ns as i64 - marks[0].1 as i64) / width + 4;
+    eprintln!("FIGURE rate_partials: {left} rows left after {slots_run}+ windows of 7 subjects");
+    assert_eq!(stale, 0, "consumed partial sums are not pruned");
+    assert!(
+        left < (i64::from(SUBJECTS) + 1) * 4 * (LAG_MS as i64 * 1_000_000 / width + 14),
+        "{left} rows of rate_partials"
+    );
+
     // 3. No bucket had two owners in one epoch; owners are members.
     let epochs: Vec<(i64, String, i64)> = sqlx::query_as(
         "SELECT epoch, members, started_ns FROM cluster_epochs WHERE cluster = $1 ORDER BY epoch",

@@ -49,7 +49,7 @@ pub use sqlx;
 
 pub use cluster::{
     bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate,
-    RoutingConfig, SubjectState, Tally,
+    Pruned, RoutingConfig, SubjectState, Tally,
 };
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
