@@ -21,5 +21,9 @@ mod session;
 mod store;
 
 pub use config::{Config, ConfigError, MAX_EXPORTER_NAME};
-pub use server::{bind, open_sink, serve, tls_acceptor, Collector, CollectorStats, ServerError};
-pub use store::{spawn_writer, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq};
+pub use server::{
+    bind, open_sink, prepare_storage, serve, tls_acceptor, Collector, CollectorStats, ServerError,
+};
+pub use store::{
+    spawn_writer, spawn_writer_gated, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq,
+};

@@ -59,6 +59,21 @@ pub fn spawn_writer_tallied(
     writers: usize,
     tally: TallyCell,
 ) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
+    spawn_writer_gated(sink, queue, group_records, writers, tally, None)
+}
+
+/// [`spawn_writer_tallied`] whose writers take nothing off the queue until
+/// `ready` turns `true` (the collector started while the database was
+/// unreachable: requests wait in the bounded queue, their senders are held
+/// and nothing is acknowledged, until the schema is migrated).
+pub fn spawn_writer_gated(
+    sink: Sink,
+    queue: usize,
+    group_records: usize,
+    writers: usize,
+    tally: TallyCell,
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
+) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let rx = Arc::new(Mutex::new(rx));
     let writers = match sink {
@@ -67,12 +82,15 @@ pub fn spawn_writer_tallied(
     };
     let tasks = (0..writers)
         .map(|_| {
-            tokio::spawn(writer(
-                sink.clone(),
-                rx.clone(),
-                group_records.max(1),
-                tally.clone(),
-            ))
+            let (sink, rx, tally, ready) = (sink.clone(), rx.clone(), tally.clone(), ready.clone());
+            tokio::spawn(async move {
+                if let Some(mut ready) = ready {
+                    if ready.wait_for(|r| *r).await.is_err() {
+                        return;
+                    }
+                }
+                writer(sink, rx, group_records.max(1), tally).await
+            })
         })
         .collect();
     (tx, tasks)
