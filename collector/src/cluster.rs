@@ -226,7 +226,12 @@ async fn follow_policy(db: Db, spec: ClusterSpec, tally: TallyCell, shared: Arc<
 /// Deletes the partial sums the owners consumed, every four windows (at
 /// least every second, at most every minute); any node may, one at a time.
 async fn prune(db: Db, spec: ClusterSpec) {
-    let every = Duration::from_millis(spec.routing.interval_ms.saturating_mul(4).clamp(1000, 60_000));
+    let every = Duration::from_millis(
+        spec.routing
+            .interval_ms
+            .saturating_mul(4)
+            .clamp(1000, 60_000),
+    );
     let width_ns = i64::try_from(spec.routing.interval_ms)
         .unwrap_or(1000)
         .saturating_mul(1_000_000);

@@ -25,5 +25,6 @@ pub use server::{
     bind, open_sink, prepare_storage, serve, tls_acceptor, Collector, CollectorStats, ServerError,
 };
 pub use store::{
-    spawn_writer, spawn_writer_gated, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq,
+    spawn_writer, spawn_writer_gated, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell,
+    WriteReq,
 };

@@ -431,7 +431,10 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     let is_pg = config.db.starts_with("postgres://") || config.db.starts_with("postgresql://");
     let (sink, ready) = if is_pg {
         let db = qosloop_store::Db::connect_lazy(&config.db)?;
-        (qosloop_collector::Sink::Db(db), Some(tokio::sync::watch::channel(false)))
+        (
+            qosloop_collector::Sink::Db(db),
+            Some(tokio::sync::watch::channel(false)),
+        )
     } else {
         (qosloop_collector::open_sink(&config.db).await?, None)
     };
@@ -445,7 +448,10 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     let ingest = if config.ipfix_listen.is_empty() {
         None
     } else {
-        Some(qosloop_collector::ipfix::Ingest::start(&config, sink.clone(), collector.writer()).await?)
+        Some(
+            qosloop_collector::ipfix::Ingest::start(&config, sink.clone(), collector.writer())
+                .await?,
+        )
     };
     if let (qosloop_collector::Sink::Db(db), Some((tx, _))) = (&sink, &ready) {
         qosloop_collector::prepare_storage(db).await?;

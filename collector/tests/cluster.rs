@@ -96,15 +96,8 @@ async fn three_nodes_kill_add_stop_exactly_once_and_rates_equal_one_node() {
         assert!(report.complete(), "{report:?}");
     }
 
-    let Checked { by_subject, epochs } = check_all(
-        &db,
-        &policy,
-        sent,
-        first_record_ns,
-        last_record_ns,
-        4,
-    )
-    .await;
+    let Checked { by_subject, epochs } =
+        check_all(&db, &policy, sent, first_record_ns, last_record_ns, 4).await;
 
     // Figures: when each event's epoch started, and the freshness of rates
     // (written minus window end minus lag) around it.

@@ -35,7 +35,9 @@ fn libfaketime() -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .flatten()
         .map(|d| d.path().join("faketime/libfaketime.so.1"))
-        .chain([std::path::PathBuf::from("/usr/lib/faketime/libfaketime.so.1")])
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )])
         .find(|p| p.is_file())
         .map(|p| p.to_string_lossy().into_owned())
         .ok_or_else(|| "libfaketime.so.1 not found: install the Debian package faketime".into())
@@ -61,7 +63,10 @@ async fn nodes_at_plus_and_minus_30s_keep_every_property() {
     // The library does shift the clock of what it runs under.
     let (ahead, behind) = (seen_offset(&lib, "+30s"), seen_offset(&lib, "-30s"));
     assert!((28..=32).contains(&ahead), "FAKETIME=+30s shows {ahead} s");
-    assert!((-32..=-28).contains(&behind), "FAKETIME=-30s shows {behind} s");
+    assert!(
+        (-32..=-28).contains(&behind),
+        "FAKETIME=-30s shows {behind} s"
+    );
 
     let pg = Postgres::start().unwrap();
     let url = pg.url();
@@ -111,15 +116,8 @@ async fn nodes_at_plus_and_minus_30s_keep_every_property() {
         assert!(report.complete(), "{report:?}");
     }
 
-    let Checked { by_subject, epochs } = check_all(
-        &db,
-        &policy,
-        sent,
-        first_record_ns,
-        last_record_ns,
-        3,
-        )
-    .await;
+    let Checked { by_subject, epochs } =
+        check_all(&db, &policy, sent, first_record_ns, last_record_ns, 3).await;
     // The skewed nodes took part: they owned buckets and wrote rates.
     for skewed in ["n2", "n3"] {
         let wrote = by_subject
@@ -127,7 +125,10 @@ async fn nodes_at_plus_and_minus_30s_keep_every_property() {
             .flatten()
             .filter(|r| r.3 == skewed)
             .count();
-        eprintln!("FIGURE skew: {skewed} wrote {wrote} rate rows; {} epochs", epochs.len());
+        eprintln!(
+            "FIGURE skew: {skewed} wrote {wrote} rate rows; {} epochs",
+            epochs.len()
+        );
         assert!(wrote > 0, "{skewed} wrote no rate row");
     }
     drop(nodes);

@@ -48,8 +48,8 @@ mod retention;
 pub use sqlx;
 
 pub use cluster::{
-    bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate,
-    Pruned, RoutingConfig, SubjectState, Tally,
+    bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate, Pruned,
+    RoutingConfig, SubjectState, Tally,
 };
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};

@@ -2,7 +2,12 @@
 //! under a wrapper such as `faketime`), the published policy, the
 //! exporters' sending loop, and the checks every scenario must pass.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::type_complexity
+)]
 
 use qosloop_exporter::Exporter;
 use qosloop_schema::bandwidth::{window::TimeBuckets, Classifier, SubjectKind};
@@ -219,10 +224,10 @@ pub async fn check_all(
     min_epochs: usize,
 ) -> Checked {
     // 1. Every record exactly once.
-    let count = scalar(&db, "SELECT count(*) FROM flows").await;
-    let bytes = scalar(&db, "SELECT CAST(sum(bytes) AS BIGINT) FROM flows").await;
+    let count = scalar(db, "SELECT count(*) FROM flows").await;
+    let bytes = scalar(db, "SELECT CAST(sum(bytes) AS BIGINT) FROM flows").await;
     let twice = scalar(
-        &db,
+        db,
         "SELECT count(*) FROM (SELECT 1 FROM flows GROUP BY src_port, start_ns HAVING count(*) > 1) d",
     )
     .await;
@@ -234,7 +239,7 @@ pub async fn check_all(
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let done = scalar(
-            &db,
+            db,
             &format!(
                 "SELECT count(*) FROM rate_state WHERE window_end_ns > {}",
                 last_slot * width
@@ -248,7 +253,7 @@ pub async fn check_all(
     }
 
     // 2. Rates equal the single-node computation on the same records.
-    let Db::Postgres(p) = &db else { unreachable!() };
+    let Db::Postgres(p) = db else { unreachable!() };
     let rows: Vec<(String, String, i64, f64, f64, String, i64, i64)> = sqlx::query_as(
         "SELECT subject, name, at_ns, rate_kbps, avg_rate_kbps, node, epoch, computed_ns FROM rates \
          WHERE node IS NOT NULL ORDER BY subject, name, at_ns",
@@ -362,12 +367,12 @@ pub async fn check_all(
          WHERE p.slot < s.window_end_ns / {width} - 12"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stale = scalar(&db, &stale_q).await;
+    let mut stale = scalar(db, &stale_q).await;
     while stale > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        stale = scalar(&db, &stale_q).await;
+        stale = scalar(db, &stale_q).await;
     }
-    let left = scalar(&db, "SELECT count(*) FROM rate_partials").await;
+    let left = scalar(db, "SELECT count(*) FROM rate_partials").await;
     let slots_run = (last_record_ns as i64 - first_record_ns as i64) / width + 4;
     eprintln!("FIGURE rate_partials: {left} rows left after {slots_run}+ windows of 7 subjects");
     assert_eq!(stale, 0, "consumed partial sums are not pruned");
@@ -385,7 +390,7 @@ pub async fn check_all(
     .await
     .unwrap();
     let twice = scalar(
-        &db,
+        db,
         "SELECT count(*) FROM (SELECT epoch, bucket FROM cluster_ownership \
          GROUP BY epoch, bucket HAVING count(DISTINCT node) > 1) d",
     )

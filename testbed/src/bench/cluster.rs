@@ -223,7 +223,8 @@ async fn run_one(
     let url = pg.url_for(database);
     let db = Db::connect(&url).await?;
     db.migrate().await?;
-    db.publish_policy(&serde_json::to_string(&policy())?).await?;
+    db.publish_policy(&serde_json::to_string(&policy())?)
+        .await?;
     let bin = collector_bin()?;
     let mut procs = Vec::new();
     for i in 0..nodes {
@@ -336,7 +337,10 @@ async fn run_one(
         if done >= subjects {
             break;
         }
-        anyhow::ensure!(Instant::now() < limit, "the owners did not compute every window");
+        anyhow::ensure!(
+            Instant::now() < limit,
+            "the owners did not compute every window"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = stop_tx.send(true);
@@ -357,7 +361,12 @@ async fn run_one(
     // The owner of each rule's window, from the rows it wrote.
     let owner: std::collections::HashMap<(String, i64), String> = rates
         .iter()
-        .map(|r| ((format!("cn={},ou=rules", r.0), r.1 / width - 1), r.2.clone()))
+        .map(|r| {
+            (
+                (format!("cn={},ou=rules", r.0), r.1 / width - 1),
+                r.2.clone(),
+            )
+        })
         .collect();
     let (mut moved_rows, mut moved_records) = (0u64, 0i64);
     for ((kind, subject, slot, node), records) in &sampled {
