@@ -21,6 +21,7 @@ packages=(
   openssl         # throwaway certificates of the TLS tests
   chromium        # the live page test (headless, driven over WebDriver)
   chromium-driver # chromedriver, the WebDriver server of that test
+  faketime        # libfaketime: a collector node with a skewed clock (cluster test)
 )
 
 missing=()

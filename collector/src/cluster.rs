@@ -22,6 +22,12 @@ use tokio::sync::watch;
 /// catching up after a pause continues at the next step).
 const MAX_CATCH_UP: i64 = 600;
 
+/// Partial sums of subjects no owner measures are kept this long.
+const PRUNE_HORIZON: Duration = Duration::from_secs(3600);
+/// Rows one prune transaction deletes at most, and transactions per run.
+const PRUNE_BATCH: i64 = 5000;
+const PRUNE_MAX_BATCHES: u32 = 20;
+
 /// What a node is told about its cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterSpec {
@@ -95,6 +101,7 @@ impl ClusterNode {
                 shared.clone(),
             )),
             tokio::spawn(analyse(db.clone(), spec.clone(), epoch_rx, shared)),
+            tokio::spawn(prune(db.clone(), spec.clone())),
         ];
         Ok(ClusterNode { db, spec, tasks })
     }
@@ -213,6 +220,39 @@ async fn follow_policy(db: Db, spec: ClusterSpec, tally: TallyCell, shared: Arc<
             "following the published policy"
         );
         lock(&shared).policy = Some((version, Arc::new(policy)));
+    }
+}
+
+/// Deletes the partial sums the owners consumed, every four windows (at
+/// least every second, at most every minute); any node may, one at a time.
+async fn prune(db: Db, spec: ClusterSpec) {
+    let every = Duration::from_millis(
+        spec.routing
+            .interval_ms
+            .saturating_mul(4)
+            .clamp(1000, 60_000),
+    );
+    let width_ns = i64::try_from(spec.routing.interval_ms)
+        .unwrap_or(1000)
+        .saturating_mul(1_000_000);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match db
+            .prune_rate_partials(
+                &spec.cluster,
+                width_ns,
+                PRUNE_HORIZON,
+                PRUNE_BATCH,
+                PRUNE_MAX_BATCHES,
+            )
+            .await
+        {
+            Ok(p) if p.rows > 0 => tracing::debug!(rows = p.rows, "consumed partial sums pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning the partial sums failed"),
+        }
     }
 }
 

@@ -21,7 +21,10 @@ mod session;
 mod store;
 
 pub use config::{Config, ConfigError, MAX_EXPORTER_NAME};
-pub use server::{bind, open_sink, serve, tls_acceptor, Collector, CollectorStats, ServerError};
+pub use server::{
+    bind, open_sink, prepare_storage, serve, tls_acceptor, Collector, CollectorStats, ServerError,
+};
 pub use store::{
-    spawn_writer, spawn_writer_kb, spawn_writer_tallied, Batch, Outcome, Sink, TallyCell, WriteReq,
+    spawn_writer, spawn_writer_tallied, spawn_writer_with, Batch, Outcome, Sink, TallyCell,
+    WriteReq, WriterOptions,
 };

@@ -457,9 +457,40 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     } else {
         Some(qosloop_collector::bind(&config).await?)
     };
-    let sink = qosloop_collector::open_sink(&config.db).await?;
-    tracing::info!(db = %qosloop_store::redact(&config.db), "storage ready");
+    // PostgreSQL: the handle connects on first use, so the node starts
+    // while the server is unreachable; the writers hold what arrives (UDP
+    // records wait in the journal, CRANE sessions are served only once the
+    // storage is ready) until it is reached and migrated.
+    let is_pg = config.db.starts_with("postgres://") || config.db.starts_with("postgresql://");
+    let (sink, ready) = if is_pg {
+        let db = qosloop_store::Db::connect_lazy(&config.db)?;
+        (
+            qosloop_collector::Sink::Db(db),
+            Some(tokio::sync::watch::channel(false)),
+        )
+    } else {
+        (qosloop_collector::open_sink(&config.db).await?, None)
+    };
     let tally = qosloop_collector::TallyCell::default();
+    let collector = qosloop_collector::Collector::gated(
+        sink.clone(),
+        &config,
+        tally.clone(),
+        ready.as_ref().map(|(_, rx)| rx.clone()),
+    )?;
+    let ingest = if config.ipfix_listen.is_empty() {
+        None
+    } else {
+        Some(
+            qosloop_collector::ipfix::Ingest::start(&config, sink.clone(), collector.writer())
+                .await?,
+        )
+    };
+    if let (qosloop_collector::Sink::Db(db), Some((tx, _))) = (&sink, &ready) {
+        qosloop_collector::prepare_storage(db).await?;
+        tx.send_replace(true);
+    }
+    tracing::info!(db = %qosloop_store::redact(&config.db), "storage ready");
     let node = match (&sink, config.cluster.is_empty()) {
         (qosloop_collector::Sink::Db(db), false) => {
             let spec = qosloop_collector::cluster::ClusterSpec {
@@ -482,7 +513,6 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let collector = qosloop_collector::Collector::with_tally(sink.clone(), &config, tally)?;
     let _maintenance = match &sink {
         qosloop_collector::Sink::Db(db) => Some(tokio::spawn({
             let (db, config) = (db.clone(), config.clone());
@@ -503,11 +533,6 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
             )))
         }
         _ => None,
-    };
-    let ingest = if config.ipfix_listen.is_empty() {
-        None
-    } else {
-        Some(qosloop_collector::ipfix::Ingest::start(&config, sink, collector.writer()).await?)
     };
     let _metrics = match metrics_listener {
         Some(l) => {

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::session::{self, Counters, SessionCtx, SessionLimits};
-use crate::store::{spawn_writer_kb, Sink, TallyCell};
+use crate::store::{spawn_writer_with, Sink, TallyCell, WriterOptions};
 use qosloop_runtime::tls::Io;
 use qosloop_schema::guard::{self, ConnLimiter, ConnStats, LogThrottle};
 use qosloop_schema::ie;
@@ -50,6 +50,38 @@ pub async fn open_sink(url: &str) -> Result<Sink, qosloop_store::DbError> {
     let db = Db::connect(url).await?;
     db.migrate().await?;
     Ok(Sink::Db(db))
+}
+
+/// Reaches the database and migrates it, retrying with backoff (250 ms,
+/// doubling to 5 s) for as long as the errors are ones a restart of the
+/// server explains, and saying so at each attempt; other errors (a bad
+/// password, a failed migration) end it.
+pub async fn prepare_storage(db: &Db) -> Result<(), qosloop_store::DbError> {
+    let mut delay = std::time::Duration::from_millis(250);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let tried = async {
+            db.probe().await?;
+            db.migrate().await
+        }
+        .await;
+        match tried {
+            Ok(_) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "database reachable; storage ready");
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64,
+                    "database unreachable, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Binds `config.listen` — loopback, or beyond it only with mutual TLS or
@@ -128,14 +160,28 @@ impl Collector {
         config: &Config,
         tally: TallyCell,
     ) -> Result<Collector, ServerError> {
+        Collector::gated(sink, config, tally, None)
+    }
+
+    /// [`Collector::with_tally`] whose writer stores nothing until `ready`
+    /// turns `true` ([`prepare_storage`] done).
+    pub fn gated(
+        sink: Sink,
+        config: &Config,
+        tally: TallyCell,
+        ready: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<Collector, ServerError> {
         let tls = tls_acceptor(config)?;
-        let (writer, _writer_tasks) = spawn_writer_kb(
+        let (writer, _writer_tasks) = spawn_writer_with(
             sink.clone(),
             config.queue_messages,
             config.group_records,
             config.writers,
             tally,
-            config.kb_config(),
+            WriterOptions {
+                kb: config.kb_config(),
+                ready,
+            },
         );
         let disabled_keys = config
             .disable_keys

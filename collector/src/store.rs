@@ -59,18 +59,36 @@ pub fn spawn_writer_tallied(
     writers: usize,
     tally: TallyCell,
 ) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
-    spawn_writer_kb(sink, queue, group_records, writers, tally, None)
+    spawn_writer_with(
+        sink,
+        queue,
+        group_records,
+        writers,
+        tally,
+        WriterOptions::default(),
+    )
 }
 
-/// [`spawn_writer_tallied`] that also keeps the knowledge base (`kb`,
-/// docs/kb.md) in every transaction.
-pub fn spawn_writer_kb(
+/// What a writer may do beyond [`spawn_writer_tallied`].
+#[derive(Debug, Default)]
+pub struct WriterOptions {
+    /// Keep the knowledge base (docs/kb.md) in every transaction.
+    pub kb: Option<KbConfig>,
+    /// Take nothing off the queue until this turns `true` (the collector
+    /// started while the database was unreachable: requests wait in the
+    /// bounded queue, their senders are held and nothing is acknowledged,
+    /// until the schema is migrated).
+    pub ready: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// [`spawn_writer_tallied`] with [`WriterOptions`].
+pub fn spawn_writer_with(
     sink: Sink,
     queue: usize,
     group_records: usize,
     writers: usize,
     tally: TallyCell,
-    kb: Option<KbConfig>,
+    options: WriterOptions,
 ) -> (mpsc::Sender<WriteReq>, Vec<tokio::task::JoinHandle<()>>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let rx = Arc::new(Mutex::new(rx));
@@ -80,13 +98,16 @@ pub fn spawn_writer_kb(
     };
     let tasks = (0..writers)
         .map(|_| {
-            tokio::spawn(writer(
-                sink.clone(),
-                rx.clone(),
-                group_records.max(1),
-                tally.clone(),
-                kb,
-            ))
+            let (sink, rx, tally) = (sink.clone(), rx.clone(), tally.clone());
+            let (kb, ready) = (options.kb, options.ready.clone());
+            tokio::spawn(async move {
+                if let Some(mut ready) = ready {
+                    if ready.wait_for(|r| *r).await.is_err() {
+                        return;
+                    }
+                }
+                writer(sink, rx, group_records.max(1), tally, kb).await
+            })
         })
         .collect();
     (tx, tasks)

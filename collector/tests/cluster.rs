@@ -16,190 +16,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
+mod cluster_support;
+
+use cluster_support::*;
 use qosloop_exporter::{Exporter, ExporterConfig};
-use qosloop_schema::bandwidth::{window::TimeBuckets, Classifier, SubjectKind};
-use qosloop_schema::{BusinessRule, FlowRecord, FlowSpec, Kbps, Link, PolicySet, PortRange};
-use qosloop_store::{bucket_of, Db};
+use qosloop_store::Db;
 use qosloop_testbed::harness::{free_port, Postgres};
 use qosloop_testbed::need;
-use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-const CLUSTER: &str = "t";
-const INTERVAL_MS: u64 = 500;
-/// Covers an exporter's failover (dead_after 700 ms) plus a commit.
-const LAG_MS: u64 = 2500;
-const SUBJECTS: u16 = 6;
-
-/// A cluster node, SIGKILLed on drop.
-struct Node {
-    name: String,
-    port: u16,
-    db: String,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(name: &str, db: &str, extra: &[&str]) -> Node {
-        let mut n = Node {
-            name: name.into(),
-            port: free_port().unwrap(),
-            db: db.into(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        };
-        n.restart();
-        n
-    }
-
-    fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{}", self.port),
-            "--db",
-            &self.db,
-            "--cluster",
-            CLUSTER,
-            "--node",
-            &self.name,
-            "--cluster-lease-ms",
-            "1000",
-            "--cluster-interval-ms",
-            &INTERVAL_MS.to_string(),
-            "--cluster-lag-ms",
-            &LAG_MS.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(self.extra.iter().cloned());
-        a
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_qosloop-collector"))
-            .args(self.args())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting qosloop-collector");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "{} did not listen", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    /// SIGTERM and wait: the node stops and gives its lease up.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = c.id().to_string();
-            Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    c.kill().unwrap();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            c.wait().unwrap();
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// One rule per subscriber (UDP to port 5000 + k), one link of everything.
-fn policy() -> PolicySet {
-    let rule = |k: u16| BusinessRule {
-        dn: format!("cn=sub{k},ou=rules"),
-        name: format!("sub{k}"),
-        priority: 10,
-        enabled: true,
-        roles: vec![],
-        flows: vec![FlowSpec {
-            proto: Some(17),
-            dst_ports: Some(PortRange::single(5000 + k)),
-            user: None,
-            ..Default::default()
-        }],
-        users: vec![],
-        per_user: false,
-        band_basis: Default::default(),
-        service_class: "gold".into(),
-        link: "edge".into(),
-    };
-    PolicySet {
-        rules: (0..SUBJECTS).map(rule).collect(),
-        links: vec![Link {
-            dn: "cn=edge".into(),
-            name: "edge".into(),
-            capacity: Kbps(100_000),
-            traffic: vec![],
-        }],
-        ..Default::default()
-    }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-/// Every exporter sends one record of the last 20 ms every 20 ms, for `d`;
-/// `sent` counts records and bytes.
-async fn run(exporters: &mut [Exporter], d: Duration, sent: &mut (u64, u64)) {
-    let step = Duration::from_millis(20);
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        let end = now_ns();
-        for (k, ex) in (0u16..).zip(exporters.iter_mut()) {
-            let r = FlowRecord {
-                src_addr: "10.1.0.1".parse().unwrap(),
-                dst_addr: "10.2.0.1".parse().unwrap(),
-                src_port: 40000 + k,
-                dst_port: 5000 + k,
-                proto: 17,
-                packets: 10,
-                bytes: 1000 * (u64::from(k) + 1),
-                start_ns: end - step.as_nanos() as u64,
-                end_ns: end,
-                ..FlowRecord::default()
-            };
-            sent.0 += 1;
-            sent.1 += r.bytes;
-            ex.send(&r).await.unwrap();
-        }
-        tokio::time::sleep(step).await;
-    }
-}
-
-async fn scalar(db: &Db, q: &str) -> i64 {
-    let Db::Postgres(p) = db else { unreachable!() };
-    sqlx::query_scalar::<_, i64>(q).fetch_one(p).await.unwrap()
-}
+use std::process::Command;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_kill_add_stop_exactly_once_and_rates_equal_one_node() {
@@ -224,6 +49,7 @@ async fn three_nodes_kill_add_stop_exactly_once_and_rates_equal_one_node() {
                 port: free_port().unwrap(),
                 db: url.clone(),
                 extra: vec!["--cluster-buckets".into(), "32".into()],
+                env: vec![],
                 child: None,
             }
             .args(),
@@ -250,6 +76,7 @@ async fn three_nodes_kill_add_stop_exactly_once_and_rates_equal_one_node() {
     }
     let mut sent = (0u64, 0u64);
     let mut marks: Vec<(&str, u64)> = Vec::new();
+    let first_record_ns = now_ns();
     run(&mut exporters, Duration::from_secs(2), &mut sent).await;
     marks.push(("kill -9 n2", now_ns()));
     nodes[1].kill9();
@@ -269,163 +96,8 @@ async fn three_nodes_kill_add_stop_exactly_once_and_rates_equal_one_node() {
         assert!(report.complete(), "{report:?}");
     }
 
-    // 1. Every record exactly once.
-    let count = scalar(&db, "SELECT count(*) FROM flows").await;
-    let bytes = scalar(&db, "SELECT CAST(sum(bytes) AS BIGINT) FROM flows").await;
-    let twice = scalar(
-        &db,
-        "SELECT count(*) FROM (SELECT 1 FROM flows GROUP BY src_port, start_ns HAVING count(*) > 1) d",
-    )
-    .await;
-    assert_eq!((count, bytes, twice), (sent.0 as i64, sent.1 as i64, 0));
-
-    // Every window up to the last record's is closed and written.
-    let width = (INTERVAL_MS * 1_000_000) as i64;
-    let last_slot = (last_record_ns as i64).div_euclid(width);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let done = scalar(
-            &db,
-            &format!(
-                "SELECT count(*) FROM rate_state WHERE window_end_ns > {}",
-                last_slot * width
-            ),
-        )
-        .await;
-        if done == i64::from(SUBJECTS) + 1 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    // 2. Rates equal the single-node computation on the same records.
-    let Db::Postgres(p) = &db else { unreachable!() };
-    let rows: Vec<(String, String, i64, f64, f64, String, i64, i64)> = sqlx::query_as(
-        "SELECT subject, name, at_ns, rate_kbps, avg_rate_kbps, node, epoch, computed_ns FROM rates \
-         WHERE node IS NOT NULL ORDER BY subject, name, at_ns",
-    )
-    .fetch_all(p)
-    .await
-    .unwrap();
-    let mut by_subject: BTreeMap<(String, String), Vec<(i64, f64, f64, String, i64, i64)>> =
-        BTreeMap::new();
-    for (s, n, at, rate, avg, node, epoch, computed) in rows {
-        by_subject
-            .entry((s, n))
-            .or_default()
-            .push((at, rate, avg, node, epoch, computed));
-    }
-    assert_eq!(
-        by_subject.len(),
-        usize::from(SUBJECTS) + 1,
-        "{:?}",
-        by_subject.keys()
-    );
-    let classifier = Classifier::new(&policy);
-    let mut reference: HashMap<(String, String), TimeBuckets> = HashMap::new();
-    for row in db.flows_from(0, 1_000_000).await.unwrap() {
-        let r = row.record.unwrap();
-        for (kind, key) in classifier.subject_keys(&r) {
-            let name = match kind {
-                SubjectKind::Flow => policy
-                    .rules
-                    .iter()
-                    .find(|x| x.dn == key)
-                    .unwrap()
-                    .name
-                    .clone(),
-                SubjectKind::Link => key.to_owned(),
-            };
-            reference
-                .entry((kind.as_str().to_owned(), name))
-                .or_insert_with(|| TimeBuckets::new(width))
-                .add(r.start_ns as i64, r.end_ns as i64, r.bytes);
-        }
-    }
-    let w = 0.5;
-    let ownership: Vec<(i64, i32, String)> =
-        sqlx::query_as("SELECT epoch, bucket, node FROM cluster_ownership WHERE cluster = $1")
-            .bind(CLUSTER)
-            .fetch_all(p)
-            .await
-            .unwrap();
-    let owner: HashMap<(i64, u32), String> = ownership
-        .iter()
-        .map(|(e, b, n)| ((*e, *b as u32), n.clone()))
-        .collect();
-    for ((kind, name), rows) in &by_subject {
-        let key = if kind == "flow" {
-            policy
-                .rules
-                .iter()
-                .find(|x| &x.name == name)
-                .unwrap()
-                .dn
-                .clone()
-        } else {
-            name.clone()
-        };
-        let bucket = bucket_of(kind, &key, 64);
-        // Each window once, consecutive, the EWMA chain unbroken.
-        for pair in rows.windows(2) {
-            assert_eq!(
-                pair[1].0 - pair[0].0,
-                width,
-                "{name}: a window missing or twice"
-            );
-            let expect = w * pair[1].1 + (1.0 - w) * pair[0].2;
-            assert!(
-                (pair[1].2 - expect).abs() < 1e-6 * expect.abs().max(1.0),
-                "{name}: the average at {} does not continue the one before ({} by {} then {} by {})",
-                pair[1].0, pair[0].2, pair[0].3, pair[1].2, pair[1].3
-            );
-        }
-        // Written by the bucket's owner in the epoch it names.
-        for (at, _, _, node, epoch, _) in rows {
-            assert_eq!(
-                owner.get(&(*epoch, bucket)),
-                Some(node),
-                "{name} at {at}: written by {node}, not the owner of bucket {bucket} in epoch {epoch}"
-            );
-        }
-        let (first, last) = (rows[0].0 - width, rows.last().unwrap().0);
-        let ours: f64 = rows
-            .iter()
-            .map(|r| r.1 * 1000.0 / 8.0 * (width as f64 / 1e9))
-            .sum();
-        let theirs = reference
-            .get_mut(&(kind.clone(), name.clone()))
-            .map_or(0.0, |t| t.take(first, last));
-        assert!(theirs > 0.0, "{name}: no traffic");
-        assert!(
-            (ours - theirs).abs() <= 0.005 * theirs,
-            "{name}: {ours} bytes in the cluster's rates, {theirs} by one node"
-        );
-    }
-
-    // 3. No bucket had two owners in one epoch; owners are members.
-    let epochs: Vec<(i64, String, i64)> = sqlx::query_as(
-        "SELECT epoch, members, started_ns FROM cluster_epochs WHERE cluster = $1 ORDER BY epoch",
-    )
-    .bind(CLUSTER)
-    .fetch_all(p)
-    .await
-    .unwrap();
-    let twice = scalar(
-        &db,
-        "SELECT count(*) FROM (SELECT epoch, bucket FROM cluster_ownership \
-         GROUP BY epoch, bucket HAVING count(DISTINCT node) > 1) d",
-    )
-    .await;
-    assert_eq!(twice, 0);
-    for (e, b, n) in &ownership {
-        let members = &epochs.iter().find(|x| x.0 == *e).unwrap().1;
-        assert!(
-            members.split(',').any(|m| m == n),
-            "epoch {e} bucket {b}: {n} not a member"
-        );
-    }
-    assert!(epochs.len() >= 4, "{epochs:?}");
+    let Checked { by_subject, epochs } =
+        check_all(&db, &policy, sent, first_record_ns, last_record_ns, 4).await;
 
     // Figures: when each event's epoch started, and the freshness of rates
     // (written minus window end minus lag) around it.

@@ -94,6 +94,8 @@ fn rule(k: u16) -> BusinessRule {
             ..Default::default()
         }],
         users: vec![],
+        per_user: false,
+        band_basis: Default::default(),
         service_class: "gold".into(),
         link: "edge".into(),
     }

@@ -236,3 +236,128 @@ async fn crane_exporter_holds_and_resends_through_a_10s_postgres_outage() {
     assert_eq!(totals, (n as i64, sum));
     assert_eq!(dups, 0);
 }
+
+/// A node started while PostgreSQL is down: it starts, says so and
+/// retries; UDP records wait in the journal and CRANE records are not
+/// acknowledged; once the server is up (and the schema migrated by the
+/// node) every record is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_while_postgres_is_down_it_holds_then_stores_once() {
+    need!(Postgres::available());
+    let mut pg = Postgres::start().unwrap();
+    let url = pg.url();
+    pg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let port = free_port().unwrap();
+    let mut collector = start_collector(
+        dir.path(),
+        "collector-early",
+        &[
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--ipfix-listen=udp://{udp}"),
+            format!("--db={url}"),
+            format!("--ipfix-journal-dir={}", journal.display()),
+            "--ipfix-journal-fsync-ms=20".into(),
+            "--ipfix-flush-ms=20".into(),
+        ],
+    );
+    let log = dir.path().join("collector-early.log");
+    let said = |what: &'static str| {
+        let log = log.clone();
+        move || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(what))
+    };
+    let retrying = tokio::task::spawn_blocking({
+        let said = said("database unreachable, retrying");
+        move || {
+            wait_udp_bound(udp, Duration::from_secs(30));
+            wait(Duration::from_secs(20), said)
+        }
+    });
+    assert!(retrying.await.unwrap(), "the node did not say it retries");
+    assert!(
+        collector.wait(Duration::from_millis(100)).is_none(),
+        "the node exited"
+    );
+
+    // UDP records arrive: durable in the journal, not loaded.
+    let (sum_udp, synced, loaded) = tokio::task::spawn_blocking({
+        let journal = journal.clone();
+        move || {
+            let exporter = UdpSocket::bind("127.0.0.1:0").unwrap();
+            exporter
+                .send_to(&Ipfix::default().set(2, &v4_template()).message(0, 1), udp)
+                .unwrap();
+            let (mut seq, mut sport) = (0u32, 0u16);
+            let sum = send_burst(&exporter, udp, &mut seq, &mut sport);
+            wait(Duration::from_secs(10), || {
+                status(&journal, "synced_records") == 2000
+            });
+            (
+                sum,
+                status(&journal, "synced_records"),
+                status(&journal, "loaded_records"),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((synced, loaded), (2000, 0));
+
+    // A CRANE exporter sends; nothing is acknowledged while the server
+    // is away.
+    let mut cfg = ExporterConfig::new(vec![format!("127.0.0.1:{port}")]);
+    cfg.name = "early-test".into();
+    cfg.batch_records = 200;
+    cfg.finish_timeout = Duration::from_secs(60);
+    cfg.spool_dir = Some(dir.path().join("spool"));
+    let mut ex = Exporter::start(cfg).unwrap();
+    let (n, mut sum_crane) = (5_000u64, 0i64);
+    for i in 0..n {
+        let r = common::record(i);
+        sum_crane += r.bytes as i64;
+        ex.send(&r).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ex.stats()
+            .acked_records
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "acknowledged before anything was stored"
+    );
+
+    // The server comes up: the node migrates, the journal drains, the
+    // exporter's records are stored and acknowledged, each once.
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.start_again().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let report = ex.finish().await.unwrap();
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(report.dropped_records, 0, "{report:?}");
+    let total = 2000 + n as i64;
+    let (flows_now, dups) = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            wait(Duration::from_secs(40), || flows(&url).0 == total);
+            let dups = pg_query(
+                &url,
+                "SELECT count(*), 0::bigint FROM (SELECT 1 FROM flows \
+                 GROUP BY exporter_id, session_id, seq, src_addr, src_port, start_ns HAVING count(*) > 1) d",
+            );
+            (flows(&url), dups.0)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(flows_now, (total, sum_udp + sum_crane));
+    assert_eq!(dups, 0);
+    assert!(said("database reachable; storage ready")());
+    assert!(collector.terminate(Duration::from_secs(20)));
+    assert_eq!(status(&journal, "loaded_records"), 2000);
+    drop(pg);
+}

@@ -52,6 +52,38 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+impl DbError {
+    /// Whether a restart of the database explains it (unreachable,
+    /// starting up, shutting down): worth retrying.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Url(_) => false,
+            DbError::Connect { source, .. }
+            | DbError::Migration { source, .. }
+            | DbError::Sql(source) => crate::is_transient(source),
+        }
+    }
+}
+
+/// PostgreSQL's connect options from `url`, with the session timeouts.
+fn pg_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    // A collector that hangs (stopped, its host gone without a reset)
+    // must not hold its locks for ever: another collector's insert of the
+    // same (exporter, session, seq) would wait on them. The server ends
+    // such a transaction after 1 s idle, or a statement (a COPY whose
+    // client went quiet) after 10 s.
+    Ok(PgConnectOptions::from_str(url)?.options([
+        ("idle_in_transaction_session_timeout", "1s"),
+        ("statement_timeout", "10s"),
+    ]))
+}
+
+fn pg_pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+}
+
 impl Db {
     /// Connects to `sqlite://FILE` (created when missing, WAL mode) or
     /// `postgres://…`.
@@ -77,25 +109,46 @@ impl Db {
                 .map_err(err)?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            // A collector that hangs (stopped, its host gone without a
-            // reset) must not hold its locks for ever: another collector's
-            // insert of the same (exporter, session, seq) would wait on them.
-            // The server ends such a transaction after 1 s idle, or a
-            // statement (a COPY whose client went quiet) after 10 s.
-            let opts = PgConnectOptions::from_str(url).map_err(err)?.options([
-                ("idle_in_transaction_session_timeout", "1s"),
-                ("statement_timeout", "10s"),
-            ]);
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
+            let pool = pg_pool_options()
+                .connect_with(pg_options(url).map_err(err)?)
                 .await
                 .map_err(err)?;
             Ok(Db::Postgres(pool))
         } else {
             Err(DbError::Url(redact(url)))
         }
+    }
+
+    /// A PostgreSQL handle that connects on first use: nothing is sent
+    /// now, so it exists while the server is unreachable (see
+    /// [`Db::probe`]). Other URLs: [`DbError::Url`].
+    pub fn connect_lazy(url: &str) -> Result<Db, DbError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(DbError::Url(redact(url)));
+        }
+        let opts = pg_options(url).map_err(|source| DbError::Connect {
+            url: redact(url),
+            source,
+        })?;
+        Ok(Db::Postgres(pg_pool_options().connect_lazy_with(opts)))
+    }
+
+    /// One connection attempt outside the pool, failing at once when the
+    /// server is unreachable (the pool's own acquire waits up to its
+    /// timeout, retrying).
+    pub async fn probe(&self) -> Result<(), DbError> {
+        match self {
+            Db::Sqlite(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Db::Postgres(pool) => {
+                use sqlx::Connection;
+                let opts = pool.connect_options();
+                let conn = sqlx::PgConnection::connect_with(&opts).await?;
+                conn.close().await?;
+            }
+        }
+        Ok(())
     }
 
     pub fn dialect(&self) -> Dialect {

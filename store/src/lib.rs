@@ -54,7 +54,7 @@ mod retention;
 pub use sqlx;
 
 pub use cluster::{
-    bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate,
+    bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate, Pruned,
     RoutingConfig, SubjectState, Tally,
 };
 pub use db::{now_ns, redact, Db, DbError};

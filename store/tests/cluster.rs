@@ -226,3 +226,150 @@ async fn membership_ownership_fencing_and_partials_on_postgres() {
     );
     db.close().await;
 }
+
+/// Rows of `rate_partials` for a subject, by slot.
+async fn partial_slots(db: &Db, kind: &str, subject: &str) -> Vec<i64> {
+    let Db::Postgres(pool) = db else {
+        unreachable!("the cluster runs on PostgreSQL")
+    };
+    let rows: Vec<(i64,)> = qosloop_store::sqlx::query_as(
+        "SELECT slot FROM rate_partials WHERE kind = $1 AND subject = $2 ORDER BY slot, node",
+    )
+    .bind(kind)
+    .bind(subject)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(s,)| s).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_partials_are_pruned_in_batches_on_postgres() {
+    need!(Postgres::available());
+    let pg = Postgres::start().unwrap();
+    let db = Db::connect(&pg.url()).await.unwrap();
+    db.migrate().await.unwrap();
+    let routing = RoutingConfig::default();
+    let lease = Duration::from_secs(30);
+    db.cluster_join("c", "a", "127.0.0.1:1", &routing, lease)
+        .await
+        .unwrap();
+    let e1 = db.cluster_rebalance("c", 64).await.unwrap();
+    let bucket = qosloop_store::bucket_of("flow", "cn=r", 64);
+    let ex = db.register_exporter("m", "127.0.0.1:5", 1).await.unwrap();
+    db.open_session(ex, 1, "little").await.unwrap();
+    // Two receiving nodes' partial sums of slots 10..=19 (one record of
+    // 1000 bytes inside each slot), for the rule and its link.
+    for (node, seq) in [("a", 1), ("b", 2)] {
+        let tally = Tally {
+            cluster: "c".into(),
+            node: node.into(),
+            width_ns: 1_000_000_000,
+            classifier: Arc::new(Classifier::new(&policy())),
+        };
+        let records = (10..20u64)
+            .map(|s| FlowRecord {
+                src_addr: "10.0.0.1".parse().unwrap(),
+                dst_addr: "10.0.0.2".parse().unwrap(),
+                proto: 17,
+                bytes: 1000,
+                packets: 1,
+                start_ns: s * 1_000_000_000 + 100_000_000,
+                end_ns: s * 1_000_000_000 + 900_000_000,
+                ..Default::default()
+            })
+            .collect();
+        let batch = Batch {
+            exporter_id: ex,
+            session_id: 1,
+            seq,
+            records,
+            dedup: true,
+        };
+        db.commit_batches_tallied(&[&batch], Some(&tally))
+            .await
+            .unwrap();
+    }
+    let all: Vec<i64> = (10..20).flat_map(|s| [s, s]).collect();
+    assert_eq!(partial_slots(&db, "flow", "cn=r").await, all);
+    let later = db.combined_partials("c", 15, 19).await.unwrap();
+
+    // Nothing consumed yet: nothing pruned (the horizon is far).
+    let far = Duration::from_secs(100 * 365 * 86_400);
+    let p = db
+        .prune_rate_partials("c", 1_000_000_000, far, 3, 100)
+        .await
+        .unwrap();
+    assert_eq!((p.rows, p.ran), (0, true));
+
+    // The owner computed windows 10..=14: those slots of the rule (both
+    // nodes' rows) are consumed and go, in batches of 3 rows.
+    let mut prev = None;
+    let rows: Vec<OwnerRate> = (10..15)
+        .map(|s| {
+            let end = (s + 1) * 1_000_000_000;
+            let r = rate(bucket, prev, end);
+            prev = Some(end);
+            r
+        })
+        .collect();
+    db.write_owner_rates("c", "a", e1.epoch, &rows[..1])
+        .await
+        .unwrap();
+    // After the first window only slot 10's two rows are consumed.
+    let p = db
+        .prune_rate_partials("c", 1_000_000_000, far, 3, 1)
+        .await
+        .unwrap();
+    assert_eq!(p.rows, 2);
+    db.write_owner_rates("c", "a", e1.epoch, &rows[1..])
+        .await
+        .unwrap();
+    let p = db
+        .prune_rate_partials("c", 1_000_000_000, far, 3, 1)
+        .await
+        .unwrap();
+    assert_eq!(p.rows, 3, "one batch of at most 3 rows");
+    let p = db
+        .prune_rate_partials("c", 1_000_000_000, far, 3, 100)
+        .await
+        .unwrap();
+    assert_eq!(p.rows, 5, "the rest of slots 11..=14, in more batches");
+    let kept: Vec<i64> = (15..20).flat_map(|s| [s, s]).collect();
+    assert_eq!(partial_slots(&db, "flow", "cn=r").await, kept);
+    assert_eq!(
+        partial_slots(&db, "link", "l").await,
+        all,
+        "the link has no owner state and is inside the horizon"
+    );
+    // The windows still to compute read the same sums as before.
+    let now = db.combined_partials("c", 15, 19).await.unwrap();
+    assert_eq!(now, later);
+
+    // Past the horizon, rows of subjects nobody measures go; the rule's
+    // unconsumed rows stay whatever their age.
+    let p = db
+        .prune_rate_partials("c", 1_000_000_000, Duration::from_secs(60), 1000, 10)
+        .await
+        .unwrap();
+    assert_eq!(p.rows, 20);
+    assert!(partial_slots(&db, "link", "l").await.is_empty());
+    assert_eq!(partial_slots(&db, "flow", "cn=r").await, kept);
+
+    // Another node pruning at the same moment skips the run.
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
+    let mut holder = pool.begin().await.unwrap();
+    qosloop_store::sqlx::query("SELECT pg_advisory_xact_lock(7347303)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let p = db
+        .prune_rate_partials("c", 1_000_000_000, far, 3, 100)
+        .await
+        .unwrap();
+    assert_eq!((p.rows, p.ran), (0, false));
+    holder.rollback().await.unwrap();
+    db.close().await;
+}

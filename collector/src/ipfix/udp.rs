@@ -129,7 +129,16 @@ impl UdpWorker {
         ));
         let mut restorable = Restorable::default();
         if let Some(db) = output.db().cloned() {
-            match self.runtime.block_on(Restorable::load(&db, &decoder)) {
+            // Best effort: a node started while the database is
+            // unreachable receives (into the journal) at once rather than
+            // waiting for the pool's timeout.
+            let loaded = self.runtime.block_on(async {
+                if let Err(e) = db.probe().await {
+                    return Err(sqlx::Error::Protocol(format!("database unreachable: {e}")));
+                }
+                Restorable::load(&db, &decoder).await
+            });
+            match loaded {
                 Ok(r) => {
                     tracing::info!(listen = %self.listen, thread = self.index, templates = r.len(),
                         "persisted templates loaded (installed when their exporter is heard from)");

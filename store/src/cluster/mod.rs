@@ -12,7 +12,7 @@ mod partials;
 mod routing;
 
 pub(crate) use partials::add_partials;
-pub use partials::Tally;
+pub use partials::{Pruned, Tally};
 pub use routing::{bucket_of, rendezvous_owner, AnalysisKey, RoutingConfig};
 
 use crate::db::Db;

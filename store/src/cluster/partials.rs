@@ -86,6 +86,80 @@ pub(crate) async fn add_partials(
     Ok(())
 }
 
+/// The advisory lock of pruning: one node prunes at a time (the others
+/// skip the run), so that deletes never queue behind each other.
+const PRUNE_LOCK: i64 = 7_347_303;
+
+/// What one run of [`Db::prune_rate_partials`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Rows deleted.
+    pub rows: u64,
+    /// Whether this node held the lock (another node pruning: `false`).
+    pub ran: bool,
+}
+
+impl crate::db::Db {
+    /// Deletes the partial sums every owner has consumed, in batches of at
+    /// most `batch` rows and `max_batches` transactions: a row is consumed
+    /// when its subject's state (`rate_state`, written by whichever owner
+    /// computed the window) is past its slot. Rows of subjects without a
+    /// state (no owner measures them: not in the published policy, or
+    /// before an owner's first window) are deleted once their slot ended
+    /// more than `horizon` before the database's clock. Safe with several
+    /// nodes: a transaction-scoped advisory lock taken with `try` lets one
+    /// node prune at a time, and rows a writer holds are skipped (`SKIP
+    /// LOCKED`), so the records' transactions never wait for it; deleting
+    /// a consumed row twice is deleting nothing.
+    pub async fn prune_rate_partials(
+        &self,
+        cluster: &str,
+        width_ns: i64,
+        horizon: std::time::Duration,
+        batch: i64,
+        max_batches: u32,
+    ) -> Result<Pruned, super::ClusterError> {
+        let pool = super::pg(self)?;
+        let width = width_ns.max(1);
+        let horizon_ns = i64::try_from(horizon.as_nanos()).unwrap_or(i64::MAX);
+        let mut out = Pruned::default();
+        for _ in 0..max_batches {
+            let mut tx = pool.begin().await?;
+            let (held,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(PRUNE_LOCK)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !held {
+                return Ok(out);
+            }
+            out.ran = true;
+            let deleted = sqlx::query(&format!(
+                "DELETE FROM rate_partials WHERE ctid = ANY(ARRAY(\
+                   SELECT p.ctid FROM rate_partials p LEFT JOIN rate_state s \
+                     ON s.cluster = p.cluster AND s.kind = p.kind AND s.subject = p.subject \
+                   WHERE p.cluster = $1 AND ( \
+                     (s.subject IS NOT NULL AND p.slot < s.window_end_ns / $2) \
+                     OR (s.subject IS NULL AND (p.slot + 1) * $2 < {} - $3)) \
+                   LIMIT $4 FOR UPDATE OF p SKIP LOCKED))",
+                super::SERVER_NOW
+            ))
+            .bind(cluster)
+            .bind(width)
+            .bind(horizon_ns)
+            .bind(batch.max(1))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            out.rows += deleted;
+            if deleted < batch.max(1) as u64 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,24 @@
 //! `qosloop-testbed bench cluster`: records/s committed and analysed with
 //! 1, 2 and 4 collector nodes on this machine — each node a
-//! `qosloop-collector` process on loopback, one CRANE exporter per node in
-//! this process, all nodes committing into one PostgreSQL, run once with
-//! `fsync=on` (PostgreSQL's durable defaults) and once with `fsync=off`.
-//! Per node: the CPU it spent per record committed (`/proc/PID/stat`), which
-//! is what predicts scaling on machines with more cores than this one.
-//! Records moved between nodes: none — every record is stored by the node
-//! that received it, and no analysis here forwards records (0/s, printed).
+//! `qosloop-collector --cluster` process on loopback, one CRANE exporter per
+//! node in this process, all nodes committing into one PostgreSQL, run once
+//! with `fsync=on` (PostgreSQL's durable defaults) and once with
+//! `fsync=off`. Per node: the CPU it spent per record committed
+//! (`/proc/PID/stat`), which is what predicts scaling on machines with more
+//! cores than this one.
 //!
-//! The nodes are plain collectors sharing one database: the collector's
-//! cluster flags (`--cluster`, `--node`, `--advertise`) are not passed, so
-//! no lease or owner analysis runs beside the ingest measured here;
-//! [`cluster_args`] is the one place to add them.
+//! The nodes run as a cluster ([`cluster_args`]): a policy of 16 rules and
+//! one link is published, each node adds what it stores to its partial
+//! sums, and the owner of each subject's bucket computes its rates.
+//! "Analysed" is the owners' analysis: the records counted in the `rates`
+//! rows the owners wrote, over the same time as the commits (a record is
+//! classified and summed in its commit's transaction; the owner combines
+//! per subject and window, not per record), with the records stored but
+//! not counted (late) and the owners' delay: how long after a window
+//! closed (its end plus the lag) its rate was written, at worst. "Moved" is what crosses nodes:
+//! no record (each is stored and summed by the node that received it), but
+//! the partial-sum rows an owner reads from the other nodes — sampled from
+//! `rate_partials` during the run (before they are pruned).
 
 use crate::harness::{find_binary, free_port, Postgres};
 use crate::plot::{Chart, Series};
@@ -43,25 +50,84 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-/// The cluster flags of node `index` of `nodes`: none (plain collectors
-/// against one database, as the figures in docs/testbed.md were measured).
-/// To run the nodes as a cluster:
-/// `--cluster bench --node n{index} --advertise 127.0.0.1:{port}`.
-fn cluster_args(_index: usize, _nodes: usize, _port: u16) -> Vec<String> {
-    Vec::new()
+/// The rate window and lag the bench's cluster runs with, ms.
+const INTERVAL_MS: u64 = 1000;
+/// Longer than any record waits for its commit in these runs (an exporter
+/// sending flat out queues ahead of the commits), so that every record
+/// counts in its window; the run then waits this long for the last window.
+const LAG_MS: u64 = 30_000;
+/// Rules of the published policy (records spread over them by port).
+const RULES: u16 = 16;
+
+/// The cluster flags of node `index` of `nodes`, listening on `port`.
+fn cluster_args(cluster: &str, index: usize, _nodes: usize, port: u16) -> Vec<String> {
+    vec![
+        "--cluster".into(),
+        cluster.into(),
+        "--node".into(),
+        format!("n{index}"),
+        "--advertise".into(),
+        format!("127.0.0.1:{port}"),
+        "--cluster-interval-ms".into(),
+        INTERVAL_MS.to_string(),
+        "--cluster-lag-ms".into(),
+        LAG_MS.to_string(),
+    ]
 }
 
+/// The policy the bench publishes: rule `k` selects destination port
+/// 5000 + k; every rule counts for one link.
+fn policy() -> qosloop_schema::PolicySet {
+    use qosloop_schema::{BusinessRule, FlowSpec, Kbps, Link, PolicySet, PortRange};
+    PolicySet {
+        rules: (0..RULES)
+            .map(|k| BusinessRule {
+                dn: format!("cn=r{k},ou=rules"),
+                name: format!("r{k}"),
+                priority: 10,
+                enabled: true,
+                roles: vec![],
+                flows: vec![FlowSpec {
+                    proto: Some(6),
+                    dst_ports: Some(PortRange::single(5000 + k)),
+                    ..Default::default()
+                }],
+                users: vec![],
+                per_user: false,
+                band_basis: Default::default(),
+                service_class: "gold".into(),
+                link: "edge".into(),
+            })
+            .collect(),
+        links: vec![Link {
+            dn: "cn=edge".into(),
+            name: "edge".into(),
+            capacity: Kbps(10_000_000),
+            traffic: vec![],
+        }],
+        ..Default::default()
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Record `i`, ending now (the owners compute windows of the present).
 fn record(i: u64) -> FlowRecord {
+    let end = now_ns();
     FlowRecord {
         src_addr: Ipv4Addr::from(0x0a00_0000 + (i as u32 & 0xffff)).into(),
         dst_addr: Ipv4Addr::new(192, 0, 2, (i % 200) as u8 + 1).into(),
         src_port: (i % 60000) as u16,
-        dst_port: 443,
+        dst_port: 5000 + (i % u64::from(RULES)) as u16,
         proto: 6,
         packets: 1,
         bytes: 64 + i % 1400,
-        start_ns: 1_700_000_000_000_000_000 + i * 1000,
-        end_ns: 1_700_000_000_000_000_000 + i * 1000 + 500,
+        start_ns: end - 1_000_000,
+        end_ns: end,
         ..FlowRecord::default()
     }
 }
@@ -124,6 +190,15 @@ struct Run {
     nodes: usize,
     committed_per_s: f64,
     analysed_per_s: f64,
+    /// Records stored but not in a window's rate (committed after it
+    /// closed).
+    late: i64,
+    /// The stalest rate: written this long after its window closed, ms.
+    owner_delay_ms: f64,
+    /// Partial-sum rows read by an owner from another node, per second,
+    /// and the records they summed.
+    moved_rows_per_s: f64,
+    moved_records_per_s: f64,
     /// CPU µs per record committed, per node (its own records).
     node_us: Vec<f64>,
     postgres_us: f64,
@@ -150,6 +225,8 @@ async fn run_one(
     let url = pg.url_for(database);
     let db = Db::connect(&url).await?;
     db.migrate().await?;
+    db.publish_policy(&serde_json::to_string(&policy())?)
+        .await?;
     let bin = collector_bin()?;
     let mut procs = Vec::new();
     for i in 0..nodes {
@@ -160,7 +237,7 @@ async fn run_one(
             .arg(format!("127.0.0.1:{port}"))
             .arg("--db")
             .arg(&url)
-            .args(cluster_args(i, nodes, port))
+            .args(cluster_args(database, i, nodes, port))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -175,46 +252,39 @@ async fn run_one(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // The nodes connect to the database after binding.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The nodes join, agree on an epoch and follow the published policy
+    // (checked every 200 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let cpu0: Vec<f64> = procs.iter().map(|p| cpu_seconds(p.child.id())).collect();
     let pg_cpu0 = postgres_cpu(pg);
     let per = n / nodes as u64;
     let start = Instant::now();
-    // The analysis: one reader follows `flows` by id, as the policy
-    // server's bandwidth manager polls it. Ids are taken in one order and
-    // become visible in another (several writers): the reader counts each
-    // id once and goes back to its oldest gap whenever it catches up.
-    let reader = {
+    // What crosses nodes: the partial-sum rows, sampled every 500 ms (a
+    // row lives at least the lag plus four windows before it is pruned).
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = {
         let db = db.clone();
-        let total = per * nodes as u64;
         tokio::spawn(async move {
-            let mut seen = vec![false; (total as usize) * 2 + 2];
-            let (mut gap, mut scan, mut read) = (1i64, 1i64, 0u64);
-            let limit = Instant::now() + Duration::from_secs(600);
-            while read < total && Instant::now() < limit {
-                let rows = db.flows_from(scan, 50_000).await?;
-                for r in &rows {
-                    if let Some(s) = seen.get_mut(r.id as usize) {
-                        if !*s {
-                            *s = true;
-                            read += 1;
-                        }
-                    }
+            let mut rows: std::collections::HashMap<(String, String, i64, String), i64> =
+                Default::default();
+            loop {
+                let got: Vec<(String, String, i64, String, i64)> = qosloop_store::on_pool!(&db, p, D => {
+                    sqlx::query_as("SELECT kind, subject, slot, node, records FROM rate_partials")
+                        .fetch_all(p).await?
+                });
+                for (k, s, slot, node, r) in got {
+                    let e = rows.entry((k, s, slot, node)).or_default();
+                    *e = (*e).max(r);
                 }
-                while seen.get(gap as usize).copied().unwrap_or(true) && (gap as usize) < seen.len()
-                {
-                    gap += 1;
+                if *stop_rx.borrow() {
+                    break;
                 }
-                match rows.last() {
-                    Some(last) => scan = last.id + 1,
-                    None => {
-                        scan = gap;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop_rx.changed() => {}
                 }
             }
-            Ok::<_, sqlx::Error>((read, start.elapsed()))
+            Ok::<_, sqlx::Error>(rows)
         })
     };
     let mut senders = Vec::new();
@@ -247,21 +317,81 @@ async fn run_one(
         .map(|(p, c0)| (cpu_seconds(p.child.id()) - c0) * 1e6 / per as f64)
         .collect();
     let postgres_us = (postgres_cpu(pg) - pg_cpu0) * 1e6 / (per * nodes as u64) as f64;
-    let (read, analysed_at) = reader.await??;
     let stored: i64 = qosloop_store::on_pool!(&db, p, D => {
         sqlx::query_scalar("SELECT count(*) FROM flows").fetch_one(p).await?
     });
     anyhow::ensure!(
-        stored as u64 == per * nodes as u64 && read == stored as u64,
-        "stored {stored}, read {read}, sent {}",
+        stored as u64 == per * nodes as u64,
+        "stored {stored}, sent {}",
         per * nodes as u64
     );
+    // The owners' analysis: wait until every subject's windows up to the
+    // last record's are written.
+    let width = (INTERVAL_MS * 1_000_000) as i64;
+    let last_end = now_ns() as i64;
+    let subjects = i64::from(RULES) + 1;
+    let limit = Instant::now() + Duration::from_secs(60) + Duration::from_millis(LAG_MS);
+    loop {
+        let done: i64 = qosloop_store::on_pool!(&db, p, D => {
+            sqlx::query_scalar("SELECT count(*) FROM rate_state WHERE window_end_ns > $1")
+                .bind(last_end.div_euclid(width) * width).fetch_one(p).await?
+        });
+        if done >= subjects {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < limit,
+            "the owners did not compute every window"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(true);
+    let sampled = sampler.await??;
+    type RateRow = (String, i64, String, i64, i64);
+    let rates: Vec<RateRow> = qosloop_store::on_pool!(&db, p, D => {
+        sqlx::query_as("SELECT name, at_ns, node, records, computed_ns FROM rates \
+                        WHERE node IS NOT NULL AND subject = 'flow' AND records > 0")
+            .fetch_all(p).await?
+    });
+    let analysed: i64 = rates.iter().map(|r| r.3).sum();
+    let lag_ns = (LAG_MS * 1_000_000) as i64;
+    let owner_delay_ms = rates
+        .iter()
+        .map(|r| (r.4 - r.1 - lag_ns) as f64 / 1e6)
+        .fold(0.0, f64::max);
+    let analysed_secs = done.as_secs_f64().max(1e-3);
+    // The owner of each rule's window, from the rows it wrote.
+    let owner: std::collections::HashMap<(String, i64), String> = rates
+        .iter()
+        .map(|r| {
+            (
+                (format!("cn={},ou=rules", r.0), r.1 / width - 1),
+                r.2.clone(),
+            )
+        })
+        .collect();
+    let (mut moved_rows, mut moved_records) = (0u64, 0i64);
+    for ((kind, subject, slot, node), records) in &sampled {
+        if kind != "flow" {
+            continue;
+        }
+        if let Some(o) = owner.get(&(subject.clone(), *slot)) {
+            if o != node {
+                moved_rows += 1;
+                moved_records += records;
+            }
+        }
+    }
     drop(procs);
     db.close().await;
     Ok(Run {
         nodes,
         committed_per_s: stored as f64 / done.as_secs_f64(),
-        analysed_per_s: read as f64 / analysed_at.as_secs_f64(),
+        analysed_per_s: analysed as f64 / analysed_secs,
+        late: stored - analysed,
+        owner_delay_ms,
+        moved_rows_per_s: moved_rows as f64 / analysed_secs,
+        moved_records_per_s: moved_records as f64 / analysed_secs,
         node_us,
         postgres_us,
     })
@@ -296,15 +426,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || drop(pg)).await?;
     }
     let mut text = String::new();
-    text.push_str("| nodes | fsync | committed records/s | analysed records/s | moved between nodes/s | CPU µs/record per node | PostgreSQL CPU µs/record |\n");
-    text.push_str("|---|---|---|---|---|---|---|\n");
+    text.push_str("| nodes | fsync | committed records/s | analysed records/s (owners) | late records | owners' delay after close, ms | records moved between nodes/s | partial-sum rows read across nodes/s (records summed) | CPU µs/record per node | PostgreSQL CPU µs/record |\n");
+    text.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for (fsync, r) in &table {
         text.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | 0 | {} | {:.1} |\n",
+            "| {} | {} | {:.0} | {:.0} | {} | {:.0} | 0 | {:.1} ({:.0}) | {} | {:.1} |\n",
             r.nodes,
             if *fsync { "on" } else { "off" },
             r.committed_per_s,
             r.analysed_per_s,
+            r.late,
+            r.owner_delay_ms,
+            r.moved_rows_per_s,
+            r.moved_records_per_s,
             r.node_us
                 .iter()
                 .map(|u| format!("{u:.1}"))
