@@ -464,10 +464,20 @@ async fn run(migrate_only: bool, config: Config) -> anyhow::Result<()> {
     let is_pg = config.db.starts_with("postgres://") || config.db.starts_with("postgresql://");
     let (sink, ready) = if is_pg {
         let db = qosloop_store::Db::connect_lazy(&config.db)?;
-        (
-            qosloop_collector::Sink::Db(db),
-            Some(tokio::sync::watch::channel(false)),
-        )
+        // Reachable now: migrate before serving, so that a node that
+        // listens has its schema (what exporters and operators expect of a
+        // started collector). Unreachable: serve at once and hold.
+        let ready = match db.probe().await {
+            Ok(()) => {
+                qosloop_collector::prepare_storage(&db).await?;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "database unreachable at start; holding what arrives until it is reached");
+                Some(tokio::sync::watch::channel(false))
+            }
+        };
+        (qosloop_collector::Sink::Db(db), ready)
     } else {
         (qosloop_collector::open_sink(&config.db).await?, None)
     };

@@ -156,7 +156,14 @@ async fn a_slow_or_vanished_client_does_not_stall_the_others() {
     drop(gone);
     let reader = tokio::spawn(async move {
         let mut text = String::new();
-        read_until(&mut fast, &mut text, |t| t.contains("\"last\":true")).await;
+        // Until the last event is whole: its data line ends the event with
+        // a blank line (the keys are sorted, so `last` comes before the
+        // 32 KiB pad and can arrive before the rest of the line).
+        read_until(&mut fast, &mut text, |t| {
+            t.find("\"last\":true")
+                .is_some_and(|at| t[at..].contains("\n\n"))
+        })
+        .await;
         text
     });
 
