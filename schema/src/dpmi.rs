@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The filter fields of `seeds/003` §5, by their JSON names.
 pub const FIELDS: &[&str] = &[
@@ -38,12 +38,12 @@ pub const FIELDS: &[&str] = &[
 /// A value and the bits of it that count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Masked {
-    pub value: u64,
-    pub mask: u64,
+    pub value: u128,
+    pub mask: u128,
 }
 
 impl Masked {
-    fn matches(self, v: u64) -> bool {
+    fn matches(self, v: u128) -> bool {
         v & self.mask == self.value
     }
     fn overlaps(self, o: Masked) -> bool {
@@ -70,6 +70,7 @@ enum Kind {
     Int { bits: u32 },
     Mac,
     Ipv4,
+    Ipv6,
 }
 
 fn kind_of(field: &str) -> Option<Kind> {
@@ -78,6 +79,7 @@ fn kind_of(field: &str) -> Option<Kind> {
         "ip_proto" => Kind::Int { bits: 8 },
         "eth_src" | "eth_dst" => Kind::Mac,
         "ip_src" | "ip_dst" => Kind::Ipv4,
+        "ip6_src" | "ip6_dst" => Kind::Ipv6,
         _ => return None,
     })
 }
@@ -88,16 +90,17 @@ impl Kind {
             Kind::Int { bits } => bits,
             Kind::Mac => 48,
             Kind::Ipv4 => 32,
+            Kind::Ipv6 => 128,
         }
     }
-    fn all(self) -> u64 {
-        (1u64 << self.bits()) - 1
+    fn all(self) -> u128 {
+        u128::MAX >> (128 - self.bits())
     }
-    fn parse_value(self, s: &str) -> Option<u64> {
+    fn parse_value(self, s: &str) -> Option<u128> {
         match self {
             Kind::Int { .. } => {
                 let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-                    Some(h) => u64::from_str_radix(h, 16).ok()?,
+                    Some(h) => u128::from_str_radix(h, 16).ok()?,
                     None => s.parse().ok()?,
                 };
                 (v <= self.all()).then_some(v)
@@ -107,16 +110,17 @@ impl Kind {
                 if parts.len() != 6 {
                     return None;
                 }
-                let mut v = 0u64;
+                let mut v = 0u128;
                 for p in parts {
                     if p.is_empty() || p.len() > 2 {
                         return None;
                     }
-                    v = v << 8 | u64::from(u8::from_str_radix(p, 16).ok()?);
+                    v = v << 8 | u128::from(u8::from_str_radix(p, 16).ok()?);
                 }
                 Some(v)
             }
-            Kind::Ipv4 => s.parse::<Ipv4Addr>().ok().map(|a| u64::from(u32::from(a))),
+            Kind::Ipv4 => s.parse::<Ipv4Addr>().ok().map(|a| u128::from(u32::from(a))),
+            Kind::Ipv6 => s.parse::<Ipv6Addr>().ok().map(u128::from),
         }
     }
     fn parse(self, s: &str) -> Result<Masked, String> {
@@ -157,7 +161,7 @@ impl Kind {
         }
         Ok(Masked { value, mask })
     }
-    fn show(self, v: u64) -> String {
+    fn show(self, v: u128) -> String {
         match self {
             Kind::Int { bits } => format!("0x{v:0w$x}", w = (bits / 4) as usize),
             Kind::Mac => (0..6)
@@ -166,8 +170,16 @@ impl Kind {
                 .collect::<Vec<_>>()
                 .join(":"),
             Kind::Ipv4 => Ipv4Addr::from(v as u32).to_string(),
+            Kind::Ipv6 => Ipv6Addr::from(v).to_string(),
         }
     }
+}
+
+/// The IP version a filter's addresses name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
 }
 
 /// A field the filter could not take, by name.
@@ -203,9 +215,52 @@ pub struct FrameFields {
     pub ether_type: u16,
     pub eth_src: u64,
     pub eth_dst: u64,
-    /// IPv4 only: protocol, addresses; ports for TCP/UDP/SCTP first fragments.
+    /// IPv4: protocol, addresses.
     pub ip: Option<(u8, u32, u32)>,
+    /// IPv6: addresses.
+    pub ip6: Option<(u128, u128)>,
+    /// IPv6: the upper-layer protocol, after the extension headers
+    /// (`None` when they run past the bytes read or past [`MAX_EXT_HEADERS`]).
+    pub ip6_proto: Option<u8>,
+    /// TCP/UDP/SCTP ports of a first fragment (or an unfragmented packet),
+    /// IPv4 or IPv6.
     pub ports: Option<(u16, u16)>,
+}
+
+/// IPv6 extension headers walked to find the upper-layer protocol.
+pub const MAX_EXT_HEADERS: usize = 8;
+
+/// The IPv6 next-header values the reader walks over: hop-by-hop options,
+/// routing, fragment, destination options, authentication header,
+/// mobility, HIP, shim6.
+pub const IPV6_EXT_HEADERS: [u8; 8] = [0, 43, 44, 60, 51, 135, 139, 140];
+
+/// Walks the extension headers of the IPv6 payload `rest` starting with
+/// next header `nh`: the upper-layer protocol and, for a first fragment
+/// (or none), the offset of its header in `rest`.
+fn ipv6_upper(mut nh: u8, rest: &[u8]) -> Option<(u8, Option<usize>)> {
+    let mut off = 0usize;
+    let mut first_fragment = true;
+    for _ in 0..=MAX_EXT_HEADERS {
+        if !IPV6_EXT_HEADERS.contains(&nh) {
+            return Some((nh, first_fragment.then_some(off)));
+        }
+        let h = rest.get(off..off + 2)?;
+        let len = match nh {
+            44 => {
+                let fo = rest.get(off + 2..off + 4)?;
+                if u16::from_be_bytes([fo[0], fo[1]]) & 0xfff8 != 0 {
+                    first_fragment = false;
+                }
+                8
+            }
+            51 => (usize::from(h[1]) + 2) * 4,
+            _ => (usize::from(h[1]) + 1) * 8,
+        };
+        nh = h[0];
+        off += len;
+    }
+    None
 }
 
 impl FrameFields {
@@ -246,21 +301,38 @@ impl FrameFields {
                     u16::from_be_bytes([l4[2], l4[3]]),
                 ));
             }
+        } else if et == 0x86dd && ip.len() >= 40 && ip[0] >> 4 == 6 {
+            let addr = |b: &[u8]| b.iter().fold(0u128, |a, &x| a << 8 | u128::from(x));
+            f.ip6 = Some((addr(&ip[8..24]), addr(&ip[24..40])));
+            if let Some((proto, at)) = ipv6_upper(ip[6], &ip[40..]) {
+                f.ip6_proto = Some(proto);
+                if let Some(l4) = at
+                    .filter(|_| matches!(proto, 6 | 17 | 132))
+                    .and_then(|at| ip[40..].get(at..at + 4))
+                {
+                    f.ports = Some((
+                        u16::from_be_bytes([l4[0], l4[1]]),
+                        u16::from_be_bytes([l4[2], l4[3]]),
+                    ));
+                }
+            }
         }
         Some(f)
     }
 
-    fn get(&self, field: &str) -> Option<u64> {
+    fn get(&self, field: &str) -> Option<u128> {
         Some(match field {
-            "vlan_tci" => u64::from(self.vlan_tci?),
-            "ether_type" => u64::from(self.ether_type),
-            "eth_src" => self.eth_src,
-            "eth_dst" => self.eth_dst,
-            "ip_proto" => u64::from(self.ip?.0),
-            "ip_src" => u64::from(self.ip?.1),
-            "ip_dst" => u64::from(self.ip?.2),
-            "src_port" => u64::from(self.ports?.0),
-            "dst_port" => u64::from(self.ports?.1),
+            "vlan_tci" => u128::from(self.vlan_tci?),
+            "ether_type" => u128::from(self.ether_type),
+            "eth_src" => u128::from(self.eth_src),
+            "eth_dst" => u128::from(self.eth_dst),
+            "ip_proto" => u128::from(self.ip.map(|i| i.0).or(self.ip6_proto)?),
+            "ip_src" => u128::from(self.ip?.1),
+            "ip_dst" => u128::from(self.ip?.2),
+            "ip6_src" => self.ip6?.0,
+            "ip6_dst" => self.ip6?.1,
+            "src_port" => u128::from(self.ports?.0),
+            "dst_port" => u128::from(self.ports?.1),
             _ => return None,
         })
     }
@@ -296,12 +368,35 @@ impl Filter {
                 f.interface = Some(s.to_owned());
                 continue;
             }
+            // An address with a ':' is IPv6, kept under its own key.
+            let known = match known {
+                "ip_src" if s.contains(':') => "ip6_src",
+                "ip_dst" if s.contains(':') => "ip6_dst",
+                k => k,
+            };
             let kind = kind_of(known).ok_or_else(|| FieldError::new(&field, "unknown field"))?;
             let m = kind
                 .parse(s)
                 .map_err(|reason| FieldError::new(&field, reason))?;
             if m.mask != 0 {
                 f.fields.insert(known, m);
+            }
+        }
+        let has = |k: &[&str]| k.iter().any(|k| f.fields.contains_key(*k));
+        // Two address fields of different families: ip_src and ip_dst.
+        if has(&["ip_src", "ip_dst"]) && has(&["ip6_src", "ip6_dst"]) {
+            return Err(FieldError::new(
+                "filter.ip_dst",
+                "an IPv4 and an IPv6 address in one filter (make one request per family)",
+            ));
+        }
+        if let (Some(fam), Some(et)) = (f.family(), f.fields.get("ether_type")) {
+            let want = if fam == Family::V4 { 0x0800 } else { 0x86dd };
+            if et.value != want & et.mask {
+                return Err(FieldError::new(
+                    "filter.ether_type",
+                    format!("does not match the {fam:?} addresses of the filter"),
+                ));
             }
         }
         Ok(f)
@@ -317,9 +412,36 @@ impl Filter {
             .all(|(name, m)| fields.get(name).is_some_and(|v| m.matches(v)))
     }
 
+    /// The address family the filter's addresses (or a full
+    /// `ether_type` of IPv4 or IPv6) pin, if any.
+    pub fn family(&self) -> Option<Family> {
+        if ["ip_src", "ip_dst"]
+            .iter()
+            .any(|k| self.fields.contains_key(k))
+        {
+            return Some(Family::V4);
+        }
+        if ["ip6_src", "ip6_dst"]
+            .iter()
+            .any(|k| self.fields.contains_key(k))
+        {
+            return Some(Family::V6);
+        }
+        match self.fields.get("ether_type") {
+            Some(m) if m.mask == 0xffff && m.value == 0x0800 => Some(Family::V4),
+            Some(m) if m.mask == 0xffff && m.value == 0x86dd => Some(Family::V6),
+            _ => None,
+        }
+    }
+
     /// Whether some frame can match both.
     pub fn overlaps(&self, o: &Filter) -> bool {
         if let (Some(a), Some(b)) = (&self.interface, &o.interface) {
+            if a != b {
+                return false;
+            }
+        }
+        if let (Some(a), Some(b)) = (self.family(), o.family()) {
             if a != b {
                 return false;
             }
@@ -354,7 +476,13 @@ impl Filter {
             .fields
             .iter()
             .filter_map(|(k, m)| {
-                let c = m.cover(*o.fields.get(k)?);
+                let mut c = m.cover(*o.fields.get(k)?);
+                if k.starts_with("ip6_") {
+                    // IPv6 addresses widen to their common prefix.
+                    let len = c.mask.leading_ones();
+                    c.mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                    c.value &= c.mask;
+                }
                 (c.mask != 0).then_some((*k, c))
             })
             .collect();
@@ -397,12 +525,17 @@ impl Filter {
         }
         for (k, m) in &self.fields {
             if let Some(kind) = kind_of(k) {
+                let k = match *k {
+                    "ip6_src" => "ip_src",
+                    "ip6_dst" => "ip_dst",
+                    k => k,
+                };
                 let s = if m.mask == kind.all() {
                     kind.show(m.value)
                 } else {
                     format!("{}/{}", kind.show(m.value), kind.show(m.mask))
                 };
-                obj.insert((*k).into(), s.into());
+                obj.insert(k.into(), s.into());
             }
         }
         serde_json::Value::Object(obj)
@@ -565,11 +698,102 @@ mod tests {
         assert!(f(json!({"eth_src": "02:00:00:00:00:01"})).matches("x", &ff));
     }
 
+    fn v6_frame(src: &str, dst: &str, nh: u8, ext: &[u8], l4: &[u8]) -> Vec<u8> {
+        let mut fr = vec![0u8; 14];
+        fr[12..14].copy_from_slice(&[0x86, 0xdd]);
+        let mut ip = vec![0u8; 40];
+        ip[0] = 0x60;
+        ip[6] = nh;
+        ip[8..24].copy_from_slice(&src.parse::<Ipv6Addr>().unwrap().octets());
+        ip[24..40].copy_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+        fr.extend(ip);
+        fr.extend(ext);
+        fr.extend(l4);
+        fr
+    }
+
+    #[test]
+    fn ipv6_prefixes_parse_match_and_widen() {
+        let a = f(json!({"ip_src": "2001:db8:1::/48", "ip_proto": "17"}));
+        assert_eq!(a.family(), Some(Family::V6));
+        assert_eq!(f(a.to_json()), a);
+        assert_eq!(
+            f(json!({"ip_dst": "2001:db8::/ffff:ffff::"})).to_json(),
+            json!({"ip_dst": "2001:db8::/ffff:ffff::"})
+        );
+        // The cover of two v6 prefixes is their common prefix.
+        let x = f(json!({"ip_src": "2001:db8:1::/48"}));
+        let y = f(json!({"ip_src": "2001:db8:3::/48"}));
+        assert_eq!(x.cover(&y), f(json!({"ip_src": "2001:db8::/46"})));
+        assert!(x.cover(&y).contains(&x) && x.cover(&y).contains(&y));
+        let far = f(json!({"ip_src": "8000::/1"}));
+        assert!(x.cover(&far).fields.is_empty());
+        // v4 and v6 filters share no frame.
+        let v4 = f(json!({"ip_src": "10.0.0.0/8"}));
+        assert!(!v4.overlaps(&x) && !x.overlaps(&v4) && v4.intersect(&x).is_none());
+        assert!(!f(json!({"ether_type": "0x0800"})).overlaps(&x));
+        // ip_proto and ports alone match both families.
+        let udp53 = f(json!({"ip_proto": "17", "dst_port": "53"}));
+        assert!(udp53.overlaps(&x) && udp53.overlaps(&v4));
+
+        let udp = [0x13, 0x88, 0, 53, 0, 8, 0, 0];
+        let plain = v6_frame("2001:db8:1::5", "2001:db8:9::1", 17, &[], &udp);
+        let ff = FrameFields::parse(&plain, None).unwrap();
+        assert_eq!(ff.ports, Some((5000, 53)));
+        assert!(a.matches("x", &ff) && udp53.matches("x", &ff));
+        assert!(!y.matches("x", &ff) && !v4.matches("x", &ff));
+        assert!(f(json!({"ip_dst": "2001:db8:9::1"})).matches("x", &ff));
+        // Behind a hop-by-hop and a destination options header, and in a
+        // first fragment: the upper layer is still found.
+        let ext = [
+            60, 0, 0, 0, 0, 0, 0, 0, 44, 0, 0, 0, 0, 0, 0, 0, 17, 0, 0, 1, 0, 0, 0, 7,
+        ];
+        let ff =
+            FrameFields::parse(&v6_frame("2001:db8:1::5", "::1", 0, &ext, &udp), None).unwrap();
+        assert_eq!((ff.ip6_proto, ff.ports), (Some(17), Some((5000, 53))));
+        assert!(a.matches("x", &ff) && udp53.matches("x", &ff));
+        // A later fragment has a protocol, no ports.
+        let mut later = ext;
+        later[18..20].copy_from_slice(&[0x05, 0x00]);
+        let ff =
+            FrameFields::parse(&v6_frame("2001:db8:1::5", "::1", 0, &later, &udp), None).unwrap();
+        assert_eq!((ff.ip6_proto, ff.ports), (Some(17), None));
+        assert!(a.matches("x", &ff) && !udp53.matches("x", &ff));
+        // A chain cut short by the capture: no protocol, no ports.
+        let ff = FrameFields::parse(&v6_frame("2001:db8:1::5", "::1", 0, &ext[..12], &[]), None)
+            .unwrap();
+        assert_eq!((ff.ip6_proto, ff.ports), (None, None));
+        assert!(!a.matches("x", &ff) && x.matches("x", &ff));
+    }
+
+    #[test]
+    fn bad_ipv6_fields_are_named() {
+        let e = |v| Filter::from_json(&v).unwrap_err();
+        assert_eq!(
+            e(json!({"ip_src": "2001:db8::/129"})).field,
+            "filter.ip_src"
+        );
+        assert_eq!(
+            e(json!({"ip_dst": "2001:db8::1/64"})).field,
+            "filter.ip_dst"
+        );
+        assert_eq!(e(json!({"ip_src": "2001:db8:::1"})).field, "filter.ip_src");
+        let mixed = e(json!({"ip_src": "10.0.0.1", "ip_dst": "2001:db8::1"}));
+        assert_eq!(mixed.field, "filter.ip_dst");
+        assert!(mixed.reason.contains("IPv4 and an IPv6"), "{mixed}");
+        let mixed = e(json!({"ip_src": "2001:db8::1", "ip_dst": "10.0.0.1"}));
+        assert_eq!(mixed.field, "filter.ip_dst");
+        assert_eq!(
+            e(json!({"ip_src": "2001:db8::1", "ether_type": "0x0800"})).field,
+            "filter.ether_type"
+        );
+    }
+
     proptest::proptest! {
         /// cover contains both; overlaps and contains agree with a
         /// brute-force check on one small field.
         #[test]
-        fn cover_and_overlap_are_exact(a in 0u64..16, am in 0u64..16, b in 0u64..16, bm in 0u64..16) {
+        fn cover_and_overlap_are_exact(a in 0u128..16, am in 0u128..16, b in 0u128..16, bm in 0u128..16) {
             let x = Masked { value: a & am, mask: am };
             let y = Masked { value: b & bm, mask: bm };
             let c = x.cover(y);

@@ -120,6 +120,11 @@ impl Output {
         {
             return;
         }
+        // Only IPv4 headers are scrambled: an anonymised consumer never
+        // gets an IPv6 frame.
+        if self.spec.anonymise && fields.ip6.is_some() {
+            return;
+        }
         if !self.counters.connected.load(Ordering::Relaxed) {
             self.counters
                 .dropped_disconnected
