@@ -13,8 +13,13 @@
 //! In JSON a field is a string `VALUE` (all bits) or `VALUE/MASK`, the mask
 //! a prefix length or written like the value: `"10.1.0.0/16"`,
 //! `"10.1.0.0/255.255.0.0"`, `"6"`, `"0x0800/0xffff"`,
-//! `"02:00:00:00:00:00/ff:00:00:00:00:00"`. A value with bits outside its
-//! mask is refused (it could never match, or the user meant another mask).
+//! `"02:00:00:00:00:00/ff:00:00:00:00:00"`, `"2001:db8::/32"`. A value
+//! with bits outside its mask is refused (it could never match, or the
+//! user meant another mask).
+//!
+//! IPv6 addresses (written under `ip_src`/`ip_dst`, kept as `ip6_src`/
+//! `ip6_dst`) and IPv4 ones never share a filter; filters of different
+//! families never overlap, and IPv6 addresses widen to their common prefix.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

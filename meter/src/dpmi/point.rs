@@ -303,7 +303,8 @@ fn fetch(cfg: &PointConfig) -> Result<FilterList, String> {
 }
 
 /// Bytes of a frame the point reads itself: Ethernet, one 802.1Q tag in
-/// the frame, an IPv4 header with the most options, the ports.
+/// the frame, an IPv4 header with the most options, the ports (for IPv6:
+/// the fixed header, 20 bytes of extension headers, the ports).
 const HEADERS: u32 = 14 + 4 + 60 + 4;
 
 /// What the kernel copies of each frame: the largest caplen a consumer
