@@ -40,6 +40,9 @@ pub struct PointConfig {
     pub poll: Duration,
     /// The anonymisation key (made up at start when none is given).
     pub key: Option<Arc<CryptoPan>>,
+    /// TLS to the consumers (`--dpmi-consumer-ca`): their certificates
+    /// checked against this configuration's CA; `None`: plain TCP.
+    pub consumer_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// What stops a point.
@@ -356,7 +359,12 @@ fn install(
             spec.caplen = spec.caplen.min(cfg.max_caplen);
             match old.outputs.iter().find(|o| same_output(&o.spec, &spec)) {
                 Some(o) => o.clone(),
-                None => Arc::new(Output::start(spec, cfg.consumer_buffer, key.clone())),
+                None => Arc::new(Output::start(
+                    spec,
+                    cfg.consumer_buffer,
+                    key.clone(),
+                    cfg.consumer_tls.clone(),
+                )),
             }
         })
         .collect();

@@ -184,6 +184,7 @@ impl Lab {
             consumer_buffer: buffer,
             poll: Duration::from_millis(150),
             key: None,
+            consumer_tls: None,
         };
         let h = self
             .mp
