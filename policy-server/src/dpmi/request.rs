@@ -114,6 +114,13 @@ impl Request {
             Some(Some("flows")) => Delivery::Flows,
             _ => return Err(err("delivery", "must be \"packets\" or \"flows\"")),
         };
+        if delivery == Delivery::Flows && filter.family() == Some(qosloop_schema::dpmi::Family::V6)
+        {
+            return Err(err(
+                "delivery",
+                "flow records are made from IPv4 frames only (ask for packets)",
+            ));
+        }
         let caplen = match obj.get("caplen") {
             None => DEFAULT_CAPLEN,
             Some(v) => v
@@ -319,6 +326,10 @@ mod tests {
         anon["filter"] = json!({"ip_src": "2001:db8::/32"});
         anon["anonymise"] = json!(true);
         assert_eq!(e(anon).field, "anonymise");
+        let mut flows = good();
+        flows["filter"] = json!({"ip_dst": "2001:db8::/32"});
+        flows["delivery"] = json!("flows");
+        assert_eq!(e(flows).field, "delivery");
     }
 
     #[test]
