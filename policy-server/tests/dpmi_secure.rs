@@ -27,6 +27,7 @@ fn point_config(lab: &Lab, token: Option<&str>) -> PointConfig {
         consumer_buffer: 4096,
         poll: Duration::from_millis(150),
         key: None,
+        consumer_tls: None,
     }
 }
 

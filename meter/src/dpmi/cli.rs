@@ -38,6 +38,10 @@ pub struct DpmiFlags {
     /// it a key is made up at start and lives only in this process.
     #[arg(long, value_name = "FILE")]
     pub dpmi_key: Option<PathBuf>,
+    /// Speak TLS to every consumer, checking its certificate (for the IP
+    /// address of its request's `consumer`) against the CA in FILE (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub dpmi_consumer_ca: Option<PathBuf>,
     /// Anonymise the addresses of every flow record this meter exports or
     /// writes (Crypto-PAn) with the key in FILE (64 hex digits).
     #[arg(long, value_name = "FILE")]
@@ -146,6 +150,12 @@ impl DpmiFlags {
             .as_deref()
             .map(read_token)
             .transpose()?;
+        let consumer_tls = self
+            .dpmi_consumer_ca
+            .as_deref()
+            .map(|ca| qosloop_runtime::tls::client_config_with(ca, None))
+            .transpose()
+            .map_err(|e| flag_err("--dpmi-consumer-ca", e.to_string()))?;
         Ok(Some(PointConfig {
             name: name.clone(),
             controller,
@@ -156,6 +166,7 @@ impl DpmiFlags {
             consumer_buffer,
             poll,
             key,
+            consumer_tls,
         }))
     }
 }
@@ -181,6 +192,13 @@ mod tests {
             (8, DEFAULT_CAPLEN, 4096)
         );
         assert_eq!(flags().point(None).unwrap_err().flag, "--dpmi-point");
+        assert!(p.consumer_tls.is_none());
+        let mut f = flags();
+        f.dpmi_consumer_ca = Some("/nonexistent/ca.pem".into());
+        assert_eq!(
+            f.point(Some("eth0")).unwrap_err().flag,
+            "--dpmi-consumer-ca"
+        );
         let mut f = flags();
         f.dpmi_controller = Some("nowhere".into());
         assert_eq!(f.point(Some("eth0")).unwrap_err().flag, "--dpmi-controller");

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_rustls::rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_millis(300);
@@ -84,14 +85,21 @@ impl Output {
     /// Starts delivering to `spec.address` through a queue of `capacity`
     /// frames; `key` anonymises addresses when the consumer asked for it
     /// (in the writer thread: the capture thread only copies).
-    pub fn start(spec: ConsumerSpec, capacity: usize, key: Arc<CryptoPan>) -> Output {
+    /// With `tls` the stream is TLS, the consumer's certificate checked
+    /// for the IP address it is reached at.
+    pub fn start(
+        spec: ConsumerSpec,
+        capacity: usize,
+        key: Arc<CryptoPan>,
+        tls: Option<Arc<ClientConfig>>,
+    ) -> Output {
         let (tx, rx) = mpsc::sync_channel::<Item>(capacity.max(1));
         let counters = Arc::new(OutputCounters::default());
         let (c, s) = (counters.clone(), spec.clone());
         let anon = spec.anonymise.then(|| CachedPan::new(key));
         let thread = std::thread::Builder::new()
             .name(format!("dpmi-out-{}", spec.address))
-            .spawn(move || writer(s, rx, c, anon))
+            .spawn(move || writer(s, rx, c, anon, tls))
             .ok();
         if thread.is_none() {
             set_error(&counters, "cannot start its writer thread".into());
@@ -118,6 +126,11 @@ impl Output {
         if !self.spec.exact.is_empty()
             && !self.spec.exact.iter().any(|f| f.matches(interface, fields))
         {
+            return;
+        }
+        // Only IPv4 headers are scrambled: an anonymised consumer never
+        // gets an IPv6 frame.
+        if self.spec.anonymise && fields.ip6.is_some() {
             return;
         }
         if !self.counters.connected.load(Ordering::Relaxed) {
@@ -237,6 +250,7 @@ fn writer(
     rx: mpsc::Receiver<Item>,
     c: Arc<OutputCounters>,
     mut anon: Option<CachedPan>,
+    tls: Option<Arc<ClientConfig>>,
 ) {
     let Ok(addr) = spec.address.parse::<SocketAddr>() else {
         set_error(&c, format!("{:?} is not IP:PORT", spec.address));
@@ -256,6 +270,19 @@ fn writer(
         };
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Write + Send> = match &tls {
+            None => Box::new(stream),
+            Some(cfg) => match tls_connect(cfg, addr, stream) {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    set_error(&c, format!("TLS: {e}"));
+                    match rx.recv_timeout(RETRY) {
+                        Err(RecvTimeoutError::Disconnected) => return,
+                        _ => continue,
+                    }
+                }
+            },
+        };
         let mut w = BufWriter::with_capacity(64 * 1024, stream);
         if spec.delivery == Delivery::Packets && w.write_all(&pcap_header(spec.caplen)).is_err() {
             continue;
@@ -277,12 +304,29 @@ fn writer(
     }
 }
 
+/// A TLS client stream over `tcp`, its handshake done (bounded by the
+/// socket's timeouts) and the consumer's certificate checked for `addr`'s IP.
+fn tls_connect(
+    cfg: &Arc<ClientConfig>,
+    addr: SocketAddr,
+    mut tcp: TcpStream,
+) -> std::io::Result<StreamOwned<ClientConnection, TcpStream>> {
+    let name =
+        qosloop_runtime::tls::server_name(&addr.ip().to_string()).map_err(std::io::Error::other)?;
+    let mut conn = ClientConnection::new(cfg.clone(), name).map_err(std::io::Error::other)?;
+    let _ = tcp.set_read_timeout(Some(WRITE_TIMEOUT));
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(StreamOwned::new(conn, tcp))
+}
+
 /// Writes until the output is dropped (Ok) or the connection fails.
 fn serve(
     spec: &ConsumerSpec,
     rx: &mpsc::Receiver<Item>,
     c: &OutputCounters,
-    w: &mut BufWriter<TcpStream>,
+    w: &mut BufWriter<Box<dyn Write + Send>>,
     mut anon: Option<&mut CachedPan>,
 ) -> std::io::Result<()> {
     let mut flows: HashMap<FlowKey, FlowLine> = HashMap::new();
@@ -356,7 +400,7 @@ fn add_flow(
 fn write_flows(
     flows: &mut HashMap<FlowKey, FlowLine>,
     c: &OutputCounters,
-    w: &mut BufWriter<TcpStream>,
+    w: &mut BufWriter<Box<dyn Write + Send>>,
 ) -> std::io::Result<()> {
     for (_, f) in flows.drain() {
         let mut line = serde_json::to_vec(&f).map_err(std::io::Error::other)?;
@@ -400,7 +444,7 @@ mod tests {
             refilter: false,
             exact: Vec::new(),
         };
-        let out = Output::start(spec, 16, key.clone());
+        let out = Output::start(spec, 16, key.clone(), None);
         let (mut peer, _) = listener.accept().unwrap();
         let until = Instant::now() + Duration::from_secs(10);
         while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
@@ -447,7 +491,7 @@ mod tests {
             refilter: false,
             exact: Vec::new(),
         };
-        let out = Output::start(spec, 16, key);
+        let out = Output::start(spec, 16, key, None);
         let (mut peer, _) = listener.accept().unwrap();
         let until = Instant::now() + Duration::from_secs(10);
         while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
@@ -480,5 +524,88 @@ mod tests {
                 last_ns: 2000,
             }]
         );
+    }
+
+    /// With `--dpmi-consumer-ca` the stream is TLS: a consumer whose
+    /// certificate chains to the CA reads the pcap stream through it; one
+    /// whose certificate does not gets nothing, the point says why and
+    /// counts the frames it could not deliver.
+    #[test]
+    fn tls_consumers_read_the_stream_and_an_untrusted_one_gets_nothing() {
+        use qosloop_testbed::harness::{require_binary, test_pki};
+        use tokio_rustls::rustls::ServerConnection;
+        qosloop_testbed::need!(require_binary("openssl", "openssl"));
+        let (pki, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        test_pki(pki.path()).unwrap();
+        test_pki(other.path()).unwrap();
+        let server = qosloop_runtime::tls::server_config_with(
+            &pki.path().join("server.pem"),
+            &pki.path().join("server.key"),
+            None,
+        )
+        .unwrap();
+        let key = Arc::new(CryptoPan::new(&[9u8; 32]));
+        let frames = [
+            frame([10, 0, 0, 1], [10, 0, 0, 2]),
+            frame([10, 0, 0, 3], [10, 0, 0, 4]),
+        ];
+        for (ca, trusted) in [(pki.path(), true), (other.path(), false)] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let spec = ConsumerSpec {
+                address: listener.local_addr().unwrap().to_string(),
+                delivery: Delivery::Packets,
+                caplen: 40,
+                anonymise: false,
+                refilter: false,
+                exact: Vec::new(),
+            };
+            let tls = qosloop_runtime::tls::client_config_with(&ca.join("ca.pem"), None).unwrap();
+            let out = Output::start(spec, 16, key.clone(), Some(tls));
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut s = StreamOwned::new(ServerConnection::new(server.clone()).unwrap(), tcp);
+            let until = Instant::now() + Duration::from_secs(10);
+            if !trusted {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                assert!(
+                    got.is_empty(),
+                    "an untrusted consumer read {} bytes",
+                    got.len()
+                );
+                while out.report().error.is_none() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let r = out.report();
+                let error = r.error.unwrap_or_default();
+                assert!(error.starts_with("TLS: ") && !r.connected, "{error}");
+                let fields = FrameFields::parse(&frames[0], None).unwrap();
+                out.offer(0, 42, &frames[0], "eth0", &fields);
+                assert_eq!(out.report().dropped_disconnected, 1);
+                continue;
+            }
+            // The handshake needs the server's side before `connected`.
+            let mut head = [0u8; 24];
+            s.read_exact(&mut head).unwrap();
+            assert_eq!(head[..4], 0xa1b2_c3d4u32.to_le_bytes());
+            while !out.counters.connected.load(Ordering::Relaxed) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for (i, f) in frames.iter().enumerate() {
+                let fields = FrameFields::parse(f, None).unwrap();
+                out.offer(i as u64 * 1000, f.len() as u32, f, "eth0", &fields);
+            }
+            drop(out);
+            let mut got = Vec::new();
+            // The point closes without close_notify: the data read stays.
+            let _ = s.read_to_end(&mut got);
+            let mut at = 0;
+            for f in &frames {
+                let len = u32::from_le_bytes(got[at + 8..at + 12].try_into().unwrap()) as usize;
+                assert_eq!(&got[at + 16..at + 16 + len], &f[..40]);
+                at += 16 + len;
+            }
+            assert_eq!(at, got.len());
+        }
     }
 }

@@ -40,6 +40,9 @@ pub struct PointConfig {
     pub poll: Duration,
     /// The anonymisation key (made up at start when none is given).
     pub key: Option<Arc<CryptoPan>>,
+    /// TLS to the consumers (`--dpmi-consumer-ca`): their certificates
+    /// checked against this configuration's CA; `None`: plain TCP.
+    pub consumer_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// What stops a point.
@@ -303,7 +306,8 @@ fn fetch(cfg: &PointConfig) -> Result<FilterList, String> {
 }
 
 /// Bytes of a frame the point reads itself: Ethernet, one 802.1Q tag in
-/// the frame, an IPv4 header with the most options, the ports.
+/// the frame, an IPv4 header with the most options, the ports (for IPv6:
+/// the fixed header, 20 bytes of extension headers, the ports).
 const HEADERS: u32 = 14 + 4 + 60 + 4;
 
 /// What the kernel copies of each frame: the largest caplen a consumer
@@ -355,7 +359,12 @@ fn install(
             spec.caplen = spec.caplen.min(cfg.max_caplen);
             match old.outputs.iter().find(|o| same_output(&o.spec, &spec)) {
                 Some(o) => o.clone(),
-                None => Arc::new(Output::start(spec, cfg.consumer_buffer, key.clone())),
+                None => Arc::new(Output::start(
+                    spec,
+                    cfg.consumer_buffer,
+                    key.clone(),
+                    cfg.consumer_tls.clone(),
+                )),
             }
         })
         .collect();

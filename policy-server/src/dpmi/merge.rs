@@ -13,6 +13,10 @@
 //! are replaced by it, until the list fits: `tcp host A.a` + `net A`
 //! becomes `net A`. A consumer that receives a filter wider than each of
 //! its requests must re-filter (`refilter`).
+//!
+//! An IPv4 and an IPv6 filter are never replaced by their cover: when only
+//! such pairs are left the list stays over capacity (at most one filter
+//! per family, so a capacity of 1 holds two when both families are asked).
 
 use qosloop_schema::dpmi::Filter;
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,6 +58,12 @@ pub fn merge(requests: &[Active], capacity: usize) -> Plan {
         let mut best: Option<(u32, usize, usize)> = None;
         for i in 0..list.len() {
             for j in i + 1..list.len() {
+                // IPv4 and IPv6 filters are never merged into one.
+                if let (Some(a), Some(b)) = (list[i].family(), list[j].family()) {
+                    if a != b {
+                        continue;
+                    }
+                }
                 let bits = list[i].cover(list[j]).mask_bits();
                 if best.is_none_or(|(b, _, _)| bits > b) {
                     best = Some((bits, i, j));
@@ -166,6 +176,52 @@ mod tests {
         assert_eq!(plan.filters[0].requests, vec![1, 2]);
     }
 
+    #[test]
+    fn ipv6_prefixes_widen_to_their_common_prefix_never_with_ipv4() {
+        let r = |id, v, c: &str| Active {
+            id,
+            filter: f(v),
+            consumer: c.into(),
+        };
+        let reqs = vec![
+            r(1, json!({"ip_src": "2001:db8:1::/48"}), "c1:1"),
+            r(
+                2,
+                json!({"ip_src": "2001:db8:2::/48", "ip_proto": "17"}),
+                "c2:1",
+            ),
+            r(3, json!({"ip_src": "10.1.0.0/16"}), "c3:1"),
+        ];
+        let plan = merge(&reqs, 2);
+        let got: Vec<_> = plan.filters.iter().map(|m| m.filter.clone()).collect();
+        assert_eq!(
+            got,
+            vec![
+                f(json!({"ip_src": "2001:db8::/46"})),
+                f(json!({"ip_src": "10.1.0.0/16"}))
+            ]
+        );
+        assert_eq!(plan.filters[0].consumers, vec!["c1:1", "c2:1"]);
+        assert_eq!(plan.filters[1].consumers, vec!["c3:1"]);
+        // Capacity 1 cannot hold both families in one filter: two stay.
+        let plan = merge(&reqs, 1);
+        assert_eq!(plan.filters.len(), 2);
+        assert!(plan.filters.iter().all(|m| m.filter.family().is_some()));
+    }
+
+    fn frame6(proto: u8, b3: u8, b4: u8, sport: u16, dport: u16) -> FrameFields {
+        FrameFields {
+            ether_type: 0x86dd,
+            ip6: Some((
+                0x2001_0db8_0001_0000_0000_0000_0000_0000 | u128::from(b3) << 8 | u128::from(b4),
+                1,
+            )),
+            ip6_proto: Some(proto),
+            ports: Some((sport, dport)),
+            ..FrameFields::default()
+        }
+    }
+
     fn frame(proto: u8, src: [u8; 4], sport: u16, dport: u16) -> FrameFields {
         FrameFields {
             ether_type: 0x0800,
@@ -176,11 +232,13 @@ mod tests {
     }
 
     fn field(choice: u8, v: u8) -> serde_json::Value {
-        match choice % 4 {
+        match choice % 6 {
             0 => json!({"ip_proto": if v % 2 == 0 { "6" } else { "17" }}),
             1 => json!({"ip_src": format!("10.1.{}.0/{}", v % 4, 16 + (v % 3) * 4)}),
             2 => json!({"dst_port": format!("{}/0xfff0", u16::from(v % 3) * 16)}),
-            _ => json!({"ip_src": format!("10.1.0.{}", v % 8), "ip_proto": "6"}),
+            3 => json!({"ip_src": format!("10.1.0.{}", v % 8), "ip_proto": "6"}),
+            4 => json!({"ip_src": format!("2001:db8:1::{:x}00/{}", v % 4, 118 + (v % 3) * 4)}),
+            _ => json!({"ip_src": format!("2001:db8:1::{}", v % 8), "ip_proto": "6"}),
         }
     }
 
@@ -194,9 +252,9 @@ mod tests {
         /// after re-filtering, none twice, for any capacity.
         #[test]
         fn each_consumer_gets_its_frames_once(
-            reqs in proptest::collection::vec((0u8..4, 0u8..255, 0u8..3), 1..6),
+            reqs in proptest::collection::vec((0u8..6, 0u8..255, 0u8..3), 1..6),
             capacity in 1usize..5,
-            frames in proptest::collection::vec((0u8..2, 0u8..4, 0u8..8, 0u16..48), 1..40),
+            frames in proptest::collection::vec((0u8..2, 0u8..4, 0u8..8, 0u16..48, proptest::bool::ANY), 1..40),
         ) {
             let active: Vec<Active> = reqs.iter().enumerate().map(|(i, (c, v, consumer))| Active {
                 id: i as i64,
@@ -204,9 +262,12 @@ mod tests {
                 consumer: format!("c{consumer}"),
             }).collect();
             let plan = merge(&active, capacity);
-            prop_assert!(plan.filters.len() <= capacity);
-            for (p, b3, b4, port) in frames {
-                let fr = frame(if p == 0 { 6 } else { 17 }, [10, 1, b3, b4], 1000, port);
+            // One filter per family at least when both are asked.
+            let families: BTreeSet<_> = active.iter().filter_map(|r| r.filter.family()).map(|f| f == qosloop_schema::dpmi::Family::V6).collect();
+            prop_assert!(plan.filters.len() <= capacity.max(families.len()));
+            for (p, b3, b4, port, six) in frames {
+                let proto = if p == 0 { 6 } else { 17 };
+                let fr = if six { frame6(proto, b3, b4, 1000, port) } else { frame(proto, [10, 1, b3, b4], 1000, port) };
                 let first = plan.filters.iter().find(|m| m.filter.matches("x", &fr));
                 for c in ["c0", "c1", "c2"] {
                     let wants = active.iter().any(|r| r.consumer == c && r.filter.matches("x", &fr));

@@ -114,6 +114,13 @@ impl Request {
             Some(Some("flows")) => Delivery::Flows,
             _ => return Err(err("delivery", "must be \"packets\" or \"flows\"")),
         };
+        if delivery == Delivery::Flows && filter.family() == Some(qosloop_schema::dpmi::Family::V6)
+        {
+            return Err(err(
+                "delivery",
+                "flow records are made from IPv4 frames only (ask for packets)",
+            ));
+        }
         let caplen = match obj.get("caplen") {
             None => DEFAULT_CAPLEN,
             Some(v) => v
@@ -137,6 +144,12 @@ impl Request {
                 .as_bool()
                 .ok_or_else(|| err("anonymise", "must be true or false"))?,
         };
+        if anonymise && filter.family() == Some(qosloop_schema::dpmi::Family::V6) {
+            return Err(err(
+                "anonymise",
+                "anonymised frames are IPv4 only (a point does not scramble IPv6 headers)",
+            ));
+        }
         let start_ns = match obj.get("start_s") {
             None => now_ns,
             Some(v) => seconds_to_ns("start_s", v)?,
@@ -283,6 +296,40 @@ mod tests {
             field_of(|v| v["filter"]["interface"] = json!("eth9")),
             "filter.interface"
         );
+    }
+
+    #[test]
+    fn ipv6_filters_are_taken_and_bad_ones_named() {
+        let mut v = good();
+        v["filter"] = json!({"ip_src": "2001:db8:1::/48", "ip_dst": "2001:db8::/ffff:ffff::"});
+        let r = Request::parse(&v, &points(), NOW).unwrap();
+        assert_eq!(r.filter.family(), Some(qosloop_schema::dpmi::Family::V6));
+        assert_eq!(
+            field_of(|v| v["filter"]["ip_src"] = json!("2001:db8:1::/129")),
+            "filter.ip_src"
+        );
+        assert_eq!(
+            field_of(|v| v["filter"]["ip_dst"] = json!("2001:db8:1::1/64")),
+            "filter.ip_dst"
+        );
+        let e = |v: serde_json::Value| Request::parse(&v, &points(), NOW).unwrap_err();
+        let mut mixed = good();
+        mixed["filter"] = json!({"ip_src": "10.0.0.1", "ip_dst": "2001:db8::1"});
+        let mixed = e(mixed);
+        assert_eq!(mixed.field, "filter.ip_dst");
+        assert!(
+            mixed.reason.contains("IPv4 and an IPv6"),
+            "{}",
+            mixed.reason
+        );
+        let mut anon = good();
+        anon["filter"] = json!({"ip_src": "2001:db8::/32"});
+        anon["anonymise"] = json!(true);
+        assert_eq!(e(anon).field, "anonymise");
+        let mut flows = good();
+        flows["filter"] = json!({"ip_dst": "2001:db8::/32"});
+        flows["delivery"] = json!("flows");
+        assert_eq!(e(flows).field, "delivery");
     }
 
     #[test]

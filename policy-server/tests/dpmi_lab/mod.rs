@@ -21,6 +21,11 @@ pub const SRC: &str = "10.88.0.1";
 pub const MP: &str = "10.88.0.2";
 pub const OTHER_SRC: &str = "10.89.0.1";
 pub const SLOW_FRAMES: u32 = 20_000;
+/// IPv6 of a lab built [`Lab::with_ipv6`]: two senders in two /80s of
+/// the link's /64, the point's end.
+pub const SRC6: &str = "2001:db8:88:0:1::1";
+pub const OTHER_SRC6: &str = "2001:db8:88:0:2::1";
+pub const MP6: &str = "2001:db8:88::2";
 
 pub struct Lab {
     pub mp: Netns,
@@ -43,6 +48,24 @@ impl Lab {
     /// A lab whose controller wants tokens.
     pub fn with_tokens() -> Lab {
         Lab::build(true)
+    }
+
+    /// A lab with IPv6 on the link (`SRC6`, `OTHER_SRC6`, `MP6`).
+    pub fn with_ipv6() -> Lab {
+        let lab = Lab::build(false);
+        for (ns, ifname, addrs) in [
+            (&lab.src, &lab.veth.a_if, vec![SRC6, OTHER_SRC6]),
+            (&lab.mp, &lab.veth.b_if, vec![MP6]),
+        ] {
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0").unwrap();
+            ns.sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "0")
+                .unwrap();
+            for a in addrs {
+                ns.ip(&["addr", "add", &format!("{a}/64"), "dev", ifname, "nodad"])
+                    .unwrap();
+            }
+        }
+        lab
     }
 
     fn build(tokens: bool) -> Lab {
@@ -161,6 +184,7 @@ impl Lab {
             consumer_buffer: buffer,
             poll: Duration::from_millis(150),
             key: None,
+            consumer_tls: None,
         };
         let h = self
             .mp
@@ -189,6 +213,25 @@ impl Lab {
                 for seq in 0..count {
                     payload[..8].copy_from_slice(&tag(port, seq).to_be_bytes());
                     s.send_to(&payload, format!("{MP}:{port}")).unwrap();
+                    if seq % 50 == 49 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            })
+            .unwrap();
+    }
+}
+
+impl Lab {
+    /// As [`Lab::send`], over IPv6 from `from` to `[MP6]:port`.
+    pub fn send6(&self, from: &'static str, port: u16, count: u32, size: usize) {
+        self.src
+            .run_in(move || {
+                let s = UdpSocket::bind(format!("[{from}]:0")).unwrap();
+                let mut payload = vec![0u8; size];
+                for seq in 0..count {
+                    payload[..8].copy_from_slice(&tag(port, seq).to_be_bytes());
+                    s.send_to(&payload, format!("[{MP6}]:{port}")).unwrap();
                     if seq % 50 == 49 {
                         std::thread::sleep(Duration::from_millis(10));
                     }
