@@ -12,8 +12,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster_support;
+
+use cluster_support::{edge_link, subscriber_rule};
 use qosloop_exporter::{Exporter, ExporterConfig};
-use qosloop_schema::{BusinessRule, FlowRecord, FlowSpec, Kbps, Link, PolicySet, PortRange};
+use qosloop_schema::{FlowRecord, PolicySet};
 use qosloop_store::Db;
 use qosloop_testbed::harness::{free_port, Postgres};
 use qosloop_testbed::need;
@@ -81,40 +84,15 @@ impl Drop for Node {
     }
 }
 
-fn rule(k: u16) -> BusinessRule {
-    BusinessRule {
-        dn: format!("cn=sub{k},ou=rules"),
-        name: format!("sub{k}"),
-        priority: 10,
-        enabled: true,
-        roles: vec![],
-        flows: vec![FlowSpec {
-            proto: Some(17),
-            dst_ports: Some(PortRange::single(5000 + k)),
-            ..Default::default()
-        }],
-        users: vec![],
-        per_user: false,
-        band_basis: Default::default(),
-        service_class: "gold".into(),
-        link: "edge".into(),
-    }
-}
-
 /// Version 1: subscriber 0 and the link; version 2 adds subscriber 9.
 fn policy(with_new: bool) -> PolicySet {
-    let mut rules = vec![rule(0)];
+    let mut rules = vec![subscriber_rule(0)];
     if with_new {
-        rules.push(rule(NEW_PORT - 5000));
+        rules.push(subscriber_rule(NEW_PORT - 5000));
     }
     PolicySet {
         rules,
-        links: vec![Link {
-            dn: "cn=edge".into(),
-            name: "edge".into(),
-            capacity: Kbps(100_000),
-            traffic: vec![],
-        }],
+        links: vec![edge_link()],
         ..Default::default()
     }
 }

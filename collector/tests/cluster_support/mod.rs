@@ -133,9 +133,9 @@ impl Drop for Node {
     }
 }
 
-/// One rule per subscriber (UDP to port 5000 + k), one link of everything.
-pub fn policy() -> PolicySet {
-    let rule = |k: u16| BusinessRule {
+/// Subscriber `k`'s rule: UDP to port 5000 + k, on the link `edge`.
+pub fn subscriber_rule(k: u16) -> BusinessRule {
+    BusinessRule {
         dn: format!("cn=sub{k},ou=rules"),
         name: format!("sub{k}"),
         priority: 10,
@@ -151,15 +151,24 @@ pub fn policy() -> PolicySet {
         band_basis: Default::default(),
         service_class: "gold".into(),
         link: "edge".into(),
-    };
+    }
+}
+
+/// The one link, of everything.
+pub fn edge_link() -> Link {
+    Link {
+        dn: "cn=edge".into(),
+        name: "edge".into(),
+        capacity: Kbps(100_000),
+        traffic: vec![],
+    }
+}
+
+/// One rule per subscriber, one link of everything.
+pub fn policy() -> PolicySet {
     PolicySet {
-        rules: (0..SUBJECTS).map(rule).collect(),
-        links: vec![Link {
-            dn: "cn=edge".into(),
-            name: "edge".into(),
-            capacity: Kbps(100_000),
-            traffic: vec![],
-        }],
+        rules: (0..SUBJECTS).map(subscriber_rule).collect(),
+        links: vec![edge_link()],
         ..Default::default()
     }
 }
