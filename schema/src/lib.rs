@@ -21,6 +21,7 @@ pub mod crane;
 pub mod dpmi;
 pub mod guard;
 pub mod ie;
+pub mod merge;
 pub mod sql;
 
 mod flow;

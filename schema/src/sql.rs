@@ -65,6 +65,11 @@ const SQLITE: &[Migration] = &[
         name: "enforcer_counters",
         sql: include_str!("../sql/sqlite/0009_enforcer_counters.sql"),
     },
+    Migration {
+        version: 10,
+        name: "stitch",
+        sql: include_str!("../sql/sqlite/0010_stitch.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -112,6 +117,11 @@ const POSTGRES: &[Migration] = &[
         version: 9,
         name: "enforcer_counters",
         sql: include_str!("../sql/postgres/0009_enforcer_counters.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "stitch",
+        sql: include_str!("../sql/postgres/0010_stitch.sql"),
     },
 ];
 

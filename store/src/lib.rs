@@ -17,7 +17,10 @@
 //!   and `enforcement_reports`, `policy_audit`, the DPMI tables (`dpmi_*`), and the IPFIX counters
 //!   (`ipfix_exporter_stats`, `ipfix_drops`, `ipfix_listeners`), and the
 //!   collector cluster's tables (membership, ownership log, partial sums,
-//!   fenced rate writes, the published policy; `docs/cluster.md`).
+//!   fenced rate writes, the published policy; `docs/cluster.md`), and
+//!   the cluster's `stitch` analysis (per-bucket cursors over `flows` by
+//!   `(bucket, id)`, DiCAP's merge and both directions of a flow into
+//!   `stitched_flows`, fenced like the rates).
 //! - The real-time knowledge base (`kb_*`, `docs/kb.md`): host and user
 //!   counters kept by the flow writer ([`Db::commit_batches_kb`]), user ↔
 //!   address mappings (learned from agents, static from LDAP) with TTLs,
@@ -48,13 +51,14 @@ mod migrate;
 mod query;
 mod rates;
 mod retention;
+mod stitch;
 
 /// The sqlx the pools of [`Db`] belong to, for code that runs its own
 /// queries (tests, the testbed's summaries) through [`on_pool!`].
 pub use sqlx;
 
 pub use cluster::{
-    bucket_of, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate, Pruned,
+    bucket_of, flow_bucket, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate, Pruned,
     RoutingConfig, SubjectState, Tally,
 };
 pub use db::{now_ns, redact, Db, DbError};
@@ -70,3 +74,4 @@ pub use kb::{KbConfig, KbEvent, KbHost, KbListener, KbMapping, KbUser, Sweep, KB
 pub use query::{Bind, Cells, Col};
 pub use rates::RateRow;
 pub use retention::{Maintenance, Retention, DAY_NS};
+pub use stitch::{stitch, Biflow, Fence, Horizon, StitchStep, StitchedQuery, StitchedRow};

@@ -13,12 +13,12 @@
 //! - [`node`]: a node's control loop (reconnecting, keeping its share) and
 //!   counters.
 //! - [`merge`]: per-packet shares split flows; the merge that makes their
-//!   totals exact again (for the collector side to call).
+//!   totals exact again (`qosloop_schema::merge`, re-exported here; the
+//!   collector cluster's `stitch` analysis calls it).
 
 pub mod assign;
 pub mod cli;
 pub mod coordinator;
-pub mod merge;
 pub mod node;
 pub mod proto;
 pub mod share;
@@ -31,6 +31,8 @@ mod handover_tests;
 pub use coordinator::{
     run_coordinator, run_coordinator_with, CoordinatorLimits, CoordinatorSummary, Event,
 };
-pub use merge::merge;
+/// The pure merge of per-packet parts lives with the contracts
+/// (`qosloop_schema::merge`): the collector's `stitch` analysis calls it too.
+pub use qosloop_schema::merge::{self, merge};
 pub use node::{reject_all, run_node, NodeConfig, NodeCounters, NodeError, NodeStats};
 pub use share::{bucket_of, share_program, ShareMode, BUCKETS};

@@ -13,7 +13,7 @@ mod routing;
 
 pub(crate) use partials::add_partials;
 pub use partials::{Pruned, Tally};
-pub use routing::{bucket_of, rendezvous_owner, AnalysisKey, RoutingConfig};
+pub use routing::{bucket_of, flow_bucket, rendezvous_owner, AnalysisKey, RoutingConfig};
 
 use crate::db::Db;
 use qosloop_schema::bandwidth::SubjectKind;
@@ -102,7 +102,7 @@ pub struct OwnerRate {
     pub records: i64,
 }
 
-fn pg(db: &Db) -> Result<&PgPool, ClusterError> {
+pub(crate) fn pg(db: &Db) -> Result<&PgPool, ClusterError> {
     match db {
         Db::Postgres(p) => Ok(p),
         Db::Sqlite(_) => Err(ClusterError::NotPostgres),
@@ -352,47 +352,7 @@ impl Db {
         let pool = pg(self)?;
         let mut conn = pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(EPOCH_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let alive: Option<(bool,)> = sqlx::query_as(&format!(
-            "SELECT lease_until_ns > {SERVER_NOW} FROM cluster_members WHERE node = $1 AND cluster = $2"
-        ))
-        .bind(node)
-        .bind(cluster)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if !alive.is_some_and(|(a,)| a) {
-            return Err(ClusterError::Fenced(format!(
-                "node {node:?} holds no valid lease"
-            )));
-        }
-        let (newest,): (Option<i64>,) =
-            sqlx::query_as("SELECT MAX(epoch) FROM cluster_epochs WHERE cluster = $1")
-                .bind(cluster)
-                .fetch_one(&mut *tx)
-                .await?;
-        if newest != Some(epoch) {
-            return Err(ClusterError::Fenced(format!(
-                "epoch {epoch} is not the newest ({newest:?})"
-            )));
-        }
-        let owned: Vec<(i32,)> = sqlx::query_as(
-            "SELECT bucket FROM cluster_ownership WHERE cluster = $1 AND epoch = $2 AND node = $3",
-        )
-        .bind(cluster)
-        .bind(epoch)
-        .bind(node)
-        .fetch_all(&mut *tx)
-        .await?;
-        let owned: BTreeSet<u32> = owned.into_iter().map(|(b,)| b as u32).collect();
-        if let Some(r) = rows.iter().find(|r| !owned.contains(&r.bucket)) {
-            return Err(ClusterError::Fenced(format!(
-                "node {node:?} does not own bucket {} in epoch {epoch}",
-                r.bucket
-            )));
-        }
+        fence(&mut tx, cluster, node, epoch, rows.iter().map(|r| r.bucket)).await?;
         let mut written = 0;
         for r in rows {
             let moved = match r.previous_end_ns {
@@ -543,6 +503,60 @@ impl Db {
             .filter_map(|(k, s, slot, b, n)| Some((SubjectKind::parse(&k)?, s, slot, b, n)))
             .collect())
     }
+}
+
+/// The fencing of an owner's write, in its transaction: takes the epoch
+/// lock shared (a new epoch waits for this transaction), then checks on
+/// the database's clock that `node`'s lease is valid, that `epoch` is the
+/// newest and that `node` owns every bucket of `buckets` in it.
+pub(crate) async fn fence(
+    tx: &mut sqlx::PgConnection,
+    cluster: &str,
+    node: &str,
+    epoch: i64,
+    mut buckets: impl Iterator<Item = u32>,
+) -> Result<(), ClusterError> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(EPOCH_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let alive: Option<(bool,)> = sqlx::query_as(&format!(
+        "SELECT lease_until_ns > {SERVER_NOW} FROM cluster_members WHERE node = $1 AND cluster = $2"
+    ))
+    .bind(node)
+    .bind(cluster)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if !alive.is_some_and(|(a,)| a) {
+        return Err(ClusterError::Fenced(format!(
+            "node {node:?} holds no valid lease"
+        )));
+    }
+    let (newest,): (Option<i64>,) =
+        sqlx::query_as("SELECT MAX(epoch) FROM cluster_epochs WHERE cluster = $1")
+            .bind(cluster)
+            .fetch_one(&mut *tx)
+            .await?;
+    if newest != Some(epoch) {
+        return Err(ClusterError::Fenced(format!(
+            "epoch {epoch} is not the newest ({newest:?})"
+        )));
+    }
+    let owned: Vec<(i32,)> = sqlx::query_as(
+        "SELECT bucket FROM cluster_ownership WHERE cluster = $1 AND epoch = $2 AND node = $3",
+    )
+    .bind(cluster)
+    .bind(epoch)
+    .bind(node)
+    .fetch_all(&mut *tx)
+    .await?;
+    let owned: BTreeSet<u32> = owned.into_iter().map(|(b,)| b as u32).collect();
+    if let Some(b) = buckets.find(|b| !owned.contains(b)) {
+        return Err(ClusterError::Fenced(format!(
+            "node {node:?} does not own bucket {b} in epoch {epoch}"
+        )));
+    }
+    Ok(())
 }
 
 async fn live_members<'e, E>(e: E, cluster: &str) -> Result<Vec<String>, sqlx::Error>

@@ -118,6 +118,14 @@ pub fn bucket_of(kind: &str, key: &str, buckets: u32) -> u32 {
     (hash64(&[kind.as_bytes(), key.as_bytes()]) % u64::from(buckets.max(1))) as u32
 }
 
+/// The bucket of a record's direction-free flow hash (the `flow_hash`
+/// column, `qosloop_schema::flow_hash`) among `buckets`: the routing key of
+/// the `stitch` analysis, written by the receiving node as `flows.bucket`.
+/// Both directions of a flow fall in the same bucket.
+pub fn flow_bucket(flow_hash: i64, buckets: u32) -> u32 {
+    (hash64(&[b"flow_hash", &flow_hash.to_le_bytes()]) % u64::from(buckets.max(1))) as u32
+}
+
 /// The owner of `bucket` among `nodes` by rendezvous (highest random
 /// weight) hashing: when a node joins or leaves, only the buckets it gains
 /// or had move.

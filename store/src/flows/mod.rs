@@ -176,6 +176,29 @@ impl Db {
         Ok(rows.into_iter().map(RawFlow::into_row).collect())
     }
 
+    /// At most `limit` rows of cluster bucket `bucket` with `after_id <
+    /// id <= upto_id`, in id order (the index `flows_bucket_id`).
+    pub async fn flows_of_bucket(
+        &self,
+        bucket: u32,
+        after_id: i64,
+        upto_id: i64,
+        limit: i64,
+    ) -> Result<Vec<FlowRow>, sqlx::Error> {
+        let q = format!(
+            "SELECT {} FROM flows WHERE bucket = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4",
+            columns(Sql::of(self))
+        );
+        let rows: Vec<RawFlow> = crate::on_pool!(self, pool, D => sqlx::query_as(&q)
+            .bind(i64::from(bucket))
+            .bind(after_id)
+            .bind(upto_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
+        Ok(rows.into_iter().map(RawFlow::into_row).collect())
+    }
+
     /// The last `limit` rows, newest first.
     pub async fn recent_flows(&self, limit: i64) -> Result<Vec<FlowRow>, sqlx::Error> {
         let q = format!(

@@ -61,14 +61,30 @@ impl Db {
         kb: Option<&KbConfig>,
         now: i64,
     ) -> Result<Vec<Outcome>, sqlx::Error> {
+        self.commit_batches_routed(group, None, tally, kb, now)
+            .await
+    }
+
+    /// [`Db::commit_batches_kb_at`] that also writes each row's cluster
+    /// bucket of its flow hash among `buckets` (`flows.bucket`, what the
+    /// `stitch` analysis reads by; [`crate::flow_bucket`]). `None`: no
+    /// bucket (outside a cluster).
+    pub async fn commit_batches_routed(
+        &self,
+        group: &[&Batch],
+        buckets: Option<u32>,
+        tally: Option<&Tally>,
+        kb: Option<&KbConfig>,
+        now: i64,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
         let (outcomes, events) = match self {
             Db::Sqlite(_) if tally.is_some() => {
                 return Err(sqlx::Error::Configuration(
                     "a collector cluster's partial sums need PostgreSQL".into(),
                 ))
             }
-            Db::Sqlite(pool) => commit_sqlite(pool, group, kb, now).await?,
-            Db::Postgres(pool) => commit_postgres(pool, group, tally, kb, now).await?,
+            Db::Sqlite(pool) => commit_sqlite(pool, group, buckets, kb, now).await?,
+            Db::Postgres(pool) => commit_postgres(pool, group, buckets, tally, kb, now).await?,
         };
         if events > 0 {
             crate::kb::signal();
@@ -83,24 +99,29 @@ fn hash_of(r: &FlowRecord) -> i64 {
     ))
 }
 
-/// Rows of one multi-row INSERT (20 parameters each: 20,000 per statement,
+/// The row's `bucket` column: its flow hash's bucket, in a cluster.
+fn bucket_col(r: &FlowRecord, buckets: Option<u32>) -> Option<i32> {
+    buckets.map(|n| crate::flow_bucket(hash_of(r), n) as i32)
+}
+
+/// Rows of one multi-row INSERT (21 parameters each: 21,000 per statement,
 /// under SQLite's limit of 32,766).
 const SQLITE_ROWS_PER_INSERT: usize = 1000;
 
-const SQLITE_FLOW_COLUMNS: usize = 20;
+const SQLITE_FLOW_COLUMNS: usize = 21;
 
 /// The INSERT of `rows` flows, one `(?, …)` per row.
 fn sqlite_insert_sql(rows: usize) -> String {
     let mut sql = String::with_capacity(300 + rows * (SQLITE_FLOW_COLUMNS * 2 + 3));
     sql.push_str(
         "INSERT INTO flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
-         packets, bytes, start_ns, end_ns, vlan, dscp, tcp_flags, class, \"user\", process, sampling_interval, flow_hash) VALUES ",
+         packets, bytes, start_ns, end_ns, vlan, dscp, tcp_flags, class, \"user\", process, sampling_interval, flow_hash, bucket) VALUES ",
     );
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     }
     sql
 }
@@ -139,6 +160,7 @@ fn addr_text(a: IpAddr) -> String {
 /// The bound values of one chunk of rows.
 fn sqlite_chunk_args(
     rows: &[(&Batch, &FlowRecord)],
+    buckets: Option<u32>,
 ) -> Result<sqlx::sqlite::SqliteArguments<'static>, sqlx::Error> {
     use sqlx::Arguments;
     let mut args = sqlx::sqlite::SqliteArguments::default();
@@ -165,6 +187,7 @@ fn sqlite_chunk_args(
         put(args.add(r.process.clone()))?;
         put(args.add(r.sampling_interval.map(i64::from)))?;
         put(args.add(hash_of(r)))?;
+        put(args.add(bucket_col(r, buckets)))?;
     }
     Ok(args)
 }
@@ -177,6 +200,7 @@ fn sqlite_chunk_args(
 async fn commit_sqlite(
     pool: &sqlx::SqlitePool,
     group: &[&Batch],
+    buckets: Option<u32>,
     kb: Option<&KbConfig>,
     now: i64,
 ) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
@@ -219,7 +243,9 @@ async fn commit_sqlite(
         .flat_map(|b| b.records.iter().map(move |r| (*b, r)))
         .collect();
     let mut chunks = rows.chunks(SQLITE_ROWS_PER_INSERT);
-    let mut next = chunks.next().map(|c| (c.len(), sqlite_chunk_args(c)));
+    let mut next = chunks
+        .next()
+        .map(|c| (c.len(), sqlite_chunk_args(c, buckets)));
     while let Some((len, args)) = next.take() {
         let args = args?;
         let tail;
@@ -237,7 +263,9 @@ async fn commit_sqlite(
             r = &mut insert => Some(r),
             _ = std::future::ready(()) => None,
         };
-        next = chunks.next().map(|c| (c.len(), sqlite_chunk_args(c)));
+        next = chunks
+            .next()
+            .map(|c| (c.len(), sqlite_chunk_args(c, buckets)));
         match done {
             Some(r) => r?,
             None => insert.await?,
@@ -280,6 +308,7 @@ async fn commit_sqlite(
 async fn commit_postgres(
     pool: &sqlx::PgPool,
     group: &[&Batch],
+    buckets: Option<u32>,
     tally: Option<&Tally>,
     kb: Option<&KbConfig>,
     now: i64,
@@ -328,7 +357,7 @@ async fn commit_postgres(
     }
     for b in &stored {
         for r in &b.records {
-            copy_row(&mut copy, b, r);
+            copy_row(&mut copy, b, r, buckets);
         }
         rows += b.records.len();
     }
@@ -338,7 +367,7 @@ async fn commit_postgres(
             .copy_in_raw(
                 "COPY flows (exporter_id, session_id, seq, src_addr, dst_addr, src_port, dst_port, proto, \
                  packets, bytes, start_ns, end_ns, vlan, dscp, tcp_flags, class, \"user\", process, \
-                 sampling_interval, flow_hash) FROM STDIN (FORMAT binary)",
+                 sampling_interval, flow_hash, bucket) FROM STDIN (FORMAT binary)",
             )
             .await?;
         sink.send(copy.freeze()).await?;
@@ -407,8 +436,8 @@ fn note_session(sessions: &mut Vec<(i64, i64, i64, i64)>, b: &Batch) {
 }
 
 /// One tuple of PostgreSQL's binary COPY format.
-fn copy_row(out: &mut BytesMut, b: &Batch, r: &FlowRecord) {
-    out.put_i16(20);
+fn copy_row(out: &mut BytesMut, b: &Batch, r: &FlowRecord, buckets: Option<u32>) {
+    out.put_i16(21);
     put_i64(out, b.exporter_id);
     put_i64(out, b.session_id);
     put_i64(out, i64::from(b.seq));
@@ -436,6 +465,7 @@ fn copy_row(out: &mut BytesMut, b: &Batch, r: &FlowRecord) {
             .map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
     );
     put_i64(out, hash_of(r));
+    put_opt_i32(out, bucket_col(r, buckets));
 }
 
 fn put_i64(out: &mut BytesMut, v: i64) {

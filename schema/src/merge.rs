@@ -1,9 +1,11 @@
-//! Per-packet shares split a flow over several nodes: each node exports
-//! its part of the flow. [`merge`] sums those parts by flow key and
-//! interval, so that a collector-side analysis gets the flow's exact
-//! totals. Pure: the collector can call it on records it has stored.
+//! DiCAP's per-packet shares (`seeds/000` §IV, the meter's `dicap`) split a
+//! flow over several capture nodes: each node exports its part of the
+//! flow. [`merge`] sums those parts by flow key and interval, so that a
+//! collector-side analysis gets the flow's exact totals. Pure, and here at
+//! the bottom of the dependency arrows so that the meter (which re-exports
+//! it as `dicap::merge`) and the storage layer's `stitch` analysis share it.
 
-use qosloop_schema::FlowRecord;
+use crate::FlowRecord;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
