@@ -5,7 +5,8 @@
 //! add each stored record to this node's partial sums), and — for the
 //! buckets it owns in the current epoch — combines every node's partial
 //! sums of each closed window into the subject's rate and EWMA, written
-//! under fencing.
+//! under fencing. With the `stitch` analysis declared it also stitches
+//! the flows of its flow-hash buckets (`cluster_stitch.rs`).
 
 use crate::store::TallyCell;
 use qosloop_schema::bandwidth::{Classifier, SubjectKind};
@@ -38,10 +39,10 @@ pub struct ClusterSpec {
     pub lease: Duration,
 }
 
-/// The analyses a node runs and the routing key each declares. Only the
-/// bandwidth manager computes here; `stitch` (DiCAP's merge of a flow's
-/// records from several capture nodes, and both directions of a flow)
-/// is declared with its key so that a cluster agrees on it, its owner
+/// The analyses a node runs and the routing key each declares: the
+/// bandwidth manager (here) by rate subject; `stitch` (DiCAP's merge of a
+/// flow's records from several capture nodes, and both directions of a
+/// flow; `cluster_stitch.rs`) by the direction-free flow hash, its owner
 /// being the owner of the flow hash's bucket.
 pub fn analyses(names: &[String]) -> Result<Vec<(String, AnalysisKey)>, String> {
     names
@@ -92,7 +93,13 @@ impl ClusterNode {
             members = ?epoch.members, buckets = epoch.buckets_of(&spec.node).len(), "joined the cluster");
         let (epoch_tx, epoch_rx) = watch::channel(Some(epoch));
         let shared = Arc::new(Mutex::new(Shared::default()));
-        let tasks = vec![
+        let stitch = spec
+            .routing
+            .analyses
+            .iter()
+            .any(|(name, _)| name == "stitch");
+        let stitch_rx = epoch_rx.clone();
+        let mut tasks = vec![
             tokio::spawn(membership(db.clone(), spec.clone(), epoch_tx)),
             tokio::spawn(follow_policy(
                 db.clone(),
@@ -103,6 +110,13 @@ impl ClusterNode {
             tokio::spawn(analyse(db.clone(), spec.clone(), epoch_rx, shared)),
             tokio::spawn(prune(db.clone(), spec.clone())),
         ];
+        if stitch {
+            tasks.push(tokio::spawn(crate::cluster_stitch::run(
+                db.clone(),
+                spec.clone(),
+                stitch_rx,
+            )));
+        }
         Ok(ClusterNode { db, spec, tasks })
     }
 

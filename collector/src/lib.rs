@@ -11,6 +11,7 @@
 //! Its counters are served for Prometheus by [`metrics`] (`--metrics`).
 
 pub mod cluster;
+mod cluster_stitch;
 mod config;
 pub mod ipfix;
 pub mod journal;

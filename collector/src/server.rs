@@ -181,6 +181,7 @@ impl Collector {
             WriterOptions {
                 kb: config.kb_config(),
                 ready,
+                flow_buckets: (!config.cluster.is_empty()).then_some(config.cluster_buckets),
             },
         );
         let disabled_keys = config

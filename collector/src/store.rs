@@ -79,6 +79,9 @@ pub struct WriterOptions {
     /// bounded queue, their senders are held and nothing is acknowledged,
     /// until the schema is migrated).
     pub ready: Option<tokio::sync::watch::Receiver<bool>>,
+    /// A cluster node's bucket count: each row gets its flow hash's bucket
+    /// (`flows.bucket`, what the `stitch` analysis reads by).
+    pub flow_buckets: Option<u32>,
 }
 
 /// [`spawn_writer_tallied`] with [`WriterOptions`].
@@ -99,14 +102,14 @@ pub fn spawn_writer_with(
     let tasks = (0..writers)
         .map(|_| {
             let (sink, rx, tally) = (sink.clone(), rx.clone(), tally.clone());
-            let (kb, ready) = (options.kb, options.ready.clone());
+            let (kb, ready, buckets) = (options.kb, options.ready.clone(), options.flow_buckets);
             tokio::spawn(async move {
                 if let Some(mut ready) = ready {
                     if ready.wait_for(|r| *r).await.is_err() {
                         return;
                     }
                 }
-                writer(sink, rx, group_records.max(1), tally, kb).await
+                writer(sink, rx, group_records.max(1), tally, kb, buckets).await
             })
         })
         .collect();
@@ -169,12 +172,13 @@ async fn writer(
     group_records: usize,
     tally: TallyCell,
     kb: Option<KbConfig>,
+    buckets: Option<u32>,
 ) {
     let stats = writer_stats();
     while let Some(group) = next_group(&rx, group_records).await {
         let current = tally.read().unwrap_or_else(|e| e.into_inner()).clone();
         let started = std::time::Instant::now();
-        let result = commit_with_retry(&sink, &group, current.as_deref(), kb.as_ref()).await;
+        let result = commit_with_retry(&sink, &group, buckets, current.as_deref(), kb.as_ref()).await;
         stats.commit_seconds.observe_duration(started.elapsed());
         let bump = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);
@@ -221,6 +225,7 @@ async fn writer(
 async fn commit_with_retry(
     sink: &Sink,
     group: &[WriteReq],
+    buckets: Option<u32>,
     tally: Option<&Tally>,
     kb: Option<&KbConfig>,
 ) -> Result<Vec<Outcome>, String> {
@@ -233,7 +238,9 @@ async fn commit_with_retry(
     let batches: Vec<&Batch> = group.iter().map(|req| &req.batch).collect();
     loop {
         attempt += 1;
-        let result = db.commit_batches_kb(&batches, tally, kb).await;
+        let result = db
+            .commit_batches_routed(&batches, buckets, tally, kb, qosloop_store::now_ns())
+            .await;
         match result {
             Ok(o) => {
                 if attempt > 1 {
