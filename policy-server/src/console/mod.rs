@@ -21,6 +21,7 @@ mod params;
 mod respond;
 mod source;
 mod state;
+mod stitched;
 
 use crate::engine::DecisionTable;
 use crate::repo::PolicyStatus;
@@ -142,6 +143,7 @@ pub fn router(console: Console) -> Router {
         .route("/api/v1/kb/hosts", get(kb::hosts))
         .route("/api/v1/kb/users", get(kb::users))
         .route("/api/v1/kb/mappings", get(kb::mappings))
+        .route("/api/v1/stitched", get(stitched::stitched))
         .with_state(console)
         .merge(events)
 }
@@ -168,6 +170,7 @@ mod tests {
             "/api/v1/kb/users",
             "/api/v1/kb/mappings",
             "/api/v1/kb/events",
+            "/api/v1/stitched",
         ] {
             assert!(doc["paths"][path]["get"].is_object(), "{path}");
         }
