@@ -48,19 +48,29 @@ pub struct Args {
     /// Where the table and the plot go.
     #[arg(long, default_value = "bench-cluster")]
     pub out: PathBuf,
+    /// The cluster's lag (`--cluster-lag-ms` of every node): a window is
+    /// closed this long after its end. It must exceed the longest time a
+    /// record waits between its end and its commit, or the record is late
+    /// (stored, not in its window's rate); the run then waits this long for
+    /// the last window. The default covers an exporter sending 1,000,000
+    /// records flat out, which queues many seconds ahead of the commits; a
+    /// short lag is enough only when the exporters cannot get far ahead (a
+    /// small record count), as in the test.
+    #[arg(long, default_value_t = DEFAULT_LAG_MS)]
+    pub lag_ms: u64,
 }
 
-/// The rate window and lag the bench's cluster runs with, ms.
+/// The rate window the bench's cluster runs with, ms.
 const INTERVAL_MS: u64 = 1000;
-/// Longer than any record waits for its commit in these runs (an exporter
-/// sending flat out queues ahead of the commits), so that every record
-/// counts in its window; the run then waits this long for the last window.
-const LAG_MS: u64 = 30_000;
+/// The default lag ([`Args::lag_ms`]): longer than any record waits for its
+/// commit in the full runs (an exporter sending flat out queues ahead of
+/// the commits), so that every record counts in its window.
+pub const DEFAULT_LAG_MS: u64 = 30_000;
 /// Rules of the published policy (records spread over them by port).
 const RULES: u16 = 16;
 
-/// The cluster flags of node `index` of `nodes`, listening on `port`.
-fn cluster_args(cluster: &str, index: usize, _nodes: usize, port: u16) -> Vec<String> {
+/// The cluster flags of node `index`, listening on `port`, with the lag.
+fn cluster_args(cluster: &str, index: usize, port: u16, lag_ms: u64) -> Vec<String> {
     vec![
         "--cluster".into(),
         cluster.into(),
@@ -71,7 +81,7 @@ fn cluster_args(cluster: &str, index: usize, _nodes: usize, port: u16) -> Vec<St
         "--cluster-interval-ms".into(),
         INTERVAL_MS.to_string(),
         "--cluster-lag-ms".into(),
-        LAG_MS.to_string(),
+        lag_ms.to_string(),
     ]
 }
 
@@ -237,7 +247,7 @@ async fn run_one(
             .arg(format!("127.0.0.1:{port}"))
             .arg("--db")
             .arg(&url)
-            .args(cluster_args(database, i, nodes, port))
+            .args(cluster_args(database, i, port, args.lag_ms))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -330,7 +340,7 @@ async fn run_one(
     let width = (INTERVAL_MS * 1_000_000) as i64;
     let last_end = now_ns() as i64;
     let subjects = i64::from(RULES) + 1;
-    let limit = Instant::now() + Duration::from_secs(60) + Duration::from_millis(LAG_MS);
+    let limit = Instant::now() + Duration::from_secs(60) + Duration::from_millis(args.lag_ms);
     loop {
         let done: i64 = qosloop_store::on_pool!(&db, p, D => {
             sqlx::query_scalar("SELECT count(*) FROM rate_state WHERE window_end_ns > $1")
@@ -354,7 +364,7 @@ async fn run_one(
             .fetch_all(p).await?
     });
     let analysed: i64 = rates.iter().map(|r| r.3).sum();
-    let lag_ns = (LAG_MS * 1_000_000) as i64;
+    let lag_ns = i64::try_from(args.lag_ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
     let owner_delay_ms = rates
         .iter()
         .map(|r| (r.4 - r.1 - lag_ns) as f64 / 1e6)
@@ -405,8 +415,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     println!(
-        "bench cluster: {n} records per run over CRANE into 1 PostgreSQL; {cores} cores on this machine \
-         (every node, exporter and the server share them: scaling beyond {cores} processes busy at once cannot show here)"
+        "bench cluster: {n} records per run over CRANE into 1 PostgreSQL, cluster lag {} ms; {cores} cores on this machine \
+         (every node, exporter and the server share them: scaling beyond {cores} processes busy at once cannot show here)",
+        args.lag_ms
     );
     let mut table: Vec<(bool, Run)> = Vec::new();
     for fsync in [true, false] {
