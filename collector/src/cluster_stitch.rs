@@ -76,13 +76,23 @@ pub(crate) async fn run(db: Db, spec: ClusterSpec, epoch_rx: watch::Receiver<Opt
             {
                 Ok(s) => {
                     if s.bad > 0 {
-                        tracing::warn!(bucket = b, rows = s.bad, "flow rows that are not records skipped by stitch");
+                        tracing::warn!(
+                            bucket = b,
+                            rows = s.bad,
+                            "flow rows that are not records skipped by stitch"
+                        );
                     }
                     if s.after_id >= h {
                         done.insert(b, h);
                     }
                     if s.records > 0 {
-                        tracing::debug!(bucket = b, records = s.records, rows = s.rows, after_id = s.after_id, "stitched");
+                        tracing::debug!(
+                            bucket = b,
+                            records = s.records,
+                            rows = s.rows,
+                            after_id = s.after_id,
+                            "stitched"
+                        );
                     }
                 }
                 Err(ClusterError::Fenced(why)) => {

@@ -178,7 +178,8 @@ async fn writer(
     while let Some(group) = next_group(&rx, group_records).await {
         let current = tally.read().unwrap_or_else(|e| e.into_inner()).clone();
         let started = std::time::Instant::now();
-        let result = commit_with_retry(&sink, &group, buckets, current.as_deref(), kb.as_ref()).await;
+        let result =
+            commit_with_retry(&sink, &group, buckets, current.as_deref(), kb.as_ref()).await;
         stats.commit_seconds.observe_duration(started.elapsed());
         let bump = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);

@@ -58,7 +58,13 @@ fn record(k: u16, forward: bool, packets: u64, start: u64) -> FlowRecord {
 
 /// Every 25 ms, for each flow: two parts of a → b from two exporters, one
 /// part of b → a from a third; `sent` counts records, `want` the rows.
-async fn send(exporters: &mut [Exporter], d: Duration, round: &mut u64, sent: &mut u64, want: &mut Expected) {
+async fn send(
+    exporters: &mut [Exporter],
+    d: Duration,
+    round: &mut u64,
+    sent: &mut u64,
+    want: &mut Expected,
+) {
     let width = (INTERVAL_MS * 1_000_000) as i64;
     let until = Instant::now() + d;
     while Instant::now() < until {
@@ -75,9 +81,12 @@ async fn send(exporters: &mut [Exporter], d: Duration, round: &mut u64, sent: &m
                 exporters[e].send(&r).await.unwrap();
                 *sent += 1;
                 let slot = start as i64 / width;
-                let row = want
-                    .entry((slot, i64::from(20000 + k)))
-                    .or_insert(([0; 3], [0; 3], i64::MAX, 0));
+                let row = want.entry((slot, i64::from(20000 + k))).or_insert((
+                    [0; 3],
+                    [0; 3],
+                    i64::MAX,
+                    0,
+                ));
                 let way = if forward { &mut row.0 } else { &mut row.1 };
                 way[0] += r.packets as i64;
                 way[1] += r.bytes as i64;
@@ -121,11 +130,32 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
         exporters.push(Exporter::start(cfg).unwrap());
     }
     let (mut round, mut sent, mut want) = (0u64, 0u64, Expected::new());
-    send(&mut exporters, Duration::from_secs(2), &mut round, &mut sent, &mut want).await;
+    send(
+        &mut exporters,
+        Duration::from_secs(2),
+        &mut round,
+        &mut sent,
+        &mut want,
+    )
+    .await;
     nodes[1].kill9();
-    send(&mut exporters, Duration::from_secs(2), &mut round, &mut sent, &mut want).await;
+    send(
+        &mut exporters,
+        Duration::from_secs(2),
+        &mut round,
+        &mut sent,
+        &mut want,
+    )
+    .await;
     nodes[1].restart();
-    send(&mut exporters, Duration::from_secs(2), &mut round, &mut sent, &mut want).await;
+    send(
+        &mut exporters,
+        Duration::from_secs(2),
+        &mut round,
+        &mut sent,
+        &mut want,
+    )
+    .await;
     for ex in exporters {
         let report = ex.finish().await.unwrap();
         assert!(report.complete(), "{report:?}");
@@ -137,7 +167,8 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
     assert_eq!(unbucketed, 0, "every row of a cluster node has its bucket");
 
     // The owners catch up with every stored record.
-    let parts_q = "SELECT CAST(COALESCE(sum(parts_ab + parts_ba), 0) AS BIGINT) FROM stitched_flows";
+    let parts_q =
+        "SELECT CAST(COALESCE(sum(parts_ab + parts_ba), 0) AS BIGINT) FROM stitched_flows";
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut parts = scalar(&db, parts_q).await;
     while parts < sent as i64 && Instant::now() < deadline {
@@ -146,7 +177,11 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
     }
     // No more arrive after (nothing counted twice later).
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(scalar(&db, parts_q).await, sent as i64, "parts stitched vs records sent");
+    assert_eq!(
+        scalar(&db, parts_q).await,
+        sent as i64,
+        "parts stitched vs records sent"
+    );
 
     // One row per flow and interval, exact each way.
     let Db::Postgres(p) = &db else { unreachable!() };
@@ -161,7 +196,10 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
         .unwrap();
     let mut got = Expected::new();
     for r in &rows {
-        assert_eq!((r.1.as_str(), r.3.as_str(), r.4), ("10.5.0.1", "10.6.0.1", 443));
+        assert_eq!(
+            (r.1.as_str(), r.3.as_str(), r.4),
+            ("10.5.0.1", "10.6.0.1", 443)
+        );
         let old = got.insert((r.0, r.2), ([r.5, r.6, r.7], [r.8, r.9, r.10], r.11, r.12));
         assert!(old.is_none(), "flow {} slot {} stitched twice", r.2, r.0);
     }
@@ -182,7 +220,13 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
         .map(|(e, b, n)| ((e, i64::from(b)), n))
         .collect();
     for r in &rows {
-        assert_eq!(owner.get(&(r.15, r.13)), Some(&r.14), "row of flow {} slot {}", r.2, r.0);
+        assert_eq!(
+            owner.get(&(r.15, r.13)),
+            Some(&r.14),
+            "row of flow {} slot {}",
+            r.2,
+            r.0
+        );
     }
     let cursors: Vec<(i32, String, i64)> =
         sqlx::query_as("SELECT bucket, node, epoch FROM stitch_cursors WHERE cluster = $1")
@@ -191,10 +235,17 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
             .await
             .unwrap();
     for (b, n, e) in &cursors {
-        assert_eq!(owner.get(&(*e, i64::from(*b))), Some(n), "cursor of bucket {b}");
+        assert_eq!(
+            owner.get(&(*e, i64::from(*b))),
+            Some(n),
+            "cursor of bucket {b}"
+        );
     }
     let epochs = scalar(&db, "SELECT count(*) FROM cluster_epochs").await;
-    assert!(epochs >= 3, "{epochs} epochs: the kill and the restart moved buckets");
+    assert!(
+        epochs >= 3,
+        "{epochs} epochs: the kill and the restart moved buckets"
+    );
     let writers = scalar(&db, "SELECT count(DISTINCT node) FROM stitch_cursors").await;
     assert!(writers >= 2, "cursors written by {writers} node(s)");
     eprintln!(

@@ -17,7 +17,11 @@ const T0: u64 = 1_800_000_000 * SEC;
 
 fn part(fwd: bool, packets: u64, start: u64) -> FlowRecord {
     let (a, b) = ("10.0.0.1".parse().unwrap(), "192.0.2.9".parse().unwrap());
-    let (src, dst, sp, dp) = if fwd { (a, b, 4000, 443) } else { (b, a, 443, 4000) };
+    let (src, dst, sp, dp) = if fwd {
+        (a, b, 4000, 443)
+    } else {
+        (b, a, 443, 4000)
+    };
     FlowRecord {
         src_addr: src,
         dst_addr: dst,
@@ -88,7 +92,11 @@ async fn stitched_flows_answer_json_and_csv_with_the_console_conventions() {
     // Most recently seen first: the UDP flow, then the stitched TCP flow.
     let tcp = &rows[1];
     assert_eq!(
-        (tcp["a_addr"].as_str(), tcp["a_port"].as_i64(), tcp["b_port"].as_i64()),
+        (
+            tcp["a_addr"].as_str(),
+            tcp["a_port"].as_i64(),
+            tcp["b_port"].as_i64()
+        ),
         (Some("10.0.0.1"), Some(4000), Some(443))
     );
     assert_eq!(
@@ -120,13 +128,15 @@ async fn stitched_flows_answer_json_and_csv_with_the_console_conventions() {
     assert_eq!(v["rows"].as_array().unwrap().len(), 1, "{body}");
 
     // CSV: a header of the columns, one line per row.
-    let (s, ctype, csv) =
-        get(a, &format!("/api/v1/stitched?{range}&format=csv"), "*/*").await;
+    let (s, ctype, csv) = get(a, &format!("/api/v1/stitched?{range}&format=csv"), "*/*").await;
     assert_eq!(s, 200);
     assert!(ctype.starts_with("text/csv"), "{ctype}");
     let lines: Vec<&str> = csv.trim_end().split("\r\n").collect();
     assert_eq!(lines.len(), 3, "{csv}");
-    assert!(lines[0].starts_with("cluster,slot,interval_ns,a_addr"), "{csv}");
+    assert!(
+        lines[0].starts_with("cluster,slot,interval_ns,a_addr"),
+        "{csv}"
+    );
 
     // Bad parameters are refused, named.
     for (q, param) in [

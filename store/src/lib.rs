@@ -58,8 +58,8 @@ mod stitch;
 pub use sqlx;
 
 pub use cluster::{
-    bucket_of, flow_bucket, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate, Pruned,
-    RoutingConfig, SubjectState, Tally,
+    bucket_of, flow_bucket, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate,
+    Pruned, RoutingConfig, SubjectState, Tally,
 };
 pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};

@@ -10,8 +10,7 @@
 
 use qosloop_schema::{flow_hash, FlowRecord};
 use qosloop_store::{
-    flow_bucket, Batch, ClusterError, Db, Fence, Horizon, RoutingConfig, StitchedQuery,
-    StitchedRow,
+    flow_bucket, Batch, ClusterError, Db, Fence, Horizon, RoutingConfig, StitchedQuery, StitchedRow,
 };
 use qosloop_testbed::harness::Postgres;
 use qosloop_testbed::need;
@@ -138,20 +137,38 @@ async fn exercise(db: &Db, fence: Option<&Fence>) {
     );
     assert_eq!((f1.packets_ab, f1.bytes_ab, f1.parts_ab), (7, 700, 2));
     assert_eq!((f1.packets_ba, f1.bytes_ba, f1.parts_ba), (5, 500, 1));
-    assert_eq!((f1.first_ns, f1.last_ns), ((t + 50) as i64, (t + 200 + SEC / 2) as i64));
-    assert_eq!((f1.tcp_flags, f1.vlan, f1.bucket), (Some(0x10), -1, i64::from(b1)));
+    assert_eq!(
+        (f1.first_ns, f1.last_ns),
+        ((t + 50) as i64, (t + 200 + SEC / 2) as i64)
+    );
+    assert_eq!(
+        (f1.tcp_flags, f1.vlan, f1.bucket),
+        (Some(0x10), -1, i64::from(b1))
+    );
     // 10.0.0.3:6000 -> 10.0.0.2:80 is b -> a (a is the lower endpoint).
-    assert_eq!((r[1].b_port, r[1].packets_ab, r[1].packets_ba), (6000, 0, 1));
+    assert_eq!(
+        (r[1].b_port, r[1].packets_ab, r[1].packets_ba),
+        (6000, 0, 1)
+    );
     assert_eq!((r[2].slot, r[2].packets_ab), (11, 2));
     // Nothing new: no step reads or writes.
     assert_eq!(stitch_all(db, fence, &mut horizon, 2).await, 0);
 
     // A third capture node's part of flow 1, later: added to the same row.
-    store(db, ex, 2, vec![part("10.0.0.2", 80, "10.0.0.1", 5000, 6, t + 300)]).await;
+    store(
+        db,
+        ex,
+        2,
+        vec![part("10.0.0.2", 80, "10.0.0.1", 5000, 6, t + 300)],
+    )
+    .await;
     assert_eq!(stitch_all(db, fence, &mut horizon, 100).await, 1);
     let r = rows(db).await;
     assert_eq!(r.len(), 3);
-    assert_eq!((r[0].packets_ba, r[0].parts_ba, r[0].packets_ab), (11, 2, 7));
+    assert_eq!(
+        (r[0].packets_ba, r[0].parts_ba, r[0].packets_ab),
+        (11, 2, 7)
+    );
     let parts: i64 = r.iter().map(|x| x.parts_ab + x.parts_ba).sum();
     assert_eq!(parts, 6, "every stored record in exactly one row");
 
@@ -259,12 +276,21 @@ async fn stitch_on_postgres_fenced_with_the_horizon_below_running_transactions()
     .unwrap();
     let ex = db.register_exporter("m2", "127.0.0.1:6", 1).await.unwrap();
     db.open_session(ex, 1, "little").await.unwrap();
-    store(&db, ex, 1, vec![part("10.0.0.7", 1, "10.0.0.8", 2, 1, 30 * SEC)]).await;
+    store(
+        &db,
+        ex,
+        1,
+        vec![part("10.0.0.7", 1, "10.0.0.8", 2, 1, 30 * SEC)],
+    )
+    .await;
     let later = db.max_flow_id().await.unwrap();
     assert!(later > slow_id);
     for _ in 0..5 {
         let h = horizon.advance(&db, Duration::from_secs(60)).await.unwrap();
-        assert!(h < slow_id, "the horizon {h} passed the running transaction's id {slow_id}");
+        assert!(
+            h < slow_id,
+            "the horizon {h} passed the running transaction's id {slow_id}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     open.commit().await.unwrap();
@@ -272,7 +298,13 @@ async fn stitch_on_postgres_fenced_with_the_horizon_below_running_transactions()
 
     // Fencing: a node without a lease, a stale epoch, a bucket not owned
     // write nothing, and the cursor stays.
-    store(&db, ex, 2, vec![part("10.0.0.7", 1, "10.0.0.8", 2, 1, 31 * SEC)]).await;
+    store(
+        &db,
+        ex,
+        2,
+        vec![part("10.0.0.7", 1, "10.0.0.8", 2, 1, 31 * SEC)],
+    )
+    .await;
     let b = flow_bucket(
         i64::from(flow_hash(
             "10.0.0.7".parse().unwrap(),
@@ -331,6 +363,9 @@ async fn stitch_on_postgres_fenced_with_the_horizon_below_running_transactions()
         .iter()
         .find(|x| x.a_addr == "10.0.0.7" && x.slot == 31)
         .unwrap();
-    assert_eq!((f.parts_ab, f.node.as_deref()), (1, Some(right.node.as_str())));
+    assert_eq!(
+        (f.parts_ab, f.node.as_deref()),
+        (1, Some(right.node.as_str()))
+    );
     db.close().await;
 }

@@ -31,8 +31,8 @@ mod handover_tests;
 pub use coordinator::{
     run_coordinator, run_coordinator_with, CoordinatorLimits, CoordinatorSummary, Event,
 };
+pub use node::{reject_all, run_node, NodeConfig, NodeCounters, NodeError, NodeStats};
 /// The pure merge of per-packet parts lives with the contracts
 /// (`qosloop_schema::merge`): the collector's `stitch` analysis calls it too.
 pub use qosloop_schema::merge::{self, merge};
-pub use node::{reject_all, run_node, NodeConfig, NodeCounters, NodeError, NodeStats};
 pub use share::{bucket_of, share_program, ShareMode, BUCKETS};

@@ -60,9 +60,8 @@ pub async fn stitched(
         None => None,
         Some(v) => Some(proto_of(v)?),
     };
-    let rows = c
-        .db
-        .stitched_flows(&StitchedQuery {
+    let rows =
+        c.db.stitched_flows(&StitchedQuery {
             from_ns,
             to_ns,
             addr,

@@ -11,7 +11,7 @@
 
 mod sql;
 
-pub use sql::{Fence, Horizon, StitchStep, StitchedRow, StitchedQuery};
+pub use sql::{Fence, Horizon, StitchStep, StitchedQuery, StitchedRow};
 
 use qosloop_schema::{flow_hash, merge::merge, FlowRecord};
 use std::collections::BTreeMap;
@@ -103,10 +103,7 @@ pub fn stitch(records: &[FlowRecord], interval_ns: u64, buckets: u32) -> Vec<Bif
                 b_port: bp,
                 proto: m.proto,
                 vlan: m.vlan,
-                bucket: crate::flow_bucket(
-                    i64::from(flow_hash(a, b, ap, bp, m.proto)),
-                    buckets,
-                ),
+                bucket: crate::flow_bucket(i64::from(flow_hash(a, b, ap, bp, m.proto)), buckets),
                 packets_ab: 0,
                 bytes_ab: 0,
                 parts_ab: 0,

@@ -269,7 +269,11 @@ macro_rules! write_step {
 
 impl Db {
     /// The cursor of `bucket` (`None`: the bucket was never stitched).
-    pub async fn stitch_cursor(&self, cluster: &str, bucket: u32) -> Result<Option<i64>, sqlx::Error> {
+    pub async fn stitch_cursor(
+        &self,
+        cluster: &str,
+        bucket: u32,
+    ) -> Result<Option<i64>, sqlx::Error> {
         let q = "SELECT after_id FROM stitch_cursors WHERE cluster = $1 AND bucket = $2";
         let r: Option<(i64,)> = crate::on_pool!(self, pool, D => sqlx::query_as(q)
             .bind(cluster).bind(i64::from(bucket)).fetch_optional(pool).await)?;
@@ -312,8 +316,7 @@ impl Db {
         };
         let bad = read.iter().filter(|r| r.record.is_none()).count() as u64;
         let records: Vec<_> = read.into_iter().filter_map(|r| r.record).collect();
-        let rows: Vec<Biflow> =
-            stitch(&records, u64::try_from(interval_ns).unwrap_or(0), buckets);
+        let rows: Vec<Biflow> = stitch(&records, u64::try_from(interval_ns).unwrap_or(0), buckets);
         let now = crate::now_ns();
         let sql = Sql::of(self);
         match self {
@@ -323,7 +326,19 @@ impl Db {
                 if let Some(f) = fence {
                     fence_check(&mut tx, f, bucket).await?;
                 }
-                write_step!(tx, sqlx::Postgres, sql, cluster, fence, bucket, prev, next, rows, interval_ns, now);
+                write_step!(
+                    tx,
+                    sqlx::Postgres,
+                    sql,
+                    cluster,
+                    fence,
+                    bucket,
+                    prev,
+                    next,
+                    rows,
+                    interval_ns,
+                    now
+                );
                 tx.commit().await?;
             }
             Db::Sqlite(pool) => {
@@ -332,7 +347,19 @@ impl Db {
                 }
                 let mut conn = pool.acquire().await?;
                 let mut tx = conn.begin().await?;
-                write_step!(tx, sqlx::Sqlite, sql, cluster, fence, bucket, prev, next, rows, interval_ns, now);
+                write_step!(
+                    tx,
+                    sqlx::Sqlite,
+                    sql,
+                    cluster,
+                    fence,
+                    bucket,
+                    prev,
+                    next,
+                    rows,
+                    interval_ns,
+                    now
+                );
                 tx.commit().await?;
             }
         }
