@@ -579,9 +579,15 @@ mod tests {
             batch(6, false, 10_000),
         ];
         let Db::Sqlite(pool) = &db else { panic!() };
-        let (outcomes, _) = commit_sqlite(pool, &group.iter().collect::<Vec<_>>(), None, now_ns())
-            .await
-            .unwrap();
+        let (outcomes, _) = commit_sqlite(
+            pool,
+            &group.iter().collect::<Vec<_>>(),
+            Some(4),
+            None,
+            now_ns(),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             outcomes,
             [Outcome::Stored, Outcome::Duplicate, Outcome::Stored]
@@ -592,6 +598,21 @@ mod tests {
             .unwrap();
         let expect: u64 = (0..700).sum::<u64>() * 2 + 700 * 10_000;
         assert_eq!((n, sum), (1400, expect as i64));
+        // Every row has its flow hash's bucket (of 4), across the chunks.
+        let wrong: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM flows WHERE bucket IS NULL OR bucket < 0 OR bucket >= 4",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(wrong, 0);
+        let ids: Vec<(i64, i64)> = sqlx::query_as("SELECT flow_hash, bucket FROM flows")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        for (h, b) in ids {
+            assert_eq!(b, i64::from(crate::flow_bucket(h, 4)));
+        }
         let rows: Vec<(i64, String, String, i64, Option<String>)> = sqlx::query_as(
             "SELECT seq, src_addr, dst_addr, bytes, \"user\" FROM flows WHERE bytes IN (3, 10699) ORDER BY bytes",
         )
