@@ -14,7 +14,9 @@
 //!   ([`config`]), its web API and live page ([`web`]) and the console API
 //!   under `/api/v1` ([`console`]), who may use them ([`auth`]: bearer
 //!   tokens, admin for every state change, scopes, CORS), and `/metrics`
-//!   ([`metrics`]).
+//!   ([`metrics`]);
+//! - the static user ↔ address mappings of the repository written to the
+//!   knowledge base ([`kb_static`]).
 //!
 //! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
 //! module `repo`), the kernel, or the flow records' ingest.
@@ -26,6 +28,7 @@ pub mod config;
 pub mod console;
 pub mod dpmi;
 pub mod engine;
+pub mod kb_static;
 pub mod metrics;
 pub mod pdp;
 pub mod repo;

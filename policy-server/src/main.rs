@@ -167,6 +167,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             qosloop_store::redact(&config.db)
         )
     })?;
+    // The repository's static user mappings into the knowledge base, at
+    // load and after every accepted change (docs/kb.md).
+    let kb_static = tokio::spawn(qosloop_policy_server::kb_static::follow(
+        server.store.db().clone(),
+        watch.mappings.clone(),
+    ));
     let store = server.store.clone();
     let audit_task = async move {
         while let Some(e) = audit.recv().await {
@@ -229,6 +235,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // and the daemon exits non-zero after stopping the rest.
     let result = server.run_until(web, also, shutdown_signal()).await;
     drop(watch);
+    kb_static.abort();
     result.map_err(anyhow::Error::msg)
 }
 

@@ -33,6 +33,7 @@ mod tests_per_user;
 
 use classes::{device, flow_condition, link, reject_duplicate_names, service_class};
 pub use rules::intersect;
+pub(crate) use rules::valid_user;
 use rules::{reject_conflicts, rule};
 
 /// One invalid entry: its DN, the attribute at fault (when one is), why.
@@ -109,6 +110,9 @@ pub fn build(entries: &[Entry], previous: &PolicySet) -> Build {
     // belong to no object (a container); objects with such an entry among
     // theirs are rejected below.
     let mut errors: Vec<PolicyError> = dir.all_problems().cloned().collect();
+    // Static user mappings bind nothing when invalid; their errors count
+    // like any entry's (`--check` fails on them).
+    errors.extend(super::mappings::mappings(entries).1);
 
     // Tier 2 and 3 first: rules refer to classes and links.
     let mut classes: BTreeMap<String, ServiceClass> = BTreeMap::new();
