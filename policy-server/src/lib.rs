@@ -34,6 +34,7 @@ pub mod pdp;
 pub mod repo;
 pub mod server;
 pub mod store;
+pub mod subjects;
 pub mod testing;
 pub mod web;
 /// The window arithmetic, shared with the collector cluster.

@@ -266,12 +266,24 @@ pub(super) fn device(e: &Entry) -> Result<DeviceRole, PolicyError> {
     if capacity.0 == 0 {
         return Err(r.err("qosloopDeviceCapacity", "must be above 0"));
     }
+    let user_match = match r.single("qosloopUserMatch")?.map(str::to_ascii_lowercase) {
+        None => UserMatch::Uid,
+        Some(m) if m == "uid" => UserMatch::Uid,
+        Some(m) if m == "address" => UserMatch::Address,
+        Some(other) => {
+            return Err(r.err(
+                "qosloopUserMatch",
+                format!("{other:?}: uid (the user's sockets, on its host) or address (its current addresses)"),
+            ))
+        }
+    };
     Ok(DeviceRole {
         dn: e.dn.clone(),
         role,
         interface,
         direction,
         capacity,
+        user_match,
     })
 }
 

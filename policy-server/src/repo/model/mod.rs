@@ -19,7 +19,7 @@ use super::dn;
 use super::ldif::Entry;
 use qosloop_schema::{
     BandBasis, BusinessRule, DeviceRole, Direction, Dscp, FlowSpec, IpPrefix, Kbps, Link, LoadBand,
-    OutOfProfileAction, PolicySet, PortRange, ServiceClass, TrafficProfile,
+    OutOfProfileAction, PolicySet, PortRange, ServiceClass, TrafficProfile, UserMatch,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
