@@ -16,7 +16,8 @@
 //!   tokens, admin for every state change, scopes, CORS), and `/metrics`
 //!   ([`metrics`]);
 //! - the static user ↔ address mappings of the repository written to the
-//!   knowledge base ([`kb_static`]).
+//!   knowledge base ([`kb_static`]), and the knowledge base's rate
+//!   threshold events ([`rate_thresholds`]).
 //!
 //! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
 //! module `repo`), the kernel, or the flow records' ingest.
@@ -31,6 +32,7 @@ pub mod engine;
 pub mod kb_static;
 pub mod metrics;
 pub mod pdp;
+pub mod rate_thresholds;
 pub mod repo;
 pub mod server;
 pub mod store;

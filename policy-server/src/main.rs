@@ -173,6 +173,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         server.store.db().clone(),
         watch.mappings.clone(),
     ));
+    // The knowledge base's rate threshold events (none configured: ends).
+    let rate_events = tokio::spawn(qosloop_policy_server::rate_thresholds::follow(
+        server.store.db().clone(),
+        server.rates.clone(),
+        config.kb_rate_thresholds.clone(),
+    ));
     let store = server.store.clone();
     let audit_task = async move {
         while let Some(e) = audit.recv().await {
@@ -236,6 +242,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let result = server.run_until(web, also, shutdown_signal()).await;
     drop(watch);
     kb_static.abort();
+    rate_events.abort();
     result.map_err(anyhow::Error::msg)
 }
 
