@@ -243,7 +243,8 @@ fn the_router_limits_the_users_current_address_and_follows_the_mapping() {
     let s = VethPair::connect(&router, "10.94.2.1/24", &server, &format!("{SERVER}/24")).unwrap();
     host.ip(&["addr", "add", &format!("{SECOND}/24"), "dev", &h.a_if])
         .unwrap();
-    host.ip(&["route", "add", "default", "via", "10.94.1.1"]).unwrap();
+    host.ip(&["route", "add", "default", "via", "10.94.1.1"])
+        .unwrap();
     server
         .ip(&["route", "add", "default", "via", "10.94.2.1"])
         .unwrap();
@@ -294,14 +295,10 @@ fn the_router_limits_the_users_current_address_and_follows_the_mapping() {
         .enable_all()
         .build()
         .unwrap();
-    let db = rt
-        .block_on(qosloop_store::Db::connect(&pg.url()))
-        .unwrap();
+    let db = rt.block_on(qosloop_store::Db::connect(&pg.url())).unwrap();
     let map = |addr: &str| {
-        rt.block_on(
-            db.kb_sync_static("ldap", &[(addr.to_owned(), "alice".to_owned())], 1),
-        )
-        .unwrap();
+        rt.block_on(db.kb_sync_static("ldap", &[(addr.to_owned(), "alice".to_owned())], 1))
+            .unwrap();
     };
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

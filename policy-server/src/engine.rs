@@ -61,9 +61,7 @@
 
 use crate::bandwidth::Rates;
 use crate::subjects::{address_roles, address_subjects, subjects, UserAddresses};
-use qosloop_schema::{
-    BandBasis, Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass,
-};
+use qosloop_schema::{BandBasis, Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 

@@ -52,7 +52,9 @@ impl RateThresholds {
                 .parse()
                 .ok()
                 .filter(|k: &f64| k.is_finite() && *k > 0.0)
-                .ok_or_else(|| format!("{item:?}: the threshold must be a positive number of kbit/s"))?;
+                .ok_or_else(|| {
+                    format!("{item:?}: the threshold must be a positive number of kbit/s")
+                })?;
             if user.is_empty() {
                 return Err(format!("{item:?}: no user (use * for every user)"));
             }
@@ -116,7 +118,11 @@ fn now_ns() -> i64 {
 /// stops, publishing a `threshold` event per crossing: user, value = the
 /// threshold in kbit/s, detail `rate A kbit/s >= T kbit/s`. A failed write
 /// is logged and the crossing not retried (the next crossing is).
-pub async fn follow(db: Db, mut rates: watch::Receiver<Arc<Rates>>, mut thresholds: RateThresholds) {
+pub async fn follow(
+    db: Db,
+    mut rates: watch::Receiver<Arc<Rates>>,
+    mut thresholds: RateThresholds,
+) {
     if thresholds.is_empty() {
         return;
     }
@@ -130,7 +136,13 @@ pub async fn follow(db: Db, mut rates: watch::Receiver<Arc<Rates>>, mut threshol
             tracing::info!(user = %c.user, %detail, "rate threshold crossed");
             let value = c.threshold_kbps.round() as i64;
             if let Err(e) = db
-                .kb_publish_value("threshold", Some(&c.user), Some(value), Some(&detail), now_ns())
+                .kb_publish_value(
+                    "threshold",
+                    Some(&c.user),
+                    Some(value),
+                    Some(&detail),
+                    now_ns(),
+                )
                 .await
             {
                 tracing::warn!(error = %e, user = %c.user, "publishing a rate threshold event failed");
@@ -192,7 +204,14 @@ mod tests {
 
     #[test]
     fn bad_items_are_named() {
-        for bad in ["alice", "alice=0", "alice=-3", "=5", "alice=fast", "alice=inf"] {
+        for bad in [
+            "alice",
+            "alice=0",
+            "alice=-3",
+            "=5",
+            "alice=fast",
+            "alice=inf",
+        ] {
             let e = RateThresholds::parse(&[bad.to_string()]).unwrap_err();
             assert!(e.contains(bad), "{e}");
         }

@@ -427,7 +427,7 @@ impl LoopState {
             // Per-user decisions on roles matched by address follow the
             // knowledge base's live mappings, read every round. A failed
             // read keeps the last addresses.
-            let now = i64::try_from(now_ns()).unwrap_or(i64::MAX);
+            let now = now_ns();
             match self
                 .store
                 .db()
@@ -437,11 +437,16 @@ impl LoopState {
                 Ok(rows) => {
                     let (addresses, bad) = crate::subjects::user_addresses(&rows);
                     if bad > 0 {
-                        tracing::warn!(bad, "knowledge-base mappings whose address does not parse: skipped");
+                        tracing::warn!(
+                            bad,
+                            "knowledge-base mappings whose address does not parse: skipped"
+                        );
                     }
                     self.engine.set_user_addresses(addresses);
                 }
-                Err(e) => tracing::warn!(error = %e, "reading the users' addresses failed; keeping the last ones"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the users' addresses failed; keeping the last ones")
+                }
             }
         }
         let changes = self.engine.evaluate(policy, rates, now_ns() as u64);

@@ -109,7 +109,11 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
     // Alice at twice her threshold: one event once her average gets there.
     send_for(&db, 2 * THRESHOLD_KBPS, 20, &mut seq, |n| n >= 1).await;
     let got = thresholds(&db).await;
-    assert_eq!(got.len(), 1, "no threshold event while alice sent 4 Mbit/s: {got:?}");
+    assert_eq!(
+        got.len(),
+        1,
+        "no threshold event while alice sent 4 Mbit/s: {got:?}"
+    );
     assert_eq!(got[0].user.as_deref(), Some("alice"));
     assert_eq!(got[0].value, Some(THRESHOLD_KBPS as i64));
     assert!(
@@ -118,7 +122,12 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
     );
     // She stays above for two more seconds: no second event.
     send_for(&db, 2 * THRESHOLD_KBPS, 2, &mut seq, |_| false).await;
-    assert_eq!(thresholds(&db).await.len(), 1, "{:?}", thresholds(&db).await);
+    assert_eq!(
+        thresholds(&db).await.len(),
+        1,
+        "{:?}",
+        thresholds(&db).await
+    );
 
     // Silent until her average has decayed below the hysteresis (the
     // server's rates say so), then above again: a second event.
@@ -135,7 +144,10 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
         if avg < THRESHOLD_KBPS as f64 * 0.5 {
             break;
         }
-        assert!(Instant::now() < deadline, "alice's average never fell: {avg}");
+        assert!(
+            Instant::now() < deadline,
+            "alice's average never fell: {avg}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(thresholds(&db).await.len(), 1);

@@ -32,8 +32,8 @@ pub use flow::{flow_hash, FlowKey, FlowRecord};
 pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
     AccountingReport, BandBasis, BusinessRule, Decision, DecisionCounters, DecisionKind,
-    DecisionReason, DeviceRole, Direction, UserMatch, EnforcementReport, FlowSpec, Link, LoadBand,
-    OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile, UserRef,
+    DecisionReason, DeviceRole, Direction, EnforcementReport, FlowSpec, Link, LoadBand,
+    OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile, UserMatch, UserRef,
     MAX_ACCOUNTED_DECISIONS,
 };
 pub use template::{Template, TemplateKey};

@@ -105,7 +105,9 @@ pub(crate) fn mappings(entries: &[Entry]) -> (Vec<StaticMapping>, Vec<PolicyErro
             Ok(m) if valid.len() + m.len() > MAX_MAPPINGS => errors.push(error(
                 e,
                 "qosloopUserAddress",
-                format!("more than {MAX_MAPPINGS} mappings in the repository: this entry is left out"),
+                format!(
+                    "more than {MAX_MAPPINGS} mappings in the repository: this entry is left out"
+                ),
             )),
             Ok(m) => valid.extend(m),
             Err(err) => errors.push(err),
@@ -163,7 +165,11 @@ mod tests {
                 ("cn=d,ou=mappings,dc=x", "qosloopUserAddress"),
             ]
         );
-        assert!(errors[0].message.contains("10.0.0.0/24"), "{}", errors[0].message);
+        assert!(
+            errors[0].message.contains("10.0.0.0/24"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]
@@ -182,9 +188,7 @@ mod tests {
         let mut entries = ldif::parse(qosloop_schema::SAMPLE_PER_USER_LDIF).unwrap();
         assert!(crate::repo::build_strict(&entries).is_ok());
         entries.push(entry("x", "eve", &["not-an-address"]));
-        entries.push(
-            entry("y", "eve", &["10.0.0.1"]).with("qosloopUserAdress", "10.0.0.2"),
-        );
+        entries.push(entry("y", "eve", &["10.0.0.1"]).with("qosloopUserAdress", "10.0.0.2"));
         let errors = crate::repo::build_strict(&entries).unwrap_err().0;
         let named: Vec<(&str, &str)> = errors
             .iter()

@@ -14,8 +14,8 @@
 
 use super::dn;
 use super::ldif::Entry;
-use super::model::{build, Build, PolicyError};
 use super::mappings::{mappings, StaticMapping};
+use super::model::{build, Build, PolicyError};
 use super::tokens::{tokens, DirectoryToken};
 use qosloop_schema::PolicySet;
 use std::collections::{BTreeMap, BTreeSet};
