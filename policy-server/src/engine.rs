@@ -52,6 +52,9 @@
 //! A per-user rule (`BusinessRule::per_user`) has one decision per user
 //! (and flow spec, and role): its flow names the user (`FlowSpec::user`),
 //! for an enforcer on the user's host, and its rates are the user's own.
+//! On a role whose device role matches users by address (a router), it
+//! has one per user *address* instead, the flow's source being the
+//! address ([`crate::subjects`], [`Engine::set_user_addresses`]).
 //! With `band_basis: user` the band is chosen from the subject's own
 //! average rate instead of the link's load (`seeds/000`'s threshold case).
 //!
