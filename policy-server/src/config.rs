@@ -186,6 +186,11 @@ pub struct Settings {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// A knowledge-base `threshold` event when a user's average rate
+    /// reaches KBPS (once per crossing; `*=KBPS` for every user without
+    /// its own); repeatable. docs/kb.md.
+    #[arg(long, value_name = "USER=KBPS")]
+    pub kb_rate_threshold: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -253,6 +258,7 @@ impl Settings {
             open_timeout_ms: self.open_timeout_ms.or(base.open_timeout_ms),
             gap_timeout_ms: self.gap_timeout_ms.or(base.gap_timeout_ms),
             log_format: self.log_format.or(base.log_format),
+            kb_rate_threshold: self.kb_rate_threshold.or(base.kb_rate_threshold),
         }
     }
 }
@@ -299,6 +305,8 @@ pub struct Config {
     pub gap_timeout: Duration,
     pub pdp: PdpConfig,
     pub log_format: LogFormat,
+    /// Rate thresholds of the knowledge base's `threshold` events.
+    pub kb_rate_thresholds: crate::rate_thresholds::RateThresholds,
 }
 
 /// A bind DN needs a non-empty password (an empty one is an
@@ -619,6 +627,10 @@ impl Config {
             None => LogFormat::Text,
             Some(f) => f.parse().map_err(|e: String| invalid("log_format", e))?,
         };
+        let kb_rate_thresholds = crate::rate_thresholds::RateThresholds::parse(
+            s.kb_rate_threshold.as_deref().unwrap_or_default(),
+        )
+        .map_err(|why| invalid("kb_rate_threshold", why))?;
         Ok(Config {
             db,
             policies,
@@ -646,6 +658,7 @@ impl Config {
                 ..PdpConfig::default()
             },
             log_format,
+            kb_rate_thresholds,
         })
     }
 }

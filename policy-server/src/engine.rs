@@ -52,6 +52,9 @@
 //! A per-user rule (`BusinessRule::per_user`) has one decision per user
 //! (and flow spec, and role): its flow names the user (`FlowSpec::user`),
 //! for an enforcer on the user's host, and its rates are the user's own.
+//! On a role whose device role matches users by address (a router), it
+//! has one per user *address* instead, the flow's source being the
+//! address ([`crate::subjects`], [`Engine::set_user_addresses`]).
 //! With `band_basis: user` the band is chosen from the subject's own
 //! average rate instead of the link's load (`seeds/000`'s threshold case).
 //!
@@ -60,9 +63,8 @@
 //! of the measured inputs alone is not pushed.
 
 use crate::bandwidth::Rates;
-use qosloop_schema::{
-    BandBasis, BusinessRule, Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass, UserRef,
-};
+use crate::subjects::{address_roles, address_subjects, subjects, UserAddresses};
+use qosloop_schema::{BandBasis, Decision, DecisionReason, FlowSpec, PolicySet, ServiceClass};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -148,6 +150,8 @@ pub struct Engine {
     link_seen: HashMap<String, u64>,
     current: HashMap<u64, Current>,
     epoch: u64,
+    /// The users' current addresses, for roles matched by address.
+    user_addresses: UserAddresses,
 }
 
 /// The stable id of the decision for spec `spec_index` of rule `dn` on
@@ -207,6 +211,7 @@ impl Engine {
             link_seen: HashMap::new(),
             current: HashMap::new(),
             epoch: 0,
+            user_addresses: UserAddresses::new(),
         }
     }
 
@@ -226,6 +231,13 @@ impl Engine {
     pub fn with_min_hold(mut self, min_hold: std::time::Duration) -> Engine {
         self.min_hold_ns = u64::try_from(min_hold.as_nanos()).unwrap_or(u64::MAX);
         self
+    }
+
+    /// The users' current addresses (the knowledge base's live mappings)
+    /// for the next evaluations: per-user decisions on roles matched by
+    /// address follow them.
+    pub fn set_user_addresses(&mut self, addresses: UserAddresses) {
+        self.user_addresses = addresses;
     }
 
     /// Restores decisions taken before a restart, so that unchanged ones
@@ -299,6 +311,7 @@ impl Engine {
                 no_data.insert(l.key.as_str());
             }
         }
+        let by_address = address_roles(policy);
         let mut alive: HashSet<u64> = HashSet::with_capacity(self.current.len());
         for rule in policy.rules.iter().filter(|r| r.enabled) {
             let Some(class) = classes.get(rule.service_class.as_str()) else {
@@ -318,14 +331,32 @@ impl Engine {
                 continue;
             }
             let link_load = link_loads.get(rule.link.as_str()).copied().unwrap_or(0.0);
-            for subject in subjects(rule, &flow_rates, &user_rates) {
+            // A per-user rule's roles matched by address get the users'
+            // current addresses; its other roles (and every role of an
+            // ordinary rule) get the subjects as they are.
+            let (addr_roles, other_roles): (Vec<&String>, Vec<&String>) = rule
+                .roles
+                .iter()
+                .partition(|r| rule.per_user && by_address.contains(r.as_str()));
+            let mut work = Vec::new();
+            if !other_roles.is_empty() {
+                for s in subjects(rule, &flow_rates, &user_rates) {
+                    work.push((s, &other_roles));
+                }
+            }
+            if !addr_roles.is_empty() {
+                for s in address_subjects(rule, &user_rates, &self.user_addresses) {
+                    work.push((s, &addr_roles));
+                }
+            }
+            for (subject, roles) in work {
                 let (rate, avg) = (subject.rate, subject.avg);
                 let load = match rule.band_basis {
                     BandBasis::Link => link_load,
                     BandBasis::User => avg,
                 };
                 let (i, spec) = (subject.index, &subject.spec);
-                for role in &rule.roles {
+                for &role in roles {
                     let id = decision_id(&subject.id_key, i, role);
                     let prev = self.current.get(&id);
                     let Some(mut band) =
@@ -490,77 +521,6 @@ impl Engine {
         }
         t
     }
-}
-
-/// One policed subject of a rule: a flow spec of an ordinary rule, or a
-/// (flow spec, user) of a per-user rule, with its rates.
-struct Subject {
-    /// What the decision id hashes (with the spec index and the role).
-    id_key: String,
-    index: usize,
-    spec: FlowSpec,
-    rate: f64,
-    avg: f64,
-}
-
-/// The name a decision gives a user, and the uid when the name is the
-/// host agent's form for a uid without a name (`uid 1234`).
-fn user_ref(name: &str) -> UserRef {
-    UserRef {
-        name: name.to_owned(),
-        uid: name.strip_prefix("uid ").and_then(|n| n.parse().ok()),
-    }
-}
-
-fn subjects(
-    rule: &BusinessRule,
-    flow_rates: &HashMap<&str, (f64, f64)>,
-    user_rates: &HashMap<(&str, &str), (f64, f64)>,
-) -> Vec<Subject> {
-    if !rule.per_user {
-        let (rate, avg) = flow_rates
-            .get(rule.dn.as_str())
-            .copied()
-            .unwrap_or((0.0, 0.0));
-        return rule
-            .flows
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| Subject {
-                id_key: rule.dn.clone(),
-                index,
-                spec: spec.clone(),
-                rate,
-                avg,
-            })
-            .collect();
-    }
-    let any = [FlowSpec::default()];
-    let specs: &[FlowSpec] = if rule.flows.is_empty() {
-        &any
-    } else {
-        &rule.flows
-    };
-    let mut out = Vec::with_capacity(rule.users.len() * specs.len());
-    for user in &rule.users {
-        let (rate, avg) = user_rates
-            .get(&(rule.dn.as_str(), user.as_str()))
-            .copied()
-            .unwrap_or((0.0, 0.0));
-        for (index, spec) in specs.iter().enumerate() {
-            out.push(Subject {
-                id_key: format!("{}\u{0}user={user}", rule.dn),
-                index,
-                spec: FlowSpec {
-                    user: Some(user_ref(user)),
-                    ..spec.clone()
-                },
-                rate,
-                avg,
-            });
-        }
-    }
-    out
 }
 
 fn decision_for(

@@ -14,7 +14,10 @@
 //!   ([`config`]), its web API and live page ([`web`]) and the console API
 //!   under `/api/v1` ([`console`]), who may use them ([`auth`]: bearer
 //!   tokens, admin for every state change, scopes, CORS), and `/metrics`
-//!   ([`metrics`]).
+//!   ([`metrics`]);
+//! - the static user ↔ address mappings of the repository written to the
+//!   knowledge base ([`kb_static`]), and the knowledge base's rate
+//!   threshold events ([`rate_thresholds`]).
 //!
 //! It does not own the policy repository's parsing (LDAP/LDIF → `PolicySet`,
 //! module `repo`), the kernel, or the flow records' ingest.
@@ -26,11 +29,14 @@ pub mod config;
 pub mod console;
 pub mod dpmi;
 pub mod engine;
+pub mod kb_static;
 pub mod metrics;
 pub mod pdp;
+pub mod rate_thresholds;
 pub mod repo;
 pub mod server;
 pub mod store;
+pub mod subjects;
 pub mod testing;
 pub mod web;
 /// The window arithmetic, shared with the collector cluster.

@@ -167,6 +167,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
             qosloop_store::redact(&config.db)
         )
     })?;
+    // The repository's static user mappings into the knowledge base, at
+    // load and after every accepted change (docs/kb.md).
+    let kb_static = tokio::spawn(qosloop_policy_server::kb_static::follow(
+        server.store.db().clone(),
+        watch.mappings.clone(),
+    ));
+    // The knowledge base's rate threshold events (none configured: ends).
+    let rate_events = tokio::spawn(qosloop_policy_server::rate_thresholds::follow(
+        server.store.db().clone(),
+        server.rates.clone(),
+        config.kb_rate_thresholds.clone(),
+    ));
     let store = server.store.clone();
     let audit_task = async move {
         while let Some(e) = audit.recv().await {
@@ -229,6 +241,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // and the daemon exits non-zero after stopping the rest.
     let result = server.run_until(web, also, shutdown_signal()).await;
     drop(watch);
+    kb_static.abort();
+    rate_events.abort();
     result.map_err(anyhow::Error::msg)
 }
 

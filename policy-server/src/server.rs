@@ -423,6 +423,32 @@ impl LoopState {
     }
 
     async fn decide(&mut self, policy: &PolicySet, rates: &Rates) {
+        if crate::subjects::needs_user_addresses(policy) {
+            // Per-user decisions on roles matched by address follow the
+            // knowledge base's live mappings, read every round. A failed
+            // read keeps the last addresses.
+            let now = now_ns();
+            match self
+                .store
+                .db()
+                .kb_mappings(now, crate::subjects::MAX_MAPPINGS_READ)
+                .await
+            {
+                Ok(rows) => {
+                    let (addresses, bad) = crate::subjects::user_addresses(&rows);
+                    if bad > 0 {
+                        tracing::warn!(
+                            bad,
+                            "knowledge-base mappings whose address does not parse: skipped"
+                        );
+                    }
+                    self.engine.set_user_addresses(addresses);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the users' addresses failed; keeping the last ones")
+                }
+            }
+        }
         let changes = self.engine.evaluate(policy, rates, now_ns() as u64);
         if changes.held > 0 {
             tracing::debug!(

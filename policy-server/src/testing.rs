@@ -64,6 +64,7 @@ pub fn paper_policy() -> PolicySet {
             interface: "r-eth1".into(),
             direction: Direction::Egress,
             capacity: Kbps(10_000),
+            user_match: Default::default(),
         }],
     }
 }

@@ -34,7 +34,7 @@ pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
     AccountingReport, BandBasis, BusinessRule, Decision, DecisionCounters, DecisionKind,
     DecisionReason, DeviceRole, Direction, EnforcementReport, FlowSpec, Link, LoadBand,
-    OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile, UserRef,
+    OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile, UserMatch, UserRef,
     MAX_ACCOUNTED_DECISIONS,
 };
 pub use template::{Template, TemplateKey};

@@ -337,6 +337,28 @@ pub struct DeviceRole {
     pub direction: Direction,
     /// Rate of the HTB root: the interface's usable capacity.
     pub capacity: Kbps,
+    /// How per-user decisions for this role match the user's traffic
+    /// (`qosloopUserMatch`; absent: [`UserMatch::Uid`]).
+    #[serde(default, skip_serializing_if = "UserMatch::is_uid")]
+    pub user_match: UserMatch,
+}
+
+/// How an enforcer role matches a per-user decision's traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserMatch {
+    /// By the user's sockets (`meta skuid`), on the user's own host.
+    #[default]
+    Uid,
+    /// By the user's current addresses (the knowledge base's live
+    /// mappings, as source): a router between the users and the rest.
+    Address,
+}
+
+impl UserMatch {
+    pub fn is_uid(&self) -> bool {
+        *self == UserMatch::Uid
+    }
 }
 
 /// Everything the policy repository holds, validated.

@@ -107,6 +107,7 @@ const CLASSES: &[(&str, &[&str], bool)] = &[
             "qosloopInterface",
             "qosloopDirection",
             "qosloopDeviceCapacity",
+            "qosloopUserMatch",
         ],
         false,
     ),
@@ -119,6 +120,16 @@ const CLASSES: &[(&str, &[&str], bool)] = &[
     (
         "qosloopUserGroup",
         &["qosloopGroupName", "qosloopMemberUid"],
+        false,
+    ),
+    (
+        "qosloopUserMapping",
+        &[
+            "cn",
+            "description",
+            "qosloopMappedUser",
+            "qosloopUserAddress",
+        ],
         false,
     ),
     (

@@ -82,6 +82,7 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
     policy.borrow_and_update();
     let status = publisher.status();
     let tokens = publisher.tokens();
+    let mappings = publisher.mappings();
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,6 +151,7 @@ pub fn watch_ldif_file(path: impl Into<PathBuf>, poll: Duration) -> Result<Polic
         audit,
         status,
         tokens,
+        mappings,
         task,
     })
 }

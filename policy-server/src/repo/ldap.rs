@@ -155,12 +155,14 @@ pub async fn watch_ldap(
     let last_error = Arc::new(Mutex::new(None));
     let status = publisher.status();
     let tokens = publisher.tokens();
+    let mappings = publisher.mappings();
     let task = tokio::spawn(run(source, publisher, ready_tx, last_error.clone()));
     let mut watch = PolicyWatch {
         policy: policy.clone(),
         audit,
         status,
         tokens,
+        mappings,
         task,
     };
     match tokio::time::timeout(initial_timeout, ready_rx).await {

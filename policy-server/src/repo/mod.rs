@@ -18,7 +18,9 @@
 //! [`describe`] prints what was understood (`--check`). The HTTP API's
 //! bearer tokens kept in the same directory (`qosloopApiToken` entries,
 //! [`DirectoryToken`]) are published beside the policy, on
-//! [`PolicyWatch::tokens`].
+//! [`PolicyWatch::tokens`]; static user ↔ address mappings
+//! (`qosloopUserMapping` entries, [`StaticMapping`]) on
+//! [`PolicyWatch::mappings`], for the knowledge base.
 
 mod attributes;
 mod base64;
@@ -27,6 +29,7 @@ mod dn;
 mod file;
 mod ldap;
 mod ldif;
+mod mappings;
 mod model;
 mod publish;
 mod tokens;
@@ -36,6 +39,7 @@ pub use dn::normalize as normalize_dn;
 pub use file::{load_ldif_file, parse_policy_ldif, watch_ldif_file, DEFAULT_POLL};
 pub use ldap::{load_ldap, watch_ldap, LdapBind, LdapSource};
 pub use ldif::{parse as parse_ldif, write as write_ldif, Entry, LdifError};
+pub use mappings::{StaticMapping, MAPPING_CLASS};
 pub use model::{build, build_strict, intersect, Build, PolicyError, PolicyErrors};
 pub use publish::{
     AuditChange, AuditEvent, PolicyStatus, PolicyWatch, Refusal, ALLOW_DROP_KEYWORD,

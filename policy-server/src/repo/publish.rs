@@ -14,6 +14,7 @@
 
 use super::dn;
 use super::ldif::Entry;
+use super::mappings::{mappings, StaticMapping};
 use super::model::{build, Build, PolicyError};
 use super::tokens::{tokens, DirectoryToken};
 use qosloop_schema::PolicySet;
@@ -133,6 +134,10 @@ pub struct PolicyWatch {
     /// The API tokens of the repository's `qosloopApiToken` entries, the
     /// valid ones, current with every change ([`crate::auth`]).
     pub tokens: watch::Receiver<Arc<Vec<DirectoryToken>>>,
+    /// The static user ↔ address mappings of the repository's
+    /// `qosloopUserMapping` entries (the valid ones, sorted), current with
+    /// every accepted version ([`crate::kb_static`]).
+    pub mappings: watch::Receiver<Arc<Vec<StaticMapping>>>,
     pub(crate) task: JoinHandle<()>,
 }
 
@@ -171,6 +176,7 @@ pub(crate) struct Publisher {
     audit_dropped: u64,
     status: watch::Sender<PolicyStatus>,
     tokens: watch::Sender<Arc<Vec<DirectoryToken>>>,
+    mappings: watch::Sender<Arc<Vec<StaticMapping>>>,
 }
 
 impl Publisher {
@@ -200,6 +206,7 @@ impl Publisher {
                 audit_dropped: 0,
                 status,
                 tokens: watch::channel(Arc::new(Vec::new())).0,
+                mappings: watch::channel(Arc::new(Vec::new())).0,
             },
             policy_rx,
             audit_rx,
@@ -214,6 +221,11 @@ impl Publisher {
     /// A receiver of the repository's API tokens.
     pub(crate) fn tokens(&self) -> watch::Receiver<Arc<Vec<DirectoryToken>>> {
         self.tokens.subscribe()
+    }
+
+    /// A receiver of the repository's static user mappings.
+    pub(crate) fn mappings(&self) -> watch::Receiver<Arc<Vec<StaticMapping>>> {
+        self.mappings.subscribe()
     }
 
     pub(crate) fn source(&self) -> &str {
@@ -274,6 +286,18 @@ impl Publisher {
             self.refuse(reason, built.policy.rules.len());
             return;
         }
+        // Mappings follow accepted versions only: an emptied file that is
+        // refused does not unbind every user either. (Their errors are
+        // already among `built.errors`.)
+        let (bound, _) = mappings(&given);
+        self.mappings.send_if_modified(|m| {
+            let changed = **m != bound;
+            if changed {
+                tracing::info!(source = %self.source, mappings = bound.len(), "static user mappings of the repository");
+                *m = Arc::new(bound);
+            }
+            changed
+        });
         let mut next: BTreeMap<String, Entry> = BTreeMap::new();
         for e in given {
             next.entry(dn::normalize(&e.dn))

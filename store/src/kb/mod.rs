@@ -110,7 +110,8 @@ pub struct KbEvent {
     pub kind: String,
     pub user: Option<String>,
     pub addr: Option<String>,
-    /// `threshold`: the threshold in bytes; `logoff`: the last traffic's
+    /// `threshold`: the threshold (bytes; kbit/s for a rate threshold,
+    /// whose detail starts with `rate`); `logoff`: the last traffic's
     /// time (ns).
     pub value: Option<i64>,
     /// What caused it (`traffic`, `idle`, a decision's summary…).

@@ -195,11 +195,24 @@ impl Db {
         detail: Option<&str>,
         now: i64,
     ) -> Result<(), sqlx::Error> {
+        self.kb_publish_value(kind, user, None, detail, now).await
+    }
+
+    /// [`Db::kb_publish`] with the event's `value` (the policy server's
+    /// rate `threshold`: the threshold in kbit/s).
+    pub async fn kb_publish_value(
+        &self,
+        kind: &'static str,
+        user: Option<&str>,
+        value: Option<i64>,
+        detail: Option<&str>,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
         let e = [NewEvent {
             kind,
             user: user.map(str::to_owned),
             addr: None,
-            value: None,
+            value,
             detail: detail.map(str::to_owned),
         }];
         match self {

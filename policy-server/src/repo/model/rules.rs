@@ -52,7 +52,7 @@ pub fn intersect(a: &FlowSpec, b: &FlowSpec) -> Option<FlowSpec> {
 const MAX_USERS: usize = 4096;
 
 /// A user name as records carry it: 1–256 bytes, no control character.
-fn valid_user(u: &str) -> Result<(), String> {
+pub(crate) fn valid_user(u: &str) -> Result<(), String> {
     if u.is_empty() || u.len() > 256 {
         return Err(format!("{} bytes: a user name has 1..=256", u.len()));
     }
