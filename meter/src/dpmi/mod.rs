@@ -15,4 +15,5 @@ pub mod refilter;
 
 pub use anon_sink::AnonymisingSink;
 pub use cryptopan::CryptoPan;
+pub use http::ControllerTls;
 pub use point::{run_point, PointConfig, PointError, PointStats};
