@@ -21,6 +21,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_millis(300);
 /// A write that makes no progress this long ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a point showing its certificate waits for the consumer's
+/// verdict on it after the handshake.
+const VERDICT_WAIT: Duration = Duration::from_millis(300);
 const FLOW_INTERVAL: Duration = Duration::from_secs(1);
 /// Flows one flows consumer may hold per interval; more are dropped (full).
 const MAX_FLOWS: usize = 65_536;
@@ -317,6 +320,31 @@ fn tls_connect(
     let _ = tcp.set_read_timeout(Some(WRITE_TIMEOUT));
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp)?;
+    }
+    // Under TLS 1.3 the client's handshake ends before the server has
+    // judged the client's certificate: when the point shows one, wait a
+    // moment for the consumer's verdict (an alert, or its session tickets)
+    // so that a refusal reads as one, not as a later write error.
+    if cfg.client_auth_cert_resolver.has_certs() {
+        let _ = tcp.set_read_timeout(Some(VERDICT_WAIT));
+        match conn.read_tls(&mut tcp) {
+            Ok(0) => {
+                return Err(std::io::Error::other(
+                    "the consumer closed the connection after the handshake",
+                ))
+            }
+            Ok(_) => {
+                conn.process_new_packets()
+                    .map_err(|e| std::io::Error::other(format!("the consumer refused: {e}")))?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let _ = tcp.set_read_timeout(Some(WRITE_TIMEOUT));
     }
     Ok(StreamOwned::new(conn, tcp))
 }
