@@ -10,7 +10,7 @@ use qosloop_schema::dpmi::{ConsumerSpec, Delivery, FrameFields};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -131,11 +131,6 @@ impl Output {
         {
             return;
         }
-        // Only IPv4 headers are scrambled: an anonymised consumer never
-        // gets an IPv6 frame.
-        if self.spec.anonymise && fields.ip6.is_some() {
-            return;
-        }
         if !self.counters.connected.load(Ordering::Relaxed) {
             self.counters
                 .dropped_disconnected
@@ -147,14 +142,28 @@ impl Output {
                 let cut = frame.len().min(self.spec.caplen as usize);
                 Payload::Frame(frame[..cut].to_vec())
             }
-            // Only IPv4 frames make flows.
-            Delivery::Flows => match fields.ip {
-                Some((proto, src, dst)) => {
-                    let (sp, dp) = fields.ports.unwrap_or((0, 0));
-                    Payload::Flow((src, dst, proto, sp, dp))
+            // IP frames make flows (IPv6: the upper-layer protocol after
+            // the extension headers, 0 when the chain could not be walked).
+            Delivery::Flows => {
+                let (sp, dp) = fields.ports.unwrap_or((0, 0));
+                match (fields.ip, fields.ip6) {
+                    (Some((proto, src, dst)), _) => Payload::Flow((
+                        Ipv4Addr::from(src).into(),
+                        Ipv4Addr::from(dst).into(),
+                        proto,
+                        sp,
+                        dp,
+                    )),
+                    (None, Some((src, dst))) => Payload::Flow((
+                        Ipv6Addr::from(src).into(),
+                        Ipv6Addr::from(dst).into(),
+                        fields.ip6_proto.unwrap_or(0),
+                        sp,
+                        dp,
+                    )),
+                    (None, None) => return,
                 }
-                None => return,
-            },
+            }
         };
         match tx.try_send(Item {
             ts_ns,
@@ -246,7 +255,8 @@ pub struct FlowLine {
     pub last_ns: u64,
 }
 
-type FlowKey = (u32, u32, u8, u16, u16);
+/// Addresses (IPv4 or IPv6), protocol, ports.
+type FlowKey = (IpAddr, IpAddr, u8, u16, u16);
 
 fn writer(
     spec: ConsumerSpec,
@@ -383,7 +393,7 @@ fn serve(
                 }
                 Payload::Flow((src, dst, proto, sp, dp)) => {
                     let key = match anon.as_deref_mut() {
-                        Some(a) => (a.anonymise_u32(src), a.anonymise_u32(dst), proto, sp, dp),
+                        Some(a) => (a.anonymise_ip(src), a.anonymise_ip(dst), proto, sp, dp),
                         None => (src, dst, proto, sp, dp),
                     };
                     add_flow(&mut flows, key, it.ts_ns, it.wire_len, c);
@@ -412,8 +422,8 @@ fn add_flow(
     }
     let (src, dst, proto, sp, dp) = key;
     let e = flows.entry(key).or_insert_with(|| FlowLine {
-        src_addr: std::net::Ipv4Addr::from(src).to_string(),
-        dst_addr: std::net::Ipv4Addr::from(dst).to_string(),
+        src_addr: src.to_string(),
+        dst_addr: dst.to_string(),
         proto,
         src_port: sp,
         dst_port: dp,
