@@ -130,7 +130,9 @@ mod tests {
             let accepted = consumer.accept(tcp);
             let trusted = std::ptr::eq(point_ca, &pki) && shows_cert;
             if !trusted {
-                let e = accepted.err().expect("an unverifiable point was accepted");
+                let Err(e) = accepted else {
+                    panic!("an unverifiable point was accepted")
+                };
                 let text = e.to_string();
                 let why = if shows_cert {
                     "invalid peer certificate"
