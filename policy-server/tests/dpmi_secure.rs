@@ -173,6 +173,7 @@ fn over_tls_the_point_presents_its_token_and_refuses_a_controller_it_cannot_veri
         Err(e) => panic!("stopped for another reason: {e}"),
         Ok(_) => panic!("a point trusting another CA ran"),
     };
+    eprintln!("the point trusting another CA: {e}");
     assert!(
         e.contains("TLS: invalid peer certificate"),
         "the error does not say the certificate failed: {e}"

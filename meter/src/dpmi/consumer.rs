@@ -134,6 +134,7 @@ mod tests {
                     panic!("an unverifiable point was accepted")
                 };
                 let text = e.to_string();
+                eprintln!("the consumer: {text}");
                 let why = if shows_cert {
                     "invalid peer certificate"
                 } else {
