@@ -21,6 +21,7 @@ fn point_config(lab: &Lab, token: Option<&str>) -> PointConfig {
         name: "mp1".into(),
         controller: lab.controller,
         token: token.map(str::to_owned),
+        controller_tls: None,
         interface: lab.veth.b_if.clone(),
         max_filters: 4,
         max_caplen: 128,
@@ -125,6 +126,104 @@ fn a_point_with_an_admin_token_works_behind_tokens_and_reading_its_list_changes_
     });
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(consumer.tags(|_| true), expected(&[(5001, 300)]));
+    stop.store(true, Ordering::Relaxed);
+    point.join().unwrap();
+}
+
+/// The point ↔ controller link over TLS: the controller serves HTTPS with
+/// a certificate of the test's CA; a point trusting that CA presents its
+/// token over TLS, installs and delivers; a point trusting another CA
+/// stops at its first call saying the certificate did not verify, and the
+/// controller never hears its token (it is not registered).
+#[test]
+fn over_tls_the_point_presents_its_token_and_refuses_a_controller_it_cannot_verify() {
+    use qosloop_testbed::harness::{require_binary, test_pki};
+    need!(require_root("creates network namespaces"));
+    need!(require_binary("openssl", "openssl"));
+    let (pki, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    test_pki(pki.path()).unwrap();
+    test_pki(other.path()).unwrap();
+    let server = qosloop_runtime::tls::server_config_with(
+        &pki.path().join("server.pem"),
+        &pki.path().join("server.key"),
+        None,
+    )
+    .unwrap();
+    let trust = |dir: &std::path::Path| {
+        qosloop_runtime::tls::client_config_with(&dir.join("ca.pem"), None).unwrap()
+    };
+    let lab = Lab::with_tokens_over_tls(server, trust(pki.path()));
+
+    // Another CA: the handshake fails, the point does not start.
+    let mut cfg = point_config(&lab, Some("secret-mp1"));
+    cfg.controller_tls = Some(qosloop_meter::dpmi::ControllerTls {
+        config: trust(other.path()),
+        name: qosloop_runtime::tls::server_name("127.0.0.1").unwrap(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let r = lab
+        .mp
+        .spawn_in(move || run_point(cfg, stop))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    let e = match r {
+        Err(e @ PointError::Controller { .. }) => e.to_string(),
+        Err(e) => panic!("stopped for another reason: {e}"),
+        Ok(_) => panic!("a point trusting another CA ran"),
+    };
+    eprintln!("the point trusting another CA: {e}");
+    assert!(
+        e.contains("TLS: invalid peer certificate"),
+        "the error does not say the certificate failed: {e}"
+    );
+    let (status, points) = lab.api("GET", "/api/v1/points", Some("reader"), None);
+    assert_eq!((status, points.clone()), (200, json!([])), "{points}");
+    // Plain HTTP to the HTTPS controller: no answer it can read either.
+    let mut plain = point_config(&lab, Some("secret-mp1"));
+    plain.controller_tls = None;
+    let stop = Arc::new(AtomicBool::new(false));
+    let r = lab
+        .mp
+        .spawn_in(move || run_point(plain, stop))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(r.is_err(), "a plain point ran against an HTTPS controller");
+
+    // The right CA: registers with its token, polls, installs, delivers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let point = lab.point(4, 4096, 128, stop.clone());
+    let consumer = Consumer::start(&lab, false, false);
+    let id = request(
+        &lab,
+        "alice",
+        json!({"ip_src": SRC, "ip_proto": "17", "dst_port": "5001"}),
+        consumer.addr,
+        300.0,
+    );
+    let (_, list) = lab.api("GET", "/api/v1/points/mp1/filters", Some("reader"), None);
+    assert_eq!(list["filters"].as_array().map(Vec::len), Some(1), "{list}");
+    wait_for(
+        "the list installed and reported over TLS",
+        Duration::from_secs(10),
+        || {
+            let (_, p) = lab.api("GET", "/api/v1/points", Some("reader"), None);
+            p[0]["installed_version"] == list["version"]
+        },
+    );
+    wait_for("the consumer connected", Duration::from_secs(10), || {
+        connected(&lab, "alice", id)
+    });
+    lab.send(SRC, 5001, 200, 64);
+    lab.send(SRC, 5002, 200, 64);
+    wait_for("the consumer's frames", Duration::from_secs(10), || {
+        consumer.tags(|_| true).len() >= 200
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(consumer.tags(|_| true), expected(&[(5001, 200)]));
     stop.store(true, Ordering::Relaxed);
     point.join().unwrap();
 }

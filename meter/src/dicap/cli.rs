@@ -38,6 +38,11 @@ pub struct DicapFlags {
     /// This node's name (unique among the coordinator's nodes).
     #[arg(long, value_name = "NAME", requires = "dicap_join")]
     pub dicap_node: Option<String>,
+    /// A file holding the secret shared by the coordinator and its nodes
+    /// (16-4096 bytes): the coordinator refuses a node that cannot prove
+    /// it, a node proves it when asked.
+    #[arg(long, value_name = "FILE")]
+    pub dicap_secret: Option<std::path::PathBuf>,
     /// Busy-wait this long per captured packet: emulates a heavier
     /// analysis in experiments (0: off).
     #[arg(long, value_name = "NS")]
@@ -119,6 +124,7 @@ impl DicapFlags {
                     reason,
                 })?);
         }
+        limits.secret = self.secret()?;
         if bind.ip().is_unspecified() && limits.allow.is_empty() {
             return Err(FlagError {
                 flag: "--dicap-coordinator",
@@ -145,7 +151,19 @@ impl DicapFlags {
             coordinator: resolve("--dicap-join", join)?,
             name: name.clone(),
             caplen,
+            secret: self.secret()?,
         }))
+    }
+
+    fn secret(&self) -> Result<Option<super::proto::Secret>, FlagError> {
+        self.dicap_secret
+            .as_deref()
+            .map(super::proto::Secret::from_file)
+            .transpose()
+            .map_err(|reason| FlagError {
+                flag: "--dicap-secret",
+                reason,
+            })
     }
 
     /// The initial socket filter of a node: nothing until its share.

@@ -117,6 +117,9 @@ pub struct CoordinatorLimits {
     pub max_connections: usize,
     /// Peers allowed to connect (address, prefix length); empty: any.
     pub allow: Vec<(IpAddr, u8)>,
+    /// With a shared secret, a node must answer a challenge after its
+    /// hello (`--dicap-secret`); refused: `no_secret`, `bad_secret`.
+    pub secret: Option<super::proto::Secret>,
 }
 
 impl Default for CoordinatorLimits {
@@ -125,6 +128,7 @@ impl Default for CoordinatorLimits {
             max_nodes: 64,
             max_connections: 80,
             allow: Vec::new(),
+            secret: None,
         }
     }
 }
@@ -534,8 +538,15 @@ pub fn run_coordinator_with(
                     let conn = conns.fetch_add(1, Ordering::Relaxed);
                     let state = state.clone();
                     let max_nodes = limits.max_nodes;
+                    let secret = limits.secret.clone();
                     scope.spawn(move || {
-                        serve(stream, peer.to_string(), conn, max_nodes, &state);
+                        serve(
+                            stream,
+                            peer.to_string(),
+                            conn,
+                            (max_nodes, secret.as_ref()),
+                            &state,
+                        );
                         lock(&state).open -= 1;
                     });
                 }
@@ -571,7 +582,13 @@ pub fn run_coordinator_with(
     Ok(CoordinatorSummary { events, refusals })
 }
 
-fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &Mutex<State>) {
+fn serve(
+    stream: TcpStream,
+    peer: String,
+    conn: u64,
+    (max_nodes, secret): (usize, Option<&super::proto::Secret>),
+    state: &Mutex<State>,
+) {
     let mut reader = stream;
     let _ = reader.set_nonblocking(false);
     let refuse = |w: &TcpStream, kind: &'static str, reason: String| {
@@ -600,6 +617,11 @@ fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &M
             "bad_name",
             format!("node name must have 1-{MAX_NAME} bytes"),
         );
+    }
+    if let Some(secret) = secret {
+        if let Err((kind, reason)) = super::proto::challenge(&mut reader, secret, &name) {
+            return refuse(&reader, kind, reason);
+        }
     }
     let Ok(writer) = reader.try_clone() else {
         return;
@@ -723,9 +745,9 @@ fn serve(stream: TcpStream, peer: String, conn: u64, max_nodes: usize, state: &M
                     detected,
                 )));
             }
-            ToCoordinator::Hello { .. } => {
+            ToCoordinator::Hello { .. } | ToCoordinator::Auth { .. } => {
                 drop(st);
-                lock(state).lose(&name, Some(conn), "protocol error: a second hello");
+                lock(state).lose(&name, Some(conn), "protocol error: a second hello or auth");
                 return;
             }
         }

@@ -188,6 +188,7 @@ fn a_node_reconnects_to_a_restarted_coordinator_keeping_its_share() {
                 coordinator: addr,
                 name: "n1".into(),
                 caplen: 0,
+                secret: None,
             };
             run_node(&cfg, &[], &counters, &stop)
         })

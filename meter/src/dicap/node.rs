@@ -163,6 +163,8 @@ pub struct NodeConfig {
     pub name: String,
     /// Bytes kept per frame (0: the whole frame).
     pub caplen: usize,
+    /// The shared secret proving this node to a coordinator that wants one.
+    pub secret: Option<super::proto::Secret>,
 }
 
 /// The filter a node starts with: nothing until it is given a share.
@@ -299,6 +301,18 @@ fn session(
                     node: config.name.clone(),
                     reason,
                 })
+            }
+            ToNode::Challenge { nonce } => {
+                let (Some(secret), Some(nonce)) = (&config.secret, super::proto::unhex(&nonce))
+                else {
+                    return Err(NodeError::Refused {
+                        addr,
+                        node: config.name.clone(),
+                        reason: "the coordinator wants a shared secret (--dicap-secret)".into(),
+                    });
+                };
+                let mac = qosloop_runtime::digest::hex(&secret.mac(&nonce, &config.name));
+                write_frame(&mut writer, &ToCoordinator::Auth { mac }).map_err(proto)?;
             }
             ToNode::Assign { epoch, mode, mask } => {
                 let prog = share_program(mode, mask, u32::MAX);

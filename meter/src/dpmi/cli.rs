@@ -2,6 +2,7 @@
 //! (with `--interface`) runs a measurement point instead of a meter.
 
 use super::cryptopan::CryptoPan;
+use super::http::ControllerTls;
 use super::point::PointConfig;
 use qosloop_schema::dpmi::DEFAULT_CAPLEN;
 use std::net::ToSocketAddrs;
@@ -15,9 +16,19 @@ pub struct DpmiFlags {
     /// Run as the DPMI measurement point NAME on --interface.
     #[arg(long, value_name = "NAME", requires = "dpmi_controller")]
     pub dpmi_point: Option<String>,
-    /// The controller (the policy server's web API) at HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", requires = "dpmi_point")]
+    /// The controller (the policy server's web API): `HOST:PORT` or
+    /// `http://HOST:PORT` (plain), `https://HOST:PORT` (TLS, with
+    /// --dpmi-controller-ca).
+    #[arg(long, value_name = "URL", requires = "dpmi_point")]
     pub dpmi_controller: Option<String>,
+    /// The CA (PEM) the controller's certificate must chain to, for the
+    /// host of an `https://` --dpmi-controller.
+    #[arg(long, value_name = "FILE", requires = "dpmi_point")]
+    pub dpmi_controller_ca: Option<PathBuf>,
+    /// Allow a token to travel over plain HTTP to a controller that is not
+    /// on loopback (refused at start without this flag).
+    #[arg(long, requires = "dpmi_point")]
+    pub dpmi_insecure: bool,
     /// A file holding the bearer token the point presents to the
     /// controller (an admin token of its `api_tokens_file`).
     #[arg(long, value_name = "FILE", requires = "dpmi_point")]
@@ -42,6 +53,13 @@ pub struct DpmiFlags {
     /// address of its request's `consumer`) against the CA in FILE (PEM).
     #[arg(long, value_name = "FILE")]
     pub dpmi_consumer_ca: Option<PathBuf>,
+    /// The point's own certificate (PEM), presented to every consumer
+    /// (with --dpmi-consumer-ca and --dpmi-tls-key).
+    #[arg(long, value_name = "FILE", requires = "dpmi_tls_key")]
+    pub dpmi_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --dpmi-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "dpmi_tls_cert")]
+    pub dpmi_tls_key: Option<PathBuf>,
     /// Anonymise the addresses of every flow record this meter exports or
     /// writes (Crypto-PAn) with the key in FILE (64 hex digits).
     #[arg(long, value_name = "FILE")]
@@ -121,11 +139,22 @@ impl DpmiFlags {
             return Ok(None);
         };
         let interface = interface.ok_or_else(|| flag_err("--dpmi-point", "needs --interface"))?;
-        let controller = ctl
+        let (https, hostport) = if let Some(rest) = ctl.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            (false, ctl.strip_prefix("http://").unwrap_or(ctl))
+        };
+        let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
+        let controller = hostport
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next())
-            .ok_or_else(|| flag_err("--dpmi-controller", format!("{ctl:?} is not HOST:PORT")))?;
+            .ok_or_else(|| {
+                flag_err(
+                    "--dpmi-controller",
+                    format!("{ctl:?} is not HOST:PORT, http://HOST:PORT or https://HOST:PORT"),
+                )
+            })?;
         let max_filters = self.dpmi_max_filters.unwrap_or(8);
         if !(1..=1024).contains(&max_filters) {
             return Err(flag_err("--dpmi-max-filters", "must be 1..=1024"));
@@ -150,16 +179,67 @@ impl DpmiFlags {
             .as_deref()
             .map(read_token)
             .transpose()?;
+        let controller_tls = match (https, &self.dpmi_controller_ca) {
+            (true, Some(ca)) => Some(ControllerTls {
+                config: qosloop_runtime::tls::client_config_with(ca, None)
+                    .map_err(|e| flag_err("--dpmi-controller-ca", e.to_string()))?,
+                name: qosloop_runtime::tls::server_name(hostport)
+                    .map_err(|e| flag_err("--dpmi-controller", e))?,
+            }),
+            (true, None) => {
+                return Err(flag_err(
+                    "--dpmi-controller-ca",
+                    "an https:// controller needs the CA its certificate chains to",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(flag_err(
+                    "--dpmi-controller-ca",
+                    "given for a plain http controller (write https://HOST:PORT)",
+                ))
+            }
+            (false, None) => None,
+        };
+        if controller_tls.is_none()
+            && token.is_some()
+            && !controller.ip().is_loopback()
+            && !self.dpmi_insecure
+        {
+            return Err(flag_err(
+                "--dpmi-controller",
+                format!(
+                    "the token would cross the network in the clear to {controller}: \
+                     use https:// with --dpmi-controller-ca, or --dpmi-insecure on a trusted path"
+                ),
+            ));
+        }
+        let identity = match (&self.dpmi_tls_cert, &self.dpmi_tls_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(flag_err(
+                    "--dpmi-tls-cert",
+                    "--dpmi-tls-cert and --dpmi-tls-key go together",
+                ))
+            }
+        };
+        if identity.is_some() && self.dpmi_consumer_ca.is_none() {
+            return Err(flag_err(
+                "--dpmi-tls-cert",
+                "the point's certificate is for TLS consumer streams: needs --dpmi-consumer-ca",
+            ));
+        }
         let consumer_tls = self
             .dpmi_consumer_ca
             .as_deref()
-            .map(|ca| qosloop_runtime::tls::client_config_with(ca, None))
+            .map(|ca| qosloop_runtime::tls::client_config_with(ca, identity))
             .transpose()
             .map_err(|e| flag_err("--dpmi-consumer-ca", e.to_string()))?;
         Ok(Some(PointConfig {
             name: name.clone(),
             controller,
             token,
+            controller_tls,
             interface: interface.to_owned(),
             max_filters,
             max_caplen,
@@ -211,6 +291,65 @@ mod tests {
         let mut f = flags();
         f.dpmi_max_caplen = Some(10);
         assert_eq!(f.point(Some("eth0")).unwrap_err().flag, "--dpmi-max-caplen");
+    }
+
+    /// A token over plain HTTP beyond loopback is refused unless the
+    /// operator says the path is trusted; https needs its CA.
+    #[test]
+    fn a_token_does_not_cross_the_network_in_the_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret").unwrap();
+        let remote = |ctl: &str| DpmiFlags {
+            dpmi_controller: Some(ctl.into()),
+            dpmi_token_file: Some(token.clone()),
+            ..flags()
+        };
+        let e = remote("192.0.2.1:8080").point(Some("eth0")).unwrap_err();
+        assert_eq!(e.flag, "--dpmi-controller");
+        assert!(e.reason.contains("in the clear"), "{e}");
+        let e = remote("http://192.0.2.1:8080")
+            .point(Some("eth0"))
+            .unwrap_err();
+        assert!(e.reason.contains("--dpmi-insecure"), "{e}");
+        let mut f = remote("http://192.0.2.1:8080/");
+        f.dpmi_insecure = true;
+        let p = f.point(Some("eth0")).unwrap().unwrap();
+        assert!(p.controller_tls.is_none());
+        assert_eq!(p.controller.to_string(), "192.0.2.1:8080");
+        // Loopback, or no token: nothing to leak.
+        assert!(remote("127.0.0.1:8080").point(Some("eth0")).is_ok());
+        let mut f = remote("192.0.2.1:8080");
+        f.dpmi_token_file = None;
+        assert!(f.point(Some("eth0")).is_ok());
+        // https without a CA, a CA for http, a CA file that is not there.
+        let e = remote("https://192.0.2.1:8443")
+            .point(Some("eth0"))
+            .unwrap_err();
+        assert_eq!(e.flag, "--dpmi-controller-ca");
+        let mut f = remote("http://127.0.0.1:8080");
+        f.dpmi_controller_ca = Some(dir.path().join("ca.pem"));
+        assert!(f
+            .point(Some("eth0"))
+            .unwrap_err()
+            .reason
+            .contains("https://"));
+        let mut f = remote("https://192.0.2.1:8443");
+        f.dpmi_controller_ca = Some(dir.path().join("none.pem"));
+        assert_eq!(
+            f.point(Some("eth0")).unwrap_err().flag,
+            "--dpmi-controller-ca"
+        );
+        // The point's certificate goes with its key and a consumer CA.
+        let mut f = flags();
+        f.dpmi_tls_cert = Some(dir.path().join("c.pem"));
+        assert_eq!(f.point(Some("eth0")).unwrap_err().flag, "--dpmi-tls-cert");
+        f.dpmi_tls_key = Some(dir.path().join("c.key"));
+        assert!(f
+            .point(Some("eth0"))
+            .unwrap_err()
+            .reason
+            .contains("--dpmi-consumer-ca"));
     }
 
     #[test]

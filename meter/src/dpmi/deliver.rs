@@ -10,7 +10,7 @@ use qosloop_schema::dpmi::{ConsumerSpec, Delivery, FrameFields};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_millis(300);
 /// A write that makes no progress this long ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a point showing its certificate waits for the consumer's
+/// verdict on it after the handshake.
+const VERDICT_WAIT: Duration = Duration::from_millis(300);
 const FLOW_INTERVAL: Duration = Duration::from_secs(1);
 /// Flows one flows consumer may hold per interval; more are dropped (full).
 const MAX_FLOWS: usize = 65_536;
@@ -128,11 +131,6 @@ impl Output {
         {
             return;
         }
-        // Only IPv4 headers are scrambled: an anonymised consumer never
-        // gets an IPv6 frame.
-        if self.spec.anonymise && fields.ip6.is_some() {
-            return;
-        }
         if !self.counters.connected.load(Ordering::Relaxed) {
             self.counters
                 .dropped_disconnected
@@ -144,14 +142,28 @@ impl Output {
                 let cut = frame.len().min(self.spec.caplen as usize);
                 Payload::Frame(frame[..cut].to_vec())
             }
-            // Only IPv4 frames make flows.
-            Delivery::Flows => match fields.ip {
-                Some((proto, src, dst)) => {
-                    let (sp, dp) = fields.ports.unwrap_or((0, 0));
-                    Payload::Flow((src, dst, proto, sp, dp))
+            // IP frames make flows (IPv6: the upper-layer protocol after
+            // the extension headers, 0 when the chain could not be walked).
+            Delivery::Flows => {
+                let (sp, dp) = fields.ports.unwrap_or((0, 0));
+                match (fields.ip, fields.ip6) {
+                    (Some((proto, src, dst)), _) => Payload::Flow((
+                        Ipv4Addr::from(src).into(),
+                        Ipv4Addr::from(dst).into(),
+                        proto,
+                        sp,
+                        dp,
+                    )),
+                    (None, Some((src, dst))) => Payload::Flow((
+                        Ipv6Addr::from(src).into(),
+                        Ipv6Addr::from(dst).into(),
+                        fields.ip6_proto.unwrap_or(0),
+                        sp,
+                        dp,
+                    )),
+                    (None, None) => return,
                 }
-                None => return,
-            },
+            }
         };
         match tx.try_send(Item {
             ts_ns,
@@ -243,7 +255,8 @@ pub struct FlowLine {
     pub last_ns: u64,
 }
 
-type FlowKey = (u32, u32, u8, u16, u16);
+/// Addresses (IPv4 or IPv6), protocol, ports.
+type FlowKey = (IpAddr, IpAddr, u8, u16, u16);
 
 fn writer(
     spec: ConsumerSpec,
@@ -318,6 +331,31 @@ fn tls_connect(
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp)?;
     }
+    // Under TLS 1.3 the client's handshake ends before the server has
+    // judged the client's certificate: when the point shows one, wait a
+    // moment for the consumer's verdict (an alert, or its session tickets)
+    // so that a refusal reads as one, not as a later write error.
+    if cfg.client_auth_cert_resolver.has_certs() {
+        let _ = tcp.set_read_timeout(Some(VERDICT_WAIT));
+        match conn.read_tls(&mut tcp) {
+            Ok(0) => {
+                return Err(std::io::Error::other(
+                    "the consumer closed the connection after the handshake",
+                ))
+            }
+            Ok(_) => {
+                conn.process_new_packets()
+                    .map_err(|e| std::io::Error::other(format!("the consumer refused: {e}")))?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let _ = tcp.set_read_timeout(Some(WRITE_TIMEOUT));
+    }
     Ok(StreamOwned::new(conn, tcp))
 }
 
@@ -355,7 +393,7 @@ fn serve(
                 }
                 Payload::Flow((src, dst, proto, sp, dp)) => {
                     let key = match anon.as_deref_mut() {
-                        Some(a) => (a.anonymise_u32(src), a.anonymise_u32(dst), proto, sp, dp),
+                        Some(a) => (a.anonymise_ip(src), a.anonymise_ip(dst), proto, sp, dp),
                         None => (src, dst, proto, sp, dp),
                     };
                     add_flow(&mut flows, key, it.ts_ns, it.wire_len, c);
@@ -384,8 +422,8 @@ fn add_flow(
     }
     let (src, dst, proto, sp, dp) = key;
     let e = flows.entry(key).or_insert_with(|| FlowLine {
-        src_addr: std::net::Ipv4Addr::from(src).to_string(),
-        dst_addr: std::net::Ipv4Addr::from(dst).to_string(),
+        src_addr: src.to_string(),
+        dst_addr: dst.to_string(),
         proto,
         src_port: sp,
         dst_port: dp,

@@ -9,7 +9,7 @@
 use super::bpf::compile;
 use super::cryptopan::CryptoPan;
 use super::deliver::{ConsumerReport, Output};
-use super::http::{call, Controller, HttpError};
+use super::http::{call, Controller, ControllerTls, HttpError};
 use crate::afpacket::{if_index, FilterHandle, PacketRing, RingConfig};
 use qosloop_schema::dpmi::{ConsumerSpec, FilterList, FrameFields};
 use serde::Serialize;
@@ -29,6 +29,9 @@ pub struct PointConfig {
     /// The bearer token presented to the controller (an admin token when
     /// it has tokens configured).
     pub token: Option<String>,
+    /// TLS to the controller (`https://` with `--dpmi-controller-ca`);
+    /// `None`: plain HTTP.
+    pub controller_tls: Option<ControllerTls>,
     pub interface: String,
     /// Filters the point runs at most (its capacity).
     pub max_filters: u32,
@@ -41,7 +44,9 @@ pub struct PointConfig {
     /// The anonymisation key (made up at start when none is given).
     pub key: Option<Arc<CryptoPan>>,
     /// TLS to the consumers (`--dpmi-consumer-ca`): their certificates
-    /// checked against this configuration's CA; `None`: plain TCP.
+    /// checked against this configuration's CA, the point's own
+    /// certificate presented when it has one (`--dpmi-tls-cert`); `None`:
+    /// plain TCP.
     pub consumer_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
@@ -123,6 +128,7 @@ impl PointConfig {
         Controller {
             addr: self.controller,
             token: self.token.as_deref(),
+            tls: self.controller_tls.as_ref(),
         }
     }
 }
@@ -250,6 +256,8 @@ fn register(cfg: &PointConfig, stop: &AtomicBool) -> Result<(), RegisterError> {
                     String::from_utf8_lossy(&b).chars().take(300).collect(),
                 ))
             }
+            // A certificate that does not verify will not verify later.
+            Err(e @ HttpError::Tls { .. }) => return Err(RegisterError::Http(e)),
             Err(e) if Instant::now() >= until || stop.load(Ordering::Relaxed) => {
                 return Err(RegisterError::Http(e))
             }

@@ -114,13 +114,6 @@ impl Request {
             Some(Some("flows")) => Delivery::Flows,
             _ => return Err(err("delivery", "must be \"packets\" or \"flows\"")),
         };
-        if delivery == Delivery::Flows && filter.family() == Some(qosloop_schema::dpmi::Family::V6)
-        {
-            return Err(err(
-                "delivery",
-                "flow records are made from IPv4 frames only (ask for packets)",
-            ));
-        }
         let caplen = match obj.get("caplen") {
             None => DEFAULT_CAPLEN,
             Some(v) => v
@@ -144,12 +137,6 @@ impl Request {
                 .as_bool()
                 .ok_or_else(|| err("anonymise", "must be true or false"))?,
         };
-        if anonymise && filter.family() == Some(qosloop_schema::dpmi::Family::V6) {
-            return Err(err(
-                "anonymise",
-                "anonymised frames are IPv4 only (a point does not scramble IPv6 headers)",
-            ));
-        }
         let start_ns = match obj.get("start_s") {
             None => now_ns,
             Some(v) => seconds_to_ns("start_s", v)?,
@@ -322,14 +309,22 @@ mod tests {
             "{}",
             mixed.reason
         );
+        // IPv6 with anonymised frames and with flow records: taken (the
+        // point scrambles both families and makes flows of both).
         let mut anon = good();
         anon["filter"] = json!({"ip_src": "2001:db8::/32"});
         anon["anonymise"] = json!(true);
-        assert_eq!(e(anon).field, "anonymise");
+        assert!(Request::parse(&anon, &points(), NOW).unwrap().anonymise);
         let mut flows = good();
         flows["filter"] = json!({"ip_dst": "2001:db8::/32"});
         flows["delivery"] = json!("flows");
-        assert_eq!(e(flows).field, "delivery");
+        assert_eq!(
+            Request::parse(&flows, &points(), NOW).unwrap().delivery,
+            Delivery::Flows
+        );
+        let mut bad = good();
+        bad["anonymise"] = json!("yes");
+        assert_eq!(e(bad).field, "anonymise");
     }
 
     #[test]

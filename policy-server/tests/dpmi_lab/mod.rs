@@ -36,6 +36,9 @@ pub struct Lab {
     /// every user `u` presents the token `secret-u` (admins: `alice`,
     /// `bob`, the point `mp1`; `reader` reads).
     pub tokens: bool,
+    /// With TLS: the controller serves HTTPS, [`Lab::api`] trusts it with
+    /// this client configuration.
+    pub client_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     _db_dir: tempfile::TempDir,
     _runtime: std::thread::JoinHandle<()>,
 }
@@ -48,6 +51,16 @@ impl Lab {
     /// A lab whose controller wants tokens.
     pub fn with_tokens() -> Lab {
         Lab::build(true)
+    }
+
+    /// A lab whose controller wants tokens and serves HTTPS with `server`
+    /// (a certificate for 127.0.0.1); `client` is how the test's own calls
+    /// trust it.
+    pub fn with_tokens_over_tls(
+        server: Arc<tokio_rustls::rustls::ServerConfig>,
+        client: Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Lab {
+        Lab::build_with(true, Some((server, client)))
     }
 
     /// A lab with IPv6 on the link (`SRC6`, `OTHER_SRC6`, `MP6`).
@@ -69,6 +82,17 @@ impl Lab {
     }
 
     fn build(tokens: bool) -> Lab {
+        Lab::build_with(tokens, None)
+    }
+
+    fn build_with(
+        tokens: bool,
+        tls: Option<(
+            Arc<tokio_rustls::rustls::ServerConfig>,
+            Arc<tokio_rustls::rustls::ClientConfig>,
+        )>,
+    ) -> Lab {
+        let (server_tls, client_tls) = tls.unzip();
         let mp = Netns::create("dpmi-mp").unwrap();
         let src = Netns::create("dpmi-src").unwrap();
         let veth = VethPair::connect(&src, &format!("{SRC}/24"), &mp, &format!("{MP}/24")).unwrap();
@@ -118,7 +142,10 @@ impl Lab {
                     .unwrap();
                     app = protect(app, auth);
                 }
-                axum::serve(listener, app).await.unwrap();
+                match server_tls {
+                    None => axum::serve(listener, app).await.unwrap(),
+                    Some(cfg) => serve_tls(listener, app, cfg).await,
+                }
             });
         });
         Lab {
@@ -127,9 +154,21 @@ impl Lab {
             veth,
             controller,
             tokens,
+            client_tls,
             _db_dir: db_dir,
             _runtime: runtime,
         }
+    }
+
+    /// How a point trusts this lab's controller: its CA (the one `api`
+    /// trusts), the name 127.0.0.1.
+    pub fn controller_tls(&self) -> Option<qosloop_meter::dpmi::ControllerTls> {
+        self.client_tls
+            .clone()
+            .map(|config| qosloop_meter::dpmi::ControllerTls {
+                config,
+                name: qosloop_runtime::tls::server_name("127.0.0.1").unwrap(),
+            })
     }
 
     /// One HTTP call to the controller (from inside the namespace).
@@ -147,19 +186,30 @@ impl Lab {
             (Some(u), true) => format!("Authorization: Bearer secret-{u}\r\n"),
             (None, _) => String::new(),
         };
+        let tls = self.client_tls.clone();
         self.mp
             .run_in(move || {
                 let body = body.map(|b| b.to_string()).unwrap_or_default();
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let tcp = TcpStream::connect(addr).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut s: Box<dyn ReadWrite> = match tls {
+                    None => Box::new(tcp),
+                    Some(cfg) => {
+                        let name = qosloop_runtime::tls::server_name(&addr.to_string()).unwrap();
+                        let conn = tokio_rustls::rustls::ClientConnection::new(cfg, name).unwrap();
+                        Box::new(tokio_rustls::rustls::StreamOwned::new(conn, tcp))
+                    }
+                };
                 write!(
                     s,
                     "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{user}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 )
                 .unwrap();
-                let mut raw = String::new();
-                s.read_to_string(&mut raw).unwrap();
+                let mut raw = Vec::new();
+                // A TLS peer may close without close_notify: what was read stands.
+                let _ = s.read_to_end(&mut raw);
+                let raw = String::from_utf8(raw).unwrap();
                 let status: u16 = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
                 let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
                 (status, serde_json::from_str(body).unwrap_or(Value::Null))
@@ -178,6 +228,7 @@ impl Lab {
             name: "mp1".into(),
             controller: self.controller,
             token: self.tokens.then(|| "secret-mp1".to_owned()),
+            controller_tls: self.controller_tls(),
             interface: self.veth.b_if.clone(),
             max_filters,
             max_caplen,
@@ -238,6 +289,35 @@ impl Lab {
                 }
             })
             .unwrap();
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Serves `app` over TLS, one task per connection (the policy server's
+/// own HTTPS listener does the same with limits and timeouts, web.rs).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cfg: Arc<tokio_rustls::rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that does not trust the certificate hangs up here.
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
     }
 }
 
