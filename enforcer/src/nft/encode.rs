@@ -146,6 +146,8 @@ const NFT_PAYLOAD_CSUM_INET: u32 = 1;
 const NFT_LIMIT_PKT_BYTES: u32 = 1;
 const NFT_LIMIT_F_INV: u32 = 1;
 const NF_INET_POST_ROUTING: u32 = 4;
+/// `NF_INET_LOCAL_IN`: packets delivered to a local socket.
+const NF_INET_LOCAL_IN: u32 = 1;
 const NF_NETDEV_INGRESS: u32 = 0;
 pub const IFNAMSIZ: usize = 16;
 /// `NFTNL_UDATA_RULE_COMMENT`: the TLV type `nft` stores a rule comment under.
@@ -624,6 +626,7 @@ fn encode_command(
             let (hooknum, dev) = match hook {
                 None => (None, None),
                 Some(Hook::Postrouting) if !netdev => (Some(NF_INET_POST_ROUTING), None),
+                Some(Hook::Input) if !netdev => (Some(NF_INET_LOCAL_IN), None),
                 Some(Hook::Ingress { device }) if netdev => (Some(NF_NETDEV_INGRESS), Some(device)),
                 Some(h) => return Err(EncodeError(format!("hook `{h}` does not fit this table"))),
             };

@@ -34,6 +34,9 @@ impl fmt::Display for TableId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hook {
     Postrouting,
+    /// Local delivery (an egress table's `replies` chain: the inbound
+    /// packets of the connections per-user decisions tagged).
+    Input,
     Ingress { device: String },
 }
 
@@ -43,6 +46,7 @@ impl fmt::Display for Hook {
             Hook::Postrouting => {
                 f.write_str("type filter hook postrouting priority filter; policy accept;")
             }
+            Hook::Input => f.write_str("type filter hook input priority filter; policy accept;"),
             Hook::Ingress { device } => write!(
                 f,
                 "type filter hook ingress device \"{device}\" priority filter; policy accept;"
