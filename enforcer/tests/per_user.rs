@@ -22,11 +22,9 @@ use qosloop_schema::{
 use qosloop_testbed::harness::{
     prerequisite, require_binary, require_root, Netns, TestUser, VethPair,
 };
+use qosloop_testbed::user_traffic::{self, as_user, child_numbers, kbps_from, receive, serve};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-const PAYLOAD: usize = 1000;
+use std::time::Duration;
 const LIMIT_KBPS: u64 = 2000;
 const ALICE_KBPS: u64 = 5000;
 const BOB_KBPS: u64 = 3000;
@@ -145,155 +143,24 @@ impl Bed {
     }
 }
 
-/// The bytes of a packet as the kernel's limit counts them (IP packet):
-/// the UDP payload and the IP and UDP headers.
-fn ip_bytes(payload: usize, v6: bool) -> u64 {
-    (payload + if v6 { 48 } else { 28 }) as u64
-}
-
-/// Sends `PAYLOAD`-byte datagrams from `sock` to `dst` at `kbps` (of IP
-/// bytes) for `SECS` seconds: the count sent and the sends refused (a
-/// packet the output path drops fails its `send` with EPERM). A sender
-/// that falls behind (a shaped socket blocks) sends at once what is due,
-/// never beyond the deadline.
-fn paced_send(sock: &UdpSocket, dst: SocketAddr, kbps: u64) -> (u64, u64) {
-    let per_packet = ip_bytes(PAYLOAD, dst.is_ipv6()) * 8;
-    let interval = Duration::from_secs_f64(per_packet as f64 / (kbps as f64 * 1000.0));
-    let buf = vec![0x5a_u8; PAYLOAD];
-    let start = Instant::now();
-    let end = start + Duration::from_secs(SECS);
-    let (mut sent, mut refused) = (0u64, 0u64);
-    let mut next = start;
-    while Instant::now() < end {
-        match sock.send_to(&buf, dst) {
-            Ok(_) => sent += 1,
-            Err(_) => refused += 1,
-        }
-        next += interval;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-    }
-    (sent, refused)
-}
-
-/// Receives on `sock` until nothing came for two seconds (or `SECS + 10`
-/// seconds passed): IP bytes per second since the first datagram.
-fn receive(sock: &UdpSocket) -> Vec<u64> {
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let v6 = sock.local_addr().unwrap().is_ipv6();
-    let mut buf = vec![0u8; 65_536];
-    let mut seconds: Vec<u64> = Vec::new();
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
-    let give_up = Instant::now() + Duration::from_secs(SECS + 10);
-    while Instant::now() < give_up && last.elapsed() < Duration::from_secs(2) {
-        let Ok(n) = sock.recv(&mut buf) else { continue };
-        if n != PAYLOAD {
-            continue; // a hello
-        }
-        last = Instant::now();
-        let t0 = *first.get_or_insert(last);
-        let s = last.duration_since(t0).as_secs() as usize;
-        if seconds.len() <= s {
-            seconds.resize(s + 1, 0);
-        }
-        seconds[s] += ip_bytes(n, v6);
-    }
-    seconds
-}
-
 /// Average kbit/s over the steady seconds (the first two and the last
 /// left out: the token bucket starts full, the last second is partial).
 fn steady_kbps(seconds: &[u64]) -> f64 {
-    assert!(seconds.len() >= 5, "too few seconds: {seconds:?}");
-    let steady = &seconds[2..seconds.len() - 1];
-    steady.iter().sum::<u64>() as f64 * 8.0 / 1000.0 / steady.len() as f64
+    kbps_from(seconds, 2).unwrap_or_else(|| panic!("too few seconds: {seconds:?}"))
 }
 
 fn within(measured: f64, want: f64, tolerance: f64) -> bool {
     (measured - want).abs() <= want * tolerance
 }
 
-const ROLE_ENV: &str = "QOSLOOP_PER_USER_ROLE";
-
-/// This test binary run again in `ns` under `setpriv` as `uid` (its
-/// `user_child` test plays `role`), so the socket belongs to the user as
-/// if the user's own program used it.
-fn as_user(ns: &Netns, uid: u32, role: &str) -> std::process::Child {
-    let exe = std::env::current_exe().unwrap();
-    Command::new("ip")
-        .args(["netns", "exec", ns.name(), "setpriv"])
-        .arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={uid}"))
-        .arg("--clear-groups")
-        .arg(exe)
-        .args(["--exact", "user_child", "--nocapture", "--test-threads=1"])
-        .env(ROLE_ENV, role)
-        .stdout(std::process::Stdio::piped())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-/// The user's side of [`as_user`]: does nothing unless started by it.
-/// `send BIND DST KBPS`: a paced sender (prints `SENT sent refused`);
-/// `fetch BIND SERVER`: says hello to the server three times, then
-/// receives what it sends (prints `SECONDS b0 b1 …`).
+/// The users' side of [`as_user`]: does nothing unless started by it.
 #[test]
 fn user_child() {
-    let Ok(role) = std::env::var(ROLE_ENV) else {
-        return;
-    };
-    let w: Vec<&str> = role.split_whitespace().collect();
-    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
-    match w[..] {
-        ["send", bind, dst, kbps] => {
-            let sock = UdpSocket::bind(addr(bind)).unwrap();
-            let (sent, refused) = paced_send(&sock, addr(dst), kbps.parse().unwrap());
-            println!("SENT {sent} {refused}");
-        }
-        ["fetch", bind, server] => {
-            let sock = UdpSocket::bind(addr(bind)).unwrap();
-            for _ in 0..3 {
-                sock.send_to(b"hello", addr(server)).unwrap();
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let seconds = receive(&sock);
-            let list: Vec<String> = seconds.iter().map(u64::to_string).collect();
-            println!("SECONDS {}", list.join(" "));
-        }
-        _ => panic!("{ROLE_ENV}={role}"),
-    }
+    user_traffic::play_role();
 }
 
-/// The line of a finished child that starts with `tag`, split in numbers.
-fn child_numbers(child: std::process::Child, tag: &str) -> Vec<u64> {
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "user child failed: {text}");
-    let line = text
-        .lines()
-        .find_map(|l| l.split_once(&format!("{tag} ")).map(|(_, rest)| rest))
-        .unwrap_or_else(|| panic!("no {tag} line: {text}"));
-    line.split_whitespace().map(|x| x.parse().unwrap()).collect()
-}
-
-/// The server in `rx`: waits for a hello on `bind` (ten seconds at most),
-/// then sends to whoever said it at `kbps` for `SECS` seconds.
-type Joined<T> = std::thread::JoinHandle<Result<T, qosloop_testbed::harness::HarnessError>>;
-
-fn serve(rx: &Netns, bind: SocketAddr, kbps: u64) -> Joined<(u64, u64)> {
-    rx.spawn_in(move || {
-        let sock = UdpSocket::bind(bind).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let (_, peer) = sock.recv_from(&mut buf).expect("no hello from the user");
-        paced_send(&sock, peer, kbps)
-    })
-    .unwrap()
+fn as_user_in(ns: &Netns, uid: u32, role: &str) -> std::process::Child {
+    as_user(ns, uid, "user_child", role).unwrap()
 }
 
 /// Alice and bob each fetch from their own server port (alice offered
@@ -304,20 +171,21 @@ fn downloads(bed: &Bed, v6: bool) -> (f64, f64) {
     } else {
         ("10.93.0.1", "10.93.0.2")
     };
-    let s_a = serve(&bed.rx, format!("{server}:5401").parse().unwrap(), ALICE_KBPS);
-    let s_b = serve(&bed.rx, format!("{server}:5402").parse().unwrap(), BOB_KBPS);
+    let s_a = serve(&bed.rx, format!("{server}:5401").parse().unwrap(), ALICE_KBPS, SECS);
+    let s_b = serve(&bed.rx, format!("{server}:5402").parse().unwrap(), BOB_KBPS, SECS);
     std::thread::sleep(Duration::from_millis(200));
-    let a = as_user(
+    let a = as_user_in(
         &bed.host,
         bed.alice.uid,
-        &format!("fetch {host}:6401 {server}:5401"),
+        &format!("fetch {host}:6401 {server}:5401 {SECS}"),
     );
-    let b = as_user(
+    let b = as_user_in(
         &bed.host,
         bed.bob.uid,
-        &format!("fetch {host}:6402 {server}:5402"),
+        &format!("fetch {host}:6402 {server}:5402 {SECS}"),
     );
-    let (got_a, got_b) = (child_numbers(a, "SECONDS"), child_numbers(b, "SECONDS"));
+    let seconds = |c| child_numbers(c, "RECEIVED").unwrap()[1..].to_vec();
+    let (got_a, got_b) = (seconds(a), seconds(b));
     let (sent_a, sent_b) = (s_a.join().unwrap().unwrap(), s_b.join().unwrap().unwrap());
     let (ka, kb) = (steady_kbps(&got_a), steady_kbps(&got_b));
     eprintln!(
@@ -343,22 +211,31 @@ fn uploads(bed: &Bed, v6: bool) -> ((f64, u64), (f64, u64)) {
     let recv = |port: u16| {
         let bind: SocketAddr = format!("{server}:{port}").parse().unwrap();
         bed.rx
-            .spawn_in(move || receive(&UdpSocket::bind(bind).unwrap()))
+            .spawn_in(move || {
+                receive(
+                    &UdpSocket::bind(bind).unwrap(),
+                    Duration::from_secs(SECS + 10),
+                )
+                .seconds
+            })
             .unwrap()
     };
     let (r_a, r_b) = (recv(5301), recv(5302));
     std::thread::sleep(Duration::from_millis(200));
-    let a = as_user(
+    let a = as_user_in(
         &bed.host,
         bed.alice.uid,
-        &format!("send {host}:6301 {server}:5301 {ALICE_KBPS}"),
+        &format!("send {host}:6301 {server}:5301 {ALICE_KBPS} {SECS}"),
     );
-    let b = as_user(
+    let b = as_user_in(
         &bed.host,
         bed.bob.uid,
-        &format!("send {host}:6302 {server}:5302 {BOB_KBPS}"),
+        &format!("send {host}:6302 {server}:5302 {BOB_KBPS} {SECS}"),
     );
-    let (sa, sb) = (child_numbers(a, "SENT"), child_numbers(b, "SENT"));
+    let (sa, sb) = (
+        child_numbers(a, "SENT").unwrap(),
+        child_numbers(b, "SENT").unwrap(),
+    );
     let (got_a, got_b) = (r_a.join().unwrap().unwrap(), r_b.join().unwrap().unwrap());
     let (ka, kb) = (steady_kbps(&got_a), steady_kbps(&got_b));
     eprintln!(
