@@ -156,7 +156,7 @@ fn within(measured: f64, want: f64, tolerance: f64) -> bool {
 /// The users' side of [`as_user`]: does nothing unless started by it.
 #[test]
 fn user_child() {
-    user_traffic::play_role();
+    user_traffic::play_role().unwrap();
 }
 
 fn as_user_in(ns: &Netns, uid: u32, role: &str) -> std::process::Child {
@@ -171,8 +171,18 @@ fn downloads(bed: &Bed, v6: bool) -> (f64, f64) {
     } else {
         ("10.93.0.1", "10.93.0.2")
     };
-    let s_a = serve(&bed.rx, format!("{server}:5401").parse().unwrap(), ALICE_KBPS, SECS);
-    let s_b = serve(&bed.rx, format!("{server}:5402").parse().unwrap(), BOB_KBPS, SECS);
+    let s_a = serve(
+        &bed.rx,
+        format!("{server}:5401").parse().unwrap(),
+        ALICE_KBPS,
+        SECS,
+    );
+    let s_b = serve(
+        &bed.rx,
+        format!("{server}:5402").parse().unwrap(),
+        BOB_KBPS,
+        SECS,
+    );
     std::thread::sleep(Duration::from_millis(200));
     let a = as_user_in(
         &bed.host,

@@ -117,37 +117,46 @@ pub fn as_user(ns: &Netns, uid: u32, child_test: &str, role: &str) -> std::io::R
         .spawn()
 }
 
-/// Plays a role given by [`as_user`] (call it from the child test; false
-/// when this process was not started as one): `send BIND DST KBPS SECS`
-/// prints `SENT sent refused`; `fetch BIND SERVER SECS` says hello to the
-/// server three times, receives for at most `SECS + 10` seconds and prints
-/// `RECEIVED first_ms b0 b1 …`.
-pub fn play_role() -> bool {
+/// Plays a role given by [`as_user`] (call it from the child test;
+/// `Ok(false)` when this process was not started as one): `send BIND DST
+/// KBPS SECS` prints `SENT sent refused`; `fetch BIND SERVER SECS` says
+/// hello to the server three times, receives for at most `SECS + 10`
+/// seconds and prints `RECEIVED first_ms b0 b1 …`.
+pub fn play_role() -> Result<bool, String> {
     let Ok(role) = std::env::var(ROLE_ENV) else {
-        return false;
+        return Ok(false);
     };
     let w: Vec<&str> = role.split_whitespace().collect();
-    let addr = |s: &str| s.parse::<SocketAddr>().expect("an address");
-    let num = |s: &str| s.parse::<u64>().expect("a number");
+    let addr = |s: &str| {
+        s.parse::<SocketAddr>()
+            .map_err(|e| format!("{ROLE_ENV}: {s}: {e}"))
+    };
+    let num = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|e| format!("{ROLE_ENV}: {s}: {e}"))
+    };
+    let bind = |s: &str| UdpSocket::bind(addr(s)?).map_err(|e| format!("bind {s}: {e}"));
     match w[..] {
-        ["send", bind, dst, kbps, secs] => {
-            let sock = UdpSocket::bind(addr(bind)).expect("bind");
-            let (sent, refused) = paced_send(&sock, addr(dst), num(kbps), num(secs));
+        ["send", from, dst, kbps, secs] => {
+            let sock = bind(from)?;
+            let (sent, refused) = paced_send(&sock, addr(dst)?, num(kbps)?, num(secs)?);
             println!("SENT {sent} {refused}");
         }
-        ["fetch", bind, server, secs] => {
-            let sock = UdpSocket::bind(addr(bind)).expect("bind");
+        ["fetch", from, server, secs] => {
+            let sock = bind(from)?;
+            let server = addr(server)?;
             for _ in 0..3 {
-                sock.send_to(b"hello", addr(server)).expect("hello");
+                sock.send_to(b"hello", server)
+                    .map_err(|e| format!("hello to {server}: {e}"))?;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let got = receive(&sock, Duration::from_secs(num(secs) + 10));
+            let got = receive(&sock, Duration::from_secs(num(secs)? + 10));
             let list: Vec<String> = got.seconds.iter().map(u64::to_string).collect();
             println!("RECEIVED {} {}", got.first_ms, list.join(" "));
         }
-        _ => panic!("{ROLE_ENV}={role}: not a role"),
+        _ => return Err(format!("{ROLE_ENV}={role}: not a role")),
     }
-    true
+    Ok(true)
 }
 
 /// The numbers of the line starting with `tag` that a finished child

@@ -158,7 +158,7 @@ fn now_ms() -> u64 {
 /// The users' side of [`as_user`]: does nothing unless started by it.
 #[test]
 fn user_child() {
-    user_traffic::play_role();
+    user_traffic::play_role().unwrap();
 }
 
 #[test]
@@ -198,9 +198,13 @@ fn agent_records_drive_a_per_user_limit_on_the_host() {
         log("collector"),
     )
     .unwrap();
-    wait_for_port(&host, "127.0.0.1:4740".parse().unwrap(), Duration::from_secs(20))
-        .and_then(|_| collector.check_alive())
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    wait_for_port(
+        &host,
+        "127.0.0.1:4740".parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .and_then(|_| collector.check_alive())
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     // One migration at a time on the SQLite file: the collector's first.
     let end = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(log("collector"))
@@ -230,9 +234,13 @@ fn agent_records_drive_a_per_user_limit_on_the_host() {
         log("policy-server"),
     )
     .unwrap();
-    wait_for_port(&host, "127.0.0.1:3288".parse().unwrap(), Duration::from_secs(20))
-        .and_then(|_| server.check_alive())
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    wait_for_port(
+        &host,
+        "127.0.0.1:3288".parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .and_then(|_| server.check_alive())
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     let mut enforcer = Proc::spawn(
         &host,
         &bin.join("qosloop-enforcer"),

@@ -145,10 +145,26 @@ fn a_per_user_remark_marks_both_families() {
     e.install(d).unwrap();
     let rules = chain_rules(&mut e, "d2");
     assert_eq!(rules.len(), 4, "{rules:?}");
-    assert!(rules[0].starts_with("meta nfproto ipv6 limit name \"l2\" counter packets 0 bytes 0 ip6 dscp set cs0"), "{rules:?}");
-    assert!(rules[1].starts_with("meta nfproto ipv4 limit name \"l2\" counter packets 0 bytes 0 ip dscp set cs0"), "{rules:?}");
-    assert!(rules[2].starts_with("meta nfproto ipv6 counter packets 0 bytes 0 ip6 dscp set cs6"), "{rules:?}");
-    assert!(rules[3].starts_with("counter packets 0 bytes 0 ip dscp set cs6"), "{rules:?}");
+    assert!(
+        rules[0].starts_with(
+            "meta nfproto ipv6 limit name \"l2\" counter packets 0 bytes 0 ip6 dscp set cs0"
+        ),
+        "{rules:?}"
+    );
+    assert!(
+        rules[1].starts_with(
+            "meta nfproto ipv4 limit name \"l2\" counter packets 0 bytes 0 ip dscp set cs0"
+        ),
+        "{rules:?}"
+    );
+    assert!(
+        rules[2].starts_with("meta nfproto ipv6 counter packets 0 bytes 0 ip6 dscp set cs6"),
+        "{rules:?}"
+    );
+    assert!(
+        rules[3].starts_with("counter packets 0 bytes 0 ip dscp set cs6"),
+        "{rules:?}"
+    );
     // The metadata stays on the last rule: a restart adopts the decision.
     let kernel = std::mem::take(e.backend());
     let (_, report) = Enforcer::start(kernel, super::tests::cfg()).unwrap();

@@ -37,7 +37,9 @@ pub enum Hook {
     /// Local delivery (an egress table's `replies` chain: the inbound
     /// packets of the connections per-user decisions tagged).
     Input,
-    Ingress { device: String },
+    Ingress {
+        device: String,
+    },
 }
 
 impl fmt::Display for Hook {

@@ -6,8 +6,7 @@
 
 use super::model::{Field, IpFamily, KeyPart, Shape};
 use crate::render::{
-    parse_meta_comment, ChainMeta, Layout, FALLBACK_CHAIN, IN6_COMMENT, OUT6_COMMENT,
-    REPLIES_CHAIN,
+    parse_meta_comment, ChainMeta, Layout, FALLBACK_CHAIN, IN6_COMMENT, OUT6_COMMENT, REPLIES_CHAIN,
 };
 use serde::Serialize;
 use serde_json::Value;

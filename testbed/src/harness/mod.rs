@@ -20,9 +20,7 @@ pub use pki::test_pki;
 pub use postgres::Postgres;
 pub use prereq::{find_binary, is_ci, is_root, prerequisite, require_binary, require_root};
 pub use slapd::Slapd;
-pub use users::{
-    clean_leftover_users, sweep_leftovers_once, TestUser, USER_COMMENT, USER_PREFIX,
-};
+pub use users::{clean_leftover_users, sweep_leftovers_once, TestUser, USER_COMMENT, USER_PREFIX};
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;

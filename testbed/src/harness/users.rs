@@ -83,8 +83,8 @@ fn pid_alive(pid: u32) -> bool {
 /// whose creating process is gone, killing its processes first; returns
 /// the names deleted. Needs root to delete; reading needs nothing.
 pub fn clean_leftover_users() -> Result<Vec<String>, HarnessError> {
-    let passwd = std::fs::read_to_string("/etc/passwd")
-        .map_err(HarnessError::io("read /etc/passwd"))?;
+    let passwd =
+        std::fs::read_to_string("/etc/passwd").map_err(HarnessError::io("read /etc/passwd"))?;
     let mut deleted = Vec::new();
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
@@ -157,7 +157,15 @@ mod tests {
         let dead = format!("{USER_PREFIX}4999999-sweep");
         let _ = Command::new("userdel").args(["-f", &dead]).output();
         let out = Command::new("useradd")
-            .args(["-M", "-N", "-s", "/usr/sbin/nologin", "-c", USER_COMMENT, &dead])
+            .args([
+                "-M",
+                "-N",
+                "-s",
+                "/usr/sbin/nologin",
+                "-c",
+                USER_COMMENT,
+                &dead,
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
