@@ -114,6 +114,19 @@ fn native_batches_list_exactly_like_nft_f() {
         ),
     ];
     let d43 = vec![
+        // A shaping per-user decision polices what its user receives.
+        rule(
+            vec![
+                Stmt::Received,
+                Stmt::LimitOver {
+                    bytes_per_sec: 375_000,
+                    burst_bytes: 25_000,
+                },
+                Stmt::Counter,
+                Stmt::Drop,
+            ],
+            Some("replies"),
+        ),
         // A per-user decision's IPv6 and IPv4 out rules, each family
         // tested before the limit.
         rule(

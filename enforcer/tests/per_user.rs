@@ -351,7 +351,8 @@ fn a_shaping_per_user_decision_queues_rather_than_drops() {
     }
     // In profile 2 Mbit/s; out of profile accepted into an HTB class of
     // 1 Mbit/s on the host's egress: alice gets 3 Mbit/s, none of her
-    // sends refused (her socket waits for the queue instead).
+    // sends refused (her socket waits for the queue instead; the rule that
+    // polices what she receives does not see what she sends).
     const SHAPE_KBPS: u64 = 1000;
     let bed = Bed::new(
         "pup",
@@ -378,5 +379,18 @@ fn a_shaping_per_user_decision_queues_rather_than_drops() {
     let tc = String::from_utf8_lossy(&tc.stdout).into_owned();
     eprintln!("{tc}");
     assert!(tc.contains("ceil 1Mbit"), "{tc}");
+    // What alice receives has no queue on the input hook: it is policed at
+    // profile + shape instead.
+    let chain = bed.chain("d7");
+    assert!(
+        chain.contains("iif != 0 limit rate over 375000 bytes/second"),
+        "{chain}"
+    );
+    let (ka, kb) = downloads(&bed, false);
+    assert!(
+        within(ka, want, 0.10),
+        "alice receives {ka:.0} kbit/s, profile {LIMIT_KBPS} + shape {SHAPE_KBPS}"
+    );
+    assert_bob_unaffected(kb);
     bed.finish();
 }

@@ -128,6 +128,7 @@ const NFT_JUMP: u32 = (-3i32) as u32;
 const NFT_META_PROTOCOL: u32 = 1;
 const NFT_META_PRIORITY: u32 = 2;
 const NFT_META_OIFNAME: u32 = 7;
+const NFT_META_IIF: u32 = 4;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
 const NFT_META_SKUID: u32 = 10;
@@ -376,6 +377,10 @@ fn encode_rule(b: &mut Vec<u8>, rule: &Rule, netdev: bool) -> Result<(), EncodeE
                 e.meta_load(NFT_META_OIFNAME, NFT_REG_1);
                 e.cmp(NFT_CMP_NEQ, &data);
             }
+            Stmt::Received => {
+                e.meta_load(NFT_META_IIF, NFT_REG_1);
+                e.cmp(NFT_CMP_NEQ, &[0; 4]);
+            }
             Stmt::Addr { src, prefix } => {
                 let fam = IpFamily::of(prefix.addr());
                 let off = match (fam, src) {
@@ -474,6 +479,21 @@ fn encode_rule(b: &mut Vec<u8>, rule: &Rule, netdev: bool) -> Result<(), EncodeE
                 put_str(b, NFTA_OBJREF_IMM_NAME, name);
             }),
             Stmt::Counter => e.expr("counter", |_| {}),
+            Stmt::LimitOver {
+                bytes_per_sec,
+                burst_bytes,
+            } => {
+                if *bytes_per_sec == 0 {
+                    return Err(EncodeError("limit rate over 0 bytes/second".into()));
+                }
+                e.expr("limit", |b| {
+                    put_attr(b, NFTA_LIMIT_RATE, &bytes_per_sec.to_be_bytes());
+                    put_attr(b, NFTA_LIMIT_UNIT, &1u64.to_be_bytes());
+                    put_be32(b, NFTA_LIMIT_BURST, *burst_bytes);
+                    put_be32(b, NFTA_LIMIT_TYPE, NFT_LIMIT_PKT_BYTES);
+                    put_be32(b, NFTA_LIMIT_FLAGS, NFT_LIMIT_F_INV);
+                });
+            }
             Stmt::DscpSet { family: fam, dscp } => {
                 let dscp = *dscp;
                 if dscp > 63 {

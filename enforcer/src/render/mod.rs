@@ -317,6 +317,9 @@ pub fn limit_name(id: u64) -> String {
 /// the in rule's.
 pub const OUT6_COMMENT: &str = "out6";
 pub const IN6_COMMENT: &str = "in6";
+/// The comment of a shaping per-user decision's rule that polices what its
+/// user receives (see [`render`]).
+pub const POLICE_COMMENT: &str = "replies";
 
 /// The chain holding the rules of decisions that are not map keys.
 pub const FALLBACK_CHAIN: &str = "fallback";
@@ -434,6 +437,28 @@ pub fn render(
     };
     let remarks = matches!(d.out_of_profile, OutOfProfileAction::Remark { .. });
     let mut rules = Vec::new();
+    // What a per-user decision's user receives (the replies chain jumps
+    // here from the input hook) has no queue to be shaped in: with a shape
+    // rate, received packets beyond the profile plus the shape rate are
+    // dropped (policed) — only received packets have an input interface.
+    if let (Some(shape), Some(_), false) = (
+        d.out_of_profile.shape(),
+        d.flow.user.as_ref(),
+        layout.ingress(),
+    ) {
+        rules.push(Rule {
+            stmts: vec![
+                Stmt::Received,
+                Stmt::LimitOver {
+                    bytes_per_sec: Kbps(d.profile.rate.0 + shape.0).bytes_per_sec(),
+                    burst_bytes: meter_burst_bytes(&d.profile),
+                },
+                Stmt::Counter,
+                Stmt::Drop,
+            ],
+            comment: Some(POLICE_COMMENT.into()),
+        });
+    }
     let mut out = out_stmts(fam);
     if both && remarks {
         let mut v6 = vec![family_test(IpFamily::V6)];
