@@ -16,7 +16,9 @@ fn prerequisites() -> Option<()> {
 /// kind the enforcer writes (base chain with guard, verdict maps of one and
 /// several fields with elements, a named limit object and its reference,
 /// IPv4/IPv6 prefixes on and off byte boundaries, port ranges, the three
-/// actions, DSCP marking of both families, priority steering, comments) is
+/// actions, DSCP marking of both families, priority steering, comments,
+/// per-user statements: `meta skuid`, `ct mark set`, `ct mark` in an
+/// input-hook chain, a family test before a limit) is
 /// applied once through the netlink encoder and once as its `Display` text
 /// through `nft -f`; `nft list` shows the same table for both, and that
 /// listing is exactly the model's `Listing` text. Then change forms (flush
@@ -112,6 +114,55 @@ fn native_batches_list_exactly_like_nft_f() {
         ),
     ];
     let d43 = vec![
+        // A shaping per-user decision polices what its user receives.
+        rule(
+            vec![
+                Stmt::Received,
+                Stmt::LimitOver {
+                    bytes_per_sec: 375_000,
+                    burst_bytes: 25_000,
+                },
+                Stmt::Counter,
+                Stmt::Drop,
+            ],
+            Some("replies"),
+        ),
+        // A per-user decision's IPv6 and IPv4 out rules, each family
+        // tested before the limit.
+        rule(
+            vec![
+                Stmt::Family {
+                    netdev: false,
+                    family: IpFamily::V6,
+                },
+                Stmt::LimitRef("l43".into()),
+                Stmt::Counter,
+                Stmt::DscpSet {
+                    family: IpFamily::V6,
+                    dscp: 0,
+                },
+                Stmt::PrioritySet(TcHandle::new(0xe5, 0x108)),
+                Stmt::Accept,
+            ],
+            Some("out6"),
+        ),
+        rule(
+            vec![
+                Stmt::Family {
+                    netdev: false,
+                    family: IpFamily::V4,
+                },
+                Stmt::LimitRef("l43".into()),
+                Stmt::Counter,
+                Stmt::DscpSet {
+                    family: IpFamily::V4,
+                    dscp: 0,
+                },
+                Stmt::PrioritySet(TcHandle::new(0xe5, 0x108)),
+                Stmt::Accept,
+            ],
+            Some("out"),
+        ),
         rule(
             vec![Stmt::LimitRef("l43".into()), Stmt::Counter, Stmt::Drop],
             Some("out"),
@@ -129,7 +180,40 @@ fn native_batches_list_exactly_like_nft_f() {
             None,
         ),
     ];
+    // Per-user rules: the user's sockets tagged on the way out, and the
+    // tagged connections' inbound packets (the flow reversed) on input.
+    let replies = vec![
+        rule(
+            vec![
+                Stmt::CtMark(0x7100_03e9),
+                Stmt::Addr {
+                    src: true,
+                    prefix: "10.2.0.0/16".parse().unwrap(),
+                },
+                Stmt::Port {
+                    proto: 17,
+                    src: true,
+                    first: 5001,
+                    last: 5001,
+                },
+                Stmt::Jump("d42".into()),
+            ],
+            Some("id=42"),
+        ),
+        rule(
+            vec![Stmt::CtMark(0x7100_03ea), Stmt::Jump("d43".into())],
+            Some("id=43"),
+        ),
+    ];
     let fallback = vec![
+        rule(
+            vec![
+                Stmt::Skuid(1002),
+                Stmt::CtMarkSet(0x7100_03ea),
+                Stmt::Jump("d43".into()),
+            ],
+            Some("id=43"),
+        ),
         rule(
             vec![
                 Stmt::Addr {
@@ -257,6 +341,7 @@ fn native_batches_list_exactly_like_nft_f() {
             ("d43", None, &d43),
             ("fallback", None, &fallback),
             ("postrouting", Some(Hook::Postrouting), &base),
+            ("replies", Some(Hook::Input), &replies),
         ] {
             b.push(Command::AddChain {
                 name: name.into(),
@@ -343,6 +428,7 @@ fn native_batches_list_exactly_like_nft_f() {
             ("d43".into(), None, d43.clone()),
             ("fallback".into(), None, fallback.clone()),
             ("postrouting".into(), Some(Hook::Postrouting), base.clone()),
+            ("replies".into(), Some(Hook::Input), replies.clone()),
         ],
     };
     // Counters are zero: nothing passed the table yet.

@@ -16,3 +16,4 @@ pub mod reconfig;
 pub mod selfcheck;
 pub mod topology;
 pub mod traffic;
+pub mod user_traffic;

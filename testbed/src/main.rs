@@ -27,7 +27,7 @@ enum Cmd {
         #[arg(long)]
         postgres: bool,
     },
-    /// Remove namespaces left behind by killed testbed runs.
+    /// Remove namespaces and test users left behind by killed test runs.
     Clean,
     /// Validate a topology file; with --hold, build it and keep it up until Ctrl-C.
     Topology {
@@ -222,6 +222,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     String::new()
                 } else {
                     format!(": {}", gone.join(", "))
+                }
+            );
+            let users = qosloop_testbed::harness::clean_leftover_users()?;
+            println!(
+                "removed {} test user(s){}",
+                users.len(),
+                if users.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", users.join(", "))
                 }
             );
             Ok(())

@@ -1,6 +1,7 @@
 //! The rules of the fallback chain, kept in the order the chain holds
 //! them: by [`render::FallbackOrder`] of their decision's flow (the more
-//! specific flow first), then by decision id.
+//! specific flow first), then by decision id; and the rules of the
+//! `replies` chain (egress tables) derived from them.
 
 use super::*;
 
@@ -34,6 +35,35 @@ impl FallbackRules {
     #[cfg(test)]
     pub(super) fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.rules.keys().map(|(_, id)| *id)
+    }
+    /// The `replies` chain's rules: one per per-user decision, in the
+    /// fallback chain's order.
+    pub(super) fn reply_rules(&self) -> impl Iterator<Item = Rule> + '_ {
+        self.rules().filter_map(render::reply_rule)
+    }
+    /// Rewrites the fallback chain whole (flushed first when `flush`), and
+    /// the replies chain with it when the table has one (`replies`: egress).
+    pub(super) fn push_rewrite(&self, batch: &mut Batch, flush: bool, replies: bool) {
+        if flush {
+            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
+            if replies {
+                batch.push(Command::FlushChain(render::REPLIES_CHAIN.into()));
+            }
+        }
+        for rule in self.rules() {
+            batch.push(Command::AddRule {
+                chain: FALLBACK_CHAIN.into(),
+                rule: rule.clone(),
+            });
+        }
+        if replies {
+            for rule in self.reply_rules() {
+                batch.push(Command::AddRule {
+                    chain: render::REPLIES_CHAIN.into(),
+                    rule,
+                });
+            }
+        }
     }
     pub(super) fn clear(&mut self) {
         self.keys.clear();

@@ -15,7 +15,7 @@
 
 use crate::backend::KernelBackend;
 use crate::error::EnforceError;
-use crate::nft::model::{Batch, Command, Element, KeyPart, Limit, Listing, Rule, Shape};
+use crate::nft::model::{Batch, Command, Element, Hook, KeyPart, Limit, Listing, Rule, Shape};
 use crate::nft::{ChainState, TableState, BASE_CHAIN};
 use crate::render::{self, Classify, Layout, Rendered, FALLBACK_CHAIN, MAX_SLOTS};
 use crate::tc::{ClassInfo, HtbClass, QdiscInfo, TcHandle, TcOp};
@@ -295,8 +295,8 @@ impl<B: KernelBackend> Enforcer<B> {
 
     /// The enforcer's table as `nft list table` shows it once what this
     /// run applied is in the kernel (counters at zero): limits by decision
-    /// id, maps by shape, then the base chain, the fallback chain and the
-    /// decision chains by id — the kernel's creation order when decisions
+    /// id, maps by shape, then the base chain, the fallback chain, the
+    /// replies chain (egress) and the decision chains by id — the kernel's creation order when decisions
     /// were installed in id order from an empty table. Decisions adopted
     /// from a previous run (not sent again since) have no rules to show and
     /// are left out.
@@ -314,6 +314,13 @@ impl<B: KernelBackend> Enforcer<B> {
                 self.fallback.rules().cloned().collect(),
             ),
         ];
+        if !self.layout.ingress() {
+            chains.push((
+                render::REPLIES_CHAIN.to_owned(),
+                Some(Hook::Input),
+                self.fallback.reply_rules().collect(),
+            ));
+        }
         let mut maps: BTreeMap<Shape, Vec<Element>> = self
             .maps_present
             .iter()

@@ -342,13 +342,15 @@ impl<B: KernelBackend> Enforcer<B> {
     /// after it (committed only once the kernel took the transaction).
     ///
     /// Order inside the batch (one transaction, so packets never see a
-    /// half-made change): the table, base and fallback chains when new; the
+    /// half-made change): the table, base, fallback and replies chains when
+    /// new; the
     /// maps of new shapes; each new decision's limit object, chain and
     /// rules, each changed decision's chain rewritten (its limit object kept
     /// unless the profile changed: the bucket keeps its state across an
     /// action change); map elements deleted, then added (also those of
     /// decisions moving between a map and the fallback chain as overlaps
-    /// come and go); the fallback chain rewritten, in its order, if one of
+    /// come and go); the fallback chain (and the replies chain with it)
+    /// rewritten, in its order, if one of
     /// its decisions changed, came or went; the base chain rewritten
     /// if the set of maps changed; removed decisions' chains and limits;
     /// maps no decision uses any more.
@@ -366,6 +368,12 @@ impl<B: KernelBackend> Enforcer<B> {
                 name: FALLBACK_CHAIN.into(),
                 hook: None,
             });
+            if !netdev {
+                batch.push(Command::AddChain {
+                    name: render::REPLIES_CHAIN.into(),
+                    hook: Some(Hook::Input),
+                });
+            }
         }
         let mut counts = self.shape_counts.clone();
         let mut fallback = self.fallback.clone();
@@ -477,13 +485,7 @@ impl<B: KernelBackend> Enforcer<B> {
             batch.push(Command::AddElements { shape, elements });
         }
         if fallback_changed {
-            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
-            for rule in fallback.rules() {
-                batch.push(Command::AddRule {
-                    chain: FALLBACK_CHAIN.into(),
-                    rule: rule.clone(),
-                });
-            }
+            fallback.push_rewrite(&mut batch, true, !netdev);
         }
         if creating || maps != self.maps_present {
             if !creating {
@@ -500,7 +502,6 @@ impl<B: KernelBackend> Enforcer<B> {
         for shape in self.maps_present.difference(&maps) {
             batch.push(Command::DeleteMap(shape.clone()));
         }
-        let _ = netdev;
         NftPlan {
             batch,
             shape_counts: counts,

@@ -179,13 +179,8 @@ impl<B: KernelBackend> Enforcer<B> {
             for (shape, keys) in dels {
                 batch.push(Command::DeleteElements { shape, keys });
             }
-            batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
-            for rule in self.fallback.rules() {
-                batch.push(Command::AddRule {
-                    chain: FALLBACK_CHAIN.into(),
-                    rule: rule.clone(),
-                });
-            }
+            self.fallback
+                .push_rewrite(&mut batch, true, !self.layout.ingress());
             for id in &broken {
                 batch.push(Command::FlushChain(render::chain_name(*id)));
                 batch.push(Command::DeleteChain(render::chain_name(*id)));
@@ -272,7 +267,7 @@ impl<B: KernelBackend> Enforcer<B> {
             )));
         };
         let mut batch = Batch::new(self.layout.table_id());
-        flush_base_chains(&mut batch, st.fallback);
+        flush_base_chains(&mut batch, &st, !self.layout.ingress());
         // Decision chains and limits.
         let mut chain_cmds = Vec::new();
         for (id, a) in &self.applied {
@@ -359,12 +354,8 @@ impl<B: KernelBackend> Enforcer<B> {
                 });
             }
         }
-        for rule in self.fallback.rules() {
-            batch.push(Command::AddRule {
-                chain: FALLBACK_CHAIN.into(),
-                rule: rule.clone(),
-            });
-        }
+        self.fallback
+            .push_rewrite(&mut batch, false, !self.layout.ingress());
         let maps: BTreeSet<Shape> = want.keys().cloned().collect();
         for rule in render::base_rules(&self.layout, maps.iter()) {
             batch.push(Command::AddRule {
@@ -454,7 +445,7 @@ impl<B: KernelBackend> Enforcer<B> {
         }
         // The base chain and the fallback chain are rewritten whole below;
         // flushing them first drops their references to maps and chains.
-        flush_base_chains(batch, st.fallback);
+        flush_base_chains(batch, &st, !self.layout.ingress());
         // Elements: keep those that are exactly an adopted decision's.
         let mut found = BTreeSet::new();
         let mut stray_maps = Vec::new();
@@ -538,12 +529,8 @@ impl<B: KernelBackend> Enforcer<B> {
             tracing::warn!(map = %shape.map_name(), missing = elements.len(), "map elements of adopted decisions were missing (changed behind the enforcer's back); adding them again");
             batch.push(Command::AddElements { shape, elements });
         }
-        for rule in self.fallback.rules() {
-            batch.push(Command::AddRule {
-                chain: FALLBACK_CHAIN.into(),
-                rule: rule.clone(),
-            });
-        }
+        self.fallback
+            .push_rewrite(batch, false, !self.layout.ingress());
         for rule in render::base_rules(&self.layout, self.maps_present.iter()) {
             batch.push(Command::AddRule {
                 chain: BASE_CHAIN.into(),
@@ -553,17 +540,29 @@ impl<B: KernelBackend> Enforcer<B> {
     }
 }
 
-/// Empties the base chain and the fallback chain (creating the fallback
-/// chain when the table lacks it), so that they can be rewritten whole:
-/// flushing drops their references to maps and decision chains.
-fn flush_base_chains(batch: &mut Batch, fallback_exists: bool) {
+/// Empties the base chain, the fallback chain and (egress) the replies
+/// chain, creating those two when the table lacks them (a table made before
+/// the replies chain existed gets it here), so that they can be rewritten
+/// whole: flushing drops their references to maps and decision chains.
+fn flush_base_chains(batch: &mut Batch, st: &TableState, replies: bool) {
     batch.push(Command::FlushChain(BASE_CHAIN.into()));
-    if fallback_exists {
+    if st.fallback {
         batch.push(Command::FlushChain(FALLBACK_CHAIN.into()));
     } else {
         batch.push(Command::AddChain {
             name: FALLBACK_CHAIN.into(),
             hook: None,
+        });
+    }
+    if !replies {
+        return;
+    }
+    if st.replies {
+        batch.push(Command::FlushChain(render::REPLIES_CHAIN.into()));
+    } else {
+        batch.push(Command::AddChain {
+            name: render::REPLIES_CHAIN.into(),
+            hook: Some(Hook::Input),
         });
     }
 }

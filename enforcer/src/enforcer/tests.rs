@@ -279,7 +279,8 @@ fn remove_and_restart_reconcile_without_duplicates_or_orphans() {
             "d1".to_owned(),
             "d4".to_owned(),
             "fallback".to_owned(),
-            "postrouting".to_owned()
+            "postrouting".to_owned(),
+            "replies".to_owned()
         ]
     );
     e.cleanup().unwrap();

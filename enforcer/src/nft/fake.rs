@@ -7,7 +7,7 @@
 
 use super::model::{Batch, Command, Hook, KeyPart, Limit, Rule, Shape, Stmt};
 use super::read::{ChainState, TableState, BASE_CHAIN};
-use crate::render::{parse_meta_comment, FALLBACK_CHAIN};
+use crate::render::{parse_meta_comment, FALLBACK_CHAIN, REPLIES_CHAIN};
 use std::collections::BTreeMap;
 
 /// One chain: its hook (base chain) and rules.
@@ -208,6 +208,8 @@ impl FakeTable {
                 st.base_ok = c.hook.as_ref() == Some(hook);
             } else if name == FALLBACK_CHAIN {
                 st.fallback = true;
+            } else if name == REPLIES_CHAIN && *hook == Hook::Postrouting {
+                st.replies = true;
             } else if let Some(id) = name.strip_prefix('d').and_then(|s| s.parse::<u64>().ok()) {
                 let meta = c
                     .rules

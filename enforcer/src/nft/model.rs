@@ -34,7 +34,12 @@ impl fmt::Display for TableId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hook {
     Postrouting,
-    Ingress { device: String },
+    /// Local delivery (an egress table's `replies` chain: the inbound
+    /// packets of the connections per-user decisions tagged).
+    Input,
+    Ingress {
+        device: String,
+    },
 }
 
 impl fmt::Display for Hook {
@@ -43,6 +48,7 @@ impl fmt::Display for Hook {
             Hook::Postrouting => {
                 f.write_str("type filter hook postrouting priority filter; policy accept;")
             }
+            Hook::Input => f.write_str("type filter hook input priority filter; policy accept;"),
             Hook::Ingress { device } => write!(
                 f,
                 "type filter hook ingress device \"{device}\" priority filter; policy accept;"
@@ -407,6 +413,9 @@ pub enum Stmt {
     },
     /// `oifname != "IF"`.
     OifnameNot(String),
+    /// `iif != 0`: the packet was received (a locally generated one has no
+    /// input interface: index 0).
+    Received,
     /// `meta priority != 0`.
     PriorityNotZero,
     /// `meta skuid UID`: the packet's socket belongs to the local user
@@ -422,6 +431,12 @@ pub enum Stmt {
     Lookup(Shape),
     /// `limit name "L"`: the named limit object (matches over the rate).
     LimitRef(String),
+    /// `limit rate over R bytes/second burst B bytes`: a bucket of the
+    /// rule's own (it restarts when the rule is rewritten).
+    LimitOver {
+        bytes_per_sec: u64,
+        burst_bytes: u32,
+    },
     Counter,
     /// `ip dscp set D` / `ip6 dscp set D`.
     DscpSet {
@@ -500,12 +515,20 @@ impl fmt::Display for Stmt {
                 }
             }
             Stmt::OifnameNot(name) => write!(f, "oifname != \"{name}\""),
+            Stmt::Received => f.write_str("iif != 0"),
             Stmt::PriorityNotZero => f.write_str("meta priority != none"),
             Stmt::Skuid(uid) => write!(f, "meta skuid {uid}"),
             Stmt::CtMarkSet(m) => write!(f, "ct mark set 0x{m:08x}"),
             Stmt::CtMark(m) => write!(f, "ct mark 0x{m:08x}"),
             Stmt::Lookup(shape) => write!(f, "{} vmap @{}", shape.key_expr(), shape.map_name()),
             Stmt::LimitRef(name) => write!(f, "limit name \"{name}\""),
+            Stmt::LimitOver {
+                bytes_per_sec,
+                burst_bytes,
+            } => write!(
+                f,
+                "limit rate over {bytes_per_sec} bytes/second burst {burst_bytes} bytes"
+            ),
             Stmt::Counter => f.write_str("counter packets 0 bytes 0"),
             Stmt::DscpSet { family, dscp } => {
                 write!(f, "{} dscp set {}", family.ip(), dscp_name(*dscp))

@@ -5,7 +5,9 @@
 //! they delete by name and by map key.
 
 use super::model::{Field, IpFamily, KeyPart, Shape};
-use crate::render::{parse_meta_comment, ChainMeta, Layout, FALLBACK_CHAIN};
+use crate::render::{
+    parse_meta_comment, ChainMeta, Layout, FALLBACK_CHAIN, IN6_COMMENT, OUT6_COMMENT, REPLIES_CHAIN,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,6 +33,8 @@ pub struct TableState {
     pub base_ok: bool,
     /// The fallback chain exists.
     pub fallback: bool,
+    /// The replies chain (input hook, egress tables) exists.
+    pub replies: bool,
     /// Decision chains by decision id.
     pub chains: BTreeMap<u64, ChainState>,
     /// Map elements by map name: key and the chain it jumps to.
@@ -154,6 +158,8 @@ pub fn parse_table(json: &str, layout: &Layout) -> Result<TableState, String> {
                 st.base_ok = c.get("hook").and_then(Value::as_str) == Some(hook);
             } else if name == FALLBACK_CHAIN {
                 st.fallback = true;
+            } else if name == REPLIES_CHAIN && !layout.ingress() {
+                st.replies = true;
             } else if let Some(id) = name.strip_prefix('d').and_then(|s| s.parse::<u64>().ok()) {
                 st.chains.entry(id).or_default();
             } else {
@@ -174,12 +180,15 @@ pub fn parse_table(json: &str, layout: &Layout) -> Result<TableState, String> {
             let (packets, bytes) = counter_of(r);
             if let Some(id) = chain.strip_prefix('d').and_then(|s| s.parse::<u64>().ok()) {
                 let c = st.chains.entry(id).or_default();
-                if comment == "out" {
-                    c.out_packets = packets;
-                    c.out_bytes = bytes;
+                if comment == "out" || comment == OUT6_COMMENT {
+                    c.out_packets += packets;
+                    c.out_bytes += bytes;
+                } else if comment == IN6_COMMENT {
+                    c.in_packets += packets;
+                    c.in_bytes += bytes;
                 } else if let Some(meta) = parse_meta_comment(comment) {
-                    c.in_packets = packets;
-                    c.in_bytes = bytes;
+                    c.in_packets += packets;
+                    c.in_bytes += bytes;
                     c.meta = (meta.id == id).then_some(meta);
                 }
             }

@@ -38,12 +38,14 @@ fn kind(s: &Stmt) -> &'static str {
         Stmt::Addr { .. } => "addr",
         Stmt::Port { .. } => "port",
         Stmt::OifnameNot(_) => "oifname",
+        Stmt::Received => "received",
         Stmt::PriorityNotZero => "priority-not-zero",
         Stmt::Skuid(_) => "skuid",
         Stmt::CtMarkSet(_) => "ct-mark-set",
         Stmt::CtMark(_) => "ct-mark",
         Stmt::Lookup(_) => "lookup",
         Stmt::LimitRef(_) => "limit",
+        Stmt::LimitOver { .. } => "limit-over",
         Stmt::Counter => "counter",
         Stmt::DscpSet { .. } => "dscp",
         Stmt::PrioritySet(_) => "priority-set",
@@ -133,6 +135,16 @@ fn display_and_encoder_agree_for_every_statement_kind() {
             "oifname != \"eth1\"",
             &["meta", "cmp"],
         ),
+        (Stmt::Received, false, "iif != 0", &["meta", "cmp"]),
+        (
+            Stmt::LimitOver {
+                bytes_per_sec: 375_000,
+                burst_bytes: 25_000,
+            },
+            false,
+            "limit rate over 375000 bytes/second burst 25000 bytes",
+            &["limit"],
+        ),
         (
             Stmt::PriorityNotZero,
             true,
@@ -211,7 +223,7 @@ fn display_and_encoder_agree_for_every_statement_kind() {
         assert_eq!(stmt.to_string(), text);
         assert_eq!(exprs(vec![stmt], netdev), want, "{text}");
     }
-    assert_eq!(seen.len(), 18, "every statement kind has a case: {seen:?}");
+    assert_eq!(seen.len(), 20, "every statement kind has a case: {seen:?}");
 }
 
 #[test]

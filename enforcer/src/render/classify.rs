@@ -204,7 +204,10 @@ pub fn fallback_match(spec: &FlowSpec, netdev: bool) -> Vec<Stmt> {
     let fam = family(spec).unwrap_or(IpFamily::V4);
     let has_ports = spec.src_ports.is_some() || spec.dst_ports.is_some();
     let mut stmts = Vec::new();
-    if spec.src.is_none() && spec.dst.is_none() {
+    // A user's sockets are of both families: a per-user flow that names no
+    // address matches IPv4 and IPv6 (`meta skuid` and `ct mark` need no
+    // network header); any other flow naming none is IPv4.
+    if spec.src.is_none() && spec.dst.is_none() && spec.user.is_none() {
         stmts.push(Stmt::Family {
             netdev,
             family: fam,
@@ -243,6 +246,44 @@ pub fn fallback_match(spec: &FlowSpec, netdev: bool) -> Vec<Stmt> {
         stmts.push(Stmt::CtMarkSet(user_ct_mark(uid)));
     }
     stmts
+}
+
+/// The rule of the `replies` chain (input hook) for a per-user decision's
+/// fallback rule: the connections the rule tags (`ct mark set`) on the way
+/// out, matched on the way in by their mark and by the flow reversed
+/// (source and destination swapped), jumping to the same decision chain.
+/// `None` for a rule that tags nothing (a flow decision).
+pub fn reply_rule(fallback: &Rule) -> Option<Rule> {
+    let mark = fallback.stmts.iter().find_map(|s| match s {
+        Stmt::CtMarkSet(m) => Some(*m),
+        _ => None,
+    })?;
+    let mut stmts = vec![Stmt::CtMark(mark)];
+    for s in &fallback.stmts {
+        match s {
+            Stmt::Skuid(_) | Stmt::CtMarkSet(_) => {}
+            Stmt::Addr { src, prefix } => stmts.push(Stmt::Addr {
+                src: !src,
+                prefix: *prefix,
+            }),
+            Stmt::Port {
+                proto,
+                src,
+                first,
+                last,
+            } => stmts.push(Stmt::Port {
+                proto: *proto,
+                src: !src,
+                first: *first,
+                last: *last,
+            }),
+            other => stmts.push(other.clone()),
+        }
+    }
+    Some(Rule {
+        stmts,
+        comment: fallback.comment.clone(),
+    })
 }
 
 /// The conntrack mark a per-user decision gives its user's connections on

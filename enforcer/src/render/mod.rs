@@ -34,7 +34,7 @@
 //!   ([`classify`]), or a rule in the fallback chain when the flow names no
 //!   field.
 
-use crate::nft::model::{Hook, Limit, Rule, Stmt, TableId};
+use crate::nft::model::{Hook, IpFamily, Limit, Rule, Stmt, TableId};
 use crate::tc::{HtbClass, TcHandle};
 use qosloop_schema::{Decision, Direction, Kbps, OutOfProfileAction};
 
@@ -42,8 +42,8 @@ mod classify;
 mod meta;
 
 pub use classify::{
-    base_rules, classify, fallback_match, fallback_order, family, lookup_rule, user_ct_mark,
-    Classify, FallbackOrder, SpecError,
+    base_rules, classify, fallback_match, fallback_order, family, lookup_rule, reply_rule,
+    user_ct_mark, Classify, FallbackOrder, SpecError,
 };
 pub use meta::{meta_comment, parse_meta_comment, ChainMeta};
 
@@ -312,8 +312,22 @@ pub fn limit_name(id: u64) -> String {
     format!("l{id}")
 }
 
+/// The comments of a per-user decision's IPv6 rules (a flow of both
+/// families: see [`render`]); their counters add to the `out` rule's and
+/// the in rule's.
+pub const OUT6_COMMENT: &str = "out6";
+pub const IN6_COMMENT: &str = "in6";
+/// The comment of a shaping per-user decision's rule that polices what its
+/// user receives (see [`render`]).
+pub const POLICE_COMMENT: &str = "replies";
+
 /// The chain holding the rules of decisions that are not map keys.
 pub const FALLBACK_CHAIN: &str = "fallback";
+
+/// The base chain on the input hook of an egress table: one rule per
+/// per-user decision, matching the inbound packets of the connections it
+/// tagged on the way out ([`reply_rule`]).
+pub const REPLIES_CHAIN: &str = "replies";
 
 /// The bytes of one full-size Ethernet frame: the unit of the burst floor.
 pub const MTU_BYTES: u64 = 1514;
@@ -383,46 +397,113 @@ pub fn render(
         burst_bytes: meter_burst_bytes(&d.profile),
     };
     let verdict = layout.verdict(ifb_index);
-    let mut out = vec![Stmt::LimitRef(limit.name.clone()), Stmt::Counter];
-    match d.out_of_profile {
-        OutOfProfileAction::Accept { .. } => {
-            out.extend([Stmt::PrioritySet(out_class.classid), verdict.clone()]);
+    // A per-user flow naming no address is of both families (its match
+    // names none): a DSCP statement is per family, so the rules that set
+    // one come twice, each behind its family test (before the limit, so
+    // that a packet takes one token bucket step, not two).
+    let both = d.flow.user.is_some() && d.flow.src.is_none() && d.flow.dst.is_none();
+    let out_stmts = |fam: IpFamily| {
+        let mut out = vec![Stmt::LimitRef(limit.name.clone()), Stmt::Counter];
+        match d.out_of_profile {
+            OutOfProfileAction::Accept { .. } => {
+                out.extend([Stmt::PrioritySet(out_class.classid), verdict.clone()]);
+            }
+            OutOfProfileAction::Remark { dscp, .. } => out.extend([
+                Stmt::DscpSet {
+                    family: fam,
+                    dscp: dscp.value(),
+                },
+                Stmt::PrioritySet(out_class.classid),
+                verdict.clone(),
+            ]),
+            OutOfProfileAction::Drop => out.push(Stmt::Drop),
         }
-        OutOfProfileAction::Remark { dscp, .. } => out.extend([
-            Stmt::DscpSet {
+        out
+    };
+    let in_stmts = |fam: IpFamily| {
+        let mut stmts = vec![Stmt::Counter];
+        if let Some(dscp) = d.in_profile_dscp {
+            stmts.push(Stmt::DscpSet {
                 family: fam,
                 dscp: dscp.value(),
-            },
-            Stmt::PrioritySet(out_class.classid),
-            verdict.clone(),
-        ]),
-        OutOfProfileAction::Drop => out.push(Stmt::Drop),
+            });
+        }
+        stmts.extend([Stmt::PrioritySet(in_classid), verdict.clone()]);
+        stmts
+    };
+    let family_test = |family: IpFamily| Stmt::Family {
+        netdev: false,
+        family,
+    };
+    let remarks = matches!(d.out_of_profile, OutOfProfileAction::Remark { .. });
+    let mut rules = Vec::new();
+    // What a per-user decision's user receives (the replies chain jumps
+    // here from the input hook) has no queue to be shaped in: with a shape
+    // rate, received packets beyond the profile plus the shape rate are
+    // dropped (policed) — only received packets have an input interface.
+    if let (Some(shape), Some(_), false) = (
+        d.out_of_profile.shape(),
+        d.flow.user.as_ref(),
+        layout.ingress(),
+    ) {
+        rules.push(Rule {
+            stmts: vec![
+                Stmt::Received,
+                Stmt::LimitOver {
+                    bytes_per_sec: Kbps(d.profile.rate.0 + shape.0).bytes_per_sec(),
+                    burst_bytes: meter_burst_bytes(&d.profile),
+                },
+                Stmt::Counter,
+                Stmt::Drop,
+            ],
+            comment: Some(POLICE_COMMENT.into()),
+        });
+    }
+    let mut out = out_stmts(fam);
+    if both && remarks {
+        let mut v6 = vec![family_test(IpFamily::V6)];
+        v6.extend(out_stmts(IpFamily::V6));
+        rules.push(Rule {
+            stmts: v6,
+            comment: Some(OUT6_COMMENT.into()),
+        });
+        out.insert(0, family_test(IpFamily::V4));
     }
     let out_rule = Rule {
         stmts: out,
         comment: Some("out".into()),
     };
-    let mut in_stmts = vec![Stmt::Counter];
-    if let Some(dscp) = d.in_profile_dscp {
-        in_stmts.push(Stmt::DscpSet {
-            family: fam,
-            dscp: dscp.value(),
+    rules.push(out_rule.clone());
+    if both && d.in_profile_dscp.is_some() {
+        let mut v6 = vec![family_test(IpFamily::V6)];
+        v6.extend(in_stmts(IpFamily::V6));
+        rules.push(Rule {
+            stmts: v6,
+            comment: Some(IN6_COMMENT.into()),
         });
     }
-    in_stmts.extend([Stmt::PrioritySet(in_classid), verdict]);
     let kind = d.kind().to_string();
     let in_body = Rule {
-        stmts: in_stmts.clone(),
+        stmts: in_stmts(fam),
         comment: None,
     };
-    let fingerprint = fnv1a(&[
-        &format!("{classify:?}"),
-        &format!("{limit:?}"),
-        &out_rule.to_string(),
-        &in_body.to_string(),
-    ]);
-    let in_rule = Rule {
-        stmts: in_stmts,
+    let mut parts = vec![
+        format!("{classify:?}"),
+        format!("{limit:?}"),
+        out_rule.to_string(),
+        in_body.to_string(),
+    ];
+    // The IPv6 rules (none for most decisions: the fingerprint stays).
+    parts.extend(
+        rules
+            .iter()
+            .filter(|r| r.comment.as_deref() != Some("out"))
+            .map(ToString::to_string),
+    );
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let fingerprint = fnv1a(&parts);
+    rules.push(Rule {
+        stmts: in_body.stmts,
         comment: Some(meta_comment(
             d.id,
             d.version,
@@ -432,7 +513,7 @@ pub fn render(
             &d.profile,
             &d.flow,
         )),
-    };
+    });
     Ok(Rendered {
         id: d.id,
         version: d.version,
@@ -442,7 +523,7 @@ pub fn render(
         flow: d.flow.clone(),
         classify,
         limit,
-        rules: vec![out_rule, in_rule],
+        rules,
         fingerprint,
     })
 }

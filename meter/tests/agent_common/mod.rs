@@ -61,40 +61,21 @@ impl Drop for Netns {
     }
 }
 
-/// A local user without home; removed on drop (processes killed first).
-pub struct User {
-    pub name: String,
-    pub uid: u32,
-}
+/// A local user without home; removed on drop (processes killed first):
+/// the testbed harness's, with which a later run sweeps what a killed run
+/// left.
+pub struct User(pub qosloop_testbed::harness::TestUser);
 
 impl User {
-    pub fn new(name: &str) -> User {
-        let name = format!("{name}{}", std::process::id() % 100_000);
-        let _ = Command::new("userdel").args(["-f", &name]).output();
-        let out = Command::new("useradd")
-            .args(["-M", "-N", "-s", "/usr/sbin/nologin", &name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "useradd {name}: {out:?}");
-        let uid = nix::unistd::User::from_name(&name)
-            .unwrap()
-            .expect("user just created")
-            .uid
-            .as_raw();
-        User { name, uid }
-    }
-
-    pub fn delete(&self) {
-        let _ = Command::new("userdel").args(["-f", &self.name]).output();
+    pub fn new(tag: &str) -> User {
+        User(qosloop_testbed::harness::TestUser::create(tag).unwrap())
     }
 }
 
-impl Drop for User {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-U", &self.uid.to_string()])
-            .status();
-        self.delete();
+impl std::ops::Deref for User {
+    type Target = qosloop_testbed::harness::TestUser;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 

@@ -1,7 +1,7 @@
 //! Real services for tests, started on free loopback ports in temporary
 //! directories and torn down when their handle drops — also when a test
-//! panics: PostgreSQL, slapd, and network namespaces joined by veth pairs;
-//! and the checks of the deployment files ([`deploy`]).
+//! panics: PostgreSQL, slapd, network namespaces joined by veth pairs and
+//! local test users (what a killed run left is swept at start); and the checks of the deployment files ([`deploy`]).
 //!
 //! A test that needs root or a Debian package asks through [`need!`]: when
 //! the prerequisite is missing it fails under `CI=true` and elsewhere skips
@@ -13,12 +13,14 @@ mod pki;
 mod postgres;
 mod prereq;
 mod slapd;
+mod users;
 
 pub use netns::{clean_leftovers, Netns, VethPair, NETNS_PREFIX};
 pub use pki::test_pki;
 pub use postgres::Postgres;
 pub use prereq::{find_binary, is_ci, is_root, prerequisite, require_binary, require_root};
 pub use slapd::Slapd;
+pub use users::{clean_leftover_users, sweep_leftovers_once, TestUser, USER_COMMENT, USER_PREFIX};
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;

@@ -21,7 +21,10 @@ pub struct Netns {
 
 impl Netns {
     /// Creates `qlt-<pid>-<n>-<label>` with its loopback up.
+    /// The first namespace of a process sweeps what killed runs left
+    /// ([`super::sweep_leftovers_once`]).
     pub fn create(label: &str) -> Result<Netns, HarnessError> {
+        super::sweep_leftovers_once();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{NETNS_PREFIX}{}-{n}-{label}", std::process::id());
         Self::create_named(&name)
