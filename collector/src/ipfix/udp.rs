@@ -199,6 +199,13 @@ impl UdpWorker {
             let now = u64::try_from(now_ns()).unwrap_or(0);
             match received {
                 Ok(got) => {
+                    if got.len() == batch {
+                        // More was waiting than one call takes: the
+                        // journal's loader stands aside for a while.
+                        if let Some(j) = &self.journal {
+                            j.note_busy();
+                        }
+                    }
                     if let Some(n) = got.iter().rev().find_map(|g| g.2) {
                         self.stats.kernel_drops[self.index].store(u64::from(n), Ordering::Relaxed);
                     }
