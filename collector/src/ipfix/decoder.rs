@@ -6,10 +6,10 @@
 use super::domain::{Domain, Template};
 use super::persist::{self, TemplateChange};
 use super::plan::Plan;
+use super::sink::RecordSink;
 use super::stats::{Counters, DropReason};
 use super::walk::Walk;
 use super::wire::{be16, parse_header, Version};
-use super::sink::RecordSink;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;

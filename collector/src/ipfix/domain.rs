@@ -5,9 +5,9 @@
 //! [`Limits`](super::Limits).
 
 use super::plan::{Fields, Plan};
+use super::sink::RecordSink;
 use super::stats::{Counters, DropReason};
 use super::wire::{TemplateDef, Version};
-use super::sink::RecordSink;
 use qosloop_schema::FlowRecord;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};

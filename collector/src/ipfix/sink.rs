@@ -79,7 +79,9 @@ impl RecordSink for EncodedRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::frame::{begin_frame, decode_payload, finish_frame, split_frame, FrameHead};
+    use crate::journal::frame::{
+        begin_frame, decode_payload, finish_frame, split_frame, FrameHead,
+    };
     use std::net::{IpAddr, Ipv6Addr};
 
     fn rec(i: u16) -> FlowRecord {
@@ -113,14 +115,19 @@ mod tests {
             r.dscp = Some((i % 64) as u8);
             r.src_addr = match r.dst_addr {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i)),
-                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::new(10, 0, (i >> 8) as u8, i as u8)),
+                IpAddr::V4(_) => {
+                    IpAddr::V4(std::net::Ipv4Addr::new(10, 0, (i >> 8) as u8, i as u8))
+                }
             };
             if let Some(m) = enc.push(&r, 1_704_067_300) {
                 messages.push(m);
             }
         }
         messages.extend(enc.finish(1_704_067_300));
-        let (mut a, mut b) = (Decoder::new(Limits::default()), Decoder::new(Limits::default()));
+        let (mut a, mut b) = (
+            Decoder::new(Limits::default()),
+            Decoder::new(Limits::default()),
+        );
         let (mut vec, mut encoded) = (Vec::new(), EncodedRecords::default());
         let mut n = 0;
         for m in &messages {

@@ -8,8 +8,8 @@
 
 use super::decoder::Decoder;
 use super::output::{Output, Restorable};
-use super::sink::EncodedRecords;
 use super::settings::IngestSettings;
+use super::sink::EncodedRecords;
 use super::sql::ListenerStats;
 use super::stats::DropReason;
 use crate::store::{Sink, WriteReq};
@@ -224,9 +224,7 @@ impl UdpWorker {
                         } else {
                             decoder
                                 .decode_udp(from, datagram, now, &mut records)
-                                .map(|msg| {
-                                    output.add(from, msg.domain, msg.sequence, &mut records)
-                                })
+                                .map(|msg| output.add(from, msg.domain, msg.sequence, &mut records))
                         };
                         match decoded {
                             Ok(due) => {

@@ -8,11 +8,11 @@ use super::decoder::{Changes, ExporterKey, Limits, Usage, PENDING_SET_OVERHEAD};
 use super::domain::{Domain, MsgCtx, PendingSet, Template};
 use super::persist::{self, TemplateChange};
 use super::plan::{Fields, Plan};
+use super::sink::RecordSink;
 use super::stats::DropReason;
 use super::wire::{
     be16, be32, parse_template_set, Header, Sets, TemplateDef, TemplateRecord, Version, V5_RECORD,
 };
-use super::sink::RecordSink;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 

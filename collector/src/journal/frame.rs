@@ -399,7 +399,9 @@ mod tests {
             }
             !crc
         }
-        let data: Vec<u8> = (0..300u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..300u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         for len in 0..data.len() {
             assert_eq!(crc32c(&data[..len]), bitwise(&data[..len]), "length {len}");
         }

@@ -115,8 +115,7 @@ impl Loader {
     /// the journal holds less than half its bound.
     fn yield_to_receivers(&mut self) -> bool {
         let c = &self.journal.shared;
-        let roomy =
-            c.counters.disk_bytes.load(Ordering::Relaxed) < c.config.max_bytes / 2;
+        let roomy = c.counters.disk_bytes.load(Ordering::Relaxed) < c.config.max_bytes / 2;
         if !roomy || !self.journal.receivers_busy() {
             self.yielding_since = None;
             return false;
