@@ -73,8 +73,8 @@ pub use decoder::{
 };
 pub use persist::TemplateChange;
 pub use service::{Ingest, UdpStatsHandle};
-pub use sink::{EncodedRecords, RecordSink};
 pub use settings::{IngestSettings, ListenSpec, Transport};
+pub use sink::{EncodedRecords, RecordSink};
 pub use sql::{ListenerStats, StoredTemplate};
 pub use stats::{Counters, DropReason};
 pub use wire::Version;
