@@ -126,6 +126,7 @@ pub(super) async fn run(
         // A receiver at the ladder's top has a lower bound only; against
         // nfcapd at the top the ratio is undetermined (both bounded).
         let ratio = match nfcapd {
+            Some(_) if *kind == Kind::Nfcapd => "1.00x".to_owned(),
             Some((n, n_top)) => {
                 let r = p.offered as f64 / n.offered as f64;
                 match (*at_top, n_top) {
