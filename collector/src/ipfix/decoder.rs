@@ -6,10 +6,10 @@
 use super::domain::{Domain, Template};
 use super::persist::{self, TemplateChange};
 use super::plan::Plan;
+use super::sink::RecordSink;
 use super::stats::{Counters, DropReason};
 use super::walk::Walk;
 use super::wire::{be16, parse_header, Version};
-use qosloop_schema::FlowRecord;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -216,12 +216,12 @@ impl Decoder {
     /// Problems inside the message (a bad set, a template that does not
     /// compile, data without a template) are counted and the rest decoded;
     /// an `Err` means the whole datagram was dropped, and is counted too.
-    pub fn decode_udp(
+    pub fn decode_udp<S: RecordSink>(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
         received_ns: u64,
-        out: &mut Vec<FlowRecord>,
+        out: &mut S,
     ) -> Result<Message, DropReason> {
         self.decode(
             ExporterKey {
@@ -236,13 +236,13 @@ impl Decoder {
 
     /// Decodes one IPFIX message of TCP session `session` (framed with
     /// [`ipfix_message_len`]); templates are scoped to the session.
-    pub fn decode_tcp(
+    pub fn decode_tcp<S: RecordSink>(
         &mut self,
         from: SocketAddr,
         session: u64,
         message: &[u8],
         received_ns: u64,
-        out: &mut Vec<FlowRecord>,
+        out: &mut S,
     ) -> Result<Message, DropReason> {
         self.decode(
             ExporterKey {
@@ -461,12 +461,12 @@ impl Decoder {
         out
     }
 
-    fn decode(
+    fn decode<S: RecordSink>(
         &mut self,
         key: ExporterKey,
         bytes: &[u8],
         now_ns: u64,
-        out: &mut Vec<FlowRecord>,
+        out: &mut S,
     ) -> Result<Message, DropReason> {
         if let Some(allow) = &self.limits.allow {
             // On a dual-stack socket an IPv4 exporter is ::ffff:a.b.c.d.

@@ -5,6 +5,7 @@
 //! [`Limits`](super::Limits).
 
 use super::plan::{Fields, Plan};
+use super::sink::RecordSink;
 use super::stats::{Counters, DropReason};
 use super::wire::{TemplateDef, Version};
 use qosloop_schema::FlowRecord;
@@ -148,14 +149,14 @@ impl Domain {
 
     /// Turns one data record's fields into flow records (two for a
     /// bidirectional NSEL-style record with responder counters).
-    pub fn build(
+    pub fn build<S: RecordSink>(
         &mut self,
         f: Fields,
         ctx: &MsgCtx,
         v5_sampling: Option<u32>,
         max_totals: usize,
         now_ns: u64,
-        out: &mut Vec<FlowRecord>,
+        out: &mut S,
     ) {
         let (start_ns, end_ns) = self.times(&f, ctx);
         if f.sampling_out_of_range() {

@@ -27,6 +27,7 @@
 //! - `walk`: the walk over one message's sets.
 //! - `persist`: the stored text form of a template.
 //! - `stats`: counters and drop reasons.
+//! - `sink`: where records go: a vector, or the journal's encoding.
 //!
 //! Around it, the service ([`Ingest`]):
 //! - `settings`: the `ipfix_*` configuration, checked.
@@ -58,6 +59,7 @@ mod persist;
 mod plan;
 mod service;
 mod settings;
+mod sink;
 mod sql;
 mod stats;
 mod tcp;
@@ -72,6 +74,7 @@ pub use decoder::{
 pub use persist::TemplateChange;
 pub use service::{Ingest, UdpStatsHandle};
 pub use settings::{IngestSettings, ListenSpec, Transport};
+pub use sink::{EncodedRecords, RecordSink};
 pub use sql::{ListenerStats, StoredTemplate};
 pub use stats::{Counters, DropReason};
 pub use wire::Version;

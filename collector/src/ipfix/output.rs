@@ -3,6 +3,7 @@
 //! row and observation domain; template changes and counters to SQL.
 
 use super::decoder::{Decoder, ExporterKey, ExporterStats};
+use super::sink::{EncodedRecords, RecordSink};
 use super::sql;
 use super::wire::Version;
 use crate::journal::frame::{self, FrameHead, OpenFrame};
@@ -182,22 +183,7 @@ impl Output {
         if self.journal.is_some() {
             // Encoded at once; `records` keeps its capacity for the next
             // datagram.
-            let spare = &mut self.spare;
-            let f = self.frames.entry((from, domain)).or_insert_with(|| {
-                let mut buf = spare.pop().unwrap_or_default();
-                let head = FrameHead {
-                    name: sql::udp_exporter_name(from),
-                    addr: from.to_string(),
-                    domain,
-                    seq,
-                };
-                let open = frame::begin_frame(&mut buf, &head);
-                PendingFrame {
-                    buf,
-                    open,
-                    records: 0,
-                }
-            });
+            let f = self.frame(from, domain, seq);
             frame::push_records(&mut f.buf, records);
             frame::set_seq(&mut f.buf, f.open, seq);
             f.records += records.len() as u32;
@@ -210,6 +196,50 @@ impl Output {
         // vector keeps its capacity for the next datagram.
         p.records.append(records);
         self.buffered >= self.flush_records
+    }
+
+    /// Adds the records one message produced, already in the journal's
+    /// encoding (the UDP path with a journal); true when a flush is due.
+    /// `records` is emptied (its capacity kept).
+    pub fn add_encoded(
+        &mut self,
+        from: SocketAddr,
+        domain: u32,
+        seq: u32,
+        records: &mut EncodedRecords,
+    ) -> bool {
+        let n = records.len();
+        if n == 0 {
+            return self.buffered >= self.flush_records;
+        }
+        debug_assert!(self.journal.is_some(), "encoded records without a journal");
+        self.buffered += n;
+        let f = self.frame(from, domain, seq);
+        f.buf.extend_from_slice(records.bytes());
+        frame::set_seq(&mut f.buf, f.open, seq);
+        f.records += n as u32;
+        records.clear();
+        self.buffered >= self.flush_records
+    }
+
+    /// The open journal frame of `from` and `domain`, begun when absent.
+    fn frame(&mut self, from: SocketAddr, domain: u32, seq: u32) -> &mut PendingFrame {
+        let spare = &mut self.spare;
+        self.frames.entry((from, domain)).or_insert_with(|| {
+            let mut buf = spare.pop().unwrap_or_default();
+            let head = FrameHead {
+                name: sql::udp_exporter_name(from),
+                addr: from.to_string(),
+                domain,
+                seq,
+            };
+            let open = frame::begin_frame(&mut buf, &head);
+            PendingFrame {
+                buf,
+                open,
+                records: 0,
+            }
+        })
     }
 
     /// The `exporters.id` of `addr`, registered on first use.

@@ -9,6 +9,7 @@
 use super::decoder::Decoder;
 use super::output::{Output, Restorable};
 use super::settings::IngestSettings;
+use super::sink::EncodedRecords;
 use super::sql::ListenerStats;
 use super::stats::DropReason;
 use crate::store::{Sink, WriteReq};
@@ -152,6 +153,10 @@ impl UdpWorker {
         let batch = s.batch;
         let mut buffers = vec![vec![0u8; MAX_DATAGRAM]; batch];
         let mut records = Vec::new();
+        // With a journal, records go from the datagram straight into the
+        // frame encoding: no vector of `FlowRecord`s on this path.
+        let mut encoded = EncodedRecords::default();
+        let direct = self.journal.is_some();
         let mut last_flush = Instant::now();
         let mut last_stats = Instant::now();
         let mut last_sweep = Instant::now();
@@ -194,6 +199,13 @@ impl UdpWorker {
             let now = u64::try_from(now_ns()).unwrap_or(0);
             match received {
                 Ok(got) => {
+                    if got.len() == batch {
+                        // More was waiting than one call takes: the
+                        // journal's loader stands aside for a while.
+                        if let Some(j) = &self.journal {
+                            j.note_busy();
+                        }
+                    }
                     if let Some(n) = got.iter().rev().find_map(|g| g.2) {
                         self.stats.kernel_drops[self.index].store(u64::from(n), Ordering::Relaxed);
                     }
@@ -202,12 +214,24 @@ impl UdpWorker {
                         self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
                         let Some(from) = from else { continue };
                         restorable.install(from, &mut decoder);
-                        match decoder.decode_udp(from, &buffers[i][..len], now, &mut records) {
-                            Ok(msg) => {
+                        let datagram = &buffers[i][..len];
+                        let decoded = if direct {
+                            decoder
+                                .decode_udp(from, datagram, now, &mut encoded)
+                                .map(|msg| {
+                                    output.add_encoded(from, msg.domain, msg.sequence, &mut encoded)
+                                })
+                        } else {
+                            decoder
+                                .decode_udp(from, datagram, now, &mut records)
+                                .map(|msg| output.add(from, msg.domain, msg.sequence, &mut records))
+                        };
+                        match decoded {
+                            Ok(due) => {
                                 // Checked after every datagram, not every
                                 // batch: one datagram can carry thousands
                                 // of records.
-                                if output.add(from, msg.domain, msg.sequence, &mut records) {
+                                if due {
                                     last_flush = Instant::now();
                                     self.flush(&mut output, &mut decoder);
                                 }
@@ -225,6 +249,7 @@ impl UdpWorker {
                             }
                         }
                         records.clear();
+                        encoded.clear();
                     }
                 }
                 Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}

@@ -8,16 +8,16 @@ use super::decoder::{Changes, ExporterKey, Limits, Usage, PENDING_SET_OVERHEAD};
 use super::domain::{Domain, MsgCtx, PendingSet, Template};
 use super::persist::{self, TemplateChange};
 use super::plan::{Fields, Plan};
+use super::sink::RecordSink;
 use super::stats::DropReason;
 use super::wire::{
     be16, be32, parse_template_set, Header, Sets, TemplateDef, TemplateRecord, Version, V5_RECORD,
 };
-use qosloop_schema::FlowRecord;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 /// One message being decoded.
-pub(super) struct Walk<'a> {
+pub(super) struct Walk<'a, S: RecordSink> {
     /// `out.len()` at which this message stops producing records.
     pub(super) record_cap: usize,
     /// Set when the message must end the session (TCP).
@@ -29,10 +29,10 @@ pub(super) struct Walk<'a> {
     pub(super) key: ExporterKey,
     pub(super) header: Header,
     pub(super) now_ns: u64,
-    pub(super) out: &'a mut Vec<FlowRecord>,
+    pub(super) out: &'a mut S,
 }
 
-impl Walk<'_> {
+impl<S: RecordSink> Walk<'_, S> {
     fn ctx(&self) -> MsgCtx {
         MsgCtx {
             version: self.header.version,

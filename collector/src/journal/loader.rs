@@ -19,6 +19,10 @@ const MAX_INFLIGHT_RECORDS: usize = 1 << 18;
 const READ_CHUNK: usize = 8 << 20;
 /// The cursor file is written at most this often.
 const CURSOR_EVERY: Duration = Duration::from_millis(100);
+/// The loader stands aside for busy receivers at most this long at a time.
+const YIELD_MAX: Duration = Duration::from_secs(2);
+/// Its naps meanwhile.
+const YIELD_NAP: Duration = Duration::from_millis(10);
 
 /// Starts the loader task: it runs until the journal is closed and
 /// everything synced is committed (or the task is aborted).
@@ -38,6 +42,7 @@ pub fn spawn_loader(
             inflight: VecDeque::new(),
             inflight_records: 0,
             ids: HashMap::new(),
+            yielding_since: None,
             journal,
             sink,
             writer,
@@ -64,13 +69,21 @@ struct Loader {
     inflight: VecDeque<(Answer, Pos, usize)>,
     inflight_records: usize,
     ids: HashMap<String, i64>,
+    /// Since when it has been standing aside for busy receivers.
+    yielding_since: Option<Instant>,
 }
 
 impl Loader {
     async fn run(&mut self) {
         loop {
-            let synced = self.journal.synced();
             let closed = self.journal.shared.closed.load(Ordering::Relaxed);
+            if !closed && self.yield_to_receivers() {
+                // Commits already handed on are still taken in.
+                self.settle(false).await;
+                tokio::time::sleep(YIELD_NAP).await;
+                continue;
+            }
+            let synced = self.journal.synced();
             let progressed = if self.pos.seg < synced.seg || self.pos.off < synced.off {
                 self.read_available(synced).await
             } else {
@@ -95,6 +108,25 @@ impl Loader {
                 }
             }
         }
+    }
+
+    /// True when the loader should stand aside now: a receiving thread is
+    /// backlogged, it has not stood aside for [`YIELD_MAX`] already, and
+    /// the journal holds less than half its bound.
+    fn yield_to_receivers(&mut self) -> bool {
+        let c = &self.journal.shared;
+        let roomy = c.counters.disk_bytes.load(Ordering::Relaxed) < c.config.max_bytes / 2;
+        if !roomy || !self.journal.receivers_busy() {
+            self.yielding_since = None;
+            return false;
+        }
+        let since = *self.yielding_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= YIELD_MAX {
+            // One round of loading, then it may stand aside again.
+            self.yielding_since = None;
+            return false;
+        }
+        true
     }
 
     /// Reads and hands on the frames up to `synced`; true if it moved.

@@ -26,6 +26,11 @@
 //! - **Crash safety.** A frame is length + CRC-32C + payload. After a crash
 //!   the torn tail of the last segment fails its check and is skipped
 //!   (counted); appends continue in a new segment.
+//! - **Yielding.** While a receiving thread finds its socket backlogged
+//!   (a full `recvmmsg` batch), the loader — and so the SQL writer it
+//!   feeds — stands aside: the records are durable in the journal
+//!   already, and the CPU goes to the receivers. It yields at most
+//!   2 s at a time, and not at all once the journal holds half its bound.
 //! - **Exactly once?** Within a run the loader retries a batch until it
 //!   commits and moves on only then. The cursor file is written (and
 //!   synced) at most every 100 ms after commits; a crash of the process
@@ -41,9 +46,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use loader::spawn_loader;
+
+/// How long one sign of a backlogged socket keeps the loader aside.
+pub const BUSY_FOR: Duration = Duration::from_millis(50);
 
 /// How the journal is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +142,10 @@ struct Shared {
     start: Pos,
     /// Logged once per episode of a full journal.
     full_logged: AtomicBool,
+    /// When a receiving thread last found its socket backlogged: ms since
+    /// `epoch`, plus one (0: never). The loader stands aside meanwhile.
+    busy_at_ms: AtomicU64,
+    epoch: Instant,
 }
 
 /// An open journal; clone the `Arc` for every receiving thread.
@@ -274,6 +286,8 @@ impl Journal {
             closed: AtomicBool::new(false),
             start,
             full_logged: AtomicBool::new(false),
+            busy_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             config,
         });
         if !segs.is_empty() {
@@ -481,6 +495,21 @@ impl Journal {
         self.sync();
         self.write_status();
         self.shared.notify.notify_one();
+    }
+
+    /// A receiving thread found more datagrams waiting than one batch
+    /// takes: for the next [`BUSY_FOR`] the loader yields to the receivers
+    /// (see [`loader`]).
+    pub fn note_busy(&self) {
+        let ms = self.shared.epoch.elapsed().as_millis() as u64 + 1;
+        self.shared.busy_at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// True within [`BUSY_FOR`] of the last [`Journal::note_busy`].
+    pub fn receivers_busy(&self) -> bool {
+        let at = self.shared.busy_at_ms.load(Ordering::Relaxed);
+        let now = self.shared.epoch.elapsed().as_millis() as u64 + 1;
+        at != 0 && now.saturating_sub(at) < BUSY_FOR.as_millis() as u64
     }
 
     fn synced(&self) -> Pos {

@@ -176,3 +176,77 @@ fn a_damaged_cursor_reads_as_absent() {
     fs::write(&p, b).unwrap();
     assert_eq!(read_cursor(dir.path()), None);
 }
+
+/// While a receiving thread reports a backlog, the loader stands aside
+/// (the records are durable in the journal); once the reports stop it
+/// loads everything, once. Past half the bound it loads even while busy.
+#[tokio::test]
+async fn the_loader_yields_to_busy_receivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(dir.path()).await;
+    let j = Journal::open(config(dir.path(), 64 << 20, 0)).unwrap();
+    assert!(!j.receivers_busy());
+    j.note_busy();
+    assert!(j.receivers_busy());
+    // A receiving thread that keeps finding its socket backlogged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (j, stop) = (j.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                j.note_busy();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let (writer, _tasks) = spawn_writer(Sink::Db(db.clone()), 16, 10_000, 1);
+    let loader = spawn_loader(j.clone(), Sink::Db(db.clone()), writer);
+    for f in 0..10 {
+        assert!(j.append(&frame_of(f * 100, 100), 100));
+    }
+    // Synced at once (fsync 0), yet nothing is loaded while busy.
+    assert_eq!(j.stats().synced_records, 1000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(j.stats().loaded_records, 0);
+    assert_eq!(totals(&db).await.0, 0);
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    // No more reports: loaded without the journal being closed.
+    for _ in 0..1000 {
+        if j.stats().loaded_records == 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(j.stats().loaded_records, 1000);
+    assert_eq!(totals(&db).await, (1000, sum_bytes(0..1000)));
+    j.close();
+    loader.await.unwrap();
+
+    // A journal past half its bound is loaded even while busy.
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(dir.path()).await;
+    let frame_len = frame_of(0, 100).len() as u64;
+    let mut c = config(dir.path(), 64 << 20, 0);
+    c.max_bytes = 6 * frame_len;
+    let j = Journal::open(c).unwrap();
+    for f in 0..4 {
+        assert!(j.append(&frame_of(f * 100, 100), 100));
+    }
+    j.note_busy();
+    let (writer, _tasks) = spawn_writer(Sink::Db(db.clone()), 16, 10_000, 1);
+    let loader = spawn_loader(j.clone(), Sink::Db(db.clone()), writer);
+    for _ in 0..1000 {
+        j.note_busy();
+        if j.stats().loaded_records == 400 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(j.stats().loaded_records, 400);
+    j.close();
+    loader.await.unwrap();
+}

@@ -8,7 +8,8 @@
 //! records/s (records stored per second from the first datagram until the
 //! socket's queue is empty and, for SQL, the last row is committed);
 //! ratios against nfcapd. Before that, the decoder alone on one core
-//! (no socket): records/s per core.
+//! (no socket): records/s per core. After it, the rate ladder
+//! ([`super::ipfix_ladder`]).
 
 use crate::harness::{find_binary, free_port, Postgres};
 use qosloop_collector::ipfix::{Decoder, Limits};
@@ -53,13 +54,24 @@ pub struct Args {
     /// Receiving threads of the collector (`--ipfix-udp-threads`).
     #[arg(long, default_value_t = 1)]
     pub udp_threads: usize,
+    /// Offered rates of the ladder, records/s, comma-separated: each
+    /// receiver is run at each rate in turn until it loses more than
+    /// `--ladder-loss` percent.
+    #[arg(long, value_delimiter = ',', default_values_t = [500_000u64, 1_000_000, 1_500_000, 2_000_000, 3_000_000, 4_000_000, 6_000_000])]
+    pub ladder: Vec<u64>,
+    /// Loss (percent) a receiver may show and still pass a ladder step.
+    #[arg(long, default_value_t = 0.1)]
+    pub ladder_loss: f64,
+    /// Skip the ladder.
+    #[arg(long)]
+    pub no_ladder: bool,
 }
 
 /// The stream: IPFIX messages of at most 1392 bytes (1400 bytes of IP
 /// payload), each with its record count.
-struct Stream {
+pub(super) struct Stream {
     datagrams: Vec<(Vec<u8>, u64)>,
-    records: u64,
+    pub(super) records: u64,
 }
 
 fn record(i: u64) -> FlowRecord {
@@ -210,23 +222,25 @@ fn wait_drained(port: u16, start: Instant) -> Duration {
 
 /// One receiver's figures in one phase.
 #[derive(Debug, Clone)]
-struct Row {
-    stored: u64,
-    drops: u64,
-    secs: f64,
+pub(super) struct Row {
+    pub(super) stored: u64,
+    pub(super) drops: u64,
+    pub(super) secs: f64,
+    /// Seconds the sender took for the whole stream.
+    pub(super) sent_secs: f64,
     /// Journal run: seconds from "durable in the journal" until the loader
     /// had every record committed to SQL, and the records it committed.
     load: Option<(f64, u64)>,
 }
 
 impl Row {
-    fn rate(&self) -> f64 {
+    pub(super) fn rate(&self) -> f64 {
         self.stored as f64 / self.secs.max(1e-9)
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Decoder,
     CollectorSqlite,
     CollectorPostgres,
@@ -237,7 +251,7 @@ enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Kind::Decoder => "qosloop decoder (in-process, decode only)",
             Kind::CollectorSqlite => "qosloop-collector -> SQLite",
@@ -388,7 +402,7 @@ fn nfacctd_packets(path: &Path) -> u64 {
 }
 
 /// Runs one receiver through one phase.
-async fn run_one(
+pub(super) async fn run_one(
     kind: Kind,
     stream: Arc<Stream>,
     rate: Option<u64>,
@@ -512,7 +526,7 @@ async fn run_one(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start = Instant::now();
     let s2 = stream.clone();
-    tokio::task::spawn_blocking(move || send(&s2, port, rate)).await??;
+    let sent = tokio::task::spawn_blocking(move || send(&s2, port, rate)).await??;
     let drained = tokio::task::spawn_blocking(move || wait_drained(port, start)).await?;
     let drops = udp_socket_state(port).map_or(0, |s| s.1);
     let mut load = None;
@@ -578,6 +592,7 @@ async fn run_one(
         stored,
         drops,
         secs: secs.as_secs_f64(),
+        sent_secs: sent.as_secs_f64(),
         load,
     })
 }
@@ -691,6 +706,10 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    if !args.no_ladder {
+        let first = counter.load(Ordering::Relaxed) as usize;
+        super::ipfix_ladder::run(&args, stream.clone(), tmp.path(), first).await?;
     }
     if let Some(pg) = pg {
         tokio::task::spawn_blocking(move || drop(pg)).await?;

@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod enforce;
 pub mod export;
 pub mod ipfix;
+pub mod ipfix_ladder;
 pub mod kb;
 pub mod meter;
