@@ -140,13 +140,15 @@ fn two_users(tag: &str, extra: &[String]) -> (Netns, String) {
 /// assured UDP entries (status seen-reply, assured and confirmed, as the
 /// kernel wants it at creation; never evicted early), 600 s timeout, in
 /// batches, until the kernel refuses one (ENOMEM: the table is full) or
-/// `limit` were created. Prints how many went in and the refusal.
+/// `limit` were created (an acknowledgement missing for 10 s fails it).
+/// Prints how many went in and the refusal.
 const FILL: &str = r#"
 import socket, struct, sys
 limit = int(sys.argv[1])
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
 s.bind((0, 0))
+s.settimeout(10)
 def nla(t, p):
     l = 4 + len(p)
     return struct.pack("=HH", l, t) + p + b"\0" * ((4 - l % 4) % 4)

@@ -381,9 +381,9 @@ impl Agent {
         &self.programs[..2.min(self.programs.len())]
     }
 
-    /// Reads the idle epoch's cache cells (every CPU's copy); no program
-    /// writes them once the epoch flipped. Returns the cells that held
-    /// counts (cleared by [`Agent::clear_idle`] once exported).
+    /// Reads the idle epoch's cache cells (every CPU's copy) into `into`;
+    /// no program writes them once the epoch flipped. They are zeroed by
+    /// [`Agent::clear_idle`] once their records are out.
     fn read_cache(
         &self,
         idle: u32,
