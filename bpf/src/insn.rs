@@ -59,6 +59,7 @@ const CALL: u8 = 0x80;
 const EXIT: u8 = 0x90;
 const MOV: u8 = 0xb0;
 const PSEUDO_MAP_FD: u8 = 1;
+const PSEUDO_MAP_VALUE: u8 = 2;
 
 /// Access widths of loads and stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +226,15 @@ impl Asm {
     pub fn load_map_fd(&mut self, dst: u8, map_fd: i32) -> &mut Self {
         self.raw(Insn::new(LD | IMM | DW, dst, PSEUDO_MAP_FD, 0, map_fd));
         self.raw(Insn::new(0, 0, 0, 0, 0))
+    }
+
+    /// `dst = &map[0] + off` (the two-slot `ld_imm64` with
+    /// `BPF_PSEUDO_MAP_VALUE`): a direct pointer into the value of a
+    /// one-entry array map, no lookup and no null check (what compilers
+    /// make of global variables).
+    pub fn load_map_value(&mut self, dst: u8, map_fd: i32, off: i32) -> &mut Self {
+        self.raw(Insn::new(LD | IMM | DW, dst, PSEUDO_MAP_VALUE, 0, map_fd));
+        self.raw(Insn::new(0, 0, 0, 0, off))
     }
 
     /// `if dst cond imm goto label`.

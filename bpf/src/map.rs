@@ -247,16 +247,37 @@ impl Map {
     /// An entry is read and removed in one step: what a program adds to it
     /// afterwards creates a new entry, so nothing is counted twice or lost
     /// between read and delete. Returns how many entries came.
-    pub fn drain(&self, batch: u32, mut each: impl FnMut(&[u8], &[u8])) -> Result<usize, BpfError> {
+    pub fn drain(&self, batch: u32, each: impl FnMut(&[u8], &[u8])) -> Result<usize, BpfError> {
+        self.batches(true, batch, each)
+    }
+
+    /// Hands every entry to `each`, leaving them in the map, in batches of
+    /// `batch` (`BPF_MAP_LOOKUP_BATCH`; hash maps). Only consistent while
+    /// nothing else writes the map. Returns how many entries came.
+    pub fn read_all(&self, batch: u32, each: impl FnMut(&[u8], &[u8])) -> Result<usize, BpfError> {
+        self.batches(false, batch, each)
+    }
+
+    fn batches(
+        &self,
+        delete: bool,
+        batch: u32,
+        mut each: impl FnMut(&[u8], &[u8]),
+    ) -> Result<usize, BpfError> {
         let batch = batch.max(1);
         let mut keys = vec![0u8; self.key_size * batch as usize];
         let mut values = vec![0u8; self.user_value_size() * batch as usize];
         let mut cursor = [0u8; 8];
         let mut started = false;
         let mut total = 0usize;
+        let call = if delete {
+            sys::map_lookup_and_delete_batch
+        } else {
+            sys::map_lookup_batch
+        };
         loop {
             let prev = cursor;
-            let (n, done) = sys::map_lookup_and_delete_batch(
+            let (n, done) = call(
                 self.fd.as_fd(),
                 started.then_some(&prev),
                 &mut cursor,

@@ -42,6 +42,11 @@ pub struct ProgInfo {
     pub id: u32,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    /// Instructions after the verifier's rewrites (inlined helpers,
+    /// context accesses): what the JIT compiled.
+    pub xlated_insns: u32,
+    /// Bytes of machine code (0 without the JIT).
+    pub jited_bytes: u32,
 }
 
 impl Program {
@@ -116,7 +121,24 @@ impl Program {
             id: u32::from_ne_bytes([info[4], info[5], info[6], info[7]]),
             run_time_ns: u64_at(192),
             run_cnt: u64_at(200),
+            xlated_insns: u32::from_ne_bytes([info[20], info[21], info[22], info[23]]) / 8,
+            jited_bytes: u32::from_ne_bytes([info[16], info[17], info[18], info[19]]),
         })
+    }
+
+    /// The instructions as the verifier rewrote them (8 bytes each, the
+    /// kernel's layout; map addresses blanked unless the caller may see
+    /// kernel pointers).
+    pub fn xlated(&self) -> Result<Vec<u8>, BpfError> {
+        let len = self.info()?.xlated_insns as usize * 8;
+        let mut insns = vec![0u8; len];
+        let mut info = [0u8; 224];
+        info[20..24].copy_from_slice(&(len as u32).to_ne_bytes());
+        info[32..40].copy_from_slice(&(insns.as_mut_ptr() as u64).to_ne_bytes());
+        sys::obj_info(self.fd.as_fd(), &mut info)?;
+        let got = u32::from_ne_bytes([info[20], info[21], info[22], info[23]]) as usize;
+        insns.truncate(got.min(len));
+        Ok(insns)
     }
 }
 

@@ -18,6 +18,7 @@ const OBJ_GET: i64 = 7;
 const PROG_ATTACH: i64 = 8;
 const PROG_DETACH: i64 = 9;
 const OBJ_GET_INFO_BY_FD: i64 = 15;
+const MAP_LOOKUP_BATCH: i64 = 24;
 const MAP_LOOKUP_AND_DELETE_BATCH: i64 = 25;
 const LINK_CREATE: i64 = 28;
 const ENABLE_STATS: i64 = 32;
@@ -125,6 +126,51 @@ pub(crate) fn map_lookup_and_delete_batch(
     values: &mut [u8],
     count: u32,
 ) -> Result<(u32, bool), BpfError> {
+    map_batch(
+        MAP_LOOKUP_AND_DELETE_BATCH,
+        "BPF_MAP_LOOKUP_AND_DELETE_BATCH",
+        fd,
+        in_batch,
+        out_batch,
+        keys,
+        values,
+        count,
+    )
+}
+
+/// `BPF_MAP_LOOKUP_BATCH`: as [`map_lookup_and_delete_batch`], the
+/// entries staying in the map.
+pub(crate) fn map_lookup_batch(
+    fd: BorrowedFd<'_>,
+    in_batch: Option<&[u8; 8]>,
+    out_batch: &mut [u8; 8],
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> Result<(u32, bool), BpfError> {
+    map_batch(
+        MAP_LOOKUP_BATCH,
+        "BPF_MAP_LOOKUP_BATCH",
+        fd,
+        in_batch,
+        out_batch,
+        keys,
+        values,
+        count,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_batch(
+    cmd: i64,
+    name: &'static str,
+    fd: BorrowedFd<'_>,
+    in_batch: Option<&[u8; 8]>,
+    out_batch: &mut [u8; 8],
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> Result<(u32, bool), BpfError> {
     let mut attr = [0u8; 56];
     if let Some(b) = in_batch {
         put(&mut attr, 0, &ptr(b.as_ptr()));
@@ -134,11 +180,7 @@ pub(crate) fn map_lookup_and_delete_batch(
     put(&mut attr, 24, &ptr(values.as_mut_ptr()));
     put(&mut attr, 32, &count.to_ne_bytes());
     put(&mut attr, 36, &(fd.as_raw_fd() as u32).to_ne_bytes());
-    match call(
-        MAP_LOOKUP_AND_DELETE_BATCH,
-        &mut attr,
-        "BPF_MAP_LOOKUP_AND_DELETE_BATCH",
-    ) {
+    match call(cmd, &mut attr, name) {
         Ok(_) => Ok((read_u32(&attr, 32), false)),
         // ENOENT: the last batch (possibly empty); the count says how many.
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((read_u32(&attr, 32), true)),

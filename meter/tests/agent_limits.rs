@@ -1,6 +1,9 @@
 //! The host agent at its limits, against the real kernel: a counter map
-//! far too small for the sockets sending, and an agent killed with SIGKILL
-//! in the middle of traffic and started again on its pinned maps and links.
+//! far too small for the sockets sending, an agent killed with SIGKILL
+//! in the middle of traffic and started again on its pinned maps and links,
+//! and one killed inside a drain (held there by the test-only hook
+//! `QOSLOOP_AGENT_TEST_PAUSE_IN_DRAIN`) before and after its records are
+//! out.
 //! Each test attaches the agent to a cgroup it creates and starts its
 //! generators in it, so only their sockets are counted (the rest of the
 //! host's traffic can neither fill the map nor blur the totals), and the
@@ -177,4 +180,101 @@ print("sent", flush=True)
         left.iter().any(|n| n == "qla_count0"),
         "maps not pinned: {left:?}"
     );
+}
+
+/// UDP datagrams from one socket, paced, until `count` are sent.
+const PACED: &str = r#"
+import os, socket, sys, time
+port, count, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+print(os.getpid(), flush=True)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(count):
+    s.sendto(b"d" * size, ("127.0.0.1", port))
+    if i % 16 == 15:
+        time.sleep(0.001)
+print("sent", flush=True)
+"#;
+
+/// Kills the agent while the hook holds it at `point` inside a drain that
+/// has records, starts another on the same pins and checks the two
+/// agents' records add up to exactly what was sent.
+fn killed_inside_a_drain(point: &str, tag: &str, port: u16) {
+    let cgroup = TestCgroup::new(tag);
+    let pins = Bpffs::new();
+    let ns = Netns::new(tag);
+    let user = User::new(&format!("qla{tag}"));
+    let extra = [
+        "--agent-cgroup".into(),
+        cgroup.arg(),
+        "--agent-pin-dir".into(),
+        pins.path().display().to_string(),
+    ];
+    let first = AgentRun::start_with_env(
+        &ns,
+        200,
+        &extra,
+        &[("QOSLOOP_AGENT_TEST_PAUSE_IN_DRAIN", point)],
+    );
+    let (count, size) = (20_000u64, 300u64);
+    let mut g = Gen::start_in(
+        &ns,
+        &user,
+        PACED,
+        &[port.to_string(), count.to_string(), size.to_string()],
+        Some(&cgroup),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first.log().contains("pausing inside a drain") {
+        assert!(
+            Instant::now() < deadline,
+            "the hook never paused: {}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = first.kill9();
+    let second = AgentRun::start_with(&ns, 200, &extra);
+    g.wait_line("sent");
+    g.wait();
+    std::thread::sleep(Duration::from_millis(400));
+    let (after, log) = second.stop();
+    let ours = |r: &qosloop_schema::FlowRecord| r.user.as_deref() == Some(&user.name);
+    let got_before = udp_bytes(&before, port, ours);
+    let got_after = udp_bytes(&after, port, ours);
+    let want = count * (size + 28);
+    assert!(
+        got_after > 0,
+        "{point}: the restarted agent counted nothing; {log}"
+    );
+    assert_eq!(
+        got_before + got_after,
+        want,
+        "{point}: before the kill {got_before} + after {got_after} != sent {want}; {log}"
+    );
+    if point == "before_clear" {
+        assert!(
+            got_before > 0,
+            "{point}: the batch was not out before the kill"
+        );
+        assert!(
+            log.contains("not exported again"),
+            "{point}: the restarted agent did not clear the exported batch: {log}"
+        );
+    }
+}
+
+#[test]
+fn an_agent_killed_inside_a_drain_before_its_records_are_out_loses_nothing() {
+    if prerequisites().is_none() {
+        return;
+    }
+    killed_inside_a_drain("before_export", "dx", 40_011);
+}
+
+#[test]
+fn an_agent_killed_inside_a_drain_after_its_records_are_out_counts_nothing_twice() {
+    if prerequisites().is_none() {
+        return;
+    }
+    killed_inside_a_drain("before_clear", "dc", 40_012);
 }

@@ -8,9 +8,12 @@
 //! with systemd's `BPF_F_ALLOW_MULTI` programs and go away with the agent),
 //! and record cookie → pid/uid/command when sockets are created or bound.
 //! Every interim interval the agent flips the epoch cell so the programs
-//! count into the other counter map, then reads and deletes the idle one in
-//! batches: an entry leaves the kernel exactly once, so no byte is counted
-//! twice and none is lost between reading and deleting. Cookies without an
+//! count into the other counter map, reads the idle one (frozen: no program
+//! writes it any more), writes the records, marks the drain exported in a
+//! one-word map and only then clears the idle map: an agent killed inside a
+//! drain leaves either the whole batch (the next agent exports it) or the
+//! mark (the next agent clears it unexported), so nothing is lost or
+//! counted twice. Cookies without an
 //! owner entry (sockets older than the agent, accepted sockets) are
 //! resolved through `sock_diag` and `/proc`; what cannot be resolved keeps
 //! the socket's uid and is called `unknown process` — never dropped.
@@ -26,6 +29,7 @@ mod names;
 pub mod nft;
 pub mod programs;
 mod sockdiag;
+mod stats;
 
 use crate::sink::{RecordSink, SinkError};
 use names::{comm_of, process_label, UserNames};
@@ -33,6 +37,7 @@ pub use programs::CountPath;
 use programs::{CountMaps, CounterKey, Counts, Direction, OwnerEntry};
 use qosloop_bpf::{AttachType, BpfError, CgroupLink, Map, MapType, ProgType, Program};
 use qosloop_schema::FlowRecord;
+pub use stats::AgentStats;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -138,51 +143,6 @@ fn is_cgroup2(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// What the agent counted, for the summary line and the logs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AgentStats {
-    pub records: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Packets and bytes a full counter map could not key (counted, not
-    /// attributed); each rise triggers an early drain.
-    pub map_full_packets: u64,
-    pub map_full_bytes: u64,
-    /// Records whose process could not be resolved (uid kept).
-    pub unknown_process: u64,
-    pub drains: u64,
-    /// Fallback: packets conntrack dropped since the start (a full table
-    /// drops new connections' packets; they are not accounted).
-    pub conntrack_dropped: u64,
-    /// Fallback: times ctnetlink dropped DESTROY events (entries that ended
-    /// then keep only what the last dump saw).
-    pub events_lost: u64,
-}
-
-impl std::fmt::Display for AgentStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "agent: {} records, {} packets, {} bytes in {} drains; {} records of unknown process; map full: {} packets, {} bytes not attributed",
-            self.records,
-            self.packets,
-            self.bytes,
-            self.drains,
-            self.unknown_process,
-            self.map_full_packets,
-            self.map_full_bytes
-        )?;
-        if self.conntrack_dropped > 0 || self.events_lost > 0 {
-            write!(
-                f,
-                "; conntrack: {} packets dropped (table full), {} event overruns",
-                self.conntrack_dropped, self.events_lost
-            )?;
-        }
-        Ok(())
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Owner {
     pid: Option<u32>,
@@ -199,7 +159,19 @@ struct Maps {
     owners: Map,
     overflow: Map,
     cache: Map,
+    /// One word: [`EXPORTED`] from the moment a drain's records are out
+    /// until the idle map and cache cells are cleared, else 0 (pinned with
+    /// the others: what a killed agent had exported is not exported again).
+    drain_state: Map,
 }
+
+/// `qla_drain`: the idle epoch's counts are in the sink; clearing them.
+const EXPORTED: u32 = 1;
+
+/// Test-only hook (named for what it is): `before_export` or
+/// `before_clear` makes the first drain with records pause there for up to
+/// 30 s, saying so on the log, so a test can kill the agent inside a drain.
+const TEST_PAUSE_ENV: &str = "QOSLOOP_AGENT_TEST_PAUSE_IN_DRAIN";
 
 impl Maps {
     fn open(cfg: &AgentConfig) -> Result<Maps, AgentError> {
@@ -242,6 +214,7 @@ impl Maps {
                 CACHE_SLOT_SIZE,
                 CACHE_CELLS,
             )?,
+            drain_state: make("qla_drain", MapType::Array, 4, 4, 1)?,
         })
     }
 }
@@ -338,6 +311,7 @@ impl Agent {
             stats: AgentStats::default(),
         };
         agent.overflow_seen = agent.overflow_totals();
+        agent.finish_interrupted_drain()?;
         tracing::info!(
             cgroup = %cfg.cgroup.display(),
             pinned = cfg.pin_dir.is_some(),
@@ -407,15 +381,15 @@ impl Agent {
         &self.programs[..2.min(self.programs.len())]
     }
 
-    /// Takes the idle epoch's cache cells (every CPU's copy) and zeroes
-    /// them; no program writes them once the epoch flipped.
-    fn take_cache(
+    /// Reads the idle epoch's cache cells (every CPU's copy) into `into`;
+    /// no program writes them once the epoch flipped. They are zeroed by
+    /// [`Agent::clear_idle`] once their records are out.
+    fn read_cache(
         &self,
         idle: u32,
         into: &mut HashMap<CounterKey, Counts>,
     ) -> Result<(), AgentError> {
         let slot = self.maps.cache.slot_size();
-        let zero = vec![0u8; self.maps.cache.user_value_size()];
         for cell in programs::cache_cells_of(idle) {
             let k = cell.to_ne_bytes();
             let Some(v) = self
@@ -426,7 +400,6 @@ impl Agent {
             else {
                 continue;
             };
-            let mut any = false;
             for s in v.chunks_exact(slot.max(programs::CACHE_SLOT_SIZE as usize)) {
                 let counts = Counts::sum(
                     &s[programs::KEY_SIZE as usize..],
@@ -435,17 +408,52 @@ impl Agent {
                 if counts.packets == 0 {
                     continue;
                 }
-                any = true;
                 if let Some(key) = CounterKey::decode(s) {
                     into.entry(key).or_default().merge(counts);
                 }
             }
-            if any {
-                self.maps
-                    .cache
-                    .update(&k, &zero)
-                    .map_err(bpf("clearing the cache"))?;
-            }
+        }
+        Ok(())
+    }
+
+    /// Empties the idle epoch's counter map and cache cells (their counts
+    /// are in the sink), then says so in `qla_drain`.
+    fn clear_idle(&self, idle: u32) -> Result<(), AgentError> {
+        self.maps.counters[idle as usize & 1]
+            .drain(1024, |_, _| {})
+            .map_err(bpf("clearing a counter map"))?;
+        let zero = vec![0u8; self.maps.cache.user_value_size()];
+        for cell in programs::cache_cells_of(idle) {
+            self.maps
+                .cache
+                .update(&cell.to_ne_bytes(), &zero)
+                .map_err(bpf("clearing the cache"))?;
+        }
+        self.set_drain_state(0)
+    }
+
+    fn set_drain_state(&self, state: u32) -> Result<(), AgentError> {
+        self.maps
+            .drain_state
+            .update(&0u32.to_ne_bytes(), &state.to_ne_bytes())
+            .map_err(bpf("writing the drain state"))
+    }
+
+    /// A previous agent on the same pinned maps was stopped after its last
+    /// drain's records were out but before it cleared the idle map: clear
+    /// it now, without exporting it again.
+    fn finish_interrupted_drain(&self) -> Result<(), AgentError> {
+        let state = self
+            .maps
+            .drain_state
+            .lookup(&0u32.to_ne_bytes())
+            .map_err(bpf("reading the drain state"))?
+            .map_or(0, |v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
+        if state == EXPORTED {
+            tracing::warn!(
+                "agent: the previous agent stopped after exporting a drain but before clearing it; cleared now, not exported again"
+            );
+            self.clear_idle(self.epoch ^ 1)?;
         }
         Ok(())
     }
@@ -580,16 +588,20 @@ impl Agent {
         std::thread::sleep(Duration::from_millis(1));
         // Owners recorded meanwhile (sockets created just before the flip).
         self.take_owners()?;
+        // Read, export, then clear: the idle map is frozen (no program
+        // writes it after the flip), so a kill before the records are out
+        // leaves it whole for the next agent, and `qla_drain` tells that
+        // agent when they were out already.
         let mut merged: HashMap<CounterKey, Counts> = HashMap::new();
         let slot = self.maps.counters[idle].slot_size();
         self.maps.counters[idle]
-            .drain(1024, |k, v| {
+            .read_all(1024, |k, v| {
                 if let Some(key) = CounterKey::decode(k) {
                     merged.entry(key).or_default().merge(Counts::sum(v, slot));
                 }
             })
-            .map_err(bpf("draining a counter map"))?;
-        self.take_cache(idle as u32, &mut merged)?;
+            .map_err(bpf("reading a counter map"))?;
+        self.read_cache(idle as u32, &mut merged)?;
         let entries: Vec<(CounterKey, Counts)> = merged.into_iter().collect();
         let mut unknown: HashMap<u64, Vec<u16>> = HashMap::new();
         for (k, _) in &entries {
@@ -617,6 +629,7 @@ impl Agent {
         self.stats.drains += 1;
         let drain = self.stats.drains;
         let n = entries.len();
+        let mut paused = false;
         for (key, counts) in entries {
             if counts.packets == 0 {
                 continue;
@@ -654,9 +667,18 @@ impl Agent {
             self.stats.records += 1;
             self.stats.packets += counts.packets;
             self.stats.bytes += counts.bytes;
+            if !paused {
+                paused = true;
+                test_pause("before_export");
+            }
             sink.push(&record)?;
         }
         sink.flush()?;
+        self.set_drain_state(EXPORTED)?;
+        if paused {
+            test_pause("before_clear");
+        }
+        self.clear_idle(idle as u32)?;
         if self.owners.len() > MAX_OWNERS {
             // The owners not seen for longest go first.
             let mut ages: Vec<u64> = self.owners.values().map(|o| o.last_drain).collect();
@@ -681,6 +703,21 @@ impl Agent {
         self.drain(sink)?;
         self.drain(sink)?;
         Ok(self.stats)
+    }
+}
+
+/// The test-only pause (see [`TEST_PAUSE_ENV`]): once per process, at
+/// `point` when the variable names it.
+fn test_pause(point: &str) {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if std::env::var(TEST_PAUSE_ENV).is_ok_and(|v| v == point)
+        && !DONE.swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!(
+            point,
+            "agent: test hook {TEST_PAUSE_ENV}: pausing inside a drain"
+        );
+        std::thread::sleep(Duration::from_secs(30));
     }
 }
 

@@ -299,7 +299,14 @@ impl NftAgent {
         }
         self.last_drain_wall_ns = now_wall;
         self.stats.drains = drain;
-        self.stats.conntrack_dropped = conntrack_drops().saturating_sub(self.drops_at_start);
+        let dropped = conntrack_drops().saturating_sub(self.drops_at_start);
+        if dropped > self.stats.conntrack_dropped {
+            tracing::warn!(
+                packets = dropped - self.stats.conntrack_dropped,
+                "agent: conntrack table full: the kernel dropped packets of new connections since the last drain (not accounted; counted in the summary)"
+            );
+        }
+        self.stats.conntrack_dropped = dropped;
         self.stats.events_lost = self.events.overruns;
         sink.flush()?;
         Ok(n)

@@ -95,6 +95,16 @@ impl AgentRun {
 
     /// With more command-line arguments.
     pub fn start_with(ns: &Netns, interim_ms: u32, extra: &[String]) -> AgentRun {
+        Self::start_with_env(ns, interim_ms, extra, &[])
+    }
+
+    /// With more command-line arguments and environment variables.
+    pub fn start_with_env(
+        ns: &Netns,
+        interim_ms: u32,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> AgentRun {
         let dir = tempfile::tempdir().unwrap();
         let records = dir.path().join("records.jsonl");
         let log = dir.path().join("agent.log");
@@ -111,6 +121,7 @@ impl AgentRun {
             .args(extra)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "qosloop_meter=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -134,6 +145,11 @@ impl AgentRun {
             std::thread::sleep(Duration::from_millis(50));
         }
         run
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Bytes of records written so far.
@@ -264,6 +280,21 @@ impl Gen {
             );
             if line.trim() == want {
                 return;
+            }
+        }
+    }
+
+    /// Waits for a line starting with `prefix`; returns the rest of it.
+    pub fn wait_line_prefix(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                self.out.read_line(&mut line).unwrap() > 0,
+                "generator ended before a line {prefix:?}"
+            );
+            if let Some(rest) = line.trim().strip_prefix(prefix) {
+                return rest.to_owned();
             }
         }
     }
