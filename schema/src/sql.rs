@@ -65,6 +65,11 @@ const SQLITE: &[Migration] = &[
         name: "enforcer_counters",
         sql: include_str!("../sql/sqlite/0009_enforcer_counters.sql"),
     },
+    Migration {
+        version: 11,
+        name: "flow_rollups_by_hour",
+        sql: include_str!("../sql/sqlite/0011_flow_rollups_by_hour.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -112,6 +117,11 @@ const POSTGRES: &[Migration] = &[
         version: 9,
         name: "enforcer_counters",
         sql: include_str!("../sql/postgres/0009_enforcer_counters.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "flow_rollups_by_hour",
+        sql: include_str!("../sql/postgres/0011_flow_rollups_by_hour.sql"),
     },
 ];
 
