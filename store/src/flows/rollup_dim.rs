@@ -308,7 +308,8 @@ mod tests {
         assert_eq!(hour("total", "-"), Some((16, 4)));
         assert_eq!(hour("src_addr", "=10.0.0.2"), Some((6, 3)));
         assert_eq!(hour("class", "-"), Some((1, 1)));
-        assert_eq!(h.len(), 12);
+        // 11 dimensions; in the hour, src_addr and class have 2 values each.
+        assert_eq!(h.len(), 13);
         let later = [(group([10, 0, 0, 1], HOUR_NS + 60, None), s(7, 1))];
         assert_eq!(by_hour(&rollup_dim(&later))[0].0 .1, HOUR_NS);
         let keys: Vec<_> = r.iter().map(|((v, m), _)| (v.dim(), *m, v.key())).collect();
