@@ -70,6 +70,11 @@ const SQLITE: &[Migration] = &[
         name: "stitch",
         sql: include_str!("../sql/sqlite/0010_stitch.sql"),
     },
+    Migration {
+        version: 11,
+        name: "flow_rollups_by_hour",
+        sql: include_str!("../sql/sqlite/0011_flow_rollups_by_hour.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -122,6 +127,11 @@ const POSTGRES: &[Migration] = &[
         version: 10,
         name: "stitch",
         sql: include_str!("../sql/postgres/0010_stitch.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "flow_rollups_by_hour",
+        sql: include_str!("../sql/postgres/0011_flow_rollups_by_hour.sql"),
     },
 ];
 

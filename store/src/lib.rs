@@ -65,7 +65,7 @@ pub use db::{now_ns, redact, Db, DbError};
 pub use dialect::{is_transient, Dialect, Sql};
 pub use dpmi::{DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 pub use enforcers::EnforcerRow;
-pub use flows::{Batch, FlowRow, Outcome, MINUTE_NS, ROLLUP_DIMS};
+pub use flows::{Batch, FlowRow, Outcome, HOUR_NS, MINUTE_NS, ROLLUP_DIMS};
 pub use ipfix::{
     tcp_exporter_name, udp_exporter_name, ExporterCounters, ListenerStats, StoredTemplate,
     TemplateUpdate,

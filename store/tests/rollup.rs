@@ -3,13 +3,14 @@
 //! on a real PostgreSQL: after several writes that touch the same groups
 //! (the upsert merges), and after the migration's backfill. The same for
 //! the rollups by one dimension at a time (`flows_1m_dim`), dimension by
-//! dimension and for the minute's totals.
+//! dimension and for the minute's totals, and for their hourly level
+//! (`flows_1h_dim`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use qosloop_schema::sql::{migrations, Dialect};
 use qosloop_schema::FlowRecord;
-use qosloop_store::{on_pool, Batch, Bind, Col, Db, Sql, MINUTE_NS, ROLLUP_DIMS};
+use qosloop_store::{on_pool, Batch, Bind, Col, Db, Sql, HOUR_NS, MINUTE_NS, ROLLUP_DIMS};
 use qosloop_testbed::harness::Postgres;
 use qosloop_testbed::need;
 use std::net::IpAddr;
@@ -51,8 +52,10 @@ fn records(write: u64, n: u64) -> Vec<FlowRecord> {
                 proto: if k % 3 == 2 { 17 } else { 6 },
                 packets: 1 + k % 13,
                 bytes: 60 + k * 17 % 1500,
-                start_ns: base + k % 600 * 1_000_000_000,
-                end_ns: base + k % 600 * 1_000_000_000 + (k % 4) * MINUTE_NS as u64 / 3,
+                // Over 4 hours (k % 4 is a function of k % 600: no more
+                // groups than over one).
+                start_ns: base + k % 600 * 1_000_000_000 + (k % 4) * HOUR_NS as u64,
+                end_ns: base + k % 600 * 1_000_000_000 + (k % 4) * (HOUR_NS + MINUTE_NS / 3) as u64,
                 vlan: (k % 4 == 0).then_some(10),
                 dscp: (k % 5 != 0).then_some((k % 3 * 10) as u8),
                 class: (k % 6 != 0).then(|| ["web", "dns|x", ""][(k % 3) as usize].to_owned()),
@@ -105,19 +108,24 @@ fn dim_column(db: &Db, dim: &str) -> Option<String> {
     })
 }
 
-/// Per minute and value of `dim`: scaled bytes, packets, records — from the
-/// raw rows, or from `flows_1m_dim`.
-async fn by_dim(db: &Db, dim: &str, rollup: bool) -> Vec<Vec<serde_json::Value>> {
+/// Per minute (or hour: `step`) and value of `dim`: scaled bytes, packets,
+/// records — from the raw rows, or from `flows_1m_dim` (`flows_1h_dim`).
+async fn by_dim(db: &Db, dim: &str, rollup: bool, step: i64) -> Vec<Vec<serde_json::Value>> {
     let col = dim_column(db, dim).unwrap_or_else(|| "''".into());
+    let (table, time) = if step == HOUR_NS {
+        ("flows_1h_dim", "hour_ns")
+    } else {
+        ("flows_1m_dim", "minute_ns")
+    };
     let q = if rollup {
         format!(
-            "SELECT CAST(minute_ns AS TEXT) AS m, {col} AS k, CAST(SUM(bytes) AS TEXT), \
-             CAST(SUM(packets) AS TEXT), CAST(SUM(flows) AS TEXT) FROM flows_1m_dim WHERE dim = $1 \
+            "SELECT CAST({time} AS TEXT) AS m, {col} AS k, CAST(SUM(bytes) AS TEXT), \
+             CAST(SUM(packets) AS TEXT), CAST(SUM(flows) AS TEXT) FROM {table} WHERE dim = $1 \
              GROUP BY m, k ORDER BY 1, 2"
         )
     } else {
         format!(
-            "SELECT CAST((end_ns / {MINUTE_NS}) * {MINUTE_NS} AS TEXT) AS m, {col} AS k, \
+            "SELECT CAST((end_ns / {step}) * {step} AS TEXT) AS m, {col} AS k, \
              CAST(SUM(CASE WHEN sampling_interval > 1 THEN bytes * sampling_interval ELSE bytes END) AS TEXT), \
              CAST(SUM(CASE WHEN sampling_interval > 1 THEN packets * sampling_interval ELSE packets END) AS TEXT), \
              CAST(COUNT(*) AS TEXT) FROM flows WHERE $1 = $1 GROUP BY m, k ORDER BY 1, 2"
@@ -128,12 +136,18 @@ async fn by_dim(db: &Db, dim: &str, rollup: bool) -> Vec<Vec<serde_json::Value>>
         .unwrap()
 }
 
+/// Both levels of the rollups by one dimension equal the raw rows' sums.
 async fn dims_equal_raw(db: &Db) {
-    for dim in ROLLUP_DIMS {
-        let raw = by_dim(db, dim, false).await;
-        assert!(!raw.is_empty());
-        assert_eq!(by_dim(db, dim, true).await, raw, "{dim}");
+    for step in [MINUTE_NS, HOUR_NS] {
+        for dim in ROLLUP_DIMS {
+            let raw = by_dim(db, dim, false, step).await;
+            assert!(!raw.is_empty());
+            assert_eq!(by_dim(db, dim, true, step).await, raw, "{dim} by {step} ns");
+        }
     }
+    // The records span several hours.
+    let hours = by_dim(db, "total", false, HOUR_NS).await;
+    assert!(hours.len() >= 3, "{hours:?}");
     // Only the named dimension's column is set.
     let stray = db
         .fetch_cells(
@@ -254,6 +268,26 @@ async fn rollups_equal_raw(url: &str) {
         session_id: 1,
         seq: 101,
         records: records(2, 700),
+        dedup: true,
+    };
+    db.commit_batches(&[&more]).await.unwrap();
+    dims_equal_raw(&db).await;
+
+    // Migration 0011's backfill of the hourly level (from `flows_1m_dim`)
+    // gives the same sums, and writes after it land beside it.
+    let q = "DELETE FROM flows_1h_dim";
+    on_pool!(&db, p, D => sqlx::query::<D>(q).execute(p).await.map(|_| ())).unwrap();
+    let m = migrations(db.dialect())
+        .iter()
+        .find(|m| m.name == "flow_rollups_by_hour")
+        .unwrap();
+    on_pool!(&db, p, D => sqlx::raw_sql(m.sql).execute(p).await.map(|_| ())).unwrap();
+    dims_equal_raw(&db).await;
+    let more = Batch {
+        exporter_id: a,
+        session_id: 1,
+        seq: 102,
+        records: records(3, 600),
         dedup: true,
     };
     db.commit_batches(&[&more]).await.unwrap();

@@ -2,12 +2,15 @@
 //! sankey: a [`Selection`] (time range + filter) becomes one WHERE clause;
 //! grouping by dimensions and summing a metric is one SQL shape.
 //! Counters are scaled by their sampling interval in SQL. Grouped queries
-//! read the raw rows or the per-minute rollups ([`Source`]).
+//! read the raw rows or the rollups ([`Source`]); a series stacked by one
+//! dimension of the rollups by dimension takes a shorter way
+//! ([`super::stack`]).
 
 use super::dims::{Dim, Grouping, Metric};
 use super::filter::{compile, Expr};
 use super::params::ApiError;
 use super::source::Source;
+use super::stack;
 use qosloop_store::{Bind, Cells as Row, Col, Db, Dialect, Sql};
 use serde_json::Value;
 
@@ -288,10 +291,15 @@ pub async fn timeseries(
     limit: i64,
     grouping: &Grouping,
 ) -> Result<(i64, Vec<Series>), ApiError> {
-    let (d, src) = (db.dialect(), sel.source);
     let start = sel.from - sel.from.rem_euclid(step_ns);
     // `start` >= 0 (times are), and the caller bounded the steps: no overflow.
     let steps = ((sel.to - start).saturating_add(step_ns - 1) / step_ns).max(1) as usize;
+    if let Some(dim) = stack.filter(|d| stack::keyed(*d, sel)) {
+        let series =
+            stack::by_keys(db, sel, step_ns, start, steps, dim, metric, limit, grouping).await?;
+        return Ok((start, series));
+    }
+    let (d, src) = (db.dialect(), sel.source.for_step(step_ns));
     let tops = match stack {
         Some(dim) => largest(db, sel, &[dim], metric, limit, grouping)
             .await?

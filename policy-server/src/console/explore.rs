@@ -225,6 +225,13 @@ pub async fn timeseries(
         Some(step_ns),
     )?;
     engine::check_scan(&c.db, &sel, c.limits.max_scan_rows).await?;
+    if sel.source.series_reads_more(&sel, step_ns, stack) {
+        let minutes = Selection {
+            source: sel.source.for_step(step_ns),
+            ..sel.clone()
+        };
+        engine::check_scan(&c.db, &minutes, c.limits.max_scan_rows).await?;
+    }
     let (start, series) =
         engine::timeseries(&c.db, &sel, step_ns, stack, metric, limit, &grouping).await?;
     let secs = step_ns as f64 / 1e9;

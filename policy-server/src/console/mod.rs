@@ -20,6 +20,7 @@ pub mod kb;
 mod params;
 mod respond;
 mod source;
+mod stack;
 mod state;
 mod stitched;
 

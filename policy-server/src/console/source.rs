@@ -20,6 +20,17 @@
 //! rollup can answer), `source=rollup_1m`/`rollup_1m_dim` that rollup. The
 //! answer says which was read.
 //!
+//! A day of one dimension is still one row per minute and value; the
+//! hourly level `flows_1h_dim` (migration 0011, kept by the same writer)
+//! holds it in one row per hour and value. When the range holds at least
+//! one whole hour, `auto` and `rollup` read a one-dimension query as
+//! `rollup_1h_dim`: the whole hours from `flows_1h_dim`, the minutes at the
+//! range's edges from `flows_1m_dim` — exact, as the hours are whole. A
+//! time series whose step is not a whole number of hours reads its steps
+//! from the minutes ([`Source::for_step`]) and ranks its top values on the
+//! hours. `source=rollup_1h_dim` forces it (a range with no whole hour then
+//! reads the minutes and says `rollup_1m_dim`).
+//!
 //! A rollup is read through a derived table named `flows` with the raw
 //! table's column names (a minute's start as `end_ns`, the scaled sums as
 //! `bytes`/`packets` with no sampling interval), so the filter compiler and
@@ -30,7 +41,7 @@ use super::dims::Dim;
 use super::engine::Selection;
 use super::filter::{Expr, Field};
 use super::params::ApiError;
-use qosloop_store::MINUTE_NS;
+use qosloop_store::{HOUR_NS, MINUTE_NS};
 
 /// The table a grouped query reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,10 +50,25 @@ pub enum Source {
     Rollup1m,
     /// `flows_1m_dim` rows of one dimension (a name of `ROLLUP_DIMS`).
     RollupDim(&'static str),
+    /// The same dimension's `flows_1h_dim` rows of the hours in
+    /// `[first, last)` (whole hours of the range, at least one) and its
+    /// `flows_1m_dim` rows outside them.
+    RollupDimHours {
+        dim: &'static str,
+        first: i64,
+        last: i64,
+    },
 }
 
 /// What the caller asked for (`source=`).
-pub const SOURCE_NAMES: [&str; 5] = ["auto", "raw", "rollup", "rollup_1m", "rollup_1m_dim"];
+pub const SOURCE_NAMES: [&str; 6] = [
+    "auto",
+    "raw",
+    "rollup",
+    "rollup_1m",
+    "rollup_1m_dim",
+    "rollup_1h_dim",
+];
 
 /// The `flows_1m_dim` dimension holding a filter field (`None`: no rollup
 /// holds it).
@@ -101,6 +127,51 @@ impl Source {
             Source::Raw => "raw",
             Source::Rollup1m => "rollup_1m",
             Source::RollupDim(_) => "rollup_1m_dim",
+            Source::RollupDimHours { .. } => "rollup_1h_dim",
+        }
+    }
+
+    /// `dim` by hour over the whole hours of `sel`'s range, or by minute
+    /// when it holds none.
+    fn hours(dim: &'static str, sel: &Selection) -> Source {
+        let first = sel.from.saturating_add(HOUR_NS - 1).div_euclid(HOUR_NS) * HOUR_NS;
+        let last = sel.to.div_euclid(HOUR_NS) * HOUR_NS;
+        if last - first >= HOUR_NS {
+            Source::RollupDimHours { dim, first, last }
+        } else {
+            Source::RollupDim(dim)
+        }
+    }
+
+    /// What a time series at `step_ns` reads its steps from: the hours
+    /// only when the step is a whole number of hours (steps then start on
+    /// hours), else the minutes of the same dimension.
+    pub fn for_step(self, step_ns: i64) -> Source {
+        match self {
+            Source::RollupDimHours { dim, .. } if step_ns % HOUR_NS != 0 => Source::RollupDim(dim),
+            s => s,
+        }
+    }
+
+    /// The same level over another dimension (`None`: not a rollup by
+    /// one dimension).
+    pub fn with_dim(self, other: &'static str) -> Option<Source> {
+        match self {
+            Source::RollupDim(_) => Some(Source::RollupDim(other)),
+            Source::RollupDimHours { first, last, .. } => Some(Source::RollupDimHours {
+                dim: other,
+                first,
+                last,
+            }),
+            Source::Raw | Source::Rollup1m => None,
+        }
+    }
+
+    /// The rollup dimension read (`None` for the raw rows and `flows_1m`).
+    pub fn dim(self) -> Option<&'static str> {
+        match self {
+            Source::RollupDim(d) | Source::RollupDimHours { dim: d, .. } => Some(d),
+            Source::Raw | Source::Rollup1m => None,
         }
     }
 
@@ -148,11 +219,13 @@ impl Source {
         };
         match (asked, Source::narrowest(sel, dims, step_ns)) {
             ("raw", _) => Ok(Source::Raw),
-            ("rollup" | "rollup_1m" | "rollup_1m_dim", Err(why)) => refuse(why),
+            ("rollup" | "rollup_1m" | "rollup_1m_dim" | "rollup_1h_dim", Err(why)) => refuse(why),
             ("rollup_1m", Ok(_)) => Ok(Source::Rollup1m),
-            ("rollup_1m_dim", Ok(Source::Rollup1m)) => refuse(
-                "it groups or filters on more than one dimension (rollup_1m_dim holds one)".into(),
-            ),
+            ("rollup_1m_dim" | "rollup_1h_dim", Ok(Source::Rollup1m)) => refuse(format!(
+                "it groups or filters on more than one dimension ({asked} holds one)"
+            )),
+            ("rollup_1m_dim", Ok(s)) => Ok(s),
+            (_, Ok(Source::RollupDim(dim))) => Ok(Source::hours(dim, sel)),
             (_, Ok(s)) => Ok(s),
             (_, Err(_)) => Ok(Source::Raw),
         }
@@ -160,18 +233,51 @@ impl Source {
 
     /// The FROM item, named `flows`.
     pub fn table_sql(self) -> String {
+        self.table_sql_where("TRUE")
+    }
+
+    /// The FROM item, named `flows`, of the rollup rows that also meet
+    /// `cond` (SQL over the rollup table's own columns, such as `dim_key`;
+    /// only for the rollups by one dimension, ignored otherwise).
+    pub fn table_sql_where(self, cond: &str) -> String {
         let cols =
             "exporter_id, src_addr, dst_addr, dst_port, proto, dscp, vlan, class, \"user\", \
                     process, bytes, packets, CAST(NULL AS BIGINT) AS sampling_interval, \
                     flows AS flow_count";
+        // `dim` is one of the store's fixed names and the bounds are
+        // computed numbers, never input.
+        let minutes = |dim: &str, range: &str| {
+            format!(
+                "SELECT minute_ns AS end_ns, dim_key, {cols} FROM flows_1m_dim \
+                 WHERE dim = '{dim}'{range} AND {cond}"
+            )
+        };
         match self {
             Source::Raw => "flows".into(),
             Source::Rollup1m => {
                 format!("(SELECT minute_ns AS end_ns, {cols} FROM flows_1m) AS flows")
             }
-            // `dim` is one of the store's fixed names, never input.
-            Source::RollupDim(dim) => format!(
-                "(SELECT minute_ns AS end_ns, {cols} FROM flows_1m_dim WHERE dim = '{dim}') AS flows"
+            Source::RollupDim(dim) => format!("({}) AS flows", minutes(dim, "")),
+            // The minutes of the hour before `first` and of the hour from
+            // `last`: the caller's range cuts them to its edges.
+            Source::RollupDimHours { dim, first, last } => format!(
+                "({} UNION ALL SELECT hour_ns AS end_ns, dim_key, {cols} FROM flows_1h_dim \
+                 WHERE dim = '{dim}' AND hour_ns >= {first} AND hour_ns < {last} AND {cond} \
+                 UNION ALL {}) AS flows",
+                minutes(
+                    dim,
+                    &format!(
+                        " AND minute_ns >= {} AND minute_ns < {first}",
+                        first - HOUR_NS
+                    )
+                ),
+                minutes(
+                    dim,
+                    &format!(
+                        " AND minute_ns >= {last} AND minute_ns < {}",
+                        last.saturating_add(HOUR_NS)
+                    )
+                ),
             ),
         }
     }
@@ -180,7 +286,9 @@ impl Source {
     pub fn count_sql(self) -> &'static str {
         match self {
             Source::Raw => "COUNT(*)",
-            Source::Rollup1m | Source::RollupDim(_) => "SUM(flow_count)",
+            Source::Rollup1m | Source::RollupDim(_) | Source::RollupDimHours { .. } => {
+                "SUM(flow_count)"
+            }
         }
     }
 }
@@ -253,16 +361,61 @@ mod tests {
             Source::choose(asked, &sel(0, 1440 * m, f), dims, step)
         };
         let auto = |f, dims: &[Dim]| pick("auto", f, dims, Some(m)).unwrap();
-        assert_eq!(auto(None, &[Dim::SrcAddr]), Source::RollupDim("src_addr"));
-        assert_eq!(auto(None, &[Dim::SrcPrefix]), Source::RollupDim("src_addr"));
-        assert_eq!(auto(None, &[]), Source::RollupDim("total"));
+        let day = |dim| Source::RollupDimHours {
+            dim,
+            first: 0,
+            last: 1440 * m,
+        };
+        assert_eq!(auto(None, &[Dim::SrcAddr]), day("src_addr"));
+        assert_eq!(auto(None, &[Dim::SrcPrefix]), day("src_addr"));
+        assert_eq!(auto(None, &[]), day("total"));
         assert_eq!(
             auto(Some("dst_addr = 10.0.0.0/8"), &[Dim::DstPrefix]),
-            Source::RollupDim("dst_addr")
+            day("dst_addr")
         );
         assert_eq!(
             auto(Some("exporter = a OR exporter = b"), &[Dim::Exporter]),
-            Source::RollupDim("exporter")
+            day("exporter")
+        );
+        assert_eq!(
+            pick("rollup_1m_dim", None, &[Dim::Proto], None).unwrap(),
+            Source::RollupDim("proto")
+        );
+        assert_eq!(
+            pick("rollup_1h_dim", None, &[Dim::Proto], None).unwrap(),
+            day("proto")
+        );
+        // A series by minute steps reads the minutes; by hours, the hours.
+        assert_eq!(day("proto").for_step(m), Source::RollupDim("proto"));
+        assert_eq!(day("proto").for_step(120 * m), day("proto"));
+        assert_eq!(day("proto").with_dim("total"), Some(day("total")));
+        // Whole hours only: minutes at the edges, none when no whole hour.
+        let edges =
+            Source::choose("auto", &sel(17 * m, 185 * m, None), &[Dim::Proto], None).unwrap();
+        assert_eq!(
+            edges,
+            Source::RollupDimHours {
+                dim: "proto",
+                first: 60 * m,
+                last: 180 * m
+            }
+        );
+        let sql = edges.table_sql();
+        assert!(
+            sql.contains("minute_ns >= 0 AND minute_ns < 3600000000000"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("hour_ns >= 3600000000000 AND hour_ns < 10800000000000"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("minute_ns >= 10800000000000 AND minute_ns < 14400000000000"),
+            "{sql}"
+        );
+        assert_eq!(
+            Source::choose("auto", &sel(17 * m, 100 * m, None), &[Dim::Proto], None).unwrap(),
+            Source::RollupDim("proto")
         );
         assert_eq!(auto(Some("class = web"), &[Dim::SrcAddr]), Source::Rollup1m);
         assert_eq!(auto(None, &[Dim::SrcAddr, Dim::DstPort]), Source::Rollup1m);
@@ -284,13 +437,20 @@ mod tests {
             Dim::Process,
             Dim::Exporter,
         ] {
-            let Source::RollupDim(name) = auto(None, &[d]) else {
+            let Some(name) = auto(None, &[d]).dim() else {
                 panic!("{d:?}");
             };
             assert!(ROLLUP_DIMS.contains(&name), "{name}");
             assert!(Source::RollupDim(name)
                 .table_sql()
                 .contains(&format!("dim = '{name}'")));
+            assert_eq!(
+                day(name)
+                    .table_sql()
+                    .matches(&format!("dim = '{name}'"))
+                    .count(),
+                3
+            );
         }
     }
 }

@@ -3,8 +3,8 @@
 //! writer, CRANE and IPFIX alike), read by [`Db::flows_from`] (the policy
 //! server's bandwidth manager, in id order) and [`Db::recent_flows`] (the
 //! web API, the testbed's self-check). The writer keeps the per-minute
-//! rollups of `flows_1m` (`rollup.rs`) and `flows_1m_dim` (`rollup_dim.rs`)
-//! in the same transaction.
+//! rollups of `flows_1m` (`rollup.rs`) and `flows_1m_dim`, with its hourly
+//! level `flows_1h_dim` (`rollup_dim.rs`), in the same transaction.
 //!
 //! Rows are read with every column of the JSON contract. A row whose values
 //! do not form a record (an address that does not parse, a negative
@@ -16,7 +16,7 @@ mod rollup_dim;
 mod write;
 
 pub use rollup::MINUTE_NS;
-pub use rollup_dim::ROLLUP_DIMS;
+pub use rollup_dim::{HOUR_NS, ROLLUP_DIMS};
 
 use crate::db::Db;
 use crate::dialect::Sql;

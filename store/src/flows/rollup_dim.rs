@@ -2,7 +2,9 @@
 //! migration 0007): the groups of `flows_1m` a write touches
 //! (`rollup.rs`), summed again by minute and each single dimension — and
 //! by none, the minute's totals — and added to the table in the writer's
-//! transaction, beside the rows and `flows_1m`.
+//! transaction, beside the rows and `flows_1m`; and the same sums by hour
+//! (`flows_1h_dim`, migration 0011), where the console ranks the top values
+//! of long ranges.
 //!
 //! A day of traffic from many hosts leaves `flows_1m` nearly as long as
 //! the raw table (one row per minute and combination of every dimension);
@@ -110,6 +112,51 @@ pub(crate) fn rollup_dim<'a>(groups: &[(Group<'a>, Sums)]) -> Vec<((DimValue<'a>
     out.into_iter().collect()
 }
 
+/// `rows` (of [`rollup_dim`], by minute) summed by hour, in key order:
+/// the rows of `flows_1h_dim` (migration 0011).
+pub(crate) fn by_hour<'a>(
+    rows: &[((DimValue<'a>, i64), Sums)],
+) -> Vec<((DimValue<'a>, i64), Sums)> {
+    let mut out: BTreeMap<(DimValue, i64), Sums> = BTreeMap::new();
+    for ((v, minute), s) in rows {
+        let t = out
+            .entry((*v, minute - minute.rem_euclid(HOUR_NS)))
+            .or_default();
+        t.bytes = t.bytes.saturating_add(s.bytes);
+        t.packets = t.packets.saturating_add(s.packets);
+        t.flows += s.flows;
+    }
+    out.into_iter().collect()
+}
+
+/// One hour in ns: the step of `flows_1h_dim`.
+pub const HOUR_NS: i64 = 3_600_000_000_000;
+
+/// The level a rollup-by-dimension upsert writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// `flows_1m_dim`, keyed by `minute_ns`.
+    Minute,
+    /// `flows_1h_dim`, keyed by `hour_ns`.
+    Hour,
+}
+
+impl Level {
+    fn table(self) -> &'static str {
+        match self {
+            Level::Minute => "flows_1m_dim",
+            Level::Hour => "flows_1h_dim",
+        }
+    }
+
+    fn time(self) -> &'static str {
+        match self {
+            Level::Minute => "minute_ns",
+            Level::Hour => "hour_ns",
+        }
+    }
+}
+
 /// Bound values per row.
 pub(crate) const COLUMNS: usize = 16;
 
@@ -118,10 +165,11 @@ pub(crate) const ROWS_PER_UPSERT: usize = 1000;
 
 /// The upsert of `rows` rows (anonymous placeholders on SQLite, as
 /// `rollup.rs` explains).
-pub(crate) fn upsert_dim_sql(sql: Sql, rows: usize) -> String {
-    let mut s = String::from(
-        "INSERT INTO flows_1m_dim (dim, minute_ns, dim_key, exporter_id, src_addr, dst_addr, \
-         dst_port, proto, dscp, vlan, class, \"user\", process, bytes, packets, flows) VALUES ",
+pub(crate) fn upsert_dim_sql(sql: Sql, rows: usize, level: Level) -> String {
+    let (table, time) = (level.table(), level.time());
+    let mut s = format!(
+        "INSERT INTO {table} (dim, {time}, dim_key, exporter_id, src_addr, dst_addr, \
+         dst_port, proto, dscp, vlan, class, \"user\", process, bytes, packets, flows) VALUES "
     );
     for i in 0..rows {
         if i > 0 {
@@ -147,11 +195,12 @@ pub(crate) fn upsert_dim_sql(sql: Sql, rows: usize) -> String {
         }
         s.push(')');
     }
-    s.push_str(
-        " ON CONFLICT (dim, minute_ns, dim_key) DO UPDATE SET \
-         bytes = flows_1m_dim.bytes + excluded.bytes, \
-         packets = flows_1m_dim.packets + excluded.packets, \
-         flows = flows_1m_dim.flows + excluded.flows",
+    let _ = write!(
+        s,
+        " ON CONFLICT (dim, {time}, dim_key) DO UPDATE SET \
+         bytes = {table}.bytes + excluded.bytes, \
+         packets = {table}.packets + excluded.packets, \
+         flows = {table}.flows + excluded.flows"
     );
     s
 }
@@ -249,6 +298,20 @@ mod tests {
         assert_eq!(find("vlan", 60, "=7"), Some((1, 1)));
         // 11 dimensions; src_addr has 2 values in minute 0.
         assert_eq!(r.iter().filter(|((_, m), _)| *m == 0).count(), 12);
+        // By hour: minutes 0 and 60 (ns) are in hour 0.
+        let h = by_hour(&r);
+        let hour = |dim: &str, key: &str| {
+            h.iter()
+                .find(|((v, t), _)| v.dim() == dim && *t == 0 && v.key() == key)
+                .map(|(_, s)| (s.bytes, s.flows))
+        };
+        assert_eq!(hour("total", "-"), Some((16, 4)));
+        assert_eq!(hour("src_addr", "=10.0.0.2"), Some((6, 3)));
+        assert_eq!(hour("class", "-"), Some((1, 1)));
+        // 11 dimensions; in the hour, src_addr and class have 2 values each.
+        assert_eq!(h.len(), 13);
+        let later = [(group([10, 0, 0, 1], HOUR_NS + 60, None), s(7, 1))];
+        assert_eq!(by_hour(&rollup_dim(&later))[0].0 .1, HOUR_NS);
         let keys: Vec<_> = r.iter().map(|((v, m), _)| (v.dim(), *m, v.key())).collect();
         let mut sorted = keys.clone();
         sorted.dedup();
@@ -257,10 +320,23 @@ mod tests {
 
     #[test]
     fn the_upsert_numbers_every_value() {
-        let s = upsert_dim_sql(Sql(crate::Dialect::Postgres), 2);
+        let s = upsert_dim_sql(Sql(crate::Dialect::Postgres), 2, Level::Minute);
         assert!(s.contains("($17, $18, $19, $20, $21::inet, $22::inet, $23"));
         assert!(s.contains("$32)"));
-        let lite = upsert_dim_sql(Sql(crate::Dialect::Sqlite), 2);
+        let lite = upsert_dim_sql(Sql(crate::Dialect::Sqlite), 2, Level::Minute);
         assert_eq!(lite.matches('?').count(), 2 * COLUMNS);
+        let hour = upsert_dim_sql(Sql(crate::Dialect::Sqlite), 1, Level::Hour);
+        assert!(
+            hour.starts_with("INSERT INTO flows_1h_dim (dim, hour_ns,"),
+            "{hour}"
+        );
+        assert!(
+            hour.contains("ON CONFLICT (dim, hour_ns, dim_key)"),
+            "{hour}"
+        );
+        assert!(
+            hour.contains("flows_1h_dim.bytes + excluded.bytes"),
+            "{hour}"
+        );
     }
 }

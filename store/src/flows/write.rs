@@ -7,7 +7,7 @@
 //! nowhere else.
 
 use super::rollup::{bind_rollup, rollup, upsert_sql, ROWS_PER_UPSERT};
-use super::rollup_dim::{self, bind_rollup_dim, rollup_dim, upsert_dim_sql};
+use super::rollup_dim::{self, bind_rollup_dim, by_hour, rollup_dim, upsert_dim_sql, Level};
 use super::{Batch, Outcome};
 use crate::cluster::{add_partials, Tally};
 use crate::db::{now_ns, Db};
@@ -278,11 +278,15 @@ async fn commit_sqlite(
             .execute(&mut *tx)
             .await?;
     }
-    for chunk in rollup_dim(&groups).chunks(rollup_dim::ROWS_PER_UPSERT) {
-        let sql = upsert_dim_sql(Sql(Dialect::Sqlite), chunk.len());
-        bind_rollup_dim!(sqlx::query(&sql), chunk, addr_text)
-            .execute(&mut *tx)
-            .await?;
+    let by_minute = rollup_dim(&groups);
+    let by_hour = by_hour(&by_minute);
+    for (level, rows) in [(Level::Minute, &by_minute), (Level::Hour, &by_hour)] {
+        for chunk in rows.chunks(rollup_dim::ROWS_PER_UPSERT) {
+            let sql = upsert_dim_sql(Sql(Dialect::Sqlite), chunk.len(), level);
+            bind_rollup_dim!(sqlx::query(&sql), chunk, addr_text)
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     let mut sessions = Vec::new();
     for b in &stored {
@@ -384,11 +388,15 @@ async fn commit_postgres(
             .execute(&mut *tx)
             .await?;
     }
-    for chunk in rollup_dim(&groups).chunks(rollup_dim::ROWS_PER_UPSERT) {
-        let sql = upsert_dim_sql(Sql(Dialect::Postgres), chunk.len());
-        bind_rollup_dim!(sqlx::query(&sql), chunk, |a: IpAddr| a.to_string())
-            .execute(&mut *tx)
-            .await?;
+    let by_minute = rollup_dim(&groups);
+    let by_hour = by_hour(&by_minute);
+    for (level, rows) in [(Level::Minute, &by_minute), (Level::Hour, &by_hour)] {
+        for chunk in rows.chunks(rollup_dim::ROWS_PER_UPSERT) {
+            let sql = upsert_dim_sql(Sql(Dialect::Postgres), chunk.len(), level);
+            bind_rollup_dim!(sqlx::query(&sql), chunk, |a: IpAddr| a.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     let events = match &prepared {
         Some(p) => kb_pg::apply(&mut tx, &stored, &p.sides, now).await?,

@@ -15,10 +15,11 @@
 //! same run, the same answer computed by a plain `GROUP BY` over the raw
 //! table — checked equal, the ratio is the figure. Then server-sent-event
 //! fan-out: 100 clients, events published at a steady rate; the delivery
-//! latency of 99 readers with one client that reads nothing (run until its
-//! queue has overflowed for a while, bounded), then of 100 readers for the
-//! same events; the events the server dropped for the idle client, from the
-//! bus's counters.
+//! latency of 99 readers with one slow client (run until its queue has
+//! overflowed for a while, bounded), then of 100 readers for the same
+//! events; every reader must get every event and no `lagged` notice, and
+//! the slow client gets the rest of what the bus dropped for it, told in
+//! `lagged` events.
 //!
 //! The traffic: `--hosts` sources with skewed activity (host k sends about
 //! 1/(k+1) as much as host 0), each using 3 services (destination, port,
@@ -67,7 +68,15 @@ pub struct Args {
 const DAY_NS: i64 = 86_400_000_000_000;
 const HOUR_NS: i64 = 3_600_000_000_000;
 
+/// `/proc/loadavg`'s first three fields, for the record.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 pub async fn run(mut a: Args) -> anyhow::Result<()> {
+    println!("load average at the start: {}", load());
     if a.quick {
         a.postgres_records = a.postgres_records.min(200_000);
         a.sqlite_records = a.sqlite_records.min(100_000);
@@ -258,15 +267,17 @@ async fn engine(name: &str, db: &Db, plain: &Db, n: u64, to: i64, a: &Args) -> a
         .fetch_cells(
             "SELECT (SELECT COUNT(*) FROM flows), (SELECT COUNT(*) FROM flows_1m), \
              (SELECT COUNT(*) FROM flows_1m_dim), \
-             (SELECT COUNT(*) FROM flows_1m_dim WHERE dim = 'src_addr')",
+             (SELECT COUNT(*) FROM flows_1m_dim WHERE dim = 'src_addr'), \
+             (SELECT COUNT(*) FROM flows_1h_dim), \
+             (SELECT COUNT(*) FROM flows_1h_dim WHERE dim = 'src_addr')",
             &[],
-            &[Col::Int, Col::Int, Col::Int, Col::Int],
+            &[Col::Int; 6],
         )
         .await?;
     println!(
         "{name}: {} records stored at {rate:.0} records/s with rollups ({} rows in flows_1m, \
-         {} in flows_1m_dim, {} of them by src_addr)",
-        counts[0][0], counts[0][1], counts[0][2], counts[0][3]
+         {} in flows_1m_dim, {} of them by src_addr; {} in flows_1h_dim, {} by src_addr)",
+        counts[0][0], counts[0][1], counts[0][2], counts[0][3], counts[0][4], counts[0][5]
     );
     let addr = serve(db, EventBus::new(16, 16)).await?;
     let inet = qosloop_store::Sql::of(db).inet_text("src_addr");
@@ -375,6 +386,7 @@ async fn engine(name: &str, db: &Db, plain: &Db, n: u64, to: i64, a: &Args) -> a
         raw_ms / api_ms,
         a.runs
     );
+    println!("{name}: load average now: {}", load());
     Ok(())
 }
 
@@ -386,51 +398,110 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p / 100.0).round() as usize]
 }
 
-/// Reads an event stream, returning each `bench` event's latency in µs
-/// (now − its `t_ns`) until the one with `"last": true` or `deadline`.
-async fn reader(addr: SocketAddr, deadline: tokio::time::Instant) -> anyhow::Result<Vec<f64>> {
-    let mut s = TcpStream::connect(addr).await?;
+/// What one event-stream client heard.
+#[derive(Debug, Default)]
+struct Heard {
+    /// Each `bench` event's latency in µs (now − its `t_ns`).
+    latencies: Vec<f64>,
+    /// `lagged` notices: the events the server told this client it lost.
+    told: u64,
+}
+
+/// A client's pace: a reader takes what arrives; a slow client reads 4 KiB
+/// every 100 ms (about a tenth of the stream) while events are published,
+/// then everything left, to count what it got and was told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pace {
+    Reader,
+    Slow,
+}
+
+/// Reads an event stream until the event with `"last": true`, or `deadline`
+/// (a reader whose last event was dropped), or — for the slow client once
+/// publishing is `done` — 2 s with nothing to read. Lines are cut in place
+/// (one copy per read, not one per line).
+async fn reader(
+    addr: SocketAddr,
+    pace: Pace,
+    done: watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<Heard> {
+    let mut s = if pace == Pace::Slow {
+        let sock = TcpSocket::new_v4()?;
+        sock.set_recv_buffer_size(4096)?;
+        sock.connect(addr).await?
+    } else {
+        TcpStream::connect(addr).await?
+    };
     s.write_all(b"GET /api/v1/events?types=bench HTTP/1.1\r\nHost: b\r\n\r\n")
         .await?;
-    let mut text = String::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(128 * 1024);
+    let mut chunk = vec![0u8; if pace == Pace::Slow { 4096 } else { 64 * 1024 }];
+    let mut heard = Heard::default();
+    let mut lagged = false;
     loop {
-        // A reader whose last event was dropped stops at the deadline.
-        let Ok(n) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await else {
-            return Ok(out);
+        let slow_now = pace == Pace::Slow && !*done.borrow();
+        if slow_now {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let until = if pace == Pace::Slow && !slow_now {
+            deadline.min(tokio::time::Instant::now() + Duration::from_secs(2))
+        } else {
+            deadline
+        };
+        let Ok(n) = tokio::time::timeout_at(until, s.read(&mut chunk)).await else {
+            return Ok(heard);
         };
         let n = n?;
         anyhow::ensure!(n > 0, "stream ended");
         let at = qosloop_store::now_ns();
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        while let Some(i) = text.find('\n') {
-            let line: String = text.drain(..=i).collect();
-            if let Some(d) = line.strip_prefix("data: ") {
-                // Read without parsing the padding; a `lagged` notice has
-                // no t_ns (a reader's losses are counted by the caller).
-                let t = d.find("\"t_ns\":").and_then(|i| {
-                    let digits: String = d[i + 7..]
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect();
-                    digits.parse::<i64>().ok()
-                });
-                if let Some(t) = t {
-                    out.push((at - t) as f64 / 1e3);
+        buf.extend_from_slice(&chunk[..n]);
+        let mut from = 0;
+        while let Some(len) = buf[from..].iter().position(|b| *b == b'\n') {
+            let line = &buf[from..from + len];
+            from += len + 1;
+            if line.starts_with(b"event: ") {
+                lagged = line == b"event: lagged";
+            } else if let Some(d) = line.strip_prefix(b"data: ") {
+                if lagged {
+                    heard.told += number_after(d, b"\"dropped\":").unwrap_or(0) as u64;
+                    continue;
                 }
-                if d.contains("\"last\":true") {
-                    return Ok(out);
+                if let Some(t) = number_after(d, b"\"t_ns\":") {
+                    heard.latencies.push((at - t) as f64 / 1e3);
+                }
+                if find(d, b"\"last\":true").is_some() {
+                    return Ok(heard);
                 }
             }
         }
+        buf.drain(..from);
     }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The decimal number right after `key` in `d`.
+fn number_after(d: &[u8], key: &[u8]) -> Option<i64> {
+    let at = find(d, key)? + key.len();
+    let digits: &[u8] = &d[at..];
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
 /// What one fan-out round measured.
 struct Round {
     /// The readers' latencies (µs), sorted.
     latencies: Vec<f64>,
+    /// Per reader: events received, losses told.
+    readers: Vec<(usize, u64)>,
+    /// The slow client, when there was one.
+    slow: Option<(usize, u64)>,
     /// Events published.
     events: usize,
     /// Events the bus dropped for full queues (its `dropped_slow` counter).
@@ -440,43 +511,70 @@ struct Round {
 /// Events of 2 KiB published every 5 ms (200/s).
 const PAD: usize = 2048;
 const TICK: Duration = Duration::from_millis(5);
-/// The least and the most events of the round with the idle client: it
-/// runs until the idle client's queue has overflowed and then
+/// The least and the most events of the round with the slow client: it
+/// runs until the slow client's queue has overflowed and then
 /// `AFTER_OVERFLOW` more (the readers' latency is measured while the bus
 /// drops its events), at most `MAX_EVENTS` (30 s).
 const MIN_EVENTS: usize = 500;
 const AFTER_OVERFLOW: usize = 500;
 const MAX_EVENTS: usize = 6000;
-/// The queue of each client on the bus.
-const QUEUE: usize = 64;
 
-/// One fan-out round: `clients` readers, plus a client that reads nothing
-/// (connected with a 4 KiB receive buffer) when `slow`; `events` events,
-/// or with `None` as many as the idle client needs to overflow (above).
-async fn round(clients: usize, slow: bool, events: Option<usize>) -> anyhow::Result<Round> {
+/// One fan-out round: `clients` readers, plus a slow client when `slow`;
+/// `events` events, or with `None` as many as the slow client needs to
+/// overflow (above). The server (and the publisher) run on this runtime;
+/// the clients on a runtime of their own thread, so that their reading is
+/// not the server's work.
+async fn round(
+    clients: usize,
+    slow: bool,
+    events: Option<usize>,
+    queue: usize,
+) -> anyhow::Result<Round> {
     let dir = tempfile::tempdir()?;
     let db = Db::connect(&format!("sqlite://{}", dir.path().join("e.db").display())).await?;
-    let bus = EventBus::new(QUEUE, clients + 8);
+    let bus = EventBus::new(queue, clients + 8);
     bus.register_kind("bench");
     let addr = serve(&db, bus.clone()).await?;
     let most = events.unwrap_or(MAX_EVENTS);
-    let deadline = tokio::time::Instant::now() + TICK * most as u32 + Duration::from_secs(20);
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        tasks.push(tokio::spawn(reader(addr, deadline)));
-    }
-    let _slow = if slow {
-        let sock = TcpSocket::new_v4()?;
-        sock.set_recv_buffer_size(4096)?;
-        let mut s = sock.connect(addr).await?;
-        s.write_all(b"GET /api/v1/events?types=bench HTTP/1.1\r\nHost: b\r\n\r\n")
-            .await?;
-        Some(s)
-    } else {
-        None
-    };
+    let deadline = tokio::time::Instant::now() + TICK * most as u32 + Duration::from_secs(60);
+    let (done_tx, done) = watch::channel(false);
+    let clients_thread =
+        std::thread::spawn(move || -> anyhow::Result<(Vec<Heard>, Option<Heard>)> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for _ in 0..clients {
+                    tasks.push(tokio::spawn(reader(
+                        addr,
+                        Pace::Reader,
+                        done.clone(),
+                        deadline,
+                    )));
+                }
+                let slow =
+                    slow.then(|| tokio::spawn(reader(addr, Pace::Slow, done.clone(), deadline)));
+                let mut heard = Vec::new();
+                for t in tasks {
+                    heard.push(t.await??);
+                }
+                let slow = match slow {
+                    Some(t) => Some(t.await??),
+                    None => None,
+                };
+                Ok((heard, slow))
+            })
+        });
     let want = clients + usize::from(slow);
+    let connected = tokio::time::Instant::now() + Duration::from_secs(30);
     while bus.stats().clients < want {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < connected,
+            "{} of {want} event clients connected",
+            bus.stats().clients
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let pad = "x".repeat(PAD);
@@ -504,34 +602,48 @@ async fn round(clients: usize, slow: bool, events: Option<usize>) -> anyhow::Res
             break;
         }
     }
+    done_tx.send_replace(true);
+    let (heard, slow) = tokio::task::spawn_blocking(move || clients_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the event clients' thread panicked"))??;
     let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
+    let mut readers = Vec::new();
+    for h in heard {
+        readers.push((h.latencies.len(), h.told));
+        latencies.extend(h.latencies);
     }
     latencies.sort_by(f64::total_cmp);
     Ok(Round {
         latencies,
+        readers,
+        slow: slow.map(|h| (h.latencies.len(), h.told)),
         events: i,
         dropped: bus.stats().dropped_slow,
     })
 }
 
 async fn sse_fanout(clients: usize) -> anyhow::Result<()> {
+    // The server's own default queue per client.
+    let queue = ConsoleLimits::default().event_queue;
     let readers = clients - 1;
-    let with = round(readers, true, None).await?;
-    let base = round(clients, false, Some(with.events)).await?;
+    let with = round(readers, true, None, queue).await?;
+    let base = round(clients, false, Some(with.events), queue).await?;
+    println!("SSE fan-out: load average now: {}", load());
     let n = with.events;
-    let readers_lost = readers * n - with.latencies.len();
-    let base_lost = clients * n - base.latencies.len();
-    // Every reader got every event, so what the bus dropped was the idle
-    // client's.
-    let idle_dropped = with.dropped.saturating_sub(readers_lost as u64);
+    let lost = |r: &Round| {
+        r.readers
+            .iter()
+            .filter(|(got, told)| *got != n || *told > 0)
+            .count()
+    };
+    let (slow_got, slow_told) = with.slow.unwrap_or_default();
     println!(
-        "SSE fan-out, {n} events of 2 KiB at 200/s, queue {QUEUE} events per client: \
-         {clients} readers: p50 {:.0} µs, p99 {:.0} µs ({} events received, {} dropped); \
-         {readers} readers + 1 that reads nothing: readers' p50 {:.0} µs, p99 {:.0} µs \
-         ({} events received, {readers_lost} lost); the idle client's queue overflowed: \
-         {idle_dropped} of its {n} events dropped (server's dropped_slow counter)",
+        "SSE fan-out, {n} events of 2 KiB at 200/s, queue {queue} events per client: \
+         {clients} readers: p50 {:.0} µs, p99 {:.0} µs ({} events received, {} dropped by the bus); \
+         {readers} readers + 1 slow client: readers' p50 {:.0} µs, p99 {:.0} µs ({} events received); \
+         readers that missed an event: {} without the slow client, {} with it; \
+         the slow client got {slow_got} of {n} events, the bus dropped {} for it and told it {slow_told} \
+         in lagged events before its next ones",
         pct(&base.latencies, 50.0),
         pct(&base.latencies, 99.0),
         base.latencies.len(),
@@ -539,14 +651,28 @@ async fn sse_fanout(clients: usize) -> anyhow::Result<()> {
         pct(&with.latencies, 50.0),
         pct(&with.latencies, 99.0),
         with.latencies.len(),
+        lost(&base),
+        lost(&with),
+        with.dropped,
     );
     anyhow::ensure!(
-        base_lost == 0 && readers_lost == 0,
-        "a reader lost events ({base_lost} without the idle client, {readers_lost} with it)"
+        lost(&base) == 0 && lost(&with) == 0 && base.dropped == 0,
+        "a reader lost events ({} readers without the slow client, {} with it)",
+        lost(&base),
+        lost(&with)
+    );
+    // The readers lost nothing, so every drop was the slow client's: it got
+    // the rest, and was told of drops (the last ones only if an event
+    // followed them).
+    anyhow::ensure!(
+        with.dropped > 0 && slow_got as u64 + with.dropped == n as u64,
+        "the slow client got {slow_got} of {n} events, the bus dropped {}",
+        with.dropped
     );
     anyhow::ensure!(
-        idle_dropped > 0,
-        "the idle client's queue did not overflow in {n} events"
+        slow_told > 0 && slow_told <= with.dropped,
+        "the slow client was told of {slow_told} lost events, the bus dropped {}",
+        with.dropped
     );
     Ok(())
 }
