@@ -70,6 +70,11 @@ const SQLITE: &[Migration] = &[
         name: "stitch",
         sql: include_str!("../sql/sqlite/0010_stitch.sql"),
     },
+    Migration {
+        version: 12,
+        name: "user_subjects",
+        sql: include_str!("../sql/sqlite/0012_user_subjects.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -122,6 +127,11 @@ const POSTGRES: &[Migration] = &[
         version: 10,
         name: "stitch",
         sql: include_str!("../sql/postgres/0010_stitch.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "user_subjects",
+        sql: include_str!("../sql/postgres/0012_user_subjects.sql"),
     },
 ];
 
