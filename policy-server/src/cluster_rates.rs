@@ -6,6 +6,7 @@
 
 use crate::bandwidth::{Rates, SubjectRate};
 use crate::store::{Store, StoreError};
+use qosloop_schema::bandwidth::user_subject;
 use qosloop_schema::PolicySet;
 use qosloop_store::RateRow;
 use std::collections::HashMap;
@@ -92,12 +93,24 @@ impl ClusterRates {
                 .iter()
                 .map(|r| subject("flow", &r.dn, &r.name))
                 .collect(),
+            // Each user of each per-user rule, as the records mode has
+            // them (key the rule's DN, name the user).
+            users: policy
+                .rules
+                .iter()
+                .filter(|r| r.per_user)
+                .flat_map(|r| r.users.iter().map(move |u| (r, u)))
+                .map(|(r, u)| SubjectRate {
+                    key: r.dn.clone(),
+                    name: u.clone(),
+                    ..subject("user", &r.dn, &user_subject(&r.dn, u))
+                })
+                .collect(),
             links: policy
                 .links
                 .iter()
                 .map(|l| subject("link", &l.name, &l.name))
                 .collect(),
-            users: Vec::new(),
         }
     }
 }

@@ -287,15 +287,18 @@ async fn rates(db: &Db) {
     let rows: Vec<RateRow> = (0..2500)
         .map(|i| row(i, "flow", &format!("f{}", i % 3), i as f64))
         .chain([row(10, "link", "l1", 5.0)])
+        // A user of a per-user rule (migration 0012 allows the kind).
+        .chain([row(11, "user", "alice@cn=r", 7.0)])
         .collect();
     db.insert_rates(&rows).await.unwrap();
     let recent = db.recent_rates(2).await.unwrap();
-    assert_eq!(recent, [rows[2500].clone(), rows[2499].clone()]);
+    assert_eq!(recent, [rows[2501].clone(), rows[2500].clone()]);
     let mut averages = db.latest_averages(0).await.unwrap();
     averages.sort_by(|a, b| a.1.cmp(&b.1));
     assert_eq!(
         averages,
         [
+            ("user".into(), "alice@cn=r".into(), 7.0),
             ("flow".into(), "f0".into(), 2499.0),
             ("flow".into(), "f1".into(), 2497.0),
             ("flow".into(), "f2".into(), 2498.0),
