@@ -245,7 +245,9 @@ async fn each_users_rate_equals_the_single_node_computation() {
             let theirs = tb.take(at - width, *at) * 8.0 / 1000.0 / secs;
             if (rate - theirs).abs() > 0.005 * theirs.abs().max(1e-9) {
                 differ += 1;
-                eprintln!("window {key} at {at}: {rate} kbit/s by the cluster, {theirs} by one node");
+                eprintln!(
+                    "window {key} at {at}: {rate} kbit/s by the cluster, {theirs} by one node"
+                );
             }
             ours_total += rate;
             theirs_total += theirs;
