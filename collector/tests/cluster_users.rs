@@ -26,6 +26,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 const NODES: usize = 3;
+/// An owner's `rates` row: window end, rate, average, node, epoch.
+type OwnerRow = (i64, f64, f64, String, i64);
 const USERS: [&str; 3] = ["alice", "bob", "carol"];
 const RULE_DN: &str = "cn=users,ou=rules";
 
@@ -184,7 +186,7 @@ async fn each_users_rate_equals_the_single_node_computation() {
         rows.iter().all(|r| r.0 != "flow"),
         "the per-user rule is no subject of its own"
     );
-    let mut by_user: BTreeMap<String, Vec<(i64, f64, f64, String, i64)>> = BTreeMap::new();
+    let mut by_user: BTreeMap<String, Vec<OwnerRow>> = BTreeMap::new();
     for (s, name, at, rate, avg, node, epoch) in rows {
         if s == "user" {
             by_user
