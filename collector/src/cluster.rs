@@ -9,7 +9,7 @@
 //! the flows of its flow-hash buckets (`cluster_stitch.rs`).
 
 use crate::store::TallyCell;
-use qosloop_schema::bandwidth::{Classifier, SubjectKind};
+use qosloop_schema::bandwidth::{user_subject, Classifier, SubjectKind};
 use qosloop_schema::PolicySet;
 use qosloop_store::{
     bucket_of, AnalysisKey, ClusterError, Db, Epoch, OwnerRate, RoutingConfig, Tally,
@@ -324,10 +324,24 @@ async fn step(
         return Ok(0);
     }
     let buckets = spec.routing.buckets;
+    // A per-user rule's subjects are its users (key and `rates` name:
+    // `user_subject`), the others' the rule itself.
+    let user_keys: Vec<String> = policy
+        .rules
+        .iter()
+        .filter(|r| r.per_user)
+        .flat_map(|r| r.users.iter().map(|u| user_subject(&r.dn, u)))
+        .collect();
     let subjects: Vec<(SubjectKind, &str, &str, u32)> = policy
         .rules
         .iter()
+        .filter(|r| !r.per_user)
         .map(|r| (SubjectKind::Flow, r.dn.as_str(), r.name.as_str()))
+        .chain(
+            user_keys
+                .iter()
+                .map(|k| (SubjectKind::User, k.as_str(), k.as_str())),
+        )
         .chain(
             policy
                 .links

@@ -29,7 +29,7 @@
 //! assumed synchronised (NTP), as on one machine.
 
 pub use qosloop_schema::bandwidth::rule_selects;
-use qosloop_schema::bandwidth::{ewma, rate_kbps, window::TimeBuckets, Classifier};
+use qosloop_schema::bandwidth::{ewma, rate_kbps, user_subject, window::TimeBuckets, Classifier};
 use qosloop_schema::{FlowRecord, PolicySet};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -211,6 +211,19 @@ impl BandwidthManager {
             &mut self.links
         };
         if let Some(a) = list.iter_mut().find(|a| a.key == key) {
+            a.avg_kbps = Some(avg_kbps);
+        }
+    }
+
+    /// Sets the average of the user subject `subject`
+    /// (`qosloop_schema::bandwidth::user_subject`), as stored in `rates`.
+    pub fn seed_user_average(&mut self, subject: &str, avg_kbps: f64) {
+        if let Some(a) = self
+            .users
+            .iter_mut()
+            .flatten()
+            .find(|a| user_subject(&a.key, &a.name) == subject)
+        {
             a.avg_kbps = Some(avg_kbps);
         }
     }

@@ -6,6 +6,7 @@
 
 use crate::bandwidth::{Rates, SubjectRate};
 use crate::store::{Store, StoreError};
+use qosloop_schema::bandwidth::user_subject;
 use qosloop_schema::PolicySet;
 use qosloop_store::RateRow;
 use std::collections::HashMap;
@@ -92,12 +93,83 @@ impl ClusterRates {
                 .iter()
                 .map(|r| subject("flow", &r.dn, &r.name))
                 .collect(),
+            // Each user of each per-user rule, as the records mode has
+            // them (key the rule's DN, name the user).
+            users: policy
+                .rules
+                .iter()
+                .filter(|r| r.per_user)
+                .flat_map(|r| r.users.iter().map(move |u| (r, u)))
+                .map(|(r, u)| SubjectRate {
+                    key: r.dn.clone(),
+                    name: u.clone(),
+                    ..subject("user", &r.dn, &user_subject(&r.dn, u))
+                })
+                .collect(),
             links: policy
                 .links
                 .iter()
                 .map(|l| subject("link", &l.name, &l.name))
                 .collect(),
-            users: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qosloop_schema::BusinessRule;
+
+    fn row(subject: &str, name: &str, at_ns: i64, avg: f64) -> RateRow {
+        RateRow {
+            at_ns,
+            interval_ns: 100,
+            subject: subject.into(),
+            name: name.into(),
+            rate_kbps: avg * 2.0,
+            avg_rate_kbps: avg,
+            records: 3,
+        }
+    }
+
+    #[test]
+    fn the_owners_user_rows_become_the_per_user_rates() {
+        let rule = BusinessRule {
+            dn: "cn=u".into(),
+            name: "u".into(),
+            priority: 1,
+            enabled: true,
+            roles: vec![],
+            flows: vec![],
+            users: vec!["alice".into(), "bob".into()],
+            per_user: true,
+            band_basis: Default::default(),
+            service_class: "gold".into(),
+            link: "l".into(),
+        };
+        let policy = PolicySet {
+            rules: vec![rule],
+            ..Default::default()
+        };
+        let mut c = ClusterRates {
+            after_id: 0,
+            latest: HashMap::new(),
+        };
+        for r in [
+            row("user", "alice@cn=u", 100, 40.0),
+            row("user", "carol@cn=u", 100, 9.0),
+        ] {
+            c.latest.insert((r.subject.clone(), r.name.clone()), r);
+        }
+        let rates = c.rates(&policy);
+        let alice = rates.user("cn=u", "alice").unwrap();
+        assert_eq!(
+            (alice.avg_rate_kbps, alice.rate_kbps, alice.records),
+            (40.0, 80.0, 3)
+        );
+        // A user without a row yet reads 0; one the policy does not name is not there.
+        assert_eq!(rates.user("cn=u", "bob").unwrap().avg_rate_kbps, 0.0);
+        assert!(rates.user("cn=u", "carol").is_none());
+        assert_eq!(rates.users.len(), 2);
     }
 }

@@ -220,6 +220,10 @@ impl Server {
         bm.set_lag(loop_config.rate_lag);
         let recent = now_ns() - 10 * loop_config.interval.as_nanos() as i64;
         for (subject, name, avg) in store.latest_averages(recent).await? {
+            if subject == "user" {
+                bm.seed_user_average(&name, avg);
+                continue;
+            }
             let key = if subject == "flow" {
                 policy
                     .rules

@@ -22,6 +22,7 @@
 
 use crate::bandwidth::Rates;
 use crate::engine::Changes;
+use qosloop_schema::bandwidth::user_subject;
 use qosloop_schema::{Decision, EnforcementReport, FlowRecord};
 use qosloop_store::Db;
 pub use qosloop_store::{EnforcerRow, RateRow};
@@ -170,9 +171,11 @@ impl Store {
         &self.db
     }
 
-    /// Stores one interval's rates: every link, and the policed flows that
-    /// carried traffic or still have an average above 0.5 kbit/s (idle
-    /// flows would otherwise fill the table at 100k rows per interval).
+    /// Stores one interval's rates: every link, and the policed flows and
+    /// users of per-user rules (subject `user`, named by
+    /// `qosloop_schema::bandwidth::user_subject`) that carried traffic or
+    /// still have an average above 0.5 kbit/s (idle flows would otherwise
+    /// fill the table at 100k rows per interval).
     pub async fn insert_rates(&self, rates: &Rates) -> Result<(), StoreError> {
         let row = |subject: &str, r: &crate::bandwidth::SubjectRate| RateRow {
             at_ns: rates.at_ns,
@@ -193,6 +196,16 @@ impl Store {
                     .iter()
                     .filter(|f| f.records > 0 || f.avg_rate_kbps > 0.5)
                     .map(|f| row("flow", f)),
+            )
+            .chain(
+                rates
+                    .users
+                    .iter()
+                    .filter(|u| u.records > 0 || u.avg_rate_kbps > 0.5)
+                    .map(|u| RateRow {
+                        name: user_subject(&u.key, &u.name),
+                        ..row("user", u)
+                    }),
             )
             .collect();
         self.db

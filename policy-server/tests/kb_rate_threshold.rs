@@ -159,3 +159,114 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
     events.abort();
     server.stop().await;
 }
+
+/// With `--rates-from cluster` the per-user rates are the owners' `user`
+/// rows (docs/cluster.md): alice's rows above her threshold give her
+/// per-user rate and one threshold event, with no flow record stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_the_owners_user_rates_cross_the_threshold() {
+    use qosloop_policy_server::server::RatesFrom;
+    use qosloop_schema::bandwidth::{user_subject, SubjectKind};
+    use qosloop_store::{bucket_of, OwnerRate, RoutingConfig};
+
+    need!(Postgres::available());
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut policy = paper_policy();
+    let mut rule = policy.rules[0].clone();
+    rule.dn = "cn=alice,ou=rules,dc=qosloop,dc=example".into();
+    rule.flows.clear();
+    rule.users = vec!["alice".into(), "bob".into()];
+    rule.per_user = true;
+    rule.band_basis = BandBasis::User;
+    policy.rules = vec![rule.clone()];
+    let (_policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let mut config = loop_config(100);
+    config.rates_from = RatesFrom::Cluster;
+    let server = Server::start(
+        &pg.url(),
+        any_loopback_port(),
+        PdpConfig::default(),
+        config,
+        policy_rx,
+    )
+    .await
+    .unwrap();
+    let db = server.store.db().clone();
+    let t = RateThresholds::parse(&[format!("alice={THRESHOLD_KBPS}"), "*=100000".into()]).unwrap();
+    let events = tokio::spawn(follow(db.clone(), server.rates.clone(), t));
+
+    // One owner of every bucket writes alice at twice her threshold and
+    // bob at a tenth of it, window after window.
+    let routing = RoutingConfig::default();
+    db.cluster_join(
+        "c",
+        "owner",
+        "127.0.0.1:1",
+        &routing,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let epoch = db.cluster_rebalance("c", routing.buckets).await.unwrap();
+    let row = |user: &str, prev: Option<i64>, end: i64, kbps: f64| {
+        let key = user_subject(&rule.dn, user);
+        OwnerRate {
+            kind: SubjectKind::User,
+            bucket: bucket_of("user", &key, routing.buckets),
+            subject: key.clone(),
+            name: key,
+            previous_end_ns: prev,
+            window_end_ns: end,
+            interval_ns: 100_000_000,
+            rate_kbps: kbps,
+            avg_rate_kbps: kbps,
+            records: 1,
+        }
+    };
+    let alice_kbps = 2.0 * THRESHOLD_KBPS as f64;
+    let mut rates = server.rates.clone();
+    let mut prev = None;
+    let mut seen = None;
+    for k in 1..=100i64 {
+        let end = k * 100_000_000;
+        db.write_owner_rates(
+            "c",
+            "owner",
+            epoch.epoch,
+            &[
+                row("alice", prev, end, alice_kbps),
+                row("bob", prev, end, THRESHOLD_KBPS as f64 / 10.0),
+            ],
+        )
+        .await
+        .unwrap();
+        prev = Some(end);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = rates.borrow_and_update().clone();
+        let alice = r.user(&rule.dn, "alice").map(|u| u.avg_rate_kbps);
+        let bob = r.user(&rule.dn, "bob").map(|u| u.avg_rate_kbps);
+        if alice == Some(alice_kbps) && !thresholds(&db).await.is_empty() {
+            seen = Some((alice, bob));
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        Some((Some(alice_kbps), Some(THRESHOLD_KBPS as f64 / 10.0))),
+        "the owners' user rows never became alice's rate and event"
+    );
+    let got = thresholds(&db).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].user.as_deref(), Some("alice"));
+    assert_eq!(got[0].value, Some(THRESHOLD_KBPS as i64));
+    assert_eq!(
+        db.max_flow_id().await.unwrap(),
+        0,
+        "no flow record was needed"
+    );
+    events.abort();
+    server.stop().await;
+}

@@ -373,3 +373,100 @@ async fn consumed_partials_are_pruned_in_batches_on_postgres() {
     holder.rollback().await.unwrap();
     db.close().await;
 }
+
+/// Per-user subjects (migration 0012): a per-user rule's records are
+/// summed per user (kind `user`, key `user@rule DN`), not for the rule;
+/// the owner's state and `rates` row of a user subject are written under
+/// fencing like a rule's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_subjects_are_summed_and_written_on_postgres() {
+    need!(Postgres::available());
+    let pg = Postgres::start().unwrap();
+    let db = Db::connect(&pg.url()).await.unwrap();
+    db.migrate().await.unwrap();
+    let mut policy = policy();
+    policy.rules[0].per_user = true;
+    policy.rules[0].users = vec!["alice".into(), "bob".into()];
+    let routing = RoutingConfig::default();
+    db.cluster_join("c", "a", "127.0.0.1:1", &routing, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let e1 = db.cluster_rebalance("c", routing.buckets).await.unwrap();
+    let ex = db.register_exporter("m", "127.0.0.1:5", 1).await.unwrap();
+    db.open_session(ex, 1, "little").await.unwrap();
+    let tally = Tally {
+        cluster: "c".into(),
+        node: "a".into(),
+        width_ns: 1_000_000_000,
+        classifier: Arc::new(Classifier::new(&policy)),
+    };
+    let rec = |user: Option<&str>, bytes| FlowRecord {
+        src_addr: "10.0.0.1".parse().unwrap(),
+        dst_addr: "10.0.0.2".parse().unwrap(),
+        proto: 17,
+        bytes,
+        packets: 1,
+        start_ns: 10_000_000_000,
+        end_ns: 10_500_000_000,
+        user: user.map(str::to_owned),
+        ..Default::default()
+    };
+    let batch = Batch {
+        exporter_id: ex,
+        session_id: 1,
+        seq: 1,
+        records: vec![
+            rec(Some("alice"), 1000),
+            rec(Some("alice"), 500),
+            rec(Some("bob"), 300),
+            rec(Some("carol"), 7),
+            rec(None, 11),
+        ],
+        dedup: true,
+    };
+    db.commit_batches_tallied(&[&batch], Some(&tally))
+        .await
+        .unwrap();
+    let mut sums = db.combined_partials("c", 0, 100).await.unwrap();
+    sums.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    assert_eq!(
+        sums,
+        vec![
+            (SubjectKind::Link, "l".to_owned(), 10, 1818.0, 5),
+            (SubjectKind::User, "alice@cn=r".to_owned(), 10, 1500.0, 2),
+            (SubjectKind::User, "bob@cn=r".to_owned(), 10, 300.0, 1),
+        ],
+        "each user of the per-user rule summed apart, the rule itself not a subject"
+    );
+
+    let key = qosloop_schema::bandwidth::user_subject("cn=r", "alice");
+    let bucket = qosloop_store::bucket_of("user", &key, routing.buckets);
+    let row = OwnerRate {
+        kind: SubjectKind::User,
+        subject: key.clone(),
+        name: key.clone(),
+        bucket,
+        previous_end_ns: None,
+        window_end_ns: 11_000_000_000,
+        interval_ns: 1_000_000_000,
+        rate_kbps: 12.0,
+        avg_rate_kbps: 12.0,
+        records: 2,
+    };
+    db.write_owner_rates("c", "a", e1.epoch, std::slice::from_ref(&row))
+        .await
+        .unwrap();
+    let states = db.rate_states("c").await.unwrap();
+    assert_eq!(
+        states[&(SubjectKind::User, key.clone())].window_end_ns,
+        11_000_000_000
+    );
+    let rows = db.owner_rates_after(0, 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].1.subject.as_str(), rows[0].1.name.as_str()),
+        ("user", "alice@cn=r")
+    );
+    assert_eq!(rows[0].1.avg_rate_kbps, 12.0);
+    db.close().await;
+}

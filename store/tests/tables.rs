@@ -42,9 +42,84 @@ async fn every_table(url: &str) {
     flows(&db).await;
     ipfix(&db).await;
     rates(&db).await;
+    user_kind_migration(&db).await;
     decisions(&db).await;
     enforcers(&db).await;
     db.close().await;
+}
+
+async fn exec(db: &Db, q: &str) -> Result<(), sqlx::Error> {
+    on_pool!(db, p, D => sqlx::raw_sql(q).execute(p).await.map(|_| ()))
+}
+
+/// Migration 0012 (the `user` subject kind) keeps the rows of the tables
+/// it widens — applied again here over rows, as on a database that had
+/// them (PostgreSQL alters the checks, SQLite rebuilds the tables) — and
+/// the checks still refuse an unknown kind.
+async fn user_kind_migration(db: &Db) {
+    let rows = [
+        "INSERT INTO rate_partials (cluster, kind, subject, slot, node, bytes, records) \
+         VALUES ('c', 'link', 'l', 3, 'n', 10.5, 2)",
+        "INSERT INTO rate_state (cluster, kind, subject, window_end_ns, avg_rate_kbps, epoch, node) \
+         VALUES ('c', 'flow', 'cn=r', 7, 1.5, 1, 'n')",
+        "INSERT INTO rates (at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps, records, node, epoch, computed_ns) \
+         VALUES (99, 1, 'link', 'mig', 1.0, 2.0, 3, 'n', 4, 5)",
+    ];
+    for q in rows {
+        exec(db, q).await.unwrap();
+    }
+    let before = scalar(db, "SELECT count(*) FROM rates").await;
+    exec(db, "DELETE FROM schema_migrations WHERE version = 12")
+        .await
+        .unwrap();
+    assert_eq!(db.migrate().await.unwrap(), 1, "0012 applied again");
+    assert_eq!(scalar(db, "SELECT count(*) FROM rates").await, before);
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT count(*) FROM rates WHERE name = 'mig' AND node = 'n' AND epoch = 4 AND computed_ns = 5"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT count(*) FROM rate_partials WHERE bytes = 10.5 AND records = 2"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT count(*) FROM rate_state WHERE window_end_ns = 7"
+        )
+        .await,
+        1
+    );
+    exec(
+        db,
+        "INSERT INTO rate_partials (cluster, kind, subject, slot, node, bytes, records) \
+         VALUES ('c', 'user', 'alice@cn=r', 3, 'n', 1.0, 1)",
+    )
+    .await
+    .unwrap();
+    exec(
+        db,
+        "INSERT INTO rate_state (cluster, kind, subject, window_end_ns, avg_rate_kbps, epoch, node) \
+         VALUES ('c', 'user', 'alice@cn=r', 7, 1.0, 1, 'n')",
+    )
+    .await
+    .unwrap();
+    for q in [
+        "INSERT INTO rate_partials (cluster, kind, subject, slot, node, bytes, records) \
+         VALUES ('c', 'bogus', 's', 3, 'n', 1.0, 1)",
+        "INSERT INTO rates (at_ns, interval_ns, subject, name, rate_kbps, avg_rate_kbps) \
+         VALUES (1, 1, 'bogus', 's', 1.0, 1.0)",
+    ] {
+        assert!(exec(db, q).await.is_err(), "accepted: {q}");
+    }
 }
 
 async fn scalar(db: &Db, q: &str) -> i64 {
@@ -287,15 +362,18 @@ async fn rates(db: &Db) {
     let rows: Vec<RateRow> = (0..2500)
         .map(|i| row(i, "flow", &format!("f{}", i % 3), i as f64))
         .chain([row(10, "link", "l1", 5.0)])
+        // A user of a per-user rule (migration 0012 allows the kind).
+        .chain([row(11, "user", "alice@cn=r", 7.0)])
         .collect();
     db.insert_rates(&rows).await.unwrap();
     let recent = db.recent_rates(2).await.unwrap();
-    assert_eq!(recent, [rows[2500].clone(), rows[2499].clone()]);
+    assert_eq!(recent, [rows[2501].clone(), rows[2500].clone()]);
     let mut averages = db.latest_averages(0).await.unwrap();
     averages.sort_by(|a, b| a.1.cmp(&b.1));
     assert_eq!(
         averages,
         [
+            ("user".into(), "alice@cn=r".into(), 7.0),
             ("flow".into(), "f0".into(), 2499.0),
             ("flow".into(), "f1".into(), 2497.0),
             ("flow".into(), "f2".into(), 2498.0),

@@ -299,7 +299,7 @@ pub async fn check_all(
                     .unwrap()
                     .name
                     .clone(),
-                SubjectKind::Link => key.to_owned(),
+                SubjectKind::Link | SubjectKind::User => key.to_owned(),
             };
             reference
                 .entry((kind.as_str().to_owned(), name))

@@ -40,7 +40,8 @@ pub async fn rates(
     let mut w = "at_ns >= $1 AND at_ns < $2".to_owned();
     if p.get("subject").is_some() {
         binds.push(Bind::Text(
-            p.choice("subject", &["flow", "link"], "")?.to_owned(),
+            p.choice("subject", &["flow", "link", "user"], "")?
+                .to_owned(),
         ));
         w.push_str(&format!(" AND subject = ${}", binds.len()));
     }

@@ -86,6 +86,16 @@ pub enum SubjectKind {
     Flow,
     /// A link, keyed by its name.
     Link,
+    /// A user of a per-user rule, keyed by [`user_subject`].
+    User,
+}
+
+/// The key of the subject "user `user` of the per-user rule `rule_dn`"
+/// (kind [`SubjectKind::User`]): the user, `@`, the rule's DN — its
+/// routing key in a cluster and its `name` in table `rates`. Nobody parses
+/// it back: readers build it from the policy.
+pub fn user_subject(rule_dn: &str, user: &str) -> String {
+    format!("{user}@{rule_dn}")
 }
 
 impl SubjectKind {
@@ -93,6 +103,7 @@ impl SubjectKind {
         match self {
             SubjectKind::Flow => "flow",
             SubjectKind::Link => "link",
+            SubjectKind::User => "user",
         }
     }
 
@@ -100,6 +111,7 @@ impl SubjectKind {
         match s {
             "flow" => Some(SubjectKind::Flow),
             "link" => Some(SubjectKind::Link),
+            "user" => Some(SubjectKind::User),
             _ => None,
         }
     }
@@ -121,12 +133,26 @@ pub struct Subjects {
 pub struct Classifier {
     policy: PolicySet,
     index: RuleIndex,
+    /// Per rule: the [`user_subject`] key of each of its users (empty for
+    /// a rule that is not per user).
+    user_keys: Vec<Vec<String>>,
 }
 
 impl Classifier {
     pub fn new(policy: &PolicySet) -> Classifier {
         Classifier {
             index: RuleIndex::build(&policy.rules),
+            user_keys: policy
+                .rules
+                .iter()
+                .map(|r| {
+                    if r.per_user {
+                        r.users.iter().map(|u| user_subject(&r.dn, u)).collect()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect(),
             policy: policy.clone(),
         }
     }
@@ -171,15 +197,19 @@ impl Classifier {
     }
 
     /// The subjects a record counts for, as `(kind, key)`: the rule's DN,
-    /// the links' names. A per-user rule is no subject here (cluster mode
-    /// does not keep per-user partial sums yet): its records count for
-    /// their links only.
+    /// or for a per-user rule the [`user_subject`] of the record's user
+    /// (a per-user rule is no subject of its own); the links' names.
     pub fn subject_keys(&self, r: &FlowRecord) -> Vec<(SubjectKind, &str)> {
         let s = self.classify(r);
-        s.rule
-            .filter(|&i| !self.policy.rules[i].per_user)
-            .map(|i| (SubjectKind::Flow, self.policy.rules[i].dn.as_str()))
-            .into_iter()
+        let rule = s.rule.and_then(|i| {
+            if self.policy.rules[i].per_user {
+                let key = self.user_keys.get(i)?.get(s.user?)?;
+                Some((SubjectKind::User, key.as_str()))
+            } else {
+                Some((SubjectKind::Flow, self.policy.rules[i].dn.as_str()))
+            }
+        });
+        rule.into_iter()
             .chain(
                 s.links
                     .iter()
@@ -284,6 +314,32 @@ mod tests {
         };
         let s = Classifier::new(&policy).classify(&record(Some("bob")));
         assert_eq!((s.rule, s.user), (Some(0), None));
+    }
+
+    #[test]
+    fn a_per_user_rules_records_count_for_their_user_subject() {
+        let policy = PolicySet {
+            rules: vec![rule(&["alice", "bob"], true)],
+            ..PolicySet::default()
+        };
+        let c = Classifier::new(&policy);
+        assert_eq!(user_subject("cn=r", "bob"), "bob@cn=r");
+        assert_eq!(
+            c.subject_keys(&record(Some("bob"))),
+            [(SubjectKind::User, "bob@cn=r")]
+        );
+        assert!(c.subject_keys(&record(Some("carol"))).is_empty());
+        let policy = PolicySet {
+            rules: vec![rule(&["alice", "bob"], false)],
+            ..PolicySet::default()
+        };
+        assert_eq!(
+            Classifier::new(&policy).subject_keys(&record(Some("bob"))),
+            [(SubjectKind::Flow, "cn=r")]
+        );
+        for k in [SubjectKind::Flow, SubjectKind::Link, SubjectKind::User] {
+            assert_eq!(SubjectKind::parse(k.as_str()), Some(k));
+        }
     }
 
     #[test]
