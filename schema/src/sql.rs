@@ -75,6 +75,11 @@ const SQLITE: &[Migration] = &[
         name: "flow_rollups_by_hour",
         sql: include_str!("../sql/sqlite/0011_flow_rollups_by_hour.sql"),
     },
+    Migration {
+        version: 13,
+        name: "enforcer_classes",
+        sql: include_str!("../sql/sqlite/0013_enforcer_classes.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -132,6 +137,11 @@ const POSTGRES: &[Migration] = &[
         version: 11,
         name: "flow_rollups_by_hour",
         sql: include_str!("../sql/postgres/0011_flow_rollups_by_hour.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "enforcer_classes",
+        sql: include_str!("../sql/postgres/0013_enforcer_classes.sql"),
     },
 ];
 
