@@ -57,6 +57,10 @@ pub struct Args {
     /// Print the netlink and nftables operations instead of making them.
     #[arg(long, global = true)]
     pub dry_run: bool,
+    /// Send no HTB class statistics to the PDP (a policy server older than
+    /// them refuses an accounting report that carries them).
+    #[arg(long, global = true)]
+    pub no_class_accounting: bool,
     /// Seconds between keepalives to the PDP.
     #[arg(long, global = true)]
     pub keepalive_s: Option<u64>,
@@ -140,6 +144,7 @@ fn merged(args: &Args) -> Result<Config, ConfigError> {
         }
     }
     c.dry_run |= args.dry_run;
+    c.no_class_accounting |= args.no_class_accounting;
     Ok(c)
 }
 

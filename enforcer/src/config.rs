@@ -56,6 +56,10 @@ pub struct Config {
     pub pdp_tls_key: Option<PathBuf>,
     /// Prometheus `/metrics` on this `HOST:PORT` (loopback only).
     pub metrics: Option<String>,
+    /// Leave the HTB class statistics out of the accounting RPT: for a
+    /// policy server older than them, which refuses a report carrying them.
+    #[serde(default)]
+    pub no_class_accounting: bool,
 }
 
 impl Config {

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use qosloop_schema::{AccountingReport, DecisionCounters, DecisionKind, MAX_ACCOUNTED_DECISIONS};
+use qosloop_schema::{
+    AccountingReport, ClassCounters, DecisionCounters, DecisionKind, MAX_ACCOUNTED_CLASSES,
+    MAX_ACCOUNTED_DECISIONS,
+};
 
 /// The per-decision counters of `status`, bounded.
 fn accounting(status: &crate::status::Status, at_ns: u64) -> AccountingReport {
@@ -43,10 +46,32 @@ fn accounting(status: &crate::status::Status, at_ns: u64) -> AccountingReport {
     decisions.sort_by_key(|d| d.decision_id);
     decisions.truncate(MAX_ACCOUNTED_DECISIONS);
     let omitted = status.decisions.len().saturating_sub(decisions.len()) as u64;
+    // The HTB classes' statistics (already in handle order).
+    let classes: Vec<ClassCounters> = status
+        .htb_classes
+        .iter()
+        .take(MAX_ACCOUNTED_CLASSES)
+        .map(|c| ClassCounters {
+            classid: c.classid.clone(),
+            parent: if c.parent == crate::tc::TC_H_ROOT {
+                "root".to_owned()
+            } else {
+                crate::tc::TcHandle(c.parent).to_string()
+            },
+            bytes: c.bytes,
+            packets: u64::from(c.packets),
+            drops: u64::from(c.drops),
+            overlimits: u64::from(c.overlimits),
+            backlog_bytes: u64::from(c.backlog_bytes),
+        })
+        .collect();
+    let classes_omitted = status.htb_classes.len().saturating_sub(classes.len()) as u64;
     AccountingReport {
         at_ns,
         decisions,
         omitted,
+        classes,
+        classes_omitted,
     }
 }
 

@@ -70,6 +70,8 @@ struct Daemon<B: KernelBackend> {
     roles: Vec<String>,
     pep_id: String,
     state_path: PathBuf,
+    /// Whether accounting RPTs carry the HTB class statistics.
+    class_accounting: bool,
 }
 
 impl<B: KernelBackend> Daemon<B> {
@@ -233,6 +235,7 @@ pub fn run<B: KernelBackend + Send + 'static>(
         roles: config.roles.clone(),
         pep_id,
         state_path: state_file(&interface),
+        class_accounting: !config.no_class_accounting,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -559,7 +562,11 @@ async fn session<B: KernelBackend + Send + 'static>(
                 // The counters go to the PDP too: an accounting RPT on
                 // the session's handle, every read.
                 match off_thread(slot, &mut wire, &mut tick, |d| d.metrics.refresh_kernel(&mut d.enforcer)).await {
-                    Ok(Some(report)) => {
+                    Ok(Some(mut report)) => {
+                        if slot.as_ref().is_some_and(|d| !d.class_accounting) {
+                            report.classes.clear();
+                            report.classes_omitted = 0;
+                        }
                         if let Err(e) = wire.send(Message::rpt_accounting(handle.clone(), &report)).await {
                             return format!("sending RPT (accounting): {e}");
                         }

@@ -43,6 +43,10 @@ pub struct Status {
     pub decisions: Vec<DecisionStatus>,
     /// Objects that reconcile would clean (no decision accounts for them).
     pub orphan_classes: Vec<String>,
+    /// Every HTB class of the enforcer's tree as read (the accounting
+    /// report's class statistics), by handle.
+    #[serde(skip)]
+    pub htb_classes: Vec<ClassInfo>,
     /// Set by the daemon: e.g. `fail-static since …` when no PDP answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daemon: Option<serde_json::Value>,
@@ -68,6 +72,15 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
     } else {
         Vec::new()
     };
+    let mut htb_classes: Vec<ClassInfo> = classes
+        .iter()
+        .filter(|c| {
+            let major = TcHandle(c.handle).major();
+            major == layout.qdisc_major || layout.group_of_major(major).is_some()
+        })
+        .cloned()
+        .collect();
+    htb_classes.sort_by_key(|c| c.handle);
     let table = layout.nft_table();
     let state = backend.read_table(layout)?;
     fn take(classes: &mut Vec<ClassInfo>, h: TcHandle) -> Option<ClassInfo> {
@@ -126,6 +139,7 @@ pub fn read<B: KernelBackend>(backend: &mut B, layout: &Layout) -> Result<Status
         groups,
         decisions,
         orphan_classes: classes.into_iter().map(|c| c.classid).collect(),
+        htb_classes,
         daemon: None,
     })
 }

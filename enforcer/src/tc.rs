@@ -50,7 +50,7 @@ const TCA_HTB_INIT: u16 = 2;
 pub(crate) const TCA_HTB_RATE64: u16 = 6;
 pub(crate) const TCA_HTB_CEIL64: u16 = 7;
 
-const TC_H_ROOT: u32 = 0xFFFF_FFFF;
+pub(crate) const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TC_LINKLAYER_ETHERNET: u8 = 1;
 /// `tc`'s default for the HTB `r2q` divisor.
 const HTB_RATE2QUANTUM: u32 = 10;

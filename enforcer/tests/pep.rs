@@ -200,6 +200,19 @@ fn pep_installs_reports_fails_static_and_resyncs() {
                 assert_eq!(a.decisions[0].kind, qosloop_schema::DecisionKind::Drop);
                 assert_eq!(a.omitted, 0);
                 assert!(a.at_ns > 0);
+                // The HTB classes' statistics, by handle: the root class
+                // (under the qdisc), the default class, the group's.
+                let ids: Vec<(&str, &str)> = a
+                    .classes
+                    .iter()
+                    .map(|c| (c.classid.as_str(), c.parent.as_str()))
+                    .collect();
+                assert!(
+                    ids.starts_with(&[("e5:1", "root"), ("e5:2", "e5:1")]),
+                    "{ids:?}"
+                );
+                assert!(ids.contains(&("e500:1", "root")), "{ids:?}");
+                assert_eq!(a.classes_omitted, 0);
                 step_tx.send("installed").unwrap();
                 go_rx.recv().unwrap();
                 // The PDP goes away: the PEP must keep its decisions.

@@ -374,6 +374,34 @@ async fn the_live_page_moves_filters_and_reports_no_error() {
         insert_flow(&db, src, "10.0.1.1", dport, bytes, i as i64).await;
     }
     let writer = write_traffic(db);
+    // An enforcer whose last accounting report held two HTB classes.
+    let store = &server.store;
+    store
+        .upsert_enforcer("pep-b", &["edge".into()], "127.0.0.1:40001", "connected")
+        .await
+        .unwrap();
+    let class = |id: &str, parent: &str, [bytes, drops, overlimits, backlog]: [u64; 4]| {
+        qosloop_schema::ClassCounters {
+            classid: id.into(),
+            parent: parent.into(),
+            bytes,
+            packets: bytes / 100,
+            drops,
+            overlimits,
+            backlog_bytes: backlog,
+        }
+    };
+    let report = qosloop_schema::AccountingReport {
+        at_ns: 1_700_000_000_000_000_000,
+        decisions: vec![],
+        omitted: 0,
+        classes: vec![
+            class("e5:1", "root", [9000, 0, 2, 0]),
+            class("e5:2", "e5:1", [9000, 1200, 3, 1500]),
+        ],
+        classes_omitted: 0,
+    };
+    store.replace_counters("pep-b", &report).await.unwrap();
     let base = browser.base();
     let port = browser.port;
 
@@ -399,6 +427,27 @@ async fn the_live_page_moves_filters_and_reports_no_error() {
 
     // The link chart moves while rates come in.
     browser.assert_chart_moves().await;
+
+    // The enforcer table: the HTB classes' count, sums of drops,
+    // overlimits and backlog, each class in the count's tooltip.
+    let row = "[...document.querySelectorAll('#enforcers tbody tr')].find(r => r.cells[0].textContent === 'pep-b')";
+    browser
+        .wait_for(&format!("return {row} !== undefined"))
+        .await;
+    let cells = browser
+        .script(&format!(
+            "return [...{row}.cells].slice(-4).map(c => c.textContent)"
+        ))
+        .await;
+    assert_eq!(cells, json!(["2", "1,200", "5", "1,500"]));
+    let title = browser
+        .script(&format!("return {row}.cells[{row}.cells.length - 4].title"))
+        .await;
+    assert_eq!(
+        title,
+        "e5:1 (parent root): 9000 B, 90 packets, 0 drops, 2 overlimits, 0 B queued\n\
+         e5:2 (parent e5:1): 9000 B, 90 packets, 1200 drops, 3 overlimits, 1500 B queued"
+    );
 
     // A filter typed in returns the right rows, and is kept in the URL.
     browser

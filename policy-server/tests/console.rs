@@ -714,10 +714,21 @@ async fn store_counters(
         out_of_profile_bytes: n * 50,
     };
     // An earlier report is replaced whole, not added to.
+    let class = |id: &str, n: u64| qosloop_schema::ClassCounters {
+        classid: id.into(),
+        parent: "e5:1".into(),
+        bytes: n * 100,
+        packets: n,
+        drops: n / 10,
+        overlimits: n / 5,
+        backlog_bytes: n % 7,
+    };
     let old = AccountingReport {
         at_ns: 1,
         decisions: vec![counters(9, DecisionKind::Drop, 1)],
         omitted: 0,
+        classes: vec![class("e5:9", 1)],
+        classes_omitted: 0,
     };
     store.replace_counters("pep-k", &old).await.unwrap();
     let report = AccountingReport {
@@ -727,6 +738,8 @@ async fn store_counters(
             counters(3, DecisionKind::Remark, 10),
         ],
         omitted: 5,
+        classes: vec![class("e5:1", 90), class("e5:a", 7)],
+        classes_omitted: 2,
     };
     store.replace_counters("pep-k", &report).await.unwrap();
     report
@@ -771,6 +784,11 @@ async fn enforcers_serve_the_kernel_counters_last_reported() {
         per,
         [(3, "remark".into(), 1000), (7, "accept".into(), 4000)]
     );
+    // The HTB classes of the last report only, every field as sent.
+    let classes: Vec<qosloop_schema::ClassCounters> =
+        serde_json::from_value(row["htb_classes"].clone()).unwrap();
+    assert_eq!(classes, report.classes);
+    assert_eq!(row["classes_omitted"], 2);
     // CSV: the sums.
     let (code, ctype, csv) = get(web.local_addr, "/api/v1/enforcers?format=csv", "*/*").await;
     assert_eq!(code, 200);

@@ -32,10 +32,10 @@ mod units;
 pub use flow::{flow_hash, FlowKey, FlowRecord};
 pub use ie::{DataType, IeId, InformationElement, QOSLOOP_PEN};
 pub use policy::{
-    AccountingReport, BandBasis, BusinessRule, Decision, DecisionCounters, DecisionKind,
-    DecisionReason, DeviceRole, Direction, EnforcementReport, FlowSpec, Link, LoadBand,
-    OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile, UserMatch, UserRef,
-    MAX_ACCOUNTED_DECISIONS,
+    AccountingReport, BandBasis, BusinessRule, ClassCounters, Decision, DecisionCounters,
+    DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport, FlowSpec, Link,
+    LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile,
+    UserMatch, UserRef, MAX_ACCOUNTED_CLASSES, MAX_ACCOUNTED_DECISIONS,
 };
 pub use template::{Template, TemplateKey};
 pub use units::{Dscp, IpPrefix, Kbps, ParseError, PortRange};

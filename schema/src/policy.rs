@@ -453,6 +453,28 @@ pub struct DecisionCounters {
     pub out_of_profile_bytes: u64,
 }
 
+/// Most HTB classes one [`AccountingReport`] carries (the first by class
+/// id); the rest are counted in `classes_omitted`. About 130 bytes of JSON
+/// each.
+pub const MAX_ACCOUNTED_CLASSES: usize = 1024;
+
+/// One HTB class's statistics, as the kernel reports them (`tc -s class
+/// show`: TCA_STATS2 basic and queue counters).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassCounters {
+    /// `major:minor`, hexadecimal as tc prints it (e.g. `1:a`).
+    pub classid: String,
+    /// The parent's `major:minor`, or `root`.
+    pub parent: String,
+    pub bytes: u64,
+    pub packets: u64,
+    pub drops: u64,
+    pub overlimits: u64,
+    /// Bytes queued when read.
+    pub backlog_bytes: u64,
+}
+
 /// An enforcer's periodic report of the kernel's counters (COPS RPT with
 /// Report-Type Accounting), sent every time it reads them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -465,6 +487,17 @@ pub struct AccountingReport {
     /// Decisions in the kernel left out of `decisions`.
     #[serde(default)]
     pub omitted: u64,
+    /// The enforcer's HTB classes, at most [`MAX_ACCOUNTED_CLASSES`], by
+    /// class id (absent from reports of enforcers that do not send them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassCounters>,
+    /// HTB classes left out of `classes`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub classes_omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An enforcer's report on one decision (COPS RPT).

@@ -80,6 +80,11 @@ const SQLITE: &[Migration] = &[
         name: "user_subjects",
         sql: include_str!("../sql/sqlite/0012_user_subjects.sql"),
     },
+    Migration {
+        version: 13,
+        name: "enforcer_classes",
+        sql: include_str!("../sql/sqlite/0013_enforcer_classes.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -142,6 +147,11 @@ const POSTGRES: &[Migration] = &[
         version: 12,
         name: "user_subjects",
         sql: include_str!("../sql/postgres/0012_user_subjects.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "enforcer_classes",
+        sql: include_str!("../sql/postgres/0013_enforcer_classes.sql"),
     },
 ];
 

@@ -61,9 +61,12 @@ impl Db {
             .await
             .map(|r| r.rows_affected()))?;
         if gone > 0 {
-            let q =
-                "DELETE FROM enforcer_counters WHERE enforcer NOT IN (SELECT name FROM enforcers)";
-            on_pool!(self, pool, D => sqlx::query(q).execute(pool).await.map(|_| ()))?;
+            for q in [
+                "DELETE FROM enforcer_counters WHERE enforcer NOT IN (SELECT name FROM enforcers)",
+                "DELETE FROM enforcer_classes WHERE enforcer NOT IN (SELECT name FROM enforcers)",
+            ] {
+                on_pool!(self, pool, D => sqlx::query(q).execute(pool).await.map(|_| ()))?;
+            }
         }
         Ok(gone)
     }
@@ -99,10 +102,33 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
             }
-            sqlx::query::<D>("UPDATE enforcers SET counters_at_ns = $2, counters_omitted = $3 WHERE name = $1")
+            sqlx::query::<D>("DELETE FROM enforcer_classes WHERE enforcer = $1")
+                .bind(enforcer)
+                .execute(&mut *tx)
+                .await?;
+            for c in &report.classes {
+                sqlx::query::<D>(
+                    "INSERT INTO enforcer_classes (enforcer, classid, parent, bytes, packets, drops, \
+                     overlimits, backlog_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (enforcer, classid) DO NOTHING",
+                )
+                .bind(enforcer)
+                .bind(&c.classid)
+                .bind(&c.parent)
+                .bind(int(c.bytes))
+                .bind(int(c.packets))
+                .bind(int(c.drops))
+                .bind(int(c.overlimits))
+                .bind(int(c.backlog_bytes))
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query::<D>("UPDATE enforcers SET counters_at_ns = $2, counters_omitted = $3, \
+                              classes_omitted = $4 WHERE name = $1")
                 .bind(enforcer)
                 .bind(int(report.at_ns))
                 .bind(int(report.omitted))
+                .bind(int(report.classes_omitted))
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await
@@ -119,6 +145,18 @@ impl Db {
         let q = "SELECT decision_id, version, kind, in_profile_packets, in_profile_bytes, \
                  out_of_profile_packets, out_of_profile_bytes FROM enforcer_counters \
                  WHERE enforcer = $1 ORDER BY decision_id";
+        on_pool!(self, pool, D => sqlx::query_as(q).bind(enforcer).fetch_all(pool).await)
+    }
+
+    /// The HTB class statistics `enforcer` reported last, by class id:
+    /// `(classid, parent, bytes, packets, drops, overlimits, backlog bytes)`.
+    #[allow(clippy::type_complexity)]
+    pub async fn class_counters(
+        &self,
+        enforcer: &str,
+    ) -> Result<Vec<(String, String, i64, i64, i64, i64, i64)>, sqlx::Error> {
+        let q = "SELECT classid, parent, bytes, packets, drops, overlimits, backlog_bytes \
+                 FROM enforcer_classes WHERE enforcer = $1 ORDER BY classid";
         on_pool!(self, pool, D => sqlx::query_as(q).bind(enforcer).fetch_all(pool).await)
     }
 

@@ -4,7 +4,9 @@
 //! nftables on a veth), bounded UDP traffic of the sample rule's flow, and
 //! then the counters `GET /api/v1/enforcers` serves (read from SQL, written
 //! from the enforcer's accounting RPT) must equal what `nft -j list
-//! ruleset` shows for each decision, within one report interval.
+//! ruleset` shows for each decision, within one report interval; and the
+//! HTB class statistics it serves beside them must equal what `tc -s class
+//! show` shows for every class of the interface once the traffic stopped.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -77,6 +79,105 @@ fn kernel_counters(ns: &Netns) -> Counters {
         .collect()
 }
 
+/// `[bytes, packets, drops, overlimits, backlog]` and the parent by class id.
+type Classes = BTreeMap<String, (String, [u64; 5])>;
+
+/// The HTB classes of `dev` as `tc -s class show` prints them. Its text,
+/// not `-j`: iproute2 6.1 (Debian 12) prints classes as text even with
+/// `-j`. Per class: `class htb MAJ:MIN root|parent MAJ:MIN …`, then
+/// ` Sent B bytes P pkt (dropped D, overlimits O requeues R)`, then
+/// ` backlog Nb Qp requeues R` (a backlog of 1 KiB or more is printed
+/// rounded, which fails here: the test reads it once traffic stopped).
+fn kernel_classes(ns: &Netns, dev: &str) -> Classes {
+    let out = ns
+        .command("tc")
+        .args(["-s", "class", "show", "dev", dev])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let num = |w: &str, line: &str| -> u64 {
+        w.trim_start_matches('(')
+            .trim_end_matches([',', ')'])
+            .parse()
+            .unwrap_or_else(|_| panic!("{w:?} in {line:?} is not a number"))
+    };
+    let mut classes = Classes::new();
+    // The class being read (None: not an HTB class) and what of it was seen.
+    let mut at: Option<(String, u8)> = None;
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["class", kind, handle, rest @ ..] => {
+                if let Some((h, seen)) = &at {
+                    assert_eq!(*seen, 2, "{h}: no Sent or backlog line in\n{text}");
+                }
+                at = None;
+                if *kind == "htb" {
+                    let parent = match rest {
+                        ["root", ..] => "root",
+                        ["parent", p, ..] => p,
+                        _ => panic!("{line:?}: no parent"),
+                    };
+                    classes.insert(handle.to_string(), (parent.to_owned(), [0; 5]));
+                    at = Some((handle.to_string(), 0));
+                }
+            }
+            ["Sent", b, "bytes", p, "pkt", "(dropped", d, "overlimits", o, ..] => {
+                if let Some((h, seen)) = &mut at {
+                    let s = &mut classes.get_mut(h).unwrap().1;
+                    (s[0], s[1], s[2], s[3]) =
+                        (num(b, line), num(p, line), num(d, line), num(o, line));
+                    *seen += 1;
+                }
+            }
+            ["backlog", b, ..] => {
+                if let Some((h, seen)) = &mut at {
+                    let bytes = b.strip_suffix('b').unwrap_or(b);
+                    classes.get_mut(h).unwrap().1[4] = num(bytes, line);
+                    *seen += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some((h, seen)) = &at {
+        assert_eq!(*seen, 2, "{h}: no Sent or backlog line in\n{text}");
+    }
+    classes
+}
+
+/// The HTB classes one enforcer row serves.
+fn served_classes(row: &Value) -> Classes {
+    row["htb_classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let n = |k: &str| c[k].as_u64().unwrap();
+                    (
+                        c["classid"].as_str().unwrap().to_owned(),
+                        (
+                            c["parent"].as_str().unwrap().to_owned(),
+                            [
+                                n("bytes"),
+                                n("packets"),
+                                n("drops"),
+                                n("overlimits"),
+                                n("backlog_bytes"),
+                            ],
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `GET /api/v1/enforcers` from inside the namespace.
 fn enforcers(ns: &Netns, port: u16) -> Option<Value> {
     let body = ns
@@ -120,6 +221,7 @@ fn served(row: &Value) -> Counters {
 fn the_counters_served_are_the_kernels_within_one_report() {
     need!(require_root("programs HTB and nftables in namespaces"));
     need!(require_binary("nft", "nftables"));
+    need!(require_binary("tc", "iproute2"));
     need!(require_binary("bash", "bash"));
     need!(component_dir().map(|_| ()).map_err(|e| e.to_string()));
     let bin = component_dir().unwrap();
@@ -186,6 +288,7 @@ fn the_counters_served_are_the_kernels_within_one_report() {
     }
     let before = kernel_counters(&tx);
     assert_eq!(before.len(), 1, "one decision in the kernel: {before:?}");
+    let classes_before = kernel_classes(&tx, &veth.a_if);
 
     // 300 datagrams of the rule's flow, 5 ms apart: bounded in count and time.
     let sent = tx
@@ -241,4 +344,38 @@ fn the_counters_served_are_the_kernels_within_one_report() {
     assert_eq!(row["counters_omitted"].as_u64(), Some(0));
     assert!(row["counters_at_ns"].as_u64().unwrap() > 0);
     assert_eq!(row["kernel_counters"][0]["kind"], "accept", "{row}");
+
+    // The HTB classes: every class of the interface, as tc shows it now,
+    // within one report interval (read again each time: the kernel may
+    // send something of its own on the link meanwhile).
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let kernel = kernel_classes(&tx, &veth.a_if);
+        // The datagrams went through the tree: some class counted them all.
+        let grew = |(id, (_, s)): (&String, &(String, [u64; 5]))| {
+            let was = classes_before.get(id).map_or(0, |(_, b)| b[1]);
+            s[1] >= was + 300
+        };
+        assert!(
+            kernel.len() >= 2 && kernel.iter().any(grew),
+            "the HTB tree and its traffic: {classes_before:?} then {kernel:?}"
+        );
+        let rows = enforcers(&tx, http);
+        let served = rows
+            .as_ref()
+            .and_then(|v| v["rows"].get(0))
+            .map(served_classes)
+            .unwrap_or_default();
+        if served == kernel {
+            let row = &rows.as_ref().unwrap()["rows"][0];
+            assert_eq!(row["classes_omitted"].as_u64(), Some(0), "{row}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "served {served:?}, tc shows {kernel:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

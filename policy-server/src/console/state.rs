@@ -206,8 +206,8 @@ pub async fn enforcers(
          (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name AND r.outcome = 'failed'), \
          (SELECT CAST(MAX(r.reconfig_ns) AS BIGINT) FROM enforcement_reports r WHERE r.enforcer = e.name), \
          e.counters_at_ns, e.counters_omitted, \
-         (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcer_counters k WHERE k.enforcer = e.name){sums} \
-         FROM enforcers e ORDER BY e.name"
+         (SELECT CAST(COUNT(*) AS BIGINT) FROM enforcer_counters k WHERE k.enforcer = e.name){sums}, \
+         e.classes_omitted FROM enforcers e ORDER BY e.name"
     );
     let mut columns = vec![
         ("name", Text),
@@ -226,12 +226,14 @@ pub async fn enforcers(
         ("counted_decisions", Int),
     ];
     columns.extend(COUNTER_SUMS.iter().map(|c| (*c, Int)));
+    columns.push(("classes_omitted", Int));
     let t = table(&c, &sql, &[], &columns).await?;
     if csv {
         return Ok(answer(true, Value::Null, &t));
     }
-    // JSON: each enforcer's counters per decision too, as last reported
-    // (at most qosloop_schema::MAX_ACCOUNTED_DECISIONS each).
+    // JSON: each enforcer's counters per decision and its HTB classes'
+    // statistics too, as last reported (at most
+    // qosloop_schema::MAX_ACCOUNTED_DECISIONS and MAX_ACCOUNTED_CLASSES).
     let mut rows = t.objects();
     for row in &mut rows {
         let name = row["name"].as_str().unwrap_or_default().to_owned();
@@ -246,6 +248,21 @@ pub async fn enforcers(
                         "out_of_profile_packets": op, "out_of_profile_bytes": ob,
                     })
                 })
+                .collect(),
+        );
+        let classes = c.db.class_counters(&name).await.map_err(ApiError::from)?;
+        row["htb_classes"] = Value::Array(
+            classes
+                .into_iter()
+                .map(
+                    |(classid, parent, bytes, packets, drops, overlimits, backlog)| {
+                        json!({
+                            "classid": classid, "parent": parent, "bytes": bytes,
+                            "packets": packets, "drops": drops, "overlimits": overlimits,
+                            "backlog_bytes": backlog,
+                        })
+                    },
+                )
                 .collect(),
         );
     }

@@ -284,6 +284,16 @@ impl Message {
                         )),
                     });
                 }
+                if r.classes.len() > crate::MAX_ACCOUNTED_CLASSES {
+                    return Err(CopsError::Payload {
+                        what: "RPT accounting ClientSI",
+                        source: serde::de::Error::custom(format!(
+                            "{} HTB classes, more than {}",
+                            r.classes.len(),
+                            crate::MAX_ACCOUNTED_CLASSES
+                        )),
+                    });
+                }
                 Ok(Some(r))
             }
             _ => Ok(None),

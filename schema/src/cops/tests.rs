@@ -196,6 +196,16 @@ fn qosloop_payloads_round_trip() {
             })
             .collect(),
         omitted: 3,
+        classes: vec![crate::ClassCounters {
+            classid: "1:a".into(),
+            parent: "1:1".into(),
+            bytes: 1 << 40,
+            packets: 5,
+            drops: 1,
+            overlimits: 2,
+            backlog_bytes: 0,
+        }],
+        classes_omitted: 0,
     };
     let m = Message::rpt_accounting(Handle::from_u32(9), &counters(2));
     let back = decode_all(&encode(&m)).unwrap().remove(0);
@@ -212,6 +222,22 @@ fn qosloop_payloads_round_trip() {
         Handle::from_u32(9),
         &counters(crate::MAX_ACCOUNTED_DECISIONS + 1),
     );
+    let mut many = counters(1);
+    many.classes = vec![many.classes[0].clone(); crate::MAX_ACCOUNTED_CLASSES + 1];
+    let e = Message::rpt_accounting(Handle::from_u32(9), &many)
+        .accounting()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HTB classes"), "{e}");
+    // A report with no classes reads as before (the fields are optional).
+    let mut none = counters(1);
+    none.classes.clear();
+    let m = Message::rpt_accounting(Handle::from_u32(9), &none);
+    assert_eq!(m.accounting().unwrap(), Some(none.clone()));
+    // ... and is written as before: what a PDP older than the classes
+    // reads (the enforcer's --no-class-accounting sends this).
+    let json = serde_json::to_string(&none).unwrap();
+    assert!(!json.contains("classes"), "{json}");
     let e = over.accounting().unwrap_err().to_string();
     assert!(e.contains("more than 1024"), "{e}");
 

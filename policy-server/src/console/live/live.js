@@ -329,6 +329,19 @@ async function loadDecisions() {
   } catch (e) { showError(e); }
 }
 
+// The HTB classes' statistics of one enforcer: how many, and the sums of
+// drops, overlimits and backlog; each class in the count's title. No sum of
+// bytes: an inner class counts its descendants' bytes again (drops and
+// backlog are the leaves' own; overlimits are events of any class).
+function htbCells(classes) {
+  const cs = Array.isArray(classes) ? classes : [];
+  const sum = k => cs.reduce((a, c) => a + Number(c[k] || 0), 0).toLocaleString("en");
+  const title = cs.map(c => `${c.classid} (parent ${c.parent}): ${c.bytes} B, ${c.packets} packets, ` +
+    `${c.drops} drops, ${c.overlimits} overlimits, ${c.backlog_bytes} B queued`).join("\n");
+  return `<td class="num" title="${esc(title)}">${cs.length}</td>` +
+    ["drops", "overlimits", "backlog_bytes"].map(k => `<td class="num">${cs.length ? sum(k) : ""}</td>`).join("");
+}
+
 async function loadEnforcers() {
   try {
     const list = await getJson("/api/v1/enforcers");
@@ -338,7 +351,7 @@ async function loadEnforcers() {
       e.last_report_ns ? time(e.last_report_ns) : "", e.installed ?? ""].map(c => `<td>${esc(typeof c === "object" ? JSON.stringify(c) : c)}</td>`).join("") +
       [e.counted_decisions, e.in_profile_packets, e.in_profile_bytes, e.out_of_profile_packets, e.out_of_profile_bytes]
         .map(v => `<td class="num">${num(v)}</td>`).join("") +
-      `<td>${e.counters_at_ns ? esc(time(e.counters_at_ns)) : ""}</td></tr>`).join("");
+      `<td>${e.counters_at_ns ? esc(time(e.counters_at_ns)) : ""}</td>` + htbCells(e.htb_classes) + "</tr>").join("");
     live.enforcers = rows;
   } catch (e) { showError(e); }
 }
