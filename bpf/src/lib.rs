@@ -65,6 +65,17 @@ impl BpfError {
     }
 }
 
+/// Returns once every program run that began before the call has returned.
+/// Programs run inside RCU read-side sections, and this waits for an RCU
+/// grace period (`membarrier(MEMBARRIER_CMD_GLOBAL)`). A run in process
+/// context can be preempted for longer than any fixed sleep on a busy host,
+/// so a map that programs stopped choosing (an epoch flipped) is only
+/// frozen once this returns. Fails where the kernel refuses the command
+/// (`nohz_full` CPUs); the caller then has no such guarantee.
+pub fn wait_for_running_programs() -> Result<(), BpfError> {
+    sys::membarrier_global()
+}
+
 /// Now on the clock of `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`, ns), to turn
 /// times programs record into wall-clock times.
 pub fn ktime_ns() -> u64 {

@@ -315,6 +315,28 @@ pub(crate) fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> Result<(), BpfErr
     call(OBJ_GET_INFO_BY_FD, &mut attr, "BPF_OBJ_GET_INFO_BY_FD").map(|_| ())
 }
 
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)`: the kernel runs `synchronize_rcu()`
+/// (on more than one online CPU), so every RCU read-side section that began
+/// before the call, a program run among them, has ended when it returns.
+/// Refused (`EINVAL`) on kernels with `nohz_full` CPUs.
+pub(crate) fn membarrier_global() -> Result<(), BpfError> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes integer arguments only (command, flags, cpu).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if rc < 0 {
+        Err(BpfError::last("membarrier(MEMBARRIER_CMD_GLOBAL)"))
+    } else {
+        Ok(())
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -177,3 +177,13 @@ fn run_time_stats_count_runs() {
     assert!(info.run_time_ns > 0, "{info:?}");
     drop(stats);
 }
+
+/// The agent's drain relies on this: after its epoch flip it waits for
+/// every program run that read the old epoch (a run preempted mid-way once
+/// flushed a cache cell the drain had already read, counting it twice).
+/// The kernel must grant the grace period here; where it refuses
+/// (`nohz_full`), the agent falls back to a sleep and says so.
+#[test]
+fn the_kernel_grants_a_grace_period_for_running_programs() {
+    qosloop_bpf::wait_for_running_programs().expect("membarrier(MEMBARRIER_CMD_GLOBAL)");
+}

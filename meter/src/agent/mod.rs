@@ -234,6 +234,8 @@ pub struct Agent {
     unresolved: HashMap<u64, u32>,
     users: UserNames,
     overflow_seen: (u64, u64),
+    /// Said once: the kernel gave no RCU grace period after an epoch flip.
+    grace_warned: bool,
     last_drain_wall_ns: u64,
     stats: AgentStats,
 }
@@ -307,6 +309,7 @@ impl Agent {
             unresolved: HashMap::new(),
             users: UserNames::default(),
             overflow_seen: (0, 0),
+            grace_warned: false,
             last_drain_wall_ns: wall_ns(),
             stats: AgentStats::default(),
         };
@@ -584,8 +587,18 @@ impl Agent {
             .epoch
             .update(&0u32.to_ne_bytes(), &self.epoch.to_ne_bytes())
             .map_err(bpf("flipping the epoch"))?;
-        // Programs that read the old epoch finish within microseconds.
-        std::thread::sleep(Duration::from_millis(1));
+        // A run that read the old epoch may still be writing its cells or
+        // its map (a run in process context can be preempted for
+        // milliseconds on a busy host): wait until every such run is out.
+        // A fixed sleep here let a preempted run flush a cell into the
+        // overflow after the drain had read that cell, counting it twice.
+        if let Err(e) = qosloop_bpf::wait_for_running_programs() {
+            if !self.grace_warned {
+                self.grace_warned = true;
+                tracing::warn!(error = %e, "agent: no RCU grace period from the kernel; waiting 10 ms after each epoch flip instead (a run preempted longer can be counted twice or lost)");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // Owners recorded meanwhile (sockets created just before the flip).
         self.take_owners()?;
         // Read, export, then clear: the idle map is frozen (no program
