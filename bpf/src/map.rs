@@ -270,14 +270,10 @@ impl Map {
         let mut cursor = [0u8; 8];
         let mut started = false;
         let mut total = 0usize;
-        let call = if delete {
-            sys::map_lookup_and_delete_batch
-        } else {
-            sys::map_lookup_batch
-        };
         loop {
             let prev = cursor;
-            let (n, done) = call(
+            let (n, done) = sys::map_batch(
+                delete,
                 self.fd.as_fd(),
                 started.then_some(&prev),
                 &mut cursor,

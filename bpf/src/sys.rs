@@ -114,11 +114,13 @@ pub(crate) enum MapOp {
     NextKey,
 }
 
-/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH`: up to `keys.len() / key_size`
+/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH` when `delete`, else
+/// `BPF_MAP_LOOKUP_BATCH` (the entries stay): up to `keys.len() / key_size`
 /// entries; returns how many came and whether the map is exhausted.
 /// `in_batch`/`out_batch` are the kernel's opaque cursor (8 bytes for hash
 /// maps).
-pub(crate) fn map_lookup_and_delete_batch(
+pub(crate) fn map_batch(
+    delete: bool,
     fd: BorrowedFd<'_>,
     in_batch: Option<&[u8; 8]>,
     out_batch: &mut [u8; 8],
@@ -126,51 +128,14 @@ pub(crate) fn map_lookup_and_delete_batch(
     values: &mut [u8],
     count: u32,
 ) -> Result<(u32, bool), BpfError> {
-    map_batch(
-        MAP_LOOKUP_AND_DELETE_BATCH,
-        "BPF_MAP_LOOKUP_AND_DELETE_BATCH",
-        fd,
-        in_batch,
-        out_batch,
-        keys,
-        values,
-        count,
-    )
-}
-
-/// `BPF_MAP_LOOKUP_BATCH`: as [`map_lookup_and_delete_batch`], the
-/// entries staying in the map.
-pub(crate) fn map_lookup_batch(
-    fd: BorrowedFd<'_>,
-    in_batch: Option<&[u8; 8]>,
-    out_batch: &mut [u8; 8],
-    keys: &mut [u8],
-    values: &mut [u8],
-    count: u32,
-) -> Result<(u32, bool), BpfError> {
-    map_batch(
-        MAP_LOOKUP_BATCH,
-        "BPF_MAP_LOOKUP_BATCH",
-        fd,
-        in_batch,
-        out_batch,
-        keys,
-        values,
-        count,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn map_batch(
-    cmd: i64,
-    name: &'static str,
-    fd: BorrowedFd<'_>,
-    in_batch: Option<&[u8; 8]>,
-    out_batch: &mut [u8; 8],
-    keys: &mut [u8],
-    values: &mut [u8],
-    count: u32,
-) -> Result<(u32, bool), BpfError> {
+    let (cmd, name) = if delete {
+        (
+            MAP_LOOKUP_AND_DELETE_BATCH,
+            "BPF_MAP_LOOKUP_AND_DELETE_BATCH",
+        )
+    } else {
+        (MAP_LOOKUP_BATCH, "BPF_MAP_LOOKUP_BATCH")
+    };
     let mut attr = [0u8; 56];
     if let Some(b) = in_batch {
         put(&mut attr, 0, &ptr(b.as_ptr()));
