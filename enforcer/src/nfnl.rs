@@ -217,8 +217,8 @@ mod tests {
     /// throwaway network namespace of a thread.)
     #[test]
     fn a_kernel_that_does_not_answer_ends_the_change_with_an_error() {
-        let root = qosloop_testbed::harness::require_root("opens nf_tables netlink in a namespace");
-        if qosloop_testbed::harness::prerequisite(root).is_none() {
+        let root = qosloop_testkit::harness::require_root("opens nf_tables netlink in a namespace");
+        if qosloop_testkit::harness::prerequisite(root).is_none() {
             return;
         }
         let err = std::thread::spawn(|| {

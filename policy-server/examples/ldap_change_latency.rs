@@ -14,7 +14,7 @@
 use ldap3::{LdapConnAsync, Mod};
 use qosloop_policy_server::repo::{watch_ldap, LdapBind, LdapSource};
 use qosloop_schema::{Kbps, SAMPLE_POLICY_LDIF};
-use qosloop_testbed::harness::Slapd;
+use qosloop_testkit::harness::Slapd;
 use std::collections::HashSet;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -35,7 +35,7 @@ pub use policy::{
     AccountingReport, BandBasis, BusinessRule, ClassCounters, Decision, DecisionCounters,
     DecisionKind, DecisionReason, DeviceRole, Direction, EnforcementReport, FlowSpec, Link,
     LoadBand, OutOfProfileAction, PolicySet, ReportOutcome, ServiceClass, TrafficProfile,
-    UserMatch, UserRef, MAX_ACCOUNTED_CLASSES, MAX_ACCOUNTED_DECISIONS,
+    UserMatch, UserRef, MAX_ACCOUNTED_CLASSES, MAX_ACCOUNTED_DECISIONS, MTU_BYTES,
 };
 pub use template::{Template, TemplateKey};
 pub use units::{Dscp, IpPrefix, Kbps, ParseError, PortRange};

@@ -192,6 +192,32 @@ pub struct TrafficProfile {
     pub burst_bytes: u64,
 }
 
+/// The bytes of one full-size Ethernet frame: the unit of the burst floor.
+pub const MTU_BYTES: u64 = 1514;
+
+impl TrafficProfile {
+    /// The burst of a flow's meter, in bytes: the decision's burst, but at
+    /// least 20 ms of the profile rate and at least two full-size frames (so
+    /// that a flow at its profile rate is never metered out of profile by the
+    /// jitter of its own packets), and at most 4 GiB − 1.
+    ///
+    /// The kernel's byte bucket holds one second of the rate *plus* this burst
+    /// (`tokens_max = unit × (rate + burst) / rate`, the unit at least one
+    /// second), so over any window of `T` seconds a flow passes at most
+    /// `rate × (T + 1 s) + burst` bytes in profile — see [`Self::bucket_bytes`].
+    pub fn meter_burst_bytes(&self) -> u32 {
+        let floor = (self.rate.bytes_per_sec() / 50).max(2 * MTU_BYTES);
+        self.burst_bytes.max(floor).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// The depth of the kernel's bucket: what a flow can send in profile at
+    /// once after being idle, and the bound of the in-profile bytes over any
+    /// window of `T` seconds beyond `rate × T`.
+    pub fn bucket_bytes(&self) -> u64 {
+        self.rate.bytes_per_sec() + u64::from(self.meter_burst_bytes())
+    }
+}
+
 /// What happens to traffic above its profile, in one link-load band.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "lowercase")]

@@ -329,28 +329,22 @@ pub const FALLBACK_CHAIN: &str = "fallback";
 /// tagged on the way out ([`reply_rule`]).
 pub const REPLIES_CHAIN: &str = "replies";
 
-/// The bytes of one full-size Ethernet frame: the unit of the burst floor.
-pub const MTU_BYTES: u64 = 1514;
+/// The bytes of one full-size Ethernet frame: the unit of the burst floor
+/// (the token-bucket contract lives with [`qosloop_schema::TrafficProfile`]).
+pub use qosloop_schema::MTU_BYTES;
 
-/// The burst of a flow's meter, in bytes: the decision's burst, but at
-/// least 20 ms of the profile rate and at least two full-size frames (so
-/// that a flow at its profile rate is never metered out of profile by the
-/// jitter of its own packets), and at most 4 GiB − 1.
+/// The burst of a flow's meter, in bytes ([`TrafficProfile::meter_burst_bytes`]).
 ///
-/// The kernel's byte bucket holds one second of the rate *plus* this burst
-/// (`tokens_max = unit × (rate + burst) / rate`, the unit at least one
-/// second), so over any window of `T` seconds a flow passes at most
-/// `rate × (T + 1 s) + burst` bytes in profile — see [`bucket_bytes`].
+/// [`TrafficProfile::meter_burst_bytes`]: qosloop_schema::TrafficProfile::meter_burst_bytes
 pub fn meter_burst_bytes(profile: &qosloop_schema::TrafficProfile) -> u32 {
-    let floor = (profile.rate.bytes_per_sec() / 50).max(2 * MTU_BYTES);
-    profile.burst_bytes.max(floor).min(u64::from(u32::MAX)) as u32
+    profile.meter_burst_bytes()
 }
 
-/// The depth of the kernel's bucket for `profile`: what a flow can send in
-/// profile at once after being idle, and the bound of the in-profile bytes
-/// over any window of `T` seconds beyond `rate × T`.
+/// The depth of the kernel's bucket for `profile` ([`TrafficProfile::bucket_bytes`]).
+///
+/// [`TrafficProfile::bucket_bytes`]: qosloop_schema::TrafficProfile::bucket_bytes
 pub fn bucket_bytes(profile: &qosloop_schema::TrafficProfile) -> u64 {
-    profile.rate.bytes_per_sec() + u64::from(meter_burst_bytes(profile))
+    profile.bucket_bytes()
 }
 
 fn fnv1a(parts: &[&str]) -> u64 {

@@ -95,8 +95,8 @@ mod tests {
     /// not deliver; a point without a certificate is refused for that.
     #[test]
     fn consumers_verify_the_point_and_an_untrusting_one_gets_nothing_saying_why() {
-        use qosloop_testbed::harness::{require_binary, test_pki};
-        qosloop_testbed::need!(require_binary("openssl", "openssl"));
+        use qosloop_testkit::harness::{require_binary, test_pki};
+        qosloop_testkit::need!(require_binary("openssl", "openssl"));
         let (pki, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         test_pki(pki.path()).unwrap();
         test_pki(other.path()).unwrap();

@@ -570,9 +570,9 @@ mod tests {
     /// counts the frames it could not deliver.
     #[test]
     fn tls_consumers_read_the_stream_and_an_untrusted_one_gets_nothing() {
-        use qosloop_testbed::harness::{require_binary, test_pki};
+        use qosloop_testkit::harness::{require_binary, test_pki};
         use tokio_rustls::rustls::ServerConnection;
-        qosloop_testbed::need!(require_binary("openssl", "openssl"));
+        qosloop_testkit::need!(require_binary("openssl", "openssl"));
         let (pki, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         test_pki(pki.path()).unwrap();
         test_pki(other.path()).unwrap();

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub mod inprofile;
+pub use qosloop_testkit::inprofile;
 mod summary;
 
 use summary::{read_events, summarise, write_outputs};

@@ -1,0 +1,13 @@
+//! The store's integration tests against real SQLite and PostgreSQL: one
+//! binary, one module per concern.
+
+// Tests: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster;
+mod dpmi;
+mod kb;
+mod retention;
+mod rollup;
+mod stitch;
+mod tables;
