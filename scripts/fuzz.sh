@@ -59,13 +59,24 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 
+# One build per fuzz crate, for all of its targets at once (one target
+# directory for all: what they share is built once).
+declare -A bins=()
 for t in "${targets[@]}"; do
   dir="${crate[$t]:-}"
   if [ -z "$dir" ]; then
     echo "fuzz: unknown target $t" >&2
     exit 64
   fi
-  cargo build --quiet --release --locked --target "$host" --manifest-path "$dir/Cargo.toml" --bin "$t"
+  bins[$dir]+=" --bin $t"
+done
+for dir in "${!bins[@]}"; do
+  # shellcheck disable=SC2086 # the --bin flags split on purpose
+  cargo build --quiet --release --locked --target "$host" --manifest-path "$dir/Cargo.toml" ${bins[$dir]}
+done
+
+for t in "${targets[@]}"; do
+  dir="${crate[$t]}"
   corpus="target/fuzz/corpus/$t"
   artifacts="target/fuzz/artifacts/$t/"
   mkdir -p "$corpus" "$artifacts"

@@ -22,6 +22,7 @@ packages=(
   chromium        # the live page test (headless, driven over WebDriver)
   chromium-driver # chromedriver, the WebDriver server of that test
   faketime        # libfaketime: a collector node with a skewed clock (cluster test)
+  stress-ng       # loads both cores for the suite's determinism runs (docs/testing.md)
 )
 
 missing=()
@@ -61,4 +62,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found. Install Rust (1.85 or newer) with rustup: https://rustup.rs" >&2
   exit 1
 fi
-echo "setup: ready ($(cargo --version))"
+# cargo-nextest runs the test suite (scripts/test.sh). This machine image
+# ships it; elsewhere it is built from crates.io once (a few minutes).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+echo "setup: ready ($(cargo --version), $(cargo nextest --version | head -1))"

@@ -132,6 +132,11 @@ impl CollectorMetrics {
             "Messages whose storing failed.",
             w.messages_failed.load(Ordering::Relaxed),
         );
+        e.counter(
+            "qosloop_collector_commit_lock_waits_total",
+            "Commits tried again after waiting too long on another writer's lock.",
+            w.lock_waits.load(Ordering::Relaxed),
+        );
         // IPFIX / NetFlow listeners.
         let udp = self.udp.snapshot();
         e.family(

@@ -7,7 +7,7 @@
 //! explains are retried with the same batch until it commits; nothing is
 //! acknowledged before.
 
-use qosloop_store::{is_transient, Db, KbConfig, Tally};
+use qosloop_store::{is_lock_wait, is_transient, Db, KbConfig, Tally, FROZEN_COPY_AFTER};
 pub use qosloop_store::{Batch, Outcome};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -152,7 +152,15 @@ pub struct WriterStats {
     pub records_committed: AtomicU64,
     /// Messages whose storing failed (the session gets an error).
     pub messages_failed: AtomicU64,
+    /// Commits that waited too long on another writer's lock and were
+    /// tried again (see [`LOCK_WAIT_ATTEMPTS`]).
+    pub lock_waits: AtomicU64,
 }
+
+/// Attempts in all at a group whose statements keep waiting on another
+/// writer's lock past the statement timeout (10 s each); the sessions get
+/// the error after that, and their exporters send the messages again.
+pub const LOCK_WAIT_ATTEMPTS: u32 = 6;
 
 /// The process's [`WriterStats`].
 pub fn writer_stats() -> &'static WriterStats {
@@ -163,6 +171,7 @@ pub fn writer_stats() -> &'static WriterStats {
         messages_duplicate: AtomicU64::new(0),
         records_committed: AtomicU64::new(0),
         messages_failed: AtomicU64::new(0),
+        lock_waits: AtomicU64::new(0),
     })
 }
 
@@ -251,6 +260,26 @@ async fn commit_with_retry(
             }
             Err(e) if is_transient(&e) => {
                 tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "storage unavailable; retrying the batch");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) if is_lock_wait(&e) && attempt < LOCK_WAIT_ATTEMPTS => {
+                // Another writer holds what this batch needs: a collector
+                // that took these messages before us and froze mid-COPY
+                // holds them until it is ended.
+                match db.end_frozen_copies(FROZEN_COPY_AFTER).await {
+                    Ok(ended) if !ended.is_empty() => tracing::warn!(
+                        backends = ?ended,
+                        "ended the transactions of writers frozen inside a COPY; retrying the batch"
+                    ),
+                    Ok(_) => {
+                        tracing::warn!(error = %e, attempt, "the batch waited on another writer's lock; retrying it")
+                    }
+                    Err(re) => {
+                        tracing::warn!(error = %e, reap_error = %re, attempt, "the batch waited on another writer's lock; retrying it")
+                    }
+                }
+                writer_stats().lock_waits.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }

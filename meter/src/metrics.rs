@@ -142,7 +142,7 @@ mod tests {
     fn an_idle_meter_renders_a_valid_exposition() {
         let m = MeterMetrics::default();
         let text = m.render();
-        let scrape = qosloop_runtime::metrics::parse::parse(&text).unwrap();
+        let scrape = qosloop_testkit::metrics::parse(&text).unwrap();
         assert_eq!(scrape.value("qosloop_meter_packets_total", &[]), Some(0.0));
         assert_eq!(
             scrape.value(

@@ -65,17 +65,31 @@ impl DbError {
     }
 }
 
+/// The `application_name` of qosloop's PostgreSQL sessions: what
+/// [`Db::end_frozen_copies`] may end is only ever one of these.
+pub const APPLICATION_NAME: &str = "qosloop";
+
+/// How long a qosloop session may sit in a COPY waiting for its client's
+/// data before another writer takes that client for frozen
+/// ([`Db::end_frozen_copies`]): a live collector streams a batch in
+/// milliseconds.
+pub const FROZEN_COPY_AFTER: Duration = Duration::from_secs(5);
+
 /// PostgreSQL's connect options from `url`, with the session timeouts.
 fn pg_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
     // A collector that hangs (stopped, its host gone without a reset)
     // must not hold its locks for ever: another collector's insert of the
     // same (exporter, session, seq) would wait on them. The server ends
-    // such a transaction after 1 s idle, or a statement (a COPY whose
-    // client went quiet) after 10 s.
-    Ok(PgConnectOptions::from_str(url)?.options([
-        ("idle_in_transaction_session_timeout", "1s"),
-        ("statement_timeout", "10s"),
-    ]))
+    // such a transaction after 1 s idle, and a statement that waits (on a
+    // lock) after 10 s. A COPY whose client stopped sending mid-stream is
+    // neither: the server waits for the client without end, and the
+    // writers blocked on it end it ([`Db::end_frozen_copies`]).
+    Ok(PgConnectOptions::from_str(url)?
+        .application_name(APPLICATION_NAME)
+        .options([
+            ("idle_in_transaction_session_timeout", "1s"),
+            ("statement_timeout", "10s"),
+        ]))
 }
 
 fn pg_pool_options() -> PgPoolOptions {
@@ -131,6 +145,37 @@ impl Db {
             source,
         })?;
         Ok(Db::Postgres(pg_pool_options().connect_lazy_with(opts)))
+    }
+
+    /// Ends the transactions of qosloop sessions frozen inside a COPY: the
+    /// server has waited more than `silent_for` for the client's next data
+    /// (a collector stopped, or its host hung, mid-batch). Such a
+    /// transaction holds the keys of the messages it was storing, so the
+    /// writer that took those messages over waits on it for ever (a
+    /// statement timeout cannot end a COPY waiting for its client). Its
+    /// batch was not committed, hence never acknowledged: its exporter
+    /// sends it again, and the de-duplication keys keep it once. Returns
+    /// the backends ended; nothing on SQLite.
+    pub async fn end_frozen_copies(&self, silent_for: Duration) -> Result<Vec<i32>, DbError> {
+        let Db::Postgres(pool) = self else {
+            return Ok(Vec::new());
+        };
+        // MATERIALIZED: pg_terminate_backend only on the rows chosen.
+        let ended: Vec<(i32,)> = sqlx::query_as(
+            "WITH frozen AS MATERIALIZED ( \
+                 SELECT pid FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND backend_type = 'client backend' AND application_name = $1 \
+                   AND state = 'active' AND wait_event = 'ClientRead' \
+                   AND query LIKE 'COPY %' \
+                   AND state_change < now() - make_interval(secs => $2)) \
+             SELECT pid FROM frozen WHERE pg_terminate_backend(pid)",
+        )
+        .bind(APPLICATION_NAME)
+        .bind(silent_for.as_secs_f64())
+        .fetch_all(pool)
+        .await?;
+        Ok(ended.into_iter().map(|(pid,)| pid).collect())
     }
 
     /// One connection attempt outside the pool, failing at once when the

@@ -153,6 +153,17 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `e` is a statement that waited too long on another session's
+/// lock (PostgreSQL: `statement_timeout` or `lock_timeout` ended it): worth
+/// retrying, after [`crate::Db::end_frozen_copies`], a bounded number of
+/// times.
+pub fn is_lock_wait(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57014" | "55P03")),
+        _ => false,
+    }
+}
+
 /// A `u64` counter as a signed 64-bit column, saturating.
 pub(crate) fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)

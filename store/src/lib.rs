@@ -61,8 +61,8 @@ pub use cluster::{
     bucket_of, flow_bucket, rendezvous_owner, AnalysisKey, ClusterError, Epoch, Member, OwnerRate,
     Pruned, RoutingConfig, SubjectState, Tally,
 };
-pub use db::{now_ns, redact, Db, DbError};
-pub use dialect::{is_transient, Dialect, Sql};
+pub use db::{now_ns, redact, Db, DbError, APPLICATION_NAME, FROZEN_COPY_AFTER};
+pub use dialect::{is_lock_wait, is_transient, Dialect, Sql};
 pub use dpmi::{DeliveryRow, FilterRow, PointRow, PointStatus, RequestRow};
 pub use enforcers::EnforcerRow;
 pub use flows::{Batch, FlowRow, Outcome, HOUR_NS, MINUTE_NS, ROLLUP_DIMS};

@@ -38,11 +38,19 @@ pub struct LossArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct LossStep {
     pub offered_mbps: f64,
+    /// Rates over the sender's wall-clock time: the figure, not the
+    /// contract (a busy host sends below the offered rate).
     pub sent_mbps: f64,
     pub received_mbps: f64,
     pub sent_packets: u64,
     pub lost_packets: u64,
     pub loss_pct: f64,
+    /// IP payload bytes sent and received (the contract: equal).
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// Packets the sender did not send because it fell behind its
+    /// schedule (qosloop's generator; 0 for iperf3, which does not say).
+    pub skipped_packets: u64,
 }
 
 /// `loss.json`.
@@ -179,6 +187,9 @@ pub fn run(args: &LossArgs, stop: Arc<AtomicBool>) -> anyhow::Result<LossSummary
                 sent_packets: s.packets,
                 lost_packets: lost,
                 loss_pct: 100.0 * lost as f64 / s.packets.max(1) as f64,
+                sent_bytes: s.bytes,
+                received_bytes: f.bytes,
+                skipped_packets: s.skipped,
             }
         })
         .collect();
@@ -272,6 +283,9 @@ fn iperf3_steps(
             sent_packets,
             lost_packets: lost,
             loss_pct: num("lost_percent"),
+            sent_bytes: sent_packets * 1024,
+            received_bytes: sent_packets.saturating_sub(lost) * 1024,
+            skipped_packets: 0,
         });
     }
     Ok(steps)

@@ -6,10 +6,11 @@
 //! PKI, prerequisite checks and [`need!`]), the daemons' binaries found as
 //! cargo built them ([`component`]), traffic sources and sinks for kernel
 //! tests ([`traffic`], [`user_traffic`], [`inprofile`]), packet and capture
-//! builders ([`frames`]) and the IPFIX test messages and SQLite readers of
-//! the ingest tests ([`ipfix`]).
+//! builders ([`frames`]), the IPFIX test messages and SQLite readers of
+//! the ingest tests ([`ipfix`]), and the strict reader of the daemons'
+//! `/metrics` ([`metrics`]).
 //!
-//! It depends on `qosloop-schema` only: every daemon crate dev-depends on
+//! It depends on `qosloop-schema` and `qosloop-runtime` only: every daemon crate dev-depends on
 //! it, and tests that run more than one daemon live in `qosloop-testbed`,
 //! so the dependency graph (dev-dependencies included) points one way.
 
@@ -17,6 +18,7 @@ pub mod frames;
 pub mod harness;
 pub mod inprofile;
 pub mod ipfix;
+pub mod metrics;
 pub mod traffic;
 pub mod user_traffic;
 

@@ -6,12 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qosloop_runtime::metrics::parse::{parse, Scrape};
-use qosloop_runtime::metrics::serve::scrape;
 use qosloop_schema::{
     Decision, DecisionReason, Dscp, FlowSpec, Kbps, OutOfProfileAction, PortRange, TrafficProfile,
 };
 use qosloop_testkit::harness::{prerequisite, require_binary, require_root, Netns, VethPair};
+use qosloop_testkit::metrics::scrape;
+use qosloop_testkit::metrics::{parse, Scrape};
 use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

@@ -168,9 +168,11 @@ struct Maps {
 /// `qla_drain`: the idle epoch's counts are in the sink; clearing them.
 const EXPORTED: u32 = 1;
 
-/// Test-only hook (named for what it is): `before_export` or
+/// Test-only hook (named for what it is; built only with the `test-hooks`
+/// feature, which the meter's own tests turn on): `before_export` or
 /// `before_clear` makes the first drain with records pause there for up to
 /// 30 s, saying so on the log, so a test can kill the agent inside a drain.
+#[cfg(feature = "test-hooks")]
 const TEST_PAUSE_ENV: &str = "QOSLOOP_AGENT_TEST_PAUSE_IN_DRAIN";
 
 impl Maps {
@@ -720,7 +722,13 @@ impl Agent {
 }
 
 /// The test-only pause (see [`TEST_PAUSE_ENV`]): once per process, at
+/// `point` when the variable names it. Nothing without `test-hooks`.
+#[cfg(not(feature = "test-hooks"))]
+fn test_pause(_point: &str) {}
+
+/// The test-only pause (see [`TEST_PAUSE_ENV`]): once per process, at
 /// `point` when the variable names it.
+#[cfg(feature = "test-hooks")]
 fn test_pause(point: &str) {
     static DONE: AtomicBool = AtomicBool::new(false);
     if std::env::var(TEST_PAUSE_ENV).is_ok_and(|v| v == point)

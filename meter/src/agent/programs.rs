@@ -78,10 +78,12 @@ pub enum CountPath {
     Cached,
     /// The same cache, as first written: the epoch by map lookup, the
     /// cell's pointer kept on the stack, the hit path jumping over the miss
-    /// code (kept to measure against).
+    /// code (kept to measure against: feature `bench-programs`).
+    #[cfg(any(test, feature = "bench-programs"))]
     CachedV1,
     /// Every packet looks its key up in the hash map (the first program;
-    /// kept to measure against).
+    /// kept to measure against: feature `bench-programs`).
+    #[cfg(any(test, feature = "bench-programs"))]
     Direct,
 }
 
@@ -208,10 +210,12 @@ pub fn count_program(m: CountMaps, dir: Direction, path: CountPath) -> Result<Ve
             cache_hit(&mut a, &m, dir, KEY, IDX, SLOT);
             cache_miss(&mut a, &m, &mut n, KEY, ZERO, SLOT);
         }
+        #[cfg(any(test, feature = "bench-programs"))]
         CountPath::CachedV1 => {
             cache_hit_v1(&mut a, &m, dir, KEY, IDX, SLOT);
             cache_miss(&mut a, &m, &mut n, KEY, ZERO, SLOT);
         }
+        #[cfg(any(test, feature = "bench-programs"))]
         CountPath::Direct => {}
     }
     // Direct: the hash map, with atomic adds (a run interrupted on its own
@@ -322,6 +326,7 @@ fn cache_hit(a: &mut Asm, m: &CountMaps, dir: Direction, key: i16, idx: i16, slo
 
 /// The first cache program's hit path (kept to measure against): the
 /// cell's pointer on the stack, reloaded for each use.
+#[cfg(any(test, feature = "bench-programs"))]
 fn cache_hit_v1(a: &mut Asm, m: &CountMaps, dir: Direction, key: i16, idx: i16, slot: i16) {
     use reg::*;
     cell_index(a, dir, key, idx);

@@ -7,7 +7,7 @@
 
 use qosloop_testkit::frames as support;
 
-use qosloop_runtime::metrics::parse::{parse, Scrape};
+use qosloop_testkit::metrics::{parse, Scrape};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

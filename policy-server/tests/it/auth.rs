@@ -404,7 +404,7 @@ async fn the_policy_server_refuses_without_a_token_and_counts_it_in_metrics() {
         head.contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    let scrape = qosloop_runtime::metrics::parse::parse(&body).unwrap();
+    let scrape = qosloop_testkit::metrics::parse(&body).unwrap();
     let failures = |r| scrape.value("qosloop_policy_http_auth_failures_total", &[("reason", r)]);
     assert_eq!(failures("missing"), Some(2.0));
     assert_eq!(failures("invalid"), Some(1.0));
@@ -494,7 +494,7 @@ async fn over_https_the_api_answers_a_token_and_refuses_plain_http() {
         !String::from_utf8_lossy(&buf).contains("HTTP/1.1"),
         "answered in clear"
     );
-    let scrape = qosloop_runtime::metrics::parse::parse(&web.metrics.render()).unwrap();
+    let scrape = qosloop_testkit::metrics::parse(&web.metrics.render()).unwrap();
     assert_eq!(
         scrape.value(
             "qosloop_policy_http_connections_refused_total",
@@ -539,7 +539,7 @@ fn the_access_keys_are_validated_before_anything_starts() {
     assert!(!c.web.auth.is_enforced());
 }
 
-/// The tokens of the policy directory: a real slapd (testbed harness) with
+/// The tokens of the policy directory: a real slapd (the test kit's harness) with
 /// the sample policy and `qosloopApiToken` entries, followed by the
 /// repository's sync search; the real middleware in front of a
 /// state-changing route.

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use qosloop_runtime::digest::{hex, sha256};
-use qosloop_runtime::metrics::parse::{parse, Scrape};
-use qosloop_runtime::metrics::serve::scrape;
+use qosloop_testkit::metrics::scrape;
+use qosloop_testkit::metrics::{parse, Scrape};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;

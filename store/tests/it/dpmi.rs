@@ -1,5 +1,5 @@
 //! The DPMI tables' typed reads and writes on both engines (SQLite in a
-//! temporary directory, PostgreSQL from the testbed's harness).
+//! temporary directory, PostgreSQL from the test kit's harness).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -6,6 +6,7 @@
 
 mod cluster;
 mod dpmi;
+mod frozen;
 mod kb;
 mod retention;
 mod rollup;

@@ -1,5 +1,5 @@
 //! Every typed read and write of `qosloop-store`, on both engines: SQLite in
-//! a temporary directory, and a real PostgreSQL started by the testbed's
+//! a temporary directory, and a real PostgreSQL started by the test kit's
 //! harness. The same assertions run on each, so a query one dialect takes
 //! and the other refuses (or reads differently) fails here.
 

@@ -58,6 +58,77 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// What the loop promises whatever the host's speed, one line per
+    /// breach (empty when it held); the bands of [`Self::misses`] are the
+    /// paper's figures, reported, not promised, since they are rates over
+    /// wall-clock seconds. The promise:
+    /// - every change of band brings the decision the policy prescribes for
+    ///   the new band, in the order of the phases (how fast is reported in
+    ///   `reaction_s`);
+    /// - the in-profile output stays within its token bucket in every
+    ///   window, in kernel receive time ([`super::inprofile::Contract`]);
+    /// - over the seconds spent wholly under a phase's decision, the
+    ///   out-of-profile output is what that decision does with it: none
+    ///   (beyond 5% of it, the queue left from before) under `drop`; some,
+    ///   and at most the shape rate over those seconds plus one second of
+    ///   it (a sink that read late moves bytes between seconds), under
+    ///   `accept` and `remark`.
+    pub fn contract_violations(&self) -> Vec<String> {
+        let mut out = self.in_profile.misses(self.epoch_ns.max(0) as u64);
+        if self.in_profile.packets == 0 {
+            out.push("no in-profile packet was recorded".to_owned());
+        }
+        for (i, r) in self.reaction_s.iter().enumerate() {
+            if r.is_none() {
+                let phase = self.phases.get(i + 1).map_or("?", |p| p.phase.as_str());
+                out.push(format!(
+                    "change {}: the decision for the {phase} band was never installed",
+                    i + 1
+                ));
+            }
+        }
+        for p in &self.phases {
+            let at = format!("phase {} ({}-{} s)", p.phase, p.start_s, p.end_s);
+            let under = |s: &&Second| s.decision.as_deref() == Some(p.expected_decision.as_str());
+            let seconds: Vec<&Second> = self
+                .series
+                .windows(2)
+                .filter(|w| w[1].t_s >= p.start_s && w[1].t_s < p.end_s)
+                .filter(|w| under(&&w[0]) && under(&&w[1]))
+                .map(|w| &w[1])
+                .collect();
+            if seconds.is_empty() {
+                // The decision came too late in a short phase to leave a
+                // whole second under it: nothing to check here (reported).
+                continue;
+            }
+            let n = seconds.len() as f64;
+            let delivered_kbit: f64 = seconds.iter().map(|s| s.policed_out_kbps).sum();
+            if p.target_out_kbps > 0.0 {
+                let bound = p.target_out_kbps * (n + 1.0);
+                if delivered_kbit <= 0.0 {
+                    out.push(format!(
+                        "{at}: no out-of-profile output in {n} s under {}",
+                        p.expected_decision
+                    ));
+                } else if delivered_kbit > bound {
+                    out.push(format!(
+                        "{at}: {delivered_kbit:.0} kbit of out-of-profile output in {n} s under {}, above the shape rate's {bound:.0}",
+                        p.expected_decision
+                    ));
+                }
+            } else {
+                let limit = 0.05 * (POLICED_KBPS - 1000.0) * n;
+                if delivered_kbit > limit {
+                    out.push(format!(
+                        "{at}: {delivered_kbit:.0} kbit of out-of-profile output delivered in {n} s under drop (at most {limit:.0})"
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// One line per phase that missed its band: the output off its target
     /// (beyond ±15%, or more than 5% of the out-of-profile part delivered
     /// while dropping), or the link load outside the phase's band (±3%) —
@@ -750,5 +821,72 @@ mod tests {
         assert_eq!(m.len(), 1, "{m:?}");
         assert!(m[0].contains("[0, 3000)"), "{}", m[0]);
         assert!(m[0].contains("worst by +310 kbit/s"), "{}", m[0]);
+    }
+
+    /// The contract the tests assert holds whatever the host's speed: it
+    /// looks only at seconds wholly under a phase's decision, and at whether
+    /// each change brought its decision at all.
+    #[test]
+    fn the_contract_checks_decisions_and_what_each_does_not_the_bands() {
+        let with = |kind: &str, t_s: u64, out: f64| Second {
+            decision: Some(kind.into()),
+            policed_out_kbps: out,
+            ..second(t_s, 9000.0)
+        };
+        let summary = |phases: Vec<PhaseCheck>, series: Vec<Second>, reaction: Vec<Option<f64>>| {
+            let in_profile = super::super::inprofile::Contract {
+                packets: 1,
+                ..Default::default()
+            };
+            Summary {
+                series,
+                reaction_s: reaction,
+                reconfig_us: Percentiles::default(),
+                phases,
+                decisions_changed_in_3s: false,
+                storage: "sqlite".into(),
+                policy_source: "ldif".into(),
+                sent: Vec::new(),
+                in_profile,
+                epoch_ns: 0,
+            }
+        };
+        // Slow but right: a band missed (load 9000 in low), the decision
+        // late (accept only from second 3), output 800 kbit/s: no breach.
+        let series = vec![
+            with("drop", 1, 0.0),
+            with("drop", 2, 0.0),
+            with("accept", 3, 700.0),
+            with("accept", 4, 800.0),
+            with("accept", 5, 900.0),
+        ];
+        let slow = summary(
+            vec![phase("low", 800.0, false, false)],
+            series.clone(),
+            vec![Some(9.0)],
+        );
+        assert!(
+            slow.contract_violations().is_empty(),
+            "{:?}",
+            slow.contract_violations()
+        );
+        // A decision never installed.
+        let never = summary(vec![phase("low", 0.0, true, true)], Vec::new(), vec![None]);
+        assert_eq!(never.contract_violations().len(), 1);
+        // Accept that delivers nothing, or more than the shape rate allows
+        // (two whole seconds under accept: at most 3 × 875 kbit).
+        let mut none = series.clone();
+        none[3].policed_out_kbps = 0.0;
+        none[4].policed_out_kbps = 0.0;
+        let v = summary(vec![phase("low", 0.0, true, true)], none, vec![]).contract_violations();
+        assert!(v[0].contains("no out-of-profile output"), "{v:?}");
+        let mut flood = series;
+        flood[4].policed_out_kbps = 3000.0;
+        let v = summary(vec![phase("low", 0.0, true, true)], flood, vec![]).contract_violations();
+        assert!(v[0].contains("above the shape rate"), "{v:?}");
+        // Drop that lets more than 5% through.
+        let leak = vec![with("drop", 1, 0.0), with("drop", 2, 400.0)];
+        let v = summary(vec![phase("high", 0.0, true, true)], leak, vec![]).contract_violations();
+        assert!(v[0].contains("under drop"), "{v:?}");
     }
 }

@@ -45,7 +45,7 @@ impl Collector {
                 "--db",
                 &self.db,
             ])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("QOSLOOP_TEST_COLLECTOR_LOG").unwrap_or("warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -103,6 +103,8 @@ fn config(collectors: Vec<String>) -> ExporterConfig {
 }
 
 /// Sends records `range`, calling `at(i)` before each; returns sum(bytes).
+/// A send the exporter holds back (its window full, nothing acknowledged)
+/// for [`STUCK`] fails the test instead of hanging it.
 async fn send_range(
     ex: &mut Exporter,
     range: std::ops::Range<u64>,
@@ -113,10 +115,17 @@ async fn send_range(
         at(i, ex);
         let r = record(i);
         sum += r.bytes;
-        ex.send(&r).await.unwrap();
+        tokio::time::timeout(STUCK, ex.send(&r))
+            .await
+            .unwrap_or_else(|_| panic!("record {i} held back for {STUCK:?}: {:?}", ex.stats()))
+            .unwrap();
     }
     sum
 }
+
+/// How long a send may be held back before the test gives up: far longer
+/// than any failover, reap or restart takes, however busy the host.
+const STUCK: Duration = Duration::from_secs(180);
 
 async fn totals(url: &str) -> (i64, i64, i64) {
     let db = qosloop_store::Db::connect(url).await.unwrap();
@@ -157,6 +166,12 @@ async fn export_kill9_collector_mid_stream_exactly_once() {
     let mut cfg = config(vec![collector.addr()]);
     cfg.batch_records = 5000;
     cfg.spool_dir = Some(dir.path().join("spool"));
+    // A killed collector shows as a reset connection, not as a silence:
+    // the acknowledgement timeout (a detector of silent collectors) is set
+    // far above what a debug build on a busy host takes to commit a window
+    // of 32 × 5,000 records, and the finish waits as long as it must.
+    cfg.ack_timeout = Duration::from_secs(300);
+    cfg.finish_timeout = Duration::from_secs(600);
     let mut ex = Exporter::start(cfg).unwrap();
     let n = 1_000_000u64;
     let mut killed_at = None;

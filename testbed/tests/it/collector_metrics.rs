@@ -8,8 +8,8 @@ use crate::collector_common as common;
 use qosloop_testkit::ipfix as ipfix_support;
 
 use ipfix_support::*;
-use qosloop_runtime::metrics::parse::{parse, Scrape};
-use qosloop_runtime::metrics::serve::scrape;
+use qosloop_testkit::metrics::scrape;
+use qosloop_testkit::metrics::{parse, Scrape};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 

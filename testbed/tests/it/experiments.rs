@@ -1,5 +1,5 @@
 //! The experiments end to end, with the component binaries of this
-//! workspace (`cargo test --workspace` builds them all).
+//! workspace (`cargo build` builds them; `cargo nextest run --workspace` too).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +9,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// The paper's Fig. 11, with qosloop's generator and with iperf3 (one
-/// after the other: traffic tests share two cores).
+/// after the other: traffic tests share two cores). The contract is that
+/// the enforced router loses nothing up to 95% of the link: every packet
+/// and byte sent at each step arrives. The Mbit/s each step reached is the
+/// figure (`loss.json`, `fig11-loss.svg`), not asserted: a busy host sends
+/// below the offered rate.
 #[test]
 fn the_enforced_router_is_loss_free_to_95_percent_of_the_link() {
     need!(experiment_prerequisites());
@@ -29,8 +33,13 @@ fn the_enforced_router_is_loss_free_to_95_percent_of_the_link() {
                 step.offered_mbps
             );
             assert!(
-                step.received_mbps > step.offered_mbps * 0.97,
-                "iperf3 {iperf3}: {step:?}"
+                step.sent_packets > 0,
+                "iperf3 {iperf3}: nothing sent: {step:?}"
+            );
+            assert_eq!(
+                step.received_bytes, step.sent_bytes,
+                "iperf3 {iperf3}: bytes lost at {} Mbit/s: {step:?}",
+                step.offered_mbps
             );
         }
         assert!(s.loss_free_up_to_pct >= 95.0);

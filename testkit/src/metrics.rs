@@ -1,11 +1,41 @@
-//! A strict reader of the text exposition format 0.0.4, for tests that
-//! scrape a daemon: it refuses what Prometheus would refuse or what the
+//! The tests' side of the daemons' `/metrics`: [`scrape`] fetches it over
+//! HTTP/1.1 and [`parse`] is a strict reader of the text exposition format
+//! 0.0.4 (what `qosloop_runtime::metrics` writes): it refuses what Prometheus would refuse or what the
 //! conventions forbid (a sample before its `# TYPE`, a family declared
 //! twice or split, a duplicate series, a bad escape, a counter not ending
 //! in `_total`, histogram buckets that shrink or do not end at `_count`).
 
-use super::{valid_label_name, valid_metric_name, Kind};
+use qosloop_runtime::metrics::{valid_label_name, valid_metric_name, Kind};
 use std::collections::{BTreeMap, HashSet};
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Fetches `http://addr/metrics` : the body of a
+/// 200 answer, else an error with the status line.
+pub fn scrape(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: qosloop\r\nConnection: close\r\n\r\n")?;
+    let mut out = Vec::new();
+    s.take(64 << 20).read_to_end(&mut out)?;
+    let text = String::from_utf8(out).map_err(std::io::Error::other)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("answer {status:?}")));
+    }
+    if !head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4")
+    {
+        return Err(std::io::Error::other("not the text exposition format"));
+    }
+    Ok(body.to_owned())
+}
 
 /// One series: its labels (sorted by name) and value.
 #[derive(Clone, Debug, PartialEq)]
@@ -353,5 +383,30 @@ mod tests {
         let s = parse(&format!("{HEAD}x_total{{a=\"1\",b=\"q\\\"\"}} 2.5\n")).unwrap();
         assert_eq!(s.value("x_total", &[("b", "q\""), ("a", "1")]), Some(2.5));
         assert_eq!(s.families["x_total"].help, "X.");
+    }
+
+    /// What the daemons' exposition writes, this reader reads back: an
+    /// escaped label value, and a histogram's cumulative buckets.
+    #[test]
+    fn reads_back_what_the_runtime_writes() {
+        use qosloop_runtime::metrics::{Exposition, Histogram};
+        let mut e = Exposition::new();
+        e.family("qosloop_test_things_total", Kind::Counter, "Things.\nMore")
+            .sample(&[("peer", "a\"b\\c\nd")], 3.0);
+        let h = Histogram::new(&[0.01, 0.1, 1.0]);
+        for v in [0.005, 0.05, 0.05, 5.0] {
+            h.observe(v);
+        }
+        e.family("qosloop_test_seconds", Kind::Histogram, "Latency.")
+            .histogram(&[], &h.snapshot());
+        let scrape = parse(&e.finish()).unwrap();
+        assert_eq!(
+            scrape.value("qosloop_test_things_total", &[("peer", "a\"b\\c\nd")]),
+            Some(3.0)
+        );
+        let le = |b| scrape.value("qosloop_test_seconds_bucket", &[("le", b)]);
+        assert_eq!(le("0.01"), Some(1.0));
+        assert_eq!(le("+Inf"), Some(4.0));
+        assert_eq!(scrape.value("qosloop_test_seconds_count", &[]), Some(4.0));
     }
 }
