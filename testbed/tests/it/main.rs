@@ -11,6 +11,7 @@
 #[path = "../../../policy-server/tests/it/common.rs"]
 mod policy_common;
 
+mod architecture;
 mod bench_cluster;
 mod cluster_support;
 mod collector_cluster;
