@@ -10,6 +10,7 @@ use qosloop_schema::{
 use qosloop_testkit::harness::{require_binary, require_root, Netns, VethPair};
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 pub struct Topo {
     pub tx: Netns,
@@ -129,17 +130,29 @@ pub fn many(n: usize) -> Vec<Decision> {
         .collect()
 }
 
-/// Waits (at most 5 s) until every link of `ns` has its carrier and no
-/// address is still tentative (IPv6 duplicate address detection), so that
-/// two snapshots differ only by what a test changed.
+/// How long [`settle`] waits: a bound for a namespace that never settles
+/// (a broken link), which a slow host does not reach.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits until every link of `ns` has its carrier and no address is still
+/// tentative (IPv6 duplicate address detection), so that two snapshots
+/// differ only by what a test changed; panics, showing both, if that has
+/// not happened after [`SETTLE_DEADLINE`].
 pub fn settle(ns: &Netns) {
-    for _ in 0..250 {
+    let end = Instant::now() + SETTLE_DEADLINE;
+    loop {
         let links = stdout(ns.command("ip").args(["-o", "link", "show"]));
         let addrs = stdout(ns.command("ip").args(["-o", "addr", "show"]));
         if !links.contains("NO-CARRIER") && !addrs.contains("tentative") {
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(
+            Instant::now() < end,
+            "{} has not settled after {SETTLE_DEADLINE:?} (a link without carrier or a \
+             tentative address):\n{links}{addrs}",
+            ns.name()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
