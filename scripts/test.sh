@@ -42,7 +42,7 @@ printf '%s\n' "${timings[@]}"
 echo "== the 15 slowest tests (all in target/nextest/ci/junit.xml)"
 grep -o '<testcase name="[^"]*" classname="[^"]*" timestamp="[^"]*" time="[^"]*"' target/nextest/ci/junit.xml |
   sed -E 's/<testcase name="([^"]*)" classname="([^"]*)" timestamp="[^"]*" time="([^"]*)"/\3 \2 \1/' |
-  sort -rn | head -15 | awk '{printf "%8.1f s  %s %s\n", $1, $2, $3}'
+  sort -rn | awk 'NR <= 15 {printf "%8.1f s  %s %s\n", $1, $2, $3}'
 skipped=$(wc -l <"$QOSLOOP_SKIP_LOG")
 if [ "$skipped" -gt 0 ]; then
   echo "== $skipped test(s) skipped for a missing prerequisite:"
@@ -50,3 +50,7 @@ if [ "$skipped" -gt 0 ]; then
 else
   echo "== no test skipped"
 fi
+# The plain closing line: tests run under nextest (all passed, or the
+# script stopped at that phase).
+sed -nE 's/^<testsuites name="nextest-run" tests="([0-9]+)" skipped="[0-9]+" failures="([0-9]+)".*/tests: \1 passed, \2 failed/p' \
+  target/nextest/ci/junit.xml

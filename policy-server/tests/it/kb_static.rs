@@ -1,6 +1,6 @@
 //! Static user ↔ address mappings from the LDAP repository into the
-//! knowledge base, against a real slapd and a real PostgreSQL (testbed
-//! harness): the per-user sample's `qosloopUserMapping` entries are in
+//! knowledge base, against a real slapd and a real PostgreSQL (the test
+//! kit's harness): the per-user sample's `qosloopUserMapping` entries are in
 //! `kb_mappings` (source `ldap`, persistent) after the load; an address
 //! added in slapd is bound, a deleted entry unbinds its addresses, an
 //! invalid entry binds nothing and is audited with its DN and attribute.

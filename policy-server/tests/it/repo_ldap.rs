@@ -1,4 +1,4 @@
-//! The LDAP policy repository against a real slapd (testbed harness):
+//! The LDAP policy repository against a real slapd (the test kit's harness):
 //! changes made in slapd reach the watch receiver, invalid entries are
 //! rejected with their DN while the rest keep working, and a slapd restart
 //! holds the last good policy and then resynchronises.

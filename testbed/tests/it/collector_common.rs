@@ -1,4 +1,4 @@
-//! What the collector's integration tests share: the synthetic flow
+//! What the collector's tests in the testbed share: the synthetic flow
 //! records they export, and the legitimate exporter that must still get
 //! every record acknowledged while and after an attack runs.
 

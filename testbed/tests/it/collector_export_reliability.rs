@@ -45,7 +45,10 @@ impl Collector {
                 "--db",
                 &self.db,
             ])
-            .env("RUST_LOG", std::env::var("QOSLOOP_TEST_COLLECTOR_LOG").unwrap_or("warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("QOSLOOP_TEST_COLLECTOR_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

@@ -1,5 +1,5 @@
 //! PostgreSQL unreachable for 10 s (issue 14, bad input), with a real
-//! server from the testbed's harness stopped and started again and the
+//! server from the test kit's harness stopped and started again and the
 //! collector as its binary:
 //!
 //! - IPFIX over UDP has no acknowledgement: records are journaled

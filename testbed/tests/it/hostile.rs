@@ -10,9 +10,11 @@
 //! daemon logged the refusal.
 //!
 //! Every process is killed and every socket closed when its handle drops,
-//! also when an assertion fails half-way. The tests hold one lock, so the
-//! daemons run one at a time (memory figures of one attack at a time, and a
-//! 2-core machine).
+//! also when an assertion fails half-way. The daemons run one at a time
+//! (memory figures of one attack at a time, and a 2-core machine): under
+//! cargo-nextest, which runs each test in a process of its own, by the
+//! `hostile` test group (.config/nextest.toml); within one process (plain
+//! `cargo test`) by the lock the tests hold.
 //!
 //! `QOSLOOP_HOSTILE_BIN_DIR` points the suite at other builds of the
 //! binaries (to replay the attacks against an older commit).
