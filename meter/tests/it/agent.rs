@@ -15,7 +15,7 @@ use crate::agent_common;
 use agent_common::*;
 use std::io::BufRead;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn two_users_through_one_address_are_accounted_apart_and_processes_too() {
@@ -90,16 +90,15 @@ fn a_process_that_exits_right_after_sending_is_still_attributed() {
     }
     let ns = Netns::new("s");
     let carol = User::new("qlac");
-    let agent = AgentRun::start(&ns, 2000);
+    // No drain while the test runs (an hour's interval): the only drain is
+    // the one at stop, so the process has certainly exited before the
+    // agent reads anything about it.
+    let agent = AgentRun::start(&ns, 3_600_000);
     let port = 40_002;
-    // Exits as soon as it has sent: long before the agent's next drain.
     let mut g = sender(&ns, &carol, port, 50, 100, 0.0);
     g.wait_line("sent");
     let pid = g.pid;
-    let started = Instant::now();
     g.wait();
-    assert!(started.elapsed() < Duration::from_secs(2));
-    std::thread::sleep(Duration::from_millis(200));
     let (records, log) = agent.stop();
     let suffix = format!("[{pid}]");
     let got = udp_bytes(&records, port, |r| {

@@ -62,8 +62,8 @@ impl Drop for Netns {
 }
 
 /// A local user without home; removed on drop (processes killed first):
-/// the testbed harness's, with which a later run sweeps what a killed run
-/// left.
+/// the test kit's (`harness::TestUser`), with which a later run sweeps what
+/// a killed run left.
 pub struct User(pub qosloop_testkit::harness::TestUser);
 
 impl User {

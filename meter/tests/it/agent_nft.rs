@@ -7,7 +7,8 @@
 //! concurrently through 127.0.0.1 of a namespace the test creates; each
 //! user's bytes must match what their generator sent within 1 % (the
 //! datagrams are known exactly: payload + 28 IP bytes), one user's two
-//! processes apart (sock_diag tells them while they live), and the table
+//! processes apart (sock_diag tells them: they live until the agent has
+//! stopped), and the table
 //! and the sysctl are gone/restored after the agent stops.
 //!
 //! A full conntrack table: `nf_conntrack_max` is host-wide on this kernel
@@ -24,7 +25,43 @@ use qosloop_testkit::frames as support;
 
 use agent_common::*;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The bound on waits for the agent: generous, so that only a broken
+/// agent fails, not a busy machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// UDP sender: prints its pid, sends `count` datagrams of `size` bytes to
+/// 127.0.0.1:`port`, prints "sent", then lives on until it gets SIGUSR1
+/// ([`release`]): its socket is there for every drain until the test says.
+const LINGERING_SENDER: &str = r#"
+import os, signal, socket, sys, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+port, count, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+print(os.getpid(), flush=True)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(count):
+    s.sendto(b"x" * size, ("127.0.0.1", port))
+    if i % 64 == 63:
+        time.sleep(0.001)
+print("sent", flush=True)
+signal.sigwait({signal.SIGUSR1})
+"#;
+
+fn lingering_sender(ns: &Netns, user: &User, port: u16, count: u32, size: u32) -> Gen {
+    let args = [port.to_string(), count.to_string(), size.to_string()];
+    Gen::start(ns, user, LINGERING_SENDER, &args)
+}
+
+/// Lets a [`lingering_sender`] exit, and checks it did so cleanly.
+fn release(g: Gen) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(g.pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    g.wait();
+}
 
 fn in_ns(ns: &Netns, args: &[&str]) -> String {
     let out = Command::new("ip")
@@ -78,24 +115,29 @@ fn two_users(tag: &str, extra: &[String]) -> (Netns, String) {
     let hana = User::new(&format!("qlh{tag}"));
     let ivan = User::new(&format!("qli{tag}"));
     let acct_before = in_ns(&ns, &["sysctl", "-n", "net.netfilter.nf_conntrack_acct"]);
-    let agent = AgentRun::start_with(&ns, 300, extra);
+    // No drain while the test runs (an hour's interval): the only one is
+    // at stop, while every sender still lives, so sock_diag sees each
+    // socket that sent (a drain racing a socket's first datagram would
+    // find the connection before its socket).
+    let agent = AgentRun::start_with(&ns, 3_600_000, extra);
     assert!(
         in_ns(&ns, &["nft", "list", "tables"]).contains("qosloop_agent"),
         "the fallback's table is missing"
     );
     let port = 40_007;
-    let mut h = sender(&ns, &hana, port, 3000, 972, 1.0);
-    let mut i1 = sender(&ns, &ivan, port, 2000, 472, 1.0);
-    let mut i2 = sender(&ns, &ivan, port, 1000, 1272, 1.0);
+    // The senders live until the agent has stopped: its drain finds their
+    // sockets through sock_diag.
+    let mut h = lingering_sender(&ns, &hana, port, 3000, 972);
+    let mut i1 = lingering_sender(&ns, &ivan, port, 2000, 472);
+    let mut i2 = lingering_sender(&ns, &ivan, port, 1000, 1272);
     for g in [&mut h, &mut i1, &mut i2] {
         g.wait_line("sent");
     }
     let (pi1, pi2) = (i1.pid, i2.pid);
-    for g in [h, i1, i2] {
-        g.wait();
-    }
-    std::thread::sleep(Duration::from_millis(400));
     let (records, log) = agent.stop();
+    for g in [h, i1, i2] {
+        release(g);
+    }
     assert!(
         log.contains("nftables") && log.contains("(ctnetlink) started"),
         "the fallback did not say it started: {log}"
@@ -256,21 +298,27 @@ fn a_full_conntrack_table_is_counted_by_reason_not_silent() {
     let refused: u32 = g.wait_line_prefix("refused ").trim().parse().unwrap();
     g.wait_line("sent");
     g.wait();
-    // The next drain sees the drops.
-    std::thread::sleep(Duration::from_millis(1500));
-    let (_, log) = agent.stop();
     assert_eq!(
-        refused, n,
-        "with the table full the kernel still let new connections through ({filled}); {log}"
+        refused,
+        n,
+        "with the table full the kernel still let new connections through ({filled}); {}",
+        agent.log()
     );
+    // A drain sees the drops and says so while running.
+    let deadline = Instant::now() + DEADLINE;
+    while !agent.log().contains("conntrack table full") {
+        assert!(
+            Instant::now() < deadline,
+            "the drops were not said within {DEADLINE:?}: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, log) = agent.stop();
     let dropped = conntrack_dropped(&log)
         .unwrap_or_else(|| panic!("no conntrack drops in the summary: {log}"));
     assert!(
         dropped >= u64::from(n),
         "{dropped} drops counted for {n} refused packets: {log}"
-    );
-    assert!(
-        log.contains("conntrack table full"),
-        "the drops were not said while running: {log}"
     );
 }

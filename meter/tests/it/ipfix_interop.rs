@@ -17,6 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
+/// The bound on every wait for a peer: generous, so that only a broken
+/// peer or meter fails, not a busy machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+
 /// Flow identity the peers print: addresses, ports (ICMP: type·256+code
 /// in the destination port), protocol.
 type Key = (IpAddr, IpAddr, u16, u16, u8);
@@ -52,6 +56,57 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The UDP socket bound to local port `port` (IPv4 or IPv6), from
+/// `/proc/net/udp{,6}`: (bytes queued for the reader, datagrams dropped);
+/// `None` while nothing is bound to it.
+fn udp_socket(port: u16) -> Option<(u64, u64)> {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"].iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f.get(1)?.ends_with(&suffix) {
+                return None;
+            }
+            let rx_queue = u64::from_str_radix(f.get(4)?.split_once(':')?.1, 16).ok()?;
+            let drops = f.last()?.parse().ok()?;
+            Some((rx_queue, drops))
+        })
+    })
+}
+
+/// Waits until `peer` has bound UDP `port` and its socket holds what
+/// `ok` wants (e.g. an empty queue); fails after [`DEADLINE`] or when the
+/// peer exited.
+fn wait_socket(peer: &mut Proc, port: u16, what: &str, ok: impl Fn(u64, u64) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let socket = udp_socket(port);
+        if socket.is_some_and(|(rx_queue, drops)| ok(rx_queue, drops)) {
+            return;
+        }
+        if let Ok(Some(status)) = peer.0.try_wait() {
+            panic!("the peer exited {status} before {what}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not within {DEADLINE:?}: {what} (udp port {port}: queued bytes, drops {socket:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The number of IPFIX messages the meter says it sent ("… sent in N
+/// messages").
+fn messages_sent(stderr: &str) -> usize {
+    stderr
+        .split(" sent in ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no message count in the meter's summary: {stderr}"))
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -168,8 +223,8 @@ fn write_traffic(path: &Path) {
 }
 
 /// Runs the meter over `pcap` with `--export` to each target and
-/// `--records-out`; returns its records.
-fn run_meter(pcap: &Path, jsonl: &Path, exports: &[String]) -> Vec<FlowRecord> {
+/// `--records-out`; returns its records and its stderr.
+fn run_meter(pcap: &Path, jsonl: &Path, exports: &[String]) -> (Vec<FlowRecord>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qosloop-meter"));
     cmd.arg("--pcap").arg(pcap).arg("--records-out").arg(jsonl);
     for e in exports {
@@ -179,11 +234,12 @@ fn run_meter(pcap: &Path, jsonl: &Path, exports: &[String]) -> Vec<FlowRecord> {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "meter failed: {stderr}");
     assert!(stderr.contains("as IPFIX"), "{stderr}");
-    std::fs::read_to_string(jsonl)
+    let records = std::fs::read_to_string(jsonl)
         .unwrap()
         .lines()
         .map(|l| FlowRecord::from_json_line(l).unwrap())
-        .collect()
+        .collect();
+    (records, stderr.into_owned())
 }
 
 /// Packets and bytes per flow key, summed over the records (interim
@@ -260,15 +316,21 @@ fn nfcapd_stores_every_flow_with_the_meters_counts() {
             .unwrap(),
         "TERM",
     );
-    std::thread::sleep(Duration::from_millis(700)); // nfcapd binds its socket
-    let records = run_meter(
+    wait_socket(&mut peer, port, "nfcapd binds its socket", |_, _| true);
+    let (records, _) = run_meter(
         &pcap,
         &jsonl,
         &[format!(
             "ipfix://127.0.0.1:{port}?domain=5&max_message=1000"
         )],
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The meter has sent everything; nfcapd has read it all (nothing
+    // queued, nothing dropped) before it is told to write its file.
+    wait_socket(&mut peer, port, "nfcapd reads every datagram", |q, _| {
+        q == 0
+    });
+    let (_, drops) = udp_socket(port).unwrap();
+    assert_eq!(drops, 0, "datagrams to nfcapd dropped by the kernel");
     peer.terminate(); // nfcapd writes its file on SIGTERM
     let out = Command::new(nfdump)
         .arg("-R")
@@ -336,33 +398,52 @@ fn nfacctd_counts_every_flow_like_the_meter() {
         ),
     )
     .unwrap();
+    let log = dir.path().join("nfacctd.log");
     let mut peer = Proc(
         Command::new(nfacctd)
             .arg("-f")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
         "INT",
     );
-    std::thread::sleep(Duration::from_millis(1500)); // nfacctd binds its socket
-    let records = run_meter(&pcap, &jsonl, &[format!("ipfix://127.0.0.1:{port}")]);
+    // Ready: the core waits for data on its socket and the print plugin
+    // has been through its loop once (what the core reads before the
+    // plugin runs is not accounted).
+    wait_socket(&mut peer, port, "nfacctd binds its socket", |_, _| true);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("waiting for NetFlow/IPFIX data")
+            && text.contains("( p/print ): *** Purging cache - END")
+        {
+            break;
+        }
+        if let Ok(Some(status)) = peer.0.try_wait() {
+            panic!("nfacctd exited {status}: {text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nfacctd not ready within {DEADLINE:?}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (records, _) = run_meter(&pcap, &jsonl, &[format!("ipfix://127.0.0.1:{port}")]);
     // pmacct keeps ICMP type and code out of the ports: ICMP flows compare
     // with destination port 0.
     let ours: BTreeMap<Key, (u64, u64)> = sums(&records)
         .into_iter()
         .map(|((s, d, sp, dp, p), v)| ((s, d, sp, if p == 1 || p == 58 { 0 } else { dp }, p), v))
         .collect();
-    // The print plugin writes once a second; wait until every flow is in.
-    let until = Instant::now() + Duration::from_secs(15);
-    let mut theirs = BTreeMap::new();
-    while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(500));
+    // The print plugin writes once a second; wait until every flow is in
+    // (a difference after the deadline is reported below).
+    let until = Instant::now() + DEADLINE;
+    let mut theirs = read_nfacctd_csv(&csv);
+    while theirs != ours && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
         theirs = read_nfacctd_csv(&csv);
-        if theirs == ours {
-            break;
-        }
     }
     peer.terminate();
     assert_eq!(ours.len(), 290, "the capture's flows");
@@ -414,27 +495,40 @@ fn read_nfacctd_csv(path: &Path) -> BTreeMap<Key, (u64, u64)> {
 }
 
 /// The UDP datagrams the meter sends, received on a socket of the test's
-/// own and written as a capture (IPv4/UDP frames) for tshark.
+/// own and written as a capture (IPv4/UDP frames) for tshark: every one of
+/// the messages the meter says it sent.
 fn capture_stream(pcap: &Path, jsonl: &Path, out: &Path, opts: &str) -> (u16, usize, Vec<Vec<u8>>) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    // The number of messages, known once the meter has finished.
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<usize>();
     let receiver = std::thread::spawn(move || {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65535];
-        // Bounded: stops 0.5 s after the last datagram, at most 20 000 of them.
-        while got.len() < 20_000 {
-            match sock.recv_from(&mut buf) {
-                Ok((n, from)) => got.push((from.port(), buf[..n].to_vec())),
-                Err(_) if !got.is_empty() => break,
-                Err(_) => {}
+        let mut sent = None;
+        // Bounded: until every message sent is in, or the deadline.
+        let deadline = Instant::now() + DEADLINE;
+        while sent.is_none_or(|n| got.len() < n) && Instant::now() < deadline {
+            if sent.is_none() {
+                sent = sent_rx.try_recv().ok();
+            }
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                got.push((from.port(), buf[..n].to_vec()));
             }
         }
         got
     });
-    let records = run_meter(pcap, jsonl, &[format!("ipfix://127.0.0.1:{port}{opts}")]);
+    let (records, stderr) = run_meter(pcap, jsonl, &[format!("ipfix://127.0.0.1:{port}{opts}")]);
+    let sent = messages_sent(&stderr);
+    sent_tx.send(sent).unwrap();
     let datagrams = receiver.join().unwrap();
+    assert_eq!(
+        datagrams.len(),
+        sent,
+        "datagrams received of the messages the meter sent: {stderr}"
+    );
     write_stream(out, port, &datagrams);
     (
         port,
@@ -603,8 +697,9 @@ fn crane_and_ipfix_targets_together_keep_each_contract() {
     // still succeeds (DESIGN.md §3), and the IPFIX copy goes out.
     let dead = free_udp_port();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    // The meter has finished before the read: the datagram is there, the
+    // timeout only turns a lost one into a failure.
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let port = sock.local_addr().unwrap().port();
     let spool = dir.path().join("spool");
     let (ok, stderr) = meter_with(

@@ -8,17 +8,68 @@
 use qosloop_testkit::frames as support;
 
 use qosloop_schema::FlowRecord;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-/// Namespaces deleted on drop, also when the test panics.
-struct Namespaces(Vec<String>);
+/// The bound on every wait for the meter: generous, so that only a broken
+/// meter fails, not a busy machine.
+const DEADLINE: Duration = Duration::from_secs(60);
 
-impl Drop for Namespaces {
+/// The meter killed and the namespaces deleted on drop, also when the test
+/// panics.
+struct Cleanup {
+    namespaces: Vec<String>,
+    meter: Option<Child>,
+}
+
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        for ns in &self.0 {
+        if let Some(m) = &mut self.meter {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+    }
+}
+
+/// The meter's `qosloop_meter_metered_packets_total`, read over `/metrics`
+/// from inside `ns` (bash's /dev/tcp); `None` while it does not answer.
+fn metered_packets(ns: &str, port: u16) -> Option<u64> {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port} && \
+         printf 'GET /metrics HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n' >&3 && \
+         timeout 10 cat <&3"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "bash", "-c", &script])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("qosloop_meter_metered_packets_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// Polls `metered_packets` until `ok` holds for it; fails after
+/// [`DEADLINE`] or when the meter exited.
+fn wait_metered(cleanup: &mut Cleanup, ns: &str, port: u16, what: &str, ok: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let seen = metered_packets(ns, port);
+        if seen.is_some_and(&ok) {
+            return;
+        }
+        if let Some(status) = cleanup.meter.as_mut().unwrap().try_wait().unwrap() {
+            panic!("the meter exited {status} before {what}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not within {DEADLINE:?}: {what} (metered packets: {seen:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -42,7 +93,10 @@ fn captures_on_a_veth_with_fanout_and_bpf() {
     );
     let (va, vb) = (format!("qm{tag}a"), format!("qm{tag}b"));
     let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
-    let _guard = Namespaces(vec![a.clone(), b.clone()]);
+    let mut cleanup = Cleanup {
+        namespaces: vec![a.clone(), b.clone()],
+        meter: None,
+    };
     support::ip(&["netns", "add", &a]);
     support::ip(&["netns", "add", &b]);
     support::ip(&[
@@ -53,28 +107,33 @@ fn captures_on_a_veth_with_fanout_and_bpf() {
     support::ip(&["-n", &a, "link", "set", va, "up"]);
     support::ip(&["-n", &b, "link", "set", vb, "up"]);
     support::ip(&["-n", &a, "link", "set", "lo", "up"]);
+    support::ip(&["-n", &b, "link", "set", "lo", "up"]);
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("live.jsonl");
-    let meter = Command::new("ip")
-        .args(["netns", "exec", &b, env!("CARGO_BIN_EXE_qosloop-meter")])
-        .args([
-            "--interface",
-            vb,
-            "--threads",
-            "2",
-            "--duration-s",
-            "4",
-            "--bpf",
-            UDP_ONLY_BPF,
-        ])
-        .args(["--interim-ms", "0", "--caplen", "96", "--records-out"])
-        .arg(&out)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    let stderr_path = dir.path().join("meter.log");
+    // Runs until SIGTERM; /metrics (in its namespace) is bound only once
+    // the capture rings are open, and counts what they delivered.
+    let metrics_port = 9742;
+    cleanup.meter = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &b, env!("CARGO_BIN_EXE_qosloop-meter")])
+            .args(["--interface", vb, "--threads", "2", "--bpf", UDP_ONLY_BPF])
+            .args(["--interim-ms", "0", "--caplen", "96", "--records-out"])
+            .arg(&out)
+            .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_metered(
+        &mut cleanup,
+        &b,
+        metrics_port,
+        "the capture is open",
+        |_| true,
+    );
     // 40 datagrams of 9 bytes each to a closed port, 10 ms apart: bounded.
     let send = Command::new("ip")
         .args(["netns", "exec", &a, "bash", "-c"])
@@ -86,9 +145,20 @@ fn captures_on_a_veth_with_fanout_and_bpf() {
         "{}",
         String::from_utf8_lossy(&send.stderr)
     );
-    let o = meter.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "meter: {stderr}");
+    // Every datagram read from the rings (the counters are published
+    // every second) before the meter is stopped.
+    wait_metered(&mut cleanup, &b, metrics_port, "40 packets metered", |n| {
+        n >= 40
+    });
+    let mut meter = cleanup.meter.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(meter.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = meter.wait().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(status.success(), "meter: {stderr}");
     let records: Vec<FlowRecord> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()

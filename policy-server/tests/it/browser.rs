@@ -17,7 +17,7 @@ use common::*;
 use qosloop_policy_server::web::WebConfig;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,6 +26,10 @@ use tokio::net::TcpStream;
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ELEMENT: &str = "element-6066-11e4-a52f-4d8a6e89a0ff";
+
+/// The bound on every wait for the page: generous, so that only a broken
+/// page fails, not a busy machine.
+const DEADLINE: Duration = Duration::from_secs(60);
 
 /// One WebDriver command.
 async fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -162,15 +166,13 @@ async fn script(port: u16, session: &str, js: &str) -> Value {
     .await
 }
 
-/// Polls `js` until it returns true (or fails after 20 s).
+/// Polls `js` until it returns true; fails after [`DEADLINE`].
 async fn wait_for(port: u16, session: &str, js: &str) {
-    for _ in 0..200 {
-        if script(port, session, js).await == Value::Bool(true) {
-            return;
-        }
+    let deadline = Instant::now() + DEADLINE;
+    while script(port, session, js).await != Value::Bool(true) {
+        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {js}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("timed out waiting for: {js}");
 }
 
 /// A WebDriver session in a headless Chromium; chromedriver and the
@@ -206,10 +208,12 @@ impl Browser {
                 .unwrap(),
             profile.path().to_owned(),
         );
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
-            }
+        let deadline = Instant::now() + DEADLINE;
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on port {port} within {DEADLINE:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let caps = json!({ "capabilities": { "alwaysMatch": {
@@ -303,7 +307,8 @@ impl Browser {
             .collect()
     }
 
-    /// Asserts that the link chart moves: more points later, more rate events.
+    /// Asserts that the link chart moves: a later last point and more rate
+    /// events than at a first reading (waited for, not timed).
     async fn assert_chart_moves(&self) {
         self.wait_for("return window.qosloopLive.rateEvents >= 3")
             .await;
@@ -312,13 +317,12 @@ impl Browser {
         let read = "const c = document.getElementById('link-chart'); \
                     return [+c.dataset.points, +c.dataset.tmax, window.qosloopLive.rateEvents]";
         let before = self.script(read).await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let after = self.script(read).await;
-        assert!(
-            after[1].as_f64().unwrap() > before[1].as_f64().unwrap()
-                && after[2].as_i64().unwrap() > before[2].as_i64().unwrap(),
-            "the chart did not move: {before} then {after}"
-        );
+        let (tmax, events) = (before[1].as_f64().unwrap(), before[2].as_i64().unwrap());
+        self.wait_for(&format!(
+            "const c = document.getElementById('link-chart'); \
+             return +c.dataset.tmax > {tmax} && window.qosloopLive.rateEvents > {events}"
+        ))
+        .await;
     }
 
     async fn close(self) {
@@ -326,10 +330,11 @@ impl Browser {
     }
 }
 
-/// Flow records for the live charts while the page is open (bounded).
+/// Flow records for the live charts while the page is open, until the
+/// test aborts the task (or its runtime ends with the test).
 fn write_traffic(db: qosloop_store::Db) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        for seq in 10..400 {
+        for seq in 10.. {
             insert_flow(
                 &db,
                 "10.9.9.9",

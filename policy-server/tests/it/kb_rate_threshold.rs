@@ -1,5 +1,5 @@
 //! Rate thresholds in the knowledge base's events, against a real
-//! PostgreSQL (testbed harness): the policy server computes alice's
+//! PostgreSQL (the test kit's harness): the policy server computes alice's
 //! per-user rate from the flow records stored in it; crossing her
 //! threshold gives one `threshold` event (value: the threshold in kbit/s)
 //! however long she stays above it; once her rate has fallen away and
@@ -12,7 +12,9 @@
 use crate::common;
 
 use common::{any_loopback_port, loop_config};
+use qosloop_policy_server::bandwidth::Rates;
 use qosloop_policy_server::rate_thresholds::{follow, RateThresholds};
+use qosloop_policy_server::server::LoopConfig;
 use qosloop_policy_server::testing::paper_policy;
 use qosloop_policy_server::{PdpConfig, Server};
 use qosloop_schema::{BandBasis, FlowRecord};
@@ -25,32 +27,98 @@ use tokio::sync::watch;
 
 const THRESHOLD_KBPS: u64 = 2000;
 
-/// One interval's worth of alice's traffic at `kbps` (100 ms).
-async fn alice_sends(db: &Db, kbps: u64, seq: &mut u32) {
-    let now = qosloop_store::now_ns() as u64;
-    let bytes = kbps * 1000 / 8 / 10;
-    let record = FlowRecord {
-        src_addr: "10.9.0.7".parse().unwrap(),
-        dst_addr: "10.9.1.1".parse().unwrap(),
-        src_port: 40000,
-        dst_port: 443,
-        proto: 6,
-        packets: (bytes / 1000).max(1),
-        bytes,
-        start_ns: now - 100_000_000,
-        end_ns: now,
-        user: Some("alice".into()),
-        ..Default::default()
-    };
-    *seq += 1;
-    let batch = qosloop_store::Batch {
-        exporter_id: 1,
-        session_id: 1,
-        seq: *seq,
-        records: vec![record],
-        dedup: false,
-    };
-    db.commit_batches(&[&batch]).await.unwrap();
+/// The bound on every wait: generous, so that only a broken server fails.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The server's rate lag: alice's records, written every ~100 ms, are
+/// committed well within it even on a busy machine, so no byte is late.
+const RATE_LAG: Duration = Duration::from_secs(2);
+
+/// Alice's traffic in capture time: each record covers the time since the
+/// previous one, `[previous end, now]`, with the bytes her rate gives over
+/// exactly that span, so the rate the server computes from the record
+/// timestamps is the one sent however slowly this loop runs.
+struct Alice {
+    seq: u32,
+    /// The end of the previous record; `None` after a silence, so the
+    /// next record starts when she starts sending again.
+    end_ns: Option<u64>,
+}
+
+impl Alice {
+    fn silent() -> Alice {
+        Alice {
+            seq: 0,
+            end_ns: None,
+        }
+    }
+
+    /// One record at `kbps` since the previous one (the first after a
+    /// silence covers nothing and carries no byte).
+    async fn sends(&mut self, db: &Db, kbps: u64) {
+        let now = qosloop_store::now_ns() as u64;
+        let start_ns = self.end_ns.unwrap_or(now);
+        let end_ns = now.max(start_ns);
+        let bytes = kbps * 1000 / 8 * (end_ns - start_ns) / 1_000_000_000;
+        self.end_ns = Some(end_ns);
+        if bytes == 0 {
+            return;
+        }
+        let record = FlowRecord {
+            src_addr: "10.9.0.7".parse().unwrap(),
+            dst_addr: "10.9.1.1".parse().unwrap(),
+            src_port: 40000,
+            dst_port: 443,
+            proto: 6,
+            packets: (bytes / 1000).max(1),
+            bytes,
+            start_ns,
+            end_ns,
+            user: Some("alice".into()),
+            ..Default::default()
+        };
+        self.seq += 1;
+        let batch = qosloop_store::Batch {
+            exporter_id: 1,
+            session_id: 1,
+            seq: self.seq,
+            records: vec![record],
+            dedup: false,
+        };
+        db.commit_batches(&[&batch]).await.unwrap();
+    }
+
+    /// Stops sending: the time until the next `sends` carries no traffic.
+    fn stop(&mut self) {
+        self.end_ns = None;
+    }
+
+    /// Sends at `kbps` until `until` holds for the threshold events; fails
+    /// after [`DEADLINE`].
+    async fn send_until(&mut self, db: &Db, kbps: u64, what: &str, until: impl Fn(usize) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.sends(db, kbps).await;
+            let got = thresholds(db).await;
+            if until(got.len()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {DEADLINE:?} of alice sending {kbps} kbit/s: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends at `kbps` for `slices` records about 100 ms apart.
+    async fn send_slices(&mut self, db: &Db, kbps: u64, slices: usize) {
+        for _ in 0..slices {
+            self.sends(db, kbps).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.sends(db, kbps).await;
+    }
 }
 
 async fn thresholds(db: &Db) -> Vec<KbEvent> {
@@ -62,18 +130,15 @@ async fn thresholds(db: &Db) -> Vec<KbEvent> {
         .collect()
 }
 
-/// Sends at `kbps` for `secs`, or until `until` holds for the events.
-async fn send_for(db: &Db, kbps: u64, secs: u64, seq: &mut u32, until: impl Fn(usize) -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        if kbps > 0 {
-            alice_sends(db, kbps, seq).await;
-        }
-        if until(thresholds(db).await.len()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits until the server has closed a window ending at or after `end_ns`
+/// in capture time: every byte written up to `end_ns` has been judged.
+async fn wait_judged(rates: &mut watch::Receiver<Arc<Rates>>, end_ns: u64) {
+    let lag = RATE_LAG.as_nanos() as i64;
+    let closed = |r: &Rates| r.at_ns - lag >= end_ns as i64;
+    tokio::time::timeout(DEADLINE, rates.wait_for(|r| closed(r)))
+        .await
+        .expect("the server closes its windows")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,11 +157,15 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
     rule.band_basis = BandBasis::User;
     policy.rules = vec![rule];
     let (_policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let config = LoopConfig {
+        rate_lag: RATE_LAG,
+        ..loop_config(100)
+    };
     let server = Server::start(
         &pg.url(),
         any_loopback_port(),
         PdpConfig::default(),
-        loop_config(100),
+        config,
         policy_rx,
     )
     .await
@@ -104,15 +173,18 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
     let db = server.store.db().clone();
     let t = RateThresholds::parse(&[format!("alice={THRESHOLD_KBPS}"), "*=100000".into()]).unwrap();
     let events = tokio::spawn(follow(db.clone(), server.rates.clone(), t));
-    let mut seq = 0;
+    let mut rates = server.rates.clone();
+    let mut alice = Alice::silent();
 
     // Alice at twice her threshold: one event once her average gets there.
-    send_for(&db, 2 * THRESHOLD_KBPS, 20, &mut seq, |n| n >= 1).await;
+    alice
+        .send_until(&db, 2 * THRESHOLD_KBPS, "the first event", |n| n >= 1)
+        .await;
     let got = thresholds(&db).await;
     assert_eq!(
         got.len(),
         1,
-        "no threshold event while alice sent 4 Mbit/s: {got:?}"
+        "one threshold event while alice sent 4 Mbit/s: {got:?}"
     );
     assert_eq!(got[0].user.as_deref(), Some("alice"));
     assert_eq!(got[0].value, Some(THRESHOLD_KBPS as i64));
@@ -120,8 +192,10 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
         got[0].detail.as_deref().unwrap_or("").starts_with("rate "),
         "{got:?}"
     );
-    // She stays above for two more seconds: no second event.
-    send_for(&db, 2 * THRESHOLD_KBPS, 2, &mut seq, |_| false).await;
+    // She stays above for twenty more slices (two seconds of capture
+    // time), all of them judged by the server: no second event.
+    alice.send_slices(&db, 2 * THRESHOLD_KBPS, 20).await;
+    wait_judged(&mut rates, alice.end_ns.unwrap()).await;
     assert_eq!(
         thresholds(&db).await.len(),
         1,
@@ -131,27 +205,27 @@ async fn a_rate_crossing_its_threshold_is_one_event_per_crossing() {
 
     // Silent until her average has decayed below the hysteresis (the
     // server's rates say so), then above again: a second event.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut rates = server.rates.clone();
-    loop {
-        let avg = rates
-            .borrow_and_update()
-            .users
+    alice.stop();
+    let decayed = |r: &Rates| {
+        r.users
             .iter()
             .filter(|u| u.name == "alice")
             .map(|u| u.avg_rate_kbps)
-            .fold(0.0, f64::max);
-        if avg < THRESHOLD_KBPS as f64 * 0.5 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "alice's average never fell: {avg}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .fold(0.0, f64::max)
+            < THRESHOLD_KBPS as f64 * 0.5
+    };
+    let fell = tokio::time::timeout(DEADLINE, rates.wait_for(|r| decayed(r)))
+        .await
+        .is_ok();
+    assert!(
+        fell,
+        "alice's average never fell: {:?}",
+        rates.borrow().users
+    );
     assert_eq!(thresholds(&db).await.len(), 1);
-    send_for(&db, 2 * THRESHOLD_KBPS, 20, &mut seq, |n| n >= 2).await;
+    alice
+        .send_until(&db, 2 * THRESHOLD_KBPS, "the second event", |n| n >= 2)
+        .await;
     let got = thresholds(&db).await;
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[1].user.as_deref(), Some("alice"));
@@ -206,7 +280,8 @@ async fn in_cluster_mode_the_owners_user_rates_cross_the_threshold() {
         "owner",
         "127.0.0.1:1",
         &routing,
-        Duration::from_secs(30),
+        // A lease outliving the test's deadline: the owner stays the owner.
+        Duration::from_secs(300),
     )
     .await
     .unwrap();
@@ -230,7 +305,11 @@ async fn in_cluster_mode_the_owners_user_rates_cross_the_threshold() {
     let mut rates = server.rates.clone();
     let mut prev = None;
     let mut seen = None;
-    for k in 1..=100i64 {
+    let deadline = Instant::now() + DEADLINE;
+    for k in 1.. {
+        if Instant::now() > deadline {
+            break;
+        }
         let end = k * 100_000_000;
         db.write_owner_rates(
             "c",

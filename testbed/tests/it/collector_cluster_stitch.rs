@@ -169,7 +169,7 @@ async fn three_nodes_stitch_every_flow_once_with_exact_totals_across_a_kill() {
     // The owners catch up with every stored record.
     let parts_q =
         "SELECT CAST(COALESCE(sum(parts_ab + parts_ba), 0) AS BIGINT) FROM stitched_flows";
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + DEADLINE;
     let mut parts = scalar(&db, parts_q).await;
     while parts < sent as i64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,4 +1,5 @@
-//! The DPMI laboratory shared by `tests/dpmi.rs` and `tests/dpmi_secure.rs`:
+//! The DPMI laboratory shared by `policy_dpmi`, `policy_dpmi_secure` and
+//! `policy_dpmi_v6`:
 //! a point's namespace with the controller and consumers in it, a sender's
 //! namespace, a veth between them.
 
@@ -26,6 +27,10 @@ pub const SLOW_FRAMES: u32 = 20_000;
 pub const SRC6: &str = "2001:db8:88:0:1::1";
 pub const OTHER_SRC6: &str = "2001:db8:88:0:2::1";
 pub const MP6: &str = "2001:db8:88::2";
+
+/// The bound on every wait of the DPMI tests: generous, so that only a
+/// broken point or controller fails, not a busy machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
 
 pub struct Lab {
     pub mp: Netns,
@@ -191,7 +196,7 @@ impl Lab {
             .run_in(move || {
                 let body = body.map(|b| b.to_string()).unwrap_or_default();
                 let tcp = TcpStream::connect(addr).unwrap();
-                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                tcp.set_read_timeout(Some(DEADLINE)).unwrap();
                 let mut s: Box<dyn ReadWrite> = match tls {
                     None => Box::new(tcp),
                     Some(cfg) => {
@@ -241,14 +246,10 @@ impl Lab {
             .mp
             .spawn_in(move || run_point(cfg, stop).map(|_| ()))
             .unwrap();
-        let lab_wait = Instant::now();
-        while lab_wait.elapsed() < Duration::from_secs(10) {
+        wait_for("the point to register", DEADLINE, || {
             let (_, v) = self.api("GET", "/api/v1/points", Some("reader"), None);
-            if v.as_array().is_some_and(|p| !p.is_empty()) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            v.as_array().is_some_and(|p| !p.is_empty())
+        });
         std::thread::spawn(move || {
             h.join().unwrap().unwrap().unwrap();
         })
@@ -274,6 +275,45 @@ impl Lab {
 }
 
 impl Lab {
+    /// As [`Lab::send`], paced by what arrived instead of by the clock:
+    /// datagrams go out in batches of `batch`, each batch only once
+    /// `arrived()` (what the consumer the test watches holds) has reached
+    /// everything sent before. The sender never outruns that consumer,
+    /// however slow the machine; a consumer that stops receiving fails the
+    /// test after [`DEADLINE`].
+    pub fn send_paced(
+        &self,
+        from: &'static str,
+        port: u16,
+        count: u32,
+        size: usize,
+        batch: u32,
+        arrived: impl Fn() -> usize,
+    ) {
+        // A socket made in the sender's namespace stays in it.
+        let s = self
+            .src
+            .run_in(move || UdpSocket::bind(format!("{from}:0")).unwrap())
+            .unwrap();
+        let to = format!("{MP}:{port}");
+        let mut payload = vec![0u8; size];
+        for seq in 0..count {
+            if seq > 0 && seq % batch.max(1) == 0 {
+                let deadline = Instant::now() + DEADLINE;
+                while arrived() < seq as usize {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{} of the first {seq} datagrams arrived within {DEADLINE:?}",
+                        arrived()
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            payload[..8].copy_from_slice(&tag(port, seq).to_be_bytes());
+            s.send_to(&payload, &to).unwrap();
+        }
+    }
+
     /// As [`Lab::send`], over IPv6 from `from` to `[MP6]:port`.
     pub fn send6(&self, from: &'static str, port: u16, count: u32, size: usize) {
         self.src
@@ -414,6 +454,27 @@ pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
         assert!(start.elapsed() < limit, "still waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `got()` equals `want`; fails after `limit` showing both.
+pub fn wait_for_eq<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    want: &T,
+    mut got: impl FnMut() -> T,
+) {
+    let start = Instant::now();
+    loop {
+        let now = got();
+        if &now == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}\n got: {now:?}\nwant: {want:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
