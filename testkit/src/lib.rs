@@ -7,8 +7,9 @@
 //! cargo built them ([`component`]), traffic sources and sinks for kernel
 //! tests ([`traffic`], [`user_traffic`], [`inprofile`]), packet and capture
 //! builders ([`frames`]), the IPFIX test messages and SQLite readers of
-//! the ingest tests ([`ipfix`]), and the strict reader of the daemons'
-//! `/metrics` ([`metrics`]).
+//! the ingest tests ([`ipfix`]), the one HTTP client of the tests
+//! ([`http`]), and the strict reader of the daemons' `/metrics`
+//! ([`metrics`]).
 //!
 //! It depends on `qosloop-schema` and `qosloop-runtime` only: every daemon crate dev-depends on
 //! it, and tests that run more than one daemon live in `qosloop-testbed`,
@@ -16,6 +17,7 @@
 
 pub mod frames;
 pub mod harness;
+pub mod http;
 pub mod inprofile;
 pub mod ipfix;
 pub mod metrics;

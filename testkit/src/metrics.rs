@@ -1,40 +1,41 @@
-//! The tests' side of the daemons' `/metrics`: [`scrape`] fetches it over
-//! HTTP/1.1 and [`parse`] is a strict reader of the text exposition format
+//! The tests' side of the daemons' `/metrics`: [`scrape`] fetches it with
+//! the kit's HTTP client and [`parse`] is a strict reader of the text exposition format
 //! 0.0.4 (what `qosloop_runtime::metrics` writes): it refuses what Prometheus would refuse or what the
 //! conventions forbid (a sample before its `# TYPE`, a family declared
 //! twice or split, a duplicate series, a bad escape, a counter not ending
 //! in `_total`, histogram buckets that shrink or do not end at `_count`).
 
+use crate::http::Request;
 use qosloop_runtime::metrics::{valid_label_name, valid_metric_name, Kind};
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Fetches `http://addr/metrics` : the body of a
-/// 200 answer, else an error with the status line.
+/// Fetches `http://addr/metrics` with the kit's [`crate::http`] client:
+/// the body of a 200 answer in the text exposition format, else an error
+/// naming what came instead.
 pub fn scrape(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: qosloop\r\nConnection: close\r\n\r\n")?;
-    let mut out = Vec::new();
-    s.take(64 << 20).read_to_end(&mut out)?;
-    let text = String::from_utf8(out).map_err(std::io::Error::other)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("answer {status:?}")));
+    let answer = Request::get("/metrics")
+        .timeout(timeout)
+        .send(addr)
+        .map_err(std::io::Error::other)?;
+    if answer.status != 200 {
+        return Err(std::io::Error::other(format!(
+            "answer {}: {}",
+            answer.status,
+            answer.text()
+        )));
     }
-    if !head
+    let content_type = answer.header("content-type").unwrap_or_default();
+    if !content_type
         .to_ascii_lowercase()
-        .contains("content-type: text/plain; version=0.0.4")
+        .starts_with("text/plain; version=0.0.4")
     {
-        return Err(std::io::Error::other("not the text exposition format"));
+        return Err(std::io::Error::other(format!(
+            "not the text exposition format: {content_type:?}"
+        )));
     }
-    Ok(body.to_owned())
+    String::from_utf8(answer.body).map_err(std::io::Error::other)
 }
 
 /// One series: its labels (sorted by name) and value.

@@ -1,19 +1,20 @@
 //! The meter binary's `/metrics` during a live capture on a veth inside
 //! network namespaces this test creates (and always deletes): bounded UDP
 //! traffic crosses it, and the exposition, scraped inside the meter's
-//! namespace and read with the strict parser, counts it.
+//! namespace with the test kit's HTTP client and read with the strict
+//! parser, counts it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use qosloop_testkit::frames as support;
 
-use qosloop_testkit::metrics::{parse, Scrape};
+use qosloop_testkit::harness::Netns;
+use qosloop_testkit::metrics::{parse, scrape, Scrape};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Namespaces deleted and the meter killed on drop, also on a panic.
+/// The meter killed on drop, also on a panic.
 struct Cleanup {
-    namespaces: Vec<String>,
     meter: Option<Child>,
 }
 
@@ -23,27 +24,16 @@ impl Drop for Cleanup {
             let _ = m.kill();
             let _ = m.wait();
         }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
     }
 }
 
-/// `GET /metrics` from inside `ns` (bash's /dev/tcp): the parsed body.
-fn scrape_in(ns: &str, port: u16) -> Option<Scrape> {
-    let script = format!(
-        "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /metrics HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n' >&3 && timeout 5 cat <&3"
-    );
-    let o = Command::new("ip")
-        .args(["netns", "exec", ns, "bash", "-c", &script])
-        .output()
+/// `GET /metrics` from inside `ns`: the parsed body of a 200 answer.
+fn scrape_in(ns: &Netns, port: u16) -> Option<Scrape> {
+    let body = ns
+        .run_in(move || scrape(([127, 0, 0, 1], port).into(), Duration::from_secs(5)))
+        .ok()?
         .ok()?;
-    let text = String::from_utf8(o.stdout).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    Some(parse(body).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{body}")))
+    Some(parse(&body).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{body}")))
 }
 
 #[test]
@@ -60,12 +50,10 @@ fn metrics_count_the_packets_and_flows_of_a_live_capture() {
     let (a, b) = (format!("qlt-{tag}-mm-a"), format!("qlt-{tag}-mm-b"));
     let (va, vb) = (format!("qx{tag}a"), format!("qx{tag}b"));
     let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
-    let mut cleanup = Cleanup {
-        namespaces: vec![a.clone(), b.clone()],
-        meter: None,
-    };
-    support::ip(&["netns", "add", &a]);
-    support::ip(&["netns", "add", &b]);
+    // Deleted on drop, after `cleanup` killed the meter.
+    let _ns_a = Netns::create_named(&a).unwrap();
+    let ns_b = Netns::create_named(&b).unwrap();
+    let mut cleanup = Cleanup { meter: None };
     support::ip(&[
         "link", "add", va, "netns", &a, "type", "veth", "peer", "name", vb, "netns", &b,
     ]);
@@ -73,7 +61,6 @@ fn metrics_count_the_packets_and_flows_of_a_live_capture() {
     support::ip(&["-n", &b, "addr", "add", "10.78.0.2/24", "dev", vb]);
     support::ip(&["-n", &a, "link", "set", va, "up"]);
     support::ip(&["-n", &b, "link", "set", vb, "up"]);
-    support::ip(&["-n", &b, "link", "set", "lo", "up"]);
 
     let dir = tempfile::tempdir().unwrap();
     let port = 9741;
@@ -89,7 +76,7 @@ fn metrics_count_the_packets_and_flows_of_a_live_capture() {
     cleanup.meter = Some(meter);
     let end = Instant::now() + Duration::from_secs(20);
     let first = loop {
-        if let Some(s) = scrape_in(&b, port) {
+        if let Some(s) = scrape_in(&ns_b, port) {
             break s;
         }
         assert!(Instant::now() < end, "the meter never answered on /metrics");
@@ -110,7 +97,7 @@ fn metrics_count_the_packets_and_flows_of_a_live_capture() {
     // Capture threads publish their counters every second.
     let end = Instant::now() + Duration::from_secs(20);
     let after = loop {
-        if let Some(s) = scrape_in(&b, port) {
+        if let Some(s) = scrape_in(&ns_b, port) {
             let metered = s.value("qosloop_meter_metered_packets_total", &[]).unwrap();
             if metered >= 40.0 && s.value("qosloop_meter_flow_records_total", &[]).unwrap() >= 1.0 {
                 break s;

@@ -13,6 +13,7 @@ use common::*;
 use qosloop_policy_server::auth::{self, Admin, Auth, FilterParamScope};
 use qosloop_policy_server::web::WebConfig;
 use qosloop_runtime::digest::{hex, sha256};
+use qosloop_testkit::http::{Request, Response};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,44 +50,33 @@ fn load(dir: &tempfile::TempDir, origins: &[&str]) -> Auth {
     .unwrap()
 }
 
-/// One request; the status code, the headers and the body.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String, String) {
+/// One request (bounded by `WAIT`); the answer.
+async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
     request_with_body(addr, method, path, headers, "").await
 }
 
-/// One request carrying `body`; the status code, the headers and the body.
+/// One request carrying `body`; the answer.
 async fn request_with_body(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &str,
-) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+) -> Response {
+    let request = headers
+        .iter()
+        .fold(Request::new(method, path), |r, (k, v)| r.header(k, v));
+    request
+        .body(body)
+        .timeout(WAIT)
+        .send_async(addr)
         .await
         .unwrap()
-        .unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// The value of header `name` in lower case, empty when absent.
+fn header_lower(r: &Response, name: &str) -> String {
+    r.header(name).unwrap_or_default().to_ascii_lowercase()
 }
 
 fn bearer(token: &str) -> String {
@@ -142,54 +132,72 @@ async fn state_changes_need_an_admin_token_and_refusals_change_nothing() {
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
         request(addr, "POST", "/api/v1/thing", &h).await
     };
-    let (code, head, _) = post(vec![]).await;
-    assert_eq!(code, 401);
-    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    let r = post(vec![]).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        header_lower(&r, "www-authenticate").starts_with("bearer"),
+        "{r:?}"
+    );
     assert_eq!(
-        post(vec![("Authorization", bearer("not-a-token"))]).await.0,
+        post(vec![("Authorization", bearer("not-a-token"))])
+            .await
+            .status,
         401
     );
     assert_eq!(
         post(vec![("Authorization", "Basic b3BzOng=".into())])
             .await
-            .0,
+            .status,
         401
     );
-    assert_eq!(post(vec![("Authorization", bearer(READ))]).await.0, 403);
-    assert_eq!(post(vec![("Authorization", bearer(SCOPED))]).await.0, 403);
+    assert_eq!(
+        post(vec![("Authorization", bearer(READ))]).await.status,
+        403
+    );
+    assert_eq!(
+        post(vec![("Authorization", bearer(SCOPED))]).await.status,
+        403
+    );
     assert_eq!(
         changes.load(Ordering::SeqCst),
         0,
         "a refused request changed state"
     );
     for method in ["DELETE", "PUT", "PATCH"] {
-        let (code, _, _) = request(
+        let code = request(
             addr,
             method,
             "/api/v1/thing",
             &[("Authorization", &bearer(READ))],
         )
-        .await;
+        .await
+        .status;
         assert_eq!(code, 403, "{method}");
     }
-    let (code, _, body) = post(vec![("Authorization", bearer(ADMIN))]).await;
-    assert_eq!((code, body.as_str()), (200, "changed"));
+    let r = post(vec![("Authorization", bearer(ADMIN))]).await;
+    assert_eq!((r.status, &*r.text()), (200, "changed"));
     assert_eq!(changes.load(Ordering::SeqCst), 1);
 
     // Reads: any token; the admin-only GET needs admin.
     let read = [("Authorization", bearer(READ))];
     let read: Vec<(&str, &str)> = read.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert_eq!(request(addr, "GET", "/api/v1/thing", &read).await.0, 200);
-    assert_eq!(request(addr, "GET", "/api/v1/thing", &[]).await.0, 401);
-    assert_eq!(request(addr, "GET", "/api/v1/secret", &read).await.0, 403);
-    let (code, _, body) = request(
+    assert_eq!(
+        request(addr, "GET", "/api/v1/thing", &read).await.status,
+        200
+    );
+    assert_eq!(request(addr, "GET", "/api/v1/thing", &[]).await.status, 401);
+    assert_eq!(
+        request(addr, "GET", "/api/v1/secret", &read).await.status,
+        403
+    );
+    let r = request(
         addr,
         "GET",
         "/api/v1/secret",
         &[("Authorization", &bearer(ADMIN))],
     )
     .await;
-    assert_eq!((code, body.as_str()), (200, "ops"));
+    assert_eq!((r.status, &*r.text()), (200, "ops"));
 
     let by: std::collections::HashMap<_, _> = stats.by_reason().into_iter().collect();
     // No header, and a Basic header, are both "no bearer token".
@@ -204,26 +212,28 @@ async fn a_scoped_token_reads_only_through_its_scope() {
     let (addr, _) = serve_test_router(load(&dir, &[])).await;
     let h = bearer(SCOPED);
     let h = [("Authorization", h.as_str())];
-    let (code, _, body) = request(addr, "GET", "/api/v1/flows?filter=proto%20%3D%206", &h).await;
-    assert_eq!(code, 200);
-    assert_eq!(body, format!("({SCOPE}) AND (proto = 6)"));
-    let (_, _, body) = request(addr, "GET", "/api/v1/flows?limit=5", &h).await;
-    assert_eq!(body, SCOPE);
+    let r = request(addr, "GET", "/api/v1/flows?filter=proto%20%3D%206", &h).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), format!("({SCOPE}) AND (proto = 6)"));
+    let r = request(addr, "GET", "/api/v1/flows?limit=5", &h).await;
+    assert_eq!(r.text(), SCOPE);
     // A second filter parameter must not slip past the scope.
-    let (code, _, _) = request(addr, "GET", "/api/v1/flows?filter=a&filter=b", &h).await;
+    let code = request(addr, "GET", "/api/v1/flows?filter=a&filter=b", &h)
+        .await
+        .status;
     assert_eq!(code, 403);
     // A route the scope cannot filter is refused, not served unscoped.
-    assert_eq!(request(addr, "GET", "/api/v1/thing", &h).await.0, 403);
+    assert_eq!(request(addr, "GET", "/api/v1/thing", &h).await.status, 403);
     // An unscoped read token is not rewritten.
     let r = bearer(READ);
-    let (_, _, body) = request(
+    let r = request(
         addr,
         "GET",
         "/api/v1/flows?filter=proto%3D6",
         &[("Authorization", &r)],
     )
     .await;
-    assert_eq!(body, "proto=6");
+    assert_eq!(r.text(), "proto=6");
 }
 
 #[tokio::test]
@@ -231,14 +241,14 @@ async fn cors_is_off_unless_an_origin_is_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let a = bearer(READ);
     let (closed, _) = serve_test_router(load(&dir, &[])).await;
-    let (_, head, _) = request(
+    let r = request(
         closed,
         "GET",
         "/api/v1/thing",
         &[("Authorization", &a), ("Origin", "https://ui.example")],
     )
     .await;
-    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    assert!(r.header("access-control-allow-origin").is_none(), "{r:?}");
     assert_eq!(
         request(
             closed,
@@ -247,41 +257,42 @@ async fn cors_is_off_unless_an_origin_is_allowed() {
             &[("Origin", "https://ui.example")]
         )
         .await
-        .0,
+        .status,
         403
     );
 
     let (open, _) = serve_test_router(load(&dir, &["https://ui.example"])).await;
-    let (_, head, _) = request(
+    let r = request(
         open,
         "GET",
         "/api/v1/thing",
         &[("Authorization", &a), ("Origin", "https://ui.example")],
     )
     .await;
-    assert!(
-        head.contains("access-control-allow-origin: https://ui.example"),
-        "{head}"
+    assert_eq!(
+        header_lower(&r, "access-control-allow-origin"),
+        "https://ui.example",
+        "{r:?}"
     );
-    let (_, head, _) = request(
+    let r = request(
         open,
         "GET",
         "/api/v1/thing",
         &[("Authorization", &a), ("Origin", "https://evil.example")],
     )
     .await;
-    assert!(!head.contains("access-control-allow-origin"), "{head}");
-    let (code, head, _) = request(
+    assert!(r.header("access-control-allow-origin").is_none(), "{r:?}");
+    let r = request(
         open,
         "OPTIONS",
         "/api/v1/thing",
         &[("Origin", "https://ui.example")],
     )
     .await;
-    assert_eq!(code, 204);
+    assert_eq!(r.status, 204);
     assert!(
-        head.contains("access-control-allow-headers: authorization"),
-        "{head}"
+        header_lower(&r, "access-control-allow-headers").starts_with("authorization"),
+        "{r:?}"
     );
 }
 
@@ -298,7 +309,7 @@ async fn a_dpmi_request_belongs_to_the_token_not_to_a_user_header() {
     tokio::spawn(async move { axum::serve(listener, router).await });
     let (admin, read) = (bearer(ADMIN), bearer(READ));
     let point = r#"{"name": "mp1", "interface": "eth0", "max_filters": 4}"#;
-    let (code, _, body) = request_with_body(
+    let r = request_with_body(
         addr,
         "POST",
         "/api/v1/points",
@@ -306,9 +317,9 @@ async fn a_dpmi_request_belongs_to_the_token_not_to_a_user_header() {
         point,
     )
     .await;
-    assert_eq!(code, 201, "{body}");
+    assert_eq!(r.status, 201, "{r:?}");
     let submit = r#"{"points": ["mp1"], "consumer": "127.0.0.1:9", "stop_s": 4000000000}"#;
-    let (code, _, body) = request_with_body(
+    let r = request_with_body(
         addr,
         "POST",
         "/api/v1/requests",
@@ -316,22 +327,22 @@ async fn a_dpmi_request_belongs_to_the_token_not_to_a_user_header() {
         submit,
     )
     .await;
-    assert_eq!(code, 201, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["owner"], "ops", "{body}");
+    assert_eq!(r.status, 201, "{r:?}");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["owner"], "ops", "{r:?}");
     let id = v["id"].as_i64().unwrap();
     let path = format!("/api/v1/requests/{id}");
     // Another token naming the owner in the header is another user.
-    let (code, _, body) = request(
+    let r = request(
         addr,
         "GET",
         &path,
         &[("Authorization", &read), ("X-Qosloop-User", "ops")],
     )
     .await;
-    assert_eq!(code, 404, "{body}");
-    let (code, _, body) = request(addr, "GET", &path, &[("Authorization", &admin)]).await;
-    assert_eq!(code, 200, "{body}");
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = request(addr, "GET", &path, &[("Authorization", &admin)]).await;
+    assert_eq!(r.status, 200, "{r:?}");
 }
 
 #[test]
@@ -375,8 +386,8 @@ async fn the_policy_server_refuses_without_a_token_and_counts_it_in_metrics() {
     let read = bearer(READ);
     let read = [("Authorization", read.as_str())];
     let decisions_before = request(addr, "GET", "/api/decisions", &read).await;
-    assert_eq!(decisions_before.0, 200);
-    assert_eq!(request(addr, "GET", "/api/status", &[]).await.0, 401);
+    assert_eq!(decisions_before.status, 200);
+    assert_eq!(request(addr, "GET", "/api/status", &[]).await.status, 401);
     assert_eq!(
         request(
             addr,
@@ -385,26 +396,29 @@ async fn the_policy_server_refuses_without_a_token_and_counts_it_in_metrics() {
             &[("Authorization", "Bearer nope")]
         )
         .await
-        .0,
+        .status,
         401
     );
-    assert_eq!(request(addr, "POST", "/api/decisions", &read).await.0, 403);
-    assert_eq!(request(addr, "GET", "/metrics", &[]).await.0, 401);
+    assert_eq!(
+        request(addr, "POST", "/api/decisions", &read).await.status,
+        403
+    );
+    assert_eq!(request(addr, "GET", "/metrics", &[]).await.status, 401);
     // Admin passes the guard; the route itself takes GET only.
     let admin = bearer(ADMIN);
     assert_eq!(
         request(addr, "POST", "/api/decisions", &[("Authorization", &admin)])
             .await
-            .0,
+            .status,
         405
     );
-    let (code, head, body) = request(addr, "GET", "/metrics", &read).await;
-    assert_eq!(code, 200);
+    let r = request(addr, "GET", "/metrics", &read).await;
+    assert_eq!(r.status, 200);
     assert!(
-        head.contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
+        header_lower(&r, "content-type").starts_with("text/plain; version=0.0.4"),
+        "{r:?}"
     );
-    let scrape = qosloop_testkit::metrics::parse(&body).unwrap();
+    let scrape = qosloop_testkit::metrics::parse(&r.text()).unwrap();
     let failures = |r| scrape.value("qosloop_policy_http_auth_failures_total", &[("reason", r)]);
     assert_eq!(failures("missing"), Some(2.0));
     assert_eq!(failures("invalid"), Some(1.0));
@@ -453,32 +467,30 @@ async fn over_https_the_api_answers_a_token_and_refuses_plain_http() {
     .await
     .unwrap();
     let addr = web.local_addr;
-    let connector =
-        tokio_rustls::TlsConnector::from(tls::client_config_with(&p("ca.pem"), None).unwrap());
+    let config = tls::client_config_with(&p("ca.pem"), None).unwrap();
     let get = |token: Option<&'static str>| {
-        let connector = connector.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
+        let config = config.clone();
+        let request = token
+            .iter()
+            .fold(Request::get("/api/status"), |r, t| {
+                r.header("Authorization", &bearer(t))
+            })
+            .timeout(WAIT);
+        tokio::task::spawn_blocking(move || {
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(WAIT)).unwrap();
+            tcp.set_write_timeout(Some(WAIT)).unwrap();
             let name = tls::server_name(&addr.to_string()).unwrap();
-            let mut s = connector.connect(name, tcp).await.unwrap();
-            let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-            s.write_all(
-                format!("GET /api/status HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut buf = Vec::new();
-            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&buf).into_owned()
-        }
+            let session = tokio_rustls::rustls::ClientConnection::new(config, name).unwrap();
+            request
+                .send_on(tokio_rustls::rustls::StreamOwned::new(session, tcp))
+                .unwrap()
+        })
     };
-    let answer = get(Some(READ)).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let answer = get(None).await;
-    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let answer = get(Some(READ)).await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let answer = get(None).await.unwrap();
+    assert_eq!(answer.status, 401, "{answer:?}");
     // Plain HTTP on the HTTPS port gets no HTTP answer: the handshake fails
     // and the connection is closed (counted).
     let mut plain = TcpStream::connect(addr).await.unwrap();
@@ -600,7 +612,7 @@ async fn ldap_tokens_read_write_and_stop_working_when_removed() {
         let h = bearer(token);
         request(addr, method, "/api/v1/thing", &[("Authorization", &h)])
             .await
-            .0
+            .status
     };
 
     // The read token reads and cannot write; the admin token writes.

@@ -189,20 +189,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `GET path` over plain HTTP/1.1; the body, or `None` (bounded: 5 s).
+/// `GET path` on 127.0.0.1; the body, or `None` (bounded: 5 s).
 fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+    let answer = qosloop_testkit::http::Request::get(path)
+        .timeout(std::time::Duration::from_secs(5))
+        .send(([127, 0, 0, 1], port).into())
         .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+    Some(answer.text().into_owned())
 }
 
 /// Issue 11 item 7: a policy file emptied under a running server was put

@@ -21,7 +21,6 @@ use qosloop_store::Db;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_util::codec::Framed;
@@ -250,48 +249,14 @@ pub async fn insert_flow(db: &Db, src: &str, dst: &str, dport: u16, bytes: u64, 
 
 /// GET `path`: status code, content type, body.
 pub async fn get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+    let answer = qosloop_testkit::http::Request::get(path)
+        .header("Accept", accept)
+        .timeout(WAIT)
+        .send_async(addr)
         .await
-        .unwrap()
         .unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let ctype = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-type: "))
-        .unwrap_or("")
-        .to_owned();
-    // Bodies are small here: hyper sends them with a length or chunked.
-    let body = if head.contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, ctype, body)
-}
-
-pub fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (len, rest) = s.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(len.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
+    let ctype = answer.header("content-type").unwrap_or("").to_owned();
+    (answer.status, ctype, answer.text().into_owned())
 }
 
 /// Runs the `stitch` analysis (standalone, no fence) over every bucket of

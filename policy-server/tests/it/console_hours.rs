@@ -15,11 +15,10 @@ use qosloop_schema::sql::migrations;
 use qosloop_schema::{FlowRecord, PolicySet};
 use qosloop_store::{on_pool, Batch, Db, HOUR_NS, MINUTE_NS};
 use qosloop_testkit::harness::Postgres;
+use qosloop_testkit::http::Request;
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// An hour boundary.
@@ -93,36 +92,13 @@ async fn serve(db: &Db) -> SocketAddr {
 }
 
 async fn json(addr: SocketAddr, path: &str) -> Value {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+    let answer = Request::get(path)
+        .timeout(std::time::Duration::from_secs(60))
+        .send_async(addr)
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(60), s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, mut body) = text.split_once("\r\n\r\n").unwrap();
-    let mut whole = String::new();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        loop {
-            let (len, rest) = body.split_once("\r\n").unwrap();
-            let n = usize::from_str_radix(len.trim(), 16).unwrap();
-            if n == 0 {
-                break;
-            }
-            whole.push_str(&rest[..n]);
-            body = &rest[n + 2..];
-        }
-    } else {
-        whole = body.to_owned();
-    }
-    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}\n{whole}");
-    serde_json::from_str(&whole).unwrap()
+    assert_eq!(answer.status, 200, "{path}: {answer:?}");
+    serde_json::from_slice(&answer.body).unwrap()
 }
 
 /// Every query, from every source that can answer it, gives the raw

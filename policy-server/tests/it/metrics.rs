@@ -5,9 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use qosloop_runtime::digest::{hex, sha256};
+use qosloop_testkit::http::Request;
 use qosloop_testkit::metrics::scrape;
 use qosloop_testkit::metrics::{parse, Scrape};
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -73,21 +73,15 @@ fn scrape_until(k: &mut Kill, dir: &Path, port: u16, done: impl Fn(&Scrape) -> b
 
 /// `GET /metrics` on the HTTP port: status code and body.
 fn http_metrics(port: u16, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
+    let answer = token
+        .iter()
+        .fold(Request::get("/metrics"), |r, t| {
+            r.header("Authorization", &format!("Bearer {t}"))
+        })
+        .timeout(Duration::from_secs(5))
+        .send(([127, 0, 0, 1], port).into())
+        .unwrap();
+    (answer.status, answer.text().into_owned())
 }
 
 #[test]

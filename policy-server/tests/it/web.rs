@@ -11,23 +11,6 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
-}
-
 #[tokio::test]
 async fn every_endpoint_answers_with_what_the_server_knows() {
     let (server, web, _dir) = web_with(WebConfig::default()).await;
@@ -35,16 +18,16 @@ async fn every_endpoint_answers_with_what_the_server_knows() {
     insert_flow(server.store.db(), "10.71.1.3", "10.71.2.2", 5001, 50_000, 1).await;
     // Let the loop store a few intervals of rates and the enforcer row.
     for _ in 0..100 {
-        let (_, body) = http_get(web.local_addr, "/api/rates").await;
-        let (_, enf) = http_get(web.local_addr, "/api/enforcers").await;
+        let (_, _, body) = get(web.local_addr, "/api/rates", "*/*").await;
+        let (_, _, enf) = get(web.local_addr, "/api/enforcers", "*/*").await;
         if body.contains("edge-ingress") && enf.contains("edge-router") {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    let (status, body) = http_get(web.local_addr, "/api/rates").await;
-    assert!(status.contains("200"), "{status}");
+    let (status, _, body) = get(web.local_addr, "/api/rates", "*/*").await;
+    assert_eq!(status, 200);
     let rates: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(rates
         .as_array()
@@ -52,30 +35,30 @@ async fn every_endpoint_answers_with_what_the_server_knows() {
         .iter()
         .any(|r| r["name"] == "edge-ingress"));
 
-    let (_, body) = http_get(web.local_addr, "/api/decisions").await;
+    let (_, _, body) = get(web.local_addr, "/api/decisions", "*/*").await;
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(d["current"][0]["role"], "edge");
     assert_eq!(d["current"][0]["out_of_profile"]["action"], "accept");
     assert_eq!(d["recent"][0]["kind"], "accept");
 
-    let (_, body) = http_get(web.local_addr, "/api/policies").await;
+    let (_, _, body) = get(web.local_addr, "/api/policies", "*/*").await;
     let p: qosloop_schema::PolicySet = serde_json::from_str(&body).unwrap();
     assert_eq!(p, paper_policy());
 
-    let (_, body) = http_get(web.local_addr, "/api/enforcers").await;
+    let (_, _, body) = get(web.local_addr, "/api/enforcers", "*/*").await;
     assert!(
         body.contains("\"edge-router\"") && body.contains("connected"),
         "{body}"
     );
 
-    let (_, body) = http_get(web.local_addr, "/api/flows").await;
+    let (_, _, body) = get(web.local_addr, "/api/flows", "*/*").await;
     let flows: Vec<qosloop_schema::FlowRecord> = serde_json::from_str(&body).unwrap();
     assert_eq!(flows[0].bytes, 50_000);
 
-    let (status, body) = http_get(web.local_addr, "/").await;
-    assert!(status.contains("200") && body.contains("/api/decisions"));
-    let (status, _) = http_get(web.local_addr, "/nothing").await;
-    assert!(status.contains("404"), "{status}");
+    let (status, _, body) = get(web.local_addr, "/", "*/*").await;
+    assert!(status == 200 && body.contains("/api/decisions"));
+    let (status, _, _) = get(web.local_addr, "/nothing", "*/*").await;
+    assert_eq!(status, 404);
     stop(server, web).await;
 }
 
@@ -127,7 +110,7 @@ async fn closed_by_server(s: &mut TcpStream) -> bool {
 }
 
 async fn status(addr: SocketAddr) -> serde_json::Value {
-    let (_, body) = http_get(addr, "/api/status").await;
+    let (_, _, body) = get(addr, "/api/status", "*/*").await;
     serde_json::from_str(&body).unwrap()
 }
 
@@ -199,8 +182,8 @@ async fn http_connections_are_limited_per_peer_and_others_get_in() {
     let _held = [from().await, from().await];
     let mut third = from().await;
     assert!(closed_by_server(&mut third).await);
-    let (status_line, _) = http_get(web.local_addr, "/api/policies").await;
-    assert!(status_line.contains("200"), "{status_line}");
+    let (code, _, _) = get(web.local_addr, "/api/policies", "*/*").await;
+    assert_eq!(code, 200);
     let s = status(web.local_addr).await;
     assert_eq!(s["http"]["refused_limit_per_peer"], 1, "{s}");
     assert!(s["pdp"]["refused"].is_u64(), "{s}");

@@ -10,7 +10,7 @@
 use qosloop_testbed::harness::{free_port, require_binary, spawn_logged, tail_of, test_pki, Kid};
 use qosloop_testbed::need;
 use qosloop_testbed::procs::component_dir;
-use std::io::{Read, Write};
+use qosloop_testkit::http::Request;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,16 +19,14 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Kid {
     spawn_logged(Command::new(bin).args(args), log).unwrap()
 }
 
-/// `GET /api/enforcers` of the policy server's web API, as text.
+/// The body of `GET /api/enforcers` of the policy server's web API, as
+/// text; empty when no answer came.
 fn enforcers(http: u16) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /api/enforcers HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    Request::get("/api/enforcers")
+        .timeout(Duration::from_secs(5))
+        .send(([127, 0, 0, 1], http).into())
+        .map(|answer| answer.text().into_owned())
+        .unwrap_or_default()
 }
 
 #[test]

@@ -15,9 +15,9 @@ use qosloop_testbed::harness::{
 };
 use qosloop_testbed::need;
 use qosloop_testbed::procs::component_dir;
+use qosloop_testkit::http::Request;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -180,18 +180,15 @@ fn served_classes(row: &Value) -> Classes {
 
 /// `GET /api/v1/enforcers` from inside the namespace.
 fn enforcers(ns: &Netns, port: u16) -> Option<Value> {
-    let body = ns
+    let answer = ns
         .run_in(move || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            s.write_all(b"GET /api/v1/enforcers HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            Some(out.split_once("\r\n\r\n")?.1.to_owned())
+            Request::get("/api/v1/enforcers")
+                .timeout(Duration::from_secs(5))
+                .send(([127, 0, 0, 1], port).into())
         })
-        .ok()??;
-    serde_json::from_str(&body).ok()
+        .ok()?
+        .ok()?;
+    serde_json::from_slice(&answer.body).ok()
 }
 
 /// The counters one enforcer row serves, by decision id.

@@ -31,9 +31,9 @@ use qosloop_testbed::traffic::{bound_misses, BOUND_WINDOWS};
 use qosloop_testbed::user_traffic::{
     self, as_user, child_received, ip_bytes, kbps_from, serve_until, PAYLOAD,
 };
+use qosloop_testkit::http::Request;
 use qosloop_testkit::inprofile::{wall_ns, ProfileStep};
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -144,18 +144,12 @@ pcimActionDN: cn=user-2m,ou=classes,{BASE}
 
 /// `GET PATH` of the policy server's API from inside the namespace.
 fn api(ns: &Netns, path: &str) -> Option<Value> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let body = ns
-        .run_in(move || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", HTTP)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            s.write_all(request.as_bytes()).ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            Some(out.split_once("\r\n\r\n")?.1.to_owned())
-        })
-        .ok()??;
-    serde_json::from_str(&body).ok()
+    let request = Request::get(path).timeout(Duration::from_secs(5));
+    let answer = ns
+        .run_in(move || request.send(([127, 0, 0, 1], HTTP).into()))
+        .ok()?
+        .ok()?;
+    serde_json::from_slice(&answer.body).ok()
 }
 
 /// The current decision for `user`, as the API shows it.

@@ -19,8 +19,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use support::{ethernet, ipv4, ipv6, tcp, udp};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Capture start (ns) and how long it lasts.
 const T0: u64 = 1_800_000_000_000_000_000;
@@ -137,26 +135,8 @@ async fn meter_to_collector(url: &str, dir: &Path) -> usize {
     summary.stats.records as usize
 }
 
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
-}
-
 async fn api(addr: SocketAddr, path: &str) -> Value {
-    let (status, body) = get(addr, path).await;
+    let (status, _, body) = get(addr, path, "*/*").await;
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }

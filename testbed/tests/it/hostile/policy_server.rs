@@ -4,10 +4,11 @@
 use super::common::*;
 use qosloop_schema::cops::{self, Handle, Message as Cops, PepHello, PepState};
 use qosloop_schema::{EnforcementReport, ReportOutcome};
+use qosloop_testkit::http::Request;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Peak resident memory the policy server may reach under any one attack.
@@ -47,33 +48,12 @@ impl PolicyServer {
 
     /// GET `path` from 127.0.0.1: (status, body).
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.http))
-            .await
-            .ok()?
-            .ok()?;
-        let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        // Read at most 64 MiB, for at most 10 s.
-        let read = async {
-            let mut chunk = vec![0u8; 64 * 1024];
-            while out.len() < 64 << 20 {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => out.extend_from_slice(&chunk[..n]),
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
+        let answer = Request::get(path)
+            .timeout(Duration::from_secs(15))
+            .send_async(self.http)
             .await
             .ok()?;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
+        Some((answer.status, answer.text().into_owned()))
     }
 
     /// The body of a 200 answer to GET `path`; panics on anything else.
