@@ -6,6 +6,11 @@
 # script and leaves the input under target/fuzz/artifacts/TARGET/.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     (default 20 s, every target)
+#   scripts/fuzz.sh --build [TARGET...]       (build them only: scripts/test.sh
+#                                              builds while the tests run)
+#
+# Two targets run at a time (the machine has two cores); each one's lines
+# are printed when it ends.
 #
 # Targets: crane cops (schema/fuzz), ldif (policy-server/fuzz), decode
 # capture_file field_rules pattern_rules flow_keys_xml (meter/fuzz), ipfix
@@ -27,8 +32,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs="${1:-20}"
-shift || true
+build_only=false
+if [ "${1:-}" = "--build" ]; then
+  build_only=true
+  shift
+  secs=0
+else
+  secs="${1:-20}"
+  shift || true
+fi
 declare -A crate=(
   [crane]=schema/fuzz [cops]=schema/fuzz [ldif]=policy-server/fuzz
   [decode]=meter/fuzz [capture_file]=meter/fuzz [field_rules]=meter/fuzz
@@ -75,25 +87,50 @@ for dir in "${!bins[@]}"; do
   cargo build --quiet --release --locked --target "$host" --manifest-path "$dir/Cargo.toml" ${bins[$dir]}
 done
 
-for t in "${targets[@]}"; do
-  dir="${crate[$t]}"
-  corpus="target/fuzz/corpus/$t"
-  artifacts="target/fuzz/artifacts/$t/"
+$build_only && exit 0
+
+# Runs target $1 for $secs s; its lines go to $2. libFuzzer's own status is
+# the function's. (Read from PIPESTATUS with errexit off: a `|| true` after
+# the pipe would run on libFuzzer's failure under pipefail and reset
+# PIPESTATUS to 0, hiding every crash.)
+run_one() {
+  local t=$1 out=$2 dir="${crate[$1]}"
+  local corpus="target/fuzz/corpus/$t" artifacts="target/fuzz/artifacts/$t/"
   mkdir -p "$corpus" "$artifacts"
   # Committed seeds (a valid session, say) are read besides the corpus;
   # what libFuzzer finds goes to the corpus only.
-  seeds=()
+  local seeds=()
   [ -d "$dir/seeds/$t" ] && seeds=("$dir/seeds/$t")
-  echo "fuzz: $t for ${secs} s"
-  # libFuzzer's own status decides. (Read from PIPESTATUS with errexit off:
-  # a `|| true` after the pipe would run on libFuzzer's failure under
-  # pipefail and reset PIPESTATUS to 0, hiding every crash.)
   set +e
   "$CARGO_TARGET_DIR/$host/release/$t" -max_total_time="$secs" -rss_limit_mb=2048 \
     -malloc_limit_mb=256 -max_len=65536 -artifact_prefix="$artifacts" -print_final_stats=1 \
     "$corpus" "${seeds[@]}" 2>&1 |
-    grep -E "^(stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|INFO: seed|#[0-9]+ +DONE)"
-  status=("${PIPESTATUS[@]}")
+    grep -E "^(stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|INFO: seed|#[0-9]+ +DONE)" >"$out"
+  local status=("${PIPESTATUS[@]}")
   set -e
-  [ "${status[0]}" -eq 0 ] || { echo "fuzz: $t found a crash (exit ${status[0]}), input in $artifacts" >&2; exit 1; }
+  return "${status[0]}"
+}
+
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+failed=0
+for ((i = 0; i < ${#targets[@]}; i += 2)); do
+  pair=("${targets[@]:i:2}")
+  pids=()
+  for t in "${pair[@]}"; do
+    echo "fuzz: $t for ${secs} s"
+    run_one "$t" "$logs/$t" &
+    pids+=($!)
+  done
+  for k in "${!pair[@]}"; do
+    t=${pair[$k]}
+    status=0
+    wait "${pids[$k]}" || status=$?
+    sed "s/^/  $t: /" "$logs/$t"
+    if [ "$status" -ne 0 ]; then
+      echo "fuzz: $t found a crash (exit $status), input in target/fuzz/artifacts/$t/" >&2
+      failed=1
+    fi
+  done
 done
+exit "$failed"

@@ -30,8 +30,19 @@ phase fetch cargo fetch --locked
 phase fmt cargo fmt --all -- --check
 phase clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 phase build cargo nextest run --workspace --locked --profile ci --no-run
+# The fuzz targets build (release, instrumented, target/fuzz) while the
+# tests run: the tests wait on sockets, processes and the kernel most of the
+# time, and must pass with the other core busy anyway.
+mkdir -p target
+scripts/fuzz.sh --build >target/fuzz-build.log 2>&1 &
+fuzz_build=$!
+trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
 phase tests cargo nextest run --workspace --locked --profile ci
 phase doctests cargo test --workspace --doc --locked --quiet
+wait_fuzz_build() {
+  wait "$fuzz_build" || { cat target/fuzz-build.log; return 1; }
+}
+phase fuzz-build wait_fuzz_build
 # The decoders of everything that comes from outside (export and COPS
 # messages, LDIF, packets, capture files, rule files) under libFuzzer, a
 # bounded time each.
