@@ -131,6 +131,11 @@ impl Drop for Proc {
     }
 }
 
+/// How long a component may take to start listening, or nodes to settle:
+/// far more than they take, however busy the host (a deadline against a
+/// hang, not a measure of speed).
+pub const READY_WITHIN: Duration = Duration::from_secs(120);
+
 /// Waits until a TCP connection to `addr` from inside `ns` succeeds.
 pub fn wait_for_port(ns: &Netns, addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     let ok = ns.run_in(move || {

@@ -5,7 +5,7 @@
 use super::cgroup::CpuCap;
 use super::net::{MirroredLink, COORDINATOR_PORT};
 use crate::harness::NETNS_PREFIX;
-use crate::procs::{wait_for_port, Proc};
+use crate::procs::{wait_for_port, Proc, READY_WITHIN};
 use qosloop_meter::dicap::NodeStats;
 use qosloop_schema::FlowRecord;
 use std::net::SocketAddr;
@@ -66,7 +66,7 @@ pub fn start_coordinator(
     wait_for_port(
         &link.link,
         SocketAddr::from(([127, 0, 0, 1], COORDINATOR_PORT)),
-        Duration::from_secs(10),
+        READY_WITHIN,
     )?;
     Ok((p, report))
 }
@@ -156,8 +156,8 @@ pub fn wait_installed(members: &mut [Member], count: usize, report: &Path) -> an
             return Ok(());
         }
         anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(15),
-            "DiCAP nodes did not all install their shares within 15 s (see {})",
+            start.elapsed() < READY_WITHIN,
+            "DiCAP nodes did not all install their shares within {READY_WITHIN:?} (see {})",
             report.display()
         );
         std::thread::sleep(Duration::from_millis(30));

@@ -22,7 +22,7 @@
 //!   marked CS6.
 
 use crate::harness::{is_root, Postgres, Slapd};
-use crate::procs::{component_dir, wait_for_port, Proc};
+use crate::procs::{component_dir, wait_for_port, Proc, READY_WITHIN};
 use crate::topology::{Side, Topology};
 use crate::traffic::{generate, sink_from, stop_flag, Band, FlowGen, Schedule, PAPER_BANDS};
 use std::path::{Path, PathBuf};
@@ -315,8 +315,7 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
             format!("collector{}", i + 1)
         };
         let mut p = Proc::spawn(mgmt, &bin.join("qosloop-collector"), &a, log(&name))?;
-        wait_for_port(mgmt, addr.parse()?, Duration::from_secs(20))
-            .and_then(|_| p.check_alive())?;
+        wait_for_port(mgmt, addr.parse()?, READY_WITHIN).and_then(|_| p.check_alive())?;
         collectors.push(p);
     }
     let rates_from: Vec<String> = if args.cluster.is_some() {
@@ -355,12 +354,8 @@ pub fn run(args: &PaperArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Summary> {
             .collect::<Vec<_>>(),
         log("policy-server"),
     )?;
-    wait_for_port(
-        mgmt,
-        format!("{MGMT_ADDR}:3288").parse()?,
-        Duration::from_secs(20),
-    )
-    .and_then(|_| policy_server.check_alive())?;
+    wait_for_port(mgmt, format!("{MGMT_ADDR}:3288").parse()?, READY_WITHIN)
+        .and_then(|_| policy_server.check_alive())?;
     let mut enforcer = Proc::spawn(
         router,
         &bin.join("qosloop-enforcer"),

@@ -54,7 +54,7 @@ impl Collector {
             .spawn()
             .expect("starting qosloop-collector");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "collector did not listen");
             std::thread::sleep(Duration::from_millis(20));

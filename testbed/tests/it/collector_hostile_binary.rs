@@ -71,7 +71,7 @@ impl Daemon {
             log,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(addr).is_err() {
             assert!(d.alive(), "collector exited: {}", d.log_text());
             assert!(Instant::now() < deadline, "collector did not listen");

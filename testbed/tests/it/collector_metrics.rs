@@ -54,7 +54,7 @@ fn metrics_count_the_records_and_drops_of_an_ipfix_exporter() {
             format!("--metrics={metrics}"),
         ],
     );
-    wait_udp_bound(udp, Duration::from_secs(20));
+    wait_udp_bound(udp, Duration::from_secs(60));
     let exporter = UdpSocket::bind("127.0.0.1:0").unwrap();
     let m = Ipfix::default()
         .set(2, &v4_template())
@@ -168,7 +168,7 @@ async fn metrics_count_the_records_of_a_crane_exporter_by_name() {
             format!("--metrics={metrics}"),
         ],
     );
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(export).is_err() {
         assert!(Instant::now() < end, "the collector never listened");
         std::thread::sleep(Duration::from_millis(20));

@@ -261,12 +261,12 @@ fn agent_records_drive_a_per_user_limit_on_the_host() {
     wait_for_port(
         &host,
         "127.0.0.1:4740".parse().unwrap(),
-        Duration::from_secs(20),
+        qosloop_testbed::procs::READY_WITHIN,
     )
     .and_then(|_| collector.check_alive())
     .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     // One migration at a time on the SQLite file: the collector's first.
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + qosloop_testbed::procs::READY_WITHIN;
     while !std::fs::read_to_string(log("collector"))
         .unwrap_or_default()
         .contains("storage ready")
@@ -297,7 +297,7 @@ fn agent_records_drive_a_per_user_limit_on_the_host() {
     wait_for_port(
         &host,
         "127.0.0.1:3288".parse().unwrap(),
-        Duration::from_secs(20),
+        qosloop_testbed::procs::READY_WITHIN,
     )
     .and_then(|_| server.check_alive())
     .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
@@ -331,7 +331,7 @@ fn agent_records_drive_a_per_user_limit_on_the_host() {
         &log("agent"),
     )
     .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + qosloop_testbed::procs::READY_WITHIN;
     while !std::fs::read_to_string(log("agent"))
         .unwrap_or_default()
         .contains("programs attached")
